@@ -1,0 +1,123 @@
+"""Configuration dataclasses: one name per concept from the CLI flag to the primitive.
+
+`--bits` -> `QuantConfig.bits` -> the quantizer's level count -> the packer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from faircalib.errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128, None)  # None: one scale per output channel
+
+
+@dataclass
+class QuantConfig:
+    """Weight quantizer shared by every method."""
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"unsupported bit width {self.bits}; choose one of {SUPPORTED_BITS}")
+        if self.group_size is not None and self.group_size <= 0:
+            self.group_size = None  # -1 / 0 on the CLI mean per-channel
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ConfigError(
+                f"unsupported group size {self.group_size}; choose 32, 64, 128 or per-channel (-1)"
+            )
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        if self.group_size is not None and in_features % self.group_size:
+            raise ConfigError(
+                f"group size {self.group_size} does not divide {name}'s {in_features} input features"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": getattr(self, "method", "rtn"), **asdict(self)}
+
+
+@dataclass
+class RTNConfig(QuantConfig):
+    """Round-to-nearest with min-max ranges: the 'standard PTQ' baseline."""
+
+    method: Literal["rtn"] = "rtn"
+
+
+@dataclass
+class GPTQConfig(QuantConfig):
+    """GPTQ (Frantar et al. 2023). `act_order` quantizes columns by decreasing Hessian diagonal;
+    with groups it uses static groups (scales fixed before the reordering) so the codes stay
+    in the plain contiguous-group layout that packed formats store."""
+
+    method: Literal["gptq"] = "gptq"
+    damp: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+
+
+@dataclass
+class AWQConfig(QuantConfig):
+    """AWQ (Lin et al. 2024): per-input-channel scales s = mean|x|^a, a searched on a grid,
+    then a search over clipping ranges."""
+
+    method: Literal["awq"] = "awq"
+    n_grid: int = 20
+    clip_search: bool = True
+    max_shrink: float = 0.5
+    n_clip_grid: int = 20
+
+
+@dataclass
+class SmoothQuantConfig(QuantConfig):
+    """SmoothQuant (Xiao et al. 2023): migrate activation outliers into the weights with
+    strength `alpha`, then W8A8 with per-token dynamic activation quantization."""
+
+    method: Literal["smoothquant"] = "smoothquant"
+    alpha: float = 0.5
+    act_bits: int = 8
+
+
+@dataclass
+class CalibConfig:
+    """What the calibration set is and how the dLLM sees it."""
+
+    source: str = "c4"
+    split: str = "train"
+    n_samples: int = 128
+    seq_len: int | None = None  # None: the model's training length
+    seed: int = 0
+    # how calibration inputs are noised: 'uniform' t ~ U(t_min, 1), or 'none' (clean text, AR-style)
+    masking: Literal["uniform", "none"] = "uniform"
+    t_min: float = 0.05
+    max_rows_per_layer: int = 8192  # rows kept for searches (AWQ, clipping); Hessians use all
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ConfigError("calibration needs at least one sample (--nsamples >= 1)")
+        if self.masking not in ("uniform", "none"):
+            raise ConfigError(f"unknown calibration masking {self.masking!r}; use 'uniform' or 'none'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunRecord:
+    """What a results file records next to its numbers."""
+
+    command: str = ""
+    git_commit: str = ""
+    device: str = ""
+    date: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -111,15 +111,11 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> tor
 
     logits: [B, L, V], x_t: [B, L] -> log-probs [B, L, V] (float32).
     """
-    logits = logits.float()
-    logits[..., mask_id] = float("-inf")
-    log_probs = torch.log_softmax(logits, dim=-1)
-    committed = x_t != mask_id  # [B, L]
-    if committed.any():
-        carried = torch.full_like(log_probs[committed], float("-inf"))
-        carried.scatter_(-1, x_t[committed].unsqueeze(-1), 0.0)
-        log_probs[committed] = carried
-    return log_probs
+    mask_col = torch.tensor([mask_id], device=logits.device)
+    log_probs = torch.log_softmax(logits.float().index_fill(-1, mask_col, float("-inf")), dim=-1)
+    committed = (x_t != mask_id).unsqueeze(-1)  # [B, L, 1]
+    carried = torch.full_like(log_probs, float("-inf")).scatter(-1, x_t.unsqueeze(-1), 0.0)
+    return torch.where(committed, carried, log_probs)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -1,0 +1,55 @@
+"""`faircalib train`: train a reference MDLM on jsonl text shards."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a reference MDLM (GPU; CPU for tiny runs)")
+    p.add_argument("--corpus", nargs="+", required=True, help="jsonl(.xz|.gz) shards with a 'text' field")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json with <|endoftext|> and <|mask|>")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--hidden-dim", type=int)
+    p.add_argument("--n-blocks", type=int)
+    p.add_argument("--n-heads", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--time-budget", type=float, help="seconds; the cosine schedule ends with the budget")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--max-docs", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--token-cache", help=".npy cache of the tokenised corpus (created if absent)")
+    p.add_argument("--device")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from faircalib.training import TrainConfig, train
+
+    overrides = {k: v for k, v in {"hidden_dim": args.hidden_dim, "n_blocks": args.n_blocks,
+                 "n_heads": args.n_heads, "seq_len": args.seq_len}.items() if v is not None}
+    cfg = TrainConfig(
+        corpus=args.corpus, tokenizer=args.tokenizer, out=args.out, preset=args.preset,
+        model_overrides=overrides, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=args.warmup_steps, max_steps=args.max_steps, time_budget_s=args.time_budget,
+        eval_every=args.eval_every, max_docs=args.max_docs, seed=args.seed, compile=args.compile,
+        token_cache=args.token_cache,
+        **({"device": args.device} if args.device else {}),
+    )
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":  # `python -m faircalib.commands.train ...` without the other commands
+    import sys
+
+    parser = argparse.ArgumentParser(prog="faircalib")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *sys.argv[1:]])
+    sys.exit(args.func(args))

@@ -1,0 +1,157 @@
+"""Integer quantization primitives shared by every method.
+
+Layout: a weight is [out, in]; groups are contiguous runs of `group_size` input features
+(group g covers columns g*group_size .. (g+1)*group_size - 1), or one group per output row
+when `group_size` is None. Every group has a float `scale` and an integer-valued `zero`.
+
+Code convention (both modes store UNSIGNED codes in [0, 2^bits - 1] plus a zero point):
+
+    code = clamp(round(w / scale) + zero, 0, 2^bits - 1)        w_hat = scale * (code - zero)
+
+* asymmetric: the range is [min(w_min, 0), max(w_max, 0)] (zero is always representable,
+  as in GPTQ and compressed-tensors), scale = range / (2^bits - 1), zero = round(-min / scale).
+* symmetric: scale = max|w| / ((2^bits - 1) / 2) and zero = 2^(bits-1) for every group, so
+  `code - zero` is the signed integer in [-2^(bits-1), 2^(bits-1) - 1] that symmetric packed
+  formats (compressed-tensors int4/int8 with zero point 0) store. This is GPTQ's convention;
+  it uses all 2^bits levels, unlike the +-(2^(bits-1) - 1) "restricted" range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from faircalib.config import QuantConfig
+from faircalib.errors import CheckpointError, ConfigError
+
+
+@dataclass
+class QParams:
+    """Per-group quantization parameters of one [out, in] weight."""
+
+    scale: torch.Tensor  # [out, n_groups] float32, > 0
+    zero: torch.Tensor  # [out, n_groups] float32 holding integers in [0, 2^bits - 1]
+    bits: int
+    group_size: int | None
+    symmetric: bool
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def expand(self, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero repeated over each group's columns: two [out, in] tensors."""
+        width = in_features if self.group_size is None else self.group_size
+        return (
+            self.scale.repeat_interleave(width, dim=1),
+            self.zero.repeat_interleave(width, dim=1),
+        )
+
+
+def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
+    """Reject anything but a finite 2-D float matrix with a clear error."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ConfigError(
+            f"{name} must be a 2-D float matrix, got {tuple(weight.shape)} {weight.dtype}"
+        )
+    if not torch.isfinite(weight).all():
+        raise CheckpointError(f"{name} contains NaN or Inf values; the checkpoint is corrupt")
+
+
+def grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """[out, in] -> [out, n_groups, group_width] view with contiguous groups along `in`."""
+    out, n_in = w.shape
+    width = n_in if group_size is None else group_size
+    if n_in % width:
+        raise ConfigError(f"group size {group_size} does not divide {n_in} input features")
+    return w.reshape(out, n_in // width, width)
+
+
+def scale_zero_from_range(
+    w_min: torch.Tensor, w_max: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and zero point for ranges of any shape (elementwise)."""
+    maxq = 2**bits - 1
+    # Widen to include 0 so that exact zeros (pruned or dead weights) stay exact.
+    w_min = w_min.clamp(max=0.0)
+    w_max = w_max.clamp(min=0.0)
+    if symmetric:
+        half_range = torch.maximum(-w_min, w_max)
+        half_range = torch.where(half_range > 0, half_range, torch.ones_like(half_range))
+        scale = half_range / (maxq / 2)
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        span = w_max - w_min
+        # An all-zero group would give scale 0: any positive scale encodes it exactly.
+        span = torch.where(span > 0, span, torch.ones_like(span))
+        scale = span / maxq
+        zero = torch.round(-w_min / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def compute_qparams(
+    w: torch.Tensor, cfg: QuantConfig, clip_ratio: torch.Tensor | float = 1.0
+) -> QParams:
+    """Min-max qparams per group; `clip_ratio` ([out, n_groups] or scalar, in (0, 1]) shrinks
+    each group's range towards zero, trading clipping error on outliers for finer steps."""
+    g = grouped(w.float(), cfg.group_size)  # [out, G, width]
+    w_min = g.amin(dim=2) * clip_ratio  # [out, G]
+    w_max = g.amax(dim=2) * clip_ratio
+    scale, zero = scale_zero_from_range(w_min, w_max, cfg.bits, cfg.symmetric)
+    return QParams(scale, zero, cfg.bits, cfg.group_size, cfg.symmetric)
+
+
+def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Elementwise (broadcasting) float -> unsigned code, returned as float for further math."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Elementwise (broadcasting) code -> float32 value on the quantization grid."""
+    return scale * (codes.float() - zero)
+
+
+def quantize(w: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """[out, in] float -> [out, in] uint8 codes in [0, 2^bits - 1]."""
+    scale, zero = qp.expand(w.shape[1])
+    return encode(w.float(), scale, zero, qp.bits).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """[out, in] codes -> [out, in] float32 weight."""
+    scale, zero = qp.expand(codes.shape[1])
+    return decode(codes, scale, zero)
+
+
+def fake_quantize(w: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Round-trip through the integer grid: dequantize(quantize(w)) as float32."""
+    return dequantize(quantize(w, qp), qp)
+
+
+def quantize_activations_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dynamic symmetric per-token (last dim) fake quantization, as in SmoothQuant's W8A8.
+
+    Uses the restricted range +-(2^(bits-1) - 1) (int8 GEMMs take -127..127) with the scale
+    from each token's abs-max, floored at 1e-5 so all-zero tokens stay zero.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / qmax  # [..., 1]
+    return (torch.round(xf / scale).clamp(-qmax, qmax) * scale).to(x.dtype)
+
+
+@dataclass
+class QuantResult:
+    """What every method returns for one linear layer.
+
+    The layer computes (x / input_scale) @ weight.T, so `weight` is the fake-quantized weight
+    in the smoothed basis (original weight times input_scale, column-wise).
+    """
+
+    weight: torch.Tensor  # [out, in] float32 dequantized weight
+    codes: torch.Tensor  # [out, in] uint8 codes, contiguous groups along `in`
+    qparams: QParams
+    input_scale: torch.Tensor | None = None  # [in]; None: no smoothing
+    act_bits: int | None = None  # per-token activation fake-quant bits (SmoothQuant)
+    info: dict[str, float] | None = None  # scalar diagnostics

@@ -1,0 +1,178 @@
+"""Statistics of one linear layer's inputs, gathered in a stream of calibration batches.
+
+Every input row x_r (one token's activation) carries a weight w_r >= 0; FAIR-Calib uses the
+weights to emphasise tokens that matter at inference, plain methods use w_r = 1. All methods
+see the rows only through `LayerInputs`:
+
+* the row-weighted second moment H = sum_r w_r x_r x_r^T / sum_r w_r (GPTQ's Hessian, up to
+  GPTQ's constant factor 2, which cancels: damping is relative to mean(diag H));
+* a uniform random sample of rows with their weights, for searches that need real rows
+  (AWQ scales and clipping, per-layer error logs);
+* per-channel abs-max (unweighted: SmoothQuant must cover every value it will see) and
+  row-weighted abs-mean (AWQ's channel salience).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from faircalib.errors import CheckpointError, DataError
+from faircalib.quant.primitives import quantize_activations_per_token
+
+
+@dataclass
+class LayerInputs:
+    """Statistics of one linear layer's input rows x, weighted per row by w_r >= 0."""
+
+    hessian: torch.Tensor  # [in, in] float32: sum_r w_r x_r x_r^T / sum_r w_r
+    sample: torch.Tensor  # [n, in] float32: uniform random subset of rows with w_r > 0
+    sample_weights: torch.Tensor  # [n] float32, the sampled rows' weights scaled to mean 1
+    act_absmax: torch.Tensor  # [in]: max_r |x_r| over all rows (unweighted)
+    act_absmean: torch.Tensor  # [in]: sum_r w_r |x_r| / sum_r w_r
+    n_rows: int
+
+    @property
+    def in_features(self) -> int:
+        return self.hessian.shape[0]
+
+    def to(self, device: torch.device | str) -> LayerInputs:
+        return LayerInputs(
+            self.hessian.to(device),
+            self.sample.to(device),
+            self.sample_weights.to(device),
+            self.act_absmax.to(device),
+            self.act_absmean.to(device),
+            self.n_rows,
+        )
+
+    @classmethod
+    def from_rows(
+        cls,
+        x: torch.Tensor,
+        row_weights: torch.Tensor | None = None,
+        max_sample_rows: int = 4096,
+        seed: int = 0,
+    ) -> LayerInputs:
+        """All statistics from rows held in memory at once ([..., in])."""
+        acc = LayerInputsAccumulator(x.shape[-1], max_sample_rows, seed, x.device)
+        acc.add(x, row_weights)
+        return acc.finish()
+
+
+class LayerInputsAccumulator:
+    """Streaming builder of `LayerInputs`; deterministic for a seed on any device.
+
+    The Hessian is accumulated in float64 (each batch's Gram matrix is formed in float32,
+    then added to a float64 sum) so thousands of batches do not lose small contributions.
+    Sampling is bottom-k: every row with positive weight gets a uniform random key from a
+    seeded CPU generator and the `max_sample_rows` smallest keys are kept, which is a uniform
+    sample without replacement whatever the batch sizes.
+    """
+
+    def __init__(self, in_features: int, max_sample_rows: int, seed: int, device) -> None:
+        if max_sample_rows < 1:
+            raise DataError(f"max_sample_rows must be >= 1, got {max_sample_rows}")
+        self.in_features = in_features
+        self.max_sample_rows = max_sample_rows
+        self.device = torch.device(device)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._h = torch.zeros(in_features, in_features, dtype=torch.float64, device=self.device)
+        self._abs_sum = torch.zeros(in_features, dtype=torch.float64, device=self.device)
+        self._absmax = torch.zeros(in_features, dtype=torch.float32, device=self.device)
+        self._weight_sum = 0.0
+        self._n_rows = 0
+        self._sample = torch.zeros(0, in_features, device=self.device)  # [k, in]
+        self._sample_w = torch.zeros(0, device=self.device)  # [k]
+        self._keys = torch.zeros(0, device=self.device)  # [k]
+
+    def add(self, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> None:
+        """x: [..., in] activations; row_weights: [...] (x's leading shape) or None for ones."""
+        if x.shape[-1] != self.in_features:
+            raise DataError(f"expected rows of {self.in_features} features, got {tuple(x.shape)}")
+        rows = x.detach().reshape(-1, self.in_features).to(self.device, torch.float32)  # [N, in]
+        w = self._row_weights(row_weights, x.shape[:-1], rows.shape[0])  # [N]
+        if not torch.isfinite(rows).all():
+            raise CheckpointError("layer inputs contain NaN or Inf: the float model is unstable")
+        self._n_rows += rows.shape[0]
+        self._absmax = torch.maximum(self._absmax, rows.abs().amax(dim=0))
+        self._weight_sum += float(w.double().sum())
+        self._abs_sum += (w[:, None] * rows.abs()).sum(dim=0).double()
+        self._h += (rows.T @ (w[:, None] * rows)).double()  # [in, in]
+        self._update_sample(rows, w)
+
+    def _row_weights(self, row_weights: torch.Tensor | None, lead_shape, n: int) -> torch.Tensor:
+        if row_weights is None:
+            return torch.ones(n, device=self.device)
+        if tuple(row_weights.shape) != tuple(lead_shape):
+            raise DataError(
+                f"row weights of shape {tuple(row_weights.shape)} "
+                f"do not match rows of shape {tuple(lead_shape)}"
+            )
+        w = row_weights.detach().reshape(-1).to(self.device, torch.float32)
+        if not torch.isfinite(w).all() or (w < 0).any():
+            raise DataError("row weights must be finite and >= 0")
+        return w
+
+    def _update_sample(self, rows: torch.Tensor, w: torch.Tensor) -> None:
+        # Keys are drawn for every row (not only w > 0) so the random stream, and hence the
+        # sample, does not depend on which rows happen to have zero weight.
+        keys = torch.rand(rows.shape[0], generator=self._gen).to(self.device)  # [N]
+        keep = w > 0  # zero-weight rows carry no loss, so they would waste sample slots
+        keys_all = torch.cat([self._keys, keys[keep]])
+        rows_all = torch.cat([self._sample, rows[keep]])
+        w_all = torch.cat([self._sample_w, w[keep]])
+        k = min(self.max_sample_rows, keys_all.shape[0])
+        idx = torch.topk(keys_all, k, largest=False, sorted=True).indices
+        self._keys, self._sample, self._sample_w = keys_all[idx], rows_all[idx], w_all[idx]
+
+    def finish(self) -> LayerInputs:
+        if self._weight_sum <= 0:
+            raise DataError(f"no calibration rows with positive weight ({self._n_rows} rows seen)")
+        sample_w = self._sample_w / self._sample_w.mean()
+        return LayerInputs(
+            hessian=(self._h / self._weight_sum).float(),
+            sample=self._sample.clone(),
+            sample_weights=sample_w,
+            act_absmax=self._absmax.clone(),
+            act_absmean=(self._abs_sum / self._weight_sum).float(),
+            n_rows=self._n_rows,
+        )
+
+
+def check_inputs(inputs: LayerInputs, in_features: int, device: torch.device) -> LayerInputs:
+    """Shape check and move to the weight's device before a method reads the statistics."""
+    if inputs.hessian.shape != (in_features, in_features):
+        raise DataError(
+            f"calibration statistics have {inputs.hessian.shape[-1]} input features, "
+            f"the weight has {in_features}"
+        )
+    if not torch.isfinite(inputs.hessian).all():
+        raise CheckpointError("layer input statistics contain NaN or Inf")
+    return inputs.to(device)
+
+
+def weighted_output_error(
+    weight_q: torch.Tensor,
+    weight: torch.Tensor,
+    inputs: LayerInputs,
+    input_scale: torch.Tensor | None = None,
+    act_bits: int | None = None,
+) -> float:
+    """Relative row-weighted output error on the sample:
+
+        sum_r w_r ||x_r W^T - q(x_r / s) Wq^T||^2 / sum_r w_r ||x_r W^T||^2
+
+    where s = input_scale (ones if None) and q is per-token activation fake quantization
+    when `act_bits` is set. 0 means exact; 1 means as large as the output itself.
+    """
+    x = inputs.sample.to(weight.device)  # [n, in]
+    w = inputs.sample_weights.to(weight.device)  # [n]
+    ref = x @ weight.float().T  # [n, out]
+    x_q = x if input_scale is None else x / input_scale.to(weight.device)
+    if act_bits is not None:
+        x_q = quantize_activations_per_token(x_q, act_bits)
+    err = ((ref - x_q @ weight_q.float().T) ** 2).sum(dim=1)  # [n]
+    denom = float((w * (ref**2).sum(dim=1)).sum())
+    return float((w * err).sum()) / max(denom, 1e-30)

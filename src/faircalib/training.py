@@ -1,0 +1,224 @@
+"""Training reference MDLMs: a plain loop in the spirit of nanoGPT.
+
+Data: jsonl(.xz/.gz) shards with a "text" field, tokenised once, documents joined by EOS
+into one token stream; each step draws random windows of `seq_len` tokens. Loss: the
+continuous-time NELBO per token with low-discrepancy t's. AdamW, linear warm-up, cosine
+decay, bf16 autocast on a GPU. The result is a normal model directory (config.json,
+safetensors shards, tokenizer.json, MODEL_CARD.md, train_log.json).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from faircalib.data.tokenizers import EOS, MASK
+from faircalib.errors import DataError
+from faircalib.models import MDLM, MDLMConfig, save_model
+from faircalib.models.objective import nelbo_per_sequence, stratified_times
+
+PRESETS: dict[str, dict] = {
+    # ~2.9 M parameters: CPU tests and the README's demo
+    "tiny": dict(hidden_dim=128, n_heads=4, n_blocks=4, cond_dim=32, seq_len=128),
+    # ~20 M parameters: the main benchmark model (<= 40 MB of bf16)
+    "small": dict(hidden_dim=384, n_heads=6, n_blocks=8, cond_dim=32, seq_len=512),
+}
+
+
+@dataclass
+class TrainConfig:
+    corpus: list[str]
+    tokenizer: str
+    out: str
+    preset: str = "tiny"
+    model_overrides: dict = field(default_factory=dict)
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    warmup_steps: int = 200
+    max_steps: int = 2000
+    time_budget_s: float | None = None  # stop early (cosine schedule rescaled) when exceeded
+    eval_every: int = 250
+    eval_batches: int = 8
+    val_fraction: float = 0.005
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    compile: bool = False
+    max_docs: int | None = None
+    token_cache: str | None = None  # .npy of the tokenised stream, shared by concurrent runs
+
+
+def read_documents(paths: list[str], max_docs: int | None = None) -> Iterator[str]:
+    n = 0
+    for path in paths:
+        opener = lzma.open if path.endswith(".xz") else gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                text = json.loads(line)["text"]
+                if text.strip():
+                    yield text
+                    n += 1
+                    if max_docs is not None and n >= max_docs:
+                        return
+
+
+def tokenize_stream(tokenizer: Tokenizer, docs: Iterator[str], eos_id: int, chunk: int = 2048) -> np.ndarray:
+    """Documents -> one int32 token stream with EOS after every document."""
+    parts: list[np.ndarray] = []
+    batch: list[str] = []
+
+    def flush() -> None:
+        for enc in tokenizer.encode_batch(batch):
+            parts.append(np.asarray(enc.ids + [eos_id], dtype=np.int32))
+        batch.clear()
+
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == chunk:
+            flush()
+    if batch:
+        flush()
+    if not parts:
+        raise DataError("training corpus is empty")
+    return np.concatenate(parts)
+
+
+def load_stream(cfg: TrainConfig, tokenizer: Tokenizer, eos_id: int) -> np.ndarray:
+    cache = Path(cfg.token_cache) if cfg.token_cache else None
+    if cache is not None and cache.exists():
+        return np.load(cache)
+    stream = tokenize_stream(tokenizer, read_documents(cfg.corpus, cfg.max_docs), eos_id)
+    if cache is not None:
+        tmp = cache.with_name(cache.name + ".tmp.npy")
+        np.save(tmp, stream)
+        tmp.replace(cache)
+    return stream
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def random_windows(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(stream) - seq_len, (batch,), generator=gen)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()]).long()
+
+
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MDLM:
+    mask_id = tokenizer.token_to_id(MASK)
+    if mask_id is None:
+        raise DataError(f"tokenizer {cfg.tokenizer} has no {MASK} token")
+    params = {**PRESETS[cfg.preset], **cfg.model_overrides}
+    return MDLM(MDLMConfig(vocab_size=tokenizer.get_vocab_size(), mask_id=mask_id, **params))
+
+
+def compiled_or_eager(model: MDLM, cfg: TrainConfig, device: str) -> torch.nn.Module:
+    """torch.compile when asked and when it works on this machine; eager otherwise."""
+    if not cfg.compile:
+        return model
+    compiled = torch.compile(model)
+    try:
+        x = torch.randint(0, model.vocab_size - 1, (2, model.seq_len), device=device)
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+            compiled(x, torch.rand(2, device=device)).float().mean().backward()
+        model.zero_grad(set_to_none=True)
+        return compiled
+    except Exception as exc:  # compilation support varies by torch build; training must not
+        print(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly", flush=True)
+        model.zero_grad(set_to_none=True)
+        return model
+
+
+@torch.no_grad()
+def evaluate_loss(model: MDLM, stream: torch.Tensor, cfg: TrainConfig, device: str) -> float:
+    """Mean per-token NELBO on fixed held-out windows with fixed noise (comparable across steps)."""
+    gen = torch.Generator().manual_seed(1234)
+    model.eval()
+    total = 0.0
+    for _ in range(cfg.eval_batches):
+        x0 = random_windows(stream, cfg.batch_size, model.seq_len, gen).to(device)
+        t = stratified_times(x0.shape[0], gen).to(device)
+        u = torch.rand(x0.shape, generator=gen).to(device)
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+            total += nelbo_per_sequence(model, x0, t, u).mean().item() / model.seq_len
+    model.train()
+    return total / cfg.eval_batches
+
+
+def train(cfg: TrainConfig) -> Path:
+    torch.manual_seed(cfg.seed)
+    tokenizer = Tokenizer.from_file(cfg.tokenizer)
+    eos_id = tokenizer.token_to_id(EOS)
+    t0 = time.time()
+    stream = torch.from_numpy(load_stream(cfg, tokenizer, eos_id))
+    n_val = max(int(len(stream) * cfg.val_fraction), 4 * PRESETS[cfg.preset]["seq_len"])
+    train_stream, val_stream = stream[:-n_val], stream[-n_val:]
+    print(f"tokenised {len(stream):,} tokens in {time.time() - t0:.0f}s", flush=True)
+
+    device = cfg.device
+    model = build_model(cfg, tokenizer).to(device)
+    print(f"model: {model.num_parameters():,} parameters", flush=True)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), fused=device.startswith("cuda"),
+    )
+    step_fn = compiled_or_eager(model, cfg, device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log: list[dict] = []
+    total_steps = cfg.max_steps
+    start = time.time()
+    tokens_seen = 0
+    bar = tqdm(range(cfg.max_steps), desc="train", mininterval=5)
+    for step in bar:
+        if cfg.time_budget_s and step > cfg.warmup_steps and step % 50 == 0:
+            # shrink the cosine horizon so the schedule ends when the budget does
+            rate = (time.time() - start) / step
+            total_steps = min(cfg.max_steps, int(cfg.time_budget_s / rate))
+            if step >= total_steps:
+                break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total_steps, cfg)
+        x0 = random_windows(train_stream, cfg.batch_size, model.seq_len, gen).to(device, non_blocking=True)
+        t = stratified_times(cfg.batch_size, gen).to(device)
+        u = torch.rand(x0.shape, generator=gen).to(device)
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+            loss = nelbo_per_sequence(step_fn, x0, t, u).mean() / model.seq_len
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        tokens_seen += x0.numel()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if (step + 1) % cfg.eval_every == 0:
+            val = evaluate_loss(model, val_stream, cfg, device)
+            log.append({"step": step + 1, "train_loss": loss.item(), "val_nelbo": val,
+                        "elapsed_s": time.time() - start, "tokens": tokens_seen})
+            print(json.dumps(log[-1]), flush=True)
+    wall = time.time() - start
+    final_val = evaluate_loss(model, val_stream, cfg, device)
+    summary = {"config": asdict(cfg), "parameters": model.num_parameters(), "tokens_seen": tokens_seen,
+               "steps": step + 1, "wall_time_s": wall, "final_val_nelbo_per_token": final_val,
+               "final_val_ppl_bound": math.exp(final_val), "corpus_tokens": len(stream), "log": log}
+    print(json.dumps({k: v for k, v in summary.items() if k != "log"}), flush=True)
+    save_model(model.float(), Path(cfg.out), dtype=torch.bfloat16, overwrite=True,
+               extra_files={"tokenizer.json": Path(cfg.tokenizer), "train_log.json": summary})
+    return Path(cfg.out)

@@ -49,7 +49,7 @@ class MDLMConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MDLMConfig:
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"family"}
+        unknown = set(d) - known - {"family", "torch_dtype", "quantization_config", "faircalib"}
         if unknown:
             raise CheckpointError(f"unknown MDLM config fields: {sorted(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in known})

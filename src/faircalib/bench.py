@@ -1,0 +1,328 @@
+"""The comparison harness: models x methods x schemes, one evaluator, one noise seed.
+
+Every row is calibrated on the same calibration draw (per calibration seed), evaluated with the
+same Monte Carlo noise (common random numbers) and compared with the float model under the same
+sampler randomness. Outputs: raw JSON, Markdown tables in the publication's two shapes plus a
+full table, and PNG plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from faircalib import hub
+from faircalib.errors import ConfigError
+
+SCHEMES: dict[str, dict] = {
+    "w4g128": {"bits": 4, "group_size": 128},
+    "w4pc": {"bits": 4, "group_size": None},
+    "w3g128": {"bits": 3, "group_size": 128},
+    "w8pc": {"bits": 8, "group_size": None},
+}
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "fair")
+LABELS = {"float": "float (bf16 weights)", "rtn": "RTN (standard PTQ)", "gptq": "GPTQ", "awq": "AWQ",
+          "smoothquant": "SmoothQuant (W8A8 act.)", "fair": "FAIR-Calib"}
+# What the FAIR-Calib publication claims (its own models; not measured here).
+PUBLISHED_CLAIMS = {
+    "int4_fair_degradation_pct": "7-11",
+    "int4_standard_ptq_degradation_pct": "71-88",
+    "int8_fair_degradation_pct": "1-1.7",
+    "calibration_overhead": "about 1.10x of standard PTQ",
+}
+
+
+@dataclass
+class BenchConfig:
+    model: str = "mdlm-tiny"
+    methods: list[str] = field(default_factory=lambda: ["rtn", "gptq", "fair"])
+    schemes: list[str] = field(default_factory=lambda: ["w4g128"])
+    calib_seeds: list[int] = field(default_factory=lambda: [0])
+    seeded_schemes: list[str] = field(default_factory=lambda: ["w4g128"])  # others: first seed only
+    nsamples: int = 128
+    seq_len: int | None = None
+    eval_data: list[str] = field(default_factory=lambda: ["wikitext2:test", "c4:validation"])
+    eval_mc_samples: int = 1
+    eval_limit: int | None = None
+    eval_seed: int = 0
+    flip_prompts: int = 8
+    flip_prefix: int = 16
+    flip_gen_length: int = 32
+    flip_steps: int = 32
+    device: str = "cpu"
+    out: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"unknown methods {bad}; choose from {METHODS}")
+        bad = [s for s in self.schemes if s not in SCHEMES]
+        if bad:
+            raise ConfigError(f"unknown schemes {bad}; choose from {sorted(SCHEMES)}")
+
+
+def run_record(argv: list[str] | None = None) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"command": " ".join(argv if argv is not None else sys.argv), "git_commit": commit,
+            "device": device, "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+def weight_bytes(model: torch.nn.Module, bits: int | None, group_size: int | None) -> int:
+    """Bytes of the weights as deployed: quantized linears at `bits` with fp16 scales and
+    `bits`-wide zero points per group; every other parameter in bf16. bits=None: all bf16."""
+    total = 0
+    quantized = set()
+    if bits is not None:
+        for block in model.blocks:
+            for _, linear in model.quantizable_linears(block):
+                out_f, in_f = linear.weight.shape
+                groups = in_f // group_size if group_size else 1
+                total += out_f * in_f * bits // 8 + out_f * groups * (2 + bits / 8)
+                if linear.bias is not None:
+                    total += linear.bias.numel() * 2
+                quantized.update(id(p) for p in linear.parameters())
+    total += sum(p.numel() * 2 for p in model.parameters() if id(p) not in quantized)
+    return int(total)
+
+
+class Evaluator:
+    """Holds the evaluation sequences and flip prompts so every row uses the same ones."""
+
+    def __init__(self, cfg: BenchConfig, model: torch.nn.Module, tokenizer) -> None:
+        from faircalib.data import calibration_batch, eval_sequences
+
+        self.cfg = cfg
+        seq_len = cfg.seq_len or model.seq_len
+        self.sets = {}
+        for spec in cfg.eval_data:
+            corpus, split = spec.split(":")
+            seqs, n_bytes = eval_sequences(tokenizer, corpus, split, seq_len)
+            if cfg.eval_limit is not None and cfg.eval_limit < len(seqs):
+                n_bytes = round(n_bytes * cfg.eval_limit / len(seqs))
+                seqs = seqs[: cfg.eval_limit]
+            self.sets[spec] = (seqs, n_bytes)
+        prompts = calibration_batch(tokenizer, "c4", "validation", cfg.flip_prompts,
+                                    cfg.flip_prefix, seed=1234)
+        self.prompts = prompts
+
+    def perplexities(self, model: torch.nn.Module) -> dict:
+        from faircalib.eval import likelihood_bound
+
+        out = {}
+        for spec, (seqs, n_bytes) in self.sets.items():
+            res = likelihood_bound(model, seqs, n_bytes, mc_samples=self.cfg.eval_mc_samples,
+                                   seed=self.cfg.eval_seed, progress=self.cfg.progress)
+            out[spec] = res.to_dict()
+        return out
+
+    def flips(self, reference: torch.nn.Module, model: torch.nn.Module) -> dict:
+        from faircalib.frontier import SamplerConfig, compare_generations
+
+        scfg = SamplerConfig(sampler="low_confidence", steps=self.cfg.flip_steps,
+                             gen_length=self.cfg.flip_gen_length)
+        res = compare_generations(reference, model, self.prompts.to(self.cfg.device), scfg, seed=0)
+        keep = ("flip_rate", "mean_first_divergence_step", "token_agreement", "exact_match_rate",
+                "flip_rate_by_step", "repetition_rate_b", "distinct_2_b")
+        return {k: v for k, v in res.items() if k in keep or not isinstance(v, list | dict)}
+
+
+def quantize_row(model, method: str, scheme: str, calib_seed: int, cfg: BenchConfig):
+    """Quantize a copy of `model`; returns (model, seconds, report dict)."""
+    from faircalib.calib import quantize_for_bench
+
+    start = time.time()
+    qmodel, report = quantize_for_bench(copy.deepcopy(model), method=method, **SCHEMES[scheme],
+                                        nsamples=cfg.nsamples, seq_len=cfg.seq_len, seed=calib_seed,
+                                        device=cfg.device, progress=cfg.progress)
+    return qmodel, time.time() - start, report
+
+
+def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
+    model = hub.load(cfg.model, device=cfg.device)
+    tokenizer = hub.load_tokenizer(cfg.model)
+    evaluator = Evaluator(cfg, model, tokenizer)
+    rows = [{"method": "float", "scheme": "bf16", "calib_seed": None,
+             "ppl": evaluator.perplexities(model), "calib_seconds": 0.0,
+             "weight_bytes": weight_bytes(model, None, None)}]
+    for scheme in cfg.schemes:
+        for method in cfg.methods:
+            seeds = cfg.calib_seeds if scheme in cfg.seeded_schemes else cfg.calib_seeds[:1]
+            for seed in seeds:
+                qmodel, seconds, report = quantize_row(model, method, scheme, seed, cfg)
+                rows.append({"method": method, "scheme": scheme, "calib_seed": seed,
+                             "ppl": evaluator.perplexities(qmodel), "calib_seconds": seconds,
+                             "timings": report.get("timings", {}),
+                             "weight_bytes": weight_bytes(model, **SCHEMES[scheme]),
+                             "flips": evaluator.flips(model, qmodel)})
+                print(f"[bench] {scheme} {method} seed {seed}: "
+                      + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in rows[-1]["ppl"].items())
+                      + f", {seconds:.1f}s", file=sys.stderr, flush=True)
+    result = {"record": run_record(argv), "config": asdict(cfg), "rows": rows,
+              "published_claims": PUBLISHED_CLAIMS}
+    result["summary"] = summarize(result)
+    if cfg.out:
+        write_outputs(result, Path(cfg.out))
+    return result
+
+
+def summarize(result: dict) -> list[dict]:
+    """Mean and spread over calibration seeds for each (scheme, method)."""
+    rows = result["rows"]
+    float_row = rows[0]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows[1:]:
+        groups.setdefault((row["scheme"], row["method"]), []).append(row)
+    gptq_time = {s: statistics.mean(r["calib_seconds"] for r in g)
+                 for (s, m), g in groups.items() if m == "gptq"}
+    out = [{"scheme": "bf16", "method": "float", "n": 1,
+            **{f"{k}_ppl": v["ppl"] for k, v in float_row["ppl"].items()},
+            "weight_bytes": float_row["weight_bytes"]}]
+    for (scheme, method), group in groups.items():
+        entry = {"scheme": scheme, "method": method, "n": len(group),
+                 "weight_bytes": group[0]["weight_bytes"]}
+        for spec, ref in float_row["ppl"].items():
+            vals = [r["ppl"][spec]["ppl"] for r in group]
+            entry[f"{spec}_ppl"] = statistics.mean(vals)
+            entry[f"{spec}_ppl_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            entry[f"{spec}_degradation_pct"] = 100 * (entry[f"{spec}_ppl"] / ref["ppl"] - 1)
+        entry["calib_seconds"] = statistics.mean(r["calib_seconds"] for r in group)
+        if scheme in gptq_time:
+            entry["calib_time_vs_gptq"] = entry["calib_seconds"] / gptq_time[scheme]
+        flips = [r["flips"] for r in group if r.get("flips")]
+        if flips:
+            entry["flip_rate"] = statistics.mean(f["flip_rate"] for f in flips)
+            divs = [f["mean_first_divergence_step"] for f in flips
+                    if f.get("mean_first_divergence_step") is not None]
+            entry["first_divergence_step"] = statistics.mean(divs) if divs else None
+        out.append(entry)
+    return out
+
+
+def _fmt(x, digits=2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def markdown_tables(result: dict) -> str:
+    summary = result["summary"]
+    specs = [s for s in result["config"]["eval_data"]]
+    main = specs[0]
+    model = result["config"]["model"]
+    by = {(e["scheme"], e["method"]): e for e in summary}
+    rec = result["record"]
+    lines = [f"# FAIR-Calib benchmark: {model}", "",
+             f"Command: `{rec['command']}`  ", f"Commit: `{rec['git_commit']}`  ",
+             f"Device: {rec['device']} (torch {rec['torch']})  ", f"Date: {rec['date']}", "",
+             f"Perplexity is the NELBO bound on {main} (lower is better); every row uses the same "
+             "evaluation noise. Degradation is relative to the float model. "
+             f"Calibration seeds per row: {len(result['config']['calib_seeds'])} (mean; +- is the std).", ""]
+    fp = by[("bf16", "float")][f"{main}_ppl"]
+
+    def cell(scheme: str, method: str) -> str:
+        e = by.get((scheme, method))
+        if not e:
+            return "not run"
+        return (f"{e[f'{main}_ppl']:.2f} ({e[f'{main}_degradation_pct']:+.1f}%)")
+
+    lines += ["## Table 1 - the publication's shape", "",
+              "| Model | FP16 | INT4 standard PTQ (RTN g128) | INT4 FAIR-Calib (g128) | INT8 FAIR-Calib |",
+              "|---|---:|---:|---:|---:|",
+              f"| {model} (measured) | {fp:.2f} | {cell('w4g128', 'rtn')} | {cell('w4g128', 'fair')} | "
+              f"{cell('w8pc', 'fair')} |",
+              f"| publication's claim (its models) | - | +{PUBLISHED_CLAIMS['int4_standard_ptq_degradation_pct']}% | "
+              f"+{PUBLISHED_CLAIMS['int4_fair_degradation_pct']}% | +{PUBLISHED_CLAIMS['int8_fair_degradation_pct']}% |",
+              ""]
+    lines += ["## Table 2 - approaches at INT4 g128", "",
+              "| Approach | INT4 perplexity | degradation | calibration time (s) | overhead vs GPTQ |",
+              "|---|---:|---:|---:|---:|"]
+    for m in METHODS:
+        e = by.get(("w4g128", m))
+        if e:
+            lines.append(f"| {LABELS[m]} | {e[f'{main}_ppl']:.2f} +- {e[f'{main}_ppl_std']:.2f} | "
+                         f"{e[f'{main}_degradation_pct']:+.1f}% | {e['calib_seconds']:.1f} | "
+                         f"{_fmt(e.get('calib_time_vs_gptq'))}x |")
+    lines += ["", f"Publication's claim for FAIR-Calib's calibration overhead: "
+              f"{PUBLISHED_CLAIMS['calibration_overhead']}.", ""]
+    head = "| scheme | method | " + " | ".join(f"{s} ppl" for s in specs) + \
+        " | degradation | flip rate | first divergence step | calib s | vs GPTQ | weight MB |"
+    lines += ["## Full table", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for e in summary:
+        ppls = " | ".join(f"{e[f'{s}_ppl']:.2f}" + (f" +- {e[f'{s}_ppl_std']:.2f}" if e.get(f"{s}_ppl_std") else "")
+                          for s in specs)
+        lines.append(f"| {e['scheme']} | {LABELS[e['method']]} | {ppls} | "
+                     f"{_fmt(e.get(f'{main}_degradation_pct'), 1)}% | {_fmt(e.get('flip_rate'), 3)} | "
+                     f"{_fmt(e.get('first_divergence_step'), 1)} | {_fmt(e.get('calib_seconds'), 1)} | "
+                     f"{_fmt(e.get('calib_time_vs_gptq'))} | {e['weight_bytes'] / 1e6:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = result["config"]["eval_data"][0]
+    summary = result["summary"]
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fp = summary[0][f"{main}_ppl"]
+    for m in METHODS:
+        pts = sorted((SCHEMES[e["scheme"]]["bits"], e[f"{main}_ppl"]) for e in summary
+                     if e["method"] == m and SCHEMES.get(e["scheme"], {}).get("group_size") in (128, None)
+                     and e["scheme"] != "w4pc")
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[m])
+    ax.axhline(fp, color="k", ls="--", label="float")
+    ax.set_xlabel("weight bits (g128 at 3/4 bits, per-channel at 8)")
+    ax.set_ylabel(f"{main} perplexity bound")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title(result["config"]["model"])
+    fig.tight_layout()
+    paths.append(out / "ppl_vs_bits.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in result["rows"][1:]:
+        if row["scheme"] == "w4g128" and row.get("flips") and row["calib_seed"] == result["config"]["calib_seeds"][0]:
+            by_step = row["flips"].get("flip_rate_by_step") or []
+            ax.plot(range(1, len(by_step) + 1), by_step, label=LABELS[row["method"]])
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("share of committed tokens flipped vs float")
+    ax.set_title("INT4 g128: frontier flips per step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "flip_rate_by_step.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "bench.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=float))
+    tmp.replace(out / "bench.json")
+    (out / "bench.md").write_text(markdown_tables(result))
+    plot(result, out)

@@ -34,3 +34,36 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """GPT-2 byte-level BPE from the shipped files (EOS 50256), plus <|mask|> as id 50257."""
+    import json
+
+    from faircalib.data.corpora import FILES_DIR, read_verified
+
+    folder = FILES_DIR / "tokenizers" / "gpt2"
+    vocab = json.loads(read_verified(folder / "vocab.json.gz", GPT2_SHA256["vocab.json"], "content"))
+    merges_text = read_verified(folder / "merges.txt.gz", GPT2_SHA256["merges.txt"], "content").decode()
+    merges = [tuple(line.split(" ")) for line in merges_text.splitlines()[1:] if line]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS, MASK])
+    return tok
+
+
+GPT2_SHA256 = {
+    "vocab.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "merges.txt": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
+def special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
+    """(eos_id, mask_id), or a DataError naming the missing token."""
+    from faircalib.errors import DataError
+
+    eos, mask = tokenizer.token_to_id(EOS), tokenizer.token_to_id(MASK)
+    if eos is None or mask is None:
+        raise DataError(f"tokenizer lacks {EOS if eos is None else MASK}")
+    return eos, mask

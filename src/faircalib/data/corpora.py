@@ -1,0 +1,168 @@
+"""Shipped corpora, checksummed at load time, and the batches built from them.
+
+Files live in `data/files/` (see DATA.md for origin and licence). Every checksum below is the
+sha256 listed in the shared data's SOURCES.md for the original file: for files we ship
+gzip-compressed it is the sha256 of the decompressed bytes, so provenance stays checkable.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from faircalib.data.tokenizers import EOS
+from faircalib.errors import DataError
+
+FILES_DIR = Path(__file__).parent / "files"
+
+# corpus -> split -> (file, sha256 of the original (decompressed) file, what the file holds)
+CORPORA: dict[str, dict[str, tuple[str, str, str]]] = {
+    "wikitext2": {
+        "test": ("wikitext2-test.raw.gz",
+                 "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08", "raw"),
+        # near-raw validation text: WikiText-103's rows of the same articles (few <unk>)
+        "validation": ("wikitext103-validation.jsonl.gz",
+                       "a868a5ab8f73be4a406ed7c997de29f7a328865497f3c1677575ab49ac7ac3fa", "rows"),
+    },
+    "c4": {
+        "train": ("c4-train.00000-of-01024.first1041.jsonl.gz",
+                  "6b1a44a29595c18e0eccdbbd2db1c2c9781fb5748d515af2c237c045d7c55fda", "docs-gz"),
+        "validation": ("c4-validation.00000-of-00008.first1025.jsonl.gz",
+                       "1ddb9bdeeb2309ff2a4b0658ad97304bf5af4aa56bfa1799ce26590e3b668f7a", "docs-gz"),
+    },
+}
+
+
+def _check(corpus: str, split: str) -> tuple[Path, str, str]:
+    if corpus not in CORPORA:
+        raise DataError(f"unknown corpus {corpus!r}; shipped corpora: {sorted(CORPORA)}")
+    if split not in CORPORA[corpus]:
+        raise DataError(f"corpus {corpus!r} has no split {split!r}; splits: {sorted(CORPORA[corpus])}")
+    name, sha, kind = CORPORA[corpus][split]
+    return FILES_DIR / name, sha, kind
+
+
+def read_verified(path: Path, sha256: str, checksum_of: str) -> bytes:
+    """File bytes (decompressed), after checking `sha256` of the raw or decompressed bytes."""
+    if not path.exists():
+        raise DataError(f"data file {path} is missing; reinstall faircalib")
+    raw = path.read_bytes()
+    if checksum_of == "file":
+        _compare(path, sha256, raw)
+    try:
+        data = gzip.decompress(raw) if path.suffix == ".gz" else raw
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path.name} is not a readable gzip file ({exc}); reinstall faircalib") from exc
+    if checksum_of != "file":
+        _compare(path, sha256, data)
+    return data
+
+
+def _compare(path: Path, sha256: str, data: bytes) -> None:
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise DataError(f"checksum mismatch for {path.name}: expected {sha256[:12]}..., got {digest[:12]}...")
+
+
+def _wikitext_articles(lines: list[str]) -> list[str]:
+    """Split WikiText lines into articles at top-level headings (' = Title = ')."""
+    articles: list[list[str]] = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("= ") and stripped.endswith(" =") and not stripped.startswith("= ="):
+            articles.append([])
+        if not articles:
+            articles.append([])
+        articles[-1].append(line)
+    return ["".join(a).strip("\n") for a in articles if "".join(a).strip()]
+
+
+@lru_cache(maxsize=8)
+def _load_docs(path_str: str, sha: str, kind: str) -> tuple[str, ...]:
+    path = Path(path_str)
+    data = read_verified(path, sha, "file" if kind == "docs-gz" else "content")
+    text = data.decode("utf-8")
+    if kind == "docs-gz":
+        return tuple(json.loads(line)["text"] for line in text.splitlines() if line.strip())
+    if kind == "rows":
+        rows = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+        return tuple(_wikitext_articles(rows))
+    # raw WikiText: rebuild Hugging Face rows ("" for blank lines) and group into articles
+    rows = ["" if not line.strip() else line + "\n" for line in text.replace("\r\n", "\n").split("\n")[:-1]]
+    return tuple(_wikitext_articles(rows))
+
+
+def load_texts(corpus: str, split: str) -> list[str]:
+    """The documents of a shipped corpus split (WikiText: one document per article)."""
+    path, sha, kind = _check(corpus, split)
+    return list(_load_docs(str(path), sha, kind))
+
+
+def load_text(corpus: str, split: str) -> str:
+    return "\n\n".join(load_texts(corpus, split))
+
+
+def _eos(tokenizer: Tokenizer) -> int:
+    eos = tokenizer.token_to_id(EOS)
+    if eos is None:
+        raise DataError(f"tokenizer has no {EOS} token")
+    return eos
+
+
+_STREAMS: dict[tuple[int, str, str], tuple[list[list[int]], list[int]]] = {}
+
+
+def tokenized_docs(tokenizer: Tokenizer, corpus: str, split: str) -> tuple[list[list[int]], list[int]]:
+    """(token ids per document, UTF-8 bytes per document), cached per tokenizer object."""
+    key = (id(tokenizer), corpus, split)
+    if key not in _STREAMS:
+        docs = load_texts(corpus, split)
+        ids = [enc.ids for enc in tokenizer.encode_batch(docs)]
+        _STREAMS[key] = (ids, [len(d.encode("utf-8")) for d in docs])
+    return _STREAMS[key]
+
+
+def token_stream(tokenizer: Tokenizer, corpus: str, split: str) -> torch.Tensor:
+    """All documents joined with EOS after each: [T] token ids."""
+    eos = _eos(tokenizer)
+    ids, _ = tokenized_docs(tokenizer, corpus, split)
+    return torch.tensor([t for doc in ids for t in [*doc, eos]], dtype=torch.long)
+
+
+def calibration_batch(
+    tokenizer: Tokenizer, corpus: str = "c4", split: str = "train", n_samples: int = 128,
+    seq_len: int = 512, seed: int = 0,
+) -> torch.Tensor:
+    """[n_samples, seq_len] random windows of the EOS-joined stream (GPTQ-style), seeded."""
+    if n_samples < 1:
+        raise DataError(f"calibration needs at least 1 sample, {n_samples} requested")
+    if seq_len < 1:
+        raise DataError(f"sequence length must be positive, got {seq_len}")
+    stream = token_stream(tokenizer, corpus, split)
+    if len(stream) <= seq_len:
+        raise DataError(f"{corpus}/{split} has {len(stream):,} tokens; a window of {seq_len:,} "
+                        f"tokens needs more")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seq_len, (n_samples,), generator=gen)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+def eval_sequences(tokenizer: Tokenizer, corpus: str, split: str, seq_len: int) -> tuple[torch.Tensor, int]:
+    """MDLM zero-shot protocol: join documents with EOS, wrap into [N, seq_len] chunks (the last
+    partial chunk dropped). Also returns the UTF-8 bytes those tokens cover: the bytes of the
+    whole text times the share of tokens kept (every document lies in the kept stream except
+    the dropped tail, which is less than one chunk)."""
+    stream = token_stream(tokenizer, corpus, split)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise DataError(f"{corpus}/{split} has {len(stream):,} tokens, fewer than one sequence of "
+                        f"{seq_len:,}")
+    _, doc_bytes = tokenized_docs(tokenizer, corpus, split)
+    n_bytes = round(sum(doc_bytes) * n * seq_len / len(stream))
+    return stream[: n * seq_len].view(n, seq_len), n_bytes

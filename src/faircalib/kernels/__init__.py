@@ -1,0 +1,24 @@
+"""Quantized linear layers and their matmul backends, chosen by device and token rows M."""
+
+from faircalib.kernels.backends import (
+    BACKEND_NAMES,
+    BACKENDS,
+    CROSSOVER_M,
+    auto_backend,
+    dequantize_packed,
+    pack_codes,
+    unpack_codes,
+)
+from faircalib.kernels.quant_linear import QuantLinear, check_codes
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_NAMES",
+    "CROSSOVER_M",
+    "QuantLinear",
+    "auto_backend",
+    "check_codes",
+    "dequantize_packed",
+    "pack_codes",
+    "unpack_codes",
+]

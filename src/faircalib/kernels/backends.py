@@ -1,0 +1,360 @@
+"""Matmul backends for `QuantLinear`, and the rule that picks one by device, dtype and M.
+
+Every backend computes y = x @ W_hat.T for the layer's dequantized weight
+W_hat = scale * (code - zero) (groups contiguous along `in`), from the same plain codes; each
+repacks them once into its kernel's layout and caches the result on the layer.
+
+| name        | device   | what runs                                                         | numerics vs W_hat          |
+|-------------|----------|-------------------------------------------------------------------|----------------------------|
+| `dequant`   | any      | unpack + dequantize (fp32 math), then a dense matmul               | exact reference            |
+| `int4_cpu`  | cpu      | `aten._weight_int4pack_mm_for_cpu` (bf16 activations), bits <= 4  | bf16 rounding (~3e-3 rel)  |
+| `int4_cuda` | cuda     | `aten._weight_int4pack_mm` (tinygemm, bf16), bits <= 4             | bf16 scales (~3e-3 rel)    |
+| `int8`      | cpu/cuda | `torch._int_mm` W8A8 (8-bit symmetric per-channel, act_bits=8)    | exact integer accumulation |
+| `fp8`       | cpu/cuda | `torch._scaled_mm` e4m3 W8A8, per-channel weight / per-token act   | re-rounds to e4m3 (~4%)    |
+
+torch's int4 kernels dequantize as w = (q - 8) * s + z with z "in the float domain"; our
+codes satisfy w = s * (q - zero), so z = s * (8 - zero) (verified numerically in the tests).
+The kernels take scales and zeros as one [n_groups, out, 2] tensor, and only group sizes 32,
+64, 128 and 256: a per-channel layer is fed to them as identical groups of the largest of
+those that divides `in`.
+
+`auto` never changes numerics beyond the activation dtype's rounding, so `fp8` (which re-rounds
+an int8 grid onto e4m3) is only used when asked for by name.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from faircalib.errors import ConfigError
+
+if TYPE_CHECKING:
+    from faircalib.kernels.quant_linear import QuantLinear
+
+# Token rows M at and above which `auto` leaves torch's int4 kernel for dequantize-then-GEMM,
+# per device (None: never). GPU value: the first M of the benchmark grid at which
+# dequant + bf16 cuBLAS beats `_weight_int4pack_mm` on every 8B layer shape; H100, torch 2.11
+# (DESIGN.md): int4 is 2.0-2.3x faster than bf16 at M=1 and 0.8-0.9x at M=16, so 16.
+# `python benchmarks/kernels.py` recomputes it into benchmarks/results/kernels.
+# CPU value: on the 2-core EPYC dev machine the bf16 int4 kernel beat both dense bf16 and
+# dequantize-then-GEMM at every M up to 2048 (2048x2048 layer), so it never hands over.
+CROSSOVER_M: dict[str, int | None] = {"cuda": 16, "cpu": None}
+
+# `int8` on CUDA: `torch._int_mm` needs M > 16 (cuBLASLt int8 constraint).
+INT8_CUDA_MIN_M = 17
+
+INT4_GROUP_SIZES = (256, 128, 64, 32)  # what torch's int4 kernels accept, largest first
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+# --- plain codes ----------------------------------------------------------------------------
+def packed_width(in_features: int, bits: int) -> int:
+    """Bytes per row of `QuantLinear.qweight`: two codes per byte for bits <= 4."""
+    return (in_features + 1) // 2 if bits <= 4 else in_features
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """[out, in] codes in [0, 2^bits) -> [out, packed_width] uint8 (even column: low nibble)."""
+    codes = codes.to(torch.uint8)
+    if bits > 4:
+        return codes.contiguous()
+    if codes.shape[1] % 2:
+        codes = F.pad(codes, (0, 1))  # an odd `in` gets a zero nibble that unpacking drops
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: [out, packed_width] uint8 -> [out, in] uint8."""
+    if bits > 4:
+        return qweight
+    both = torch.stack((qweight & 0xF, qweight >> 4), dim=-1)  # [out, in/2, 2]
+    return both.reshape(qweight.shape[0], -1)[:, :in_features]
+
+
+def dequantize_packed(
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    in_features: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """[out, packed_width] codes -> [out, in] weight in `dtype`, computed in float32 with the
+    same operations as `faircalib.quant.primitives.decode`, so fp32 results are bit-identical
+    to the fake-quantized weight."""
+    codes = unpack_codes(qweight, bits, in_features)  # [out, in]
+    out, n_groups = scale.shape
+    grouped = codes.reshape(out, n_groups, in_features // n_groups).float()  # [out, G, width]
+    w = scale.float()[:, :, None] * (grouped - zero.float()[:, :, None])
+    return w.reshape(out, in_features).to(dtype)
+
+
+_compiled_dequant: Callable[..., torch.Tensor] | None = None
+_compile_failed = False
+
+
+def dequantize_fn(device_type: str) -> Callable[..., torch.Tensor]:
+    """`dequantize_packed`, fused into one kernel by torch.compile on CUDA (eager elsewhere,
+    or where compilation is unavailable: FAIRCALIB_NO_COMPILE=1 turns it off)."""
+    global _compiled_dequant
+    if device_type != "cuda" or _compile_failed or os.environ.get("FAIRCALIB_NO_COMPILE"):
+        return dequantize_packed
+    if _compiled_dequant is None:
+        _compiled_dequant = torch.compile(dequantize_packed, dynamic=False)
+    return _guarded_compiled
+
+
+def _guarded_compiled(*args: object) -> torch.Tensor:
+    global _compile_failed
+    try:
+        return _compiled_dequant(*args)  # type: ignore[misc]
+    except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+        _compile_failed = True
+        warnings.warn(f"torch.compile of the dequantizer failed ({exc}); using eager", stacklevel=2)
+        return dequantize_packed(*args)  # type: ignore[arg-type]
+
+
+# --- backend interface ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Backend:
+    """`supports` returns None or the reason the backend cannot run this layer and input;
+    `prepare` repacks the layer's codes for the kernel (cached per device and dtype);
+    `run` maps the prepared tensors and x [M, in] to y [M, out] (no bias)."""
+
+    name: str
+    supports: Callable[[QuantLinear, str, torch.dtype, int], str | None]
+    prepare: Callable[[QuantLinear, torch.device, torch.dtype], tuple]
+    run: Callable[[QuantLinear, tuple, torch.Tensor], torch.Tensor]
+    quantizes_activations: bool = False  # True: run() applies the layer's act_bits itself
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+# dequant ---------------------------------------------------------------------------------------
+def _dequant_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> None:
+    return None
+
+
+def _dequant_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
+    if not layer.cache_dequant:
+        return ()
+    return (_dequantize_layer(layer, device, dtype),)
+
+
+def _dequantize_layer(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    fn = dequantize_fn(device.type)
+    return fn(layer.qweight, layer.scale, layer.zero, layer.bits, layer.in_features, dtype)
+
+
+def _dequant_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    w = prepared[0] if prepared else _dequantize_layer(layer, x.device, x.dtype)  # [out, in]
+    return F.linear(x, w)
+
+
+# int4 (torch's tinygemm-style kernels) ---------------------------------------------------------
+def int4_group_size(in_features: int, group_size: int | None) -> int | None:
+    """The group size to hand torch's int4 kernels, or None if they cannot take the layer."""
+    if group_size is not None:
+        return group_size if group_size in INT4_GROUP_SIZES else None
+    return next((g for g in INT4_GROUP_SIZES if in_features % g == 0), None)
+
+
+def int4_scales_and_zeros(
+    scale: torch.Tensor, zero: torch.Tensor, kernel_group: int, in_features: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """scale, zero [out, G] -> [in / kernel_group, out, 2] with the float-domain zero
+    z = s * (8 - zero), so that (q - 8) * s + z == s * (q - zero)."""
+    repeat = (in_features // kernel_group) // scale.shape[1]  # > 1 only for per-channel layers
+    s = scale.float().repeat_interleave(repeat, dim=1)  # [out, in / kernel_group]
+    z = s * (8.0 - zero.float().repeat_interleave(repeat, dim=1))
+    return torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def _int4_common(layer: QuantLinear) -> str | None:
+    if layer.bits > 4:
+        return f"int4 kernels take codes of at most 4 bits, layer has {layer.bits}"
+    if int4_group_size(layer.in_features, layer.group_size) is None:
+        return f"group size {layer.group_size} is not one of {INT4_GROUP_SIZES}"
+    return None
+
+
+def _int4_cpu_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str | None:
+    if device_type != "cpu":
+        return "int4_cpu runs on the CPU only"
+    if dtype != torch.bfloat16:
+        # the kernel has a fast path for bf16 only (fp32 input was 20-60x slower here)
+        return f"int4_cpu needs bfloat16 activations, got {dtype}"
+    if layer.out_features % 16:
+        return f"int4_cpu needs out_features divisible by 16, got {layer.out_features}"
+    return _int4_common(layer)
+
+
+def _int4_cpu_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
+    codes = unpack_codes(layer.qweight, layer.bits, layer.in_features).to(torch.int32)  # [out, in]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    group = int4_group_size(layer.in_features, layer.group_size)
+    sz = int4_scales_and_zeros(layer.scale, layer.zero, group, layer.in_features, torch.bfloat16)
+    return packed, sz, group
+
+
+def _int4_cpu_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    packed, sz, group = prepared
+    x = x.to(torch.bfloat16).contiguous()
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+
+
+def int4_cuda_inner_k_tiles(in_features: int) -> int | None:
+    """tinygemm tiles `in` by inner_k_tiles * 16; the largest tile that divides it is fastest."""
+    return next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), None)
+
+
+def int4_cuda_uint8(codes: torch.Tensor) -> torch.Tensor:
+    """[out, in] codes -> [out, in / 2] uint8 with the EVEN column in the HIGH nibble: the input
+    layout of `aten._convert_weight_to_int4pack` on CUDA (torch >= 2.5)."""
+    codes = codes.to(torch.uint8)
+    return ((codes[:, 0::2] << 4) | codes[:, 1::2]).contiguous()
+
+
+def _int4_cuda_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str | None:
+    if device_type != "cuda":
+        return "int4_cuda runs on CUDA only"
+    if dtype != torch.bfloat16:
+        return f"int4_cuda needs bfloat16 activations, got {dtype}"
+    if layer.out_features % 8:
+        return f"int4_cuda needs out_features divisible by 8, got {layer.out_features}"
+    if int4_cuda_inner_k_tiles(layer.in_features) is None:
+        return f"int4_cuda needs in_features divisible by 32, got {layer.in_features}"
+    cap = _cuda_capability()
+    if cap is not None and cap < (8, 0):
+        return f"int4_cuda needs compute capability >= 8.0, device has {cap}"
+    return _int4_common(layer)
+
+
+def _int4_cuda_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
+    codes = unpack_codes(layer.qweight, layer.bits, layer.in_features)
+    tiles = int4_cuda_inner_k_tiles(layer.in_features)
+    packed = torch.ops.aten._convert_weight_to_int4pack(int4_cuda_uint8(codes), tiles)
+    group = int4_group_size(layer.in_features, layer.group_size)
+    sz = int4_scales_and_zeros(layer.scale, layer.zero, group, layer.in_features, torch.bfloat16)
+    return packed, sz, group
+
+
+def _int4_cuda_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    packed, sz, group = prepared
+    return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), packed, group, sz)
+
+
+# int8 W8A8 (exact) --------------------------------------------------------------------------------
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8 with the restricted range +-127 and the abs-max floor 1e-5:
+    the same grid as `faircalib.quant.primitives.quantize_activations_per_token(x, 8)`.
+    x [M, K] -> (q int8 [M, K], scale float32 [M, 1])."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127
+    return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def _int8_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str | None:
+    if layer.bits != 8 or not layer.symmetric or layer.group_size is not None:
+        return "int8 needs 8-bit symmetric per-channel weights"
+    if layer.act_bits != 8:
+        return "int8 computes W8A8: the layer must quantize activations to 8 bits (act_bits=8)"
+    if device_type == "cuda":
+        if m < INT8_CUDA_MIN_M:
+            return f"torch._int_mm on CUDA needs more than 16 token rows, got {m}"
+        if layer.in_features % 8 or layer.out_features % 8:
+            return "torch._int_mm on CUDA needs in and out features divisible by 8"
+    elif device_type != "cpu":
+        return f"int8 runs on cpu or cuda, not {device_type}"
+    return None
+
+
+def _int8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
+    codes = layer.qweight.to(torch.int16)  # [out, in]; zero is 128 everywhere (symmetric)
+    w = (codes - 128).to(torch.int8)
+    return w.t(), layer.scale.float().reshape(1, -1)  # [in, out] column-major view, [1, out]
+
+
+def _int8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    w_t, w_scale = prepared
+    q, x_scale = quantize_rows_int8(x)
+    acc = torch._int_mm(q, w_t)  # [M, out] int32, exact
+    return (acc.float() * (x_scale * w_scale)).to(x.dtype)
+
+
+# fp8 W8A8 -----------------------------------------------------------------------------------------
+def fp8_quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of t [R, K] -> (e4m3 [R, K], float32 scale [R, 1]); each row's abs-max maps to 448."""
+    tf = t.float()
+    scale = tf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (tf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def _fp8_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str | None:
+    if layer.in_features % 16 or layer.out_features % 16:
+        return "fp8 (_scaled_mm) needs in and out features divisible by 16"
+    if device_type == "cuda":
+        cap = _cuda_capability()
+        if cap is not None and cap < (8, 9):
+            return f"fp8 needs compute capability >= 8.9 (Ada/Hopper), device has {cap}"
+    elif device_type != "cpu":
+        return f"fp8 runs on cpu or cuda, not {device_type}"
+    return None
+
+
+def _fp8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
+    w = dequantize_packed(layer.qweight, layer.scale, layer.zero, layer.bits, layer.in_features, torch.float32)
+    w8, w_scale = fp8_quantize(w)  # [out, in], [out, 1]
+    return w8, w_scale.reshape(1, -1).contiguous()
+
+
+def _fp8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    w8, w_scale = prepared
+    x8, x_scale = fp8_quantize(x)
+    # row-wise scaled fp8 GEMM: bf16 output is what the row-wise kernels support
+    y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+    return y.to(x.dtype)
+
+
+# --- registry and the auto rule --------------------------------------------------------------
+BACKENDS: dict[str, Backend] = {
+    "dequant": Backend("dequant", _dequant_supports, _dequant_prepare, _dequant_run),
+    "int4_cpu": Backend("int4_cpu", _int4_cpu_supports, _int4_cpu_prepare, _int4_cpu_run),
+    "int4_cuda": Backend("int4_cuda", _int4_cuda_supports, _int4_cuda_prepare, _int4_cuda_run),
+    "int8": Backend("int8", _int8_supports, _int8_prepare, _int8_run, quantizes_activations=True),
+    "fp8": Backend("fp8", _fp8_supports, _fp8_prepare, _fp8_run),
+}
+BACKEND_NAMES = ("auto", *BACKENDS)
+
+
+def supports(layer: QuantLinear, name: str, device_type: str, dtype: torch.dtype, m: int) -> str | None:
+    """None if backend `name` can run `layer` on this device/dtype with M token rows."""
+    return BACKENDS[name].supports(layer, device_type, dtype, m)
+
+
+def auto_backend(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str:
+    """The backend `auto` runs: the int4 kernel below the device's crossover M, the exact int8
+    W8A8 kernel for layers that quantize activations to 8 bits, else dequant + dense GEMM."""
+    if supports(layer, "int8", device_type, dtype, m) is None:
+        return "int8"
+    int4 = {"cpu": "int4_cpu", "cuda": "int4_cuda"}.get(device_type)
+    if int4 is not None and supports(layer, int4, device_type, dtype, m) is None:
+        limit = CROSSOVER_M.get(device_type)
+        if limit is None or m < limit:
+            return int4
+    return "dequant"
+
+
+def check_backend_name(name: str) -> str:
+    if name not in BACKEND_NAMES:
+        raise ConfigError(f"unknown QuantLinear backend {name!r}; choose one of {BACKEND_NAMES}")
+    return name

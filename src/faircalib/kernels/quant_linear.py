@@ -1,0 +1,226 @@
+"""`QuantLinear`: an `nn.Linear` replacement that keeps a quantized weight as integer codes.
+
+It computes, for x [..., in]:
+
+    x_s = x / input_scale                      (AWQ / SmoothQuant smoothing; skipped if None)
+    x_q = per-token fake-quant(x_s, act_bits)  (SmoothQuant W8A8; skipped if None)
+    y   = x_q @ W_hat.T + bias,   W_hat = scale * (code - zero)
+
+which is exactly what the fake-quantized float model computes, so a packed checkpoint and the
+fake-quant evaluation agree (bit-for-bit on the fp32 `dequant` backend).
+
+Storage: `qweight` holds the plain codes, two per byte for bits <= 4 (`backends.pack_codes`);
+`scale` and `zero` are float32 [out, n_groups]. Each backend repacks the codes into its
+kernel's layout on first use and caches the result per (backend, device, dtype); moving the
+module clears the cache. `backend="auto"` picks per call from the device, the dtype and M, the
+number of token rows (`backends.auto_backend`); `last_backend` records the choice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from faircalib.errors import ConfigError
+from faircalib.kernels.backends import (
+    BACKENDS,
+    auto_backend,
+    check_backend_name,
+    dequantize_packed,
+    pack_codes,
+    packed_width,
+    unpack_codes,
+)
+from faircalib.quant.primitives import QParams, quantize_activations_per_token
+
+SUPPORTED_BITS = range(2, 9)
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with integer weight codes (see the module docstring for the math)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int,
+        group_size: int | None,
+        symmetric: bool,
+        bias: bool = False,
+        input_scale: bool = False,
+        act_bits: int | None = None,
+        backend: str = "auto",
+        cache_dequant: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_layout(in_features, out_features, bits, group_size, act_bits)
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.act_bits = act_bits
+        self.backend = check_backend_name(backend)
+        self.cache_dequant = cache_dequant  # dequant backend: keep the float weight (speed vs memory)
+        n_groups = 1 if group_size is None else in_features // group_size
+        width = packed_width(in_features, bits)
+        self.register_buffer("qweight", torch.zeros(out_features, width, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, n_groups))
+        self.register_buffer("zero", torch.full((out_features, n_groups), float(2 ** (bits - 1))))
+        self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.last_backend: str | None = None
+        self._prepared: dict[tuple[str, torch.device, torch.dtype], tuple] = {}
+
+    # --- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        qparams: QParams,
+        *,
+        bias: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+        act_bits: int | None = None,
+        backend: str = "auto",
+        cache_dequant: bool = False,
+    ) -> QuantLinear:
+        """Build from [out, in] integer codes and their QParams (the quantizers' output)."""
+        out_features, in_features = codes.shape
+        layer = cls(
+            in_features,
+            out_features,
+            bits=qparams.bits,
+            group_size=qparams.group_size,
+            symmetric=qparams.symmetric,
+            bias=bias is not None,
+            input_scale=input_scale is not None,
+            act_bits=act_bits,
+            backend=backend,
+            cache_dequant=cache_dequant,
+        )
+        check_codes(codes, qparams)
+        with torch.no_grad():
+            layer.qweight.copy_(pack_codes(codes, qparams.bits))
+            layer.scale.copy_(qparams.scale.float())
+            layer.zero.copy_(qparams.zero.float())
+            if input_scale is not None:
+                _check_input_scale(input_scale, in_features)
+                layer.input_scale.copy_(input_scale.float())
+            if bias is not None:
+                layer.bias = nn.Parameter(bias.detach().clone().reshape(out_features))
+        return layer
+
+    @classmethod
+    def from_result(cls, result: object, bias: torch.Tensor | None = None, **kwargs: object) -> QuantLinear:
+        """From a QuantResult-like object with .codes, .qparams, .input_scale, .act_bits."""
+        return cls.from_codes(
+            result.codes,  # type: ignore[attr-defined]
+            result.qparams,  # type: ignore[attr-defined]
+            bias=bias,
+            input_scale=getattr(result, "input_scale", None),
+            act_bits=getattr(result, "act_bits", None),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    # --- views of the weight ----------------------------------------------------------------
+    @property
+    def qparams(self) -> QParams:
+        return QParams(self.scale, self.zero, self.bits, self.group_size, self.symmetric)
+
+    def codes(self) -> torch.Tensor:
+        """[out, in] uint8 codes in [0, 2^bits)."""
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[out, in] W_hat = scale * (code - zero)."""
+        return dequantize_packed(self.qweight, self.scale, self.zero, self.bits, self.in_features, dtype)
+
+    # --- forward ------------------------------------------------------------------------------
+    def choose_backend(self, x2d: torch.Tensor) -> str:
+        """The backend this call runs: `self.backend`, or the `auto` rule for this input."""
+        m = x2d.shape[0]
+        if self.backend == "auto":
+            return auto_backend(self, x2d.device.type, x2d.dtype, m)
+        reason = BACKENDS[self.backend].supports(self, x2d.device.type, x2d.dtype, m)
+        if reason is not None:
+            raise ConfigError(f"QuantLinear backend {self.backend!r} cannot run this layer: {reason}")
+        return self.backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)  # [M, in], M = x.numel() // in_features
+        if self.input_scale is not None:
+            x2d = x2d / self.input_scale.to(x2d.dtype)
+        name = self.choose_backend(x2d)
+        backend = BACKENDS[name]
+        if self.act_bits is not None and not backend.quantizes_activations:
+            x2d = quantize_activations_per_token(x2d, self.act_bits)
+        y = backend.run(self, self._prepare(name, x2d), x2d)  # [M, out]
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        self.last_backend = name
+        return y.reshape(*lead, self.out_features)
+
+    def _prepare(self, name: str, x2d: torch.Tensor) -> tuple:
+        key = (name, x2d.device, x2d.dtype)
+        if key not in self._prepared:
+            with torch.no_grad():
+                self._prepared[key] = BACKENDS[name].prepare(self, x2d.device, x2d.dtype)
+        return self._prepared[key]
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        self._prepared.clear()  # kernel layouts belong to the old device/dtype
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._prepared.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        group = "channel" if self.group_size is None else f"g{self.group_size}"
+        extras = [f"in={self.in_features}", f"out={self.out_features}", f"w{self.bits}", group,
+                  "sym" if self.symmetric else "asym", f"backend={self.backend}"]
+        if self.act_bits is not None:
+            extras.append(f"a{self.act_bits}")
+        if self.input_scale is not None:
+            extras.append("input_scale")
+        return ", ".join(extras)
+
+
+# --- validation ---------------------------------------------------------------------------------
+def _check_layout(in_features: int, out_features: int, bits: int, group_size: int | None,
+                  act_bits: int | None) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"QuantLinear supports 2..8-bit codes, got {bits}")
+    if in_features <= 0 or out_features <= 0:
+        raise ConfigError(f"QuantLinear needs positive sizes, got in={in_features}, out={out_features}")
+    if group_size is not None and (group_size <= 0 or in_features % group_size):
+        raise ConfigError(f"group size {group_size} does not divide {in_features} input features")
+    if act_bits is not None and not 2 <= act_bits <= 16:
+        raise ConfigError(f"activation bit width must be in 2..16, got {act_bits}")
+
+
+def check_codes(codes: torch.Tensor, qp: QParams) -> None:
+    """Refuse codes/qparams that do not describe a valid [out, in] quantized weight."""
+    if codes.dim() != 2 or codes.is_floating_point() or codes.is_complex():
+        raise ConfigError(f"codes must be a 2-D integer tensor, got {tuple(codes.shape)} {codes.dtype}")
+    out_features, in_features = codes.shape
+    n_groups = 1 if qp.group_size is None else in_features // qp.group_size
+    for name, t in (("scale", qp.scale), ("zero", qp.zero)):
+        if tuple(t.shape) != (out_features, n_groups):
+            raise ConfigError(f"{name} has shape {tuple(t.shape)}, expected {(out_features, n_groups)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > qp.maxq):
+        raise ConfigError(f"codes outside [0, {qp.maxq}] for {qp.bits}-bit quantization")
+    if not (torch.isfinite(qp.scale).all() and (qp.scale > 0).all()):
+        raise ConfigError("scales must be finite and positive")
+    zero = qp.zero.float()
+    if not ((zero == zero.round()).all() and (zero >= 0).all() and (zero <= qp.maxq).all()):
+        raise ConfigError(f"zero points must be integers in [0, {qp.maxq}]")
+    if qp.symmetric and not (zero == 2 ** (qp.bits - 1)).all():
+        raise ConfigError(f"symmetric quantization needs every zero point = {2 ** (qp.bits - 1)}")
+
+
+def _check_input_scale(input_scale: torch.Tensor, in_features: int) -> None:
+    if tuple(input_scale.shape) != (in_features,):
+        raise ConfigError(f"input_scale has shape {tuple(input_scale.shape)}, expected ({in_features},)")
+    if not (torch.isfinite(input_scale).all() and (input_scale > 0).all()):
+        raise ConfigError("input_scale must be finite and positive")

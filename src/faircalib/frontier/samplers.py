@@ -12,9 +12,10 @@ a token is proposed at every masked position, and some of those positions are *c
 - ``ancestral`` (MDLM): a time grid from 1 to 0; each masked position is revealed with the
   reverse-process probability (alpha_s - alpha_t) / (1 - alpha_t).
 
-Common random numbers: every random draw comes from one seeded generator in a fixed order
-whose shapes do not depend on the model's outputs, so two models (float vs quantized) run with
-the same seed see identical noise and every difference in their outputs comes from the models.
+Common random numbers: every random draw comes from seeded generators in a fixed order whose
+shapes do not depend on the model's outputs, so two models (float vs quantized) run with the
+same seed see identical noise and every difference in their outputs comes from the models. The
+Gumbel noise has its own stream, so the position draws are the same whatever the temperature.
 """
 
 from __future__ import annotations
@@ -144,16 +145,30 @@ def propose(log_probs: torch.Tensor, gumbel: torch.Tensor | None,
     return (filtered.double() / cfg.temperature + gumbel).argmax(dim=-1)
 
 
-def draw_noise(gen: torch.Generator, shape: tuple[int, int, int], cfg: SamplerConfig,
-               device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """One step's noise, always in this order: Gumbel [B, G, V] (if sampling), uniforms [B, G]."""
-    b, g, v = shape
-    gumbel = None
-    if cfg.temperature > 0:
-        u = torch.rand((b, g, v), generator=gen, dtype=torch.float64, device=device)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-    uniforms = torch.rand((b, g), generator=gen, dtype=torch.float64, device=device)
-    return gumbel, uniforms
+@dataclass
+class NoiseStreams:
+    """Two seeded streams: uniforms [B, G] for positions, Gumbel [B, G, V] for token sampling."""
+
+    positions: torch.Generator
+    tokens: torch.Generator
+
+    @classmethod
+    def from_seed(cls, seed: int, device: torch.device) -> NoiseStreams:
+        # 2s and 2s+1 never collide across seeds, so no two (seed, stream) pairs share noise
+        return cls(torch.Generator(device=device).manual_seed(2 * seed),
+                   torch.Generator(device=device).manual_seed(2 * seed + 1))
+
+    def draw(self, shape: tuple[int, int, int], cfg: SamplerConfig,
+             device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One step's noise: Gumbel [B, G, V] (only when sampling) and uniforms [B, G]."""
+        b, g, v = shape
+        gumbel = None
+        if cfg.temperature > 0:
+            u = torch.rand((b, g, v), generator=self.tokens, dtype=torch.float64, device=device)
+            gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+        uniforms = torch.rand((b, g), generator=self.positions, dtype=torch.float64,
+                              device=device)
+        return gumbel, uniforms
 
 
 def plan_transfers(cfg: SamplerConfig) -> list[int]:
@@ -184,7 +199,7 @@ class _Run:
     cfg: SamplerConfig
     x: torch.Tensor  # [B, L] current sequence
     prompt_len: int
-    gen: torch.Generator
+    noise: NoiseStreams
     trace: FrontierTrace | None
     states: list[tuple[torch.Tensor, torch.Tensor]] | None
     committed: list[torch.Tensor] = field(default_factory=list)
@@ -237,8 +252,8 @@ def _start(model: DiffusionLM, prompt_ids: torch.Tensor, cfg: SamplerConfig, see
     device = model.device
     masks = torch.full((b, cfg.gen_length), model.mask_id, dtype=torch.long, device=device)
     x = torch.cat([prompt_ids.to(device=device, dtype=torch.long), masks], dim=1)  # [B, L]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return _Run(model, cfg, x, p, gen, FrontierTrace(cfg.sampler, p) if trace else None,
+    noise = NoiseStreams.from_seed(seed, device)
+    return _Run(model, cfg, x, p, noise, FrontierTrace(cfg.sampler, p) if trace else None,
                 [] if record_states else None)
 
 
@@ -246,7 +261,7 @@ def _model_step(run: _Run, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     """Feed the current state; -> log-probs [B, G, V] of the generated region, proposals [B, G],
     uniforms [B, G]. Noise is drawn before the model runs, so its order never depends on it."""
     b, g = run.x.shape[0], run.cfg.gen_length
-    gumbel, uniforms = draw_noise(run.gen, (b, g, run.model.vocab_size), run.cfg, run.x.device)
+    gumbel, uniforms = run.noise.draw((b, g, run.model.vocab_size), run.cfg, run.x.device)
     if run.states is not None:
         run.states.append((run.x.clone(), t.clone()))
     log_probs = run.model.log_probs(run.x, t)[:, run.region].float()  # [B, G, V]

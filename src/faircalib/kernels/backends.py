@@ -4,13 +4,16 @@ Every backend computes y = x @ W_hat.T for the layer's dequantized weight
 W_hat = scale * (code - zero) (groups contiguous along `in`), from the same plain codes; each
 repacks them once into its kernel's layout and caches the result on the layer.
 
-| name        | device   | what runs                                                         | numerics vs W_hat          |
-|-------------|----------|-------------------------------------------------------------------|----------------------------|
-| `dequant`   | any      | unpack + dequantize (fp32 math), then a dense matmul               | exact reference            |
-| `int4_cpu`  | cpu      | `aten._weight_int4pack_mm_for_cpu` (bf16 activations), bits <= 4  | bf16 rounding (~3e-3 rel)  |
-| `int4_cuda` | cuda     | `aten._weight_int4pack_mm` (tinygemm, bf16), bits <= 4             | bf16 scales (~3e-3 rel)    |
-| `int8`      | cpu/cuda | `torch._int_mm` W8A8 (8-bit symmetric per-channel, act_bits=8)    | exact integer accumulation |
-| `fp8`       | cpu/cuda | `torch._scaled_mm` e4m3 W8A8, per-channel weight / per-token act   | re-rounds to e4m3 (~4%)    |
+| name      | device   | what runs                                   | vs W_hat (rel. error)  |
+|-----------|----------|---------------------------------------------|------------------------|
+| dequant   | any      | unpack + dequantize (fp32), dense matmul    | exact reference        |
+| int4_cpu  | cpu      | aten._weight_int4pack_mm_for_cpu, bf16 act. | bf16 rounding (~3e-3)  |
+| int4_cuda | cuda     | aten._weight_int4pack_mm (tinygemm), bf16   | bf16 scales (~3e-3)    |
+| int8      | cpu/cuda | torch._int_mm W8A8 (w8 sym per-channel, a8) | exact int accumulation |
+| fp8       | cpu/cuda | torch._scaled_mm e4m3 W8A8, row-wise scales | re-rounds to e4m3 (~4%)|
+
+int4 kernels take codes of at most 4 bits; `int8` needs symmetric per-channel 8-bit weights
+and act_bits=8; `fp8` takes any layer (it dequantizes, then rounds rows to e4m3).
 
 torch's int4 kernels dequantize as w = (q - 8) * s + z with z "in the float domain"; our
 codes satisfy w = s * (q - zero), so z = s * (8 - zero) (verified numerically in the tests).
@@ -133,6 +136,7 @@ class Backend:
     prepare: Callable[[QuantLinear, torch.device, torch.dtype], tuple]
     run: Callable[[QuantLinear, tuple, torch.Tensor], torch.Tensor]
     quantizes_activations: bool = False  # True: run() applies the layer's act_bits itself
+    adds_bias: bool = False  # True: run() adds the layer's bias itself
 
 
 def _cuda_capability() -> tuple[int, int] | None:
@@ -157,7 +161,8 @@ def _dequantize_layer(layer: QuantLinear, device: torch.device, dtype: torch.dty
 
 def _dequant_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
     w = prepared[0] if prepared else _dequantize_layer(layer, x.device, x.dtype)  # [out, in]
-    return F.linear(x, w)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, w, bias)  # the fake-quant model's exact call, so fp32 matches bit for bit
 
 
 # int4 (torch's tinygemm-style kernels) ---------------------------------------------------------
@@ -179,6 +184,15 @@ def int4_scales_and_zeros(
     return torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
 
+def int4_centered(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and zeros shifted by 8 - 2^(bits-1) so that a < 4-bit grid sits in the middle of
+    the int4 range: the float zero s * (8 - zero) then stays small and its bf16 rounding does
+    not swamp 2- and 3-bit weights. Returns codes [out, in] uint8 and zeros [out, G]."""
+    shift = 8 - 2 ** (layer.bits - 1)
+    codes = unpack_codes(layer.qweight, layer.bits, layer.in_features) + shift
+    return codes.contiguous(), layer.zero.float() + shift
+
+
 def _int4_common(layer: QuantLinear) -> str | None:
     if layer.bits > 4:
         return f"int4 kernels take codes of at most 4 bits, layer has {layer.bits}"
@@ -187,7 +201,9 @@ def _int4_common(layer: QuantLinear) -> str | None:
     return None
 
 
-def _int4_cpu_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str | None:
+def _int4_cpu_supports(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
     if device_type != "cpu":
         return "int4_cpu runs on the CPU only"
     if dtype != torch.bfloat16:
@@ -199,10 +215,10 @@ def _int4_cpu_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype,
 
 
 def _int4_cpu_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
-    codes = unpack_codes(layer.qweight, layer.bits, layer.in_features).to(torch.int32)  # [out, in]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    codes, zero = int4_centered(layer)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     group = int4_group_size(layer.in_features, layer.group_size)
-    sz = int4_scales_and_zeros(layer.scale, layer.zero, group, layer.in_features, torch.bfloat16)
+    sz = int4_scales_and_zeros(layer.scale, zero, group, layer.in_features, torch.bfloat16)
     return packed, sz, group
 
 
@@ -224,7 +240,9 @@ def int4_cuda_uint8(codes: torch.Tensor) -> torch.Tensor:
     return ((codes[:, 0::2] << 4) | codes[:, 1::2]).contiguous()
 
 
-def _int4_cuda_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str | None:
+def _int4_cuda_supports(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
     if device_type != "cuda":
         return "int4_cuda runs on CUDA only"
     if dtype != torch.bfloat16:
@@ -240,11 +258,11 @@ def _int4_cuda_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype
 
 
 def _int4_cuda_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
-    codes = unpack_codes(layer.qweight, layer.bits, layer.in_features)
+    codes, zero = int4_centered(layer)
     tiles = int4_cuda_inner_k_tiles(layer.in_features)
     packed = torch.ops.aten._convert_weight_to_int4pack(int4_cuda_uint8(codes), tiles)
     group = int4_group_size(layer.in_features, layer.group_size)
-    sz = int4_scales_and_zeros(layer.scale, layer.zero, group, layer.in_features, torch.bfloat16)
+    sz = int4_scales_and_zeros(layer.scale, zero, group, layer.in_features, torch.bfloat16)
     return packed, sz, group
 
 
@@ -312,7 +330,9 @@ def _fp8_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: i
 
 
 def _fp8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
-    w = dequantize_packed(layer.qweight, layer.scale, layer.zero, layer.bits, layer.in_features, torch.float32)
+    w = dequantize_packed(
+        layer.qweight, layer.scale, layer.zero, layer.bits, layer.in_features, torch.float32
+    )
     w8, w_scale = fp8_quantize(w)  # [out, in], [out, 1]
     return w8, w_scale.reshape(1, -1).contiguous()
 
@@ -327,7 +347,9 @@ def _fp8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tens
 
 # --- registry and the auto rule --------------------------------------------------------------
 BACKENDS: dict[str, Backend] = {
-    "dequant": Backend("dequant", _dequant_supports, _dequant_prepare, _dequant_run),
+    "dequant": Backend(
+        "dequant", _dequant_supports, _dequant_prepare, _dequant_run, adds_bias=True
+    ),
     "int4_cpu": Backend("int4_cpu", _int4_cpu_supports, _int4_cpu_prepare, _int4_cpu_run),
     "int4_cuda": Backend("int4_cuda", _int4_cuda_supports, _int4_cuda_prepare, _int4_cuda_run),
     "int8": Backend("int8", _int8_supports, _int8_prepare, _int8_run, quantizes_activations=True),
@@ -336,15 +358,18 @@ BACKENDS: dict[str, Backend] = {
 BACKEND_NAMES = ("auto", *BACKENDS)
 
 
-def supports(layer: QuantLinear, name: str, device_type: str, dtype: torch.dtype, m: int) -> str | None:
+def supports(
+    layer: QuantLinear, name: str, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
     """None if backend `name` can run `layer` on this device/dtype with M token rows."""
     return BACKENDS[name].supports(layer, device_type, dtype, m)
 
 
 def auto_backend(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str:
-    """The backend `auto` runs: the int4 kernel below the device's crossover M, the exact int8
-    W8A8 kernel for layers that quantize activations to 8 bits, else dequant + dense GEMM."""
-    if supports(layer, "int8", device_type, dtype, m) is None:
+    """The backend `auto` runs: on CUDA the int8 W8A8 kernel for layers that quantize
+    activations to 8 bits; the int4 kernel below the device's crossover M; else dequant."""
+    # int8 only on CUDA: on the CPU, fp32 `dequant` is the bit-exact reference users compare to
+    if device_type == "cuda" and supports(layer, "int8", device_type, dtype, m) is None:
         return "int8"
     int4 = {"cpu": "int4_cpu", "cuda": "int4_cuda"}.get(device_type)
     if int4 is not None and supports(layer, int4, device_type, dtype, m) is None:

@@ -59,7 +59,9 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.act_bits = act_bits
         self.backend = check_backend_name(backend)
-        self.cache_dequant = cache_dequant  # dequant backend: keep the float weight (speed vs memory)
+        self.cache_dequant = (
+            cache_dequant  # dequant backend: keep the float weight (speed vs memory)
+        )
         n_groups = 1 if group_size is None else in_features // group_size
         width = packed_width(in_features, bits)
         self.register_buffer("qweight", torch.zeros(out_features, width, dtype=torch.uint8))
@@ -110,7 +112,9 @@ class QuantLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_result(cls, result: object, bias: torch.Tensor | None = None, **kwargs: object) -> QuantLinear:
+    def from_result(
+        cls, result: object, bias: torch.Tensor | None = None, **kwargs: object
+    ) -> QuantLinear:
         """From a QuantResult-like object with .codes, .qparams, .input_scale, .act_bits."""
         return cls.from_codes(
             result.codes,  # type: ignore[attr-defined]
@@ -132,7 +136,9 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[out, in] W_hat = scale * (code - zero)."""
-        return dequantize_packed(self.qweight, self.scale, self.zero, self.bits, self.in_features, dtype)
+        return dequantize_packed(
+            self.qweight, self.scale, self.zero, self.bits, self.in_features, dtype
+        )
 
     # --- forward ------------------------------------------------------------------------------
     def choose_backend(self, x2d: torch.Tensor) -> str:
@@ -142,7 +148,9 @@ class QuantLinear(nn.Module):
             return auto_backend(self, x2d.device.type, x2d.dtype, m)
         reason = BACKENDS[self.backend].supports(self, x2d.device.type, x2d.dtype, m)
         if reason is not None:
-            raise ConfigError(f"QuantLinear backend {self.backend!r} cannot run this layer: {reason}")
+            raise ConfigError(
+                f"QuantLinear backend {self.backend!r} cannot run this layer: {reason}"
+            )
         return self.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +163,7 @@ class QuantLinear(nn.Module):
         if self.act_bits is not None and not backend.quantizes_activations:
             x2d = quantize_activations_per_token(x2d, self.act_bits)
         y = backend.run(self, self._prepare(name, x2d), x2d)  # [M, out]
-        if self.bias is not None:
+        if self.bias is not None and not backend.adds_bias:
             y = y + self.bias.to(y.dtype)
         self.last_backend = name
         return y.reshape(*lead, self.out_features)
@@ -177,8 +185,14 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = "channel" if self.group_size is None else f"g{self.group_size}"
-        extras = [f"in={self.in_features}", f"out={self.out_features}", f"w{self.bits}", group,
-                  "sym" if self.symmetric else "asym", f"backend={self.backend}"]
+        extras = [
+            f"in={self.in_features}",
+            f"out={self.out_features}",
+            f"w{self.bits}",
+            group,
+            "sym" if self.symmetric else "asym",
+            f"backend={self.backend}",
+        ]
         if self.act_bits is not None:
             extras.append(f"a{self.act_bits}")
         if self.input_scale is not None:
@@ -187,12 +201,15 @@ class QuantLinear(nn.Module):
 
 
 # --- validation ---------------------------------------------------------------------------------
-def _check_layout(in_features: int, out_features: int, bits: int, group_size: int | None,
-                  act_bits: int | None) -> None:
+def _check_layout(
+    in_features: int, out_features: int, bits: int, group_size: int | None, act_bits: int | None
+) -> None:
     if bits not in SUPPORTED_BITS:
         raise ConfigError(f"QuantLinear supports 2..8-bit codes, got {bits}")
     if in_features <= 0 or out_features <= 0:
-        raise ConfigError(f"QuantLinear needs positive sizes, got in={in_features}, out={out_features}")
+        raise ConfigError(
+            f"QuantLinear needs positive sizes, got in={in_features}, out={out_features}"
+        )
     if group_size is not None and (group_size <= 0 or in_features % group_size):
         raise ConfigError(f"group size {group_size} does not divide {in_features} input features")
     if act_bits is not None and not 2 <= act_bits <= 16:
@@ -202,12 +219,16 @@ def _check_layout(in_features: int, out_features: int, bits: int, group_size: in
 def check_codes(codes: torch.Tensor, qp: QParams) -> None:
     """Refuse codes/qparams that do not describe a valid [out, in] quantized weight."""
     if codes.dim() != 2 or codes.is_floating_point() or codes.is_complex():
-        raise ConfigError(f"codes must be a 2-D integer tensor, got {tuple(codes.shape)} {codes.dtype}")
+        raise ConfigError(
+            f"codes must be a 2-D integer tensor, got {tuple(codes.shape)} {codes.dtype}"
+        )
     out_features, in_features = codes.shape
     n_groups = 1 if qp.group_size is None else in_features // qp.group_size
     for name, t in (("scale", qp.scale), ("zero", qp.zero)):
         if tuple(t.shape) != (out_features, n_groups):
-            raise ConfigError(f"{name} has shape {tuple(t.shape)}, expected {(out_features, n_groups)}")
+            raise ConfigError(
+                f"{name} has shape {tuple(t.shape)}, expected {(out_features, n_groups)}"
+            )
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > qp.maxq):
         raise ConfigError(f"codes outside [0, {qp.maxq}] for {qp.bits}-bit quantization")
     if not (torch.isfinite(qp.scale).all() and (qp.scale > 0).all()):
@@ -221,6 +242,8 @@ def check_codes(codes: torch.Tensor, qp: QParams) -> None:
 
 def _check_input_scale(input_scale: torch.Tensor, in_features: int) -> None:
     if tuple(input_scale.shape) != (in_features,):
-        raise ConfigError(f"input_scale has shape {tuple(input_scale.shape)}, expected ({in_features},)")
+        raise ConfigError(
+            f"input_scale has shape {tuple(input_scale.shape)}, expected ({in_features},)"
+        )
     if not (torch.isfinite(input_scale).all() and (input_scale > 0).all()):
         raise ConfigError("input_scale must be finite and positive")

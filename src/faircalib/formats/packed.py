@@ -1,0 +1,496 @@
+"""Packed INT2-8 checkpoints in the compressed-tensors `pack-quantized` layout.
+
+A packed model directory is an ordinary model directory (config.json + safetensors shards +
+index, written atomically by `faircalib.models.io`) whose quantized linear layers are stored the
+way compressed-tensors stores them, so vLLM / transformers readers understand the weights:
+
+    <layer>.weight_packed      int32 [out, ceil(in * bits / 32)]   codes, densely bit-packed
+    <layer>.weight_scale       float [out, n_groups]               (n_groups = 1: per-channel)
+    <layer>.weight_zero_point  int32 [ceil(out * bits / 32), n_groups]   asymmetric only
+    <layer>.weight_shape       int64 [2] = (out, in)
+    <layer>.bias               float [out]                          if the layer has a bias
+
+compressed-tensors stores signed values q = code - 2^(bits-1) and zero points likewise, and
+dequantizes (q - zp) * scale; with our unsigned codes (`faircalib.quant.primitives`) that is
+scale * (code - zero), the same number. Symmetric layers have zero = 2^(bits-1), i.e. zp = 0,
+which is why compressed-tensors omits their zero point. Packing and unpacking use the
+package's own `pack_to_int32` / `unpack_from_int32`; the schema is its pydantic
+`QuantizationConfig` (one config group per (bits, group size, symmetry), targets = exact layer
+names), written to config.json under `quantization_config` with `quant_method:
+compressed-tensors`, `format: pack-quantized` and the writer's package `version`.
+
+Two things compressed-tensors has no field for live in our own `faircalib` section:
+  * AWQ / SmoothQuant smoothing: the layer computes (x / s) @ W_hat.T. `s` is stored as the
+    float32 tensor `<layer>.input_scale` [in], and the layer is listed in
+    `faircalib.input_scale`. Note that compressed-tensors readers use the name
+    `input_scale` for static activation-quantization scales; they will not apply ours.
+  * `faircalib.act_bits`: {layer: bits} for per-token activation fake-quant (SmoothQuant).
+Every other tensor (embeddings, norms, output layer, adaLN) is a float tensor in the same shards.
+
+Loading validates every tensor's presence, dtype and shape (and finiteness) against the model
+that the config describes before anything is built, then repacks the plain codes into
+`QuantLinear` (which repacks again, lazily, into its kernel's layout).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import compressed_tensors
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from compressed_tensors.utils.match import is_match, match_named_modules
+from pydantic import ValidationError
+from torch import nn
+
+import faircalib
+from faircalib.errors import CheckpointError, ConfigError
+from faircalib.kernels import QuantLinear, check_codes
+from faircalib.models.base import DiffusionLM, read_json
+from faircalib.models.io import (
+    CONFIG,
+    atomic_directory,
+    build_model,
+    load_tensors,
+    save_tensors,
+    write_json,
+)
+from faircalib.quant.primitives import QParams
+
+QUANT_METHOD = "compressed-tensors"
+PACK_FORMAT = "pack-quantized"
+FORMAT_VERSION = 1  # of our `faircalib` section
+PINNED_CT_MINOR = "0.20"  # pyproject pins compressed-tensors~=0.20.0: the layout we test
+INPUT_SCALE = "input_scale"
+
+
+# --- one layer ------------------------------------------------------------------------------
+def quantization_args(bits: int, group_size: int | None, symmetric: bool) -> QuantizationArgs:
+    """The compressed-tensors description of our weight quantizer."""
+    strategy = "channel" if group_size is None else "group"
+    return QuantizationArgs(
+        num_bits=bits,
+        type="int",
+        symmetric=symmetric,
+        strategy=strategy,
+        group_size=group_size,
+        dynamic=False,
+    )
+
+
+def pack_layer(codes: torch.Tensor, qp: QParams) -> dict[str, torch.Tensor]:
+    """[out, in] unsigned codes + QParams -> the compressed-tensors tensors of one layer
+    (names without the layer prefix). Scales stay float32 so the round trip is exact."""
+    check_codes(codes, qp)
+    offset = 2 ** (qp.bits - 1)
+    signed = (codes.to(torch.int16) - offset).to(torch.int8)  # [out, in] in [-2^(b-1), 2^(b-1))
+    tensors = {
+        "weight_packed": pack_to_int32(signed.cpu(), qp.bits),
+        "weight_scale": qp.scale.detach().float().cpu().contiguous(),
+        "weight_shape": torch.tensor(tuple(codes.shape), dtype=torch.int64),
+    }
+    if not qp.symmetric:
+        zp = (qp.zero.detach().cpu().round().to(torch.int16) - offset).to(torch.int8)  # [out, G]
+        tensors["weight_zero_point"] = pack_to_int32(zp, qp.bits, packed_dim=0)
+    return tensors
+
+
+def unpack_layer(
+    tensors: dict[str, torch.Tensor], args: QuantizationArgs
+) -> tuple[torch.Tensor, QParams]:
+    """Inverse of `pack_layer` (shapes must already be validated): -> codes [out, in], QParams."""
+    bits, offset = args.num_bits, 2 ** (args.num_bits - 1)
+    shape = torch.Size(int(v) for v in tensors["weight_shape"])
+    signed = unpack_from_int32(tensors["weight_packed"], bits, shape)  # [out, in] int8
+    codes = (signed.to(torch.int16) + offset).to(torch.uint8)
+    scale = tensors["weight_scale"].float()
+    if args.symmetric:
+        zero = torch.full_like(scale, float(offset))
+    else:
+        zp = unpack_from_int32(tensors["weight_zero_point"], bits, scale.shape, packed_dim=0)
+        zero = zp.float() + offset
+    group_size = args.group_size if args.strategy == "group" else None
+    return codes, QParams(scale, zero, bits, group_size, bool(args.symmetric))
+
+
+def packed_nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes a layer's packed tensors occupy on disk (tensor payload, headers excluded)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def expected_specs(
+    out_f: int, in_f: int, args: QuantizationArgs
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Suffix -> (shape, dtype kind) the loader requires for one quantized layer."""
+    bits = args.num_bits
+    n_groups = 1 if args.strategy == "channel" else in_f // args.group_size
+    specs = {
+        "weight_packed": ((out_f, math.ceil(in_f * bits / 32)), "int32"),
+        "weight_scale": ((out_f, n_groups), "float"),
+        "weight_shape": ((2,), "int"),
+    }
+    if not args.symmetric:
+        specs["weight_zero_point"] = ((math.ceil(out_f * bits / 32), n_groups), "int32")
+    return specs
+
+
+# --- save ----------------------------------------------------------------------------------
+def save_packed_model(
+    model: DiffusionLM,
+    results: dict[str, Any],
+    out: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    extra_files: dict[str, Path | str | dict] | None = None,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` with the linears named in `results` packed (see the module docstring).
+
+    results: full module name ("blocks.0.attn_qkv") -> object with .codes [out, in],
+    .qparams (QParams), .input_scale ([in] or None) and .act_bits (int or None).
+    dtype: storage dtype of the float (non-quantized) tensors. metadata: JSON-serialisable
+    provenance (method, calibration) recorded under faircalib.metadata.
+    """
+    _check_ct_version()
+    layers = {name: _checked_result(model, name, res) for name, res in results.items()}
+    tensors = _float_tensors(model, layers, dtype)
+    for name, res in layers.items():
+        tensors.update({f"{name}.{k}": v for k, v in pack_layer(res.codes, res.qparams).items()})
+        if getattr(res, "input_scale", None) is not None:
+            tensors[f"{name}.{INPUT_SCALE}"] = res.input_scale.detach().float().cpu().contiguous()
+    config = {
+        **model.config_dict(),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "quantization_config": _quantization_config(layers),
+        "faircalib": _faircalib_section(layers, metadata),
+    }
+    with atomic_directory(Path(out), overwrite=overwrite) as tmp:
+        write_json(tmp / CONFIG, config)
+        save_tensors(tensors, tmp)
+        _write_extra_files(tmp, extra_files)
+    return Path(out)
+
+
+def _check_ct_version() -> None:
+    version = compressed_tensors.__version__
+    if not version.startswith(PINNED_CT_MINOR + "."):
+        raise ConfigError(
+            f"compressed-tensors {version} is installed; faircalib writes the {PINNED_CT_MINOR}.x "
+            f"layout (pip install 'compressed-tensors~={PINNED_CT_MINOR}.0')"
+        )
+
+
+def _checked_result(model: DiffusionLM, name: str, res: Any) -> Any:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as exc:
+        raise ConfigError(f"quantized layer {name!r} is not a module of the model") from exc
+    if not isinstance(module, nn.Linear):
+        raise ConfigError(f"quantized layer {name!r} is a {type(module).__name__}, not nn.Linear")
+    if tuple(res.codes.shape) != tuple(module.weight.shape):
+        raise ConfigError(
+            f"{name}: codes have shape {tuple(res.codes.shape)}, the layer's weight is "
+            f"{tuple(module.weight.shape)}"
+        )
+    check_codes(res.codes, res.qparams)
+    s = getattr(res, "input_scale", None)
+    if s is not None and (tuple(s.shape) != (module.in_features,) or not (s > 0).all()):
+        raise ConfigError(
+            f"{name}: input_scale must be positive with shape ({module.in_features},)"
+        )
+    act_bits = getattr(res, "act_bits", None)
+    if act_bits is not None and not 2 <= act_bits <= 16:
+        raise ConfigError(f"{name}: activation bit width must be in 2..16, got {act_bits}")
+    return res
+
+
+def _float_tensors(
+    model: DiffusionLM, layers: dict[str, Any], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Every state-dict tensor except the quantized weights, floats cast to `dtype`."""
+    skip = {f"{name}.weight" for name in layers}
+    out = {}
+    for key, t in model.state_dict().items():
+        if key in skip:
+            continue
+        t = t.detach().cpu()
+        out[key] = t.to(dtype) if t.is_floating_point() else t
+    return out
+
+
+def _quantization_config(layers: dict[str, Any]) -> dict[str, Any]:
+    """One compressed-tensors config group per distinct (bits, group size, symmetry)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, res in layers.items():
+        qp = res.qparams
+        groups.setdefault((qp.bits, qp.group_size, bool(qp.symmetric)), []).append(name)
+    config_groups = {
+        f"group_{i}": QuantizationScheme(
+            targets=names, weights=quantization_args(*key), format=PACK_FORMAT
+        )
+        for i, (key, names) in enumerate(groups.items())
+    }
+    qc = QuantizationConfig(
+        config_groups=config_groups,
+        quant_method=QUANT_METHOD,
+        format=PACK_FORMAT,
+        quantization_status="compressed",
+        ignore=[],
+    )
+    return {"version": compressed_tensors.__version__, **qc.model_dump(mode="json")}
+
+
+def _faircalib_section(layers: dict[str, Any], metadata: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "writer": {
+            "faircalib": faircalib.__version__,
+            "compressed_tensors": compressed_tensors.__version__,
+            "torch": torch.__version__.split("+")[0],
+        },
+        INPUT_SCALE: sorted(
+            n for n, r in layers.items() if getattr(r, "input_scale", None) is not None
+        ),
+        "act_bits": {
+            n: int(r.act_bits)
+            for n, r in layers.items()
+            if getattr(r, "act_bits", None) is not None
+        },
+        "metadata": metadata or {},
+    }
+
+
+def _write_extra_files(directory: Path, extra_files: dict[str, Path | str | dict] | None) -> None:
+    for name, content in (extra_files or {}).items():
+        if isinstance(content, dict):
+            write_json(directory / name, content)
+        elif isinstance(content, Path):
+            shutil.copyfile(content, directory / name)
+        else:
+            (directory / name).write_text(content)
+
+
+# --- load ----------------------------------------------------------------------------------
+def load_packed_model(
+    directory: Path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    backend: str = "auto",
+    cache_dequant: bool = False,
+) -> DiffusionLM:
+    """Load a packed directory into the float model with QuantLinear layers swapped in.
+
+    Everything is validated before the model is touched; a mismatched, truncated or corrupt
+    directory raises CheckpointError. Float tensors are cast to `dtype` (the QuantLinear scales
+    stay float32); `backend` and `cache_dequant` are passed to every QuantLinear.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a model directory")
+    config = read_json(directory / CONFIG)
+    qconfig = _parse_quantization_config(config, directory)
+    model = build_model(config)
+    schemes = _layer_schemes(model, qconfig, directory)
+    section = _parse_faircalib_section(config.get("faircalib", {}), schemes, directory)
+    tensors = load_tensors(directory)
+    layers, used = _validated_layers(model, schemes, section, tensors, directory)
+    floats = _validated_floats(model, schemes, tensors, used, directory)
+    # validation is over: from here on nothing can fail on account of the files
+    model.load_state_dict(floats, strict=False)
+    model.to(dtype)
+    for name, (codes, qp, input_scale, act_bits) in layers.items():
+        linear = model.get_submodule(name)
+        bias = None if linear.bias is None else linear.bias.detach()
+        quant = QuantLinear.from_codes(
+            codes,
+            qp,
+            bias=bias,
+            input_scale=input_scale,
+            act_bits=act_bits,
+            backend=backend,
+            cache_dequant=cache_dequant,
+        )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, quant)
+    return model.to(device).eval()
+
+
+def _parse_quantization_config(config: dict[str, Any], directory: Path) -> QuantizationConfig:
+    raw = config.get("quantization_config")
+    if not isinstance(raw, dict) or raw.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(
+            f"{directory}/config.json has no compressed-tensors quantization_config"
+        )
+    try:
+        qconfig = QuantizationConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise CheckpointError(f"{directory}: invalid quantization_config: {exc}") from exc
+    if qconfig.format != PACK_FORMAT:
+        raise CheckpointError(
+            f"{directory}: format {qconfig.format!r} is not supported, only {PACK_FORMAT!r}"
+        )
+    return qconfig
+
+
+def _check_scheme(group: str, scheme: QuantizationScheme, directory: Path) -> QuantizationArgs:
+    args = scheme.weights
+    problems = []
+    if args is None:
+        problems.append("it quantizes no weights")
+    elif args.type != "int" or not 2 <= args.num_bits <= 8:
+        problems.append(f"weights are {args.type}{args.num_bits}, not int2..int8")
+    elif args.strategy not in ("group", "channel") or args.dynamic:
+        problems.append(
+            f"weight strategy {args.strategy!r} (dynamic={args.dynamic}) is not group/channel"
+        )
+    if scheme.input_activations is not None or scheme.output_activations is not None:
+        problems.append(
+            "activation quantization is described by faircalib.act_bits, not the scheme"
+        )
+    if scheme.format not in (None, PACK_FORMAT):
+        problems.append(f"format {scheme.format!r}")
+    if problems:
+        raise CheckpointError(
+            f"{directory}: config group {group} is unsupported: {'; '.join(problems)}"
+        )
+    return args
+
+
+def _layer_schemes(
+    model: DiffusionLM, qconfig: QuantizationConfig, directory: Path
+) -> dict[str, QuantizationArgs]:
+    """Layer name -> its weight QuantizationArgs, checking every target names a Linear once."""
+    schemes: dict[str, QuantizationArgs] = {}
+    for group, scheme in qconfig.config_groups.items():
+        args = _check_scheme(group, scheme, directory)
+        matched = list(match_named_modules(model, scheme.targets, qconfig.ignore))
+        unmatched = [
+            t
+            for t in scheme.targets
+            if not any(is_match(n, m, t) for n, m in model.named_modules())
+        ]
+        if unmatched or not matched:
+            raise CheckpointError(
+                f"{directory}: config group {group} targets modules the model "
+                f"lacks: {(unmatched or scheme.targets)[:5]}"
+            )
+        for name, module in matched:
+            if not isinstance(module, nn.Linear):
+                raise CheckpointError(
+                    f"{directory}: {name} is a {type(module).__name__}, not a Linear"
+                )
+            if name in schemes:
+                raise CheckpointError(
+                    f"{directory}: {name} is targeted by more than one config group"
+                )
+            if args.strategy == "group" and module.in_features % args.group_size:
+                raise CheckpointError(
+                    f"{directory}: group size {args.group_size} does not divide "
+                    f"{name}'s {module.in_features} input features"
+                )
+            schemes[name] = args
+    return schemes
+
+
+def _parse_faircalib_section(
+    section: dict[str, Any], schemes: dict[str, QuantizationArgs], directory: Path
+) -> dict[str, Any]:
+    smoothed = section.get(INPUT_SCALE, [])
+    act_bits = section.get("act_bits", {})
+    if not isinstance(smoothed, list) or not isinstance(act_bits, dict):
+        raise CheckpointError(f"{directory}: faircalib.input_scale must be a list, act_bits a dict")
+    unknown = sorted((set(smoothed) | set(act_bits)) - set(schemes))
+    if unknown:
+        raise CheckpointError(
+            f"{directory}: faircalib section names layers that are not quantized: {unknown[:5]}"
+        )
+    for name, bits in act_bits.items():
+        if not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise CheckpointError(
+                f"{directory}: act_bits of {name} must be an integer in 2..16, got {bits!r}"
+            )
+    return {INPUT_SCALE: set(smoothed), "act_bits": act_bits}
+
+
+def _check_tensor(
+    key: str, t: torch.Tensor | None, shape: tuple[int, ...], kind: str, where: Path
+) -> None:
+    if t is None:
+        raise CheckpointError(f"{where}: tensor {key} is missing")
+    if tuple(t.shape) != tuple(shape):
+        raise CheckpointError(
+            f"{where}: {key} has shape {tuple(t.shape)}, the config implies {tuple(shape)}"
+        )
+    ok = {
+        "int32": t.dtype == torch.int32,
+        "int": t.dtype in (torch.int32, torch.int64),
+        "float": t.is_floating_point(),
+    }[kind]
+    if not ok:
+        raise CheckpointError(f"{where}: {key} has dtype {t.dtype}, expected {kind}")
+    if kind == "float" and not torch.isfinite(t).all():
+        raise CheckpointError(f"{where}: {key} contains NaN or Inf values")
+
+
+def _validated_layers(
+    model: DiffusionLM,
+    schemes: dict[str, QuantizationArgs],
+    section: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    where: Path,
+) -> tuple[dict[str, tuple], set[str]]:
+    """Check and decode every quantized layer: name -> (codes, QParams, input_scale, act_bits),
+    and the set of tensor names they consumed."""
+    layers, used = {}, set()
+    for name, args in schemes.items():
+        linear = model.get_submodule(name)
+        out_f, in_f = linear.out_features, linear.in_features
+        parts = {}
+        for suffix, (shape, kind) in expected_specs(out_f, in_f, args).items():
+            key = f"{name}.{suffix}"
+            _check_tensor(key, tensors.get(key), shape, kind, where)
+            parts[suffix] = tensors[key]
+            used.add(key)
+        if tuple(int(v) for v in parts["weight_shape"]) != (out_f, in_f):
+            raise CheckpointError(
+                f"{where}: {name}.weight_shape is {parts['weight_shape'].tolist()}, "
+                f"the model's layer is {[out_f, in_f]}"
+            )
+        if not (parts["weight_scale"] > 0).all():
+            raise CheckpointError(f"{where}: {name}.weight_scale has non-positive scales")
+        input_scale = None
+        if name in section[INPUT_SCALE]:
+            key = f"{name}.{INPUT_SCALE}"
+            _check_tensor(key, tensors.get(key), (in_f,), "float", where)
+            input_scale = tensors[key].float()
+            used.add(key)
+            if not (input_scale > 0).all():
+                raise CheckpointError(f"{where}: {key} has non-positive entries")
+        codes, qp = unpack_layer(parts, args)
+        layers[name] = (codes, qp, input_scale, section["act_bits"].get(name))
+    return layers, used
+
+
+def _validated_floats(
+    model: DiffusionLM,
+    schemes: dict[str, QuantizationArgs],
+    tensors: dict[str, torch.Tensor],
+    used: set[str],
+    where: Path,
+) -> dict[str, torch.Tensor]:
+    """The float tensors: exactly the model's state dict minus the quantized weights; any
+    tensor that is neither one of them nor consumed by a quantized layer is refused."""
+    quantized_weights = {f"{name}.weight" for name in schemes}
+    expected = {k: v for k, v in model.state_dict().items() if k not in quantized_weights}
+    extra = sorted(set(tensors) - set(expected) - used)
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensors not in the model config: {extra[:5]}")
+    for key, ref in expected.items():
+        _check_tensor(key, tensors.get(key), tuple(ref.shape), "float", where)
+    return {k: tensors[k] for k in expected}

@@ -1,0 +1,304 @@
+"""Packed (compressed-tensors pack-quantized) checkpoints: layout, round trip, refusals."""
+
+import copy
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from compressed_tensors.compressors import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from faircalib import hub
+from faircalib.config import QuantConfig
+from faircalib.errors import CheckpointError, ConfigError
+from faircalib.formats import (
+    load_packed_model,
+    pack_layer,
+    packed_nbytes,
+    quantization_args,
+    save_packed_model,
+    unpack_layer,
+)
+from faircalib.formats import packed as packed_module
+from faircalib.kernels import QuantLinear
+from faircalib.models import MDLM, MDLMConfig
+from faircalib.quant import quantize_rtn
+from faircalib.quant.primitives import (
+    compute_qparams,
+    dequantize,
+    quantize,
+    quantize_activations_per_token,
+)
+
+SCHEMES = [(b, g, s) for b in (4, 8) for g in (32, 64, 128, None) for s in (True, False)]
+
+
+def quantized(out_f, in_f, bits, group, sym, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen) * 0.1
+    qp = compute_qparams(w, QuantConfig(bits=bits, group_size=group, symmetric=sym))
+    return quantize(w, qp), qp
+
+
+@pytest.mark.parametrize(("bits", "group", "sym"), [*SCHEMES, (3, 64, False), (2, 32, True)])
+def test_pack_unpack_round_trip_is_exact(bits, group, sym):
+    codes, qp = quantized(40, 256, bits, group, sym)  # 40 rows: zero points straddle words
+    tensors = pack_layer(codes, qp)
+    assert tensors["weight_packed"].dtype == torch.int32
+    assert tensors["weight_packed"].shape == (40, 256 * bits // 32)
+    assert ("weight_zero_point" in tensors) == (not sym)
+    codes2, qp2 = unpack_layer(tensors, quantization_args(bits, group, sym))
+    assert torch.equal(codes2, codes)
+    assert torch.equal(qp2.scale, qp.scale) and torch.equal(qp2.zero, qp.zero)
+    assert (qp2.bits, qp2.group_size, qp2.symmetric) == (bits, group, sym)
+
+
+@pytest.mark.parametrize(("bits", "group", "sym"), SCHEMES)
+def test_compressed_tensors_decompressor_reads_our_layout(bits, group, sym):
+    """The package's own decompressor (what vLLM / transformers use) gives our weight."""
+    codes, qp = quantized(32, 128, bits, group, sym, seed=1)
+    scheme = QuantizationScheme(targets=["Linear"], weights=quantization_args(bits, group, sym))
+    out = PackedQuantizationCompressor.decompress(pack_layer(codes, qp), scheme)
+    w_hat = dequantize(codes, qp)
+    assert out["weight"].shape == w_hat.shape
+    assert float((out["weight"] - w_hat).abs().max()) <= 1e-6 * float(w_hat.abs().max())
+
+
+def test_int4_g128_packed_bytes_at_most_028_of_bf16():
+    codes = torch.randint(0, 16, (4096, 4096), dtype=torch.uint8)  # a Llama-8B-sized layer
+    qp = compute_qparams(torch.randn(4096, 4096), QuantConfig(bits=4, group_size=128))
+    ratio = packed_nbytes(pack_layer(codes, qp)) / (4096 * 4096 * 2)
+    assert ratio <= 0.28, ratio
+    assert ratio >= 0.25  # the codes alone are 0.25x: the rest is scales and zero points
+
+
+# --- whole models ----------------------------------------------------------------------------
+def tiny_model(seed=0) -> MDLM:
+    torch.manual_seed(seed)
+    cfg = MDLMConfig(vocab_size=40, mask_id=39, seq_len=16, hidden_dim=64, cond_dim=16,
+                     n_blocks=2, n_heads=4, mlp_ratio=2)
+    model = MDLM(cfg)
+    with torch.no_grad():  # random everything, including the zero-initialised output layer
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+class FakeQuantLinear(nn.Module):
+    """The fake-quant reference: smoothing, activation fake-quant, dequantized float weight."""
+
+    def __init__(self, result, bias):
+        super().__init__()
+        self.r, self.bias = result, bias
+
+    def forward(self, x):
+        if self.r.input_scale is not None:
+            x = x / self.r.input_scale
+        if self.r.act_bits is not None:
+            x = quantize_activations_per_token(x, self.r.act_bits)
+        return F.linear(x, self.r.weight, self.bias)
+
+
+def quantize_model(model: MDLM) -> dict:
+    """RTN every block linear with a mix of schemes; one smoothed W8A8 layer (SmoothQuant-style)."""
+    schemes = [(4, 32, False), (4, None, True), (8, None, True), (4, 64, True)]
+    results = {}
+    for i, block in enumerate(model.blocks):
+        for j, (name, linear) in enumerate(model.quantizable_linears(block)):
+            bits, group, sym = schemes[(i + j) % len(schemes)]
+            w = linear.weight.detach()
+            if (i, name) == (1, "attn_out"):
+                s = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(5)) + 0.5
+                r = quantize_rtn(w * s, QuantConfig(bits=8, group_size=None, symmetric=True))
+                r.input_scale, r.act_bits = s, 8
+            else:
+                r = quantize_rtn(w, QuantConfig(bits=bits, group_size=group, symmetric=sym))
+            results[f"blocks.{i}.{name}"] = r
+    return results
+
+
+def fake_quant_model(model: MDLM, results: dict) -> MDLM:
+    fq = copy.deepcopy(model)
+    for name, r in results.items():
+        parent, _, child = name.rpartition(".")
+        setattr(fq.get_submodule(parent), child, FakeQuantLinear(r, fq.get_submodule(name).bias))
+    return fq
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory):
+    model = tiny_model()
+    results = quantize_model(model)
+    out = tmp_path_factory.mktemp("packed") / "model"
+    save_packed_model(model, results, out, extra_files={"tokenizer.json": "{}"},
+                      metadata={"method": "rtn"})
+    return out, model, results
+
+
+def test_round_trip_gives_identical_log_probs_to_fake_quant(packed_dir):
+    out, model, results = packed_dir
+    loaded = load_packed_model(out)
+    reference = fake_quant_model(model, results)
+    gen = torch.Generator().manual_seed(1)
+    x_t = torch.randint(0, 39, (3, 16), generator=gen)
+    x_t[torch.rand(3, 16, generator=gen) < 0.5] = 39
+    with torch.no_grad():
+        got, want = loaded.log_probs(x_t), reference.log_probs(x_t)
+    assert torch.equal(got, want)
+    assert torch.isfinite(got[x_t == 39]).any()
+    quant = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert len(quant) == len(results) == 8
+    assert all(m.last_backend == "dequant" for m in quant)
+    smoothed = loaded.get_submodule("blocks.1.attn_out")
+    assert smoothed.act_bits == 8 and torch.equal(smoothed.input_scale, results["blocks.1.attn_out"].input_scale)
+
+
+def test_bf16_load_runs_the_int4_cpu_kernel_close_to_fake_quant(packed_dir):
+    out, model, results = packed_dir
+    loaded = load_packed_model(out, dtype=torch.bfloat16)
+    reference = fake_quant_model(model, results)
+    x_t = torch.randint(0, 39, (2, 16), generator=torch.Generator().manual_seed(2))
+    x_t[:, ::2] = 39
+    with torch.no_grad():
+        got, want = loaded.log_probs(x_t), reference.log_probs(x_t)
+    masked = x_t == 39
+    p_got, p_want = got[masked].exp(), want[masked].exp()
+    # whole-model bf16 activations: total variation distance of the predictions below 0.05
+    assert float(0.5 * (p_got - p_want).abs().sum(-1).max()) <= 0.05
+    assert "int4_cpu" in {m.last_backend for m in loaded.modules() if isinstance(m, QuantLinear)}
+
+
+def test_config_records_schema_writer_and_our_section(packed_dir):
+    out, _, results = packed_dir
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["version"].startswith("0.20.")
+    parsed = QuantizationConfig.model_validate(qc)
+    targets = sorted(t for s in parsed.config_groups.values() for t in s.targets)
+    assert targets == sorted(results)
+    # one group per distinct scheme: (4, 32, asym), (4, channel, sym), (8, channel, sym), (4, 64, sym)
+    assert len(parsed.config_groups) == 4
+    section = config["faircalib"]
+    assert section["input_scale"] == ["blocks.1.attn_out"]
+    assert section["act_bits"] == {"blocks.1.attn_out": 8}
+    assert section["writer"]["compressed_tensors"].startswith("0.20.")
+    assert section["metadata"] == {"method": "rtn"}
+    assert (out / "tokenizer.json").read_text() == "{}"
+    assert hub.is_packed(out)
+    assert isinstance(hub.load(out).get_submodule("blocks.0.attn_qkv"), QuantLinear)
+
+
+def test_float_tensors_and_bias_live_in_the_same_shards(packed_dir):
+    out, model, results = packed_dir
+    tensors = {}
+    for shard in out.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    assert "vocab_embed.embedding" in tensors and "output_layer.linear.weight" in tensors
+    assert "blocks.0.mlp.0.bias" in tensors and "blocks.0.mlp.0.weight" not in tensors
+    assert tensors["blocks.1.attn_out.input_scale"].dtype == torch.float32
+    assert torch.equal(tensors["blocks.0.norm1.weight"], model.blocks[0].norm1.weight.detach())
+
+
+# --- refusals ----------------------------------------------------------------------------------
+def copy_dir(src, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_shard(directory, edit):
+    shard = next(directory.glob("*.safetensors"))
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def edit_config(directory, edit):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture
+def no_layer_built(monkeypatch):
+    """Fail the test if the loader builds any QuantLinear before refusing the directory."""
+    calls = []
+    original = QuantLinear.from_codes
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(packed_module.QuantLinear, "from_codes", spy)
+    yield calls
+    assert calls == []
+
+
+def set_group_size(config, size):
+    for group in config["quantization_config"]["config_groups"].values():
+        if group["weights"]["group_size"] == 32:
+            group["weights"]["group_size"] = size
+
+
+CORRUPTIONS = {
+    "truncated shard": (
+        lambda d: (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]))(
+            next(d.glob("*.safetensors"))), "safetensors"),
+    "hidden size in config": (lambda d: edit_config(d, lambda c: c.update(hidden_dim=32)),
+                              "shape|does not divide"),
+    "group size in config": (lambda d: edit_config(d, lambda c: set_group_size(c, 64)), "shape"),
+    "bits in config": (lambda d: edit_config(d, lambda c: c["quantization_config"]["config_groups"]
+                                             ["group_0"]["weights"].update(num_bits=8)), "shape"),
+    "scale dtype": (lambda d: rewrite_shard(d, lambda t: t.update(
+        {"blocks.0.attn_qkv.weight_scale": t["blocks.0.attn_qkv.weight_scale"].int()})), "dtype"),
+    "packed dtype": (lambda d: rewrite_shard(d, lambda t: t.update(
+        {"blocks.0.attn_qkv.weight_packed": t["blocks.0.attn_qkv.weight_packed"].float()})), "dtype"),
+    "missing tensor": (lambda d: rewrite_shard(d, lambda t: t.pop("blocks.0.norm1.weight")), "absent"),
+    "missing zero point": (lambda d: rewrite_shard(
+        d, lambda t: t.pop("blocks.0.attn_qkv.weight_zero_point")), "absent"),
+    "extra tensor": (lambda d: rewrite_shard(d, lambda t: t.update(stray=torch.ones(3))), "unexpected"),
+    "nan float": (lambda d: rewrite_shard(d, lambda t: t["blocks.0.norm2.weight"].fill_(float("nan"))),
+                  "NaN"),
+    "zero scale": (lambda d: rewrite_shard(d, lambda t: t["blocks.0.attn_out.weight_scale"].zero_()),
+                   "non-positive"),
+    "unknown target": (lambda d: edit_config(d, lambda c: c["quantization_config"]["config_groups"]
+                                             ["group_0"]["targets"].append("blocks.7.attn_qkv")), "lacks"),
+    "act_bits on float layer": (lambda d: edit_config(d, lambda c: c["faircalib"]["act_bits"].update(
+        {"output_layer.linear": 8})), "not quantized"),
+    "not pack-quantized": (lambda d: edit_config(
+        d, lambda c: c["quantization_config"].update(format="int-quantized")), "not supported"),
+}
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_corrupt_or_mismatched_directories_are_refused(packed_dir, tmp_path, no_layer_built,
+                                                       corruption):
+    corrupt, message = CORRUPTIONS[corruption]
+    directory = copy_dir(packed_dir[0], tmp_path)
+    corrupt(directory)
+    with pytest.raises(CheckpointError, match=message):
+        load_packed_model(directory)
+
+
+def test_save_refuses_bad_results_and_existing_directories(packed_dir, tmp_path):
+    out, model, results = packed_dir
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_packed_model(model, results, out)
+    r = results["blocks.0.attn_qkv"]
+    wrong_shape = SimpleNamespace(codes=r.codes[:, :32], qparams=r.qparams, input_scale=None,
+                                  act_bits=None)
+    with pytest.raises(ConfigError):
+        save_packed_model(model, {"blocks.0.attn_qkv": wrong_shape}, tmp_path / "a")
+    with pytest.raises(ConfigError, match="not nn.Linear"):
+        save_packed_model(model, {"blocks.0.norm1": r}, tmp_path / "b")
+    with pytest.raises(ConfigError, match="not a module"):
+        save_packed_model(model, {"blocks.9.attn_qkv": r}, tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -79,8 +79,16 @@ def test_int4_g128_packed_bytes_at_most_028_of_bf16():
 # --- whole models ----------------------------------------------------------------------------
 def tiny_model(seed=0) -> MDLM:
     torch.manual_seed(seed)
-    cfg = MDLMConfig(vocab_size=40, mask_id=39, seq_len=16, hidden_dim=64, cond_dim=16,
-                     n_blocks=2, n_heads=4, mlp_ratio=2)
+    cfg = MDLMConfig(
+        vocab_size=40,
+        mask_id=39,
+        seq_len=16,
+        hidden_dim=64,
+        cond_dim=16,
+        n_blocks=2,
+        n_heads=4,
+        mlp_ratio=2,
+    )
     model = MDLM(cfg)
     with torch.no_grad():  # random everything, including the zero-initialised output layer
         for p in model.parameters():
@@ -134,8 +142,9 @@ def packed_dir(tmp_path_factory):
     model = tiny_model()
     results = quantize_model(model)
     out = tmp_path_factory.mktemp("packed") / "model"
-    save_packed_model(model, results, out, extra_files={"tokenizer.json": "{}"},
-                      metadata={"method": "rtn"})
+    save_packed_model(
+        model, results, out, extra_files={"tokenizer.json": "{}"}, metadata={"method": "rtn"}
+    )
     return out, model, results
 
 
@@ -154,22 +163,28 @@ def test_round_trip_gives_identical_log_probs_to_fake_quant(packed_dir):
     assert len(quant) == len(results) == 8
     assert all(m.last_backend == "dequant" for m in quant)
     smoothed = loaded.get_submodule("blocks.1.attn_out")
-    assert smoothed.act_bits == 8 and torch.equal(smoothed.input_scale, results["blocks.1.attn_out"].input_scale)
+    assert smoothed.act_bits == 8 and torch.equal(
+        smoothed.input_scale, results["blocks.1.attn_out"].input_scale
+    )
 
 
-def test_bf16_load_runs_the_int4_cpu_kernel_close_to_fake_quant(packed_dir):
+def test_bf16_autocast_runs_the_int4_cpu_kernel_close_to_fake_quant(packed_dir):
     out, model, results = packed_dir
     loaded = load_packed_model(out, dtype=torch.bfloat16)
     reference = fake_quant_model(model, results)
     x_t = torch.randint(0, 39, (2, 16), generator=torch.Generator().manual_seed(2))
     x_t[:, ::2] = 39
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loaded.log_probs(x_t)
     with torch.no_grad():
-        got, want = loaded.log_probs(x_t), reference.log_probs(x_t)
+        want = reference.log_probs(x_t)
     masked = x_t == 39
-    p_got, p_want = got[masked].exp(), want[masked].exp()
-    # whole-model bf16 activations: total variation distance of the predictions below 0.05
-    assert float(0.5 * (p_got - p_want).abs().sum(-1).max()) <= 0.05
-    assert "int4_cpu" in {m.last_backend for m in loaded.modules() if isinstance(m, QuantLinear)}
+    p_got, p_want = got[masked].float().exp(), want[masked].exp()
+    # bf16 weights, activations and int4 kernel: total variation distance below 0.02
+    # (measured 0.004; the fake-quant model itself moves 0.003 under bf16 autocast)
+    assert float(0.5 * (p_got - p_want).abs().sum(-1).max()) <= 0.02
+    backends = {m.last_backend for m in loaded.modules() if isinstance(m, QuantLinear)}
+    assert backends == {"int4_cpu", "dequant"}  # 8-bit layers have no CPU kernel: dequant
 
 
 def test_config_records_schema_writer_and_our_section(packed_dir):
@@ -181,7 +196,7 @@ def test_config_records_schema_writer_and_our_section(packed_dir):
     parsed = QuantizationConfig.model_validate(qc)
     targets = sorted(t for s in parsed.config_groups.values() for t in s.targets)
     assert targets == sorted(results)
-    # one group per distinct scheme: (4, 32, asym), (4, channel, sym), (8, channel, sym), (4, 64, sym)
+    # one group per scheme: (4, g32, asym), (4, channel, sym), (8, channel, sym), (4, g64, sym)
     assert len(parsed.config_groups) == 4
     section = config["faircalib"]
     assert section["input_scale"] == ["blocks.1.attn_out"]
@@ -242,45 +257,95 @@ def no_layer_built(monkeypatch):
     assert calls == []
 
 
-def set_group_size(config, size):
-    for group in config["quantization_config"]["config_groups"].values():
-        if group["weights"]["group_size"] == 32:
-            group["weights"]["group_size"] = size
+QKV = "blocks.0.attn_qkv"
 
 
-CORRUPTIONS = {
-    "truncated shard": (
-        lambda d: (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]))(
-            next(d.glob("*.safetensors"))), "safetensors"),
-    "hidden size in config": (lambda d: edit_config(d, lambda c: c.update(hidden_dim=32)),
-                              "shape|does not divide"),
-    "group size in config": (lambda d: edit_config(d, lambda c: set_group_size(c, 64)), "shape"),
-    "bits in config": (lambda d: edit_config(d, lambda c: c["quantization_config"]["config_groups"]
-                                             ["group_0"]["weights"].update(num_bits=8)), "shape"),
-    "scale dtype": (lambda d: rewrite_shard(d, lambda t: t.update(
-        {"blocks.0.attn_qkv.weight_scale": t["blocks.0.attn_qkv.weight_scale"].int()})), "dtype"),
-    "packed dtype": (lambda d: rewrite_shard(d, lambda t: t.update(
-        {"blocks.0.attn_qkv.weight_packed": t["blocks.0.attn_qkv.weight_packed"].float()})), "dtype"),
-    "missing tensor": (lambda d: rewrite_shard(d, lambda t: t.pop("blocks.0.norm1.weight")), "absent"),
-    "missing zero point": (lambda d: rewrite_shard(
-        d, lambda t: t.pop("blocks.0.attn_qkv.weight_zero_point")), "absent"),
-    "extra tensor": (lambda d: rewrite_shard(d, lambda t: t.update(stray=torch.ones(3))), "unexpected"),
-    "nan float": (lambda d: rewrite_shard(d, lambda t: t["blocks.0.norm2.weight"].fill_(float("nan"))),
-                  "NaN"),
-    "zero scale": (lambda d: rewrite_shard(d, lambda t: t["blocks.0.attn_out.weight_scale"].zero_()),
-                   "non-positive"),
-    "unknown target": (lambda d: edit_config(d, lambda c: c["quantization_config"]["config_groups"]
-                                             ["group_0"]["targets"].append("blocks.7.attn_qkv")), "lacks"),
-    "act_bits on float layer": (lambda d: edit_config(d, lambda c: c["faircalib"]["act_bits"].update(
-        {"output_layer.linear": 8})), "not quantized"),
-    "not pack-quantized": (lambda d: edit_config(
-        d, lambda c: c["quantization_config"].update(format="int-quantized")), "not supported"),
+def truncate_shard(d):
+    shard = next(d.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def shrink_hidden_size(d):
+    edit_config(d, lambda c: c.update(hidden_dim=32))
+
+
+def group_config(c, group="group_0"):
+    return c["quantization_config"]["config_groups"][group]["weights"]
+
+
+def change_group_size(d):
+    edit_config(d, lambda c: group_config(c).update(group_size=64))  # group_0 is g32
+
+
+def change_bits(d):
+    edit_config(d, lambda c: group_config(c).update(num_bits=8))
+
+
+def scale_as_int(d):
+    rewrite_shard(d, lambda t: t.update({f"{QKV}.weight_scale": t[f"{QKV}.weight_scale"].int()}))
+
+
+def packed_as_float(d):
+    rewrite_shard(
+        d, lambda t: t.update({f"{QKV}.weight_packed": t[f"{QKV}.weight_packed"].float()})
+    )
+
+
+def drop(name):
+    return lambda d: rewrite_shard(d, lambda t: t.pop(name))
+
+
+def add_stray_tensor(d):
+    rewrite_shard(d, lambda t: t.update(stray=torch.ones(3)))
+
+
+def nan_norm(d):
+    rewrite_shard(d, lambda t: t["blocks.0.norm2.weight"].fill_(float("nan")))
+
+
+def zero_scale(d):
+    rewrite_shard(d, lambda t: t["blocks.0.attn_out.weight_scale"].zero_())
+
+
+def unknown_target(d):
+    edit_config(
+        d,
+        lambda c: c["quantization_config"]["config_groups"]["group_0"]["targets"].append(
+            "blocks.7.attn_qkv"
+        ),
+    )
+
+
+def act_bits_on_float_layer(d):
+    edit_config(d, lambda c: c["faircalib"]["act_bits"].update({"output_layer.linear": 8}))
+
+
+def other_format(d):
+    edit_config(d, lambda c: c["quantization_config"].update(format="int-quantized"))
+
+
+CORRUPTIONS = {  # name -> (corrupt the directory, regex the CheckpointError must match)
+    "truncated shard": (truncate_shard, "safetensors"),
+    "hidden size in config": (shrink_hidden_size, "shape|does not divide"),
+    "group size in config": (change_group_size, "shape"),
+    "bits in config": (change_bits, "shape"),
+    "scale dtype": (scale_as_int, "dtype"),
+    "packed dtype": (packed_as_float, "dtype"),
+    "missing float tensor": (drop("blocks.0.norm1.weight"), "absent"),
+    "missing zero point": (drop(f"{QKV}.weight_zero_point"), "absent"),
+    "extra tensor": (add_stray_tensor, "unexpected"),
+    "nan float": (nan_norm, "NaN"),
+    "zero scale": (zero_scale, "non-positive"),
+    "unknown target": (unknown_target, "lacks"),
+    "act_bits on float layer": (act_bits_on_float_layer, "not quantized"),
+    "not pack-quantized": (other_format, "not supported"),
 }
 
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_corrupt_or_mismatched_directories_are_refused(packed_dir, tmp_path, no_layer_built,
-                                                       corruption):
+def test_corrupt_or_mismatched_directories_are_refused(
+    packed_dir, tmp_path, no_layer_built, corruption
+):
     corrupt, message = CORRUPTIONS[corruption]
     directory = copy_dir(packed_dir[0], tmp_path)
     corrupt(directory)
@@ -293,8 +358,9 @@ def test_save_refuses_bad_results_and_existing_directories(packed_dir, tmp_path)
     with pytest.raises(CheckpointError, match="already exists"):
         save_packed_model(model, results, out)
     r = results["blocks.0.attn_qkv"]
-    wrong_shape = SimpleNamespace(codes=r.codes[:, :32], qparams=r.qparams, input_scale=None,
-                                  act_bits=None)
+    wrong_shape = SimpleNamespace(
+        codes=r.codes[:, :32], qparams=r.qparams, input_scale=None, act_bits=None
+    )
     with pytest.raises(ConfigError):
         save_packed_model(model, {"blocks.0.attn_qkv": wrong_shape}, tmp_path / "a")
     with pytest.raises(ConfigError, match="not nn.Linear"):
@@ -302,3 +368,20 @@ def test_save_refuses_bad_results_and_existing_directories(packed_dir, tmp_path)
     with pytest.raises(ConfigError, match="not a module"):
         save_packed_model(model, {"blocks.9.attn_qkv": r}, tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_format_spec_sizes_match_the_packed_tensors():
+    """benchmarks/e2e.py sizes checkpoints from `expected_specs`: it must agree with packing."""
+    from faircalib.formats.packed import expected_specs
+
+    size = {"int32": 4, "int": 8, "float": 4}
+    for bits, group, sym in SCHEMES:
+        codes, qp = quantized(48, 256, bits, group, sym)
+        tensors = pack_layer(codes, qp)
+        specs = expected_specs(48, 256, quantization_args(bits, group, sym))
+        assert {k: tuple(v.shape) for k, v in tensors.items()} == {
+            k: s for k, (s, _) in specs.items()
+        }
+        assert packed_nbytes(tensors) == sum(
+            torch.Size(s).numel() * size[kind] for s, kind in specs.values()
+        )

@@ -75,7 +75,9 @@ def test_auto_on_fp32_cpu_is_bit_identical_to_fake_quant():
     assert layer.last_backend == "dequant"
 
 
-@pytest.mark.parametrize(("group", "sym"), [(g, s) for g in (32, 64, 128, None) for s in (True, False)])
+@pytest.mark.parametrize(
+    ("group", "sym"), [(g, s) for g in (32, 64, 128, None) for s in (True, False)]
+)
 def test_int4_cpu_kernel_matches_reference(group, sym):
     codes, qp, w_hat = quantized(64, 256, 4, group, sym, seed=1)
     layer = QuantLinear.from_codes(codes, qp, backend="int4_cpu")
@@ -149,7 +151,9 @@ def test_smoothing_and_activation_quant_match_fake_quant():
     x = torch.randn(4, 6, 128)
     x_q = quantize_activations_per_token(x / s, 8)
     ref = F.linear(x_q, w_hat, bias)
-    exact = QuantLinear.from_codes(codes, qp, bias=bias, input_scale=s, act_bits=8, backend="dequant")
+    exact = QuantLinear.from_codes(
+        codes, qp, bias=bias, input_scale=s, act_bits=8, backend="dequant"
+    )
     assert rel_err(exact(x), ref) <= 1e-5
     # W8A8 through torch._int_mm: integer accumulation, same grid -> same result
     int8 = QuantLinear.from_codes(codes, qp, bias=bias, input_scale=s, act_bits=8, backend="int8")

@@ -129,7 +129,8 @@ class Evaluator:
         out = {}
         for spec, (seqs, n_bytes) in self.sets.items():
             res = likelihood_bound(model, seqs, n_bytes, mc_samples=self.cfg.eval_mc_samples,
-                                   seed=self.cfg.eval_seed, progress=self.cfg.progress)
+                                   seed=self.cfg.eval_seed, progress=self.cfg.progress,
+                                   batch_size=8 if self.cfg.device == "cpu" else 64)
             out[spec] = res.to_dict()
         return out
 
@@ -144,12 +145,12 @@ class Evaluator:
         return {k: v for k, v in res.items() if k in keep or not isinstance(v, list | dict)}
 
 
-def quantize_row(model, method: str, scheme: str, calib_seed: int, cfg: BenchConfig):
+def quantize_row(model, tokenizer, method: str, scheme: str, calib_seed: int, cfg: BenchConfig):
     """Quantize a copy of `model`; returns (model, seconds, report dict)."""
     from faircalib.calib import quantize_for_bench
 
     start = time.time()
-    qmodel, report = quantize_for_bench(copy.deepcopy(model), method=method, **SCHEMES[scheme],
+    qmodel, report = quantize_for_bench(copy.deepcopy(model), tokenizer, method=method, **SCHEMES[scheme],
                                         nsamples=cfg.nsamples, seq_len=cfg.seq_len, seed=calib_seed,
                                         device=cfg.device, progress=cfg.progress)
     return qmodel, time.time() - start, report
@@ -166,7 +167,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
         for method in cfg.methods:
             seeds = cfg.calib_seeds if scheme in cfg.seeded_schemes else cfg.calib_seeds[:1]
             for seed in seeds:
-                qmodel, seconds, report = quantize_row(model, method, scheme, seed, cfg)
+                qmodel, seconds, report = quantize_row(model, tokenizer, method, scheme, seed, cfg)
                 rows.append({"method": method, "scheme": scheme, "calib_seed": seed,
                              "ppl": evaluator.perplexities(qmodel), "calib_seconds": seconds,
                              "timings": report.get("timings", {}),

@@ -82,9 +82,59 @@ class SmoothQuantConfig(QuantConfig):
     """SmoothQuant (Xiao et al. 2023): migrate activation outliers into the weights with
     strength `alpha`, then W8A8 with per-token dynamic activation quantization."""
 
+    bits: int = 8  # the paper's setting: W8A8, per-channel weights
+    group_size: int | None = None
     method: Literal["smoothquant"] = "smoothquant"
     alpha: float = 0.5
     act_bits: int = 8
+
+
+@dataclass
+class FairCalibConfig(QuantConfig):
+    """FAIR-Calib: frontier-aware, instability-weighted calibration around a base method.
+
+    1. Frontier tracking: the float model's own sampler runs on `n_prompts` calibration prompts
+       (a `prefix_len`-token C4 prefix, the rest masked) for `steps` steps; every visited state
+       (x_t, t) and the positions committed at each step are recorded.
+    2. Instability: at the recorded states, KL(p_float || p_noisy) per position, where p_noisy
+       is the model with `noise` applied to every quantizable weight: "rtn" = the RTN error at the
+       target bits/group size, "random" = Gaussian noise of the same per-layer norm; scaled by
+       `noise_scale` (0 gives zero instability).
+    3. Row weights: tokens on the frontier (committed within `window` steps of the state) get
+       floor + min((KL / mean frontier KL) ** gamma, max_weight); all other rows get `floor`.
+       `weighting` = "instability" (KL), "margin" (1 - top1/top2 margin) or "uniform" (all 1);
+       `tokens` = "frontier" or "all" (every masked position scored).
+    4. The base method (`base`, GPTQ by default) calibrates on one recorded state per prompt with
+       these weights in its Hessian and statistics, i.e. it minimises the weighted output error.
+    """
+
+    method: Literal["fair"] = "fair"
+    base: Literal["gptq", "awq", "rtn"] = "gptq"
+    n_prompts: int = 128
+    prefix_len: int = 64
+    steps: int = 16
+    sampler: str = "low_confidence"
+    noise: Literal["rtn", "random"] = "rtn"
+    noise_scale: float = 1.0
+    weighting: Literal["instability", "margin", "uniform"] = "instability"
+    tokens: Literal["frontier", "all"] = "frontier"
+    window: int = 1
+    floor: float = 1.0
+    gamma: float = 1.0
+    max_weight: float = 20.0
+    # knobs of the base method
+    damp: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+
+    def base_config(self) -> QuantConfig:
+        common = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        if self.base == "gptq":
+            return GPTQConfig(**common, damp=self.damp, act_order=self.act_order,
+                              block_size=self.block_size)
+        if self.base == "awq":
+            return AWQConfig(**common)
+        return RTNConfig(**common)
 
 
 @dataclass
@@ -101,6 +151,7 @@ class CalibConfig:
     t_min: float = 0.05
     max_rows_per_layer: int = 8192  # rows kept for searches (AWQ, clipping); Hessians use all
     device: str = "cpu"
+    offload: bool = False  # move each block back to the CPU after it is quantized (large models)
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:

@@ -287,8 +287,8 @@ def load_packed_model(
     """Load a packed directory into the float model with QuantLinear layers swapped in.
 
     Everything is validated before the model is touched; a mismatched, truncated or corrupt
-    directory raises CheckpointError. Float tensors are cast to `dtype` (the QuantLinear scales
-    stay float32); `backend` and `cache_dequant` are passed to every QuantLinear.
+    directory raises CheckpointError. Float tensors are rounded to `dtype` (the QuantLinear
+    scales stay float32); `backend` and `cache_dequant` are passed to every QuantLinear.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -301,9 +301,10 @@ def load_packed_model(
     tensors = load_tensors(directory)
     layers, used = _validated_layers(model, schemes, section, tensors, directory)
     floats = _validated_floats(model, schemes, tensors, used, directory)
-    # validation is over: from here on nothing can fail on account of the files
-    model.load_state_dict(floats, strict=False)
-    model.to(dtype)
+    # validation is over: from here on nothing can fail on account of the files.
+    # As in models.io.load_model, values are rounded to `dtype` and loaded into the float32
+    # parameters (run in bf16 under torch.autocast: QuantLinear follows autocast's dtype).
+    model.load_state_dict({k: v.to(dtype) for k, v in floats.items()}, strict=False)
     for name, (codes, qp, input_scale, act_bits) in layers.items():
         linear = model.get_submodule(name)
         bias = None if linear.bias is None else linear.bias.detach()

@@ -10,7 +10,7 @@ which is exactly what the fake-quantized float model computes, so a packed check
 fake-quant evaluation agree (bit-for-bit on the fp32 `dequant` backend).
 
 Storage: `qweight` holds the plain codes, two per byte for bits <= 4 (`backends.pack_codes`);
-`scale` and `zero` are float32 [out, n_groups]. Each backend repacks the codes into its
+`scale` is float32 and `zero` uint8, both [out, n_groups]. Each backend repacks the codes into its
 kernel's layout on first use and caches the result per (backend, device, dtype); moving the
 module clears the cache. `backend="auto"` picks per call from the device, the dtype and M, the
 number of token rows (`backends.auto_backend`); `last_backend` records the choice.
@@ -66,7 +66,9 @@ class QuantLinear(nn.Module):
         width = packed_width(in_features, bits)
         self.register_buffer("qweight", torch.zeros(out_features, width, dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features, n_groups))
-        self.register_buffer("zero", torch.full((out_features, n_groups), float(2 ** (bits - 1))))
+        # zero points are small integers: uint8 keeps them exact through model.to(dtype)
+        zero = torch.full((out_features, n_groups), 2 ** (bits - 1), dtype=torch.uint8)
+        self.register_buffer("zero", zero)
         self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.last_backend: str | None = None
@@ -98,12 +100,12 @@ class QuantLinear(nn.Module):
             act_bits=act_bits,
             backend=backend,
             cache_dequant=cache_dequant,
-        )
+        ).to(codes.device)
         check_codes(codes, qparams)
         with torch.no_grad():
             layer.qweight.copy_(pack_codes(codes, qparams.bits))
             layer.scale.copy_(qparams.scale.float())
-            layer.zero.copy_(qparams.zero.float())
+            layer.zero.copy_(qparams.zero.round().to(torch.uint8))
             if input_scale is not None:
                 _check_input_scale(input_scale, in_features)
                 layer.input_scale.copy_(input_scale.float())
@@ -128,7 +130,7 @@ class QuantLinear(nn.Module):
     # --- views of the weight ----------------------------------------------------------------
     @property
     def qparams(self) -> QParams:
-        return QParams(self.scale, self.zero, self.bits, self.group_size, self.symmetric)
+        return QParams(self.scale, self.zero.float(), self.bits, self.group_size, self.symmetric)
 
     def codes(self) -> torch.Tensor:
         """[out, in] uint8 codes in [0, 2^bits)."""
@@ -141,12 +143,12 @@ class QuantLinear(nn.Module):
         )
 
     # --- forward ------------------------------------------------------------------------------
-    def choose_backend(self, x2d: torch.Tensor) -> str:
-        """The backend this call runs: `self.backend`, or the `auto` rule for this input."""
-        m = x2d.shape[0]
+    def choose_backend(self, device_type: str, dtype: torch.dtype, m: int) -> str:
+        """The backend a call with M token rows of `dtype` runs: `self.backend` (checked), or
+        the `auto` rule."""
         if self.backend == "auto":
-            return auto_backend(self, x2d.device.type, x2d.dtype, m)
-        reason = BACKENDS[self.backend].supports(self, x2d.device.type, x2d.dtype, m)
+            return auto_backend(self, device_type, dtype, m)
+        reason = BACKENDS[self.backend].supports(self, device_type, dtype, m)
         if reason is not None:
             raise ConfigError(
                 f"QuantLinear backend {self.backend!r} cannot run this layer: {reason}"
@@ -158,10 +160,12 @@ class QuantLinear(nn.Module):
         x2d = x.reshape(-1, self.in_features)  # [M, in], M = x.numel() // in_features
         if self.input_scale is not None:
             x2d = x2d / self.input_scale.to(x2d.dtype)
-        name = self.choose_backend(x2d)
+        dtype = compute_dtype(x2d)
+        name = self.choose_backend(x2d.device.type, dtype, x2d.shape[0])
         backend = BACKENDS[name]
         if self.act_bits is not None and not backend.quantizes_activations:
             x2d = quantize_activations_per_token(x2d, self.act_bits)
+        x2d = x2d.to(dtype)
         y = backend.run(self, self._prepare(name, x2d), x2d)  # [M, out]
         if self.bias is not None and not backend.adds_bias:
             y = y + self.bias.to(y.dtype)
@@ -198,6 +202,14 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             extras.append("input_scale")
         return ", ".join(extras)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmul runs in: autocast's (as nn.Linear would) or the input's."""
+    device_type = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 # --- validation ---------------------------------------------------------------------------------

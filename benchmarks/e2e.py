@@ -1,0 +1,322 @@
+"""One denoising step of an 8B dLLM: bf16 vs packed INT4 (QuantLinear auto) vs W8A8.
+
+    python benchmarks/e2e.py --out benchmarks/results/e2e                 # GPU, ~1-2 minutes
+    python benchmarks/e2e.py --smoke --out /tmp/e2e                       # CPU, tiny, seconds
+
+The model has LLaDA-8B's layer shapes (GSAI-ML/LLaDA-8B config: d_model 4096, 32 heads,
+32 layers, SwiGLU MLP of width 12288 with ff_proj / up_proj / ff_out, vocab 126464, RMSNorm,
+no biases) and random weights. A denoising step runs the whole sequence, so every linear
+layer sees M = batch x 512 token rows. To fit the time budget only --blocks blocks (default 2)
+are built: the report gives MEASURED per-block numbers and a clearly labelled EXTRAPOLATED
+32-block step = 32 x per-block + the (measured, bf16, never quantized) final norm + LM head.
+
+Variants: bf16 nn.Linear; int4 g128 asymmetric QuantLinear with backend auto (at these M the
+auto rule takes the dequantize + cuBLAS path); w8a8_int8 (8-bit per-channel weights, 8-bit
+per-token activations, auto -> torch._int_mm); fp8 (same 8-bit weights re-rounded to e4m3,
+torch._scaled_mm). Reported per batch size (1 and 8): median step latency (CUDA events),
+peak memory of the block stack's forward, resident weight bytes; and the weight bytes of the
+INT4 g128 packed checkpoint format vs bf16 (must be <= 0.28x). Outputs e2e.json and e2e.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from faircalib.bench import run_record
+from faircalib.config import QuantConfig
+from faircalib.kernels import QuantLinear
+from faircalib.quant.primitives import compute_qparams, quantize
+
+LLADA_8B = {"hidden": 4096, "mlp": 12288, "heads": 32, "layers": 32, "vocab": 126464, "seq": 512}
+SMOKE = {"hidden": 128, "mlp": 384, "heads": 4, "layers": 32, "vocab": 1000, "seq": 32}
+LINEARS = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+MAX_INT4_BYTES_RATIO = 0.28
+MAX_INT4_REL_ERR = 1e-2
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * self.weight
+
+
+class LLaDABlock(nn.Module):
+    """LLaDA's llama-style block: bidirectional attention, SwiGLU MLP."""
+
+    def __init__(self, d: int, mlp: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attn_norm, self.ff_norm = RMSNorm(d), RMSNorm(d)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_proj, self.up_proj = nn.Linear(d, mlp, bias=False), nn.Linear(d, mlp, bias=False)
+        self.ff_out = nn.Linear(mlp, d, bias=False)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, seq, d = h.shape
+        x = self.attn_norm(h)
+        q, k, v = (
+            p(x).view(b, seq, self.heads, -1).transpose(1, 2)  # [B, H, L, hd]
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, seq, d)
+        h = h + self.attn_out(attn)
+        x = self.ff_norm(h)
+        return h + self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rotary(seq: int, head_dim: int, device: torch.device, dtype: torch.dtype):
+    inv = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    freqs = torch.outer(torch.arange(seq, device=device).float(), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)  # [L, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def build_blocks(cfg: dict, n: int, device: torch.device, seed: int = 0) -> nn.ModuleList:
+    torch.manual_seed(seed)
+    blocks = nn.ModuleList(LLaDABlock(cfg["hidden"], cfg["mlp"], cfg["heads"]) for _ in range(n))
+    with torch.no_grad():
+        for p in blocks.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1 / math.sqrt(p.shape[1]))
+    return blocks.to(device, torch.bfloat16)
+
+
+VARIANTS = {  # name -> (bits, group, symmetric, act_bits, backend) or None for bf16
+    "bf16": None,
+    "int4_g128": (4, 128, False, None, "auto"),
+    "w8a8_int8": (8, None, True, 8, "auto"),
+    "fp8": (8, None, True, None, "fp8"),
+}
+
+
+def quantize_blocks(blocks: nn.ModuleList, spec: tuple) -> None:
+    """Replace every linear with a QuantLinear of the variant (RTN min-max codes)."""
+    bits, group, sym, act_bits, backend = spec
+    cfg = QuantConfig(bits=bits, group_size=group, symmetric=sym)
+    for block in blocks:
+        for name in LINEARS:
+            w = getattr(block, name).weight.detach().float()
+            qp = compute_qparams(w, cfg)
+            layer = QuantLinear.from_codes(quantize(w, qp), qp, act_bits=act_bits, backend=backend)
+            setattr(block, name, layer)
+
+
+def fake_quant_reference(blocks: nn.ModuleList) -> nn.ModuleList:
+    """The same codes on the `dequant` backend: the fake-quant model's exact computation."""
+    reference = copy.deepcopy(blocks)
+    for m in reference.modules():
+        if isinstance(m, QuantLinear):
+            m.backend = "dequant"
+    return reference
+
+
+def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, cos, sin) -> torch.Tensor:
+    for block in blocks:
+        h = block(h, cos, sin)
+    return h
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up (kernel layouts, torch.compile)
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def resident_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def format_bytes_per_block(cfg: dict) -> dict:
+    """Weight bytes of one block's linears: bf16, and INT4 g128 asym in the packed checkpoint
+    format (faircalib.formats: compressed-tensors pack-quantized, fp32 scales)."""
+    d, mlp = cfg["hidden"], cfg["mlp"]
+    shapes = [(d, d)] * 4 + [(mlp, d)] * 2 + [(d, mlp)]  # (out, in) of LINEARS
+    bf16 = sum(o * i * 2 for o, i in shapes)
+    try:
+        from faircalib.formats.packed import expected_specs, quantization_args
+    except ImportError as exc:  # compressed-tensors missing on this machine
+        return {"bf16": bf16, "int4_g128_packed": None, "note": f"not computed: {exc}"}
+    args = quantization_args(4, 128, False)
+    size = {"int32": 4, "int": 8, "float": 4}  # weight_shape is int64, scales float32
+    packed = sum(
+        math.prod(shape) * size[kind]
+        for o, i in shapes
+        for shape, kind in expected_specs(o, i, args).values()
+    )
+    return {"bf16": bf16, "int4_g128_packed": packed, "ratio": packed / bf16}
+
+
+def bench_variant(
+    name: str, cfg: dict, n_blocks: int, batches: list[int], device: torch.device, repeats: int
+) -> dict:
+    blocks = build_blocks(cfg, n_blocks, device)
+    reference = None
+    if VARIANTS[name] is not None:
+        quantize_blocks(blocks, VARIANTS[name])
+        reference = fake_quant_reference(blocks)
+    cos, sin = rotary(cfg["seq"], cfg["hidden"] // cfg["heads"], device, torch.bfloat16)
+    out = {"weights_resident_bytes": resident_bytes(blocks), "batches": {}}
+    for b in batches:
+        h = torch.randn(b, cfg["seq"], cfg["hidden"], device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = run_blocks(blocks, h, cos, sin)
+            row = {}
+            if reference is not None:
+                ref = run_blocks(reference, h, cos, sin).double()
+                row["rel_err_vs_fake_quant"] = float((y.double() - ref).norm() / ref.norm())
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ms = median_ms(lambda: run_blocks(blocks, h, cos, sin), device, repeats)  # noqa: B023
+            row.update(blocks_ms=ms, per_block_ms=ms / n_blocks)
+            if device.type == "cuda":
+                row["peak_bytes"] = torch.cuda.max_memory_allocated()
+        row["backends"] = sorted(
+            {m.last_backend for m in blocks.modules() if isinstance(m, QuantLinear)}
+        )
+        out["batches"][str(b)] = row
+    return out
+
+
+def head_ms(cfg: dict, batches: list[int], device: torch.device, repeats: int) -> dict:
+    """Final norm + LM head (bf16, unquantized in every variant), measured once."""
+    norm = RMSNorm(cfg["hidden"]).to(device, torch.bfloat16)
+    head = nn.Linear(cfg["hidden"], cfg["vocab"], bias=False).to(device, torch.bfloat16)
+    out = {}
+    with torch.no_grad():
+        for b in batches:
+            h = torch.randn(b, cfg["seq"], cfg["hidden"], device=device, dtype=torch.bfloat16)
+            out[str(b)] = median_ms(lambda: head(norm(h)), device, repeats)  # noqa: B023
+    return out
+
+
+def markdown(result: dict) -> str:
+    cfg, n = result["config"], result["measured_blocks"]
+    rec = result["record"]
+    lines = [
+        f"# One denoising step, LLaDA-8B layer shapes ({rec['device']})",
+        "",
+        f"Command: `{rec['command']}`  \nCommit: {rec['git_commit']}  \nDate: {rec['date']}  "
+        f"\ntorch {rec['torch']}",
+        "",
+        f"Sequence {cfg['seq']} tokens, hidden {cfg['hidden']}, MLP {cfg['mlp']}, "
+        f"{cfg['heads']} heads, random weights. MEASURED: {n} blocks; EXTRAPOLATED: "
+        f"{cfg['layers']} x per-block + final norm and LM head (bf16, measured).",
+        "",
+    ]
+    wb = result["weight_bytes_per_block"]
+    if wb.get("int4_g128_packed"):
+        lines += [
+            f"Weight bytes per block: bf16 {wb['bf16'] / 2**20:.1f} MiB, INT4 g128 packed "
+            f"{wb['int4_g128_packed'] / 2**20:.1f} MiB = {wb['ratio']:.4f}x "
+            f"(limit {MAX_INT4_BYTES_RATIO}x).",
+            "",
+        ]
+    lines += [
+        "| variant | batch | measured per block (ms) | extrapolated step (ms) | speed vs bf16 "
+        "| peak MiB (measured blocks) | rel. err vs fake-quant | backends |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, v in result["variants"].items():
+        for b, row in v["batches"].items():
+            base = result["variants"]["bf16"]["batches"][b]["extrapolated_step_ms"]
+            peak = f"{row['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in row else "-"
+            err = f"{row['rel_err_vs_fake_quant']:.2e}" if "rel_err_vs_fake_quant" in row else "-"
+            lines.append(
+                f"| {name} | {b} | {row['per_block_ms']:.3f} | "
+                f"{row['extrapolated_step_ms']:.2f} | {base / row['extrapolated_step_ms']:.2f}x"
+                f" | {peak} | {err} | {','.join(row['backends']) or 'nn.Linear'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for e2e.json / e2e.md")
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU (a test runs this)")
+    p.add_argument("--blocks", type=int, default=2, help="blocks actually built and timed")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--repeats", type=int, default=None)
+    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if not args.smoke and not torch.cuda.is_available():
+        p.error("no CUDA device: run with --smoke for the CPU check")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    cfg = SMOKE if args.smoke else LLADA_8B
+    batches = [int(b) for b in args.batches.split(",")]
+    repeats = args.repeats or (2 if args.smoke else 10)
+    head = head_ms(cfg, batches, device, repeats)
+    variants = {}
+    for name in VARIANTS:
+        variants[name] = bench_variant(name, cfg, args.blocks, batches, device, repeats)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the variant's blocks are gone: free them for the next
+        for b, row in variants[name]["batches"].items():
+            row["extrapolated_step_ms"] = row["per_block_ms"] * cfg["layers"] + head[b]
+        print(f"done {name}", file=sys.stderr)
+    result = {
+        "record": {
+            **run_record(["python", "benchmarks/e2e.py", *argv]),
+            "cuda": torch.version.cuda,
+        },
+        "config": cfg,
+        "measured_blocks": args.blocks,
+        "head_ms": head,
+        "weight_bytes_per_block": format_bytes_per_block(cfg),
+        "variants": variants,
+        "limits": {"int4_bytes_ratio": MAX_INT4_BYTES_RATIO, "int4_rel_err": MAX_INT4_REL_ERR},
+    }
+    ratio = result["weight_bytes_per_block"].get("ratio")
+    int4_errs = [r["rel_err_vs_fake_quant"] for r in variants["int4_g128"]["batches"].values()]
+    result["checks"] = {
+        "int4_bytes_ratio_ok": ratio is not None and ratio <= MAX_INT4_BYTES_RATIO,
+        "int4_matches_fake_quant": max(int4_errs) <= MAX_INT4_REL_ERR,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "e2e.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "e2e.md").write_text(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""Linear-layer kernels vs token rows M: bf16 cuBLAS against our QuantLinear backends.
+
+    python benchmarks/kernels.py --out benchmarks/results/kernels          # GPU, ~2-4 minutes
+    python benchmarks/kernels.py --smoke --out /tmp/kernels                # CPU, tiny, seconds
+
+For M in {1, ..., 4096} and the 8B-model layer shapes (in x out) 4096x4096, 4096x14336 and
+14336x4096 it times, per call:
+  bf16          F.linear with a bf16 weight (cuBLAS)
+  int4_torch    QuantLinear int4 g128 asym on torch's int4 kernel (_weight_int4pack_mm on GPU,
+                _weight_int4pack_mm_for_cpu on the CPU)
+  dequant_bf16  QuantLinear int4 g128: dequantize to bf16 (one fused torch.compile kernel on
+                GPU) + cuBLAS; the large-M path
+  int8_w8a8     QuantLinear 8-bit per-channel, act_bits=8, torch._int_mm (activation
+                quantization included); GPU needs M > 16
+  fp8_w8a8      QuantLinear 8-bit per-channel on torch._scaled_mm, row-wise scales (per-token
+                activation quantization included)
+  gemlite_w4    gemlite's Triton int4 g128 layer, only if `gemlite` imports (optional)
+Timing: median over timed rounds after warm-up (CUDA events on GPU); every round calls each of
+several independent (weight, input) copies in turn, together larger than 4x the L2 cache, so
+no call finds its operands cached by the previous one. Correctness: at every shape and M, a
+fresh random input through each backend against a float64 matmul of the operands that backend
+is meant to compute with (rel. Frobenius error <= 1e-2). Writes kernels.json, kernels.md and
+kernels.png into --out, and the crossover M that `faircalib.kernels.CROSSOVER_M` should hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from faircalib.bench import run_record
+from faircalib.config import QuantConfig
+from faircalib.kernels import CROSSOVER_M, QuantLinear
+from faircalib.kernels.backends import fp8_quantize, quantize_rows_int8
+from faircalib.quant.primitives import compute_qparams, dequantize, quantize
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
+MS = [1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+SMOKE_SHAPES = [(256, 512), (512, 256)]
+SMOKE_MS = [1, 16, 64]
+MAX_REL_ERR = 1e-2
+BASELINE = "bf16"
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Layer:
+    """One random layer in every form the backends need (on the benchmark device)."""
+
+    w: torch.Tensor  # [out, in] float32
+    codes4: torch.Tensor
+    qp4: object
+    codes8: torch.Tensor
+    qp8: object
+
+    @classmethod
+    def random(cls, in_f: int, out_f: int, device: torch.device, seed: int) -> Layer:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        w = torch.randn(out_f, in_f, generator=gen, device=device) / math.sqrt(in_f)
+        qp4 = compute_qparams(w, QuantConfig(bits=4, group_size=128, symmetric=False))
+        qp8 = compute_qparams(w, QuantConfig(bits=8, group_size=None, symmetric=True))
+        return cls(w, quantize(w, qp4), qp4, quantize(w, qp8), qp8)
+
+
+@dataclass
+class Candidate:
+    """A backend: `make(layer)` -> the callable to time, `reference(layer, x)` -> float64 y,
+    `weight_bytes` per weight element (sizes the cache-flushing rotation)."""
+
+    name: str
+    make: Callable[[Layer], Fn]
+    reference: Callable[[Layer, torch.Tensor], torch.Tensor]
+    weight_bytes: float
+
+
+def _quant_linear(codes, qp, backend: str, **kw) -> Fn:
+    layer = QuantLinear.from_codes(codes, qp, backend=backend, **kw)
+    return torch.no_grad()(layer.forward)
+
+
+def _ref_w4(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    return x.double() @ dequantize(layer.codes4, layer.qp4).double().T
+
+
+def _ref_int8(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    q, s = quantize_rows_int8(x)
+    return (q.double() * s.double()) @ dequantize(layer.codes8, layer.qp8).double().T
+
+
+def _ref_fp8(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    x8, xs = fp8_quantize(x)
+    w8, ws = fp8_quantize(dequantize(layer.codes8, layer.qp8))
+    return (x8.double() * xs.double()) @ (w8.double() * ws.double()).T
+
+
+def _make_bf16(layer: Layer) -> Fn:
+    w = layer.w.to(torch.bfloat16)
+    return lambda x: F.linear(x, w)
+
+
+def _make_gemlite(layer: Layer) -> Fn:
+    """gemlite's int4 layer over our codes (its hqq convention: (q - zero) * scale)."""
+    from gemlite.core import DType  # optional dependency: ImportError means "skipped"
+
+    try:
+        from gemlite.core import GemLiteLinearTriton as GemLite
+    except ImportError:
+        from gemlite.core import GemLiteLinear as GemLite
+    out_f, in_f = layer.codes4.shape
+    gl = GemLite(
+        4,
+        group_size=128,
+        in_features=in_f,
+        out_features=out_f,
+        input_dtype=DType.BF16,
+        output_dtype=DType.BF16,
+    )
+    gl.pack(
+        layer.codes4,
+        layer.qp4.scale.to(torch.bfloat16),
+        layer.qp4.zero.to(torch.bfloat16),
+        bias=None,
+    )
+    return torch.no_grad()(gl.forward)
+
+
+def candidates(device: torch.device) -> list[Candidate]:
+    int4 = "int4_cuda" if device.type == "cuda" else "int4_cpu"
+    out = [
+        Candidate(
+            BASELINE, _make_bf16, lambda l, x: x.double() @ l.w.to(torch.bfloat16).double().T, 2.0
+        ),
+        Candidate("int4_torch", lambda l: _quant_linear(l.codes4, l.qp4, int4), _ref_w4, 0.5),
+        Candidate(
+            "dequant_bf16", lambda l: _quant_linear(l.codes4, l.qp4, "dequant"), _ref_w4, 0.5
+        ),
+        Candidate(
+            "int8_w8a8",
+            lambda l: _quant_linear(l.codes8, l.qp8, "int8", act_bits=8),
+            _ref_int8,
+            1.0,
+        ),
+        Candidate("fp8_w8a8", lambda l: _quant_linear(l.codes8, l.qp8, "fp8"), _ref_fp8, 1.0),
+    ]
+    if device.type == "cuda":
+        out.append(Candidate("gemlite_w4", _make_gemlite, _ref_w4, 0.5))
+    return out
+
+
+# --- timing -------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_round_ms(
+    fns: list[Fn], xs: list[torch.Tensor], device: torch.device, min_seconds: float
+) -> list[float]:
+    """Per-call milliseconds of each timed round (one call per copy, copies in turn)."""
+
+    def one_round() -> None:
+        for fn, x in zip(fns, xs, strict=True):
+            fn(x)
+
+    one_round()  # warm-up: compilation, kernel layouts, autotuning
+    sync(device)
+    start = time.perf_counter()
+    one_round()  # second warm-up round, timed to size the measurement
+    sync(device)
+    rounds = max(3, min(200, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6))))
+    times = []
+    for _ in range(rounds):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            one_round()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / len(fns))
+        else:
+            t0 = time.perf_counter()
+            one_round()
+            times.append((time.perf_counter() - t0) * 1e3 / len(fns))
+    return times
+
+
+def n_copies(flush_bytes: int, in_f: int, out_f: int, m: int, weight_bytes: float) -> int:
+    per_copy = in_f * out_f * weight_bytes + m * in_f * 2
+    return max(2, min(16, math.ceil(flush_bytes / per_copy)))
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def bench_shape(
+    in_f: int,
+    out_f: int,
+    ms: list[int],
+    cands: list[Candidate],
+    device: torch.device,
+    flush_bytes: int,
+    min_seconds: float,
+) -> list[dict]:
+    rows = []
+    max_copies = max(n_copies(flush_bytes, in_f, out_f, 1, c.weight_bytes) for c in cands)
+    layers = [Layer.random(in_f, out_f, device, seed=i) for i in range(max_copies)]
+    for cand in cands:
+        try:
+            fns = [cand.make(layer) for layer in layers]
+        except Exception as exc:  # noqa: BLE001 - an optional or broken backend is recorded
+            rows += [
+                _row(in_f, out_f, m, cand.name, skipped=f"{type(exc).__name__}: {exc}") for m in ms
+            ]
+            continue
+        for m in ms:
+            rows.append(
+                _measure(cand, fns, layers, in_f, out_f, m, device, flush_bytes, min_seconds)
+            )
+        del fns
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _measure(
+    cand: Candidate,
+    fns: list[Fn],
+    layers: list[Layer],
+    in_f: int,
+    out_f: int,
+    m: int,
+    device: torch.device,
+    flush_bytes: int,
+    min_seconds: float,
+) -> dict:
+    k = n_copies(flush_bytes, in_f, out_f, m, cand.weight_bytes)
+    gen = torch.Generator(device=device).manual_seed(1000 + m)
+    try:
+        x = torch.randn(m, in_f, generator=gen, device=device).to(torch.bfloat16)
+        err = rel_err(fns[0](x), cand.reference(layers[0], x))
+        xs = [torch.randn(m, in_f, device=device).to(torch.bfloat16) for _ in range(k)]
+        times = time_round_ms(fns[:k], xs, device, min_seconds)
+    except Exception as exc:  # noqa: BLE001 - e.g. a kernel's shape constraint at this M
+        return _row(in_f, out_f, m, cand.name, skipped=f"{type(exc).__name__}: {exc}"[:300])
+    return _row(
+        in_f,
+        out_f,
+        m,
+        cand.name,
+        ms=statistics.median(times),
+        ms_p20=_quantile(times, 0.2),
+        ms_p80=_quantile(times, 0.8),
+        copies=k,
+        rel_err=err,
+        correct=err <= MAX_REL_ERR,
+    )
+
+
+def _quantile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def _row(in_f: int, out_f: int, m: int, backend: str, **fields) -> dict:
+    return {
+        "shape": f"{in_f}x{out_f}",
+        "in": in_f,
+        "out": out_f,
+        "M": m,
+        "backend": backend,
+        **fields,
+    }
+
+
+# --- reporting -----------------------------------------------------------------------------------
+def add_speedups(rows: list[dict]) -> None:
+    base = {(r["shape"], r["M"]): r["ms"] for r in rows if r["backend"] == BASELINE and "ms" in r}
+    for r in rows:
+        if "ms" in r and (r["shape"], r["M"]) in base:
+            r["speedup_vs_bf16"] = base[(r["shape"], r["M"])] / r["ms"]
+
+
+def crossover(rows: list[dict], small: str = "int4_torch", large: str = "dequant_bf16") -> dict:
+    """Per shape: the first M of the grid from which `large` is faster than `small` at every
+    larger M; overall: the largest of those (so `small` is only used where it wins everywhere)."""
+    per_shape = {}
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        t = {(r["backend"], r["M"]): r.get("ms") for r in rows if r["shape"] == shape}
+        ms = sorted({m for (_, m) in t})
+        first = None
+        for m in reversed(ms):
+            a, b = t.get((small, m)), t.get((large, m))
+            if a is None or b is None or b >= a:
+                break
+            first = m
+        per_shape[shape] = first
+    known = [v for v in per_shape.values() if v is not None]
+    overall = max(known) if len(known) == len(per_shape) else None
+    return {"per_shape": per_shape, "suggested": overall, "small": small, "large": large}
+
+
+def markdown(result: dict) -> str:
+    rows, names = result["rows"], result["backends"]
+    lines = [
+        f"# Linear-layer kernels vs M ({result['record']['device']})",
+        "",
+        f"Command: `{result['record']['command']}`  ",
+        f"Commit: {result['record']['git_commit']}"
+        f"  \nDate: {result['record']['date']}  \ntorch {result['record']['torch']}",
+        "",
+        "Speed relative to bf16 (>1 is faster); bf16 column in microseconds. "
+        "`!` marks a failed correctness check (rel. err > 1e-2), `-` a skipped cell.",
+        "",
+    ]
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        lines += [
+            f"## in x out = {shape}",
+            "",
+            "| M | bf16 (us) | " + " | ".join(names[1:]) + " |",
+            "|---:|---:|" + "---:|" * (len(names) - 1),
+        ]
+        for m in result["Ms"]:
+            cell = {r["backend"]: r for r in rows if r["shape"] == shape and r["M"] == m}
+            base = cell.get(BASELINE, {})
+            row = [str(m), f"{base['ms'] * 1e3:.1f}" if "ms" in base else "-"]
+            for name in names[1:]:
+                r = cell.get(name, {})
+                mark = "" if r.get("correct", True) else "!"
+                row.append(f"{r['speedup_vs_bf16']:.2f}x{mark}" if "speedup_vs_bf16" in r else "-")
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    c = result["crossover"]
+    lines += [
+        "## Crossover",
+        "",
+        f"First M at which {c['large']} beats {c['small']}, per shape: {c['per_shape']}.",
+        f"Suggested `CROSSOVER_M['{result['device_type']}']` = {c['suggested']} "
+        f"(value in code: {result['crossover_in_code']}).",
+        "",
+    ]
+    skipped = sorted({(r["backend"], r["skipped"]) for r in rows if "skipped" in r})
+    if skipped:
+        lines += ["## Skipped", ""] + [f"- {b}: {why}" for b, why in skipped[:20]] + [""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        for name in result["backends"]:
+            pts = [
+                (r["M"], r["speedup_vs_bf16"])
+                for r in result["rows"]
+                if r["shape"] == shape and r["backend"] == name and "speedup_vs_bf16" in r
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="M (token rows)",
+            ylabel="speed vs bf16",
+            title=f"in x out = {shape}",
+        )
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(result["record"]["device"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for kernels.json / .md / .png")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (a test runs this)")
+    p.add_argument("--ms", help="comma list of M values (default: the full grid)")
+    p.add_argument("--min-seconds", type=float, default=None, help="timed time per cell")
+    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if not args.smoke and not torch.cuda.is_available():
+        p.error("no CUDA device: run with --smoke for the CPU check")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else (SMOKE_MS if args.smoke else MS)
+    min_seconds = args.min_seconds or (0.002 if args.smoke else 0.05)
+    # CPU smoke: a token rotation (2 copies) keeps it fast; it checks that the code runs
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if device.type == "cuda" else 2**16
+    cands = candidates(device)
+    rows = []
+    for in_f, out_f in shapes:
+        rows += bench_shape(in_f, out_f, ms, cands, device, 4 * l2, min_seconds)
+        print(f"done {in_f}x{out_f}", file=sys.stderr)
+    add_speedups(rows)
+    result = {
+        "record": {
+            **run_record(["python", "benchmarks/kernels.py", *argv]),
+            "cuda": torch.version.cuda,
+            "l2_bytes": l2,
+        },
+        "device_type": device.type,
+        "dtype": "bfloat16",
+        "shapes": [f"{i}x{o}" for i, o in shapes],
+        "Ms": ms,
+        "backends": [c.name for c in cands],
+        "max_rel_err": MAX_REL_ERR,
+        "crossover_in_code": CROSSOVER_M.get(device.type),
+        "rows": rows,
+    }
+    result["crossover"] = crossover(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "kernels.md").write_text(markdown(result))
+    plot(result, out / "kernels.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Calibration: joins models (faircalib.models) and algorithms (faircalib.quant).
+
+    model = faircalib.hub.load("mdlm-small")
+    report = quantize(model, GPTQConfig(bits=4, group_size=128), tokens, CalibConfig(device="cuda"))
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from faircalib.calib.engine import FakeQuantLinear, QuantReport, check_layers, quantize_model
+from faircalib.calib.fair import fair_calibration_inputs
+from faircalib.config import (
+    AWQConfig,
+    CalibConfig,
+    FairCalibConfig,
+    GPTQConfig,
+    QuantConfig,
+    RTNConfig,
+    SmoothQuantConfig,
+)
+from faircalib.models.base import DiffusionLM
+
+METHOD_CONFIGS: dict[str, type[QuantConfig]] = {
+    "rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig, "smoothquant": SmoothQuantConfig,
+    "fair": FairCalibConfig,
+}
+
+
+def masked_inputs(model: DiffusionLM, tokens: torch.Tensor, cfg: CalibConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a dLLM sees at inference: tokens [N, L] masked at t stratified over [t_min, 1]
+    ('uniform'), or clean tokens at t = 0 ('none', the autoregressive toolkits' habit)."""
+    n = len(tokens)
+    if cfg.masking == "none":
+        return tokens.clone(), torch.zeros(n)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    offset = torch.rand(1, generator=gen)
+    t = cfg.t_min + (1 - cfg.t_min) * ((offset + torch.arange(n) / n) % 1.0)
+    u = torch.rand(tokens.shape, generator=gen)
+    masked = u < model.schedule.mask_prob(t)[:, None]
+    return torch.where(masked, torch.full_like(tokens, model.mask_id), tokens), t
+
+
+def quantize(model: DiffusionLM, config: QuantConfig, tokens: torch.Tensor,
+             calib: CalibConfig | None = None, *, progress: bool = True) -> QuantReport:
+    """Quantize `model` in place with `config` on calibration tokens [N, L]."""
+    calib = calib or CalibConfig()
+    check_layers(model, config)
+    start = time.time()
+    extra: dict = {}
+    if isinstance(config, FairCalibConfig):
+        model.to(calib.device)
+        x_t, t, weights, extra = fair_calibration_inputs(model, tokens, config, calib.seed, calib.device)
+        method_cfg = config.base_config()
+    else:
+        x_t, t = masked_inputs(model, tokens, calib)
+        weights, method_cfg = None, config
+    report = quantize_model(model, method_cfg, x_t, t, weights, calib_cfg=calib, progress=progress)
+    report.method = config.to_dict()
+    report.timings.update({k: v for k, v in extra.items() if k.endswith("_s")})
+    report.timings["wall_s"] = time.time() - start
+    report.calib["fair"] = {k: v for k, v in extra.items() if not k.endswith("_s")}
+    return report
+
+
+def quantize_for_bench(model: DiffusionLM, tokenizer, *, method: str, bits: int, group_size: int | None,
+                       nsamples: int, seq_len: int | None, seed: int, device: str,
+                       progress: bool = True, **method_kwargs) -> tuple[DiffusionLM, dict]:
+    """Calibrate on C4 (the shared default) and quantize; returns the model and its report."""
+    from faircalib.data import calibration_batch
+
+    config = METHOD_CONFIGS[method](bits=bits, group_size=group_size, **method_kwargs)
+    seq_len = seq_len or model.seq_len
+    tokens = calibration_batch(tokenizer, "c4", "train", nsamples, seq_len, seed)
+    if isinstance(config, FairCalibConfig):
+        config.n_prompts = nsamples
+    calib = CalibConfig(n_samples=nsamples, seq_len=seq_len, seed=seed, device=device)
+    report = quantize(model, config, tokens, calib, progress=progress)
+    return model, report.to_dict()
+
+
+__all__ = [
+    "FakeQuantLinear", "METHOD_CONFIGS", "QuantReport", "masked_inputs", "quantize",
+    "quantize_for_bench", "quantize_model",
+]

@@ -1,0 +1,172 @@
+"""The sequential layer-wise engine: the one place where models meet quantization algorithms.
+
+As in GPTQ, calibration runs block by block. The stem's outputs for every calibration sequence
+are cached on the CPU; each block in turn moves to the calibration device, runs on its float
+inputs while hooks collect (row-weighted) statistics of each quantizable linear's input, has its
+linears quantized, and then runs again - now quantized - to produce the next block's inputs, so
+later blocks calibrate against the errors of earlier ones. Only one block is on the device.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from faircalib.config import CalibConfig, QuantConfig
+from faircalib.models.base import BlockContext, DiffusionLM
+from faircalib.quant import LayerInputsAccumulator, QuantResult, quantize_linear, quantize_rtn
+from faircalib.quant.primitives import quantize_activations_per_token
+from faircalib.quant.stats import weighted_output_error
+
+BATCH = 16  # sequences per forward during calibration
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear layer running its quantized weights in float: (x / input_scale) -> optional
+    per-token activation quantization -> x @ dequantized_weight.T + bias. Keeps the codes and
+    qparams so the packed writer can store them."""
+
+    def __init__(self, result: QuantResult, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = result.weight.shape
+        self.register_buffer("weight", result.weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        scale = result.input_scale
+        self.register_buffer("input_scale", None if scale is None else scale.detach().clone())
+        self.act_bits = result.act_bits
+        self.result = result
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
+        if self.act_bits is not None:
+            x = quantize_activations_per_token(x, self.act_bits)
+        weight = self.weight.to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+@dataclass
+class QuantReport:
+    method: dict
+    calib: dict
+    layers: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "calib": self.calib, "layers": self.layers, "timings": self.timings}
+
+
+def check_layers(model: DiffusionLM, cfg: QuantConfig) -> None:
+    """Refuse before any work if a group size does not divide some layer."""
+    for i, block in enumerate(model.blocks):
+        for name, linear in model.quantizable_linears(block):
+            cfg.check_layer(f"blocks.{i}.{name}", linear.in_features)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _batches(n: int) -> list[slice]:
+    return [slice(i, min(i + BATCH, n)) for i in range(0, n, BATCH)]
+
+
+@torch.no_grad()
+def quantize_model(
+    model: DiffusionLM,
+    method_cfg: QuantConfig,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
+    *,
+    calib_cfg: CalibConfig,
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize every linear of `model.quantizable_linears` in place.
+
+    x_t: [N, L] calibration inputs (partly masked), t: [N], row_weights: [N, L] (None = ones).
+    """
+    check_layers(model, method_cfg)
+    device = torch.device(calib_cfg.device)
+    report = QuantReport(method=method_cfg.to_dict(), calib=calib_cfg.to_dict())
+    n, seq_len = x_t.shape
+    model.eval()
+    hidden = model.blocks[0].attn_out.in_features if hasattr(model.blocks[0], "attn_out") else 0
+    if progress and hidden:
+        gib = n * seq_len * hidden * 4 / 2**30
+        print(f"[calib] {n} sequences x {seq_len} tokens; block-input cache {gib:.2f} GiB (CPU)",
+              file=sys.stderr)
+
+    start = time.time()
+    for module in (m for m in model.children() if not isinstance(m, nn.ModuleList)):
+        module.to(device)
+    cache: list[torch.Tensor] = []
+    contexts: list[BlockContext] = []
+    for sl in _batches(n):
+        h, ctx = model.stem(x_t[sl].to(device), t[sl].to(device))
+        cache.append(h.cpu())
+        contexts.append(ctx)
+    weights = torch.ones(n, seq_len) if row_weights is None else row_weights.float()
+    report.timings["stem_s"] = time.time() - start
+    report.timings.update(stats_s=0.0, quantize_s=0.0, propagate_s=0.0)
+
+    blocks = tqdm(list(enumerate(model.blocks)), desc=f"{method_cfg.to_dict()['method']}",
+                  disable=not progress, file=sys.stderr)
+    for i, block in blocks:
+        block.to(device)
+        linears = model.quantizable_linears(block)
+        report.layers += _quantize_block(i, block, linears, cache, contexts, weights, method_cfg,
+                                         calib_cfg, device, report.timings)
+        tick = time.time()
+        for j, sl in enumerate(_batches(n)):  # outputs of the quantized block feed the next
+            cache[j] = block(cache[j].to(device), contexts[j]).cpu()
+        report.timings["propagate_s"] += time.time() - tick
+        if calib_cfg.offload:
+            block.to("cpu")
+    report.timings["total_s"] = time.time() - start
+    return report
+
+
+def _quantize_block(index, block, linears, cache, contexts, weights, method_cfg, calib_cfg,
+                    device, timings) -> list[dict]:
+    tick = time.time()
+    accs = {name: LayerInputsAccumulator(lin.in_features, calib_cfg.max_rows_per_layer,
+                                         calib_cfg.seed + index, device) for name, lin in linears}
+    current: dict[str, torch.Tensor] = {}
+    hooks = [lin.register_forward_pre_hook(
+        lambda _m, args, name=name: accs[name].add(args[0], current["w"])) for name, lin in linears]
+    try:
+        for j, sl in enumerate(_batches(len(weights))):
+            current["w"] = weights[sl].to(device)
+            block(cache[j].to(device), contexts[j])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    timings["stats_s"] += time.time() - tick
+
+    rows = []
+    for name, lin in linears:
+        tick = time.time()
+        inputs = accs[name].finish()
+        full = f"blocks.{index}.{name}"
+        w = lin.weight.detach().float()
+        result = quantize_linear(w, inputs, method_cfg, name=full)
+        seconds = time.time() - tick
+        timings["quantize_s"] += seconds
+        rtn = quantize_rtn(w, QuantConfig(method_cfg.bits, method_cfg.group_size, method_cfg.symmetric))
+        rows.append({
+            "layer": full, "method": method_cfg.to_dict()["method"], "bits": method_cfg.bits,
+            "group_size": method_cfg.group_size, "seconds": seconds,
+            "rel_error": weighted_output_error(result.weight, w, inputs, input_scale=result.input_scale,
+                                               act_bits=result.act_bits),
+            "rtn_rel_error": weighted_output_error(rtn.weight, w, inputs),
+        })
+        _set_submodule(block, name, FakeQuantLinear(result, lin.bias))
+    return rows

@@ -1,0 +1,126 @@
+"""FAIR-Calib: frontier-aware, instability-weighted calibration (see FairCalibConfig).
+
+The float model samples from calibration prompts with its own sampler; at the states it visits,
+each frontier token is scored by how much its predictive distribution moves under quantization-
+sized weight noise (KL(p_float || p_noisy)); those scores become per-row weights of the
+calibration loss, so the quantizer spends its error budget away from the tokens whose decision
+is closest to flipping - and a flipped frontier token is permanent in a dLLM.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from faircalib.config import FairCalibConfig, QuantConfig
+from faircalib.frontier import SamplerConfig, generate
+from faircalib.models.base import DiffusionLM
+from faircalib.quant import quantize_rtn
+
+
+@dataclass
+class FrontierStates:
+    x_t: torch.Tensor  # [N, L] states the sampler visited (one per prompt)
+    t: torch.Tensor  # [N]
+    frontier: torch.Tensor  # [N, L] bool: committed within `window` steps of the state
+
+
+@torch.no_grad()
+def track_frontier(model: DiffusionLM, tokens: torch.Tensor, cfg: FairCalibConfig, seed: int,
+                   device: str) -> FrontierStates:
+    """Run the float model's sampler on prompts (prefix of `tokens`) and keep one visited state
+    per prompt (a seeded random step), with its frontier."""
+    n, seq_len = tokens.shape
+    prefix = min(cfg.prefix_len, seq_len // 2)
+    gen_length = seq_len - prefix
+    steps = max(1, min(cfg.steps, gen_length))
+    while gen_length % steps:  # the sampler needs steps | gen_length for an even schedule
+        steps -= 1
+    scfg = SamplerConfig(sampler=cfg.sampler, steps=steps, gen_length=gen_length)
+    xs, ts, fronts = [], [], []
+    rng = torch.Generator().manual_seed(seed)
+    for start in range(0, n, 32):
+        prompts = tokens[start:start + 32, :prefix].to(device)
+        res = generate(model, prompts, scfg, seed=seed + start, trace=False, record_states=True)
+        pick = torch.randint(0, len(res.states), (len(prompts),), generator=rng)
+        for row, k in enumerate(pick.tolist()):
+            x_k, t_k = res.states[k]
+            before = res.committed[k - 1][row] if k > 0 else (x_k[row] != model.mask_id)
+            after = res.committed[min(k + cfg.window - 1, len(res.committed) - 1)][row]
+            xs.append(x_k[row].cpu())
+            ts.append(t_k[row].cpu())
+            fronts.append((after & ~before).cpu())
+    return FrontierStates(torch.stack(xs), torch.stack(ts), torch.stack(fronts))
+
+
+@torch.no_grad()
+def noisy_copy(model: DiffusionLM, cfg: FairCalibConfig, seed: int) -> DiffusionLM:
+    """The model with quantization-sized noise on every quantizable weight."""
+    noisy = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    base = QuantConfig(cfg.bits, cfg.group_size, cfg.symmetric)
+    for block in noisy.blocks:
+        for _, linear in noisy.quantizable_linears(block):
+            w = linear.weight.float()
+            delta = quantize_rtn(w.cpu(), base).weight.to(w.device) - w
+            if cfg.noise == "random":
+                rand = torch.randn(w.shape, generator=gen).to(w.device)
+                delta = rand * (delta.norm() / rand.norm())
+            linear.weight.copy_((w + cfg.noise_scale * delta).to(linear.weight.dtype))
+    return noisy
+
+
+@torch.no_grad()
+def token_scores(model: DiffusionLM, noisy: DiffusionLM, states: FrontierStates,
+                 batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position: KL(p_float || p_noisy) and 1 - (top1 - top2) margin. Both [N, L]."""
+    kls, margins = [], []
+    device = model.device
+    for i in range(0, len(states.x_t), batch):
+        x = states.x_t[i:i + batch].to(device)
+        t = states.t[i:i + batch].to(device)
+        lp = model.log_probs(x, t)
+        lq = noisy.log_probs(x, t)
+        p = lp.exp()
+        kl = (p * (lp - lq).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1).clamp(min=0)
+        top2 = p.topk(2, dim=-1).values
+        kls.append(kl.cpu())
+        margins.append((1 - (top2[..., 0] - top2[..., 1])).cpu())
+    return torch.cat(kls), torch.cat(margins)
+
+
+def row_weights(states: FrontierStates, kl: torch.Tensor, margin: torch.Tensor,
+                cfg: FairCalibConfig, mask_id: int) -> torch.Tensor:
+    """[N, L] calibration-loss weights: floor everywhere, plus the score on selected tokens."""
+    weights = torch.full(kl.shape, cfg.floor)
+    if cfg.weighting == "uniform":
+        return torch.ones_like(weights)
+    selected = states.frontier if cfg.tokens == "frontier" else states.x_t == mask_id
+    score = kl if cfg.weighting == "instability" else margin
+    if not selected.any():
+        return weights
+    mean = score[selected].mean().clamp(min=1e-12)
+    boost = (score / mean).pow(cfg.gamma).clamp(max=cfg.max_weight)
+    return torch.where(selected, cfg.floor + boost, weights)
+
+
+def fair_calibration_inputs(model: DiffusionLM, tokens: torch.Tensor, cfg: FairCalibConfig,
+                            seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """x_t [N, L], t [N], row weights [N, L] and timing/diagnostics for the engine."""
+    tick = time.time()
+    states = track_frontier(model, tokens, cfg, seed, device)
+    track_s = time.time() - tick
+    tick = time.time()
+    noisy = noisy_copy(model, cfg, seed)
+    kl, margin = token_scores(model, noisy, states)
+    del noisy
+    weights = row_weights(states, kl, margin, cfg, model.mask_id)
+    info = {"frontier_tracking_s": track_s, "instability_scoring_s": time.time() - tick,
+            "frontier_tokens": int(states.frontier.sum()), "mean_frontier_kl":
+            float(kl[states.frontier].mean()) if states.frontier.any() else 0.0,
+            "mean_kl": float(kl.mean()), "max_weight_used": float(weights.max()),
+            "weight_share_on_frontier": float(weights[states.frontier].sum() / weights.sum())}
+    return states.x_t, states.t, weights, info

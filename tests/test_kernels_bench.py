@@ -1,0 +1,61 @@
+"""The GPU benchmark scripts run end to end on the CPU with --smoke."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernels_smoke_writes_checked_results(tmp_path):
+    result = load_script("kernels").main(["--smoke", "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "kernels.json").read_text())
+    assert on_disk["record"]["command"].startswith("python benchmarks/kernels.py --smoke")
+    assert {"git_commit", "device", "date", "torch"} <= set(on_disk["record"])
+    assert (tmp_path / "kernels.png").stat().st_size > 1000
+    assert "| M | bf16 (us) |" in (tmp_path / "kernels.md").read_text()
+    rows = [r for r in result["rows"] if "ms" in r]
+    # every CPU backend ran at every shape and M, and agreed with its float64 reference
+    assert len(rows) == 2 * 3 * 5
+    assert all(r["rel_err"] <= 1e-2 and r["correct"] for r in rows)
+    assert all(r["ms"] > 0 and r["speedup_vs_bf16"] > 0 for r in rows)
+    assert result["crossover"]["per_shape"].keys() == {"256x512", "512x256"}
+
+
+def test_e2e_smoke_reports_latency_memory_and_bytes(tmp_path):
+    result = load_script("e2e").main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "e2e.md").read_text().count("| int4_g128 |") == 2
+    bytes_ = result["weight_bytes_per_block"]
+    assert bytes_["ratio"] <= 0.28 and result["checks"]["int4_bytes_ratio_ok"]
+    assert result["checks"]["int4_matches_fake_quant"]
+    for name in ("bf16", "int4_g128", "w8a8_int8", "fp8"):
+        for row in result["variants"][name]["batches"].values():
+            assert row["per_block_ms"] > 0
+            assert row["extrapolated_step_ms"] > 32 * row["per_block_ms"]
+    # the exact W8A8 path on the CPU is the dequant reference itself
+    for row in result["variants"]["w8a8_int8"]["batches"].values():
+        assert row["rel_err_vs_fake_quant"] <= 1e-6
+    fp8 = result["variants"]["fp8"]["batches"]["1"]
+    assert fp8["backends"] == ["fp8"] and fp8["rel_err_vs_fake_quant"] <= 0.1
+
+
+@pytest.mark.parametrize("script", ["kernels", "e2e"])
+def test_gpu_mode_without_cuda_is_refused_clearly(script, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        load_script(script).main(["--out", str(tmp_path)])
+    assert "--smoke" in capsys.readouterr().err

@@ -15,6 +15,7 @@ For M in {1, ..., 4096} and the 8B-model layer shapes (in x out) 4096x4096, 4096
   fp8_w8a8      QuantLinear 8-bit per-channel on torch._scaled_mm, row-wise scales (per-token
                 activation quantization included)
   gemlite_w4    gemlite's Triton int4 g128 layer, only if `gemlite` imports (optional)
+  triton_w4     QuantLinear int4 g128 on our fused Triton dequant GEMM (needs triton)
 Timing: median over timed rounds after warm-up (CUDA events on GPU); every round calls each of
 several independent (weight, input) copies in turn, together larger than 4x the L2 cache, so
 no call finds its operands cached by the previous one. Correctness: at every shape and M, a
@@ -155,6 +156,11 @@ def candidates(device: torch.device) -> list[Candidate]:
     ]
     if device.type == "cuda":
         out.append(Candidate("gemlite_w4", _make_gemlite, _ref_w4, 0.5))
+        out.append(
+            Candidate(
+                "triton_w4", lambda l: _quant_linear(l.codes4, l.qp4, "triton_w4"), _ref_w4, 0.5
+            )
+        )
     return out
 
 
@@ -311,6 +317,27 @@ def crossover(rows: list[dict], small: str = "int4_torch", large: str = "dequant
     return {"per_shape": per_shape, "suggested": overall, "small": small, "large": large}
 
 
+def fastest(rows: list[dict], names: tuple[str, ...]) -> dict:
+    """Per shape and M: the fastest correct backend among `names` (the W4A16 candidates)."""
+    best: dict[str, dict[int, str]] = {}
+    for r in rows:
+        if r["backend"] in names and r.get("correct"):
+            cell = best.setdefault(r["shape"], {})
+            other = next(
+                (
+                    o
+                    for o in rows
+                    if o["backend"] == cell.get(r["M"])
+                    and o["shape"] == r["shape"]
+                    and o["M"] == r["M"]
+                ),
+                None,
+            )
+            if other is None or r["ms"] < other["ms"]:
+                cell[r["M"]] = r["backend"]
+    return best
+
+
 def markdown(result: dict) -> str:
     rows, names = result["rows"], result["backends"]
     lines = [
@@ -348,6 +375,9 @@ def markdown(result: dict) -> str:
         f"First M at which {c['large']} beats {c['small']}, per shape: {c['per_shape']}.",
         f"Suggested `CROSSOVER_M['{result['device_type']}']` = {c['suggested']} "
         f"(value in code: {result['crossover_in_code']}).",
+        "",
+        "Fastest correct W4A16 backend per M: "
+        + "; ".join(f"{shape}: {cells}" for shape, cells in result["fastest_w4"].items()),
         "",
     ]
     skipped = sorted({(r["backend"], r["skipped"]) for r in rows if "skipped" in r})
@@ -427,6 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     result["crossover"] = crossover(rows)
+    result["fastest_w4"] = fastest(rows, ("int4_torch", "dequant_bf16", "gemlite_w4", "triton_w4"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -27,6 +27,8 @@ from faircalib.errors import ConfigError
 
 SCHEMES: dict[str, dict] = {
     "w4g128": {"bits": 4, "group_size": 128},
+    "w4g64": {"bits": 4, "group_size": 64},
+    "w3g64": {"bits": 3, "group_size": 64},
     "w4pc": {"bits": 4, "group_size": None},
     "w3g128": {"bits": 3, "group_size": 128},
     "w8pc": {"bits": 8, "group_size": None},
@@ -217,6 +219,13 @@ def summarize(result: dict) -> list[dict]:
     return out
 
 
+def main_int4_scheme(result: dict) -> str:
+    """The grouped INT4 scheme the headline tables use (g128, or g64 for models whose widths
+    128 does not divide)."""
+    schemes = result["config"]["schemes"]
+    return next((s for s in schemes if s.startswith("w4g")), schemes[0])
+
+
 def _fmt(x, digits=2) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -237,6 +246,8 @@ def markdown_tables(result: dict) -> str:
              "evaluation noise. Degradation is relative to the float model. "
              f"Calibration seeds per row: {len(result['config']['calib_seeds'])} (mean; +- is the std).", ""]
     fp = by[("bf16", "float")][f"{main}_ppl"]
+    g4 = main_int4_scheme(result)
+    g = SCHEMES[g4]["group_size"]
 
     def cell(scheme: str, method: str) -> str:
         e = by.get((scheme, method))
@@ -245,18 +256,18 @@ def markdown_tables(result: dict) -> str:
         return (f"{e[f'{main}_ppl']:.2f} ({e[f'{main}_degradation_pct']:+.1f}%)")
 
     lines += ["## Table 1 - the publication's shape", "",
-              "| Model | FP16 | INT4 standard PTQ (RTN g128) | INT4 FAIR-Calib (g128) | INT8 FAIR-Calib |",
+              f"| Model | FP16 | INT4 standard PTQ (RTN g{g}) | INT4 FAIR-Calib (g{g}) | INT8 FAIR-Calib |",
               "|---|---:|---:|---:|---:|",
-              f"| {model} (measured) | {fp:.2f} | {cell('w4g128', 'rtn')} | {cell('w4g128', 'fair')} | "
+              f"| {model} (measured) | {fp:.2f} | {cell(g4, 'rtn')} | {cell(g4, 'fair')} | "
               f"{cell('w8pc', 'fair')} |",
               f"| publication's claim (its models) | - | +{PUBLISHED_CLAIMS['int4_standard_ptq_degradation_pct']}% | "
               f"+{PUBLISHED_CLAIMS['int4_fair_degradation_pct']}% | +{PUBLISHED_CLAIMS['int8_fair_degradation_pct']}% |",
               ""]
-    lines += ["## Table 2 - approaches at INT4 g128", "",
+    lines += [f"## Table 2 - approaches at INT4 g{g}", "",
               "| Approach | INT4 perplexity | degradation | calibration time (s) | overhead vs GPTQ |",
               "|---|---:|---:|---:|---:|"]
     for m in METHODS:
-        e = by.get(("w4g128", m))
+        e = by.get((g4, m))
         if e:
             lines.append(f"| {LABELS[m]} | {e[f'{main}_ppl']:.2f} +- {e[f'{main}_ppl_std']:.2f} | "
                          f"{e[f'{main}_degradation_pct']:+.1f}% | {e['calib_seconds']:.1f} | "
@@ -289,12 +300,12 @@ def plot(result: dict, out: Path) -> list[Path]:
     fp = summary[0][f"{main}_ppl"]
     for m in METHODS:
         pts = sorted((SCHEMES[e["scheme"]]["bits"], e[f"{main}_ppl"]) for e in summary
-                     if e["method"] == m and SCHEMES.get(e["scheme"], {}).get("group_size") in (128, None)
-                     and e["scheme"] != "w4pc")
+                     if e["method"] == m and e["scheme"] in
+                     (main_int4_scheme(result), main_int4_scheme(result).replace("w4", "w3"), "w8pc"))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[m])
     ax.axhline(fp, color="k", ls="--", label="float")
-    ax.set_xlabel("weight bits (g128 at 3/4 bits, per-channel at 8)")
+    ax.set_xlabel(f"weight bits ({main_int4_scheme(result)[2:]} at 3/4 bits, per-channel at 8)")
     ax.set_ylabel(f"{main} perplexity bound")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
@@ -306,12 +317,12 @@ def plot(result: dict, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in result["rows"][1:]:
-        if row["scheme"] == "w4g128" and row.get("flips") and row["calib_seed"] == result["config"]["calib_seeds"][0]:
+        if row["scheme"] == main_int4_scheme(result) and row.get("flips") and row["calib_seed"] == result["config"]["calib_seeds"][0]:
             by_step = row["flips"].get("flip_rate_by_step") or []
             ax.plot(range(1, len(by_step) + 1), by_step, label=LABELS[row["method"]])
     ax.set_xlabel("denoising step")
     ax.set_ylabel("share of committed tokens flipped vs float")
-    ax.set_title("INT4 g128: frontier flips per step")
+    ax.set_title(f"{main_int4_scheme(result)}: frontier flips per step")
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "flip_rate_by_step.png")

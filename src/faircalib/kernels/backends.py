@@ -11,9 +11,11 @@ repacks them once into its kernel's layout and caches the result on the layer.
 | int4_cuda | cuda     | aten._weight_int4pack_mm (tinygemm), bf16   | bf16 scales (~3e-3)    |
 | int8      | cpu/cuda | torch._int_mm W8A8 (w8 sym per-channel, a8) | exact int accumulation |
 | fp8       | cpu/cuda | torch._scaled_mm e4m3 W8A8, row-wise scales | re-rounds to e4m3 (~4%)|
+| triton_w4 | cuda     | our fused dequant GEMM (kernels/triton_w4)  | bf16 act. (~3e-3)      |
 
 int4 kernels take codes of at most 4 bits; `int8` needs symmetric per-channel 8-bit weights
-and act_bits=8; `fp8` takes any layer (it dequantizes, then rounds rows to e4m3).
+and act_bits=8; `fp8` takes any layer (it dequantizes, then rounds rows to e4m3);
+`triton_w4` needs the optional `triton` package.
 
 torch's int4 kernels dequantize as w = (q - 8) * s + z with z "in the float domain"; our
 codes satisfy w = s * (q - zero), so z = s * (8 - zero) (verified numerically in the tests).
@@ -27,6 +29,7 @@ an int8 grid onto e4m3) is only used when asked for by name.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Callable
@@ -345,6 +348,35 @@ def _fp8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tens
     return y.to(x.dtype)
 
 
+# fused dequant GEMM in Triton (optional) ---------------------------------------------------------
+def _triton_supports(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'faircalib[gpu]')"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type != "cuda" and not (device_type == "cpu" and interpreted):
+        return "triton_w4 runs on CUDA (or the CPU under TRITON_INTERPRET=1)"
+    allowed = (torch.float16, torch.float32) if interpreted else (torch.bfloat16, torch.float16)
+    if dtype not in allowed:
+        return f"triton_w4 takes {allowed} activations here, got {dtype}"
+    if layer.bits > 4:
+        return f"triton_w4 takes codes of at most 4 bits, layer has {layer.bits}"
+    if (layer.group_size or layer.in_features) % 32:
+        return "triton_w4 needs the group (or in_features, per-channel) divisible by 32"
+    return None
+
+
+def _nothing_to_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
+    return ()  # the kernel reads QuantLinear's own nibble layout
+
+
+def _triton_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    from faircalib.kernels.triton_w4 import w4_matmul  # imports triton: only when used
+
+    return w4_matmul(x, layer.qweight, layer.scale, layer.zero)
+
+
 # --- registry and the auto rule --------------------------------------------------------------
 BACKENDS: dict[str, Backend] = {
     "dequant": Backend(
@@ -354,6 +386,7 @@ BACKENDS: dict[str, Backend] = {
     "int4_cuda": Backend("int4_cuda", _int4_cuda_supports, _int4_cuda_prepare, _int4_cuda_run),
     "int8": Backend("int8", _int8_supports, _int8_prepare, _int8_run, quantizes_activations=True),
     "fp8": Backend("fp8", _fp8_supports, _fp8_prepare, _fp8_run),
+    "triton_w4": Backend("triton_w4", _triton_supports, _nothing_to_prepare, _triton_run),
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
 

@@ -102,6 +102,8 @@ class FakeQuantLinear(nn.Module):
     def __init__(self, result, bias):
         super().__init__()
         self.r, self.bias = result, bias
+        self.out_features, self.in_features = result.codes.shape
+        self.register_buffer("weight", result.weight)  # as calib's FakeQuantLinear keeps it
 
     def forward(self, x):
         if self.r.input_scale is not None:
@@ -206,6 +208,15 @@ def test_config_records_schema_writer_and_our_section(packed_dir):
     assert (out / "tokenizer.json").read_text() == "{}"
     assert hub.is_packed(out)
     assert isinstance(hub.load(out).get_submodule("blocks.0.attn_qkv"), QuantLinear)
+
+
+def test_saving_the_fake_quant_model_writes_the_same_tensors(packed_dir, tmp_path):
+    out, model, results = packed_dir
+    again = save_packed_model(fake_quant_model(model, results), results, tmp_path / "fq")
+    first = {k: v for shard in out.glob("*.safetensors") for k, v in load_file(shard).items()}
+    second = {k: v for shard in again.glob("*.safetensors") for k, v in load_file(shard).items()}
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_float_tensors_and_bias_live_in_the_same_shards(packed_dir):
@@ -363,7 +374,7 @@ def test_save_refuses_bad_results_and_existing_directories(packed_dir, tmp_path)
     )
     with pytest.raises(ConfigError):
         save_packed_model(model, {"blocks.0.attn_qkv": wrong_shape}, tmp_path / "a")
-    with pytest.raises(ConfigError, match="not nn.Linear"):
+    with pytest.raises(ConfigError, match="not a linear layer"):
         save_packed_model(model, {"blocks.0.norm1": r}, tmp_path / "b")
     with pytest.raises(ConfigError, match="not a module"):
         save_packed_model(model, {"blocks.9.attn_qkv": r}, tmp_path / "c")

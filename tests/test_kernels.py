@@ -204,3 +204,23 @@ def test_state_dict_round_trip_and_invalid_codes():
         QuantLinear.from_codes(codes, bad)
     with pytest.raises(ConfigError, match="does not divide"):
         QuantLinear(100, 8, bits=4, group_size=32, symmetric=True)
+
+
+def test_autocast_dtype_drives_the_choice_like_nn_linear():
+    codes, qp, w_hat = quantized(64, 128, 4, 64, False)
+    layer = QuantLinear.from_codes(codes, qp)
+    x = torch.randn(4, 128)  # float32 in, as the model's norms produce it
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert layer.last_backend == "int4_cpu" and y.dtype == torch.bfloat16
+    assert rel_err(y, reference(x.bfloat16(), w_hat)) <= 1e-2
+
+
+def test_from_result_takes_a_quantizer_output():
+    from faircalib.quant import quantize_rtn
+
+    w = torch.randn(32, 64)
+    result = quantize_rtn(w, QuantConfig(bits=4, group_size=32, symmetric=False))
+    layer = QuantLinear.from_result(result)
+    x = torch.randn(5, 64)
+    assert torch.equal(layer(x), F.linear(x, result.weight))

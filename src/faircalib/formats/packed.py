@@ -50,6 +50,7 @@ from torch import nn
 import faircalib
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.kernels import QuantLinear, check_codes
+from faircalib.kernels.backends import check_backend_name
 from faircalib.models.base import DiffusionLM, read_json
 from faircalib.models.io import (
     CONFIG,
@@ -152,6 +153,7 @@ def save_packed_model(
     """Write `model` with the linears named in `results` packed (see the module docstring).
 
     results: full module name ("blocks.0.attn_qkv") -> object with .codes [out, in],
+    (the module may be the float nn.Linear or a fake-quant stand-in with in/out_features),
     .qparams (QParams), .input_scale ([in] or None) and .act_bits (int or None).
     dtype: storage dtype of the float (non-quantized) tensors. metadata: JSON-serialisable
     provenance (method, calibration) recorded under faircalib.metadata.
@@ -190,12 +192,15 @@ def _checked_result(model: DiffusionLM, name: str, res: Any) -> Any:
         module = model.get_submodule(name)
     except AttributeError as exc:
         raise ConfigError(f"quantized layer {name!r} is not a module of the model") from exc
-    if not isinstance(module, nn.Linear):
-        raise ConfigError(f"quantized layer {name!r} is a {type(module).__name__}, not nn.Linear")
-    if tuple(res.codes.shape) != tuple(module.weight.shape):
+    # an nn.Linear of the float model, or a stand-in for one (calib's FakeQuantLinear)
+    shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    if not all(isinstance(v, int) for v in shape):
         raise ConfigError(
-            f"{name}: codes have shape {tuple(res.codes.shape)}, the layer's weight is "
-            f"{tuple(module.weight.shape)}"
+            f"quantized layer {name!r} is a {type(module).__name__}, not a linear layer"
+        )
+    if tuple(res.codes.shape) != shape:
+        raise ConfigError(
+            f"{name}: codes have shape {tuple(res.codes.shape)}, the layer is (out, in) = {shape}"
         )
     check_codes(res.codes, res.qparams)
     s = getattr(res, "input_scale", None)
@@ -212,11 +217,13 @@ def _checked_result(model: DiffusionLM, name: str, res: Any) -> Any:
 def _float_tensors(
     model: DiffusionLM, layers: dict[str, Any], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Every state-dict tensor except the quantized weights, floats cast to `dtype`."""
-    skip = {f"{name}.weight" for name in layers}
+    """Every state-dict tensor outside the quantized layers, plus their biases; floats cast to
+    `dtype`. (A fake-quant layer's own buffers - its float weight, input_scale - are dropped:
+    the packed tensors replace them.)"""
     out = {}
     for key, t in model.state_dict().items():
-        if key in skip:
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers and leaf != "bias":
             continue
         t = t.detach().cpu()
         out[key] = t.to(dtype) if t.is_floating_point() else t
@@ -290,6 +297,7 @@ def load_packed_model(
     directory raises CheckpointError. Float tensors are rounded to `dtype` (the QuantLinear
     scales stay float32); `backend` and `cache_dequant` are passed to every QuantLinear.
     """
+    check_backend_name(backend)
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a model directory")

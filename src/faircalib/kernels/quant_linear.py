@@ -10,9 +10,10 @@ which is exactly what the fake-quantized float model computes, so a packed check
 fake-quant evaluation agree (bit-for-bit on the fp32 `dequant` backend).
 
 Storage: `qweight` holds the plain codes, two per byte for bits <= 4 (`backends.pack_codes`);
-`scale` is float32 and `zero` uint8, both [out, n_groups]. Each backend repacks the codes into its
-kernel's layout on first use and caches the result per (backend, device, dtype); moving the
-module clears the cache. `backend="auto"` picks per call from the device, the dtype and M, the
+`scale` is float32 and `zero` uint8, both [out, n_groups]. Each backend repacks the codes into
+its kernel's layout on first use and caches the result per (backend, device, dtype) next to
+the codes (so int4_cuda, int8 and fp8 hold a second copy); moving the module clears the cache.
+`backend="auto"` picks per call from the device, the dtype (autocast's, if on) and M, the
 number of token rows (`backends.auto_backend`); `last_backend` records the choice.
 """
 
@@ -59,9 +60,8 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.act_bits = act_bits
         self.backend = check_backend_name(backend)
-        self.cache_dequant = (
-            cache_dequant  # dequant backend: keep the float weight (speed vs memory)
-        )
+        # dequant backend: keep the dequantized weight (bf16-GEMM speed for bf16 memory)
+        self.cache_dequant = cache_dequant
         n_groups = 1 if group_size is None else in_features // group_size
         width = packed_width(in_features, bits)
         self.register_buffer("qweight", torch.zeros(out_features, width, dtype=torch.uint8))

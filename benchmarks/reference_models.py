@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -41,19 +40,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-docs", type=int, default=300)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    out = {"record": run_record(["python", "benchmarks/reference_models.py", *(argv or sys.argv[1:])]),
-           "models": {}}
+    out = {
+        "record": run_record(["python", "benchmarks/reference_models.py", *(argv or sys.argv[1:])]),
+        "models": {},
+    }
     for name in args.models.split(","):
         model = hub.load(name, device=args.device)
         tok = hub.load_tokenizer(name)
         sets = {f"{c}:{s}": eval_sequences(tok, c, s, model.seq_len) for c, s in SETS}
         train_ids = None
         if args.train_corpus:
-            stream = torch.from_numpy(tokenize_stream(
-                tok, read_documents([args.train_corpus], args.train_docs), tok.token_to_id(EOS))).long()
+            stream = torch.from_numpy(
+                tokenize_stream(
+                    tok, read_documents([args.train_corpus], args.train_docs), tok.token_to_id(EOS)
+                )
+            ).long()
             n = len(stream) // model.seq_len
             chunks = stream[: n * model.seq_len].view(n, model.seq_len)[:256]
-            text_bytes = sum(len(d.encode()) for d in read_documents([args.train_corpus], args.train_docs))
+            text_bytes = sum(
+                len(d.encode()) for d in read_documents([args.train_corpus], args.train_docs)
+            )
             sets["wikipedia:train"] = (chunks, round(text_bytes * len(chunks) / n))
             train_ids = stream
         rows = {}
@@ -61,27 +67,37 @@ def main(argv: list[str] | None = None) -> dict:
             for mc in (int(m) for m in args.mc_samples.split(",")):
                 res = likelihood_bound(model, seqs, n_bytes, mc_samples=mc, seed=0, progress=False)
                 rows[f"{spec}@mc{mc}"] = res.to_dict()
-                print(f"{name} {spec} mc={mc}: ppl {res.ppl:.2f} [{res.ci95[0]:.2f}, {res.ci95[1]:.2f}] "
-                      f"bpb {res.bits_per_byte:.4f} ({res.tokens} tokens)", flush=True)
+                print(
+                    f"{name} {spec} mc={mc}: ppl {res.ppl:.2f} [{res.ci95[0]:.2f}, {res.ci95[1]:.2f}] "
+                    f"bpb {res.bits_per_byte:.4f} ({res.tokens} tokens)",
+                    flush=True,
+                )
             if train_ids is not None:
                 rows[f"{spec}@unigram"] = {"ppl": unigram_ppl(train_ids, seqs, model.vocab_size)}
         out["models"][name] = {"parameters": model.num_parameters(), "results": rows}
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "reference_models.json").write_text(json.dumps(out, indent=1))
-    lines = ["# Reference models: NELBO perplexity bounds", "", f"Command: `{out['record']['command']}`  ",
-             f"Commit: `{out['record']['git_commit']}`, device: {out['record']['device']}, "
-             f"date: {out['record']['date']}", "",
-             "| model | data | MC samples | ppl bound | 95% CI | bits/byte | tokens | unigram ppl |",
-             "|---|---|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        "# Reference models: NELBO perplexity bounds",
+        "",
+        f"Command: `{out['record']['command']}`  ",
+        f"Commit: `{out['record']['git_commit']}`, device: {out['record']['device']}, "
+        f"date: {out['record']['date']}",
+        "",
+        "| model | data | MC samples | ppl bound | 95% CI | bits/byte | tokens | unigram ppl |",
+        "|---|---|---:|---:|---|---:|---:|---:|",
+    ]
     for name, info in out["models"].items():
         for key, r in info["results"].items():
             if key.endswith("@unigram"):
                 continue
             spec, mc = key.split("@mc")
             uni = info["results"].get(f"{spec}@unigram", {}).get("ppl")
-            lines.append(f"| {name} | {spec} | {mc} | {r['ppl']:.2f} | {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f} | "
-                         f"{r['bits_per_byte']:.4f} | {r['tokens']:,} | {f'{uni:.1f}' if uni else '-'} |")
+            lines.append(
+                f"| {name} | {spec} | {mc} | {r['ppl']:.2f} | {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f} | "
+                f"{r['bits_per_byte']:.4f} | {r['tokens']:,} | {f'{uni:.1f}' if uni else '-'} |"
+            )
     (dest / "reference_models.md").write_text("\n".join(lines) + "\n")
     return out
 

@@ -15,7 +15,9 @@ from faircalib.training import read_documents
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("corpus", nargs="+")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--max-bytes", type=int, default=60_000_000)

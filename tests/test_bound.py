@@ -15,8 +15,11 @@ MASK = 3
 
 def toy_model() -> MDLM:
     torch.manual_seed(0)
-    model = MDLM(MDLMConfig(vocab_size=4, mask_id=MASK, seq_len=L, hidden_dim=16, n_heads=2,
-                            n_blocks=1, cond_dim=8))
+    model = MDLM(
+        MDLMConfig(
+            vocab_size=4, mask_id=MASK, seq_len=L, hidden_dim=16, n_heads=2, n_blocks=1, cond_dim=8
+        )
+    )
     with torch.no_grad():  # random everything, so predictions depend on context
         for p in model.parameters():
             p.normal_(0, 0.7)

@@ -11,6 +11,7 @@ from faircalib import hub
 from faircalib.cli import main
 from faircalib.data import (
     calibration_batch,
+    corpora,
     eval_sequences,
     gpt2_tokenizer,
     load_text,
@@ -18,7 +19,6 @@ from faircalib.data import (
     special_ids,
     train_bpe,
 )
-from faircalib.data import corpora
 from faircalib.errors import DataError
 
 

@@ -51,11 +51,13 @@ def perturbed(model, rel: float = 0.3, seed: int = 1):
     return other
 
 
-@pytest.mark.parametrize("sampler,temperature", [("low_confidence", 0.0), ("random", 1.0),
-                                                 ("ancestral", 1.0)])
+@pytest.mark.parametrize(
+    "sampler,temperature", [("low_confidence", 0.0), ("random", 1.0), ("ancestral", 1.0)]
+)
 def test_committed_tokens_never_change(model, prompt, sampler, temperature):
-    cfg = SamplerConfig(sampler=sampler, steps=16, gen_length=32, block_length=16,
-                        temperature=temperature)
+    cfg = SamplerConfig(
+        sampler=sampler, steps=16, gen_length=32, block_length=16, temperature=temperature
+    )
     res = generate(model, prompt, cfg, seed=3, record_states=True)
     assert len(res.states) == 16 and len(res.committed) == 16
     inputs = [x for x, _ in res.states] + [res.tokens]
@@ -93,7 +95,7 @@ def test_low_confidence_picks_highest_confidence(model, prompt):
     res = generate(model, prompt, cfg, seed=0, record_states=True)
     x0, t0 = res.states[0]
     with torch.no_grad():
-        conf = model.log_probs(x0, t0)[:, prompt.shape[1]:].exp().amax(-1)  # [B, G]
+        conf = model.log_probs(x0, t0)[:, prompt.shape[1] :].exp().amax(-1)  # [B, G]
     for row in range(2):
         chosen = [pos - prompt.shape[1] for pos in res.trace.steps[0].positions[row]]
         others = [i for i in range(32) if i not in chosen]
@@ -124,8 +126,9 @@ def test_ancestral_unmasks_everything_on_grid(model, prompt):
 def test_temperature_zero_equals_top_k_one(model, prompt):
     for sampler in ("low_confidence", "ancestral"):
         greedy = SamplerConfig(sampler=sampler, steps=16, gen_length=32, block_length=8)
-        top1 = SamplerConfig(sampler=sampler, steps=16, gen_length=32, block_length=8,
-                             temperature=1.5, top_k=1)
+        top1 = SamplerConfig(
+            sampler=sampler, steps=16, gen_length=32, block_length=8, temperature=1.5, top_k=1
+        )
         a = generate(model, prompt, greedy, seed=5)
         b = generate(model, prompt, top1, seed=5)
         assert torch.equal(a.tokens, b.tokens)
@@ -186,8 +189,23 @@ def test_bad_requests_raise(model, prompt):
 
 
 def test_generate_cli_json(capsys):
-    rc = main(["generate", "mdlm-tiny", "--prompt", "The river", "--gen-length", "32",
-               "--steps", "16", "--block-length", "16", "--num-samples", "2", "--json"])
+    rc = main(
+        [
+            "generate",
+            "mdlm-tiny",
+            "--prompt",
+            "The river",
+            "--gen-length",
+            "32",
+            "--steps",
+            "16",
+            "--block-length",
+            "16",
+            "--num-samples",
+            "2",
+            "--json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"texts", "tokens", "trace"}

@@ -16,8 +16,11 @@ from faircalib.models.io import INDEX
 
 def tiny(seed: int = 0) -> MDLM:
     torch.manual_seed(seed)
-    model = MDLM(MDLMConfig(vocab_size=50, mask_id=49, seq_len=16, hidden_dim=32, n_heads=4,
-                            n_blocks=2, cond_dim=8))
+    model = MDLM(
+        MDLMConfig(
+            vocab_size=50, mask_id=49, seq_len=16, hidden_dim=32, n_heads=4, n_blocks=2, cond_dim=8
+        )
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -49,7 +52,9 @@ def test_save_load_round_trip_is_bit_exact(tmp_path: Path):
 
 
 def _shard(directory: Path) -> Path:
-    return directory / next(iter(set(json.loads((directory / INDEX).read_text())["weight_map"].values())))
+    return directory / next(
+        iter(set(json.loads((directory / INDEX).read_text())["weight_map"].values()))
+    )
 
 
 def test_corrupt_or_mismatched_checkpoints_are_refused(tmp_path: Path):
@@ -95,8 +100,10 @@ def test_shipped_models_load_and_predict_better_than_uniform():
     for name in hub.SHIPPED_MODELS:
         model = hub.load(name)
         tok = hub.load_tokenizer(name)
-        ids = tok.encode("The history of the city begins in the early nineteenth century, when "
-                         "settlers arrived from the east and built the first church.").ids
+        ids = tok.encode(
+            "The history of the city begins in the early nineteenth century, when "
+            "settlers arrived from the east and built the first church."
+        ).ids
         x0 = torch.tensor(ids)[None]
         x_t = x0.clone()
         x_t[:, 1::3] = model.mask_id
@@ -117,10 +124,20 @@ def test_tiny_training_run_lowers_the_loss(tmp_path: Path):
     tok = train_bpe(sentences * 10, vocab_size=300, min_frequency=1)
     tok_path = tmp_path / "tokenizer.json"
     tok.save(str(tok_path))
-    cfg = TrainConfig(corpus=[str(corpus)], tokenizer=str(tok_path), out=str(tmp_path / "out"),
-                      model_overrides={"hidden_dim": 32, "n_heads": 2, "n_blocks": 1, "seq_len": 32},
-                      batch_size=16, lr=3e-3, warmup_steps=5, max_steps=40, eval_every=20,
-                      eval_batches=2, device="cpu", val_fraction=0.2)
+    cfg = TrainConfig(
+        corpus=[str(corpus)],
+        tokenizer=str(tok_path),
+        out=str(tmp_path / "out"),
+        model_overrides={"hidden_dim": 32, "n_heads": 2, "n_blocks": 1, "seq_len": 32},
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=5,
+        max_steps=40,
+        eval_every=20,
+        eval_batches=2,
+        device="cpu",
+        val_fraction=0.2,
+    )
     train(cfg)
     log = json.loads((tmp_path / "out" / "train_log.json").read_text())
     uniform = math.log(tok.get_vocab_size())  # nats/token of a model that learned nothing

@@ -34,8 +34,14 @@ SCHEMES: dict[str, dict] = {
     "w8pc": {"bits": 8, "group_size": None},
 }
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "fair")
-LABELS = {"float": "float (bf16 weights)", "rtn": "RTN (standard PTQ)", "gptq": "GPTQ", "awq": "AWQ",
-          "smoothquant": "SmoothQuant (W8A8 act.)", "fair": "FAIR-Calib"}
+LABELS = {
+    "float": "float (bf16 weights)",
+    "rtn": "RTN (standard PTQ)",
+    "gptq": "GPTQ",
+    "awq": "AWQ",
+    "smoothquant": "SmoothQuant (W8A8 act.)",
+    "fair": "FAIR-Calib",
+}
 # What the FAIR-Calib publication claims (its own models; not measured here).
 PUBLISHED_CLAIMS = {
     "int4_fair_degradation_pct": "7-11",
@@ -77,14 +83,25 @@ class BenchConfig:
 
 def run_record(argv: list[str] | None = None) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
     except OSError:
         commit = ""
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
-    return {"command": " ".join(argv if argv is not None else sys.argv), "git_commit": commit,
-            "device": device, "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    device = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    )
+    return {
+        "command": " ".join(argv if argv is not None else sys.argv),
+        "git_commit": commit,
+        "device": device,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def weight_bytes(model: torch.nn.Module, bits: int | None, group_size: int | None) -> int:
@@ -121,8 +138,9 @@ class Evaluator:
                 n_bytes = round(n_bytes * cfg.eval_limit / len(seqs))
                 seqs = seqs[: cfg.eval_limit]
             self.sets[spec] = (seqs, n_bytes)
-        prompts = calibration_batch(tokenizer, "c4", "validation", cfg.flip_prompts,
-                                    cfg.flip_prefix, seed=1234)
+        prompts = calibration_batch(
+            tokenizer, "c4", "validation", cfg.flip_prompts, cfg.flip_prefix, seed=1234
+        )
         self.prompts = prompts
 
     def perplexities(self, model: torch.nn.Module) -> dict:
@@ -130,20 +148,34 @@ class Evaluator:
 
         out = {}
         for spec, (seqs, n_bytes) in self.sets.items():
-            res = likelihood_bound(model, seqs, n_bytes, mc_samples=self.cfg.eval_mc_samples,
-                                   seed=self.cfg.eval_seed, progress=self.cfg.progress,
-                                   batch_size=8 if self.cfg.device == "cpu" else 64)
+            res = likelihood_bound(
+                model,
+                seqs,
+                n_bytes,
+                mc_samples=self.cfg.eval_mc_samples,
+                seed=self.cfg.eval_seed,
+                progress=self.cfg.progress,
+                batch_size=8 if self.cfg.device == "cpu" else 64,
+            )
             out[spec] = res.to_dict()
         return out
 
     def flips(self, reference: torch.nn.Module, model: torch.nn.Module) -> dict:
         from faircalib.frontier import SamplerConfig, compare_generations
 
-        scfg = SamplerConfig(sampler="low_confidence", steps=self.cfg.flip_steps,
-                             gen_length=self.cfg.flip_gen_length)
+        scfg = SamplerConfig(
+            sampler="low_confidence", steps=self.cfg.flip_steps, gen_length=self.cfg.flip_gen_length
+        )
         res = compare_generations(reference, model, self.prompts.to(self.cfg.device), scfg, seed=0)
-        keep = ("flip_rate", "mean_first_divergence_step", "token_agreement", "exact_match_rate",
-                "flip_rate_by_step", "repetition_rate_b", "distinct_2_b")
+        keep = (
+            "flip_rate",
+            "mean_first_divergence_step",
+            "token_agreement",
+            "exact_match_rate",
+            "flip_rate_by_step",
+            "repetition_rate_b",
+            "distinct_2_b",
+        )
         return {k: v for k, v in res.items() if k in keep or not isinstance(v, list | dict)}
 
 
@@ -152,9 +184,17 @@ def quantize_row(model, tokenizer, method: str, scheme: str, calib_seed: int, cf
     from faircalib.calib import quantize_for_bench
 
     start = time.time()
-    qmodel, report = quantize_for_bench(copy.deepcopy(model), tokenizer, method=method, **SCHEMES[scheme],
-                                        nsamples=cfg.nsamples, seq_len=cfg.seq_len, seed=calib_seed,
-                                        device=cfg.device, progress=cfg.progress)
+    qmodel, report = quantize_for_bench(
+        copy.deepcopy(model),
+        tokenizer,
+        method=method,
+        **SCHEMES[scheme],
+        nsamples=cfg.nsamples,
+        seq_len=cfg.seq_len,
+        seed=calib_seed,
+        device=cfg.device,
+        progress=cfg.progress,
+    )
     return qmodel, time.time() - start, report
 
 
@@ -162,24 +202,46 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
     model = hub.load(cfg.model, device=cfg.device)
     tokenizer = hub.load_tokenizer(cfg.model)
     evaluator = Evaluator(cfg, model, tokenizer)
-    rows = [{"method": "float", "scheme": "bf16", "calib_seed": None,
-             "ppl": evaluator.perplexities(model), "calib_seconds": 0.0,
-             "weight_bytes": weight_bytes(model, None, None)}]
+    rows = [
+        {
+            "method": "float",
+            "scheme": "bf16",
+            "calib_seed": None,
+            "ppl": evaluator.perplexities(model),
+            "calib_seconds": 0.0,
+            "weight_bytes": weight_bytes(model, None, None),
+        }
+    ]
     for scheme in cfg.schemes:
         for method in cfg.methods:
             seeds = cfg.calib_seeds if scheme in cfg.seeded_schemes else cfg.calib_seeds[:1]
             for seed in seeds:
                 qmodel, seconds, report = quantize_row(model, tokenizer, method, scheme, seed, cfg)
-                rows.append({"method": method, "scheme": scheme, "calib_seed": seed,
-                             "ppl": evaluator.perplexities(qmodel), "calib_seconds": seconds,
-                             "timings": report.get("timings", {}),
-                             "weight_bytes": weight_bytes(model, **SCHEMES[scheme]),
-                             "flips": evaluator.flips(model, qmodel)})
-                print(f"[bench] {scheme} {method} seed {seed}: "
-                      + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in rows[-1]["ppl"].items())
-                      + f", {seconds:.1f}s", file=sys.stderr, flush=True)
-    result = {"record": run_record(argv), "config": asdict(cfg), "rows": rows,
-              "published_claims": PUBLISHED_CLAIMS}
+                rows.append(
+                    {
+                        "method": method,
+                        "scheme": scheme,
+                        "calib_seed": seed,
+                        "ppl": evaluator.perplexities(qmodel),
+                        "calib_seconds": seconds,
+                        "timings": report.get("timings", {}),
+                        "weight_bytes": weight_bytes(model, **SCHEMES[scheme]),
+                        "flips": evaluator.flips(model, qmodel),
+                    }
+                )
+                print(
+                    f"[bench] {scheme} {method} seed {seed}: "
+                    + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in rows[-1]["ppl"].items())
+                    + f", {seconds:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    result = {
+        "record": run_record(argv),
+        "config": asdict(cfg),
+        "rows": rows,
+        "published_claims": PUBLISHED_CLAIMS,
+    }
     result["summary"] = summarize(result)
     if cfg.out:
         write_outputs(result, Path(cfg.out))
@@ -193,14 +255,27 @@ def summarize(result: dict) -> list[dict]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows[1:]:
         groups.setdefault((row["scheme"], row["method"]), []).append(row)
-    gptq_time = {s: statistics.mean(r["calib_seconds"] for r in g)
-                 for (s, m), g in groups.items() if m == "gptq"}
-    out = [{"scheme": "bf16", "method": "float", "n": 1,
+    gptq_time = {
+        s: statistics.mean(r["calib_seconds"] for r in g)
+        for (s, m), g in groups.items()
+        if m == "gptq"
+    }
+    out = [
+        {
+            "scheme": "bf16",
+            "method": "float",
+            "n": 1,
             **{f"{k}_ppl": v["ppl"] for k, v in float_row["ppl"].items()},
-            "weight_bytes": float_row["weight_bytes"]}]
+            "weight_bytes": float_row["weight_bytes"],
+        }
+    ]
     for (scheme, method), group in groups.items():
-        entry = {"scheme": scheme, "method": method, "n": len(group),
-                 "weight_bytes": group[0]["weight_bytes"]}
+        entry = {
+            "scheme": scheme,
+            "method": method,
+            "n": len(group),
+            "weight_bytes": group[0]["weight_bytes"],
+        }
         for spec, ref in float_row["ppl"].items():
             vals = [r["ppl"][spec]["ppl"] for r in group]
             entry[f"{spec}_ppl"] = statistics.mean(vals)
@@ -212,8 +287,11 @@ def summarize(result: dict) -> list[dict]:
         flips = [r["flips"] for r in group if r.get("flips")]
         if flips:
             entry["flip_rate"] = statistics.mean(f["flip_rate"] for f in flips)
-            divs = [f["mean_first_divergence_step"] for f in flips
-                    if f.get("mean_first_divergence_step") is not None]
+            divs = [
+                f["mean_first_divergence_step"]
+                for f in flips
+                if f.get("mean_first_divergence_step") is not None
+            ]
             entry["first_divergence_step"] = statistics.mean(divs) if divs else None
         out.append(entry)
     return out
@@ -239,12 +317,19 @@ def markdown_tables(result: dict) -> str:
     model = result["config"]["model"]
     by = {(e["scheme"], e["method"]): e for e in summary}
     rec = result["record"]
-    lines = [f"# FAIR-Calib benchmark: {model}", "",
-             f"Command: `{rec['command']}`  ", f"Commit: `{rec['git_commit']}`  ",
-             f"Device: {rec['device']} (torch {rec['torch']})  ", f"Date: {rec['date']}", "",
-             f"Perplexity is the NELBO bound on {main} (lower is better); every row uses the same "
-             "evaluation noise. Degradation is relative to the float model. "
-             f"Calibration seeds per row: {len(result['config']['calib_seeds'])} (mean; +- is the std).", ""]
+    lines = [
+        f"# FAIR-Calib benchmark: {model}",
+        "",
+        f"Command: `{rec['command']}`  ",
+        f"Commit: `{rec['git_commit']}`  ",
+        f"Device: {rec['device']} (torch {rec['torch']})  ",
+        f"Date: {rec['date']}",
+        "",
+        f"Perplexity is the NELBO bound on {main} (lower is better); every row uses the same "
+        "evaluation noise. Degradation is relative to the float model. "
+        f"Calibration seeds per row: {len(result['config']['calib_seeds'])} (mean; +- is the std).",
+        "",
+    ]
     fp = by[("bf16", "float")][f"{main}_ppl"]
     g4 = main_int4_scheme(result)
     g = SCHEMES[g4]["group_size"]
@@ -253,37 +338,57 @@ def markdown_tables(result: dict) -> str:
         e = by.get((scheme, method))
         if not e:
             return "not run"
-        return (f"{e[f'{main}_ppl']:.2f} ({e[f'{main}_degradation_pct']:+.1f}%)")
+        return f"{e[f'{main}_ppl']:.2f} ({e[f'{main}_degradation_pct']:+.1f}%)"
 
-    lines += ["## Table 1 - the publication's shape", "",
-              f"| Model | FP16 | INT4 standard PTQ (RTN g{g}) | INT4 FAIR-Calib (g{g}) | INT8 FAIR-Calib |",
-              "|---|---:|---:|---:|---:|",
-              f"| {model} (measured) | {fp:.2f} | {cell(g4, 'rtn')} | {cell(g4, 'fair')} | "
-              f"{cell('w8pc', 'fair')} |",
-              f"| publication's claim (its models) | - | +{PUBLISHED_CLAIMS['int4_standard_ptq_degradation_pct']}% | "
-              f"+{PUBLISHED_CLAIMS['int4_fair_degradation_pct']}% | +{PUBLISHED_CLAIMS['int8_fair_degradation_pct']}% |",
-              ""]
-    lines += [f"## Table 2 - approaches at INT4 g{g}", "",
-              "| Approach | INT4 perplexity | degradation | calibration time (s) | overhead vs GPTQ |",
-              "|---|---:|---:|---:|---:|"]
+    lines += [
+        "## Table 1 - the publication's shape",
+        "",
+        f"| Model | FP16 | INT4 standard PTQ (RTN g{g}) | INT4 FAIR-Calib (g{g}) | INT8 FAIR-Calib |",
+        "|---|---:|---:|---:|---:|",
+        f"| {model} (measured) | {fp:.2f} | {cell(g4, 'rtn')} | {cell(g4, 'fair')} | "
+        f"{cell('w8pc', 'fair')} |",
+        f"| publication's claim (its models) | - | +{PUBLISHED_CLAIMS['int4_standard_ptq_degradation_pct']}% | "
+        f"+{PUBLISHED_CLAIMS['int4_fair_degradation_pct']}% | +{PUBLISHED_CLAIMS['int8_fair_degradation_pct']}% |",
+        "",
+    ]
+    lines += [
+        f"## Table 2 - approaches at INT4 g{g}",
+        "",
+        "| Approach | INT4 perplexity | degradation | calibration time (s) | overhead vs GPTQ |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for m in METHODS:
         e = by.get((g4, m))
         if e:
-            lines.append(f"| {LABELS[m]} | {e[f'{main}_ppl']:.2f} +- {e[f'{main}_ppl_std']:.2f} | "
-                         f"{e[f'{main}_degradation_pct']:+.1f}% | {e['calib_seconds']:.1f} | "
-                         f"{_fmt(e.get('calib_time_vs_gptq'))}x |")
-    lines += ["", f"Publication's claim for FAIR-Calib's calibration overhead: "
-              f"{PUBLISHED_CLAIMS['calibration_overhead']}.", ""]
-    head = "| scheme | method | " + " | ".join(f"{s} ppl" for s in specs) + \
-        " | degradation | flip rate | first divergence step | calib s | vs GPTQ | weight MB |"
+            lines.append(
+                f"| {LABELS[m]} | {e[f'{main}_ppl']:.2f} +- {e[f'{main}_ppl_std']:.2f} | "
+                f"{e[f'{main}_degradation_pct']:+.1f}% | {e['calib_seconds']:.1f} | "
+                f"{_fmt(e.get('calib_time_vs_gptq'))}x |"
+            )
+    lines += [
+        "",
+        f"Publication's claim for FAIR-Calib's calibration overhead: "
+        f"{PUBLISHED_CLAIMS['calibration_overhead']}.",
+        "",
+    ]
+    head = (
+        "| scheme | method | "
+        + " | ".join(f"{s} ppl" for s in specs)
+        + " | degradation | flip rate | first divergence step | calib s | vs GPTQ | weight MB |"
+    )
     lines += ["## Full table", "", head, "|" + "---|" * (head.count("|") - 1)]
     for e in summary:
-        ppls = " | ".join(f"{e[f'{s}_ppl']:.2f}" + (f" +- {e[f'{s}_ppl_std']:.2f}" if e.get(f"{s}_ppl_std") else "")
-                          for s in specs)
-        lines.append(f"| {e['scheme']} | {LABELS[e['method']]} | {ppls} | "
-                     f"{_fmt(e.get(f'{main}_degradation_pct'), 1)}% | {_fmt(e.get('flip_rate'), 3)} | "
-                     f"{_fmt(e.get('first_divergence_step'), 1)} | {_fmt(e.get('calib_seconds'), 1)} | "
-                     f"{_fmt(e.get('calib_time_vs_gptq'))} | {e['weight_bytes'] / 1e6:.2f} |")
+        ppls = " | ".join(
+            f"{e[f'{s}_ppl']:.2f}"
+            + (f" +- {e[f'{s}_ppl_std']:.2f}" if e.get(f"{s}_ppl_std") else "")
+            for s in specs
+        )
+        lines.append(
+            f"| {e['scheme']} | {LABELS[e['method']]} | {ppls} | "
+            f"{_fmt(e.get(f'{main}_degradation_pct'), 1)}% | {_fmt(e.get('flip_rate'), 3)} | "
+            f"{_fmt(e.get('first_divergence_step'), 1)} | {_fmt(e.get('calib_seconds'), 1)} | "
+            f"{_fmt(e.get('calib_time_vs_gptq'))} | {e['weight_bytes'] / 1e6:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -299,9 +404,13 @@ def plot(result: dict, out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 4))
     fp = summary[0][f"{main}_ppl"]
     for m in METHODS:
-        pts = sorted((SCHEMES[e["scheme"]]["bits"], e[f"{main}_ppl"]) for e in summary
-                     if e["method"] == m and e["scheme"] in
-                     (main_int4_scheme(result), main_int4_scheme(result).replace("w4", "w3"), "w8pc"))
+        pts = sorted(
+            (SCHEMES[e["scheme"]]["bits"], e[f"{main}_ppl"])
+            for e in summary
+            if e["method"] == m
+            and e["scheme"]
+            in (main_int4_scheme(result), main_int4_scheme(result).replace("w4", "w3"), "w8pc")
+        )
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[m])
     ax.axhline(fp, color="k", ls="--", label="float")
@@ -317,7 +426,11 @@ def plot(result: dict, out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in result["rows"][1:]:
-        if row["scheme"] == main_int4_scheme(result) and row.get("flips") and row["calib_seed"] == result["config"]["calib_seeds"][0]:
+        if (
+            row["scheme"] == main_int4_scheme(result)
+            and row.get("flips")
+            and row["calib_seed"] == result["config"]["calib_seeds"][0]
+        ):
             by_step = row["flips"].get("flip_rate_by_step") or []
             ax.plot(range(1, len(by_step) + 1), by_step, label=LABELS[row["method"]])
     ax.set_xlabel("denoising step")

@@ -130,8 +130,9 @@ class FairCalibConfig(QuantConfig):
     def base_config(self) -> QuantConfig:
         common = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
         if self.base == "gptq":
-            return GPTQConfig(**common, damp=self.damp, act_order=self.act_order,
-                              block_size=self.block_size)
+            return GPTQConfig(
+                **common, damp=self.damp, act_order=self.act_order, block_size=self.block_size
+            )
         if self.base == "awq":
             return AWQConfig(**common)
         return RTNConfig(**common)
@@ -157,7 +158,9 @@ class CalibConfig:
         if self.n_samples < 1:
             raise ConfigError("calibration needs at least one sample (--nsamples >= 1)")
         if self.masking not in ("uniform", "none"):
-            raise ConfigError(f"unknown calibration masking {self.masking!r}; use 'uniform' or 'none'")
+            raise ConfigError(
+                f"unknown calibration masking {self.masking!r}; use 'uniform' or 'none'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

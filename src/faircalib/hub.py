@@ -39,7 +39,9 @@ def is_packed(directory: Path) -> bool:
     return config.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
 
 
-def load(model: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionLM:
+def load(
+    model: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> DiffusionLM:
     directory = resolve(model)
     if is_packed(directory):
         from faircalib.formats.packed import load_packed_model  # joins models and kernels

@@ -75,7 +75,9 @@ def read_documents(paths: list[str], max_docs: int | None = None) -> Iterator[st
                         return
 
 
-def tokenize_stream(tokenizer: Tokenizer, docs: Iterator[str], eos_id: int, chunk: int = 2048) -> np.ndarray:
+def tokenize_stream(
+    tokenizer: Tokenizer, docs: Iterator[str], eos_id: int, chunk: int = 2048
+) -> np.ndarray:
     """Documents -> one int32 token stream with EOS after every document."""
     parts: list[np.ndarray] = []
     batch: list[str] = []
@@ -112,10 +114,14 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
 
 
-def random_windows(stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+def random_windows(
+    stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator
+) -> torch.Tensor:
     starts = torch.randint(0, len(stream) - seq_len, (batch,), generator=gen)
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()]).long()
 
@@ -135,7 +141,9 @@ def compiled_or_eager(model: MDLM, cfg: TrainConfig, device: str) -> torch.nn.Mo
     compiled = torch.compile(model)
     try:
         x = torch.randint(0, model.vocab_size - 1, (2, model.seq_len), device=device)
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+        with torch.autocast(
+            device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"
+        ):
             compiled(x, torch.rand(2, device=device)).float().mean().backward()
         model.zero_grad(set_to_none=True)
         return compiled
@@ -155,7 +163,9 @@ def evaluate_loss(model: MDLM, stream: torch.Tensor, cfg: TrainConfig, device: s
         x0 = random_windows(stream, cfg.batch_size, model.seq_len, gen).to(device)
         t = stratified_times(x0.shape[0], gen).to(device)
         u = torch.rand(x0.shape, generator=gen).to(device)
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+        with torch.autocast(
+            device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"
+        ):
             total += nelbo_per_sequence(model, x0, t, u).mean().item() / model.seq_len
     model.train()
     return total / cfg.eval_batches
@@ -175,10 +185,17 @@ def train(cfg: TrainConfig) -> Path:
     model = build_model(cfg, tokenizer).to(device)
     print(f"model: {model.num_parameters():,} parameters", flush=True)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    no_decay = [
+        p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)
+    ]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98), fused=device.startswith("cuda"),
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+        fused=device.startswith("cuda"),
     )
     step_fn = compiled_or_eager(model, cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -196,10 +213,14 @@ def train(cfg: TrainConfig) -> Path:
                 break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total_steps, cfg)
-        x0 = random_windows(train_stream, cfg.batch_size, model.seq_len, gen).to(device, non_blocking=True)
+        x0 = random_windows(train_stream, cfg.batch_size, model.seq_len, gen).to(
+            device, non_blocking=True
+        )
         t = stratified_times(cfg.batch_size, gen).to(device)
         u = torch.rand(x0.shape, generator=gen).to(device)
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"):
+        with torch.autocast(
+            device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"
+        ):
             loss = nelbo_per_sequence(step_fn, x0, t, u).mean() / model.seq_len
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -210,15 +231,35 @@ def train(cfg: TrainConfig) -> Path:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg.eval_every == 0:
             val = evaluate_loss(model, val_stream, cfg, device)
-            log.append({"step": step + 1, "train_loss": loss.item(), "val_nelbo": val,
-                        "elapsed_s": time.time() - start, "tokens": tokens_seen})
+            log.append(
+                {
+                    "step": step + 1,
+                    "train_loss": loss.item(),
+                    "val_nelbo": val,
+                    "elapsed_s": time.time() - start,
+                    "tokens": tokens_seen,
+                }
+            )
             print(json.dumps(log[-1]), flush=True)
     wall = time.time() - start
     final_val = evaluate_loss(model, val_stream, cfg, device)
-    summary = {"config": asdict(cfg), "parameters": model.num_parameters(), "tokens_seen": tokens_seen,
-               "steps": step + 1, "wall_time_s": wall, "final_val_nelbo_per_token": final_val,
-               "final_val_ppl_bound": math.exp(final_val), "corpus_tokens": len(stream), "log": log}
+    summary = {
+        "config": asdict(cfg),
+        "parameters": model.num_parameters(),
+        "tokens_seen": tokens_seen,
+        "steps": step + 1,
+        "wall_time_s": wall,
+        "final_val_nelbo_per_token": final_val,
+        "final_val_ppl_bound": math.exp(final_val),
+        "corpus_tokens": len(stream),
+        "log": log,
+    }
     print(json.dumps({k: v for k, v in summary.items() if k != "log"}), flush=True)
-    save_model(model.float(), Path(cfg.out), dtype=torch.bfloat16, overwrite=True,
-               extra_files={"tokenizer.json": Path(cfg.tokenizer), "train_log.json": summary})
+    save_model(
+        model.float(),
+        Path(cfg.out),
+        dtype=torch.bfloat16,
+        overwrite=True,
+        extra_files={"tokenizer.json": Path(cfg.tokenizer), "train_log.json": summary},
+    )
     return Path(cfg.out)

@@ -1,7 +1,7 @@
 """Calibration: joins models (faircalib.models) and algorithms (faircalib.quant).
 
-    model = faircalib.hub.load("mdlm-small")
-    report = quantize(model, GPTQConfig(bits=4, group_size=128), tokens, CalibConfig(device="cuda"))
+model = faircalib.hub.load("mdlm-small")
+report = quantize(model, GPTQConfig(bits=4, group_size=128), tokens, CalibConfig(device="cuda"))
 """
 
 from __future__ import annotations
@@ -24,13 +24,17 @@ from faircalib.config import (
 from faircalib.models.base import DiffusionLM
 
 METHOD_CONFIGS: dict[str, type[QuantConfig]] = {
-    "rtn": RTNConfig, "gptq": GPTQConfig, "awq": AWQConfig, "smoothquant": SmoothQuantConfig,
+    "rtn": RTNConfig,
+    "gptq": GPTQConfig,
+    "awq": AWQConfig,
+    "smoothquant": SmoothQuantConfig,
     "fair": FairCalibConfig,
 }
 
 
-def masked_inputs(model: DiffusionLM, tokens: torch.Tensor, cfg: CalibConfig
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_inputs(
+    model: DiffusionLM, tokens: torch.Tensor, cfg: CalibConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What a dLLM sees at inference: tokens [N, L] masked at t stratified over [t_min, 1]
     ('uniform'), or clean tokens at t = 0 ('none', the autoregressive toolkits' habit)."""
     n = len(tokens)
@@ -44,8 +48,14 @@ def masked_inputs(model: DiffusionLM, tokens: torch.Tensor, cfg: CalibConfig
     return torch.where(masked, torch.full_like(tokens, model.mask_id), tokens), t
 
 
-def quantize(model: DiffusionLM, config: QuantConfig, tokens: torch.Tensor,
-             calib: CalibConfig | None = None, *, progress: bool = True) -> QuantReport:
+def quantize(
+    model: DiffusionLM,
+    config: QuantConfig,
+    tokens: torch.Tensor,
+    calib: CalibConfig | None = None,
+    *,
+    progress: bool = True,
+) -> QuantReport:
     """Quantize `model` in place with `config` on calibration tokens [N, L]."""
     calib = calib or CalibConfig()
     check_layers(model, config)
@@ -53,7 +63,9 @@ def quantize(model: DiffusionLM, config: QuantConfig, tokens: torch.Tensor,
     extra: dict = {}
     if isinstance(config, FairCalibConfig):
         model.to(calib.device)
-        x_t, t, weights, extra = fair_calibration_inputs(model, tokens, config, calib.seed, calib.device)
+        x_t, t, weights, extra = fair_calibration_inputs(
+            model, tokens, config, calib.seed, calib.device
+        )
         method_cfg = config.base_config()
     else:
         x_t, t = masked_inputs(model, tokens, calib)
@@ -66,9 +78,20 @@ def quantize(model: DiffusionLM, config: QuantConfig, tokens: torch.Tensor,
     return report
 
 
-def quantize_for_bench(model: DiffusionLM, tokenizer, *, method: str, bits: int, group_size: int | None,
-                       nsamples: int, seq_len: int | None, seed: int, device: str,
-                       progress: bool = True, **method_kwargs) -> tuple[DiffusionLM, dict]:
+def quantize_for_bench(
+    model: DiffusionLM,
+    tokenizer,
+    *,
+    method: str,
+    bits: int,
+    group_size: int | None,
+    nsamples: int,
+    seq_len: int | None,
+    seed: int,
+    device: str,
+    progress: bool = True,
+    **method_kwargs,
+) -> tuple[DiffusionLM, dict]:
     """Calibrate on C4 (the shared default) and quantize; returns the model and its report."""
     from faircalib.data import calibration_batch
 
@@ -83,6 +106,11 @@ def quantize_for_bench(model: DiffusionLM, tokenizer, *, method: str, bits: int,
 
 
 __all__ = [
-    "FakeQuantLinear", "METHOD_CONFIGS", "QuantReport", "masked_inputs", "quantize",
-    "quantize_for_bench", "quantize_model",
+    "FakeQuantLinear",
+    "METHOD_CONFIGS",
+    "QuantReport",
+    "masked_inputs",
+    "quantize",
+    "quantize_for_bench",
+    "quantize_model",
 ]

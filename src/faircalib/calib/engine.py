@@ -59,7 +59,12 @@ class QuantReport:
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "calib": self.calib, "layers": self.layers, "timings": self.timings}
+        return {
+            "method": self.method,
+            "calib": self.calib,
+            "layers": self.layers,
+            "timings": self.timings,
+        }
 
 
 def check_layers(model: DiffusionLM, cfg: QuantConfig) -> None:
@@ -101,8 +106,10 @@ def quantize_model(
     hidden = model.blocks[0].attn_out.in_features if hasattr(model.blocks[0], "attn_out") else 0
     if progress and hidden:
         gib = n * seq_len * hidden * 4 / 2**30
-        print(f"[calib] {n} sequences x {seq_len} tokens; block-input cache {gib:.2f} GiB (CPU)",
-              file=sys.stderr)
+        print(
+            f"[calib] {n} sequences x {seq_len} tokens; block-input cache {gib:.2f} GiB (CPU)",
+            file=sys.stderr,
+        )
 
     start = time.time()
     for module in (m for m in model.children() if not isinstance(m, nn.ModuleList)):
@@ -117,15 +124,29 @@ def quantize_model(
     report.timings["stem_s"] = time.time() - start
     report.timings.update(stats_s=0.0, quantize_s=0.0, propagate_s=0.0)
 
-    blocks = tqdm(list(enumerate(model.blocks)), desc=f"{method_cfg.to_dict()['method']}",
-                  disable=not progress, file=sys.stderr)
+    blocks = tqdm(
+        list(enumerate(model.blocks)),
+        desc=f"{method_cfg.to_dict()['method']}",
+        disable=not progress,
+        file=sys.stderr,
+    )
     for i, block in blocks:
         block.to(device)
         linears = model.quantizable_linears(block)
-        report.layers += _quantize_block(i, block, linears, cache, contexts, weights, method_cfg,
-                                         calib_cfg, device, report.timings)
+        report.layers += _quantize_block(
+            i,
+            block,
+            linears,
+            cache,
+            contexts,
+            weights,
+            method_cfg,
+            calib_cfg,
+            device,
+            report.timings,
+        )
         tick = time.time()
-        for j, sl in enumerate(_batches(n)):  # outputs of the quantized block feed the next
+        for j in range(len(cache)):  # outputs of the quantized block feed the next
             cache[j] = block(cache[j].to(device), contexts[j]).cpu()
         report.timings["propagate_s"] += time.time() - tick
         if calib_cfg.offload:
@@ -134,14 +155,23 @@ def quantize_model(
     return report
 
 
-def _quantize_block(index, block, linears, cache, contexts, weights, method_cfg, calib_cfg,
-                    device, timings) -> list[dict]:
+def _quantize_block(
+    index, block, linears, cache, contexts, weights, method_cfg, calib_cfg, device, timings
+) -> list[dict]:
     tick = time.time()
-    accs = {name: LayerInputsAccumulator(lin.in_features, calib_cfg.max_rows_per_layer,
-                                         calib_cfg.seed + index, device) for name, lin in linears}
+    accs = {
+        name: LayerInputsAccumulator(
+            lin.in_features, calib_cfg.max_rows_per_layer, calib_cfg.seed + index, device
+        )
+        for name, lin in linears
+    }
     current: dict[str, torch.Tensor] = {}
-    hooks = [lin.register_forward_pre_hook(
-        lambda _m, args, name=name: accs[name].add(args[0], current["w"])) for name, lin in linears]
+    hooks = [
+        lin.register_forward_pre_hook(
+            lambda _m, args, name=name: accs[name].add(args[0], current["w"])
+        )
+        for name, lin in linears
+    ]
     try:
         for j, sl in enumerate(_batches(len(weights))):
             current["w"] = weights[sl].to(device)
@@ -160,13 +190,49 @@ def _quantize_block(index, block, linears, cache, contexts, weights, method_cfg,
         result = quantize_linear(w, inputs, method_cfg, name=full)
         seconds = time.time() - tick
         timings["quantize_s"] += seconds
-        rtn = quantize_rtn(w, QuantConfig(method_cfg.bits, method_cfg.group_size, method_cfg.symmetric))
-        rows.append({
-            "layer": full, "method": method_cfg.to_dict()["method"], "bits": method_cfg.bits,
-            "group_size": method_cfg.group_size, "seconds": seconds,
-            "rel_error": weighted_output_error(result.weight, w, inputs, input_scale=result.input_scale,
-                                               act_bits=result.act_bits),
-            "rtn_rel_error": weighted_output_error(rtn.weight, w, inputs),
-        })
+        rtn = quantize_rtn(
+            w, QuantConfig(method_cfg.bits, method_cfg.group_size, method_cfg.symmetric)
+        )
+        rows.append(
+            {
+                "layer": full,
+                "method": method_cfg.to_dict()["method"],
+                "bits": method_cfg.bits,
+                "group_size": method_cfg.group_size,
+                "seconds": seconds,
+                "rel_error": weighted_output_error(
+                    result.weight,
+                    w,
+                    inputs,
+                    input_scale=result.input_scale,
+                    act_bits=result.act_bits,
+                ),
+                "rtn_rel_error": weighted_output_error(rtn.weight, w, inputs),
+            }
+        )
         _set_submodule(block, name, FakeQuantLinear(result, lin.bias))
     return rows
+
+
+def quant_results(model: DiffusionLM) -> dict[str, QuantResult]:
+    """Full module name -> QuantResult of every quantized linear (for the packed writer)."""
+    return {name: m.result for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+
+
+@torch.no_grad()
+def fold_fake_quant(model: DiffusionLM) -> DiffusionLM:
+    """Replace FakeQuantLinear by plain nn.Linear computing the same function, so a fake-quant
+    model saves and loads like a float one: (x / s) @ Wq.T == x @ (Wq / s).T. Layers that also
+    quantize activations cannot be folded and must be saved packed."""
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, FakeQuantLinear):
+            continue
+        if module.act_bits is not None:
+            raise ValueError(f"{name} quantizes activations; save it with --format packed")
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        weight = module.weight if module.input_scale is None else module.weight / module.input_scale
+        linear.weight.copy_(weight)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+        _set_submodule(model, name, linear.to(module.weight.device))
+    return model

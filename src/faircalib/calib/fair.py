@@ -29,8 +29,9 @@ class FrontierStates:
 
 
 @torch.no_grad()
-def track_frontier(model: DiffusionLM, tokens: torch.Tensor, cfg: FairCalibConfig, seed: int,
-                   device: str) -> FrontierStates:
+def track_frontier(
+    model: DiffusionLM, tokens: torch.Tensor, cfg: FairCalibConfig, seed: int, device: str
+) -> FrontierStates:
     """Run the float model's sampler on prompts (prefix of `tokens`) and keep one visited state
     per prompt (a seeded random step), with its frontier."""
     n, seq_len = tokens.shape
@@ -43,7 +44,7 @@ def track_frontier(model: DiffusionLM, tokens: torch.Tensor, cfg: FairCalibConfi
     xs, ts, fronts = [], [], []
     rng = torch.Generator().manual_seed(seed)
     for start in range(0, n, 32):
-        prompts = tokens[start:start + 32, :prefix].to(device)
+        prompts = tokens[start : start + 32, :prefix].to(device)
         res = generate(model, prompts, scfg, seed=seed + start, trace=False, record_states=True)
         pick = torch.randint(0, len(res.states), (len(prompts),), generator=rng)
         for row, k in enumerate(pick.tolist()):
@@ -74,14 +75,15 @@ def noisy_copy(model: DiffusionLM, cfg: FairCalibConfig, seed: int) -> Diffusion
 
 
 @torch.no_grad()
-def token_scores(model: DiffusionLM, noisy: DiffusionLM, states: FrontierStates,
-                 batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def token_scores(
+    model: DiffusionLM, noisy: DiffusionLM, states: FrontierStates, batch: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position: KL(p_float || p_noisy) and 1 - (top1 - top2) margin. Both [N, L]."""
     kls, margins = [], []
     device = model.device
     for i in range(0, len(states.x_t), batch):
-        x = states.x_t[i:i + batch].to(device)
-        t = states.t[i:i + batch].to(device)
+        x = states.x_t[i : i + batch].to(device)
+        t = states.t[i : i + batch].to(device)
         lp = model.log_probs(x, t)
         lq = noisy.log_probs(x, t)
         p = lp.exp()
@@ -92,8 +94,13 @@ def token_scores(model: DiffusionLM, noisy: DiffusionLM, states: FrontierStates,
     return torch.cat(kls), torch.cat(margins)
 
 
-def row_weights(states: FrontierStates, kl: torch.Tensor, margin: torch.Tensor,
-                cfg: FairCalibConfig, mask_id: int) -> torch.Tensor:
+def row_weights(
+    states: FrontierStates,
+    kl: torch.Tensor,
+    margin: torch.Tensor,
+    cfg: FairCalibConfig,
+    mask_id: int,
+) -> torch.Tensor:
     """[N, L] calibration-loss weights: floor everywhere, plus the score on selected tokens."""
     weights = torch.full(kl.shape, cfg.floor)
     if cfg.weighting == "uniform":
@@ -107,8 +114,9 @@ def row_weights(states: FrontierStates, kl: torch.Tensor, margin: torch.Tensor,
     return torch.where(selected, cfg.floor + boost, weights)
 
 
-def fair_calibration_inputs(model: DiffusionLM, tokens: torch.Tensor, cfg: FairCalibConfig,
-                            seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+def fair_calibration_inputs(
+    model: DiffusionLM, tokens: torch.Tensor, cfg: FairCalibConfig, seed: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """x_t [N, L], t [N], row weights [N, L] and timing/diagnostics for the engine."""
     tick = time.time()
     states = track_frontier(model, tokens, cfg, seed, device)
@@ -118,9 +126,13 @@ def fair_calibration_inputs(model: DiffusionLM, tokens: torch.Tensor, cfg: FairC
     kl, margin = token_scores(model, noisy, states)
     del noisy
     weights = row_weights(states, kl, margin, cfg, model.mask_id)
-    info = {"frontier_tracking_s": track_s, "instability_scoring_s": time.time() - tick,
-            "frontier_tokens": int(states.frontier.sum()), "mean_frontier_kl":
-            float(kl[states.frontier].mean()) if states.frontier.any() else 0.0,
-            "mean_kl": float(kl.mean()), "max_weight_used": float(weights.max()),
-            "weight_share_on_frontier": float(weights[states.frontier].sum() / weights.sum())}
+    info = {
+        "frontier_tracking_s": track_s,
+        "instability_scoring_s": time.time() - tick,
+        "frontier_tokens": int(states.frontier.sum()),
+        "mean_frontier_kl": float(kl[states.frontier].mean()) if states.frontier.any() else 0.0,
+        "mean_kl": float(kl.mean()),
+        "max_weight_used": float(weights.max()),
+        "weight_share_on_frontier": float(weights[states.frontier].sum() / weights.sum()),
+    }
     return states.x_t, states.t, weights, info

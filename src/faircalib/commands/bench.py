@@ -10,12 +10,16 @@ import sys
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="compare quantization methods on one model")
     p.add_argument("--model", default="mdlm-tiny")
-    p.add_argument("--methods", default="rtn,gptq,fair",
-                   help="comma list of rtn,gptq,awq,smoothquant,fair")
+    p.add_argument(
+        "--methods", default="rtn,gptq,fair", help="comma list of rtn,gptq,awq,smoothquant,fair"
+    )
     p.add_argument("--schemes", default="w4g128", help="comma list of w4g128,w4pc,w3g128,w8pc")
     p.add_argument("--calib-seeds", default="0", help="comma list: one calibration draw per seed")
-    p.add_argument("--seeded-schemes", default="w4g128",
-                   help="schemes that get every calibration seed (others get the first)")
+    p.add_argument(
+        "--seeded-schemes",
+        default="w4g128",
+        help="schemes that get every calibration seed (others get the first)",
+    )
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--eval-data", default="wikitext2:test,c4:validation")
@@ -34,13 +38,21 @@ def run(args: argparse.Namespace) -> int:
     from faircalib.bench import BenchConfig, markdown_tables, run_bench
 
     cfg = BenchConfig(
-        model=args.model, methods=args.methods.split(","), schemes=args.schemes.split(","),
+        model=args.model,
+        methods=args.methods.split(","),
+        schemes=args.schemes.split(","),
         calib_seeds=[int(s) for s in args.calib_seeds.split(",")],
-        seeded_schemes=args.seeded_schemes.split(","), nsamples=args.nsamples,
-        seq_len=args.seq_len, eval_data=args.eval_data.split(","),
-        eval_mc_samples=args.eval_mc_samples, eval_limit=args.eval_limit,
-        flip_prompts=args.flip_prompts, flip_gen_length=args.flip_gen_length,
-        flip_steps=args.flip_steps, device=args.device, out=args.out,
+        seeded_schemes=args.seeded_schemes.split(","),
+        nsamples=args.nsamples,
+        seq_len=args.seq_len,
+        eval_data=args.eval_data.split(","),
+        eval_mc_samples=args.eval_mc_samples,
+        eval_limit=args.eval_limit,
+        flip_prompts=args.flip_prompts,
+        flip_gen_length=args.flip_gen_length,
+        flip_steps=args.flip_steps,
+        device=args.device,
+        out=args.out,
     )
     result = run_bench(cfg, argv=["faircalib", *sys.argv[1:]])
     if args.json:

@@ -33,9 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def generate_texts(model_name: str, prompt: str, cfg: SamplerConfig, *, seed: int = 0,
-                   num_samples: int = 1, device: str = "cpu",
-                   progress: bool = True) -> dict[str, Any]:
+def generate_texts(
+    model_name: str,
+    prompt: str,
+    cfg: SamplerConfig,
+    *,
+    seed: int = 0,
+    num_samples: int = 1,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
     """-> {"texts", "tokens", "trace"}; texts are the generated part, cut at the first EOS."""
     from faircalib import hub
 
@@ -45,8 +52,10 @@ def generate_texts(model_name: str, prompt: str, cfg: SamplerConfig, *, seed: in
     tokenizer = hub.load_tokenizer(model_name)
     ids = tokenizer.encode(prompt).ids
     if len(ids) + cfg.gen_length > model.seq_len:
-        raise ConfigError(f"prompt ({len(ids)} tokens) + --gen-length {cfg.gen_length} exceeds "
-                          f"{model_name}'s sequence length {model.seq_len}")
+        raise ConfigError(
+            f"prompt ({len(ids)} tokens) + --gen-length {cfg.gen_length} exceeds "
+            f"{model_name}'s sequence length {model.seq_len}"
+        )
     prompt_ids = torch.tensor([ids] * num_samples, dtype=torch.long)  # [N, P]
     with tqdm(total=cfg.steps, desc="generate", unit="step", disable=not progress) as bar:
         result = generate(model, prompt_ids, cfg, seed, trace=True, progress=bar.update)
@@ -57,11 +66,23 @@ def generate_texts(model_name: str, prompt: str, cfg: SamplerConfig, *, seed: in
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = SamplerConfig(sampler=args.sampler, steps=args.steps, gen_length=args.gen_length,
-                        block_length=args.block_length, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p)
-    out = generate_texts(args.model, args.prompt, cfg, seed=args.seed,
-                         num_samples=args.num_samples, device=args.device)
+    cfg = SamplerConfig(
+        sampler=args.sampler,
+        steps=args.steps,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+    )
+    out = generate_texts(
+        args.model,
+        args.prompt,
+        cfg,
+        seed=args.seed,
+        num_samples=args.num_samples,
+        device=args.device,
+    )
     if args.json:
         print(json.dumps(out))
     else:

@@ -7,8 +7,12 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a reference MDLM (GPU; CPU for tiny runs)")
-    p.add_argument("--corpus", nargs="+", required=True, help="jsonl(.xz|.gz) shards with a 'text' field")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.json with <|endoftext|> and <|mask|>")
+    p.add_argument(
+        "--corpus", nargs="+", required=True, help="jsonl(.xz|.gz) shards with a 'text' field"
+    )
+    p.add_argument(
+        "--tokenizer", required=True, help="tokenizer.json with <|endoftext|> and <|mask|>"
+    )
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
     p.add_argument("--hidden-dim", type=int)
@@ -19,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--max-steps", type=int, default=2000)
-    p.add_argument("--time-budget", type=float, help="seconds; the cosine schedule ends with the budget")
+    p.add_argument(
+        "--time-budget", type=float, help="seconds; the cosine schedule ends with the budget"
+    )
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--max-docs", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -32,13 +38,31 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from faircalib.training import TrainConfig, train
 
-    overrides = {k: v for k, v in {"hidden_dim": args.hidden_dim, "n_blocks": args.n_blocks,
-                 "n_heads": args.n_heads, "seq_len": args.seq_len}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "hidden_dim": args.hidden_dim,
+            "n_blocks": args.n_blocks,
+            "n_heads": args.n_heads,
+            "seq_len": args.seq_len,
+        }.items()
+        if v is not None
+    }
     cfg = TrainConfig(
-        corpus=args.corpus, tokenizer=args.tokenizer, out=args.out, preset=args.preset,
-        model_overrides=overrides, batch_size=args.batch_size, lr=args.lr,
-        warmup_steps=args.warmup_steps, max_steps=args.max_steps, time_budget_s=args.time_budget,
-        eval_every=args.eval_every, max_docs=args.max_docs, seed=args.seed, compile=args.compile,
+        corpus=args.corpus,
+        tokenizer=args.tokenizer,
+        out=args.out,
+        preset=args.preset,
+        model_overrides=overrides,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        max_steps=args.max_steps,
+        time_budget_s=args.time_budget,
+        eval_every=args.eval_every,
+        max_docs=args.max_docs,
+        seed=args.seed,
+        compile=args.compile,
         token_cache=args.token_cache,
         **({"device": args.device} if args.device else {}),
     )

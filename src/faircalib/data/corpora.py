@@ -24,17 +24,29 @@ FILES_DIR = Path(__file__).parent / "files"
 # corpus -> split -> (file, sha256 of the original (decompressed) file, what the file holds)
 CORPORA: dict[str, dict[str, tuple[str, str, str]]] = {
     "wikitext2": {
-        "test": ("wikitext2-test.raw.gz",
-                 "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08", "raw"),
+        "test": (
+            "wikitext2-test.raw.gz",
+            "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
+            "raw",
+        ),
         # near-raw validation text: WikiText-103's rows of the same articles (few <unk>)
-        "validation": ("wikitext103-validation.jsonl.gz",
-                       "a868a5ab8f73be4a406ed7c997de29f7a328865497f3c1677575ab49ac7ac3fa", "rows"),
+        "validation": (
+            "wikitext103-validation.jsonl.gz",
+            "a868a5ab8f73be4a406ed7c997de29f7a328865497f3c1677575ab49ac7ac3fa",
+            "rows",
+        ),
     },
     "c4": {
-        "train": ("c4-train.00000-of-01024.first1041.jsonl.gz",
-                  "6b1a44a29595c18e0eccdbbd2db1c2c9781fb5748d515af2c237c045d7c55fda", "docs-gz"),
-        "validation": ("c4-validation.00000-of-00008.first1025.jsonl.gz",
-                       "1ddb9bdeeb2309ff2a4b0658ad97304bf5af4aa56bfa1799ce26590e3b668f7a", "docs-gz"),
+        "train": (
+            "c4-train.00000-of-01024.first1041.jsonl.gz",
+            "6b1a44a29595c18e0eccdbbd2db1c2c9781fb5748d515af2c237c045d7c55fda",
+            "docs-gz",
+        ),
+        "validation": (
+            "c4-validation.00000-of-00008.first1025.jsonl.gz",
+            "1ddb9bdeeb2309ff2a4b0658ad97304bf5af4aa56bfa1799ce26590e3b668f7a",
+            "docs-gz",
+        ),
     },
 }
 
@@ -43,7 +55,9 @@ def _check(corpus: str, split: str) -> tuple[Path, str, str]:
     if corpus not in CORPORA:
         raise DataError(f"unknown corpus {corpus!r}; shipped corpora: {sorted(CORPORA)}")
     if split not in CORPORA[corpus]:
-        raise DataError(f"corpus {corpus!r} has no split {split!r}; splits: {sorted(CORPORA[corpus])}")
+        raise DataError(
+            f"corpus {corpus!r} has no split {split!r}; splits: {sorted(CORPORA[corpus])}"
+        )
     name, sha, kind = CORPORA[corpus][split]
     return FILES_DIR / name, sha, kind
 
@@ -58,7 +72,9 @@ def read_verified(path: Path, sha256: str, checksum_of: str) -> bytes:
     try:
         data = gzip.decompress(raw) if path.suffix == ".gz" else raw
     except (OSError, EOFError) as exc:
-        raise DataError(f"{path.name} is not a readable gzip file ({exc}); reinstall faircalib") from exc
+        raise DataError(
+            f"{path.name} is not a readable gzip file ({exc}); reinstall faircalib"
+        ) from exc
     if checksum_of != "file":
         _compare(path, sha256, data)
     return data
@@ -67,7 +83,9 @@ def read_verified(path: Path, sha256: str, checksum_of: str) -> bytes:
 def _compare(path: Path, sha256: str, data: bytes) -> None:
     digest = hashlib.sha256(data).hexdigest()
     if digest != sha256:
-        raise DataError(f"checksum mismatch for {path.name}: expected {sha256[:12]}..., got {digest[:12]}...")
+        raise DataError(
+            f"checksum mismatch for {path.name}: expected {sha256[:12]}..., got {digest[:12]}..."
+        )
 
 
 def _wikitext_articles(lines: list[str]) -> list[str]:
@@ -94,7 +112,10 @@ def _load_docs(path_str: str, sha: str, kind: str) -> tuple[str, ...]:
         rows = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
         return tuple(_wikitext_articles(rows))
     # raw WikiText: rebuild Hugging Face rows ("" for blank lines) and group into articles
-    rows = ["" if not line.strip() else line + "\n" for line in text.replace("\r\n", "\n").split("\n")[:-1]]
+    rows = [
+        "" if not line.strip() else line + "\n"
+        for line in text.replace("\r\n", "\n").split("\n")[:-1]
+    ]
     return tuple(_wikitext_articles(rows))
 
 
@@ -118,7 +139,9 @@ def _eos(tokenizer: Tokenizer) -> int:
 _STREAMS: dict[tuple[int, str, str], tuple[list[list[int]], list[int]]] = {}
 
 
-def tokenized_docs(tokenizer: Tokenizer, corpus: str, split: str) -> tuple[list[list[int]], list[int]]:
+def tokenized_docs(
+    tokenizer: Tokenizer, corpus: str, split: str
+) -> tuple[list[list[int]], list[int]]:
     """(token ids per document, UTF-8 bytes per document), cached per tokenizer object."""
     key = (id(tokenizer), corpus, split)
     if key not in _STREAMS:
@@ -136,8 +159,12 @@ def token_stream(tokenizer: Tokenizer, corpus: str, split: str) -> torch.Tensor:
 
 
 def calibration_batch(
-    tokenizer: Tokenizer, corpus: str = "c4", split: str = "train", n_samples: int = 128,
-    seq_len: int = 512, seed: int = 0,
+    tokenizer: Tokenizer,
+    corpus: str = "c4",
+    split: str = "train",
+    n_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
 ) -> torch.Tensor:
     """[n_samples, seq_len] random windows of the EOS-joined stream (GPTQ-style), seeded."""
     if n_samples < 1:
@@ -146,14 +173,18 @@ def calibration_batch(
         raise DataError(f"sequence length must be positive, got {seq_len}")
     stream = token_stream(tokenizer, corpus, split)
     if len(stream) <= seq_len:
-        raise DataError(f"{corpus}/{split} has {len(stream):,} tokens; a window of {seq_len:,} "
-                        f"tokens needs more")
+        raise DataError(
+            f"{corpus}/{split} has {len(stream):,} tokens; a window of {seq_len:,} "
+            f"tokens needs more"
+        )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - seq_len, (n_samples,), generator=gen)
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
-def eval_sequences(tokenizer: Tokenizer, corpus: str, split: str, seq_len: int) -> tuple[torch.Tensor, int]:
+def eval_sequences(
+    tokenizer: Tokenizer, corpus: str, split: str, seq_len: int
+) -> tuple[torch.Tensor, int]:
     """MDLM zero-shot protocol: join documents with EOS, wrap into [N, seq_len] chunks (the last
     partial chunk dropped). Also returns the UTF-8 bytes those tokens cover: the bytes of the
     whole text times the share of tokens kept (every document lies in the kept stream except
@@ -161,8 +192,9 @@ def eval_sequences(tokenizer: Tokenizer, corpus: str, split: str, seq_len: int) 
     stream = token_stream(tokenizer, corpus, split)
     n = len(stream) // seq_len
     if n == 0:
-        raise DataError(f"{corpus}/{split} has {len(stream):,} tokens, fewer than one sequence of "
-                        f"{seq_len:,}")
+        raise DataError(
+            f"{corpus}/{split} has {len(stream):,} tokens, fewer than one sequence of {seq_len:,}"
+        )
     _, doc_bytes = tokenized_docs(tokenizer, corpus, split)
     n_bytes = round(sum(doc_bytes) * n * seq_len / len(stream))
     return stream[: n * seq_len].view(n, seq_len), n_bytes

@@ -43,8 +43,12 @@ def gpt2_tokenizer() -> Tokenizer:
     from faircalib.data.corpora import FILES_DIR, read_verified
 
     folder = FILES_DIR / "tokenizers" / "gpt2"
-    vocab = json.loads(read_verified(folder / "vocab.json.gz", GPT2_SHA256["vocab.json"], "content"))
-    merges_text = read_verified(folder / "merges.txt.gz", GPT2_SHA256["merges.txt"], "content").decode()
+    vocab = json.loads(
+        read_verified(folder / "vocab.json.gz", GPT2_SHA256["vocab.json"], "content")
+    )
+    merges_text = read_verified(
+        folder / "merges.txt.gz", GPT2_SHA256["merges.txt"], "content"
+    ).decode()
     merges = [tuple(line.split(" ")) for line in merges_text.splitlines()[1:] if line]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -16,8 +16,13 @@ from faircalib.frontier.samplers import GenerationResult, SamplerConfig, generat
 from faircalib.models.base import DiffusionLM
 
 
-def compare_generations(model_a: DiffusionLM, model_b: DiffusionLM, prompt_ids: torch.Tensor,
-                        cfg: SamplerConfig, seed: int) -> dict[str, Any]:
+def compare_generations(
+    model_a: DiffusionLM,
+    model_b: DiffusionLM,
+    prompt_ids: torch.Tensor,
+    cfg: SamplerConfig,
+    seed: int,
+) -> dict[str, Any]:
     """Generate with both models under one seed; A is the reference (e.g. the float model)."""
     a = generate(model_a, prompt_ids, cfg, seed, trace=False)
     b = generate(model_b, prompt_ids, cfg, seed, trace=False)

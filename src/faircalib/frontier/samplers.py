@@ -64,9 +64,7 @@ class SamplerConfig:
 
     def _validate_blocks(self) -> None:
         if self.block < 1 or self.gen_length % self.block:
-            raise ConfigError(
-                f"block_length {self.block} must divide gen_length {self.gen_length}"
-            )
+            raise ConfigError(f"block_length {self.block} must divide gen_length {self.gen_length}")
         n_blocks = self.gen_length // self.block
         if self.steps % n_blocks:
             raise ConfigError(
@@ -118,8 +116,9 @@ class GenerationResult:
 
 
 # --- distributions -------------------------------------------------------------------------
-def filter_log_probs(log_probs: torch.Tensor, top_k: int | None,
-                     top_p: float | None) -> torch.Tensor:
+def filter_log_probs(
+    log_probs: torch.Tensor, top_k: int | None, top_p: float | None
+) -> torch.Tensor:
     """Keep the top-k tokens and/or the smallest nucleus of mass >= top_p. [..., V] -> [..., V]."""
     out = log_probs
     if top_k is not None and top_k < out.shape[-1]:
@@ -135,8 +134,9 @@ def filter_log_probs(log_probs: torch.Tensor, top_k: int | None,
     return out
 
 
-def propose(log_probs: torch.Tensor, gumbel: torch.Tensor | None,
-            cfg: SamplerConfig) -> torch.Tensor:
+def propose(
+    log_probs: torch.Tensor, gumbel: torch.Tensor | None, cfg: SamplerConfig
+) -> torch.Tensor:
     """log_probs [B, G, V], gumbel [B, G, V] or None -> proposed tokens [B, G]."""
     filtered = filter_log_probs(log_probs, cfg.top_k, cfg.top_p)
     if gumbel is None:
@@ -155,19 +155,21 @@ class NoiseStreams:
     @classmethod
     def from_seed(cls, seed: int, device: torch.device) -> NoiseStreams:
         # 2s and 2s+1 never collide across seeds, so no two (seed, stream) pairs share noise
-        return cls(torch.Generator(device=device).manual_seed(2 * seed),
-                   torch.Generator(device=device).manual_seed(2 * seed + 1))
+        return cls(
+            torch.Generator(device=device).manual_seed(2 * seed),
+            torch.Generator(device=device).manual_seed(2 * seed + 1),
+        )
 
-    def draw(self, shape: tuple[int, int, int], cfg: SamplerConfig,
-             device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def draw(
+        self, shape: tuple[int, int, int], cfg: SamplerConfig, device: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One step's noise: Gumbel [B, G, V] (only when sampling) and uniforms [B, G]."""
         b, g, v = shape
         gumbel = None
         if cfg.temperature > 0:
             u = torch.rand((b, g, v), generator=self.tokens, dtype=torch.float64, device=device)
             gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-        uniforms = torch.rand((b, g), generator=self.positions, dtype=torch.float64,
-                              device=device)
+        uniforms = torch.rand((b, g), generator=self.positions, dtype=torch.float64, device=device)
         return gumbel, uniforms
 
 
@@ -209,9 +211,16 @@ class _Run:
         return slice(self.prompt_len, self.x.shape[1])
 
 
-def generate(model: DiffusionLM, prompt_ids: torch.Tensor, cfg: SamplerConfig, seed: int, *,
-             trace: bool = True, record_states: bool = False,
-             progress: Callable[[int], None] | None = None) -> GenerationResult:
+def generate(
+    model: DiffusionLM,
+    prompt_ids: torch.Tensor,
+    cfg: SamplerConfig,
+    seed: int,
+    *,
+    trace: bool = True,
+    record_states: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> GenerationResult:
     """Fill `cfg.gen_length` masked positions after `prompt_ids` [B, P].
 
     `progress`, if given, is called with 1 after every step (e.g. a tqdm bar's `update`).
@@ -234,8 +243,14 @@ def generate(model: DiffusionLM, prompt_ids: torch.Tensor, cfg: SamplerConfig, s
     return GenerationResult(run.x, run.prompt_len, run.trace, run.states, run.committed)
 
 
-def _start(model: DiffusionLM, prompt_ids: torch.Tensor, cfg: SamplerConfig, seed: int,
-           trace: bool, record_states: bool) -> _Run:
+def _start(
+    model: DiffusionLM,
+    prompt_ids: torch.Tensor,
+    cfg: SamplerConfig,
+    seed: int,
+    trace: bool,
+    record_states: bool,
+) -> _Run:
     cfg.validate()
     if prompt_ids.dim() != 2:
         raise DataError(
@@ -253,8 +268,15 @@ def _start(model: DiffusionLM, prompt_ids: torch.Tensor, cfg: SamplerConfig, see
     masks = torch.full((b, cfg.gen_length), model.mask_id, dtype=torch.long, device=device)
     x = torch.cat([prompt_ids.to(device=device, dtype=torch.long), masks], dim=1)  # [B, L]
     noise = NoiseStreams.from_seed(seed, device)
-    return _Run(model, cfg, x, p, noise, FrontierTrace(cfg.sampler, p) if trace else None,
-                [] if record_states else None)
+    return _Run(
+        model,
+        cfg,
+        x,
+        p,
+        noise,
+        FrontierTrace(cfg.sampler, p) if trace else None,
+        [] if record_states else None,
+    )
 
 
 def _model_step(run: _Run, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -301,8 +323,14 @@ def _ancestral_step(run: _Run, k: int, _count: int) -> None:
     _commit(run, k, t, log_probs, proposal, masked & (uniforms < reveal_prob))
 
 
-def _commit(run: _Run, k: int, t: torch.Tensor, log_probs: torch.Tensor, proposal: torch.Tensor,
-            chosen: torch.Tensor) -> None:
+def _commit(
+    run: _Run,
+    k: int,
+    t: torch.Tensor,
+    log_probs: torch.Tensor,
+    proposal: torch.Tensor,
+    chosen: torch.Tensor,
+) -> None:
     """Write proposals at `chosen` [B, G] (masked positions only) and record the frontier."""
     region = run.x[:, run.region]
     run.x[:, run.region] = torch.where(chosen, proposal, region)
@@ -311,8 +339,14 @@ def _commit(run: _Run, k: int, t: torch.Tensor, log_probs: torch.Tensor, proposa
         run.trace.steps.append(_frontier_step(k, t, log_probs, proposal, chosen, run.prompt_len))
 
 
-def _frontier_step(k: int, t: torch.Tensor, log_probs: torch.Tensor, proposal: torch.Tensor,
-                   chosen: torch.Tensor, offset: int) -> FrontierStep:
+def _frontier_step(
+    k: int,
+    t: torch.Tensor,
+    log_probs: torch.Tensor,
+    proposal: torch.Tensor,
+    chosen: torch.Tensor,
+    offset: int,
+) -> FrontierStep:
     probs = log_probs.exp()  # [B, G, V]
     top2 = probs.topk(2, dim=-1).values  # [B, G, 2]
     entropy = torch.special.entr(probs).sum(-1)  # [B, G]; entr(0) = 0 handles -inf log-probs

@@ -69,7 +69,9 @@ def write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], directory: Path, metadata: dict | None = None) -> None:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], directory: Path, metadata: dict | None = None
+) -> None:
     """Write `tensors` as shards of at most MAX_SHARD_BYTES plus an HF-style index."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -112,7 +114,9 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
     missing = set(weight_map) - set(tensors)
     if missing:
-        raise CheckpointError(f"tensors listed in the index but absent from shards: {sorted(missing)[:5]}")
+        raise CheckpointError(
+            f"tensors listed in the index but absent from shards: {sorted(missing)[:5]}"
+        )
     return tensors
 
 
@@ -128,9 +132,13 @@ def check_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], s
     for name, ref in expected.items():
         got = tensors[name]
         if got.shape != ref.shape:
-            raise CheckpointError(f"{source}: {name} has shape {tuple(got.shape)}, config expects {tuple(ref.shape)}")
+            raise CheckpointError(
+                f"{source}: {name} has shape {tuple(got.shape)}, config expects {tuple(ref.shape)}"
+            )
         if not got.is_floating_point():
-            raise CheckpointError(f"{source}: {name} has dtype {got.dtype}, expected a float tensor")
+            raise CheckpointError(
+                f"{source}: {name} has dtype {got.dtype}, expected a float tensor"
+            )
         if not torch.isfinite(got).all():
             raise CheckpointError(f"{source}: {name} contains NaN or Inf values")
 
@@ -145,7 +153,9 @@ def save_model(
 ) -> Path:
     """Write `model` to `out` atomically. `extra_files` maps names to source paths, text or JSON."""
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        write_json(tmp / CONFIG, {**model.config_dict(), "torch_dtype": str(dtype).removeprefix("torch.")})
+        write_json(
+            tmp / CONFIG, {**model.config_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
+        )
         tensors = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
         save_tensors(tensors, tmp)
         for name, content in (extra_files or {}).items():
@@ -158,7 +168,9 @@ def save_model(
     return Path(out)
 
 
-def load_model(directory: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu") -> DiffusionLM:
+def load_model(
+    directory: Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> DiffusionLM:
     """Load a float model directory, validating everything before touching the model."""
     directory = Path(directory)
     if not directory.is_dir():

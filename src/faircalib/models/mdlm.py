@@ -74,7 +74,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, cond_dim: int, freq_dim: int = 256) -> None:
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)
+        )
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:  # [B] -> [B, cond_dim]
         half = self.freq_dim // 2
@@ -120,7 +122,9 @@ class DiTBlock(nn.Module):
         self.attn_out = nn.Linear(d, d, bias=False)
         self.norm2 = LayerNorm(d)
         self.mlp = nn.Sequential(
-            nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_ratio * d, d)
+            nn.Linear(d, cfg.mlp_ratio * d),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(cfg.mlp_ratio * d, d),
         )
         self.dropout = nn.Dropout(cfg.dropout)
         self.adaLN_modulation = nn.Linear(cfg.cond_dim, 6 * d)

@@ -1,0 +1,135 @@
+"""`faircalib quantize`: calibrate and quantize a dLLM, write a model directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from faircalib.errors import CheckpointError, ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a dLLM (RTN, GPTQ, AWQ, SmoothQuant, FAIR-Calib)")
+    p.add_argument("model", help="shipped name (mdlm-tiny, mdlm-small) or model directory")
+    p.add_argument("--method", required=True, choices=["rtn", "gptq", "awq", "smoothquant", "fair"])
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (per-channel)")
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--calib", default="c4", help="calibration corpus")
+    p.add_argument("--calib-split", default="train")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, help="default: the model's training length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--masking",
+        default="uniform",
+        choices=["uniform", "none"],
+        help="mask calibration inputs as the dLLM sees them ('none': clean text)",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--format",
+        default="fake",
+        choices=["fake", "packed"],
+        help="fake: dequantized float weights; packed: compressed-tensors INT4/INT8",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    g = p.add_argument_group("method knobs")
+    g.add_argument("--damp", type=float, help="GPTQ / FAIR(gptq) Hessian damping")
+    g.add_argument("--no-act-order", action="store_true", help="GPTQ: natural column order")
+    g.add_argument("--alpha", type=float, help="SmoothQuant migration strength")
+    g.add_argument("--fair-base", choices=["gptq", "awq", "rtn"], help="FAIR-Calib base method")
+    g.add_argument("--fair-weighting", choices=["instability", "margin", "uniform"])
+    g.add_argument("--fair-tokens", choices=["frontier", "all"])
+    g.add_argument("--fair-steps", type=int, help="sampler steps for frontier tracking")
+    p.set_defaults(func=run)
+
+
+def method_config(args: argparse.Namespace):
+    from faircalib.calib import METHOD_CONFIGS
+
+    kwargs = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric}
+    knobs = {"damp": args.damp, "alpha": args.alpha}
+    if args.method in ("gptq", "fair") and args.no_act_order:
+        knobs["act_order"] = False
+    if args.method == "fair":
+        knobs.update(
+            base=args.fair_base,
+            weighting=args.fair_weighting,
+            tokens=args.fair_tokens,
+            steps=args.fair_steps,
+            n_prompts=args.nsamples,
+        )
+    cls = METHOD_CONFIGS[args.method]
+    fields = cls.__dataclass_fields__
+    kwargs.update({k: v for k, v in knobs.items() if v is not None and k in fields})
+    return cls(**kwargs)
+
+
+def run(args: argparse.Namespace) -> int:
+    from faircalib import hub
+    from faircalib.calib import quantize
+    from faircalib.calib.engine import check_layers, fold_fake_quant, quant_results
+    from faircalib.config import CalibConfig
+    from faircalib.data import calibration_batch
+    from faircalib.models import save_model
+
+    config = method_config(args)  # refuses bad bits / group sizes first
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
+    if config.method == "smoothquant" and args.format == "fake":
+        raise ConfigError("SmoothQuant quantizes activations at run time; use --format packed")
+    source = hub.resolve(args.model)
+    model = hub.load(args.model, device=args.device)
+    check_layers(model, config)
+    tokenizer = hub.load_tokenizer(args.model)
+    seq_len = args.seq_len or model.seq_len
+    tokens = calibration_batch(
+        tokenizer, args.calib, args.calib_split, args.nsamples, seq_len, args.seed
+    )
+    calib = CalibConfig(
+        source=args.calib,
+        split=args.calib_split,
+        n_samples=args.nsamples,
+        seq_len=seq_len,
+        seed=args.seed,
+        masking=args.masking,
+        device=args.device,
+    )
+    report = quantize(model, config, tokens, calib, progress=not args.json).to_dict()
+    record = {
+        "source_model": str(args.model),
+        "format": args.format,
+        "command": " ".join(["faircalib", *sys.argv[1:]]),
+        **report,
+    }
+    extra = {"tokenizer.json": source / "tokenizer.json", "quantization.json": record}
+    model.cpu()
+    if args.format == "packed":
+        from faircalib.formats.packed import save_packed_model
+
+        save_packed_model(
+            model, quant_results(model), out, extra_files=extra, overwrite=args.overwrite
+        )
+    else:
+        save_model(fold_fake_quant(model), out, extra_files=extra, overwrite=args.overwrite)
+    summary = {
+        "out": str(out),
+        "method": report["method"],
+        "timings": report["timings"],
+        "layers": report["layers"],
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for row in report["layers"]:
+            print(
+                f"{row['layer']:<22} rel. output error {row['rel_error']:.2e} (RTN {row['rtn_rel_error']:.2e})"
+            )
+        print(f"wrote {out} in {report['timings']['wall_s']:.1f}s")
+    return 0

@@ -16,7 +16,7 @@ python3 -m faircalib.cli bench --model mdlm-small --device cuda \
   --methods rtn,gptq,awq,smoothquant,fair --schemes w4g64,w4pc,w3g64,w8pc \
   --calib-seeds 0,1,2 --seeded-schemes w4g64 --nsamples 128 --eval-mc-samples 2 \
   --flip-prompts 32 --flip-gen-length 64 --flip-steps 64 --out $RES/bench-mdlm-small > $RES/bench.log 2>&1
-python3 benchmarks/reference_models.py --device cuda --mc-samples 1,4 --out $RES/reference > $RES/reference.log 2>&1
+[ -f $RES/reference/reference_models.json ] || python3 benchmarks/reference_models.py --device cuda --mc-samples 1,4 --out $RES/reference > $RES/reference.log 2>&1
 touch $RES/done
 JOB
   setsid nohup bash "$RES/job.sh" > "$RES/job.log" 2>&1 < /dev/null &

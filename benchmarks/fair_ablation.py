@@ -24,8 +24,14 @@ from faircalib.eval import likelihood_bound
 VARIANTS = {
     "gptq (uniform-t masked inputs)": ("gptq", {}, "uniform"),
     "gptq (clean inputs, AR-style)": ("gptq", {}, "none"),
-    "fair: uniform weights": ("fair", {"weighting": "uniform"}, None),
-    "fair: instability, frontier (default)": ("fair", {}, None),
+    "fair: states only, uniform weights": (
+        "fair",
+        {"weighting": "uniform", "inputs": "states"},
+        None,
+    ),
+    "fair: states only, instability, frontier": ("fair", {"inputs": "states"}, None),
+    "fair: mixed inputs, uniform weights": ("fair", {"weighting": "uniform"}, None),
+    "fair: mixed inputs, instability, frontier (default)": ("fair", {}, None),
     "fair: instability, all masked tokens": ("fair", {"tokens": "all"}, None),
     "fair: margin, frontier": ("fair", {"weighting": "margin"}, None),
     "fair: random-noise instability": ("fair", {"noise": "random"}, None),

@@ -91,7 +91,9 @@ def test_masked_calibration_inputs(setup):
 
 def test_fair_uniform_weights_reproduce_the_base_method(setup):
     model, tokens, _ = setup
-    cfg = FairCalibConfig(bits=4, group_size=32, weighting="uniform", steps=8, prefix_len=16)
+    cfg = FairCalibConfig(
+        bits=4, group_size=32, weighting="uniform", inputs="states", steps=8, prefix_len=16
+    )
     fair = copy.deepcopy(model)
     quantize(fair, cfg, tokens, CalibConfig(), progress=False)
     states = track_frontier(model, tokens, cfg, seed=0, device="cpu")

@@ -63,9 +63,14 @@ def quantize(
     extra: dict = {}
     if isinstance(config, FairCalibConfig):
         model.to(calib.device)
+        n_track = len(tokens) if config.inputs == "states" else len(tokens) // 2
         x_t, t, weights, extra = fair_calibration_inputs(
-            model, tokens, config, calib.seed, calib.device
+            model, tokens[:n_track], config, calib.seed, calib.device
         )
+        if n_track < len(tokens):  # the rest: masked at stratified t, as plain calibration does
+            x_m, t_m = masked_inputs(model, tokens[n_track:], calib)
+            x_t, t = torch.cat([x_m, x_t]), torch.cat([t_m, t])
+            weights = torch.cat([torch.ones(x_m.shape), weights])
         method_cfg = config.base_config()
     else:
         x_t, t = masked_inputs(model, tokens, calib)

@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer
 
 from faircalib.errors import CheckpointError
-from faircalib.models import DiffusionLM, load_model
+from faircalib.models import DiffusionLM
 from faircalib.models.base import read_json
 
 ASSETS = Path(__file__).parent / "assets"
@@ -47,7 +47,9 @@ def load(
         from faircalib.formats.packed import load_packed_model  # joins models and kernels
 
         return load_packed_model(directory, device=device, dtype=dtype)
-    return load_model(directory, device=device, dtype=dtype)
+    from faircalib.calib.fakequant_io import load_fake_quant  # re-applies activation quantization
+
+    return load_fake_quant(directory, device=device, dtype=dtype)
 
 
 def load_tokenizer(model: str | Path) -> Tokenizer:

@@ -12,6 +12,8 @@ import torch
 
 from faircalib.calib.engine import FakeQuantLinear, QuantReport, check_layers, quantize_model
 from faircalib.calib.fair import fair_calibration_inputs
+from faircalib.calib.fakequant_io import load_fake_quant, save_quantized
+from faircalib.calib.inputs import calibration_inputs, masked_inputs
 from faircalib.config import (
     AWQConfig,
     CalibConfig,
@@ -30,22 +32,6 @@ METHOD_CONFIGS: dict[str, type[QuantConfig]] = {
     "smoothquant": SmoothQuantConfig,
     "fair": FairCalibConfig,
 }
-
-
-def masked_inputs(
-    model: DiffusionLM, tokens: torch.Tensor, cfg: CalibConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a dLLM sees at inference: tokens [N, L] masked at t stratified over [t_min, 1]
-    ('uniform'), or clean tokens at t = 0 ('none', the autoregressive toolkits' habit)."""
-    n = len(tokens)
-    if cfg.masking == "none":
-        return tokens.clone(), torch.zeros(n)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    offset = torch.rand(1, generator=gen)
-    t = cfg.t_min + (1 - cfg.t_min) * ((offset + torch.arange(n) / n) % 1.0)
-    u = torch.rand(tokens.shape, generator=gen)
-    masked = u < model.schedule.mask_prob(t)[:, None]
-    return torch.where(masked, torch.full_like(tokens, model.mask_id), tokens), t
 
 
 def quantize(
@@ -113,6 +99,9 @@ def quantize_for_bench(
 __all__ = [
     "FakeQuantLinear",
     "METHOD_CONFIGS",
+    "calibration_inputs",
+    "load_fake_quant",
+    "save_quantized",
     "QuantReport",
     "masked_inputs",
     "quantize",

@@ -32,15 +32,26 @@ class FakeQuantLinear(nn.Module):
     per-token activation quantization -> x @ dequantized_weight.T + bias. Keeps the codes and
     qparams so the packed writer can store them."""
 
-    def __init__(self, result: QuantResult, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        input_scale: torch.Tensor | None = None,
+        act_bits: int | None = None,
+        result: QuantResult | None = None,
+    ) -> None:
         super().__init__()
-        self.out_features, self.in_features = result.weight.shape
-        self.register_buffer("weight", result.weight.detach().clone())
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach().clone())  # [out, in] dequantized
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        scale = result.input_scale
-        self.register_buffer("input_scale", None if scale is None else scale.detach().clone())
-        self.act_bits = result.act_bits
-        self.result = result
+        scale = None if input_scale is None else input_scale.detach().clone()  # [in]
+        self.register_buffer("input_scale", scale)
+        self.act_bits = act_bits
+        self.result = result  # None when loaded from a fake-quant directory (no codes kept)
+
+    @classmethod
+    def from_result(cls, result: QuantResult, bias: torch.Tensor | None) -> FakeQuantLinear:
+        return cls(result.weight, bias, result.input_scale, result.act_bits, result)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
@@ -210,29 +221,14 @@ def _quantize_block(
                 "rtn_rel_error": weighted_output_error(rtn.weight, w, inputs),
             }
         )
-        _set_submodule(block, name, FakeQuantLinear(result, lin.bias))
+        _set_submodule(block, name, FakeQuantLinear.from_result(result, lin.bias))
     return rows
 
 
 def quant_results(model: DiffusionLM) -> dict[str, QuantResult]:
     """Full module name -> QuantResult of every quantized linear (for the packed writer)."""
-    return {name: m.result for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
-
-
-@torch.no_grad()
-def fold_fake_quant(model: DiffusionLM) -> DiffusionLM:
-    """Replace FakeQuantLinear by plain nn.Linear computing the same function, so a fake-quant
-    model saves and loads like a float one: (x / s) @ Wq.T == x @ (Wq / s).T. Layers that also
-    quantize activations cannot be folded and must be saved packed."""
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, FakeQuantLinear):
-            continue
-        if module.act_bits is not None:
-            raise ValueError(f"{name} quantizes activations; save it with --format packed")
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        weight = module.weight if module.input_scale is None else module.weight / module.input_scale
-        linear.weight.copy_(weight)
-        if module.bias is not None:
-            linear.bias.copy_(module.bias)
-        _set_submodule(model, name, linear.to(module.weight.device))
-    return model
+    return {
+        name: m.result
+        for name, m in model.named_modules()
+        if isinstance(m, FakeQuantLinear) and m.result is not None
+    }

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from faircalib.errors import CheckpointError, ConfigError
+from faircalib.errors import CheckpointError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fair-weighting", choices=["instability", "margin", "uniform"])
     g.add_argument("--fair-tokens", choices=["frontier", "all"])
     g.add_argument("--fair-steps", type=int, help="sampler steps for frontier tracking")
+    g.add_argument("--fair-prefix-len", type=int, help="prompt tokens kept for frontier tracking")
+    g.add_argument("--fair-noise", choices=["rtn", "random"], help="instability noise model")
+    g.add_argument("--fair-inputs", choices=["mixed", "states"], help="calibration sequences")
+    g.add_argument("--fair-gamma", type=float, help="exponent on normalised instability")
+    g.add_argument("--fair-floor", type=float, help="row weight of non-frontier tokens")
+    g.add_argument("--fair-max-weight", type=float, help="cap on a frontier row's extra weight")
     p.set_defaults(func=run)
 
 
@@ -62,6 +68,12 @@ def method_config(args: argparse.Namespace):
             weighting=args.fair_weighting,
             tokens=args.fair_tokens,
             steps=args.fair_steps,
+            prefix_len=args.fair_prefix_len,
+            noise=args.fair_noise,
+            inputs=args.fair_inputs,
+            gamma=args.fair_gamma,
+            floor=args.fair_floor,
+            max_weight=args.fair_max_weight,
             n_prompts=args.nsamples,
         )
     cls = METHOD_CONFIGS[args.method]
@@ -73,17 +85,15 @@ def method_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from faircalib import hub
     from faircalib.calib import quantize
-    from faircalib.calib.engine import check_layers, fold_fake_quant, quant_results
+    from faircalib.calib.engine import check_layers
+    from faircalib.calib.fakequant_io import save_quantized
     from faircalib.config import CalibConfig
     from faircalib.data import calibration_batch
-    from faircalib.models import save_model
 
     config = method_config(args)  # refuses bad bits / group sizes first
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
-    if config.method == "smoothquant" and args.format == "fake":
-        raise ConfigError("SmoothQuant quantizes activations at run time; use --format packed")
     source = hub.resolve(args.model)
     model = hub.load(args.model, device=args.device)
     check_layers(model, config)
@@ -104,20 +114,17 @@ def run(args: argparse.Namespace) -> int:
     report = quantize(model, config, tokens, calib, progress=not args.json).to_dict()
     record = {
         "source_model": str(args.model),
-        "format": args.format,
         "command": " ".join(["faircalib", *sys.argv[1:]]),
-        **report,
     }
-    extra = {"tokenizer.json": source / "tokenizer.json", "quantization.json": record}
-    model.cpu()
-    if args.format == "packed":
-        from faircalib.formats.packed import save_packed_model
-
-        save_packed_model(
-            model, quant_results(model), out, extra_files=extra, overwrite=args.overwrite
-        )
-    else:
-        save_model(fold_fake_quant(model), out, extra_files=extra, overwrite=args.overwrite)
+    save_quantized(
+        model,
+        report,
+        out,
+        source / "tokenizer.json",
+        args.overwrite,
+        fmt=args.format,
+        record=record,
+    )
     summary = {
         "out": str(out),
         "method": report["method"],

@@ -46,12 +46,12 @@ if TYPE_CHECKING:
 
 # Token rows M at and above which `auto` leaves torch's int4 kernel for dequantize-then-GEMM,
 # per device (None: never). GPU value: the first M of the benchmark grid at which
-# dequant + bf16 cuBLAS beats `_weight_int4pack_mm` on every 8B layer shape; H100, torch 2.11
-# (DESIGN.md): int4 is 2.0-2.3x faster than bf16 at M=1 and 0.8-0.9x at M=16, so 16.
-# `python benchmarks/kernels.py` recomputes it into benchmarks/results/kernels.
+# dequant + bf16 cuBLAS beats `_weight_int4pack_mm` on the 8B layer shapes: measured on an H100
+# with torch 2.11 (benchmarks/results/kernels/kernels.md: 64 for 4096x14336 and 14336x4096,
+# 128 for 4096x4096), so 64. `python benchmarks/kernels.py` recomputes it.
 # CPU value: on the 2-core EPYC dev machine the bf16 int4 kernel beat both dense bf16 and
 # dequantize-then-GEMM at every M up to 2048 (2048x2048 layer), so it never hands over.
-CROSSOVER_M: dict[str, int | None] = {"cuda": 16, "cpu": None}
+CROSSOVER_M: dict[str, int | None] = {"cuda": 64, "cpu": None}
 
 # `int8` on CUDA: `torch._int_mm` needs M > 16 (cuBLASLt int8 constraint).
 INT8_CUDA_MIN_M = 17

@@ -75,7 +75,10 @@ def save_quantized(
         from faircalib.formats.packed import save_packed_model
 
         results = quant_results(model)
-        return save_packed_model(model, results, Path(out), extra_files=extra, overwrite=overwrite)
+        # non-quantized tensors (embeddings, norms, output layer) in bf16: the deployed size
+        return save_packed_model(
+            model, results, Path(out), dtype=torch.bfloat16, extra_files=extra, overwrite=overwrite
+        )
     if fmt != "fake":
         raise ConfigError(f"unknown output format {fmt!r}; use 'fake' or 'packed'")
     act_layers = fold_fake_quant(model)

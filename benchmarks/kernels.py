@@ -8,12 +8,17 @@ For M in {1, ..., 4096} and the 8B-model layer shapes (in x out) 4096x4096, 4096
   bf16          F.linear with a bf16 weight (cuBLAS)
   int4_torch    QuantLinear int4 g128 asym on torch's int4 kernel (_weight_int4pack_mm on GPU,
                 _weight_int4pack_mm_for_cpu on the CPU)
+  int4_aten     the same kernel called bare on its prepacked weight (uint8 [N, K/2] ->
+                _convert_weight_to_int4pack, scales_and_zeros bf16 [K/128, N, 2]): the kernel's
+                own cost, without QuantLinear's Python around it (which dominates at small M)
   dequant_bf16  QuantLinear int4 g128: dequantize to bf16 (one fused torch.compile kernel on
                 GPU) + cuBLAS; the large-M path
   int8_w8a8     QuantLinear 8-bit per-channel, act_bits=8, torch._int_mm (activation
                 quantization included); GPU needs M > 16
   fp8_w8a8      QuantLinear 8-bit per-channel on torch._scaled_mm, row-wise scales (per-token
                 activation quantization included)
+  fp8_aten      fp8_w8a8's work called bare: per-token e4m3 scales of x (inside the timed call)
+                + torch._scaled_mm with per-channel weight scales, bf16 out
   gemlite_w4    gemlite's Triton int4 g128 layer, only if `gemlite` imports (optional)
   triton_w4     QuantLinear int4 g128 on our fused Triton dequant GEMM (needs triton)
 Timing: median over timed rounds after warm-up (CUDA events on GPU); every round calls each of
@@ -21,7 +26,9 @@ several independent (weight, input) copies in turn, together larger than 4x the 
 no call finds its operands cached by the previous one. Correctness: at every shape and M, a
 fresh random input through each backend against a float64 matmul of the operands that backend
 is meant to compute with (rel. Frobenius error <= 1e-2). Writes kernels.json, kernels.md and
-kernels.png into --out, and the crossover M that `faircalib.kernels.CROSSOVER_M` should hold.
+kernels.png into --out, the crossover M that `faircalib.kernels.CROSSOVER_M` should hold
+(dequant_bf16 vs int4_torch: the choice `auto` makes) and the M from which bf16 beats the bare
+int4 kernel at every larger M (where int4 stops paying at all).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import torch.nn.functional as F
 from faircalib.bench import run_record
 from faircalib.config import QuantConfig
 from faircalib.kernels import CROSSOVER_M, QuantLinear
-from faircalib.kernels.backends import fp8_quantize, quantize_rows_int8
+from faircalib.kernels.backends import BACKENDS, fp8_quantize, quantize_rows_int8
 from faircalib.quant.primitives import compute_qparams, dequantize, quantize
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
@@ -88,6 +95,15 @@ class Candidate:
 def _quant_linear(codes, qp, backend: str, **kw) -> Fn:
     layer = QuantLinear.from_codes(codes, qp, backend=backend, **kw)
     return torch.no_grad()(layer.forward)
+
+
+def _bare_kernel(codes, qp, backend: str) -> Fn:
+    """Backend `backend`'s kernel call alone, on the layout its `prepare` built (the same code
+    QuantLinear runs, minus reshapes, backend choice and bias handling)."""
+    layer = QuantLinear.from_codes(codes, qp, backend=backend)
+    impl = BACKENDS[backend]
+    prepared = impl.prepare(layer, codes.device, torch.bfloat16)
+    return torch.no_grad()(lambda x: impl.run(layer, prepared, x))
 
 
 def _ref_w4(layer: Layer, x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +159,7 @@ def candidates(device: torch.device) -> list[Candidate]:
             BASELINE, _make_bf16, lambda l, x: x.double() @ l.w.to(torch.bfloat16).double().T, 2.0
         ),
         Candidate("int4_torch", lambda l: _quant_linear(l.codes4, l.qp4, int4), _ref_w4, 0.5),
+        Candidate("int4_aten", lambda l: _bare_kernel(l.codes4, l.qp4, int4), _ref_w4, 0.5),
         Candidate(
             "dequant_bf16", lambda l: _quant_linear(l.codes4, l.qp4, "dequant"), _ref_w4, 0.5
         ),
@@ -153,6 +170,7 @@ def candidates(device: torch.device) -> list[Candidate]:
             1.0,
         ),
         Candidate("fp8_w8a8", lambda l: _quant_linear(l.codes8, l.qp8, "fp8"), _ref_fp8, 1.0),
+        Candidate("fp8_aten", lambda l: _bare_kernel(l.codes8, l.qp8, "fp8"), _ref_fp8, 1.0),
     ]
     if device.type == "cuda":
         out.append(Candidate("gemlite_w4", _make_gemlite, _ref_w4, 0.5))
@@ -368,13 +386,16 @@ def markdown(result: dict) -> str:
                 row.append(f"{r['speedup_vs_bf16']:.2f}x{mark}" if "speedup_vs_bf16" in r else "-")
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    c = result["crossover"]
+    c, b = result["crossover"], result["int4_vs_bf16"]
     lines += [
         "## Crossover",
         "",
         f"First M at which {c['large']} beats {c['small']}, per shape: {c['per_shape']}.",
         f"Suggested `CROSSOVER_M['{result['device_type']}']` = {c['suggested']} "
         f"(value in code: {result['crossover_in_code']}).",
+        "",
+        f"First M from which bf16 beats the bare int4 kernel ({b['small']}) at every larger M, "
+        f"per shape: {b['per_shape']} (1: int4 never wins here).",
         "",
         "Fastest correct W4A16 backend per M: "
         + "; ".join(f"{shape}: {cells}" for shape, cells in result["fastest_w4"].items()),
@@ -457,7 +478,10 @@ def main(argv: list[str] | None = None) -> dict:
         "rows": rows,
     }
     result["crossover"] = crossover(rows)
-    result["fastest_w4"] = fastest(rows, ("int4_torch", "dequant_bf16", "gemlite_w4", "triton_w4"))
+    result["int4_vs_bf16"] = crossover(rows, small="int4_aten", large=BASELINE)
+    result["fastest_w4"] = fastest(
+        rows, ("int4_torch", "int4_aten", "dequant_bf16", "gemlite_w4", "triton_w4")
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -27,10 +27,13 @@ def test_kernels_smoke_writes_checked_results(tmp_path):
     assert "| M | bf16 (us) |" in (tmp_path / "kernels.md").read_text()
     rows = [r for r in result["rows"] if "ms" in r]
     # every CPU backend ran at every shape and M, and agreed with its float64 reference
-    assert len(rows) == 2 * 3 * 5
+    assert len(rows) == 2 * 3 * 7
     assert all(r["rel_err"] <= 1e-2 and r["correct"] for r in rows)
     assert all(r["ms"] > 0 and r["speedup_vs_bf16"] > 0 for r in rows)
     assert result["crossover"]["per_shape"].keys() == {"256x512", "512x256"}
+    assert result["int4_vs_bf16"]["per_shape"].keys() == {"256x512", "512x256"}
+    # the bare kernels ran and matched their float64 references (checked for all rows above)
+    assert {"int4_aten", "fp8_aten"} <= {r["backend"] for r in rows}
 
 
 def test_e2e_smoke_reports_latency_memory_and_bytes(tmp_path):

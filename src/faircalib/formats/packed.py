@@ -45,6 +45,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32,
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from compressed_tensors.utils.match import is_match, match_named_modules
 from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import faircalib
@@ -121,6 +122,45 @@ def unpack_layer(
 def packed_nbytes(tensors: dict[str, torch.Tensor]) -> int:
     """Bytes a layer's packed tensors occupy on disk (tensor payload, headers excluded)."""
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# the tensors of one packed layer that hold its weight (bias and input_scale are not weight)
+WEIGHT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+_SAFETENSORS_ITEM_BYTES = {
+    "I64": 8,
+    "F64": 8,
+    "I32": 4,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I8": 1,
+    "U8": 1,
+}
+
+
+def packed_weight_bytes(directory: Path) -> int:
+    """Bytes the quantized layers' weights (codes, scales, zero points, shapes) occupy in a
+    packed model directory, read from the safetensors headers only (no tensor is loaded)."""
+    directory = Path(directory)
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{directory} has no safetensors shards")
+    sizes: dict[str, int] = {}
+    for path in shards:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    piece = f.get_slice(name)
+                    if piece.get_dtype() not in _SAFETENSORS_ITEM_BYTES:
+                        raise CheckpointError(f"{path}: {name} has dtype {piece.get_dtype()}")
+                    item = _SAFETENSORS_ITEM_BYTES[piece.get_dtype()]
+                    sizes[name] = math.prod(piece.get_shape()) * item
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    layers = {n.removesuffix(".weight_packed") for n in sizes if n.endswith(".weight_packed")}
+    if not layers:
+        raise CheckpointError(f"{directory} holds no packed layers (no *.weight_packed tensor)")
+    return sum(sizes.get(f"{layer}.{suffix}", 0) for layer in layers for suffix in WEIGHT_SUFFIXES)
 
 
 def expected_specs(

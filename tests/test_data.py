@@ -103,3 +103,38 @@ def test_data_command_json(capsys):
     rows = {(r["corpus"], r["split"]): r for r in out["corpora"]}
     assert rows[("c4", "validation")]["tokens"] == 506_708
     assert rows[("wikitext2", "test")]["documents"] == 62
+
+
+def test_tampered_tokenizer_file_is_refused(tmp_path: Path, monkeypatch):
+    src = corpora.FILES_DIR / "tokenizers" / "gpt2"
+    dst = tmp_path / "tokenizers" / "gpt2"
+    shutil.copytree(src, dst)
+    vocab = dst / "vocab.json.gz"
+    vocab.chmod(0o644)
+    data = bytearray(vocab.read_bytes())
+    data[-20] ^= 0xFF  # inside the gzip trailer or payload: either way the load must fail
+    vocab.write_bytes(bytes(data))
+    monkeypatch.setattr(corpora, "FILES_DIR", tmp_path)
+    with pytest.raises(DataError, match="vocab.json.gz"):
+        gpt2_tokenizer()
+
+
+def test_stream_cache_is_per_tokenizer_object():
+    # two different tokenizers, the first freed before the second exists: ids may be reused
+    a = train_bpe(load_texts("c4", "train")[:30], vocab_size=300)
+    stream_a = corpora.token_stream(a, "c4", "validation").clone()
+    del a
+    b = train_bpe(load_texts("c4", "train")[:30], vocab_size=600)
+    stream_b = corpora.token_stream(b, "c4", "validation")
+    assert len(stream_b) < 0.9 * len(stream_a)  # the larger vocabulary compresses the text
+    assert int(stream_b.max()) >= 300  # uses ids only the larger vocabulary has
+
+
+def test_eval_sequences_are_copies_and_check_length(tok):
+    seqs, _ = eval_sequences(tok, "c4", "validation", 64)
+    first = int(seqs[0, 0])
+    seqs.fill_(-1)  # callers mask in place; the cached stream must not change
+    again, _ = eval_sequences(tok, "c4", "validation", 64)
+    assert int(again[0, 0]) == first and int(again.min()) >= 0
+    with pytest.raises(DataError, match="must be positive, got 0"):
+        eval_sequences(tok, "c4", "validation", 0)

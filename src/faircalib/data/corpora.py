@@ -126,6 +126,7 @@ def load_texts(corpus: str, split: str) -> list[str]:
 
 
 def load_text(corpus: str, split: str) -> str:
+    """The whole split as one string: its documents joined by blank lines."""
     return "\n\n".join(load_texts(corpus, split))
 
 
@@ -136,26 +137,40 @@ def _eos(tokenizer: Tokenizer) -> int:
     return eos
 
 
-_STREAMS: dict[tuple[int, str, str], tuple[list[list[int]], list[int]]] = {}
+# (id(tokenizer), corpus, split) -> (tokenizer, ids per doc, bytes per doc, EOS-joined stream).
+# The tokenizer itself is kept so that its id cannot be reused by a new object while cached, and
+# is compared by identity so a stale entry is never served.
+_STREAMS: dict[tuple[int, str, str], tuple[Tokenizer, list[list[int]], list[int], torch.Tensor]] = {}
+_MAX_CACHED = 16
+
+
+def _tokenized(
+    tokenizer: Tokenizer, corpus: str, split: str
+) -> tuple[Tokenizer, list[list[int]], list[int], torch.Tensor]:
+    key = (id(tokenizer), corpus, split)
+    hit = _STREAMS.get(key)
+    if hit is None or hit[0] is not tokenizer:
+        docs = load_texts(corpus, split)
+        eos = _eos(tokenizer)
+        ids = [enc.ids for enc in tokenizer.encode_batch(docs)]
+        stream = torch.tensor([t for doc in ids for t in [*doc, eos]], dtype=torch.long)  # [T]
+        if len(_STREAMS) >= _MAX_CACHED:  # bound memory: drop the oldest entry
+            del _STREAMS[next(iter(_STREAMS))]
+        _STREAMS[key] = (tokenizer, ids, [len(d.encode("utf-8")) for d in docs], stream)
+    return _STREAMS[key]
 
 
 def tokenized_docs(
     tokenizer: Tokenizer, corpus: str, split: str
 ) -> tuple[list[list[int]], list[int]]:
     """(token ids per document, UTF-8 bytes per document), cached per tokenizer object."""
-    key = (id(tokenizer), corpus, split)
-    if key not in _STREAMS:
-        docs = load_texts(corpus, split)
-        ids = [enc.ids for enc in tokenizer.encode_batch(docs)]
-        _STREAMS[key] = (ids, [len(d.encode("utf-8")) for d in docs])
-    return _STREAMS[key]
+    _, ids, doc_bytes, _ = _tokenized(tokenizer, corpus, split)
+    return ids, doc_bytes
 
 
 def token_stream(tokenizer: Tokenizer, corpus: str, split: str) -> torch.Tensor:
-    """All documents joined with EOS after each: [T] token ids."""
-    eos = _eos(tokenizer)
-    ids, _ = tokenized_docs(tokenizer, corpus, split)
-    return torch.tensor([t for doc in ids for t in [*doc, eos]], dtype=torch.long)
+    """All documents joined with EOS after each: [T] token ids (a cached tensor: do not modify)."""
+    return _tokenized(tokenizer, corpus, split)[3]
 
 
 def calibration_batch(
@@ -189,6 +204,8 @@ def eval_sequences(
     partial chunk dropped). Also returns the UTF-8 bytes those tokens cover: the bytes of the
     whole text times the share of tokens kept (every document lies in the kept stream except
     the dropped tail, which is less than one chunk)."""
+    if seq_len < 1:
+        raise DataError(f"sequence length must be positive, got {seq_len}")
     stream = token_stream(tokenizer, corpus, split)
     n = len(stream) // seq_len
     if n == 0:
@@ -197,4 +214,5 @@ def eval_sequences(
         )
     _, doc_bytes = tokenized_docs(tokenizer, corpus, split)
     n_bytes = round(sum(doc_bytes) * n * seq_len / len(stream))
-    return stream[: n * seq_len].view(n, seq_len), n_bytes
+    # clone: callers mask sequences in place, and the stream is cached
+    return stream[: n * seq_len].view(n, seq_len).clone(), n_bytes

@@ -140,7 +140,9 @@ def _eos(tokenizer: Tokenizer) -> int:
 # (id(tokenizer), corpus, split) -> (tokenizer, ids per doc, bytes per doc, EOS-joined stream).
 # The tokenizer itself is kept so that its id cannot be reused by a new object while cached, and
 # is compared by identity so a stale entry is never served.
-_STREAMS: dict[tuple[int, str, str], tuple[Tokenizer, list[list[int]], list[int], torch.Tensor]] = {}
+_STREAMS: dict[
+    tuple[int, str, str], tuple[Tokenizer, list[list[int]], list[int], torch.Tensor]
+] = {}
 _MAX_CACHED = 16
 
 

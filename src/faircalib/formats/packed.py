@@ -35,7 +35,6 @@ that the config describes before anything is built, then repacks the plain codes
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,7 @@ from faircalib.models.io import (
     build_model,
     load_tensors,
     save_tensors,
+    write_extra_files,
     write_json,
 )
 from faircalib.quant.primitives import QParams
@@ -214,7 +214,7 @@ def save_packed_model(
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         write_json(tmp / CONFIG, config)
         save_tensors(tensors, tmp)
-        _write_extra_files(tmp, extra_files)
+        write_extra_files(tmp, extra_files)
     return Path(out)
 
 
@@ -310,16 +310,6 @@ def _faircalib_section(layers: dict[str, Any], metadata: dict[str, Any] | None) 
         },
         "metadata": metadata or {},
     }
-
-
-def _write_extra_files(directory: Path, extra_files: dict[str, Path | str | dict] | None) -> None:
-    for name, content in (extra_files or {}).items():
-        if isinstance(content, dict):
-            write_json(directory / name, content)
-        elif isinstance(content, Path):
-            shutil.copyfile(content, directory / name)
-        else:
-            (directory / name).write_text(content)
 
 
 # --- load ----------------------------------------------------------------------------------

@@ -158,14 +158,19 @@ def save_model(
         )
         tensors = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
         save_tensors(tensors, tmp)
-        for name, content in (extra_files or {}).items():
-            if isinstance(content, dict):
-                write_json(tmp / name, content)
-            elif isinstance(content, Path):
-                shutil.copyfile(content, tmp / name)
-            else:
-                (tmp / name).write_text(content)
+        write_extra_files(tmp, extra_files)
     return Path(out)
+
+
+def write_extra_files(directory: Path, extra_files: dict[str, Path | str | dict] | None) -> None:
+    """Files beside the weights: a Path is copied, a dict written as JSON, a str as text."""
+    for name, content in (extra_files or {}).items():
+        if isinstance(content, dict):
+            write_json(directory / name, content)
+        elif isinstance(content, Path):
+            shutil.copyfile(content, directory / name)
+        else:
+            (directory / name).write_text(content)
 
 
 def load_model(

@@ -122,8 +122,13 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 def random_windows(
     stream: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator
 ) -> torch.Tensor:
-    starts = torch.randint(0, len(stream) - seq_len, (batch,), generator=gen)
-    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()]).long()
+    """[batch, seq_len] windows of `stream` at random starts, gathered on the stream's device
+    (no per-step host work or transfer when the stream lives on the GPU)."""
+    starts = torch.randint(
+        0, len(stream) - seq_len, (batch, 1), generator=gen, device=stream.device
+    )
+    offsets = torch.arange(seq_len, device=stream.device)
+    return stream[starts + offsets].long()  # [batch, seq_len]
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MDLM:
@@ -134,23 +139,35 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MDLM:
     return MDLM(MDLMConfig(vocab_size=tokenizer.get_vocab_size(), mask_id=mask_id, **params))
 
 
-def compiled_or_eager(model: MDLM, cfg: TrainConfig, device: str) -> torch.nn.Module:
-    """torch.compile when asked and when it works on this machine; eager otherwise."""
+def step_loss_fn(model: MDLM, cfg: TrainConfig, device: str):
+    """The training loss (mean per-token NELBO of a batch) as one function of (x0, t, u),
+    compiled whole when asked: forward, SUBS head and NELBO fuse, so the [B, L, V] float32
+    log-probabilities are not written out several times. Falls back to eager where
+    compilation does not work on this machine."""
+
+    def loss(x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return nelbo_per_sequence(model, x0, t, u).mean() / model.seq_len
+
     if not cfg.compile:
-        return model
-    compiled = torch.compile(model)
+        return loss
+    compiled = torch.compile(loss)
     try:
-        x = torch.randint(0, model.vocab_size - 1, (2, model.seq_len), device=device)
-        with torch.autocast(
-            device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"
-        ):
-            compiled(x, torch.rand(2, device=device)).float().mean().backward()
+        x = torch.randint(2, model.vocab_size, (2, model.seq_len), device=device)
+        t, u = torch.rand(2, device=device), torch.rand(2, model.seq_len, device=device)
+        with autocast(device):
+            compiled(x, t, u).backward()
         model.zero_grad(set_to_none=True)
         return compiled
     except Exception as exc:  # compilation support varies by torch build; training must not
         print(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly", flush=True)
         model.zero_grad(set_to_none=True)
-        return model
+        return loss
+
+
+def autocast(device: str) -> torch.autocast:
+    """bf16 autocast on accelerators; a no-op on the CPU (fp32 training, as the tests run)."""
+    kind = device.split(":")[0]
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16, enabled=kind != "cpu")
 
 
 @torch.no_grad()
@@ -163,9 +180,7 @@ def evaluate_loss(model: MDLM, stream: torch.Tensor, cfg: TrainConfig, device: s
         x0 = random_windows(stream, cfg.batch_size, model.seq_len, gen).to(device)
         t = stratified_times(x0.shape[0], gen).to(device)
         u = torch.rand(x0.shape, generator=gen).to(device)
-        with torch.autocast(
-            device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"
-        ):
+        with autocast(device):
             total += nelbo_per_sequence(model, x0, t, u).mean().item() / model.seq_len
     model.train()
     return total / cfg.eval_batches
@@ -197,8 +212,11 @@ def train(cfg: TrainConfig) -> Path:
         betas=(0.9, 0.98),
         fused=device.startswith("cuda"),
     )
-    step_fn = compiled_or_eager(model, cfg, device)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    step_loss = step_loss_fn(model, cfg, device)
+    # batches are drawn where they are used: the token stream (int32) and the generator live
+    # on the training device, so a step issues no host work and no host-to-device copy
+    train_stream = train_stream.to(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     log: list[dict] = []
     total_steps = cfg.max_steps
     start = time.time()
@@ -213,15 +231,11 @@ def train(cfg: TrainConfig) -> Path:
                 break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total_steps, cfg)
-        x0 = random_windows(train_stream, cfg.batch_size, model.seq_len, gen).to(
-            device, non_blocking=True
-        )
-        t = stratified_times(cfg.batch_size, gen).to(device)
-        u = torch.rand(x0.shape, generator=gen).to(device)
-        with torch.autocast(
-            device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=device != "cpu"
-        ):
-            loss = nelbo_per_sequence(step_fn, x0, t, u).mean() / model.seq_len
+        x0 = random_windows(train_stream, cfg.batch_size, model.seq_len, gen)
+        t = stratified_times(cfg.batch_size, gen)
+        u = torch.rand(x0.shape, generator=gen, device=device)
+        with autocast(device):
+            loss = step_loss(x0, t, u)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -42,6 +42,7 @@ def nelbo_per_sequence(
 def stratified_times(batch: int, generator: torch.Generator, t_min: float = 1e-3) -> torch.Tensor:
     """Low-discrepancy t's for a batch: one uniform offset, then evenly spaced (MDLM's antithetic
     sampling). Lowers the variance of the batch-mean NELBO at no cost."""
-    offset = torch.rand(1, generator=generator)
-    t = (offset + torch.arange(batch) / batch) % 1.0
+    device = generator.device  # t is drawn on the generator's device
+    offset = torch.rand(1, generator=generator, device=device)
+    t = (offset + torch.arange(batch, device=device) / batch) % 1.0
     return t * (1 - t_min) + t_min

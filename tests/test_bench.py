@@ -1,8 +1,12 @@
 """CI-sized smoke run of the comparison harness: structure and finiteness, not values."""
 
+import importlib.util
 import json
 import math
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from faircalib.cli import main
@@ -51,3 +55,55 @@ def test_bench_smoke(tmp_path, capsys):
     for name in ("bench.json", "bench.md", "ppl_vs_bits.png", "flip_rate_by_step.png"):
         assert (out / name).stat().st_size > 0
     assert "Table 1" in (out / "bench.md").read_text()
+
+
+def test_bench_offload_gives_the_same_rows(tmp_path, capsys):
+    args = ["bench", "--model", "mdlm-tiny", "--methods", "gptq", "--schemes", "w4g64"]
+    args += ["--nsamples", "2", "--seq-len", "32", "--eval-limit", "2"]
+    args += ["--eval-data", "wikitext2:test", "--flip-prompts", "1", "--flip-gen-length", "8"]
+    args += ["--flip-steps", "4", "--json"]
+    results = []
+    for extra in ([], ["--offload"]):
+        assert main([*args, *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[1]["config"]["offload"] is True
+    for a, b in zip(results[0]["summary"], results[1]["summary"], strict=True):
+        assert a["wikitext2:test_ppl"] == b["wikitext2:test_ppl"]
+        assert a.get("flip_rate") == b.get("flip_rate")
+
+
+def load_offload_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "offload.py"
+    spec = importlib.util.spec_from_file_location("bench_offload", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_offload_benchmark_smoke(tmp_path):
+    result = load_offload_script().main(["--smoke", "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "offload.json").read_text())
+    assert on_disk["record"]["command"].startswith("python benchmarks/offload.py --smoke")
+    assert {"git_commit", "device", "date", "torch"} <= set(on_disk["record"])
+    assert [m["mode"] for m in result["modes"]] == ["offload", "on_device"]
+    for mode in result["modes"]:
+        assert mode["peak_gpu_bytes"] is None  # the CPU has no GPU memory to measure
+        assert mode["wall_s"] > 0 and mode["engine_timings"]["quantize_s"] > 0
+        assert mode["model_ends_on"] == ["cpu"]
+    sizes = result["sizes"]
+    assert sizes["model_bytes"] > sizes["block_bytes"] > 0 and sizes["stem_head_bytes"] > 0
+    assert result["comparison"]["identical_weights"] and result["comparison"]["identical_codes"]
+    assert result["comparison"]["quantized_layers"] == 4 * result["shape"]["blocks"]
+    assert result["checks"]["identical"] and result["checks"]["offload_ends_on_cpu"]
+    assert result["checks"]["offload_peak_below_model_bytes"] is None
+    md = (tmp_path / "offload.md").read_text()
+    assert "| offload | - |" in md and "Identical quantized weights in both modes: yes" in md
+
+
+def test_offload_benchmark_needs_cuda_without_smoke(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        load_offload_script().main(["--out", str(tmp_path)])
+    assert "--smoke" in capsys.readouterr().err

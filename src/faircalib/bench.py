@@ -8,6 +8,7 @@ full table, and PNG plots.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -69,6 +70,9 @@ class BenchConfig:
     flip_gen_length: int = 32
     flip_steps: int = 32
     device: str = "cpu"
+    # models wait on the CPU: calibration keeps one block on `device`, evaluation moves the
+    # evaluated model (and, for flip rates, the float model too) to `device` for its duration
+    offload: bool = False
     out: str | None = None
     progress: bool = True
 
@@ -143,21 +147,35 @@ class Evaluator:
         )
         self.prompts = prompts
 
+    @contextlib.contextmanager
+    def on_device(self, *models: torch.nn.Module):
+        """With `offload`, models live on the CPU and visit the device while evaluated."""
+        if self.cfg.offload:
+            for model in models:
+                model.to(self.cfg.device)
+        try:
+            yield
+        finally:
+            if self.cfg.offload:
+                for model in models:
+                    model.to("cpu")
+
     def perplexities(self, model: torch.nn.Module) -> dict:
         from faircalib.eval import likelihood_bound
 
         out = {}
-        for spec, (seqs, n_bytes) in self.sets.items():
-            res = likelihood_bound(
-                model,
-                seqs,
-                n_bytes,
-                mc_samples=self.cfg.eval_mc_samples,
-                seed=self.cfg.eval_seed,
-                progress=self.cfg.progress,
-                batch_size=8 if self.cfg.device == "cpu" else 64,
-            )
-            out[spec] = res.to_dict()
+        with self.on_device(model):
+            for spec, (seqs, n_bytes) in self.sets.items():
+                res = likelihood_bound(
+                    model,
+                    seqs,
+                    n_bytes,
+                    mc_samples=self.cfg.eval_mc_samples,
+                    seed=self.cfg.eval_seed,
+                    progress=self.cfg.progress,
+                    batch_size=8 if self.cfg.device == "cpu" else 64,
+                )
+                out[spec] = res.to_dict()
         return out
 
     def flips(self, reference: torch.nn.Module, model: torch.nn.Module) -> dict:
@@ -166,7 +184,9 @@ class Evaluator:
         scfg = SamplerConfig(
             sampler="low_confidence", steps=self.cfg.flip_steps, gen_length=self.cfg.flip_gen_length
         )
-        res = compare_generations(reference, model, self.prompts.to(self.cfg.device), scfg, seed=0)
+        prompts = self.prompts.to(self.cfg.device)
+        with self.on_device(reference, model):
+            res = compare_generations(reference, model, prompts, scfg, seed=0)
         keep = (
             "flip_rate",
             "mean_first_divergence_step",
@@ -193,13 +213,14 @@ def quantize_row(model, tokenizer, method: str, scheme: str, calib_seed: int, cf
         seq_len=cfg.seq_len,
         seed=calib_seed,
         device=cfg.device,
+        offload=cfg.offload,
         progress=cfg.progress,
     )
     return qmodel, time.time() - start, report
 
 
 def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
-    model = hub.load(cfg.model, device=cfg.device)
+    model = hub.load(cfg.model, device="cpu" if cfg.offload else cfg.device)
     tokenizer = hub.load_tokenizer(cfg.model)
     evaluator = Evaluator(cfg, model, tokenizer)
     rows = [

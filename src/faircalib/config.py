@@ -95,7 +95,9 @@ class FairCalibConfig(QuantConfig):
 
     1. Frontier tracking: the float model's own sampler runs on `n_prompts` calibration prompts
        (a `prefix_len`-token C4 prefix, the rest masked) for `steps` steps; every visited state
-       (x_t, t) and the positions committed at each step are recorded.
+       (x_t, t) and the positions committed at each step are recorded. This needs the whole
+       float model on the calibration device once, offloading or not (with
+       `CalibConfig.offload` it moves there for steps 1-2 and back to the CPU afterwards).
     2. Instability: at the recorded states, KL(p_float || p_noisy) per position, where p_noisy
        is the model with `noise` applied to every quantizable weight: "rtn" = the RTN error at the
        target bits/group size, "random" = Gaussian noise of the same per-layer norm; scaled by
@@ -151,20 +153,25 @@ class CalibConfig:
     n_samples: int = 128
     seq_len: int | None = None  # None: the model's training length
     seed: int = 0
-    # how calibration inputs are noised: 'uniform' t ~ U(t_min, 1), or 'none' (clean text, AR-style)
-    masking: Literal["uniform", "none"] = "uniform"
-    t_min: float = 0.05
+    # how calibration inputs are noised: 'uniform' t stratified over [t_min, 1]; 'sampler' t on
+    # the grid k / sampler_steps (k = 1..sampler_steps) a sampler visits; 'none' (clean text)
+    masking: Literal["uniform", "sampler", "none"] = "uniform"
+    t_min: float = 0.05  # 'uniform' only
+    sampler_steps: int = 64  # 'sampler' only
     max_rows_per_layer: int = 8192  # rows kept for searches (AWQ, clipping); Hessians use all
     device: str = "cpu"
-    offload: bool = False  # move each block back to the CPU after it is quantized (large models)
+    # large models: blocks live on the CPU, one at a time on `device`; the result ends on the CPU
+    offload: bool = False
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
             raise ConfigError("calibration needs at least one sample (--nsamples >= 1)")
-        if self.masking not in ("uniform", "none"):
+        if self.masking not in ("uniform", "sampler", "none"):
             raise ConfigError(
-                f"unknown calibration masking {self.masking!r}; use 'uniform' or 'none'"
+                f"unknown calibration masking {self.masking!r}; use 'uniform', 'sampler' or 'none'"
             )
+        if self.sampler_steps < 1:
+            raise ConfigError(f"sampler_steps must be >= 1, got {self.sampler_steps}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,7 +13,7 @@ import torch
 from faircalib.calib.engine import FakeQuantLinear, QuantReport, check_layers, quantize_model
 from faircalib.calib.fair import fair_calibration_inputs
 from faircalib.calib.fakequant_io import load_fake_quant, save_quantized
-from faircalib.calib.inputs import calibration_inputs, masked_inputs
+from faircalib.calib.inputs import calibration_inputs, masked_inputs, sampler_levels
 from faircalib.config import (
     AWQConfig,
     CalibConfig,
@@ -42,7 +42,13 @@ def quantize(
     *,
     progress: bool = True,
 ) -> QuantReport:
-    """Quantize `model` in place with `config` on calibration tokens [N, L]."""
+    """Quantize `model` in place with `config` on calibration tokens [N, L].
+
+    With `calib.offload` the engine keeps one block at a time on `calib.device` and returns the
+    model on the CPU. FAIR-Calib's frontier tracking runs the float model's sampler, which needs
+    the whole float model (plus a noisy copy for instability scoring) on the device once: it is
+    moved there for tracking and back to the CPU before the block-by-block calibration.
+    """
     calib = calib or CalibConfig()
     check_layers(model, config)
     start = time.time()
@@ -53,6 +59,8 @@ def quantize(
         x_t, t, weights, extra = fair_calibration_inputs(
             model, tokens[:n_track], config, calib.seed, calib.device
         )
+        if calib.offload:
+            model.to("cpu")
         if n_track < len(tokens):  # the rest: masked at stratified t, as plain calibration does
             x_m, t_m = masked_inputs(model, tokens[n_track:], calib)
             x_t, t = torch.cat([x_m, x_t]), torch.cat([t_m, t])
@@ -80,10 +88,13 @@ def quantize_for_bench(
     seq_len: int | None,
     seed: int,
     device: str,
+    offload: bool = False,
     progress: bool = True,
     **method_kwargs,
 ) -> tuple[DiffusionLM, dict]:
-    """Calibrate on C4 (the shared default) and quantize; returns the model and its report."""
+    """Calibrate on C4 (the shared default) and quantize; returns the model and its report.
+
+    offload: one block at a time on `device` during calibration; the model returns on the CPU."""
     from faircalib.data import calibration_batch
 
     config = METHOD_CONFIGS[method](bits=bits, group_size=group_size, **method_kwargs)
@@ -91,7 +102,9 @@ def quantize_for_bench(
     tokens = calibration_batch(tokenizer, "c4", "train", nsamples, seq_len, seed)
     if isinstance(config, FairCalibConfig):
         config.n_prompts = nsamples
-    calib = CalibConfig(n_samples=nsamples, seq_len=seq_len, seed=seed, device=device)
+    calib = CalibConfig(
+        n_samples=nsamples, seq_len=seq_len, seed=seed, device=device, offload=offload
+    )
     report = quantize(model, config, tokens, calib, progress=progress)
     return model, report.to_dict()
 
@@ -107,4 +120,5 @@ __all__ = [
     "quantize",
     "quantize_for_bench",
     "quantize_model",
+    "sampler_levels",
 ]

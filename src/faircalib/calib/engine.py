@@ -4,7 +4,13 @@ As in GPTQ, calibration runs block by block. The stem's outputs for every calibr
 are cached on the CPU; each block in turn moves to the calibration device, runs on its float
 inputs while hooks collect (row-weighted) statistics of each quantizable linear's input, has its
 linears quantized, and then runs again - now quantized - to produce the next block's inputs, so
-later blocks calibrate against the errors of earlier ones. Only one block is on the device.
+later blocks calibrate against the errors of earlier ones.
+
+Offloading (`CalibConfig.offload`, `--offload`) is for models larger than the device: the blocks
+live on the CPU, only the non-block modules (stem and head) and the one block being calibrated
+are on the device, each block goes back to the CPU (with its codes) once quantized, and at the
+end the stem and head follow, so the quantized model ends on the CPU. Without offloading every
+module moves to the device and stays there.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from faircalib.quant.primitives import quantize_activations_per_token
 from faircalib.quant.stats import weighted_output_error
 
 BATCH = 16  # sequences per forward during calibration
+OFFLOAD_DEVICE = "cpu"  # where blocks wait with CalibConfig.offload
 
 
 class FakeQuantLinear(nn.Module):
@@ -52,6 +59,14 @@ class FakeQuantLinear(nn.Module):
     @classmethod
     def from_result(cls, result: QuantResult, bias: torch.Tensor | None) -> FakeQuantLinear:
         return cls(result.weight, bias, result.input_scale, result.act_bits, result)
+
+    def _apply(self, fn, recurse=True):
+        # `result` is not a module: without this, .to("cpu") would leave the codes, qparams and
+        # the result's weight on the device. They follow the weight's device, keeping dtypes.
+        super()._apply(fn, recurse)
+        if self.result is not None and self.result.weight.device != self.weight.device:
+            self.result = self.result.to(self.weight.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
@@ -90,6 +105,10 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def _batches(n: int) -> list[slice]:
     return [slice(i, min(i + BATCH, n)) for i in range(0, n, BATCH)]
 
@@ -108,6 +127,8 @@ def quantize_model(
     """Quantize every linear of `model.quantizable_linears` in place.
 
     x_t: [N, L] calibration inputs (partly masked), t: [N], row_weights: [N, L] (None = ones).
+    With `calib_cfg.offload` at most one block is on `calib_cfg.device` at any time and the
+    whole model is on the CPU on return; the quantized weights are the same as without it.
     """
     check_layers(model, method_cfg)
     device = torch.device(calib_cfg.device)
@@ -115,15 +136,26 @@ def quantize_model(
     n, seq_len = x_t.shape
     model.eval()
     hidden = model.blocks[0].attn_out.in_features if hasattr(model.blocks[0], "attn_out") else 0
+    outside_blocks = [m for m in model.children() if not isinstance(m, nn.ModuleList)]
     if progress and hidden:
         gib = n * seq_len * hidden * 4 / 2**30
         print(
             f"[calib] {n} sequences x {seq_len} tokens; block-input cache {gib:.2f} GiB (CPU)",
             file=sys.stderr,
         )
+    if progress:
+        stem_head = sum(_param_bytes(m) for m in outside_blocks) / 2**30
+        if calib_cfg.offload:
+            block = max(_param_bytes(b) for b in model.blocks) / 2**30
+            where = f"stem/head {stem_head:.2f} GiB + one block {block:.2f} GiB (offload)"
+        else:
+            where = f"the whole model, {_param_bytes(model) / 2**30:.2f} GiB"
+        print(f"[calib] parameters on {device}: {where}", file=sys.stderr)
 
     start = time.time()
-    for module in (m for m in model.children() if not isinstance(m, nn.ModuleList)):
+    if calib_cfg.offload:  # a model that arrives on the device keeps only its stem/head there
+        model.blocks.to(OFFLOAD_DEVICE)
+    for module in outside_blocks:
         module.to(device)
     cache: list[torch.Tensor] = []
     contexts: list[BlockContext] = []
@@ -161,7 +193,11 @@ def quantize_model(
             cache[j] = block(cache[j].to(device), contexts[j]).cpu()
         report.timings["propagate_s"] += time.time() - tick
         if calib_cfg.offload:
-            block.to("cpu")
+            block.to(OFFLOAD_DEVICE)
+    if calib_cfg.offload:
+        contexts.clear()  # device tensors from the stem
+        for module in outside_blocks:
+            module.to(OFFLOAD_DEVICE)
     report.timings["total_s"] = time.time() - start
     return report
 

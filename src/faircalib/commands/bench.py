@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--flip-gen-length", type=int, default=32)
     p.add_argument("--flip-steps", type=int, default=32)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="models wait on the CPU: calibration keeps one block on --device, evaluation moves "
+        "the evaluated models there",
+    )
     p.add_argument("--out", help="write bench.json, bench.md and plots here")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run)
@@ -52,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         flip_gen_length=args.flip_gen_length,
         flip_steps=args.flip_steps,
         device=args.device,
+        offload=args.offload,
         out=args.out,
     )
     result = run_bench(cfg, argv=["faircalib", *sys.argv[1:]])

@@ -25,10 +25,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--masking",
         default="uniform",
-        choices=["uniform", "none"],
-        help="mask calibration inputs as the dLLM sees them ('none': clean text)",
+        choices=["uniform", "sampler", "none"],
+        help="mask calibration inputs as the dLLM sees them: 'uniform' t over [0.05, 1], "
+        "'sampler' t on a sampler's step grid k/steps, 'none' clean text",
+    )
+    p.add_argument(
+        "--sampler-steps",
+        type=int,
+        default=64,
+        help="--masking sampler: the step count whose grid k/steps (k = 1..steps) t is taken from",
     )
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="large models: load on the CPU and keep only the stem/head and one block on --device "
+        "(FAIR-Calib's frontier tracking still needs the whole float model there once)",
+    )
     p.add_argument(
         "--format",
         default="fake",
@@ -95,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
     source = hub.resolve(args.model)
-    model = hub.load(args.model, device=args.device)
+    model = hub.load(args.model, device="cpu" if args.offload else args.device)
     check_layers(model, config)
     tokenizer = hub.load_tokenizer(args.model)
     seq_len = args.seq_len or model.seq_len
@@ -109,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
         seq_len=seq_len,
         seed=args.seed,
         masking=args.masking,
+        sampler_steps=args.sampler_steps,
         device=args.device,
+        offload=args.offload,
     )
     report = quantize(model, config, tokens, calib, progress=not args.json).to_dict()
     record = {

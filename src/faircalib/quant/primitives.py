@@ -18,7 +18,7 @@ Code convention (both modes store UNSIGNED codes in [0, 2^bits - 1] plus a zero 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,6 +47,10 @@ class QParams:
             self.scale.repeat_interleave(width, dim=1),
             self.zero.repeat_interleave(width, dim=1),
         )
+
+    def to(self, device: torch.device | str) -> QParams:
+        """The same parameters on `device` (dtypes kept)."""
+        return replace(self, scale=self.scale.to(device), zero=self.zero.to(device))
 
 
 def check_weight(weight: torch.Tensor, name: str = "weight") -> None:
@@ -155,3 +159,14 @@ class QuantResult:
     input_scale: torch.Tensor | None = None  # [in]; None: no smoothing
     act_bits: int | None = None  # per-token activation fake-quant bits (SmoothQuant)
     info: dict[str, float] | None = None  # scalar diagnostics
+
+    def to(self, device: torch.device | str) -> QuantResult:
+        """The same result with every tensor on `device` (dtypes kept: the codes stay uint8)."""
+        scale = None if self.input_scale is None else self.input_scale.to(device)
+        return replace(
+            self,
+            weight=self.weight.to(device),
+            codes=self.codes.to(device),
+            qparams=self.qparams.to(device),
+            input_scale=scale,
+        )

@@ -162,6 +162,20 @@ def median_ms(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def graphed_median_ms(fn, repeats: int) -> float:
+    """Median ms of `fn` replayed from a CUDA graph: device time without Python dispatch, as a
+    sampler gets by capturing its denoising step (faircalib.models.cuda_graph)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_ms(graph.replay, torch.device("cuda"), repeats)
+
+
 def resident_bytes(module: nn.Module) -> int:
     """Parameters and buffers, plus the kernel layouts QuantLinear caches next to its codes."""
     tensors = [*module.parameters(), *module.buffers()]
@@ -218,6 +232,9 @@ def bench_variant(
                 torch.cuda.reset_peak_memory_stats()
             ms = median_ms(lambda: run_blocks(blocks, h, cos, sin), device, repeats)  # noqa: B023
             row.update(blocks_ms=ms, per_block_ms=ms / n_blocks)
+            if device.type == "cuda":  # the same blocks replayed from a CUDA graph
+                graph_ms = graphed_median_ms(lambda: run_blocks(blocks, h, cos, sin), repeats)  # noqa: B023
+                row.update(graph_blocks_ms=graph_ms, graph_per_block_ms=graph_ms / n_blocks)
             if device.type == "cuda":
                 row["peak_bytes"] = torch.cuda.max_memory_allocated()
         row["backends"] = sorted(
@@ -263,19 +280,33 @@ def markdown(result: dict) -> str:
             "",
         ]
     lines += [
-        "| variant | batch | measured per block (ms) | extrapolated step (ms) | speed vs bf16 "
+        "Eager: blocks called from Python. CUDA graph: the same blocks replayed from a captured"
+        " graph (what `faircalib generate --cuda-graph` does per denoising step).",
+        "",
+        "| variant | batch | per block (ms) | extrapolated step (ms) | speed vs bf16 "
+        "| per block, CUDA graph (ms) | step, CUDA graph (ms) | speed vs bf16, CUDA graph "
         "| peak MiB (measured blocks) | rel. err vs fake-quant | backends |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, v in result["variants"].items():
         for b, row in v["batches"].items():
-            base = result["variants"]["bf16"]["batches"][b]["extrapolated_step_ms"]
+            bf16 = result["variants"]["bf16"]["batches"][b]
+            base = bf16["extrapolated_step_ms"]
             peak = f"{row['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in row else "-"
             err = f"{row['rel_err_vs_fake_quant']:.2e}" if "rel_err_vs_fake_quant" in row else "-"
+            graph = ["-", "-", "-"]
+            if "graph_extrapolated_step_ms" in row:
+                g = row["graph_extrapolated_step_ms"]
+                graph = [
+                    f"{row['graph_per_block_ms']:.3f}",
+                    f"{g:.2f}",
+                    f"{bf16['graph_extrapolated_step_ms'] / g:.2f}x",
+                ]
             lines.append(
                 f"| {name} | {b} | {row['per_block_ms']:.3f} | "
                 f"{row['extrapolated_step_ms']:.2f} | {base / row['extrapolated_step_ms']:.2f}x"
-                f" | {peak} | {err} | {','.join(row['backends']) or 'nn.Linear'} |"
+                f" | {' | '.join(graph)} | {peak} | {err} | "
+                f"{','.join(row['backends']) or 'nn.Linear'} |"
             )
     lines += [
         "",
@@ -312,6 +343,10 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()  # the variant's blocks are gone: free them for the next
         for b, row in variants[name]["batches"].items():
             row["extrapolated_step_ms"] = row["per_block_ms"] * cfg["layers"] + head[b]
+            if "graph_per_block_ms" in row:
+                row["graph_extrapolated_step_ms"] = (
+                    row["graph_per_block_ms"] * cfg["layers"] + head[b]
+                )
         print(f"done {name}", file=sys.stderr)
     result = {
         "record": {

@@ -20,15 +20,21 @@ For M in {1, ..., 4096} and the 8B-model layer shapes (in x out) 4096x4096, 4096
   fp8_aten      fp8_w8a8's work called bare: per-token e4m3 scales of x (inside the timed call)
                 + torch._scaled_mm with per-channel weight scales, bf16 out
   gemlite_w4    gemlite's Triton int4 g128 layer, only if `gemlite` imports (optional)
-  triton_w4     QuantLinear int4 g128 on our fused Triton dequant GEMM (needs triton)
+  triton_w4     QuantLinear int4 g128 on our fused Triton dequant GEMM (needs triton; autotuned
+                per M bucket and shape during the warm-up, which is not timed)
+  triton_dq     QuantLinear int4 g128: our Triton dequantizer to bf16, then cuBLAS
+  auto_w4       QuantLinear int4 g128 with backend "auto": what a user gets (W4_AUTO's choice)
 Timing: median over timed rounds after warm-up (CUDA events on GPU); every round calls each of
 several independent (weight, input) copies in turn, together larger than 4x the L2 cache, so
-no call finds its operands cached by the previous one. Correctness: at every shape and M, a
+no call finds its operands cached by the previous one. On the GPU each round is captured in a
+CUDA graph and replayed, so a cell is the kernels' device time (bf16 included); `auto_w4_eager`
+times the same calls from Python, showing what per-call dispatch adds when a step is not
+captured (faircalib.models.cuda_graph captures whole denoising steps). Correctness: at every shape and M, a
 fresh random input through each backend against a float64 matmul of the operands that backend
 is meant to compute with (rel. Frobenius error <= 1e-2). Writes kernels.json, kernels.md and
-kernels.png into --out, the crossover M that `faircalib.kernels.CROSSOVER_M` should hold
-(dequant_bf16 vs int4_torch: the choice `auto` makes) and the M from which bf16 beats the bare
-int4 kernel at every larger M (where int4 stops paying at all).
+kernels.png into --out, the W4A16 rows that `faircalib.kernels.W4_AUTO` should hold (the
+fastest correct W4A16 backend per M, by geometric mean over the shapes) and the M from which
+bf16 beats the bare int4 kernel at every larger M (where torch's int4 kernel stops paying).
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import torch.nn.functional as F
 
 from faircalib.bench import run_record
 from faircalib.config import QuantConfig
-from faircalib.kernels import CROSSOVER_M, QuantLinear
+from faircalib.kernels import W4_AUTO, QuantLinear
 from faircalib.kernels.backends import BACKENDS, fp8_quantize, quantize_rows_int8
 from faircalib.quant.primitives import compute_qparams, dequantize, quantize
 
@@ -90,6 +96,7 @@ class Candidate:
     make: Callable[[Layer], Fn]
     reference: Callable[[Layer, torch.Tensor], torch.Tensor]
     weight_bytes: float
+    graph: bool = True  # time device work from a CUDA graph; False: with Python dispatch
 
 
 def _quant_linear(codes, qp, backend: str, **kw) -> Fn:
@@ -174,11 +181,14 @@ def candidates(device: torch.device) -> list[Candidate]:
     ]
     if device.type == "cuda":
         out.append(Candidate("gemlite_w4", _make_gemlite, _ref_w4, 0.5))
-        out.append(
-            Candidate(
-                "triton_w4", lambda l: _quant_linear(l.codes4, l.qp4, "triton_w4"), _ref_w4, 0.5
+        for name in ("triton_w4", "triton_dq"):
+            out.append(
+                Candidate(name, lambda l, n=name: _quant_linear(l.codes4, l.qp4, n), _ref_w4, 0.5)
             )
-        )
+    auto = lambda l: _quant_linear(l.codes4, l.qp4, "auto")  # noqa: E731
+    out.append(Candidate("auto_w4", auto, _ref_w4, 0.5))
+    # the same call timed from Python: what a step pays when it is not captured in a graph
+    out.append(Candidate("auto_w4_eager", auto, _ref_w4, 0.5, graph=False))
     return out
 
 
@@ -189,9 +199,11 @@ def sync(device: torch.device) -> None:
 
 
 def time_round_ms(
-    fns: list[Fn], xs: list[torch.Tensor], device: torch.device, min_seconds: float
-) -> list[float]:
-    """Per-call milliseconds of each timed round (one call per copy, copies in turn)."""
+    fns: list[Fn], xs: list[torch.Tensor], device: torch.device, min_seconds: float, graph: bool
+) -> tuple[list[float], str]:
+    """Per-call milliseconds of each timed round (one call per copy, copies in turn), and how
+    they were timed: "graph" replays the round from a captured CUDA graph (the kernels' device
+    time, without the Python that launches them), "eager" calls it from Python."""
 
     def one_round() -> None:
         for fn, x in zip(fns, xs, strict=True):
@@ -199,8 +211,11 @@ def time_round_ms(
 
     one_round()  # warm-up: compilation, kernel layouts, autotuning
     sync(device)
+    run, mode = one_round, "eager"
+    if graph and device.type == "cuda":
+        run, mode = _captured(one_round, device)
     start = time.perf_counter()
-    one_round()  # second warm-up round, timed to size the measurement
+    run()  # second warm-up round, timed to size the measurement
     sync(device)
     rounds = max(3, min(200, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6))))
     times = []
@@ -208,15 +223,33 @@ def time_round_ms(
         if device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-            one_round()
+            run()
             end.record()
             end.synchronize()
             times.append(begin.elapsed_time(end) / len(fns))
         else:
             t0 = time.perf_counter()
-            one_round()
+            run()
             times.append((time.perf_counter() - t0) * 1e3 / len(fns))
-    return times
+    return times, mode
+
+
+def _captured(one_round: Callable[[], None], device: torch.device) -> tuple[Callable, str]:
+    """one_round captured in a CUDA graph (warmed up on a side stream first, as capture needs);
+    eager where capture fails (a backend that synchronizes or allocates on the host)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        one_round()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            one_round()
+    except Exception as exc:  # noqa: BLE001 - recorded, then timed eagerly
+        torch.cuda.synchronize(device)
+        return one_round, f"eager (capture failed: {type(exc).__name__})"
+    return graph.replay, "graph"
 
 
 def n_copies(flush_bytes: int, in_f: int, out_f: int, m: int, weight_bytes: float) -> int:
@@ -275,7 +308,7 @@ def _measure(
         x = torch.randn(m, in_f, generator=gen, device=device).to(torch.bfloat16)
         err = rel_err(fns[0](x), cand.reference(layers[0], x))
         xs = [torch.randn(m, in_f, device=device).to(torch.bfloat16) for _ in range(k)]
-        times = time_round_ms(fns[:k], xs, device, min_seconds)
+        times, timing = time_round_ms(fns[:k], xs, device, min_seconds, cand.graph)
     except Exception as exc:  # noqa: BLE001 - e.g. a kernel's shape constraint at this M
         return _row(in_f, out_f, m, cand.name, skipped=f"{type(exc).__name__}: {exc}"[:300])
     return _row(
@@ -287,6 +320,7 @@ def _measure(
         ms_p20=_quantile(times, 0.2),
         ms_p80=_quantile(times, 0.8),
         copies=k,
+        timing=timing,
         rel_err=err,
         correct=err <= MAX_REL_ERR,
     )
@@ -335,6 +369,41 @@ def crossover(rows: list[dict], small: str = "int4_torch", large: str = "dequant
     return {"per_shape": per_shape, "suggested": overall, "small": small, "large": large}
 
 
+# W4A16 candidates and the QuantLinear backend each one measures
+W4_BACKENDS = {
+    "int4_torch": "int4_cuda",
+    "dequant_bf16": "dequant",
+    "triton_w4": "triton_w4",
+    "triton_dq": "triton_dq",
+}
+
+
+def suggested_w4_auto(rows: list[dict]) -> list[list]:
+    """[M bound, backend] rows for W4_AUTO['cuda']: per M the QuantLinear backend with the best
+    geometric-mean speed over the shapes (correct cells only), runs of equal winners merged."""
+    ms = sorted({r["M"] for r in rows})
+    winners = []
+    for m in ms:
+        score = {}
+        for cand, backend in W4_BACKENDS.items():
+            cells = [r for r in rows if r["backend"] == cand and r["M"] == m]
+            if cells and all(r.get("correct") and "speedup_vs_bf16" in r for r in cells):
+                logs = [math.log(r["speedup_vs_bf16"]) for r in cells]
+                score[backend] = sum(logs) / len(logs)
+        if score:
+            winners.append((m, max(score, key=score.get)))
+    out: list[list] = []
+    for m, backend in winners:
+        if out and out[-1][1] == backend:
+            continue
+        if out:
+            out[-1][0] = m  # the previous run ends where this one starts
+        out.append([None, backend])
+    if out:
+        out[-1][0] = "inf"
+    return out
+
+
 def fastest(rows: list[dict], names: tuple[str, ...]) -> dict:
     """Per shape and M: the fastest correct backend among `names` (the W4A16 candidates)."""
     best: dict[str, dict[int, str]] = {}
@@ -356,6 +425,15 @@ def fastest(rows: list[dict], names: tuple[str, ...]) -> dict:
     return best
 
 
+def triton_choices() -> dict:
+    """The tile configuration autotuning chose per key of the fused kernel (for the notes)."""
+    try:
+        from faircalib.kernels.triton_w4 import _autotuned_matmul
+    except ImportError:
+        return {}
+    return {str(key): str(cfg) for key, cfg in getattr(_autotuned_matmul, "cache", {}).items()}
+
+
 def markdown(result: dict) -> str:
     rows, names = result["rows"], result["backends"]
     lines = [
@@ -365,7 +443,8 @@ def markdown(result: dict) -> str:
         f"Commit: {result['record']['git_commit']}"
         f"  \nDate: {result['record']['date']}  \ntorch {result['record']['torch']}",
         "",
-        "Speed relative to bf16 (>1 is faster); bf16 column in microseconds. "
+        "Speed relative to bf16 (>1 is faster); bf16 column in microseconds. GPU cells are "
+        "device time from CUDA graph replays, except `auto_w4_eager` (Python dispatch included). "
         "`!` marks a failed correctness check (rel. err > 1e-2), `-` a skipped cell.",
         "",
     ]
@@ -391,8 +470,10 @@ def markdown(result: dict) -> str:
         "## Crossover",
         "",
         f"First M at which {c['large']} beats {c['small']}, per shape: {c['per_shape']}.",
-        f"Suggested `CROSSOVER_M['{result['device_type']}']` = {c['suggested']} "
-        f"(value in code: {result['crossover_in_code']}).",
+        "",
+        "W4A16 backend by M (best geometric-mean speed over the shapes), as `[M bound, backend]` "
+        f"rows: suggested `W4_AUTO['{result['device_type']}']` = {result['suggested_w4_auto']} "
+        f"(in code: {result['w4_auto_in_code']}).",
         "",
         f"First M from which bf16 beats the bare int4 kernel ({b['small']}) at every larger M, "
         f"per shape: {b['per_shape']} (1: int4 never wins here).",
@@ -474,13 +555,15 @@ def main(argv: list[str] | None = None) -> dict:
         "Ms": ms,
         "backends": [c.name for c in cands],
         "max_rel_err": MAX_REL_ERR,
-        "crossover_in_code": CROSSOVER_M.get(device.type),
+        "w4_auto_in_code": [[b, list(n)] for b, n in W4_AUTO.get(device.type, [])],
         "rows": rows,
     }
     result["crossover"] = crossover(rows)
+    result["suggested_w4_auto"] = suggested_w4_auto(rows)
+    result["triton_autotune"] = triton_choices()
     result["int4_vs_bf16"] = crossover(rows, small="int4_aten", large=BASELINE)
     result["fastest_w4"] = fastest(
-        rows, ("int4_torch", "int4_aten", "dequant_bf16", "gemlite_w4", "triton_w4")
+        rows, ("int4_torch", "int4_aten", "dequant_bf16", "gemlite_w4", "triton_w4", "triton_dq")
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

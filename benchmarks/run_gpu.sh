@@ -1,31 +1,62 @@
 #!/usr/bin/env bash
-# The recorded GPU benchmark run (H100). `start` launches every part in the background (so the
-# run can outlast one device command); `collect` waits and packs the results into $OUT.
-#   bash benchmarks/run_gpu.sh start ; bash benchmarks/run_gpu.sh collect
+# The recorded GPU benchmark runs. Each job runs in the background (so it can outlast one device
+# command) and writes into $RES/<job>; `wait` blocks until it is done (or SECONDS_MAX passed)
+# and copies its results (every job writes into $RES/<job>) into $OUT as <job>.tgz.
+#   bash benchmarks/run_gpu.sh start kernels e2e      # start jobs, one after another
+#   bash benchmarks/run_gpu.sh wait kernels           # then collect
+# Jobs: kernels, e2e, throughput, bench, reference, ablation, offload, offload3 (3 blocks),
+# cudatests (tests/test_cuda.py on the GPU). Optional wheels (gemlite)
+# carried in .whl/ are installed into /tmp/site first.
 set -euo pipefail
 RES=${RES:-/root/results}
-case ${1:?start|collect} in
-start)
-  mkdir -p "$RES"; rm -f "$RES/done"
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || true
-  cat > "$RES/job.sh" <<JOB
 export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
-cd $PWD
-[ -f $RES/kernels/kernels.json ] || python3 benchmarks/kernels.py --out $RES/kernels > $RES/kernels.log 2>&1
-python3 -m faircalib.cli bench --model mdlm-small --device cuda \
-  --methods rtn,gptq,awq,smoothquant,fair --schemes w4g64,w4pc,w3g64,w8pc \
-  --calib-seeds 0,1,2 --seeded-schemes w4g64 --nsamples 128 --eval-mc-samples 2 \
-  --flip-prompts 32 --flip-gen-length 64 --flip-steps 64 --out $RES/bench-mdlm-small > $RES/bench.log 2>&1
-[ -f $RES/reference/reference_models.json ] || python3 benchmarks/reference_models.py --device cuda --mc-samples 1,4 --out $RES/reference > $RES/reference.log 2>&1
-touch $RES/done
-JOB
-  setsid nohup bash "$RES/job.sh" > "$RES/job.log" 2>&1 < /dev/null &
-  sleep 45; tail -n 5 "$RES/job.log" "$RES/bench.log" || true
+mkdir -p "$RES"
+
+job_command() {
+  case $1 in
+  kernels) echo "python3 benchmarks/kernels.py --out $RES/kernels" ;;
+  e2e) echo "python3 benchmarks/e2e.py --out $RES/e2e" ;;
+  throughput) echo "python3 benchmarks/throughput.py --device cuda --out $RES/throughput" ;;
+  offload) echo "python3 benchmarks/offload.py --out $RES/offload" ;;
+  offload3) echo "python3 benchmarks/offload.py --blocks 3 --out $RES/offload3" ;;
+  cudatests) echo "mkdir -p $RES/cudatests; python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    > $RES/cudatests/cuda-tests.txt 2>&1; tail -3 $RES/cudatests/cuda-tests.txt" ;;
+  reference) echo "python3 benchmarks/reference_models.py --device cuda --mc-samples 1,4 --out $RES/reference" ;;
+  bench) echo "python3 -m faircalib.cli bench --model mdlm-small --device cuda \
+    --methods rtn,gptq,awq,smoothquant,fair --schemes w4g128,w4pc,w3g128,w8pc \
+    --calib-seeds 0,1,2 --seeded-schemes w4g128 --nsamples 128 --eval-mc-samples 2 \
+    --flip-prompts 32 --flip-gen-length 64 --flip-steps 64 --out $RES/bench" ;;
+  ablation) echo "python3 benchmarks/fair_ablation.py --model mdlm-small --device cuda \
+    --schemes 4:128,3:128 --nsamples 128,32,512 --out $RES/ablation" ;;
+  *) echo "unknown job $1" >&2; exit 2 ;;
+  esac
+}
+
+case ${1:?start|wait} in
+start)
+  shift
+  if ls .whl/*.whl > /dev/null 2>&1 && [ ! -d /tmp/site ]; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || true
+  fi
+  script=$RES/jobs-$$.sh
+  echo "cd $PWD" > "$script"
+  for job in "$@"; do
+    rm -f "$RES/$job.done"
+    echo "$(job_command "$job") > $RES/$job.log 2>&1; echo \$? > $RES/$job.done" >> "$script"
+  done
+  setsid nohup bash "$script" > /dev/null 2>&1 < /dev/null &
+  echo "started: $*"
   ;;
-collect)
-  for _ in $(seq 1 "${POLLS:-110}"); do [ -f "$RES/done" ] && break; sleep 5; done
-  tail -c 1500 "$RES/bench.log" | tr '\r' '\n' | grep -v "it/s" | tail -20 || true
-  tail -3 "$RES/kernels.log" "$RES/reference.log" || true
-  tar -C "$RES" -czf "$OUT/results.tgz" . && ls -la "$OUT"
+wait)
+  job=${2:?job}
+  for _ in $(seq 1 $(( ${SECONDS_MAX:-500} / 5 ))); do [ -f "$RES/$job.done" ] && break; sleep 5; done
+  tr '\r' '\n' < "$RES/$job.log" | grep -v "it/s\]$" | tail -n "${TAIL:-15}" || true
+  if [ -f "$RES/$job.done" ]; then
+    echo "$job exit $(cat "$RES/$job.done")"
+    mkdir -p "$RES/$job" && cp "$RES/$job.log" "$RES/$job/"
+    tar -C "$RES" -czf "$OUT/$job.tgz" "$job"
+  else
+    echo "$job still running"
+  fi
   ;;
 esac

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from faircalib.config import QuantConfig
 from faircalib.errors import ConfigError
-from faircalib.kernels import CROSSOVER_M, QuantLinear, auto_backend, pack_codes, unpack_codes
+from faircalib.kernels import W4_AUTO, QuantLinear, auto_backend, backends, pack_codes, unpack_codes
 from faircalib.kernels.backends import (
     fp8_quantize,
     int4_cuda_uint8,
@@ -116,15 +116,23 @@ def test_int4_cuda_layout_puts_even_columns_in_high_nibble():
     assert torch.equal(packed & 0xF, codes[:, 1::2])
 
 
-def test_auto_rule_by_device_dtype_and_m():
+def test_auto_rule_by_device_dtype_and_m(monkeypatch):
     codes, qp, _ = quantized(64, 256, 4, 128, False)
     layer = QuantLinear.from_codes(codes, qp)
     bf16, fp32 = torch.bfloat16, torch.float32
-    cut = CROSSOVER_M["cuda"]
+    rows = W4_AUTO["cuda"]
+    small, middle = rows[0][0], rows[-2][0]
+    monkeypatch.setattr(backends, "_HAS_TRITON", True)  # the rule only; no kernel runs
+    # every M lands in the row whose bound first exceeds it, and runs that row's first backend
+    assert auto_backend(layer, "cuda", bf16, 1) == rows[0][1][0]
+    assert auto_backend(layer, "cuda", bf16, small - 1) == rows[0][1][0]
+    assert auto_backend(layer, "cuda", bf16, small) == rows[1][1][0]
+    assert auto_backend(layer, "cuda", bf16, middle) == rows[-1][1][0]
+    # without triton: torch's int4 kernel at small M, dequantize + cuBLAS above
+    monkeypatch.setattr(backends, "_HAS_TRITON", False)  # CI: triton is an optional extra
     assert auto_backend(layer, "cuda", bf16, 1) == "int4_cuda"
-    assert auto_backend(layer, "cuda", bf16, cut - 1) == "int4_cuda"
-    assert auto_backend(layer, "cuda", bf16, cut) == "dequant"
     assert auto_backend(layer, "cuda", bf16, 4096) == "dequant"
+    monkeypatch.undo()
     assert auto_backend(layer, "cpu", bf16, 4096) == "int4_cpu"  # CPU crossover: none
     assert auto_backend(layer, "cpu", fp32, 1) == "dequant"  # fp32 stays exact
     odd = QuantLinear.from_codes(*quantized(24, 256, 4, 128, False)[:2])  # 24 % 16 != 0

@@ -26,14 +26,19 @@ def test_kernels_smoke_writes_checked_results(tmp_path):
     assert (tmp_path / "kernels.png").stat().st_size > 1000
     assert "| M | bf16 (us) |" in (tmp_path / "kernels.md").read_text()
     rows = [r for r in result["rows"] if "ms" in r]
-    # every CPU backend ran at every shape and M, and agreed with its float64 reference
-    assert len(rows) == 2 * 3 * 7
+    # every CPU backend (7 + auto + auto eager) ran at every shape and M, and agreed with its float64 reference
+    assert len(rows) == 2 * 3 * 9
     assert all(r["rel_err"] <= 1e-2 and r["correct"] for r in rows)
     assert all(r["ms"] > 0 and r["speedup_vs_bf16"] > 0 for r in rows)
     assert result["crossover"]["per_shape"].keys() == {"256x512", "512x256"}
     assert result["int4_vs_bf16"]["per_shape"].keys() == {"256x512", "512x256"}
     # the bare kernels ran and matched their float64 references (checked for all rows above)
-    assert {"int4_aten", "fp8_aten"} <= {r["backend"] for r in rows}
+    assert {"int4_aten", "fp8_aten", "auto_w4"} <= {r["backend"] for r in rows}
+    # the suggested W4_AUTO rows partition M: one open-ended last row, bounds increasing
+    suggested = result["suggested_w4_auto"]
+    assert suggested and suggested[-1][0] == "inf"
+    bounds = [b for b, _ in suggested[:-1]]
+    assert bounds == sorted(bounds) and all(isinstance(b, int) for b in bounds)
 
 
 def test_e2e_smoke_reports_latency_memory_and_bytes(tmp_path):

@@ -1,4 +1,4 @@
-"""The fused Triton dequant GEMM (optional dependency), run by Triton's CPU interpreter."""
+"""The Triton W4A16 kernels (optional dependency), run by Triton's CPU interpreter."""
 
 import os
 import subprocess
@@ -6,48 +6,80 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
-# The interpreter must be switched on before triton decorates the kernel, so the check runs
+# The interpreter must be switched on before triton decorates the kernels, so the checks run
 # in a fresh interpreter. It has no bfloat16: fp16 and fp32 inputs stand in for it.
 CHECK = textwrap.dedent(
     """
     import torch
     from faircalib.config import QuantConfig
     from faircalib.kernels import QuantLinear
+    from faircalib.kernels.triton_w4 import w4_matmul
     from faircalib.quant.primitives import compute_qparams, dequantize, quantize
 
     worst = 0.0
-    cases = [(5, 64, 128, 32, False), (33, 96, 256, 128, True), (3, 64, 256, None, False),
-             (17, 48, 192, 64, True)]
-    for i, (m, n, k, group, sym) in enumerate(cases):
+    # (M, N, K, group, symmetric, bits): groups below, equal to and above the 128-wide tile,
+    # per-channel, 3-bit codes, ragged M and N
+    cases = [(5, 64, 128, 32, False, 4), (33, 96, 256, 128, True, 4), (3, 64, 256, None, False, 4),
+             (17, 48, 384, 64, True, 4), (1, 40, 512, None, True, 4), (9, 64, 256, 64, False, 3)]
+    variants = [("planes", 1, 16), ("tile", 1, 16), ("planes", 4, 16), ("tile", 2, 32)]
+    for i, (m, n, k, group, sym, bits) in enumerate(cases):
         gen = torch.Generator().manual_seed(i)
         w = torch.randn(n, k, generator=gen)
-        qp = compute_qparams(w, QuantConfig(bits=4, group_size=group, symmetric=sym))
+        qp = compute_qparams(w, QuantConfig(bits=bits, group_size=group, symmetric=sym))
         codes = quantize(w, qp)
-        layer = QuantLinear.from_codes(codes, qp, backend="triton_w4")
-        for dtype in (torch.float16, torch.float32):
-            x = torch.randn(m, k, generator=gen).to(dtype)
-            y = layer(x)
-            assert layer.last_backend == "triton_w4" and y.dtype == dtype
-            ref = x.double() @ dequantize(codes, qp).double().T
-            worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
+        ref_w = dequantize(codes, qp).double()
+        for backend in ("triton_w4", "triton_dq"):
+            layer = QuantLinear.from_codes(codes, qp, backend=backend)
+            for dtype in (torch.float16, torch.float32):
+                x = torch.randn(m, k, generator=gen).to(dtype)
+                y = layer(x)
+                assert layer.last_backend == backend and y.dtype == dtype
+                ref = x.double() @ ref_w.T
+                worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
+                if backend == "triton_w4":  # every unpacking variant and split of K
+                    prepared = layer._prepared[("triton_w4", x.device, dtype)]
+                    for unpack, split, bm in variants:
+                        meta = {"BLOCK_M": bm, "BLOCK_N": 32, "UNPACK": unpack, "SPLIT_K": split}
+                        y = w4_matmul(x, *prepared, interpreted_meta=meta)
+                        worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
     print(worst)
     """
 )
 
 
-def test_fused_w4_kernel_matches_reference_under_interpreter():
+def test_fused_w4_kernels_match_reference_under_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run(
         [sys.executable, "-c", CHECK],
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     worst = float(done.stdout.strip().splitlines()[-1])
     assert worst <= 1e-3  # fp16 inputs and outputs, fp32 accumulation
+
+
+def test_tile_layout_round_trips_and_puts_planes_of_16_consecutive_k_in_nibbles():
+    from faircalib.kernels.triton_w4 import pack_tiles, transposed_scales, unpack_tiles
+
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (24, 256), generator=gen, dtype=torch.uint8)
+    packed = pack_tiles(codes)
+    assert packed.shape == (32, 24) and packed.dtype == torch.int32
+    assert torch.equal(unpack_tiles(packed), codes)
+    # tile 1, int32 row 5, nibble 3 holds k = 128 + 16 * 3 + 5 of every column
+    nibble = (packed[16 + 5].to(torch.int64) >> 12) & 0xF
+    assert torch.equal(nibble.to(torch.uint8), codes[:, 128 + 48 + 5])
+    with pytest.raises(ValueError, match="divisible by 128"):
+        pack_tiles(codes[:, :192])
+    scale, zero = torch.rand(24, 2) + 0.1, torch.randint(0, 16, (24, 2)).float()
+    s_t, zs_t = transposed_scales(scale, zero)
+    q = 11.0
+    assert torch.allclose(q * s_t + zs_t, (scale * (q - zero)).T)

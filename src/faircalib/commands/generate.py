@@ -29,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float)
     p.add_argument("--num-samples", type=int, default=1, help="rows generated from the prompt")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each denoising step from a captured CUDA graph (CUDA only; same output)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -41,6 +46,7 @@ def generate_texts(
     seed: int = 0,
     num_samples: int = 1,
     device: str = "cpu",
+    cuda_graph: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """-> {"texts", "tokens", "trace"}; texts are the generated part, cut at the first EOS."""
@@ -49,6 +55,10 @@ def generate_texts(
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
     model = hub.load(model_name, device=device)
+    if cuda_graph:
+        from faircalib.models.cuda_graph import CUDAGraphDenoiser
+
+        model = CUDAGraphDenoiser(model)  # refuses a model that is not on a CUDA device
     tokenizer = hub.load_tokenizer(model_name)
     ids = tokenizer.encode(prompt).ids
     if len(ids) + cfg.gen_length > model.seq_len:
@@ -82,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_samples=args.num_samples,
         device=args.device,
+        cuda_graph=args.cuda_graph,
     )
     if args.json:
         print(json.dumps(out))

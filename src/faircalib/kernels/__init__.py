@@ -3,7 +3,7 @@
 from faircalib.kernels.backends import (
     BACKEND_NAMES,
     BACKENDS,
-    CROSSOVER_M,
+    W4_AUTO,
     auto_backend,
     dequantize_packed,
     pack_codes,
@@ -14,8 +14,8 @@ from faircalib.kernels.quant_linear import QuantLinear, check_codes
 __all__ = [
     "BACKENDS",
     "BACKEND_NAMES",
-    "CROSSOVER_M",
     "QuantLinear",
+    "W4_AUTO",
     "auto_backend",
     "check_codes",
     "dequantize_packed",

@@ -12,10 +12,12 @@ repacks them once into its kernel's layout and caches the result on the layer.
 | int8      | cpu/cuda | torch._int_mm W8A8 (w8 sym per-channel, a8) | exact int accumulation |
 | fp8       | cpu/cuda | torch._scaled_mm e4m3 W8A8, row-wise scales | re-rounds to e4m3 (~4%)|
 | triton_w4 | cuda     | our fused dequant GEMM (kernels/triton_w4)  | bf16 act. (~3e-3)      |
+| triton_dq | cuda     | our dequantizer to bf16, then cuBLAS        | bf16 act. (~3e-3)      |
 
 int4 kernels take codes of at most 4 bits; `int8` needs symmetric per-channel 8-bit weights
 and act_bits=8; `fp8` takes any layer (it dequantizes, then rounds rows to e4m3);
-`triton_w4` needs the optional `triton` package.
+`triton_w4` and `triton_dq` need the optional `triton` package, K % 128 == 0 and a group
+size divisible by 16; they share one cached layout (`triton_w4.pack_tiles`).
 
 torch's int4 kernels dequantize as w = (q - 8) * s + z with z "in the float domain"; our
 codes satisfy w = s * (q - zero), so z = s * (8 - zero) (verified numerically in the tests).
@@ -30,6 +32,7 @@ an int8 grid onto e4m3) is only used when asked for by name.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -44,18 +47,28 @@ from faircalib.errors import ConfigError
 if TYPE_CHECKING:
     from faircalib.kernels.quant_linear import QuantLinear
 
-# Token rows M at and above which `auto` leaves torch's int4 kernel for dequantize-then-GEMM,
-# per device (None: never). GPU value: the first M of the benchmark grid at which
-# dequant + bf16 cuBLAS beats `_weight_int4pack_mm` on the 8B layer shapes: measured on an H100
-# with torch 2.11 (benchmarks/results/kernels/kernels.md: 64 for 4096x14336 and 14336x4096,
-# 128 for 4096x4096), so 64. `python benchmarks/kernels.py` recomputes it.
-# CPU value: on the 2-core EPYC dev machine the bf16 int4 kernel beat both dense bf16 and
+# `auto`'s W4A16 choice, per device: (M bound, backends) rows; a call with M token rows takes
+# the first row whose bound exceeds M and runs the first of its backends that can run the layer,
+# else `dequant` (the exact reference, which runs anything).
+# CUDA: the fastest correct backend per M on the 8B layer shapes in
+# benchmarks/results/kernels/kernels.md (H100, torch 2.11); `python benchmarks/kernels.py`
+# prints the table this should hold. Where triton is missing, torch's int4 kernel still serves
+# M < 64, its measured crossover against dequantize + cuBLAS.
+# CPU: on the 2-core EPYC dev machine the bf16 int4 kernel beat both dense bf16 and
 # dequantize-then-GEMM at every M up to 2048 (2048x2048 layer), so it never hands over.
-CROSSOVER_M: dict[str, int | None] = {"cuda": 64, "cpu": None}
+W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
+    "cuda": [
+        (64, ("triton_w4", "int4_cuda")),
+        (1024, ("triton_w4",)),
+        (math.inf, ("triton_dq",)),
+    ],
+    "cpu": [(math.inf, ("int4_cpu",))],
+}
 
 # `int8` on CUDA: `torch._int_mm` needs M > 16 (cuBLASLt int8 constraint).
 INT8_CUDA_MIN_M = 17
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what torch's int4 kernels accept, largest first
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -102,29 +115,30 @@ def dequantize_packed(
     return w.reshape(out, in_features).to(dtype)
 
 
-_compiled_dequant: Callable[..., torch.Tensor] | None = None
-_compile_failed = False
+_compiled: dict[Callable, Callable] = {}
+_compile_failed: set[Callable] = set()
 
 
-def dequantize_fn(device_type: str) -> Callable[..., torch.Tensor]:
-    """`dequantize_packed`, fused into one kernel by torch.compile on CUDA (eager elsewhere,
-    or where compilation is unavailable: FAIRCALIB_NO_COMPILE=1 turns it off)."""
-    global _compiled_dequant
-    if device_type != "cuda" or _compile_failed or os.environ.get("FAIRCALIB_NO_COMPILE"):
-        return dequantize_packed
-    if _compiled_dequant is None:
-        _compiled_dequant = torch.compile(dequantize_packed, dynamic=False)
-    return _guarded_compiled
+def fused(fn: Callable[..., torch.Tensor], device_type: str) -> Callable[..., torch.Tensor]:
+    """`fn` compiled by torch.compile into fused kernels on CUDA, where a chain of eager
+    elementwise ops and reductions would each read and write the whole tensor; eager on other
+    devices, where compilation is unavailable or failed, or with FAIRCALIB_NO_COMPILE=1."""
+    if device_type != "cuda" or fn in _compile_failed or os.environ.get("FAIRCALIB_NO_COMPILE"):
+        return fn
+    if fn not in _compiled:
+        compiled = torch.compile(fn, dynamic=None)
 
+        def guarded(*args: object) -> torch.Tensor:
+            try:
+                return compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+                _compile_failed.add(fn)
+                _compiled[fn] = fn
+                warnings.warn(f"torch.compile of {fn.__name__} failed ({exc}); eager", stacklevel=2)
+                return fn(*args)
 
-def _guarded_compiled(*args: object) -> torch.Tensor:
-    global _compile_failed
-    try:
-        return _compiled_dequant(*args)  # type: ignore[misc]
-    except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
-        _compile_failed = True
-        warnings.warn(f"torch.compile of the dequantizer failed ({exc}); using eager", stacklevel=2)
-        return dequantize_packed(*args)  # type: ignore[arg-type]
+        _compiled[fn] = guarded
+    return _compiled[fn]
 
 
 # --- backend interface ----------------------------------------------------------------------
@@ -158,7 +172,7 @@ def _dequant_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtyp
 
 
 def _dequantize_layer(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    fn = dequantize_fn(device.type)
+    fn = fused(dequantize_packed, device.type)
     return fn(layer.qweight, layer.scale, layer.zero, layer.bits, layer.in_features, dtype)
 
 
@@ -307,7 +321,7 @@ def _int8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) 
 
 def _int8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
     w_t, w_scale = prepared
-    q, x_scale = quantize_rows_int8(x)
+    q, x_scale = fused(quantize_rows_int8, x.device.type)(x)
     acc = torch._int_mm(q, w_t)  # [M, out] int32, exact
     return (acc.float() * (x_scale * w_scale)).to(x.dtype)
 
@@ -342,39 +356,62 @@ def _fp8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -
 
 def _fp8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
     w8, w_scale = prepared
-    x8, x_scale = fp8_quantize(x)
-    # row-wise scaled fp8 GEMM: bf16 output is what the row-wise kernels support
-    y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16)
+    x8, x_scale = fused(fp8_quantize, x.device.type)(x)  # one pass over x, not seven
+    # row-wise scaled fp8 GEMM: bf16 output is what the row-wise kernels support. Fast
+    # accumulation keeps Hopper's fp8 tensor cores at full rate (about 2x); its error is far
+    # below the e4m3 rounding itself (benchmarks/kernels.py checks rel. error <= 1e-2)
+    y = torch._scaled_mm(
+        x8,
+        w8.t(),
+        scale_a=x_scale,
+        scale_b=w_scale,
+        out_dtype=torch.bfloat16,
+        use_fast_accum=x.is_cuda,
+    )
     return y.to(x.dtype)
 
 
-# fused dequant GEMM in Triton (optional) ---------------------------------------------------------
+# W4A16 in Triton (optional): fused dequant GEMM, and dequantize-then-cuBLAS --------------------
 def _triton_supports(
     layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
 ) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _HAS_TRITON:
         return "triton is not installed (pip install 'faircalib[gpu]')"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if device_type != "cuda" and not (device_type == "cpu" and interpreted):
-        return "triton_w4 runs on CUDA (or the CPU under TRITON_INTERPRET=1)"
+        return "the triton backends run on CUDA (or the CPU under TRITON_INTERPRET=1)"
     allowed = (torch.float16, torch.float32) if interpreted else (torch.bfloat16, torch.float16)
     if dtype not in allowed:
-        return f"triton_w4 takes {allowed} activations here, got {dtype}"
+        return f"the triton backends take {allowed} activations here, got {dtype}"
     if layer.bits > 4:
-        return f"triton_w4 takes codes of at most 4 bits, layer has {layer.bits}"
-    if (layer.group_size or layer.in_features) % 32:
-        return "triton_w4 needs the group (or in_features, per-channel) divisible by 32"
+        return f"the triton backends take codes of at most 4 bits, layer has {layer.bits}"
+    if layer.in_features % 128:
+        return f"the triton backends need in_features divisible by 128, got {layer.in_features}"
+    if (layer.group_size or layer.in_features) % 16:
+        return "the triton backends need a group size divisible by 16"
     return None
 
 
-def _nothing_to_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
-    return ()  # the kernel reads QuantLinear's own nibble layout
+def _triton_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
+    from faircalib.kernels.triton_w4 import pack_tiles, transposed_scales
+
+    packed = pack_tiles(layer.codes().to(device))  # [K / 8, N] int32
+    scale_t, zs_t = transposed_scales(layer.scale.to(device), layer.zero.to(device))
+    return packed, scale_t, zs_t
 
 
 def _triton_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
     from faircalib.kernels.triton_w4 import w4_matmul  # imports triton: only when used
 
-    return w4_matmul(x, layer.qweight, layer.scale, layer.zero)
+    return w4_matmul(x, *prepared)
+
+
+def _triton_dq_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    from faircalib.kernels.triton_w4 import w4_dequantize
+
+    w_t = w4_dequantize(*prepared, x.dtype)  # [in, out], freed after the call
+    y = x @ w_t
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)
 
 
 # --- registry and the auto rule --------------------------------------------------------------
@@ -386,7 +423,10 @@ BACKENDS: dict[str, Backend] = {
     "int4_cuda": Backend("int4_cuda", _int4_cuda_supports, _int4_cuda_prepare, _int4_cuda_run),
     "int8": Backend("int8", _int8_supports, _int8_prepare, _int8_run, quantizes_activations=True),
     "fp8": Backend("fp8", _fp8_supports, _fp8_prepare, _fp8_run),
-    "triton_w4": Backend("triton_w4", _triton_supports, _nothing_to_prepare, _triton_run),
+    "triton_w4": Backend("triton_w4", _triton_supports, _triton_prepare, _triton_run),
+    "triton_dq": Backend(
+        "triton_dq", _triton_supports, _triton_prepare, _triton_dq_run, adds_bias=True
+    ),
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
 
@@ -400,15 +440,15 @@ def supports(
 
 def auto_backend(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str:
     """The backend `auto` runs: on CUDA the int8 W8A8 kernel for layers that quantize
-    activations to 8 bits; the int4 kernel below the device's crossover M; else dequant."""
+    activations to 8 bits; otherwise the `W4_AUTO` row for M (see there)."""
     # int8 only on CUDA: on the CPU, fp32 `dequant` is the bit-exact reference users compare to
     if device_type == "cuda" and supports(layer, "int8", device_type, dtype, m) is None:
         return "int8"
-    int4 = {"cpu": "int4_cpu", "cuda": "int4_cuda"}.get(device_type)
-    if int4 is not None and supports(layer, int4, device_type, dtype, m) is None:
-        limit = CROSSOVER_M.get(device_type)
-        if limit is None or m < limit:
-            return int4
+    for bound, names in W4_AUTO.get(device_type, []):
+        if m < bound:
+            return next(
+                (n for n in names if supports(layer, n, device_type, dtype, m) is None), "dequant"
+            )
     return "dequant"
 
 

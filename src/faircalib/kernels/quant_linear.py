@@ -73,6 +73,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.last_backend: str | None = None
         self._prepared: dict[tuple[str, torch.device, torch.dtype], tuple] = {}
+        self._plans: dict[tuple[torch.device, torch.dtype, int], tuple] = {}
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -161,31 +162,42 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             x2d = x2d / self.input_scale.to(x2d.dtype)
         dtype = compute_dtype(x2d)
-        name = self.choose_backend(x2d.device.type, dtype, x2d.shape[0])
-        backend = BACKENDS[name]
+        name, backend, prepared = self._plan(x2d.device, dtype, x2d.shape[0])
         if self.act_bits is not None and not backend.quantizes_activations:
             x2d = quantize_activations_per_token(x2d, self.act_bits)
-        x2d = x2d.to(dtype)
-        y = backend.run(self, self._prepare(name, x2d), x2d)  # [M, out]
+        y = backend.run(self, prepared, x2d.to(dtype))  # [M, out]
         if self.bias is not None and not backend.adds_bias:
             y = y + self.bias.to(y.dtype)
         self.last_backend = name
         return y.reshape(*lead, self.out_features)
 
-    def _prepare(self, name: str, x2d: torch.Tensor) -> tuple:
-        key = (name, x2d.device, x2d.dtype)
-        if key not in self._prepared:
-            with torch.no_grad():
-                self._prepared[key] = BACKENDS[name].prepare(self, x2d.device, x2d.dtype)
-        return self._prepared[key]
+    def _plan(self, device: torch.device, dtype: torch.dtype, m: int) -> tuple:
+        """(name, backend, prepared tensors) for calls of M rows: chosen and repacked once per
+        (device, dtype, M), so a steady-state call costs one dict lookup in Python - at small M
+        the backend checks cost more than the kernel itself."""
+        key = (device, dtype, m)
+        plan = self._plans.get(key)
+        if plan is None:
+            name = self.choose_backend(device.type, dtype, m)
+            if (name, device, dtype) not in self._prepared:
+                with torch.no_grad():
+                    self._prepared[(name, device, dtype)] = BACKENDS[name].prepare(
+                        self, device, dtype
+                    )
+            plan = self._plans[key] = (name, BACKENDS[name], self._prepared[(name, device, dtype)])
+        return plan
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
-        self._prepared.clear()  # kernel layouts belong to the old device/dtype
+        self._forget_plans()  # kernel layouts belong to the old device/dtype
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        self._prepared.clear()
+        self._forget_plans()
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _forget_plans(self) -> None:
+        self._prepared.clear()
+        self._plans.clear()
 
     def extra_repr(self) -> str:
         group = "channel" if self.group_size is None else f"g{self.group_size}"

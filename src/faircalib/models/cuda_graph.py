@@ -1,0 +1,76 @@
+"""Replay a dLLM's forward pass from captured CUDA graphs.
+
+Every denoising step of a sampler calls the model on a batch of the same shape, so the whole
+forward pass - hundreds of kernel launches and the Python around them (per-layer backend
+dispatch in quantized layers included) - can be captured once and replayed. For small models,
+or small batches of large ones, that Python is what a step costs; replaying removes it.
+
+    denoiser = CUDAGraphDenoiser(model)          # anything the samplers accept
+    result = generate(denoiser, prompts, cfg, seed)
+
+One graph is captured per (input shape, t given or not, autocast state); the first call of each
+warms up on a side stream first (kernel autotuning, layout caches) and is not captured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from faircalib.errors import ConfigError
+from faircalib.models.base import DiffusionLM
+
+
+class CUDAGraphDenoiser:
+    """`log_probs(x_t, t)` of `model` from CUDA graph replays; every other attribute (vocab_size,
+    mask_id, schedule, seq_len, eval, ...) is the wrapped model's. Weights must not change after
+    the first call: a graph replays the kernels it captured, reading the tensors it captured."""
+
+    def __init__(self, model: DiffusionLM) -> None:
+        if model.device.type != "cuda":
+            raise ConfigError(
+                f"CUDA graphs need the model on a CUDA device, it is on {model.device}"
+            )
+        self.model = model
+        self._graphs: dict[tuple, tuple] = {}
+        self._pool = torch.cuda.graph_pool_handle()  # one memory pool shared by all graphs
+
+    def __getattr__(self, name: str) -> Any:  # only called for names not found on self
+        return getattr(self.__dict__["model"], name)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        return self.log_probs(x_t, t)
+
+    def log_probs(self, x_t: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t [B, L] (and t [B]) -> log-probs [B, L, V]: a fresh tensor, as the model returns."""
+        autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        key = (tuple(x_t.shape), t is None, autocast)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x_t, t)
+        static_x, static_t, graph, out = self._graphs[key]
+        static_x.copy_(x_t)
+        if t is not None:
+            static_t.copy_(t.to(static_t.dtype))
+        graph.replay()
+        return out.clone()  # the next replay overwrites `out`
+
+    @property
+    def graphs(self) -> int:
+        """How many graphs have been captured (one per input shape and mode)."""
+        return len(self._graphs)
+
+    def _capture(self, x_t: torch.Tensor, t: torch.Tensor | None) -> tuple:
+        device = self.model.device
+        static_x = x_t.to(device).clone()
+        static_t = None if t is None else t.to(device).float().clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: autotuning, kernel layouts, lazy init
+            for _ in range(2):
+                self.model.log_probs(static_x, static_t)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.model.log_probs(static_x, static_t)
+        return static_x, static_t, graph, out

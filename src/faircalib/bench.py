@@ -13,6 +13,7 @@ import copy
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -86,14 +87,20 @@ class BenchConfig:
 
 
 def run_record(argv: list[str] | None = None) -> dict:
+    """Command, git commit, device, torch version and date of a results file. A copy of the
+    tree without its own history (the GPU machine's) names its commit in FAIRCALIB_GIT_COMMIT."""
+    commit = os.environ.get("FAIRCALIB_GIT_COMMIT", "")
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            check=False,
-        ).stdout.strip()
+        commit = (
+            commit
+            or subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                check=False,
+            ).stdout.strip()
+        )
     except OSError:
         commit = ""
     device = (

@@ -50,17 +50,17 @@ if TYPE_CHECKING:
 # `auto`'s W4A16 choice, per device: (M bound, backends) rows; a call with M token rows takes
 # the first row whose bound exceeds M and runs the first of its backends that can run the layer,
 # else `dequant` (the exact reference, which runs anything).
-# CUDA: the fastest correct backend per M on the 8B layer shapes in
-# benchmarks/results/kernels/kernels.md (H100, torch 2.11); `python benchmarks/kernels.py`
-# prints the table this should hold. Where triton is missing, torch's int4 kernel still serves
-# M < 64, its measured crossover against dequantize + cuBLAS.
+# CUDA: the backend with the best geometric-mean speed over the 8B layer shapes per M in
+# benchmarks/results/kernels/kernels.md (H100, torch 2.11, device time); `python
+# benchmarks/kernels.py` prints the rows this should hold. Where triton is missing, torch's int4
+# kernel serves M < 128 and `dequant` (torch.compile's dequantizer + cuBLAS) the rest.
 # CPU: on the 2-core EPYC dev machine the bf16 int4 kernel beat both dense bf16 and
 # dequantize-then-GEMM at every M up to 2048 (2048x2048 layer), so it never hands over.
 W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
     "cuda": [
-        (64, ("triton_w4", "int4_cuda")),
-        (1024, ("triton_w4",)),
-        (math.inf, ("triton_dq",)),
+        (16, ("int4_cuda", "triton_w4")),  # M = 1: torch's int4 kernel 2.2-2.5x of bf16
+        (128, ("triton_w4", "int4_cuda")),  # M = 16..64: the fused kernel (split-K)
+        (math.inf, ("triton_dq", "dequant")),  # M >= 128: dequantize, then cuBLAS
     ],
     "cpu": [(math.inf, ("int4_cpu",))],
 }
@@ -119,14 +119,17 @@ _compiled: dict[Callable, Callable] = {}
 _compile_failed: set[Callable] = set()
 
 
-def fused(fn: Callable[..., torch.Tensor], device_type: str) -> Callable[..., torch.Tensor]:
+def fused(
+    fn: Callable[..., torch.Tensor], device_type: str, dynamic: bool | None = None
+) -> Callable[..., torch.Tensor]:
     """`fn` compiled by torch.compile into fused kernels on CUDA, where a chain of eager
     elementwise ops and reductions would each read and write the whole tensor; eager on other
-    devices, where compilation is unavailable or failed, or with FAIRCALIB_NO_COMPILE=1."""
+    devices, where compilation is unavailable or failed, or with FAIRCALIB_NO_COMPILE=1.
+    `dynamic`: torch.compile's flag (None: specialise, then generalise shapes that change)."""
     if device_type != "cuda" or fn in _compile_failed or os.environ.get("FAIRCALIB_NO_COMPILE"):
         return fn
     if fn not in _compiled:
-        compiled = torch.compile(fn, dynamic=None)
+        compiled = torch.compile(fn, dynamic=dynamic)
 
         def guarded(*args: object) -> torch.Tensor:
             try:
@@ -172,7 +175,8 @@ def _dequant_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtyp
 
 
 def _dequantize_layer(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    fn = fused(dequantize_packed, device.type)
+    # one kernel per weight shape: a shape-generic dequantizer measured 5-10x slower
+    fn = fused(dequantize_packed, device.type, dynamic=False)
     return fn(layer.qweight, layer.scale, layer.zero, layer.bits, layer.in_features, dtype)
 
 

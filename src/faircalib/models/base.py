@@ -111,7 +111,8 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> tor
 
     logits: [B, L, V], x_t: [B, L] -> log-probs [B, L, V] (float32).
     """
-    mask_col = torch.tensor([mask_id], device=logits.device)
+    # made on the device (no host-to-device copy), so a CUDA graph can capture the forward
+    mask_col = torch.full((1,), mask_id, device=logits.device, dtype=torch.long)
     log_probs = torch.log_softmax(logits.float().index_fill(-1, mask_col, float("-inf")), dim=-1)
     committed = (x_t != mask_id).unsqueeze(-1)  # [B, L, 1]
     carried = torch.full_like(log_probs, float("-inf")).scatter(-1, x_t.unsqueeze(-1), 0.0)

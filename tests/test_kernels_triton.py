@@ -46,6 +46,18 @@ CHECK = textwrap.dedent(
                         meta = {"BLOCK_M": bm, "BLOCK_N": 32, "UNPACK": unpack, "SPLIT_K": split}
                         y = w4_matmul(x, *prepared, interpreted_meta=meta)
                         worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
+    # the Triton layout replaces the plain codes on their device, losslessly
+    codes_before = layer.codes().clone()
+    qweight_before = layer.stored_qweight().clone()
+    layer(x)
+    assert layer.qweight.numel() == 0 and torch.equal(layer.codes(), codes_before)
+    assert torch.equal(layer.state_dict()["qweight"], qweight_before)
+    fresh = QuantLinear.from_codes(codes, qp, backend=backend)
+    fresh(x)
+    fresh.load_state_dict(layer.state_dict())  # loading into a freed layer restores its shape
+    assert torch.equal(fresh.qweight, qweight_before)
+    layer.to(torch.float64)  # moving restores the plain codes and drops the layout
+    assert torch.equal(layer.qweight, qweight_before) and layer._prepared == {}
     print(worst)
     """
 )

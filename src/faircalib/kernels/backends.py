@@ -157,6 +157,9 @@ class Backend:
     run: Callable[[QuantLinear, tuple, torch.Tensor], torch.Tensor]
     quantizes_activations: bool = False  # True: run() applies the layer's act_bits itself
     adds_bias: bool = False  # True: run() adds the layer's bias itself
+    # prepared tensors -> [out, in] codes, for layouts that hold the codes losslessly: QuantLinear
+    # then frees its plain copy on that device (the layout *is* the weight: no second copy)
+    codes_from_layout: Callable[[tuple], torch.Tensor] | None = None
 
 
 def _cuda_capability() -> tuple[int, int] | None:
@@ -177,7 +180,7 @@ def _dequant_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtyp
 def _dequantize_layer(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # one kernel per weight shape: a shape-generic dequantizer measured 5-10x slower
     fn = fused(dequantize_packed, device.type, dynamic=False)
-    return fn(layer.qweight, layer.scale, layer.zero, layer.bits, layer.in_features, dtype)
+    return fn(layer.stored_qweight(), layer.scale, layer.zero, layer.bits, layer.in_features, dtype)
 
 
 def _dequant_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
@@ -210,7 +213,7 @@ def int4_centered(layer: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
     the int4 range: the float zero s * (8 - zero) then stays small and its bf16 rounding does
     not swamp 2- and 3-bit weights. Returns codes [out, in] uint8 and zeros [out, G]."""
     shift = 8 - 2 ** (layer.bits - 1)
-    codes = unpack_codes(layer.qweight, layer.bits, layer.in_features) + shift
+    codes = layer.codes() + shift
     return codes.contiguous(), layer.zero.float() + shift
 
 
@@ -318,7 +321,7 @@ def _int8_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: 
 
 
 def _int8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
-    codes = layer.qweight.to(torch.int16)  # [out, in]; zero is 128 everywhere (symmetric)
+    codes = layer.stored_qweight().to(torch.int16)  # [out, in]; zero is 128 (symmetric)
     w = (codes - 128).to(torch.int8)
     return w.t(), layer.scale.float().reshape(1, -1)  # [in, out] column-major view, [1, out]
 
@@ -352,7 +355,12 @@ def _fp8_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: i
 
 def _fp8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
     w = dequantize_packed(
-        layer.qweight, layer.scale, layer.zero, layer.bits, layer.in_features, torch.float32
+        layer.stored_qweight(),
+        layer.scale,
+        layer.zero,
+        layer.bits,
+        layer.in_features,
+        torch.float32,
     )
     w8, w_scale = fp8_quantize(w)  # [out, in], [out, 1]
     return w8, w_scale.reshape(1, -1).contiguous()
@@ -410,6 +418,12 @@ def _triton_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.T
     return w4_matmul(x, *prepared)
 
 
+def _triton_codes(prepared: tuple) -> torch.Tensor:
+    from faircalib.kernels.triton_w4 import unpack_tiles
+
+    return unpack_tiles(prepared[0])
+
+
 def _triton_dq_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
     from faircalib.kernels.triton_w4 import w4_dequantize
 
@@ -427,9 +441,20 @@ BACKENDS: dict[str, Backend] = {
     "int4_cuda": Backend("int4_cuda", _int4_cuda_supports, _int4_cuda_prepare, _int4_cuda_run),
     "int8": Backend("int8", _int8_supports, _int8_prepare, _int8_run, quantizes_activations=True),
     "fp8": Backend("fp8", _fp8_supports, _fp8_prepare, _fp8_run),
-    "triton_w4": Backend("triton_w4", _triton_supports, _triton_prepare, _triton_run),
+    "triton_w4": Backend(
+        "triton_w4",
+        _triton_supports,
+        _triton_prepare,
+        _triton_run,
+        codes_from_layout=_triton_codes,
+    ),
     "triton_dq": Backend(
-        "triton_dq", _triton_supports, _triton_prepare, _triton_dq_run, adds_bias=True
+        "triton_dq",
+        _triton_supports,
+        _triton_prepare,
+        _triton_dq_run,
+        adds_bias=True,
+        codes_from_layout=_triton_codes,
     ),
 }
 BACKEND_NAMES = ("auto", *BACKENDS)

@@ -12,7 +12,9 @@ fake-quant evaluation agree (bit-for-bit on the fp32 `dequant` backend).
 Storage: `qweight` holds the plain codes, two per byte for bits <= 4 (`backends.pack_codes`);
 `scale` is float32 and `zero` uint8, both [out, n_groups]. Each backend repacks the codes into
 its kernel's layout on first use and caches the result per (backend, device, dtype) next to
-the codes (so int4_cuda, int8 and fp8 hold a second copy); moving the module clears the cache.
+the codes (so int4_cuda, int4_cpu, int8 and fp8 hold a second copy); the Triton layout holds
+the codes losslessly, so it replaces the plain copy instead (`codes()` and `state_dict()` read
+it back). Moving or loading the module restores the plain codes and clears the cache.
 `backend="auto"` picks per call from the device, the dtype (autocast's, if on) and M, the
 number of token rows (`backends.auto_backend`); `last_backend` records the choice.
 """
@@ -74,6 +76,8 @@ class QuantLinear(nn.Module):
         self.last_backend: str | None = None
         self._prepared: dict[tuple[str, torch.device, torch.dtype], tuple] = {}
         self._plans: dict[tuple[torch.device, torch.dtype, int], tuple] = {}
+        # (backend, prepared key) whose layout holds the codes after the plain copy was freed
+        self._codes_layout: tuple[str, tuple] | None = None
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -135,12 +139,21 @@ class QuantLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """[out, in] uint8 codes in [0, 2^bits)."""
+        if self._codes_layout is not None:  # the plain copy was freed: read the kernel layout
+            name, key = self._codes_layout
+            return BACKENDS[name].codes_from_layout(self._prepared[key])[:, : self.in_features]
         return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def stored_qweight(self) -> torch.Tensor:
+        """`qweight` as stored ([out, packed_width] uint8), rebuilt if a kernel layout holds it."""
+        if self._codes_layout is not None:
+            return pack_codes(self.codes(), self.bits)
+        return self.qweight
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[out, in] W_hat = scale * (code - zero)."""
         return dequantize_packed(
-            self.qweight, self.scale, self.zero, self.bits, self.in_features, dtype
+            self.stored_qweight(), self.scale, self.zero, self.bits, self.in_features, dtype
         )
 
     # --- forward ------------------------------------------------------------------------------
@@ -184,8 +197,21 @@ class QuantLinear(nn.Module):
                     self._prepared[(name, device, dtype)] = BACKENDS[name].prepare(
                         self, device, dtype
                     )
+                self._maybe_free_plain_codes(name, device, dtype)
             plan = self._plans[key] = (name, BACKENDS[name], self._prepared[(name, device, dtype)])
         return plan
+
+    def _maybe_free_plain_codes(self, name: str, device: torch.device, dtype: torch.dtype) -> None:
+        """A layout that holds the codes losslessly, on qweight's own device, replaces the plain
+        copy there: resident INT4 memory stays one copy of the codes, not two. `codes()`,
+        `stored_qweight()` and `state_dict()` read the layout; moving or loading restores it."""
+        if (
+            BACKENDS[name].codes_from_layout is not None
+            and self._codes_layout is None
+            and device == self.qweight.device
+        ):
+            self._codes_layout = (name, (name, device, dtype))
+            self.qweight = torch.empty(0, dtype=torch.uint8, device=device)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
         self._forget_plans()  # kernel layouts belong to the old device/dtype
@@ -195,7 +221,16 @@ class QuantLinear(nn.Module):
         self._forget_plans()
         super()._load_from_state_dict(*args, **kwargs)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # noqa: ANN001
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "qweight"] = self.stored_qweight()
+
     def _forget_plans(self) -> None:
+        """Drop kernel layouts and per-M plans, first restoring the plain codes if a layout
+        held them."""
+        if self._codes_layout is not None:
+            self.qweight = self.stored_qweight()
+            self._codes_layout = None
         self._prepared.clear()
         self._plans.clear()
 

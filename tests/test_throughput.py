@@ -72,7 +72,7 @@ def test_group_size_falls_back_when_the_width_is_not_a_multiple():
         cfg = MDLMConfig(32, 1, seq_len=8, hidden_dim=width, cond_dim=8, n_blocks=1, n_heads=4)
         return MDLM(cfg)
 
-    group, note = script.choose_group_size(model(448), 128)  # mdlm-small's width today
+    group, note = script.choose_group_size(model(448), 128)  # mdlm-small v1's width
     assert group == 64 and "fell back to 64" in note
     assert script.choose_group_size(model(512), 128) == (128, None)
     assert script.choose_group_size(model(224), 128)[0] == 32

@@ -36,6 +36,7 @@ from torch import nn
 from faircalib.bench import run_record
 from faircalib.config import QuantConfig
 from faircalib.kernels import QuantLinear
+from faircalib.models.cuda_graph import capture
 from faircalib.quant.primitives import compute_qparams, quantize
 
 LLADA_8B = {"hidden": 4096, "mlp": 12288, "heads": 32, "layers": 32, "vocab": 126464, "seq": 512}
@@ -165,14 +166,7 @@ def median_ms(fn, device: torch.device, repeats: int) -> float:
 def graphed_median_ms(fn, repeats: int) -> float:
     """Median ms of `fn` replayed from a CUDA graph: device time without Python dispatch, as a
     sampler gets by capturing its denoising step (faircalib.models.cuda_graph)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture(fn)
     return median_ms(graph.replay, torch.device("cuda"), repeats)
 
 

@@ -56,6 +56,7 @@ from faircalib.bench import run_record
 from faircalib.config import QuantConfig
 from faircalib.kernels import W4_AUTO, QuantLinear
 from faircalib.kernels.backends import BACKENDS, fp8_quantize, quantize_rows_int8
+from faircalib.models.cuda_graph import capture
 from faircalib.quant.primitives import compute_qparams, dequantize, quantize
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
@@ -235,17 +236,10 @@ def time_round_ms(
 
 
 def _captured(one_round: Callable[[], None], device: torch.device) -> tuple[Callable, str]:
-    """one_round captured in a CUDA graph (warmed up on a side stream first, as capture needs);
-    eager where capture fails (a backend that synchronizes or allocates on the host)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        one_round()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+    """one_round replayed from a CUDA graph; eager where capture fails (a backend that
+    synchronizes or copies from the host inside its call)."""
     try:
-        with torch.cuda.graph(graph):
-            one_round()
+        graph, _ = capture(one_round, device)
     except Exception as exc:  # noqa: BLE001 - recorded, then timed eagerly
         torch.cuda.synchronize(device)
         return one_round, f"eager (capture failed: {type(exc).__name__})"

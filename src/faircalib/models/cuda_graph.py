@@ -14,12 +14,31 @@ warms up on a side stream first (kernel autotuning, layout caches) and is not ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from faircalib.errors import ConfigError
 from faircalib.models.base import DiffusionLM
+
+
+def capture(
+    fn: Callable[[], Any], device: torch.device | str = "cuda", pool: Any = None
+) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """-> (graph, fn's output captured in it). `fn` runs twice first on a side stream, so
+    autotuning, layout caches and lazy initialisation happen outside the capture, as it needs."""
+    device = torch.device(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 class CUDAGraphDenoiser:
@@ -64,13 +83,5 @@ class CUDAGraphDenoiser:
         device = self.model.device
         static_x = x_t.to(device).clone()
         static_t = None if t is None else t.to(device).float().clone()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: autotuning, kernel layouts, lazy init
-            for _ in range(2):
-                self.model.log_probs(static_x, static_t)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self.model.log_probs(static_x, static_t)
+        graph, out = capture(lambda: self.model.log_probs(static_x, static_t), device, self._pool)
         return static_x, static_t, graph, out

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from faircalib import hub
-from faircalib.bench import run_record
+from faircalib.bench import record_lines, run_record
 from faircalib.calib import quantize_for_bench, save_quantized
 from faircalib.calib.fakequant_io import fold_fake_quant
 from faircalib.data import calibration_batch
@@ -312,10 +312,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Generation throughput: {cfg['model']} ({rec['device']})",
         "",
-        f"Command: `{rec['command']}`  ",
-        f"Commit: `{rec['git_commit']}`  ",
-        f"Device: {rec['device']} (torch {rec['torch']})  ",
-        f"Date: {rec['date']}",
+        *record_lines(rec),
         "",
         f"{cfg['sampler']} sampler, {cfg['gen_length']} tokens in {cfg['steps']} denoising steps "
         f"after a {cfg['prompt_tokens']}-token prompt, seed {cfg['seed']}; median of "

@@ -115,6 +115,16 @@ def run_record(argv: list[str] | None = None) -> dict:
     }
 
 
+def record_lines(rec: dict) -> list[str]:
+    """The Markdown header lines of a results file: command, commit, device, date."""
+    return [
+        f"Command: `{rec['command']}`  ",
+        f"Commit: `{rec['git_commit']}`  ",
+        f"Device: {rec['device']} (torch {rec['torch']})  ",
+        f"Date: {rec['date']}",
+    ]
+
+
 def weight_bytes(model: torch.nn.Module, bits: int | None, group_size: int | None) -> int:
     """Bytes of the weights as deployed: quantized linears at `bits` with fp16 scales and
     `bits`-wide zero points per group; every other parameter in bf16. bits=None: all bf16."""
@@ -348,10 +358,7 @@ def markdown_tables(result: dict) -> str:
     lines = [
         f"# FAIR-Calib benchmark: {model}",
         "",
-        f"Command: `{rec['command']}`  ",
-        f"Commit: `{rec['git_commit']}`  ",
-        f"Device: {rec['device']} (torch {rec['torch']})  ",
-        f"Date: {rec['date']}",
+        *record_lines(rec),
         "",
         f"Perplexity is the NELBO bound on {main} (lower is better); every row uses the same "
         "evaluation noise. Degradation is relative to the float model. "

@@ -90,6 +90,47 @@ class SmoothQuantConfig(QuantConfig):
 
 
 @dataclass
+class ReconConfig:
+    """Stage 2 of FAIR-Calib: learn each block's quantization parameters by gradient descent.
+
+    Each quantized linear keeps its base method's integer grid (GPTQ's codes and zero points)
+    and learns a per-group scale gain (Adam) and, with `rounding`, a rounding offset in
+    [-0.5, 0.5] per weight (signed gradient, as AutoRound), so a code may move one step. The
+    loss is the row-weighted squared error of the block's output against `target`:
+    "float_stream" = the float model's own block outputs (the float model run on float inputs,
+    so later blocks also correct the errors of earlier ones), "quant_input" = the float block
+    on the quantized model's inputs. `holdout` of the calibration sequences never train and pick
+    the best step (the initialisation included), so the result is never worse than the base
+    method on held-out rows. `e2e_steps` > 0 then tunes only the scales of the whole model
+    against KL(p_float || p_quant) at the masked positions (weighted like the rows).
+    """
+
+    steps: int = 200
+    batch: int = 4  # sequences per step
+    lr_scale: float = 2e-3  # Adam, on log scale gains
+    lr_round: float = 5e-3  # signed gradient on rounding offsets; 0 = scales only
+    rounding: bool = True
+    target: Literal["float_stream", "quant_input"] = "float_stream"
+    holdout: float = 0.125
+    eval_every: int = 25
+    e2e_steps: int = 0
+    e2e_lr: float = 1e-3
+    e2e_batch: int = 4
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.e2e_steps) < 0 or self.batch < 1 or self.e2e_batch < 1:
+            raise ConfigError("reconstruction steps must be >= 0 and batches >= 1")
+        if min(self.lr_scale, self.lr_round, self.e2e_lr) < 0:
+            raise ConfigError("reconstruction learning rates must be >= 0")
+        if not 0 < self.holdout < 1:
+            raise ConfigError(f"holdout must be a fraction in (0, 1), got {self.holdout}")
+        if self.target not in ("float_stream", "quant_input"):
+            raise ConfigError(f"unknown target {self.target!r}; use float_stream or quant_input")
+        if self.eval_every < 1:
+            raise ConfigError("eval_every must be >= 1")
+
+
+@dataclass
 class FairCalibConfig(QuantConfig):
     """FAIR-Calib: frontier-aware, instability-weighted calibration around a base method.
 
@@ -114,6 +155,7 @@ class FairCalibConfig(QuantConfig):
     """
 
     method: Literal["fair"] = "fair"
+    preset: Literal["full", "fast"] = "full"
     inputs: Literal["mixed", "states"] = "mixed"
     base: Literal["gptq", "awq", "rtn"] = "gptq"
     n_prompts: int = 128
@@ -122,7 +164,7 @@ class FairCalibConfig(QuantConfig):
     sampler: str = "low_confidence"
     noise: Literal["rtn", "random"] = "rtn"
     noise_scale: float = 1.0
-    weighting: Literal["instability", "margin", "uniform"] = "instability"
+    weighting: Literal["instability", "margin", "prior", "uniform"] = "instability"
     tokens: Literal["frontier", "all"] = "frontier"
     window: int = 1
     floor: float = 1.0
@@ -132,6 +174,28 @@ class FairCalibConfig(QuantConfig):
     damp: float = 0.01
     act_order: bool = True
     block_size: int = 128
+    # stage 2, block-wise reconstruction (preset "full"; "fast" stops after the weighted base)
+    recon: ReconConfig = field(default_factory=lambda: ReconConfig())
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.recon, dict):  # from a recorded config / JSON
+            self.recon = ReconConfig(**self.recon)
+        if self.preset not in ("full", "fast"):
+            raise ConfigError(f"unknown FAIR-Calib preset {self.preset!r}; use 'full' or 'fast'")
+        if self.base not in ("gptq", "awq", "rtn"):
+            raise ConfigError(f"unknown FAIR-Calib base {self.base!r}; use gptq, awq or rtn")
+        if self.weighting not in ("instability", "margin", "prior", "uniform"):
+            raise ConfigError(
+                f"unknown weighting {self.weighting!r}; use instability, margin, prior or uniform"
+            )
+        if self.gamma < 0 or self.floor < 0 or self.max_weight < 0:
+            raise ConfigError("gamma, floor and max_weight must be >= 0")
+
+    @property
+    def optimised(self) -> bool:
+        """Whether stage 2 (block reconstruction and/or the end-to-end stage) runs."""
+        return self.preset == "full" and (self.recon.steps > 0 or self.recon.e2e_steps > 0)
 
     def base_config(self) -> QuantConfig:
         common = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
@@ -142,6 +206,21 @@ class FairCalibConfig(QuantConfig):
         if self.base == "awq":
             return AWQConfig(**common)
         return RTNConfig(**common)
+
+
+@dataclass
+class ReconMethodConfig(FairCalibConfig):
+    """`recon`: FAIR-Calib's optimiser on FAIR-Calib's calibration inputs (masked sequences plus
+    recorded sampler states) with every token weight 1 - the attribution baseline that says how
+    much of FAIR-Calib's gain is the frontier weighting rather than the optimisation."""
+
+    method: Literal["recon"] = "recon"
+    weighting: Literal["instability", "margin", "prior", "uniform"] = "uniform"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weighting != "uniform":
+            raise ConfigError("recon weights every token 1; use --method fair for weighting")
 
 
 @dataclass

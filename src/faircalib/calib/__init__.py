@@ -6,6 +6,7 @@ report = quantize(model, GPTQConfig(bits=4, group_size=128), tokens, CalibConfig
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -14,15 +15,18 @@ from faircalib.calib.engine import FakeQuantLinear, QuantReport, check_layers, q
 from faircalib.calib.fair import fair_calibration_inputs
 from faircalib.calib.fakequant_io import load_fake_quant, save_quantized
 from faircalib.calib.inputs import calibration_inputs, masked_inputs, sampler_levels
+from faircalib.calib.recon import finetune_scales_e2e
 from faircalib.config import (
     AWQConfig,
     CalibConfig,
     FairCalibConfig,
     GPTQConfig,
     QuantConfig,
+    ReconMethodConfig,
     RTNConfig,
     SmoothQuantConfig,
 )
+from faircalib.errors import ConfigError
 from faircalib.models.base import DiffusionLM
 
 METHOD_CONFIGS: dict[str, type[QuantConfig]] = {
@@ -31,6 +35,7 @@ METHOD_CONFIGS: dict[str, type[QuantConfig]] = {
     "awq": AWQConfig,
     "smoothquant": SmoothQuantConfig,
     "fair": FairCalibConfig,
+    "recon": ReconMethodConfig,
 }
 
 
@@ -53,6 +58,7 @@ def quantize(
     check_layers(model, config)
     start = time.time()
     extra: dict = {}
+    recon, teacher = None, None
     if isinstance(config, FairCalibConfig):
         model.to(calib.device)
         n_track = len(tokens) if config.inputs == "states" else len(tokens) // 2
@@ -66,15 +72,43 @@ def quantize(
             x_t, t = torch.cat([x_m, x_t]), torch.cat([t_m, t])
             weights = torch.cat([torch.ones(x_m.shape), weights])
         method_cfg = config.base_config()
+        if config.optimised:
+            recon = config.recon
+            teacher = _e2e_teacher(model, config, calib)
     else:
         x_t, t = masked_inputs(model, tokens, calib)
         weights, method_cfg = None, config
-    report = quantize_model(model, method_cfg, x_t, t, weights, calib_cfg=calib, progress=progress)
+    report = quantize_model(
+        model, method_cfg, x_t, t, weights, calib_cfg=calib, recon=recon, progress=progress
+    )
+    if teacher is not None:
+        tick = time.time()
+        model.to(calib.device)
+        e2e = finetune_scales_e2e(
+            model, teacher, x_t, t, weights, recon, torch.device(calib.device), calib.seed
+        )
+        report.recon.append({"block": "e2e", **e2e})
+        report.timings["e2e_s"] = time.time() - tick
+        del teacher
     report.method = config.to_dict()
     report.timings.update({k: v for k, v in extra.items() if k.endswith("_s")})
     report.timings["wall_s"] = time.time() - start
     report.calib["fair"] = {k: v for k, v in extra.items() if not k.endswith("_s")}
     return report
+
+
+def _e2e_teacher(model: DiffusionLM, config: FairCalibConfig, calib: CalibConfig):
+    """A float copy of the model for the end-to-end stage (None when that stage is off). The
+    stage runs the teacher and the quantized model side by side, so it needs both on the
+    device: it is refused with offloading, which exists because one model does not fit."""
+    if config.recon.e2e_steps <= 0:
+        return None
+    if calib.offload:
+        raise ConfigError(
+            "the end-to-end scale stage (e2e_steps > 0) needs the float and the quantized model "
+            "on the device together; set e2e_steps to 0 with --offload"
+        )
+    return copy.deepcopy(model).eval()
 
 
 def quantize_for_bench(

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from faircalib.config import CalibConfig, QuantConfig
+from faircalib.calib.recon import SequenceRows, reconstruct_block
+from faircalib.config import CalibConfig, QuantConfig, ReconConfig
 from faircalib.models.base import BlockContext, DiffusionLM
 from faircalib.quant import LayerInputsAccumulator, QuantResult, quantize_linear, quantize_rtn
 from faircalib.quant.primitives import quantize_activations_per_token
@@ -83,6 +84,7 @@ class QuantReport:
     calib: dict
     layers: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    recon: list[dict] = field(default_factory=list)  # one optimisation log per block (stage 2)
 
     def to_dict(self) -> dict:
         return {
@@ -90,6 +92,7 @@ class QuantReport:
             "calib": self.calib,
             "layers": self.layers,
             "timings": self.timings,
+            "recon": self.recon,
         }
 
 
@@ -122,11 +125,14 @@ def quantize_model(
     row_weights: torch.Tensor | None = None,
     *,
     calib_cfg: CalibConfig,
+    recon: ReconConfig | None = None,
     progress: bool = True,
 ) -> QuantReport:
     """Quantize every linear of `model.quantizable_linears` in place.
 
     x_t: [N, L] calibration inputs (partly masked), t: [N], row_weights: [N, L] (None = ones).
+    recon: after each block's linears are quantized, learn their quantization parameters
+    against the block's float output (FAIR-Calib stage 2; `calib.recon`).
     With `calib_cfg.offload` at most one block is on `calib_cfg.device` at any time and the
     whole model is on the CPU on return; the quantized weights are the same as without it.
     """
@@ -164,8 +170,13 @@ def quantize_model(
         cache.append(h.cpu())
         contexts.append(ctx)
     weights = torch.ones(n, seq_len) if row_weights is None else row_weights.float()
+    # The float model's own block outputs: reconstruction targets that keep later blocks
+    # pulling towards the float model rather than towards the float block on drifted inputs.
+    float_cache = [h.clone() for h in cache] if recon and recon.target == "float_stream" else None
     report.timings["stem_s"] = time.time() - start
     report.timings.update(stats_s=0.0, quantize_s=0.0, propagate_s=0.0)
+    if recon:
+        report.timings["recon_s"] = 0.0
 
     blocks = tqdm(
         list(enumerate(model.blocks)),
@@ -176,6 +187,7 @@ def quantize_model(
     for i, block in blocks:
         block.to(device)
         linears = model.quantizable_linears(block)
+        targets = _run_block(block, float_cache or cache, contexts, device) if recon else None
         report.layers += _quantize_block(
             i,
             block,
@@ -188,6 +200,14 @@ def quantize_model(
             device,
             report.timings,
         )
+        if recon:
+            tick = time.time()
+            rows, goal = SequenceRows(cache, contexts), SequenceRows(targets, contexts)
+            log = reconstruct_block(block, rows, goal, weights, recon, device, calib_cfg.seed + i)
+            report.recon.append({"block": i, **log})
+            report.timings["recon_s"] += time.time() - tick
+            if float_cache is not None:
+                float_cache = targets
         tick = time.time()
         for j in range(len(cache)):  # outputs of the quantized block feed the next
             cache[j] = block(cache[j].to(device), contexts[j]).cpu()
@@ -200,6 +220,13 @@ def quantize_model(
             module.to(OFFLOAD_DEVICE)
     report.timings["total_s"] = time.time() - start
     return report
+
+
+def _run_block(
+    block: nn.Module, cache: list[torch.Tensor], contexts: list[BlockContext], device
+) -> list[torch.Tensor]:
+    """The block's outputs for every cached batch (on the CPU, like the cache)."""
+    return [block(h.to(device), ctx).cpu() for h, ctx in zip(cache, contexts, strict=True)]
 
 
 def _quantize_block(

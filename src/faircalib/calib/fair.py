@@ -66,7 +66,7 @@ def noisy_copy(model: DiffusionLM, cfg: FairCalibConfig, seed: int) -> Diffusion
     for block in noisy.blocks:
         for _, linear in noisy.quantizable_linears(block):
             w = linear.weight.float()
-            delta = quantize_rtn(w.cpu(), base).weight.to(w.device) - w
+            delta = quantize_rtn(w, base).weight - w  # on the weight's device
             if cfg.noise == "random":
                 rand = torch.randn(w.shape, generator=gen).to(w.device)
                 delta = rand * (delta.norm() / rand.norm())
@@ -122,9 +122,12 @@ def fair_calibration_inputs(
     states = track_frontier(model, tokens, cfg, seed, device)
     track_s = time.time() - tick
     tick = time.time()
-    noisy = noisy_copy(model, cfg, seed)
-    kl, margin = token_scores(model, noisy, states)
-    del noisy
+    if cfg.weighting == "uniform":  # nothing to score: every row weighs 1 (the `recon` method)
+        kl = margin = torch.zeros(states.x_t.shape)
+    else:
+        noisy = noisy_copy(model, cfg, seed)
+        kl, margin = token_scores(model, noisy, states)
+        del noisy
     weights = row_weights(states, kl, margin, cfg, model.mask_id)
     info = {
         "frontier_tracking_s": track_s,

@@ -1,0 +1,181 @@
+"""Stage 2 of FAIR-Calib: block-wise reconstruction and the optional end-to-end scale stage.
+
+This is where `faircalib.quant.recon` (learnable quantizers, the optimisation loop) meets the
+model: a block's FakeQuantLinear layers are swapped for LearnableQuantLinear ones, the block
+runs on calibration rows, and the row-weighted error of its output against the float target
+drives the quantization parameters; then the layers are frozen back into FakeQuantLinear.
+
+Rows are whole calibration sequences (attention mixes tokens, so a block needs whole
+sequences); a seeded `holdout` share of them never trains and picks the best step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from faircalib.config import ReconConfig
+from faircalib.models.base import BlockContext, DiffusionLM
+from faircalib.quant.recon import LearnableQuantLinear, OptimSettings, optimise, weighted_mse
+
+
+class SequenceRows:
+    """Calibration sequences kept as the engine's list of [batch, L, D] CPU tensors; gathers
+    arbitrary sequences (and their block context rows) without concatenating the cache."""
+
+    def __init__(self, chunks: list[torch.Tensor], contexts: list[BlockContext]) -> None:
+        self.chunks, self.contexts = chunks, contexts
+        self.where = [(c, r) for c, chunk in enumerate(chunks) for r in range(len(chunk))]
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def gather(self, idx: list[int], device: torch.device) -> torch.Tensor:
+        rows = [self.chunks[c][r] for c, r in (self.where[i] for i in idx)]
+        return torch.stack(rows).to(device)  # [B, L, D]
+
+    def context(self, idx: list[int], device: torch.device) -> BlockContext:
+        parts = [self.contexts[c].select(slice(r, r + 1)) for c, r in (self.where[i] for i in idx)]
+        merged = {}
+        for key, value in parts[0].tensors.items():
+            if key.startswith("batch_"):
+                value = torch.cat([p.tensors[key] for p in parts])
+            merged[key] = value.to(device)
+        return BlockContext(merged)
+
+
+def split_rows(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of n sequences into (train, held-out); at least one of each when n >= 2."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(max(1, round(n * holdout)), n - 1) if n >= 2 else 0
+    train, val = sorted(perm[n_val:]), sorted(perm[:n_val])
+    return train, (val or train)
+
+
+def _swap_learnable(root: nn.Module, rounding: bool) -> list[tuple[str, LearnableQuantLinear]]:
+    from faircalib.calib.engine import FakeQuantLinear, _set_submodule  # engine imports us
+
+    swapped = []
+    for name, module in list(root.named_modules()):
+        if isinstance(module, FakeQuantLinear) and module.result is not None:
+            learnable = LearnableQuantLinear(module.result, module.bias, rounding=rounding)
+            _set_submodule(root, name, learnable.to(module.weight.device))
+            swapped.append((name, learnable))
+    return swapped
+
+
+def _freeze(root: nn.Module, swapped: list[tuple[str, LearnableQuantLinear]]) -> list[dict]:
+    from faircalib.calib.engine import FakeQuantLinear, _set_submodule
+
+    infos = []
+    for name, learnable in swapped:
+        result = learnable.to_result()
+        _set_submodule(root, name, FakeQuantLinear.from_result(result, learnable.bias))
+        infos.append({"layer": name, **{k: v for k, v in result.info.items() if "recon" in k}})
+    return infos
+
+
+def _batches(idx: list[int], size: int) -> list[list[int]]:
+    return [idx[i : i + size] for i in range(0, len(idx), size)]
+
+
+def reconstruct_block(
+    block: nn.Module,
+    inputs: SequenceRows,
+    targets: SequenceRows,
+    weights: torch.Tensor,
+    cfg: ReconConfig,
+    device: torch.device,
+    seed: int,
+) -> dict:
+    """Learn the quantization parameters of `block`'s quantized linears in place.
+
+    inputs/targets: the block's inputs and float targets per calibration sequence; weights:
+    [N, L] per-token loss weights. Returns the optimisation log."""
+    train, val = split_rows(len(inputs), cfg.holdout, seed)
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    swapped = _swap_learnable(block, cfg.rounding and cfg.lr_round > 0)
+    layers = [layer for _, layer in swapped]
+    gen = torch.Generator().manual_seed(seed)
+
+    def loss_on(idx: list[int]) -> torch.Tensor:
+        out = block(inputs.gather(idx, device), inputs.context(idx, device))
+        return weighted_mse(out, targets.gather(idx, device), weights[idx].to(device))
+
+    def train_loss(_step: int) -> torch.Tensor:
+        pick = torch.randint(len(train), (min(cfg.batch, len(train)),), generator=gen)
+        return loss_on([train[i] for i in pick.tolist()])
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            parts = [(float(loss_on(b)), float(weights[b].sum())) for b in _batches(val, 8)]
+        return sum(v * w for v, w in parts) / max(sum(w for _, w in parts), 1e-12)
+
+    settings = OptimSettings(cfg.steps, cfg.lr_scale, cfg.lr_round, cfg.eval_every)
+    try:
+        with torch.enable_grad():
+            log = optimise(layers, train_loss, val_loss, settings)
+    finally:
+        layer_infos = _freeze(block, swapped)
+        for p in frozen:
+            p.requires_grad_(True)
+    return {**log.to_dict(), "layers": layer_infos}
+
+
+def masked_kl(teacher_lp: torch.Tensor, student_lp: torch.Tensor, x_t: torch.Tensor, mask_id: int):
+    """[B, L] KL(p_teacher || p_student) at masked positions (0 at committed ones, where SUBS
+    makes both one-hot); the -inf log-probabilities of impossible tokens contribute 0."""
+    p = teacher_lp.exp()
+    terms = torch.where(p > 0, p * (teacher_lp - student_lp), torch.zeros_like(p))
+    return terms.sum(-1) * (x_t == mask_id)
+
+
+def finetune_scales_e2e(
+    model: DiffusionLM,
+    teacher: DiffusionLM,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    weights: torch.Tensor,
+    cfg: ReconConfig,
+    device: torch.device,
+    seed: int,
+) -> dict:
+    """Tune only the scales of every quantized linear of `model` (on `device`) to minimise the
+    row-weighted KL(p_teacher || p_model) at masked positions of the calibration inputs."""
+    train, val = split_rows(len(x_t), cfg.holdout, seed)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    swapped = _swap_learnable(model, rounding=False)
+    teacher.to(device).eval()
+    gen = torch.Generator().manual_seed(seed)
+
+    def kl_sums(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, tt = x_t[idx].to(device), t[idx].to(device)
+        with torch.no_grad():
+            ref = teacher.log_probs(x, tt)
+        kl = masked_kl(ref, model.log_probs(x, tt), x, model.mask_id)  # [B, L]
+        w = weights[idx].to(device) * (x == model.mask_id)
+        return (kl * w).sum(), w.sum()
+
+    def train_loss(_step: int) -> torch.Tensor:
+        pick = torch.randint(len(train), (min(cfg.e2e_batch, len(train)),), generator=gen)
+        num, den = kl_sums([train[i] for i in pick.tolist()])
+        return num / den.clamp(min=1e-12)
+
+    def val_loss() -> float:
+        with torch.no_grad():
+            sums = [kl_sums(b) for b in _batches(val, 8)]
+        return float(sum(n for n, _ in sums) / max(float(sum(d for _, d in sums)), 1e-12))
+
+    settings = OptimSettings(cfg.e2e_steps, cfg.e2e_lr, 0.0, cfg.eval_every)
+    try:
+        with torch.enable_grad():
+            log = optimise([layer for _, layer in swapped], train_loss, val_loss, settings)
+    finally:
+        _freeze(model, swapped)
+        for p in frozen:
+            p.requires_grad_(True)
+    return log.to_dict()

@@ -41,6 +41,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "fair-e2e": ("fair", {"recon.e2e_steps": 200}),
     "fair-tempered": ("fair", {"gamma": 0.5, "max_weight": 4.0}),
     "fair-prior": ("fair", {"weighting": "prior"}),
+    "gptq-views4": ("gptq", {"calib.views": 4}),
+    "recon-views4": ("recon", {"calib.views": 4}),
+    "fair-views4": ("fair", {"calib.views": 4}),
+    "recon-e2e-long": ("recon", {"recon.e2e_steps": 600, "recon.e2e_lr": 2e-3}),
+    "fair-e2e-long": ("fair", {"recon.e2e_steps": 600, "recon.e2e_lr": 2e-3}),
+    "fair-views4-e2e": ("fair", {"calib.views": 4, "recon.e2e_steps": 400, "recon.e2e_lr": 2e-3}),
+    "recon-views4-e2e": (
+        "recon",
+        {"calib.views": 4, "recon.e2e_steps": 400, "recon.e2e_lr": 2e-3},
+    ),
     "recon-long": ("recon", {"recon.steps": 600, "recon.lr_round": 2e-3, "recon.lr_scale": 1e-3}),
     "recon-hi-lr": ("recon", {"recon.lr_scale": 1e-2, "recon.lr_round": 1e-2}),
 }
@@ -48,7 +58,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 def build_config(method: str, overrides: dict, bits: int, group_size: int | None, n: int):
     cls = METHOD_CONFIGS[method]
-    plain = {k: v for k, v in overrides.items() if not k.startswith("recon.")}
+    plain = {k: v for k, v in overrides.items() if not k.startswith(("recon.", "calib."))}
     nested = {k.removeprefix("recon."): v for k, v in overrides.items() if k.startswith("recon.")}
     if issubclass(cls, FairCalibConfig):
         plain.setdefault("n_prompts", n)
@@ -105,7 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
                     if "recon.e2e_steps" in overrides:
                         overrides["recon.e2e_steps"] = 2
                 cfg = build_config(method, overrides, **_scheme(scheme), n=args.nsamples)
-                calib = CalibConfig(n_samples=args.nsamples, seed=seed, device=args.device)
+                calib_knobs = {
+                    k.removeprefix("calib."): v for k, v in overrides.items() if k.startswith("calib.")
+                }
+                calib = CalibConfig(
+                    n_samples=args.nsamples, seed=seed, device=args.device, **calib_knobs
+                )
                 q = copy.deepcopy(model)
                 start = time.time()
                 report = quantize(q, cfg, tokens, calib, progress=False)

@@ -237,6 +237,9 @@ class CalibConfig:
     masking: Literal["uniform", "sampler", "none"] = "uniform"
     t_min: float = 0.05  # 'uniform' only
     sampler_steps: int = 64  # 'sampler' only
+    # masked views per calibration text: each text enters calibration `views` times, masked at
+    # `views` different noise levels (a dLLM sees every text at every t); 1 = one view
+    views: int = 1
     max_rows_per_layer: int = 8192  # rows kept for searches (AWQ, clipping); Hessians use all
     device: str = "cpu"
     # large models: blocks live on the CPU, one at a time on `device`; the result ends on the CPU
@@ -251,6 +254,8 @@ class CalibConfig:
             )
         if self.sampler_steps < 1:
             raise ConfigError(f"sampler_steps must be >= 1, got {self.sampler_steps}")
+        if self.views < 1:
+            raise ConfigError(f"views must be >= 1 (masked views per text), got {self.views}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

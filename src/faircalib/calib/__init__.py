@@ -63,14 +63,17 @@ def quantize(
         model.to(calib.device)
         n_track = len(tokens) if config.inputs == "states" else len(tokens) // 2
         x_t, t, weights, extra = fair_calibration_inputs(
-            model, tokens[:n_track], config, calib.seed, calib.device
+            model, tokens[:n_track], config, calib.seed, calib.device, calib.views
         )
+        text_ids = torch.arange(n_track).repeat(calib.views)
         if calib.offload:
             model.to("cpu")
         if n_track < len(tokens):  # the rest: masked at stratified t, as plain calibration does
             x_m, t_m = masked_inputs(model, tokens[n_track:], calib)
             x_t, t = torch.cat([x_m, x_t]), torch.cat([t_m, t])
             weights = torch.cat([torch.ones(x_m.shape), weights])
+            rest = torch.arange(n_track, len(tokens)).repeat(calib.views)
+            text_ids = torch.cat([rest, text_ids])
         method_cfg = config.base_config()
         if config.optimised:
             recon = config.recon
@@ -78,14 +81,24 @@ def quantize(
     else:
         x_t, t = masked_inputs(model, tokens, calib)
         weights, method_cfg = None, config
+        text_ids = torch.arange(len(tokens)).repeat(calib.views)
     report = quantize_model(
-        model, method_cfg, x_t, t, weights, calib_cfg=calib, recon=recon, progress=progress
+        model,
+        method_cfg,
+        x_t,
+        t,
+        weights,
+        calib_cfg=calib,
+        recon=recon,
+        text_ids=text_ids,
+        progress=progress,
     )
     if teacher is not None:
         tick = time.time()
         model.to(calib.device)
         e2e = finetune_scales_e2e(
-            model, teacher, x_t, t, weights, recon, torch.device(calib.device), calib.seed
+            model, teacher, x_t, t, weights, recon, torch.device(calib.device), calib.seed,
+            text_ids=text_ids,
         )
         report.recon.append({"block": "e2e", **e2e})
         report.timings["e2e_s"] = time.time() - tick

@@ -126,13 +126,15 @@ def quantize_model(
     *,
     calib_cfg: CalibConfig,
     recon: ReconConfig | None = None,
+    text_ids: torch.Tensor | None = None,
     progress: bool = True,
 ) -> QuantReport:
     """Quantize every linear of `model.quantizable_linears` in place.
 
     x_t: [N, L] calibration inputs (partly masked), t: [N], row_weights: [N, L] (None = ones).
     recon: after each block's linears are quantized, learn their quantization parameters
-    against the block's float output (FAIR-Calib stage 2; `calib.recon`).
+    against the block's float output (FAIR-Calib stage 2; `calib.recon`); text_ids [N]: which
+    calibration text each row is a view of, so reconstruction holds out whole texts.
     With `calib_cfg.offload` at most one block is on `calib_cfg.device` at any time and the
     whole model is on the CPU on return; the quantized weights are the same as without it.
     """
@@ -203,7 +205,9 @@ def quantize_model(
         if recon:
             tick = time.time()
             rows, goal = SequenceRows(cache, contexts), SequenceRows(targets, contexts)
-            log = reconstruct_block(block, rows, goal, weights, recon, device, calib_cfg.seed + i)
+            log = reconstruct_block(
+                block, rows, goal, weights, recon, device, calib_cfg.seed + i, text_ids
+            )
             report.recon.append({"block": i, **log})
             report.timings["recon_s"] += time.time() - tick
             if float_cache is not None:

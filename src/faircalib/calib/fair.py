@@ -30,10 +30,16 @@ class FrontierStates:
 
 @torch.no_grad()
 def track_frontier(
-    model: DiffusionLM, tokens: torch.Tensor, cfg: FairCalibConfig, seed: int, device: str
+    model: DiffusionLM,
+    tokens: torch.Tensor,
+    cfg: FairCalibConfig,
+    seed: int,
+    device: str,
+    views: int = 1,
 ) -> FrontierStates:
-    """Run the float model's sampler on prompts (prefix of `tokens`) and keep one visited state
-    per prompt (a seeded random step), with its frontier."""
+    """Run the float model's sampler on prompts (prefix of `tokens`) and keep `views` visited
+    states per prompt (seeded random steps, one from each of `views` equal runs of steps), with
+    their frontiers. Row v * N + i is view v of prompt i, as in `masked_inputs`."""
     n, seq_len = tokens.shape
     prefix = min(cfg.prefix_len, seq_len // 2)
     gen_length = seq_len - prefix
@@ -41,20 +47,25 @@ def track_frontier(
     while gen_length % steps:  # the sampler needs steps | gen_length for an even schedule
         steps -= 1
     scfg = SamplerConfig(sampler=cfg.sampler, steps=steps, gen_length=gen_length)
-    xs, ts, fronts = [], [], []
+    xs, ts, fronts = ([[] for _ in range(views)] for _ in range(3))
     rng = torch.Generator().manual_seed(seed)
     for start in range(0, n, 32):
         prompts = tokens[start : start + 32, :prefix].to(device)
         res = generate(model, prompts, scfg, seed=seed + start, trace=False, record_states=True)
-        pick = torch.randint(0, len(res.states), (len(prompts),), generator=rng)
-        for row, k in enumerate(pick.tolist()):
-            x_k, t_k = res.states[k]
-            before = res.committed[k - 1][row] if k > 0 else (x_k[row] != model.mask_id)
-            after = res.committed[min(k + cfg.window - 1, len(res.committed) - 1)][row]
-            xs.append(x_k[row].cpu())
-            ts.append(t_k[row].cpu())
-            fronts.append((after & ~before).cpu())
-    return FrontierStates(torch.stack(xs), torch.stack(ts), torch.stack(fronts))
+        n_states = len(res.states)
+        for v in range(views):
+            low, high = v * n_states // views, max((v + 1) * n_states // views, v * n_states // views + 1)
+            pick = torch.randint(low, high, (len(prompts),), generator=rng)
+            for row, k in enumerate(pick.tolist()):
+                x_k, t_k = res.states[k]
+                before = res.committed[k - 1][row] if k > 0 else (x_k[row] != model.mask_id)
+                after = res.committed[min(k + cfg.window - 1, len(res.committed) - 1)][row]
+                xs[v].append(x_k[row].cpu())
+                ts[v].append(t_k[row].cpu())
+                fronts[v].append((after & ~before).cpu())
+    return FrontierStates(
+        torch.stack(sum(xs, [])), torch.stack(sum(ts, [])), torch.stack(sum(fronts, []))
+    )
 
 
 @torch.no_grad()
@@ -115,11 +126,16 @@ def row_weights(
 
 
 def fair_calibration_inputs(
-    model: DiffusionLM, tokens: torch.Tensor, cfg: FairCalibConfig, seed: int, device: str
+    model: DiffusionLM,
+    tokens: torch.Tensor,
+    cfg: FairCalibConfig,
+    seed: int,
+    device: str,
+    views: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """x_t [N, L], t [N], row weights [N, L] and timing/diagnostics for the engine."""
+    """x_t [V * N, L], t [V * N], row weights [V * N, L] and timing/diagnostics for the engine."""
     tick = time.time()
-    states = track_frontier(model, tokens, cfg, seed, device)
+    states = track_frontier(model, tokens, cfg, seed, device, views)
     track_s = time.time() - tick
     tick = time.time()
     if cfg.weighting == "uniform":  # nothing to score: every row weighs 1 (the `recon` method)

@@ -25,7 +25,9 @@ def sampler_levels(steps: int) -> torch.Tensor:
 def masked_inputs(
     model: DiffusionLM, tokens: torch.Tensor, cfg: CalibConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens [N, L] -> (x_t [N, L], t [N]).
+    """tokens [N, L] -> (x_t [V * N, L], t [V * N]) with V = cfg.views masked views per text
+    (row v * N + i is view v of text i; the stratified t levels spread over all V * N rows, so
+    each text is seen at V different noise levels).
 
     'uniform': t stratified over [t_min, 1] (one seeded offset, then evenly spaced, so every noise
     level is covered even with few samples). 'sampler': t on the grid of `sampler_levels(
@@ -39,6 +41,7 @@ def masked_inputs(
         raise DataError(
             f"calibration tokens must be a non-empty [N, L] batch, got {tuple(tokens.shape)}"
         )
+    tokens = tokens.repeat(cfg.views, 1)  # [views * N, L]: view v of text i is row v * N + i
     n = len(tokens)
     if cfg.masking == "none":
         return tokens.clone(), torch.zeros(n)

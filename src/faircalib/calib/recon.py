@@ -44,11 +44,18 @@ class SequenceRows:
         return BlockContext(merged)
 
 
-def split_rows(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of n sequences into (train, held-out); at least one of each when n >= 2."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(max(1, round(n * holdout)), n - 1) if n >= 2 else 0
-    train, val = sorted(perm[n_val:]), sorted(perm[:n_val])
+def split_rows(
+    n: int, holdout: float, seed: int, text_ids: torch.Tensor | None = None
+) -> tuple[list[int], list[int]]:
+    """Seeded split of n rows into (train, held-out) by calibration text: every view of a text
+    lands on the same side, so the held-out loss measures texts the optimiser never saw. At
+    least one text on each side when there are two or more."""
+    texts = torch.arange(n) if text_ids is None else text_ids
+    unique = torch.unique(texts)
+    perm = unique[torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed))]
+    n_val = min(max(1, round(len(unique) * holdout)), len(unique) - 1) if len(unique) >= 2 else 0
+    held = torch.isin(texts, perm[:n_val])
+    train, val = (~held).nonzero().flatten().tolist(), held.nonzero().flatten().tolist()
     return train, (val or train)
 
 
@@ -87,12 +94,14 @@ def reconstruct_block(
     cfg: ReconConfig,
     device: torch.device,
     seed: int,
+    text_ids: torch.Tensor | None = None,
 ) -> dict:
     """Learn the quantization parameters of `block`'s quantized linears in place.
 
     inputs/targets: the block's inputs and float targets per calibration sequence; weights:
-    [N, L] per-token loss weights. Returns the optimisation log."""
-    train, val = split_rows(len(inputs), cfg.holdout, seed)
+    [N, L] per-token loss weights; text_ids: [N] text of each row. Returns the optimisation
+    log."""
+    train, val = split_rows(len(inputs), cfg.holdout, seed, text_ids)
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -141,10 +150,11 @@ def finetune_scales_e2e(
     cfg: ReconConfig,
     device: torch.device,
     seed: int,
+    text_ids: torch.Tensor | None = None,
 ) -> dict:
     """Tune only the scales of every quantized linear of `model` (on `device`) to minimise the
     row-weighted KL(p_teacher || p_model) at masked positions of the calibration inputs."""
-    train, val = split_rows(len(x_t), cfg.holdout, seed)
+    train, val = split_rows(len(x_t), cfg.holdout, seed, text_ids)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)

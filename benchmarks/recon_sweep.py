@@ -51,6 +51,15 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "recon",
         {"calib.views": 4, "recon.e2e_steps": 400, "recon.e2e_lr": 2e-3},
     ),
+    "e2e-only": ("fair", {"recon.steps": 0, "recon.e2e_steps": 600, "recon.e2e_lr": 2e-3}),
+    "fair-e2e-round": (
+        "fair",
+        {"recon.e2e_steps": 400, "recon.e2e_lr": 2e-3, "recon.e2e_rounding": True},
+    ),
+    "fair-e2e-fixed-masks": (
+        "fair",
+        {"recon.e2e_steps": 600, "recon.e2e_lr": 2e-3, "recon.e2e_fresh_masks": False},
+    ),
     "recon-long": ("recon", {"recon.steps": 600, "recon.lr_round": 2e-3, "recon.lr_scale": 1e-3}),
     "recon-hi-lr": ("recon", {"recon.lr_scale": 1e-2, "recon.lr_round": 1e-2}),
 }

@@ -116,6 +116,8 @@ class ReconConfig:
     e2e_steps: int = 0
     e2e_lr: float = 1e-3
     e2e_batch: int = 4
+    e2e_fresh_masks: bool = True  # re-mask calibration texts at a new t every step
+    e2e_rounding: bool = False  # also learn rounding offsets end to end (lr_round)
 
     def __post_init__(self) -> None:
         if min(self.steps, self.e2e_steps) < 0 or self.batch < 1 or self.e2e_batch < 1:

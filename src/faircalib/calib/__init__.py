@@ -74,6 +74,10 @@ def quantize(
             weights = torch.cat([torch.ones(x_m.shape), weights])
             rest = torch.arange(n_track, len(tokens)).repeat(calib.views)
             text_ids = torch.cat([rest, text_ids])
+        # the clean text of masked views (-1: sampler states) for the end-to-end stage
+        clean = torch.full(x_t.shape, -1, dtype=tokens.dtype)
+        n_masked = len(x_t) - n_track * calib.views
+        clean[:n_masked] = tokens[text_ids[:n_masked]]
         method_cfg = config.base_config()
         if config.optimised:
             recon = config.recon
@@ -98,7 +102,7 @@ def quantize(
         model.to(calib.device)
         e2e = finetune_scales_e2e(
             model, teacher, x_t, t, weights, recon, torch.device(calib.device), calib.seed,
-            text_ids=text_ids,
+            text_ids=text_ids, clean=clean,
         )
         report.recon.append({"block": "e2e", **e2e})
         report.timings["e2e_s"] = time.time() - tick

@@ -151,19 +151,39 @@ def finetune_scales_e2e(
     device: torch.device,
     seed: int,
     text_ids: torch.Tensor | None = None,
+    clean: torch.Tensor | None = None,
 ) -> dict:
-    """Tune only the scales of every quantized linear of `model` (on `device`) to minimise the
-    row-weighted KL(p_teacher || p_model) at masked positions of the calibration inputs."""
+    """Tune the scales (and with `cfg.e2e_rounding` the rounding offsets) of every quantized
+    linear of `model` (on `device`) to minimise the row-weighted KL(p_teacher || p_model) at masked positions of the calibration inputs.
+
+    clean: [N, L] the clean text of rows that are masked views of calibration text (-1 for
+    rows that are not, e.g. recorded sampler states). With `cfg.e2e_fresh_masks`, such training
+    rows get a fresh noise level and mask at every step: the stage then sees every text at many
+    noise levels instead of one, which keeps a whole-model objective from fitting one draw of
+    masks. Held-out rows keep their recorded masks, so the stopping criterion is fixed."""
     train, val = split_rows(len(x_t), cfg.holdout, seed, text_ids)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    swapped = _swap_learnable(model, rounding=False)
+    swapped = _swap_learnable(model, rounding=cfg.e2e_rounding and cfg.lr_round > 0)
     teacher.to(device).eval()
     gen = torch.Generator().manual_seed(seed)
+    refresh = clean is not None and cfg.e2e_fresh_masks
 
-    def kl_sums(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, tt = x_t[idx].to(device), t[idx].to(device)
+    def remask(idx: list[int], x: torch.Tensor, tt: torch.Tensor):
+        rows = torch.tensor(idx)
+        fresh = clean[rows][:, 0] >= 0  # [B] rows that are views of clean text
+        t_new = 0.05 + 0.95 * torch.rand(len(idx), generator=gen)
+        u = torch.rand(x.shape, generator=gen)
+        masked = u < model.schedule.mask_prob(t_new)[:, None]
+        x_new = torch.where(masked, torch.full_like(x, model.mask_id), clean[rows])
+        return torch.where(fresh[:, None], x_new, x), torch.where(fresh, t_new, tt)
+
+    def kl_sums(idx: list[int], train_step: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        x, tt = x_t[idx], t[idx]
+        if train_step and refresh:
+            x, tt = remask(idx, x, tt)
+        x, tt = x.to(device), tt.to(device)
         with torch.no_grad():
             ref = teacher.log_probs(x, tt)
         kl = masked_kl(ref, model.log_probs(x, tt), x, model.mask_id)  # [B, L]
@@ -172,7 +192,7 @@ def finetune_scales_e2e(
 
     def train_loss(_step: int) -> torch.Tensor:
         pick = torch.randint(len(train), (min(cfg.e2e_batch, len(train)),), generator=gen)
-        num, den = kl_sums([train[i] for i in pick.tolist()])
+        num, den = kl_sums([train[i] for i in pick.tolist()], train_step=True)
         return num / den.clamp(min=1e-12)
 
     def val_loss() -> float:
@@ -180,7 +200,8 @@ def finetune_scales_e2e(
             sums = [kl_sums(b) for b in _batches(val, 8)]
         return float(sum(n for n, _ in sums) / max(float(sum(d for _, d in sums)), 1e-12))
 
-    settings = OptimSettings(cfg.e2e_steps, cfg.e2e_lr, 0.0, cfg.eval_every)
+    lr_round = cfg.lr_round if cfg.e2e_rounding else 0.0
+    settings = OptimSettings(cfg.e2e_steps, cfg.e2e_lr, lr_round, cfg.eval_every)
     try:
         with torch.enable_grad():
             log = optimise([layer for _, layer in swapped], train_loss, val_loss, settings)

@@ -33,6 +33,8 @@ SCHEMES: dict[str, dict] = {
     "w3g64": {"bits": 3, "group_size": 64},
     "w4pc": {"bits": 4, "group_size": None},
     "w3g128": {"bits": 3, "group_size": 128},
+    "w3pc": {"bits": 3, "group_size": None},
+    "w2g64": {"bits": 2, "group_size": 64},
     "w8pc": {"bits": 8, "group_size": None},
 }
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "fair")

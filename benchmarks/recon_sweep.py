@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
                         overrides["recon.e2e_steps"] = 2
                 cfg = build_config(method, overrides, **_scheme(scheme), n=args.nsamples)
                 calib_knobs = {
-                    k.removeprefix("calib."): v for k, v in overrides.items() if k.startswith("calib.")
+                    k.removeprefix("calib."): v
+                    for k, v in overrides.items()
+                    if k.startswith("calib.")
                 }
                 calib = CalibConfig(
                     n_samples=args.nsamples, seed=seed, device=args.device, **calib_knobs
@@ -149,9 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
                         ],
                     }
                 )
-                print(json.dumps({k: rows[-1][k] for k in ("scheme", "variant", "seed", "ppl",
-                                                           "calib_s")}), file=sys.stderr,
-                      flush=True)
+                print(
+                    json.dumps(
+                        {k: rows[-1][k] for k in ("scheme", "variant", "seed", "ppl", "calib_s")}
+                    ),
+                    file=sys.stderr,
+                    flush=True,
+                )
     out = {
         "record": run_record(["python", "benchmarks/recon_sweep.py", *(argv or sys.argv[1:])]),
         "model": args.model,
@@ -201,7 +207,8 @@ def markdown(out: dict) -> str:
         "",
         "Bound perplexity, 2 MC samples, the same noise for every row; mean +- std over "
         "calibration seeds; degradation vs float "
-        + ", ".join(f"{k} {v:.2f}" for k, v in fp.items()) + ".",
+        + ", ".join(f"{k} {v:.2f}" for k, v in fp.items())
+        + ".",
         "",
         "| scheme | variant | seeds | WikiText-2 | degr. | C4 val | degr. | calib s | vs GPTQ |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -23,8 +23,8 @@ job_command() {
     > $RES/cudatests/cuda-tests.txt 2>&1; tail -3 $RES/cudatests/cuda-tests.txt" ;;
   reference) echo "python3 benchmarks/reference_models.py --device cuda --mc-samples 1,4 --out $RES/reference" ;;
   bench) echo "python3 -m faircalib.cli bench --model mdlm-small --device cuda \
-    --methods rtn,gptq,awq,smoothquant,fair --schemes w4g128,w4pc,w3g128,w8pc \
-    --calib-seeds 0,1,2 --seeded-schemes w4g128 --nsamples 128 --eval-mc-samples 2 \
+    --methods rtn,gptq,awq,recon,fair --schemes w4g128,w4pc,w3g128,w3pc,w2g64,w8pc \
+    --calib-seeds 0,1,2 --seeded-schemes w4g128,w3g128 --nsamples 128 --eval-mc-samples 2 \
     --flip-prompts 32 --flip-gen-length 64 --flip-steps 64 --out $RES/bench" ;;
   ablation) echo "python3 benchmarks/fair_ablation.py --model mdlm-small --device cuda \
     --schemes 4:128,3:128 --nsamples 128,32,512 --out $RES/ablation" ;;

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from faircalib import hub
-from faircalib.config import QuantConfig
+from faircalib.config import AWQConfig, QuantConfig, SmoothQuantConfig
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.formats import (
     load_packed_model,
@@ -24,6 +25,7 @@ from faircalib.formats import (
     unpack_layer,
 )
 from faircalib.formats import packed as packed_module
+from faircalib.formats.packed import check_packable_method
 from faircalib.kernels import QuantLinear
 from faircalib.models import MDLM, MDLMConfig
 from faircalib.quant import quantize_rtn
@@ -32,15 +34,24 @@ from faircalib.quant.primitives import (
     dequantize,
     quantize,
     quantize_activations_per_token,
+    round_scales,
 )
 
 SCHEMES = [(b, g, s) for b in (4, 8) for g in (32, 64, 128, None) for s in (True, False)]
+
+
+@dataclass
+class BF16Config(QuantConfig):
+    """RTN whose scales are rounded to bf16 before codes are chosen (what packing needs)."""
+
+    scale_dtype: str | None = "bfloat16"
 
 
 def quantized(out_f, in_f, bits, group, sym, seed=0):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=gen) * 0.1
     qp = compute_qparams(w, QuantConfig(bits=bits, group_size=group, symmetric=sym))
+    qp = round_scales(qp, torch.bfloat16)  # the explicit step; codes chosen after it
     return quantize(w, qp), qp
 
 
@@ -52,27 +63,37 @@ def test_pack_unpack_round_trip_is_exact(bits, group, sym):
     assert tensors["weight_packed"].shape == (40, 256 * bits // 32)
     assert ("weight_zero_point" in tensors) == (not sym)
     codes2, qp2 = unpack_layer(tensors, quantization_args(bits, group, sym))
+    assert tensors["weight_scale"].dtype == torch.bfloat16  # the default checkpoint dtype
     assert torch.equal(codes2, codes)
     assert torch.equal(qp2.scale, qp.scale) and torch.equal(qp2.zero, qp.zero)
     assert (qp2.bits, qp2.group_size, qp2.symmetric) == (bits, group, sym)
 
 
+def test_pack_layer_refuses_scales_the_checkpoint_dtype_cannot_hold():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    qp = compute_qparams(w, QuantConfig(bits=4, group_size=32))  # float32 scales
+    with pytest.raises(ConfigError, match="not exactly representable in bfloat16"):
+        pack_layer(quantize(w, qp), qp, name="blocks.0.attn_qkv")
+    assert pack_layer(quantize(w, qp), qp, torch.float32)["weight_scale"].dtype == torch.float32
+
+
 @pytest.mark.parametrize(("bits", "group", "sym"), SCHEMES)
 def test_compressed_tensors_decompressor_reads_our_layout(bits, group, sym):
-    """The package's own decompressor (what vLLM / transformers use) gives our weight."""
+    """The package's own decompressor (what vLLM / transformers use) dequantizes in the scale
+    dtype: it gives our fake-quant weight rounded to bf16, bit for bit."""
     codes, qp = quantized(32, 128, bits, group, sym, seed=1)
     scheme = QuantizationScheme(targets=["Linear"], weights=quantization_args(bits, group, sym))
     out = PackedQuantizationCompressor.decompress(pack_layer(codes, qp), scheme)
     w_hat = dequantize(codes, qp)
-    assert out["weight"].shape == w_hat.shape
-    assert float((out["weight"] - w_hat).abs().max()) <= 1e-6 * float(w_hat.abs().max())
+    assert out["weight"].dtype == torch.bfloat16
+    assert torch.equal(out["weight"], w_hat.to(torch.bfloat16))
 
 
 def test_int4_g128_packed_bytes_at_most_028_of_bf16():
     codes = torch.randint(0, 16, (4096, 4096), dtype=torch.uint8)  # a Llama-8B-sized layer
-    qp = compute_qparams(torch.randn(4096, 4096), QuantConfig(bits=4, group_size=128))
+    qp = compute_qparams(torch.randn(4096, 4096), BF16Config(bits=4, group_size=128))
     ratio = packed_nbytes(pack_layer(codes, qp)) / (4096 * 4096 * 2)
-    assert ratio <= 0.28, ratio
+    assert ratio <= 0.27, ratio  # bf16 scales: 0.2676x
     assert ratio >= 0.25  # the codes alone are 0.25x: the rest is scales and zero points
 
 
@@ -92,7 +113,8 @@ def tiny_model(seed=0) -> MDLM:
     model = MDLM(cfg)
     with torch.no_grad():  # random everything, including the zero-initialised output layer
         for p in model.parameters():
-            p.normal_(0, 0.2)
+            # bf16 values: the bf16 checkpoint stores the float tensors losslessly
+            p.copy_(torch.randn_like(p).mul(0.2).bfloat16())
     return model.eval()
 
 
@@ -114,21 +136,21 @@ class FakeQuantLinear(nn.Module):
 
 
 def quantize_model(model: MDLM) -> dict:
-    """RTN every block linear with a mix of schemes; one smoothed W8A8 layer (SmoothQuant-style)."""
+    """RTN (bf16 scales) every block linear with a mix of schemes."""
     schemes = [(4, 32, False), (4, None, True), (8, None, True), (4, 64, True)]
     results = {}
     for i, block in enumerate(model.blocks):
         for j, (name, linear) in enumerate(model.quantizable_linears(block)):
             bits, group, sym = schemes[(i + j) % len(schemes)]
-            w = linear.weight.detach()
-            if (i, name) == (1, "attn_out"):
-                s = torch.rand(w.shape[1], generator=torch.Generator().manual_seed(5)) + 0.5
-                r = quantize_rtn(w * s, QuantConfig(bits=8, group_size=None, symmetric=True))
-                r.input_scale, r.act_bits = s, 8
-            else:
-                r = quantize_rtn(w, QuantConfig(bits=bits, group_size=group, symmetric=sym))
-            results[f"blocks.{i}.{name}"] = r
+            cfg = BF16Config(bits=bits, group_size=group, symmetric=sym)
+            results[f"blocks.{i}.{name}"] = quantize_rtn(linear.weight.detach(), cfg)
     return results
+
+
+def smoothed(result, seed=5):
+    """A SmoothQuant-style W8A8 result (the layout format_version 1 wrote): input scale s."""
+    s = torch.rand(result.codes.shape[1], generator=torch.Generator().manual_seed(seed)) + 0.5
+    return SimpleNamespace(**{**vars(result), "input_scale": s, "act_bits": 8})
 
 
 def fake_quant_model(model: MDLM, results: dict) -> MDLM:
@@ -164,10 +186,28 @@ def test_round_trip_gives_identical_log_probs_to_fake_quant(packed_dir):
     quant = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
     assert len(quant) == len(results) == 8
     assert all(m.last_backend == "dequant" for m in quant)
-    smoothed = loaded.get_submodule("blocks.1.attn_out")
-    assert smoothed.act_bits == 8 and torch.equal(
-        smoothed.input_scale, results["blocks.1.attn_out"].input_scale
+
+
+def test_format_1_directories_with_input_scales_still_load(packed_dir, tmp_path):
+    """Directories written before packing refused AWQ / SmoothQuant list smoothed layers in
+    faircalib.input_scale / act_bits: the loader still applies them."""
+    out, model, results = packed_dir
+    directory = copy_dir(out, tmp_path)
+    layer = "blocks.1.attn_out"
+    old = smoothed(results[layer])
+    rewrite_shard(directory, lambda t: t.update({f"{layer}.input_scale": old.input_scale}))
+    edit_config(
+        directory,
+        lambda c: c["faircalib"].update(format_version=1, input_scale=[layer], act_bits={layer: 8}),
     )
+    loaded = load_packed_model(directory)
+    reference = fake_quant_model(model, {**results, layer: old})
+    x_t = torch.randint(0, 39, (2, 16), generator=torch.Generator().manual_seed(6))
+    x_t[:, 1::2] = 39
+    with torch.no_grad():
+        assert torch.equal(loaded.log_probs(x_t), reference.log_probs(x_t))
+    quant = loaded.get_submodule(layer)
+    assert quant.act_bits == 8 and torch.equal(quant.input_scale, old.input_scale)
 
 
 def test_bf16_autocast_runs_the_int4_cpu_kernel_close_to_fake_quant(packed_dir):
@@ -200,9 +240,18 @@ def test_config_records_schema_writer_and_our_section(packed_dir):
     assert targets == sorted(results)
     # one group per scheme: (4, g32, asym), (4, channel, sym), (8, channel, sym), (4, g64, sym)
     assert len(parsed.config_groups) == 4
+    # every other Linear is ignored: the output layer, the adaLN and time-embedding linears
+    linears = {n for n, m in tiny_model().named_modules() if isinstance(m, nn.Linear)}
+    assert sorted(parsed.ignore) == sorted(linears - set(results))
+    assert sorted(parsed.ignore) == sorted(
+        ["sigma_map.mlp.0", "sigma_map.mlp.2", "output_layer.linear"]
+        + [f"{b}.adaLN_modulation" for b in ("blocks.0", "blocks.1", "output_layer")]
+    )
+    assert config["model_type"] == "faircalib-mdlm" and config["family"] == "mdlm"
+    assert config["torch_dtype"] == "bfloat16"
     section = config["faircalib"]
-    assert section["input_scale"] == ["blocks.1.attn_out"]
-    assert section["act_bits"] == {"blocks.1.attn_out": 8}
+    assert section["format_version"] == 2
+    assert "input_scale" not in section and "act_bits" not in section
     assert section["writer"]["compressed_tensors"].startswith("0.20.")
     assert section["metadata"] == {"method": "rtn"}
     assert (out / "tokenizer.json").read_text() == "{}"
@@ -226,8 +275,10 @@ def test_float_tensors_and_bias_live_in_the_same_shards(packed_dir):
         tensors.update(load_file(shard))
     assert "vocab_embed.embedding" in tensors and "output_layer.linear.weight" in tensors
     assert "blocks.0.mlp.0.bias" in tensors and "blocks.0.mlp.0.weight" not in tensors
-    assert tensors["blocks.1.attn_out.input_scale"].dtype == torch.float32
-    assert torch.equal(tensors["blocks.0.norm1.weight"], model.blocks[0].norm1.weight.detach())
+    assert not any(k.endswith("input_scale") for k in tensors)
+    assert {t.dtype for k, t in tensors.items() if k.endswith("weight_scale")} == {torch.bfloat16}
+    assert tensors["blocks.0.norm1.weight"].dtype == torch.bfloat16
+    assert torch.equal(tensors["blocks.0.norm1.weight"].float(), model.blocks[0].norm1.weight)
 
 
 # --- refusals ----------------------------------------------------------------------------------
@@ -328,7 +379,7 @@ def unknown_target(d):
 
 
 def act_bits_on_float_layer(d):
-    edit_config(d, lambda c: c["faircalib"]["act_bits"].update({"output_layer.linear": 8}))
+    edit_config(d, lambda c: c["faircalib"].update(act_bits={"output_layer.linear": 8}))
 
 
 def other_format(d):
@@ -370,7 +421,7 @@ def test_save_refuses_bad_results_and_existing_directories(packed_dir, tmp_path)
         save_packed_model(model, results, out)
     r = results["blocks.0.attn_qkv"]
     wrong_shape = SimpleNamespace(
-        codes=r.codes[:, :32], qparams=r.qparams, input_scale=None, act_bits=None
+        weight=r.weight[:, :32], codes=r.codes[:, :32], qparams=r.qparams, input_scale=None
     )
     with pytest.raises(ConfigError):
         save_packed_model(model, {"blocks.0.attn_qkv": wrong_shape}, tmp_path / "a")
@@ -381,11 +432,49 @@ def test_save_refuses_bad_results_and_existing_directories(packed_dir, tmp_path)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_save_refuses_smoothing_results_and_methods(packed_dir, tmp_path):
+    """AWQ / SmoothQuant input scales (and per-token activation bits) are refused with one
+    line naming the way out, by the writer and, before calibration, by the CLI's check."""
+    out, model, results = packed_dir
+    layer = "blocks.1.attn_out"
+    with pytest.raises(ConfigError, match=r"blocks.1.attn_out's AWQ/SmoothQuant input_scale") as e:
+        save_packed_model(model, {**results, layer: smoothed(results[layer])}, tmp_path / "a")
+    assert "\n" not in str(e.value) and "--format fake" in str(e.value)
+    act_only = SimpleNamespace(**{**vars(results[layer]), "act_bits": 8})
+    with pytest.raises(ConfigError, match="per-token activation quantization"):
+        save_packed_model(model, {**results, layer: act_only}, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    for cfg in (AWQConfig(), SmoothQuantConfig(), SimpleNamespace(method="fair", base="awq")):
+        with pytest.raises(ConfigError, match="--format fake"):
+            check_packable_method(cfg)
+    check_packable_method(SimpleNamespace(method="fair", base="gptq"))  # accepted
+    check_packable_method(QuantConfig())
+
+
+def test_save_refuses_scales_and_weights_that_would_not_match(packed_dir, tmp_path):
+    """What was evaluated is what is stored: float32 scales in a bf16 checkpoint, or a
+    fake-quant weight the codes do not reproduce, are refused, not silently re-encoded."""
+    out, model, results = packed_dir
+    layer = "blocks.0.attn_out"
+    w = model.get_submodule(layer).weight.detach()
+    fp32 = quantize_rtn(w, QuantConfig(bits=4, group_size=32))  # unrounded scales
+    with pytest.raises(ConfigError, match="scale_dtype='bfloat16'"):
+        save_packed_model(model, {**results, layer: fp32}, tmp_path / "a")
+    # the same result is exact in a float32 checkpoint
+    save_packed_model(model, {**results, layer: fp32}, tmp_path / "b", dtype=torch.float32)
+    moved = copy.copy(results[layer])
+    moved.weight = moved.weight.clone()
+    moved.weight[0, 0] += 1e-3
+    with pytest.raises(ConfigError, match="do not reproduce the fake-quant weight"):
+        save_packed_model(model, {**results, layer: moved}, tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
 def test_format_spec_sizes_match_the_packed_tensors():
     """benchmarks/e2e.py sizes checkpoints from `expected_specs`: it must agree with packing."""
     from faircalib.formats.packed import expected_specs
 
-    size = {"int32": 4, "int": 8, "float": 4}
+    size = {"int32": 4, "int": 8, "float": 2}  # scales in the default bf16
     for bits, group, sym in SCHEMES:
         codes, qp = quantized(48, 256, bits, group, sym)
         tensors = pack_layer(codes, qp)
@@ -423,7 +512,10 @@ def test_shipped_mdlm_tiny_packed_int4_g128_matches_fake_quant(tmp_path):
     """The shipped checkpoint, every block linear RTN int4 g128 asym, saved packed and loaded
     back through the hub: log-probs equal the fake-quant model's to 1e-4."""
     model = hub.load("mdlm-tiny")
-    cfg = QuantConfig(bits=4, group_size=128, symmetric=False)
+    with torch.no_grad():  # bf16 parameter values: what the bf16 checkpoint holds
+        for p in model.parameters():
+            p.copy_(p.bfloat16())
+    cfg = BF16Config(bits=4, group_size=128, symmetric=False)
     results = {
         f"blocks.{i}.{name}": quantize_rtn(linear.weight.detach().float(), cfg)
         for i, block in enumerate(model.blocks)

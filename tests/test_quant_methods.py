@@ -216,3 +216,52 @@ def test_registry_dispatch_and_determinism():
     bogus.method = "nope"
     with pytest.raises(ConfigError, match="unknown quantization method"):
         quantize_linear(w, inputs, bogus)
+
+
+def _heavy_tailed_layer(n_out: int) -> tuple[torch.Tensor, LayerInputs]:
+    """Weights with a few large entries per row: their groups gain from a clipped range."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(n_out, IN, generator=g) * 0.05
+    spikes = torch.rand(n_out, IN, generator=g) < 0.02
+    w = torch.where(spikes, w * 8.0, w)
+    return w, LayerInputs.from_rows(_activations(5), max_sample_rows=ROWS)
+
+
+def _clipped_rows(res, w: torch.Tensor, cfg) -> torch.Tensor:
+    """Rows whose range is narrower than the min-max range of the smoothed weight W * s."""
+    full = compute_qparams(w * res.input_scale, cfg)
+    assert bool((res.qparams.scale <= full.scale).all())
+    return (res.qparams.scale < full.scale).any(dim=1)  # [out]
+
+
+def test_awq_leaves_query_key_rows_of_a_fused_qkv_unclipped():
+    """llm-awq never clips q/k (auto_clip_block skips them); in MDLM's fused attn_qkv the
+    first 2/3 of the output rows are q and k, the last third v."""
+    d = 32
+    w, inputs = _heavy_tailed_layer(3 * d)
+    cfg = AWQConfig(bits=3, group_size=32)
+    res = quantize_awq(w, inputs, cfg, name="blocks.0.attn_qkv")
+    clipped = _clipped_rows(res, w, cfg)
+    assert not clipped[: 2 * d].any()  # q and k keep their min-max ranges
+    assert clipped[2 * d :].any() and res.info["clip_kept"] == 1.0  # v does get clipped
+    assert res.info["no_clip_rows"] == 2 * d
+    # The same weight under a name that is not a query/key projection is clipped in q/k rows too.
+    other = quantize_awq(w, inputs, cfg, name="blocks.0.mlp_in")
+    assert _clipped_rows(other, w, cfg)[: 2 * d].any()
+
+
+def test_awq_never_clips_llama_style_query_and_key_projections():
+    w, inputs = _heavy_tailed_layer(OUT)
+    cfg = AWQConfig(bits=3, group_size=32)
+    for name in ("model.layers.3.self_attn.q_proj", "blocks.1.k_proj"):
+        res = quantize_awq(w, inputs, cfg, name=name)
+        assert not _clipped_rows(res, w, cfg).any(), name
+        assert res.info["clip_kept"] == 0.0
+    v = quantize_awq(w, inputs, cfg, name="model.layers.3.self_attn.v_proj")
+    assert _clipped_rows(v, w, cfg).any()  # the control: v_proj may be clipped
+
+
+def test_awq_rejects_a_fused_qkv_that_does_not_split_in_thirds():
+    w, inputs = _heavy_tailed_layer(OUT + 1)
+    with pytest.raises(ConfigError, match="no_clip_rows"):
+        quantize_awq(w, inputs, AWQConfig(bits=4, group_size=32), name="blocks.0.attn_qkv")

@@ -1,5 +1,7 @@
 """The integer quantizer: code ranges, level counts, rounding error bounds, error handling."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -11,7 +13,14 @@ from faircalib.quant.primitives import (
     fake_quantize,
     quantize,
     quantize_activations_per_token,
+    round_scales,
+    scales_representable,
 )
+
+
+@dataclass
+class ScaleDtypeConfig(QuantConfig):
+    scale_dtype: str | None = "bfloat16"  # the optional field calibration configs carry
 
 
 def _weight(seed: int = 0) -> torch.Tensor:
@@ -107,3 +116,39 @@ def test_bad_inputs_raise_clear_errors():
         quantize_rtn(torch.randn(8, 96), QuantConfig(group_size=64), name="proj")
     with pytest.raises(ConfigError, match="2-D"):
         quantize_rtn(torch.randn(8), QuantConfig())
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_scale_dtype_rounds_scales_up_before_zero_points_and_codes(bits, symmetric, group_size):
+    w = _weight(2)
+    plain = compute_qparams(w, QuantConfig(bits, group_size, symmetric))
+    qp = compute_qparams(w, ScaleDtypeConfig(bits, group_size, symmetric))
+    # reference: the float32 scale, rounded to bf16, moved one bf16 step up if it fell below
+    near = plain.scale.to(torch.bfloat16).float()
+    ulp = 2.0 ** (torch.floor(torch.log2(near)) - 7)  # bf16 keeps 8 significant bits
+    assert torch.equal(qp.scale, torch.where(near < plain.scale, near + ulp, near))
+    assert scales_representable(qp, torch.bfloat16)
+    if not symmetric:  # the zero point is chosen for the rounded scale
+        w_min = w.reshape(64, -1, group_size or 128).amin(2).clamp(max=0)
+        assert torch.equal(qp.zero, torch.round(-w_min / qp.scale).clamp(0, 2**bits - 1))
+    # rounding up keeps the grid over the whole range: still no clipping
+    scale, _ = qp.expand(128)
+    assert bool(((fake_quantize(w, qp) - w).abs() <= scale / 2 + 1e-6).all())
+    unset = compute_qparams(w, ScaleDtypeConfig(bits, group_size, symmetric, scale_dtype=None))
+    assert torch.equal(unset.scale, plain.scale)  # None: the unrounded behaviour
+
+
+def test_round_scales_is_round_to_nearest_and_refuses_what_the_dtype_cannot_hold():
+    qp = compute_qparams(_weight(3), QuantConfig(bits=4, group_size=32))
+    assert not scales_representable(qp, torch.bfloat16)
+    rounded = round_scales(qp, "bfloat16")
+    assert torch.equal(rounded.scale, qp.scale.to(torch.bfloat16).float())
+    assert torch.equal(rounded.zero, qp.zero) and rounded.scale.dtype == torch.float32
+    huge = round_scales(qp, torch.float16)
+    huge.scale = huge.scale * 1e8  # beyond float16's 65504
+    with pytest.raises(ConfigError, match="overflow float16"):
+        round_scales(huge, torch.float16)
+    with pytest.raises(ConfigError, match="unsupported scale dtype"):
+        round_scales(qp, "int8")

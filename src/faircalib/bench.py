@@ -37,13 +37,16 @@ SCHEMES: dict[str, dict] = {
     "w2g64": {"bits": 2, "group_size": 64},
     "w8pc": {"bits": 8, "group_size": None},
 }
-METHODS = ("rtn", "gptq", "awq", "smoothquant", "fair")
+METHODS = ("rtn", "gptq", "awq", "smoothquant", "recon", "fair")
+# The paper's mechanism metrics (faircalib.frontier.metrics; docs/fair-calib.md), per model.
+MECHANISM = ("stabilization_lag", "late_stabilization_rate", "post_commit_mismatch")
 LABELS = {
     "float": "float (bf16 weights)",
     "rtn": "RTN (standard PTQ)",
     "gptq": "GPTQ",
     "awq": "AWQ",
     "smoothquant": "SmoothQuant (W8A8 act.)",
+    "recon": "recon (FAIR's optimiser, uniform weights)",
     "fair": "FAIR-Calib",
 }
 # What the FAIR-Calib publication claims (its own models; not measured here).
@@ -214,6 +217,7 @@ class Evaluator:
             "flip_rate_by_step",
             "repetition_rate_b",
             "distinct_2_b",
+            *(f"{m}_{side}" for m in MECHANISM for side in "ab"),
         )
         return {k: v for k, v in res.items() if k in keep or not isinstance(v, list | dict)}
 
@@ -269,6 +273,12 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
                         "flips": evaluator.flips(model, qmodel),
                     }
                 )
+                if cfg.out:  # rows so far, so an interrupted run keeps what it measured
+                    partial = Path(cfg.out) / "bench.partial.json"
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    partial.write_text(
+                        json.dumps({"config": asdict(cfg), "rows": rows}, default=float)
+                    )
                 print(
                     f"[bench] {scheme} {method} seed {seed}: "
                     + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in rows[-1]["ppl"].items())
@@ -333,6 +343,12 @@ def summarize(result: dict) -> list[dict]:
                 if f.get("mean_first_divergence_step") is not None
             ]
             entry["first_divergence_step"] = statistics.mean(divs) if divs else None
+            for m in MECHANISM:
+                vals = [f[f"{m}_b"] for f in flips if f.get(f"{m}_b") is not None]
+                entry[m] = statistics.mean(vals) if vals else None
+                ref = [f[f"{m}_a"] for f in flips if f.get(f"{m}_a") is not None]
+                if ref:  # the float model's value (the same sampler runs in every row)
+                    out[0][m] = statistics.mean(ref)
         out.append(entry)
     return out
 
@@ -411,7 +427,8 @@ def markdown_tables(result: dict) -> str:
     head = (
         "| scheme | method | "
         + " | ".join(f"{s} ppl" for s in specs)
-        + " | degradation | flip rate | first divergence step | calib s | vs GPTQ | weight MB |"
+        + " | degradation | flip rate | first divergence step | stab. lag | post-commit mismatch"
+        " | calib s | vs GPTQ | weight MB |"
     )
     lines += ["## Full table", "", head, "|" + "---|" * (head.count("|") - 1)]
     for e in summary:
@@ -423,7 +440,8 @@ def markdown_tables(result: dict) -> str:
         lines.append(
             f"| {e['scheme']} | {LABELS[e['method']]} | {ppls} | "
             f"{_fmt(e.get(f'{main}_degradation_pct'), 1)}% | {_fmt(e.get('flip_rate'), 3)} | "
-            f"{_fmt(e.get('first_divergence_step'), 1)} | {_fmt(e.get('calib_seconds'), 1)} | "
+            f"{_fmt(e.get('first_divergence_step'), 1)} | {_fmt(e.get('stabilization_lag'), 2)} | "
+            f"{_fmt(e.get('post_commit_mismatch'), 3)} | {_fmt(e.get('calib_seconds'), 1)} | "
             f"{_fmt(e.get('calib_time_vs_gptq'))} | {e['weight_bytes'] / 1e6:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -486,5 +504,6 @@ def write_outputs(result: dict, out: Path) -> None:
     tmp = out / "bench.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, default=float))
     tmp.replace(out / "bench.json")
+    (out / "bench.partial.json").unlink(missing_ok=True)
     (out / "bench.md").write_text(markdown_tables(result))
     plot(result, out)

@@ -12,6 +12,14 @@ from faircalib.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, None)  # None: one scale per output channel
+SCALE_DTYPES = (None, "bfloat16", "float16", "float32")
+# AWQ's clipping search leaves query/key rows alone (as llm-awq does): layer-name pattern ->
+# (parts, of), the leading parts/of of the layer's output rows being query/key rows
+AWQ_NO_CLIP_ROWS: dict[str, tuple[int, int]] = {
+    "*attn_qkv": (2, 3),  # MDLM's fused projection: rows [q; k; v], each d wide
+    "*q_proj": (1, 1),
+    "*k_proj": (1, 1),
+}
 
 
 @dataclass
@@ -21,8 +29,15 @@ class QuantConfig:
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
+    # round scales to this dtype before codes are chosen ("bfloat16" for packed checkpoints, so
+    # fake-quant, packed and stock readers agree exactly); None keeps float32 scales
+    scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(
+                f"unsupported scale dtype {self.scale_dtype!r}; choose one of {SCALE_DTYPES}"
+            )
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"unsupported bit width {self.bits}; choose one of {SUPPORTED_BITS}")
         if self.group_size is not None and self.group_size <= 0:
@@ -75,6 +90,7 @@ class AWQConfig(QuantConfig):
     clip_search: bool = True
     max_shrink: float = 0.5
     n_clip_grid: int = 20
+    no_clip_rows: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(AWQ_NO_CLIP_ROWS))
 
 
 @dataclass
@@ -200,7 +216,12 @@ class FairCalibConfig(QuantConfig):
         return self.preset == "full" and (self.recon.steps > 0 or self.recon.e2e_steps > 0)
 
     def base_config(self) -> QuantConfig:
-        common = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        common = {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "scale_dtype": self.scale_dtype,
+        }
         if self.base == "gptq":
             return GPTQConfig(
                 **common, damp=self.damp, act_order=self.act_order, block_size=self.block_size

@@ -28,7 +28,7 @@ from faircalib.calib.recon import SequenceRows, reconstruct_block
 from faircalib.config import CalibConfig, QuantConfig, ReconConfig
 from faircalib.models.base import BlockContext, DiffusionLM
 from faircalib.quant import LayerInputsAccumulator, QuantResult, quantize_linear, quantize_rtn
-from faircalib.quant.primitives import quantize_activations_per_token
+from faircalib.quant.primitives import config_scale_dtype, quantize_activations_per_token
 from faircalib.quant.stats import weighted_output_error
 
 BATCH = 16  # sequences per forward during calibration
@@ -144,7 +144,7 @@ def quantize_model(
     n, seq_len = x_t.shape
     model.eval()
     hidden = model.blocks[0].attn_out.in_features if hasattr(model.blocks[0], "attn_out") else 0
-    outside_blocks = [m for m in model.children() if not isinstance(m, nn.ModuleList)]
+    outside_blocks = model.outside_blocks()
     if progress and hidden:
         gib = n * seq_len * hidden * 4 / 2**30
         print(
@@ -206,7 +206,15 @@ def quantize_model(
             tick = time.time()
             rows, goal = SequenceRows(cache, contexts), SequenceRows(targets, contexts)
             log = reconstruct_block(
-                block, rows, goal, weights, recon, device, calib_cfg.seed + i, text_ids
+                block,
+                rows,
+                goal,
+                weights,
+                recon,
+                device,
+                calib_cfg.seed + i,
+                text_ids,
+                config_scale_dtype(method_cfg),
             )
             report.recon.append({"block": i, **log})
             report.timings["recon_s"] += time.time() - tick

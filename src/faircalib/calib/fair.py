@@ -54,7 +54,10 @@ def track_frontier(
         res = generate(model, prompts, scfg, seed=seed + start, trace=False, record_states=True)
         n_states = len(res.states)
         for v in range(views):
-            low, high = v * n_states // views, max((v + 1) * n_states // views, v * n_states // views + 1)
+            low, high = (
+                v * n_states // views,
+                max((v + 1) * n_states // views, v * n_states // views + 1),
+            )
             pick = torch.randint(low, high, (len(prompts),), generator=rng)
             for row, k in enumerate(pick.tolist()):
                 x_k, t_k = res.states[k]

@@ -59,13 +59,17 @@ def split_rows(
     return train, (val or train)
 
 
-def _swap_learnable(root: nn.Module, rounding: bool) -> list[tuple[str, LearnableQuantLinear]]:
+def _swap_learnable(
+    root: nn.Module, rounding: bool, scale_dtype: torch.dtype | None
+) -> list[tuple[str, LearnableQuantLinear]]:
     from faircalib.calib.engine import FakeQuantLinear, _set_submodule  # engine imports us
 
     swapped = []
     for name, module in list(root.named_modules()):
         if isinstance(module, FakeQuantLinear) and module.result is not None:
-            learnable = LearnableQuantLinear(module.result, module.bias, rounding=rounding)
+            learnable = LearnableQuantLinear(
+                module.result, module.bias, rounding=rounding, scale_dtype=scale_dtype
+            )
             _set_submodule(root, name, learnable.to(module.weight.device))
             swapped.append((name, learnable))
     return swapped
@@ -95,6 +99,7 @@ def reconstruct_block(
     device: torch.device,
     seed: int,
     text_ids: torch.Tensor | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> dict:
     """Learn the quantization parameters of `block`'s quantized linears in place.
 
@@ -105,7 +110,7 @@ def reconstruct_block(
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    swapped = _swap_learnable(block, cfg.rounding and cfg.lr_round > 0)
+    swapped = _swap_learnable(block, cfg.rounding and cfg.lr_round > 0, scale_dtype)
     layers = [layer for _, layer in swapped]
     gen = torch.Generator().manual_seed(seed)
 
@@ -152,9 +157,11 @@ def finetune_scales_e2e(
     seed: int,
     text_ids: torch.Tensor | None = None,
     clean: torch.Tensor | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> dict:
     """Tune the scales (and with `cfg.e2e_rounding` the rounding offsets) of every quantized
-    linear of `model` (on `device`) to minimise the row-weighted KL(p_teacher || p_model) at masked positions of the calibration inputs.
+    linear of `model` (on `device`) to minimise the row-weighted KL(p_teacher || p_model) at
+    masked positions of the calibration inputs.
 
     clean: [N, L] the clean text of rows that are masked views of calibration text (-1 for
     rows that are not, e.g. recorded sampler states). With `cfg.e2e_fresh_masks`, such training
@@ -165,7 +172,7 @@ def finetune_scales_e2e(
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    swapped = _swap_learnable(model, rounding=cfg.e2e_rounding and cfg.lr_round > 0)
+    swapped = _swap_learnable(model, cfg.e2e_rounding and cfg.lr_round > 0, scale_dtype)
     teacher.to(device).eval()
     gen = torch.Generator().manual_seed(seed)
     refresh = clean is not None and cfg.e2e_fresh_masks

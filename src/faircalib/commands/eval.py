@@ -9,7 +9,9 @@ import time
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="likelihood-bound perplexity (MDLM zero-shot protocol)")
-    p.add_argument("model", help="shipped name (mdlm-tiny, mdlm-small) or model directory")
+    p.add_argument(
+        "model", help="shipped name (mdlm-tiny, mdlm-small), model directory or hub id (owner/name)"
+    )
     p.add_argument("--data", default="wikitext2", help="corpus name (see `faircalib data`)")
     p.add_argument("--split", default="test")
     p.add_argument("--seq-len", type=int, help="default: the model's training length")

@@ -7,17 +7,23 @@ import json
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from faircalib.errors import ConfigError
 from faircalib.frontier.samplers import SAMPLERS, SamplerConfig, generate
+from faircalib.models.chat import chat_prompt
 
-EOS_ID = 0  # shipped tokenizers: id 0 ends a document
+# a generation ends at the first of these the tokenizer has: end of text (shipped tokenizers,
+# LLaDA, Dream) and end of turn (LLaDA-Instruct's <|eot_id|>, Dream-Instruct's <|im_end|>)
+STOP_TOKENS = ("<|endoftext|>", "<|eot_id|>", "<|im_end|>")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text with a write-frontier sampler")
-    p.add_argument("model", help="shipped name (mdlm-tiny, mdlm-small) or model directory")
+    p.add_argument(
+        "model", help="shipped name (mdlm-tiny, mdlm-small), model directory or hub id (owner/name)"
+    )
     p.add_argument("--prompt", default="", help="text the generation continues")
     p.add_argument("--gen-length", type=int, default=64, help="tokens to generate")
     p.add_argument("--block-length", type=int, help="semi-AR block (default: gen length)")
@@ -28,6 +34,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--num-samples", type=int, default=1, help="rows generated from the prompt")
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=0.0,
+        help="classifier-free guidance (LLaDA): also run the prompt masked; 0 = off",
+    )
+    p.add_argument(
+        "--alg-temp",
+        type=float,
+        help="maskgit_plus / topk_margin / entropy (Dream): draw positions from "
+        "softmax(confidence / alg-temp) instead of taking the most confident",
+    )
+    p.add_argument("--eps", type=float, default=1e-3, help="Dream orders: final time of the grid")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap --prompt as one user turn in the model family's chat template (Instruct)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--cuda-graph",
@@ -48,8 +72,10 @@ def generate_texts(
     device: str = "cpu",
     cuda_graph: bool = False,
     progress: bool = True,
+    chat: bool = False,
 ) -> dict[str, Any]:
-    """-> {"texts", "tokens", "trace"}; texts are the generated part, cut at the first EOS."""
+    """-> {"texts", "tokens", "trace"}; texts are the generated part, cut at the first stop
+    token. `chat`: `prompt` is a user message, formatted with the family's chat template."""
     from faircalib import hub
 
     if num_samples < 1:
@@ -60,6 +86,8 @@ def generate_texts(
 
         model = CUDAGraphDenoiser(model)  # refuses a model that is not on a CUDA device
     tokenizer = hub.load_tokenizer(model_name)
+    if chat:
+        prompt = chat_prompt(model.family, prompt)
     ids = tokenizer.encode(prompt).ids
     if len(ids) + cfg.gen_length > model.seq_len:
         raise ConfigError(
@@ -70,9 +98,18 @@ def generate_texts(
     with tqdm(total=cfg.steps, desc="generate", unit="step", disable=not progress) as bar:
         result = generate(model, prompt_ids, cfg, seed, trace=True, progress=bar.update)
     generated = result.tokens[:, result.prompt_len :].tolist()
-    cut = [row[: row.index(EOS_ID)] if EOS_ID in row else row for row in generated]
+    cut = [_until_stop(row, stop_ids(tokenizer)) for row in generated]
     texts = [tokenizer.decode(row) for row in cut]
     return {"texts": texts, "tokens": result.tokens.tolist(), "trace": result.trace.to_dict()}
+
+
+def stop_ids(tokenizer: Tokenizer) -> set[int]:
+    return {i for i in map(tokenizer.token_to_id, STOP_TOKENS) if i is not None}
+
+
+def _until_stop(row: list[int], stops: set[int]) -> list[int]:
+    end = next((i for i, tok in enumerate(row) if tok in stops), len(row))
+    return row[:end]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
+        cfg_scale=args.cfg_scale,
+        alg_temp=args.alg_temp,
+        eps=args.eps,
     )
     out = generate_texts(
         args.model,
@@ -93,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         device=args.device,
         cuda_graph=args.cuda_graph,
+        chat=args.chat,
     )
     if args.json:
         print(json.dumps(out))

@@ -13,7 +13,12 @@ from faircalib.errors import CheckpointError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a dLLM (RTN, GPTQ, AWQ, SmoothQuant, FAIR-Calib)")
     p.add_argument("model", help="shipped name (mdlm-tiny, mdlm-small) or model directory")
-    p.add_argument("--method", required=True, choices=["rtn", "gptq", "awq", "smoothquant", "fair"])
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=["rtn", "gptq", "awq", "smoothquant", "recon", "fair"],
+        help="recon: FAIR-Calib's optimiser with every token weight 1 (attribution baseline)",
+    )
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (per-channel)")
     p.add_argument("--symmetric", action="store_true")
@@ -65,6 +70,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--fair-gamma", type=float, help="exponent on normalised instability")
     g.add_argument("--fair-floor", type=float, help="row weight of non-frontier tokens")
     g.add_argument("--fair-max-weight", type=float, help="cap on a frontier row's extra weight")
+    g.add_argument(
+        "--fair-preset",
+        choices=["full", "fast"],
+        help="FAIR-Calib: full (weighted GPTQ + block reconstruction + end-to-end scales, the "
+        "default) or fast (weighted GPTQ only)",
+    )
+    g.add_argument("--recon-steps", type=int, help="fair/recon: optimiser steps per block")
+    g.add_argument("--e2e-steps", type=int, help="fair/recon: end-to-end scale steps (0: off)")
+    g.add_argument(
+        "--views", type=int, default=1, help="masked views per calibration text (noise levels)"
+    )
     p.set_defaults(func=run)
 
 
@@ -73,9 +89,17 @@ def method_config(args: argparse.Namespace):
 
     kwargs = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric}
     knobs = {"damp": args.damp, "alpha": args.alpha}
-    if args.method in ("gptq", "fair") and args.no_act_order:
+    if args.format == "packed":  # codes chosen for the bf16 scales the checkpoint stores
+        knobs["scale_dtype"] = "bfloat16"  # kept only once the config has this field
+    if args.method in ("gptq", "fair", "recon") and args.no_act_order:
         knobs["act_order"] = False
-    if args.method == "fair":
+    if args.method in ("fair", "recon"):
+        from faircalib.config import ReconConfig
+
+        stage2 = {"steps": args.recon_steps, "e2e_steps": args.e2e_steps}
+        knobs["recon"] = ReconConfig(**{k: v for k, v in stage2.items() if v is not None})
+        knobs["preset"] = args.fair_preset
+    if args.method in ("fair", "recon"):
         knobs.update(
             base=args.fair_base,
             weighting=args.fair_weighting,
@@ -104,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
     from faircalib.data import calibration_batch
 
     config = method_config(args)  # refuses bad bits / group sizes first
+    if args.format == "packed":  # refuse AWQ / SmoothQuant now, not after calibrating
+        from faircalib.formats.packed import check_packable_method
+
+        check_packable_method(config)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
@@ -123,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         masking=args.masking,
         sampler_steps=args.sampler_steps,
+        views=args.views,
         device=args.device,
         offload=args.offload,
     )

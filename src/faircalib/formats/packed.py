@@ -2,29 +2,40 @@
 
 A packed model directory is an ordinary model directory (config.json + safetensors shards +
 index, written atomically by `faircalib.models.io`) whose quantized linear layers are stored the
-way compressed-tensors stores them, so vLLM / transformers readers understand the weights:
+way compressed-tensors stores them, so vLLM / transformers readers load it as-is:
 
     <layer>.weight_packed      int32 [out, ceil(in * bits / 32)]   codes, densely bit-packed
-    <layer>.weight_scale       float [out, n_groups]               (n_groups = 1: per-channel)
+    <layer>.weight_scale       dtype [out, n_groups]               (n_groups = 1: per-channel)
     <layer>.weight_zero_point  int32 [ceil(out * bits / 32), n_groups]   asymmetric only
     <layer>.weight_shape       int64 [2] = (out, in)
-    <layer>.bias               float [out]                          if the layer has a bias
+    <layer>.bias               dtype [out]                          if the layer has a bias
 
-compressed-tensors stores signed values q = code - 2^(bits-1) and zero points likewise, and
-dequantizes (q - zp) * scale; with our unsigned codes (`faircalib.quant.primitives`) that is
-scale * (code - zero), the same number. Symmetric layers have zero = 2^(bits-1), i.e. zp = 0,
-which is why compressed-tensors omits their zero point. Packing and unpacking use the
-package's own `pack_to_int32` / `unpack_from_int32`; the schema is its pydantic
-`QuantizationConfig` (one config group per (bits, group size, symmetry), targets = exact layer
-names), written to config.json under `quantization_config` with `quant_method:
-compressed-tensors`, `format: pack-quantized` and the writer's package `version`.
+`dtype` is the checkpoint dtype (bf16 by default): float tensors and scales alike, as vLLM keeps
+scales in the model dtype. compressed-tensors stores signed values q = code - 2^(bits-1) and
+zero points likewise, and dequantizes (q - zp) * scale; with our unsigned codes
+(`faircalib.quant.primitives`) that is scale * (code - zero), the same number. Symmetric layers
+have zero = 2^(bits-1), i.e. zp = 0, which is why compressed-tensors omits their zero point.
+Packing uses the package's own `pack_to_int32` / `unpack_from_int32`; the schema is its pydantic
+`QuantizationConfig`: one config group per (bits, group size, symmetry) whose `targets` are the
+exact names of its quantized linears, and `ignore` lists every other nn.Linear, so every linear
+layer matches exactly one rule (vLLM refuses a linear that matches neither).
 
-Two things compressed-tensors has no field for live in our own `faircalib` section:
-  * AWQ / SmoothQuant smoothing: the layer computes (x / s) @ W_hat.T. `s` is stored as the
-    float32 tensor `<layer>.input_scale` [in], and the layer is listed in
-    `faircalib.input_scale`. Note that compressed-tensors readers use the name
-    `input_scale` for static activation-quantization scales; they will not apply ours.
-  * `faircalib.act_bits`: {layer: bits} for per-token activation fake-quant (SmoothQuant).
+Exactness: the writer stores scales as they are and refuses (ConfigError) a layer whose scales
+are not representable in the checkpoint dtype, or whose codes and scales do not reproduce its
+fake-quant weight bit for bit. Calibration must round scales before choosing codes
+(`scale_dtype`, `faircalib.quant.primitives.round_scales`); then our loader reproduces the
+fake-quant weight exactly and stock readers, which dequantize in the scale dtype, get it rounded
+to that dtype, bit for bit.
+
+config.json is the model's own config dict (`write_packed`): HF fields it holds
+(`architectures`, `auto_map`, `model_type`) are kept; our native families get
+`model_type: faircalib-<family>` next to `family`, which our loader reads.
+
+AWQ / SmoothQuant results are refused: their per-input-channel scale s (the layer computes
+(x / s) @ W_hat.T) has no compressed-tensors field that stock readers apply, and folding it into
+the preceding op is impossible for most of our layers (see `_refuse_smoothing`). Directories
+written before (format_version 1) may still list such layers under `faircalib.input_scale` /
+`faircalib.act_bits`; our loader applies them.
 Every other tensor (embeddings, norms, output layer, adaLN) is a float tensor in the same shards.
 
 Loading validates every tensor's presence, dtype and shape (and finiteness) against the model
@@ -35,6 +46,7 @@ that the config describes before anything is built, then repacks the plain codes
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +73,17 @@ from faircalib.models.io import (
     write_extra_files,
     write_json,
 )
-from faircalib.quant.primitives import QParams
+from faircalib.quant.primitives import QParams, dequantize, scales_representable
 
 QUANT_METHOD = "compressed-tensors"
 PACK_FORMAT = "pack-quantized"
-FORMAT_VERSION = 1  # of our `faircalib` section
+FORMAT_VERSION = 2  # of our `faircalib` section (2: no input_scale / act_bits written)
 PINNED_CT_MINOR = "0.20"  # pyproject pins compressed-tensors~=0.20.0: the layout we test
 INPUT_SCALE = "input_scale"
+NATIVE_MODEL_TYPE = "faircalib-{family}"  # model_type of families with no HF model_type
+CHECKPOINT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# methods whose results carry per-input-channel scales (see _refuse_smoothing)
+SMOOTHING_METHODS = ("awq", "smoothquant")
 
 
 # --- one layer ------------------------------------------------------------------------------
@@ -84,15 +100,24 @@ def quantization_args(bits: int, group_size: int | None, symmetric: bool) -> Qua
     )
 
 
-def pack_layer(codes: torch.Tensor, qp: QParams) -> dict[str, torch.Tensor]:
+def pack_layer(
+    codes: torch.Tensor, qp: QParams, dtype: torch.dtype = torch.bfloat16, *, name: str = "layer"
+) -> dict[str, torch.Tensor]:
     """[out, in] unsigned codes + QParams -> the compressed-tensors tensors of one layer
-    (names without the layer prefix). Scales stay float32 so the round trip is exact."""
+    (names without the layer prefix), scales in `dtype`. Scales that `dtype` cannot hold
+    exactly are refused, never rounded here: the codes were chosen for the scales as they are."""
     check_codes(codes, qp)
+    if not scales_representable(qp, dtype):
+        raise ConfigError(
+            f"{name}: scales are not exactly representable in {_dtype_name(dtype)}, the "
+            f"checkpoint dtype; quantize with scale_dtype={_dtype_name(dtype)!r} "
+            "(faircalib.quant.primitives.round_scales) so the codes match the stored scales"
+        )
     offset = 2 ** (qp.bits - 1)
     signed = (codes.to(torch.int16) - offset).to(torch.int8)  # [out, in] in [-2^(b-1), 2^(b-1))
     tensors = {
         "weight_packed": pack_to_int32(signed.cpu(), qp.bits),
-        "weight_scale": qp.scale.detach().float().cpu().contiguous(),
+        "weight_scale": qp.scale.detach().float().cpu().to(dtype).contiguous(),
         "weight_shape": torch.tensor(tuple(codes.shape), dtype=torch.int64),
     }
     if not qp.symmetric:
@@ -182,40 +207,108 @@ def expected_specs(
 # --- save ----------------------------------------------------------------------------------
 def save_packed_model(
     model: DiffusionLM,
-    results: dict[str, Any],
+    results: Mapping[str, Any],
     out: Path,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.bfloat16,
     extra_files: dict[str, Path | str | dict] | None = None,
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `model` with the linears named in `results` packed (see the module docstring).
+    """Write a DiffusionLM with the linears named in `results` packed: `write_packed` with the
+    model's config dict (see `model_config`)."""
+    return write_packed(
+        model,
+        results,
+        model_config(model),
+        out,
+        dtype=dtype,
+        extra_files=extra_files,
+        metadata=metadata,
+        overwrite=overwrite,
+    )
 
-    results: full module name ("blocks.0.attn_qkv") -> object with .codes [out, in],
-    (the module may be the float nn.Linear or a fake-quant stand-in with in/out_features),
-    .qparams (QParams), .input_scale ([in] or None) and .act_bits (int or None).
-    dtype: storage dtype of the float (non-quantized) tensors. metadata: JSON-serialisable
-    provenance (method, calibration) recorded under faircalib.metadata.
+
+def model_config(model: DiffusionLM) -> dict[str, Any]:
+    """The model's config dict for config.json. HF fields it holds (a LLaDA / Dream source's
+    `architectures`, `auto_map`, `model_type`) pass through; a family with no `model_type`
+    (our native MDLM) gets `faircalib-<family>`, so AutoConfig and vLLM read a model type
+    (unregistered, but named) while our loader keeps reading `family`."""
+    config = dict(model.config_dict())
+    config.setdefault("model_type", NATIVE_MODEL_TYPE.format(family=model.family))
+    return config
+
+
+def write_packed(
+    module: nn.Module,
+    results: Mapping[str, Any],
+    config: Mapping[str, Any],
+    out: Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    extra_files: dict[str, Path | str | dict] | None = None,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write any module with the linears named in `results` packed (see the module docstring).
+
+    results: full module name ("blocks.0.attn_qkv") -> QuantResult-like object with .codes
+    [out, in], .qparams (QParams), .weight (its fake-quant [out, in] weight) and optionally
+    .input_scale / .act_bits, which must be None. The module at that name may be the float
+    nn.Linear or a fake-quant stand-in with in_features / out_features.
+    config: the config.json fields describing the architecture (a transformers config's
+    `to_dict()`, a DiffusionLM's `model_config`); the writer adds the dtype, the
+    `quantization_config` and our `faircalib` section. dtype: checkpoint dtype of the float
+    tensors and the scales. metadata: JSON-serialisable provenance -> faircalib.metadata.
     """
     _check_ct_version()
-    layers = {name: _checked_result(model, name, res) for name, res in results.items()}
-    tensors = _float_tensors(model, layers, dtype)
+    if dtype not in CHECKPOINT_DTYPES:
+        raise ConfigError(f"checkpoint dtype must be bfloat16, float16 or float32, got {dtype}")
+    if not results:
+        raise ConfigError("no quantized layers to pack")
+    layers = {name: _checked_result(module, name, res) for name, res in results.items()}
+    tensors = _float_tensors(module, layers, dtype)
     for name, res in layers.items():
-        tensors.update({f"{name}.{k}": v for k, v in pack_layer(res.codes, res.qparams).items()})
-        if getattr(res, "input_scale", None) is not None:
-            tensors[f"{name}.{INPUT_SCALE}"] = res.input_scale.detach().float().cpu().contiguous()
+        packed = pack_layer(res.codes, res.qparams, dtype, name=name)
+        tensors.update({f"{name}.{k}": v for k, v in packed.items()})
     config = {
-        **model.config_dict(),
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "quantization_config": _quantization_config(layers),
-        "faircalib": _faircalib_section(layers, metadata),
+        **config,
+        **_dtype_fields(config, dtype),
+        "quantization_config": quantization_config(module, layers),
+        "faircalib": _faircalib_section(metadata),
     }
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         write_json(tmp / CONFIG, config)
         save_tensors(tensors, tmp)
         write_extra_files(tmp, extra_files)
     return Path(out)
+
+
+def check_packable_method(cfg: object) -> None:
+    """Refuse, before any calibration, a method whose results the packed format cannot hold."""
+    for method in (getattr(cfg, "method", "rtn"), getattr(cfg, "base", None)):
+        if method in SMOOTHING_METHODS:
+            raise ConfigError(_SMOOTHING_MESSAGE.format(what=f"method {method!r}"))
+
+
+_SMOOTHING_MESSAGE = (
+    "--format packed cannot store {what}: its per-input-channel scales have no "
+    "compressed-tensors field that vLLM or transformers apply (weights would load up to 30% "
+    "off); use --format fake, or --method rtn, gptq or fair with base gptq/rtn"
+)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_fields(config: Mapping[str, Any], dtype: torch.dtype) -> dict[str, str]:
+    """`torch_dtype` (our loaders, transformers < 5) and, where the config uses it, `dtype`
+    (transformers >= 5): both name the checkpoint dtype."""
+    fields = {"torch_dtype": _dtype_name(dtype)}
+    if "dtype" in config:
+        fields["dtype"] = _dtype_name(dtype)
+    return fields
 
 
 def _check_ct_version() -> None:
@@ -227,41 +320,72 @@ def _check_ct_version() -> None:
         )
 
 
-def _checked_result(model: DiffusionLM, name: str, res: Any) -> Any:
+def _checked_result(module: nn.Module, name: str, res: Any) -> Any:
     try:
-        module = model.get_submodule(name)
+        layer = module.get_submodule(name)
     except AttributeError as exc:
         raise ConfigError(f"quantized layer {name!r} is not a module of the model") from exc
     # an nn.Linear of the float model, or a stand-in for one (calib's FakeQuantLinear)
-    shape = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+    shape = (getattr(layer, "out_features", None), getattr(layer, "in_features", None))
     if not all(isinstance(v, int) for v in shape):
         raise ConfigError(
-            f"quantized layer {name!r} is a {type(module).__name__}, not a linear layer"
+            f"quantized layer {name!r} is a {type(layer).__name__}, not a linear layer"
         )
     if tuple(res.codes.shape) != shape:
         raise ConfigError(
             f"{name}: codes have shape {tuple(res.codes.shape)}, the layer is (out, in) = {shape}"
         )
+    _refuse_smoothing(name, res)
     check_codes(res.codes, res.qparams)
-    s = getattr(res, "input_scale", None)
-    if s is not None and (tuple(s.shape) != (module.in_features,) or not (s > 0).all()):
-        raise ConfigError(
-            f"{name}: input_scale must be positive with shape ({module.in_features},)"
-        )
-    act_bits = getattr(res, "act_bits", None)
-    if act_bits is not None and not 2 <= act_bits <= 16:
-        raise ConfigError(f"{name}: activation bit width must be in 2..16, got {act_bits}")
+    _check_reproduces_weight(name, res)
     return res
 
 
+def _refuse_smoothing(name: str, res: Any) -> None:
+    """Refuse AWQ / SmoothQuant results rather than fold their scales.
+
+    Why not fold s into the preceding op: in our models the input of mlp.2 comes out of a GELU
+    and that of attn_out out of softmax(QK^T) V, where no per-channel scale can be folded (into
+    V's rows of attn_qkv only by changing that layer's already chosen codes); attn_qkv and mlp.0
+    follow LayerNorm + adaLN modulate, where s would have to divide the norm weight and the
+    adaLN shift rows, and q/k/v would have to share one s. Folding some layers and refusing the
+    rest would be a format that works for some methods on some models. Per-token activation
+    quantization (SmoothQuant's A8) has a compressed-tensors description (dynamic per-token
+    int8 `input_activations`), but vLLM only runs it from `int-quantized` weights, not from
+    `pack-quantized`, and without s it would quantize the unsmoothed activations.
+    """
+    if getattr(res, "input_scale", None) is not None:
+        raise ConfigError(_SMOOTHING_MESSAGE.format(what=f"{name}'s AWQ/SmoothQuant input_scale"))
+    if getattr(res, "act_bits", None) is not None:
+        raise ConfigError(
+            f"--format packed cannot store {name}'s per-token activation quantization "
+            "(vLLM runs it only from int-quantized weights); use --format fake"
+        )
+
+
+def _check_reproduces_weight(name: str, res: Any) -> None:
+    """The codes and scales to be written must give the fake-quant weight bit for bit: what
+    was evaluated is what is deployed."""
+    weight = getattr(res, "weight", None)
+    if weight is None:
+        raise ConfigError(f"{name}: the result has no fake-quant weight to check the codes against")
+    decoded = dequantize(res.codes.cpu(), res.qparams.to("cpu"))  # [out, in] float32
+    if not torch.equal(decoded, weight.detach().float().cpu()):
+        diff = float((decoded - weight.detach().float().cpu()).abs().max())
+        raise ConfigError(
+            f"{name}: codes and scales do not reproduce the fake-quant weight (max |diff| "
+            f"{diff:.2e}); the result was changed after its codes were chosen"
+        )
+
+
 def _float_tensors(
-    model: DiffusionLM, layers: dict[str, Any], dtype: torch.dtype
+    module: nn.Module, layers: Mapping[str, Any], dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """Every state-dict tensor outside the quantized layers, plus their biases; floats cast to
-    `dtype`. (A fake-quant layer's own buffers - its float weight, input_scale - are dropped:
-    the packed tensors replace them.)"""
+    `dtype`. (A fake-quant layer's own buffers - its float weight - are dropped: the packed
+    tensors replace them.)"""
     out = {}
-    for key, t in model.state_dict().items():
+    for key, t in module.state_dict().items():
         owner, _, leaf = key.rpartition(".")
         if owner in layers and leaf != "bias":
             continue
@@ -270,8 +394,9 @@ def _float_tensors(
     return out
 
 
-def _quantization_config(layers: dict[str, Any]) -> dict[str, Any]:
-    """One compressed-tensors config group per distinct (bits, group size, symmetry)."""
+def quantization_config(module: nn.Module, layers: Mapping[str, Any]) -> dict[str, Any]:
+    """compressed-tensors config: one group per distinct (bits, group size, symmetry) whose
+    targets are its layers' exact names; every other nn.Linear of `module` in `ignore`."""
     groups: dict[tuple, list[str]] = {}
     for name, res in layers.items():
         qp = res.qparams
@@ -282,31 +407,28 @@ def _quantization_config(layers: dict[str, Any]) -> dict[str, Any]:
         )
         for i, (key, names) in enumerate(groups.items())
     }
+    ignore = [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.Linear) and name not in layers
+    ]
     qc = QuantizationConfig(
         config_groups=config_groups,
         quant_method=QUANT_METHOD,
         format=PACK_FORMAT,
         quantization_status="compressed",
-        ignore=[],
+        ignore=ignore,
     )
     return {"version": compressed_tensors.__version__, **qc.model_dump(mode="json")}
 
 
-def _faircalib_section(layers: dict[str, Any], metadata: dict[str, Any] | None) -> dict[str, Any]:
+def _faircalib_section(metadata: dict[str, Any] | None) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "writer": {
             "faircalib": faircalib.__version__,
             "compressed_tensors": compressed_tensors.__version__,
             "torch": torch.__version__.split("+")[0],
-        },
-        INPUT_SCALE: sorted(
-            n for n, r in layers.items() if getattr(r, "input_scale", None) is not None
-        ),
-        "act_bits": {
-            n: int(r.act_bits)
-            for n, r in layers.items()
-            if getattr(r, "act_bits", None) is not None
         },
         "metadata": metadata or {},
     }
@@ -333,7 +455,7 @@ def load_packed_model(
         raise CheckpointError(f"{directory} is not a model directory")
     config = read_json(directory / CONFIG)
     qconfig = _parse_quantization_config(config, directory)
-    model = build_model(config)
+    model = build_model(_builder_config(config))
     schemes = _layer_schemes(model, qconfig, directory)
     section = _parse_faircalib_section(config.get("faircalib", {}), schemes, directory)
     tensors = load_tensors(directory)
@@ -358,6 +480,13 @@ def load_packed_model(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, quant)
     return model.to(device).eval()
+
+
+def _builder_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config our family builders read: without the model_type `model_config` added for
+    stock readers (a source model's own model_type stays: its builder knows it)."""
+    native = NATIVE_MODEL_TYPE.format(family=config.get("family"))
+    return {k: v for k, v in config.items() if not (k == "model_type" and v == native)}
 
 
 def _parse_quantization_config(config: dict[str, Any], directory: Path) -> QuantizationConfig:

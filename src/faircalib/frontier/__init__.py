@@ -1,6 +1,13 @@
-"""Write-frontier samplers, the frontier trace, and flip / degeneration metrics."""
+"""Write-frontier samplers, the frontier trace, flip / degeneration / mechanism metrics, and
+FAIR-Calib's Stage-I position prior."""
 
-from faircalib.frontier.metrics import compare_generations, distinct_n, repetition_rate
+from faircalib.frontier.metrics import (
+    compare_generations,
+    distinct_n,
+    mechanism_metrics,
+    repetition_rate,
+)
+from faircalib.frontier.prior import position_prior
 from faircalib.frontier.samplers import (
     SAMPLERS,
     FrontierStep,
@@ -19,5 +26,7 @@ __all__ = [
     "compare_generations",
     "distinct_n",
     "generate",
+    "mechanism_metrics",
+    "position_prior",
     "repetition_rate",
 ]

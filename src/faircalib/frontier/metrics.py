@@ -2,6 +2,11 @@
 
 Both models generate under the same seed, so they see the same noise (common random numbers)
 and every token that differs - a *flip* - is caused by the models, not by sampling luck.
+
+Mechanism metrics (per model, on its own generation): how the model's belief at a position
+(its argmax; read with the position alone re-masked once it is committed) settles relative to
+the step that committed it - stabilization lag - and whether, at the end, it still agrees with
+the committed token - post-commit mismatch. docs/fair-calib.md defines them.
 """
 
 from __future__ import annotations
@@ -12,6 +17,12 @@ from typing import Any
 import torch
 
 from faircalib.errors import ConfigError
+from faircalib.frontier.beliefs import (
+    belief_trajectories,
+    commit_steps,
+    masked_stage,
+    sample_positions,
+)
 from faircalib.frontier.samplers import GenerationResult, SamplerConfig, generate
 from faircalib.models.base import DiffusionLM
 
@@ -22,10 +33,24 @@ def compare_generations(
     prompt_ids: torch.Tensor,
     cfg: SamplerConfig,
     seed: int,
+    *,
+    max_positions: int = 64,
 ) -> dict[str, Any]:
-    """Generate with both models under one seed; A is the reference (e.g. the float model)."""
-    a = generate(model_a, prompt_ids, cfg, seed, trace=False)
-    b = generate(model_b, prompt_ids, cfg, seed, trace=False)
+    """Generate with both models under one seed; A is the reference (e.g. the float model).
+
+    Besides the flip metrics, each model's mechanism metrics on its own generation
+    (`mechanism_metrics`) under the keys stabilization_lag_{a,b}, late_stabilization_rate_{a,b}
+    and post_commit_mismatch_{a,b}, over the same `max_positions` (row, position) pairs for
+    both models (`mechanism_positions` says how many). Cost per model: the generation (K
+    forwards of [B, L]), the same again to read the masked stage, and at most
+    max_positions * K re-masked rows (about half that on average), 32 to a forward.
+    max_positions=0 skips them (those keys are then None).
+    """
+    if max_positions < 0:
+        raise ConfigError(f"max_positions must be >= 0, got {max_positions}")
+    record = max_positions > 0
+    a = generate(model_a, prompt_ids, cfg, seed, trace=False, record_states=record)
+    b = generate(model_b, prompt_ids, cfg, seed, trace=False, record_states=record)
     gen_a, gen_b = a.tokens[:, a.prompt_len :], b.tokens[:, b.prompt_len :]  # [B, G]
     differ = gen_a != gen_b
     first = first_divergence_steps(a, b)
@@ -42,6 +67,65 @@ def compare_generations(
         "repetition_rate_b": repetition_rate(gen_b),
         "steps": cfg.steps,
         "samples": int(gen_a.shape[0]),
+        **_mechanism(model_a, a, max_positions, seed, "_a"),
+        **_mechanism(model_b, b, max_positions, seed, "_b"),
+        "mechanism_positions": min(max_positions, gen_a.numel()),
+    }
+
+
+MECHANISM_KEYS = ("stabilization_lag", "late_stabilization_rate", "post_commit_mismatch")
+
+
+def _mechanism(
+    model: DiffusionLM, result: GenerationResult, max_positions: int, seed: int, suffix: str
+) -> dict[str, float | None]:
+    if max_positions == 0:  # switched off: the same keys, without values
+        return {key + suffix: None for key in MECHANISM_KEYS}
+    metrics = mechanism_metrics(model, result, max_positions=max_positions, seed=seed)
+    return {key + suffix: metrics[key] for key in MECHANISM_KEYS}
+
+
+def stabilization_lags(trajectory: torch.Tensor, commit: torch.Tensor) -> torch.Tensor:
+    """delta_lag = s - c per position [P]: s is the first step from which the belief stays at
+    its final value (trajectory [P, K + 1], k = K the final sequence), c the commit step.
+    delta_lag > 0: the belief still moved after the position was written."""
+    k_total = trajectory.shape[1] - 1
+    settled = trajectory == trajectory[:, k_total:]  # [P, K + 1]
+    trailing = settled.flip(dims=[1]).long().cumprod(dim=1).sum(dim=1)  # >= 1 (k = K itself)
+    return (k_total + 1 - trailing) - commit
+
+
+def mechanism_metrics(
+    model: DiffusionLM,
+    result: GenerationResult,
+    *,
+    max_positions: int = 64,
+    seed: int = 0,
+    batch_rows: int = 32,
+) -> dict[str, float]:
+    """Stabilization lag and post-commit mismatch of `model` on its generation `result`
+    (recorded with record_states=True), over at most `max_positions` (row, generated position)
+    pairs drawn with `seed`:
+
+    * stabilization_lag: mean over the pairs of max(0, delta_lag), in steps;
+    * late_stabilization_rate: share of pairs with delta_lag > 0 (committed before settling);
+    * post_commit_mismatch: share of pairs whose final belief (the final sequence with that
+      position alone re-masked) differs from the committed token.
+
+    Cost: K forwards of [B, L] (the masked stage) plus sum over pairs of (K - c) re-masked rows,
+    at most max_positions * K, `batch_rows` to a forward.
+    """
+    stage = masked_stage(model, result)
+    rows, width = result.tokens.shape[0], result.tokens.shape[1] - result.prompt_len
+    pairs = sample_positions(rows, width, max_positions, seed)
+    trajectory = belief_trajectories(model, result, stage, pairs, batch_rows=batch_rows)
+    commit = commit_steps(result)[pairs[:, 0], pairs[:, 1]]
+    lags = stabilization_lags(trajectory, commit)
+    final = result.tokens[:, result.prompt_len :].cpu()[pairs[:, 0], pairs[:, 1]]
+    return {
+        "stabilization_lag": lags.clamp(min=0).float().mean().item(),
+        "late_stabilization_rate": (lags > 0).float().mean().item(),
+        "post_commit_mismatch": (trajectory[:, -1] != final).float().mean().item(),
     }
 
 

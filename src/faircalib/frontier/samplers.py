@@ -11,6 +11,15 @@ a token is proposed at every masked position, and some of those positions are *c
 - ``random``: same plan, positions picked at random (the ablation of the confidence rule).
 - ``ancestral`` (MDLM): a time grid from 1 to 0; each masked position is revealed with the
   reverse-process probability (alpha_s - alpha_t) / (1 - alpha_t).
+- ``maskgit_plus``, ``topk_margin``, ``entropy`` (Dream's `alg`s): on Dream's grid
+  t = linspace(1, eps, steps + 1), a step commits int(n_masked (1 - s / t)) tokens (the rest at
+  the last step) at the positions of highest confidence: the proposal's probability, the top-1
+  minus top-2 probability, or the negative entropy. With ``alg_temp`` > 0 the positions are
+  drawn instead, without replacement, in proportion to softmax(confidence / alg_temp).
+
+``cfg_scale`` > 0 adds LLaDA's classifier-free guidance to any sampler: the model also sees the
+sequence with the prompt masked, and its log-probs become
+uncond + (cfg_scale + 1) (cond - uncond), renormalised.
 
 Common random numbers: every random draw comes from seeded generators in a fixed order whose
 shapes do not depend on the model's outputs, so two models (float vs quantized) run with the
@@ -29,7 +38,8 @@ import torch
 from faircalib.errors import ConfigError, DataError
 from faircalib.models.base import DiffusionLM
 
-SAMPLERS = ("low_confidence", "random", "ancestral")
+DREAM_ORDERS = ("maskgit_plus", "topk_margin", "entropy")
+SAMPLERS = ("low_confidence", "random", "ancestral", *DREAM_ORDERS)
 
 
 @dataclass
@@ -41,6 +51,9 @@ class SamplerConfig:
     temperature: float = 0.0  # 0: greedy argmax; > 0: Gumbel-max at this temperature
     top_k: int | None = None
     top_p: float | None = None
+    cfg_scale: float = 0.0  # LLaDA's classifier-free guidance; 0: off
+    alg_temp: float | None = None  # Dream orders: None / 0 commit the top confidences
+    eps: float = 1e-3  # Dream orders: the time grid ends at eps
 
     @property
     def block(self) -> int:
@@ -59,8 +72,20 @@ class SamplerConfig:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.sampler != "ancestral":
+        if self.cfg_scale < 0 or (self.alg_temp is not None and self.alg_temp < 0):
+            raise ConfigError(
+                f"cfg_scale ({self.cfg_scale}) and alg_temp ({self.alg_temp}) must be >= 0"
+            )
+        if self.sampler in DREAM_ORDERS:
+            self._validate_dream()
+        elif self.sampler != "ancestral":
             self._validate_blocks()
+
+    def _validate_dream(self) -> None:
+        if self.block != self.gen_length:
+            raise ConfigError(f"sampler {self.sampler} fills the whole region: no block_length")
+        if not 0 < self.eps < 1:
+            raise ConfigError(f"eps must be in (0, 1), got {self.eps}")
 
     def _validate_blocks(self) -> None:
         if self.block < 1 or self.gen_length % self.block:
@@ -228,8 +253,10 @@ def generate(
     every step (the inputs frontier-aware calibration replays).
     """
     run = _start(model, prompt_ids, cfg, seed, trace, record_states)
-    step_fn = _ancestral_step if cfg.sampler == "ancestral" else _planned_step
-    plan = plan_transfers(cfg) if cfg.sampler != "ancestral" else [0] * cfg.steps
+    step_fn = {"ancestral": _ancestral_step, **dict.fromkeys(DREAM_ORDERS, _dream_step)}.get(
+        cfg.sampler, _planned_step
+    )
+    plan = plan_transfers(cfg) if step_fn is _planned_step else [0] * cfg.steps
     was_training = model.training
     model.eval()
     try:
@@ -281,13 +308,38 @@ def _start(
 
 def _model_step(run: _Run, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Feed the current state; -> log-probs [B, G, V] of the generated region, proposals [B, G],
-    uniforms [B, G]. Noise is drawn before the model runs, so its order never depends on it."""
+    uniforms [B, G]."""
+    log_probs, gumbel, uniforms = _run_model(run, t)
+    return log_probs, propose(log_probs, gumbel, run.cfg), uniforms
+
+
+def _run_model(
+    run: _Run, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """-> log-probs [B, G, V] of the generated region (guided if cfg_scale > 0), Gumbel noise
+    [B, G, V] or None, uniforms [B, G]. Noise is drawn before the model runs, so its order
+    never depends on the model."""
     b, g = run.x.shape[0], run.cfg.gen_length
     gumbel, uniforms = run.noise.draw((b, g, run.model.vocab_size), run.cfg, run.x.device)
     if run.states is not None:
         run.states.append((run.x.clone(), t.clone()))
-    log_probs = run.model.log_probs(run.x, t)[:, run.region].float()  # [B, G, V]
-    return log_probs, propose(log_probs, gumbel, run.cfg), uniforms
+    if run.cfg.cfg_scale > 0:  # LLaDA: the unconditional input is the prompt masked
+        free = run.x.clone()
+        free[:, : run.prompt_len] = run.model.mask_id
+        both = run.model.log_probs(torch.cat([run.x, free]), torch.cat([t, t]))
+        cond, uncond = both[:, run.region].float().chunk(2)
+        return guided(cond, uncond, run.cfg.cfg_scale), gumbel, uniforms
+    return run.model.log_probs(run.x, t)[:, run.region].float(), gumbel, uniforms  # [B, G, V]
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on log-probs [..., V]: uncond + (scale + 1) (cond - uncond),
+    renormalised. Log-probs differ from logits by a per-position constant, which the
+    renormalisation removes, so this equals LLaDA's guidance on logits. Entries impossible
+    under either input (-inf: [MASK], or every other token at a committed position) stay so."""
+    possible = torch.isfinite(cond) & torch.isfinite(uncond)
+    mixed = uncond + (scale + 1) * (cond - uncond)
+    return mixed.masked_fill(~possible, float("-inf")).log_softmax(-1)
 
 
 def _planned_step(run: _Run, k: int, count: int) -> None:
@@ -321,6 +373,49 @@ def _ancestral_step(run: _Run, k: int, _count: int) -> None:
     reveal_prob = 1.0 if k == steps - 1 else (a_s - a_t) / max(1 - a_t, 1e-12)
     masked = run.x[:, run.region] == run.model.mask_id
     _commit(run, k, t, log_probs, proposal, masked & (uniforms < reveal_prob))
+
+
+def _dream_step(run: _Run, k: int, _count: int) -> None:
+    """Dream's orders: commit int(n_masked (1 - s / t)) tokens per row where confidence is
+    highest (or drawn by softmax(confidence / alg_temp)); everything left at the last step."""
+    cfg, b = run.cfg, run.x.shape[0]
+    grid = torch.linspace(1, cfg.eps, cfg.steps + 1)  # float32, as upstream
+    t = torch.full((b,), float(grid[k]), device=run.x.device)
+    log_probs, gumbel, uniforms = _run_model(run, t)
+    proposal, confidence = dream_confidence(log_probs, gumbel, cfg)
+    masked = run.x[:, run.region] == run.model.mask_id  # [B, G]
+    count = dream_transfer_count(masked, grid[k], grid[k + 1], last=k == cfg.steps - 1)
+    score = confidence.double().masked_fill(~masked, float("-inf"))
+    if cfg.alg_temp:  # Gumbel-top-k: draws without replacement, proportional to the softmax
+        score = score / cfg.alg_temp - torch.log(-torch.log(uniforms.clamp(1e-300, 1 - 1e-16)))
+    chosen = torch.zeros_like(masked)
+    if count > 0:
+        chosen.scatter_(1, top_positions(score, uniforms, count), True)
+    _commit(run, k, t, log_probs, proposal, chosen & masked)
+
+
+def dream_transfer_count(masked: torch.Tensor, t: torch.Tensor, s: torch.Tensor, last: bool) -> int:
+    """Tokens to commit per row: Dream's int(mean masked count x (1 - s / t)), in float32."""
+    n_masked = masked.sum().float().cpu() / masked.shape[0]
+    return int(n_masked) if last else int(n_masked * (1 - s / t))
+
+
+def dream_confidence(
+    log_probs: torch.Tensor, gumbel: torch.Tensor | None, cfg: SamplerConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_probs [B, G, V] -> proposals [B, G] and their confidence [B, G] under Dream's
+    distribution: tempered, then top-p / top-k filtered, then renormalised."""
+    tempered = (log_probs / cfg.temperature).log_softmax(-1) if gumbel is not None else log_probs
+    filtered = filter_log_probs(tempered, cfg.top_k, cfg.top_p).log_softmax(-1)
+    probs = filtered.exp()
+    # greedy, or Gumbel-max: a draw from the filtered distribution
+    proposal = (filtered if gumbel is None else filtered.double() + gumbel).argmax(-1)
+    if cfg.sampler == "maskgit_plus":
+        return proposal, probs.gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+    if cfg.sampler == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values
+        return proposal, top2[..., 0] - top2[..., 1]
+    return proposal, (probs * torch.log(probs + 1e-10)).sum(-1)  # entropy: minus the entropy
 
 
 def _commit(

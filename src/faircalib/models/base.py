@@ -95,6 +95,30 @@ class DiffusionLM(nn.Module, ABC):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def outside_blocks(self) -> list[nn.Module]:
+        """The stem and head modules: the largest submodules that contain no block.
+
+        Offloaded calibration keeps these on the device and moves blocks one at a time. In
+        families whose blocks sit deeper in the tree (LLaDA: `model.transformer.blocks`), a
+        top-level child contains the blocks, so `children()` is not the answer.
+        (Parameters registered directly on a container that holds blocks are not covered; no
+        family has any.)
+        """
+        blocks = self.blocks
+        found: list[nn.Module] = []
+
+        def walk(module: nn.Module) -> None:
+            for child in module.children():
+                if child is blocks:
+                    continue
+                if any(m is blocks for m in child.modules()):
+                    walk(child)
+                else:
+                    found.append(child)
+
+        walk(self)
+        return found
+
     # --- persistence ----------------------------------------------------------------------
     @abstractmethod
     def config_dict(self) -> dict[str, Any]:

@@ -28,16 +28,33 @@ INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 15 * 2**20  # git- and transfer-friendly shards (< 16 MB)
 
 FAMILIES: dict[str, Callable[[dict[str, Any]], DiffusionLM]] = {}
+# upstream `model_type` -> family, for families whose native layout is upstream's own config
+MODEL_TYPES: dict[str, str] = {}
 
 
-def register_family(name: str, build: Callable[[dict[str, Any]], DiffusionLM]) -> None:
+def register_family(
+    name: str, build: Callable[[dict[str, Any]], DiffusionLM], *, model_type: str | None = None
+) -> None:
+    """`model_type`: dispatch configs carrying this upstream `model_type` (and no `family`)."""
     FAMILIES[name] = build
+    if model_type is not None:
+        MODEL_TYPES[model_type] = name
+
+
+def family_of(config: dict[str, Any]) -> str | None:
+    """The registered family a config.json describes: its `family`, else its `model_type`'s."""
+    if "family" in config:
+        return config["family"]
+    return MODEL_TYPES.get(config.get("model_type"))  # type: ignore[arg-type]
 
 
 def build_model(config: dict[str, Any]) -> DiffusionLM:
-    family = config.get("family")
+    family = family_of(config)
     if family not in FAMILIES:
-        raise CheckpointError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
+        raise CheckpointError(
+            f"unknown model family {config.get('family', config.get('model_type'))!r}; "
+            f"known: {sorted(FAMILIES)} (model types {sorted(MODEL_TYPES)})"
+        )
     return FAMILIES[family](config)
 
 

@@ -30,7 +30,14 @@ from tokenizers import Tokenizer
 
 from faircalib.errors import CheckpointError
 from faircalib.models.base import DiffusionLM, read_json
-from faircalib.models.io import check_state_dict, load_model, load_tensors, save_model
+from faircalib.models.io import (
+    MODEL_TYPES,
+    check_state_dict,
+    family_of,
+    load_model,
+    load_tensors,
+    save_model,
+)
 from faircalib.models.mdlm import MDLM, MDLMConfig, Rotary
 
 CONFIG = "config.json"
@@ -42,7 +49,8 @@ _INT_FIELDS = ("vocab_size", "model_length", "hidden_dim", "cond_dim", "n_blocks
 
 
 def detect_format(directory: Path) -> str:
-    """'faircalib' (our native layout) or 'mdlm-hf'; anything else raises CheckpointError."""
+    """'faircalib' (our native layout, which for LLaDA and Dream is upstream's own) or 'mdlm-hf';
+    anything else raises CheckpointError."""
     directory = Path(directory)
     if directory.suffix == ".ckpt" or (directory.is_dir() and _only_pickles(directory)):
         raise CheckpointError(
@@ -54,11 +62,12 @@ def detect_format(directory: Path) -> str:
     config = read_json(directory / CONFIG)
     if config.get("model_type") == "mdlm":
         return "mdlm-hf"
-    if "family" in config:
+    if family_of(config) is not None:  # LLaDA and Dream: upstream's layout is also ours
         return "faircalib"
     raise CheckpointError(
         f"{directory / CONFIG} matches no known layout: expected `family` (faircalib) or "
-        f"model_type 'mdlm' (got model_type {config.get('model_type')!r})"
+        f"model_type 'mdlm' or one of {sorted(MODEL_TYPES)} (got model_type "
+        f"{config.get('model_type')!r})"
     )
 
 

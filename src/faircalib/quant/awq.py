@@ -17,15 +17,25 @@ Differences from the reference (mit-han-lab/llm-awq auto_scale.py / auto_clip.py
 * clipping shrinks both ends of a group's min-max range by the ratio (the reference clamps to
   +-ratio * max|w|); clipping is kept only if it lowers the layer loss, since groups are
   searched independently and cross-group terms can, rarely, make the sum worse.
-* the reference skips clipping for q/k projections (their errors pass through softmax); the
-  engine decides that by passing clip_search=False.
+* the reference never clips query/key projections: auto_clip_block skips every linear whose
+  name contains "q_" or "k_" ("due to qk bmm, it is hard to clip precisely": a clipped q or k
+  changes the attention logits q.k multiplicatively, which the per-layer output error does
+  not see). A substring test misses fused projections such as MDLM's `attn_qkv`, whose output
+  rows are [q; k; v]. Here the layer's `name` is matched (fnmatch) against the config's
+  `no_clip_rows` patterns ({pattern: (parts, of)}: the leading parts/of of the output rows are
+  query/key rows). Those rows keep their min-max range; the remaining rows (v) may be clipped.
+  The default covers MDLM's fused qkv (first 2/3 of the rows) and LLaMA-style q_proj/k_proj
+  (all rows). A config without the field uses config.AWQ_NO_CLIP_ROWS.
 """
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
 import torch
 
-from faircalib.config import AWQConfig
+from faircalib.config import AWQ_NO_CLIP_ROWS, AWQConfig
+from faircalib.errors import ConfigError
 from faircalib.quant.primitives import (
     QuantResult,
     check_weight,
@@ -36,6 +46,21 @@ from faircalib.quant.primitives import (
     quantize,
 )
 from faircalib.quant.stats import LayerInputs, check_inputs
+
+
+def no_clip_rows(name: str, n_out: int, patterns: dict[str, tuple[int, int]]) -> int:
+    """How many leading output rows of layer `name` are query/key rows (never clipped)."""
+    rows = 0
+    for pattern, (parts, of) in patterns.items():
+        if not fnmatchcase(name, pattern):
+            continue
+        if not 0 < parts <= of or (n_out * parts) % of:
+            raise ConfigError(
+                f"no_clip_rows[{pattern!r}] = ({parts}, {of}) does not split "
+                f"{name}'s {n_out} output rows into whole query/key rows"
+            )
+        rows = max(rows, n_out * parts // of)
+    return rows
 
 
 def sample_gram(inputs: LayerInputs) -> torch.Tensor:
@@ -100,6 +125,8 @@ def search_clip(ws: torch.Tensor, gram_s: torch.Tensor, cfg: AWQConfig) -> torch
 def quantize_awq(
     weight: torch.Tensor, inputs: LayerInputs, cfg: AWQConfig, *, name: str = "weight"
 ) -> QuantResult:
+    """AWQ for one layer. `name` (the full module name, e.g. "blocks.0.attn_qkv") decides
+    which output rows are query/key rows that clipping leaves alone (see the module docstring)."""
     check_weight(weight, name)
     cfg.check_layer(name, weight.shape[1])
     inputs = check_inputs(inputs, weight.shape[1], weight.device)
@@ -113,8 +140,11 @@ def quantize_awq(
     qp = compute_qparams(ws, cfg)
     loss_scaled = quadratic_error(ws - fake_quantize(ws, qp), gram_s)
     loss_final, clip_kept = loss_scaled, 0.0
-    if cfg.clip_search:
-        qp_clip = compute_qparams(ws, cfg, search_clip(ws, gram_s, cfg))
+    qk_rows = no_clip_rows(name, w.shape[0], getattr(cfg, "no_clip_rows", AWQ_NO_CLIP_ROWS))
+    if cfg.clip_search and qk_rows < w.shape[0]:
+        ratio = search_clip(ws, gram_s, cfg)  # [out, G]
+        ratio[:qk_rows] = 1.0  # query/key rows keep their full range
+        qp_clip = compute_qparams(ws, cfg, ratio)
         loss_clip = quadratic_error(ws - fake_quantize(ws, qp_clip), gram_s)
         if loss_clip < loss_scaled:
             qp, loss_final, clip_kept = qp_clip, loss_clip, 1.0
@@ -125,5 +155,6 @@ def quantize_awq(
         "loss_scaled": loss_scaled / energy,
         "loss_final": loss_final / energy,
         "clip_kept": clip_kept,
+        "no_clip_rows": float(qk_rows),
     }
     return QuantResult(dequantize(codes, qp), codes, qp, input_scale=s, info=info)

@@ -12,8 +12,25 @@ error onto the columns not yet quantized, weighted by the inverse Hessian of the
 act_order quantizes columns by decreasing diag(H) (most active inputs first, while many
 columns remain to absorb their error). With groups it uses static groups: qparams are computed
 per contiguous group on the un-updated weight before reordering, so codes keep the plain
-contiguous-group layout. Without act_order, group qparams are computed from the updated
-weights when the sweep reaches each group, as the reference does.
+contiguous-group layout (the reference's `static_groups=True`). Without act_order, a group's
+qparams are computed from the updated weights when the sweep reaches the group's first column.
+
+Where this differs from the reference, on purpose:
+* Which weights a dynamic group's range is read from. The reference calls
+  `find_params(W[:, c:c + groupsize])` on the full matrix W, which receives the lazy update
+  only at the end of each `blocksize` block; inside a block the updates go to the copy W1.
+  For a group starting at the first column of a block (groupsize = blocksize = 128, aligned)
+  W and W1 agree there and both readings are identical. For a group starting inside a block
+  (groupsize 32 or 64 with blocksize 128) the reference's range misses the error feedback of
+  the block's earlier columns: it is the range of weights that will never be quantized as
+  such, and it changes with `blocksize`, a knob meant only for speed. Here blocks never
+  straddle a group and the range is read from the block copy `w1`, i.e. from exactly the
+  weights the unbatched algorithm (quantize column j, push its error onto every later column
+  at once) holds when it reaches the group. The result is the unbatched GPTQ, whatever the
+  block size (tests/test_gptq_reference.py checks codes against a column-by-column
+  implementation with no lazy batching).
+* Per-channel qparams are computed after dead columns are zeroed (the reference computes
+  them before), so an input never seen in calibration does not widen its row's range.
 """
 
 from __future__ import annotations
@@ -26,6 +43,7 @@ from faircalib.quant.primitives import (
     QuantResult,
     check_weight,
     compute_qparams,
+    config_scale_dtype,
     decode,
     encode,
     scale_zero_from_range,
@@ -69,6 +87,7 @@ def quantize_gptq(
     dynamic_groups = gs is not None and not cfg.act_order
     # Static (or per-channel) qparams from the original weight; dynamic groups overwrite theirs.
     qp = compute_qparams(w, cfg)
+    scale_dtype = config_scale_dtype(cfg)  # dynamic group scales are rounded like static ones
     perm = (
         torch.argsort(torch.diag(h), descending=True, stable=True)
         if cfg.act_order
@@ -96,7 +115,7 @@ def quantize_gptq(
             if dynamic_groups and col % gs == 0:
                 chunk = w1[:, i : i + gs]  # [out, gs] current (error-updated) weights
                 qp.scale[:, g], qp.zero[:, g] = scale_zero_from_range(
-                    chunk.amin(dim=1), chunk.amax(dim=1), cfg.bits, cfg.symmetric
+                    chunk.amin(dim=1), chunk.amax(dim=1), cfg.bits, cfg.symmetric, scale_dtype
                 )
             wc, d = w1[:, i], u1[i, i]
             c = encode(wc, qp.scale[:, g], qp.zero[:, g], cfg.bits)  # [out]

@@ -14,6 +14,13 @@ Code convention (both modes store UNSIGNED codes in [0, 2^bits - 1] plus a zero 
   `code - zero` is the signed integer in [-2^(bits-1), 2^(bits-1) - 1] that symmetric packed
   formats (compressed-tensors int4/int8 with zero point 0) store. This is GPTQ's convention;
   it uses all 2^bits levels, unlike the +-(2^(bits-1) - 1) "restricted" range.
+
+Scale dtype: checkpoints store scales in their own dtype (bf16 by default) and stock readers
+dequantize with those. A config's optional `scale_dtype` ("bfloat16", "float16" or None) makes
+`scale_zero_from_range` / `compute_qparams` round every scale to that dtype *before* zero points
+and codes are chosen, so fake-quant, packed and stock-reader weights agree exactly. Min-max
+scales round up, so the grid still spans the range; scales stay float32 tensors holding
+dtype-representable values. None (the default) leaves them unrounded.
 """
 
 from __future__ import annotations
@@ -72,10 +79,72 @@ def grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return w.reshape(out, n_in // width, width)
 
 
+_SCALE_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+}
+
+
+def resolve_scale_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A dtype name (bfloat16, float16, float32), the torch dtype itself or None -> dtype/None."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in _SCALE_DTYPES.values()):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _SCALE_DTYPES:
+        return _SCALE_DTYPES[dtype.removeprefix("torch.")]
+    raise ConfigError(f"unsupported scale dtype {dtype!r}; use bfloat16, float16 or float32")
+
+
+def config_scale_dtype(cfg: object) -> torch.dtype | None:
+    """The scale dtype a method config asks for (its optional `scale_dtype` field)."""
+    return resolve_scale_dtype(getattr(cfg, "scale_dtype", None))
+
+
+def round_to_dtype(
+    scale: torch.Tensor, dtype: torch.dtype | str | None, *, up: bool = False
+) -> torch.Tensor:
+    """Positive scales rounded to the nearest value of `dtype` (`up`: the nearest one >= the
+    scale), returned as float32 (dtype None: unchanged)."""
+    dtype = resolve_scale_dtype(dtype)
+    if dtype is None:
+        return scale
+    rounded = scale.to(dtype)
+    if up and dtype in (torch.bfloat16, torch.float16):
+        # positive 16-bit floats are ordered like their bit patterns: +1 is the next value up
+        bumped = (rounded.view(torch.int16) + 1).view(dtype)
+        rounded = torch.where(rounded.float() < scale, bumped, rounded)
+    rounded = rounded.float()
+    # float16 has a narrow range: a scale that underflows or overflows cannot be stored
+    if not (torch.isfinite(rounded) & (rounded > 0)).all():
+        raise ConfigError(
+            f"some scales underflow or overflow {str(dtype).removeprefix('torch.')}; use bfloat16"
+        )
+    return rounded
+
+
+def scales_representable(qp: QParams, dtype: torch.dtype) -> bool:
+    """Whether every scale survives a round trip through `dtype` unchanged."""
+    return torch.equal(qp.scale.float().to(dtype).float(), qp.scale.float())
+
+
+def round_scales(qp: QParams, dtype: torch.dtype | str | None) -> QParams:
+    """The same qparams with scales rounded to `dtype` (zero points kept). Codes chosen with
+    the old scales are stale: quantize (again) with the returned qparams."""
+    return replace(qp, scale=round_to_dtype(qp.scale.float(), dtype))
+
+
 def scale_zero_from_range(
-    w_min: torch.Tensor, w_max: torch.Tensor, bits: int, symmetric: bool
+    w_min: torch.Tensor,
+    w_max: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max scale and zero point for ranges of any shape (elementwise)."""
+    """Min-max scale and zero point for ranges of any shape (elementwise). With `scale_dtype`
+    the scale is rounded up to that dtype (so the grid still spans the range: no clipping) and
+    the zero point is chosen for the rounded scale (see the module docstring)."""
     maxq = 2**bits - 1
     # Widen to include 0 so that exact zeros (pruned or dead weights) stay exact.
     w_min = w_min.clamp(max=0.0)
@@ -83,13 +152,13 @@ def scale_zero_from_range(
     if symmetric:
         half_range = torch.maximum(-w_min, w_max)
         half_range = torch.where(half_range > 0, half_range, torch.ones_like(half_range))
-        scale = half_range / (maxq / 2)
+        scale = round_to_dtype(half_range / (maxq / 2), scale_dtype, up=True)
         zero = torch.full_like(scale, float(2 ** (bits - 1)))
     else:
         span = w_max - w_min
         # An all-zero group would give scale 0: any positive scale encodes it exactly.
         span = torch.where(span > 0, span, torch.ones_like(span))
-        scale = span / maxq
+        scale = round_to_dtype(span / maxq, scale_dtype, up=True)
         zero = torch.round(-w_min / scale).clamp(0, maxq)
     return scale, zero
 
@@ -98,11 +167,14 @@ def compute_qparams(
     w: torch.Tensor, cfg: QuantConfig, clip_ratio: torch.Tensor | float = 1.0
 ) -> QParams:
     """Min-max qparams per group; `clip_ratio` ([out, n_groups] or scalar, in (0, 1]) shrinks
-    each group's range towards zero, trading clipping error on outliers for finer steps."""
+    each group's range towards zero, trading clipping error on outliers for finer steps.
+    Scales are rounded up to the config's optional `scale_dtype` (None: not rounded)."""
     g = grouped(w.float(), cfg.group_size)  # [out, G, width]
     w_min = g.amin(dim=2) * clip_ratio  # [out, G]
     w_max = g.amax(dim=2) * clip_ratio
-    scale, zero = scale_zero_from_range(w_min, w_max, cfg.bits, cfg.symmetric)
+    scale, zero = scale_zero_from_range(
+        w_min, w_max, cfg.bits, cfg.symmetric, config_scale_dtype(cfg)
+    )
     return QParams(scale, zero, cfg.bits, cfg.group_size, cfg.symmetric)
 
 

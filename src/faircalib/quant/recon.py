@@ -32,7 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faircalib.quant.primitives import QParams, QuantResult, dequantize, quantize_activations_per_token
+from faircalib.quant.primitives import (
+    QParams,
+    QuantResult,
+    dequantize,
+    quantize_activations_per_token,
+)
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -43,8 +48,16 @@ def ste_round(x: torch.Tensor) -> torch.Tensor:
 class LearnableQuantLinear(nn.Module):
     """A quantized linear layer whose scales (and optionally rounding) are trainable."""
 
-    def __init__(self, result: QuantResult, bias: torch.Tensor | None, *, rounding: bool) -> None:
+    def __init__(
+        self,
+        result: QuantResult,
+        bias: torch.Tensor | None,
+        *,
+        rounding: bool,
+        scale_dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
+        self.scale_dtype = scale_dtype  # scales live in this dtype (bf16 in packed checkpoints)
         qp = result.qparams
         self.bits, self.group_size, self.symmetric = qp.bits, qp.group_size, qp.symmetric
         out_f, in_f = result.codes.shape
@@ -74,7 +87,12 @@ class LearnableQuantLinear(nn.Module):
         return torch.clamp(ste_round(self.q0 + self.offset), low, high)
 
     def scale(self) -> torch.Tensor:
-        return self.scale0 * torch.exp(self.gain)  # [out, G]
+        """[out, G]; rounded to `scale_dtype` in the forward pass (straight through), so the
+        loss sees the scales a checkpoint will store."""
+        scale = self.scale0 * torch.exp(self.gain)
+        if self.scale_dtype is None:
+            return scale
+        return (scale.to(self.scale_dtype).float() - scale).detach() + scale
 
     def weight(self) -> torch.Tensor:
         """[out, in] dequantized weight."""
@@ -96,19 +114,20 @@ class LearnableQuantLinear(nn.Module):
                 self.offset.clamp_(-0.5, 0.5)
 
     @torch.no_grad()
-    def to_result(self, scale_dtype: torch.dtype | None = None) -> QuantResult:
-        """Freeze into integer codes + qparams; the weight is exactly their dequantization.
-        `scale_dtype` rounds the scales to a checkpoint dtype first (e.g. bf16)."""
+    def to_result(self) -> QuantResult:
+        """Freeze into integer codes + qparams; the weight is exactly their dequantization
+        (scales exactly representable in `scale_dtype` when one is set)."""
         maxq = 2**self.bits - 1
         scale = self.scale()
-        if scale_dtype is not None:
-            scale = scale.to(scale_dtype).float()
         codes = (self.levels() + self.zero[..., None]).round().clamp(0, maxq)
         codes = codes.reshape(self.out_features, self.in_features).to(torch.uint8)
         qp = QParams(scale, self.zero.clone(), self.bits, self.group_size, self.symmetric)
         moved = float((self.levels() != self.q0).float().mean()) if self.offset is not None else 0.0
-        info = {**self.info, "recon_codes_moved": moved,
-                "recon_mean_abs_gain": float(self.gain.abs().mean())}
+        info = {
+            **self.info,
+            "recon_codes_moved": moved,
+            "recon_mean_abs_gain": float(self.gain.abs().mean()),
+        }
         return QuantResult(
             dequantize(codes, qp), codes, qp, self.input_scale, self.act_bits, info=info
         )
@@ -197,4 +216,3 @@ def weighted_mse(out: torch.Tensor, target: torch.Tensor, weights: torch.Tensor)
     """sum_r w_r ||out_r - target_r||^2 / sum_r w_r over rows (all but the last dim)."""
     err = ((out.float() - target.float()) ** 2).sum(-1)  # [...]
     return (err * weights).sum() / weights.sum().clamp(min=1e-12)
-

@@ -27,7 +27,7 @@ def quantize_rtn(
     del inputs  # RTN is data-free by definition
     check_weight(weight, name)
     cfg.check_layer(name, weight.shape[1])
-    w = weight.float()  # [out, in]
+    w = weight.detach().float()  # [out, in]
     qp = compute_qparams(w, cfg)
     codes = quantize(w, qp)  # [out, in] uint8
     w_hat = dequantize(codes, qp)  # [out, in]

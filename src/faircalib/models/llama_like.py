@@ -1,0 +1,278 @@
+"""Bidirectional LLaMA-style dLLMs (LLaDA, Dream): one block, one name map per family.
+
+Both families are pre-norm LLaMA blocks - RMSNorm, rotary attention with grouped key/value
+heads, a SiLU-gated MLP - run without a causal mask and without time conditioning. They differ
+only in their tensor names, in a q/k/v bias (Dream has one) and in how logits line up with
+positions (Dream's logits are shifted one position to the right). A family is therefore a
+`NameMap` (where each module lives in the checkpoint) plus a config parser producing a
+`LlamaSpec`.
+
+The module tree is built at the checkpoint's own paths, so an upstream checkpoint loads by
+name with no renaming, and what we write back (fake-quant or packed) keeps upstream's names
+and config for the readers that know them. `blocks` is a property pointing into that tree.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from faircalib.errors import CheckpointError
+from faircalib.models.base import BlockContext, DiffusionLM, subs_log_probs
+from faircalib.models.mdlm import apply_rotary
+from faircalib.models.schedule import LogLinearSchedule
+
+# Keys the toolkit itself writes into config.json; never part of an architecture.
+TOOLKIT_KEYS = frozenset({"family", "torch_dtype", "quantization_config", "faircalib"})
+
+
+@dataclass(frozen=True)
+class BlockNames:
+    """Paths of a block's modules, relative to the block, as the checkpoint names them."""
+
+    attn_norm: str
+    q: str
+    k: str
+    v: str
+    o: str
+    mlp_norm: str
+    gate: str  # the SiLU-gated branch
+    up: str  # the linear branch
+    down: str
+
+    def linears(self) -> tuple[str, ...]:
+        """Quantizable linears in execution order (gate runs before up upstream)."""
+        return (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+
+
+@dataclass(frozen=True)
+class NameMap:
+    """Paths of the model-level modules, relative to the model."""
+
+    embed: str
+    blocks: str
+    final_norm: str
+    lm_head: str  # absent when the embedding is tied to the output layer
+    block: BlockNames
+
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    vocab_size: int  # rows of the embedding and the output layer, [MASK] included
+    mask_id: int
+    seq_len: int
+    hidden: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate: int
+    rope_theta: float
+    rms_eps: float
+    qkv_bias: bool
+    tie_embeddings: bool
+    shift_logits: bool  # position i is predicted from position i - 1's output (Dream)
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.n_heads or (self.hidden // self.n_heads) % 2:
+            raise CheckpointError(
+                f"hidden size {self.hidden} must split into {self.n_heads} heads of even size"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise CheckpointError(
+                f"{self.n_heads} attention heads cannot share {self.n_kv_heads} key/value heads"
+            )
+        if not 0 <= self.mask_id < self.vocab_size:
+            raise CheckpointError(
+                f"mask_token_id {self.mask_id} outside the vocabulary of {self.vocab_size}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.n_heads
+
+
+def place(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Register `module` at dotted `path` under `root`, creating empty containers on the way."""
+    *parents, leaf = path.split(".")
+    for name in parents:
+        if not hasattr(root, name):
+            root.add_module(name, nn.Module())
+        root = getattr(root, name)
+    root.add_module(leaf, module)
+
+
+class RMSNorm(nn.Module):
+    """Normalised in float32, cast back, then scaled (the order both upstreams use)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rotary_tables(
+    seq_len: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [L, head_dim] for rotate-half rotary (pairs i, i + head_dim/2), in float32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    freqs = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)  # [L, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+class LlamaLikeBlock(nn.Module):
+    """Pre-norm block: h + attn(norm(h)), then h + down(silu(gate(x)) * up(x)), x = norm(h)."""
+
+    def __init__(self, spec: LlamaSpec, names: BlockNames) -> None:
+        super().__init__()
+        self.names = names
+        self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        d, hd = spec.hidden, spec.head_dim
+        q_out, kv_out = spec.n_heads * hd, spec.n_kv_heads * hd
+        modules = {
+            names.attn_norm: RMSNorm(d, spec.rms_eps),
+            names.q: nn.Linear(d, q_out, bias=spec.qkv_bias),
+            names.k: nn.Linear(d, kv_out, bias=spec.qkv_bias),
+            names.v: nn.Linear(d, kv_out, bias=spec.qkv_bias),
+            names.o: nn.Linear(q_out, d, bias=False),
+            names.mlp_norm: RMSNorm(d, spec.rms_eps),
+            names.gate: nn.Linear(d, spec.intermediate, bias=False),
+            names.up: nn.Linear(d, spec.intermediate, bias=False),
+            names.down: nn.Linear(spec.intermediate, d, bias=False),
+        }
+        for path, module in modules.items():
+            place(self, path, module)
+
+    def _m(self, path: str) -> nn.Module:
+        # looked up on every call: calibration swaps linears for quantized stand-ins in place
+        return self.get_submodule(path)
+
+    def forward(self, h: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        n = self.names
+        h = h + self._m(n.o)(self._attention(self._m(n.attn_norm)(h), ctx))
+        x = self._m(n.mlp_norm)(h)
+        gate, up = self._m(n.gate)(x), self._m(n.up)(x)
+        return h + self._m(n.down)(F.silu(gate) * up)
+
+    def _attention(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        """x [B, L, D] -> attention output [B, L, H * hd], before the output projection."""
+        b, seq, _ = x.shape
+        n, hd = self.names, self.head_dim
+        q = self._m(n.q)(x).view(b, seq, self.n_heads, hd).transpose(1, 2)  # [B, H, L, hd]
+        k = self._m(n.k)(x).view(b, seq, self.n_kv_heads, hd).transpose(1, 2)  # [B, KV, L, hd]
+        v = self._m(n.v)(x).view(b, seq, self.n_kv_heads, hd).transpose(1, 2)
+        cos, sin = ctx.tensors["rotary_cos"], ctx.tensors["rotary_sin"]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        group = self.n_heads // self.n_kv_heads  # kv head j serves query heads j*group ...
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v)  # no mask: bidirectional
+        return out.transpose(1, 2).reshape(b, seq, self.n_heads * hd)
+
+
+class LlamaLikeLM(DiffusionLM):
+    """A family sets `family`, `NAMES` and `parse_config` (upstream config.json -> LlamaSpec)."""
+
+    NAMES: ClassVar[NameMap]
+
+    def __init__(self, spec: LlamaSpec, source_config: dict[str, Any]) -> None:
+        super().__init__()
+        self.spec = spec
+        # upstream's config.json, kept whole so that what we write stays readable upstream
+        self.source_config = {k: v for k, v in source_config.items() if k not in TOOLKIT_KEYS}
+        self.vocab_size, self.mask_id, self.seq_len = spec.vocab_size, spec.mask_id, spec.seq_len
+        self.schedule = LogLinearSchedule()  # mask probability t, NELBO weight 1/t
+        n = self.NAMES
+        place(self, n.embed, nn.Embedding(spec.vocab_size, spec.hidden))
+        blocks = nn.ModuleList(LlamaLikeBlock(spec, n.block) for _ in range(spec.n_layers))
+        place(self, n.blocks, blocks)
+        place(self, n.final_norm, RMSNorm(spec.hidden, spec.rms_eps))
+        if not spec.tie_embeddings:
+            place(self, n.lm_head, nn.Linear(spec.hidden, spec.vocab_size, bias=False))
+
+    @classmethod
+    @abstractmethod
+    def parse_config(cls, config: dict[str, Any]) -> LlamaSpec:
+        """Upstream's config.json -> LlamaSpec; CheckpointError for what the block lacks."""
+
+    @property
+    def blocks(self) -> nn.ModuleList:  # type: ignore[override]
+        return self.get_submodule(self.NAMES.blocks)
+
+    def stem(self, x_t: torch.Tensor, t: torch.Tensor | None) -> tuple[torch.Tensor, BlockContext]:
+        """t is ignored: neither family is time-conditioned."""
+        h = self.get_submodule(self.NAMES.embed)(x_t)  # [B, L, D]
+        cos, sin = rotary_tables(x_t.shape[1], self.spec.head_dim, self.spec.rope_theta, x_t.device)
+        return h, BlockContext({"rotary_cos": cos, "rotary_sin": sin})
+
+    def head(self, h: torch.Tensor, ctx: BlockContext, x_t: torch.Tensor) -> torch.Tensor:
+        h = self.get_submodule(self.NAMES.final_norm)(h)
+        if self.spec.tie_embeddings:
+            logits = F.linear(h, self.get_submodule(self.NAMES.embed).weight)
+        else:
+            logits = self.get_submodule(self.NAMES.lm_head)(h)  # [B, L, V]
+        if self.spec.shift_logits:  # position 0 has no predecessor and keeps its own logits
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return subs_log_probs(logits, x_t, self.mask_id)
+
+    def quantizable_linears(self, block: nn.Module) -> list[tuple[str, nn.Linear]]:
+        return [(path, block.get_submodule(path)) for path in self.NAMES.block.linears()]
+
+    def config_dict(self) -> dict[str, Any]:
+        return dict(self.source_config)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LlamaLikeLM:
+        return cls(cls.parse_config(config), config)
+
+
+# --- config field readers shared by the families' parsers ------------------------------------
+_ABSENT = object()
+
+
+def integer(config: dict[str, Any], key: str, family: str, *, default: Any = _ABSENT) -> int:
+    value = config.get(key, default)
+    if value is _ABSENT:
+        raise CheckpointError(f"{family} config.json lacks {key}")
+    if type(value) is not int:
+        raise CheckpointError(f"{family} config.json: {key} must be an integer, got {value!r}")
+    return value
+
+
+def positive_int(config: dict[str, Any], key: str, family: str, *, default: Any = _ABSENT) -> int:
+    value = integer(config, key, family, default=default)
+    if value <= 0:
+        raise CheckpointError(f"{family} config.json: {key} must be positive, got {value}")
+    return value
+
+
+def positive_float(config: dict[str, Any], key: str, default: float, family: str) -> float:
+    value = config.get(key, default)
+    if type(value) not in (int, float) or value <= 0:
+        raise CheckpointError(
+            f"{family} config.json: {key} must be a positive number, got {value!r}"
+        )
+    return float(value)
+
+
+def require_values(
+    config: dict[str, Any], supported: dict[str, tuple[Any, tuple[Any, ...]]], family: str
+) -> None:
+    """supported: key -> (upstream default when absent, values we implement). Anything else
+    would change the forward pass in a way this adapter does not reproduce, so it is refused."""
+    for key, (default, allowed) in supported.items():
+        value = config.get(key, default)
+        if value not in allowed:
+            raise CheckpointError(
+                f"{family} config.json: {key}={value!r} is not supported (supported: "
+                f"{', '.join(repr(a) for a in allowed)})"
+            )

@@ -129,8 +129,8 @@ class ReconConfig:
     target: Literal["float_stream", "quant_input"] = "float_stream"
     holdout: float = 0.125
     eval_every: int = 25
-    e2e_steps: int = 0
-    e2e_lr: float = 1e-3
+    e2e_steps: int = 600
+    e2e_lr: float = 2e-3
     e2e_batch: int = 4
     e2e_fresh_masks: bool = True  # re-mask calibration texts at a new t every step
     e2e_rounding: bool = False  # also learn rounding offsets end to end (lr_round)

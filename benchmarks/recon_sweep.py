@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
                         ],
                     }
                 )
+                if not args.smoke:  # rows so far survive an interrupted run
+                    partial = Path(args.out) / "recon_sweep.partial.json"
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    partial.write_text(json.dumps({"rows": rows}, indent=1))
                 print(
                     json.dumps(
                         {k: rows[-1][k] for k in ("scheme", "variant", "seed", "ppl", "calib_s")}

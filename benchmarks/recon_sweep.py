@@ -41,6 +41,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "fair-e2e": ("fair", {"recon.e2e_steps": 200}),
     "fair-tempered": ("fair", {"gamma": 0.5, "max_weight": 4.0}),
     "fair-prior": ("fair", {"weighting": "prior"}),
+    "fair-fast-prior": ("fair", {"preset": "fast", "weighting": "prior"}),
+    "fair-fast-uniform": ("fair", {"preset": "fast", "weighting": "uniform"}),
     "gptq-views4": ("gptq", {"calib.views": 4}),
     "recon-views4": ("recon", {"calib.views": 4}),
     "fair-views4": ("fair", {"calib.views": 4}),

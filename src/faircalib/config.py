@@ -163,7 +163,10 @@ class FairCalibConfig(QuantConfig):
        `noise_scale` (0 gives zero instability).
     3. Row weights: tokens on the frontier (committed within `window` steps of the state) get
        floor + min((KL / mean frontier KL) ** gamma, max_weight); all other rows get `floor`.
-       `weighting` = "instability" (KL), "margin" (1 - top1/top2 margin) or "uniform" (all 1);
+       `weighting` = "instability" (KL), "margin" (1 - top1/top2 margin), "prior" (the
+       publication's Stage-I position prior - frontier hits x masked-stage unreliability per
+       generated position, faircalib.frontier.prior - on every generated position of the
+       state rows) or "uniform" (all 1);
        `tokens` = "frontier" or "all" (every masked position scored).
     4. The base method (`base`, GPTQ by default) calibrates with these weights in its Hessian and
        statistics, i.e. it minimises the weighted output error. `inputs` = "mixed" (default):

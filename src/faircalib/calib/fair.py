@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from faircalib.config import FairCalibConfig, QuantConfig
-from faircalib.frontier import SamplerConfig, generate
+from faircalib.frontier import SamplerConfig, generate, position_prior
 from faircalib.models.base import DiffusionLM
 from faircalib.quant import quantize_rtn
 
@@ -26,6 +26,16 @@ class FrontierStates:
     x_t: torch.Tensor  # [N, L] states the sampler visited (one per prompt)
     t: torch.Tensor  # [N]
     frontier: torch.Tensor  # [N, L] bool: committed within `window` steps of the state
+
+
+def tracking_sampler(cfg: FairCalibConfig, seq_len: int) -> tuple[int, SamplerConfig]:
+    """(prompt length, sampler) of frontier tracking on calibration texts of `seq_len` tokens."""
+    prefix = min(cfg.prefix_len, seq_len // 2)
+    gen_length = seq_len - prefix
+    steps = max(1, min(cfg.steps, gen_length))
+    while gen_length % steps:  # the sampler needs steps | gen_length for an even schedule
+        steps -= 1
+    return prefix, SamplerConfig(sampler=cfg.sampler, steps=steps, gen_length=gen_length)
 
 
 @torch.no_grad()
@@ -41,12 +51,7 @@ def track_frontier(
     states per prompt (seeded random steps, one from each of `views` equal runs of steps), with
     their frontiers. Row v * N + i is view v of prompt i, as in `masked_inputs`."""
     n, seq_len = tokens.shape
-    prefix = min(cfg.prefix_len, seq_len // 2)
-    gen_length = seq_len - prefix
-    steps = max(1, min(cfg.steps, gen_length))
-    while gen_length % steps:  # the sampler needs steps | gen_length for an even schedule
-        steps -= 1
-    scfg = SamplerConfig(sampler=cfg.sampler, steps=steps, gen_length=gen_length)
+    prefix, scfg = tracking_sampler(cfg, seq_len)
     xs, ts, fronts = ([[] for _ in range(views)] for _ in range(3))
     rng = torch.Generator().manual_seed(seed)
     for start in range(0, n, 32):
@@ -128,6 +133,18 @@ def row_weights(
     return torch.where(selected, cfg.floor + boost, weights)
 
 
+def prior_weights(
+    model: DiffusionLM, tokens: torch.Tensor, cfg: FairCalibConfig, seed: int, device: str
+) -> torch.Tensor:
+    """[L] the paper's alternative to instability weights: 1 on prompt positions and the
+    Stage-I position prior (frontier hits x masked-stage unreliability, mean 1; see
+    faircalib.frontier.prior) on generated positions, capped at floor + max_weight."""
+    prefix, scfg = tracking_sampler(cfg, tokens.shape[1])
+    prior = position_prior(model, tokens[:, :prefix].to(device), scfg, seed)  # [G]
+    prior = prior.cpu().clamp(max=cfg.floor + cfg.max_weight)
+    return torch.cat([torch.ones(prefix), prior])
+
+
 def fair_calibration_inputs(
     model: DiffusionLM,
     tokens: torch.Tensor,
@@ -141,13 +158,16 @@ def fair_calibration_inputs(
     states = track_frontier(model, tokens, cfg, seed, device, views)
     track_s = time.time() - tick
     tick = time.time()
-    if cfg.weighting == "uniform":  # nothing to score: every row weighs 1 (the `recon` method)
+    if cfg.weighting in ("uniform", "prior"):  # no instability scores needed
         kl = margin = torch.zeros(states.x_t.shape)
     else:
         noisy = noisy_copy(model, cfg, seed)
         kl, margin = token_scores(model, noisy, states)
         del noisy
-    weights = row_weights(states, kl, margin, cfg, model.mask_id)
+    if cfg.weighting == "prior":
+        weights = prior_weights(model, tokens, cfg, seed, device).expand(states.x_t.shape)
+    else:
+        weights = row_weights(states, kl, margin, cfg, model.mask_id)
     info = {
         "frontier_tracking_s": track_s,
         "instability_scoring_s": time.time() - tick,

@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-act-order", action="store_true", help="GPTQ: natural column order")
     g.add_argument("--alpha", type=float, help="SmoothQuant migration strength")
     g.add_argument("--fair-base", choices=["gptq", "awq", "rtn"], help="FAIR-Calib base method")
-    g.add_argument("--fair-weighting", choices=["instability", "margin", "uniform"])
+    g.add_argument("--fair-weighting", choices=["instability", "margin", "prior", "uniform"])
     g.add_argument("--fair-tokens", choices=["frontier", "all"])
     g.add_argument("--fair-steps", type=int, help="sampler steps for frontier tracking")
     g.add_argument("--fair-prefix-len", type=int, help="prompt tokens kept for frontier tracking")

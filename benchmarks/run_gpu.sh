@@ -4,7 +4,8 @@
 # and copies its results (every job writes into $RES/<job>) into $OUT as <job>.tgz.
 #   bash benchmarks/run_gpu.sh start kernels e2e      # start jobs, one after another
 #   bash benchmarks/run_gpu.sh wait kernels           # then collect
-# Jobs: kernels, e2e, throughput, bench, reference, ablation, offload, offload3 (3 blocks),
+# Jobs: kernels, e2e, throughput, bench, weighting (instability vs prior vs uniform, 3 seeds),
+# reference, ablation, offload, offload3 (3 blocks),
 # cudatests (tests/test_cuda.py on the GPU). Optional wheels (gemlite)
 # carried in .whl/ are installed into /tmp/site first.
 set -euo pipefail
@@ -26,6 +27,8 @@ job_command() {
     --methods rtn,gptq,awq,recon,fair --schemes w4g128,w4pc,w3g128,w3pc,w2g64,w8pc \
     --calib-seeds 0,1,2 --seeded-schemes w4g128,w3g128 --nsamples 128 --eval-mc-samples 2 \
     --flip-prompts 32 --flip-gen-length 64 --flip-steps 64 --out $RES/bench" ;;
+  weighting) echo "python3 benchmarks/recon_sweep.py --model mdlm-small --device cuda \
+    --schemes w3g128 --seeds 0,1,2 --variants fair,fair-prior,recon --out $RES/weighting" ;;
   ablation) echo "python3 benchmarks/fair_ablation.py --model mdlm-small --device cuda \
     --schemes 4:128,3:128 --nsamples 128,32,512 --out $RES/ablation" ;;
   *) echo "unknown job $1" >&2; exit 2 ;;

@@ -81,6 +81,8 @@ class BenchConfig:
     offload: bool = False
     out: str | None = None
     progress: bool = True
+    # fair/recon: {"preset": "full"|"fast", and ReconConfig fields such as steps, e2e_steps}
+    stage2: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -225,12 +227,19 @@ class Evaluator:
 def quantize_row(model, tokenizer, method: str, scheme: str, calib_seed: int, cfg: BenchConfig):
     """Quantize a copy of `model`; returns (model, seconds, report dict)."""
     from faircalib.calib import quantize_for_bench
+    from faircalib.config import ReconConfig
 
+    knobs = {}
+    if method in ("fair", "recon") and cfg.stage2:
+        stage2 = dict(cfg.stage2)
+        knobs["preset"] = stage2.pop("preset", "full")
+        knobs["recon"] = ReconConfig(**stage2)
     start = time.time()
     qmodel, report = quantize_for_bench(
         copy.deepcopy(model),
         tokenizer,
         method=method,
+        **knobs,
         **SCHEMES[scheme],
         nsamples=cfg.nsamples,
         seq_len=cfg.seq_len,

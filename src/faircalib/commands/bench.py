@@ -11,9 +11,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="compare quantization methods on one model")
     p.add_argument("--model", default="mdlm-tiny")
     p.add_argument(
-        "--methods", default="rtn,gptq,fair", help="comma list of rtn,gptq,awq,smoothquant,fair"
+        "--methods",
+        default="rtn,gptq,fair",
+        help="comma list of rtn,gptq,awq,smoothquant,recon,fair",
     )
-    p.add_argument("--schemes", default="w4g128", help="comma list of w4g128,w4pc,w3g128,w8pc")
+    p.add_argument(
+        "--schemes", default="w4g128", help="comma list of w4g128,w4pc,w3g128,w3pc,w2g64,w8pc"
+    )
     p.add_argument("--calib-seeds", default="0", help="comma list: one calibration draw per seed")
     p.add_argument(
         "--seeded-schemes",
@@ -35,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="models wait on the CPU: calibration keeps one block on --device, evaluation moves "
         "the evaluated models there",
     )
+    p.add_argument(
+        "--fair-preset", choices=["full", "fast"], default="full", help="fair/recon preset"
+    )
+    p.add_argument("--recon-steps", type=int, help="fair/recon: block optimiser steps (200)")
+    p.add_argument("--e2e-steps", type=int, help="fair/recon: end-to-end scale steps (600)")
     p.add_argument("--out", help="write bench.json, bench.md and plots here")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run)
@@ -60,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         offload=args.offload,
         out=args.out,
+        stage2={
+            "preset": args.fair_preset,
+            **({"steps": args.recon_steps} if args.recon_steps is not None else {}),
+            **({"e2e_steps": args.e2e_steps} if args.e2e_steps is not None else {}),
+        },
     )
     result = run_bench(cfg, argv=["faircalib", *sys.argv[1:]])
     if args.json:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import statistics
 import sys
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from faircalib import atomic
 from faircalib.bench import run_record
 from faircalib.config import QuantConfig
 from faircalib.kernels import QuantLinear
@@ -362,8 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "e2e.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "e2e.md").write_text(markdown(result))
+    atomic.write_json(out / "e2e.json", result)
+    atomic.write_text(out / "e2e.md", markdown(result))
     return result
 
 

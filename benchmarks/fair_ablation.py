@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from faircalib import hub
+from faircalib import atomic, hub
 from faircalib.bench import run_record
 from faircalib.calib import quantize
 from faircalib.config import CalibConfig, FairCalibConfig, GPTQConfig
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "fair_ablation.json").write_text(json.dumps(out, indent=1))
+    atomic.write_json(dest / "fair_ablation.json", out, indent=1)
     fp = rows[0]["ppl"]
     lines = [
         f"# FAIR-Calib ablations: {args.model}",
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {r['scheme']} | {r['variant']} | {r['nsamples']} | {r['ppl']:.2f} | "
             f"{100 * (r['ppl'] / fp - 1):+.2f}% | {r['calib_s']:.1f} |"
         )
-    (dest / "fair_ablation.md").write_text("\n".join(lines) + "\n")
+    atomic.write_text(dest / "fair_ablation.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return out
 

@@ -40,7 +40,6 @@ bf16 beats the bare int4 kernel at every larger M (where torch's int4 kernel sto
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -52,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from faircalib import atomic
 from faircalib.bench import run_record
 from faircalib.config import QuantConfig
 from faircalib.kernels import W4_AUTO, QuantLinear
@@ -510,7 +510,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(result["record"]["device"])
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -561,8 +561,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "kernels.md").write_text(markdown(result))
+    atomic.write_json(out / "kernels.json", result)
+    atomic.write_text(out / "kernels.md", markdown(result))
     plot(result, out / "kernels.png")
     return result
 

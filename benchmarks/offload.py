@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from faircalib import atomic
 from faircalib.bench import run_record
 from faircalib.calib import masked_inputs, quantize_model
 from faircalib.calib.engine import quant_results
@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "offload.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "offload.md").write_text(markdown(result))
+    atomic.write_json(out / "offload.json", result)
+    atomic.write_text(out / "offload.md", markdown(result))
     print(markdown(result))
     return result
 

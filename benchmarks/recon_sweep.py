@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from faircalib import hub
+from faircalib import atomic, hub
 from faircalib.bench import SCHEMES, record_lines, run_record
 from faircalib.calib import METHOD_CONFIGS, quantize
 from faircalib.config import CalibConfig, FairCalibConfig, ReconConfig
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if not args.smoke:  # rows so far survive an interrupted run
                     partial = Path(args.out) / "recon_sweep.partial.json"
                     partial.parent.mkdir(parents=True, exist_ok=True)
-                    partial.write_text(json.dumps({"rows": rows}, indent=1))
+                    atomic.write_json(partial, {"rows": rows}, indent=1)
                 print(
                     json.dumps(
                         {k: rows[-1][k] for k in ("scheme", "variant", "seed", "ppl", "calib_s")}
@@ -172,8 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "recon_sweep.json").write_text(json.dumps(out, indent=1))
-    (dest / "recon_sweep.md").write_text(markdown(out))
+    atomic.write_json(dest / "recon_sweep.json", out, indent=1)
+    atomic.write_text(dest / "recon_sweep.md", markdown(out))
+    (dest / "recon_sweep.partial.json").unlink(missing_ok=True)
     print(markdown(out))
     return out
 

@@ -8,14 +8,13 @@ unigram model on the same tokenizer as the floor any trained model must beat.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-from faircalib import hub
+from faircalib import atomic, hub
 from faircalib.bench import run_record
 from faircalib.data import eval_sequences
 from faircalib.data.tokenizers import EOS
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         out["models"][name] = {"parameters": model.num_parameters(), "results": rows}
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "reference_models.json").write_text(json.dumps(out, indent=1))
+    atomic.write_json(dest / "reference_models.json", out, indent=1)
     lines = [
         "# Reference models: NELBO perplexity bounds",
         "",
@@ -98,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"| {name} | {spec} | {mc} | {r['ppl']:.2f} | {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f} | "
                 f"{r['bits_per_byte']:.4f} | {r['tokens']:,} | {f'{uni:.1f}' if uni else '-'} |"
             )
-    (dest / "reference_models.md").write_text("\n".join(lines) + "\n")
+    atomic.write_text(dest / "reference_models.md", "\n".join(lines) + "\n")
     return out
 
 

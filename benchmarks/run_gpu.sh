@@ -5,7 +5,7 @@
 #   bash benchmarks/run_gpu.sh start kernels e2e      # start jobs, one after another
 #   bash benchmarks/run_gpu.sh wait kernels           # then collect
 # Jobs: kernels, e2e, throughput, bench, weighting (instability vs prior vs uniform, 3 seeds),
-# reference, ablation, offload, offload3 (3 blocks),
+# reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
 # cudatests (tests/test_cuda.py on the GPU). Optional wheels (gemlite)
 # carried in .whl/ are installed into /tmp/site first.
 set -euo pipefail
@@ -20,6 +20,7 @@ job_command() {
   throughput) echo "python3 benchmarks/throughput.py --device cuda --out $RES/throughput" ;;
   offload) echo "python3 benchmarks/offload.py --out $RES/offload" ;;
   offload3) echo "python3 benchmarks/offload.py --blocks 3 --out $RES/offload3" ;;
+  distributed) echo "python3 benchmarks/distributed.py --out $RES/distributed" ;;  # 2-4 GPUs
   cudatests) echo "mkdir -p $RES/cudatests; python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     > $RES/cudatests/cuda-tests.txt 2>&1; tail -3 $RES/cudatests/cuda-tests.txt" ;;
   reference) echo "python3 benchmarks/reference_models.py --device cuda --mc-samples 1,4 --out $RES/reference" ;;

@@ -119,6 +119,7 @@ def build_variants(args, base, tokenizer, group: int, workdir: Path) -> dict[str
             seed=0,
             device=quant_device,
             progress=False,
+            scale_dtype="bfloat16",  # the scales a packed checkpoint stores, before codes
         )
 
     def packed(qmodel, report, name: str) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from faircalib import hub
+from faircalib import atomic, hub
 from faircalib.bench import run_record
 from faircalib.data import eval_sequences
 from faircalib.data.tokenizers import EOS
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "unigram.json").write_text(json.dumps(out, indent=1))
+    atomic.write_json(dest / "unigram.json", out, indent=1)
     print(json.dumps(out["unigram_ppl"]))
     return out
 

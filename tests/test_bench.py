@@ -39,6 +39,10 @@ def test_bench_smoke(tmp_path, capsys):
             "16",
             "--flip-steps",
             "8",
+            "--recon-steps",
+            "4",
+            "--e2e-steps",
+            "4",
             "--out",
             str(out),
             "--json",
@@ -47,6 +51,8 @@ def test_bench_smoke(tmp_path, capsys):
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert [r["method"] for r in result["rows"]] == ["float"] + ["rtn", "gptq", "fair"] * 2
+    fair = [r for r in result["rows"] if r["method"] == "fair"]
+    assert all({"recon_s", "e2e_s"} <= set(r["timings"]) for r in fair)  # stage 2 ran
     for entry in result["summary"]:
         assert math.isfinite(entry["wikitext2:test_ppl"])
         if entry["method"] != "float":

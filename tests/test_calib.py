@@ -12,7 +12,7 @@ from faircalib.calib import masked_inputs, quantize, sampler_levels
 from faircalib.calib.engine import FakeQuantLinear, quant_results, quantize_model
 from faircalib.calib.fair import noisy_copy, row_weights, token_scores, track_frontier
 from faircalib.cli import main
-from faircalib.config import CalibConfig, FairCalibConfig, GPTQConfig, RTNConfig
+from faircalib.config import CalibConfig, FairCalibConfig, GPTQConfig, ReconConfig, RTNConfig
 from faircalib.data import calibration_batch
 from faircalib.errors import ConfigError
 from faircalib.frontier import SamplerConfig, generate
@@ -93,8 +93,14 @@ def test_masked_calibration_inputs(setup):
 
 def test_fair_uniform_weights_reproduce_the_base_method(setup):
     model, tokens, _ = setup
-    cfg = FairCalibConfig(
-        bits=4, group_size=32, weighting="uniform", inputs="states", steps=8, prefix_len=16
+    cfg = FairCalibConfig(  # the fast preset: the weighted base method and nothing else
+        bits=4,
+        group_size=32,
+        weighting="uniform",
+        inputs="states",
+        steps=8,
+        prefix_len=16,
+        preset="fast",
     )
     fair = copy.deepcopy(model)
     quantize(fair, cfg, tokens, CalibConfig(), progress=False)
@@ -227,7 +233,9 @@ def test_offload_keeps_one_block_on_the_device_and_changes_nothing(setup):
 
 def test_fair_offload_tracks_on_the_device_then_returns_to_the_cpu(setup):
     model, tokens, _ = setup
-    cfg = FairCalibConfig(bits=4, group_size=32, steps=4, prefix_len=16, n_prompts=4)
+    # block reconstruction on, the end-to-end stage off: offloading skips that stage
+    stage2 = ReconConfig(steps=4, eval_every=2, e2e_steps=0)
+    cfg = FairCalibConfig(bits=4, group_size=32, steps=4, prefix_len=16, n_prompts=4, recon=stage2)
     quantized = {}
     for offload in (False, True):
         q = copy.deepcopy(model)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
-import json
 import math
 import os
 import platform
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from faircalib import hub
+from faircalib import atomic, distributed, hub
 from faircalib.errors import ConfigError
 
 SCHEMES: dict[str, dict] = {
@@ -83,6 +82,15 @@ class BenchConfig:
     progress: bool = True
     # fair/recon: {"preset": "full"|"fast", and ReconConfig fields such as steps, e2e_steps}
     stage2: dict = field(default_factory=dict)
+    # calibration text (shipped corpus or the user's data: faircalib.data.sources), the field of
+    # JSON Lines / Parquet / datasets data, and the perplexity protocol (faircalib / mdlm)
+    calib: str = "c4"
+    calib_split: str | None = None
+    text_field: str = "text"
+    protocol: str = "faircalib"
+    # a local multiple-choice task file (faircalib.eval.tasks): its accuracy for every row
+    task: str | None = None
+    task_mc_samples: int = 16
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -93,9 +101,23 @@ class BenchConfig:
             raise ConfigError(f"unknown schemes {bad}; choose from {sorted(SCHEMES)}")
 
 
+def deterministic(device: str | None = None) -> bool:
+    """Whether a run on `device` (None: the GPU if there is one) gives the same bits every
+    time: always on the CPU (every random stream is seeded); on CUDA only with torch's
+    deterministic algorithms on, cuDNN deterministic and its autotuner off."""
+    on_gpu = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if not on_gpu:
+        return True
+    cudnn = torch.backends.cudnn
+    return bool(
+        torch.are_deterministic_algorithms_enabled() and cudnn.deterministic and not cudnn.benchmark
+    )
+
+
 def run_record(argv: list[str] | None = None) -> dict:
-    """Command, git commit, device, torch version and date of a results file. A copy of the
-    tree without its own history (the GPU machine's) names its commit in FAIRCALIB_GIT_COMMIT."""
+    """Command, git commit, device, torch version, date and determinism of a results file. A
+    copy of the tree without its own history (the GPU machine's) names its commit in
+    FAIRCALIB_GIT_COMMIT."""
     commit = os.environ.get("FAIRCALIB_GIT_COMMIT", "")
     try:
         commit = (
@@ -119,6 +141,7 @@ def run_record(argv: list[str] | None = None) -> dict:
         "device": device,
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "deterministic": deterministic(),
     }
 
 
@@ -127,9 +150,15 @@ def record_lines(rec: dict) -> list[str]:
     return [
         f"Command: `{rec['command']}`  ",
         f"Commit: `{rec['git_commit']}`  ",
-        f"Device: {rec['device']} (torch {rec['torch']})  ",
+        f"Device: {rec['device']} (torch {rec['torch']}{_determinism(rec)})  ",
         f"Date: {rec['date']}",
     ]
+
+
+def _determinism(rec: dict) -> str:
+    if "deterministic" not in rec:  # records written before the field existed
+        return ""
+    return "; deterministic" if rec["deterministic"] else "; not deterministic"
 
 
 def weight_bytes(model: torch.nn.Module, bits: int | None, group_size: int | None) -> int:
@@ -154,18 +183,26 @@ class Evaluator:
     """Holds the evaluation sequences and flip prompts so every row uses the same ones."""
 
     def __init__(self, cfg: BenchConfig, model: torch.nn.Module, tokenizer) -> None:
-        from faircalib.data import calibration_batch, eval_sequences
+        from faircalib.data import calibration_batch
+        from faircalib.data.sources import DEFAULT_CALIB_SPLIT, load_source
+        from faircalib.eval.protocols import eval_sets
+        from faircalib.eval.tasks import load_task
 
         self.cfg = cfg
+        self.tokenizer = tokenizer
         seq_len = cfg.seq_len or model.seq_len
-        self.sets = {}
-        for spec in cfg.eval_data:
-            corpus, split = spec.split(":")
-            seqs, n_bytes = eval_sequences(tokenizer, corpus, split, seq_len)
-            if cfg.eval_limit is not None and cfg.eval_limit < len(seqs):
-                n_bytes = round(n_bytes * cfg.eval_limit / len(seqs))
-                seqs = seqs[: cfg.eval_limit]
-            self.sets[spec] = (seqs, n_bytes)
+        self.sets, self.records = eval_sets(
+            tokenizer,
+            cfg.eval_data,
+            cfg.protocol,
+            seq_len,
+            limit=cfg.eval_limit,
+            text_field=cfg.text_field,
+        )
+        calib_split = cfg.calib_split or DEFAULT_CALIB_SPLIT.get(cfg.calib)
+        self.calib = load_source(cfg.calib, calib_split, cfg.text_field)
+        self.task, task_record = load_task(cfg.task) if cfg.task else (None, None)
+        self.records = {"calib": self.calib.record(), "eval": self.records, "task": task_record}
         prompts = calibration_batch(
             tokenizer, "c4", "validation", cfg.flip_prompts, cfg.flip_prefix, seed=1234
         )
@@ -202,6 +239,22 @@ class Evaluator:
                 out[spec] = res.to_dict()
         return out
 
+    def task_accuracy(self, model: torch.nn.Module) -> dict | None:
+        """The task file's accuracy (LLaDA's log-likelihood, same draws for every row)."""
+        from faircalib.eval.tasks import task_accuracy
+
+        if self.task is None:
+            return None
+        with self.on_device(model):
+            return task_accuracy(
+                model,
+                self.tokenizer,
+                self.task,
+                mc_samples=self.cfg.task_mc_samples,
+                seed=self.cfg.eval_seed,
+                progress=self.cfg.progress,
+            )
+
     def flips(self, reference: torch.nn.Module, model: torch.nn.Module) -> dict:
         from faircalib.frontier import SamplerConfig, compare_generations
 
@@ -224,8 +277,11 @@ class Evaluator:
         return {k: v for k, v in res.items() if k in keep or not isinstance(v, list | dict)}
 
 
-def quantize_row(model, tokenizer, method: str, scheme: str, calib_seed: int, cfg: BenchConfig):
-    """Quantize a copy of `model`; returns (model, seconds, report dict)."""
+def quantize_row(
+    model, tokenizer, method: str, scheme: str, calib_seed: int, cfg: BenchConfig, calib_data=None
+):
+    """Quantize a copy of `model` (calibrated on `calib_data`, a TextSource; None: C4 train);
+    returns (model, seconds, report dict)."""
     from faircalib.calib import quantize_for_bench
     from faircalib.config import ReconConfig
 
@@ -247,11 +303,14 @@ def quantize_row(model, tokenizer, method: str, scheme: str, calib_seed: int, cf
         device=cfg.device,
         offload=cfg.offload,
         progress=cfg.progress,
+        source=calib_data,
     )
     return qmodel, time.time() - start, report
 
 
 def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
+    if cfg.out:  # an unwritable --out fails now, not after the whole bench
+        atomic.check_writable_dir(Path(cfg.out))
     model = hub.load(cfg.model, device="cpu" if cfg.offload else cfg.device)
     tokenizer = hub.load_tokenizer(cfg.model)
     evaluator = Evaluator(cfg, model, tokenizer)
@@ -261,6 +320,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
             "scheme": "bf16",
             "calib_seed": None,
             "ppl": evaluator.perplexities(model),
+            "task": evaluator.task_accuracy(model),
             "calib_seconds": 0.0,
             "weight_bytes": weight_bytes(model, None, None),
         }
@@ -269,24 +329,30 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
         for method in cfg.methods:
             seeds = cfg.calib_seeds if scheme in cfg.seeded_schemes else cfg.calib_seeds[:1]
             for seed in seeds:
-                qmodel, seconds, report = quantize_row(model, tokenizer, method, scheme, seed, cfg)
+                qmodel, seconds, report = quantize_row(
+                    model, tokenizer, method, scheme, seed, cfg, evaluator.calib
+                )
                 rows.append(
                     {
                         "method": method,
                         "scheme": scheme,
                         "calib_seed": seed,
                         "ppl": evaluator.perplexities(qmodel),
+                        "task": evaluator.task_accuracy(qmodel),
                         "calib_seconds": seconds,
                         "timings": report.get("timings", {}),
                         "weight_bytes": weight_bytes(model, **SCHEMES[scheme]),
                         "flips": evaluator.flips(model, qmodel),
                     }
                 )
-                if cfg.out:  # rows so far, so an interrupted run keeps what it measured
+                # rows so far, so an interrupted run keeps what it measured (torchrun: every
+                # rank has the same rows - calibration and the bound are data parallel - and
+                # rank 0 writes them)
+                if cfg.out and distributed.is_main():
                     partial = Path(cfg.out) / "bench.partial.json"
                     partial.parent.mkdir(parents=True, exist_ok=True)
-                    partial.write_text(
-                        json.dumps({"config": asdict(cfg), "rows": rows}, default=float)
+                    atomic.write_json(
+                        partial, {"config": asdict(cfg), "rows": rows}, indent=None, default=float
                     )
                 print(
                     f"[bench] {scheme} {method} seed {seed}: "
@@ -301,8 +367,9 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
         "rows": rows,
         "published_claims": PUBLISHED_CLAIMS,
     }
+    result["record"]["data"] = evaluator.records  # sha256 and document counts of every input
     result["summary"] = summarize(result)
-    if cfg.out:
+    if cfg.out and distributed.is_main():
         write_outputs(result, Path(cfg.out))
     return result
 
@@ -326,6 +393,7 @@ def summarize(result: dict) -> list[dict]:
             "n": 1,
             **{f"{k}_ppl": v["ppl"] for k, v in float_row["ppl"].items()},
             "weight_bytes": float_row["weight_bytes"],
+            "task_acc": _task_acc([float_row]),
         }
     ]
     for (scheme, method), group in groups.items():
@@ -341,6 +409,7 @@ def summarize(result: dict) -> list[dict]:
             entry[f"{spec}_ppl_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
             entry[f"{spec}_degradation_pct"] = 100 * (entry[f"{spec}_ppl"] / ref["ppl"] - 1)
         entry["calib_seconds"] = statistics.mean(r["calib_seconds"] for r in group)
+        entry["task_acc"] = _task_acc(group)
         if scheme in gptq_time:
             entry["calib_time_vs_gptq"] = entry["calib_seconds"] / gptq_time[scheme]
         flips = [r["flips"] for r in group if r.get("flips")]
@@ -360,6 +429,33 @@ def summarize(result: dict) -> list[dict]:
                     out[0][m] = statistics.mean(ref)
         out.append(entry)
     return out
+
+
+def _task_acc(rows: list[dict]) -> float | None:
+    """Mean task accuracy over calibration seeds; None without a --task file."""
+    accs = [r["task"]["acc"] for r in rows if r.get("task")]
+    return statistics.mean(accs) if accs else None
+
+
+def data_lines(rec: dict) -> list[str]:
+    """Markdown lines naming the data behind a results file (sha256 prefix, documents)."""
+
+    def describe(d: dict) -> str:
+        split = f"/{d['split']}" if d.get("split") else ""
+        return f"`{d['data']}{split}` ({d['documents']:,} docs, sha256 {d['sha256'][:12]})"
+
+    data = rec.get("data")
+    if not data:  # records written before the field existed
+        return []
+    lines = [f"Calibration data: {describe(data['calib'])}  "]
+    lines += [
+        f"Eval `{spec}`: {describe(d)}, {d['protocol']} protocol  "
+        for spec, d in data["eval"].items()
+    ]
+    if data.get("task"):
+        t = data["task"]
+        lines.append(f"Task: `{t['task']}` ({t['items']} items, sha256 {t['sha256'][:12]})  ")
+    return lines
 
 
 def main_int4_scheme(result: dict) -> str:
@@ -386,6 +482,7 @@ def markdown_tables(result: dict) -> str:
         f"# FAIR-Calib benchmark: {model}",
         "",
         *record_lines(rec),
+        *data_lines(rec),
         "",
         f"Perplexity is the NELBO bound on {main} (lower is better); every row uses the same "
         "evaluation noise. Degradation is relative to the float model. "
@@ -439,6 +536,8 @@ def markdown_tables(result: dict) -> str:
         + " | degradation | flip rate | first divergence step | stab. lag | post-commit mismatch"
         " | calib s | vs GPTQ | weight MB |"
     )
+    has_task = any(e.get("task_acc") is not None for e in summary)
+    head += " task acc |" if has_task else ""
     lines += ["## Full table", "", head, "|" + "---|" * (head.count("|") - 1)]
     for e in summary:
         ppls = " | ".join(
@@ -452,6 +551,7 @@ def markdown_tables(result: dict) -> str:
             f"{_fmt(e.get('first_divergence_step'), 1)} | {_fmt(e.get('stabilization_lag'), 2)} | "
             f"{_fmt(e.get('post_commit_mismatch'), 3)} | {_fmt(e.get('calib_seconds'), 1)} | "
             f"{_fmt(e.get('calib_time_vs_gptq'))} | {e['weight_bytes'] / 1e6:.2f} |"
+            + (f" {_fmt(e.get('task_acc'), 3)} |" if has_task else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -485,7 +585,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     ax.set_title(result["config"]["model"])
     fig.tight_layout()
     paths.append(out / "ppl_vs_bits.png")
-    fig.savefig(paths[-1], dpi=120)
+    atomic.save_figure(fig, paths[-1], dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -503,16 +603,15 @@ def plot(result: dict, out: Path) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(out / "flip_rate_by_step.png")
-    fig.savefig(paths[-1], dpi=120)
+    atomic.save_figure(fig, paths[-1], dpi=120)
     plt.close(fig)
     return paths
 
 
 def write_outputs(result: dict, out: Path) -> None:
+    """Every file is written under a temporary name and renamed into place."""
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "bench.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=float))
-    tmp.replace(out / "bench.json")
+    atomic.write_json(out / "bench.json", result, indent=1, default=float)
     (out / "bench.partial.json").unlink(missing_ok=True)
-    (out / "bench.md").write_text(markdown_tables(result))
+    atomic.write_text(out / "bench.md", markdown_tables(result))
     plot(result, out)

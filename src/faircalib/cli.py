@@ -6,15 +6,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
-from faircalib import __version__
+from faircalib import __version__, distributed
 from faircalib.errors import FairCalibError
 
 COMMANDS = ["data", "train", "eval", "generate", "quantize", "bench"]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: the problem, then where the usage is (the default
+    prints the whole usage block first, which buries the problem for long commands)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="faircalib",
         description="Quantize diffusion language models to INT4/INT8 with frontier-aware calibration.",
     )
@@ -32,15 +41,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Under torchrun (`torchrun --nproc-per-node N -m faircalib.cli ...`) ranks > 0 print
+    # nothing and the command runs inside the process group; error lines go through
+    # distributed.print_error, which prints only the first failing rank's. Without WORLD_SIZE
+    # all of this is a no-op.
+    with distributed.quiet_other_ranks():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with distributed.launched(getattr(args, "device", "cpu")):
+            return int(args.func(args) or 0)
     except FairCalibError as exc:
-        print(f"faircalib {args.command}: error: {exc}", file=sys.stderr)
+        distributed.print_error(f"faircalib {args.command}: error: {exc}")
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a command may say what survives (`quantize`: progress)
+        detail = f": {exc}" if str(exc) else ""
+        distributed.print_error(f"faircalib {args.command}: interrupted{detail}")
         return 130
+    except OSError as exc:  # the environment, not a bug: one line, as for bad input
+        distributed.print_error(
+            f"faircalib {args.command}: error: {exc}; check the path, its permissions and the "
+            "free disk space"
+        )
+        return 1
+    except MemoryError:
+        distributed.print_error(
+            f"faircalib {args.command}: error: out of memory; use fewer or shorter sequences, "
+            "--offload, or a larger machine"
+        )
+        return 1
+    except Exception:
+        if distributed.peer_failed():  # torchrun: a collective broke because another rank
+            return 1  # failed first and printed why; this rank's traceback would bury that
+        raise
 
 
 if __name__ == "__main__":

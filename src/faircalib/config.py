@@ -22,6 +22,12 @@ AWQ_NO_CLIP_ROWS: dict[str, tuple[int, int]] = {
 }
 
 
+def check_damp(damp: float) -> None:
+    """GPTQ's Hessian damping, a fraction of the mean diagonal: negative breaks the inverse."""
+    if not 0 <= damp <= 1:
+        raise ConfigError(f"--damp must be a fraction in [0, 1], got {damp}; use e.g. --damp 0.01")
+
+
 @dataclass
 class QuantConfig:
     """Weight quantizer shared by every method."""
@@ -79,6 +85,10 @@ class GPTQConfig(QuantConfig):
     act_order: bool = True
     block_size: int = 128
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_damp(self.damp)
+
 
 @dataclass
 class AWQConfig(QuantConfig):
@@ -103,6 +113,13 @@ class SmoothQuantConfig(QuantConfig):
     method: Literal["smoothquant"] = "smoothquant"
     alpha: float = 0.5
     act_bits: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(
+                f"SmoothQuant alpha must be in [0, 1], got {self.alpha}; use e.g. --alpha 0.5"
+            )
 
 
 @dataclass
@@ -137,7 +154,10 @@ class ReconConfig:
 
     def __post_init__(self) -> None:
         if min(self.steps, self.e2e_steps) < 0 or self.batch < 1 or self.e2e_batch < 1:
-            raise ConfigError("reconstruction steps must be >= 0 and batches >= 1")
+            raise ConfigError(
+                "reconstruction steps must be >= 0 and batches >= 1; use --recon-steps and "
+                "--e2e-steps of 0 (off) or more"
+            )
         if min(self.lr_scale, self.lr_round, self.e2e_lr) < 0:
             raise ConfigError("reconstruction learning rates must be >= 0")
         if not 0 < self.holdout < 1:
@@ -200,6 +220,7 @@ class FairCalibConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_damp(self.damp)
         if isinstance(self.recon, dict):  # from a recorded config / JSON
             self.recon = ReconConfig(**self.recon)
         if self.preset not in ("full", "fast"):
@@ -211,7 +232,10 @@ class FairCalibConfig(QuantConfig):
                 f"unknown weighting {self.weighting!r}; use instability, margin, prior or uniform"
             )
         if self.gamma < 0 or self.floor < 0 or self.max_weight < 0:
-            raise ConfigError("gamma, floor and max_weight must be >= 0")
+            raise ConfigError(
+                "gamma, floor and max_weight must be >= 0; use non-negative --fair-gamma, "
+                "--fair-floor and --fair-max-weight"
+            )
 
     @property
     def optimised(self) -> bool:
@@ -273,15 +297,24 @@ class CalibConfig:
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
-            raise ConfigError("calibration needs at least one sample (--nsamples >= 1)")
+            raise ConfigError("calibration needs at least one sample; use --nsamples 1 or more")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ConfigError(
+                f"--seq-len must be at least 1, got {self.seq_len}; use a positive length or "
+                "leave it out (the model's own)"
+            )
         if self.masking not in ("uniform", "sampler", "none"):
             raise ConfigError(
                 f"unknown calibration masking {self.masking!r}; use 'uniform', 'sampler' or 'none'"
             )
         if self.sampler_steps < 1:
-            raise ConfigError(f"sampler_steps must be >= 1, got {self.sampler_steps}")
+            raise ConfigError(
+                f"sampler_steps must be >= 1, got {self.sampler_steps}; use --sampler-steps 1 or more"
+            )
         if self.views < 1:
-            raise ConfigError(f"views must be >= 1 (masked views per text), got {self.views}")
+            raise ConfigError(
+                f"views must be >= 1 (masked views per text), got {self.views}; use --views 1 or more"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,3 +15,7 @@ class CheckpointError(FairCalibError):
 
 class ConfigError(FairCalibError):
     """An unsupported or inconsistent configuration (bit width, group size, ...)."""
+
+
+class OutputError(FairCalibError):
+    """An output location that cannot be written: read-only, full, not a directory, ..."""

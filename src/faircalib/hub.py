@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from faircalib.errors import CheckpointError
+from faircalib.errors import CheckpointError, ConfigError
 from faircalib.models import DiffusionLM
-from faircalib.models.base import read_json
+from faircalib.models.base import REDO, read_json
 
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED_MODELS = ("mdlm-tiny", "mdlm-small")
@@ -25,6 +25,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # weights, configs and tokenizer only: a checkpoint's remote code (modeling_*.py, auto_map) is
 # never downloaded, let alone run; pickled weights (*.bin, *.pt) are not read either
 HUB_FILES = ["*.json", "*.safetensors"]
+MAX_TOKENIZER_BYTES = 256 * 2**20  # published tokenizer.json files are 1-20 MB
 
 
 def resolve(model: str | Path) -> Path:
@@ -41,7 +42,7 @@ def resolve(model: str | Path) -> Path:
         return download(str(model))
     raise CheckpointError(
         f"{model} is neither a shipped model ({', '.join(SHIPPED_MODELS)}), a model directory "
-        "nor a Hugging Face repository id (owner/name)"
+        "nor a Hugging Face repository id (owner/name); check the name or path"
     )
 
 
@@ -61,13 +62,30 @@ def download(repo_id: str) -> Path:
 
 
 def is_packed(directory: Path) -> bool:
-    config = read_json(Path(directory) / "config.json")
-    return config.get("quantization_config", {}).get("quant_method") == "compressed-tensors"
+    qconfig = read_json(Path(directory) / "config.json").get("quantization_config")
+    return isinstance(qconfig, dict) and qconfig.get("quant_method") == "compressed-tensors"
+
+
+def check_device(device: str) -> torch.device:
+    """`device` parsed, refusing names torch does not know and devices this machine lacks."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible; "
+            "use cuda:0 .. cuda:N-1"
+        )
+    return parsed
 
 
 def load(
     model: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> DiffusionLM:
+    check_device(device)
     directory = resolve(model)
     if is_packed(directory):
         from faircalib.formats.packed import load_packed_model  # joins models and kernels
@@ -80,6 +98,17 @@ def load(
 
 def load_tokenizer(model: str | Path) -> Tokenizer:
     path = resolve(model) / "tokenizer.json"
-    if not path.exists():
-        raise CheckpointError(f"{path.parent} has no tokenizer.json")
-    return Tokenizer.from_file(str(path))
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path.parent} has no tokenizer.json; copy the model's tokenizer.json into it"
+        )
+    if path.stat().st_size > MAX_TOKENIZER_BYTES:
+        raise CheckpointError(
+            f"{path} is {path.stat().st_size:,} bytes, over the {MAX_TOKENIZER_BYTES:,} a "
+            f"tokenizer may be; {REDO}"
+        )
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises plain Exception
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is not a readable tokenizer ({reason}); {REDO}") from exc

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from faircalib.data.tokenizers import EOS, MASK
 from faircalib.errors import DataError
 from faircalib.models import MDLM, MDLMConfig, save_model
+from faircalib.models.io import check_output_dir
 from faircalib.models.objective import nelbo_per_sequence, stratified_times
 
 PRESETS: dict[str, dict] = {
@@ -61,18 +62,53 @@ class TrainConfig:
     token_cache: str | None = None  # .npy of the tokenised stream, shared by concurrent runs
 
 
+MAX_LINE_CHARS = (
+    16 * 2**20
+)  # one document per line: longer is not a jsonl shard (or needs splitting)
+SHARD_FORMAT = 'pass jsonl shards with one JSON object holding a "text" field per line'
+
+
 def read_documents(paths: list[str], max_docs: int | None = None) -> Iterator[str]:
     n = 0
     for path in paths:
-        opener = lzma.open if path.endswith(".xz") else gzip.open if path.endswith(".gz") else open
+        for text in _shard_texts(path):
+            if text.strip():
+                yield text
+                n += 1
+                if max_docs is not None and n >= max_docs:
+                    return
+
+
+def _shard_texts(path: str) -> Iterator[str]:
+    """The "text" of every line of one shard; anything else is one DataError line."""
+    opener = lzma.open if path.endswith(".xz") else gzip.open if path.endswith(".gz") else open
+    lineno = 0
+    try:
         with opener(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                text = json.loads(line)["text"]
-                if text.strip():
-                    yield text
-                    n += 1
-                    if max_docs is not None and n >= max_docs:
-                        return
+            # readline with a limit: an enormous line is refused without being held whole
+            while line := f.readline(MAX_LINE_CHARS + 1):
+                lineno += 1
+                if len(line) > MAX_LINE_CHARS:
+                    raise DataError(
+                        f"{path} line {lineno} is over {MAX_LINE_CHARS:,} characters; "
+                        "split the text into documents, one per line"
+                    )
+                yield _text_of(json.loads(line), path, lineno)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} line {lineno + 1} is not UTF-8 text; convert the file to UTF-8"
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {lineno} is not JSON ({exc.msg}); {SHARD_FORMAT}") from exc
+    except (OSError, EOFError, lzma.LZMAError) as exc:  # missing, unreadable, corrupt archive
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise DataError(f"cannot read training shard {path} ({reason}); {SHARD_FORMAT}") from exc
+
+
+def _text_of(obj: object, path: str, lineno: int) -> str:
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise DataError(f'{path} line {lineno} has no string "text" field; {SHARD_FORMAT}')
+    return obj["text"]
 
 
 def tokenize_stream(
@@ -94,14 +130,25 @@ def tokenize_stream(
     if batch:
         flush()
     if not parts:
-        raise DataError("training corpus is empty")
+        raise DataError("the training corpus holds no text; pass jsonl shards with documents")
     return np.concatenate(parts)
 
 
 def load_stream(cfg: TrainConfig, tokenizer: Tokenizer, eos_id: int) -> np.ndarray:
     cache = Path(cfg.token_cache) if cfg.token_cache else None
     if cache is not None and cache.exists():
-        return np.load(cache)
+        try:  # never unpickle: a token cache is a plain integer array
+            stream = np.load(cache, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(
+                f"token cache {cache} is not a plain .npy array ({exc}); delete it to rebuild it"
+            ) from exc
+        if stream.ndim != 1 or stream.dtype.kind not in "iu":
+            raise DataError(
+                f"token cache {cache} holds {stream.dtype} {stream.shape}, not token ids; "
+                "delete it to rebuild it"
+            )
+        return stream
     stream = tokenize_stream(tokenizer, read_documents(cfg.corpus, cfg.max_docs), eos_id)
     if cache is not None:
         tmp = cache.with_name(cache.name + ".tmp.npy")
@@ -186,13 +233,32 @@ def evaluate_loss(model: MDLM, stream: torch.Tensor, cfg: TrainConfig, device: s
     return total / cfg.eval_batches
 
 
+def load_tokenizer(path: str) -> tuple[Tokenizer, int]:
+    """The tokenizer and its end-of-text id; one DataError line for anything unusable."""
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as exc:  # the tokenizers library raises plain Exception
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path} is not a readable tokenizer.json ({reason}); pass one") from exc
+    eos_id = tokenizer.token_to_id(EOS)
+    if eos_id is None:
+        raise DataError(f"tokenizer {path} has no {EOS} token; pass one that has {EOS} and {MASK}")
+    return tokenizer, eos_id
+
+
 def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
-    tokenizer = Tokenizer.from_file(cfg.tokenizer)
-    eos_id = tokenizer.token_to_id(EOS)
+    check_output_dir(Path(cfg.out), overwrite=True)  # an unwritable --out fails before training
+    tokenizer, eos_id = load_tokenizer(cfg.tokenizer)
     t0 = time.time()
     stream = torch.from_numpy(load_stream(cfg, tokenizer, eos_id))
+    seq_len = cfg.model_overrides.get("seq_len", PRESETS[cfg.preset]["seq_len"])
     n_val = max(int(len(stream) * cfg.val_fraction), 4 * PRESETS[cfg.preset]["seq_len"])
+    if len(stream) <= n_val + seq_len:
+        raise DataError(
+            f"the training corpus has {len(stream):,} tokens; training needs more than "
+            f"{n_val + seq_len:,} (validation windows plus one window of {seq_len}): add text"
+        )
     train_stream, val_stream = stream[:-n_val], stream[-n_val:]
     print(f"tokenised {len(stream):,} tokens in {time.time() - t0:.0f}s", flush=True)
 

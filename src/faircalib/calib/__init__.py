@@ -16,6 +16,7 @@ from faircalib.calib.engine import FakeQuantLinear, QuantReport, check_layers, q
 from faircalib.calib.fair import fair_calibration_inputs
 from faircalib.calib.fakequant_io import load_fake_quant, save_quantized
 from faircalib.calib.inputs import calibration_inputs, masked_inputs, sampler_levels
+from faircalib.calib.progress import PartialRun
 from faircalib.calib.recon import finetune_scales_e2e
 from faircalib.config import (
     AWQConfig,
@@ -47,6 +48,7 @@ def quantize(
     calib: CalibConfig | None = None,
     *,
     progress: bool = True,
+    partial: PartialRun | None = None,
 ) -> QuantReport:
     """Quantize `model` in place with `config` on calibration tokens [N, L].
 
@@ -54,6 +56,7 @@ def quantize(
     model on the CPU. FAIR-Calib's frontier tracking runs the float model's sampler, which needs
     the whole float model (plus a noisy copy for instability scoring) on the device once: it is
     moved there for tracking and back to the CPU before the block-by-block calibration.
+    `partial`: keep progress on disk and continue from it (`faircalib.calib.progress`).
     """
     calib = calib or CalibConfig()
     check_layers(model, config)
@@ -61,24 +64,15 @@ def quantize(
     extra: dict = {}
     recon, teacher = None, None
     if isinstance(config, FairCalibConfig):
-        model.to(calib.device)
-        n_track = len(tokens) if config.inputs == "states" else len(tokens) // 2
-        x_t, t, weights, extra = fair_calibration_inputs(
-            model, tokens[:n_track], config, calib.seed, calib.device, calib.views
-        )
-        text_ids = torch.arange(n_track).repeat(calib.views)
-        if calib.offload:
-            model.to("cpu")
-        if n_track < len(tokens):  # the rest: masked at stratified t, as plain calibration does
-            x_m, t_m = masked_inputs(model, tokens[n_track:], calib)
-            x_t, t = torch.cat([x_m, x_t]), torch.cat([t_m, t])
-            weights = torch.cat([torch.ones(x_m.shape), weights])
-            rest = torch.arange(n_track, len(tokens)).repeat(calib.views)
-            text_ids = torch.cat([rest, text_ids])
-        # the clean text of masked views (-1: sampler states) for the end-to-end stage
-        clean = torch.full(x_t.shape, -1, dtype=tokens.dtype)
-        n_masked = len(x_t) - n_track * calib.views
-        clean[:n_masked] = tokens[text_ids[:n_masked]]
+        saved = partial.load_inputs() if partial is not None else None
+        if saved is None:
+            inputs, extra = _fair_inputs(model, config, tokens, calib)
+            if partial is not None:
+                partial.save_inputs(inputs, extra)
+        else:  # frontier tracking is the costly part: never redone on resume
+            inputs, extra = saved
+        x_t, t, weights = inputs["x_t"], inputs["t"], inputs["weights"]
+        text_ids, clean = inputs["text_ids"], inputs["clean"]
         method_cfg = config.base_config()
         if config.optimised:
             recon = config.recon
@@ -97,6 +91,7 @@ def quantize(
         recon=recon,
         text_ids=text_ids,
         progress=progress,
+        partial=partial,
     )
     if teacher is not None:
         tick = time.time()
@@ -124,6 +119,33 @@ def quantize(
     report.timings["wall_s"] = time.time() - start
     report.calib["fair"] = {k: v for k, v in extra.items() if not k.endswith("_s")}
     return report
+
+
+def _fair_inputs(
+    model: DiffusionLM, config: FairCalibConfig, tokens: torch.Tensor, calib: CalibConfig
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """FAIR-Calib's engine inputs - x_t [M, L], t [M], weights [M, L], text_ids [M], clean
+    [M, L] - and the tracking diagnostics."""
+    model.to(calib.device)
+    n_track = len(tokens) if config.inputs == "states" else len(tokens) // 2
+    x_t, t, weights, extra = fair_calibration_inputs(
+        model, tokens[:n_track], config, calib.seed, calib.device, calib.views
+    )
+    text_ids = torch.arange(n_track).repeat(calib.views)
+    if calib.offload:
+        model.to("cpu")
+    if n_track < len(tokens):  # the rest: masked at stratified t, as plain calibration does
+        x_m, t_m = masked_inputs(model, tokens[n_track:], calib)
+        x_t, t = torch.cat([x_m, x_t]), torch.cat([t_m, t])
+        weights = torch.cat([torch.ones(x_m.shape), weights])
+        rest = torch.arange(n_track, len(tokens)).repeat(calib.views)
+        text_ids = torch.cat([rest, text_ids])
+    # the clean text of masked views (-1: sampler states) for the end-to-end stage
+    clean = torch.full(x_t.shape, -1, dtype=tokens.dtype)
+    n_masked = len(x_t) - n_track * calib.views
+    clean[:n_masked] = tokens[text_ids[:n_masked]]
+    inputs = {"x_t": x_t, "t": t, "weights": weights, "text_ids": text_ids, "clean": clean}
+    return inputs, extra
 
 
 def _e2e_teacher(model: DiffusionLM, config: FairCalibConfig, calib: CalibConfig):
@@ -155,20 +177,23 @@ def quantize_for_bench(
     device: str,
     offload: bool = False,
     progress: bool = True,
+    source=None,
     **method_kwargs,
 ) -> tuple[DiffusionLM, dict]:
-    """Calibrate on C4 (the shared default) and quantize; returns the model and its report.
+    """Calibrate on `source` (a faircalib.data.sources.TextSource; None: C4 train, the shared
+    default) and quantize; returns the model and its report.
 
     offload: one block at a time on `device` during calibration; the model returns on the CPU."""
     from faircalib.data import calibration_batch
 
     config = METHOD_CONFIGS[method](bits=bits, group_size=group_size, **method_kwargs)
     seq_len = seq_len or model.seq_len
-    tokens = calibration_batch(tokenizer, "c4", "train", nsamples, seq_len, seed)
+    tokens = calibration_batch(tokenizer, source or "c4", "train", nsamples, seq_len, seed)
     if isinstance(config, FairCalibConfig):
         config.n_prompts = nsamples
+    where = {"source": source.name, "split": source.split} if source is not None else {}
     calib = CalibConfig(
-        n_samples=nsamples, seq_len=seq_len, seed=seed, device=device, offload=offload
+        n_samples=nsamples, seq_len=seq_len, seed=seed, device=device, offload=offload, **where
     )
     report = quantize(model, config, tokens, calib, progress=progress)
     return model, report.to_dict()
@@ -180,6 +205,7 @@ __all__ = [
     "calibration_inputs",
     "load_fake_quant",
     "save_quantized",
+    "PartialRun",
     "QuantReport",
     "masked_inputs",
     "quantize",

@@ -18,18 +18,23 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from faircalib.calib.dataparallel import collect_stats, local_batches, map_linears, row_ids
 from faircalib.calib.recon import SequenceRows, reconstruct_block
 from faircalib.config import CalibConfig, QuantConfig, ReconConfig
 from faircalib.models.base import BlockContext, DiffusionLM
 from faircalib.quant import LayerInputsAccumulator, QuantResult, quantize_linear, quantize_rtn
 from faircalib.quant.primitives import config_scale_dtype, quantize_activations_per_token
 from faircalib.quant.stats import weighted_output_error
+
+if TYPE_CHECKING:  # progress.py builds on this module
+    from faircalib.calib.progress import PartialRun
 
 BATCH = 16  # sequences per forward during calibration
 OFFLOAD_DEVICE = "cpu"  # where blocks wait with CalibConfig.offload
@@ -128,6 +133,7 @@ def quantize_model(
     recon: ReconConfig | None = None,
     text_ids: torch.Tensor | None = None,
     progress: bool = True,
+    partial: PartialRun | None = None,
 ) -> QuantReport:
     """Quantize every linear of `model.quantizable_linears` in place.
 
@@ -137,6 +143,8 @@ def quantize_model(
     calibration text each row is a view of, so reconstruction holds out whole texts.
     With `calib_cfg.offload` at most one block is on `calib_cfg.device` at any time and the
     whole model is on the CPU on return; the quantized weights are the same as without it.
+    partial: progress kept on disk (`faircalib.calib.progress`): blocks it holds are restored
+    instead of calibrated, and every finished block is saved to it.
     """
     check_layers(model, method_cfg)
     device = torch.device(calib_cfg.device)
@@ -167,7 +175,9 @@ def quantize_model(
         module.to(device)
     cache: list[torch.Tensor] = []
     contexts: list[BlockContext] = []
-    for sl in _batches(n):
+    # under torchrun each rank keeps and runs only its share of the batches (calib.dataparallel)
+    batches = local_batches(_batches(n))
+    for sl in batches:
         h, ctx = model.stem(x_t[sl].to(device), t[sl].to(device))
         cache.append(h.cpu())
         contexts.append(ctx)
@@ -180,8 +190,12 @@ def quantize_model(
     if recon:
         report.timings["recon_s"] = 0.0
 
+    first = 0
+    if partial is not None:  # finished blocks of an interrupted run, and what follows them
+        home = OFFLOAD_DEVICE if calib_cfg.offload else device
+        first = partial.restore(model, cache, float_cache, report, home)
     blocks = tqdm(
-        list(enumerate(model.blocks)),
+        list(enumerate(model.blocks))[first:],
         desc=f"{method_cfg.to_dict()['method']}",
         disable=not progress,
         file=sys.stderr,
@@ -201,10 +215,12 @@ def quantize_model(
             calib_cfg,
             device,
             report.timings,
+            batches,
         )
         if recon:
             tick = time.time()
-            rows, goal = SequenceRows(cache, contexts), SequenceRows(targets, contexts)
+            ids = row_ids(batches)  # global calibration rows of this rank's cache
+            rows, goal = SequenceRows(cache, contexts, ids), SequenceRows(targets, contexts, ids)
             log = reconstruct_block(
                 block,
                 rows,
@@ -226,6 +242,8 @@ def quantize_model(
         report.timings["propagate_s"] += time.time() - tick
         if calib_cfg.offload:
             block.to(OFFLOAD_DEVICE)
+        if partial is not None:
+            partial.save_block(i, model, cache, float_cache, report)
     if calib_cfg.offload:
         contexts.clear()  # device tensors from the stem
         for module in outside_blocks:
@@ -242,8 +260,10 @@ def _run_block(
 
 
 def _quantize_block(
-    index, block, linears, cache, contexts, weights, method_cfg, calib_cfg, device, timings
+    index, block, linears, cache, contexts, weights, method_cfg, calib_cfg, device, timings, batches
 ) -> list[dict]:
+    """Collect the block's input statistics over `batches` (this rank's share of the cached
+    calibration batches) and replace each quantizable linear by its quantized version."""
     tick = time.time()
     accs = {
         name: LayerInputsAccumulator(
@@ -251,53 +271,49 @@ def _quantize_block(
         )
         for name, lin in linears
     }
-    current: dict[str, torch.Tensor] = {}
-    hooks = [
-        lin.register_forward_pre_hook(
-            lambda _m, args, name=name: accs[name].add(args[0], current["w"])
-        )
-        for name, lin in linears
-    ]
-    try:
-        for j, sl in enumerate(_batches(len(weights))):
-            current["w"] = weights[sl].to(device)
-            block(cache[j].to(device), contexts[j])
-    finally:
-        for hook in hooks:
-            hook.remove()
+    n_batches = len(_batches(len(weights)))
+    collect_stats(block, linears, accs, cache, contexts, weights, batches, device, n_batches)
     timings["stats_s"] += time.time() - tick
 
-    rows = []
-    for name, lin in linears:
-        tick = time.time()
-        inputs = accs[name].finish()
-        full = f"blocks.{index}.{name}"
-        w = lin.weight.detach().float()
-        result = quantize_linear(w, inputs, method_cfg, name=full)
-        seconds = time.time() - tick
-        timings["quantize_s"] += seconds
-        rtn = quantize_rtn(
-            w, QuantConfig(method_cfg.bits, method_cfg.group_size, method_cfg.symmetric)
-        )
-        rows.append(
-            {
-                "layer": full,
-                "method": method_cfg.to_dict()["method"],
-                "bits": method_cfg.bits,
-                "group_size": method_cfg.group_size,
-                "seconds": seconds,
-                "rel_error": weighted_output_error(
-                    result.weight,
-                    w,
-                    inputs,
-                    input_scale=result.input_scale,
-                    act_bits=result.act_bits,
-                ),
-                "rtn_rel_error": weighted_output_error(rtn.weight, w, inputs),
-            }
-        )
+    def work(name: str, lin: nn.Linear) -> tuple[QuantResult, dict]:
+        return _quantize_linear(index, name, lin, accs[name], method_cfg)
+
+    tick = time.time()  # wall time: under torchrun the linears run on several ranks at once
+    outputs = map_linears(linears, work, device)
+    timings["quantize_s"] += time.time() - tick
+    for (name, lin), (result, _) in zip(linears, outputs, strict=True):
         _set_submodule(block, name, FakeQuantLinear.from_result(result, lin.bias))
-    return rows
+    return [row for _, row in outputs]
+
+
+def _quantize_linear(
+    index: int, name: str, lin: nn.Linear, acc: LayerInputsAccumulator, method_cfg: QuantConfig
+) -> tuple[QuantResult, dict]:
+    """One linear's QuantResult and its row of the layer table."""
+    tick = time.time()
+    inputs = acc.finish()
+    full = f"blocks.{index}.{name}"
+    w = lin.weight.detach().float()
+    result = quantize_linear(w, inputs, method_cfg, name=full)
+    seconds = time.time() - tick
+    rtn = quantize_rtn(w, QuantConfig(method_cfg.bits, method_cfg.group_size, method_cfg.symmetric))
+    return result, (
+        {
+            "layer": full,
+            "method": method_cfg.to_dict()["method"],
+            "bits": method_cfg.bits,
+            "group_size": method_cfg.group_size,
+            "seconds": seconds,
+            "rel_error": weighted_output_error(
+                result.weight,
+                w,
+                inputs,
+                input_scale=result.input_scale,
+                act_bits=result.act_bits,
+            ),
+            "rtn_rel_error": weighted_output_error(rtn.weight, w, inputs),
+        }
+    )
 
 
 def quant_results(model: DiffusionLM) -> dict[str, QuantResult]:

@@ -5,6 +5,10 @@ each frontier token is scored by how much its predictive distribution moves unde
 sized weight noise (KL(p_float || p_noisy)); those scores become per-row weights of the
 calibration loss, so the quantizer spends its error budget away from the tokens whose decision
 is closest to flipping - and a flipped frontier token is permanent in a dLLM.
+
+Under torchrun the sampler runs (chunks of TRACK_BATCH prompts) and the instability scoring
+(batches of states) are split across ranks and their results gathered, in an order that gives
+every rank exactly the inputs and weights one process computes.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
+from faircalib import distributed
 from faircalib.config import FairCalibConfig, QuantConfig
 from faircalib.frontier import SamplerConfig, generate, position_prior
 from faircalib.models.base import DiffusionLM
 from faircalib.quant import quantize_rtn
+
+TRACK_BATCH = 32  # prompts per sampler run during frontier tracking
 
 
 @dataclass
@@ -52,28 +59,63 @@ def track_frontier(
     their frontiers. Row v * N + i is view v of prompt i, as in `masked_inputs`."""
     n, seq_len = tokens.shape
     prefix, scfg = tracking_sampler(cfg, seq_len)
-    xs, ts, fronts = ([[] for _ in range(views)] for _ in range(3))
+    starts = list(range(0, n, TRACK_BATCH))
+    runs = {  # this rank's sampler runs, by first prompt
+        start: generate(
+            model,
+            tokens[start : start + TRACK_BATCH, :prefix].to(device),
+            scfg,
+            seed=seed + start,
+            trace=False,
+            record_states=True,
+        )
+        for start in distributed.shard(starts)
+    }
+    n_states = _merge({s: len(res.states) for s, res in runs.items()})
     rng = torch.Generator().manual_seed(seed)
-    for start in range(0, n, 32):
-        prompts = tokens[start : start + 32, :prefix].to(device)
-        res = generate(model, prompts, scfg, seed=seed + start, trace=False, record_states=True)
-        n_states = len(res.states)
-        for v in range(views):
-            low, high = (
-                v * n_states // views,
-                max((v + 1) * n_states // views, v * n_states // views + 1),
-            )
-            pick = torch.randint(low, high, (len(prompts),), generator=rng)
-            for row, k in enumerate(pick.tolist()):
-                x_k, t_k = res.states[k]
-                before = res.committed[k - 1][row] if k > 0 else (x_k[row] != model.mask_id)
-                after = res.committed[min(k + cfg.window - 1, len(res.committed) - 1)][row]
-                xs[v].append(x_k[row].cpu())
-                ts[v].append(t_k[row].cpu())
-                fronts[v].append((after & ~before).cpu())
-    return FrontierStates(
-        torch.stack(sum(xs, [])), torch.stack(sum(ts, [])), torch.stack(sum(fronts, []))
+    mine: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    for start in starts:  # every rank draws every pick, so the stream matches one process
+        count = min(TRACK_BATCH, n - start)
+        picks = [_pick(v, views, n_states[start], count, rng) for v in range(views)]
+        if start in runs:
+            res = runs.pop(start)
+            mine[start] = [_visited(res, pick, cfg.window, model.mask_id) for pick in picks]
+    chunks = _merge(mine)
+    xs, ts, fronts = (
+        [chunks[start][v][part] for v in range(views) for start in starts] for part in range(3)
     )
+    return FrontierStates(torch.cat(xs), torch.cat(ts), torch.cat(fronts))
+
+
+def _pick(view: int, views: int, n_states: int, count: int, rng: torch.Generator) -> torch.Tensor:
+    """[count] recorded steps for `view`: seeded, from the view-th of `views` equal runs."""
+    low = view * n_states // views
+    high = max((view + 1) * n_states // views, low + 1)
+    return torch.randint(low, high, (count,), generator=rng)
+
+
+def _visited(
+    res, pick: torch.Tensor, window: int, mask_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row i's state at step pick[i] of one sampler run: x [B, L], t [B], frontier [B, L] (the
+    positions committed within `window` steps of the state), on the CPU."""
+    xs, ts, fronts = [], [], []
+    for row, k in enumerate(pick.tolist()):
+        x_k, t_k = res.states[k]
+        before = res.committed[k - 1][row] if k > 0 else (x_k[row] != mask_id)
+        after = res.committed[min(k + window - 1, len(res.committed) - 1)][row]
+        xs.append(x_k[row].cpu())
+        ts.append(t_k[row].cpu())
+        fronts.append((after & ~before).cpu())
+    return torch.stack(xs), torch.stack(ts), torch.stack(fronts)
+
+
+def _merge(part: dict) -> dict:
+    """The union of every rank's dict (this rank's alone in one process)."""
+    merged: dict = {}
+    for p in distributed.all_gather_object(part):
+        merged.update(p)
+    return merged
 
 
 @torch.no_grad()
@@ -98,9 +140,10 @@ def token_scores(
     model: DiffusionLM, noisy: DiffusionLM, states: FrontierStates, batch: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position: KL(p_float || p_noisy) and 1 - (top1 - top2) margin. Both [N, L]."""
-    kls, margins = [], []
     device = model.device
-    for i in range(0, len(states.x_t), batch):
+    starts = list(range(0, len(states.x_t), batch))
+    mine = {}
+    for i in distributed.shard(starts):  # under torchrun each rank scores its share
         x = states.x_t[i : i + batch].to(device)
         t = states.t[i : i + batch].to(device)
         lp = model.log_probs(x, t)
@@ -108,9 +151,9 @@ def token_scores(
         p = lp.exp()
         kl = (p * (lp - lq).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1).clamp(min=0)
         top2 = p.topk(2, dim=-1).values
-        kls.append(kl.cpu())
-        margins.append((1 - (top2[..., 0] - top2[..., 1])).cpu())
-    return torch.cat(kls), torch.cat(margins)
+        mine[i] = (kl.cpu(), (1 - (top2[..., 0] - top2[..., 1])).cpu())
+    scores = _merge(mine)
+    return torch.cat([scores[i][0] for i in starts]), torch.cat([scores[i][1] for i in starts])
 
 
 def row_weights(

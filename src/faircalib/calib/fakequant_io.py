@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from faircalib.calib.engine import FakeQuantLinear, QuantReport, _set_submodule, quant_results
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.models import load_model, save_model
-from faircalib.models.base import DiffusionLM, read_json
+from faircalib.models.base import REDO, DiffusionLM, read_json
+from faircalib.models.io import read_safetensors
 
 ACT_QUANT_JSON = "act_quant.json"
 ACT_QUANT_TENSORS = "act_quant.safetensors"
@@ -110,22 +111,31 @@ def load_fake_quant(
 def apply_act_quant(model: DiffusionLM, meta: dict[str, Any], tensors_path: Path) -> None:
     if not tensors_path.exists():
         raise CheckpointError(
-            f"{tensors_path.parent} lists act-quant layers but has no {tensors_path.name}"
+            f"{tensors_path.parent} lists act-quant layers but has no {tensors_path.name}; {REDO}"
         )
-    scales = load_file(str(tensors_path))
+    scales = read_safetensors(tensors_path)
     modules = dict(model.named_modules())
-    for name, spec in meta.get("layers", {}).items():
+    layers = meta.get("layers", {})
+    if not isinstance(layers, dict):
+        raise CheckpointError(
+            f"{tensors_path.parent}/{ACT_QUANT_JSON}: layers must be an object; {REDO}"
+        )
+    for name, spec in layers.items():
+        bits = spec.get("act_bits") if isinstance(spec, dict) else None
+        if type(bits) is not int or not 2 <= bits <= 16:
+            raise CheckpointError(
+                f"{tensors_path.parent}/{ACT_QUANT_JSON}: act_bits of {name} must be an integer "
+                f"in 2..16, got {bits!r}; {REDO}"
+            )
         linear = modules.get(name)
         scale = scales.get(f"{name}.input_scale")
         if not isinstance(linear, nn.Linear) or scale is None:
             raise CheckpointError(
-                f"{tensors_path}: act-quant layer {name} is missing or not a linear"
+                f"{tensors_path}: act-quant layer {name} is missing or not a linear; {REDO}"
             )
         if scale.shape != (linear.in_features,) or not torch.isfinite(scale).all():
             raise CheckpointError(
-                f"{tensors_path}: bad input scale for {name}: {tuple(scale.shape)}"
+                f"{tensors_path}: bad input scale for {name}: {tuple(scale.shape)}; {REDO}"
             )
-        fq = FakeQuantLinear(
-            linear.weight, linear.bias, scale.to(linear.weight.dtype), int(spec["act_bits"])
-        )
+        fq = FakeQuantLinear(linear.weight, linear.bias, scale.to(linear.weight.dtype), bits)
         _set_submodule(model, name, fq)

@@ -7,6 +7,12 @@ drives the quantization parameters; then the layers are frozen back into FakeQua
 
 Rows are whole calibration sequences (attention mixes tokens, so a block needs whole
 sequences); a seeded `holdout` share of them never trains and picks the best step.
+
+Under torchrun both stages are data parallel (faircalib.distributed): the held-out split is
+drawn over all rows, each rank trains on its own rows (a minibatch of `batch` rows per rank per
+step), the loss is normalised by the weight of every rank's minibatch and the gradients are
+summed (quant.recon.optimise), and the held-out loss is summed over ranks; in one process this
+is exactly the single-process optimisation.
 """
 
 from __future__ import annotations
@@ -14,18 +20,39 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from faircalib import distributed
 from faircalib.config import ReconConfig
 from faircalib.models.base import BlockContext, DiffusionLM
-from faircalib.quant.recon import LearnableQuantLinear, OptimSettings, optimise, weighted_mse
+from faircalib.quant.recon import (
+    LearnableQuantLinear,
+    OptimSettings,
+    optimise,
+    weighted_mse,
+    weighted_sq_sums,
+)
+
+RANK_SEED = 1_000_003  # rank r draws its minibatches from seed + r * RANK_SEED (rank 0: seed)
 
 
 class SequenceRows:
     """Calibration sequences kept as the engine's list of [batch, L, D] CPU tensors; gathers
-    arbitrary sequences (and their block context rows) without concatenating the cache."""
+    arbitrary sequences (and their block context rows) without concatenating the cache.
+    `ids`: the global calibration row of each local row (under torchrun a rank holds a share)."""
 
-    def __init__(self, chunks: list[torch.Tensor], contexts: list[BlockContext]) -> None:
+    def __init__(
+        self,
+        chunks: list[torch.Tensor],
+        contexts: list[BlockContext],
+        ids: list[int] | None = None,
+    ) -> None:
         self.chunks, self.contexts = chunks, contexts
         self.where = [(c, r) for c, chunk in enumerate(chunks) for r in range(len(chunk))]
+        self.ids = list(range(len(self.where))) if ids is None else list(ids)
+
+    def local(self, rows: list[int]) -> list[int]:
+        """Local positions of those global `rows` this object holds, in the given order."""
+        position = {g: i for i, g in enumerate(self.ids)}
+        return [position[g] for g in rows if g in position]
 
     def __len__(self) -> int:
         return len(self.where)
@@ -86,6 +113,11 @@ def _freeze(root: nn.Module, swapped: list[tuple[str, LearnableQuantLinear]]) ->
     return infos
 
 
+def _zero_loss(layers: list[LearnableQuantLinear]) -> torch.Tensor:
+    """0, as a loss connected to the parameters (backward gives zero gradients)."""
+    return sum(layer.gain.sum() for layer in layers) * 0.0
+
+
 def _batches(idx: list[int], size: int) -> list[list[int]]:
     return [idx[i : i + size] for i in range(0, len(idx), size)]
 
@@ -103,29 +135,44 @@ def reconstruct_block(
 ) -> dict:
     """Learn the quantization parameters of `block`'s quantized linears in place.
 
-    inputs/targets: the block's inputs and float targets per calibration sequence; weights:
-    [N, L] per-token loss weights; text_ids: [N] text of each row. Returns the optimisation
-    log."""
-    train, val = split_rows(len(inputs), cfg.holdout, seed, text_ids)
+    inputs/targets: the block's inputs and float targets per calibration sequence (this rank's
+    rows); weights: [N, L] per-token loss weights and text_ids: [N] text of each row, both over
+    all N rows. Returns the optimisation log."""
+    train, val = split_rows(len(weights), cfg.holdout, seed, text_ids)
+    train, val = inputs.local(train), inputs.local(val)  # positions in this rank's rows
     frozen = [p for p in block.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     swapped = _swap_learnable(block, cfg.rounding and cfg.lr_round > 0, scale_dtype)
     layers = [layer for _, layer in swapped]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + RANK_SEED * distributed.rank())
 
-    def loss_on(idx: list[int]) -> torch.Tensor:
+    def block_out(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = [inputs.ids[i] for i in idx]  # global rows, for the weights
         out = block(inputs.gather(idx, device), inputs.context(idx, device))
-        return weighted_mse(out, targets.gather(idx, device), weights[idx].to(device))
+        return out, targets.gather(idx, device), weights[rows].to(device)
 
     def train_loss(_step: int) -> torch.Tensor:
-        pick = torch.randint(len(train), (min(cfg.batch, len(train)),), generator=gen)
-        return loss_on([train[i] for i in pick.tolist()])
+        # sum_r w_r err_r over this rank's minibatch / sum_r w_r over every rank's: the summed
+        # gradients are those of the weighted mean over all ranks' rows
+        if train:
+            pick = torch.randint(len(train), (min(cfg.batch, len(train)),), generator=gen)
+            num, den = weighted_sq_sums(*block_out([train[i] for i in pick.tolist()]))
+        else:  # a rank without training rows still takes part in the sums
+            num, den = _zero_loss(layers), torch.zeros((), device=device)
+        return num / distributed.all_reduce_sum(den).clamp(min=1e-12)
 
     def val_loss() -> float:
         with torch.no_grad():
-            parts = [(float(loss_on(b)), float(weights[b].sum())) for b in _batches(val, 8)]
-        return sum(v * w for v, w in parts) / max(sum(w for _, w in parts), 1e-12)
+            parts = [
+                (
+                    float(weighted_mse(*block_out(b))),
+                    float(weights[[inputs.ids[i] for i in b]].sum()),
+                )
+                for b in _batches(val, 8)
+            ]
+        num = distributed.sum_float(sum(v * w for v, w in parts))
+        return num / max(distributed.sum_float(sum(w for _, w in parts)), 1e-12)
 
     settings = OptimSettings(cfg.steps, cfg.lr_scale, cfg.lr_round, cfg.eval_every)
     try:
@@ -167,14 +214,17 @@ def finetune_scales_e2e(
     rows that are not, e.g. recorded sampler states). With `cfg.e2e_fresh_masks`, such training
     rows get a fresh noise level and mask at every step: the stage then sees every text at many
     noise levels instead of one, which keeps a whole-model objective from fitting one draw of
-    masks. Held-out rows keep their recorded masks, so the stopping criterion is fixed."""
+    masks. Held-out rows keep their recorded masks, so the stopping criterion is fixed.
+    Under torchrun every rank holds the whole model and trains on its share of the rows."""
     train, val = split_rows(len(x_t), cfg.holdout, seed, text_ids)
+    train, val = distributed.shard(train), distributed.shard(val)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     swapped = _swap_learnable(model, cfg.e2e_rounding and cfg.lr_round > 0, scale_dtype)
     teacher.to(device).eval()
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + RANK_SEED * distributed.rank())
+    layers = [layer for _, layer in swapped]
     refresh = clean is not None and cfg.e2e_fresh_masks
 
     def remask(idx: list[int], x: torch.Tensor, tt: torch.Tensor):
@@ -198,20 +248,26 @@ def finetune_scales_e2e(
         return (kl * w).sum(), w.sum()
 
     def train_loss(_step: int) -> torch.Tensor:
-        pick = torch.randint(len(train), (min(cfg.e2e_batch, len(train)),), generator=gen)
-        num, den = kl_sums([train[i] for i in pick.tolist()], train_step=True)
-        return num / den.clamp(min=1e-12)
+        if train:
+            pick = torch.randint(len(train), (min(cfg.e2e_batch, len(train)),), generator=gen)
+            num, den = kl_sums([train[i] for i in pick.tolist()], train_step=True)
+        else:  # a rank without training rows still takes part in the sums
+            num, den = _zero_loss(layers), torch.zeros((), device=device)
+        return num / distributed.all_reduce_sum(den).clamp(min=1e-12)
 
     def val_loss() -> float:
         with torch.no_grad():
             sums = [kl_sums(b) for b in _batches(val, 8)]
-        return float(sum(n for n, _ in sums) / max(float(sum(d for _, d in sums)), 1e-12))
+        zero = torch.zeros((), device=device)
+        num = distributed.all_reduce_sum(sum((n for n, _ in sums), zero))
+        den = distributed.all_reduce_sum(sum((d for _, d in sums), zero))
+        return float(num / max(float(den), 1e-12))
 
     lr_round = cfg.lr_round if cfg.e2e_rounding else 0.0
     settings = OptimSettings(cfg.e2e_steps, cfg.e2e_lr, lr_round, cfg.eval_every)
     try:
         with torch.enable_grad():
-            log = optimise([layer for _, layer in swapped], train_loss, val_loss, settings)
+            log = optimise(layers, train_loss, val_loss, settings)
     finally:
         _freeze(model, swapped)
         for p in frozen:

@@ -26,7 +26,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seq-len", type=int)
-    p.add_argument("--eval-data", default="wikitext2:test,c4:validation")
+    p.add_argument(
+        "--eval-data",
+        default="wikitext2:test,c4:validation",
+        help="comma list of corpus:split or the user's data (file, datasets dir[:split])",
+    )
+    p.add_argument(
+        "--protocol",
+        default="faircalib",
+        choices=["faircalib", "mdlm"],
+        help="perplexity protocol (see `faircalib eval --help`)",
+    )
+    p.add_argument(
+        "--calib",
+        default="c4",
+        help="calibration text: shipped corpus, .txt / .jsonl[.gz] / .parquet file, `datasets` "
+        "directory or hub id",
+    )
+    p.add_argument("--calib-split", help="default: train for c4; a `datasets` dataset's split")
+    p.add_argument("--text-field", default="text", help="JSON Lines / Parquet / datasets field")
+    p.add_argument(
+        "--task",
+        help="JSON Lines of multiple-choice items {context, choices, answer}: an accuracy column "
+        "(LLaDA's log-likelihood)",
+    )
+    p.add_argument(
+        "--task-mc-samples", type=int, default=16, help="Monte Carlo draws per task choice"
+    )
     p.add_argument("--eval-mc-samples", type=int, default=1)
     p.add_argument("--eval-limit", type=int, help="first N evaluation sequences only")
     p.add_argument("--flip-prompts", type=int, default=8)
@@ -63,6 +89,12 @@ def run(args: argparse.Namespace) -> int:
         eval_data=args.eval_data.split(","),
         eval_mc_samples=args.eval_mc_samples,
         eval_limit=args.eval_limit,
+        protocol=args.protocol,
+        calib=args.calib,
+        calib_split=args.calib_split,
+        text_field=args.text_field,
+        task=args.task,
+        task_mc_samples=args.task_mc_samples,
         flip_prompts=args.flip_prompts,
         flip_gen_length=args.flip_gen_length,
         flip_steps=args.flip_steps,

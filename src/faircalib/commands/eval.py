@@ -1,4 +1,5 @@
-"""`faircalib eval`: NELBO perplexity bound of a (quantized) dLLM on a shipped corpus."""
+"""`faircalib eval`: NELBO perplexity bound of a (quantized) dLLM on a shipped corpus or the
+user's own text, under our protocol or MDLM's (faircalib.eval.protocols)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,48 @@ import argparse
 import json
 import time
 
+from faircalib.commands.argtypes import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="likelihood-bound perplexity (MDLM zero-shot protocol)")
+    p = sub.add_parser("eval", help="likelihood-bound perplexity (our or MDLM's protocol)")
     p.add_argument(
         "model", help="shipped name (mdlm-tiny, mdlm-small), model directory or hub id (owner/name)"
     )
-    p.add_argument("--data", default="wikitext2", help="corpus name (see `faircalib data`)")
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--data",
+        default="wikitext2",
+        help="shipped corpus (see `faircalib data`), a .txt / .jsonl[.gz] / .parquet file, a "
+        "`datasets` save_to_disk directory or a hub dataset id owner/name",
+    )
+    p.add_argument(
+        "--split",
+        help="default: the protocol's split for a shipped corpus (faircalib: WikiText-2 test, "
+        "mdlm: validation); for a `datasets` dataset, its split",
+    )
+    p.add_argument("--text-field", default="text", help="JSON Lines / Parquet / datasets field")
+    p.add_argument(
+        "--protocol",
+        default="faircalib",
+        choices=["faircalib", "mdlm"],
+        help="faircalib: documents + end-of-text, rows of the model's length; mdlm: MDLM's "
+        "zero-shot protocol (detokenized lines, end-of-text per line, BOS + L-2 + EOS rows)",
+    )
+    p.add_argument(
+        "--detokenizer",
+        default="auto",
+        choices=["auto", "none", "wikitext", "ptb", "lm1b", "lambada"],
+        help="--protocol mdlm: MDLM's detokenizer (auto: the shipped corpus's, none for files)",
+    )
     p.add_argument("--seq-len", type=int, help="default: the model's training length")
-    p.add_argument("--mc-samples", type=int, default=1, help="(t, mask) draws per sequence")
+    p.add_argument(
+        "--mc-samples", type=positive_int, default=1, help="(t, mask) draws per sequence"
+    )
     p.add_argument(
         "--seed", type=int, default=0, help="noise seed: same seed = same noise for any model"
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, help="evaluate only the first N sequences")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N sequences")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -29,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def evaluate(
     model_name: str,
     data: str,
-    split: str,
+    split: str | None = None,
     *,
     seq_len: int | None = None,
     mc_samples: int = 1,
@@ -38,14 +66,23 @@ def evaluate(
     limit: int | None = None,
     device: str = "cpu",
     progress: bool = True,
+    protocol: str = "faircalib",
+    text_field: str = "text",
+    detokenizer: str | None = "auto",
 ) -> dict:
     from faircalib import hub
-    from faircalib.data import eval_sequences
+    from faircalib.data.sources import load_source
+    from faircalib.errors import ConfigError
     from faircalib.eval import likelihood_bound
+    from faircalib.eval.protocols import default_split, protocol_sequences
 
+    if protocol != "mdlm" and detokenizer not in (None, "auto", "none"):
+        raise ConfigError(f"--detokenizer {detokenizer} applies to --protocol mdlm only")
+    source = load_source(data, split or default_split(protocol, data), text_field)
     model = hub.load(model_name, device=device)
     tokenizer = hub.load_tokenizer(model_name)
-    sequences, n_bytes = eval_sequences(tokenizer, data, split, seq_len or model.seq_len)
+    batch = protocol_sequences(tokenizer, source, protocol, seq_len or model.seq_len, detokenizer)
+    sequences, n_bytes = batch.sequences, batch.n_bytes
     if limit is not None and limit < len(sequences):
         n_bytes = round(n_bytes * limit / len(sequences))  # bytes scale with the kept share
         sequences = sequences[:limit]
@@ -62,7 +99,11 @@ def evaluate(
     return {
         "model": str(model_name),
         "data": data,
-        "split": split,
+        "split": source.split,
+        "protocol": protocol,
+        "detokenizer": batch.detokenizer,
+        "split_note": batch.note,
+        "data_source": source.record(),
         **result.to_dict(),
         "seconds": time.time() - start,
     }
@@ -79,13 +120,17 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         limit=args.limit,
         device=args.device,
+        protocol=args.protocol,
+        text_field=args.text_field,
+        detokenizer=args.detokenizer,
     )
     if args.json:
         print(json.dumps(out))
     else:
         lo, hi = out["ci95"]
+        where = f"{out['data']}/{out['split']}" if out["split"] else out["data"]
         print(
-            f"{out['model']} on {out['data']}/{out['split']}: ppl <= {out['ppl']:.3f} "
+            f"{out['model']} on {where} ({out['protocol']} protocol): ppl <= {out['ppl']:.3f} "
             f"(95% CI {lo:.3f}-{hi:.3f}), {out['bits_per_byte']:.4f} bits/byte, "
             f"{out['tokens']:,} tokens, {out['mc_samples']} MC sample(s), {out['seconds']:.0f}s"
         )

@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from faircalib.commands.argtypes import positive_int
 from faircalib.errors import ConfigError
 from faircalib.frontier.samplers import SAMPLERS, SamplerConfig, generate
 from faircalib.models.chat import chat_prompt
@@ -25,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "model", help="shipped name (mdlm-tiny, mdlm-small), model directory or hub id (owner/name)"
     )
     p.add_argument("--prompt", default="", help="text the generation continues")
-    p.add_argument("--gen-length", type=int, default=64, help="tokens to generate")
+    p.add_argument("--gen-length", type=positive_int, default=64, help="tokens to generate")
     p.add_argument("--block-length", type=int, help="semi-AR block (default: gen length)")
-    p.add_argument("--steps", type=int, default=64, help="denoising steps (model calls)")
+    p.add_argument("--steps", type=positive_int, default=64, help="denoising steps (model calls)")
     p.add_argument("--seed", type=int, default=0, help="same seed = same noise for any model")
     p.add_argument("--sampler", choices=SAMPLERS, default="low_confidence")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -92,8 +93,9 @@ def generate_texts(
     if len(ids) + cfg.gen_length > model.seq_len:
         raise ConfigError(
             f"prompt ({len(ids)} tokens) + --gen-length {cfg.gen_length} exceeds "
-            f"{model_name}'s sequence length {model.seq_len}"
+            f"{model_name}'s sequence length {model.seq_len}; use a shorter --gen-length or prompt"
         )
+    cfg.validate()  # before the progress bar: a refusal is then the only line printed
     prompt_ids = torch.tensor([ids] * num_samples, dtype=torch.long)  # [N, P]
     with tqdm(total=cfg.steps, desc="generate", unit="step", disable=not progress) as bar:
         result = generate(model, prompt_ids, cfg, seed, trace=True, progress=bar.update)

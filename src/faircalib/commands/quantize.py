@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
-
-from faircalib.errors import CheckpointError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (per-channel)")
     p.add_argument("--symmetric", action="store_true")
-    p.add_argument("--calib", default="c4", help="calibration corpus")
-    p.add_argument("--calib-split", default="train")
+    p.add_argument(
+        "--calib",
+        default="c4",
+        help="calibration text: shipped corpus, .txt / .jsonl[.gz] / .parquet file, `datasets` "
+        "save_to_disk directory or hub dataset id owner/name",
+    )
+    p.add_argument("--calib-split", help="default: train for c4; a `datasets` dataset's split")
+    p.add_argument("--text-field", default="text", help="JSON Lines / Parquet / datasets field")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seq-len", type=int, help="default: the model's training length")
     p.add_argument("--seed", type=int, default=0)
@@ -55,6 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its last finished block (progress is kept in "
+        "OUT.partial while a run is under way; the inputs must be the same)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     g = p.add_argument_group("method knobs")
     g.add_argument("--damp", type=float, help="GPTQ / FAIR(gptq) Hessian damping")
@@ -119,35 +130,24 @@ def method_config(args: argparse.Namespace):
     return cls(**kwargs)
 
 
-def run(args: argparse.Namespace) -> int:
-    from faircalib import hub
-    from faircalib.calib import quantize
-    from faircalib.calib.engine import check_layers
-    from faircalib.calib.fakequant_io import save_quantized
+def calib_source(args: argparse.Namespace):
+    """The calibration text; records the split actually used in `args.calib_split`."""
+    from faircalib.data.sources import DEFAULT_CALIB_SPLIT, load_source
+
+    split = args.calib_split or DEFAULT_CALIB_SPLIT.get(args.calib)
+    source = load_source(args.calib, split, args.text_field)
+    args.calib_split = source.split
+    return source
+
+
+def calib_config(args: argparse.Namespace):
     from faircalib.config import CalibConfig
-    from faircalib.data import calibration_batch
 
-    config = method_config(args)  # refuses bad bits / group sizes first
-    if args.format == "packed":  # refuse AWQ / SmoothQuant now, not after calibrating
-        from faircalib.formats.packed import check_packable_method
-
-        check_packable_method(config)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
-    source = hub.resolve(args.model)
-    model = hub.load(args.model, device="cpu" if args.offload else args.device)
-    check_layers(model, config)
-    tokenizer = hub.load_tokenizer(args.model)
-    seq_len = args.seq_len or model.seq_len
-    tokens = calibration_batch(
-        tokenizer, args.calib, args.calib_split, args.nsamples, seq_len, args.seed
-    )
-    calib = CalibConfig(
+    return CalibConfig(
         source=args.calib,
         split=args.calib_split,
         n_samples=args.nsamples,
-        seq_len=seq_len,
+        seq_len=args.seq_len,
         seed=args.seed,
         masking=args.masking,
         sampler_steps=args.sampler_steps,
@@ -155,23 +155,82 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         offload=args.offload,
     )
-    report = quantize(model, config, tokens, calib, progress=not args.json).to_dict()
+
+
+def run(args: argparse.Namespace) -> int:
+    from faircalib import distributed, hub
+    from faircalib.bench import deterministic
+    from faircalib.calib import quantize
+    from faircalib.calib.engine import check_layers
+    from faircalib.calib.fakequant_io import save_quantized
+    from faircalib.calib.progress import PartialRun, fingerprint, partial_dir
+    from faircalib.data import calibration_batch
+    from faircalib.errors import ConfigError
+    from faircalib.models.io import check_output_dir
+
+    config = method_config(args)  # refuses bad bits / group sizes first
+    if args.format == "packed":  # refuse AWQ / SmoothQuant now, not after calibrating
+        from faircalib.formats.packed import check_packable_method
+
+        check_packable_method(config)
+    calib_data = calib_source(args)  # the user's text is checked before any model loads
+    calib = calib_config(args)  # and bad calibration flags, before anything is loaded
+    hub.check_device(args.device)
+    # torchrun: progress files hold one process's block-input cache, and each rank holds a
+    # share of it (faircalib.distributed): resumable runs are single-process for now
+    if distributed.active() and args.resume:
+        raise ConfigError("--resume is not supported under torchrun; resume in one process")
+    out = Path(args.out)
+    check_output_dir(out, args.overwrite)  # an unwritable --out fails now, not after hours
+    PartialRun.check(partial_dir(out), resume=args.resume, overwrite=args.overwrite)
+    source = hub.resolve(args.model)
+    model = hub.load(args.model, device="cpu" if args.offload else args.device)
+    check_layers(model, config)
+    tokenizer = hub.load_tokenizer(args.model)
+    seq_len = args.seq_len or model.seq_len
+    tokens = calibration_batch(tokenizer, calib_data, None, args.nsamples, seq_len, args.seed)
+    calib = dataclasses.replace(calib, seq_len=seq_len)
+    partial = None
+    if not distributed.active():
+        fp = fingerprint(model, config.to_dict(), calib.to_dict(), tokens)
+        partial = PartialRun.open(
+            partial_dir(out), fp, resume=args.resume, overwrite=args.overwrite
+        )
+    resumed_from = partial.finished if partial is not None else 0
+    try:
+        report = quantize(
+            model, config, tokens, calib, progress=not args.json, partial=partial
+        ).to_dict()
+    except KeyboardInterrupt as exc:  # SIGINT: say what survives (a SIGKILL keeps it too)
+        if partial is None:
+            raise
+        raise KeyboardInterrupt(
+            f"{partial.finished} block(s) finished; progress kept in {partial.directory}: "
+            "rerun the same command with --resume to continue"
+        ) from exc
     record = {
         "source_model": str(args.model),
         "command": " ".join(["faircalib", *sys.argv[1:]]),
+        "calib_data": calib_data.record(),
+        "resumed_from_block": resumed_from if args.resume else None,
+        "deterministic": deterministic(args.device),
     }
-    save_quantized(
-        model,
-        report,
-        out,
-        source / "tokenizer.json",
-        args.overwrite,
-        fmt=args.format,
-        record=record,
-    )
+    if distributed.is_main():  # torchrun: every rank holds the same model; rank 0 writes it
+        save_quantized(
+            model,
+            report,
+            out,
+            source / "tokenizer.json",
+            args.overwrite,
+            fmt=args.format,
+            record=record,
+        )
+    if partial is not None:
+        partial.remove()  # the output is complete: its progress is no longer needed
     summary = {
         "out": str(out),
         "method": report["method"],
+        "calib_data": calib_data.record(),
         "timings": report["timings"],
         "layers": report["layers"],
     }

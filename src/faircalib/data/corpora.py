@@ -12,12 +12,16 @@ import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer
 
 from faircalib.data.tokenizers import EOS
 from faircalib.errors import DataError
+
+if TYPE_CHECKING:
+    from faircalib.data.sources import TextSource
 
 FILES_DIR = Path(__file__).parent / "files"
 
@@ -101,28 +105,40 @@ def _wikitext_articles(lines: list[str]) -> list[str]:
     return ["".join(a).strip("\n") for a in articles if "".join(a).strip()]
 
 
-@lru_cache(maxsize=8)
-def _load_docs(path_str: str, sha: str, kind: str) -> tuple[str, ...]:
+def _read_rows(path_str: str, sha: str, kind: str) -> tuple[str, ...]:
+    """The file's rows: C4 documents, or WikiText's Hugging Face rows ("" for blank lines)."""
     path = Path(path_str)
     data = read_verified(path, sha, "file" if kind == "docs-gz" else "content")
     text = data.decode("utf-8")
-    if kind == "docs-gz":
+    if kind in ("docs-gz", "rows"):
         return tuple(json.loads(line)["text"] for line in text.splitlines() if line.strip())
-    if kind == "rows":
-        rows = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
-        return tuple(_wikitext_articles(rows))
-    # raw WikiText: rebuild Hugging Face rows ("" for blank lines) and group into articles
-    rows = [
+    # raw WikiText: rebuild the Hugging Face rows
+    return tuple(
         "" if not line.strip() else line + "\n"
         for line in text.replace("\r\n", "\n").split("\n")[:-1]
-    ]
-    return tuple(_wikitext_articles(rows))
+    )
+
+
+@lru_cache(maxsize=8)
+def _load_docs(path_str: str, sha: str, kind: str) -> tuple[str, ...]:
+    rows = _read_rows(path_str, sha, kind)
+    return rows if kind == "docs-gz" else tuple(_wikitext_articles(list(rows)))
 
 
 def load_texts(corpus: str, split: str) -> list[str]:
     """The documents of a shipped corpus split (WikiText: one document per article)."""
     path, sha, kind = _check(corpus, split)
     return list(_load_docs(str(path), sha, kind))
+
+
+_load_rows = lru_cache(maxsize=4)(_read_rows)
+
+
+def load_rows(corpus: str, split: str) -> list[str]:
+    """The rows of a shipped corpus split as the Hugging Face dataset has them (WikiText: one
+    per line, "" for blank lines; C4: one per document): the units MDLM's protocol wraps."""
+    path, sha, kind = _check(corpus, split)
+    return list(_load_rows(str(path), sha, kind))
 
 
 def load_text(corpus: str, split: str) -> str:
@@ -137,22 +153,31 @@ def _eos(tokenizer: Tokenizer) -> int:
     return eos
 
 
-# (id(tokenizer), corpus, split) -> (tokenizer, ids per doc, bytes per doc, EOS-joined stream).
+# (id(tokenizer), source key) -> (tokenizer, ids per doc, bytes per doc, EOS-joined stream).
 # The tokenizer itself is kept so that its id cannot be reused by a new object while cached, and
 # is compared by identity so a stale entry is never served.
-_STREAMS: dict[
-    tuple[int, str, str], tuple[Tokenizer, list[list[int]], list[int], torch.Tensor]
-] = {}
+_STREAMS: dict[tuple, tuple[Tokenizer, list[list[int]], list[int], torch.Tensor]] = {}
 _MAX_CACHED = 16
 
 
+def as_source(corpus: str | TextSource, split: str | None) -> TextSource:
+    """A TextSource as-is; a shipped corpus name (with its split) loaded as one."""
+    from faircalib.data.sources import TextSource, shipped_source
+
+    if isinstance(corpus, TextSource):
+        return corpus
+    _check(corpus, split)
+    return shipped_source(corpus, split)
+
+
 def _tokenized(
-    tokenizer: Tokenizer, corpus: str, split: str
+    tokenizer: Tokenizer, corpus: str | TextSource, split: str | None
 ) -> tuple[Tokenizer, list[list[int]], list[int], torch.Tensor]:
-    key = (id(tokenizer), corpus, split)
+    source = as_source(corpus, split)
+    key = (id(tokenizer), source.key)
     hit = _STREAMS.get(key)
     if hit is None or hit[0] is not tokenizer:
-        docs = load_texts(corpus, split)
+        docs = list(source.docs)
         eos = _eos(tokenizer)
         ids = [enc.ids for enc in tokenizer.encode_batch(docs)]
         stream = torch.tensor([t for doc in ids for t in [*doc, eos]], dtype=torch.long)  # [T]
@@ -163,36 +188,42 @@ def _tokenized(
 
 
 def tokenized_docs(
-    tokenizer: Tokenizer, corpus: str, split: str
+    tokenizer: Tokenizer, corpus: str | TextSource, split: str | None
 ) -> tuple[list[list[int]], list[int]]:
     """(token ids per document, UTF-8 bytes per document), cached per tokenizer object."""
     _, ids, doc_bytes, _ = _tokenized(tokenizer, corpus, split)
     return ids, doc_bytes
 
 
-def token_stream(tokenizer: Tokenizer, corpus: str, split: str) -> torch.Tensor:
+def token_stream(tokenizer: Tokenizer, corpus: str | TextSource, split: str | None) -> torch.Tensor:
     """All documents joined with EOS after each: [T] token ids (a cached tensor: do not modify)."""
     return _tokenized(tokenizer, corpus, split)[3]
 
 
 def calibration_batch(
     tokenizer: Tokenizer,
-    corpus: str = "c4",
-    split: str = "train",
+    corpus: str | TextSource = "c4",
+    split: str | None = "train",
     n_samples: int = 128,
     seq_len: int = 512,
     seed: int = 0,
 ) -> torch.Tensor:
-    """[n_samples, seq_len] random windows of the EOS-joined stream (GPTQ-style), seeded."""
+    """[n_samples, seq_len] random windows of the EOS-joined stream (GPTQ-style), seeded.
+    `corpus` is a shipped corpus name (with `split`) or a TextSource (the user's data)."""
     if n_samples < 1:
         raise DataError(f"calibration needs at least 1 sample, {n_samples} requested")
     if seq_len < 1:
         raise DataError(f"sequence length must be positive, got {seq_len}")
-    stream = token_stream(tokenizer, corpus, split)
+    source = as_source(corpus, split)
+    stream = token_stream(tokenizer, source, split)
     if len(stream) <= seq_len:
         raise DataError(
-            f"{corpus}/{split} has {len(stream):,} tokens; a window of {seq_len:,} "
-            f"tokens needs more"
+            f"{source.label} has {len(stream):,} tokens; a window of {seq_len:,} tokens needs more"
+        )
+    if len(stream) < n_samples * seq_len:  # windows would overlap: text repeated, not more text
+        raise DataError(
+            f"{source.label} has {len(stream):,} tokens, fewer than {n_samples:,} samples x "
+            f"{seq_len:,} tokens = {n_samples * seq_len:,}; add text or lower --nsamples/--seq-len"
         )
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - seq_len, (n_samples,), generator=gen)
@@ -200,7 +231,7 @@ def calibration_batch(
 
 
 def eval_sequences(
-    tokenizer: Tokenizer, corpus: str, split: str, seq_len: int
+    tokenizer: Tokenizer, corpus: str | TextSource, split: str | None, seq_len: int
 ) -> tuple[torch.Tensor, int]:
     """MDLM zero-shot protocol: join documents with EOS, wrap into [N, seq_len] chunks (the last
     partial chunk dropped). Also returns the UTF-8 bytes those tokens cover: the bytes of the
@@ -208,13 +239,14 @@ def eval_sequences(
     the dropped tail, which is less than one chunk)."""
     if seq_len < 1:
         raise DataError(f"sequence length must be positive, got {seq_len}")
-    stream = token_stream(tokenizer, corpus, split)
+    source = as_source(corpus, split)
+    stream = token_stream(tokenizer, source, split)
     n = len(stream) // seq_len
     if n == 0:
         raise DataError(
-            f"{corpus}/{split} has {len(stream):,} tokens, fewer than one sequence of {seq_len:,}"
+            f"{source.label} has {len(stream):,} tokens, fewer than one sequence of {seq_len:,}"
         )
-    _, doc_bytes = tokenized_docs(tokenizer, corpus, split)
+    _, doc_bytes = tokenized_docs(tokenizer, source, split)
     n_bytes = round(sum(doc_bytes) * n * seq_len / len(stream))
     # clone: callers mask sequences in place, and the stream is cached
     return stream[: n * seq_len].view(n, seq_len).clone(), n_bytes

@@ -5,6 +5,10 @@ function of (seed, sequence index, sample index): t is stratified over the whole
 (one offset from the seed, then evenly spaced - MDLM's low-discrepancy sampler) and the mask
 uniforms come from a generator seeded by the indices. Two models evaluated with one seed see
 identical noise, so a small gap between a float and a quantized model is not estimator noise.
+
+Under torchrun the batches are split across ranks (faircalib.distributed); a sequence's bound
+depends only on its own batch and noise, so the gathered per-sequence values - and the result -
+are bit-identical to one process's.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from faircalib import distributed
 from faircalib.models.base import DiffusionLM
 from faircalib.models.objective import nelbo_per_sequence
 
@@ -69,6 +74,7 @@ def likelihood_bound(
     n, seq_len = sequences.shape
     per_seq = torch.zeros(n, dtype=torch.float64)
     batches = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    batches = distributed.shard(batches)  # this rank's share (all of them in one process)
     bar = tqdm(total=len(batches) * mc_samples, desc="eval", disable=not progress, mininterval=2)
     for k in range(mc_samples):
         for idx in batches:
@@ -77,6 +83,8 @@ def likelihood_bound(
             per_seq[idx] += nelbo_per_sequence(model, x0, t.to(device), u.to(device)).double().cpu()
             bar.update()
     bar.close()
+    # each sequence was summed on one rank, zeros elsewhere: the all-reduce is exact
+    per_seq = distributed.all_reduce_sum(per_seq)
     per_seq /= mc_samples
     per_token = per_seq / seq_len  # [N]
     mean = per_token.mean().item()

@@ -63,12 +63,14 @@ import faircalib
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.kernels import QuantLinear, check_codes
 from faircalib.kernels.backends import check_backend_name
-from faircalib.models.base import DiffusionLM, read_json
+from faircalib.models.base import REDO, DiffusionLM, read_json
 from faircalib.models.io import (
     CONFIG,
     atomic_directory,
     build_model,
+    check_safetensors_header,
     load_tensors,
+    probe_model,
     save_tensors,
     write_extra_files,
     write_json,
@@ -172,6 +174,7 @@ def packed_weight_bytes(directory: Path) -> int:
         raise CheckpointError(f"{directory} has no safetensors shards")
     sizes: dict[str, int] = {}
     for path in shards:
+        check_safetensors_header(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
@@ -278,9 +281,9 @@ def write_packed(
         "faircalib": _faircalib_section(metadata),
     }
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        write_json(tmp / CONFIG, config)
         save_tensors(tensors, tmp)
         write_extra_files(tmp, extra_files)
+        write_json(tmp / CONFIG, config)  # last: without it no loader accepts the directory
     return Path(out)
 
 
@@ -455,13 +458,14 @@ def load_packed_model(
         raise CheckpointError(f"{directory} is not a model directory")
     config = read_json(directory / CONFIG)
     qconfig = _parse_quantization_config(config, directory)
-    model = build_model(_builder_config(config))
-    schemes = _layer_schemes(model, qconfig, directory)
+    probe = probe_model(_builder_config(config))  # names and shapes only: no memory
+    schemes = _layer_schemes(probe, qconfig, directory)
     section = _parse_faircalib_section(config.get("faircalib", {}), schemes, directory)
     tensors = load_tensors(directory)
-    layers, used = _validated_layers(model, schemes, section, tensors, directory)
-    floats = _validated_floats(model, schemes, tensors, used, directory)
+    layers, used = _validated_layers(probe, schemes, section, tensors, directory)
+    floats = _validated_floats(probe, schemes, tensors, used, directory)
     # validation is over: from here on nothing can fail on account of the files.
+    model = build_model(_builder_config(config))
     # As in models.io.load_model, values are rounded to `dtype` and loaded into the float32
     # parameters (run in bf16 under torch.autocast: QuantLinear follows autocast's dtype).
     model.load_state_dict({k: v.to(dtype) for k, v in floats.items()}, strict=False)
@@ -497,11 +501,17 @@ def _parse_quantization_config(config: dict[str, Any], directory: Path) -> Quant
         )
     try:
         qconfig = QuantizationConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise CheckpointError(f"{directory}: invalid quantization_config: {exc}") from exc
+    except ValidationError as exc:  # pydantic's message spans lines: keep the first problem
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or "(top level)"
+        raise CheckpointError(
+            f"{directory}: invalid quantization_config at {where}: {first.get('msg')} "
+            f"({exc.error_count()} problem(s)); {REDO}"
+        ) from exc
     if qconfig.format != PACK_FORMAT:
         raise CheckpointError(
-            f"{directory}: format {qconfig.format!r} is not supported, only {PACK_FORMAT!r}"
+            f"{directory}: format {qconfig.format!r} is not supported, only {PACK_FORMAT!r}; "
+            "re-export the model with faircalib quantize --format packed"
         )
     return qconfig
 
@@ -525,7 +535,7 @@ def _check_scheme(group: str, scheme: QuantizationScheme, directory: Path) -> Qu
         problems.append(f"format {scheme.format!r}")
     if problems:
         raise CheckpointError(
-            f"{directory}: config group {group} is unsupported: {'; '.join(problems)}"
+            f"{directory}: config group {group} is unsupported: {'; '.join(problems)}; {REDO}"
         )
     return args
 
@@ -546,21 +556,21 @@ def _layer_schemes(
         if unmatched or not matched:
             raise CheckpointError(
                 f"{directory}: config group {group} targets modules the model "
-                f"lacks: {(unmatched or scheme.targets)[:5]}"
+                f"lacks: {(unmatched or scheme.targets)[:5]}; {REDO}"
             )
         for name, module in matched:
             if not isinstance(module, nn.Linear):
                 raise CheckpointError(
-                    f"{directory}: {name} is a {type(module).__name__}, not a Linear"
+                    f"{directory}: {name} is a {type(module).__name__}, not a Linear; {REDO}"
                 )
             if name in schemes:
                 raise CheckpointError(
-                    f"{directory}: {name} is targeted by more than one config group"
+                    f"{directory}: {name} is targeted by more than one config group; {REDO}"
                 )
             if args.strategy == "group" and module.in_features % args.group_size:
                 raise CheckpointError(
                     f"{directory}: group size {args.group_size} does not divide "
-                    f"{name}'s {module.in_features} input features"
+                    f"{name}'s {module.in_features} input features; {REDO}"
                 )
             schemes[name] = args
     return schemes
@@ -590,10 +600,10 @@ def _check_tensor(
     key: str, t: torch.Tensor | None, shape: tuple[int, ...], kind: str, where: Path
 ) -> None:
     if t is None:
-        raise CheckpointError(f"{where}: tensor {key} is missing")
+        raise CheckpointError(f"{where}: tensor {key} is missing; {REDO}")
     if tuple(t.shape) != tuple(shape):
         raise CheckpointError(
-            f"{where}: {key} has shape {tuple(t.shape)}, the config implies {tuple(shape)}"
+            f"{where}: {key} has shape {tuple(t.shape)}, the config implies {tuple(shape)}; {REDO}"
         )
     ok = {
         "int32": t.dtype == torch.int32,
@@ -601,9 +611,9 @@ def _check_tensor(
         "float": t.is_floating_point(),
     }[kind]
     if not ok:
-        raise CheckpointError(f"{where}: {key} has dtype {t.dtype}, expected {kind}")
+        raise CheckpointError(f"{where}: {key} has dtype {t.dtype}, expected {kind}; {REDO}")
     if kind == "float" and not torch.isfinite(t).all():
-        raise CheckpointError(f"{where}: {key} contains NaN or Inf values")
+        raise CheckpointError(f"{where}: {key} contains NaN or Inf values; {REDO}")
 
 
 def _validated_layers(
@@ -628,10 +638,12 @@ def _validated_layers(
         if tuple(int(v) for v in parts["weight_shape"]) != (out_f, in_f):
             raise CheckpointError(
                 f"{where}: {name}.weight_shape is {parts['weight_shape'].tolist()}, "
-                f"the model's layer is {[out_f, in_f]}"
+                f"the model's layer is {[out_f, in_f]}; {REDO}"
             )
         if not (parts["weight_scale"] > 0).all():
-            raise CheckpointError(f"{where}: {name}.weight_scale has non-positive scales")
+            raise CheckpointError(
+                f"{where}: {name}.weight_scale has non-positive (zero or negative) scales; {REDO}"
+            )
         input_scale = None
         if name in section[INPUT_SCALE]:
             key = f"{name}.{INPUT_SCALE}"
@@ -639,7 +651,7 @@ def _validated_layers(
             input_scale = tensors[key].float()
             used.add(key)
             if not (input_scale > 0).all():
-                raise CheckpointError(f"{where}: {key} has non-positive entries")
+                raise CheckpointError(f"{where}: {key} has non-positive entries; {REDO}")
         codes, qp = unpack_layer(parts, args)
         layers[name] = (codes, qp, input_scale, section["act_bits"].get(name))
     return layers, used
@@ -658,7 +670,9 @@ def _validated_floats(
     expected = {k: v for k, v in model.state_dict().items() if k not in quantized_weights}
     extra = sorted(set(tensors) - set(expected) - used)
     if extra:
-        raise CheckpointError(f"{where}: unexpected tensors not in the model config: {extra[:5]}")
+        raise CheckpointError(
+            f"{where}: unexpected tensors not in the model config: {extra[:5]}; {REDO}"
+        )
     for key, ref in expected.items():
         _check_tensor(key, tensors.get(key), tuple(ref.shape), "float", where)
     return {k: tensors[k] for k in expected}

@@ -143,13 +143,39 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> tor
     return torch.where(committed, carried, log_probs)
 
 
-def read_json(path: Path) -> dict[str, Any]:
+# config, index and metadata files are kilobytes (an 8B model's index: ~100 KB); anything
+# far larger is not one, and is refused before it is read
+MAX_JSON_BYTES = 16 * 2**20
+REDO = "re-download or re-export the checkpoint"
+
+
+def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """The JSON object in a model file; a missing, oversized, undecodable or non-object file
+    is one CheckpointError line."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise CheckpointError(
+                f"{path} is {size:,} bytes, over the {max_bytes:,} a JSON metadata file may be; "
+                f"it is not a valid model file: {REDO}"
+            )
+        obj = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{path} is missing") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        raise CheckpointError(
+            f"{path} is missing; pass a complete model directory (config.json, safetensors "
+            "weights, tokenizer.json)"
+        ) from exc
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc.strerror or exc}); {REDO}") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError included
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is not valid JSON ({reason}); {REDO}") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path} holds a JSON {type(obj).__name__}, not an object of fields; {REDO}"
+        )
+    return obj
 
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:

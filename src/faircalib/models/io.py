@@ -1,31 +1,40 @@
 """Model directories: config.json + safetensors shards (+ tokenizer.json), written atomically.
 
 A directory is either complete or absent: we write into a temporary sibling and rename it
-into place, so an interrupted save never leaves something that looks finished. Loading checks
-every tensor's presence, shape, dtype and finiteness before any weight reaches the model.
+into place, so an interrupted save never leaves something that looks finished; inside it,
+config.json is written last, so even the temporary directory of a killed save is refused by
+every loader (they all start from config.json). Loading checks every tensor's presence, shape,
+dtype and finiteness before any weight reaches the model, builds the model on the meta device
+first (a config that lies about its sizes costs no memory), bounds every JSON file and
+safetensors header it reads, and never reads a shard outside the model directory.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from faircalib.errors import CheckpointError
-from faircalib.models.base import DiffusionLM, read_json
+from faircalib import atomic
+from faircalib.errors import CheckpointError, OutputError
+from faircalib.models.base import REDO, DiffusionLM, read_json
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 15 * 2**20  # git- and transfer-friendly shards (< 16 MB)
+# safetensors' own limit; real headers are kilobytes (an 8B shard's: ~50 KB)
+MAX_HEADER_BYTES = 100_000_000
+TMP_MARK = ".tmp-"  # atomic_directory's temporary siblings: .NAME.tmp-PID-XXXX
 
 FAMILIES: dict[str, Callable[[dict[str, Any]], DiffusionLM]] = {}
 # upstream `model_type` -> family, for families whose native layout is upstream's own config
@@ -45,28 +54,63 @@ def family_of(config: dict[str, Any]) -> str | None:
     """The registered family a config.json describes: its `family`, else its `model_type`'s."""
     if "family" in config:
         return config["family"]
-    return MODEL_TYPES.get(config.get("model_type"))  # type: ignore[arg-type]
+    model_type = config.get("model_type")
+    return MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
 
 
 def build_model(config: dict[str, Any]) -> DiffusionLM:
     family = family_of(config)
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise CheckpointError(
             f"unknown model family {config.get('family', config.get('model_type'))!r}; "
-            f"known: {sorted(FAMILIES)} (model types {sorted(MODEL_TYPES)})"
+            f"known: {sorted(FAMILIES)} (model types {sorted(MODEL_TYPES)}); fix config.json"
         )
-    return FAMILIES[family](config)
+    try:
+        return FAMILIES[family](config)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError) as exc:
+        # the builders' only input is config.json: a field of the wrong type or value
+        raise CheckpointError(
+            f"config.json does not describe a valid {family} model ({type(exc).__name__}: "
+            f"{exc}); fix config.json or {REDO}"
+        ) from exc
+
+
+def probe_model(config: dict[str, Any]) -> DiffusionLM:
+    """The model `config` describes, on the meta device: its names and shapes for checking a
+    checkpoint, at no memory cost whatever sizes the config claims."""
+    with torch.device("meta"):
+        return build_model(config)
+
+
+def check_output_dir(out: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output directory that exists (without `overwrite`), is a
+    file, or whose parent cannot be created or written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a directory; choose another output path")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(
+            tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent)
+        )
+        probe.rmdir()
+    except OSError as exc:
+        raise OutputError(atomic.os_error_message(out, exc)) from exc
 
 
 @contextmanager
 def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out` only if the block finishes."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_output_dir(out, overwrite)
+    _remove_stale_temporaries(out)
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
         yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -75,15 +119,51 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             tmp.rename(out)
+    except OSError as exc:  # a full disk, a file system gone read-only
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(atomic.os_error_message(out, exc)) from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary siblings of `out` left by processes that were killed while writing."""
+    for path in out.parent.glob(f".{out.name}{TMP_MARK}*"):
+        pid = path.name.removeprefix(f".{out.name}{TMP_MARK}").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def write_json(path: Path, obj: Any) -> None:
-    tmp = Path(path).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    atomic.write_json(path, obj)
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """safetensors' save_file, raising OSError for its I/O failures (a full disk) as Python's
+    own writers do: the Rust writer reports them as SafetensorError."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:
+        if "I/O error" not in str(exc):
+            raise
+        code = re.search(r"os error (\d+)", str(exc))
+        errno_ = int(code.group(1)) if code else errno.EIO
+        raise OSError(errno_, os.strerror(errno_), str(path)) from exc
 
 
 def save_tensors(
@@ -102,37 +182,99 @@ def save_tensors(
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata={"format": "pt", **(metadata or {})})
+        write_safetensors(shard, directory / fname, {"format": "pt", **(metadata or {})})
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     write_json(directory / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    """Read every tensor listed in the index (or a single model.safetensors)."""
+def shard_files(directory: Path) -> tuple[dict[str, str], list[Path]]:
+    """(index weight map, shard paths) of a model directory; every shard must exist and lie
+    inside the directory (an index naming ../../x or /etc/x is refused, never followed)."""
     directory = Path(directory)
     if (directory / INDEX).exists():
-        weight_map: dict[str, str] = read_json(directory / INDEX).get("weight_map", {})
-        files = sorted(set(weight_map.values()))
+        weight_map = read_json(directory / INDEX).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(
+                f"{directory / INDEX}: weight_map must map tensor names to shard file names; {REDO}"
+            )
+        names = sorted(set(weight_map.values()))
     elif (directory / "model.safetensors").exists():
-        weight_map, files = {}, ["model.safetensors"]
+        weight_map, names = {}, ["model.safetensors"]
     else:
-        raise CheckpointError(f"{directory} has no {INDEX} or model.safetensors")
+        raise CheckpointError(
+            f"{directory} has no {INDEX} or model.safetensors: no weights to load; {REDO}"
+        )
+    paths = []
+    for name in names:
+        # judged by the name, not where it resolves: a Hugging Face cache's shards are
+        # symlinks into its blob store, and are fine
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if not parts or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            raise CheckpointError(
+                f"{directory / INDEX} names shard {name!r}, outside the model directory; "
+                f"refusing to read it: {REDO} from a source you trust"
+            )
+        if not (directory / name).is_file():
+            raise CheckpointError(
+                f"weight shard {directory / name} listed in the index is missing; {REDO}"
+            )
+        paths.append(directory / name)
+    return weight_map, paths
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Refuse a shard whose 8-byte header length is absent, oversized or past the end of the
+    file, before the safetensors reader sees it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read ({exc.strerror or exc}); {REDO}") from exc
+    if len(head) < 8:
+        raise CheckpointError(f"{path} is empty or truncated ({size} bytes); {REDO}")
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(
+            f"{path}: the safetensors header claims {n:,} bytes (at most {MAX_HEADER_BYTES:,} "
+            f"are read); the file is corrupt or not safetensors: {REDO}"
+        )
+    if 8 + n > size:
+        raise CheckpointError(
+            f"{path} is truncated: its header claims {n:,} bytes, the file holds {size:,}; {REDO}"
+        )
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file, checked header first; one CheckpointError line
+    for anything unreadable."""
+    check_safetensors_header(path)
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                tensors[name] = f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({reason}); {REDO}"
+        ) from exc
+    return tensors
+
+
+def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Read every tensor listed in the index (or a single model.safetensors)."""
+    weight_map, paths = shard_files(directory)
     tensors: dict[str, torch.Tensor] = {}
-    for fname in files:
-        path = directory / fname
-        if not path.exists():
-            raise CheckpointError(f"weight shard {path} listed in the index is missing")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    tensors[name] = f.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    for path in paths:
+        tensors.update(read_safetensors(path))
     missing = set(weight_map) - set(tensors)
     if missing:
         raise CheckpointError(
-            f"tensors listed in the index but absent from shards: {sorted(missing)[:5]}"
+            f"tensors listed in the index but absent from shards: {sorted(missing)[:5]}; {REDO}"
         )
     return tensors
 
@@ -144,20 +286,22 @@ def check_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], s
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise CheckpointError(
-            f"{source} does not match the model config: missing {missing[:5]}, unexpected {extra[:5]}"
+            f"{source} does not match the model config: missing {missing[:5]}, unexpected "
+            f"{extra[:5]}; {REDO}"
         )
     for name, ref in expected.items():
         got = tensors[name]
         if got.shape != ref.shape:
             raise CheckpointError(
-                f"{source}: {name} has shape {tuple(got.shape)}, config expects {tuple(ref.shape)}"
+                f"{source}: {name} has shape {tuple(got.shape)}, config.json implies "
+                f"{tuple(ref.shape)}; {REDO}"
             )
         if not got.is_floating_point():
             raise CheckpointError(
-                f"{source}: {name} has dtype {got.dtype}, expected a float tensor"
+                f"{source}: {name} has dtype {got.dtype}, expected a float tensor; {REDO}"
             )
         if not torch.isfinite(got).all():
-            raise CheckpointError(f"{source}: {name} contains NaN or Inf values")
+            raise CheckpointError(f"{source}: {name} contains NaN or Inf values; {REDO}")
 
 
 def save_model(
@@ -170,12 +314,13 @@ def save_model(
 ) -> Path:
     """Write `model` to `out` atomically. `extra_files` maps names to source paths, text or JSON."""
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
-        write_json(
-            tmp / CONFIG, {**model.config_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
-        )
         tensors = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
         save_tensors(tensors, tmp)
         write_extra_files(tmp, extra_files)
+        # last: a directory without config.json is refused by every loader
+        write_json(
+            tmp / CONFIG, {**model.config_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
+        )
     return Path(out)
 
 
@@ -198,8 +343,8 @@ def load_model(
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a model directory")
     config = read_json(directory / CONFIG)
-    model = build_model(config)
     tensors = load_tensors(directory)
-    check_state_dict(model, tensors, str(directory))
+    check_state_dict(probe_model(config), tensors, str(directory))
+    model = build_model(config)  # allocates only sizes the checked tensors have
     model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
     return model.to(device).eval()

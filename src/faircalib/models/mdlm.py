@@ -24,6 +24,18 @@ from faircalib.errors import CheckpointError
 from faircalib.models.base import BlockContext, DiffusionLM, subs_log_probs
 from faircalib.models.schedule import LogLinearSchedule
 
+# config field -> accepted range (far beyond any real MDLM: 8B models have ~32 blocks)
+_INT_RANGES = {
+    "vocab_size": (2, 2**22),
+    "mask_id": (0, 2**22),
+    "seq_len": (1, 2**20),
+    "hidden_dim": (2, 2**16),
+    "cond_dim": (1, 2**16),
+    "n_blocks": (1, 1024),
+    "n_heads": (1, 1024),
+    "mlp_ratio": (1, 64),
+}
+
 
 @dataclass
 class MDLMConfig:
@@ -39,19 +51,41 @@ class MDLMConfig:
     time_conditioning: bool = False
 
     def __post_init__(self) -> None:
+        for name, (low, high) in _INT_RANGES.items():
+            value = getattr(self, name)
+            # bool is an int to Python, not to a config; bounds keep a lying config from
+            # building millions of modules before its tensors are compared
+            if type(value) is not int or not low <= value <= high:
+                raise CheckpointError(
+                    f"MDLM config field {name} must be an integer in [{low}, {high:,}], got "
+                    f"{value!r}; fix config.json"
+                )
+        if type(self.time_conditioning) is not bool:
+            raise CheckpointError(
+                f"MDLM config field time_conditioning must be true or false, got "
+                f"{self.time_conditioning!r}; fix config.json"
+            )
+        if type(self.dropout) not in (int, float) or not 0 <= self.dropout < 1:
+            raise CheckpointError(
+                f"MDLM config field dropout must be a number in [0, 1), got {self.dropout!r}; "
+                "fix config.json"
+            )
         if self.hidden_dim % self.n_heads or (self.hidden_dim // self.n_heads) % 2:
             raise CheckpointError(
-                f"hidden_dim {self.hidden_dim} must split into {self.n_heads} heads of even size"
+                f"hidden_dim {self.hidden_dim} must split into {self.n_heads} heads of even size; "
+                "fix config.json"
             )
         if not 0 <= self.mask_id < self.vocab_size:
-            raise CheckpointError(f"mask_id {self.mask_id} outside vocabulary of {self.vocab_size}")
+            raise CheckpointError(
+                f"mask_id {self.mask_id} outside vocabulary of {self.vocab_size}; fix config.json"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MDLMConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known - {"family", "torch_dtype", "quantization_config", "faircalib"}
         if unknown:
-            raise CheckpointError(f"unknown MDLM config fields: {sorted(unknown)}")
+            raise CheckpointError(f"unknown MDLM config fields: {sorted(unknown)}; fix config.json")
         return cls(**{k: v for k, v in d.items() if k in known})
 
 

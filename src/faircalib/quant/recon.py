@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from faircalib import distributed
 from faircalib.quant.primitives import (
     QParams,
     QuantResult,
@@ -187,7 +188,10 @@ def optimise(
         for p in gains + offsets:
             p.grad = None
         loss.backward()
-        value = float(loss.detach())
+        # torchrun: each rank's loss is its share of the global one (calib.recon), so summed
+        # gradients and values are the global ones; one process: no-ops
+        distributed.all_reduce_grads(gains + offsets)
+        value = distributed.sum_float(float(loss.detach()))
         best.train_first = value if best.train_first is None else best.train_first
         best.train_last = value
         if adam is not None:
@@ -209,10 +213,22 @@ def optimise(
     with torch.no_grad():
         for p, saved in zip(gains + offsets, snapshot, strict=True):
             p.copy_(saved)
+    # every rank took the same steps on the same summed gradients; rank 0's values make the
+    # ranks' models identical even if a backend's reduction differed in the last bit
+    distributed.broadcast_params(gains + offsets)
     return best
 
 
 def weighted_mse(out: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_r w_r ||out_r - target_r||^2 / sum_r w_r over rows (all but the last dim)."""
+    num, den = weighted_sq_sums(out, target, weights)
+    return num / den.clamp(min=1e-12)
+
+
+def weighted_sq_sums(
+    out: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_r w_r ||out_r - target_r||^2, sum_r w_r): `weighted_mse`'s numerator and
+    denominator, for losses whose denominator is summed over ranks."""
     err = ((out.float() - target.float()) ** 2).sum(-1)  # [...]
-    return (err * weights).sum() / weights.sum().clamp(min=1e-12)
+    return (err * weights).sum(), weights.sum()

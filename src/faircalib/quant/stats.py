@@ -61,6 +61,33 @@ class LayerInputs:
         return acc.finish()
 
 
+@dataclass
+class RowBatch:
+    """One batch of a layer's input rows, summarised: what `LayerInputsAccumulator.fold` adds."""
+
+    n_rows: int
+    absmax: torch.Tensor  # [in] float32: max_r |x_r|
+    weight_sum: float  # sum_r w_r, in float64
+    abs_sum: torch.Tensor  # [in] float32: sum_r w_r |x_r|
+    gram: torch.Tensor  # [in, in] float32: sum_r w_r x_r x_r^T
+    rows: torch.Tensor  # [n_rows, in] float32, the rows themselves (for the sample)
+    weights: torch.Tensor  # [n_rows] float32
+
+    def candidates(
+        self, keys: torch.Tensor, limit: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, rows, weights) of the rows that may enter a bottom-`limit` sample: rows with
+        w > 0 (zero-weight rows carry no loss, so they would waste sample slots) and, with a
+        limit, only keys up to the batch's limit-th smallest - no other row can be among the
+        `limit` smallest keys overall. Batch order is kept (ties at the cut stay in)."""
+        keep = self.weights > 0
+        keys, rows, weights = keys[keep], self.rows[keep], self.weights[keep]
+        if limit is not None and keys.shape[0] > limit:
+            cut = keys <= torch.kthvalue(keys.cpu(), limit).values.to(keys.device)
+            keys, rows, weights = keys[cut], rows[cut], weights[cut]
+        return keys, rows, weights
+
+
 class LayerInputsAccumulator:
     """Streaming builder of `LayerInputs`; deterministic for a seed on any device.
 
@@ -89,18 +116,47 @@ class LayerInputsAccumulator:
 
     def add(self, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> None:
         """x: [..., in] activations; row_weights: [...] (x's leading shape) or None for ones."""
+        batch = self.summarise(x, row_weights)
+        self.fold(batch, *batch.candidates(self.draw_keys(batch.n_rows)))
+
+    # `add` in three steps, so data-parallel calibration (faircalib.calib.dataparallel) can
+    # summarise a batch on one rank and fold it into every rank's accumulator in batch order:
+    # folding the same summaries in the same order gives the same bits as one process.
+    def summarise(self, x: torch.Tensor, row_weights: torch.Tensor | None = None) -> RowBatch:
+        """One batch's sums (x: [..., in], row_weights: x's leading shape or None)."""
         if x.shape[-1] != self.in_features:
             raise DataError(f"expected rows of {self.in_features} features, got {tuple(x.shape)}")
         rows = x.detach().reshape(-1, self.in_features).to(self.device, torch.float32)  # [N, in]
         w = self._row_weights(row_weights, x.shape[:-1], rows.shape[0])  # [N]
         if not torch.isfinite(rows).all():
             raise CheckpointError("layer inputs contain NaN or Inf: the float model is unstable")
-        self._n_rows += rows.shape[0]
-        self._absmax = torch.maximum(self._absmax, rows.abs().amax(dim=0))
-        self._weight_sum += float(w.double().sum())
-        self._abs_sum += (w[:, None] * rows.abs()).sum(dim=0).double()
-        self._h += (rows.T @ (w[:, None] * rows)).double()  # [in, in]
-        self._update_sample(rows, w)
+        return RowBatch(
+            n_rows=rows.shape[0],
+            absmax=rows.abs().amax(dim=0),
+            weight_sum=float(w.double().sum()),
+            abs_sum=(w[:, None] * rows.abs()).sum(dim=0),
+            gram=rows.T @ (w[:, None] * rows),
+            rows=rows,
+            weights=w,
+        )
+
+    def draw_keys(self, n_rows: int) -> torch.Tensor:
+        """The next `n_rows` sampling keys of the seeded stream: [n_rows] on the device.
+        Keys are drawn for every row (not only w > 0) so the random stream, and hence the
+        sample, does not depend on which rows happen to have zero weight."""
+        return torch.rand(n_rows, generator=self._gen).to(self.device)
+
+    def fold(
+        self, batch: RowBatch, keys: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """Add a batch's sums, then offer its sample candidates (keys [c], rows [c, in],
+        weights [c]: rows with w > 0, possibly only those that can still enter the sample)."""
+        self._n_rows += batch.n_rows
+        self._absmax = torch.maximum(self._absmax, batch.absmax)
+        self._weight_sum += batch.weight_sum
+        self._abs_sum += batch.abs_sum.double()
+        self._h += batch.gram.double()  # [in, in]
+        self._update_sample(keys, rows, weights)
 
     def _row_weights(self, row_weights: torch.Tensor | None, lead_shape, n: int) -> torch.Tensor:
         if row_weights is None:
@@ -115,14 +171,10 @@ class LayerInputsAccumulator:
             raise DataError("row weights must be finite and >= 0")
         return w
 
-    def _update_sample(self, rows: torch.Tensor, w: torch.Tensor) -> None:
-        # Keys are drawn for every row (not only w > 0) so the random stream, and hence the
-        # sample, does not depend on which rows happen to have zero weight.
-        keys = torch.rand(rows.shape[0], generator=self._gen).to(self.device)  # [N]
-        keep = w > 0  # zero-weight rows carry no loss, so they would waste sample slots
-        keys_all = torch.cat([self._keys, keys[keep]])
-        rows_all = torch.cat([self._sample, rows[keep]])
-        w_all = torch.cat([self._sample_w, w[keep]])
+    def _update_sample(self, keys: torch.Tensor, rows: torch.Tensor, w: torch.Tensor) -> None:
+        keys_all = torch.cat([self._keys, keys])
+        rows_all = torch.cat([self._sample, rows])
+        w_all = torch.cat([self._sample_w, w])
         k = min(self.max_sample_rows, keys_all.shape[0])
         idx = torch.topk(keys_all, k, largest=False, sorted=True).indices
         self._keys, self._sample, self._sample_w = keys_all[idx], rows_all[idx], w_all[idx]

@@ -1,0 +1,74 @@
+"""Files that are either complete or absent: written under a temporary sibling name, then
+renamed into place (a rename within one directory is atomic on POSIX file systems), so a
+killed process leaves at most a hidden `.NAME.tmp-PID` file, never a truncated NAME."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from faircalib.errors import OutputError
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary sibling of `path` this process writes first."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def os_error_message(path: Path, exc: OSError) -> str:
+    """One line for a failed write: what, where, and what to do about it."""
+    reason = exc.strerror or str(exc)
+    return (
+        f"cannot write {path}: {reason}; choose a writable location with free space "
+        "(or free some) and run the command again"
+    )
+
+
+@contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; it becomes `path` only if the block finishes."""
+    path = Path(path)
+    tmp = tmp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(os_error_message(path, exc)) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, obj: Any, indent: int | None = 2, **kwargs: Any) -> None:
+    write_text(path, json.dumps(obj, indent=indent, **kwargs) + "\n")
+
+
+def save_figure(fig: Any, path: Path, **kwargs: Any) -> None:
+    """matplotlib's savefig, atomically (the format comes from `path`'s suffix)."""
+    path = Path(path)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or None, **kwargs)
+
+
+def check_writable_dir(directory: Path) -> None:
+    """Create `directory` if needed and prove a file can be written there (as root, permission
+    bits prove nothing: a read-only mount or /proc is found only by trying)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(os_error_message(directory, exc)) from exc

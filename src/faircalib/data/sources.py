@@ -1,0 +1,281 @@
+"""Where text comes from: a shipped corpus, or the user's own data.
+
+`load_source(spec, split, text_field)` accepts
+  - a shipped corpus name (`wikitext2`, `c4`; see `faircalib data`),
+  - a plain-text file: one document per blank-line-separated block,
+  - a JSON Lines file (`.jsonl`, `.json`, `.ndjson`; gzip-compressed or not), one document per
+    line, its text in `text_field`,
+  - a Parquet file (needs pyarrow: the `data` extra), one document per row,
+  - a directory written by `datasets`' `save_to_disk`, or a hub dataset id `owner/name`
+    (both need `datasets`: the `data` extra; the hub needs a network).
+Every source carries the sha256 and document count that result records report, so a number can
+always be traced to the exact text behind it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from faircalib.errors import DataError
+
+DATA_EXTRA = "pip install 'faircalib[data]'"
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+HUB_DATASET = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+DEFAULT_CALIB_SPLIT = {"c4": "train"}  # a shipped corpus's calibration split
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Documents plus their provenance. `rows` are the units MDLM's protocol puts an
+    end-of-text after (WikiText: its Hugging Face rows, i.e. lines); they equal `docs`
+    everywhere else."""
+
+    name: str  # what the user passed: a corpus name, a path or a hub id
+    kind: str  # shipped | text | jsonl | parquet | datasets-dir | hub
+    split: str | None
+    text_field: str | None
+    docs: tuple[str, ...]
+    sha256: str
+    sha256_of: str  # what was hashed: file, decompressed file, directory files, text
+    rows: tuple[str, ...] | None = None
+
+    @property
+    def row_texts(self) -> tuple[str, ...]:
+        return self.docs if self.rows is None else self.rows
+
+    @property
+    def key(self) -> tuple:
+        """Identity for caches: the same key means the same documents."""
+        return (self.kind, self.name, self.split, self.text_field, self.sha256)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.split}" if self.split else self.name
+
+    def record(self) -> dict:
+        """What a results file states about its data."""
+        return {
+            "data": self.name,
+            "format": self.kind,
+            "split": self.split,
+            "text_field": self.text_field,
+            "documents": len(self.docs),
+            **({"rows": len(self.rows)} if self.rows is not None else {}),
+            "sha256": self.sha256,
+            "sha256_of": self.sha256_of,
+        }
+
+
+def load_source(spec: str, split: str | None = None, text_field: str = "text") -> TextSource:
+    """Resolve `spec` (corpus name, file, datasets directory or hub id) into a TextSource."""
+    from faircalib.data.corpora import CORPORA
+
+    if spec in CORPORA:
+        return shipped_source(spec, split)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _datasets_dir(path, split, text_field)
+    if path.is_file():
+        if split is not None:
+            raise DataError(f"{spec} is a single file: it has no splits (drop --split {split})")
+        return _file_source(path, text_field)
+    if HUB_DATASET.fullmatch(spec) and not path.suffix:
+        return _hub_dataset(spec, split, text_field)
+    raise DataError(
+        f"{spec!r} is neither a shipped corpus ({', '.join(sorted(CORPORA))}) nor an existing "
+        "file or directory (nor a hub dataset id owner/name); check the name or path"
+    )
+
+
+def shipped_source(corpus: str, split: str | None) -> TextSource:
+    from faircalib.data.corpora import CORPORA, load_rows, load_texts
+
+    if split is None:
+        raise DataError(
+            f"shipped corpus {corpus!r} needs a split: choose one of {sorted(CORPORA[corpus])}"
+        )
+    docs = tuple(load_texts(corpus, split))  # checks corpus, split and checksum
+    _, sha, kind = CORPORA[corpus][split]
+    if kind == "docs-gz":  # one row per document
+        return TextSource(corpus, "shipped", split, None, docs, sha, "file")
+    rows = tuple(load_rows(corpus, split))
+    return TextSource(corpus, "shipped", split, None, docs, sha, "decompressed file", rows)
+
+
+# --- files ------------------------------------------------------------------------------------
+def _file_source(path: Path, text_field: str) -> TextSource:
+    raw = path.read_bytes()
+    sha = hashlib.sha256(raw).hexdigest()
+    if path.suffix == ".parquet":
+        return TextSource(
+            str(path), "parquet", None, text_field, _parquet_docs(path, text_field), sha, "file"
+        )
+    data = _maybe_gunzip(raw, path)
+    base_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    if base_suffix in JSON_SUFFIXES:
+        docs = _jsonl_docs(_utf8(data, path), path, text_field)
+        return TextSource(str(path), "jsonl", None, text_field, docs, sha, "file")
+    docs = plain_text_docs(_utf8(data, path))
+    return TextSource(str(path), "text", None, None, docs, sha, "file")
+
+
+def _maybe_gunzip(raw: bytes, path: Path) -> bytes:
+    if raw[:2] != b"\x1f\x8b":  # gzip magic: trust the bytes, not the name
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError) as exc:
+        raise DataError(
+            f"{path} looks gzip-compressed but cannot be read ({exc}); check the file"
+        ) from exc
+
+
+def _utf8(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); convert it first") from exc
+
+
+def plain_text_docs(text: str) -> tuple[str, ...]:
+    """One document per block of text between blank lines (whitespace-only lines count as
+    blank); surrounding whitespace is stripped and empty blocks are dropped."""
+    blocks = re.split(r"\n[ \t\r\f\v]*\n", text.replace("\r\n", "\n"))
+    return tuple(b.strip() for b in blocks if b.strip())
+
+
+def _jsonl_docs(text: str, path: Path, field: str) -> tuple[str, ...]:
+    docs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {number} is not JSON ({exc.msg}); fix that line") from exc
+        docs.append(_field(obj, field, f"{path} line {number}"))
+    return tuple(docs)
+
+
+def _field(obj: object, field: str, where: str) -> str:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where} is not a JSON object with a {field!r} field; fix that line")
+    if field not in obj:
+        raise DataError(f"{where} has no field {field!r} (fields: {sorted(obj)}); use --text-field")
+    value = obj[field]
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: field {field!r} is {type(value).__name__}, not text; fix it or use "
+            "another --text-field"
+        )
+    return value
+
+
+def _parquet_docs(path: Path, field: str) -> tuple[str, ...]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise DataError(f"reading Parquet ({path.name}) needs pyarrow: {DATA_EXTRA}") from exc
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid for non-Parquet bytes
+        raise DataError(f"{path} is not a readable Parquet file ({exc}); check the file") from exc
+    if field not in schema.names:
+        raise DataError(
+            f"{path} has no column {field!r} (columns: {schema.names}); use --text-field"
+        )
+    values = pq.read_table(path, columns=[field]).column(field).to_pylist()
+    return tuple(_check_text(v, f"{path} row {i}", field) for i, v in enumerate(values))
+
+
+def _check_text(value: object, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: column {field!r} is {type(value).__name__}, not text; use another "
+            "--text-field"
+        )
+    return value
+
+
+# --- the `datasets` library -------------------------------------------------------------------
+def _datasets():
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError(
+            f"loading a `datasets` dataset needs the datasets package: {DATA_EXTRA}"
+        ) from exc
+    return datasets
+
+
+def _datasets_dir(path: Path, split: str | None, field: str) -> TextSource:
+    datasets = _datasets()
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as exc:
+        raise DataError(
+            f"{path} is a directory but not a dataset saved with save_to_disk; pass a file or "
+            "such a directory"
+        ) from exc
+    table, split = _pick_split(loaded, split, str(path))
+    docs = _dataset_docs(table, field, str(path))
+    return TextSource(
+        str(path), "datasets-dir", split, field, docs, directory_sha256(path), "directory files"
+    )
+
+
+def _hub_dataset(name: str, split: str | None, field: str) -> TextSource:
+    datasets = _datasets()
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # offline, unknown, gated: one line either way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"{name!r} is not a local file or directory, and loading it as a hub dataset failed "
+            f"({first}); check the id or pass a local file"
+        ) from exc
+    table, split = _pick_split(loaded, split, name)
+    docs = _dataset_docs(table, field, name)
+    return TextSource(name, "hub", split, field, docs, text_sha256(docs), "text")
+
+
+def _pick_split(loaded, split: str | None, where: str):
+    """A Dataset as-is; from a DatasetDict the requested split, or its only one."""
+    if not hasattr(loaded, "keys"):  # a single Dataset
+        return loaded, split
+    names = sorted(loaded.keys())
+    if split is None and len(names) == 1:
+        split = names[0]
+    if split not in names:
+        raise DataError(f"{where} has splits {names}; choose one with --split / --calib-split")
+    return loaded[split], split
+
+
+def _dataset_docs(table, field: str, where: str) -> tuple[str, ...]:
+    if field not in table.column_names:
+        raise DataError(
+            f"{where} has no column {field!r} (columns: {table.column_names}); use --text-field"
+        )
+    return tuple(_check_text(v, f"{where} row {i}", field) for i, v in enumerate(table[field]))
+
+
+def directory_sha256(path: Path) -> str:
+    """sha256 over every file below `path`: relative path and bytes, in sorted path order."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def text_sha256(docs: tuple[str, ...]) -> str:
+    """sha256 of the documents, each followed by a NUL byte (no file to hash: hub data)."""
+    digest = hashlib.sha256()
+    for doc in docs:
+        digest.update(doc.encode("utf-8") + b"\0")
+    return digest.hexdigest()

@@ -110,7 +110,6 @@ def method_config(args: argparse.Namespace):
         stage2 = {"steps": args.recon_steps, "e2e_steps": args.e2e_steps}
         knobs["recon"] = ReconConfig(**{k: v for k, v in stage2.items() if v is not None})
         knobs["preset"] = args.fair_preset
-    if args.method in ("fair", "recon"):
         knobs.update(
             base=args.fair_base,
             weighting=args.fair_weighting,

@@ -222,11 +222,13 @@ def markdown(out: dict) -> str:
     ]
     for e in out["summary"]:
         w, c = e["wikitext2:test"], e["c4:validation"]
+        # no GPTQ row in the run: nothing to divide by
+        vs = f"{e['time_vs_gptq']:.2f}x" if "time_vs_gptq" in e else "-"
         lines.append(
             f"| {e['scheme']} | {e['variant']} | {e['n']} | {w:.2f} +- "
             f"{e['wikitext2:test_std']:.2f} | {100 * (w / fp['wikitext2:test'] - 1):+.2f}% | "
             f"{c:.2f} | {100 * (c / fp['c4:validation'] - 1):+.2f}% | {e['calib_s']:.1f} | "
-            f"{e.get('time_vs_gptq', float('nan')):.2f}x |"
+            f"{vs} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -3,8 +3,9 @@
     python benchmarks/kernels.py --out benchmarks/results/kernels          # GPU, ~2-4 minutes
     python benchmarks/kernels.py --smoke --out /tmp/kernels                # CPU, tiny, seconds
 
-For M in {1, ..., 4096} and the 8B-model layer shapes (in x out) 4096x4096, 4096x14336 and
-14336x4096 it times, per call:
+For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4096x4096,
+4096x14336, 14336x4096), LLaDA-8B's MLP (4096x12288 up/gate, 12288x4096 down) and Dream-7B's
+(3584x18944, 18944x3584, and 3584x512: its grouped K/V projections) it times, per call:
   bf16          F.linear with a bf16 weight (cuBLAS)
   int4_torch    QuantLinear int4 g128 asym on torch's int4 kernel (_weight_int4pack_mm on GPU,
                 _weight_int4pack_mm_for_cpu on the CPU)
@@ -25,8 +26,10 @@ For M in {1, ..., 4096} and the 8B-model layer shapes (in x out) 4096x4096, 4096
   triton_dq     QuantLinear int4 g128: our Triton dequantizer to bf16, then cuBLAS
   auto_w4       QuantLinear int4 g128 with backend "auto": what a user gets (W4_AUTO's choice)
 Timing: median over timed rounds after warm-up (CUDA events on GPU); every round calls each of
-several independent (weight, input) copies in turn, together larger than 4x the L2 cache, so
-no call finds its operands cached by the previous one. On the GPU each round is captured in a
+several independent (weight, input) copies in turn, together larger than 4x the L2 cache (the
+copies are counted from each backend's weight bytes: 3584x512 in int4 is 0.9 MB, so it rotates
+hundreds of copies; a 100 MB bf16 weight two), so no call finds its operands cached by the
+previous one; each row records `copies`, `rotation_bytes` and `rotation_vs_l2`. On the GPU each round is captured in a
 CUDA graph and replayed, so a cell is the kernels' device time (bf16 included); `auto_w4_eager`
 times the same calls from Python, showing what per-call dispatch adds when a step is not
 captured (faircalib.models.cuda_graph captures whole denoising steps). Correctness: at every shape and M, a
@@ -59,7 +62,28 @@ from faircalib.kernels.backends import BACKENDS, fp8_quantize, quantize_rows_int
 from faircalib.models.cuda_graph import capture
 from faircalib.quant.primitives import compute_qparams, dequantize, quantize
 
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
+SHAPES = [  # (in, out)
+    (4096, 4096),  # generic 8B (LLaMA-3-8B-like): attention projections
+    (4096, 14336),  # generic 8B: MLP up / gate
+    (14336, 4096),  # generic 8B: MLP down
+    (4096, 12288),  # LLaDA-8B: ff_proj / up_proj
+    (12288, 4096),  # LLaDA-8B: ff_out (down)
+    (3584, 18944),  # Dream-7B: gate_proj / up_proj
+    (18944, 3584),  # Dream-7B: down_proj
+    (3584, 512),  # Dream-7B: k_proj / v_proj (4 key/value heads of 128)
+]
+SHAPE_SOURCES = {
+    "4096x4096": "8B attention",
+    "4096x14336": "8B MLP up",
+    "14336x4096": "8B MLP down",
+    "4096x12288": "LLaDA-8B MLP up",
+    "12288x4096": "LLaDA-8B MLP down",
+    "3584x18944": "Dream-7B MLP up",
+    "18944x3584": "Dream-7B MLP down",
+    "3584x512": "Dream-7B k/v",
+}
+ROTATION_L2_MULTIPLE = 4  # the rotated copies together exceed this many L2 caches
+MAX_COPIES = 1024  # only a tiny weight needs more; then the rotation is recorded as short
 MS = [1, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 SMOKE_SHAPES = [(256, 512), (512, 256)]
 SMOKE_MS = [1, 16, 64]
@@ -246,9 +270,15 @@ def _captured(one_round: Callable[[], None], device: torch.device) -> tuple[Call
     return graph.replay, "graph"
 
 
+def copy_bytes(in_f: int, out_f: int, m: int, weight_bytes: float) -> float:
+    """Bytes one timed call reads: its weight and its bf16 input."""
+    return in_f * out_f * weight_bytes + m * in_f * 2
+
+
 def n_copies(flush_bytes: int, in_f: int, out_f: int, m: int, weight_bytes: float) -> int:
-    per_copy = in_f * out_f * weight_bytes + m * in_f * 2
-    return max(2, min(16, math.ceil(flush_bytes / per_copy)))
+    """Copies to rotate so that together they exceed `flush_bytes` (at least 2)."""
+    per_copy = copy_bytes(in_f, out_f, m, weight_bytes)
+    return max(2, min(MAX_COPIES, math.ceil(flush_bytes / per_copy)))
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -314,6 +344,11 @@ def _measure(
         ms_p20=_quantile(times, 0.2),
         ms_p80=_quantile(times, 0.8),
         copies=k,
+        rotation_bytes=int(k * copy_bytes(in_f, out_f, m, cand.weight_bytes)),
+        rotation_vs_l2=k
+        * copy_bytes(in_f, out_f, m, cand.weight_bytes)
+        * ROTATION_L2_MULTIPLE
+        / flush_bytes,
         timing=timing,
         rel_err=err,
         correct=err <= MAX_REL_ERR,
@@ -443,8 +478,13 @@ def markdown(result: dict) -> str:
         "",
     ]
     for shape in dict.fromkeys(r["shape"] for r in rows):
+        source = result.get("shape_sources", {}).get(shape, "")
+        rotation = [r["rotation_vs_l2"] for r in rows if r["shape"] == shape and "ms" in r]
         lines += [
-            f"## in x out = {shape}",
+            f"## in x out = {shape}" + (f" ({source})" if source else ""),
+            "",
+            f"Rotation per round: {min(rotation, default=0):.1f}-{max(rotation, default=0):.1f}x "
+            "the L2 cache.",
             "",
             "| M | bf16 (us) | " + " | ".join(names[1:]) + " |",
             "|---:|---:|" + "---:|" * (len(names) - 1),
@@ -489,8 +529,12 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shapes = list(dict.fromkeys(r["shape"] for r in result["rows"]))
-    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
-    for ax, shape in zip(axes[0], shapes, strict=True):
+    ncols = min(4, len(shapes))
+    nrows = math.ceil(len(shapes) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(shapes) :]:
+        ax.set_visible(False)
+    for ax, shape in zip(axes.flat, shapes, strict=False):
         for name in result["backends"]:
             pts = [
                 (r["M"], r["speedup_vs_bf16"])
@@ -534,7 +578,8 @@ def main(argv: list[str] | None = None) -> dict:
     cands = candidates(device)
     rows = []
     for in_f, out_f in shapes:
-        rows += bench_shape(in_f, out_f, ms, cands, device, 4 * l2, min_seconds)
+        flush = ROTATION_L2_MULTIPLE * l2
+        rows += bench_shape(in_f, out_f, ms, cands, device, flush, min_seconds)
         print(f"done {in_f}x{out_f}", file=sys.stderr)
     add_speedups(rows)
     result = {
@@ -546,6 +591,8 @@ def main(argv: list[str] | None = None) -> dict:
         "device_type": device.type,
         "dtype": "bfloat16",
         "shapes": [f"{i}x{o}" for i, o in shapes],
+        "shape_sources": {f"{i}x{o}": SHAPE_SOURCES.get(f"{i}x{o}", "smoke") for i, o in shapes},
+        "rotation_l2_multiple": ROTATION_L2_MULTIPLE,
         "Ms": ms,
         "backends": [c.name for c in cands],
         "max_rel_err": MAX_REL_ERR,

@@ -6,7 +6,8 @@
 #   bash benchmarks/run_gpu.sh wait kernels           # then collect
 # Jobs: kernels, e2e, throughput, bench, weighting (instability vs prior vs uniform, 3 seeds),
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
-# cudatests (tests/test_cuda.py on the GPU). Optional wheels (gemlite)
+# cudatests (tests/test_cuda.py on the GPU), llada-gptq / llada-fair / dream-gptq / dream-fair (8B-shaped,
+# benchmarks/llada_8b.py; one per lease is fine, rows accumulate in benchmarks/results/llada-8b-shape). Optional wheels (gemlite)
 # carried in .whl/ are installed into /tmp/site first.
 set -euo pipefail
 RES=${RES:-/root/results}
@@ -24,14 +25,17 @@ job_command() {
   cudatests) echo "mkdir -p $RES/cudatests; python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     > $RES/cudatests/cuda-tests.txt 2>&1; tail -3 $RES/cudatests/cuda-tests.txt" ;;
   reference) echo "python3 benchmarks/reference_models.py --device cuda --mc-samples 1,4 --out $RES/reference" ;;
-  bench) echo "python3 -m faircalib.cli bench --model mdlm-small --device cuda \
+  bench) echo "python3 -m faircalib.cli bench mdlm-small --device cuda \
     --methods rtn,gptq,awq,recon,fair --schemes w4g128,w4pc,w3g128,w3pc,w2g64,w8pc \
-    --calib-seeds 0,1,2 --seeded-schemes w4g128,w3g128 --nsamples 128 --eval-mc-samples 2 \
+    --calib-seeds 0,1,2 --seeded-schemes w4g128,w3g128 --nsamples 128 --mc-samples 2 \
     --flip-prompts 32 --flip-gen-length 64 --flip-steps 64 --out $RES/bench" ;;
   weighting) echo "python3 benchmarks/recon_sweep.py --model mdlm-small --device cuda \
     --schemes w3g128 --seeds 0,1,2 --variants fair,fair-prior,recon --out $RES/weighting" ;;
   ablation) echo "python3 benchmarks/fair_ablation.py --model mdlm-small --device cuda \
     --schemes 4:128,3:128 --nsamples 128,32,512 --out $RES/ablation" ;;
+  llada-gptq|llada-fair|dream-gptq|dream-fair)  # 8B-shaped rows, added to the recorded table
+    echo "mkdir -p $RES/$1; cp benchmarks/results/llada-8b-shape/llada_8b.json $RES/$1/ 2>/dev/null; \
+    python3 benchmarks/llada_8b.py --family ${1%-*} --method ${1#*-} --work /root/work --out $RES/$1" ;;
   *) echo "unknown job $1" >&2; exit 2 ;;
   esac
 }

@@ -101,7 +101,7 @@ def test_quantize_cli_fair_records_overhead(tmp_path: Path, capsys):
     out = tmp_path / "fair"
     args = ["quantize", "mdlm-tiny", "--method", "fair", "--bits", "4", "--group-size", "32"]
     args += ["--nsamples", "4", "--seq-len", "32", "--fair-steps", "4", "--fair-prefix-len", "8"]
-    args += ["--recon-steps", "4", "--e2e-steps", "4"]
+    args += ["--recon-steps", "4", "--e2e-steps", "4", "--format", "fake"]
     assert main([*args, "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["method"]["method"] == "fair" and len(summary["layers"]) == 16

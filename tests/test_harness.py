@@ -106,7 +106,7 @@ def test_fake_quant_and_packed_models(tmp_path, capsys):
 
     args = ["quantize", "mdlm-tiny", "--method", "rtn", "--bits", "4", "--group-size", "64"]
     args += ["--nsamples", "2", "--seq-len", "32", "--json"]
-    assert main([*args, "--out", str(tmp_path / "fake")]) == 0
+    assert main([*args, "--format", "fake", "--out", str(tmp_path / "fake")]) == 0
     assert main([*args, "--format", "packed", "--out", str(tmp_path / "packed")]) == 0
     capsys.readouterr()
     requests = [

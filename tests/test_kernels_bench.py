@@ -67,3 +67,28 @@ def test_gpu_mode_without_cuda_is_refused_clearly(script, tmp_path, capsys):
     with pytest.raises(SystemExit):
         load_script(script).main(["--out", str(tmp_path)])
     assert "--smoke" in capsys.readouterr().err
+
+
+def test_generation_8b_smoke_reports_tokens_per_second_per_scheme_and_cache(tmp_path):
+    result = load_script("generation_8b").main(
+        ["--smoke", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    )
+    on_disk = json.loads((tmp_path / "out" / "generation_8b.json").read_text())
+    assert on_disk["record"]["command"].startswith("python benchmarks/generation_8b.py --smoke")
+    rows = result["rows"]
+    cells = {(r["scheme"], r["batch"], r["cache"]) for r in rows}
+    assert cells == {
+        (s, b, c) for s in ("bf16", "w4_rtn") for b in (1, 2) for c in ("none", "prefix", "dual")
+    }
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["speedup_vs_bf16"] > 0
+        assert 0.0 <= r["flip_rate"] <= 1.0
+        if r["cache"] == "none":
+            assert r["flip_rate"] == 0.0 and r["row_fraction"] == 1.0
+            assert r["full_calls"] == r["model_calls"] == 16
+        else:  # 4 blocks: one refresh each, the other steps run fewer rows
+            assert r["full_calls"] == 4 and r["row_fraction"] < 1.0
+    dual = [r["row_fraction"] for r in rows if r["cache"] == "dual"]
+    prefix = [r["row_fraction"] for r in rows if r["cache"] == "prefix"]
+    assert max(dual) < min(prefix)
+    assert "| w4_rtn | 2 | dual |" in (tmp_path / "out" / "generation_8b.md").read_text()

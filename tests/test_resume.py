@@ -25,7 +25,7 @@ from faircalib.calib import progress as progress_mod
 from faircalib.calib.engine import quant_results
 from faircalib.calib.progress import PartialRun, fingerprint, partial_dir
 from faircalib.cli import main
-from faircalib.config import CalibConfig, ReconConfig
+from faircalib.config import CalibConfig, GPTQConfig, ReconConfig
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.models import save_model
 from faircalib.models.io import atomic_directory
@@ -39,6 +39,14 @@ FAIR = [
     *("--nsamples", "4", "--seq-len", "32", "--fair-steps", "4", "--fair-prefix-len", "8"),
     *("--recon-steps", "4", "--e2e-steps", "4", "--json"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def commit_every_block(monkeypatch):
+    """Commit after every block, so that an interruption after block k leaves k + 1 blocks
+    (deferred commits have their own test)."""
+    monkeypatch.setattr(PartialRun, "COMMIT_EVERY_S", 0.0)
+    monkeypatch.setenv("FAIRCALIB_COMMIT_EVERY_S", "0")
 
 
 def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
@@ -184,6 +192,46 @@ def test_resume_each_method_bit_identical(tiny, tmp_path, monkeypatch, method, w
     for name, result in ours.items():  # codes and scales too: what the packed writer stores
         assert torch.equal(result.codes, theirs[name].codes), name
         assert torch.equal(result.qparams.scale, theirs[name].qparams.scale), name
+
+
+def test_deferred_commits_lose_only_uncommitted_blocks_and_resume_exactly(
+    tiny, tmp_path, monkeypatch
+):
+    model, tokens = tiny
+    config, calib = method_config("gptq"), CalibConfig(n_samples=4, seq_len=32)
+    reference = copy.deepcopy(model)
+    quantize(reference, config, tokens, calib, progress=False)
+    directory = tmp_path / "q.partial"
+    monkeypatch.setattr(PartialRun, "COMMIT_EVERY_S", 1e9)  # nothing commits before the end
+    with monkeypatch.context() as patch:
+        interrupt_after_block(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            run(model, config, tokens, calib, directory, resume=False)
+    state = json.loads((directory / "progress.json").read_text())
+    assert state["finished_blocks"] == 0 and state["blocks"] == []
+    assert not list(directory.glob("state-*"))  # no cache was written
+    resumed = run(model, config, tokens, calib, directory, resume=True)
+    assert_identical(reference.state_dict(), resumed.state_dict())
+
+
+def test_bf16_progress_keeps_codes_not_weights_and_restores_exactly(tmp_path, monkeypatch):
+    from llama_like_ckpt import write_family  # a bf16 family: LLaDA's layout, tiny
+
+    model = hub.load(write_family(tmp_path / "llada", "llada"), dtype=torch.bfloat16)
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    config, calib = GPTQConfig(group_size=32), CalibConfig(n_samples=4, seq_len=32)
+    reference = copy.deepcopy(model)
+    quantize(reference, config, tokens, calib, progress=False)
+    directory = tmp_path / "q.partial"
+    with monkeypatch.context() as patch:
+        interrupt_after_block(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run(model, config, tokens, calib, directory, resume=False)
+    saved = load_file(str(directory / "block-00000.safetensors"))
+    assert saved and not [k for k in saved if k.endswith(".weight")]  # decode + bf16 is exact
+    resumed = run(model, config, tokens, calib, directory, resume=True)
+    assert_identical(reference.state_dict(), resumed.state_dict())
+    assert {v.dtype for k, v in resumed.state_dict().items() if "q_proj" in k} == {torch.bfloat16}
 
 
 def test_resume_refuses_a_different_run(tiny, tmp_path, monkeypatch):

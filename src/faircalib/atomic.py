@@ -72,3 +72,38 @@ def check_writable_dir(directory: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise OutputError(os_error_message(directory, exc)) from exc
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, which changes nothing; elsewhere
+    set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share(path: Path) -> Path:
+    """Give an output what any ordinary file gets: directories 0777 and files 0666 minus the
+    umask (0755 / 0644 under the usual 022), so colleagues can read it. Temporary files and
+    directories (mkstemp, mkdtemp) are created 0600 / 0700 and keep that through the rename
+    that publishes them; this undoes it. Symlinks are left alone."""
+    path = Path(path)
+    mask = current_umask()
+    try:
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o777 & ~mask)
+            for child in path.rglob("*"):
+                if child.is_symlink():
+                    continue
+                child.chmod((0o777 if child.is_dir() else 0o666) & ~mask)
+        elif path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
+    except OSError as exc:
+        raise OutputError(os_error_message(path, exc)) from exc
+    return path

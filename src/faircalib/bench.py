@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import faircalib
 from faircalib import atomic, distributed, hub
 from faircalib.errors import ConfigError
 
@@ -137,6 +138,7 @@ def run_record(argv: list[str] | None = None) -> dict:
     )
     return {
         "command": " ".join(argv if argv is not None else sys.argv),
+        "faircalib_version": faircalib.__version__,
         "git_commit": commit,
         "device": device,
         "torch": torch.__version__,

@@ -1,14 +1,22 @@
 """`faircalib` command line. Each sub-command lives in `faircalib.commands.<name>` and
-exposes `register(subparsers)`; this file only assembles them and turns errors into messages."""
+exposes `register(subparsers)`; this file only assembles them and turns errors into messages.
+
+Building the parser imports argparse and the command modules' flag definitions only: torch and
+everything that needs it are imported inside each command's `run`, on dispatch, so `faircalib
+--help` and every `--help` answer in a fraction of a second.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from typing import NoReturn
 
-from faircalib import __version__, distributed
+from faircalib import __version__
+from faircalib.commands.common import HelpFormatter, fill_defaults
 from faircalib.errors import FairCalibError
 
 COMMANDS = ["data", "train", "eval", "generate", "quantize", "bench"]
@@ -17,6 +25,10 @@ COMMANDS = ["data", "train", "eval", "generate", "quantize", "bench"]
 class Parser(argparse.ArgumentParser):
     """argparse with its errors on one line: the problem, then where the usage is (the default
     prints the whole usage block first, which buries the problem for long commands)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)  # sub-commands too: defaults shown
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -44,15 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     # Under torchrun (`torchrun --nproc-per-node N -m faircalib.cli ...`) ranks > 0 print
     # nothing and the command runs inside the process group; error lines go through
     # distributed.print_error, which prints only the first failing rank's. Without WORLD_SIZE
-    # all of this is a no-op.
-    with distributed.quiet_other_ranks():
+    # all of this is a no-op (and torch is not imported before a command runs).
+    quiet: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if "WORLD_SIZE" in os.environ:
+        from faircalib import distributed
+
+        quiet = distributed.quiet_other_ranks()
+    with quiet:
         return _main(argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = fill_defaults(build_parser().parse_args(argv))
+    args.argv = argv  # what the user typed: `quantize --config` lets explicit flags win
+    from faircalib import distributed  # torch: only once a command runs
+
     try:
-        with distributed.launched(getattr(args, "device", "cpu")):
+        with distributed.launched(getattr(args, "device", None) or "cpu"):
             return int(args.func(args) or 0)
     except FairCalibError as exc:
         distributed.print_error(f"faircalib {args.command}: error: {exc}")

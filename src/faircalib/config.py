@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+import numbers
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from faircalib.errors import ConfigError
@@ -20,6 +23,66 @@ AWQ_NO_CLIP_ROWS: dict[str, tuple[int, int]] = {
     "*q_proj": (1, 1),
     "*k_proj": (1, 1),
 }
+
+
+def check_fields(obj: Any) -> None:
+    """Refuse, in one line, a dataclass field whose value has the wrong type or is not one of
+    its Literal's names (`FairCalibConfig(base="nope")`, `bits=4.5`, `damp=float("nan")`).
+    Fields of other types (nested configs, dicts) are left to their own checks."""
+    hints = typing.get_type_hints(type(obj))
+    cls = type(obj).__name__
+    for f in fields(obj):
+        value, hint = getattr(obj, f.name), hints.get(f.name)
+        options = typing.get_args(hint)
+        if typing.get_origin(hint) is Literal:
+            if value not in options:
+                names = ", ".join(repr(o) for o in options)
+                raise ConfigError(f"{cls}: unknown {f.name} {value!r}; use one of {names}")
+            continue
+        optional = type(None) in options
+        if optional and value is None:
+            continue
+        base = next((o for o in options if o is not type(None)), hint) if optional else hint
+        if base is bool and not isinstance(value, bool):
+            raise ConfigError(f"{cls}: {f.name} must be true or false, got {value!r}")
+        if base is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise ConfigError(f"{cls}: {f.name} must be an integer, got {value!r}")
+        if base is float and (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not math.isfinite(value)
+        ):
+            raise ConfigError(f"{cls}: {f.name} must be a finite number, got {value!r}")
+        if base is str and not isinstance(value, str):
+            raise ConfigError(f"{cls}: {f.name} must be a string, got {value!r}")
+
+
+def check_at_least(obj: Any, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < minimum:
+            raise ConfigError(f"{type(obj).__name__}: {name} must be >= {minimum}, got {value!r}")
+
+
+def config_from_dict(data: dict[str, Any]) -> QuantConfig:
+    """The method config a `to_dict()` (quantization.json, recipe.json) describes; unknown
+    methods and field names are refused in one line rather than ignored."""
+    from faircalib.calib import METHOD_CONFIGS
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"a method config must be a JSON object, got {type(data).__name__}")
+    method = data.get("method", "rtn")
+    if method not in METHOD_CONFIGS:
+        raise ConfigError(f"unknown method {method!r}; use one of {sorted(METHOD_CONFIGS)}")
+    cls = METHOD_CONFIGS[method]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; known: {sorted(known)}")
+    kwargs = dict(data)
+    if "no_clip_rows" in kwargs and isinstance(kwargs["no_clip_rows"], dict):  # JSON lists
+        kwargs["no_clip_rows"] = {k: tuple(v) for k, v in kwargs["no_clip_rows"].items()}
+    return cls(**kwargs)
 
 
 def check_damp(damp: float) -> None:
@@ -40,6 +103,7 @@ class QuantConfig:
     scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.scale_dtype not in SCALE_DTYPES:
             raise ConfigError(
                 f"unsupported scale dtype {self.scale_dtype!r}; choose one of {SCALE_DTYPES}"
@@ -88,6 +152,7 @@ class GPTQConfig(QuantConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_damp(self.damp)
+        check_at_least(self, 1, "block_size")
 
 
 @dataclass
@@ -101,6 +166,12 @@ class AWQConfig(QuantConfig):
     max_shrink: float = 0.5
     n_clip_grid: int = 20
     no_clip_rows: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(AWQ_NO_CLIP_ROWS))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_at_least(self, 1, "n_grid", "n_clip_grid")
+        if not 0 <= self.max_shrink < 1:
+            raise ConfigError(f"AWQ max_shrink must be in [0, 1), got {self.max_shrink}")
 
 
 @dataclass
@@ -116,6 +187,8 @@ class SmoothQuantConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 2 <= self.act_bits <= 16:
+            raise ConfigError(f"SmoothQuant act_bits must be in 2..16, got {self.act_bits}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(
                 f"SmoothQuant alpha must be in [0, 1], got {self.alpha}; use e.g. --alpha 0.5"
@@ -153,6 +226,7 @@ class ReconConfig:
     e2e_rounding: bool = False  # also learn rounding offsets end to end (lr_round)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if min(self.steps, self.e2e_steps) < 0 or self.batch < 1 or self.e2e_batch < 1:
             raise ConfigError(
                 "reconstruction steps must be >= 0 and batches >= 1; use --recon-steps and "
@@ -236,6 +310,16 @@ class FairCalibConfig(QuantConfig):
                 "gamma, floor and max_weight must be >= 0; use non-negative --fair-gamma, "
                 "--fair-floor and --fair-max-weight"
             )
+        if not isinstance(self.recon, ReconConfig):
+            raise ConfigError(f"recon must be a ReconConfig or a dict, got {self.recon!r}")
+        check_at_least(self, 1, "n_prompts", "steps", "block_size")
+        check_at_least(self, 0, "prefix_len", "window", "noise_scale")
+        from faircalib.commands.common import SAMPLER_NAMES  # argparse only: no cycle
+
+        if self.sampler not in SAMPLER_NAMES:
+            raise ConfigError(
+                f"unknown FAIR-Calib sampler {self.sampler!r}; use one of {SAMPLER_NAMES}"
+            )
 
     @property
     def optimised(self) -> bool:
@@ -278,7 +362,7 @@ class CalibConfig:
     """What the calibration set is and how the dLLM sees it."""
 
     source: str = "c4"
-    split: str = "train"
+    split: str | None = "train"
     n_samples: int = 128
     seq_len: int | None = None  # None: the model's training length
     seed: int = 0
@@ -294,10 +378,32 @@ class CalibConfig:
     device: str = "cpu"
     # large models: blocks live on the CPU, one at a time on `device`; the result ends on the CPU
     offload: bool = False
+    # which block linears are quantized: glob patterns on full names (`blocks.*.mlp.*`);
+    # None = every quantizable linear (faircalib.calib.select)
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    # a cap on what FAIR-Calib's whole-model forwards (frontier tracking, instability scoring)
+    # use on `device`: batches shrink, and the model streams block by block if it must; None:
+    # the device's memory (results are then those of the default batches)
+    max_device_gib: float | None = None
+    # --quantize-head: weight-only RTN of the vocabulary layers the family declares
+    # (`DiffusionLM.vocab_layers`): 'int8' per channel (per token row), 'int4' in groups of
+    # 128 along the hidden dim; None (default) leaves them in float
+    quantize_head: Literal[None, "int8", "int4"] = None
 
     def __post_init__(self) -> None:
+        check_fields(self)
+        from faircalib.calib.select import check_patterns
+
+        self.include = check_patterns(self.include, "include")
+        self.exclude = check_patterns(self.exclude, "exclude")
+        if not 0 <= self.t_min < 1:
+            raise ConfigError(f"t_min must be in [0, 1), got {self.t_min}")
+        check_at_least(self, 1, "max_rows_per_layer")
         if self.n_samples < 1:
             raise ConfigError("calibration needs at least one sample; use --nsamples 1 or more")
+        if self.max_device_gib is not None and not self.max_device_gib > 0:
+            raise ConfigError(f"max_device_gib must be > 0 GiB, got {self.max_device_gib}")
         if self.seq_len is not None and self.seq_len < 1:
             raise ConfigError(
                 f"--seq-len must be at least 1, got {self.seq_len}; use a positive length or "
@@ -317,7 +423,10 @@ class CalibConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.quantize_head is None:  # off: the record (and resume fingerprint) as before
+            del out["quantize_head"]
+        return out
 
 
 @dataclass

@@ -18,6 +18,9 @@ from faircalib.models.base import REDO, read_json
 
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED_MODELS = ("mdlm-tiny", "mdlm-small")
+# the Gaussian families (no mask token): a separate tuple, because code and tests that walk
+# SHIPPED_MODELS feed them masked inputs
+SHIPPED_GAUSSIAN_MODELS = ("diffusionlm-tiny", "planner-tiny")
 
 
 # a Hugging Face repository id, "owner/name" (what is not a local directory and looks like one)
@@ -26,11 +29,12 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # never downloaded, let alone run; pickled weights (*.bin, *.pt) are not read either
 HUB_FILES = ["*.json", "*.safetensors"]
 MAX_TOKENIZER_BYTES = 256 * 2**20  # published tokenizer.json files are 1-20 MB
+GPT2_MASK_VOCAB = 50258  # GPT-2's 50,257 tokens + [MASK]: mdlm-owt's vocabulary
 
 
 def resolve(model: str | Path) -> Path:
     """A shipped model name, a path, or a Hugging Face repository id -> the model directory."""
-    if str(model) in SHIPPED_MODELS:
+    if str(model) in SHIPPED_MODELS + SHIPPED_GAUSSIAN_MODELS:
         path = ASSETS / "models" / str(model)
         if not path.is_dir():
             raise CheckpointError(f"shipped model {model} is not installed at {path}")
@@ -41,7 +45,8 @@ def resolve(model: str | Path) -> Path:
     if not path.exists() and HUB_ID.fullmatch(str(model)):
         return download(str(model))
     raise CheckpointError(
-        f"{model} is neither a shipped model ({', '.join(SHIPPED_MODELS)}), a model directory "
+        f"{model} is neither a shipped model "
+        f"({', '.join(SHIPPED_MODELS + SHIPPED_GAUSSIAN_MODELS)}), a model directory "
         "nor a Hugging Face repository id (owner/name); check the name or path"
     )
 
@@ -64,6 +69,26 @@ def download(repo_id: str) -> Path:
 def is_packed(directory: Path) -> bool:
     qconfig = read_json(Path(directory) / "config.json").get("quantization_config")
     return isinstance(qconfig, dict) and qconfig.get("quant_method") == "compressed-tensors"
+
+
+def is_mdlm_hf(directory: Path) -> bool:
+    """kuleshov-group's Hugging Face MDLM layout (`model_type: mdlm`, `backbone.*` tensors),
+    which `faircalib.models.loaders` reads; our own MDLM directories carry `family`."""
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        return False
+    config = read_json(config_path)
+    return config.get("model_type") == "mdlm" and "family" not in config
+
+
+def source_dtype(directory: Path) -> torch.dtype:
+    """The dtype a model directory's weights are stored in (config.json's torch_dtype or
+    dtype); float32 when it names none."""
+    config_path = Path(directory) / "config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    name = config.get("torch_dtype") or config.get("dtype")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    return dtypes.get(str(name).removeprefix("torch."), torch.float32)
 
 
 def check_device(device: str) -> torch.device:
@@ -91,13 +116,35 @@ def load(
         from faircalib.formats.packed import load_packed_model  # joins models and kernels
 
         return load_packed_model(directory, device=device, dtype=dtype)
+    if is_mdlm_hf(directory):  # kuleshov-group's published layout (mdlm-owt)
+        from faircalib.models.loaders import load_mdlm_hf
+
+        return load_mdlm_hf(directory, dtype=dtype).to(device).eval()
     from faircalib.calib.fakequant_io import load_fake_quant  # re-applies activation quantization
 
     return load_fake_quant(directory, device=device, dtype=dtype)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(model: str | Path, name: str) -> torch.dtype:
+    """A dtype name, or 'auto': the checkpoint's own (`source_dtype`)."""
+    if name == "auto":
+        return source_dtype(resolve(model))
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)} or auto")
+    return DTYPES[name]
+
+
 def load_tokenizer(model: str | Path) -> Tokenizer:
     path = resolve(model) / "tokenizer.json"
+    if not path.is_file() and is_mdlm_hf(path.parent):
+        # kuleshov-group/mdlm-owt ships no tokenizer: its vocabulary is GPT-2's plus [MASK]
+        from faircalib.data.tokenizers import gpt2_tokenizer
+
+        if read_json(path.parent / "config.json").get("vocab_size") == GPT2_MASK_VOCAB:
+            return gpt2_tokenizer()
     if not path.is_file():
         raise CheckpointError(
             f"{path.parent} has no tokenizer.json; copy the model's tokenizer.json into it"

@@ -1,8 +1,10 @@
-"""Training reference MDLMs: a plain loop in the spirit of nanoGPT.
+"""Training reference models (MDLM, Diffusion-LM, PLANNER): a plain loop in the spirit of nanoGPT.
 
 Data: jsonl(.xz/.gz) shards with a "text" field, tokenised once, documents joined by EOS
 into one token stream; each step draws random windows of `seq_len` tokens. Loss: the
-continuous-time NELBO per token with low-discrepancy t's. AdamW, linear warm-up, cosine
+continuous-time NELBO per token with low-discrepancy t's (each family's `training_loss`:
+the masked NELBO for MDLM, L_simple + rounding for Diffusion-LM, the full bound for PLANNER;
+the held-out number is always the family's bound, `nelbo`). A preset names its family. AdamW, linear warm-up, cosine
 decay, bf16 autocast on a GPU. The result is a normal model directory (config.json,
 safetensors shards, tokenizer.json, MODEL_CARD.md, train_log.json).
 """
@@ -25,7 +27,8 @@ from tqdm import tqdm
 
 from faircalib.data.tokenizers import EOS, MASK
 from faircalib.errors import DataError
-from faircalib.models import MDLM, MDLMConfig, save_model
+from faircalib.models import DiffusionLM, save_model
+from faircalib.models.io import build_model as build_from_config
 from faircalib.models.io import check_output_dir
 from faircalib.models.objective import nelbo_per_sequence, stratified_times
 
@@ -34,6 +37,45 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_dim=128, n_heads=4, n_blocks=4, cond_dim=32, seq_len=128),
     # ~20 M parameters: the main benchmark model (<= 40 MB of bf16)
     "small": dict(hidden_dim=384, n_heads=6, n_blocks=8, cond_dim=32, seq_len=512),
+    # Gaussian families (docs/models.md): tiny ones ship (<= 2 MB with the tokenizer; CPU)
+    "diffusionlm-tiny": dict(
+        family="diffusion_lm", embed_dim=16, hidden_dim=128, n_blocks=2, n_heads=4, seq_len=128
+    ),
+    "planner-tiny": dict(
+        family="planner",
+        embed_dim=16,
+        hidden_dim=128,
+        plan_dim=64,
+        n_blocks=2,
+        n_heads=4,
+        n_latents=4,
+        latent_dim=16,
+        seq_len=128,
+    ),
+    # the GPU versions (scripts/gpu_train_families.sh); not shipped
+    "diffusionlm-base": dict(
+        family="diffusion_lm",
+        embed_dim=128,
+        hidden_dim=768,
+        n_blocks=12,
+        n_heads=12,
+        mlp_ratio=4,
+        seq_len=128,
+    ),
+    "planner-small": dict(
+        family="planner",
+        embed_dim=256,
+        hidden_dim=512,
+        plan_dim=512,
+        n_blocks=8,
+        n_heads=8,
+        mlp_ratio=4,
+        enc_blocks=4,
+        n_prior_blocks=6,
+        n_latents=16,
+        latent_dim=32,
+        seq_len=256,
+    ),
 }
 
 
@@ -178,22 +220,26 @@ def random_windows(
     return stream[starts + offsets].long()  # [batch, seq_len]
 
 
-def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> MDLM:
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> DiffusionLM:
+    """The preset's family (MDLM when the preset names none), sized to the tokenizer. Gaussian
+    families take the mask id too: they never see it, and give it no mass."""
     mask_id = tokenizer.token_to_id(MASK)
     if mask_id is None:
         raise DataError(f"tokenizer {cfg.tokenizer} has no {MASK} token")
-    params = {**PRESETS[cfg.preset], **cfg.model_overrides}
-    return MDLM(MDLMConfig(vocab_size=tokenizer.get_vocab_size(), mask_id=mask_id, **params))
+    params = {"family": "mdlm", **PRESETS[cfg.preset], **cfg.model_overrides}
+    return build_from_config(
+        {"vocab_size": tokenizer.get_vocab_size(), "mask_id": mask_id, **params}
+    )
 
 
-def step_loss_fn(model: MDLM, cfg: TrainConfig, device: str):
+def step_loss_fn(model: DiffusionLM, cfg: TrainConfig, device: str):
     """The training loss (mean per-token NELBO of a batch) as one function of (x0, t, u),
     compiled whole when asked: forward, SUBS head and NELBO fuse, so the [B, L, V] float32
     log-probabilities are not written out several times. Falls back to eager where
     compilation does not work on this machine."""
 
     def loss(x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return nelbo_per_sequence(model, x0, t, u).mean() / model.seq_len
+        return model.training_loss(x0, t, u).mean() / model.seq_len
 
     if not cfg.compile:
         return loss
@@ -218,7 +264,7 @@ def autocast(device: str) -> torch.autocast:
 
 
 @torch.no_grad()
-def evaluate_loss(model: MDLM, stream: torch.Tensor, cfg: TrainConfig, device: str) -> float:
+def evaluate_loss(model: DiffusionLM, stream: torch.Tensor, cfg: TrainConfig, device: str) -> float:
     """Mean per-token NELBO on fixed held-out windows with fixed noise (comparable across steps)."""
     gen = torch.Generator().manual_seed(1234)
     model.eval()

@@ -12,7 +12,14 @@ import time
 
 import torch
 
-from faircalib.calib.engine import FakeQuantLinear, QuantReport, check_layers, quantize_model
+from faircalib.calib.engine import (
+    FakeQuantLinear,
+    QuantReport,
+    check_head,
+    check_layers,
+    quantize_head,
+    quantize_model,
+)
 from faircalib.calib.fair import fair_calibration_inputs
 from faircalib.calib.fakequant_io import load_fake_quant, save_quantized
 from faircalib.calib.inputs import calibration_inputs, masked_inputs, sampler_levels
@@ -53,20 +60,25 @@ def quantize(
     """Quantize `model` in place with `config` on calibration tokens [N, L].
 
     With `calib.offload` the engine keeps one block at a time on `calib.device` and returns the
-    model on the CPU. FAIR-Calib's frontier tracking runs the float model's sampler, which needs
-    the whole float model (plus a noisy copy for instability scoring) on the device once: it is
-    moved there for tracking and back to the CPU before the block-by-block calibration.
+    model on the CPU. FAIR-Calib's frontier tracking and instability scoring run the float model
+    whole: on the device if it fits `calib.max_device_gib` (default: the device's memory), else
+    one block at a time; the noisy model is the same model with noise applied block by block.
     `partial`: keep progress on disk and continue from it (`faircalib.calib.progress`).
     """
     calib = calib or CalibConfig()
     check_layers(model, config)
+    if calib.quantize_head is not None:  # refused now, not after calibration
+        check_head(model, calib.quantize_head)
     start = time.time()
+    device = torch.device(calib.device)
+    if device.type == "cuda":  # the peak this run needs, not what earlier work left behind
+        torch.cuda.reset_peak_memory_stats(device)
     extra: dict = {}
     recon, teacher = None, None
     if isinstance(config, FairCalibConfig):
         saved = partial.load_inputs() if partial is not None else None
         if saved is None:
-            inputs, extra = _fair_inputs(model, config, tokens, calib)
+            inputs, extra = _fair_inputs(model, config, tokens, calib, progress)
             if partial is not None:
                 partial.save_inputs(inputs, extra)
         else:  # frontier tracking is the costly part: never redone on resume
@@ -108,32 +120,69 @@ def quantize(
             text_ids=text_ids,
             clean=clean,
             scale_dtype=config_scale_dtype(config),
+            progress=progress,
         )
         report.recon.append({"block": "e2e", **e2e})
         report.timings["e2e_s"] = time.time() - tick
         del teacher
     elif recon is not None and recon.e2e_steps > 0:
         report.recon.append({"block": "e2e", "skipped": "offload"})
+    if calib.quantize_head is not None:  # after every block step: RTN of the vocab layers
+        tick = time.time()
+        report.head = quantize_head(
+            model, calib.quantize_head, getattr(config, "scale_dtype", None)
+        )
+        report.timings["head_s"] = time.time() - tick
     report.method = config.to_dict()
     report.timings.update({k: v for k, v in extra.items() if k.endswith("_s")})
     report.timings["wall_s"] = time.time() - start
     report.calib["fair"] = {k: v for k, v in extra.items() if not k.endswith("_s")}
+    report.resources = peak_memory(device)
     return report
 
 
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """Peak bytes of this process: tensors on a CUDA `device` (torch's allocator, since the
+    run's start) and host resident memory (since the process started)."""
+    out = {"peak_host_bytes": _peak_rss_bytes()}
+    if device.type == "cuda":
+        out["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        out["peak_device_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
+    return out
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        import resource
+    except ImportError:  # not on this platform (Windows)
+        return 0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS: bytes; Linux: KiB
+
+
 def _fair_inputs(
-    model: DiffusionLM, config: FairCalibConfig, tokens: torch.Tensor, calib: CalibConfig
+    model: DiffusionLM,
+    config: FairCalibConfig,
+    tokens: torch.Tensor,
+    calib: CalibConfig,
+    progress: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """FAIR-Calib's engine inputs - x_t [M, L], t [M], weights [M, L], text_ids [M], clean
     [M, L] - and the tracking diagnostics."""
-    model.to(calib.device)
+    if not calib.offload:  # offloaded: tracking places the model itself (resident or streamed)
+        model.to(calib.device)
     n_track = len(tokens) if config.inputs == "states" else len(tokens) // 2
     x_t, t, weights, extra = fair_calibration_inputs(
-        model, tokens[:n_track], config, calib.seed, calib.device, calib.views
+        model,
+        tokens[:n_track],
+        config,
+        calib.seed,
+        calib.device,
+        calib.views,
+        max_device_gib=calib.max_device_gib,
+        progress=progress,
     )
     text_ids = torch.arange(n_track).repeat(calib.views)
-    if calib.offload:
-        model.to("cpu")
     if n_track < len(tokens):  # the rest: masked at stratified t, as plain calibration does
         x_m, t_m = masked_inputs(model, tokens[n_track:], calib)
         x_t, t = torch.cat([x_m, x_t]), torch.cat([t_m, t])
@@ -178,12 +227,14 @@ def quantize_for_bench(
     offload: bool = False,
     progress: bool = True,
     source=None,
+    quantize_head: str | None = None,
     **method_kwargs,
 ) -> tuple[DiffusionLM, dict]:
     """Calibrate on `source` (a faircalib.data.sources.TextSource; None: C4 train, the shared
     default) and quantize; returns the model and its report.
 
-    offload: one block at a time on `device` during calibration; the model returns on the CPU."""
+    offload: one block at a time on `device` during calibration; the model returns on the CPU.
+    quantize_head: None, 'int8' or 'int4' (`CalibConfig.quantize_head`)."""
     from faircalib.data import calibration_batch
 
     config = METHOD_CONFIGS[method](bits=bits, group_size=group_size, **method_kwargs)
@@ -193,7 +244,13 @@ def quantize_for_bench(
         config.n_prompts = nsamples
     where = {"source": source.name, "split": source.split} if source is not None else {}
     calib = CalibConfig(
-        n_samples=nsamples, seq_len=seq_len, seed=seed, device=device, offload=offload, **where
+        n_samples=nsamples,
+        seq_len=seq_len,
+        seed=seed,
+        device=device,
+        offload=offload,
+        quantize_head=quantize_head,
+        **where,
     )
     report = quantize(model, config, tokens, calib, progress=progress)
     return model, report.to_dict()

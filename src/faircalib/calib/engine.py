@@ -15,6 +15,7 @@ module moves to the device and stays there.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,8 +64,17 @@ class FakeQuantLinear(nn.Module):
         self.result = result  # None when loaded from a fake-quant directory (no codes kept)
 
     @classmethod
-    def from_result(cls, result: QuantResult, bias: torch.Tensor | None) -> FakeQuantLinear:
-        return cls(result.weight, bias, result.input_scale, result.act_bits, result)
+    def from_result(
+        cls, result: QuantResult, bias: torch.Tensor | None, dtype: torch.dtype | None = None
+    ) -> FakeQuantLinear:
+        """dtype: the layer's weight dtype (the model's, e.g. bf16; None: the result's). The
+        weight is stored once, shared with `result` (an 8B model cannot hold two copies)."""
+        dtype = dtype or result.weight.dtype
+        weight = result.weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        layer = cls(weight, bias, result.input_scale, result.act_bits)
+        layer.result = dataclasses.replace(result, weight=layer.weight)
+        return layer
 
     def _apply(self, fn, recurse=True):
         # `result` is not a module: without this, .to("cpu") would leave the codes, qparams and
@@ -90,15 +100,21 @@ class QuantReport:
     layers: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     recon: list[dict] = field(default_factory=list)  # one optimisation log per block (stage 2)
+    resources: dict[str, int] = field(default_factory=dict)  # peak device / host bytes
+    head: list[dict] = field(default_factory=list)  # --quantize-head: one row per vocab layer
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "method": self.method,
             "calib": self.calib,
             "layers": self.layers,
             "timings": self.timings,
             "recon": self.recon,
+            "resources": self.resources,
         }
+        if self.head:  # only with --quantize-head: the record is unchanged without it
+            out["head"] = self.head
+        return out
 
 
 def check_layers(model: DiffusionLM, cfg: QuantConfig) -> None:
@@ -196,7 +212,7 @@ def quantize_model(
         first = partial.restore(model, cache, float_cache, report, home)
     blocks = tqdm(
         list(enumerate(model.blocks))[first:],
-        desc=f"{method_cfg.to_dict()['method']}",
+        desc=f"{'weighted ' * (row_weights is not None)}{method_cfg.to_dict()['method']}{' + recon' * bool(recon)}",
         disable=not progress,
         file=sys.stderr,
     )
@@ -243,7 +259,11 @@ def quantize_model(
         if calib_cfg.offload:
             block.to(OFFLOAD_DEVICE)
         if partial is not None:
+            tick = time.time()
             partial.save_block(i, model, cache, float_cache, report)
+            report.timings["progress_s"] = (
+                report.timings.get("progress_s", 0.0) + time.time() - tick
+            )
     if calib_cfg.offload:
         contexts.clear()  # device tensors from the stem
         for module in outside_blocks:
@@ -282,7 +302,8 @@ def _quantize_block(
     outputs = map_linears(linears, work, device)
     timings["quantize_s"] += time.time() - tick
     for (name, lin), (result, _) in zip(linears, outputs, strict=True):
-        _set_submodule(block, name, FakeQuantLinear.from_result(result, lin.bias))
+        fq = FakeQuantLinear.from_result(result, lin.bias, lin.weight.dtype)
+        _set_submodule(block, name, fq)
     return [row for _, row in outputs]
 
 
@@ -317,9 +338,93 @@ def _quantize_linear(
 
 
 def quant_results(model: DiffusionLM) -> dict[str, QuantResult]:
-    """Full module name -> QuantResult of every quantized linear (for the packed writer)."""
-    return {
+    """Full module name -> QuantResult of every quantized linear, and of every embedding that
+    `quantize_head` quantized (its weight: the embedding parameter as it is now), for the
+    packed writer."""
+    out = {
         name: m.result
         for name, m in model.named_modules()
         if isinstance(m, FakeQuantLinear) and m.result is not None
     }
+    for name, m in model.named_modules():
+        held = getattr(m, VOCAB_RESULT, None)
+        if held is not None:
+            param, result = held
+            out[name] = dataclasses.replace(result, weight=getattr(m, param).detach())
+    return out
+
+
+# --- --quantize-head: the vocabulary layers (embedding, output projection) ------------------------
+# mode -> (bits, group size along the hidden dim); symmetric, so zero points are implicit and
+# stock readers' default compressed path can load them (it cannot load packed asymmetric zero
+# points with compressed-tensors 0.20.1, see tests/test_formats_interop.py)
+HEAD_SCHEMES = {"int8": (8, None), "int4": (4, 128)}
+# attribute of an embedding module quantized by `quantize_head`: (parameter name, QuantResult
+# with codes and qparams on the CPU); the parameter itself holds the dequantized weight
+VOCAB_RESULT = "vocab_quant_result"
+
+
+def head_config(mode: str, scale_dtype: str | None = None) -> QuantConfig:
+    """The weight quantizer of `--quantize-head MODE` (RTN, symmetric)."""
+    if mode not in HEAD_SCHEMES:
+        from faircalib.errors import ConfigError
+
+        raise ConfigError(f"unknown --quantize-head {mode!r}; use int8 or int4")
+    bits, group = HEAD_SCHEMES[mode]
+    return QuantConfig(bits, group, symmetric=True, scale_dtype=scale_dtype)
+
+
+def check_head(model: DiffusionLM, mode: str) -> None:
+    """Refuse, before any calibration and in one line, a head the family will not have
+    quantized, or whose hidden dim a 128-group does not divide."""
+    from faircalib.errors import ConfigError
+
+    declared = model.vocab_layers()
+    if declared.refusal:
+        raise ConfigError(declared.refusal)
+    cfg = head_config(mode)
+    for layer in declared.layers:
+        d = model.get_submodule(layer.module).get_parameter(layer.param).shape[1]
+        if cfg.group_size is not None and d % cfg.group_size:
+            raise ConfigError(
+                f"--quantize-head {mode}: its group size {cfg.group_size} does not divide "
+                f"{layer.key}'s hidden dim {d}; use --quantize-head int8 (per token row)"
+            )
+
+
+@torch.no_grad()
+def quantize_head(model: DiffusionLM, mode: str, scale_dtype: str | None = None) -> list[dict]:
+    """Weight-only RTN of the family's declared vocabulary layers, in place: the output Linear
+    becomes a FakeQuantLinear (packed as an ordinary target); an embedding keeps its parameter,
+    now holding the dequantized weight, and its codes in `VOCAB_RESULT`. Each [V, D] matrix
+    is quantized per token row, groups along D. One row per layer for the report."""
+    check_head(model, mode)
+    cfg = head_config(mode, scale_dtype)
+    rows = []
+    for layer in model.vocab_layers().layers:
+        module = model.get_submodule(layer.module)
+        param = module.get_parameter(layer.param)
+        tick = time.time()
+        result = quantize_rtn(param.detach().float().cpu(), cfg, name=layer.key)
+        rel_error = result.info["weight_rel_error"]
+        result = dataclasses.replace(result, info=None)  # reported in the head rows, not per layer
+        if isinstance(module, nn.Linear):
+            fq = FakeQuantLinear.from_result(result.to(param.device), module.bias, param.dtype)
+            _set_submodule(model, layer.module, fq)
+        else:  # an embedding (or the tied matrix): same parameter, dequantized values
+            param.copy_(result.weight.to(param.dtype))
+            kept = dataclasses.replace(result, weight=torch.empty(0))
+            object.__setattr__(module, VOCAB_RESULT, (layer.param, kept))
+        rows.append(
+            {
+                "layer": layer.key,
+                "role": layer.role,
+                "mode": mode,
+                "bits": cfg.bits,
+                "group_size": cfg.group_size,
+                "shape": list(param.shape),
+                "weight_rel_error": rel_error,
+                "seconds": time.time() - tick,
+            }
+        )
+    return rows

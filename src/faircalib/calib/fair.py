@@ -13,19 +13,28 @@ every rank exactly the inputs and weights one process computes.
 
 from __future__ import annotations
 
-import copy
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from faircalib import distributed
+from faircalib.calib.streaming import (
+    NoiseFn,
+    device_budget,
+    on_device,
+    plan_batch,
+    quantization_noise,
+)
 from faircalib.config import FairCalibConfig, QuantConfig
 from faircalib.frontier import SamplerConfig, generate, position_prior
 from faircalib.models.base import DiffusionLM
 from faircalib.quant import quantize_rtn
 
-TRACK_BATCH = 32  # prompts per sampler run during frontier tracking
+TRACK_BATCH = 32  # prompts per sampler run during frontier tracking (fewer if memory requires)
+SCORE_BATCH = 16  # states per instability-scoring forward (fewer if memory requires)
 
 
 @dataclass
@@ -53,33 +62,41 @@ def track_frontier(
     seed: int,
     device: str,
     views: int = 1,
+    batch: int = TRACK_BATCH,
+    progress: bool = False,
 ) -> FrontierStates:
-    """Run the float model's sampler on prompts (prefix of `tokens`) and keep `views` visited
-    states per prompt (seeded random steps, one from each of `views` equal runs of steps), with
-    their frontiers. Row v * N + i is view v of prompt i, as in `masked_inputs`."""
+    """Run the float model's sampler on prompts (prefix of `tokens`), `batch` prompts per run,
+    and keep `views` visited states per prompt (seeded random steps, one from each of `views`
+    equal runs of steps), with their frontiers. Row v * N + i is view v of prompt i, as in
+    `masked_inputs`. The model runs where it is (see `streaming.on_device`)."""
     n, seq_len = tokens.shape
     prefix, scfg = tracking_sampler(cfg, seq_len)
-    starts = list(range(0, n, TRACK_BATCH))
+    starts = list(range(0, n, batch))
     runs = {  # this rank's sampler runs, by first prompt
         start: generate(
             model,
-            tokens[start : start + TRACK_BATCH, :prefix].to(device),
+            tokens[start : start + batch, :prefix].to(device),
             scfg,
             seed=seed + start,
             trace=False,
             record_states=True,
         )
-        for start in distributed.shard(starts)
+        for start in tqdm(
+            distributed.shard(starts),
+            desc="FAIR-Calib frontier tracking",
+            disable=not progress or not distributed.is_main(),
+            file=sys.stderr,
+        )
     }
     n_states = _merge({s: len(res.states) for s, res in runs.items()})
     rng = torch.Generator().manual_seed(seed)
     mine: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     for start in starts:  # every rank draws every pick, so the stream matches one process
-        count = min(TRACK_BATCH, n - start)
+        count = min(batch, n - start)
         picks = [_pick(v, views, n_states[start], count, rng) for v in range(views)]
         if start in runs:
             res = runs.pop(start)
-            mine[start] = [_visited(res, pick, cfg.window, model.mask_id) for pick in picks]
+            mine[start] = [_visited(res, pick, cfg.window) for pick in picks]
     chunks = _merge(mine)
     xs, ts, fronts = (
         [chunks[start][v][part] for v in range(views) for start in starts] for part in range(3)
@@ -95,14 +112,14 @@ def _pick(view: int, views: int, n_states: int, count: int, rng: torch.Generator
 
 
 def _visited(
-    res, pick: torch.Tensor, window: int, mask_id: int
+    res, pick: torch.Tensor, window: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row i's state at step pick[i] of one sampler run: x [B, L], t [B], frontier [B, L] (the
     positions committed within `window` steps of the state), on the CPU."""
     xs, ts, fronts = [], [], []
     for row, k in enumerate(pick.tolist()):
         x_k, t_k = res.states[k]
-        before = res.committed[k - 1][row] if k > 0 else (x_k[row] != mask_id)
+        before = res.committed_before(k)[row]  # step 0: the prompt (every family)
         after = res.committed[min(k + window - 1, len(res.committed) - 1)][row]
         xs.append(x_k[row].cpu())
         ts.append(t_k[row].cpu())
@@ -118,40 +135,51 @@ def _merge(part: dict) -> dict:
     return merged
 
 
-@torch.no_grad()
-def noisy_copy(model: DiffusionLM, cfg: FairCalibConfig, seed: int) -> DiffusionLM:
-    """The model with quantization-sized noise on every quantizable weight."""
-    noisy = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
+def weight_noise(cfg: FairCalibConfig, seed: int) -> NoiseFn:
+    """(block, linear index, weight) -> the weight plus quantization-sized noise: the RTN error
+    of `cfg`'s scheme (noise 'rtn'), or Gaussian noise of the same norm ('random', seeded per
+    layer so that it does not depend on the order layers are visited), times noise_scale."""
     base = QuantConfig(cfg.bits, cfg.group_size, cfg.symmetric)
-    for block in noisy.blocks:
-        for _, linear in noisy.quantizable_linears(block):
-            w = linear.weight.float()
-            delta = quantize_rtn(w, base).weight - w  # on the weight's device
-            if cfg.noise == "random":
-                rand = torch.randn(w.shape, generator=gen).to(w.device)
-                delta = rand * (delta.norm() / rand.norm())
-            linear.weight.copy_((w + cfg.noise_scale * delta).to(linear.weight.dtype))
+
+    def noisy(block: int, index: int, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.float()
+        delta = quantize_rtn(w, base).weight - w  # on the weight's device
+        if cfg.noise == "random":
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + block * 1009 + index)
+            rand = torch.randn(w.shape, generator=gen).to(w.device)
+            delta = rand * (delta.norm() / rand.norm())
+        return (w + cfg.noise_scale * delta).to(weight.dtype)
+
     return noisy
 
 
 @torch.no_grad()
 def token_scores(
-    model: DiffusionLM, noisy: DiffusionLM, states: FrontierStates, batch: int = 16
+    model: DiffusionLM,
+    states: FrontierStates,
+    noise: NoiseFn,
+    batch: int = 16,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position: KL(p_float || p_noisy) and 1 - (top1 - top2) margin. Both [N, L]."""
+    """Per position: KL(p_float || p_noisy) and 1 - (top1 - top2) margin. Both [N, L]. The noisy
+    model is the same model with `noise` applied block by block (`streaming.quantization_noise`):
+    never a second copy."""
     device = model.device
     starts = list(range(0, len(states.x_t), batch))
     mine = {}
-    for i in distributed.shard(starts):  # under torchrun each rank scores its share
+    mine_starts = distributed.shard(starts)  # under torchrun each rank scores its share
+    bar = not progress or not distributed.is_main()
+    for i in tqdm(mine_starts, desc="FAIR-Calib instability scoring", disable=bar, file=sys.stderr):
         x = states.x_t[i : i + batch].to(device)
         t = states.t[i : i + batch].to(device)
         lp = model.log_probs(x, t)
-        lq = noisy.log_probs(x, t)
+        with quantization_noise(model, noise):
+            lq = model.log_probs(x, t)
         p = lp.exp()
         kl = (p * (lp - lq).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1).clamp(min=0)
         top2 = p.topk(2, dim=-1).values
         mine[i] = (kl.cpu(), (1 - (top2[..., 0] - top2[..., 1])).cpu())
+        del lp, lq, p
     scores = _merge(mine)
     return torch.cat([scores[i][0] for i in starts]), torch.cat([scores[i][1] for i in starts])
 
@@ -195,23 +223,38 @@ def fair_calibration_inputs(
     seed: int,
     device: str,
     views: int = 1,
+    *,
+    stream: bool = False,
+    max_device_gib: float | None = None,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-    """x_t [V * N, L], t [V * N], row weights [V * N, L] and timing/diagnostics for the engine."""
+    """x_t [V * N, L], t [V * N], row weights [V * N, L] and timing/diagnostics for the engine.
+
+    The float model runs on `device` whole if it fits `max_device_gib` (default: the device's
+    memory) with one sequence's working set, else (or with `stream`) one block at a time; the
+    sampler and scoring batches shrink to fit the budget (`streaming.plan_batch`). With the
+    default batch, results are those of a run without any budget."""
     tick = time.time()
-    states = track_frontier(model, tokens, cfg, seed, device, views)
-    track_s = time.time() - tick
-    tick = time.time()
-    if cfg.weighting in ("uniform", "prior"):  # no instability scores needed
-        kl = margin = torch.zeros(states.x_t.shape)
-    else:
-        noisy = noisy_copy(model, cfg, seed)
-        kl, margin = token_scores(model, noisy, states)
-        del noisy
-    if cfg.weighting == "prior":
-        weights = prior_weights(model, tokens, cfg, seed, device).expand(states.x_t.shape)
-    else:
-        weights = row_weights(states, kl, margin, cfg, model.mask_id)
+    where = torch.device(device)
+    budget = device_budget(where, max_device_gib)
+    probe_x = torch.zeros((1, tokens.shape[1]), dtype=torch.long)  # any ids: memory is the same
+    placement = plan_batch(model, probe_x, torch.ones(1), where, budget, TRACK_BATCH, not stream)
+    scoring_batch = max(1, min(SCORE_BATCH, placement.batch // 2))  # two models' log-probs
+    with on_device(model, where, placement.stream):
+        states = track_frontier(model, tokens, cfg, seed, device, views, placement.batch, progress)
+        track_s = time.time() - tick
+        tick = time.time()
+        if cfg.weighting in ("uniform", "prior"):  # no instability scores needed
+            kl = margin = torch.zeros(states.x_t.shape)
+        else:
+            noise = weight_noise(cfg, seed)
+            kl, margin = token_scores(model, states, noise, scoring_batch, progress)
+        if cfg.weighting == "prior":
+            weights = prior_weights(model, tokens, cfg, seed, device).expand(states.x_t.shape)
+        else:
+            weights = row_weights(states, kl, margin, cfg, model.mask_id)
     info = {
+        "placement": {**placement.to_dict(), "scoring_batch": scoring_batch},
         "frontier_tracking_s": track_s,
         "instability_scoring_s": time.time() - tick,
         "frontier_tokens": int(states.frontier.sum()),

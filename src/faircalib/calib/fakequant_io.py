@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from faircalib import atomic
 from faircalib.calib.engine import FakeQuantLinear, QuantReport, _set_submodule, quant_results
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.models import load_model, save_model
@@ -61,13 +62,19 @@ def save_quantized(
     *,
     fmt: str = "fake",
     record: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    extra_files: dict[str, Path | str | dict] | None = None,
 ) -> Path:
     """Write a quantized model atomically: 'fake' (float directory, see the module docstring) or
     'packed' (compressed-tensors via faircalib.formats.packed). quantization.json holds the
-    report (method and calibration configs, per-layer table, timings) plus `record`."""
+    report (method and calibration configs, per-layer table, timings) plus `record`.
+    dtype: the fake-quant weights' dtype (the source model's keeps the directory no larger than
+    the source; float32 keeps the dequantized weights exact). `extra_files`: more files beside
+    the weights (recipe.json). The directory is readable by others (0755 / 0644 under umask 022)."""
     report_dict = report.to_dict() if isinstance(report, QuantReport) else dict(report)
     extra: dict[str, Path | str | dict] = {
-        "quantization.json": {**(record or {}), "format": fmt, **report_dict}
+        **(extra_files or {}),
+        "quantization.json": {**(record or {}), "format": fmt, **report_dict},
     }
     if tokenizer_path is not None:
         extra["tokenizer.json"] = Path(tokenizer_path)
@@ -77,9 +84,10 @@ def save_quantized(
 
         results = quant_results(model)
         # non-quantized tensors (embeddings, norms, output layer) in bf16: the deployed size
-        return save_packed_model(
+        path = save_packed_model(
             model, results, Path(out), dtype=torch.bfloat16, extra_files=extra, overwrite=overwrite
         )
+        return atomic.share(path)
     if fmt != "fake":
         raise ConfigError(f"unknown output format {fmt!r}; use 'fake' or 'packed'")
     act_layers = fold_fake_quant(model)
@@ -91,7 +99,8 @@ def save_quantized(
             extra[ACT_QUANT_JSON] = {
                 "layers": {n: {"act_bits": b} for n, (_, b) in act_layers.items()}
             }
-        return save_model(model, Path(out), extra_files=extra, overwrite=overwrite)
+        path = save_model(model, Path(out), dtype=dtype, extra_files=extra, overwrite=overwrite)
+        return atomic.share(path)
 
 
 def load_fake_quant(

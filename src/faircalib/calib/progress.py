@@ -11,6 +11,9 @@ is written:
     state-00004.safetensors     what block 4 starts from: the block-input cache and, when stage 2
                                 reconstructs against the float stream, the float-stream cache
 
+Finished blocks are committed at most every `PartialRun.COMMIT_EVERY_S` seconds (60; the
+environment variable FAIRCALIB_COMMIT_EVERY_S overrides it), and always after the last block:
+at 8B scale the input cache is GiBs, not worth writing after every block.
 Each file is written under a temporary name and renamed; progress.json is replaced last, so
 a file it does not count (a kill between the two) is ignored and removed on resume. Tensors
 are safetensors, everything else JSON: nothing is ever pickled.
@@ -30,9 +33,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -117,9 +122,16 @@ def code_digest() -> str:
 class PartialRun:
     """The progress directory of one run; see the module docstring. Create with `open`."""
 
+    # Blocks are committed (with the next block's input cache, GiBs at 8B scale) at most this
+    # often: a kill loses at most this much work, and the cache is not written after every
+    # block. Each finished block's results are still written as it finishes.
+    COMMIT_EVERY_S = float(os.environ.get("FAIRCALIB_COMMIT_EVERY_S", "60"))
+
     def __init__(self, directory: Path, state: dict[str, Any]) -> None:
         self.directory = Path(directory)
         self.state = state
+        self._pending: list[dict[str, Any]] = []  # finished blocks not yet committed
+        self._last_commit = time.monotonic()
 
     @classmethod
     def open(
@@ -253,7 +265,8 @@ class PartialRun:
                 raise self._damaged(f"block {i} lacks {exc} for {name}") from exc
             if tuple(result.codes.shape) != (linear.out_features, linear.in_features):
                 raise self._damaged(f"block {i}'s {name} has shape {tuple(result.codes.shape)}")
-            _set_submodule(block, name, FakeQuantLinear.from_result(result, bias))
+            fq = FakeQuantLinear.from_result(result, bias, linear.weight.dtype)
+            _set_submodule(block, name, fq)
         block.to(device)
 
     def save_block(
@@ -272,17 +285,23 @@ class PartialRun:
             layer_tensors, specs[name] = _result_tensors(name, module)
             tensors.update(layer_tensors)
         self._save_tensors(_block_name(i), tensors)
-        if i + 1 < len(model.blocks):  # the last block has no successor to feed
+        recon = next((r for r in report.recon if r.get("block") == i), None)
+        rows = report.layers[-len(specs) :]
+        self._pending.append({"block": i, "results": specs, "layers": rows, "recon": recon})
+        last = i + 1 == len(model.blocks)
+        if not last and time.monotonic() - self._last_commit < self.COMMIT_EVERY_S:
+            return  # committed with a later block
+        if not last:  # the last block has no successor to feed
             state = {f"cache.{j}": h for j, h in enumerate(cache)}
             state.update({f"float.{j}": h for j, h in enumerate(float_cache or [])})
             self._save_tensors(_state_name(i + 1), state)
-        recon = next((r for r in report.recon if r.get("block") == i), None)
-        rows = report.layers[-len(specs) :]
-        entry = {"block": i, "results": specs, "layers": rows, "recon": recon}
-        self.state["blocks"][i:] = [entry]  # entry i, whatever an older commit left after it
+        first = self._pending[0]["block"]
+        # entries first.., whatever an older commit left after them
+        self.state["blocks"][first:] = self._pending
         self.state["finished_blocks"] = i + 1
         self._commit()
-        (self.directory / _state_name(i)).unlink(missing_ok=True)  # superseded
+        (self.directory / _state_name(first)).unlink(missing_ok=True)  # superseded
+        self._pending, self._last_commit = [], time.monotonic()
 
     # --- files ------------------------------------------------------------------------------
     def _save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -351,7 +370,8 @@ def _result_tensors(name: str, module: torch.nn.Module) -> tuple[dict[str, torch
     tensors = {f"{name}.codes": r.codes, f"{name}.scale": qp.scale, f"{name}.zero": qp.zero}
     # the fake-quant weight is stored only where decoding the codes does not give it exactly
     # (it usually does: 4 bytes per weight saved)
-    exact = r.weight.dtype == torch.float32 and torch.equal(dequantize(r.codes, qp), r.weight)
+    # (a bf16 model's weight is the decode rounded to bf16, which restoring redoes)
+    exact = torch.equal(dequantize(r.codes, qp).to(r.weight.dtype), r.weight)
     if not exact:
         tensors[f"{name}.weight"] = r.weight
     if r.input_scale is not None:

@@ -108,7 +108,8 @@ def _freeze(root: nn.Module, swapped: list[tuple[str, LearnableQuantLinear]]) ->
     infos = []
     for name, learnable in swapped:
         result = learnable.to_result()
-        _set_submodule(root, name, FakeQuantLinear.from_result(result, learnable.bias))
+        fq = FakeQuantLinear.from_result(result, learnable.bias, learnable.store_dtype)
+        _set_submodule(root, name, fq)
         infos.append({"layer": name, **{k: v for k, v in result.info.items() if "recon" in k}})
     return infos
 
@@ -205,6 +206,7 @@ def finetune_scales_e2e(
     text_ids: torch.Tensor | None = None,
     clean: torch.Tensor | None = None,
     scale_dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> dict:
     """Tune the scales (and with `cfg.e2e_rounding` the rounding offsets) of every quantized
     linear of `model` (on `device`) to minimise the row-weighted KL(p_teacher || p_model) at
@@ -264,7 +266,8 @@ def finetune_scales_e2e(
         return float(num / max(float(den), 1e-12))
 
     lr_round = cfg.lr_round if cfg.e2e_rounding else 0.0
-    settings = OptimSettings(cfg.e2e_steps, cfg.e2e_lr, lr_round, cfg.eval_every)
+    name = "FAIR-Calib end-to-end scales" if progress else None
+    settings = OptimSettings(cfg.e2e_steps, cfg.e2e_lr, lr_round, cfg.eval_every, name)
     try:
         with torch.enable_grad():
             log = optimise(layers, train_loss, val_loss, settings)

@@ -6,10 +6,19 @@ import argparse
 import json
 import sys
 
+from faircalib.commands import common
+from faircalib.commands.argtypes import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="compare quantization methods on one model")
-    p.add_argument("--model", default="mdlm-tiny")
+    p = sub.add_parser(
+        "bench",
+        help="compare quantization methods on one model",
+        description="Quantize one model with several methods and schemes and compare them on "
+        "one evaluator (same calibration draw, same Monte Carlo noise).",
+    )
+    common.add_model(p, default="mdlm-tiny")
+    common.hidden_alias(p, "--model", dest="model")
     p.add_argument(
         "--methods",
         default="rtn,gptq,fair",
@@ -24,41 +33,52 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="w4g128",
         help="schemes that get every calibration seed (others get the first)",
     )
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seq-len", type=int)
+    common.add_nsamples(p)
+    common.add_seq_len(p)
     p.add_argument(
-        "--eval-data",
+        "--data",
         default="wikitext2:test,c4:validation",
-        help="comma list of corpus:split or the user's data (file, datasets dir[:split])",
+        help="evaluation text, a comma list: shipped corpus[:split], file, `datasets` "
+        "directory[:split] or hub dataset id",
     )
+    common.hidden_alias(p, "--eval-data", dest="data")
+    p.add_argument("--split", help="split for the --data entries that name none")
     p.add_argument(
         "--protocol",
         default="faircalib",
         choices=["faircalib", "mdlm"],
         help="perplexity protocol (see `faircalib eval --help`)",
     )
-    p.add_argument(
-        "--calib",
-        default="c4",
-        help="calibration text: shipped corpus, .txt / .jsonl[.gz] / .parquet file, `datasets` "
-        "directory or hub id",
-    )
-    p.add_argument("--calib-split", help="default: train for c4; a `datasets` dataset's split")
-    p.add_argument("--text-field", default="text", help="JSON Lines / Parquet / datasets field")
+    common.add_calib(p)
+    common.add_text_field(p)
     p.add_argument(
         "--task",
         help="JSON Lines of multiple-choice items {context, choices, answer}: an accuracy column "
         "(LLaDA's log-likelihood)",
     )
     p.add_argument(
-        "--task-mc-samples", type=int, default=16, help="Monte Carlo draws per task choice"
+        "--task-mc-samples",
+        type=positive_int,
+        default=16,
+        help="Monte Carlo draws per --task choice (not --mc-samples, the bound's draws)",
     )
-    p.add_argument("--eval-mc-samples", type=int, default=1)
-    p.add_argument("--eval-limit", type=int, help="first N evaluation sequences only")
-    p.add_argument("--flip-prompts", type=int, default=8)
-    p.add_argument("--flip-gen-length", type=int, default=32)
-    p.add_argument("--flip-steps", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    common.add_mc_samples(p)
+    common.hidden_alias(p, "--eval-mc-samples", dest="mc_samples", type=positive_int)
+    common.add_limit(p)
+    common.hidden_alias(p, "--eval-limit", dest="limit", type=positive_int)
+    p.add_argument(
+        "--flip-prompts", type=int, default=8, help="prompts of the frontier flip-rate generations"
+    )
+    p.add_argument(
+        "--flip-gen-length", type=int, default=32, help="tokens generated per flip-rate prompt"
+    )
+    p.add_argument(
+        "--flip-steps",
+        type=int,
+        default=32,
+        help="sampler steps of the flip-rate generations (as `generate --steps`)",
+    )
+    common.add_device(p)
     p.add_argument(
         "--offload",
         action="store_true",
@@ -68,15 +88,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fair-preset", choices=["full", "fast"], default="full", help="fair/recon preset"
     )
-    p.add_argument("--recon-steps", type=int, help="fair/recon: block optimiser steps (200)")
-    p.add_argument("--e2e-steps", type=int, help="fair/recon: end-to-end scale steps (600)")
+    p.add_argument(
+        "--recon-steps",
+        type=int,
+        help="fair/recon: block-reconstruction optimiser steps per block (default: 200)",
+    )
+    p.add_argument(
+        "--e2e-steps", type=int, help="fair/recon: end-to-end scale steps (default: 600)"
+    )
     p.add_argument("--out", help="write bench.json, bench.md and plots here")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    common.add_json(p)
     p.set_defaults(func=run)
 
 
+def eval_specs(data: str, split: str | None) -> list[str]:
+    """--data's comma list, `--split` appended to the entries that name no split of their own."""
+    from faircalib.eval.protocols import split_spec
+
+    specs = [s for s in data.split(",") if s]
+    if split is None:
+        return specs
+    return [s if split_spec(s)[1] is not None else f"{s}:{split}" for s in specs]
+
+
 def run(args: argparse.Namespace) -> int:
+    from faircalib import hub
     from faircalib.bench import BenchConfig, markdown_tables, run_bench
+
+    hub.check_device(args.device)  # one line before any model is loaded
 
     cfg = BenchConfig(
         model=args.model,
@@ -86,9 +125,9 @@ def run(args: argparse.Namespace) -> int:
         seeded_schemes=args.seeded_schemes.split(","),
         nsamples=args.nsamples,
         seq_len=args.seq_len,
-        eval_data=args.eval_data.split(","),
-        eval_mc_samples=args.eval_mc_samples,
-        eval_limit=args.eval_limit,
+        eval_data=eval_specs(args.data, args.split),
+        eval_mc_samples=args.mc_samples,
+        eval_limit=args.limit,
         protocol=args.protocol,
         calib=args.calib,
         calib_split=args.calib_split,

@@ -7,26 +7,23 @@ import argparse
 import json
 import time
 
+from faircalib.commands import common
 from faircalib.commands.argtypes import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="likelihood-bound perplexity (our or MDLM's protocol)")
-    p.add_argument(
-        "model", help="shipped name (mdlm-tiny, mdlm-small), model directory or hub id (owner/name)"
+    p = sub.add_parser(
+        "eval",
+        help="likelihood-bound perplexity (our or MDLM's protocol)",
+        description="NELBO perplexity bound of a float, fake-quant or packed model.",
     )
-    p.add_argument(
-        "--data",
-        default="wikitext2",
-        help="shipped corpus (see `faircalib data`), a .txt / .jsonl[.gz] / .parquet file, a "
-        "`datasets` save_to_disk directory or a hub dataset id owner/name",
+    common.add_model(p)
+    common.add_data(
+        p,
+        split_help="split of --data (default: the protocol's split for a shipped corpus - "
+        "faircalib: WikiText-2 test, mdlm: validation; for a `datasets` dataset, its split)",
     )
-    p.add_argument(
-        "--split",
-        help="default: the protocol's split for a shipped corpus (faircalib: WikiText-2 test, "
-        "mdlm: validation); for a `datasets` dataset, its split",
-    )
-    p.add_argument("--text-field", default="text", help="JSON Lines / Parquet / datasets field")
+    common.add_text_field(p)
     p.add_argument(
         "--protocol",
         default="faircalib",
@@ -40,17 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "none", "wikitext", "ptb", "lm1b", "lambada"],
         help="--protocol mdlm: MDLM's detokenizer (auto: the shipped corpus's, none for files)",
     )
-    p.add_argument("--seq-len", type=int, help="default: the model's training length")
-    p.add_argument(
-        "--mc-samples", type=positive_int, default=1, help="(t, mask) draws per sequence"
-    )
+    common.add_seq_len(p)
+    common.add_mc_samples(p)
     p.add_argument(
         "--seed", type=int, default=0, help="noise seed: same seed = same noise for any model"
     )
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--limit", type=positive_int, help="evaluate only the first N sequences")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
+    common.add_limit(p)
+    common.add_device(p)
+    common.add_json(p)
     p.set_defaults(func=run)
 
 
@@ -69,18 +64,29 @@ def evaluate(
     protocol: str = "faircalib",
     text_field: str = "text",
     detokenizer: str | None = "auto",
+    model_obj=None,
+    tokenizer=None,
 ) -> dict:
+    """The bound of `model_name` (loaded here) or of `model_obj` with `tokenizer` (a model
+    already in memory, e.g. just quantized; `model_name` then only names it in the result)."""
     from faircalib import hub
     from faircalib.data.sources import load_source
     from faircalib.errors import ConfigError
     from faircalib.eval import likelihood_bound
     from faircalib.eval.protocols import default_split, protocol_sequences
+    from faircalib.provenance import run_record
 
+    hub.check_device(device)  # before any data or weights are read
     if protocol != "mdlm" and detokenizer not in (None, "auto", "none"):
         raise ConfigError(f"--detokenizer {detokenizer} applies to --protocol mdlm only")
     source = load_source(data, split or default_split(protocol, data), text_field)
-    model = hub.load(model_name, device=device)
-    tokenizer = hub.load_tokenizer(model_name)
+    if model_obj is None:
+        model = hub.load(model_name, device=device)
+        tokenizer = hub.load_tokenizer(model_name)
+    else:
+        model = model_obj.to(device).eval()
+        if tokenizer is None:
+            raise ConfigError("evaluating a model object needs its tokenizer")
     batch = protocol_sequences(tokenizer, source, protocol, seq_len or model.seq_len, detokenizer)
     sequences, n_bytes = batch.sequences, batch.n_bytes
     if limit is not None and limit < len(sequences):
@@ -106,6 +112,7 @@ def evaluate(
         "data_source": source.record(),
         **result.to_dict(),
         "seconds": time.time() - start,
+        "record": run_record(device=device),
     }
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from tokenizers import Tokenizer
-from tqdm import tqdm
-
+from faircalib.commands import common
 from faircalib.commands.argtypes import positive_int
 from faircalib.errors import ConfigError
-from faircalib.frontier.samplers import SAMPLERS, SamplerConfig, generate
-from faircalib.models.chat import chat_prompt
+
+if TYPE_CHECKING:  # imported in the functions: the parser must not load torch
+    from tokenizers import Tokenizer
+
+    from faircalib.frontier.samplers import SamplerConfig
 
 # a generation ends at the first of these the tokenizer has: end of text (shipped tokenizers,
 # LLaDA, Dream) and end of turn (LLaDA-Instruct's <|eot_id|>, Dream-Instruct's <|im_end|>)
@@ -21,20 +21,42 @@ STOP_TOKENS = ("<|endoftext|>", "<|eot_id|>", "<|im_end|>")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="sample text with a write-frontier sampler")
-    p.add_argument(
-        "model", help="shipped name (mdlm-tiny, mdlm-small), model directory or hub id (owner/name)"
+    p = sub.add_parser(
+        "generate",
+        help="sample text with a write-frontier sampler",
+        description="Generate text from a float, fake-quant or packed model.",
     )
-    p.add_argument("--prompt", default="", help="text the generation continues")
+    common.add_model(p)
+    p.add_argument(
+        "--prompt",
+        default="",
+        help="text the generation continues (default: none, an unconditional sample)",
+    )
     p.add_argument("--gen-length", type=positive_int, default=64, help="tokens to generate")
     p.add_argument("--block-length", type=int, help="semi-AR block (default: gen length)")
-    p.add_argument("--steps", type=positive_int, default=64, help="denoising steps (model calls)")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=64,
+        help="denoising steps of the sampler (model calls); not quantize's --sampler-steps "
+        "(calibration masking grid) or --fair-steps (FAIR-Calib's frontier tracking)",
+    )
     p.add_argument("--seed", type=int, default=0, help="same seed = same noise for any model")
-    p.add_argument("--sampler", choices=SAMPLERS, default="low_confidence")
+    p.add_argument(
+        "--sampler",
+        choices=common.SAMPLER_NAMES,
+        default="low_confidence",
+        help="order in which masked positions are committed",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--num-samples", type=int, default=1, help="rows generated from the prompt")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (off)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (off)")
+    p.add_argument(
+        "--num-samples",
+        type=positive_int,
+        default=1,
+        help="rows generated from the prompt (not --nsamples, calibration sequences)",
+    )
     p.add_argument(
         "--cfg-scale",
         type=float,
@@ -49,17 +71,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--eps", type=float, default=1e-3, help="Dream orders: final time of the grid")
     p.add_argument(
+        "--cache",
+        choices=("none", "prefix", "dual"),
+        default="none",
+        help="Fast-dLLM K/V cache of block decoding (approximate under bidirectional "
+        "attention): prefix keeps the prompt and finished blocks, dual also the masked suffix; "
+        "refreshed at each block's first step",
+    )
+    p.add_argument(
         "--chat",
         action="store_true",
         help="wrap --prompt as one user turn in the model family's chat template (Instruct)",
     )
-    p.add_argument("--device", default="cpu")
+    common.add_device(p)
     p.add_argument(
         "--cuda-graph",
         action="store_true",
         help="replay each denoising step from a captured CUDA graph (CUDA only; same output)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    common.add_json(p)
     p.set_defaults(func=run)
 
 
@@ -77,10 +107,17 @@ def generate_texts(
 ) -> dict[str, Any]:
     """-> {"texts", "tokens", "trace"}; texts are the generated part, cut at the first stop
     token. `chat`: `prompt` is a user message, formatted with the family's chat template."""
+    import torch
+    from tqdm import tqdm
+
     from faircalib import hub
+    from faircalib.frontier.samplers import generate
+    from faircalib.models.chat import chat_prompt
 
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
+    if cuda_graph and cfg.cache != "none":
+        raise ConfigError("--cuda-graph replays whole-canvas steps; use it with --cache none")
     model = hub.load(model_name, device=device)
     if cuda_graph:
         from faircalib.models.cuda_graph import CUDAGraphDenoiser
@@ -115,6 +152,8 @@ def _until_stop(row: list[int], stops: set[int]) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from faircalib.frontier.samplers import SamplerConfig
+
     cfg = SamplerConfig(
         sampler=args.sampler,
         steps=args.steps,
@@ -126,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         cfg_scale=args.cfg_scale,
         alg_temp=args.alg_temp,
         eps=args.eps,
+        cache=args.cache,
     )
     out = generate_texts(
         args.model,

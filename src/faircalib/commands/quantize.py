@@ -1,37 +1,132 @@
-"""`faircalib quantize`: calibrate and quantize a dLLM, write a model directory."""
+"""`faircalib quantize`: calibrate and quantize a dLLM, write a model directory.
+
+Every run writes `recipe.json` beside its output: the flags that define the run (model, method
+and its knobs, calibration data and masking, format), resolved. `faircalib quantize --config
+recipe.json --out DIR` replays it (bit-identically on the CPU); flags given on that command
+line override the recipe's.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
+
+from faircalib.commands import common
+
+METHODS = ["rtn", "gptq", "awq", "smoothquant", "recon", "fair"]
+RECIPE = "recipe.json"
+RECIPE_VERSION = 1
+# the flags that define what a run computes (not where it runs or writes)
+RECIPE_FLAGS = (
+    "method",
+    "bits",
+    "group_size",
+    "symmetric",
+    "calib",
+    "calib_split",
+    "text_field",
+    "nsamples",
+    "seq_len",
+    "seed",
+    "masking",
+    "sampler_steps",
+    "views",
+    "include",
+    "exclude",
+    "format",
+    "dtype",
+    "calib_dtype",
+    "max_device_gib",
+    "damp",
+    "no_act_order",
+    "alpha",
+    "fair_base",
+    "fair_weighting",
+    "fair_tokens",
+    "fair_steps",
+    "fair_prefix_len",
+    "fair_noise",
+    "fair_inputs",
+    "fair_gamma",
+    "fair_floor",
+    "fair_max_weight",
+    "fair_preset",
+    "recon_steps",
+    "e2e_steps",
+    "quantize_head",
+)
+FAIR = ("fair", "recon")
+# method knobs (flag dest -> the methods it applies to): any other method refuses it
+KNOB_METHODS = {
+    "damp": ("gptq", *FAIR),
+    "no_act_order": ("gptq", *FAIR),
+    "alpha": ("smoothquant",),
+    **{
+        k: FAIR
+        for k in (
+            "fair_base",
+            "fair_weighting",
+            "fair_tokens",
+            "fair_steps",
+            "fair_prefix_len",
+            "fair_noise",
+            "fair_inputs",
+            "fair_gamma",
+            "fair_floor",
+            "fair_max_weight",
+            "fair_preset",
+            "recon_steps",
+            "e2e_steps",
+        )
+    },
+}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quantize", help="quantize a dLLM (RTN, GPTQ, AWQ, SmoothQuant, FAIR-Calib)")
-    p.add_argument("model", help="shipped name (mdlm-tiny, mdlm-small) or model directory")
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a dLLM (RTN, GPTQ, AWQ, SmoothQuant, FAIR-Calib)",
+        description="Calibrate and quantize a dLLM; writes a model directory that eval, "
+        "generate and bench accept, with quantization.json (what ran) and recipe.json (how "
+        "to run it again: quantize --config DIR/recipe.json --out NEW).",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        help=f"{common.MODEL_HELP} (required unless --config names it)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="RECIPE",
+        help="recipe.json of an earlier run (written beside every output, or its directory) or "
+        "a shipped scheme (gptq-w4g128, rtn-w4g128, awq-w4g128, smoothquant-w8a8, fair-w4g128, "
+        "...): run it; MODEL and flags given here override the recipe's",
+    )
     p.add_argument(
         "--method",
-        required=True,
-        choices=["rtn", "gptq", "awq", "smoothquant", "recon", "fair"],
-        help="recon: FAIR-Calib's optimiser with every token weight 1 (attribution baseline)",
+        choices=METHODS,
+        help="required unless --config gives it; recon: FAIR-Calib's optimiser with every token "
+        "weight 1 (attribution baseline)",
     )
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (per-channel)")
-    p.add_argument("--symmetric", action="store_true")
     p.add_argument(
-        "--calib",
-        default="c4",
-        help="calibration text: shipped corpus, .txt / .jsonl[.gz] / .parquet file, `datasets` "
-        "save_to_disk directory or hub dataset id owner/name",
+        "--bits", type=int, help="weight bits (default: the method's: 4; smoothquant: 8, W8A8)"
     )
-    p.add_argument("--calib-split", help="default: train for c4; a `datasets` dataset's split")
-    p.add_argument("--text-field", default="text", help="JSON Lines / Parquet / datasets field")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seq-len", type=int, help="default: the model's training length")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--group-size",
+        type=int,
+        help="32, 64, 128 or -1 per-channel (default: the method's: 128; smoothquant: -1)",
+    )
+    p.add_argument("--symmetric", action="store_true", help="symmetric weight grid (no zero)")
+    common.add_calib(p)
+    common.add_text_field(p)
+    common.add_nsamples(p)
+    common.add_seq_len(p)
+    p.add_argument("--seed", type=int, default=0, help="calibration draw and masking seed")
     p.add_argument(
         "--masking",
         default="uniform",
@@ -43,38 +138,100 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--sampler-steps",
         type=int,
         default=64,
-        help="--masking sampler: the step count whose grid k/steps (k = 1..steps) t is taken from",
+        help="--masking sampler: the step count whose grid k/steps (k = 1..steps) t is taken "
+        "from; not generate's --steps (sampling) or --fair-steps (frontier tracking)",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--views",
+        type=int,
+        default=1,
+        help="masked views per calibration text (noise levels)",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="GLOB",
+        help="quantize only block linears whose full name (blocks.0.attn_qkv) matches; "
+        "repeatable (default: every block linear; embeddings and the output layer stay float)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="leave block linears whose full name matches in float; repeatable",
+    )
+    p.add_argument(
+        "--quantize-head",
+        choices=["int8", "int4"],
+        help="also quantize the vocabulary layers (input embedding, output projection; RTN, "
+        "weight-only): int8 per token row or int4 in groups of 128 along the hidden dim "
+        "(default: off, they stay float). See docs/models.md for which readers load them",
+    )
+    common.add_device(p)
     p.add_argument(
         "--offload",
         action="store_true",
         help="large models: load on the CPU and keep only the stem/head and one block on --device "
-        "(FAIR-Calib's frontier tracking still needs the whole float model there once)",
+        "(FAIR-Calib's frontier tracking runs the model whole there if it fits --max-device-gib, "
+        "else block by block)",
     )
     p.add_argument(
         "--format",
-        default="fake",
-        choices=["fake", "packed"],
-        help="fake: dequantized float weights; packed: compressed-tensors INT4/INT8",
+        default="auto",
+        choices=["auto", "packed", "fake"],
+        help="packed: compressed-tensors INT2-8 (vLLM, transformers); fake: dequantized weights "
+        "in a float directory (every float tool reads it); auto: packed where the method has a "
+        "packed form, fake for awq, smoothquant and fair --fair-base awq",
     )
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="--format fake: weight dtype; auto: the source model's (no larger than the "
+        "source); float32 keeps the dequantized weights exact",
+    )
+    p.add_argument(
+        "--calib-dtype",
+        default="float32",
+        choices=DTYPES,
+        help="dtype the model is loaded and calibrated in; auto: the source's. bfloat16 halves "
+        "host memory for large models (an 8B model: 16 GB instead of 32)",
+    )
+    p.add_argument(
+        "--max-device-gib",
+        type=float,
+        help="cap on FAIR-Calib's whole-model forwards (frontier tracking, instability scoring) "
+        "on --device: batches shrink and the model streams block by block if it must "
+        "(default: the device's memory)",
+    )
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run from its last finished block (progress is kept in "
         "OUT.partial while a run is under way; the inputs must be the same)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    g = p.add_argument_group("method knobs")
-    g.add_argument("--damp", type=float, help="GPTQ / FAIR(gptq) Hessian damping")
+    common.add_json(p)
+    g = p.add_argument_group("method knobs (default: the method's own)")
+    g.add_argument("--damp", type=float, help="GPTQ / FAIR(gptq) Hessian damping (0.01)")
     g.add_argument("--no-act-order", action="store_true", help="GPTQ: natural column order")
-    g.add_argument("--alpha", type=float, help="SmoothQuant migration strength")
-    g.add_argument("--fair-base", choices=["gptq", "awq", "rtn"], help="FAIR-Calib base method")
-    g.add_argument("--fair-weighting", choices=["instability", "margin", "prior", "uniform"])
-    g.add_argument("--fair-tokens", choices=["frontier", "all"])
-    g.add_argument("--fair-steps", type=int, help="sampler steps for frontier tracking")
+    g.add_argument("--alpha", type=float, help="SmoothQuant migration strength (0.5)")
+    g.add_argument(
+        "--fair-base", choices=["gptq", "awq", "rtn"], help="FAIR-Calib base method (gptq)"
+    )
+    g.add_argument(
+        "--fair-weighting",
+        choices=["instability", "margin", "prior", "uniform"],
+        help="FAIR-Calib token weights (instability)",
+    )
+    g.add_argument("--fair-tokens", choices=["frontier", "all"], help="positions scored (frontier)")
+    g.add_argument(
+        "--fair-steps",
+        type=int,
+        help="sampler steps of FAIR-Calib's frontier tracking (16); not --sampler-steps "
+        "(calibration masking) or generate's --steps",
+    )
     g.add_argument("--fair-prefix-len", type=int, help="prompt tokens kept for frontier tracking")
     g.add_argument("--fair-noise", choices=["rtn", "random"], help="instability noise model")
     g.add_argument("--fair-inputs", choices=["mixed", "states"], help="calibration sequences")
@@ -87,24 +244,44 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="FAIR-Calib: full (weighted GPTQ + block reconstruction + end-to-end scales, the "
         "default) or fast (weighted GPTQ only)",
     )
-    g.add_argument("--recon-steps", type=int, help="fair/recon: optimiser steps per block")
-    g.add_argument("--e2e-steps", type=int, help="fair/recon: end-to-end scale steps (0: off)")
-    g.add_argument(
-        "--views", type=int, default=1, help="masked views per calibration text (noise levels)"
+    g.add_argument("--recon-steps", type=int, help="fair/recon: optimiser steps per block (200)")
+    g.add_argument("--e2e-steps", type=int, help="fair/recon: end-to-end scale steps (600; 0: off)")
+    p.set_defaults(
+        func=run,
+        option_dests={o: a.dest for a in p._actions for o in a.option_strings},
     )
-    p.set_defaults(func=run)
 
 
-def method_config(args: argparse.Namespace):
+# --- configs from flags ------------------------------------------------------------------------
+def check_knobs(args: argparse.Namespace) -> None:
+    """Refuse a knob the chosen method does not have (it used to be ignored silently)."""
+    for dest, methods in KNOB_METHODS.items():
+        value = getattr(args, dest, None)
+        if value is not None and value is not False and args.method not in methods:
+            flag = "--" + dest.replace("_", "-")
+            raise _config_error(
+                f"{flag} does not apply to --method {args.method} (a knob of "
+                f"{', '.join(methods)}); leave it out"
+            )
+
+
+def method_config(args: argparse.Namespace, fmt: str | None = None):
+    """The method config the flags describe; the method's own defaults where a flag is absent
+    (SmoothQuant: W8A8 per-channel unless --bits / --group-size say otherwise)."""
     from faircalib.calib import METHOD_CONFIGS
 
-    kwargs = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric}
+    fmt = fmt or getattr(args, "format", "fake")
+    kwargs: dict[str, Any] = {"symmetric": args.symmetric}
+    if args.bits is not None:
+        kwargs["bits"] = args.bits
+    if args.group_size is not None:
+        kwargs["group_size"] = args.group_size
     knobs = {"damp": args.damp, "alpha": args.alpha}
-    if args.format == "packed":  # codes chosen for the bf16 scales the checkpoint stores
+    if fmt == "packed":  # codes chosen for the bf16 scales the checkpoint stores
         knobs["scale_dtype"] = "bfloat16"  # kept only once the config has this field
-    if args.method in ("gptq", "fair", "recon") and args.no_act_order:
+    if args.method in ("gptq", *FAIR) and args.no_act_order:
         knobs["act_order"] = False
-    if args.method in ("fair", "recon"):
+    if args.method in FAIR:
         from faircalib.config import ReconConfig
 
         stage2 = {"steps": args.recon_steps, "e2e_steps": args.e2e_steps}
@@ -127,6 +304,30 @@ def method_config(args: argparse.Namespace):
     fields = cls.__dataclass_fields__
     kwargs.update({k: v for k, v in knobs.items() if v is not None and k in fields})
     return cls(**kwargs)
+
+
+def packable(config) -> bool:
+    """Whether the packed format can hold the results of `config` (not AWQ / SmoothQuant,
+    whose per-input-channel scales no packed reader applies)."""
+    from faircalib.formats.packed import SMOOTHING_METHODS
+
+    methods = (getattr(config, "method", "rtn"), getattr(config, "base", None))
+    return not any(m in SMOOTHING_METHODS for m in methods)
+
+
+def resolve_format(args: argparse.Namespace):
+    """(method config, format): --format auto becomes packed wherever the method has a
+    packed form; an explicit --format packed for a method without one is refused now."""
+    config = method_config(args, "fake")
+    fmt = args.format
+    if fmt == "auto":
+        fmt = "packed" if packable(config) else "fake"
+    if fmt == "packed":
+        from faircalib.formats.packed import check_packable_method
+
+        check_packable_method(config)  # refuse AWQ / SmoothQuant now, not after calibrating
+        config = method_config(args, "packed")
+    return config, fmt
 
 
 def calib_source(args: argparse.Namespace):
@@ -153,92 +354,450 @@ def calib_config(args: argparse.Namespace):
         views=args.views,
         device=args.device,
         offload=args.offload,
+        max_device_gib=args.max_device_gib,
+        include=args.include,
+        exclude=args.exclude,
+        quantize_head=getattr(args, "quantize_head", None),
     )
 
 
+def _config_error(message: str):
+    from faircalib.errors import ConfigError
+
+    return ConfigError(message)
+
+
+# --- recipes -----------------------------------------------------------------------------------
+def explicit_dests(args: argparse.Namespace) -> set[str]:
+    """The flags the user typed (argparse's prefixes included), so a recipe fills the rest."""
+    dests = getattr(args, "option_dests", {})
+    typed = set()
+    for token in getattr(args, "argv", []) or []:
+        if not token.startswith("--"):
+            continue
+        key = token.split("=", 1)[0]
+        hits = [key] if key in dests else [o for o in dests if o.startswith(key)]
+        if len(hits) == 1:
+            typed.add(dests[hits[0]])
+    if getattr(args, "model", None) is not None:
+        typed.add("model")
+    return typed
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The standard schemes as recipes (`--config gptq-w4g128`): name -> file."""
+    from faircalib.hub import ASSETS
+
+    return {p.stem: p for p in sorted((ASSETS / "recipes").glob("*.json"))}
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe.json (or the directory holding one, or a shipped scheme's name), checked."""
+    from faircalib.models.base import read_json
+
+    shipped = shipped_recipes()
+    if str(path) in shipped and not Path(path).exists():
+        path = shipped[str(path)]
+    path = Path(path)
+    if path.is_dir():
+        path = path / RECIPE
+    if not path.is_file():
+        raise _config_error(
+            f"recipe {path} does not exist; pass a recipe.json, its directory or a shipped "
+            f"scheme ({', '.join(shipped)})"
+        )
+    recipe = read_json(path)
+    if not isinstance(recipe.get("args"), dict):
+        raise _config_error(f"{path} is not a faircalib recipe (no 'args' object)")
+    unknown = sorted(set(recipe["args"]) - set(RECIPE_FLAGS))
+    if unknown:
+        raise _config_error(f"{path}: unknown recipe fields {unknown}; known: {RECIPE_FLAGS}")
+    return recipe
+
+
+def apply_recipe(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
+    """Fill every flag the user did not type from the recipe (and MODEL, if it names one)."""
+    typed = explicit_dests(args)
+    if "model" not in typed and recipe.get("model") is not None:
+        args.model = str(recipe["model"])
+    for dest, value in recipe["args"].items():
+        if dest not in typed:
+            setattr(args, dest, value)
+
+
+def make_recipe(args: argparse.Namespace, config, calib, fmt: str, dtype: str) -> dict[str, Any]:
+    """What replays this run: the resolved flags, plus the configs they built (for reading)."""
+    import faircalib
+
+    flags = {dest: getattr(args, dest, None) for dest in RECIPE_FLAGS}
+    flags.update(
+        bits=config.bits,
+        group_size=-1 if config.group_size is None else config.group_size,
+        calib_split=calib.split,
+        seq_len=calib.seq_len,
+        format=fmt,
+        dtype=dtype,
+    )
+    return {
+        "faircalib_recipe": RECIPE_VERSION,
+        "faircalib_version": faircalib.__version__,
+        "model": str(args.model),
+        "args": flags,
+        "method": config.to_dict(),
+        "calib": {k: v for k, v in calib.to_dict().items() if k not in ("device", "offload")},
+        "replay": "faircalib quantize --config recipe.json --out DIR",
+    }
+
+
+# --- checks before any work --------------------------------------------------------------------
+def warn(message: str) -> None:
+    print(f"faircalib quantize: warning: {message}", file=sys.stderr)
+
+
+def check_source(source: Path, model_arg: str) -> dict | None:
+    """Refuse a packed directory (its layers hold codes, not weights, and quantizing codes
+    again is meaningless); warn on a fake-quant one. Returns the source's quantization record."""
+    from faircalib import hub
+    from faircalib.models.base import read_json
+
+    if hub.is_packed(source):
+        raise _config_error(
+            f"{model_arg} is already quantized (a packed compressed-tensors directory); "
+            "quantize its float source model instead"
+        )
+    record_path = source / "quantization.json"
+    if not record_path.is_file():
+        return None
+    record = read_json(record_path)
+    method = record.get("method", {}) if isinstance(record.get("method"), dict) else {}
+    warn(
+        f"{model_arg} is already fake-quantized ({method.get('method', '?')} W"
+        f"{method.get('bits', '?')}); quantizing it again compounds the errors - quantize its "
+        f"float source ({record.get('source_model', 'unknown')}) instead"
+    )
+    return record
+
+
+def weight_bytes(directory: Path) -> int:
+    """Bytes of a model directory's safetensors files (weights as stored on disk)."""
+    return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
+
+
+# --- the run -----------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     from faircalib import distributed, hub
-    from faircalib.bench import deterministic
-    from faircalib.calib import quantize
-    from faircalib.calib.engine import check_layers
-    from faircalib.calib.fakequant_io import save_quantized
-    from faircalib.calib.progress import PartialRun, fingerprint, partial_dir
-    from faircalib.data import calibration_batch
-    from faircalib.errors import ConfigError
-    from faircalib.models.io import check_output_dir
 
-    config = method_config(args)  # refuses bad bits / group sizes first
-    if args.format == "packed":  # refuse AWQ / SmoothQuant now, not after calibrating
-        from faircalib.formats.packed import check_packable_method
-
-        check_packable_method(config)
-    calib_data = calib_source(args)  # the user's text is checked before any model loads
-    calib = calib_config(args)  # and bad calibration flags, before anything is loaded
-    hub.check_device(args.device)
+    start = time.time()
+    if args.config:
+        apply_recipe(args, read_recipe(args.config))
+    if args.model is None:
+        raise _config_error("MODEL is required (or --config RECIPE, which names it)")
+    if args.method is None:
+        raise _config_error(f"--method is required: one of {', '.join(METHODS)}")
+    hub.check_device(args.device)  # --device gpu / cuda without CUDA: one line, first
+    check_knobs(args)
+    config, fmt = resolve_format(args)  # refuses bad bits / group sizes first
     # torchrun: progress files hold one process's block-input cache, and each rank holds a
     # share of it (faircalib.distributed): resumable runs are single-process for now
     if distributed.active() and args.resume:
-        raise ConfigError("--resume is not supported under torchrun; resume in one process")
+        raise _config_error("--resume is not supported under torchrun; resume in one process")
+    from faircalib.calib.progress import PartialRun, partial_dir
+    from faircalib.models.io import check_output_dir
+
     out = Path(args.out)
     check_output_dir(out, args.overwrite)  # an unwritable --out fails now, not after hours
+    calib_data = calib_source(args)  # the user's text is checked before any model loads
+    calib = calib_config(args)  # and bad calibration flags, before anything is loaded
     PartialRun.check(partial_dir(out), resume=args.resume, overwrite=args.overwrite)
     source = hub.resolve(args.model)
-    model = hub.load(args.model, device="cpu" if args.offload else args.device)
-    check_layers(model, config)
+    check_source(source, str(args.model))
+    result = quantize_model_from_args(args, config, calib, calib_data, source, fmt)
+    if distributed.is_main():  # torchrun: every rank holds the same model; rank 0 writes it
+        tick = time.time()
+        save(result, out, args.overwrite)
+        result.timings["save_s"] = time.time() - tick
+    if result.partial is not None:
+        result.partial.remove()  # the output is complete: its progress is no longer needed
+    result.timings["command_s"] = time.time() - start
+    summary = summarize(result, out)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for row in result.report["layers"]:
+            print(
+                f"{row['layer']:<22} rel. output error {row['rel_error']:.2e} "
+                f"(RTN {row['rtn_rel_error']:.2e})"
+            )
+        print(summary_text(summary))
+    return 0
+
+
+class Result:
+    """A finished calibration: the quantized model and everything the outputs record."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.__dict__.update(kwargs)
+
+
+def quantize_model_from_args(
+    args: argparse.Namespace, config, calib, calib_data, source: Path, fmt: str, model=None
+) -> Result:
+    """Load (unless `model`, already loaded from `source`, is given), calibrate and quantize:
+    the part between the checks and the writing."""
+    import dataclasses
+
+    from faircalib import distributed, hub
+    from faircalib.calib import quantize
+    from faircalib.calib.engine import check_layers, quant_results
+    from faircalib.calib.progress import PartialRun, fingerprint, partial_dir
+    from faircalib.calib.select import restrict, selected_layers
+    from faircalib.data import calibration_batch
+
+    tick = time.time()
+    if model is None:
+        dtype = hub.resolve_dtype(args.model, args.calib_dtype)
+        model = hub.load(args.model, device="cpu" if args.offload else args.device, dtype=dtype)
+    if args.seq_len is not None and args.seq_len > model.seq_len:
+        warn(
+            f"--seq-len {args.seq_len} is longer than {args.model}'s training length "
+            f"{model.seq_len}; the model never saw positions past {model.seq_len} (calibrating "
+            "on them may hurt)"
+        )
+    chosen, skipped = selected_layers(model, calib.include, calib.exclude)
     tokenizer = hub.load_tokenizer(args.model)
     seq_len = args.seq_len or model.seq_len
     tokens = calibration_batch(tokenizer, calib_data, None, args.nsamples, seq_len, args.seed)
     calib = dataclasses.replace(calib, seq_len=seq_len)
-    partial = None
-    if not distributed.active():
-        fp = fingerprint(model, config.to_dict(), calib.to_dict(), tokens)
-        partial = PartialRun.open(
-            partial_dir(out), fp, resume=args.resume, overwrite=args.overwrite
-        )
-    resumed_from = partial.finished if partial is not None else 0
-    try:
-        report = quantize(
-            model, config, tokens, calib, progress=not args.json, partial=partial
-        ).to_dict()
-    except KeyboardInterrupt as exc:  # SIGINT: say what survives (a SIGKILL keeps it too)
-        if partial is None:
-            raise
-        raise KeyboardInterrupt(
-            f"{partial.finished} block(s) finished; progress kept in {partial.directory}: "
-            "rerun the same command with --resume to continue"
-        ) from exc
+    with restrict(model, calib.include, calib.exclude):
+        check_layers(model, config)
+        partial = None
+        if not distributed.active() and getattr(args, "out", None) is not None:
+            fp = fingerprint(model, config.to_dict(), calib.to_dict(), tokens)
+            partial = PartialRun.open(
+                partial_dir(Path(args.out)), fp, resume=args.resume, overwrite=args.overwrite
+            )
+        resumed_from = partial.finished if partial is not None else 0
+        load_s = time.time() - tick
+        progress = not getattr(args, "json", True)
+        try:
+            report = quantize(model, config, tokens, calib, progress=progress, partial=partial)
+        except KeyboardInterrupt as exc:  # SIGINT: say what survives (a SIGKILL keeps it too)
+            if partial is None:
+                raise
+            raise KeyboardInterrupt(
+                f"{partial.finished} block(s) finished; progress kept in {partial.directory}: "
+                "rerun the same command with --resume to continue"
+            ) from exc
+    report = report.to_dict()
+    timings = {"load_s": load_s, **report["timings"]}
+    infos = {name: r.info for name, r in quant_results(model).items() if r.info}
+    from faircalib.provenance import run_record
+
+    recipe = make_recipe(args, config, calib, fmt, _dtype_name(args, source))
     record = {
         "source_model": str(args.model),
-        "command": " ".join(["faircalib", *sys.argv[1:]]),
+        **run_record(argv=["faircalib", *getattr(args, "argv", sys.argv[1:])], device=args.device),
         "calib_data": calib_data.record(),
         "resumed_from_block": resumed_from if args.resume else None,
-        "deterministic": deterministic(args.device),
+        "selection": {"quantized": len(chosen), "left_float": skipped},
+        "layer_info": infos,
     }
-    if distributed.is_main():  # torchrun: every rank holds the same model; rank 0 writes it
-        save_quantized(
-            model,
-            report,
-            out,
-            source / "tokenizer.json",
-            args.overwrite,
-            fmt=args.format,
-            record=record,
-        )
-    if partial is not None:
-        partial.remove()  # the output is complete: its progress is no longer needed
-    summary = {
+    return Result(
+        model=model,
+        tokenizer=tokenizer,
+        report=report,
+        config=config,
+        calib=calib,
+        calib_data=calib_data,
+        source=source,
+        format=fmt,
+        recipe=recipe,
+        record=record,
+        infos=infos,
+        chosen=chosen,
+        skipped=skipped,
+        partial=partial,
+        timings=timings,
+        source_bytes=weight_bytes(source),
+        out=None,
+    )
+
+
+def _dtype_name(args: argparse.Namespace, source: Path) -> str:
+    from faircalib import hub
+
+    if args.dtype != "auto":
+        return args.dtype
+    return str(hub.source_dtype(source)).removeprefix("torch.")
+
+
+def save(result: Result, out: Path, overwrite: bool = False, dtype: str | None = None) -> Path:
+    """Write the quantized model, quantization.json and recipe.json to `out`."""
+    import torch
+
+    from faircalib.calib.fakequant_io import save_quantized
+
+    dtype = dtype or result.recipe["args"]["dtype"]
+    result.recipe["args"]["dtype"] = dtype
+    save_quantized(
+        result.model,
+        result.report,
+        Path(out),
+        result.source / "tokenizer.json" if (result.source / "tokenizer.json").is_file() else None,
+        overwrite,
+        fmt=result.format,
+        record={**result.record, "dtype": dtype if result.format == "fake" else "bfloat16"},
+        dtype=getattr(torch, dtype),
+        extra_files={RECIPE: result.recipe},
+    )
+    result.out = Path(out)
+    return Path(out)
+
+
+# --- the closing summary -----------------------------------------------------------------------
+def diagnostics(result: Result) -> dict[str, Any]:
+    """Per-method numbers worth a line: GPTQ's loss and the damping it actually used, AWQ's and
+    SmoothQuant's chosen scales, FAIR-Calib's weight statistics and stage-2 gains."""
+    out: dict[str, Any] = {}
+    infos = list(result.infos.values())
+    keys = sorted({k for info in infos for k in info})
+    for key in keys:
+        values = [info[key] for info in infos if key in info]
+        out[key] = {"mean": sum(values) / len(values), "max": max(values), "min": min(values)}
+    config = result.config
+    damp = getattr(config, "damp", None)
+    if damp is not None and "damp" in out:
+        raised = {name: info["damp"] for name, info in result.infos.items() if info["damp"] > damp}
+        out["damp_configured"] = damp
+        out["damp_raised"] = raised
+    fair = result.report.get("calib", {}).get("fair")
+    if fair:
+        out["fair"] = fair
+    recon = [r for r in result.report.get("recon", []) if isinstance(r, dict)]
+    if recon:
+        out["recon_blocks"] = len([r for r in recon if r.get("block") != "e2e"])
+    return out
+
+
+def summarize(result: Result, out: Path) -> dict[str, Any]:
+    """The fields of the closing summary (the --json object: the old keys plus these)."""
+    layers = result.report["layers"]
+    rel = [r["rel_error"] for r in layers]
+    rtn = [r["rtn_rel_error"] for r in layers]
+    worst = max(layers, key=lambda r: r["rel_error"]) if layers else None
+    out_bytes = weight_bytes(out) if Path(out).is_dir() else None
+    return {
         "out": str(out),
-        "method": report["method"],
-        "calib_data": calib_data.record(),
-        "timings": report["timings"],
-        "layers": report["layers"],
+        "method": result.report["method"],
+        "calib_data": result.calib_data.record(),
+        "format": result.format,
+        "timings": result.timings,
+        "layers": layers,
+        "quantized_layers": len(layers),
+        "float_layers": result.skipped,
+        "bytes": {
+            "source": result.source_bytes,
+            "output": out_bytes,
+            "ratio": out_bytes / result.source_bytes if out_bytes and result.source_bytes else None,
+        },
+        "error": {
+            "mean": sum(rel) / len(rel) if rel else None,
+            "worst": worst["rel_error"] if worst else None,
+            "worst_layer": worst["layer"] if worst else None,
+            "rtn_mean": sum(rtn) / len(rtn) if rtn else None,
+            "vs_rtn": (sum(rel) / sum(rtn)) if rtn and sum(rtn) > 0 else None,
+        },
+        "diagnostics": diagnostics(result),
+        "recipe": str(Path(out) / RECIPE),
+        "next": f"faircalib eval {out} --data wikitext2",
+        **head_summary(result),
     }
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        for row in report["layers"]:
-            print(
-                f"{row['layer']:<22} rel. output error {row['rel_error']:.2e} (RTN {row['rtn_rel_error']:.2e})"
+
+
+# what stock readers do with quantized vocabulary layers (measured: docs/models.md)
+HEAD_READERS = (
+    "readers: faircalib loads both; transformers' default compressed-tensors path loads a "
+    "quantized output Linear but not a quantized embedding (AttributeError), vLLM neither "
+    "(its vocab layers take no compressed-tensors scheme) - see docs/models.md"
+)
+
+
+def head_summary(result: Result) -> dict[str, Any]:
+    """--quantize-head: its rows and, for packed output, which readers can take them (absent
+    when the flag is off, so the summary is as before)."""
+    rows = result.report.get("head")
+    if not rows:
+        return {}
+    out: dict[str, Any] = {"head": rows}
+    if result.format == "packed":
+        out["head_readers"] = HEAD_READERS
+    return out
+
+
+def _mb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def summary_text(s: dict[str, Any]) -> str:
+    m = s["method"]
+    group = "per-channel" if m.get("group_size") is None else f"g{m['group_size']}"
+    lines = [
+        f"quantized {s['quantized_layers']} layers with {m['method']} W{m['bits']} {group}"
+        + (f" ({len(s['float_layers'])} left in float)" if s["float_layers"] else "")
+    ]
+    e = s["error"]
+    if e["mean"] is not None:
+        lines.append(
+            f"  output error: mean {e['mean']:.2e}, worst {e['worst']:.2e} ({e['worst_layer']}); "
+            f"RTN mean {e['rtn_mean']:.2e} ({e['vs_rtn']:.2f}x of RTN)"
+        )
+    d = s["diagnostics"]
+    if "gptq_loss" in d:
+        line = f"  gptq: loss mean {d['gptq_loss']['mean']:.3g}, damping {d['damp_configured']}"
+        raised = d.get("damp_raised", {})
+        if raised:
+            line += (
+                f" raised on {len(raised)} layer(s) (up to {max(raised.values()):.3g}: too few "
+                "calibration rows for the width; use more --nsamples)"
             )
-        print(f"wrote {out} in {report['timings']['wall_s']:.1f}s")
-    return 0
+        lines.append(line)
+    if "alpha" in d and m["method"] in ("awq", "fair"):
+        lines.append(
+            f"  awq: scale exponent alpha mean {d['alpha']['mean']:.2f} "
+            f"(range {d['alpha']['min']:.2f}-{d['alpha']['max']:.2f})"
+            + (f", clipping kept {d['clip_kept']['mean']:.2f}" if "clip_kept" in d else "")
+        )
+    if "scale_max" in d:
+        lines.append(
+            f"  smoothquant: alpha {d['alpha']['mean']:.2f}, smoothing scales "
+            f"{d['scale_min']['min']:.3g}-{d['scale_max']['max']:.3g}, activation outliers "
+            f"{d['act_outlier_before']['mean']:.1f}x -> {d['act_outlier_after']['mean']:.1f}x"
+        )
+    if "fair" in d:
+        f = d["fair"]
+        lines.append(
+            f"  fair: {f.get('frontier_tokens', 0)} frontier tokens, max weight "
+            f"{f.get('max_weight_used', 0):.2f}, {100 * f.get('weight_share_on_frontier', 0):.0f}% "
+            "of the weight on the frontier"
+        )
+    for row in s.get("head", []):
+        group = "per-row" if row["group_size"] is None else f"g{row['group_size']}"
+        lines.append(
+            f"  head: {row['layer']} ({row['role']}, {row['shape'][0]}x{row['shape'][1]}) "
+            f"INT{row['bits']} {group}, weight error {row['weight_rel_error']:.2e}"
+        )
+    if "head_readers" in s:
+        lines.append(f"  head {s['head_readers']}")
+    b = s["bytes"]
+    ratio = f" ({b['ratio']:.2f}x)" if b["ratio"] else ""
+    lines.append(f"  size: {_mb(b['source'])} -> {_mb(b['output'])}{ratio}, {s['format']}")
+    t = s["timings"]
+    stages = [k for k in t if k.endswith("_s") and k not in ("total_s", "wall_s", "command_s")]
+    lines.append(
+        "  time: "
+        + ", ".join(f"{k.removesuffix('_s')} {t[k]:.1f}s" for k in stages)
+        + f"; total {t.get('command_s', t.get('wall_s', 0)):.1f}s"
+    )
+    lines.append(f"wrote {s['out']} (recipe: {s['recipe']})")
+    lines.append(f"next: {s['next']}")
+    return "\n".join(lines)

@@ -4,39 +4,60 @@ from __future__ import annotations
 
 import argparse
 
+from faircalib.commands import common
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a reference MDLM (GPU; CPU for tiny runs)")
     p.add_argument(
-        "--corpus", nargs="+", required=True, help="jsonl(.xz|.gz) shards with a 'text' field"
+        "--data",
+        nargs="+",
+        help="training text: jsonl(.xz|.gz) shards with a 'text' field (required)",
     )
+    common.hidden_alias(p, "--corpus", dest="data", nargs="+")
     p.add_argument(
         "--tokenizer", required=True, help="tokenizer.json with <|endoftext|> and <|mask|>"
     )
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "small"])
-    p.add_argument("--hidden-dim", type=int)
-    p.add_argument("--n-blocks", type=int)
-    p.add_argument("--n-heads", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        choices=[
+            "tiny",
+            "small",
+            "diffusionlm-tiny",
+            "planner-tiny",
+            "diffusionlm-base",
+            "planner-small",
+        ],
+        help="model family and size (training.PRESETS): tiny/small are MDLMs",
+    )
+    p.add_argument("--hidden-dim", type=int, help="override the preset's width")
+    p.add_argument("--n-blocks", type=int, help="override the preset's depth")
+    p.add_argument("--n-heads", type=int, help="override the preset's attention heads")
+    p.add_argument("--seq-len", type=int, help="override the preset's sequence length")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per optimiser step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up steps")
+    p.add_argument("--max-steps", type=int, default=2000, help="optimiser steps")
     p.add_argument(
         "--time-budget", type=float, help="seconds; the cosine schedule ends with the budget"
     )
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--max-docs", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=250, help="steps between validations")
+    p.add_argument("--max-docs", type=int, help="read at most this many documents (all)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
     p.add_argument("--token-cache", help=".npy cache of the tokenised corpus (created if absent)")
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from faircalib.errors import ConfigError
     from faircalib.training import TrainConfig, train
+
+    if not args.data:
+        raise ConfigError("--data is required: the jsonl(.xz|.gz) shards to train on")
 
     overrides = {
         k: v
@@ -49,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         if v is not None
     }
     cfg = TrainConfig(
-        corpus=args.corpus,
+        corpus=args.data,
         tokenizer=args.tokenizer,
         out=args.out,
         preset=args.preset,

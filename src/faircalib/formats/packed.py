@@ -36,7 +36,13 @@ AWQ / SmoothQuant results are refused: their per-input-channel scale s (the laye
 the preceding op is impossible for most of our layers (see `_refuse_smoothing`). Directories
 written before (format_version 1) may still list such layers under `faircalib.input_scale` /
 `faircalib.act_bits`; our loader applies them.
-Every other tensor (embeddings, norms, output layer, adaLN) is a float tensor in the same shards.
+Every other tensor (embeddings, norms, output layer, adaLN) is a float tensor in the same shards,
+unless `--quantize-head` quantized the vocabulary layers: the output Linear is then an ordinary
+target, and the embedding ([V, D], groups along D per token row) is a target too, stored with
+the same four tensors under its module path - compressed-tensors 0.20 treats nn.Embedding like
+nn.Linear (`COMPRESSIBLE_MODULE_TYPES`). A family whose embedding is a raw parameter (MDLM's
+`vocab_embed.embedding`) is named by the module holding it; our loader maps it back through
+the family's declared `vocab_layers`. What stock readers do with it: docs/models.md.
 
 Loading validates every tensor's presence, dtype and shape (and finiteness) against the model
 that the config describes before anything is built, then repacks the plain codes into
@@ -151,6 +157,31 @@ def packed_nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def embedding_targets(module: nn.Module) -> dict[str, str]:
+    """Module path -> parameter name of every embedding that may be a packed target: each
+    nn.Embedding, and the embedding / tied vocabulary layers a DiffusionLM declares
+    (`DiffusionLM.vocab_layers`; MDLM's is a raw parameter of a custom module)."""
+    out = {n: "weight" for n, m in module.named_modules() if isinstance(m, nn.Embedding)}
+    if isinstance(module, DiffusionLM):
+        try:
+            declared = module.vocab_layers().layers
+        except ConfigError:  # a family that declares none
+            declared = ()
+        out.update({v.module: v.param for v in declared if v.role != "output"})
+    return out
+
+
+def _layer_shape(
+    module: nn.Module, name: str, embeddings: Mapping[str, str]
+) -> tuple[int | None, int | None]:
+    """(out, in) of a quantizable layer: a Linear (or a stand-in for one), or an embedding's
+    [V, D] (rows = tokens, groups along D)."""
+    layer = module.get_submodule(name)
+    if name in embeddings:
+        return tuple(layer.get_parameter(embeddings[name]).shape)
+    return getattr(layer, "out_features", None), getattr(layer, "in_features", None)
+
+
 # the tensors of one packed layer that hold its weight (bias and input_scale are not weight)
 WEIGHT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 _SAFETENSORS_ITEM_BYTES = {
@@ -165,10 +196,54 @@ _SAFETENSORS_ITEM_BYTES = {
 }
 
 
-def packed_weight_bytes(directory: Path) -> int:
-    """Bytes the quantized layers' weights (codes, scales, zero points, shapes) occupy in a
-    packed model directory, read from the safetensors headers only (no tensor is loaded)."""
-    directory = Path(directory)
+def packed_layer_bytes(
+    out_f: int, in_f: int, bits: int, group_size: int | None, symmetric: bool, dtype: torch.dtype
+) -> int:
+    """Bytes of one packed layer's weight tensors (codes, scales, zero points, shape), exactly
+    as `pack_layer` writes them (the layout of `expected_specs`)."""
+    n_groups = 1 if group_size is None else in_f // group_size
+    item = torch.empty(0, dtype=dtype).element_size()
+    total = out_f * math.ceil(in_f * bits / 32) * 4  # weight_packed, int32
+    total += out_f * n_groups * item  # weight_scale, checkpoint dtype
+    total += 2 * 8  # weight_shape, int64 [2]
+    if not symmetric:
+        total += math.ceil(out_f * bits / 32) * n_groups * 4  # weight_zero_point, int32
+    return total
+
+
+def packed_checkpoint_bytes(
+    module: nn.Module, schemes: Mapping[str, Any], dtype: torch.dtype = torch.bfloat16
+) -> dict[str, int]:
+    """Tensor bytes of the whole packed checkpoint `write_packed` would write for `module` with
+    the layers in `schemes` (name -> object with bits, group_size, symmetric) quantized, from
+    shapes alone: it works on a meta-device model (an 8B one costs nothing). Every other
+    state-dict tensor is stored in `dtype` if it is a float, else as it is (biases of quantized
+    layers included). Safetensors headers are not counted (`checkpoint_tensor_bytes` reads the
+    same quantity from written files). -> {"quantized", "float", "total"}."""
+    embeddings = embedding_targets(module)
+    item = torch.empty(0, dtype=dtype).element_size()
+    quantized, skip = 0, set()
+    for name, cfg in schemes.items():
+        out_f, in_f = _layer_shape(module, name, embeddings)
+        group = cfg.group_size
+        quantized += packed_layer_bytes(out_f, in_f, cfg.bits, group, cfg.symmetric, dtype)
+        skip.add(f"{name}.{embeddings.get(name, 'weight')}")
+    floats = sum(
+        t.numel() * (item if t.is_floating_point() else t.element_size())
+        for key, t in module.state_dict().items()
+        if key not in skip
+    )
+    return {"quantized": quantized, "float": floats, "total": quantized + floats}
+
+
+def checkpoint_tensor_bytes(directory: Path) -> int:
+    """Bytes of every tensor in a model directory's safetensors files (headers excluded), read
+    from the headers only."""
+    return sum(_tensor_sizes(Path(directory)).values())
+
+
+def _tensor_sizes(directory: Path) -> dict[str, int]:
+    """Tensor name -> payload bytes over a directory's safetensors shards (headers only)."""
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         raise CheckpointError(f"{directory} has no safetensors shards")
@@ -185,6 +260,14 @@ def packed_weight_bytes(directory: Path) -> int:
                     sizes[name] = math.prod(piece.get_shape()) * item
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    return sizes
+
+
+def packed_weight_bytes(directory: Path) -> int:
+    """Bytes the quantized layers' weights (codes, scales, zero points, shapes) occupy in a
+    packed model directory, read from the safetensors headers only (no tensor is loaded)."""
+    directory = Path(directory)
+    sizes = _tensor_sizes(directory)
     layers = {n.removesuffix(".weight_packed") for n in sizes if n.endswith(".weight_packed")}
     if not layers:
         raise CheckpointError(f"{directory} holds no packed layers (no *.weight_packed tensor)")
@@ -269,7 +352,8 @@ def write_packed(
         raise ConfigError(f"checkpoint dtype must be bfloat16, float16 or float32, got {dtype}")
     if not results:
         raise ConfigError("no quantized layers to pack")
-    layers = {name: _checked_result(module, name, res) for name, res in results.items()}
+    embeddings = embedding_targets(module)
+    layers = {name: _checked_result(module, name, res, embeddings) for name, res in results.items()}
     tensors = _float_tensors(module, layers, dtype)
     for name, res in layers.items():
         packed = pack_layer(res.codes, res.qparams, dtype, name=name)
@@ -323,13 +407,16 @@ def _check_ct_version() -> None:
         )
 
 
-def _checked_result(module: nn.Module, name: str, res: Any) -> Any:
+def _checked_result(
+    module: nn.Module, name: str, res: Any, embeddings: Mapping[str, str] | None = None
+) -> Any:
     try:
         layer = module.get_submodule(name)
     except AttributeError as exc:
         raise ConfigError(f"quantized layer {name!r} is not a module of the model") from exc
-    # an nn.Linear of the float model, or a stand-in for one (calib's FakeQuantLinear)
-    shape = (getattr(layer, "out_features", None), getattr(layer, "in_features", None))
+    # an nn.Linear of the float model, a stand-in for one (calib's FakeQuantLinear), or an
+    # embedding (`embedding_targets`)
+    shape = _layer_shape(module, name, embeddings or {})
     if not all(isinstance(v, int) for v in shape):
         raise ConfigError(
             f"quantized layer {name!r} is a {type(layer).__name__}, not a linear layer"
@@ -372,8 +459,10 @@ def _check_reproduces_weight(name: str, res: Any) -> None:
     weight = getattr(res, "weight", None)
     if weight is None:
         raise ConfigError(f"{name}: the result has no fake-quant weight to check the codes against")
-    decoded = dequantize(res.codes.cpu(), res.qparams.to("cpu"))  # [out, in] float32
-    if not torch.equal(decoded, weight.detach().float().cpu()):
+    # a model calibrated in bf16 keeps its fake-quant weights in bf16: the exact float32 decode
+    # rounded once, as a stock reader's bf16 dequantization gives it
+    decoded = dequantize(res.codes.cpu(), res.qparams.to("cpu")).to(weight.dtype)  # [out, in]
+    if not torch.equal(decoded, weight.detach().cpu()):
         diff = float((decoded - weight.detach().float().cpu()).abs().max())
         raise ConfigError(
             f"{name}: codes and scales do not reproduce the fake-quant weight (max |diff| "
@@ -459,17 +548,23 @@ def load_packed_model(
     config = read_json(directory / CONFIG)
     qconfig = _parse_quantization_config(config, directory)
     probe = probe_model(_builder_config(config))  # names and shapes only: no memory
-    schemes = _layer_schemes(probe, qconfig, directory)
+    embeddings = embedding_targets(probe)
+    schemes = _layer_schemes(probe, qconfig, directory, embeddings)
     section = _parse_faircalib_section(config.get("faircalib", {}), schemes, directory)
     tensors = load_tensors(directory)
-    layers, used = _validated_layers(probe, schemes, section, tensors, directory)
-    floats = _validated_floats(probe, schemes, tensors, used, directory)
+    layers, used = _validated_layers(probe, schemes, section, tensors, directory, embeddings)
+    floats = _validated_floats(probe, schemes, tensors, used, directory, embeddings)
     # validation is over: from here on nothing can fail on account of the files.
     model = build_model(_builder_config(config))
     # As in models.io.load_model, values are rounded to `dtype` and loaded into the float32
     # parameters (run in bf16 under torch.autocast: QuantLinear follows autocast's dtype).
     model.load_state_dict({k: v.to(dtype) for k, v in floats.items()}, strict=False)
     for name, (codes, qp, input_scale, act_bits) in layers.items():
+        if name in embeddings:  # dequantized once into the float parameter (exact in float32)
+            with torch.no_grad():
+                param = model.get_submodule(name).get_parameter(embeddings[name])
+                param.copy_(dequantize(codes, qp).to(dtype))
+            continue
         linear = model.get_submodule(name)
         bias = None if linear.bias is None else linear.bias.detach()
         quant = QuantLinear.from_codes(
@@ -541,9 +636,14 @@ def _check_scheme(group: str, scheme: QuantizationScheme, directory: Path) -> Qu
 
 
 def _layer_schemes(
-    model: DiffusionLM, qconfig: QuantizationConfig, directory: Path
+    model: DiffusionLM,
+    qconfig: QuantizationConfig,
+    directory: Path,
+    embeddings: Mapping[str, str] | None = None,
 ) -> dict[str, QuantizationArgs]:
-    """Layer name -> its weight QuantizationArgs, checking every target names a Linear once."""
+    """Layer name -> its weight QuantizationArgs, checking every target names a Linear (or an
+    embedding in `embeddings`) once."""
+    embeddings = embeddings or {}
     schemes: dict[str, QuantizationArgs] = {}
     for group, scheme in qconfig.config_groups.items():
         args = _check_scheme(group, scheme, directory)
@@ -559,7 +659,7 @@ def _layer_schemes(
                 f"lacks: {(unmatched or scheme.targets)[:5]}; {REDO}"
             )
         for name, module in matched:
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, nn.Linear) and name not in embeddings:
                 raise CheckpointError(
                     f"{directory}: {name} is a {type(module).__name__}, not a Linear; {REDO}"
                 )
@@ -567,10 +667,11 @@ def _layer_schemes(
                 raise CheckpointError(
                     f"{directory}: {name} is targeted by more than one config group; {REDO}"
                 )
-            if args.strategy == "group" and module.in_features % args.group_size:
+            in_features = _layer_shape(model, name, embeddings)[1]
+            if args.strategy == "group" and in_features % args.group_size:
                 raise CheckpointError(
                     f"{directory}: group size {args.group_size} does not divide "
-                    f"{name}'s {module.in_features} input features; {REDO}"
+                    f"{name}'s {in_features} input features; {REDO}"
                 )
             schemes[name] = args
     return schemes
@@ -622,13 +723,13 @@ def _validated_layers(
     section: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     where: Path,
+    embeddings: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, tuple], set[str]]:
     """Check and decode every quantized layer: name -> (codes, QParams, input_scale, act_bits),
     and the set of tensor names they consumed."""
     layers, used = {}, set()
     for name, args in schemes.items():
-        linear = model.get_submodule(name)
-        out_f, in_f = linear.out_features, linear.in_features
+        out_f, in_f = _layer_shape(model, name, embeddings or {})
         parts = {}
         for suffix, (shape, kind) in expected_specs(out_f, in_f, args).items():
             key = f"{name}.{suffix}"
@@ -663,10 +764,12 @@ def _validated_floats(
     tensors: dict[str, torch.Tensor],
     used: set[str],
     where: Path,
+    embeddings: Mapping[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The float tensors: exactly the model's state dict minus the quantized weights; any
     tensor that is neither one of them nor consumed by a quantized layer is refused."""
-    quantized_weights = {f"{name}.weight" for name in schemes}
+    embeddings = embeddings or {}
+    quantized_weights = {f"{name}.{embeddings.get(name, 'weight')}" for name in schemes}
     expected = {k: v for k, v in model.state_dict().items() if k not in quantized_weights}
     extra = sorted(set(tensors) - set(expected) - used)
     if extra:

@@ -2,6 +2,7 @@
 FAIR-Calib's Stage-I position prior."""
 
 from faircalib.frontier.metrics import (
+    cache_flip_metrics,
     compare_generations,
     distinct_n,
     mechanism_metrics,
@@ -23,6 +24,7 @@ __all__ = [
     "FrontierTrace",
     "GenerationResult",
     "SamplerConfig",
+    "cache_flip_metrics",
     "compare_generations",
     "distinct_n",
     "generate",

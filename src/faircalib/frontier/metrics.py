@@ -115,10 +115,13 @@ def mechanism_metrics(
     Cost: K forwards of [B, L] (the masked stage) plus sum over pairs of (K - c) re-masked rows,
     at most max_positions * K, `batch_rows` to a forward.
     """
-    stage = masked_stage(model, result)
     rows, width = result.tokens.shape[0], result.tokens.shape[1] - result.prompt_len
     pairs = sample_positions(rows, width, max_positions, seed)
-    trajectory = belief_trajectories(model, result, stage, pairs, batch_rows=batch_rows)
+    if result.beliefs is not None:  # a sampler without [MASK] recorded its beliefs itself
+        trajectory = recorded_trajectories(result, pairs)
+    else:
+        stage = masked_stage(model, result)
+        trajectory = belief_trajectories(model, result, stage, pairs, batch_rows=batch_rows)
     commit = commit_steps(result)[pairs[:, 0], pairs[:, 1]]
     lags = stabilization_lags(trajectory, commit)
     final = result.tokens[:, result.prompt_len :].cpu()[pairs[:, 0], pairs[:, 1]]
@@ -127,6 +130,17 @@ def mechanism_metrics(
         "late_stabilization_rate": (lags > 0).float().mean().item(),
         "post_commit_mismatch": (trajectory[:, -1] != final).float().mean().item(),
     }
+
+
+def recorded_trajectories(result: GenerationResult, pairs: torch.Tensor) -> torch.Tensor:
+    """[P, K + 1] beliefs of `pairs` ([P, 2]: row, generated position) from a result that
+    recorded them (Gaussian families), with the final tokens appended as step K. There the
+    frontier is the step a belief stops changing, so the lag is 0 and the mismatch 0 by
+    definition: the metrics stay comparable in form, and any nonzero value is a bug."""
+    beliefs = result.beliefs.cpu()  # [K, B, G]
+    final = result.tokens[:, result.prompt_len :].cpu()
+    per_step = beliefs[:, pairs[:, 0], pairs[:, 1]].T  # [P, K]
+    return torch.cat([per_step, final[pairs[:, 0], pairs[:, 1]][:, None]], dim=1)
 
 
 def _partial(result: GenerationResult, step: int, mask_id: int) -> torch.Tensor:
@@ -179,3 +193,58 @@ def distinct_n(tokens: torch.Tensor | Sequence[Sequence[int]], n: int) -> float:
 def repetition_rate(tokens: torch.Tensor | Sequence[Sequence[int]], n: int = 4) -> float:
     """1 - distinct n-grams / total n-grams per row, averaged: 0 = no repeated n-gram."""
     return 1.0 - distinct_n(tokens, n)
+
+
+def cache_flip_metrics(
+    model: DiffusionLM,
+    prompt_ids: torch.Tensor,
+    cfg: SamplerConfig,
+    seed: int,
+    *,
+    modes: Sequence[str] = ("prefix", "dual"),
+) -> dict[str, Any]:
+    """How far the cached samplers (`frontier.cache`) depart from the uncached one: `model`
+    generates from `prompt_ids` under one seed without a cache (the reference) and with each
+    cache in `modes`; the same noise, so every flip is the cache's approximation.
+
+    -> {"reference": {tokens_per_s, ...}, "<mode>": {flip_rate, token_agreement,
+    exact_match_rate, first_divergence_step, mean_first_divergence_step, flip_rate_by_step,
+    repetition_rate, tokens_per_s, speedup, row_fraction, ...}}. cfg.cache is ignored."""
+    from dataclasses import replace
+
+    reference = generate(model, prompt_ids, replace(cfg, cache="none"), seed, trace=False)
+    out: dict[str, Any] = {"reference": _cost(reference)}
+    out["reference"]["repetition_rate"] = _repetition(reference.tokens[:, reference.prompt_len :])
+    for mode in modes:
+        cached = generate(model, prompt_ids, replace(cfg, cache=mode), seed, trace=False)
+        ref_gen = reference.tokens[:, reference.prompt_len :]
+        gen = cached.tokens[:, cached.prompt_len :]
+        differ = ref_gen != gen
+        first = first_divergence_steps(reference, cached)
+        diverged = [s for s in first if s is not None]
+        flip_rate = differ.float().mean().item()
+        cost = _cost(cached)
+        out[mode] = {
+            "flip_rate": flip_rate,
+            "token_agreement": 1.0 - flip_rate,
+            "exact_match_rate": (~differ.any(dim=1)).float().mean().item(),
+            "first_divergence_step": first,
+            "mean_first_divergence_step": sum(diverged) / len(diverged) if diverged else None,
+            "flip_rate_by_step": flip_rate_by_step(reference, cached),
+            "repetition_rate": _repetition(gen),
+            **cost,
+            "speedup": out["reference"]["seconds"] / cost["seconds"] if cost["seconds"] else None,
+        }
+    out["steps"], out["samples"] = cfg.steps, int(prompt_ids.shape[0])
+    return out
+
+
+def _repetition(tokens: torch.Tensor) -> float | None:
+    return repetition_rate(tokens) if tokens.shape[1] >= 4 else None
+
+
+def _cost(result: GenerationResult) -> dict[str, Any]:
+    stats = result.stats
+    if stats is None:
+        raise ConfigError("this family's sampler keeps no generation stats (no block cache)")
+    return stats.to_dict()

@@ -21,6 +21,10 @@ a token is proposed at every masked position, and some of those positions are *c
 sequence with the prompt masked, and its log-probs become
 uncond + (cfg_scale + 1) (cond - uncond), renormalised.
 
+``cache`` (``prefix`` / ``dual``) runs the block steps with Fast-dLLM's approximate K/V cache
+(`frontier.cache`); the default ``none`` is the plain computation. Every result carries
+`GenerationStats` (model calls, token rows run, wall time, tokens/s).
+
 Common random numbers: every random draw comes from seeded generators in a fixed order whose
 shapes do not depend on the model's outputs, so two models (float vs quantized) run with the
 same seed see identical noise and every difference in their outputs comes from the models. The
@@ -29,13 +33,20 @@ Gumbel noise has its own stream, so the position draws are the same whatever the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from faircalib.errors import ConfigError, DataError
+from faircalib.frontier.cache import (
+    CACHE_MODES,
+    BlockKVCache,
+    cached_log_probs,
+    supports_block_cache,
+)
 from faircalib.models.base import DiffusionLM
 
 DREAM_ORDERS = ("maskgit_plus", "topk_margin", "entropy")
@@ -54,14 +65,31 @@ class SamplerConfig:
     cfg_scale: float = 0.0  # LLaDA's classifier-free guidance; 0: off
     alg_temp: float | None = None  # Dream orders: None / 0 commit the top confidences
     eps: float = 1e-3  # Dream orders: the time grid ends at eps
+    # K/V cache of block decoding (frontier.cache): none, prefix (prompt + finished blocks)
+    # or dual (also the masked suffix); refreshed at every block's first step
+    cache: Literal["none", "prefix", "dual"] = "none"
 
     @property
     def block(self) -> int:
         return self.block_length or self.gen_length
 
+    @property
+    def steps_per_block(self) -> int:
+        """Model calls per block; samplers without blocks fill the region as one block."""
+        if self.sampler in SAMPLERS and self.sampler not in ("ancestral", *DREAM_ORDERS):
+            return self.steps // (self.gen_length // self.block)
+        return self.steps
+
+    @property
+    def cache_block(self) -> int:
+        """Width of the block a cached step recomputes (the region for block-less samplers)."""
+        return self.block if self.steps_per_block != self.steps else self.gen_length
+
     def validate(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        if self.cache not in CACHE_MODES:
+            raise ConfigError(f"unknown cache {self.cache!r}; choose one of {CACHE_MODES}")
         if self.steps < 1 or self.gen_length < 1:
             raise ConfigError(
                 f"steps ({self.steps}) and gen_length ({self.gen_length}) must be >= 1"
@@ -122,17 +150,55 @@ class FrontierTrace:
 
 
 @dataclass
+class GenerationStats:
+    """What a generation cost. rows: token rows run through the model, summed over model
+    calls and sequences (a cached step runs fewer than the canvas); full_calls: calls that ran
+    the whole canvas; seconds: wall time of the sampling loop (device synchronised)."""
+
+    cache: str
+    model_calls: int = 0
+    full_calls: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    generated_tokens: int = 0
+    canvas_rows: int = 0  # rows an uncached run of the same length would run
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def row_fraction(self) -> float:
+        """Rows run over the rows of an uncached run (1.0 without a cache)."""
+        return self.rows / self.canvas_rows if self.canvas_rows else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "tokens_per_s": self.tokens_per_s,
+            "row_fraction": self.row_fraction,
+        }
+
+
+@dataclass
 class GenerationResult:
     tokens: torch.Tensor  # [B, P + gen_length]
     prompt_len: int
     trace: FrontierTrace | None
     states: list[tuple[torch.Tensor, torch.Tensor]] | None  # per step: (x_t [B, L], t [B]) fed
     committed: list[torch.Tensor]  # per step: cumulative committed mask [B, L] after the step
+    # Gaussian families (no mask token): the rounded / decoded token at every generated
+    # position after each step, [K, B, G]; None for the masked samplers
+    beliefs: torch.Tensor | None = None
+    stats: GenerationStats | None = None  # the masked samplers' cost bookkeeping
 
     def frontier(self, step: int) -> torch.Tensor:
         """Positions written at `step`: bool [B, L]."""
-        before = self.committed[step - 1] if step > 0 else self._initial_committed()
-        return self.committed[step] & ~before
+        return self.committed[step] & ~self.committed_before(step)
+
+    def committed_before(self, step: int) -> torch.Tensor:
+        """Positions already written when `step` starts (the prompt at step 0): bool [B, L]."""
+        return self.committed[step - 1] if step > 0 else self._initial_committed()
 
     def _initial_committed(self) -> torch.Tensor:
         mask = torch.zeros_like(self.committed[0])
@@ -230,6 +296,9 @@ class _Run:
     trace: FrontierTrace | None
     states: list[tuple[torch.Tensor, torch.Tensor]] | None
     committed: list[torch.Tensor] = field(default_factory=list)
+    step: int = 0  # the step being run
+    cache: BlockKVCache | None = None
+    stats: GenerationStats = field(default_factory=lambda: GenerationStats("none"))
 
     @property
     def region(self) -> slice:
@@ -252,6 +321,21 @@ def generate(
     Returns tokens [B, P + gen_length]; with `record_states`, the (x_t, t) fed to the model at
     every step (the inputs frontier-aware calibration replays).
     """
+    # a family with its own sampler (Diffusion-LM, PLANNER) returns its result; masked families
+    # (and duck-typed models without the hook, e.g. test stubs) use the shared samplers
+    if cfg.cache != "none" and not supports_block_cache(model):
+        raise ConfigError(
+            f"the {getattr(model, 'family', type(model).__name__)} model has no block cache; "
+            "use cache 'none' (families opt in: docs/models.md, 'Block K/V cache')"
+        )
+    family_sampler = getattr(model, "sample", None)
+    own = None
+    if family_sampler is not None:
+        own = family_sampler(
+            prompt_ids, cfg, seed, trace=trace, record_states=record_states, progress=progress
+        )
+    if own is not None:
+        return own
     run = _start(model, prompt_ids, cfg, seed, trace, record_states)
     step_fn = {"ancestral": _ancestral_step, **dict.fromkeys(DREAM_ORDERS, _dream_step)}.get(
         cfg.sampler, _planned_step
@@ -259,15 +343,25 @@ def generate(
     plan = plan_transfers(cfg) if step_fn is _planned_step else [0] * cfg.steps
     was_training = model.training
     model.eval()
+    begin = time.perf_counter()
     try:
         with torch.inference_mode():
             for k in range(cfg.steps):
+                run.step = k
                 step_fn(run, k, plan[k])
                 if progress is not None:
                     progress(1)
     finally:
         model.train(was_training)
-    return GenerationResult(run.x, run.prompt_len, run.trace, run.states, run.committed)
+        run.cache = None  # free the K/V before returning
+    if run.x.device.type == "cuda":
+        torch.cuda.synchronize(run.x.device)
+    stats = run.stats
+    stats.seconds = time.perf_counter() - begin
+    stats.generated_tokens = run.x.shape[0] * cfg.gen_length
+    return GenerationResult(
+        run.x, run.prompt_len, run.trace, run.states, run.committed, stats=stats
+    )
 
 
 def _start(
@@ -303,6 +397,7 @@ def _start(
         noise,
         FrontierTrace(cfg.sampler, p) if trace else None,
         [] if record_states else None,
+        stats=GenerationStats(cfg.cache),
     )
 
 
@@ -326,10 +421,42 @@ def _run_model(
     if run.cfg.cfg_scale > 0:  # LLaDA: the unconditional input is the prompt masked
         free = run.x.clone()
         free[:, : run.prompt_len] = run.model.mask_id
-        both = run.model.log_probs(torch.cat([run.x, free]), torch.cat([t, t]))
-        cond, uncond = both[:, run.region].float().chunk(2)
+        both = _region_log_probs(run, torch.cat([run.x, free]), torch.cat([t, t]))
+        cond, uncond = both.float().chunk(2)
         return guided(cond, uncond, run.cfg.cfg_scale), gumbel, uniforms
-    return run.model.log_probs(run.x, t)[:, run.region].float(), gumbel, uniforms  # [B, G, V]
+    return _region_log_probs(run, run.x, t).float(), gumbel, uniforms  # [B, G, V]
+
+
+def _region_log_probs(run: _Run, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The model's log-probs [B', G, V] of the generated region of x [B', L], through the K/V
+    cache when one is configured. A cached step computes only its window's rows; every other
+    generated position gets a one-hot on its current token (what SUBS gives a committed
+    position; [MASK] at a masked one), and no sampler commits outside the current block."""
+    cfg, stats = run.cfg, run.stats
+    stats.model_calls += 1
+    stats.canvas_rows += x.shape[0] * x.shape[1]
+    if cfg.cache == "none":
+        stats.full_calls += 1
+        stats.rows += x.shape[0] * x.shape[1]
+        return run.model.log_probs(x, t)[:, run.region]
+    per_block = cfg.steps_per_block
+    if run.step % per_block == 0 or run.cache is None:  # block start: refresh every K/V
+        run.cache = BlockKVCache.empty(len(run.model.blocks))
+        out, n_rows = cached_log_probs(run.model, x, t, run.cache, None)
+        stats.full_calls += 1
+        stats.rows += x.shape[0] * n_rows
+        return out[:, run.region]
+    start = run.prompt_len + (run.step // per_block) * cfg.cache_block
+    stop = x.shape[1] if cfg.cache == "prefix" else start + cfg.cache_block
+    part, n_rows = cached_log_probs(run.model, x, t, run.cache, slice(start, stop))
+    stats.rows += x.shape[0] * n_rows
+    region = x[:, run.region]
+    out = torch.full(
+        (*region.shape, part.shape[-1]), float("-inf"), dtype=part.dtype, device=part.device
+    )
+    out.scatter_(-1, region.unsqueeze(-1), 0.0)
+    out[:, start - run.prompt_len : stop - run.prompt_len] = part
+    return out
 
 
 def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -455,3 +582,68 @@ def _frontier_step(
         margin=[(top2[i, r, 0] - top2[i, r, 1]).tolist() for i, r in enumerate(rows)],
         entropy=[entropy[i, r].tolist() for i, r in enumerate(rows)],
     )
+
+
+# --- frontiers of families without a mask token ------------------------------------------------
+def stop_steps(beliefs: torch.Tensor) -> torch.Tensor:
+    """beliefs [K, B, G] (the token each position would get after step k) -> [B, G] long: the
+    first step from which a position's token never changes again. This is the write frontier
+    of a continuous sampler: position l is written at step stop[l] (the last step writes
+    every position still moving)."""
+    k_total = beliefs.shape[0]
+    settled = beliefs == beliefs[-1:]  # [K, B, G]
+    trailing = settled.flip(dims=[0]).long().cumprod(dim=0).sum(dim=0)  # >= 1
+    return k_total - trailing
+
+
+def result_from_beliefs(
+    prompt_ids: torch.Tensor,
+    beliefs: torch.Tensor,
+    stats: dict[str, torch.Tensor],
+    times: list[float],
+    states: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    sampler: str,
+    *,
+    trace: bool,
+) -> GenerationResult:
+    """A GenerationResult for a sampler whose tokens may change at every step.
+
+    beliefs [K, B, G]; stats: `top1_prob`, `margin`, `entropy`, each [K, B, G], the model's
+    distribution at each position in step k; times: the t fed at each step. Final tokens are
+    the last step's; step k's frontier is the positions whose `stop_steps` is k, so the
+    committed sets grow monotonically as for the masked samplers and the flip metrics apply
+    unchanged."""
+    prompt = prompt_ids.to(beliefs.device, torch.long)
+    b, p = prompt.shape
+    stop = stop_steps(beliefs)  # [B, G]
+    tokens = torch.cat([prompt, beliefs[-1]], dim=1)
+    prompt_mask = torch.ones(b, p, dtype=torch.bool, device=beliefs.device)
+    committed = [torch.cat([prompt_mask, stop <= k], dim=1) for k in range(len(beliefs))]
+    frontier_trace = FrontierTrace(sampler, p) if trace else None
+    if frontier_trace is not None:
+        for k in range(len(beliefs)):
+            rows = [(stop[i] == k).nonzero().flatten() for i in range(b)]
+            frontier_trace.steps.append(
+                FrontierStep(
+                    step=k,
+                    t=[times[k]] * b,
+                    positions=[(r + p).tolist() for r in rows],
+                    tokens=[beliefs[-1, i, r].tolist() for i, r in enumerate(rows)],
+                    **{
+                        name: [stats[name][k, i, r].tolist() for i, r in enumerate(rows)]
+                        for name in ("top1_prob", "margin", "entropy")
+                    },
+                )
+            )
+    return GenerationResult(tokens, p, frontier_trace, states, committed, beliefs)
+
+
+def distribution_stats(log_probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """log_probs [B, G, V] -> top1_prob, margin (top-1 minus top-2) and entropy, each [B, G]."""
+    probs = log_probs.float().exp()
+    top2 = probs.topk(2, dim=-1).values
+    return {
+        "top1_prob": top2[..., 0],
+        "margin": top2[..., 0] - top2[..., 1],
+        "entropy": torch.special.entr(probs).sum(-1),
+    }

@@ -47,6 +47,38 @@ class BlockContext:
         return BlockContext(out)
 
 
+@dataclass(frozen=True)
+class VocabLayer:
+    """One vocabulary-sized weight [V, D] of a model: the input embedding, the output
+    projection, or one matrix that is both (tied).
+
+    module: dotted path of the module holding it; param: the parameter's name in that module
+    (`weight` for nn.Embedding / nn.Linear; MDLM's raw `embedding`). Rows are tokens, columns
+    the hidden dim, so quantization groups run along D within one token's row, like a Linear's
+    groups along its input features."""
+
+    role: str  # "embedding", "output" or "tied"
+    module: str
+    param: str = "weight"
+
+    @property
+    def key(self) -> str:
+        """The state-dict key of the weight."""
+        return f"{self.module}.{self.param}"
+
+
+@dataclass(frozen=True)
+class VocabLayers:
+    """What a family declares about its vocabulary layers (`DiffusionLM.vocab_layers`).
+
+    layers: the embedding and output projection (one "tied" entry when they are one matrix).
+    refusal: None when they may be quantized; else one line saying why not (then `layers`
+    still names them, for byte accounting)."""
+
+    layers: tuple[VocabLayer, ...]
+    refusal: str | None = None
+
+
 class DiffusionLM(nn.Module, ABC):
     """A masked (absorbing-state) diffusion language model.
 
@@ -87,6 +119,48 @@ class DiffusionLM(nn.Module, ABC):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         return self.log_probs(x_t, t)
+
+    # --- family hooks with defaults (added for families without a mask token) -------------
+    # The likelihood bound, training and `frontier.samplers.generate` call these; the masked
+    # families inherit the defaults, so nothing changes for them. A Gaussian family
+    # (Diffusion-LM, PLANNER) overrides them; no caller learns which family it runs.
+    def nelbo(self, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """One-sample estimate of each sequence's negative ELBO in nats: x0 [B, L] clean ids,
+        t [B] in [t_min, 1], u [B, L] uniforms (the caller's noise) -> [B]. Default: the
+        masked-diffusion NELBO (`models.objective`)."""
+        from faircalib.models.objective import masked_nelbo_per_sequence  # imports this module
+
+        return masked_nelbo_per_sequence(self, x0, t, u)
+
+    def training_loss(self, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Per-sequence training loss [B] (nats): the NELBO unless the family trains with a
+        simplified objective (Diffusion-LM's L_simple)."""
+        return self.nelbo(x0, t, u)
+
+    def sample(
+        self,
+        prompt_ids: torch.Tensor,
+        cfg: Any,
+        seed: int,
+        *,
+        trace: bool = True,
+        record_states: bool = False,
+        progress: Any = None,
+    ) -> Any:
+        """The family's own sampler (a `frontier.samplers.GenerationResult`), or None when the
+        shared masked samplers apply (the default)."""
+        return None
+
+    def vocab_layers(self) -> VocabLayers:
+        """The family's vocabulary layers (input embedding and output projection), declared by
+        module path and parameter - never guessed - for `--quantize-head`. Families override
+        it; a family that declares nothing cannot have its head quantized."""
+        from faircalib.errors import ConfigError
+
+        raise ConfigError(
+            f"the {self.family} family declares no vocabulary layers, so --quantize-head cannot "
+            "quantize them; leave --quantize-head off"
+        )
 
     @property
     def device(self) -> torch.device:
@@ -134,13 +208,26 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> tor
     """SUBS parameterisation (Sahoo et al. 2024): no mass on [MASK]; unmasked tokens carried over.
 
     logits: [B, L, V], x_t: [B, L] -> log-probs [B, L, V] (float32).
+    Without autograd the work is done in place: with an 8B model's 126k vocabulary one
+    2048-token sequence's [L, V] is 1 GiB in float32, so every full-size temporary counts. The
+    two paths give identical values (tested).
     """
     # made on the device (no host-to-device copy), so a CUDA graph can capture the forward
     mask_col = torch.full((1,), mask_id, device=logits.device, dtype=torch.long)
-    log_probs = torch.log_softmax(logits.float().index_fill(-1, mask_col, float("-inf")), dim=-1)
     committed = (x_t != mask_id).unsqueeze(-1)  # [B, L, 1]
-    carried = torch.full_like(log_probs, float("-inf")).scatter(-1, x_t.unsqueeze(-1), 0.0)
-    return torch.where(committed, carried, log_probs)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        log_probs = torch.log_softmax(logits.float().index_fill(-1, mask_col, float("-inf")), -1)
+        carried = torch.full_like(log_probs, float("-inf")).scatter(-1, x_t.unsqueeze(-1), 0.0)
+        return torch.where(committed, carried, log_probs)
+    out = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    out.index_fill_(-1, mask_col, float("-inf"))
+    out = torch.log_softmax(out, dim=-1)  # a fresh tensor; the input copy is freed on return
+    out.masked_fill_(committed, float("-inf"))
+    # committed rows get 0 at their own token; masked rows write -inf at [MASK] (already -inf)
+    value = torch.zeros_like(x_t, dtype=out.dtype).masked_fill_(
+        ~committed.squeeze(-1), float("-inf")
+    )
+    return out.scatter_(-1, x_t.unsqueeze(-1), value.unsqueeze(-1))
 
 
 # config, index and metadata files are kilobytes (an 8B model's index: ~100 KB); anything

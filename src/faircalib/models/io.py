@@ -344,7 +344,31 @@ def load_model(
         raise CheckpointError(f"{directory} is not a model directory")
     config = read_json(directory / CONFIG)
     tensors = load_tensors(directory)
-    check_state_dict(probe_model(config), tensors, str(directory))
-    model = build_model(config)  # allocates only sizes the checked tensors have
-    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()})
+    probe = probe_model(config)
+    check_state_dict(probe, tensors, str(directory))
+    state = {k: v.to(dtype) for k, v in tensors.items()}
+    if _recomputed_buffers(probe):  # built for real: those buffers are computed at construction
+        model = build_model(config)  # allocates only sizes the checked tensors have
+        model.load_state_dict(state)
+        _cast_checkpoint_tensors(model, dtype)
+    else:  # no random init and no float32 copy: an 8B model loads in its own bytes, in seconds
+        model = probe.to(dtype)
+        model.load_state_dict(state, assign=True)
     return model.to(device).eval()
+
+
+def _cast_checkpoint_tensors(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters and persistent buffers (what the checkpoint holds) in `dtype`; computed
+    buffers keep the precision they were built in (rotary frequencies stay float32)."""
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+        for name, buf in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set and buf.is_floating_point():
+                buf.data = buf.data.to(dtype)
+
+
+def _recomputed_buffers(model: torch.nn.Module) -> bool:
+    """Whether some module holds a non-persistent buffer (MDLM's rotary frequencies): state it
+    computes at construction, which a checkpoint does not carry."""
+    return any(m._non_persistent_buffers_set for m in model.modules())

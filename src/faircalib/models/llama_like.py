@@ -23,7 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from faircalib.errors import CheckpointError
-from faircalib.models.base import BlockContext, DiffusionLM, subs_log_probs
+from faircalib.models.base import (
+    BlockContext,
+    DiffusionLM,
+    VocabLayer,
+    VocabLayers,
+    subs_log_probs,
+)
 from faircalib.models.mdlm import apply_rotary
 from faircalib.models.schedule import LogLinearSchedule
 
@@ -158,21 +164,35 @@ class LlamaLikeBlock(nn.Module):
         return self.get_submodule(path)
 
     def forward(self, h: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        return self.forward_cached(h, ctx, None, None)
+
+    def forward_cached(
+        self, h: torch.Tensor, ctx: BlockContext, kv: Any, rows: slice | None
+    ) -> torch.Tensor:
+        """The block with a K/V cache (`frontier.cache`): kv None is the plain forward; rows
+        None runs every position and stores its K/V in kv; a slice runs h = the hidden states
+        of those rows only, attending to kv's stored K/V of the other positions."""
         n = self.names
-        h = h + self._m(n.o)(self._attention(self._m(n.attn_norm)(h), ctx))
+        h = h + self._m(n.o)(self._attention(self._m(n.attn_norm)(h), ctx, kv, rows))
         x = self._m(n.mlp_norm)(h)
         gate, up = self._m(n.gate)(x), self._m(n.up)(x)
         return h + self._m(n.down)(F.silu(gate) * up)
 
-    def _attention(self, x: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        """x [B, L, D] -> attention output [B, L, H * hd], before the output projection."""
+    def _attention(
+        self, x: torch.Tensor, ctx: BlockContext, kv: Any = None, rows: slice | None = None
+    ) -> torch.Tensor:
+        """x [B, R, D] -> attention output [B, R, H * hd], before the output projection."""
         b, seq, _ = x.shape
         n, hd = self.names, self.head_dim
         q = self._m(n.q)(x).view(b, seq, self.n_heads, hd).transpose(1, 2)  # [B, H, L, hd]
         k = self._m(n.k)(x).view(b, seq, self.n_kv_heads, hd).transpose(1, 2)  # [B, KV, L, hd]
         v = self._m(n.v)(x).view(b, seq, self.n_kv_heads, hd).transpose(1, 2)
         cos, sin = ctx.tensors["rotary_cos"], ctx.tensors["rotary_sin"]
+        if rows is not None:  # the rows' own positions
+            cos, sin = cos[rows], sin[rows]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:  # keys/values of every position: stored, or these rows' fresh ones
+            k, v = kv.update(k, v, rows)
         group = self.n_heads // self.n_kv_heads  # kv head j serves query heads j*group ...
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         out = F.scaled_dot_product_attention(q, k, v)  # no mask: bidirectional
@@ -205,6 +225,12 @@ class LlamaLikeLM(DiffusionLM):
         """Upstream's config.json -> LlamaSpec; CheckpointError for what the block lacks."""
 
     @property
+    def block_cache_lookback(self) -> int:
+        """Rows before a cached window that must run too (`frontier.cache`): Dream's output
+        at i - 1 predicts token i, so the row before the window runs as well."""
+        return int(self.spec.shift_logits)
+
+    @property
     def blocks(self) -> nn.ModuleList:  # type: ignore[override]
         return self.get_submodule(self.NAMES.blocks)
 
@@ -226,6 +252,14 @@ class LlamaLikeLM(DiffusionLM):
 
     def quantizable_linears(self, block: nn.Module) -> list[tuple[str, nn.Linear]]:
         return [(path, block.get_submodule(path)) for path in self.NAMES.block.linears()]
+
+    def vocab_layers(self) -> VocabLayers:
+        """The embedding (nn.Embedding) and the output Linear; one tied entry, the embedding,
+        when the checkpoint ties them (LLaDA `weight_tying`, Dream `tie_word_embeddings`)."""
+        n = self.NAMES
+        if self.spec.tie_embeddings:
+            return VocabLayers((VocabLayer("tied", n.embed),))
+        return VocabLayers((VocabLayer("embedding", n.embed), VocabLayer("output", n.lm_head)))
 
     def config_dict(self) -> dict[str, Any]:
         return dict(self.source_config)

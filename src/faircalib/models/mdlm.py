@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from faircalib.errors import CheckpointError
-from faircalib.models.base import BlockContext, DiffusionLM, subs_log_probs
+from faircalib.models.base import (
+    BlockContext,
+    DiffusionLM,
+    VocabLayer,
+    VocabLayers,
+    subs_log_probs,
+)
 from faircalib.models.schedule import LogLinearSchedule
 
 # config field -> accepted range (far beyond any real MDLM: 8B models have ~32 blocks)
@@ -166,6 +172,14 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(self, h: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+        return self.forward_cached(h, ctx, None, None)
+
+    def forward_cached(
+        self, h: torch.Tensor, ctx: BlockContext, kv: Any, rows: slice | None
+    ) -> torch.Tensor:
+        """The block with a K/V cache (`frontier.cache`): kv None is the plain forward; rows
+        None runs every position and stores its K/V in kv; a slice runs h = the hidden states
+        of those rows only, attending to kv's stored K/V of the other positions."""
         b, seq, d = h.shape
         mod = self.adaLN_modulation(ctx.tensors["batch_cond"])[:, None, :].to(h.dtype)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
@@ -174,7 +188,11 @@ class DiTBlock(nn.Module):
         qkv = self.attn_qkv(x).view(b, seq, 3, self.n_heads, d // self.n_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, L, hd]
         cos, sin = ctx.tensors["rotary_cos"], ctx.tensors["rotary_sin"]
+        if rows is not None:  # the rows' own positions
+            cos, sin = cos[rows], sin[rows]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:  # keys/values of every position: stored, or these rows' fresh ones
+            k, v = kv.update(k, v, rows)
         attn = F.scaled_dot_product_attention(q, k, v)  # bidirectional: no mask
         attn = attn.transpose(1, 2).reshape(b, seq, d)
         h = h + gate_a * self.dropout(self.attn_out(attn))
@@ -211,6 +229,7 @@ class EmbeddingLayer(nn.Module):
 
 class MDLM(DiffusionLM):
     family = "mdlm"
+    block_cache_lookback = 0  # opts in to `frontier.cache`: position i's output predicts i
 
     def __init__(self, cfg: MDLMConfig) -> None:
         super().__init__()
@@ -245,6 +264,15 @@ class MDLM(DiffusionLM):
             ("mlp.0", block.mlp[0]),
             ("mlp.2", block.mlp[2]),
         ]
+
+    def vocab_layers(self) -> VocabLayers:
+        """Untied: the raw `vocab_embed.embedding` parameter [V, D] and the output Linear."""
+        return VocabLayers(
+            (
+                VocabLayer("embedding", "vocab_embed", "embedding"),
+                VocabLayer("output", "output_layer.linear"),
+            )
+        )
 
     def config_dict(self) -> dict[str, Any]:
         return {"family": self.family, **asdict(self.cfg)}

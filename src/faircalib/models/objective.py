@@ -25,6 +25,15 @@ def mask_tokens(
 def nelbo_per_sequence(
     model: DiffusionLM, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor
 ) -> torch.Tensor:
+    """One-sample Monte Carlo NELBO of each sequence, in nats: the model's own bound
+    (`DiffusionLM.nelbo`; the masked NELBO below for masked families). x0: [B, L], t: [B],
+    u: [B, L] -> [B]."""
+    return model.nelbo(x0, t, u)
+
+
+def masked_nelbo_per_sequence(
+    model: DiffusionLM, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
     """One-sample Monte Carlo NELBO of each sequence, in nats. x0: [B, L], t: [B], u: [B, L] -> [B].
 
     `t` and `u` are inputs (not drawn here) so that callers control the randomness: training

@@ -25,12 +25,14 @@ the ones it started from.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from faircalib import distributed
 from faircalib.quant.primitives import (
@@ -59,6 +61,7 @@ class LearnableQuantLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.scale_dtype = scale_dtype  # scales live in this dtype (bf16 in packed checkpoints)
+        self.store_dtype = result.weight.dtype  # the frozen layer's weight dtype (the model's)
         qp = result.qparams
         self.bits, self.group_size, self.symmetric = qp.bits, qp.group_size, qp.symmetric
         out_f, in_f = result.codes.shape
@@ -140,6 +143,7 @@ class OptimSettings:
     lr_scale: float
     lr_round: float
     eval_every: int
+    progress: str | None = None  # a progress bar (stderr) with this name; None: silent
 
 
 @dataclass
@@ -182,7 +186,13 @@ def optimise(
     best.best_val = best.initial_val
     best.val_curve.append((0, best.initial_val))
     snapshot = [p.detach().clone() for p in gains + offsets]
-    for step in range(1, settings.steps + 1):
+    steps = tqdm(
+        range(1, settings.steps + 1),
+        desc=settings.progress,
+        disable=settings.progress is None or not distributed.is_main(),
+        file=sys.stderr,
+    )
+    for step in steps:
         decay = 1.0 - (step - 1) / settings.steps
         loss = train_loss(step)
         for p in gains + offsets:

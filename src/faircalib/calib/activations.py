@@ -1,0 +1,544 @@
+"""Activation quantization of a DiffusionLM: the join of `quant.activations`, `quant.rotation`
+and `quant.flatquant` with the models.
+
+Everything here works on any family through `model.quantizable_linears(block)`: each declared
+linear is replaced by an `ActQuantLinear`, which runs its input through an optional online
+transform (SmoothQuant division, randomized Hadamard rotation, learned FlatQuant transform),
+fake-quantizes it (INT per-token / static per-tensor, FP8 e4m3 per-token) and multiplies by a
+fake-quantized weight kept in the transformed basis. Rotations therefore run *online* in front
+of every linear here; which of them a given family could fold offline is in
+docs/activation-quant.md.
+
+Three entry points:
+
+* `quantize_activations_model`: calibrate block by block (as the weight-only engine does, later
+  blocks see the quantized earlier blocks, activation quantization included) and replace the
+  linears; methods rtn, gptq, smoothquant, quarot, flatquant, fair.
+* `activation_outlier_stats`: per-layer input statistics of the float model on masked dLLM
+  inputs over the whole t range, split into mask-token rows and clean rows.
+* `a4_ablation`: which layers' inputs carry the W4A4 damage (A4 on one layer at a time, and
+  on all layers but one), measured as the KL to the float model at masked positions.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from faircalib.config import GPTQConfig, QuantConfig, RTNConfig
+from faircalib.errors import ConfigError
+from faircalib.models.base import BlockContext, DiffusionLM
+from faircalib.quant import quantize_linear
+from faircalib.quant.activations import (
+    ActQuantConfig,
+    fake_quantize_activations,
+    quantize_fp8_rows,
+    quantize_int_per_token,
+    search_clip_ratio,
+    static_scale,
+)
+from faircalib.quant.flatquant import FlatQuantConfig, LearnedTransform, learn_transform
+from faircalib.quant.rotation import Rotation, fold_input_rotation, random_hadamard, rotate
+from faircalib.quant.smoothquant import smoothing_scales
+from faircalib.quant.stats import LayerInputs, LayerInputsAccumulator
+
+
+@dataclass(frozen=True)
+class ActScheme:
+    """Weights (bits, group size, int or fp8) and activations of a WxAy scheme."""
+
+    w_bits: int | None  # None: float weights (activation-only ablations)
+    w_group: int | None
+    w_fmt: str  # "int" or "fp8" (fp8: e4m3, one scale per output channel)
+    act: ActQuantConfig
+
+    def weight_config(self, base: str) -> QuantConfig:
+        cls = GPTQConfig if base == "gptq" else RTNConfig
+        return cls(bits=self.w_bits or 8, group_size=self.w_group)
+
+
+SCHEMES: dict[str, ActScheme] = {
+    "w8a8": ActScheme(8, None, "int", ActQuantConfig("int", 8)),
+    "w8a8fp8": ActScheme(8, None, "fp8", ActQuantConfig("fp8")),
+    "w4a8": ActScheme(4, 128, "int", ActQuantConfig("int", 8)),
+    "w4a8fp8": ActScheme(4, 128, "int", ActQuantConfig("fp8")),
+    "w4a4": ActScheme(4, None, "int", ActQuantConfig("int", 4)),
+    "w16a4": ActScheme(None, None, "int", ActQuantConfig("int", 4)),  # A4 alone
+}
+
+# method -> (weight quantizer, input transform); "fair" = flatquant with FAIR-Calib row weights
+METHODS: dict[str, tuple[str, str | None]] = {
+    "rtn": ("rtn", None),
+    "gptq": ("gptq", None),
+    "smoothquant": ("rtn", "smooth"),
+    "quarot-rtn": ("rtn", "hadamard"),
+    "quarot": ("gptq", "hadamard"),  # QuaRot: Hadamard rotations, GPTQ weights, RTN activations
+    "flatquant": ("rtn", "learned"),
+    "flatquant-gptq": ("gptq", "learned"),
+    "fair": ("rtn", "learned"),
+}
+
+
+@dataclass
+class ActCalibConfig:
+    """One activation-quantization run: scheme, method and the calibration knobs."""
+
+    scheme: str = "w4a4"
+    method: str = "rtn"
+    clip_search: bool = False  # search each layer's activation clip ratio on calibration rows
+    smooth_alpha: float = 0.5
+    flat: FlatQuantConfig = field(default_factory=FlatQuantConfig)
+    max_rows: int = 4096  # input rows sampled per layer (searches, learned transforms)
+    batch: int = 16  # sequences per forward
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"unknown scheme {self.scheme!r}; choose one of {sorted(SCHEMES)}")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ActQuantLinear(nn.Module):
+    """x -> [x / smooth] -> [x Q] -> [learned transform] -> Q_a(.) -> x @ weight.T + bias.
+
+    `weight` [out, in] is the (fake-quantized) weight in the transformed basis, so with every
+    quantizer off the module computes the original linear exactly (up to float rounding)."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        act: ActQuantConfig | None,
+        *,
+        smooth: torch.Tensor | None = None,
+        rotation: Rotation | None = None,
+        transform: LearnedTransform | None = None,
+        act_scale: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("smooth", smooth)
+        self.register_buffer("act_scale", act_scale)
+        self.rotation, self.transform, self.act = rotation, transform, act
+
+    def _apply(self, fn, recurse=True):
+        # the rotation's signs and the transform's matrices are not buffers: follow the weight
+        super()._apply(fn, recurse)
+        device = self.weight.device
+        if self.rotation is not None:
+            self.rotation = self.rotation.to(device)
+        if self.transform is not None:
+            self.transform = self.transform.to(device)
+        return self
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The online part before quantization: x [..., in] -> transformed x [..., in]."""
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
+        if self.rotation is not None:
+            x = rotate(x, self.rotation)
+        if self.transform is not None:
+            x = self.transform.apply(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = fake_quantize_activations(self.transform_input(x), self.act, self.act_scale)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def rotate_model(model: DiffusionLM, seed: int = 0) -> DiffusionLM:
+    """Float Hadamard rotation of every quantizable linear's input, folded into its weight
+    (W Q) and applied online (x Q): the model's outputs are unchanged up to float rounding."""
+    for i, block in enumerate(model.blocks):
+        for j, (name, lin) in enumerate(model.quantizable_linears(block)):
+            rot = random_hadamard(lin.in_features, seed=seed + 1000 * i + j)
+            w = fold_input_rotation(lin.weight.detach(), rot.to(lin.weight.device))
+            _set_submodule(block, name, ActQuantLinear(w, lin.bias, None, rotation=rot))
+    return model
+
+
+# --- calibration ------------------------------------------------------------------------------
+
+
+def _slices(n: int, batch: int) -> list[slice]:
+    return [slice(i, min(i + batch, n)) for i in range(0, n, batch)]
+
+
+def _collect_inputs(
+    block: nn.Module,
+    linears: list[tuple[str, nn.Module]],
+    cache: list[torch.Tensor],
+    contexts: list[BlockContext],
+    weights: list[torch.Tensor],
+    cfg: ActCalibConfig,
+    seed: int,
+) -> dict[str, LayerInputs]:
+    """Statistics of every declared linear's (raw, untransformed) input over all batches."""
+    device = torch.device(cfg.device)
+    accs = {
+        name: LayerInputsAccumulator(lin.in_features, cfg.max_rows, seed, device)
+        for name, lin in linears
+    }
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(_module, args):
+            accs[name].add(args[0], current["w"])
+
+        return fn
+
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in linears]
+    try:
+        for h, ctx, w in zip(cache, contexts, weights, strict=True):
+            current["w"] = w.to(device)
+            block(h.to(device), ctx)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: acc.finish() for name, acc in accs.items()}
+
+
+def transform_inputs(
+    inputs: LayerInputs, fn: Callable[[torch.Tensor], torch.Tensor], diagonal: torch.Tensor | None
+) -> LayerInputs:
+    """Statistics of the rows x T for a linear row map fn(x) = x T: H -> T^T H T (fn applied
+    to both sides of the symmetric H), sample -> fn(sample). The per-channel abs-max and
+    abs-mean are exact for a diagonal T (`diagonal` = its entries); otherwise they are read
+    from the sample rows (a rotated channel's maximum is not a function of the old maxima)."""
+    hessian = fn(fn(inputs.hessian).T)
+    sample = fn(inputs.sample)
+    if diagonal is not None:
+        absmax, absmean = inputs.act_absmax * diagonal.abs(), inputs.act_absmean * diagonal.abs()
+    else:
+        absmax, absmean = sample.abs().amax(dim=0), sample.abs().mean(dim=0)
+    return LayerInputs(hessian, sample, inputs.sample_weights, absmax, absmean, inputs.n_rows)
+
+
+def quantize_layer(
+    name: str, lin: nn.Module, inputs: LayerInputs, cfg: ActCalibConfig, seed: int
+) -> tuple[ActQuantLinear, dict]:
+    """One linear -> its ActQuantLinear and a row of the layer table."""
+    scheme = SCHEMES[cfg.scheme]
+    base, kind = METHODS[cfg.method]
+    w = lin.weight.detach().float()
+    act, extra, info, learned = scheme.act, {}, {}, None
+    if kind == "smooth":
+        s = smoothing_scales(inputs.act_absmax, w, cfg.smooth_alpha)
+        extra["smooth"] = s
+        t_inputs, w_t = transform_inputs(inputs, lambda x: x / s, 1 / s), w * s
+    elif kind == "hadamard":
+        rot = random_hadamard(w.shape[1], seed=seed).to(w.device)
+        extra["rotation"] = rot
+        t_inputs, w_t = (
+            transform_inputs(inputs, lambda x: rotate(x, rot), None),
+            fold_input_rotation(w, rot),
+        )
+    elif kind == "learned":
+        wcfg = (
+            scheme.weight_config("rtn") if scheme.w_bits else QuantConfig(bits=8, group_size=None)
+        )
+        learned = learn_transform(w, inputs.sample, wcfg, act, cfg.flat, inputs.sample_weights)
+        tf = learned.transform
+        extra["transform"], act, info = tf, learned.act, learned.info
+        t_inputs, w_t = transform_inputs(inputs, tf.apply, None), tf.fold(w)
+    else:
+        t_inputs, w_t = inputs, w
+    w_q = _quantize_weight(name, w_t, t_inputs, scheme, base, learned)
+    if cfg.clip_search and act.fmt and kind != "learned":
+        ratio, _ = search_clip_ratio(
+            t_inputs.sample, w_t, act, weight_q=w_q, row_weights=t_inputs.sample_weights
+        )
+        act = replace(act, clip_ratio=ratio)
+    scale = None
+    if act.fmt == "int" and act.granularity == "tensor":
+        scale = static_scale(t_inputs.act_absmax, act.bits, act.clip_ratio)
+    module = ActQuantLinear(w_q, lin.bias, act, act_scale=scale, **extra)
+    row = {
+        "layer": name,
+        "scheme": cfg.scheme,
+        "method": cfg.method,
+        "act_clip": act.clip_ratio,
+        "rel_error": layer_error(module, w, inputs),
+        **{k: v for k, v in info.items() if isinstance(v, float)},
+    }
+    return module, row
+
+
+def _quantize_weight(
+    name, w_t, t_inputs, scheme: ActScheme, base: str, learned=None
+) -> torch.Tensor:
+    """The fake-quantized transformed weight [out, in]."""
+    if scheme.w_bits is None:
+        return w_t
+    if scheme.w_fmt == "fp8":
+        return quantize_fp8_rows(w_t)
+    if learned is not None and base == "rtn":  # RTN with the learned clipping (FlatQuant)
+        return learned.result.weight
+    return quantize_linear(w_t, t_inputs, scheme.weight_config(base), name=name).weight
+
+
+@torch.no_grad()
+def layer_error(module: ActQuantLinear, weight: torch.Tensor, inputs: LayerInputs) -> float:
+    """Relative row-weighted output error of the quantized module on the raw sample rows."""
+    x = inputs.sample.to(weight.device)
+    rw = inputs.sample_weights.to(weight.device)
+    ref = x @ weight.float().T  # [n, out]
+    bias = 0 if module.bias is None else module.bias.float()
+    got = module(x).float() - bias
+    return float(
+        (rw * ((ref - got) ** 2).sum(1)).sum() / (rw * (ref**2).sum(1)).sum().clamp(min=1e-30)
+    )
+
+
+@torch.no_grad()
+def quantize_activations_model(
+    model: DiffusionLM,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cfg: ActCalibConfig,
+    row_weights: torch.Tensor | None = None,
+) -> list[dict]:
+    """Replace every declared linear of `model` by its ActQuantLinear, block by block, on
+    calibration inputs x_t [N, L] at levels t [N] (row_weights [N, L]: FAIR-Calib's; None:
+    ones). Returns the per-layer table."""
+    device = torch.device(cfg.device)
+    model.to(device).eval()
+    weights = torch.ones(x_t.shape) if row_weights is None else row_weights.float()
+    cache, contexts, wts = [], [], []
+    for sl in _slices(len(x_t), cfg.batch):
+        h, ctx = model.stem(x_t[sl].to(device), t[sl].to(device))
+        cache.append(h.cpu())
+        contexts.append(ctx)
+        wts.append(weights[sl])
+    rows = []
+    for i, block in enumerate(model.blocks):
+        linears = model.quantizable_linears(block)
+        stats = _collect_inputs(block, linears, cache, contexts, wts, cfg, cfg.seed + i)
+        for j, (name, lin) in enumerate(linears):
+            full = f"blocks.{i}.{name}"
+            module, row = quantize_layer(full, lin, stats[name], cfg, cfg.seed + 1000 * i + j)
+            _set_submodule(block, name, module)
+            rows.append(row)
+        cache = [block(h.to(device), ctx).cpu() for h, ctx in zip(cache, contexts, strict=True)]
+    return rows
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+@dataclass
+class _RowStats:
+    """Running statistics of one layer's input rows of one kind (masked or clean)."""
+
+    token_absmax: list[torch.Tensor] = field(default_factory=list)  # per-batch [rows]
+    channel_absmax: torch.Tensor | None = None  # [in]
+    sq: float = 0.0
+    err8: float = 0.0
+    err4: float = 0.0
+    t_err4: dict[int, list[float]] = field(default_factory=dict)  # t bin -> [err, sq]
+
+    def add(self, x: torch.Tensor, t_bin: torch.Tensor, n_bins: int) -> None:
+        x = x.float()  # [rows, in]
+        if len(x) == 0:
+            return
+        self.token_absmax.append(x.abs().amax(dim=1).cpu())
+        cmax = x.abs().amax(dim=0)
+        self.channel_absmax = (
+            cmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, cmax)
+        )
+        sq = (x**2).sum(dim=1)  # [rows]
+        e8 = ((x - quantize_int_per_token(x, 8)) ** 2).sum(dim=1)
+        e4 = ((x - quantize_int_per_token(x, 4)) ** 2).sum(dim=1)
+        self.sq, self.err8, self.err4 = (
+            self.sq + float(sq.sum()),
+            self.err8 + float(e8.sum()),
+            self.err4 + float(e4.sum()),
+        )
+        for b in range(n_bins):
+            sel = t_bin == b
+            if sel.any():
+                acc = self.t_err4.setdefault(b, [0.0, 0.0])
+                acc[0] += float(e4[sel].sum())
+                acc[1] += float(sq[sel].sum())
+
+    def summary(self, median_ref: float, outlier_factor: float, n_bins: int) -> dict:
+        tok = torch.cat(self.token_absmax)
+        cmax = self.channel_absmax
+        top = torch.topk(cmax, min(3, len(cmax))).indices.tolist()
+        return {
+            "tokens": len(tok),
+            "max_abs": float(tok.max()),
+            "token_absmax_p50": float(tok.median()),
+            "token_absmax_p99": float(torch.quantile(tok, 0.99)),
+            "outlier_token_share": float((tok > outlier_factor * median_ref).float().mean()),
+            "channel_ratio": float(cmax.max() / cmax.median().clamp(min=1e-12)),
+            "top_channels": top,
+            "int8_rel_err": self.err8 / max(self.sq, 1e-30),
+            "int4_rel_err": self.err4 / max(self.sq, 1e-30),
+            "int4_rel_err_by_t": [
+                self.t_err4[b][0] / max(self.t_err4[b][1], 1e-30) if b in self.t_err4 else None
+                for b in range(n_bins)
+            ],
+        }
+
+
+@torch.no_grad()
+def activation_outlier_stats(
+    model: DiffusionLM,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    batch: int = 8,
+    t_bins: int = 3,
+    outlier_factor: float = 10.0,
+) -> list[dict]:
+    """Per declared linear: statistics of its float inputs on x_t [N, L] at t [N], split into
+    rows at mask-token positions and clean rows. A row's abs-max is its largest |x_j|; an
+    outlier token is a row whose abs-max exceeds `outlier_factor` times the median row abs-max
+    of the layer (both kinds pooled, so the two shares are comparable); channel_ratio is the
+    largest channel abs-max over the median channel abs-max; int{8,4}_rel_err is the per-token
+    quantization error of the input itself, sum ||x - q(x)||^2 / sum ||x||^2, also per t bin
+    (bin b holds t in [b / t_bins, (b + 1) / t_bins))."""
+    model.eval()
+    device = model.device
+    names = [
+        (f"blocks.{i}.{name}", lin)
+        for i, block in enumerate(model.blocks)
+        for name, lin in model.quantizable_linears(block)
+    ]
+    stats = {name: {"masked": _RowStats(), "clean": _RowStats()} for name, _ in names}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def fn(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            masked, bins = current["masked"], current["bins"]
+            stats[name]["masked"].add(x[masked], bins[masked], t_bins)
+            stats[name]["clean"].add(x[~masked], bins[~masked], t_bins)
+
+        return fn
+
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in names]
+    try:
+        for sl in _slices(len(x_t), batch):
+            xb, tb = x_t[sl].to(device), t[sl].to(device)
+            current["masked"] = (xb == model.mask_id).reshape(-1)
+            row_bins = (tb * t_bins).long().clamp(0, t_bins - 1)  # [B]
+            current["bins"] = row_bins[:, None].expand_as(xb).reshape(-1)
+            model.log_probs(xb, tb)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = []
+    for name, _ in names:
+        pooled = torch.cat(stats[name]["masked"].token_absmax + stats[name]["clean"].token_absmax)
+        ref = float(pooled.median())
+        row = {"layer": name}
+        for kind in ("masked", "clean"):
+            if stats[name][kind].token_absmax:
+                row[kind] = stats[name][kind].summary(ref, outlier_factor, t_bins)
+        out.append(row)
+    return out
+
+
+# --- per-layer A4 ablation --------------------------------------------------------------------
+
+
+def _masked_kl(ref: torch.Tensor, got: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Sum over masked positions of KL(p_ref || p_got); [MASK]'s -inf column contributes 0."""
+    p = ref.exp()
+    terms = torch.where(ref > float("-inf"), p * (ref - got.clamp(min=-1e4)), torch.zeros_like(p))
+    return terms.sum(-1)[masked].sum()
+
+
+@torch.no_grad()
+def a4_ablation(
+    model: DiffusionLM,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    act: ActQuantConfig | None = None,
+    *,
+    batch: int = 8,
+    leave_one_out: bool = True,
+) -> dict:
+    """Weights stay float; activations of the declared linears are quantized with `act`
+    (default per-token INT4). Mean KL(float || quantized) per masked position: with every
+    layer quantized ("all"), with one layer alone ("only"), and with every layer but one
+    ("all_but": how much of the damage that layer's input carries)."""
+    act = act or ActQuantConfig("int", 4)
+    model.eval()
+    device = model.device
+    names = [
+        (f"blocks.{i}.{name}", lin)
+        for i, block in enumerate(model.blocks)
+        for name, lin in model.quantizable_linears(block)
+    ]
+    slices = _slices(len(x_t), batch)
+    refs = [model.log_probs(x_t[sl].to(device), t[sl].to(device)).cpu() for sl in slices]
+    n_masked = int((x_t == model.mask_id).sum())
+
+    def kl_with(quantized: set[str]) -> float:
+        def pre(_module, args):
+            return (fake_quantize_activations(args[0], act),)
+
+        handles = [lin.register_forward_pre_hook(pre) for name, lin in names if name in quantized]
+        try:
+            total = 0.0
+            for sl, ref in zip(slices, refs, strict=True):
+                xb = x_t[sl].to(device)
+                got = model.log_probs(xb, t[sl].to(device)).cpu()
+                total += float(_masked_kl(ref, got, (xb == model.mask_id).cpu()))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return total / max(n_masked, 1)
+
+    every = {name for name, _ in names}
+    layers = []
+    for name, _ in names:
+        row = {"layer": name, "only": kl_with({name})}
+        if leave_one_out:
+            row["all_but"] = kl_with(every - {name})
+        layers.append(row)
+    return {
+        "act": act.to_dict(),
+        "masked_positions": n_masked,
+        "all": kl_with(every),
+        "layers": layers,
+    }
+
+
+def summarize_stats(rows: list[dict]) -> dict:
+    """Mean over layers of each linear kind (by name within the block) of the headline stats."""
+    kinds: dict[str, list[dict]] = {}
+    for r in rows:
+        kinds.setdefault(r["layer"].split(".", 2)[2], []).append(r)
+    out = {}
+    for kind, group in kinds.items():
+        out[kind] = {
+            side: {
+                key: statistics.mean(g[side][key] for g in group)
+                for key in ("outlier_token_share", "channel_ratio", "int4_rel_err", "max_abs")
+            }
+            for side in ("masked", "clean")
+            if all(side in g for g in group)
+        }
+    return out

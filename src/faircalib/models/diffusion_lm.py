@@ -1,0 +1,317 @@
+"""Diffusion-LM (Li et al. 2022): Gaussian diffusion on learned word embeddings, with rounding.
+
+Forward process: a token w_l is embedded as e_w (d numbers) and noised,
+z_t = alpha_t e_w + sigma_t eps (variance preserving, `gaussian.GaussianSchedule`). A
+bidirectional transformer reads z_t and t and outputs, at every position, a distribution over
+the vocabulary, p(w_l | z_t); its expected embedding is the clean-embedding estimate x_hat.
+
+Where this follows the paper, and where not (docs/models.md, "Diffusion-LM"):
+
+* Modules as upstream names them: `word_embedding`, `input_up_proj` (d -> D, tanh, D -> D),
+  `position_embeddings`, `time_embed`, `LayerNorm`, the encoder `blocks`, `output_down_proj`
+  (D -> D, tanh, D -> d) and the LM head tied to the embedding (the rounding step).
+* Embeddings are normalised to norm sqrt(d) (CDCD's fix for the embedding collapse that
+  Diffusion-LM counters with its rounding loss): every e_w has the same norm, so the
+  Gaussian likelihood of z_t under token w is alpha_t / sigma_t^2 <z_t, e_w> + const.
+* The head adds that exact per-position likelihood to the network's logits (a skip, like
+  EDM's c_skip): at low noise the posterior is right by construction, and the network models
+  what context adds. x_hat = E_p[e_w] (CDCD's score interpolation).
+* Schedule: log-SNR linear (VDM) instead of the paper's sqrt schedule, so uniform t is already
+  the bound's importance sampler.
+* Training (`training_loss`): L_simple (unweighted ||x_hat - e_w||^2, as the paper) + the
+  cross-entropy of p(w_l | z_t) (the rounding term at every t, CDCD) + the decoder and prior
+  terms of the bound. `nelbo`: the continuous-time bound (VDM / Plaid):
+      -log p(w) <= E[-log p(w | z_t0)] + KL(q(z_1 | w) || N(0, I))
+                   + (gamma_max - gamma_min) / 2 * E_{t ~ U(t0, 1)}[SNR(t) ||e_w - x_hat||^2] (1 - t0)
+  with p(w | z_t0) the Bayes rounding of z_t0 under a uniform prior over tokens.
+
+`mask_id` is the tokenizer's mask token: never in an input (the schedule's `mask_prob` is 0)
+and given zero mass by the head, so code that checks for it keeps working.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from faircalib.errors import CheckpointError
+from faircalib.models.base import BlockContext, DiffusionLM, VocabLayer, VocabLayers
+from faircalib.models.gaussian import (
+    Block,
+    GaussianSchedule,
+    block_linears,
+    check_fields,
+    keyed_normal,
+    row_keys,
+    time_features,
+)
+
+NOISE_STREAM, BOUND_STREAM = 0, 1  # keyed-noise streams: stem-made inputs, the bound's draw
+
+
+@dataclass
+class DiffusionLMConfig:
+    vocab_size: int
+    mask_id: int
+    seq_len: int = 128
+    embed_dim: int = 16
+    hidden_dim: int = 128
+    n_blocks: int = 2
+    n_heads: int = 4
+    mlp_ratio: int = 2
+    gamma_min: float = -9.0
+    gamma_max: float = 6.0
+    t_min: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_fields(self, "Diffusion-LM")
+        if self.hidden_dim % self.n_heads or not 0 <= self.mask_id < self.vocab_size:
+            raise CheckpointError(
+                f"Diffusion-LM config: hidden_dim {self.hidden_dim} must split into "
+                f"{self.n_heads} heads and mask_id {self.mask_id} lie in the vocabulary; fix "
+                "config.json"
+            )
+        if not self.gamma_min < self.gamma_max or not 0 < self.t_min < 1:
+            raise CheckpointError(
+                "Diffusion-LM config: need gamma_min < gamma_max and 0 < t_min < 1; fix config.json"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DiffusionLMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"family", "torch_dtype", "quantization_config", "faircalib"}
+        if unknown:
+            raise CheckpointError(
+                f"unknown Diffusion-LM config fields: {sorted(unknown)}; fix config.json"
+            )
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class DiffusionLMModel(DiffusionLM):
+    family = "diffusion_lm"
+
+    def __init__(self, cfg: DiffusionLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size, self.mask_id, self.seq_len = cfg.vocab_size, cfg.mask_id, cfg.seq_len
+        self.schedule = GaussianSchedule(cfg.gamma_min, cfg.gamma_max, cfg.t_min)
+        d, dim = cfg.embed_dim, cfg.hidden_dim
+        self.word_embedding = nn.Embedding(cfg.vocab_size, d)
+        self.input_up_proj = nn.Sequential(nn.Linear(d, dim), nn.Tanh(), nn.Linear(dim, dim))
+        self.position_embeddings = nn.Parameter(0.02 * torch.randn(cfg.seq_len, dim))
+        self.time_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.LayerNorm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(
+            Block(dim, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_blocks)
+        )
+        self.output_down_proj = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, d))
+
+    # --- embeddings and noise ----------------------------------------------------------------
+    def embeddings(self) -> torch.Tensor:
+        """[V, d] word embeddings, each of norm sqrt(d)."""
+        w = self.word_embedding.weight.float()
+        return math.sqrt(w.shape[1]) * w / w.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+    def noised(self, tokens: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """z_t = alpha_t e_w + sigma_t eps: tokens [B, L], t [B], eps [B, L, d]."""
+        a, s = self.schedule.alpha(t)[:, None, None], self.schedule.sigma(t)[:, None, None]
+        return a * self.embeddings()[tokens] + s * eps
+
+    # --- the three stages ------------------------------------------------------------------
+    def stem(self, x_t: torch.Tensor, t: torch.Tensor | None) -> tuple[torch.Tensor, BlockContext]:
+        """x_t: a noisy embedding state [B, L, d] (what the sampler feeds), or token ids
+        [B, L], which are noised here to level t with noise keyed by (ids, t): calibration
+        and any caller holding only tokens get one draw of q(z_t | w), the same draw on every
+        call. t None: the lowest noise level t_min."""
+        b, seq = x_t.shape[:2]
+        if t is None:
+            t = torch.full((b,), self.cfg.t_min, device=x_t.device)
+        t = t.to(x_t.device).float()
+        if not x_t.is_floating_point():
+            eps = keyed_normal(row_keys(x_t, t), NOISE_STREAM, (seq, self.cfg.embed_dim))
+            x_t = self.noised(x_t, t, eps)
+        z, dt = x_t.float(), self.position_embeddings.dtype  # weights may be bf16 (loaded so)
+        h = self.input_up_proj(z.to(dt)) + self.position_embeddings[:seq]
+        steps = time_features(t, self.cfg.hidden_dim).to(dt)
+        h = self.LayerNorm(h + self.time_embed(steps)[:, None])
+        return h, BlockContext({"batch_z": z, "batch_t": t})
+
+    def head(self, h: torch.Tensor, ctx: BlockContext, x_t: torch.Tensor) -> torch.Tensor:
+        """log p(w_l | z_t): network logits over the tied embedding plus the exact Gaussian
+        log-likelihood of z_t,l under each token; [MASK] gets no mass."""
+        emb = self.embeddings()  # [V, d]
+        z, t = ctx.tensors["batch_z"], ctx.tensors["batch_t"]
+        scale = (self.schedule.alpha(t) / self.schedule.sigma(t) ** 2)[:, None, None]
+        logits = self.output_down_proj(h).float() @ emb.T + scale * (z @ emb.T)
+        logits[..., self.mask_id] = float("-inf")
+        return torch.log_softmax(logits, dim=-1)
+
+    def quantizable_linears(self, block: nn.Module) -> list[tuple[str, nn.Linear]]:
+        return block_linears(block)
+
+    # --- objectives --------------------------------------------------------------------------
+    def bound_terms(
+        self, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-sequence [B] terms (nats) from one keyed draw of eps (keyed by u, the caller's
+        noise): the bound's `diffusion`, `recon` (rounding of z_t0) and `prior`, and the
+        training terms `mse` (L_simple) and `ce` (rounding of z_t)."""
+        emb = self.embeddings()
+        e = emb[x0]  # [B, L, d]
+        eps = keyed_normal(row_keys(u), BOUND_STREAM, tuple(e.shape[1:]))
+        log_probs = self.log_probs(self.noised(x0, t, eps), t)  # [B, L, V]
+        x_hat = log_probs.exp() @ emb
+        sq_err = (e - x_hat).pow(2).sum(-1)  # [B, L]
+        t0 = torch.full_like(t, self.cfg.t_min)
+        z0 = self.noised(x0, t0, eps)
+        scale0 = self.schedule.alpha(t0) / self.schedule.sigma(t0) ** 2
+        logits0 = scale0[:, None, None] * (z0 @ emb.T)
+        logits0[..., self.mask_id] = float("-inf")
+        recon = -torch.log_softmax(logits0, -1).gather(-1, x0[..., None]).squeeze(-1)
+        return {
+            "diffusion": self.schedule.diffusion_weight() * self.schedule.snr(t) * sq_err.sum(-1),
+            "recon": recon.sum(-1),
+            "prior": self.schedule.prior_kl(e).sum(-1),
+            "mse": sq_err.sum(-1),
+            "ce": -log_probs.gather(-1, x0[..., None]).squeeze(-1).sum(-1),
+        }
+
+    def nelbo(self, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        terms = self.bound_terms(x0, t, u)
+        return terms["diffusion"] + terms["recon"] + terms["prior"]
+
+    def training_loss(self, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        terms = self.bound_terms(x0, t, u)
+        return terms["mse"] + terms["ce"] + terms["recon"] + terms["prior"]
+
+    # --- sampling ----------------------------------------------------------------------------
+    def sample(
+        self,
+        prompt_ids: torch.Tensor,
+        cfg: Any,
+        seed: int,
+        *,
+        trace: bool = True,
+        record_states: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> Any:
+        from faircalib.frontier.samplers import result_from_beliefs
+
+        with _evaluating(self):
+            run = self._reverse(prompt_ids, cfg, seed, record_states, progress)
+        return result_from_beliefs(prompt_ids, *run, "diffusion_lm", trace=trace)
+
+    def _reverse(self, prompt_ids: torch.Tensor, cfg: Any, seed: int, record: bool, progress):
+        """Ancestral sampling with the clamping trick: at each step x_hat is clamped to the
+        embedding of the rounded token, then z_s ~ q(z_s | z_t, x_hat). Prompt positions are
+        re-noised from the prompt's embeddings at every step (infilling by replacement).
+        -> beliefs [K, B, G], stats {name: [K, B, G]}, times [K], states."""
+        from faircalib.frontier.samplers import distribution_stats
+
+        device, sch = self.device, self.schedule
+        prompt = prompt_ids.to(device, torch.long)
+        b, p = prompt.shape
+        _check_length(p, cfg, self.seq_len)
+        gen = torch.Generator().manual_seed(seed)
+        emb = self.embeddings()
+        z = torch.randn(b, p + cfg.gen_length, self.cfg.embed_dim, generator=gen).to(device)
+        grid = [
+            self.cfg.t_min + (1 - self.cfg.t_min) * (1 - k / cfg.steps)
+            for k in range(cfg.steps + 1)
+        ]
+        beliefs, stats, states = [], [], [] if record else None
+        for k in range(cfg.steps):
+            t = torch.full((b,), grid[k], device=device)
+            if p:
+                eps_p = torch.randn(b, p, self.cfg.embed_dim, generator=gen).to(device)
+                z[:, :p] = self.noised(prompt, t, eps_p)
+            log_probs = self.log_probs(z, t)
+            rounded = log_probs.argmax(-1)  # [B, L]
+            rounded[:, :p] = prompt
+            if states is not None:  # token ids, as every calibration input: the stem re-noises
+                states.append((rounded.clone(), t.clone()))  # the step's text to its level
+            beliefs.append(rounded[:, p:])
+            stats.append(distribution_stats(log_probs[:, p:]))
+            z = _posterior_step(sch, z, emb[rounded], grid[k], grid[k + 1], gen)
+            if progress is not None:
+                progress(1)
+        return (*_stacked(beliefs, stats), grid[:-1], states)
+
+    # --- persistence -------------------------------------------------------------------------
+    def vocab_layers(self) -> VocabLayers:
+        """One tied matrix, `word_embedding` [V, embed_dim]: the head is not a learned vocabulary
+        projection but a similarity to these vectors, which are also what the Gaussian
+        diffusion noises and rounds against. Quantizing them changes the data space, not only
+        a weight: refused."""
+        return VocabLayers(
+            (VocabLayer("tied", "word_embedding"),),
+            refusal=(
+                "--quantize-head: the Diffusion-LM family's only vocabulary layer, the tied "
+                "word_embedding, is the diffusion's data space (tokens are noised as and rounded "
+                "against these vectors), not an output projection; it is not quantized - leave "
+                "--quantize-head off"
+            ),
+        )
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"family": self.family, **asdict(self.cfg)}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DiffusionLMModel:
+        return cls(DiffusionLMConfig.from_dict(config))
+
+
+# --- helpers shared with PLANNER -------------------------------------------------------------
+def _posterior_step(
+    sch: GaussianSchedule,
+    z: torch.Tensor,
+    x_hat: torch.Tensor,
+    t: float,
+    s: float,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """One draw of q(z_s | z_t, x = x_hat) (VDM eq. 3-4), s < t. The noise is drawn every
+    step (also the last), so the random stream never depends on the model."""
+    a_t, a_s = (sch.alpha(torch.tensor(v)).item() for v in (t, s))
+    s2_t, s2_s = (sch.sigma(torch.tensor(v)).item() ** 2 for v in (t, s))
+    a_ts = a_t / a_s
+    s2_ts = s2_t - a_ts**2 * s2_s
+    mean = (a_ts * s2_s / s2_t) * z + (a_s * s2_ts / s2_t) * x_hat
+    noise = torch.randn(z.shape, generator=gen).to(z.device)
+    return mean + math.sqrt(max(s2_ts * s2_s / s2_t, 0.0)) * noise
+
+
+def _check_length(p: int, cfg: Any, seq_len: int) -> None:
+    from faircalib.errors import ConfigError
+
+    if cfg.steps < 1 or cfg.gen_length < 1 or p + cfg.gen_length > seq_len:
+        raise ConfigError(
+            f"need steps >= 1, gen_length >= 1 and prompt length {p} + gen_length "
+            f"{cfg.gen_length} <= the model's seq_len {seq_len}"
+        )
+
+
+class _evaluating:
+    """Eval mode and inference mode for a sampler run; the model's mode restored after."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.inference = model, torch.inference_mode()
+
+    def __enter__(self) -> None:
+        self.was_training = self.model.training
+        self.model.eval()
+        self.inference.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.inference.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def _stacked(beliefs: list[torch.Tensor], stats: list[dict]) -> tuple:
+    """Per-step lists -> (beliefs [K, B, G], {name: [K, B, G]})."""
+    return torch.stack(beliefs), {name: torch.stack([s[name] for s in stats]) for name in stats[0]}

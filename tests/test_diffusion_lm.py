@@ -1,0 +1,226 @@
+"""Diffusion-LM: the continuous-time bound against closed forms, the rounding frontier against
+hand-built traces, and every CLI path on the shipped diffusionlm-tiny."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from faircalib import hub
+from faircalib.calib import quantize
+from faircalib.calib.engine import FakeQuantLinear
+from faircalib.cli import main
+from faircalib.config import CalibConfig, GPTQConfig, RTNConfig
+from faircalib.frontier.metrics import compare_generations, flip_rate_by_step
+from faircalib.frontier.samplers import SamplerConfig, generate, result_from_beliefs, stop_steps
+from faircalib.models import build_model, load_model, save_model
+from faircalib.models.gaussian import keyed_normal, row_keys
+
+V, L = 40, 12
+
+
+def tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = dict(family="diffusion_lm", vocab_size=V, mask_id=1, seq_len=16, embed_dim=8)
+    return build_model({**cfg, "hidden_dim": 32, "n_blocks": 2, "n_heads": 2}).eval()
+
+
+def test_diffusion_term_matches_closed_form_for_a_constant_denoiser():
+    # with x_hat constant (uniform p: the mean embedding) the integrand is SNR(t) ||e - c||^2
+    # times -gamma'/2, whose integral over [t0, 1] is (SNR(t0) - SNR(1)) / 2 * ||e - c||^2
+    model = tiny()
+    emb = model.embeddings()
+    uniform = torch.zeros(V).index_fill(0, torch.tensor([1]), float("-inf")).log_softmax(0)
+    model.log_probs = lambda z, t: uniform.expand(*z.shape[:2], V)
+    x0 = torch.randint(2, V, (1, L))
+    n = 4000
+    t0 = model.cfg.t_min
+    t = t0 + (1 - t0) * (torch.arange(n) + 0.5) / n  # midpoint rule over U(t0, 1)
+    with torch.no_grad():
+        est = model.bound_terms(x0.expand(n, L), t, torch.rand(n, L))["diffusion"].double().mean()
+    sch = model.schedule
+    snr_gap = (sch.snr(torch.tensor(t0)) - sch.snr(torch.tensor(1.0))).item()
+    mean_emb = uniform.exp() @ emb
+    exact = 0.5 * snr_gap * (emb[x0[0]] - mean_emb).pow(2).sum().item()
+    assert est.item() == pytest.approx(exact, rel=2e-3)
+
+
+def test_prior_and_rounding_terms_match_explicit_gaussians():
+    model = tiny()
+    sch, emb = model.schedule, model.embeddings()
+    x0 = torch.randint(2, V, (3, L))
+    t, u = torch.rand(3), torch.rand(3, L)
+    with torch.no_grad():
+        terms = model.bound_terms(x0, t, u)
+    # prior: KL(N(alpha_1 e, sigma_1^2) || N(0, 1)) by Monte Carlo of log q - log p
+    one = torch.tensor(1.0)
+    a1, s1 = sch.alpha(one).item(), sch.sigma(one).item()
+    e = emb[x0[0]].double()
+    z = a1 * e + s1 * torch.randn(20000, *e.shape, dtype=torch.float64)
+    log_q = torch.distributions.Normal(a1 * e, s1).log_prob(z).sum((-2, -1))
+    log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum((-2, -1))
+    assert terms["prior"][0].item() == pytest.approx((log_q - log_p).mean().item(), abs=2e-3)
+    # rounding: the Bayes posterior of the token under N(z_t0; alpha e_w, sigma^2), uniform
+    # over every token but [MASK], from explicit squared distances
+    t0 = torch.tensor(model.cfg.t_min)
+    eps = keyed_normal(row_keys(u), 1, (L, model.cfg.embed_dim))
+    z0 = sch.alpha(t0) * emb[x0] + sch.sigma(t0) * eps  # [B, L, d]
+    log_lik = -((z0[:, :, None] - sch.alpha(t0) * emb).pow(2).sum(-1)) / (2 * sch.sigma(t0) ** 2)
+    log_lik[..., 1] = float("-inf")
+    nll = -log_lik.log_softmax(-1).gather(-1, x0[..., None]).squeeze(-1).sum(-1)
+    assert torch.allclose(terms["recon"], nll, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(
+        model.nelbo(x0, t, u), terms["diffusion"] + terms["recon"] + terms["prior"]
+    )
+
+
+def test_head_gives_no_mass_to_mask_and_rounds_clean_embeddings():
+    model = tiny()
+    x = torch.randint(2, V, (2, L))
+    with torch.no_grad():
+        lp = model.log_probs(x, torch.full((2,), model.cfg.t_min))  # tokens: noised in the stem
+    assert torch.isneginf(lp[..., 1]).all()
+    assert torch.allclose(lp.exp().sum(-1), torch.ones(2, L), atol=1e-5)
+    assert (lp.argmax(-1) == x).all()  # at t_min the exact Gaussian term decides
+
+
+def test_stem_noise_is_keyed_by_tokens_and_t():
+    model = tiny()
+    x, t = torch.randint(2, V, (2, L)), torch.tensor([0.3, 0.7])
+    h1, ctx1 = model.stem(x, t)
+    h2, _ = model.stem(x, t)
+    assert torch.equal(h1, h2)
+    eps = keyed_normal(row_keys(x, t), 0, (L, model.cfg.embed_dim))
+    assert torch.allclose(ctx1.tensors["batch_z"], model.noised(x, t, eps))
+    h3, _ = model.stem(x, t + 0.01)
+    assert not torch.allclose(h1, h3)
+
+
+def test_stop_steps_and_frontier_on_a_hand_built_trace():
+    # two rows, three positions, four steps; beliefs[k] = rounded tokens after step k
+    beliefs = torch.tensor(
+        [
+            [[5, 6, 7], [1, 2, 3]],
+            [[5, 9, 7], [1, 2, 4]],
+            [[5, 6, 8], [2, 2, 4]],
+            [[5, 6, 8], [1, 2, 4]],
+        ]
+    )
+    # row 0: pos 0 never changes (0), pos 1 settles at step 2, pos 2 at step 2
+    # row 1: pos 0 changes back at step 3 (3), pos 1 never changes (0), pos 2 from step 1
+    assert stop_steps(beliefs).tolist() == [[0, 2, 2], [3, 0, 1]]
+    stats = {k: torch.rand(4, 2, 3) for k in ("top1_prob", "margin", "entropy")}
+    prompt = torch.tensor([[11], [12]])
+    res = result_from_beliefs(prompt, beliefs, stats, [1.0, 0.7, 0.4, 0.1], None, "x", trace=True)
+    assert res.tokens.tolist() == [[11, 5, 6, 8], [12, 1, 2, 4]]
+    assert [s.positions for s in res.trace.steps] == [
+        [[1], [2]],
+        [[], [3]],
+        [[2, 3], []],
+        [[], [1]],
+    ]
+    assert res.trace.steps[2].tokens == [[6, 8], []]
+    assert res.trace.steps[2].top1_prob[0] == stats["top1_prob"][2, 0, 1:].tolist()
+    assert all(res.committed[k].sum() <= res.committed[k + 1].sum() for k in range(3))
+    assert res.committed[-1].all()
+    # flips: a second run that differs only at row 1 position 0's final token
+    other = beliefs.clone()
+    other[3, 1, 0] = 2
+    res_b = result_from_beliefs(prompt, other, stats, [1.0, 0.7, 0.4, 0.1], None, "x", trace=False)
+    # A writes (1, 0) at step 3 and B has 2 there: step 3's only write flipped
+    assert flip_rate_by_step(res, res_b) == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_sampler_trace_replay_and_metrics():
+    model = tiny()
+    prompt = torch.randint(2, V, (2, 3))
+    cfg = SamplerConfig(steps=6, gen_length=8)
+    res = generate(model, prompt, cfg, seed=3, record_states=True)
+    again = generate(model, prompt, cfg, seed=3)
+    assert torch.equal(res.tokens, again.tokens) and torch.equal(res.tokens[:, :3], prompt)
+    written = sorted(p for s in res.trace.steps for p in s.positions[0])
+    assert written == list(range(3, 11))  # every generated position written exactly once
+    assert torch.equal(res.beliefs[-1], res.tokens[:, 3:])
+    for k, (x, t) in enumerate(res.states):  # token states, as calibration inputs are
+        assert torch.equal(x[:, 3:], res.beliefs[k]) and torch.equal(x[:, :3], prompt)
+        assert t.tolist() == pytest.approx([res.trace.steps[k].t[0]] * 2)
+    same = compare_generations(model, model, prompt, cfg, seed=3, max_positions=8)
+    assert same["flip_rate"] == 0 and same["first_divergence_step"] == [None, None]
+    assert same["stabilization_lag_a"] == 0 and same["post_commit_mismatch_a"] == 0
+
+
+def test_engine_quantizes_blocks_and_round_trips(tmp_path):
+    model = tiny()
+    tokens = torch.randint(2, V, (8, 16))
+    for config in (RTNConfig(bits=4, group_size=32), GPTQConfig(bits=4, group_size=32)):
+        q = tiny()
+        report = quantize(q, config, tokens, CalibConfig(n_samples=8, seq_len=16), progress=False)
+        assert len(report.layers) == 8
+        assert isinstance(q.blocks[1].mlp[2], FakeQuantLinear)
+        x, t = torch.randint(2, V, (2, 16)), torch.rand(2)
+        with torch.no_grad():
+            diff = (q.log_probs(x, t).exp() - model.log_probs(x, t).exp()).abs().max()
+        assert 0 < diff < 0.5
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    x, t = torch.randint(2, V, (2, 16)), torch.rand(2)
+    with torch.no_grad():
+        assert torch.equal(loaded.log_probs(x, t), model.log_probs(x, t))
+
+
+# --- the shipped model, through the command line ---------------------------------------------
+def test_shipped_model_cli_paths(tmp_path, capsys):
+    model = hub.load("diffusionlm-tiny")
+    assert model.family == "diffusion_lm" and model.num_parameters() < 10**6
+    assert main(["eval", "diffusionlm-tiny", "--data", "wikitext2", "--limit", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert math.isfinite(result["bits_per_byte"]) and result["ppl"] > 1
+    gen = ["generate", "diffusionlm-tiny", "--prompt", "The", "--gen-length", "8", "--steps", "8"]
+    assert main([*gen, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sum(len(s["positions"][0]) for s in out["trace"]["steps"]) == 8
+    for method in ("rtn", "gptq"):
+        q = tmp_path / method
+        args = ["quantize", "diffusionlm-tiny", "--method", method, "--nsamples", "4"]
+        assert main([*args, "--seq-len", "32", "--out", str(q), "--json"]) == 0
+        capsys.readouterr()
+        assert main(["eval", str(q), "--data", "wikitext2", "--limit", "2", "--json"]) == 0
+        assert math.isfinite(json.loads(capsys.readouterr().out)["bits_per_byte"])
+
+
+@pytest.mark.parametrize("preset", ["diffusionlm-tiny", "planner-tiny"])
+def test_training_path_trains_the_gaussian_families(tmp_path, preset):
+    from faircalib.data.tokenizers import train_bpe
+    from faircalib.training import TrainConfig, train
+
+    sentences = [f"the {w} sat on the mat and the {w} was happy." for w in ("cat", "dog", "bird")]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": s * 4}) for s in sentences * 20))
+    tok = train_bpe(sentences * 10, vocab_size=300, min_frequency=1)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    small = {"hidden_dim": 32, "n_heads": 2, "embed_dim": 8, "seq_len": 32}
+    if preset == "planner-tiny":
+        small |= {"plan_dim": 32, "n_latents": 2, "latent_dim": 4}
+    cfg = TrainConfig(
+        corpus=[str(corpus)],
+        tokenizer=str(tmp_path / "tokenizer.json"),
+        out=str(tmp_path / "out"),
+        preset=preset,
+        model_overrides=small,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=5,
+        max_steps=40,
+        eval_every=10,
+        eval_batches=2,
+        device="cpu",
+        val_fraction=0.2,
+    )
+    train(cfg)
+    log = json.loads((tmp_path / "out" / "train_log.json").read_text())["log"]
+    assert log[-1]["val_nelbo"] < log[0]["val_nelbo"]  # the held-out bound (fixed noise) falls
+    family = {"diffusionlm-tiny": "diffusion_lm", "planner-tiny": "planner"}[preset]
+    assert load_model(tmp_path / "out").family == family

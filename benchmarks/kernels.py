@@ -14,10 +14,18 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
                 own cost, without QuantLinear's Python around it (which dominates at small M)
   dequant_bf16  QuantLinear int4 g128: dequantize to bf16 (one fused torch.compile kernel on
                 GPU) + cuBLAS; the large-M path
-  int8_w8a8     QuantLinear 8-bit per-channel, act_bits=8, torch._int_mm (activation
+  int8_intmm    QuantLinear 8-bit per-channel, act_bits=8, torch._int_mm (activation
                 quantization included); GPU needs M > 16
-  fp8_w8a8      QuantLinear 8-bit per-channel on torch._scaled_mm, row-wise scales (per-token
-                activation quantization included)
+  fp8_scaled_mm QuantLinear 8-bit per-channel on torch._scaled_mm, row-wise scales (per-token
+                activation quantization by torch.compile included)
+  int8_w8a8     (GPU) QuantLinear backend int8_w8a8: fused per-token int8 quantization + our
+                Triton int8 GEMM (int32 accumulation)
+  fp8_w8a8      (GPU) QuantLinear backend fp8_w8a8: fused per-token e4m3 quantization + the
+                GEMM backends.FP8_W8A8_GEMM picks (_scaled_mm today)
+  fp8_triton    (GPU) fp8_w8a8's work on our Triton fp8 GEMM, whatever the table says
+  w4a8          (GPU) QuantLinear int4 g128, act_bits=8: int8 activations x INT4 weights
+                dequantized to int8 in registers (Triton)
+  w4a8_fp8      (GPU) the same with e4m3 activations
   fp8_aten      fp8_w8a8's work called bare: per-token e4m3 scales of x (inside the timed call)
                 + torch._scaled_mm with per-channel weight scales, bf16 out
   gemlite_w4    gemlite's Triton int4 g128 layer, only if `gemlite` imports (optional)
@@ -35,9 +43,12 @@ times the same calls from Python, showing what per-call dispatch adds when a ste
 captured (faircalib.models.cuda_graph captures whole denoising steps). Correctness: at every shape and M, a
 fresh random input through each backend against a float64 matmul of the operands that backend
 is meant to compute with (rel. Frobenius error <= 1e-2). Writes kernels.json, kernels.md and
-kernels.png into --out, the W4A16 rows that `faircalib.kernels.W4_AUTO` should hold (the
-fastest correct W4A16 backend per M, by geometric mean over the shapes) and the M from which
-bf16 beats the bare int4 kernel at every larger M (where torch's int4 kernel stops paying).
+kernels.png into --out, per timed row a roofline (achieved TFLOP/s and GB/s; on an H200 their
+share of the peaks and of the roofline bound), the W8A8/W4A8 rows backends.W8A8_AUTO,
+W4A8_AUTO_MIN_M and FP8_W8A8_GEMM should hold (`suggested_w8a8`), the W4A16 rows that
+`faircalib.kernels.W4_AUTO` should hold (the fastest correct W4A16 backend per M, by
+geometric mean over the shapes) and the M from which bf16 beats the bare int4 kernel at
+every larger M (where torch's int4 kernel stops paying).
 """
 
 from __future__ import annotations
@@ -89,6 +100,10 @@ SMOKE_SHAPES = [(256, 512), (512, 256)]
 SMOKE_MS = [1, 16, 64]
 MAX_REL_ERR = 1e-2
 BASELINE = "bf16"
+# device peaks for the roofline columns (dense; H200 SXM datasheet, /work/.library/device/
+# H200.md): bf16 ~990 TFLOP/s, FP8 and INT8 twice that, HBM3e 4.8 TB/s
+PEAKS = {"h200": {"tflops_bf16": 989.0, "tflops_8bit": 1979.0, "gbs": 4800.0}}
+DEVICE_PEAKS: str | None = None  # set by main() from the device name
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -122,6 +137,7 @@ class Candidate:
     reference: Callable[[Layer, torch.Tensor], torch.Tensor]
     weight_bytes: float
     graph: bool = True  # time device work from a CUDA graph; False: with Python dispatch
+    math: str = "bf16"  # the tensor-core type it runs on: "bf16" or "8bit" (roofline peak)
 
 
 def _quant_linear(codes, qp, backend: str, **kw) -> Fn:
@@ -151,6 +167,33 @@ def _ref_fp8(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     x8, xs = fp8_quantize(x)
     w8, ws = fp8_quantize(dequantize(layer.codes8, layer.qp8))
     return (x8.double() * xs.double()) @ (w8.double() * ws.double()).T
+
+
+def _ref_w4a8(kind: str) -> Callable[[Layer, torch.Tensor], torch.Tensor]:
+    def ref(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        q, s = quantize_rows_int8(x) if kind == "int8" else fp8_quantize(x)
+        return (q.double() * s.double()) @ dequantize(layer.codes4, layer.qp4).double().T
+
+    return ref
+
+
+_ref_w4a8_int8, _ref_w4a8_fp8 = _ref_w4a8("int8"), _ref_w4a8("fp8")
+
+
+def _make_fp8_triton(layer: Layer) -> Fn:
+    """fp8_w8a8's work on the Triton GEMM whatever FP8_W8A8_GEMM says (fused per-token
+    quantization + triton_w8a8.w8a8_matmul): measures the table's other column."""
+    from faircalib.kernels.triton_w8a8 import quantize_rows, w8a8_matmul
+
+    w8, w_scale = fp8_quantize(dequantize(layer.codes8, layer.qp8))
+    w_scale = w_scale.reshape(-1).contiguous()
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x8, x_scale = quantize_rows(x, "fp8")
+        return w8a8_matmul(x8, x_scale, w8, w_scale, x.dtype)
+
+    return run
 
 
 def _make_bf16(layer: Layer) -> Fn:
@@ -196,15 +239,41 @@ def candidates(device: torch.device) -> list[Candidate]:
             "dequant_bf16", lambda l: _quant_linear(l.codes4, l.qp4, "dequant"), _ref_w4, 0.5
         ),
         Candidate(
-            "int8_w8a8",
+            "int8_intmm",
             lambda l: _quant_linear(l.codes8, l.qp8, "int8", act_bits=8),
             _ref_int8,
             1.0,
+            math="8bit",
         ),
-        Candidate("fp8_w8a8", lambda l: _quant_linear(l.codes8, l.qp8, "fp8"), _ref_fp8, 1.0),
-        Candidate("fp8_aten", lambda l: _bare_kernel(l.codes8, l.qp8, "fp8"), _ref_fp8, 1.0),
+        Candidate(
+            "fp8_scaled_mm",
+            lambda l: _quant_linear(l.codes8, l.qp8, "fp8"),
+            _ref_fp8,
+            1.0,
+            math="8bit",
+        ),
+        Candidate(
+            "fp8_aten",
+            lambda l: _bare_kernel(l.codes8, l.qp8, "fp8"),
+            _ref_fp8,
+            1.0,
+            math="8bit",
+        ),
     ]
     if device.type == "cuda":
+        # the Triton 8-bit-activation backends (activation quantization inside the timed call)
+        w8a8 = [
+            ("int8_w8a8", "codes8", "qp8", "int8_w8a8", _ref_int8, 1.0),
+            ("fp8_w8a8", "codes8", "qp8", "fp8_w8a8", _ref_fp8, 1.0),
+            ("w4a8", "codes4", "qp4", "w4a8", _ref_w4a8_int8, 0.5),
+            ("w4a8_fp8", "codes4", "qp4", "w4a8_fp8", _ref_w4a8_fp8, 0.5),
+        ]
+        for name, codes, qp, backend, ref, wb in w8a8:
+            make = lambda l, c=codes, q=qp, b=backend: _quant_linear(  # noqa: E731
+                getattr(l, c), getattr(l, q), b, act_bits=8 if b != "fp8_w8a8" else None
+            )
+            out.append(Candidate(name, make, ref, wb, math="8bit"))
+        out.append(Candidate("fp8_triton", _make_fp8_triton, _ref_fp8, 1.0, math="8bit"))
         out.append(Candidate("gemlite_w4", _make_gemlite, _ref_w4, 0.5))
         for name in ("triton_w4", "triton_dq"):
             out.append(
@@ -352,7 +421,32 @@ def _measure(
         timing=timing,
         rel_err=err,
         correct=err <= MAX_REL_ERR,
+        **roofline(in_f, out_f, m, cand, statistics.median(times)),
     )
+
+
+def roofline(in_f: int, out_f: int, m: int, cand: Candidate, ms: float) -> dict:
+    """Achieved TFLOP/s and GB/s of one call (2MNK flops; bytes: the weight, the bf16 input
+    and output), and the share of the roofline bound at this arithmetic intensity:
+    min(peak math, intensity x peak bandwidth) with the H200's peaks (`PEAKS`; None on other
+    devices, whose peaks this script does not know)."""
+    flops = 2.0 * m * in_f * out_f
+    bytes_ = in_f * out_f * cand.weight_bytes + 2.0 * m * (in_f + out_f)
+    seconds = ms * 1e-3
+    row = {"tflops": flops / seconds / 1e12, "gbs": bytes_ / seconds / 1e9}
+    peak = PEAKS.get(DEVICE_PEAKS)
+    if peak is None:
+        return {**row, "roofline_pct": None, "bound": None}
+    math_peak = peak["tflops_" + cand.math] * 1e12
+    bw_peak = peak["gbs"] * 1e9
+    attainable = min(math_peak, flops / bytes_ * bw_peak)
+    return {
+        **row,
+        "pct_peak_tflops": 100 * flops / seconds / math_peak,
+        "pct_peak_gbs": 100 * bytes_ / seconds / bw_peak,
+        "roofline_pct": 100 * (flops / seconds) / attainable,
+        "bound": "math" if attainable == math_peak else "memory",
+    }
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -454,13 +548,47 @@ def fastest(rows: list[dict], names: tuple[str, ...]) -> dict:
     return best
 
 
+def suggested_w8a8(rows: list[dict]) -> dict:
+    """What backends.W8A8_AUTO / W4A8_AUTO_MIN_M / FP8_W8A8_GEMM should hold, by geometric-mean
+    speed over the shapes per M (correct cells only): the faster 8-bit-weight int8 backend per
+    M, the first M from which w4a8 beats every W4A16 candidate at every larger M, and the
+    faster fp8 GEMM per M."""
+
+    def score(name: str, m: int) -> float | None:
+        cells = [r for r in rows if r["backend"] == name and r["M"] == m]
+        if not cells or not all(r.get("correct") and "speedup_vs_bf16" in r for r in cells):
+            return None
+        return sum(math.log(r["speedup_vs_bf16"]) for r in cells) / len(cells)
+
+    ms = sorted({r["M"] for r in rows})
+
+    def best(m: int, names: tuple[str, ...]) -> str:
+        return max(names, key=lambda n: -math.inf if score(n, m) is None else score(n, m))
+
+    int8 = {m: {"int8_w8a8": "int8_w8a8", "int8_intmm": "int8"}[best(m, W8_INT8)] for m in ms}
+    fp8 = {m: {"fp8_w8a8": "scaled_mm", "fp8_triton": "triton"}[best(m, W8_FP8)] for m in ms}
+    w4a8_min = None
+    for m in reversed(ms):
+        w4a8, w4 = score("w4a8", m), [score(n, m) for n in W4_BACKENDS]
+        if w4a8 is None or any(v is not None and v >= w4a8 for v in w4):
+            break
+        w4a8_min = m
+    return {"int8_by_m": int8, "fp8_gemm_by_m": fp8, "w4a8_min_m": w4a8_min}
+
+
+W8_INT8 = ("int8_w8a8", "int8_intmm")
+W8_FP8 = ("fp8_w8a8", "fp8_triton")  # fp8_w8a8 runs FP8_W8A8_GEMM's choice (_scaled_mm now)
+
+
 def triton_choices() -> dict:
-    """The tile configuration autotuning chose per key of the fused kernel (for the notes)."""
+    """The tile configuration autotuning chose per key of the fused kernels (for the notes)."""
     try:
         from faircalib.kernels.triton_w4 import _autotuned_matmul
+        from faircalib.kernels.triton_w8a8 import autotune_choices
     except ImportError:
         return {}
-    return {str(key): str(cfg) for key, cfg in getattr(_autotuned_matmul, "cache", {}).items()}
+    w4 = {str(key): str(cfg) for key, cfg in getattr(_autotuned_matmul, "cache", {}).items()}
+    return {"w4": w4, **autotune_choices()}
 
 
 def markdown(result: dict) -> str:
@@ -516,6 +644,26 @@ def markdown(result: dict) -> str:
         + "; ".join(f"{shape}: {cells}" for shape, cells in result["fastest_w4"].items()),
         "",
     ]
+    lines += [
+        f"Suggested W8A8 rows (backends.W8A8_AUTO / W4A8_AUTO_MIN_M / FP8_W8A8_GEMM): "
+        f"{result.get('suggested_w8a8')}",
+        "",
+        "## Roofline (M >= 1024)",
+        "",
+        f"Peaks: {result.get('roofline_peaks') or 'unknown for this device'}.",
+        "",
+        "| shape | M | backend | TFLOP/s | GB/s | % of roofline | bound |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if "tflops" in r and r["M"] >= 1024:
+            pct = r.get("roofline_pct")
+            lines.append(
+                f"| {r['shape']} | {r['M']} | {r['backend']} | {r['tflops']:.1f} | "
+                f"{r['gbs']:.0f} | {'-' if pct is None else f'{pct:.0f}%'} | "
+                f"{r.get('bound') or '-'} |"
+            )
+    lines.append("")
     skipped = sorted({(r["backend"], r["skipped"]) for r in rows if "skipped" in r})
     if skipped:
         lines += ["## Skipped", ""] + [f"- {b}: {why}" for b, why in skipped[:20]] + [""]
@@ -569,6 +717,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.smoke and not torch.cuda.is_available():
         p.error("no CUDA device: run with --smoke for the CPU check")
     device = torch.device("cpu" if args.smoke else "cuda")
+    global DEVICE_PEAKS
+    name = torch.cuda.get_device_name(0).lower() if device.type == "cuda" else ""
+    DEVICE_PEAKS = "h200" if "h200" in name else None
     torch.backends.cuda.matmul.allow_tf32 = False
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     ms = [int(v) for v in args.ms.split(",")] if args.ms else (SMOKE_MS if args.smoke else MS)
@@ -602,6 +753,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["crossover"] = crossover(rows)
     result["suggested_w4_auto"] = suggested_w4_auto(rows)
     result["triton_autotune"] = triton_choices()
+    result["roofline_peaks"] = PEAKS.get(DEVICE_PEAKS)
+    result["suggested_w8a8"] = suggested_w8a8(rows)
     result["int4_vs_bf16"] = crossover(rows, small="int4_aten", large=BASELINE)
     result["fastest_w4"] = fastest(
         rows, ("int4_torch", "int4_aten", "dequant_bf16", "gemlite_w4", "triton_w4", "triton_dq")

@@ -4,7 +4,8 @@
 # and copies its results (every job writes into $RES/<job>) into $OUT as <job>.tgz.
 #   bash benchmarks/run_gpu.sh start kernels e2e      # start jobs, one after another
 #   bash benchmarks/run_gpu.sh wait kernels           # then collect
-# Jobs: kernels, e2e, throughput, bench, weighting (instability vs prior vs uniform, 3 seeds),
+# Jobs: kernels, e2e, throughput, bench, bench-act (activation schemes: W4A4 x 6 methods,
+# recorded in benchmarks/results/bench-mdlm-small-act), weighting (instability vs prior vs uniform, 3 seeds),
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
 # cudatests (tests/test_cuda.py on the GPU), llada-gptq / llada-fair / dream-gptq / dream-fair (8B-shaped,
 # benchmarks/llada_8b.py; one per lease is fine, rows accumulate in benchmarks/results/llada-8b-shape). Optional wheels (gemlite)
@@ -29,6 +30,9 @@ job_command() {
     --methods rtn,gptq,awq,recon,fair --schemes w4g128,w4pc,w3g128,w3pc,w2g64,w8pc \
     --calib-seeds 0,1,2 --seeded-schemes w4g128,w3g128 --nsamples 128 --mc-samples 2 \
     --flip-prompts 32 --flip-gen-length 64 --flip-steps 64 --out $RES/bench" ;;
+  bench-act) echo "python3 -m faircalib.cli bench mdlm-small --device cuda \
+    --methods rtn,gptq,smoothquant,quarot,flatquant,fair --schemes w4a4 --nsamples 128 \
+    --mc-samples 2 --flip-prompts 32 --flip-gen-length 64 --flip-steps 64 --out $RES/bench-act" ;;
   weighting) echo "python3 benchmarks/recon_sweep.py --model mdlm-small --device cuda \
     --schemes w3g128 --seeds 0,1,2 --variants fair,fair-prior,recon --out $RES/weighting" ;;
   ablation) echo "python3 benchmarks/fair_ablation.py --model mdlm-small --device cuda \

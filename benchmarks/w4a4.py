@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from faircalib import atomic, hub
 from faircalib.bench import record_lines, run_record
+from faircalib.calib import fair_inputs
 from faircalib.calib.activations import (
     METHODS,
     SCHEMES,
@@ -36,7 +35,6 @@ from faircalib.calib.activations import (
     quantize_activations_model,
     summarize_stats,
 )
-from faircalib.calib.fair import fair_calibration_inputs
 from faircalib.calib.inputs import masked_inputs
 from faircalib.config import CalibConfig, FairCalibConfig
 from faircalib.data import calibration_batch, eval_sequences
@@ -84,18 +82,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def fair_inputs(model, tokens, args, seed: int):
-    """FAIR-Calib's mixed calibration rows: half the texts masked at stratified t (weight 1),
-    half recorded sampler states with frontier-instability weights (as `faircalib.calib`)."""
+def fair_rows(model, tokens, args, seed: int):
+    """FAIR-Calib's mixed calibration rows (x_t, t, row weights): half the texts masked at
+    stratified t (weight 1), half recorded sampler states with frontier-instability weights,
+    from the toolkit's own split (`faircalib.calib.fair_inputs`)."""
     fcfg = FairCalibConfig(bits=4, group_size=None, n_prompts=len(tokens) // 2, preset="fast")
     if args.smoke:
         fcfg.steps, fcfg.prefix_len = 4, 16
-    half = len(tokens) // 2
-    x_s, t_s, w_s, _ = fair_calibration_inputs(model, tokens[:half], fcfg, seed, args.device)
-    calib = CalibConfig(n_samples=len(tokens) - half, seed=seed)
-    x_m, t_m = masked_inputs(model, tokens[half:], calib)
-    rows = torch.cat([torch.ones(x_m.shape), w_s.cpu().float()])
-    return torch.cat([x_m, x_s.cpu()]), torch.cat([t_m, t_s.cpu()]), rows
+    calib = CalibConfig(n_samples=len(tokens), seed=seed, device=args.device)
+    inputs, _ = fair_inputs(model, fcfg, tokens, calib)
+    return inputs["x_t"], inputs["t"], inputs["weights"].float()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         return res["flip_rate"]
 
     rows = [{"scheme": "float", "method": "float", "ppl": score(model)}]
-    fair_rows = None
+    fair_data = None
     for scheme in [] if args.stats_only else args.schemes.split(","):
         for method in args.methods.split(","):
             cfg = ActCalibConfig(
@@ -139,8 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
             q = copy.deepcopy(model)
             start = time.time()
             if method == "fair":
-                fair_rows = fair_rows or fair_inputs(model, tokens, args, 0)
-                layers = quantize_activations_model(q, *fair_rows[:2], cfg, fair_rows[2])
+                fair_data = fair_data or fair_rows(model, tokens, args, 0)
+                layers = quantize_activations_model(q, *fair_data[:2], cfg, fair_data[2])
             else:
                 layers = quantize_activations_model(q, x_t, t, cfg)
             row = {

@@ -178,3 +178,49 @@ def test_fair_inputs_streamed_block_by_block_equal_the_resident_ones(model):
         assert torch.equal(a, b)
     assert streamed[3]["placement"]["stream"] and not resident[3]["placement"]["stream"]
     assert resident[3]["mean_frontier_kl"] > 0  # the noise was really applied
+
+
+def test_linears_sharing_an_input_share_one_summary_with_identical_statistics(
+    tmp_path, monkeypatch
+):
+    """q/k/v (and gate/up) read one tensor: the engine summarises it once, and every
+    accumulator ends exactly where feeding it alone (the plain `add`) leaves it."""
+    from faircalib.calib.dataparallel import collect_stats
+    from faircalib.quant.stats import LayerInputsAccumulator
+
+    model = hub.load(write_family(tmp_path / "llada", "llada"))
+    block, linears = model.blocks[0], model.quantizable_linears(model.blocks[0])
+    x = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h, ctx = model.stem(x, None)
+    weights = torch.rand(4, 24, generator=torch.Generator().manual_seed(1))
+    batches = [slice(0, 2), slice(2, 4)]
+    cache, contexts = [h[:2], h[2:]], [ctx.select(slice(0, 2)), ctx.select(slice(2, 4))]
+
+    def fresh():
+        return {n: LayerInputsAccumulator(lin.in_features, 16, 7, "cpu") for n, lin in linears}
+
+    calls = []
+    summarise = LayerInputsAccumulator.summarise
+    monkeypatch.setattr(
+        LayerInputsAccumulator, "summarise", lambda s, *a: calls.append(1) or summarise(s, *a)
+    )
+    shared = fresh()
+    with torch.no_grad():
+        collect_stats(block, linears, shared, cache, contexts, weights, batches, "cpu", 2)
+    assert len(calls) < 2 * len(linears)  # some inputs were summarised once for several linears
+    reference, seen = fresh(), {}  # each linear's own inputs, fed through its own `add`
+    hooks = [lin.register_forward_pre_hook(lambda _m, a, n=n: seen.setdefault(n, []).append(a[0]))
+             for n, lin in linears]  # fmt: skip
+    with torch.no_grad():
+        for j, sl in enumerate(batches):
+            seen.clear()
+            block(cache[j], contexts[j])
+            for n, _ in linears:
+                reference[n].add(seen[n][0], weights[sl])
+    for hk in hooks:
+        hk.remove()
+    for n, _ in linears:
+        a, b = shared[n].finish(), reference[n].finish()
+        assert torch.equal(a.hessian, b.hessian) and torch.equal(a.sample, b.sample), n
+        assert torch.equal(a.act_absmax, b.act_absmax) and a.n_rows == b.n_rows, n

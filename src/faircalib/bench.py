@@ -37,7 +37,27 @@ SCHEMES: dict[str, dict] = {
     "w2g64": {"bits": 2, "group_size": 64},
     "w8pc": {"bits": 8, "group_size": None},
 }
+# activation quantization (faircalib.calib.activations.SCHEMES): the weight grid, for sizes
+ACT_SCHEMES: dict[str, dict] = {
+    "w8a8": {"bits": 8, "group_size": None},
+    "w8a8fp8": {"bits": 8, "group_size": None},
+    "w4a8": {"bits": 4, "group_size": 128},
+    "w4a8fp8": {"bits": 4, "group_size": 128},
+    "w4a4": {"bits": 4, "group_size": None},
+}
+SCHEMES.update(ACT_SCHEMES)
 METHODS = ("rtn", "gptq", "awq", "smoothquant", "recon", "fair")
+# methods of the activation schemes (faircalib.calib.activations.METHODS)
+ACT_METHODS = (
+    "rtn",
+    "gptq",
+    "smoothquant",
+    "quarot-rtn",
+    "quarot",
+    "flatquant",
+    "flatquant-gptq",
+    "fair",
+)
 # The paper's mechanism metrics (faircalib.frontier.metrics; docs/fair-calib.md), per model.
 MECHANISM = ("stabilization_lag", "late_stabilization_rate", "post_commit_mismatch")
 LABELS = {
@@ -48,6 +68,10 @@ LABELS = {
     "smoothquant": "SmoothQuant (W8A8 act.)",
     "recon": "recon (FAIR's optimiser, uniform weights)",
     "fair": "FAIR-Calib",
+    "quarot-rtn": "QuaRot-RTN (Hadamard, RTN weights)",
+    "quarot": "QuaRot (Hadamard, GPTQ weights)",
+    "flatquant": "FlatQuant (learned transform)",
+    "flatquant-gptq": "FlatQuant + GPTQ weights",
 }
 # What the FAIR-Calib publication claims (its own models; not measured here).
 PUBLISHED_CLAIMS = {
@@ -92,14 +116,39 @@ class BenchConfig:
     # a local multiple-choice task file (faircalib.eval.tasks): its accuracy for every row
     task: str | None = None
     task_mc_samples: int = 16
+    # activation schemes only: {"flat_steps": N, "clip_search": bool}; None (the default) is
+    # left out of bench.json's config, so weight-only records are as before
+    act: dict | None = None
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in METHODS + ACT_METHODS]
         if bad:
-            raise ConfigError(f"unknown methods {bad}; choose from {METHODS}")
+            raise ConfigError(f"unknown methods {bad}; choose from {METHODS + ACT_METHODS[3:]}")
         bad = [s for s in self.schemes if s not in SCHEMES]
         if bad:
             raise ConfigError(f"unknown schemes {bad}; choose from {sorted(SCHEMES)}")
+        act = [s for s in self.schemes if s in ACT_SCHEMES]
+        weight_only = [s for s in self.schemes if s not in ACT_SCHEMES]
+        if act:
+            bad = [m for m in self.methods if m not in ACT_METHODS]
+            if bad:
+                raise ConfigError(
+                    f"methods {bad} have no form for the activation schemes {act}; choose from "
+                    f"{ACT_METHODS}"
+                )
+            if self.offload:
+                raise ConfigError(f"--offload does not apply to the activation schemes {act}")
+        if weight_only:
+            bad = [m for m in self.methods if m not in METHODS]
+            if bad:
+                raise ConfigError(
+                    f"methods {bad} quantize activations: run them with activation schemes "
+                    f"({', '.join(ACT_SCHEMES)}), not {weight_only}"
+                )
+        if self.act is not None and not act:
+            raise ConfigError(
+                "activation knobs (--flat-steps, --clip-search) need an activation scheme"
+            )
 
 
 def deterministic(device: str | None = None) -> bool:
@@ -279,11 +328,55 @@ class Evaluator:
         return {k: v for k, v in res.items() if k in keep or not isinstance(v, list | dict)}
 
 
+def config_dict(cfg: BenchConfig) -> dict:
+    """bench.json's config: `act` only where it is set (weight-only records are as before)."""
+    out = asdict(cfg)
+    if out["act"] is None:
+        del out["act"]
+    return out
+
+
+def quantize_act_row(
+    model, tokenizer, method: str, scheme: str, calib_seed: int, cfg: BenchConfig, calib_data
+):
+    """`quantize_row` for an activation scheme (faircalib.calib.activations)."""
+    from faircalib.calib.activations import ActCalibConfig, quantize_activations
+    from faircalib.config import CalibConfig
+    from faircalib.data import calibration_batch
+    from faircalib.quant.flatquant import FlatQuantConfig
+
+    act = cfg.act or {}
+    flat = FlatQuantConfig(**({"steps": act["flat_steps"]} if act.get("flat_steps") else {}))
+    acfg = ActCalibConfig(
+        scheme=scheme,
+        method=method,
+        clip_search=bool(act.get("clip_search"))
+        and method not in ("flatquant", "flatquant-gptq", "fair"),
+        flat=flat,
+        seed=calib_seed,
+        device=cfg.device,
+    )
+    start = time.time()
+    qmodel = copy.deepcopy(model)
+    seq_len = cfg.seq_len or model.seq_len
+    tokens = calibration_batch(
+        tokenizer, calib_data or "c4", "train", cfg.nsamples, seq_len, calib_seed
+    )
+    where = {"source": calib_data.name, "split": calib_data.split} if calib_data else {}
+    calib = CalibConfig(
+        n_samples=cfg.nsamples, seq_len=seq_len, seed=calib_seed, device=cfg.device, **where
+    )
+    report = quantize_activations(qmodel, tokens, acfg, calib, progress=cfg.progress)
+    return qmodel.eval(), time.time() - start, report
+
+
 def quantize_row(
     model, tokenizer, method: str, scheme: str, calib_seed: int, cfg: BenchConfig, calib_data=None
 ):
     """Quantize a copy of `model` (calibrated on `calib_data`, a TextSource; None: C4 train);
     returns (model, seconds, report dict)."""
+    if scheme in ACT_SCHEMES:
+        return quantize_act_row(model, tokenizer, method, scheme, calib_seed, cfg, calib_data)
     from faircalib.calib import quantize_for_bench
     from faircalib.config import ReconConfig
 
@@ -354,7 +447,10 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
                     partial = Path(cfg.out) / "bench.partial.json"
                     partial.parent.mkdir(parents=True, exist_ok=True)
                     atomic.write_json(
-                        partial, {"config": asdict(cfg), "rows": rows}, indent=None, default=float
+                        partial,
+                        {"config": config_dict(cfg), "rows": rows},
+                        indent=None,
+                        default=float,
                     )
                 print(
                     f"[bench] {scheme} {method} seed {seed}: "
@@ -365,7 +461,7 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
                 )
     result = {
         "record": run_record(argv),
-        "config": asdict(cfg),
+        "config": config_dict(cfg),
         "rows": rows,
         "published_claims": PUBLISHED_CLAIMS,
     }
@@ -494,6 +590,8 @@ def markdown_tables(result: dict) -> str:
     fp = by[("bf16", "float")][f"{main}_ppl"]
     g4 = main_int4_scheme(result)
     g = SCHEMES[g4]["group_size"]
+    # the grid's label: g128 for the weight-only schemes, the scheme's name (W4A4) otherwise
+    gl = g4.upper() if g4 in ACT_SCHEMES else f"g{g}"
 
     def cell(scheme: str, method: str) -> str:
         e = by.get((scheme, method))
@@ -504,7 +602,7 @@ def markdown_tables(result: dict) -> str:
     lines += [
         "## Table 1 - the publication's shape",
         "",
-        f"| Model | FP16 | INT4 standard PTQ (RTN g{g}) | INT4 FAIR-Calib (g{g}) | INT8 FAIR-Calib |",
+        f"| Model | FP16 | INT4 standard PTQ (RTN {gl}) | INT4 FAIR-Calib ({gl}) | INT8 FAIR-Calib |",
         "|---|---:|---:|---:|---:|",
         f"| {model} (measured) | {fp:.2f} | {cell(g4, 'rtn')} | {cell(g4, 'fair')} | "
         f"{cell('w8pc', 'fair')} |",
@@ -513,12 +611,12 @@ def markdown_tables(result: dict) -> str:
         "",
     ]
     lines += [
-        f"## Table 2 - approaches at INT4 g{g}",
+        f"## Table 2 - approaches at INT4 {gl}",
         "",
         "| Approach | INT4 perplexity | degradation | calibration time (s) | overhead vs GPTQ |",
         "|---|---:|---:|---:|---:|",
     ]
-    for m in METHODS:
+    for m in ACT_METHODS if g4 in ACT_SCHEMES else METHODS:
         e = by.get((g4, m))
         if e:
             lines.append(
@@ -569,7 +667,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
     fp = summary[0][f"{main}_ppl"]
-    for m in METHODS:
+    for m in dict.fromkeys(METHODS + ACT_METHODS):
         pts = sorted(
             (SCHEMES[e["scheme"]]["bits"], e[f"{main}_ppl"])
             for e in summary

@@ -78,7 +78,7 @@ def quantize(
     if isinstance(config, FairCalibConfig):
         saved = partial.load_inputs() if partial is not None else None
         if saved is None:
-            inputs, extra = _fair_inputs(model, config, tokens, calib, progress)
+            inputs, extra = fair_inputs(model, config, tokens, calib, progress)
             if partial is not None:
                 partial.save_inputs(inputs, extra)
         else:  # frontier tracking is the costly part: never redone on resume
@@ -160,7 +160,7 @@ def _peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS: bytes; Linux: KiB
 
 
-def _fair_inputs(
+def fair_inputs(
     model: DiffusionLM,
     config: FairCalibConfig,
     tokens: torch.Tensor,
@@ -168,7 +168,10 @@ def _fair_inputs(
     progress: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """FAIR-Calib's engine inputs - x_t [M, L], t [M], weights [M, L], text_ids [M], clean
-    [M, L] - and the tracking diagnostics."""
+    [M, L] - and the tracking diagnostics. With `config.inputs == "mixed"` the first half of
+    `tokens` is tracked (recorded sampler states, frontier-instability weights) and the rest is
+    masked at stratified t with weight 1; the masked rows come first. Shared by the weight-only
+    engine and activation quantization (`calib.activations.act_calibration_inputs`)."""
     if not calib.offload:  # offloaded: tracking places the model itself (resident or streamed)
         model.to(calib.device)
     n_track = len(tokens) if config.inputs == "states" else len(tokens) // 2
@@ -195,6 +198,9 @@ def _fair_inputs(
     clean[:n_masked] = tokens[text_ids[:n_masked]]
     inputs = {"x_t": x_t, "t": t, "weights": weights, "text_ids": text_ids, "clean": clean}
     return inputs, extra
+
+
+_fair_inputs = fair_inputs  # the old private name
 
 
 def _e2e_teacher(model: DiffusionLM, config: FairCalibConfig, calib: CalibConfig):
@@ -260,6 +266,7 @@ __all__ = [
     "FakeQuantLinear",
     "METHOD_CONFIGS",
     "calibration_inputs",
+    "fair_inputs",
     "load_fake_quant",
     "save_quantized",
     "PartialRun",

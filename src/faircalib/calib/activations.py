@@ -23,6 +23,7 @@ Three entry points:
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -30,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faircalib.config import GPTQConfig, QuantConfig, RTNConfig
+from faircalib.calib.inputs import masked_inputs
+from faircalib.config import CalibConfig, FairCalibConfig, GPTQConfig, QuantConfig, RTNConfig
 from faircalib.errors import ConfigError
 from faircalib.models.base import BlockContext, DiffusionLM
 from faircalib.quant import quantize_linear
@@ -97,6 +99,9 @@ class ActCalibConfig:
     batch: int = 16  # sequences per forward
     seed: int = 0
     device: str = "cpu"
+    # GPTQ weights (gptq, quarot, flatquant-gptq): None / True keep GPTQConfig's defaults
+    damp: float | None = None
+    act_order: bool = True
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -106,6 +111,15 @@ class ActCalibConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def weight_overrides(self, base: str) -> dict:
+        """GPTQ knobs that differ from GPTQConfig's defaults (empty: the defaults)."""
+        if base != "gptq":
+            return {}
+        out: dict = {} if self.damp is None else {"damp": self.damp}
+        if not self.act_order:
+            out["act_order"] = False
+        return out
 
 
 class ActQuantLinear(nn.Module):
@@ -261,7 +275,9 @@ def quantize_layer(
         t_inputs, w_t = transform_inputs(inputs, tf.apply, None), tf.fold(w)
     else:
         t_inputs, w_t = inputs, w
-    w_q = _quantize_weight(name, w_t, t_inputs, scheme, base, learned)
+    w_q = _quantize_weight(
+        name, w_t, t_inputs, scheme, base, learned, overrides=cfg.weight_overrides(base)
+    )
     if cfg.clip_search and act.fmt and kind != "learned":
         ratio, _ = search_clip_ratio(
             t_inputs.sample, w_t, act, weight_q=w_q, row_weights=t_inputs.sample_weights
@@ -283,16 +299,19 @@ def quantize_layer(
 
 
 def _quantize_weight(
-    name, w_t, t_inputs, scheme: ActScheme, base: str, learned=None
+    name, w_t, t_inputs, scheme: ActScheme, base: str, learned=None, *, overrides=None
 ) -> torch.Tensor:
-    """The fake-quantized transformed weight [out, in]."""
+    """The fake-quantized transformed weight [out, in] (`overrides`: GPTQ knobs)."""
     if scheme.w_bits is None:
         return w_t
     if scheme.w_fmt == "fp8":
         return quantize_fp8_rows(w_t)
     if learned is not None and base == "rtn":  # RTN with the learned clipping (FlatQuant)
         return learned.result.weight
-    return quantize_linear(w_t, t_inputs, scheme.weight_config(base), name=name).weight
+    wcfg = scheme.weight_config(base)
+    if overrides:
+        wcfg = replace(wcfg, **overrides)
+    return quantize_linear(w_t, t_inputs, wcfg, name=name).weight
 
 
 @torch.no_grad()
@@ -339,6 +358,89 @@ def quantize_activations_model(
             rows.append(row)
         cache = [block(h.to(device), ctx).cpu() for h, ctx in zip(cache, contexts, strict=True)]
     return rows
+
+
+def fair_rows_config(cfg: ActCalibConfig, n_texts: int, **knobs) -> FairCalibConfig:
+    """The FAIR-Calib config whose calibration rows (`calib.fair_inputs`) the `fair` method
+    learns on: the scheme's weight grid for the instability noise (INT4 per-channel when the
+    weights stay float), half of `n_texts` tracked, the rest masked. `knobs`: FairCalibConfig
+    fields (weighting, steps, prefix_len, ...); None values keep the defaults."""
+    scheme = SCHEMES[cfg.scheme]
+    given = {k: v for k, v in knobs.items() if v is not None}
+    return FairCalibConfig(
+        bits=scheme.w_bits or 4,
+        group_size=scheme.w_group if scheme.w_bits else None,
+        n_prompts=max(n_texts // 2, 1),
+        preset="fast",
+        **given,
+    )
+
+
+def act_calibration_inputs(
+    model: DiffusionLM,
+    tokens: torch.Tensor,
+    cfg: ActCalibConfig,
+    calib: CalibConfig,
+    fair: FairCalibConfig | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+    """Calibration rows for `cfg` from texts tokens [N, L]: (x_t, t, row weights or None,
+    FAIR-Calib diagnostics). Every method but `fair` takes the texts masked as `calib` says
+    (`masked_inputs`); `fair` takes FAIR-Calib's rows (`calib.fair_inputs`, config `fair` or
+    `fair_rows_config`'s default)."""
+    from faircalib.calib import fair_inputs  # the package imports this module's users only
+
+    if cfg.method != "fair":
+        x_t, t = masked_inputs(model, tokens, calib)
+        return x_t, t, None, {}
+    fair = fair or fair_rows_config(cfg, len(tokens))
+    inputs, extra = fair_inputs(model, fair, tokens, calib, progress)
+    return inputs["x_t"], inputs["t"], inputs["weights"], extra
+
+
+def quantize_activations(
+    model: DiffusionLM,
+    tokens: torch.Tensor,
+    cfg: ActCalibConfig,
+    calib: CalibConfig,
+    fair: FairCalibConfig | None = None,
+    progress: bool = False,
+) -> dict:
+    """Calibrate on texts tokens [N, L] and replace the declared linears (what `faircalib
+    quantize --scheme` and `faircalib bench` run). Returns the report: method (scheme, method
+    and knobs), calibration config, per-layer table, FAIR-Calib diagnostics and timings."""
+    start = time.time()
+    model.to(cfg.device)
+    x_t, t, weights, extra = act_calibration_inputs(model, tokens, cfg, calib, fair, progress)
+    inputs_s = time.time() - start
+    tick = time.time()
+    rows = quantize_activations_model(model, x_t, t, cfg, weights)
+    scheme = SCHEMES[cfg.scheme]
+    return {
+        "method": {
+            **cfg.to_dict(),
+            "weights": {"bits": scheme.w_bits, "group_size": scheme.w_group, "fmt": scheme.w_fmt},
+            "activations": scheme.act.to_dict(),
+            **(
+                {"fair_rows": fair_config_dict(fair, cfg, len(tokens))}
+                if weights is not None
+                else {}
+            ),
+        },
+        "calib": calib.to_dict(),
+        "layers": rows,
+        "fair": {k: v for k, v in extra.items() if not k.endswith("_s")},
+        "timings": {
+            **{k: v for k, v in extra.items() if k.endswith("_s")},
+            "inputs_s": inputs_s,
+            "quantize_s": time.time() - tick,
+            "wall_s": time.time() - start,
+        },
+    }
+
+
+def fair_config_dict(fair: FairCalibConfig | None, cfg: ActCalibConfig, n_texts: int) -> dict:
+    return (fair or fair_rows_config(cfg, n_texts)).to_dict()
 
 
 # --- statistics -------------------------------------------------------------------------------

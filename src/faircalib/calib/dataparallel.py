@@ -90,10 +90,18 @@ def _run_hooked(block, linears, accs, cache, contexts, weights, batches, device,
     the accumulator (add=True, one process) or return their summaries (one batch)."""
     current: dict[str, torch.Tensor] = {}
     summaries: dict[str, RowBatch] = {}
+    last: list = [None, None, -1]  # the latest input, its summary, its version counter
 
     def hook(name: str, x: torch.Tensor) -> None:
         if add:
-            accs[name].add(x, current["w"])
+            # Linears fed the same tensor (q/k/v, gate/up) share one summary: its Gram matrix
+            # is the costly part, and accumulators of one block draw identical key streams,
+            # so each folds exactly what its own `add` would have.
+            acc = accs[name]
+            if last[0] is not x or last[2] != x._version:  # a new tensor, or changed in place
+                last[0], last[1], last[2] = x, acc.summarise(x, current["w"]), x._version
+            batch = last[1]
+            acc.fold(batch, *batch.candidates(acc.draw_keys(batch.n_rows)))
             return
         if name in summaries:  # the exchange sends one summary per linear and batch
             raise ConfigError(f"{name} runs twice in one forward: not supported with torchrun")
@@ -107,6 +115,7 @@ def _run_hooked(block, linears, accs, cache, contexts, weights, batches, device,
         for j, sl in enumerate(batches):
             current["w"] = weights[sl].to(device)
             block(cache[j].to(device), contexts[j])
+            last[:] = [None, None, -1]  # nothing outlives its batch
     finally:
         for h in hooks:
             h.remove()

@@ -6,6 +6,15 @@ their input scale into the weights: (x / s) @ Wq.T == x @ (Wq / s).T. Layers tha
 activations (SmoothQuant W8A8) cannot fold s, because the per-token quantizer acts on x / s; they
 keep Wq, and their input scales and activation bit widths go to `act_quant.safetensors` and
 `act_quant.json`, which `load_fake_quant` re-applies.
+
+Activation-quantized layers (`calib.activations.ActQuantLinear`: `quantize --scheme`) carry
+more state than a weight: the fake-quantized weight in the transformed basis, bias, SmoothQuant
+divisors, a static activation scale, a Hadamard rotation (signs, block size), a learned
+transform (P1, P2, smoothing) and the activation quantizer's config. Their tensors go, exactly
+as held in memory, to `act_linears.safetensors`; their configs to quantization.json's
+`activation_quant` object; `load_fake_quant` rebuilds the modules from both (no pickle). The
+float directory itself holds, for those layers, the weight-only equivalent W_q T^T (T the
+online transform, computed in float64), so float tools read a weight-quantized model.
 """
 
 from __future__ import annotations
@@ -27,6 +36,66 @@ from faircalib.models.io import read_safetensors
 
 ACT_QUANT_JSON = "act_quant.json"
 ACT_QUANT_TENSORS = "act_quant.safetensors"
+ACT_LINEARS = "act_linears.safetensors"  # ActQuantLinear state (`activation_quant` in the record)
+ACT_LINEARS_VERSION = 1
+QUANTIZATION_JSON = "quantization.json"
+# ActQuantLinear state tensor suffixes -> where they live on the module
+_ACT_TENSORS = ("weight", "bias", "smooth", "act_scale")
+_ROT_TENSORS = ("rotation_signs",)
+_TF_TENSORS = ("transform_p1", "transform_p2", "transform_smooth")
+
+
+def _effective_weight(module, chunk: int = 1024) -> torch.Tensor:
+    """W_q T^T [out, in] in float64, T the module's online input map (linear, no bias), so
+    x @ result.T == transform_input(x) @ weight.T without activation quantization."""
+    w = module.weight.detach().double()
+    n = module.in_features
+    cols = []
+    for i in range(0, n, chunk):
+        c = min(chunk, n - i)
+        eye = torch.zeros(c, n, dtype=torch.float64, device=w.device)
+        eye[torch.arange(c), torch.arange(i, i + c)] = 1.0
+        cols.append(w @ module.transform_input(eye).T)  # [out, c]
+    return torch.cat(cols, dim=1)
+
+
+@torch.no_grad()
+def fold_act_linears(model: DiffusionLM) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Replace every ActQuantLinear by an nn.Linear holding its weight-only equivalent, in
+    place. Returns the modules' exact state: tensors (name.suffix -> tensor) and the JSON
+    object quantization.json records as `activation_quant`."""
+    from faircalib.calib.activations import ActQuantLinear
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, Any] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, ActQuantLinear):
+            continue
+        state = {k: getattr(module, k) for k in _ACT_TENSORS}
+        if module.rotation is not None:
+            state["rotation_signs"] = module.rotation.signs
+        if module.transform is not None:
+            tf = module.transform
+            state.update(transform_p1=tf.p1, transform_p2=tf.p2, transform_smooth=tf.smooth)
+        for key, value in state.items():
+            if value is not None:
+                tensors[f"{name}.{key}"] = value.detach().cpu().contiguous().clone()
+        layers[name] = {
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "act": None if module.act is None else module.act.to_dict(),
+            "rotation_block": None if module.rotation is None else module.rotation.block,
+            "tensors": sorted(k for k, v in state.items() if v is not None),
+        }
+        weight = module.weight
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear = linear.to(device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(_effective_weight(module).to(weight.dtype))
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+        _set_submodule(model, name, linear)
+    meta = {"version": ACT_LINEARS_VERSION, "tensors": ACT_LINEARS, "layers": layers}
+    return tensors, meta
 
 
 @torch.no_grad()
@@ -74,11 +143,15 @@ def save_quantized(
     report_dict = report.to_dict() if isinstance(report, QuantReport) else dict(report)
     extra: dict[str, Path | str | dict] = {
         **(extra_files or {}),
-        "quantization.json": {**(record or {}), "format": fmt, **report_dict},
+        QUANTIZATION_JSON: {**(record or {}), "format": fmt, **report_dict},
     }
     if tokenizer_path is not None:
         extra["tokenizer.json"] = Path(tokenizer_path)
     model.cpu()
+    if fmt == "packed" and has_act_linears(model):
+        raise ConfigError(
+            "activation-quantized models have no packed form yet; save them with format 'fake'"
+        )
     if fmt == "packed":
         from faircalib.formats.packed import save_packed_model
 
@@ -90,8 +163,13 @@ def save_quantized(
         return atomic.share(path)
     if fmt != "fake":
         raise ConfigError(f"unknown output format {fmt!r}; use 'fake' or 'packed'")
+    act_tensors, act_meta = fold_act_linears(model)
     act_layers = fold_fake_quant(model)
     with tempfile.TemporaryDirectory() as tmp:
+        if act_tensors:
+            save_file(act_tensors, str(Path(tmp) / ACT_LINEARS))
+            extra[ACT_LINEARS] = Path(tmp) / ACT_LINEARS
+            extra[QUANTIZATION_JSON] = {**extra[QUANTIZATION_JSON], "activation_quant": act_meta}
         if act_layers:
             tensors = {f"{name}.input_scale": s for name, (s, _) in act_layers.items()}
             save_file(tensors, str(Path(tmp) / ACT_QUANT_TENSORS))
@@ -103,17 +181,113 @@ def save_quantized(
         return atomic.share(path)
 
 
+def has_act_linears(model: nn.Module) -> bool:
+    from faircalib.calib.activations import ActQuantLinear
+
+    return any(isinstance(m, ActQuantLinear) for m in model.modules())
+
+
 def load_fake_quant(
     directory: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> DiffusionLM:
     """Load a float or fake-quant model directory; layers listed in act_quant.json become
-    FakeQuantLinear modules with their input scale and per-token activation quantization."""
+    FakeQuantLinear modules with their input scale and per-token activation quantization, and
+    those in quantization.json's `activation_quant` become ActQuantLinear modules rebuilt from
+    act_linears.safetensors (their tensors in the dtypes saved, whatever `dtype`)."""
     directory = Path(directory)
     model = load_model(directory, device="cpu", dtype=dtype)
     meta_path = directory / ACT_QUANT_JSON
     if meta_path.exists():
         apply_act_quant(model, read_json(meta_path), directory / ACT_QUANT_TENSORS)
+    record_path = directory / QUANTIZATION_JSON
+    if record_path.is_file():
+        act_meta = read_json(record_path).get("activation_quant")
+        if act_meta is not None:
+            apply_act_linears(model, act_meta, directory)
     return model.to(device).eval()
+
+
+def _bad(directory: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{directory}/{QUANTIZATION_JSON}: activation_quant {what}; {REDO}")
+
+
+@torch.no_grad()
+def apply_act_linears(model: DiffusionLM, meta: Any, directory: Path) -> None:
+    """Rebuild the ActQuantLinear modules `meta` (quantization.json's `activation_quant`)
+    lists from the tensors beside it."""
+    from faircalib.calib.activations import ActQuantLinear
+    from faircalib.quant.activations import ActQuantConfig
+    from faircalib.quant.flatquant import LearnedTransform
+    from faircalib.quant.rotation import Rotation, is_power_of_two
+
+    directory = Path(directory)
+    if not isinstance(meta, dict) or meta.get("version") != ACT_LINEARS_VERSION:
+        raise _bad(directory, f"must be an object of version {ACT_LINEARS_VERSION}")
+    layers = meta.get("layers")
+    if not isinstance(layers, dict) or meta.get("tensors") != ACT_LINEARS:
+        raise _bad(directory, f"needs a layers object and tensors {ACT_LINEARS!r}")
+    path = directory / ACT_LINEARS
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} lists activation-quantized layers but has no {ACT_LINEARS}; {REDO}"
+        )
+    tensors = read_safetensors(path)
+    modules = dict(model.named_modules())
+    for name, spec in layers.items():
+        linear = modules.get(name)
+        if not isinstance(spec, dict) or not isinstance(linear, nn.Linear):
+            raise _bad(directory, f"layer {name} is not a linear of this model")
+        shape = (linear.out_features, linear.in_features)
+        if (spec.get("out_features"), spec.get("in_features")) != shape:
+            raise _bad(directory, f"layer {name} has the wrong shape for {shape}")
+
+        def get(key: str, size: tuple[int, ...] | None, *, name=name) -> torch.Tensor | None:
+            value = tensors.get(f"{name}.{key}")
+            if value is None:
+                return None
+            if (size is not None and tuple(value.shape) != size) or not torch.isfinite(value).all():
+                raise CheckpointError(
+                    f"{path}: bad {key} for {name}: shape {tuple(value.shape)}; {REDO}"
+                )
+            return value
+
+        listed = spec.get("tensors")
+        if not isinstance(listed, list) or "weight" not in listed:
+            raise _bad(directory, f"layer {name} lists no weight")
+        missing = [k for k in listed if f"{name}.{k}" not in tensors]
+        if missing:
+            raise CheckpointError(f"{path}: {name} lacks {missing}; {REDO}")
+        out_f, in_f = shape
+        weight = get("weight", shape)
+        bias = get("bias", (out_f,))
+        try:
+            act = None if spec.get("act") is None else ActQuantConfig(**spec["act"])
+        except (TypeError, ConfigError) as exc:
+            raise _bad(directory, f"layer {name} has a bad act config ({exc})") from exc
+        rotation = None
+        if "rotation_signs" in listed:
+            block = spec.get("rotation_block")
+            if type(block) is not int or not is_power_of_two(block) or in_f % block:
+                raise _bad(directory, f"layer {name} has a bad rotation block {block!r}")
+            rotation = Rotation(get("rotation_signs", (in_f,)), block)
+        transform = None
+        if "transform_p1" in listed:
+            p1, p2 = get("transform_p1", None), get("transform_p2", None)
+            if p1 is None or p2 is None or p1.ndim != 2 or p2.ndim != 2:
+                raise CheckpointError(f"{path}: bad transform of {name}; {REDO}")
+            if p1.shape[0] * p2.shape[0] != in_f:
+                raise CheckpointError(f"{path}: transform of {name} is not {in_f} wide; {REDO}")
+            transform = LearnedTransform(p1, p2, get("transform_smooth", (in_f,)))
+        module = ActQuantLinear(
+            weight,
+            bias,
+            act,
+            smooth=get("smooth", (in_f,)),
+            rotation=rotation,
+            transform=transform,
+            act_scale=get("act_scale", None),
+        )
+        _set_submodule(model, name, module)
 
 
 @torch.no_grad()

@@ -22,10 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods",
         default="rtn,gptq,fair",
-        help="comma list of rtn,gptq,awq,smoothquant,recon,fair",
+        help="comma list of rtn,gptq,awq,smoothquant,recon,fair; with the activation schemes: "
+        "rtn,gptq,smoothquant,quarot-rtn,quarot,flatquant,flatquant-gptq,fair",
     )
     p.add_argument(
-        "--schemes", default="w4g128", help="comma list of w4g128,w4pc,w3g128,w3pc,w2g64,w8pc"
+        "--schemes",
+        default="w4g128",
+        help="comma list of w4g128,w4pc,w3g128,w3pc,w2g64,w8pc (weight-only) or "
+        "w8a8,w8a8fp8,w4a8,w4a8fp8,w4a4 (weights and activations; docs/activation-quant.md)",
     )
     p.add_argument("--calib-seeds", default="0", help="comma list: one calibration draw per seed")
     p.add_argument(
@@ -96,6 +100,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--e2e-steps", type=int, help="fair/recon: end-to-end scale steps (default: 600)"
     )
+    p.add_argument(
+        "--flat-steps",
+        type=int,
+        help="activation schemes: learned-transform steps per linear of flatquant, "
+        "flatquant-gptq, fair (default: 200)",
+    )
+    p.add_argument(
+        "--clip-search",
+        action="store_true",
+        help="activation schemes: search activation clip ratios for the methods without a "
+        "learned transform",
+    )
     p.add_argument("--out", help="write bench.json, bench.md and plots here")
     common.add_json(p)
     p.set_defaults(func=run)
@@ -109,6 +125,16 @@ def eval_specs(data: str, split: str | None) -> list[str]:
     if split is None:
         return specs
     return [s if split_spec(s)[1] is not None else f"{s}:{split}" for s in specs]
+
+
+def act_knobs(args: argparse.Namespace) -> dict | None:
+    """--flat-steps / --clip-search as BenchConfig.act (None when neither is given)."""
+    knobs = {}
+    if args.flat_steps is not None:
+        knobs["flat_steps"] = args.flat_steps
+    if args.clip_search:
+        knobs["clip_search"] = True
+    return knobs or None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         offload=args.offload,
         out=args.out,
+        act=act_knobs(args),
         stage2={
             "preset": args.fair_preset,
             **({"steps": args.recon_steps} if args.recon_steps is not None else {}),

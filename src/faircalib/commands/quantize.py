@@ -18,6 +18,61 @@ from typing import Any
 from faircalib.commands import common
 
 METHODS = ["rtn", "gptq", "awq", "smoothquant", "recon", "fair"]
+# activation quantization (`--scheme`; faircalib.calib.activations.SCHEMES / METHODS, spelled
+# out so building the parser imports no torch; tests/test_act_cli.py checks the two agree)
+ACT_SCHEMES = ("w8a8", "w8a8fp8", "w4a8", "w4a8fp8", "w4a4")
+ACT_METHODS = (
+    "rtn",
+    "gptq",
+    "smoothquant",
+    "quarot-rtn",
+    "quarot",
+    "flatquant",
+    "flatquant-gptq",
+    "fair",
+)
+ACT_SCHEME_HELP = {
+    "w8a8": "INT8 per-channel weights, INT8 per-token activations",
+    "w8a8fp8": "FP8 e4m3 per-channel weights, FP8 per-token activations",
+    "w4a8": "INT4 g128 weights, INT8 per-token activations",
+    "w4a8fp8": "INT4 g128 weights, FP8 per-token activations",
+    "w4a4": "INT4 per-channel weights, INT4 per-token activations",
+}
+ACT_GPTQ = ("gptq", "quarot", "flatquant-gptq")
+ACT_LEARNED = ("flatquant", "flatquant-gptq", "fair")
+# with --scheme: knob -> the activation methods it applies to (() : none, refused)
+ACT_KNOB_METHODS = {
+    "damp": ACT_GPTQ,
+    "no_act_order": ACT_GPTQ,
+    "alpha": ("smoothquant",),
+    "flat_steps": ACT_LEARNED,
+    "clip_search": ("rtn", "gptq", "smoothquant", "quarot-rtn", "quarot"),
+    **{
+        k: ("fair",)
+        for k in (
+            "fair_weighting",
+            "fair_tokens",
+            "fair_steps",
+            "fair_prefix_len",
+            "fair_noise",
+            "fair_inputs",
+            "fair_gamma",
+            "fair_floor",
+            "fair_max_weight",
+        )
+    },
+    **{k: () for k in ("fair_base", "fair_preset", "recon_steps", "e2e_steps")},
+}
+# flags a scheme fixes or the activation path does not have: dest -> why
+ACT_REFUSED = {
+    "bits": "the scheme fixes the weight grid",
+    "group_size": "the scheme fixes the weight grid",
+    "symmetric": "the scheme fixes the weight grid",
+    "offload": "activation calibration keeps the model on --device",
+    "resume": "activation runs keep no progress files",
+    "quantize_head": "the vocabulary layers are weight-only",
+}
+ACT_RECIPE_FLAGS = ("scheme", "flat_steps", "clip_search")  # recorded only with --scheme
 RECIPE = "recipe.json"
 RECIPE_VERSION = 1
 # the flags that define what a run computes (not where it runs or writes)
@@ -109,9 +164,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--method",
-        choices=METHODS,
-        help="required unless --config gives it; recon: FAIR-Calib's optimiser with every token "
-        "weight 1 (attribution baseline)",
+        choices=list(dict.fromkeys(METHODS + list(ACT_METHODS))),
+        help="required unless --config or --scheme gives it; recon: FAIR-Calib's optimiser with "
+        "every token weight 1 (attribution baseline); quarot-rtn, quarot, flatquant and "
+        "flatquant-gptq need --scheme",
+    )
+    p.add_argument(
+        "--scheme",
+        choices=ACT_SCHEMES,
+        help="quantize activations too (docs/activation-quant.md): "
+        + "; ".join(f"{k}: {v}" for k, v in ACT_SCHEME_HELP.items())
+        + ". Methods: rtn (default), gptq, smoothquant, quarot-rtn (Hadamard, RTN weights), "
+        "quarot (Hadamard, GPTQ weights), flatquant (learned transform), flatquant-gptq, fair "
+        "(flatquant on FAIR-Calib's weighted rows); written with --format fake. Default: "
+        "weight-only",
     )
     p.add_argument(
         "--bits", type=int, help="weight bits (default: the method's: 4; smoothquant: 8, W8A8)"
@@ -246,6 +312,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--recon-steps", type=int, help="fair/recon: optimiser steps per block (200)")
     g.add_argument("--e2e-steps", type=int, help="fair/recon: end-to-end scale steps (600; 0: off)")
+    g.add_argument(
+        "--flat-steps",
+        type=int,
+        help="--scheme with flatquant, flatquant-gptq, fair: learned-transform optimiser steps "
+        "per linear (200)",
+    )
+    g.add_argument(
+        "--clip-search",
+        action="store_true",
+        help="--scheme with rtn, gptq, smoothquant, quarot-rtn, quarot: search each layer's "
+        "activation clip ratio on calibration rows (flatquant learns its own)",
+    )
     p.set_defaults(
         func=run,
         option_dests={o: a.dest for a in p._actions for o in a.option_strings},
@@ -255,6 +333,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --- configs from flags ------------------------------------------------------------------------
 def check_knobs(args: argparse.Namespace) -> None:
     """Refuse a knob the chosen method does not have (it used to be ignored silently)."""
+    if args.method not in METHODS:
+        raise _config_error(
+            f"--method {args.method} quantizes activations: it needs --scheme (one of "
+            f"{', '.join(ACT_SCHEMES)})"
+        )
+    for dest in ("flat_steps", "clip_search"):
+        value = getattr(args, dest, None)
+        if value is not None and value is not False:
+            raise _config_error(
+                f"--{dest.replace('_', '-')} applies to activation quantization only; add "
+                "--scheme or leave it out"
+            )
     for dest, methods in KNOB_METHODS.items():
         value = getattr(args, dest, None)
         if value is not None and value is not False and args.method not in methods:
@@ -409,9 +499,10 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     recipe = read_json(path)
     if not isinstance(recipe.get("args"), dict):
         raise _config_error(f"{path} is not a faircalib recipe (no 'args' object)")
-    unknown = sorted(set(recipe["args"]) - set(RECIPE_FLAGS))
+    known = RECIPE_FLAGS + ACT_RECIPE_FLAGS
+    unknown = sorted(set(recipe["args"]) - set(known))
     if unknown:
-        raise _config_error(f"{path}: unknown recipe fields {unknown}; known: {RECIPE_FLAGS}")
+        raise _config_error(f"{path}: unknown recipe fields {unknown}; known: {known}")
     return recipe
 
 
@@ -492,6 +583,8 @@ def run(args: argparse.Namespace) -> int:
         apply_recipe(args, read_recipe(args.config))
     if args.model is None:
         raise _config_error("MODEL is required (or --config RECIPE, which names it)")
+    if getattr(args, "scheme", None) is not None:
+        return run_act(args, start)
     if args.method is None:
         raise _config_error(f"--method is required: one of {', '.join(METHODS)}")
     hub.check_device(args.device)  # --device gpu / cuda without CUDA: one line, first
@@ -791,6 +884,266 @@ def summary_text(s: dict[str, Any]) -> str:
     b = s["bytes"]
     ratio = f" ({b['ratio']:.2f}x)" if b["ratio"] else ""
     lines.append(f"  size: {_mb(b['source'])} -> {_mb(b['output'])}{ratio}, {s['format']}")
+    t = s["timings"]
+    stages = [k for k in t if k.endswith("_s") and k not in ("total_s", "wall_s", "command_s")]
+    lines.append(
+        "  time: "
+        + ", ".join(f"{k.removesuffix('_s')} {t[k]:.1f}s" for k in stages)
+        + f"; total {t.get('command_s', t.get('wall_s', 0)):.1f}s"
+    )
+    lines.append(f"wrote {s['out']} (recipe: {s['recipe']})")
+    lines.append(f"next: {s['next']}")
+    return "\n".join(lines)
+
+
+# --- activation quantization (--scheme) --------------------------------------------------------
+def check_act_args(args: argparse.Namespace) -> None:
+    """With --scheme: refuse, in one line each, what the activation path does not take."""
+    if args.method is None:
+        args.method = "rtn"
+    if args.method not in ACT_METHODS:
+        raise _config_error(
+            f"--method {args.method} has no activation-quantization form; with --scheme use one "
+            f"of {', '.join(ACT_METHODS)}"
+        )
+    for dest, why in ACT_REFUSED.items():
+        value = getattr(args, dest, None)
+        if value is not None and value is not False:
+            flag = "--" + dest.replace("_", "-")
+            raise _config_error(f"{flag} does not apply with --scheme ({why}); leave it out")
+    if args.format == "packed":
+        raise _config_error(
+            "--format packed has no form for activation-quantized models yet; use --format fake "
+            "(or auto) with --scheme"
+        )
+    for dest, methods in ACT_KNOB_METHODS.items():
+        value = getattr(args, dest, None)
+        if value is not None and value is not False and args.method not in methods:
+            flag = "--" + dest.replace("_", "-")
+            where = f"a knob of {', '.join(methods)}" if methods else "weight-only FAIR-Calib"
+            raise _config_error(
+                f"{flag} does not apply to --scheme {args.scheme} --method {args.method} "
+                f"({where}); leave it out"
+            )
+
+
+def act_config(args: argparse.Namespace):
+    """The ActCalibConfig the flags describe (refuses bad values: ConfigError)."""
+    from faircalib.calib.activations import ActCalibConfig
+    from faircalib.config import check_damp
+    from faircalib.quant.flatquant import FlatQuantConfig
+
+    if args.damp is not None:
+        check_damp(args.damp)
+    flat = FlatQuantConfig() if args.flat_steps is None else FlatQuantConfig(steps=args.flat_steps)
+    return ActCalibConfig(
+        scheme=args.scheme,
+        method=args.method,
+        clip_search=bool(args.clip_search),
+        smooth_alpha=0.5 if args.alpha is None else args.alpha,
+        flat=flat,
+        seed=args.seed,
+        device=args.device,
+        damp=args.damp,
+        act_order=not args.no_act_order,
+    )
+
+
+def fair_rows_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """FairCalibConfig fields from the --fair-* flags (None: the default)."""
+    return {
+        "weighting": args.fair_weighting,
+        "tokens": args.fair_tokens,
+        "steps": args.fair_steps,
+        "prefix_len": args.fair_prefix_len,
+        "noise": args.fair_noise,
+        "inputs": args.fair_inputs,
+        "gamma": args.fair_gamma,
+        "floor": args.fair_floor,
+        "max_weight": args.fair_max_weight,
+    }
+
+
+def run_act(args: argparse.Namespace, start: float) -> int:
+    """`quantize --scheme`: the checks, calibration, fake-quant directory and summary."""
+    from faircalib import distributed, hub
+    from faircalib.calib.activations import fair_rows_config
+    from faircalib.models.io import check_output_dir
+
+    hub.check_device(args.device)
+    check_act_args(args)
+    if distributed.active():
+        raise _config_error("--scheme runs in one process; run it without torchrun")
+    cfg = act_config(args)
+    fair = fair_rows_config(cfg, args.nsamples, **fair_rows_knobs(args))
+    out = Path(args.out)
+    check_output_dir(out, args.overwrite)
+    calib_data = calib_source(args)
+    calib = calib_config(args)
+    source = hub.resolve(args.model)
+    check_source(source, str(args.model))
+    result = quantize_act_from_args(args, cfg, fair, calib, calib_data, source)
+    tick = time.time()
+    save(result, out, args.overwrite)
+    result.timings["save_s"] = time.time() - tick
+    result.timings["command_s"] = time.time() - start
+    summary = act_summarize(result, out)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for row in result.report["layers"]:
+            print(f"{row['layer']:<22} rel. output error {row['rel_error']:.2e}")
+        print(act_summary_text(summary))
+    return 0
+
+
+def quantize_act_from_args(
+    args: argparse.Namespace, cfg, fair, calib, calib_data, source: Path
+) -> Result:
+    """Load, calibrate and quantize weights and activations (the --scheme counterpart of
+    `quantize_model_from_args`)."""
+    import dataclasses
+
+    from faircalib import hub
+    from faircalib.calib.activations import quantize_activations
+    from faircalib.calib.select import restrict, selected_layers
+    from faircalib.data import calibration_batch
+    from faircalib.provenance import run_record
+
+    tick = time.time()
+    dtype = hub.resolve_dtype(args.model, args.calib_dtype)
+    model = hub.load(args.model, device=args.device, dtype=dtype)
+    if args.seq_len is not None and args.seq_len > model.seq_len:
+        warn(
+            f"--seq-len {args.seq_len} is longer than {args.model}'s training length "
+            f"{model.seq_len}; the model never saw positions past {model.seq_len} (calibrating "
+            "on them may hurt)"
+        )
+    chosen, skipped = selected_layers(model, calib.include, calib.exclude)
+    tokenizer = hub.load_tokenizer(args.model)
+    seq_len = args.seq_len or model.seq_len
+    tokens = calibration_batch(tokenizer, calib_data, None, args.nsamples, seq_len, args.seed)
+    calib = dataclasses.replace(calib, seq_len=seq_len)
+    load_s = time.time() - tick
+    with restrict(model, calib.include, calib.exclude):
+        report = quantize_activations(
+            model, tokens, cfg, calib, fair, progress=not getattr(args, "json", True)
+        )
+    timings = {"load_s": load_s, **report["timings"]}
+    recipe = make_act_recipe(args, cfg, fair, calib, _dtype_name(args, source))
+    record = {
+        "source_model": str(args.model),
+        **run_record(argv=["faircalib", *getattr(args, "argv", sys.argv[1:])], device=args.device),
+        "calib_data": calib_data.record(),
+        "selection": {"quantized": len(chosen), "left_float": skipped},
+    }
+    return Result(
+        model=model,
+        tokenizer=tokenizer,
+        report=report,
+        config=cfg,
+        calib=calib,
+        calib_data=calib_data,
+        source=source,
+        format="fake",
+        recipe=recipe,
+        record=record,
+        infos={},
+        chosen=chosen,
+        skipped=skipped,
+        partial=None,
+        timings=timings,
+        source_bytes=weight_bytes(source),
+        out=None,
+    )
+
+
+def make_act_recipe(args: argparse.Namespace, cfg, fair, calib, dtype: str) -> dict[str, Any]:
+    """`make_recipe` for --scheme: the scheme fixes bits and group size; format is fake."""
+    import faircalib
+
+    flags = {dest: getattr(args, dest, None) for dest in RECIPE_FLAGS + ACT_RECIPE_FLAGS}
+    flags.update(calib_split=calib.split, seq_len=calib.seq_len, format="fake", dtype=dtype)
+    method = cfg.to_dict()
+    if cfg.method == "fair":
+        method["fair_rows"] = fair.to_dict()
+    return {
+        "faircalib_recipe": RECIPE_VERSION,
+        "faircalib_version": faircalib.__version__,
+        "model": str(args.model),
+        "args": flags,
+        "method": {k: v for k, v in method.items() if k != "device"},
+        "calib": {k: v for k, v in calib.to_dict().items() if k not in ("device", "offload")},
+        "replay": "faircalib quantize --config recipe.json --out DIR",
+    }
+
+
+def act_summarize(result: Result, out: Path) -> dict[str, Any]:
+    """The closing summary of a --scheme run (the --json object)."""
+    layers = result.report["layers"]
+    rel = [r["rel_error"] for r in layers]
+    worst = max(layers, key=lambda r: r["rel_error"]) if layers else None
+    clips = [r["act_clip"] for r in layers]
+    out_bytes = weight_bytes(out) if Path(out).is_dir() else None
+    method = result.report["method"]
+    return {
+        "out": str(out),
+        "method": method,
+        "scheme": method["scheme"],
+        "calib_data": result.calib_data.record(),
+        "format": result.format,
+        "timings": result.timings,
+        "layers": layers,
+        "quantized_layers": len(layers),
+        "float_layers": result.skipped,
+        "bytes": {
+            "source": result.source_bytes,
+            "output": out_bytes,
+            "ratio": out_bytes / result.source_bytes if out_bytes and result.source_bytes else None,
+        },
+        "error": {
+            "mean": sum(rel) / len(rel) if rel else None,
+            "worst": worst["rel_error"] if worst else None,
+            "worst_layer": worst["layer"] if worst else None,
+        },
+        "act_clip": {"mean": sum(clips) / len(clips), "min": min(clips)} if clips else None,
+        "fair": result.report.get("fair") or None,
+        "recipe": str(Path(out) / RECIPE),
+        "next": f"faircalib eval {out} --data wikitext2",
+    }
+
+
+def act_summary_text(s: dict[str, Any]) -> str:
+    m = s["method"]
+    lines = [
+        f"quantized {s['quantized_layers']} layers with {m['method']} {s['scheme'].upper()} "
+        f"({ACT_SCHEME_HELP[s['scheme']]})"
+        + (f" ({len(s['float_layers'])} left in float)" if s["float_layers"] else "")
+    ]
+    e = s["error"]
+    if e["mean"] is not None:
+        lines.append(
+            f"  output error (weights and activations quantized): mean {e['mean']:.2e}, worst "
+            f"{e['worst']:.2e} ({e['worst_layer']})"
+        )
+    if s["act_clip"]:
+        lines.append(
+            f"  activation clip ratio: mean {s['act_clip']['mean']:.2f}, min "
+            f"{s['act_clip']['min']:.2f}"
+        )
+    if s["fair"]:
+        f = s["fair"]
+        lines.append(
+            f"  fair: {f.get('frontier_tokens', 0)} frontier tokens, max weight "
+            f"{f.get('max_weight_used', 0):.2f}, {100 * f.get('weight_share_on_frontier', 0):.0f}% "
+            "of the weight on the frontier"
+        )
+    b = s["bytes"]
+    ratio = f" ({b['ratio']:.2f}x)" if b["ratio"] else ""
+    lines.append(
+        f"  size: {_mb(b['source'])} -> {_mb(b['output'])}{ratio}, fake (float weights; the "
+        "activation-quantized layers' exact state in act_linears.safetensors)"
+    )
     t = s["timings"]
     stages = [k for k in t if k.endswith("_s") and k not in ("total_s", "wall_s", "command_s")]
     lines.append(

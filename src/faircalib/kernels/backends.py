@@ -13,6 +13,10 @@ repacks them once into its kernel's layout and caches the result on the layer.
 | fp8       | cpu/cuda | torch._scaled_mm e4m3 W8A8, row-wise scales | re-rounds to e4m3 (~4%)|
 | triton_w4 | cuda     | our fused dequant GEMM (kernels/triton_w4)  | bf16 act. (~3e-3)      |
 | triton_dq | cuda     | our dequantizer to bf16, then cuBLAS        | bf16 act. (~3e-3)      |
+| int8_w8a8 | cuda     | Triton int8 GEMM (kernels/triton_w8a8), fused per-token int8 quantization | exact |
+| fp8_w8a8  | cuda     | fused per-token e4m3 quantization + `_scaled_mm` or Triton fp8 GEMM (by M) | as fp8 |
+| w4a8      | cuda     | Triton INT4-group x int8-activation GEMM, dequantized to int8 in registers | exact |
+| w4a8_fp8  | cuda     | the same with e4m3 activations (codes - zero are exact in e4m3) | e4m3 act. (~3%) |
 
 int4 kernels take codes of at most 4 bits; `int8` needs symmetric per-channel 8-bit weights
 and act_bits=8; `fp8` takes any layer (it dequantizes, then rounds rows to e4m3);
@@ -25,8 +29,18 @@ The kernels take scales and zeros as one [n_groups, out, 2] tensor, and only gro
 64, 128 and 256: a per-channel layer is fed to them as identical groups of the largest of
 those that divides `in`.
 
-`auto` never changes numerics beyond the activation dtype's rounding, so `fp8` (which re-rounds
-an int8 grid onto e4m3) is only used when asked for by name.
+`int8_w8a8` takes what `int8` takes (act_bits 8, or None: then it quantizes activations to
+the same grid by name); it holds the weight as int8 [out, in], which is the codes (so the plain
+copy is freed). `fp8_w8a8` takes what `fp8` takes and computes the same numbers. `w4a8` and
+`w4a8_fp8` take <= 4-bit codes with K % 128 == 0 and a group size divisible by 32 (or
+per-channel), act_bits 8 or None, and share `triton_w4`'s tile layout (which holds the codes).
+The W8A8/W4A8 Triton backends also run on the CPU under TRITON_INTERPRET=1 (the tests).
+
+`auto` never changes numerics beyond the activation dtype's rounding, so `fp8`, `fp8_w8a8` and
+`w4a8_fp8` (which re-round onto e4m3) are only used when asked for by name; layers that already
+quantize activations to the int8 grid (act_bits=8) may get `int8_w8a8` (8-bit weights) or
+`w4a8` (<= 4-bit weights), as `W8A8_AUTO` / `W4A8_AUTO_MIN_M` say: the same numbers, integer
+accumulation.
 """
 
 from __future__ import annotations
@@ -66,6 +80,21 @@ W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
 }
 
 # `int8` on CUDA: `torch._int_mm` needs M > 16 (cuBLASLt int8 constraint).
+# `auto` for layers that quantize activations to the int8 grid (act_bits=8), on CUDA: per M,
+# (M bound, backends) rows as in W4_AUTO (same numbers on every backend named here: integer
+# accumulation of the same grid). 8-bit weights take the first backend of the row that can run
+# the layer (else fall through to W4_AUTO / dequant); <= 4-bit weights take `w4a8` from
+# W4A8_AUTO_MIN_M rows on. The Triton kernels (int8_w8a8, w4a8) were written
+# without a GPU and are NOT YET MEASURED: until the H200 run of benchmarks/kernels.py (which
+# prints `suggested_w8a8_auto` and `w4a8_min_m`) the rows keep the measured status quo,
+# torch._int_mm (0.44-0.71x of bf16) for 8-bit weights and W4A16 kernels for 4-bit ones.
+W8A8_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
+    "cuda": [(math.inf, ("int8",))],
+}
+W4A8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
+# `fp8_w8a8`'s GEMM by M: (M bound, kernel) rows, "scaled_mm" (torch._scaled_mm, measured
+# 1.08-1.76x of bf16 at M >= 1024) or "triton" (triton_w8a8.w8a8_matmul, not yet measured).
+FP8_W8A8_GEMM: list[tuple[float, str]] = [(math.inf, "scaled_mm")]
 INT8_CUDA_MIN_M = 17
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -432,6 +461,136 @@ def _triton_dq_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torc
     return y if layer.bias is None else y + layer.bias.to(y.dtype)
 
 
+# W8A8 / W4A8 in Triton (optional): kernels/triton_w8a8 -----------------------------------------
+def _triton_8bit_common(device_type: str, dtype: torch.dtype, fp8: bool) -> str | None:
+    if not _HAS_TRITON:
+        return "triton is not installed (pip install 'faircalib[gpu]')"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type == "cuda":
+        cap = _cuda_capability()
+        need = (8, 9) if fp8 else (8, 0)
+        if cap is not None and cap < need:
+            return f"{'fp8' if fp8 else 'int8'} tensor cores need compute capability >= {need}"
+    elif not (device_type == "cpu" and interpreted):
+        return "the triton backends run on CUDA (or the CPU under TRITON_INTERPRET=1)"
+    allowed = (torch.float16, torch.float32) if interpreted else (torch.bfloat16, torch.float16)
+    if dtype not in allowed:
+        return f"the triton backends take {allowed} activations here, got {dtype}"
+    return None
+
+
+def _act8_ok(layer: QuantLinear) -> str | None:
+    if layer.act_bits not in (None, 8):
+        return f"8-bit activation kernels cannot compute act_bits={layer.act_bits}"
+    return None
+
+
+def _int8_w8a8_supports(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
+    if layer.bits != 8 or not layer.symmetric or layer.group_size is not None:
+        return "int8_w8a8 needs 8-bit symmetric per-channel weights"
+    return _act8_ok(layer) or _triton_8bit_common(device_type, dtype, fp8=False)
+
+
+def _int8_w8a8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
+    codes = layer.codes().to(device=device, dtype=torch.int16)  # [out, in]; zero is 128
+    return (codes - 128).to(torch.int8).contiguous(), layer.scale.to(device).float().reshape(-1)
+
+
+def _int8_w8a8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    from faircalib.kernels.triton_w8a8 import quantize_rows, w8a8_matmul
+
+    w8, w_scale = prepared
+    q, x_scale = quantize_rows(x, "int8")
+    return w8a8_matmul(q, x_scale, w8, w_scale, x.dtype, _bias(layer))
+
+
+def _int8_w8a8_codes(prepared: tuple) -> torch.Tensor:
+    return (prepared[0].to(torch.int16) + 128).to(torch.uint8)
+
+
+def _bias(layer: QuantLinear) -> torch.Tensor | None:
+    return None if layer.bias is None else layer.bias.detach()
+
+
+def fp8_w8a8_gemm(m: int) -> str:
+    """`FP8_W8A8_GEMM`'s kernel for M token rows ("triton" wherever _scaled_mm cannot run:
+    the CPU interpreter)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    return next(kernel for bound, kernel in FP8_W8A8_GEMM if m < bound)
+
+
+def _fp8_w8a8_supports(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
+    scaled_mm = fp8_w8a8_gemm(m) == "scaled_mm"
+    if scaled_mm and (layer.in_features % 16 or layer.out_features % 16):
+        return "fp8_w8a8 at this M runs _scaled_mm: needs in and out features divisible by 16"
+    return _triton_8bit_common(device_type, dtype, fp8=True)
+
+
+def _fp8_w8a8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    from faircalib.kernels.triton_w8a8 import quantize_rows, w8a8_matmul
+
+    w8, w_scale = prepared  # [out, in] e4m3, [1, out]
+    x8, x_scale = quantize_rows(x, "fp8")  # one fused pass over x
+    if fp8_w8a8_gemm(x.shape[0]) == "triton":
+        return w8a8_matmul(x8, x_scale, w8, w_scale, x.dtype, _bias(layer))
+    y = torch._scaled_mm(
+        x8,
+        w8.t(),
+        scale_a=x_scale,
+        scale_b=w_scale,
+        out_dtype=torch.bfloat16,
+        use_fast_accum=x.is_cuda,
+    )
+    return y.to(x.dtype) if layer.bias is None else y.to(x.dtype) + layer.bias.to(x.dtype)
+
+
+def _w4a8_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str | None:
+    if layer.bits > 4:
+        return f"w4a8 takes codes of at most 4 bits, layer has {layer.bits}"
+    if layer.in_features % 128:
+        return f"w4a8 needs in_features divisible by 128, got {layer.in_features}"
+    if (layer.group_size or layer.in_features) % 32:
+        return "w4a8 needs a group size divisible by 32 (the 8-bit MMA's K)"
+    return _act8_ok(layer)
+
+
+def _w4a8_int8_supports(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
+    reason = _w4a8_supports(layer, device_type, dtype, m)
+    return reason or _triton_8bit_common(device_type, dtype, fp8=False)
+
+
+def _w4a8_fp8_supports(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
+    reason = _w4a8_supports(layer, device_type, dtype, m)
+    return reason or _triton_8bit_common(device_type, dtype, fp8=True)
+
+
+def _w4a8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
+    from faircalib.kernels.triton_w4 import pack_tiles
+    from faircalib.kernels.triton_w8a8 import w4a8_layout
+
+    packed = pack_tiles(layer.codes().to(device))  # [K / 8, N] int32: the codes, no copy kept
+    return (packed, *w4a8_layout(layer.scale.to(device), layer.zero.to(device)))
+
+
+def _w4a8_runner(kind: str) -> Callable[[QuantLinear, tuple, torch.Tensor], torch.Tensor]:
+    def run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+        from faircalib.kernels.triton_w8a8 import quantize_rows, w4a8_matmul
+
+        q, x_scale = quantize_rows(x, kind)
+        return w4a8_matmul(q, x_scale, *prepared, x.dtype, _bias(layer))
+
+    return run
+
+
 # --- registry and the auto rule --------------------------------------------------------------
 BACKENDS: dict[str, Backend] = {
     "dequant": Backend(
@@ -456,6 +615,35 @@ BACKENDS: dict[str, Backend] = {
         adds_bias=True,
         codes_from_layout=_triton_codes,
     ),
+    "int8_w8a8": Backend(
+        "int8_w8a8",
+        _int8_w8a8_supports,
+        _int8_w8a8_prepare,
+        _int8_w8a8_run,
+        quantizes_activations=True,
+        adds_bias=True,
+        codes_from_layout=_int8_w8a8_codes,
+    ),
+    "fp8_w8a8": Backend(
+        "fp8_w8a8", _fp8_w8a8_supports, _fp8_prepare, _fp8_w8a8_run, adds_bias=True
+    ),
+    "w4a8": Backend(
+        "w4a8",
+        _w4a8_int8_supports,
+        _w4a8_prepare,
+        _w4a8_runner("int8"),
+        quantizes_activations=True,
+        adds_bias=True,
+        codes_from_layout=_triton_codes,
+    ),
+    "w4a8_fp8": Backend(
+        "w4a8_fp8",
+        _w4a8_fp8_supports,
+        _w4a8_prepare,
+        _w4a8_runner("fp8"),
+        adds_bias=True,
+        codes_from_layout=_triton_codes,
+    ),
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
 
@@ -468,11 +656,18 @@ def supports(
 
 
 def auto_backend(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str:
-    """The backend `auto` runs: on CUDA the int8 W8A8 kernel for layers that quantize
-    activations to 8 bits; otherwise the `W4_AUTO` row for M (see there)."""
-    # int8 only on CUDA: on the CPU, fp32 `dequant` is the bit-exact reference users compare to
-    if device_type == "cuda" and supports(layer, "int8", device_type, dtype, m) is None:
-        return "int8"
+    """The backend `auto` runs: on CUDA, for layers that quantize activations to 8 bits, the
+    `W8A8_AUTO` row for M (8-bit weights) or, from `W4A8_AUTO_MIN_M` rows, `w4a8` (<= 4-bit
+    weights); otherwise the `W4_AUTO` row for M (see there)."""
+    # only on CUDA: on the CPU, fp32 `dequant` is the bit-exact reference users compare to
+    if layer.act_bits == 8 and device_type in W8A8_AUTO:
+        names = next(n for bound, n in W8A8_AUTO[device_type] if m < bound)
+        for name in names:
+            if supports(layer, name, device_type, dtype, m) is None:
+                return name
+        min_m = W4A8_AUTO_MIN_M.get(device_type, math.inf)
+        if m >= min_m and supports(layer, "w4a8", device_type, dtype, m) is None:
+            return "w4a8"
     for bound, names in W4_AUTO.get(device_type, []):
         if m < bound:
             return next(

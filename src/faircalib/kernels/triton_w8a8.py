@@ -1,0 +1,454 @@
+"""8-bit-activation GEMMs in Triton (optional: needs `triton`): W8A8 (FP8 e4m3 or INT8) and W4A8.
+
+All three compute y [M, N] = (a_scale[:, None] * w_scale[None, :]) * (a8 @ w8.T) from 8-bit
+activations a8 [M, K] with one float32 scale per token (row) and weights with one scale per
+output channel (W8A8) or per (K-group, output channel) (W4A8):
+
+- `quantize_rows(x, kind)`: one kernel, one program per token row: the row's abs-max, then
+  the 8-bit row and its scale (x is read twice, the second time from L1/L2; nothing but the
+  8-bit row and one float per row reaches memory). INT8 uses the project's activation grid
+  (`quant.primitives.quantize_activations_per_token(x, 8)`: scale = max(|x|, 1e-5) / 127,
+  round half to even, +-127), so an INT8 kernel reproduces the fake-quantized layer exactly;
+  FP8 maps each row's abs-max to 448 (`backends.fp8_quantize`). Divisions are IEEE (div_rn),
+  as torch's are.
+- `w8a8_matmul`: a8 [M, K] x w8 [N, K] (K contiguous: the K-major B operand Hopper's 8-bit
+  wgmma wants), fp8 x fp8 -> fp32 or int8 x int8 -> int32 accumulators (exact: |sum| <
+  K * 127^2 < 2^31 for K < 133 000), scales and bias applied once in the epilogue.
+- `w4a8_matmul`: a8 [M, K] x INT4 codes in `triton_w4`'s tile layout (`packed [K / 8, N]`
+  int32). Per tile of 128 k, the nibble planes (16 consecutive k each) are unpacked in
+  registers, the zero point subtracted (code - zero lies in [-15, 15], exact in int8 and in
+  e4m3) and joined into one [CHUNK, BLOCK_N] 8-bit operand, CHUNK = min(group, 128); the chunk's
+  dot starts from zero and is added to the float32 accumulator times its group scale, so
+  y = a_scale * sum_g s_g * sum_{k in g} a8_k * (code_k - zero_g) with exact integer (INT8) or
+  fp32 (FP8) partial sums. Needs K % 128 == 0 and a group size that is a multiple of 32 (the
+  8-bit MMA's K), or per-channel.
+
+Autotuning: a short Hopper list (128x128 and 128x256 tiles, 8 warps, 3-4 stages, plus one
+64x128 tile for M <= 64) keyed by (M bucket, N, K); under TRITON_INTERPRET=1 a fixed tiny
+config runs instead (the CPU tests). The interpreter has no bfloat16: tests use fp16/fp32
+outputs; the GPU writes bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from faircalib.kernels.triton_w4 import INTERPRETED, TILE_K, m_bucket
+
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+INT8_FLOOR = 1e-5  # the project's abs-max floor for activation scales (all-zero rows stay zero)
+FP8_FLOOR = 1e-12  # backends.fp8_quantize's floor
+KINDS = ("int8", "fp8")
+
+# fixed configs for the CPU interpreter (nothing to time there)
+TINY_W8A8 = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+TINY_W4A8 = {"BLOCK_M": 16, "BLOCK_N": 32}
+
+
+def _torch_dtype(kind: str) -> torch.dtype:
+    if kind not in KINDS:
+        raise ValueError(f"8-bit kind must be one of {KINDS}, got {kind!r}")
+    return torch.int8 if kind == "int8" else torch.float8_e4m3fn
+
+
+# --- per-token activation quantization ---------------------------------------------------------
+@triton.jit
+def _round_half_even(v, USE_RINT: tl.constexpr):
+    if USE_RINT:
+        from triton.language.extra import libdevice
+
+        return libdevice.rint(v)
+    # interpreter: 1.5 * 2^23 pushes the fraction out of float32's mantissa with round to
+    # nearest even (exact for |v| < 2^22; here |v| <= 127)
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _round_e4m3(v):
+    """v (|v| <= 448) rounded to the nearest e4m3 value, ties to even, in float32: the
+    interpreter's own float32 -> fp8 cast drops the carry when rounding up crosses a power of
+    two (127.9 -> 64), so it is handed values it need not round. ulp = 2^(max(e, -6) - 3)."""
+    e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    ulp = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    return _round_half_even(v / ulp, False) * ulp  # power-of-two division: exact
+
+
+@triton.jit
+def _quant_rows_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    K,
+    stride_xm,
+    stride_qm,
+    IS_INT8: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_RINT: tl.constexpr,
+):
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    q_row = q_ptr + row.to(tl.int64) * stride_qm
+    rk = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    a = tl.max(amax, axis=0)
+    if IS_INT8:
+        scale = tl.math.div_rn(tl.maximum(a, 1e-5), tl.full((), 127.0, tl.float32))
+    else:
+        scale = tl.math.div_rn(tl.maximum(a, 1e-12), tl.full((), 448.0, tl.float32))
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        ok = k0 + rk < K
+        x = tl.load(x_row + k0 + rk, mask=ok, other=0.0).to(tl.float32)
+        v = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+        if IS_INT8:
+            v = tl.minimum(tl.maximum(_round_half_even(v, USE_RINT), -127.0), 127.0)
+            tl.store(q_row + k0 + rk, v.to(tl.int8), mask=ok)
+        else:
+            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+            if not USE_RINT:
+                v = _round_e4m3(v)
+            tl.store(q_row + k0 + rk, v.to(q_ptr.dtype.element_ty), mask=ok)
+
+
+def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (8-bit rows [M, K] int8 / float8_e4m3fn, float32 scales [M, 1])."""
+    dtype = _torch_dtype(kind)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, device=x.device, dtype=dtype)
+    s = torch.empty(m, 1, device=x.device, dtype=torch.float32)
+    if m == 0:
+        return q, s
+    block_k = min(128 if INTERPRETED else 2048, triton.next_power_of_2(max(k, 16)))
+    _quant_rows_kernel[(m,)](
+        x,
+        q,
+        s,
+        k,
+        x.stride(0),
+        q.stride(0),
+        IS_INT8=kind == "int8",
+        BLOCK_K=block_k,
+        USE_RINT=not INTERPRETED,
+        num_warps=4 if block_k <= 512 else 8,
+    )
+    return q, s
+
+
+# --- W8A8 GEMM -----------------------------------------------------------------------------------
+def _w8a8_configs() -> list[triton.Config]:
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+        (128, 128, 128, 8, 4),
+        (128, 256, 128, 8, 3),
+        (256, 128, 128, 8, 3),
+        (64, 128, 128, 4, 4),  # small M (decode-like, cached block steps)
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+def _prune_m(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's hook signature
+    """No row block taller than M needs (64 at least); at M >= 256 the 64-row tile never wins."""
+    m = named_args["M"]
+    tallest = max(64, triton.next_power_of_2(m))
+    keep = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= tallest and not (m >= 256 and c.kwargs["BLOCK_M"] < 128)
+    ]
+    return keep or configs[-1:]
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped ordering: programs that share a column block of the weight run together."""
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    rows = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % rows)
+    pid_n = (pid % (GROUP_M * n_n)) // rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(acc, as_ptr, ws_ptr, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS: tl.constexpr):
+    """y = acc * a_scale[m] * w_scale[n] (+ bias[n]), in y's dtype."""
+    m_ok, n_ok = rm < M, rn < N
+    a_s = tl.load(as_ptr + rm, mask=m_ok, other=0.0)
+    y = acc * a_s[:, None]
+    if ws_ptr is not None:
+        w_s = tl.load(ws_ptr + rn, mask=n_ok, other=0.0)
+        y = y * w_s[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _w8a8_kernel(
+    a_ptr,
+    w_ptr,
+    as_ptr,
+    ws_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_wn,
+    stride_ym,
+    M_BUCKET,  # autotuning key only
+    IS_INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr = 8,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # clamp out-of-range rows/columns to valid ones (their results are masked at the store):
+    # the loads of the K loop then need no row/column masks
+    rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
+    rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
+    a_ptrs = a_ptr + rm_c[:, None] * stride_am + rk[None, :]  # [BM, BK]
+    w_ptrs = w_ptr + rn_c[None, :] * stride_wn + rk[:, None]  # [BK, BN], K contiguous
+    if IS_INT8:  # noqa: SIM108 - constexpr branches, one compiled
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        elif IS_INT8:
+            a = tl.load(a_ptrs, mask=(k0 + rk)[None, :] < K, other=0)
+            w = tl.load(w_ptrs, mask=(k0 + rk)[:, None] < K, other=0)
+        else:  # an fp8 tensor's `other` must be a float
+            a = tl.load(a_ptrs, mask=(k0 + rk)[None, :] < K, other=0.0)
+            w = tl.load(w_ptrs, mask=(k0 + rk)[:, None] < K, other=0.0)
+        if IS_INT8:  # noqa: SIM108
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    _epilogue(acc.to(tl.float32), as_ptr, ws_ptr, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS)
+
+
+_autotuned_w8a8 = triton.autotune(
+    configs=_w8a8_configs(),
+    key=["M_BUCKET", "N", "K", "IS_INT8", "EVEN_K"],
+    prune_configs_by={"early_config_prune": _prune_m},
+)(_w8a8_kernel)
+
+
+def _grid(m: int, n: int):  # noqa: ANN202
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def w8a8_matmul(
+    a8: torch.Tensor,
+    a_scale: torch.Tensor,
+    w8: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    *,
+    meta: dict | None = None,
+) -> torch.Tensor:
+    """a8 [M, K] (int8 / e4m3) with a_scale [M, 1] or [M], w8 [N, K] (same dtype) with w_scale
+    [N] (or [1, N]) -> y [M, N] in out_dtype. `meta` fixes the tile (else autotuned; the
+    interpreter always runs `TINY_W8A8`)."""
+    if a8.dtype != w8.dtype or a8.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"w8a8_matmul takes int8 or e4m3 operands, got {a8.dtype}, {w8.dtype}")
+    m, k = a8.shape
+    n = w8.shape[0]
+    y = torch.empty(m, n, device=a8.device, dtype=out_dtype)
+    if m == 0:
+        return y
+    a8 = a8 if a8.stride(-1) == 1 else a8.contiguous()
+    args = (
+        a8,
+        w8,
+        a_scale.reshape(-1),
+        w_scale.reshape(-1),
+        bias,
+        y,
+        m,
+        n,
+        k,
+        a8.stride(0),
+        w8.stride(0),
+        y.stride(0),
+        m_bucket(m),
+    )
+    flags = {"IS_INT8": a8.dtype == torch.int8, "HAS_BIAS": bias is not None}
+    meta = TINY_W8A8 if INTERPRETED and meta is None else meta
+    if meta is not None:
+        even = k % meta["BLOCK_K"] == 0
+        _w8a8_kernel[_grid(m, n)](*args, **flags, EVEN_K=even, **meta)
+    else:
+        _autotuned_w8a8[_grid(m, n)](*args, **flags, EVEN_K=k % 128 == 0)
+    return y
+
+
+# --- W4A8 GEMM -----------------------------------------------------------------------------------
+def _w4a8_configs() -> list[triton.Config]:
+    shapes = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in shapes
+    ]
+
+
+@triton.jit
+def _plane(packed, j: tl.constexpr, zero):
+    """Nibble plane j of a [16, BN] int32 block minus the zero points -> int32 in [-15, 15]."""
+    return ((packed >> (4 * j)) & 0xF) - zero
+
+
+@triton.jit
+def _join_planes(packed, j0: tl.constexpr, zero, P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Planes j0 .. j0 + P - 1 (P in 2, 4, 8) -> [16 * P, BN] int32 of consecutive k
+    (row 16 * p + r is plane j0 + p, row r): tl.join stacks along a new last axis, so P planes
+    joined pairwise, then permuted plane-major, reshape without reordering."""
+    p0 = _plane(packed, j0, zero)
+    p1 = _plane(packed, j0 + 1, zero)
+    if P == 2:
+        w = tl.permute(tl.join(p0, p1), (2, 0, 1))  # [2, 16, BN]
+    else:
+        p2 = _plane(packed, j0 + 2, zero)
+        p3 = _plane(packed, j0 + 3, zero)
+        if P == 4:  # [16, BN, c, b] holds plane 2b + c
+            w = tl.permute(tl.join(tl.join(p0, p1), tl.join(p2, p3)), (3, 2, 0, 1))
+        else:  # [16, BN, c, b, a] holds plane 4a + 2b + c
+            p4 = _plane(packed, j0 + 4, zero)
+            p5 = _plane(packed, j0 + 5, zero)
+            p6 = _plane(packed, j0 + 6, zero)
+            p7 = _plane(packed, j0 + 7, zero)
+            lo = tl.join(tl.join(p0, p1), tl.join(p2, p3))
+            hi = tl.join(tl.join(p4, p5), tl.join(p6, p7))
+            w = tl.permute(tl.join(lo, hi), (4, 3, 2, 0, 1))
+    return tl.reshape(w, (16 * P, BLOCK_N))
+
+
+@triton.jit
+def _w4a8_kernel(
+    a_ptr,
+    q_ptr,
+    as_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ym,
+    M_BUCKET,  # autotuning key only
+    GROUP_SIZE: tl.constexpr,
+    IS_INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr = 8,
+):
+    CHUNK: tl.constexpr = GROUP_SIZE if GROUP_SIZE < 128 else 128  # k per dot
+    P: tl.constexpr = CHUNK // 16  # nibble planes per dot
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
+    rn_c = tl.where(rn < N, rn, 0)
+    r16 = tl.arange(0, 16)
+    rc = tl.arange(0, CHUNK)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tile in range(0, K // 128):
+        k0 = tile * 128
+        packed = tl.load(q_ptr + (tile * 16 + r16)[:, None] * N + rn_c[None, :])  # [16, BN]
+        for c in tl.static_range(128 // CHUNK):
+            g = (k0 + c * CHUNK) // GROUP_SIZE
+            zero = tl.load(z_ptr + g * N + rn_c)[None, :]  # [1, BN] int32
+            s = tl.load(s_ptr + g * N + rn_c)  # [BN] float32
+            w = _join_planes(packed, c * P, zero, P, BLOCK_N)  # [CHUNK, BN] int32
+            a = tl.load(a_ptr + rm_c[:, None] * stride_am + (k0 + c * CHUNK + rc)[None, :])
+            if IS_INT8:
+                part = tl.dot(a, w.to(tl.int8), out_dtype=tl.int32).to(tl.float32)
+            else:
+                part = tl.dot(a, w.to(tl.float32).to(a_ptr.dtype.element_ty))
+            acc += part * s[None, :]
+    _epilogue(acc, as_ptr, None, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS)
+
+
+_autotuned_w4a8 = triton.autotune(
+    configs=_w4a8_configs(),
+    key=["M_BUCKET", "N", "K", "GROUP_SIZE", "IS_INT8"],
+    prune_configs_by={"early_config_prune": _prune_m},
+)(_w4a8_kernel)
+
+
+def w4a8_layout(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale [N, G] float, zero [N, G] -> scale_t [G, N] float32, zero_t [G, N] int32."""
+    return scale.float().T.contiguous(), zero.to(torch.int32).T.contiguous()
+
+
+def w4a8_matmul(
+    a8: torch.Tensor,
+    a_scale: torch.Tensor,
+    packed: torch.Tensor,
+    scale_t: torch.Tensor,
+    zero_t: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    *,
+    meta: dict | None = None,
+) -> torch.Tensor:
+    """a8 [M, K] (int8 / e4m3) with a_scale [M, 1] x the tile-layout codes packed [K / 8, N]
+    with scale_t, zero_t [G, N] (`w4a8_layout`) -> y [M, N] in out_dtype."""
+    m, k = a8.shape
+    n = packed.shape[1]
+    group_size = k // scale_t.shape[0]
+    if k % TILE_K or group_size % 32:
+        raise ValueError(f"w4a8 needs K % 128 == 0 and a group size divisible by 32, got {k}")
+    y = torch.empty(m, n, device=a8.device, dtype=out_dtype)
+    if m == 0:
+        return y
+    a8 = a8 if a8.stride(-1) == 1 else a8.contiguous()
+    args = (a8, packed, a_scale.reshape(-1), scale_t, zero_t, bias, y, m, n, k)
+    args += (a8.stride(0), y.stride(0), m_bucket(m))
+    flags = {
+        "GROUP_SIZE": group_size,
+        "IS_INT8": a8.dtype == torch.int8,
+        "HAS_BIAS": bias is not None,
+    }
+    meta = TINY_W4A8 if INTERPRETED and meta is None else meta
+    if meta is not None:
+        _w4a8_kernel[_grid(m, n)](*args, **flags, **meta)
+    else:
+        _autotuned_w4a8[_grid(m, n)](*args, **flags)
+    return y
+
+
+def autotune_choices() -> dict:
+    """The tile each autotuned kernel chose per key (for the benchmark's notes)."""
+    return {
+        name: {str(key): str(cfg) for key, cfg in getattr(fn, "cache", {}).items()}
+        for name, fn in (("w8a8", _autotuned_w8a8), ("w4a8", _autotuned_w4a8))
+    }

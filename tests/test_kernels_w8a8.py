@@ -1,0 +1,221 @@
+"""The Triton W8A8 (FP8, INT8) and W4A8 kernels and their QuantLinear backends, run by Triton's
+CPU interpreter against float64 references of the same quantized math."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from faircalib.config import QuantConfig
+from faircalib.kernels import QuantLinear, auto_backend, backends
+from faircalib.quant.primitives import compute_qparams, quantize
+
+pytest.importorskip("triton")
+
+# The interpreter must be on before triton decorates the kernels: the checks run in a fresh
+# interpreter and print one "name value" line per measured worst case.
+CHECK = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from faircalib.config import QuantConfig
+    from faircalib.kernels import QuantLinear
+    from faircalib.kernels.backends import fp8_quantize, quantize_rows_int8
+    from faircalib.kernels.triton_w4 import pack_tiles
+    from faircalib.kernels.triton_w8a8 import (
+        quantize_rows, w4a8_layout, w4a8_matmul, w8a8_matmul)
+    from faircalib.quant.primitives import (
+        compute_qparams, dequantize, quantize, quantize_activations_per_token)
+
+    def rel(y, ref):
+        return float((y.double() - ref).norm() / ref.norm().clamp(min=1e-300))
+
+    worst = {}
+    def note(name, value):
+        worst[name] = max(worst.get(name, 0.0), value)
+
+    gen = torch.Generator().manual_seed(0)
+    # per-token quantization: bit-identical to the torch grids, zero rows, ragged K, M = 1
+    for m, k in ((1, 64), (6, 200), (3, 1000)):
+        x = torch.randn(m, k, generator=gen) * torch.logspace(-3, 2, m)[:, None]
+        x[m // 2] = 0.0
+        for kind, ref_fn in (("int8", quantize_rows_int8), ("fp8", fp8_quantize)):
+            q, s = quantize_rows(x.half() if kind == "int8" else x, kind)
+            rq, rs = ref_fn(x.half() if kind == "int8" else x)
+            assert torch.equal(s, rs), kind
+            assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), kind
+        q, s = quantize_rows(x, "int8")
+        assert torch.equal(q.float() * s, quantize_activations_per_token(x, 8))
+    q, s = quantize_rows(torch.zeros(0, 64), "fp8")
+    assert q.shape == (0, 64) and s.shape == (0, 1)
+
+    # W8A8 GEMMs: M = 1, ragged M/N, K not a multiple of BLOCK_K (32), zero rows, M = 0
+    for m, n, k in ((1, 32, 64), (19, 40, 200), (5, 48, 96), (0, 32, 64)):
+        x = torch.randn(m, k, generator=gen)
+        if m > 2:
+            x[2] = 0.0
+        w = torch.randn(n, k, generator=gen)
+        bias = torch.randn(n, generator=gen)
+        for kind in ("int8", "fp8"):
+            a8, a_s = quantize_rows(x, kind)
+            if kind == "int8":
+                w8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+                w_s = torch.rand(n, generator=gen) + 0.01
+            else:
+                w8, w_s = fp8_quantize(w)
+            acc = a8.double() @ w8.double().T  # exact for both (int: < 2^53; e4m3 products)
+            ref = acc * a_s.double() * w_s.double().reshape(1, -1)
+            for out in (torch.float32, torch.float16):
+                y = w8a8_matmul(a8, a_s, w8, w_s, out)
+                assert y.shape == (m, n) and y.dtype == out
+                if m:
+                    note(f"w8a8_{kind}_{out}", rel(y, ref))
+            if m:
+                y = w8a8_matmul(a8, a_s, w8, w_s, torch.float32, bias)
+                note(f"w8a8_{kind}_bias", rel(y, ref + bias.double()))
+                if kind == "int8":  # unit scales: the int32 accumulator itself, exactly
+                    ones_m, ones_n = torch.ones(m, 1), torch.ones(n)
+                    y = w8a8_matmul(a8, ones_m, w8, ones_n, torch.float32)
+                    assert torch.equal(y.double(), acc), "int8 accumulation is not exact"
+                meta = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64}  # another tile, ragged K
+                note(f"w8a8_{kind}_tile", rel(w8a8_matmul(a8, a_s, w8, w_s, torch.float32,
+                                                         meta=meta), ref))
+
+    # W4A8: groups 32/64/128/256 and per-channel, asym/sym, 3-bit codes, M = 1 and ragged
+    cases = [(1, 40, 128, 32, False, 4), (13, 48, 256, 64, True, 4), (7, 32, 256, 128, False, 4),
+             (5, 40, 512, 128, True, 4), (9, 32, 256, None, False, 4), (4, 32, 128, 32, False, 3)]
+    for m, n, k, group, sym, bits in cases:
+        w = torch.randn(n, k, generator=gen)
+        qp = compute_qparams(w, QuantConfig(bits=bits, group_size=group, symmetric=sym))
+        codes = quantize(w, qp)
+        w_hat = dequantize(codes, qp).double()
+        packed, (s_t, z_t) = pack_tiles(codes), w4a8_layout(qp.scale, qp.zero)
+        x = torch.randn(m, k, generator=gen)
+        for kind in ("int8", "fp8"):
+            a8, a_s = quantize_rows(x, kind)
+            ref = (a8.double() * a_s.double()) @ w_hat.T
+            y = w4a8_matmul(a8, a_s, packed, s_t, z_t, torch.float32)
+            note(f"w4a8_{kind}", rel(y, ref))
+        assert w4a8_matmul(a8[:0], a_s[:0], packed, s_t, z_t, torch.float32).shape == (0, n)
+
+    # QuantLinear backends against their reference paths
+    x3 = torch.randn(2, 5, 256, generator=gen)
+    x3[0, 1] = 0.0
+    in_scale = torch.rand(256, generator=gen) + 0.5
+    for dtype in (torch.float32, torch.float16):
+        x = x3.to(dtype)
+        # int8_w8a8 == the fake-quant W8A8 layer (dequant backend), with smoothing and bias
+        w = torch.randn(40, 256, generator=gen)
+        qp = compute_qparams(w, QuantConfig(bits=8, group_size=None, symmetric=True))
+        codes, bias = quantize(w, qp), torch.randn(40, generator=gen)
+        kw = dict(bias=bias, input_scale=in_scale, act_bits=8)
+        ref = QuantLinear.from_codes(codes, qp, backend="dequant", **kw)(x3).double()
+        layer = QuantLinear.from_codes(codes, qp, backend="int8_w8a8", **kw)
+        y = layer(x)
+        assert layer.last_backend == "int8_w8a8" and y.dtype == dtype and y.shape == (2, 5, 40)
+        note(f"ql_int8_w8a8_{dtype}", rel(y, ref))
+        # its int8 layout holds the codes: the plain copy is freed, state_dict unchanged
+        assert layer.qweight.numel() == 0 and torch.equal(layer.codes(), codes)
+        assert torch.equal(layer.state_dict()["qweight"], codes)
+        # fp8_w8a8 == the float64 e4m3 math of the `fp8` backend
+        layer = QuantLinear.from_codes(codes, qp, backend="fp8_w8a8", bias=bias)
+        y = layer(x)
+        x8, xs = fp8_quantize(x.reshape(-1, 256))
+        w8, ws = fp8_quantize(dequantize(codes, qp))
+        ref = (x8.double() * xs.double()) @ (w8.double() * ws.double()).T + bias.double()
+        note(f"ql_fp8_w8a8_{dtype}", rel(y.reshape(-1, 40), ref))
+        # w4a8 == the fake-quant W4A8 layer; w4a8_fp8 == its float64 e4m3-activation math
+        w = torch.randn(48, 256, generator=gen)
+        qp = compute_qparams(w, QuantConfig(bits=4, group_size=64, symmetric=False))
+        codes = quantize(w, qp)
+        ref = QuantLinear.from_codes(codes, qp, backend="dequant", **kw | {"bias": None})
+        ref = ref(x3).double()
+        layer = QuantLinear.from_codes(codes, qp, backend="w4a8", input_scale=in_scale,
+                                       act_bits=8)
+        note(f"ql_w4a8_{dtype}", rel(layer(x), ref))
+        assert layer.qweight.numel() == 0 and torch.equal(layer.codes(), codes)
+        bias4 = torch.randn(48, generator=gen)
+        layer = QuantLinear.from_codes(codes, qp, backend="w4a8_fp8", bias=bias4)
+        y = layer(x).reshape(-1, 48)
+        x8, xs = fp8_quantize(x.reshape(-1, 256))
+        ref = (x8.double() * xs.double()) @ dequantize(codes, qp).double().T
+        note(f"ql_w4a8_fp8_{dtype}", rel(y, ref + layer.bias.double()))
+    for name, value in sorted(worst.items()):
+        print(name, value)
+    """
+)
+
+# worst relative error allowed per check: fp32 outputs carry only the epilogue's float32
+# rounding; fp16 outputs (and fp16 inputs, for QuantLinear) their half rounding
+TOLERANCES = {"float32": 1e-6, "float16": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def interpreted_results() -> dict[str, float]:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {line.split()[0]: float(line.split()[1]) for line in done.stdout.strip().splitlines()}
+
+
+def test_every_kernel_and_backend_was_checked(interpreted_results):
+    names = set(interpreted_results)
+    for kind in ("int8", "fp8"):
+        assert {f"w8a8_{kind}_bias", f"w8a8_{kind}_tile", f"w4a8_{kind}"} <= names
+    for backend in ("int8_w8a8", "fp8_w8a8", "w4a8", "w4a8_fp8"):
+        assert any(n.startswith(f"ql_{backend}_torch") for n in names), backend
+
+
+def test_kernels_match_float64_reference_of_the_same_quantized_math(interpreted_results):
+    for name, err in interpreted_results.items():
+        tol = TOLERANCES["float16"] if "float16" in name else TOLERANCES["float32"]
+        if name.startswith("ql_"):
+            # fp32: float32 smoothing / reference-layer rounding; fp16: the input, smoothed and
+            # quantized in half precision against an fp32 reference, moves a few grid points
+            tol = 1e-2 if "float16" in name else 1e-5
+        assert err <= tol, (name, err)
+
+
+def test_auto_rule_for_8bit_activations(monkeypatch):
+    bf16 = torch.bfloat16
+    monkeypatch.setattr(backends, "_HAS_TRITON", True)  # the rule only; no kernel runs
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=gen)
+    qp8 = compute_qparams(w, QuantConfig(bits=8, group_size=None, symmetric=True))
+    qp4 = compute_qparams(w, QuantConfig(bits=4, group_size=128, symmetric=False))
+    w8 = QuantLinear.from_codes(quantize(w, qp8), qp8, act_bits=8)
+    w4 = QuantLinear.from_codes(quantize(w, qp4), qp4, act_bits=8)
+    w4_weight_only = QuantLinear.from_codes(quantize(w, qp4), qp4)
+    # today's (measured) rows: torch._int_mm for W8A8, W4A16 kernels for W4 at every M
+    assert auto_backend(w8, "cuda", bf16, 512) == "int8"
+    assert auto_backend(w4, "cuda", bf16, 4096) == backends.W4_AUTO["cuda"][-1][1][0]
+    # rows as the H200 run may set them: the Triton kernels, by M
+    monkeypatch.setitem(backends.W8A8_AUTO, "cuda", [(math.inf, ("int8_w8a8", "int8"))])
+    monkeypatch.setitem(backends.W4A8_AUTO_MIN_M, "cuda", 256)
+    assert auto_backend(w8, "cuda", bf16, 1) == "int8_w8a8"
+    assert auto_backend(w4, "cuda", bf16, 255) == backends.W4_AUTO["cuda"][-1][1][0]
+    assert auto_backend(w4, "cuda", bf16, 256) == "w4a8"
+    # a weight-only layer never gets 8-bit activations from `auto`, nor does the CPU
+    assert auto_backend(w4_weight_only, "cuda", bf16, 4096) != "w4a8"
+    assert auto_backend(w8, "cpu", torch.float32, 512) == "dequant"
+
+
+def test_backends_refuse_layers_they_cannot_compute(monkeypatch):
+    monkeypatch.setattr(backends, "_HAS_TRITON", True)
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=gen)
+    g16 = QuantLinear(256, 64, bits=4, group_size=16, symmetric=False)
+    assert "divisible by 32" in backends.supports(g16, "w4a8", "cuda", torch.bfloat16, 512)
+    qp = compute_qparams(w, QuantConfig(bits=8, group_size=128, symmetric=True))
+    grouped8 = QuantLinear.from_codes(quantize(w, qp), qp, act_bits=8)
+    assert "per-channel" in backends.supports(grouped8, "int8_w8a8", "cuda", torch.bfloat16, 64)
+    qp = compute_qparams(w, QuantConfig(bits=4, group_size=128, symmetric=True))
+    a4 = QuantLinear.from_codes(quantize(w, qp), qp, act_bits=4)
+    assert "act_bits=4" in backends.supports(a4, "w4a8", "cuda", torch.bfloat16, 64)
+    assert "CUDA" in backends.supports(a4, "fp8_w8a8", "cpu", torch.bfloat16, 64)

@@ -218,7 +218,7 @@ def quantize(ckpt: Path, out: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "faircalib.cli", "quantize", str(ckpt), "--method", args.method,
            "--bits", "4", "--group-size", str(args.group_size), "--nsamples", str(args.nsamples),
            "--seq-len", str(args.seq_len), "--offload", "--device", args.device,
-           "--dtype", "bfloat16", "--format", "packed", "--out", str(out), "--overwrite"]  # fmt: skip
+           "--calib-dtype", "bfloat16", "--format", "packed", "--out", str(out), "--overwrite"]  # fmt: skip
     if args.max_device_gib:
         cmd += ["--max-device-gib", str(args.max_device_gib)]
     if args.quantize_head:
@@ -228,6 +228,8 @@ def quantize(ckpt: Path, out: Path, args: argparse.Namespace) -> dict:
     tick = time.time()
     subprocess.run(cmd, check=True)
     wall = time.time() - tick
+    # the largest of this process's waited-for children: the one quantize run of a GPU job
+    # (a process that runs several reports the largest so far)
     host_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     report = json.loads((out / "quantization.json").read_text())
     return {"command": " ".join(["faircalib", *cmd[3:]]), "wall_s": wall,
@@ -340,7 +342,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# 8B-shaped dLLMs on one GPU (random weights, published layouts)",
         "",
-        "W4 g128 packed, 128 x 2048 calibration tokens, `--offload --dtype bfloat16 "
+        "W4 g128 packed, 128 x 2048 calibration tokens, `--offload --calib-dtype bfloat16 "
         f"--max-device-gib {TARGET_GIB:g}`. Targets: at most {TARGET_MINUTES:g} min and "
         f"{TARGET_GIB:g} GiB of GPU memory per run. Step: one denoising step, batch 1, the "
         "calibration length, median; packed vs bf16 measured side by side in one process.",

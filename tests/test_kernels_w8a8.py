@@ -211,7 +211,10 @@ def test_backends_refuse_layers_they_cannot_compute(monkeypatch):
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(64, 256, generator=gen)
     g16 = QuantLinear(256, 64, bits=4, group_size=16, symmetric=False)
-    assert "divisible by 32" in backends.supports(g16, "w4a8", "cuda", torch.bfloat16, 512)
+    assert "group size of 32 or 64" in backends.supports(g16, "w4a8", "cuda", torch.bfloat16, 512)
+    # a group that straddles the kernel's 128-k tiles would be scaled wrongly: refused too
+    g192 = QuantLinear(384, 64, bits=4, group_size=192, symmetric=False)
+    assert "got 192" in backends.supports(g192, "w4a8", "cuda", torch.bfloat16, 512)
     qp = compute_qparams(w, QuantConfig(bits=8, group_size=128, symmetric=True))
     grouped8 = QuantLinear.from_codes(quantize(w, qp), qp, act_bits=8)
     assert "per-channel" in backends.supports(grouped8, "int8_w8a8", "cuda", torch.bfloat16, 64)
@@ -219,3 +222,43 @@ def test_backends_refuse_layers_they_cannot_compute(monkeypatch):
     a4 = QuantLinear.from_codes(quantize(w, qp), qp, act_bits=4)
     assert "act_bits=4" in backends.supports(a4, "w4a8", "cuda", torch.bfloat16, 64)
     assert "CUDA" in backends.supports(a4, "fp8_w8a8", "cpu", torch.bfloat16, 64)
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter runs the kernels as Python; the GPU compiler is stricter (no imports
+    inside @triton.jit, constexpr-only branches): compile each kernel for sm_90 (no GPU needed,
+    ptxas ships with triton)."""
+    import triton
+    from triton.backends import backends as triton_backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from faircalib.kernels import triton_w8a8 as k
+
+    if "nvidia" not in triton_backends:
+        pytest.skip("triton has no CUDA backend here")
+    target = GPUTarget("cuda", 90, 32)
+
+    def compile_(fn, sig: dict, consts: dict) -> None:
+        sig = {**sig, **dict.fromkeys(consts, "constexpr")}
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+
+    for kind, dt in (("int8", "*i8"), ("fp8", "*fp8e4nv")):
+        is_int8 = kind == "int8"
+        rows = {"x_ptr": "*bf16", "q_ptr": dt, "s_ptr": "*fp32", "K": "i32"}
+        rows |= {"stride_xm": "i32", "stride_qm": "i32"}
+        compile_(
+            k._quant_rows_kernel, rows, {"IS_INT8": is_int8, "BLOCK_K": 2048, "USE_RINT": True}
+        )
+        gemm = {"a_ptr": dt, "w_ptr": dt, "as_ptr": "*fp32", "ws_ptr": "*fp32", "b_ptr": "*bf16"}
+        gemm |= {"y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32"}
+        gemm |= {"stride_wn": "i32", "stride_ym": "i32", "M_BUCKET": "i32"}
+        tile = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}
+        flags = {"IS_INT8": is_int8, "HAS_BIAS": True, "EVEN_K": False}
+        compile_(k._w8a8_kernel, gemm, flags | tile)
+        w4 = {"a_ptr": dt, "q_ptr": "*i32", "as_ptr": "*fp32", "s_ptr": "*fp32", "z_ptr": "*i32"}
+        w4 |= {"y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32"}
+        w4 |= {"stride_ym": "i32", "M_BUCKET": "i32"}
+        for group in (32, 256):
+            consts = {"b_ptr": None, "GROUP_SIZE": group, "IS_INT8": is_int8, "HAS_BIAS": False}
+            compile_(k._w4a8_kernel, w4, consts | {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8})

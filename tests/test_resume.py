@@ -214,6 +214,42 @@ def test_deferred_commits_lose_only_uncommitted_blocks_and_resume_exactly(
     assert_identical(reference.state_dict(), resumed.state_dict())
 
 
+def test_a_deferred_commit_after_an_earlier_one_records_every_block_once(
+    tiny, tmp_path, monkeypatch
+):
+    """Block 0 is committed; blocks 1 and 2 are committed together (the clock passed the
+    interval at block 2); block 3 is interrupted before its commit. progress.json must then
+    hold blocks 0..2 in order with the input cache of block 3, and resuming must give the
+    uninterrupted result."""
+    model, tokens = tiny
+    config, calib = method_config("gptq"), CalibConfig(n_samples=4, seq_len=32)
+    reference = copy.deepcopy(model)
+    quantize(reference, config, tokens, calib, progress=False)
+    directory = tmp_path / "q.partial"
+    now = [0.0]
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(PartialRun, "COMMIT_EVERY_S", 10.0)
+    clock = {0: 50.0, 1: 55.0, 2: 70.0}  # commits at blocks 0 and 2; block 1 waits for 2
+    original = PartialRun.save_block
+
+    def save(self, i, *args, **kwargs):
+        now[0] = clock.get(i, 71.0)
+        original(self, i, *args, **kwargs)
+        if i == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(PartialRun, "save_block", save)
+        with pytest.raises(KeyboardInterrupt):
+            run(model, config, tokens, calib, directory, resume=False)
+    state = json.loads((directory / "progress.json").read_text())
+    assert state["finished_blocks"] == 3
+    assert [entry["block"] for entry in state["blocks"]] == [0, 1, 2]
+    assert sorted(p.name for p in directory.glob("state-*")) == ["state-00003.safetensors"]
+    resumed = run(model, config, tokens, calib, directory, resume=True)
+    assert_identical(reference.state_dict(), resumed.state_dict())
+
+
 def test_bf16_progress_keeps_codes_not_weights_and_restores_exactly(tmp_path, monkeypatch):
     from llama_like_ckpt import write_family  # a bf16 family: LLaDA's layout, tiny
 

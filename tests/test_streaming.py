@@ -224,3 +224,47 @@ def test_linears_sharing_an_input_share_one_summary_with_identical_statistics(
         a, b = shared[n].finish(), reference[n].finish()
         assert torch.equal(a.hessian, b.hessian) and torch.equal(a.sample, b.sample), n
         assert torch.equal(a.act_absmax, b.act_absmax) and a.n_rows == b.n_rows, n
+
+
+def test_noise_inside_streaming_leaves_no_block_tensor_on_the_device(model, monkeypatch):
+    """On a GPU each streamed block's tensors are copies; after a noisy forward every tensor
+    must point at its own (CPU) storage again, not at the dropped device copy. A copy that
+    stays would keep every block's linears on the device: the whole model, at 8B an OOM.
+    Simulated here with clones standing in for the device copies."""
+    x, t = batch(model, seed=3)
+    cfg = FairCalibConfig(bits=4, group_size=32)
+    homes = {k: v.data_ptr() for k, v in model.state_dict(keep_vars=True).items()}
+
+    def clone_to_device(block, device):
+        saved = []
+        for store, name, tensor in streaming._tensors(block):
+            saved.append((store, name, tensor.data))
+            tensor.data = tensor.data.clone()  # a "device" copy: new storage
+        return saved
+
+    monkeypatch.setattr(streaming, "_to_device", clone_to_device)
+    with torch.no_grad(), quantization_noise(model, weight_noise(cfg, 0)):
+        expected = model.log_probs(x, t)  # the resident noisy forward
+    with torch.no_grad(), on_device(model, "cpu", stream=True):
+        with quantization_noise(model, weight_noise(cfg, 0)):
+            noisy = model.log_probs(x, t)
+        moved = [k for k, v in model.state_dict(keep_vars=True).items() if v.data_ptr() != homes[k]]
+        assert not moved, moved[:3]
+        clean = model.log_probs(x, t)
+    assert torch.equal(noisy, expected) and not torch.equal(clean, noisy)
+    assert {k: v.data_ptr() for k, v in model.state_dict(keep_vars=True).items()} == homes
+
+
+def test_a_moved_quantized_layer_keeps_one_weight_copy():
+    """`--offload` sends every quantized block back to the CPU: the layer's weight and its
+    result's weight must stay one tensor there (at 8B a second copy is ~15 GiB of host memory).
+    The meta device stands in for the other device."""
+    from faircalib.calib.engine import FakeQuantLinear
+
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    result = quantize_rtn(w, QuantConfig(4, 32, False))
+    layer = FakeQuantLinear.from_result(result, torch.zeros(8), torch.bfloat16)
+    layer.to("meta")
+    assert layer.weight.is_meta and layer.result.codes.is_meta
+    assert layer.result.weight is layer.weight
+    assert layer.result.codes.dtype == torch.uint8  # dtypes kept

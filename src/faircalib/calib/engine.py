@@ -78,9 +78,13 @@ class FakeQuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # `result` is not a module: without this, .to("cpu") would leave the codes, qparams and
-        # the result's weight on the device. They follow the weight's device, keeping dtypes.
+        # the result's weight on the device. They follow the weight's device, keeping dtypes;
+        # a weight shared with the result (`from_result`) stays shared, not copied.
+        shared = self.result is not None and self.result.weight is self.weight
         super()._apply(fn, recurse)
-        if self.result is not None and self.result.weight.device != self.weight.device:
+        if shared:
+            self.result = dataclasses.replace(self.result, weight=self.weight)
+        if self.result is not None and self.result.codes.device != self.weight.device:
             self.result = self.result.to(self.weight.device)
         return self
 

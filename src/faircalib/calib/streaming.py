@@ -50,7 +50,8 @@ def _to_device(block: nn.Module, device: torch.device) -> list[tuple[dict, str, 
 
 
 def _restore(saved: list[tuple[dict, str, torch.Tensor]]) -> None:
-    for store, name, data in saved:
+    # in reverse: a tensor listed twice (shared inside a block) ends at its first, original data
+    for store, name, data in reversed(saved):
         store[name].data = data
 
 
@@ -129,7 +130,14 @@ def quantization_noise(model: DiffusionLM, noisy_weight: NoiseFn) -> Iterator[No
             for linear, data in pending.pop(i):
                 linear.weight.data = data
 
-        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+        # prepend: the clean (device) weight is put back before `on_device`'s post hook, which
+        # was registered first and points every tensor back at its CPU storage; in registration
+        # order it would run first and this hook would then re-attach the device copy, leaving
+        # every block's linears on the device
+        handles += [
+            block.register_forward_pre_hook(pre),
+            block.register_forward_hook(post, prepend=True),
+        ]
     try:
         yield
     finally:
@@ -216,6 +224,7 @@ def _row_bytes(model, x, t, device: torch.device, stream: bool) -> int:
         base = torch.cuda.memory_allocated(device)
         model.log_probs(x.to(device), t.to(device))
         peak = torch.cuda.max_memory_allocated(device) - base
-    if stream:  # the probe's peak includes one block's weights, counted in `fixed` already
+    copied = stream and not all(_same(p.device, device) for p in model.blocks.parameters())
+    if copied:  # the probe's peak includes one block's copy, counted in `fixed` already
         peak -= max(param_bytes([b]) for b in model.blocks)
     return int(WORKING_SET_FACTOR * max(peak, 1))

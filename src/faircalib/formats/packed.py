@@ -556,8 +556,9 @@ def load_packed_model(
     floats = _validated_floats(probe, schemes, tensors, used, directory, embeddings)
     # validation is over: from here on nothing can fail on account of the files.
     model = build_model(_builder_config(config))
-    # As in models.io.load_model, values are rounded to `dtype` and loaded into the float32
-    # parameters (run in bf16 under torch.autocast: QuantLinear follows autocast's dtype).
+    # Values are rounded to `dtype` and loaded into the float32 parameters (run in bf16 under
+    # torch.autocast: QuantLinear follows autocast's dtype). Unlike models.io.load_model, which
+    # now keeps its parameters in `dtype` itself.
     model.load_state_dict({k: v.to(dtype) for k, v in floats.items()}, strict=False)
     for name, (codes, qp, input_scale, act_bits) in layers.items():
         if name in embeddings:  # dequantized once into the float parameter (exact in float32)

@@ -32,7 +32,7 @@ those that divides `in`.
 `int8_w8a8` takes what `int8` takes (act_bits 8, or None: then it quantizes activations to
 the same grid by name); it holds the weight as int8 [out, in], which is the codes (so the plain
 copy is freed). `fp8_w8a8` takes what `fp8` takes and computes the same numbers. `w4a8` and
-`w4a8_fp8` take <= 4-bit codes with K % 128 == 0 and a group size divisible by 32 (or
+`w4a8_fp8` take <= 4-bit codes with K % 128 == 0 and a group size of 32, 64 or a multiple of 128 (or
 per-channel), act_bits 8 or None, and share `triton_w4`'s tile layout (which holds the codes).
 The W8A8/W4A8 Triton backends also run on the CPU under TRITON_INTERPRET=1 (the tests).
 
@@ -554,8 +554,12 @@ def _w4a8_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: 
         return f"w4a8 takes codes of at most 4 bits, layer has {layer.bits}"
     if layer.in_features % 128:
         return f"w4a8 needs in_features divisible by 128, got {layer.in_features}"
-    if (layer.group_size or layer.in_features) % 32:
-        return "w4a8 needs a group size divisible by 32 (the 8-bit MMA's K)"
+    group = layer.group_size or layer.in_features
+    if group % 32 or (group > 64 and group % 128):
+        return (
+            "w4a8 needs a group size of 32 or 64 or a multiple of 128 "
+            f"(the 8-bit MMA's K and the 128-k tile), got {group}"
+        )
     return _act8_ok(layer)
 
 

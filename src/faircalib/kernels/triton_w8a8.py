@@ -20,8 +20,8 @@ output channel (W8A8) or per (K-group, output channel) (W4A8):
   e4m3) and joined into one [CHUNK, BLOCK_N] 8-bit operand, CHUNK = min(group, 128); the chunk's
   dot starts from zero and is added to the float32 accumulator times its group scale, so
   y = a_scale * sum_g s_g * sum_{k in g} a8_k * (code_k - zero_g) with exact integer (INT8) or
-  fp32 (FP8) partial sums. Needs K % 128 == 0 and a group size that is a multiple of 32 (the
-  8-bit MMA's K), or per-channel.
+  fp32 (FP8) partial sums. Needs K % 128 == 0 and a group size of 32 or 64 (the 8-bit MMA's
+  K divides it, and it divides the 128-k tile) or a multiple of 128, or per-channel.
 
 Autotuning: a short Hopper list (128x128 and 128x256 tiles, 8 warps, 3-4 stages, plus one
 64x128 tile for M <= 64) keyed by (M bucket, N, K); under TRITON_INTERPRET=1 a fixed tiny
@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from faircalib.kernels.triton_w4 import INTERPRETED, TILE_K, m_bucket
 
@@ -57,13 +58,14 @@ def _torch_dtype(kind: str) -> torch.dtype:
 # --- per-token activation quantization ---------------------------------------------------------
 @triton.jit
 def _round_half_even(v, USE_RINT: tl.constexpr):
-    if USE_RINT:
-        from triton.language.extra import libdevice
-
-        return libdevice.rint(v)
-    # interpreter: 1.5 * 2^23 pushes the fraction out of float32's mantissa with round to
-    # nearest even (exact for |v| < 2^22; here |v| <= 127)
-    return (v + 12582912.0) - 12582912.0
+    # (libdevice is imported at module level: the compiler rejects imports inside @triton.jit)
+    if USE_RINT:  # noqa: SIM108 - a constexpr branch, one compiled
+        r = libdevice.rint(v)
+    else:
+        # interpreter: 1.5 * 2^23 pushes the fraction out of float32's mantissa with round to
+        # nearest even (exact for |v| < 2^22; here |v| <= 127)
+        r = (v + 12582912.0) - 12582912.0
+    return r
 
 
 @triton.jit
@@ -425,8 +427,11 @@ def w4a8_matmul(
     m, k = a8.shape
     n = packed.shape[1]
     group_size = k // scale_t.shape[0]
-    if k % TILE_K or group_size % 32:
-        raise ValueError(f"w4a8 needs K % 128 == 0 and a group size divisible by 32, got {k}")
+    if k % TILE_K or group_size % 32 or (group_size > 64 and group_size % TILE_K):
+        raise ValueError(
+            "w4a8 needs K % 128 == 0 and a group size of 32, 64 or a multiple of 128, "
+            f"got K={k}, group size {group_size}"
+        )
     y = torch.empty(m, n, device=a8.device, dtype=out_dtype)
     if m == 0:
         return y

@@ -7,8 +7,12 @@
     left in float / RTN INT8 per row / RTN INT4 g128 - exactly the step `quantize` runs after
     the blocks with `CalibConfig.quantize_head` - and the WikiText-2 test likelihood bound of
     each (and of the float model) with the shipped evaluator (`faircalib.eval.likelihood_bound`),
-    the same sequences and the same noise draws for every row. The first `--limit` sequences
-    only (256 by default: 9 minutes in all, measured on a shared 2-core CPU; a 10-minute budget).
+    the same sequences and the same noise draws for every row. Two more rows put the output
+    layer through GPTQ instead (INT8 / INT4 g128, on its real inputs: the calibrated model's
+    final hidden states on the same calibration rows, `quantize_model(head_inputs=True)`),
+    the embedding staying RTN - what `quantize` does when the blocks are GPTQ-based. The first
+    `--limit` sequences only (256 by default: 5-6 minutes in all on a 2-core CPU, measured;
+    the Markdown states the run's own wall time; use 128 on a loaded machine).
 (b) Bytes: the whole packed checkpoint (every tensor: codes, scales, zero points, float
     tensors in bf16) of the LLaDA-8B and Dream-7B shapes (benchmarks/llada_8b.py's configs) with
     the blocks at GPTQ W4 g128 and the head float / INT8 / INT4, computed from the packed
@@ -32,8 +36,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/llada_8b.py's shapes
 from faircalib import atomic, hub  # noqa: E402
 from faircalib.bench import record_lines, run_record  # noqa: E402
-from faircalib.calib import quantize, quantize_for_bench  # noqa: E402
-from faircalib.calib.engine import head_config, quant_results, quantize_head  # noqa: E402
+from faircalib.calib import masked_inputs, quantize  # noqa: E402
+from faircalib.calib.engine import (  # noqa: E402
+    check_layers,
+    head_config,
+    quant_results,
+    quantize_head,
+    quantize_model,
+)
 from faircalib.config import CalibConfig, GPTQConfig  # noqa: E402
 from faircalib.formats.packed import (  # noqa: E402
     checkpoint_tensor_bytes,
@@ -44,6 +54,7 @@ from faircalib.models.io import build_model, probe_model  # noqa: E402
 from llada_8b import DREAM_7B, LLADA_8B, SMOKE_SIZES  # noqa: E402
 
 MODES = (None, "int8", "int4")
+GPTQ_MODES = ("int8", "int4")  # head rows whose output layer is quantized by GPTQ
 TARGET_RATIO = 0.30
 SHAPES = {"llada-8b": LLADA_8B, "dream-7b": DREAM_7B}
 SMOKE_FAMILY = {"llada-8b": "llada", "dream-7b": "dream"}
@@ -54,8 +65,9 @@ SMOKE_D128 = {
 }
 
 
-def label(mode: str | None) -> str:
-    return "gptq w4g128" + (f" + head {mode}" if mode else "")
+def label(mode: str | None, head_method: str = "rtn") -> str:
+    suffix = " (output layer gptq)" if head_method == "gptq" else ""
+    return "gptq w4g128" + (f" + head {mode}" if mode else "") + suffix
 
 
 def schemes(model, body, mode: str | None) -> dict:
@@ -158,24 +170,38 @@ def quality_rows(args: argparse.Namespace) -> tuple[list[dict], dict]:
 
     rows = [{"model": "float", **bound(model)}]
     tick = time.time()
-    qmodel, report = quantize_for_bench(
-        copy.deepcopy(model),
-        tokenizer,
-        method="gptq",
-        bits=4,
-        group_size=128,
-        nsamples=args.nsamples,
-        seq_len=None,
-        seed=0,
-        device="cpu",
-        progress=False,
-    )
+    qmodel, report, head_inputs = calibrate(copy.deepcopy(model), tokenizer, args.nsamples)
     calib_s = time.time() - tick
+    body = GPTQConfig(bits=4, group_size=128)
     for mode in MODES:
         m = qmodel if mode is None else copy.deepcopy(qmodel)
         head = quantize_head(m, mode) if mode else []
         rows.append({"model": label(mode), "head_layers": head, **bound(m)})
+    for mode in GPTQ_MODES:  # same calibrated blocks, same calibration rows for the head
+        m = copy.deepcopy(qmodel)
+        head = quantize_head(m, mode, inputs=head_inputs, gptq=body)
+        rows.append({"model": label(mode, "gptq"), "head_layers": head, **bound(m)})
     return rows, {"eval": records, "calib_s": calib_s, "calib": report["calib"]}
+
+
+def calibrate(model, tokenizer, nsamples: int):
+    """GPTQ W4 g128 blocks exactly as `quantize_for_bench(method="gptq", seed=0, device="cpu")`
+    (C4 train, masked views, the same engine run), plus the output layer's input statistics
+    over those calibration rows from the engine's final cache (`head_inputs=True`) - what
+    `quantize` collects for a GPTQ head - so every head row shares one set of blocks."""
+    from faircalib.data import calibration_batch
+
+    config = GPTQConfig(bits=4, group_size=128)
+    tokens = calibration_batch(tokenizer, "c4", "train", nsamples, model.seq_len, 0)
+    calib = CalibConfig(n_samples=nsamples, seq_len=model.seq_len, seed=0, device="cpu")
+    check_layers(model, config)
+    x_t, t = masked_inputs(model, tokens, calib)
+    text_ids = torch.arange(len(tokens)).repeat(calib.views)
+    report = quantize_model(
+        model, config, x_t, t, calib_cfg=calib, text_ids=text_ids, progress=False, head_inputs=True
+    )
+    head_inputs, report.head_inputs = report.head_inputs, None
+    return model, report.to_dict(), head_inputs
 
 
 def markdown(result: dict) -> str:
@@ -188,10 +214,16 @@ def markdown(result: dict) -> str:
         "",
         f"GPTQ W4 g128 calibrated once on {result['nsamples']} C4 train samples (seed 0); the "
         "head modes are RTN of the embedding and output layer applied to that same calibrated "
-        "model (the step `quantize` runs after the blocks). Evaluation: the shipped "
+        "model, and - rows marked *(output layer gptq)* - the embedding RTN and the output "
+        "layer GPTQ (same grid: symmetric, INT8 per row / INT4 g128; the blocks' damp 0.01, "
+        "act order, static groups) on its real inputs: the calibrated model's final hidden "
+        "states on the same calibration rows, taken from the engine's final cache (what "
+        "`quantize` does after GPTQ-based blocks). Evaluation: the shipped "
         f"likelihood bound on the **first {result['limit']} WikiText-2 test sequences only** "
-        "(2-core CPU, ~10 minute budget), 1 MC sample, seed 0: the same sequences and the "
-        "same noise draws for every row, so differences are the models'.",
+        f"(`--limit {result['limit']}`; this whole run took {result['wall_s'] / 60:.1f} minutes "
+        "on a 2-core CPU), 1 MC "
+        "sample, seed 0: the same sequences and the same noise draws for every row, so "
+        "differences are the models'.",
         "",
         "| model | ppl bound | 95% CI | bits/byte | vs GPTQ W4 |",
         "|---|---|---|---|---|",
@@ -203,6 +235,21 @@ def markdown(result: dict) -> str:
             f"| {r['model']} | {r['ppl']:.2f} | {lo:.2f}-{hi:.2f} | {r['bits_per_byte']:.4f} | "
             f"{100 * (r['ppl'] / base - 1):+.2f}% |"
         )
+    lines += [
+        "",
+        "Output layer, relative output error on a sample of its calibration inputs "
+        "(`weighted_output_error`; the head row's `rel_error` / `rtn_rel_error`):",
+        "",
+        "| model | output layer | output error | RTN output error | weight error |",
+        "|---|---|---|---|---|",
+    ]
+    for r in q:
+        for h in r.get("head_layers", []):
+            if h.get("method") == "gptq":
+                lines.append(
+                    f"| {r['model']} | {h['layer']} ({h['method']}) | {h['rel_error']:.4e} | "
+                    f"{h['rtn_rel_error']:.4e} | {h['weight_rel_error']:.4e} |"
+                )
     lines += [
         "",
         "## Whole-checkpoint bytes (packed, blocks GPTQ W4 g128 asymmetric, bf16 floats)",
@@ -245,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nsamples", type=int, default=128, help="C4 calibration samples")
     p.add_argument("--skip-quality", action="store_true", help="bytes only (seconds)")
     args = p.parse_args(argv)
+    start = time.time()
     given = argv if argv is not None else sys.argv[1:]
     record = run_record(["python", "benchmarks/quantize_head.py", *given])
     out = Path(args.out)
@@ -261,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("the byte formula disagrees with a written checkpoint")
     if not args.skip_quality:
         result["quality"], result["quality_setup"] = quality_rows(args)
+    result["wall_s"] = time.time() - start
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "quantize_head.json", json.dumps(result, indent=2) + "\n")
     if result["quality"]:

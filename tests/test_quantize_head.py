@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from faircalib import hub
-from faircalib.calib import quantize
+from faircalib.calib import masked_inputs, quantize
 from faircalib.calib.engine import FakeQuantLinear, head_config, quant_results, quantize_head
 from faircalib.cli import main
-from faircalib.config import CalibConfig, QuantConfig, RTNConfig
+from faircalib.config import AWQConfig, CalibConfig, GPTQConfig, QuantConfig, RTNConfig
 from faircalib.errors import ConfigError
 from faircalib.formats.packed import (
     checkpoint_tensor_bytes,
@@ -25,6 +25,7 @@ from faircalib.formats.packed import (
     save_packed_model,
 )
 from faircalib.models import MDLM, LLaDA, MDLMConfig
+from faircalib.quant import LayerInputs, quantize_gptq
 from llama_like_ckpt import llada_config, write_family
 
 
@@ -154,6 +155,69 @@ def test_off_by_default_leaves_everything_as_before():
     quantize_head(again, "int8")
     for key, value in again.state_dict().items():
         assert torch.equal(value, b[key]), key
+
+
+@pytest.mark.parametrize("mode,bits,group", [("int4", 4, 128), ("int8", 8, None)])
+def test_gptq_blocks_quantize_the_output_layer_with_gptq_on_its_real_inputs(mode, bits, group):
+    """GPTQ blocks + --quantize-head: the output layer's codes are quantize_gptq's on a Hessian
+    of the head inputs collected here with a hook (the final hidden states of the calibrated
+    model on the calibration rows), its output error on those inputs is at most RTN's, and the
+    embedding stays RTN. Blocks and embedding equal a run whose head is plain RTN (RTN blocks)."""
+    tokens = torch.randint(0, 95, (6, 16), generator=torch.Generator().manual_seed(1))
+    body = GPTQConfig(bits=4, group_size=32)
+    plain, headed = tiny_mdlm(), tiny_mdlm()
+    emb = plain.vocab_embed.embedding.detach().clone()
+    calib = CalibConfig(n_samples=6, seq_len=16)
+    quantize(plain, body, tokens, calib, progress=False)
+    headed_calib = CalibConfig(n_samples=6, seq_len=16, quantize_head=mode)
+    report = quantize(headed, body, tokens, headed_calib, progress=False).to_dict()
+    assert [(r["layer"], r["method"]) for r in report["head"]] == [
+        ("vocab_embed.embedding", "rtn"),
+        ("output_layer.linear.weight", "gptq"),
+    ]
+    assert "head_inputs" not in report
+    assert torch.equal(headed.vocab_embed.embedding, reference_rtn(emb, bits, group))
+    a, b = plain.state_dict(), headed.state_dict()
+    for key in a:  # the blocks are the same: the head step runs after them
+        if not key.startswith(("vocab_embed", "output_layer.linear")):
+            assert torch.equal(a[key], b[key]), key
+
+    # the head's inputs, collected independently: the calibrated blocks' final hidden states
+    x_t, t = masked_inputs(plain, tokens, calib)
+    rows = []
+    lin = plain.output_layer.linear
+    handle = lin.register_forward_pre_hook(lambda _m, args: rows.append(args[0].detach()))
+    with torch.no_grad():
+        plain.log_probs(x_t, t)
+    handle.remove()
+    x = torch.cat(rows).reshape(-1, lin.in_features).float()
+    hessian = ((x.T @ x).double() / len(x)).float()
+    ones = torch.ones(len(x))
+    stats = LayerInputs(hessian, x, ones, x.abs().amax(0), x.abs().mean(0), len(x))
+    cfg = GPTQConfig(bits=bits, group_size=group, symmetric=True)  # the blocks' GPTQ knobs
+    w = lin.weight.detach().float()
+    expected = quantize_gptq(w, stats, cfg)
+    got = headed.output_layer.linear.result
+    assert torch.equal(got.codes, expected.codes)
+    assert torch.equal(headed.output_layer.linear.weight, expected.weight)
+
+    def out_err(wq):
+        return float(((x @ (wq - w).T) ** 2).sum())
+
+    assert out_err(got.weight) <= out_err(reference_rtn(w, bits, group))
+    gptq_row = report["head"][1]
+    assert gptq_row["rel_error"] <= gptq_row["rtn_rel_error"]
+
+
+@pytest.mark.parametrize("body", [RTNConfig(bits=4, group_size=32), AWQConfig(4, 32)])
+def test_rtn_and_awq_blocks_keep_an_rtn_head(body):
+    tokens = torch.randint(0, 95, (4, 16), generator=torch.Generator().manual_seed(1))
+    model = tiny_mdlm()
+    out = model.output_layer.linear.weight.detach().clone()
+    calib = CalibConfig(n_samples=4, seq_len=16, quantize_head="int4")
+    report = quantize(model, body, tokens, calib, progress=False).to_dict()
+    assert {r["method"] for r in report["head"]} == {"rtn"}
+    assert torch.equal(model.output_layer.linear.weight, reference_rtn(out, 4, 128))
 
 
 def test_validation_errors_are_one_line():

@@ -17,6 +17,8 @@ from faircalib.calib.engine import (
     QuantReport,
     check_head,
     check_layers,
+    gptq_head_layer,
+    head_inputs_from_model,
     quantize_head,
     quantize_model,
 )
@@ -93,6 +95,14 @@ def quantize(
         x_t, t = masked_inputs(model, tokens, calib)
         weights, method_cfg = None, config
         text_ids = torch.arange(len(tokens)).repeat(calib.views)
+    # --quantize-head after GPTQ-based blocks: the output layer gets GPTQ on its real inputs
+    # (the engine's final cache through the head); the embedding, and RTN/AWQ runs, keep RTN
+    gptq_head = (
+        calib.quantize_head is not None
+        and isinstance(method_cfg, GPTQConfig)
+        and gptq_head_layer(model) is not None
+    )
+    e2e = teacher is not None  # the end-to-end stage will change the blocks after the engine
     report = quantize_model(
         model,
         method_cfg,
@@ -104,6 +114,7 @@ def quantize(
         text_ids=text_ids,
         progress=progress,
         partial=partial,
+        head_inputs=gptq_head and not e2e,
     )
     if teacher is not None:
         tick = time.time()
@@ -127,11 +138,19 @@ def quantize(
         del teacher
     elif recon is not None and recon.e2e_steps > 0:
         report.recon.append({"block": "e2e", "skipped": "offload"})
-    if calib.quantize_head is not None:  # after every block step: RTN of the vocab layers
+    if calib.quantize_head is not None:  # after every block step: the vocab layers
         tick = time.time()
+        head_in = report.head_inputs
+        if gptq_head and e2e:  # the e2e stage changed the blocks: rerun them for the head
+            head_in = head_inputs_from_model(model, x_t, t, weights, calib)
         report.head = quantize_head(
-            model, calib.quantize_head, getattr(config, "scale_dtype", None)
+            model,
+            calib.quantize_head,
+            getattr(config, "scale_dtype", None),
+            inputs=head_in,
+            gptq=method_cfg if gptq_head else None,
         )
+        report.head_inputs = head_in = None  # statistics on the device: not kept
         report.timings["head_s"] = time.time() - tick
     report.method = config.to_dict()
     report.timings.update({k: v for k, v in extra.items() if k.endswith("_s")})

@@ -28,9 +28,16 @@ from tqdm import tqdm
 
 from faircalib.calib.dataparallel import collect_stats, local_batches, map_linears, row_ids
 from faircalib.calib.recon import SequenceRows, reconstruct_block
-from faircalib.config import CalibConfig, QuantConfig, ReconConfig
+from faircalib.config import CalibConfig, GPTQConfig, QuantConfig, ReconConfig
 from faircalib.models.base import BlockContext, DiffusionLM
-from faircalib.quant import LayerInputsAccumulator, QuantResult, quantize_linear, quantize_rtn
+from faircalib.quant import (
+    LayerInputs,
+    LayerInputsAccumulator,
+    QuantResult,
+    quantize_gptq,
+    quantize_linear,
+    quantize_rtn,
+)
 from faircalib.quant.primitives import config_scale_dtype, quantize_activations_per_token
 from faircalib.quant.stats import weighted_output_error
 
@@ -106,6 +113,9 @@ class QuantReport:
     recon: list[dict] = field(default_factory=list)  # one optimisation log per block (stage 2)
     resources: dict[str, int] = field(default_factory=dict)  # peak device / host bytes
     head: list[dict] = field(default_factory=list)  # --quantize-head: one row per vocab layer
+    # --quantize-head with a GPTQ-based block method: the output layer's input statistics over
+    # the calibration rows (`quantize_model(head_inputs=True)`); never serialised
+    head_inputs: LayerInputs | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         out = {
@@ -154,6 +164,7 @@ def quantize_model(
     text_ids: torch.Tensor | None = None,
     progress: bool = True,
     partial: PartialRun | None = None,
+    head_inputs: bool = False,
 ) -> QuantReport:
     """Quantize every linear of `model.quantizable_linears` in place.
 
@@ -165,6 +176,8 @@ def quantize_model(
     whole model is on the CPU on return; the quantized weights are the same as without it.
     partial: progress kept on disk (`faircalib.calib.progress`): blocks it holds are restored
     instead of calibrated, and every finished block is saved to it.
+    head_inputs: after the last block, run the head on the final cache (batch by batch) and keep
+    the output layer's input statistics in `report.head_inputs`, for a GPTQ `quantize_head`.
     """
     check_layers(model, method_cfg)
     device = torch.device(calib_cfg.device)
@@ -268,6 +281,14 @@ def quantize_model(
             report.timings["progress_s"] = (
                 report.timings.get("progress_s", 0.0) + time.time() - tick
             )
+    if head_inputs:  # the final cache holds the head's hidden states: stem and head on `device`
+        tick = time.time()
+        x_batches = [x_t[sl] for sl in batches]
+        contexts_x = [(ctx, x) for ctx, x in zip(contexts, x_batches, strict=True)]
+        report.head_inputs = collect_head_inputs(
+            model, cache, contexts_x, weights, batches, device, calib_cfg, _HeadOnly(model)
+        )
+        report.timings["head_stats_s"] = time.time() - tick
     if calib_cfg.offload:
         contexts.clear()  # device tensors from the stem
         for module in outside_blocks:
@@ -396,20 +417,155 @@ def check_head(model: DiffusionLM, mode: str) -> None:
             )
 
 
+def head_gptq_config(mode: str, base: GPTQConfig, scale_dtype: str | None = None) -> GPTQConfig:
+    """The output layer's GPTQ quantizer under `--quantize-head MODE` when the blocks ran GPTQ
+    `base`: the head scheme's grid (bits, group, symmetric) with the blocks' GPTQ knobs."""
+    grid = head_config(mode, scale_dtype)
+    return GPTQConfig(
+        bits=grid.bits,
+        group_size=grid.group_size,
+        symmetric=grid.symmetric,
+        scale_dtype=grid.scale_dtype,
+        damp=base.damp,
+        act_order=base.act_order,
+        block_size=base.block_size,
+    )
+
+
+def gptq_head_layer(model: DiffusionLM) -> tuple[str, nn.Linear] | None:
+    """(module path, Linear) of the declared output layer a GPTQ head step quantizes with its
+    inputs; None when there is none (a tied matrix is also the embedding: RTN)."""
+    for layer in model.vocab_layers().layers:
+        module = model.get_submodule(layer.module)
+        if layer.role == "output" and isinstance(module, nn.Linear) and layer.param == "weight":
+            return layer.module, module
+    return None
+
+
+class _HeadReached(Exception):
+    """Raised by the pre-hook that ends a head run once the output layer's input is seen."""
+
+
+def _stop_at_output(model: DiffusionLM, run) -> None:
+    """run() with a forward pre-hook on the output layer that stops it right there: its inputs
+    reach the statistics hooks registered before (`collect_stats`), the [B, L, V] logits are
+    never formed."""
+
+    def stop(_m, _args):
+        raise _HeadReached
+
+    _, out = gptq_head_layer(model)
+    handle = out.register_forward_pre_hook(stop)
+    try:
+        run()
+    except _HeadReached:
+        pass
+    finally:
+        handle.remove()
+
+
+class _HeadOnly:
+    """collect_stats' "block" for the engine's final cache: hidden [B, L, D] and (context, x_t
+    batch) -> the model's head, stopped at the output layer."""
+
+    def __init__(self, model: DiffusionLM) -> None:
+        self.model = model
+
+    def __call__(self, h: torch.Tensor, pair) -> None:
+        ctx, x = pair
+        _stop_at_output(self.model, lambda: self.model.head(h, ctx, x.to(h.device)))
+
+
+class _WholeModel:
+    """collect_stats' "block" from token ids: x_t batch and t batch -> stem, every block, head
+    (stopped at the output layer)."""
+
+    def __init__(self, model: DiffusionLM) -> None:
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        def run():
+            h, ctx = self.model.stem(x, t.to(x.device))
+            for block in self.model.blocks:
+                h = block(h, ctx)
+            self.model.head(h, ctx, x)
+
+        _stop_at_output(self.model, run)
+
+
+def collect_head_inputs(
+    model: DiffusionLM, cache, contexts, weights, batches, device, calib_cfg: CalibConfig, runner
+) -> LayerInputs:
+    """The output layer's row-weighted input statistics over this rank's `batches` (all ranks'
+    under torchrun, as for a block's linears): runner(cache[j], contexts[j]) runs the head on
+    one batch at a time, a pre-hook feeds a LayerInputsAccumulator (Hessian [D, D] on `device`).
+    """
+    name, out = gptq_head_layer(model)
+    acc = LayerInputsAccumulator(
+        out.in_features, calib_cfg.max_rows_per_layer, calib_cfg.seed + len(model.blocks), device
+    )
+    n_batches = len(_batches(len(weights)))
+    linears = [(name, out)]
+    collect_stats(
+        runner, linears, {name: acc}, cache, contexts, weights, batches, device, n_batches
+    )
+    return acc.finish()
+
+
 @torch.no_grad()
-def quantize_head(model: DiffusionLM, mode: str, scale_dtype: str | None = None) -> list[dict]:
-    """Weight-only RTN of the family's declared vocabulary layers, in place: the output Linear
-    becomes a FakeQuantLinear (packed as an ordinary target); an embedding keeps its parameter,
-    now holding the dequantized weight, and its codes in `VOCAB_RESULT`. Each [V, D] matrix
-    is quantized per token row, groups along D. One row per layer for the report."""
+def head_inputs_from_model(
+    model: DiffusionLM,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    row_weights: torch.Tensor | None,
+    calib_cfg: CalibConfig,
+) -> LayerInputs:
+    """The output layer's input statistics from a full forward of the (quantized) model on the
+    calibration rows, batch by batch - for when the blocks changed after the engine's final
+    cache was formed (FAIR-Calib's end-to-end stage, which runs with the model on the device)."""
+    device = torch.device(calib_cfg.device)
+    batches = local_batches(_batches(len(x_t)))
+    weights = torch.ones(x_t.shape) if row_weights is None else row_weights.float()
+    xs = [x_t[sl].to(device) for sl in batches]
+    ts = [t[sl] for sl in batches]
+    return collect_head_inputs(
+        model, xs, ts, weights, batches, device, calib_cfg, _WholeModel(model)
+    )
+
+
+@torch.no_grad()
+def quantize_head(
+    model: DiffusionLM,
+    mode: str,
+    scale_dtype: str | None = None,
+    inputs: LayerInputs | None = None,
+    gptq: GPTQConfig | None = None,
+) -> list[dict]:
+    """Weight-only quantization of the family's declared vocabulary layers, in place: the output
+    Linear becomes a FakeQuantLinear (packed as an ordinary target); an embedding keeps its
+    parameter, now holding the dequantized weight, and its codes in `VOCAB_RESULT`. Each [V, D]
+    matrix is quantized per token row, groups along D. RTN, except the output layer when
+    `inputs` (its input statistics, `collect_head_inputs`) and `gptq` (the blocks' GPTQ config)
+    are given: then GPTQ on those inputs, on their device (`head_gptq_config`). The embedding
+    (and a tied matrix) has no inputs: always RTN. One row per layer for the report, naming the
+    method."""
     check_head(model, mode)
     cfg = head_config(mode, scale_dtype)
+    use_gptq = inputs is not None and gptq is not None
+    target = gptq_head_layer(model) if use_gptq else None
     rows = []
     for layer in model.vocab_layers().layers:
         module = model.get_submodule(layer.module)
         param = module.get_parameter(layer.param)
         tick = time.time()
-        result = quantize_rtn(param.detach().float().cpu(), cfg, name=layer.key)
+        extra: dict = {}
+        if target is not None and module is target[1]:
+            gcfg = head_gptq_config(mode, gptq, scale_dtype)
+            result, extra = _gptq_head(param, inputs, gcfg, layer.key)
+            method = "gptq"
+        else:
+            result = quantize_rtn(param.detach().float().cpu(), cfg, name=layer.key)
+            method = "rtn"
         rel_error = result.info["weight_rel_error"]
         result = dataclasses.replace(result, info=None)  # reported in the head rows, not per layer
         if isinstance(module, nn.Linear):
@@ -424,11 +580,34 @@ def quantize_head(model: DiffusionLM, mode: str, scale_dtype: str | None = None)
                 "layer": layer.key,
                 "role": layer.role,
                 "mode": mode,
+                "method": method,
                 "bits": cfg.bits,
                 "group_size": cfg.group_size,
                 "shape": list(param.shape),
                 "weight_rel_error": rel_error,
+                **extra,
                 "seconds": time.time() - tick,
             }
         )
     return rows
+
+
+def _gptq_head(
+    param: torch.Tensor, inputs: LayerInputs, cfg: GPTQConfig, name: str
+) -> tuple[QuantResult, dict]:
+    """GPTQ of the output layer's [V, D] weight on the device of its statistics (a float32 copy
+    of this one matrix there), its weight error in `info`, and the output errors of it and of
+    RTN on the sampled input rows for the head row."""
+    device = inputs.hessian.device
+    w = param.detach().to(device).float()
+    result = quantize_gptq(w, inputs, cfg, name=name)
+    rel = float((result.weight - w).norm() / w.norm().clamp(min=1e-30))
+    err = weighted_output_error(result.weight, w, inputs)
+    rtn = quantize_rtn(w, QuantConfig(cfg.bits, cfg.group_size, cfg.symmetric, cfg.scale_dtype))
+    extra = {
+        "rel_error": err,
+        "rtn_rel_error": weighted_output_error(rtn.weight, w, inputs),
+        **{k: v for k, v in (result.info or {}).items() if k in ("gptq_loss", "damp")},
+    }
+    del rtn, w
+    return dataclasses.replace(result, info={"weight_rel_error": rel}), extra

@@ -877,7 +877,8 @@ def summary_text(s: dict[str, Any]) -> str:
         group = "per-row" if row["group_size"] is None else f"g{row['group_size']}"
         lines.append(
             f"  head: {row['layer']} ({row['role']}, {row['shape'][0]}x{row['shape'][1]}) "
-            f"INT{row['bits']} {group}, weight error {row['weight_rel_error']:.2e}"
+            f"INT{row['bits']} {group} {row.get('method', 'rtn').upper()}, "
+            f"weight error {row['weight_rel_error']:.2e}"
         )
     if "head_readers" in s:
         lines.append(f"  head {s['head_readers']}")

@@ -772,16 +772,17 @@ def diagnostics(result: Result) -> dict[str, Any]:
     return out
 
 
-def summarize(result: Result, out: Path) -> dict[str, Any]:
-    """The fields of the closing summary (the --json object: the old keys plus these)."""
+def _summary_core(result: Result, out: Path, **extra: Any) -> dict[str, Any]:
+    """The fields every closing summary has (`extra` goes after `method`), its error stats
+    without the RTN comparison, and the recipe / next-command lines."""
     layers = result.report["layers"]
     rel = [r["rel_error"] for r in layers]
-    rtn = [r["rtn_rel_error"] for r in layers]
     worst = max(layers, key=lambda r: r["rel_error"]) if layers else None
     out_bytes = weight_bytes(out) if Path(out).is_dir() else None
     return {
         "out": str(out),
         "method": result.report["method"],
+        **extra,
         "calib_data": result.calib_data.record(),
         "format": result.format,
         "timings": result.timings,
@@ -797,14 +798,22 @@ def summarize(result: Result, out: Path) -> dict[str, Any]:
             "mean": sum(rel) / len(rel) if rel else None,
             "worst": worst["rel_error"] if worst else None,
             "worst_layer": worst["layer"] if worst else None,
-            "rtn_mean": sum(rtn) / len(rtn) if rtn else None,
-            "vs_rtn": (sum(rel) / sum(rtn)) if rtn and sum(rtn) > 0 else None,
         },
-        "diagnostics": diagnostics(result),
-        "recipe": str(Path(out) / RECIPE),
-        "next": f"faircalib eval {out} --data wikitext2",
-        **head_summary(result),
     }
+
+
+def _closing(out: Path) -> dict[str, str]:
+    return {"recipe": str(Path(out) / RECIPE), "next": f"faircalib eval {out} --data wikitext2"}
+
+
+def summarize(result: Result, out: Path) -> dict[str, Any]:
+    """The fields of the closing summary (the --json object: the old keys plus these)."""
+    summary = _summary_core(result, out)
+    rel = [r["rel_error"] for r in summary["layers"]]
+    rtn = [r["rtn_rel_error"] for r in summary["layers"]]
+    summary["error"]["rtn_mean"] = sum(rtn) / len(rtn) if rtn else None
+    summary["error"]["vs_rtn"] = (sum(rel) / sum(rtn)) if rtn and sum(rtn) > 0 else None
+    return {**summary, "diagnostics": diagnostics(result), **_closing(out), **head_summary(result)}
 
 
 # what stock readers do with quantized vocabulary layers (measured: docs/models.md)
@@ -1081,37 +1090,11 @@ def make_act_recipe(args: argparse.Namespace, cfg, fair, calib, dtype: str) -> d
 
 def act_summarize(result: Result, out: Path) -> dict[str, Any]:
     """The closing summary of a --scheme run (the --json object)."""
-    layers = result.report["layers"]
-    rel = [r["rel_error"] for r in layers]
-    worst = max(layers, key=lambda r: r["rel_error"]) if layers else None
-    clips = [r["act_clip"] for r in layers]
-    out_bytes = weight_bytes(out) if Path(out).is_dir() else None
-    method = result.report["method"]
-    return {
-        "out": str(out),
-        "method": method,
-        "scheme": method["scheme"],
-        "calib_data": result.calib_data.record(),
-        "format": result.format,
-        "timings": result.timings,
-        "layers": layers,
-        "quantized_layers": len(layers),
-        "float_layers": result.skipped,
-        "bytes": {
-            "source": result.source_bytes,
-            "output": out_bytes,
-            "ratio": out_bytes / result.source_bytes if out_bytes and result.source_bytes else None,
-        },
-        "error": {
-            "mean": sum(rel) / len(rel) if rel else None,
-            "worst": worst["rel_error"] if worst else None,
-            "worst_layer": worst["layer"] if worst else None,
-        },
-        "act_clip": {"mean": sum(clips) / len(clips), "min": min(clips)} if clips else None,
-        "fair": result.report.get("fair") or None,
-        "recipe": str(Path(out) / RECIPE),
-        "next": f"faircalib eval {out} --data wikitext2",
-    }
+    summary = _summary_core(result, out, scheme=result.report["method"]["scheme"])
+    clips = [r["act_clip"] for r in summary["layers"]]
+    summary["act_clip"] = {"mean": sum(clips) / len(clips), "min": min(clips)} if clips else None
+    summary["fair"] = result.report.get("fair") or None
+    return {**summary, **_closing(out)}
 
 
 def act_summary_text(s: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +267,17 @@ def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:
     return asdict(obj)
+
+
+# keys the toolkit adds to a config.json beside a family's own fields
+TOOLKIT_CONFIG_KEYS = frozenset({"family", "torch_dtype", "quantization_config", "faircalib"})
+
+
+def config_from_dict(cls: type, d: dict[str, Any], label: str) -> Any:
+    """The config dataclass `cls` from a config.json dict; a field it does not know (beyond
+    the toolkit's own keys) is one CheckpointError naming the family `label`."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known - TOOLKIT_CONFIG_KEYS
+    if unknown:
+        raise CheckpointError(f"unknown {label} config fields: {sorted(unknown)}; fix config.json")
+    return cls(**{k: v for k, v in d.items() if k in known})

@@ -33,14 +33,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from faircalib.errors import CheckpointError
-from faircalib.models.base import BlockContext, DiffusionLM, VocabLayer, VocabLayers
+from faircalib.models.base import (
+    BlockContext,
+    DiffusionLM,
+    VocabLayer,
+    VocabLayers,
+    config_from_dict,
+)
 from faircalib.models.gaussian import (
     Block,
     GaussianSchedule,
@@ -83,13 +89,7 @@ class DiffusionLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiffusionLMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"family", "torch_dtype", "quantization_config", "faircalib"}
-        if unknown:
-            raise CheckpointError(
-                f"unknown Diffusion-LM config fields: {sorted(unknown)}; fix config.json"
-            )
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return config_from_dict(cls, d, "Diffusion-LM")
 
 
 class DiffusionLMModel(DiffusionLM):

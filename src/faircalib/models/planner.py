@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -39,7 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from faircalib.errors import CheckpointError
-from faircalib.models.base import BlockContext, DiffusionLM, VocabLayer, VocabLayers
+from faircalib.models.base import (
+    BlockContext,
+    DiffusionLM,
+    VocabLayer,
+    VocabLayers,
+    config_from_dict,
+)
 from faircalib.models.diffusion_lm import _check_length, _evaluating, _stacked
 from faircalib.models.gaussian import (
     Block,
@@ -95,13 +101,7 @@ class PlannerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PlannerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known - {"family", "torch_dtype", "quantization_config", "faircalib"}
-        if unknown:
-            raise CheckpointError(
-                f"unknown PLANNER config fields: {sorted(unknown)}; fix config.json"
-            )
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return config_from_dict(cls, d, "PLANNER")
 
 
 class Planner(DiffusionLM):

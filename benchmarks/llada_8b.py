@@ -18,8 +18,10 @@ Weights are random (no checkpoint can be fetched here): quality is not measured,
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -152,15 +154,26 @@ def stand_in_tokenizer(vocab: int, eos_id: int, mask_id: int, mask_token: str) -
     return tok
 
 
-@torch.no_grad()
 def write_random_checkpoint(directory: Path, config: dict, mask_token: str, device: str) -> Path:
     """config.json, bf16 safetensors shards + index and tokenizer.json; names and shapes are
     those of the family's loader (tested against upstream's names in tests/llama_like_ckpt.py).
-    Matrices ~ N(0, 0.02^2) (the published init_std), norms 1. Written once, then reused."""
-    if (directory / "config.json").is_file():
-        return directory
+    Matrices ~ N(0, 0.02^2) (the published init_std), norms 1. Written once, then reused; jobs
+    started side by side (one per GPU) wait for the one that writes it."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(directory.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (directory / "config.json").is_file():
+            _write_checkpoint(directory, config, mask_token, device)
+    return directory
+
+
+@torch.no_grad()
+def _write_checkpoint(directory: Path, config: dict, mask_token: str, device: str) -> None:
+    if directory.exists():  # a writer killed after its rename: config.json is written last
+        shutil.rmtree(directory)
     tmp = directory.with_name(directory.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
+    tmp.mkdir(parents=True)
     shapes = {k: tuple(v.shape) for k, v in probe_model(config).state_dict().items()}
     gen = torch.Generator(device=device).manual_seed(0)
     weight_map, shard, size, index = {}, {}, 0, 0
@@ -199,7 +212,6 @@ def write_random_checkpoint(directory: Path, config: dict, mask_token: str, devi
     tok.save(str(tmp / "tokenizer.json"))
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tmp.rename(directory)
-    return directory
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -4,6 +4,8 @@
 # and copies its results (every job writes into $RES/<job>) into $OUT as <job>.tgz.
 #   bash benchmarks/run_gpu.sh start kernels e2e      # start jobs, one after another
 #   bash benchmarks/run_gpu.sh wait kernels           # then collect
+#   GPU=1 bash benchmarks/run_gpu.sh start llada-fair # a second queue on the second GPU of a
+#                                                     # machine of several, beside the first
 # Jobs: kernels, e2e, throughput, bench, bench-act (activation schemes: W4A4 x 6 methods,
 # recorded in benchmarks/results/bench-mdlm-small-act), weighting (instability vs prior vs uniform, 3 seeds),
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
@@ -52,6 +54,7 @@ start)
   fi
   script=$RES/jobs-$$.sh
   echo "cd $PWD" > "$script"
+  if [ -n "${GPU:-}" ]; then echo "export CUDA_VISIBLE_DEVICES=$GPU" >> "$script"; fi
   for job in "$@"; do
     rm -f "$RES/$job.done"
     echo "$(job_command "$job") > $RES/$job.log 2>&1; echo \$? > $RES/$job.done" >> "$script"
@@ -69,6 +72,7 @@ wait)
     tar -C "$RES" -czf "$OUT/$job.tgz" "$job"
   else
     echo "$job still running"
+    tr '\r' '\n' < "$RES/$job.log" | grep -v "it/s\]$" > "$OUT/$job-running.log" || true
   fi
   ;;
 esac

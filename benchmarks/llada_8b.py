@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU, few samples")
     p.add_argument("--quantize-head", choices=["int8", "int4"],
                    help="also quantize the embedding and output layer (row: METHOD+head-MODE)")  # fmt: skip
+    p.add_argument("--label", help="the row's method name (default: METHOD[+head-MODE]); "
+                   "name rows that pass extra quantize flags")  # fmt: skip
     p.add_argument("extra", nargs="*", help="more quantize flags, after --")
     args = p.parse_args(argv)
     record = run_record(argv if argv is not None else sys.argv[1:])
@@ -306,7 +308,9 @@ def main(argv: list[str] | None = None) -> dict:
     tick = time.time()
     ckpt = write_random_checkpoint(work / "bf16", config, mask_token, args.device)
     write_s = time.time() - tick
-    method = args.method + (f"+head-{args.quantize_head}" if args.quantize_head else "")
+    method = args.label or args.method + (
+        f"+head-{args.quantize_head}" if args.quantize_head else ""
+    )
     run = quantize(ckpt, work / f"w4-{method}", args)
     res = run["report"].get("resources", {})
     steps = {

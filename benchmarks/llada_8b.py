@@ -296,8 +296,12 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also quantize the embedding and output layer (row: METHOD+head-MODE)")  # fmt: skip
     p.add_argument("--label", help="the row's method name (default: METHOD[+head-MODE]); "
                    "name rows that pass extra quantize flags")  # fmt: skip
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="only merge the rows of these llada_8b.json files into OUT")  # fmt: skip
     p.add_argument("extra", nargs="*", help="more quantize flags, after --")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(Path(args.out), args.merge)
     record = run_record(argv if argv is not None else sys.argv[1:])
     config, mask_token = SHAPES[args.family]
     if args.smoke:
@@ -335,23 +339,38 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpoint_write_s": write_s,
         "record": record,
     }
-    out = Path(args.out)
+    return write_rows(Path(args.out), [row])
+
+
+def row_key(row: dict) -> tuple:
+    return row["family"], row["method"], row["smoke"]
+
+
+def write_rows(out: Path, new_rows: list[dict]) -> dict:
+    """Add `new_rows` to OUT/llada_8b.json (a row of the same family, method and smoke flag is
+    replaced) and rewrite OUT/llada_8b.md."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "llada_8b.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
-    rows = [
-        r
-        for r in rows
-        if (r["family"], r["method"], r["smoke"]) != (args.family, method, args.smoke)
-    ]
+    fresh = {row_key(r) for r in new_rows}
     result = {
         "targets": {"minutes": TARGET_MINUTES, "device_gib": TARGET_GIB},
-        "rows": [*rows, row],
+        "rows": [*(r for r in rows if row_key(r) not in fresh), *new_rows],
     }
     atomic.write_text(path, json.dumps(result, indent=2) + "\n")
     atomic.write_text(out / "llada_8b.md", markdown(result))
     print(markdown(result))
     return result
+
+
+def merge(out: Path, files: list[str]) -> dict:
+    """Rows of jobs that ran side by side (one JSON each, e.g. one per GPU) into OUT's table;
+    later files win."""
+    rows: dict[tuple, dict] = {}
+    for f in files:
+        for r in json.loads(Path(f).read_text())["rows"]:
+            rows[row_key(r)] = r
+    return write_rows(out, list(rows.values()))
 
 
 def markdown(result: dict) -> str:

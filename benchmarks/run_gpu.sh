@@ -9,7 +9,8 @@
 # Jobs: kernels, e2e, throughput, bench, bench-act (activation schemes: W4A4 x 6 methods,
 # recorded in benchmarks/results/bench-mdlm-small-act), weighting (instability vs prior vs uniform, 3 seeds),
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
-# cudatests (tests/test_cuda.py on the GPU), llada-gptq / llada-fair / dream-gptq / dream-fair (8B-shaped,
+# cudatests (tests/test_cuda.py on the GPU), llada-gptq / llada-fair / dream-gptq / dream-fair and
+# llada-fair-fast / dream-fair-fast (8B-shaped,
 # benchmarks/llada_8b.py; one per lease is fine, rows accumulate in benchmarks/results/llada-8b-shape). Optional wheels (gemlite)
 # carried in .whl/ are installed into /tmp/site first.
 set -euo pipefail
@@ -23,6 +24,7 @@ job_command() {
   e2e) echo "python3 benchmarks/e2e.py --out $RES/e2e" ;;
   throughput) echo "python3 benchmarks/throughput.py --device cuda --out $RES/throughput" ;;
   offload) echo "python3 benchmarks/offload.py --out $RES/offload" ;;
+  profile-step) echo "python3 benchmarks/profile_step.py --work /root/work --out $RES/profile-step" ;;  # issue 16
   offload3) echo "python3 benchmarks/offload.py --blocks 3 --out $RES/offload3" ;;
   distributed) echo "python3 benchmarks/distributed.py --out $RES/distributed" ;;  # 2-4 GPUs
   cudatests) echo "mkdir -p $RES/cudatests; python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
@@ -42,6 +44,10 @@ job_command() {
   llada-gptq|llada-fair|dream-gptq|dream-fair)  # 8B-shaped rows, added to the recorded table
     echo "mkdir -p $RES/$1; cp benchmarks/results/llada-8b-shape/llada_8b.json $RES/$1/ 2>/dev/null; \
     python3 benchmarks/llada_8b.py --family ${1%-*} --method ${1#*-} --work /root/work --out $RES/$1" ;;
+  llada-fair-fast|dream-fair-fast)  # FAIR-Calib's weighted GPTQ without block reconstruction
+    echo "mkdir -p $RES/$1; cp benchmarks/results/llada-8b-shape/llada_8b.json $RES/$1/ 2>/dev/null; \
+    python3 benchmarks/llada_8b.py --family ${1%%-*} --method fair --label fair-preset-fast \
+    --work /root/work --out $RES/$1 -- --fair-preset fast" ;;
   *) echo "unknown job $1" >&2; exit 2 ;;
   esac
 }

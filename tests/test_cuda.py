@@ -75,3 +75,133 @@ def test_cuda_graph_generation_equals_eager_generation():
     again = generate(graphed_model, prompts, sampler, seed=7, trace=False).tokens
     assert torch.equal(eager, graphed) and torch.equal(graphed, again)
     assert graphed_model.graphs == 1  # every step has the same shape: one capture, replayed
+
+
+def _calibrate_on_cuda(model, budget_gib, recon):
+    """quantize_model on the GPU (offloaded blocks) with the cache plan's own choice under
+    `budget_gib` (None: the GPU's free memory); returns (quantized copy, report)."""
+    import copy
+
+    from faircalib.calib.engine import quantize_model
+    from faircalib.config import CalibConfig, GPTQConfig
+
+    gen = torch.Generator().manual_seed(3)
+    x_t = torch.randint(2, model.vocab_size, (20, 32), generator=gen)
+    t, weights = torch.rand(20, generator=gen), torch.rand(20, 32, generator=gen)
+    calib = CalibConfig(device="cuda", offload=True, max_device_gib=budget_gib)
+    q = copy.deepcopy(model)
+    report = quantize_model(
+        q, GPTQConfig(group_size=32), x_t, t, weights, calib_cfg=calib, recon=recon,
+        text_ids=torch.arange(20) // 2, progress=False,
+    )  # fmt: skip
+    return q, report
+
+
+def _same_codes(a, b) -> bool:
+    from faircalib.calib.engine import quant_results
+
+    ra, rb = quant_results(a), quant_results(b)
+    return ra.keys() == rb.keys() and all(
+        torch.equal(ra[k].codes, rb[k].codes)
+        and torch.equal(ra[k].qparams.scale, rb[k].qparams.scale)
+        and torch.equal(ra[k].weight, rb[k].weight)
+        for k in ra
+    )
+
+
+@needs_cuda
+@pytest.mark.parametrize("bf16", [False, True])
+def test_calibration_cache_on_the_gpu_or_pinned_host_gives_the_same_codes(tmp_path, bf16):
+    """Issue 13: the cache plan puts a tiny model's caches on the GPU when they fit (no budget:
+    the free memory), in pinned host memory under a 1 GiB budget (the 2 GiB margin alone
+    exceeds it); both runs give the same codes, scales and weights, with and without block
+    reconstruction."""
+    from faircalib import hub
+    from faircalib.config import ReconConfig
+
+    if bf16:
+        from llama_like_ckpt import write_family  # a bf16 family: LLaDA's layout, tiny
+
+        model = hub.load(write_family(tmp_path / "llada", "llada"), dtype=torch.bfloat16)
+    else:
+        model = hub.load("mdlm-tiny")
+    for recon in (None, ReconConfig(steps=8, batch=3, eval_every=4)):
+        device_q, device_report = _calibrate_on_cuda(model, None, recon)
+        host_q, host_report = _calibrate_on_cuda(model, 1.0, recon)
+        on_device, on_host = device_report.calib["cache"], host_report.calib["cache"]
+        assert on_device["placement"] == "device" and not on_device["forced"]
+        assert on_host["placement"] == "host" and on_host["pinned"] and not on_host["forced"]
+        if recon is not None:  # the backward pass may use non-deterministic kernels
+            again_q, _ = _calibrate_on_cuda(model, None, recon)
+            if not _same_codes(device_q, again_q):
+                pytest.skip("block reconstruction is not deterministic on this GPU")
+        assert _same_codes(device_q, host_q)
+        assert device_report.recon == host_report.recon  # the same validation curves
+        assert next(device_q.parameters()).device.type == "cpu"  # offload: the model ends there
+
+
+# --- GPTQ's fused column sweep and tensor-core Gram matrices (quant/gptq*.py, quant/stats.py)
+def _gptq_layer(n_in: int, seed: int):
+    from faircalib.quant.stats import LayerInputs
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * n_in, n_in, generator=g) @ (torch.randn(n_in, n_in, generator=g) / 16)
+    x[:, 3] *= 10.0
+    x[:, 11] = 0.0
+    return LayerInputs.from_rows(x.cuda()), g
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "group_size,act_order,symmetric", [(32, False, False), (128, True, False), (None, True, True)]
+)
+def test_gptq_fused_sweep_gives_the_torch_loops_codes_on_cuda(group_size, act_order, symmetric):
+    """Same float32 operations in the same order, IEEE division, no FMA contraction: the
+    kernel's codes and dequantized weights equal the torch loop's on the GPU."""
+    from faircalib.config import GPTQConfig
+    from faircalib.quant.gptq import quantize_gptq, triton_sweep_available
+
+    inputs, g = _gptq_layer(512, seed=group_size or 1)
+    w = (torch.randn(300, 512, generator=g) * 0.05).cuda()
+    cfg = GPTQConfig(
+        bits=4, group_size=group_size, act_order=act_order, symmetric=symmetric,
+        scale_dtype="bfloat16",
+    )  # fmt: skip
+    assert triton_sweep_available(w.device, cfg.block_size)
+    fused = quantize_gptq(w, inputs, cfg, sweep="auto")
+    ref = quantize_gptq(w, inputs, cfg, sweep="torch")
+    assert torch.equal(fused.codes, ref.codes)
+    assert torch.equal(fused.weight, ref.weight)
+
+
+@needs_cuda
+def test_stacked_gptq_equals_separate_calls_on_cuda():
+    from faircalib.config import GPTQConfig
+    from faircalib.quant.gptq import quantize_gptq, quantize_gptq_many
+
+    inputs, g = _gptq_layer(384, seed=5)
+    weights = [(torch.randn(n, 384, generator=g) * 0.05).cuda() for n in (256, 64, 200)]
+    cfg = GPTQConfig(bits=4, group_size=128, act_order=True)
+    for w, res in zip(weights, quantize_gptq_many(weights, inputs, cfg), strict=True):
+        assert torch.equal(res.codes, quantize_gptq(w, inputs, cfg).codes)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_gram_on_tensor_cores_is_float32_accurate(dtype, weighted):
+    """16-bit rows take the bf16/fp16 GEMM (weighted bf16 rows: w * x split exactly into three
+    bf16 pieces). Against a float64 Hessian both the GPU and the CPU float32 result must be
+    float32-accurate; a single bf16 rounding of w * x would be ~1e-3 off."""
+    from faircalib.quant.stats import LayerInputs
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(8192, 256, generator=g) * torch.logspace(-2, 1, 256)).to(dtype)
+    row_w = torch.rand(8192, generator=g) * 3 if weighted else None
+    w64 = torch.ones(8192, dtype=torch.float64) if row_w is None else row_w.double()
+    x64 = x.double()
+    ref = x64.T @ (w64[:, None] * x64) / w64.sum()
+    gpu = LayerInputs.from_rows(x.cuda(), None if row_w is None else row_w.cuda()).hessian
+    cpu = LayerInputs.from_rows(x, row_w).hessian
+    assert rel_err(cpu, ref) < 2e-6
+    assert rel_err(gpu.cpu(), ref) < 2e-6

@@ -38,6 +38,12 @@ def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 def slow_gptq_codes(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> torch.Tensor:
     """Column-by-column GPTQ; returns uint8 codes [out, in] in the original column order."""
+    return slow_gptq(w, h, cfg)[0]
+
+
+def slow_gptq(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, float]:
+    """Column-by-column GPTQ: uint8 codes [out, in] in the original column order, and the
+    loss sum_j ||w_j - q_j||^2 / (2 U_jj^2) (w_j: column j when the sweep reaches it)."""
     w, h = w.float().clone(), h.float().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -51,6 +57,7 @@ def slow_gptq_codes(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> torch.
     w, h = w[:, order], h[order][:, order]
     u = _upper_inverse_factor(h, cfg.damp)
     codes = torch.zeros(w.shape, dtype=torch.uint8)
+    loss = 0.0
     for j in range(IN):
         col = int(order[j])
         g = 0 if gs is None else col // gs
@@ -60,19 +67,24 @@ def slow_gptq_codes(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> torch.
                 group.amin(1), group.amax(1), cfg.bits, cfg.symmetric, config_scale_dtype(cfg)
             )
         c = encode(w[:, j], scale[:, g], zero[:, g], cfg.bits)
-        error = (w[:, j] - decode(c, scale[:, g], zero[:, g])) / u[j, j]
-        w[:, j:] -= error[:, None] * u[j, j:][None, :]
+        diff = w[:, j] - decode(c, scale[:, g], zero[:, g])
+        loss += float((diff.double() ** 2).sum() / float(u[j, j]) ** 2 / 2)
+        w[:, j:] -= (diff / u[j, j])[:, None] * u[j, j:][None, :]
         codes[:, col] = c.to(torch.uint8)
-    return codes
+    return codes, loss
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("group_size", [32, 64, 128, None])
-def test_codes_match_column_by_column_gptq(group_size, act_order):
+def test_codes_match_column_by_column_gptq(group_size, act_order, symmetric):
     w, inputs = _layer(seed=group_size or 7)
-    cfg = GPTQConfig(bits=3, group_size=group_size, act_order=act_order)
+    cfg = GPTQConfig(bits=3, group_size=group_size, act_order=act_order, symmetric=symmetric)
     ours = quantize_gptq(w, inputs, cfg)
-    assert torch.equal(ours.codes, slow_gptq_codes(w, inputs.hessian, cfg))
+    codes, loss = slow_gptq(w, inputs.hessian, cfg)
+    assert torch.equal(ours.codes, codes)
+    # ours sums the scaled errors e = (w - q) / U_jj per block: the same loss up to rounding
+    assert ours.info["gptq_loss"] == pytest.approx(loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("block_size", [32, 96, 256])

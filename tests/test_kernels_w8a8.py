@@ -262,3 +262,23 @@ def test_kernels_compile_for_hopper():
         for group in (32, 256):
             consts = {"b_ptr": None, "GROUP_SIZE": group, "IS_INT8": is_int8, "HAS_BIAS": False}
             compile_(k._w4a8_kernel, w4, consts | {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8})
+
+    # GPTQ's fused column sweep (quant/gptq_triton.py), launched without FMA contraction so it
+    # matches torch's rounded product then difference: the PTX must hold no float32 FMA and
+    # IEEE divisions only.
+    from faircalib.quant import gptq_triton
+
+    sweep = dict.fromkeys(("w_ptr", "u_ptr", "s_ptr", "z_ptr", "q_ptr", "c_ptr", "e_ptr"), "*fp32")
+    sweep |= dict.fromkeys(("n_rows", "n_cols", "c0", "c1", "stride_w", "stride_ur"), "i32")
+    sweep |= dict.fromkeys(("stride_uc", "stride_sr", "stride_sc", "stride_zr", "stride_zc"), "i32")
+    sweep |= dict.fromkeys(("stride_q", "stride_c", "stride_e"), "i32")
+    for block_c in (32, 128, 256):
+        consts = {"MAXQ": 15.0, "BLOCK_R": gptq_triton.tile_rows(block_c), "BLOCK_C": block_c}
+        consts["USE_RINT"] = True
+        src = ASTSource(
+            fn=gptq_triton._gptq_sweep_kernel,
+            signature={**sweep, **dict.fromkeys(consts, "constexpr")},
+            constexprs=consts,
+        )
+        ptx = triton.compile(src, target=target, options={"enable_fp_fusion": False}).asm["ptx"]
+        assert "fma.rn.f32" not in ptx and "div.full.f32" not in ptx and "div.rn.f32" in ptx

@@ -43,3 +43,20 @@ def test_smoke_run_writes_a_row_and_a_table(tmp_path):
         assert r["peak_host_bytes"] > 0 and r["step_s"]["packed"] > 0
         assert r["timings"]["wall_s"] > 0
     assert (out / "llada_8b.md").read_text().count("| llada (smoke) | gptq |") == 1
+
+    # jobs that ran side by side (one JSON each) merge into one table; a later file's row of
+    # the same (family, method) replaces the earlier one, other rows stay
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = rows
+    (tmp_path / "a" / "llada_8b.json").write_text(json.dumps({"rows": [first]}))
+    newer = {**second, "wall_s": second["wall_s"] + 1.0}
+    (tmp_path / "b" / "llada_8b.json").write_text(json.dumps({"rows": [second, newer]}))
+    merged = tmp_path / "merged"
+    llada_8b.main(["--out", str(merged), "--merge",
+                   str(tmp_path / "a" / "llada_8b.json"), str(tmp_path / "b" / "llada_8b.json")])  # fmt: skip
+    got = json.loads((merged / "llada_8b.json").read_text())["rows"]
+    assert [(r["family"], r["wall_s"]) for r in got] == [
+        ("llada", first["wall_s"]),
+        ("dream", second["wall_s"] + 1.0),
+    ]

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from faircalib.errors import CheckpointError, DataError
-from faircalib.quant.stats import LayerInputs, LayerInputsAccumulator, weighted_output_error
+from faircalib.quant.stats import (
+    LayerInputs,
+    LayerInputsAccumulator,
+    split_bf16,
+    weighted_output_error,
+)
 
 
 def _rows(seed: int = 0, n: int = 600, d: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,3 +104,29 @@ def test_weighted_output_error_matches_hand_computation():
     assert weighted_output_error(weight, weight, st) == 0.0
     s = torch.rand(32, generator=g) + 0.5
     assert weighted_output_error(weight * s, weight, st, input_scale=s) < 1e-10
+
+
+def test_split_bf16_is_exact():
+    """Three bf16 pieces reproduce any normal float32 exactly (the weighted GPU Gram path)."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(50_000, generator=g) * torch.logspace(-30, 30, 50_000)
+    v = torch.cat([v, torch.tensor([1.0 + 2**-23, -(2.0**-126), 1e38, 0.0])])
+    pieces = list(split_bf16(v))
+    assert len(pieces) == 3
+    assert all(p.dtype == torch.bfloat16 for p in pieces)
+    total = sum(p.double() for p in pieces)
+    assert torch.equal(total, v.double())
+
+
+def test_cpu_gram_is_the_float32_product():
+    """On the CPU the batch Gram matrix is rows^T (w * rows) in float32, bit for bit, for
+    16-bit rows as for float32 ones (the tensor-core path is CUDA only)."""
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(300, 24, generator=g).to(dtype)
+        for row_w in (None, torch.rand(300, generator=g)):
+            acc = LayerInputsAccumulator(24, 16, seed=0, device="cpu")
+            batch = acc.summarise(x, row_w)
+            rows = x.float()
+            w = torch.ones(300) if row_w is None else row_w
+            assert torch.equal(batch.gram, rows.T @ (w[:, None] * rows))

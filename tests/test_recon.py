@@ -221,3 +221,26 @@ def test_masked_views_cover_each_text_at_several_noise_levels(tiny):
         u = (t[i::8] - 0.05) / 0.95
         spacing = torch.remainder(u - u[0], 1.0)
         assert torch.allclose(spacing, torch.tensor([0.0, 0.25, 0.5, 0.75]), atol=1e-5)
+
+
+def test_held_out_loss_is_the_weighted_mse_over_held_out_texts():
+    """The log's initial loss (the base solution, before any step) against a direct float64
+    computation over the held-out rows: the held-out loss is summed in one pass over batches of
+    8 rows with weights summed once, so it must equal the weighted mean over all of them."""
+    qblock, h, target = _quantized_block()
+    h, target = torch.cat([h, h + 0.1]), torch.cat([target, target])  # 24 rows: 3 held out
+    weights = torch.rand(24, 16, generator=torch.Generator().manual_seed(5))
+    text_ids = torch.arange(24) // 2
+    with torch.no_grad():
+        err = ((qblock(h, BlockContext()).double() - target.double()) ** 2).sum(-1)  # [N, L]
+    cfg = ReconConfig(steps=1, batch=4, eval_every=1, holdout=0.4)
+    _, held = split_rows(24, cfg.holdout, 0, text_ids)
+    assert len(held) > 8  # more than one evaluation batch
+    expected = float((err[held] * weights[held]).sum() / weights[held].double().sum())
+    ctx = [BlockContext()]
+    rows, goal = (
+        SequenceRows([h[:10], h[10:]], ctx * 2),
+        SequenceRows([target[:10], target[10:]], ctx * 2),
+    )
+    log = reconstruct_block(qblock, rows, goal, weights, cfg, torch.device("cpu"), 0, text_ids)
+    assert log["initial_val"] == pytest.approx(expected, rel=1e-5)

@@ -1,7 +1,7 @@
 """The sequential layer-wise engine: the one place where models meet quantization algorithms.
 
 As in GPTQ, calibration runs block by block. The stem's outputs for every calibration sequence
-are cached on the CPU; each block in turn moves to the calibration device, runs on its float
+are cached; each block in turn moves to the calibration device, runs on its float
 inputs while hooks collect (row-weighted) statistics of each quantizable linear's input, has its
 linears quantized, and then runs again - now quantized - to produce the next block's inputs, so
 later blocks calibrate against the errors of earlier ones.
@@ -11,6 +11,11 @@ live on the CPU, only the non-block modules (stem and head) and the one block be
 are on the device, each block goes back to the CPU (with its codes) once quantized, and at the
 end the stem and head follow, so the quantized model ends on the CPU. Without offloading every
 module moves to the device and stays there.
+
+The caches (block inputs, and with reconstruction its targets and the float stream) live on the
+calibration device when they fit its budget next to the parameters and a block's working memory
+(`streaming.plan_cache`), else in pinned host memory, copied to the device batch by batch. The
+placement changes where tensors are, never the arithmetic: the results are the same bits.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +34,15 @@ from tqdm import tqdm
 
 from faircalib.calib.dataparallel import collect_stats, local_batches, map_linears, row_ids
 from faircalib.calib.recon import SequenceRows, reconstruct_block
+from faircalib.calib.streaming import (
+    GIB,
+    CachePlan,
+    block_working_bytes,
+    cache_budget,
+    cache_copies,
+    plan_cache,
+    resident_bytes,
+)
 from faircalib.config import CalibConfig, GPTQConfig, QuantConfig, ReconConfig
 from faircalib.models.base import BlockContext, DiffusionLM
 from faircalib.quant import (
@@ -46,6 +61,8 @@ if TYPE_CHECKING:  # progress.py builds on this module
 
 BATCH = 16  # sequences per forward during calibration
 OFFLOAD_DEVICE = "cpu"  # where blocks wait with CalibConfig.offload
+# tests: "device" or "host" overrides the cache placement plan (`streaming.plan_cache`)
+_FORCED_CACHE_PLACEMENT: str | None = None
 
 
 class FakeQuantLinear(nn.Module):
@@ -184,14 +201,7 @@ def quantize_model(
     report = QuantReport(method=method_cfg.to_dict(), calib=calib_cfg.to_dict())
     n, seq_len = x_t.shape
     model.eval()
-    hidden = model.blocks[0].attn_out.in_features if hasattr(model.blocks[0], "attn_out") else 0
     outside_blocks = model.outside_blocks()
-    if progress and hidden:
-        gib = n * seq_len * hidden * 4 / 2**30
-        print(
-            f"[calib] {n} sequences x {seq_len} tokens; block-input cache {gib:.2f} GiB (CPU)",
-            file=sys.stderr,
-        )
     if progress:
         stem_head = sum(_param_bytes(m) for m in outside_blocks) / 2**30
         if calib_cfg.offload:
@@ -206,18 +216,19 @@ def quantize_model(
         model.blocks.to(OFFLOAD_DEVICE)
     for module in outside_blocks:
         module.to(device)
-    cache: list[torch.Tensor] = []
-    contexts: list[BlockContext] = []
     # under torchrun each rank keeps and runs only its share of the batches (calib.dataparallel)
     batches = local_batches(_batches(n))
-    for sl in batches:
-        h, ctx = model.stem(x_t[sl].to(device), t[sl].to(device))
-        cache.append(h.cpu())
-        contexts.append(ctx)
-    weights = torch.ones(n, seq_len) if row_weights is None else row_weights.float()
+    plan, cache, contexts = _stem_cache(model, x_t, t, batches, calib_cfg, recon)
+    report.calib["cache"] = plan.to_dict()
+    if progress:
+        _print_cache(plan, n, seq_len, cache)
+    # [N, L] on the device: every statistics batch and reconstruction step slices it there
+    weights = (torch.ones(n, seq_len) if row_weights is None else row_weights.float()).to(device)
     # The float model's own block outputs: reconstruction targets that keep later blocks
     # pulling towards the float model rather than towards the float block on drifted inputs.
-    float_cache = [h.clone() for h in cache] if recon and recon.target == "float_stream" else None
+    float_cache = (
+        [plan.copy(h) for h in cache] if recon and recon.target == "float_stream" else None
+    )
     report.timings["stem_s"] = time.time() - start
     report.timings.update(stats_s=0.0, quantize_s=0.0, propagate_s=0.0)
     if recon:
@@ -227,6 +238,9 @@ def quantize_model(
     if partial is not None:  # finished blocks of an interrupted run, and what follows them
         home = OFFLOAD_DEVICE if calib_cfg.offload else device
         first = partial.restore(model, cache, float_cache, report, home)
+        for kept in (cache, float_cache or []):  # a restored cache is read from disk
+            kept[:] = [plan.adopt(h) for h in kept]
+        plan.settle()
     blocks = tqdm(
         list(enumerate(model.blocks))[first:],
         desc=f"{'weighted ' * (row_weights is not None)}{method_cfg.to_dict()['method']}{' + recon' * bool(recon)}",
@@ -236,12 +250,12 @@ def quantize_model(
     for i, block in blocks:
         block.to(device)
         linears = model.quantizable_linears(block)
-        targets = _run_block(block, float_cache or cache, contexts, device) if recon else None
+        targets = _run_block(block, float_cache or cache, contexts, plan) if recon else None
         report.layers += _quantize_block(
             i,
             block,
             linears,
-            cache,
+            _Loaded(cache, plan),
             contexts,
             weights,
             method_cfg,
@@ -253,11 +267,10 @@ def quantize_model(
         if recon:
             tick = time.time()
             ids = row_ids(batches)  # global calibration rows of this rank's cache
-            rows, goal = SequenceRows(cache, contexts, ids), SequenceRows(targets, contexts, ids)
             log = reconstruct_block(
                 block,
-                rows,
-                goal,
+                SequenceRows(cache, contexts, ids),
+                SequenceRows(targets, contexts, ids),
                 weights,
                 recon,
                 device,
@@ -269,9 +282,11 @@ def quantize_model(
             report.timings["recon_s"] += time.time() - tick
             if float_cache is not None:
                 float_cache = targets
+            targets = None  # not alive while the next block's targets are formed
         tick = time.time()
         for j in range(len(cache)):  # outputs of the quantized block feed the next
-            cache[j] = block(cache[j].to(device), contexts[j]).cpu()
+            cache[j] = plan.keep(block(plan.load(cache[j]), contexts[j]))
+        plan.settle()
         report.timings["propagate_s"] += time.time() - tick
         if calib_cfg.offload:
             block.to(OFFLOAD_DEVICE)
@@ -286,7 +301,14 @@ def quantize_model(
         x_batches = [x_t[sl] for sl in batches]
         contexts_x = [(ctx, x) for ctx, x in zip(contexts, x_batches, strict=True)]
         report.head_inputs = collect_head_inputs(
-            model, cache, contexts_x, weights, batches, device, calib_cfg, _HeadOnly(model)
+            model,
+            _Loaded(cache, plan),
+            contexts_x,
+            weights,
+            batches,
+            device,
+            calib_cfg,
+            _HeadOnly(model),
         )
         report.timings["head_stats_s"] = time.time() - tick
     if calib_cfg.offload:
@@ -298,10 +320,120 @@ def quantize_model(
 
 
 def _run_block(
-    block: nn.Module, cache: list[torch.Tensor], contexts: list[BlockContext], device
+    block: nn.Module, cache: list[torch.Tensor], contexts: list[BlockContext], plan: CachePlan
 ) -> list[torch.Tensor]:
-    """The block's outputs for every cached batch (on the CPU, like the cache)."""
-    return [block(h.to(device), ctx).cpu() for h, ctx in zip(cache, contexts, strict=True)]
+    """The block's outputs for every cached batch, kept where the plan keeps the cache."""
+    out = [plan.keep(block(plan.load(h), ctx)) for h, ctx in zip(cache, contexts, strict=True)]
+    plan.settle()
+    return out
+
+
+class _Loaded(Sequence):
+    """A cache seen through `plan.load`: item j is batch j on the device (host batches copied
+    with non_blocking=True), for code that indexes a cache and runs its batches there."""
+
+    def __init__(self, cache: list[torch.Tensor], plan: CachePlan) -> None:
+        self.cache, self.plan = cache, plan
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return _Loaded(self.cache[j], self.plan)
+        return self.plan.load(self.cache[j])
+
+
+def _stem_cache(
+    model: DiffusionLM,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    batches: list[slice],
+    calib_cfg: CalibConfig,
+    recon: ReconConfig | None,
+) -> tuple[CachePlan, list[torch.Tensor], list[BlockContext]]:
+    """The stem's outputs for `batches`, kept where the cache plan (made from the first
+    output's shape and dtype) puts them, and the block contexts (on the device)."""
+    device = torch.device(calib_cfg.device)
+    cache, contexts, plan = [], [], None
+    for sl in batches:
+        h, ctx = model.stem(x_t[sl].to(device), t[sl].to(device))
+        if plan is None:
+            rows = sum(s.stop - s.start for s in batches)
+            plan = _plan_cache(model, h, rows, x_t.shape, calib_cfg, recon)
+        cache.append(plan.keep(h))
+        contexts.append(ctx)
+    if plan is None:  # a rank without batches keeps nothing
+        plan = CachePlan(False, device, 0, 0, 0, 0, None)
+    plan.settle()
+    return plan, cache, contexts
+
+
+def _plan_cache(
+    model: DiffusionLM,
+    h: torch.Tensor,
+    rows: int,
+    shape: torch.Size,
+    calib_cfg: CalibConfig,
+    recon: ReconConfig | None,
+) -> CachePlan:
+    """`streaming.plan_cache` for this run: `rows` cached sequences like h[0] (a stem output)
+    in every copy reconstruction keeps, plus the one batch a propagate step holds besides."""
+    device = torch.device(calib_cfg.device)
+    n, seq_len = shape
+    row_bytes = h[0].numel() * h.element_size()
+    copies = cache_copies(recon.target if recon else None)
+    cache_bytes = (copies * rows + min(BATCH, rows)) * row_bytes
+    act_bytes = h.element_size()
+    working = max(
+        (_block_working(model, b, act_bytes, n, seq_len, calib_cfg, recon) for b in model.blocks),
+        default=0,
+    )
+    # what is already on the device (the stem/head) is counted in `resident`, not taken from
+    # the free memory
+    on_device = [t for t in [*model.parameters(), *model.buffers()] if t.device == h.device]
+    held = sum(t.numel() * t.element_size() for t in on_device)
+    budget = cache_budget(device, calib_cfg.max_device_gib, held)
+    resident = resident_bytes(model, calib_cfg.offload)
+    return plan_cache(device, cache_bytes, resident, working, budget, _FORCED_CACHE_PLACEMENT)
+
+
+def _block_working(
+    model: DiffusionLM,
+    block: nn.Module,
+    act_bytes: int,
+    n: int,
+    seq_len: int,
+    calib_cfg: CalibConfig,
+    recon: ReconConfig | None,
+) -> int:
+    """`streaming.block_working_bytes` of one block of this run (0 without quantizable linears)."""
+    shapes = [(lin.in_features, lin.out_features) for _, lin in model.quantizable_linears(block)]
+    if not shapes:
+        return 0
+    return block_working_bytes(
+        shapes,
+        batch_rows=min(BATCH, n) * seq_len,
+        act_bytes=act_bytes,
+        sample_rows=min(calib_cfg.max_rows_per_layer, n * seq_len),
+        recon_rows=recon.batch * seq_len if recon else 0,
+    )
+
+
+def _print_cache(plan: CachePlan, n: int, seq_len: int, cache: list[torch.Tensor]) -> None:
+    """The `[calib] ... block-input cache` line: its real size and dtype, and where it lives."""
+    one = sum(h.numel() * h.element_size() for h in cache) / GIB
+    dtype = str(cache[0].dtype).removeprefix("torch.") if cache else "-"
+    where = f"on {plan.device}" if plan.on_device else "on the host" + " (pinned)" * plan.pinned
+    need = plan.cache_bytes + plan.resident_bytes + plan.working_bytes + plan.margin_bytes
+    budget = "no budget" if plan.budget_bytes is None else f"{plan.budget_bytes / GIB:.2f} GiB"
+    print(
+        f"[calib] {n} sequences x {seq_len} tokens; block-input cache {one:.2f} GiB {dtype} "
+        f"{where} (all copies {plan.cache_bytes / GIB:.2f} GiB; with parameters, working "
+        f"memory and margin {need / GIB:.2f} GiB of {budget}"
+        f"{', forced' * plan.forced})",
+        file=sys.stderr,
+    )
 
 
 def _quantize_block(

@@ -94,7 +94,7 @@ def _hash_tensors(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no bytes copy
     return h.hexdigest()
 
 
@@ -237,7 +237,8 @@ class PartialRun:
     ) -> int:
         """Put the finished blocks' quantized layers into `model` (on `device`), their report
         rows into `report` and the next block's inputs into `cache` / `float_cache` (in
-        place). Returns the index of the first block still to calibrate."""
+        place, as CPU tensors: the engine then places them as its cache plan says). Returns
+        the index of the first block still to calibrate."""
         k = self.finished
         if k > len(model.blocks):
             raise self._damaged(f"{k} finished blocks, the model has {len(model.blocks)}")
@@ -292,6 +293,8 @@ class PartialRun:
         if not last and time.monotonic() - self._last_commit < self.COMMIT_EVERY_S:
             return  # committed with a later block
         if not last:  # the last block has no successor to feed
+            # the caches may live on the device (engine's cache plan): copied to the host here,
+            # at a commit, and nowhere else
             state = {f"cache.{j}": h for j, h in enumerate(cache)}
             state.update({f"float.{j}": h for j, h in enumerate(float_cache or [])})
             self._save_tensors(_state_name(i + 1), state)

@@ -35,9 +35,10 @@ RANK_SEED = 1_000_003  # rank r draws its minibatches from seed + r * RANK_SEED 
 
 
 class SequenceRows:
-    """Calibration sequences kept as the engine's list of [batch, L, D] CPU tensors; gathers
-    arbitrary sequences (and their block context rows) without concatenating the cache.
-    `ids`: the global calibration row of each local row (under torchrun a rank holds a share)."""
+    """Calibration sequences kept as the engine's list of [batch, L, D] tensors (on the device,
+    or on the host: `streaming.plan_cache`); gathers arbitrary sequences (and their block
+    context rows) without concatenating the cache. `ids`: the global calibration row of each
+    local row (under torchrun a rank holds a share)."""
 
     def __init__(
         self,
@@ -58,8 +59,13 @@ class SequenceRows:
         return len(self.where)
 
     def gather(self, idx: list[int], device: torch.device) -> torch.Tensor:
+        """[B, L, D] the sequences `idx` on `device`: stacked there when the chunks live there;
+        host chunks are stacked into pinned memory and copied without blocking (CUDA)."""
         rows = [self.chunks[c][r] for c, r in (self.where[i] for i in idx)]
-        return torch.stack(rows).to(device)  # [B, L, D]
+        if rows[0].device.type == "cpu" and device.type == "cuda":
+            staged = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, pin_memory=True)
+            return torch.stack(rows, out=staged).to(device, non_blocking=True)
+        return torch.stack(rows).to(device)
 
     def context(self, idx: list[int], device: torch.device) -> BlockContext:
         parts = [self.contexts[c].select(slice(r, r + 1)) for c, r in (self.where[i] for i in idx)]
@@ -146,12 +152,17 @@ def reconstruct_block(
         p.requires_grad_(False)
     swapped = _swap_learnable(block, cfg.rounding and cfg.lr_round > 0, scale_dtype)
     layers = [layer for _, layer in swapped]
+    # minibatch indices come from a CPU generator and index Python lists, never a device
+    # tensor: no step waits for the device
     gen = torch.Generator().manual_seed(seed + RANK_SEED * distributed.rank())
+    # each row's [L] weights, as views of one device copy: a step stacks its rows on the device
+    # (a CPU index into a device tensor would be a blocking copy per step)
+    weight_rows = weights.to(device).unbind(0)
 
     def block_out(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = [inputs.ids[i] for i in idx]  # global rows, for the weights
+        row_w = torch.stack([weight_rows[inputs.ids[i]] for i in idx])  # global rows
         out = block(inputs.gather(idx, device), inputs.context(idx, device))
-        return out, targets.gather(idx, device), weights[rows].to(device)
+        return out, targets.gather(idx, device), row_w
 
     def train_loss(_step: int) -> torch.Tensor:
         # sum_r w_r err_r over this rank's minibatch / sum_r w_r over every rank's: the summed
@@ -163,17 +174,18 @@ def reconstruct_block(
             num, den = _zero_loss(layers), torch.zeros((), device=device)
         return num / distributed.all_reduce_sum(den).clamp(min=1e-12)
 
+    val_batches = _batches(val, 8)
+    # the held-out batches' weight sums never change: summed once, on the CPU as always
+    host_weights = weights.cpu()
+    val_w = [float(host_weights[[inputs.ids[i] for i in b]].sum()) for b in val_batches]
+
     def val_loss() -> float:
         with torch.no_grad():
-            parts = [
-                (
-                    float(weighted_mse(*block_out(b))),
-                    float(weights[[inputs.ids[i] for i in b]].sum()),
-                )
-                for b in _batches(val, 8)
-            ]
-        num = distributed.sum_float(sum(v * w for v, w in parts))
-        return num / max(distributed.sum_float(sum(w for _, w in parts)), 1e-12)
+            mses = [weighted_mse(*block_out(b)) for b in val_batches]
+        # one wait for the device per evaluation, not one per batch (same float64 sums)
+        values = torch.stack(mses).tolist() if mses else []
+        num = distributed.sum_float(sum(v * w for v, w in zip(values, val_w, strict=True)))
+        return num / max(distributed.sum_float(sum(val_w)), 1e-12)
 
     settings = OptimSettings(cfg.steps, cfg.lr_scale, cfg.lr_round, cfg.eval_every)
     try:

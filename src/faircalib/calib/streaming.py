@@ -228,3 +228,192 @@ def _row_bytes(model, x, t, device: torch.device, stream: bool) -> int:
     if copied:  # the probe's peak includes one block's copy, counted in `fixed` already
         peak -= max(param_bytes([b]) for b in model.blocks)
     return int(WORKING_SET_FACTOR * max(peak, 1))
+
+
+# --- where the calibration engine keeps its activation caches -----------------------------------
+# The engine (calib.engine.quantize_model) keeps every calibration sequence's block input, and
+# with reconstruction the block's targets and the float stream, as lists of [batch, L, D]
+# tensors. On the calibration device they are read in place; on the host every block copies them
+# to the device two or three times. `plan_cache` puts them on the device when they fit.
+
+# what a plan leaves unused on the device: the estimate below is not a measurement (allocator
+# fragmentation, kernels' workspaces and the CUDA context are not in it)
+CACHE_MARGIN_FRACTION = 0.1
+CACHE_MARGIN_MIN_BYTES = 2 * GIB
+FLOAT32_BYTES, FLOAT64_BYTES, CODE_BYTES = 4, 8, 1
+
+
+def cache_copies(recon_target: str | None) -> int:
+    """Full copies of the block-input cache alive at once: the cache; with reconstruction the
+    block's float targets; against the float stream also the float-stream cache they replace."""
+    return 1 + (recon_target is not None) + (recon_target == "float_stream")
+
+
+def cache_margin(budget: int | None) -> int:
+    """The safety margin a plan keeps free: 10% of the budget, at least 2 GiB."""
+    if budget is None:
+        return CACHE_MARGIN_MIN_BYTES
+    return max(CACHE_MARGIN_MIN_BYTES, int(CACHE_MARGIN_FRACTION * budget))
+
+
+def block_working_bytes(
+    shapes: list[tuple[int, int]],
+    batch_rows: int,
+    act_bytes: int,
+    sample_rows: int,
+    recon_rows: int = 0,
+) -> int:
+    """An estimate of the device bytes one block's calibration needs besides the parameters and
+    the caches: the largest of its three phases.
+
+    shapes: (in_features, out_features) of each quantizable linear; batch_rows: token rows of
+    one statistics batch (sequences x L); act_bytes: the activations' element size; sample_rows:
+    rows each accumulator keeps (min(max_rows_per_layer, all rows)); recon_rows: token rows of
+    one reconstruction minibatch (0: no reconstruction).
+    - statistics: every linear's float64 Hessian and float32 row sample, plus one batch at the
+      block's widest activation: its float32 rows, weighted rows and |rows| (LayerInputs-
+      Accumulator.summarise) and four activation-dtype tensors of the forward (gate, up, their
+      product, a temporary);
+    - GPTQ: the finished statistics plus the widest linear's float64 Hessian, inverse and a
+      temporary and its float32 weight, codes, error and losses;
+    - reconstruction: per weight eight float32 values (base levels, offset, its gradient, the
+      best step's snapshot, the forward's levels, scaled weight and two temporaries) and the
+      minibatch's float32 inputs and outputs of every linear, kept for the backward pass.
+    """
+    stats = sum(i * i * FLOAT64_BYTES + sample_rows * i * FLOAT32_BYTES for i, _ in shapes)
+    width = max(max(i, o) for i, o in shapes)
+    batch = batch_rows * width * (3 * FLOAT32_BYTES + 4 * act_bytes)
+    gptq = max(i * i * 3 * FLOAT64_BYTES + i * o * 4 * FLOAT32_BYTES for i, o in shapes)
+    recon = 0
+    if recon_rows:
+        learnable = sum(i * o for i, o in shapes) * 8 * FLOAT32_BYTES
+        recon = learnable + recon_rows * sum(i + o for i, o in shapes) * FLOAT32_BYTES
+    return max(stats + batch, stats + gptq, recon)
+
+
+def module_bytes(modules) -> int:
+    """Bytes of the parameters and buffers (a quantized linear's weight is a buffer)."""
+    return sum(
+        t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()]
+    )
+
+
+def resident_bytes(model: DiffusionLM, offload: bool) -> int:
+    """Bytes the engine keeps on the device besides caches: the parameters and buffers of the
+    stem/head and of the largest block (offloading) or of every block, and the uint8 codes of
+    the quantized linears there."""
+
+    def with_codes(block: nn.Module) -> int:
+        codes = sum(lin.weight.numel() for _, lin in model.quantizable_linears(block))
+        return module_bytes([block]) + codes * CODE_BYTES
+
+    blocks = [with_codes(b) for b in model.blocks]
+    stem_head = module_bytes(model.outside_blocks())
+    return stem_head + (max(blocks) if offload else sum(blocks))
+
+
+def cache_budget(device: torch.device, max_gib: float | None, held_bytes: int) -> int | None:
+    """Bytes the engine may use on `device`: `max_gib` when given; else (CUDA) what is free now
+    plus what torch's allocator holds unused plus `held_bytes` (what the run already keeps there
+    and the plan counts as resident); None on the CPU."""
+    if max_gib is not None:
+        return int(max_gib * GIB)
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    spare = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free + spare + held_bytes)
+
+
+@dataclass
+class CachePlan:
+    """Where the engine's caches live and how they move: on `device` (read in place) or on the
+    host (pinned when `device` is CUDA, copied to it with non_blocking=True)."""
+
+    on_device: bool
+    device: torch.device
+    cache_bytes: int  # every copy alive at once (`cache_copies`)
+    resident_bytes: int
+    working_bytes: int
+    margin_bytes: int
+    budget_bytes: int | None
+    forced: bool = False
+
+    @property
+    def pinned(self) -> bool:
+        # pin_memory needs CUDA: never called on a CPU-only build
+        return not self.on_device and self.device.type == "cuda" and torch.cuda.is_available()
+
+    @property
+    def placement(self) -> str:
+        return "device" if self.on_device else "host"
+
+    def keep(self, h: torch.Tensor) -> torch.Tensor:
+        """Store `h` (a block's output, or a tensor read from disk) in the cache, contiguous
+        in both placements. Copies to pinned memory run asynchronously: `settle()` before the
+        CPU reads them."""
+        if self.on_device:
+            return h.to(self.device).contiguous()
+        out = torch.empty(h.shape, dtype=h.dtype, pin_memory=self.pinned)
+        return out.copy_(h, non_blocking=self.pinned)
+
+    def copy(self, h: torch.Tensor) -> torch.Tensor:
+        """A second cache copy of a cached tensor (the float stream starts as the cache)."""
+        return h.clone() if self.on_device else self.keep(h)
+
+    def adopt(self, h: torch.Tensor) -> torch.Tensor:
+        """`h` as this plan keeps it: itself where it already is so, else `keep(h)` (a tensor
+        read from disk goes to the device, or into pinned memory)."""
+        if self.on_device:
+            placed = _same(h.device, self.device)
+        else:  # is_pinned is only asked where pinning is possible
+            placed = h.device.type == "cpu" and (not self.pinned or h.is_pinned())
+        return h if placed and h.is_contiguous() else self.keep(h)
+
+    def load(self, h: torch.Tensor) -> torch.Tensor:
+        """A cached tensor on the device, for a forward (no copy when it lives there)."""
+        return h.to(self.device, non_blocking=self.pinned)
+
+    def settle(self) -> None:
+        """Wait for the device's queued work: asynchronous copies to the host must land before
+        the CPU reads them, and a phase's time is then its own, not the next phase's."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def to_dict(self) -> dict:
+        return {
+            "placement": self.placement,
+            "device": str(self.device),
+            "pinned": self.pinned,
+            "forced": self.forced,
+            "cache_bytes": self.cache_bytes,
+            "resident_bytes": self.resident_bytes,
+            "working_bytes": self.working_bytes,
+            "margin_bytes": self.margin_bytes,
+            "budget_bytes": self.budget_bytes,
+        }
+
+
+def plan_cache(
+    device: torch.device,
+    cache_bytes: int,
+    resident: int,
+    working: int,
+    budget: int | None,
+    force: str | None = None,
+) -> CachePlan:
+    """On the device when cache + resident parameters + working memory + margin fit `budget`
+    (CUDA); on the CPU device where it computes (nothing moves). `force` ("device" or "host")
+    overrides the arithmetic (tests)."""
+    margin = cache_margin(budget)
+    if force is not None:
+        if force not in ("device", "host"):
+            raise ValueError(f"force must be 'device' or 'host', got {force!r}")
+        on_device = force == "device"
+    elif device.type == "cuda":
+        on_device = budget is not None and cache_bytes + resident + working + margin <= budget
+    else:  # the CPU stores where it computes; a device without a budget keeps the host cache
+        on_device = device.type == "cpu"
+    return CachePlan(
+        on_device, device, cache_bytes, resident, working, margin, budget, force is not None
+    )

@@ -14,7 +14,9 @@ Storage: `qweight` holds the plain codes, two per byte for bits <= 4 (`backends.
 its kernel's layout on first use and caches the result per (backend, device, dtype) next to
 the codes (so int4_cuda, int4_cpu, int8 and fp8 hold a second copy); the Triton layout holds
 the codes losslessly, so it replaces the plain copy instead (`codes()` and `state_dict()` read
-it back). Moving or loading the module restores the plain codes and clears the cache.
+it back). Moving or loading the module restores the plain codes and clears the cache; a
+dtype cast (`model.to(torch.bfloat16)`) casts the bias but keeps `scale` and `input_scale` in
+float32 and `zero` in uint8, so the cast model computes the same W_hat.
 `backend="auto"` picks per call from the device, the dtype (autocast's, if on) and M, the
 number of token rows (`backends.auto_backend`); `last_backend` records the choice.
 """
@@ -37,6 +39,8 @@ from faircalib.kernels.backends import (
 from faircalib.quant.primitives import QParams, quantize_activations_per_token
 
 SUPPORTED_BITS = range(2, 9)
+# float buffers that keep float32 whatever dtype the model is cast to (see `_apply`)
+FLOAT32_BUFFERS = ("scale", "input_scale")
 
 
 class QuantLinear(nn.Module):
@@ -215,7 +219,19 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
         self._forget_plans()  # kernel layouts belong to the old device/dtype
-        return super()._apply(fn, recurse)
+        # scales stay float32 through model.to(dtype) / .half(), as zero stays uint8: rounding
+        # them to bf16 would change W_hat, and a model cast to its compute dtype must not
+        kept = {n: self._buffers[n] for n in FLOAT32_BUFFERS if self._buffers[n] is not None}
+        for name in kept:
+            self._buffers[name] = None  # hidden from torch's cast; moved below
+        try:
+            out = super()._apply(fn, recurse)
+        except BaseException:
+            self._buffers.update(kept)  # a failed move leaves the layer as it was
+            raise
+        for name, t in kept.items():
+            self._buffers[name] = _moved_keeping_dtype(fn, t)
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self._forget_plans()
@@ -249,6 +265,13 @@ class QuantLinear(nn.Module):
         if self.input_scale is not None:
             extras.append("input_scale")
         return ", ".join(extras)
+
+
+def _moved_keeping_dtype(fn, t: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - torch's fn
+    """`fn(t)` (a module-wide move or cast) with t's own dtype kept: device moves apply,
+    dtype casts do not."""
+    moved = fn(t)
+    return moved if moved.dtype == t.dtype else t.to(device=moved.device)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -201,9 +201,10 @@ def optimise(
         # torchrun: each rank's loss is its share of the global one (calib.recon), so summed
         # gradients and values are the global ones; one process: no-ops
         distributed.all_reduce_grads(gains + offsets)
-        value = distributed.sum_float(float(loss.detach()))
-        best.train_first = value if best.train_first is None else best.train_first
-        best.train_last = value
+        if step in (1, settings.steps):  # two host syncs per run, not one per step
+            value = distributed.sum_float(float(loss.detach()))
+            best.train_first = value if best.train_first is None else best.train_first
+            best.train_last = value
         if adam is not None:
             for group in adam.param_groups:
                 group["lr"] = settings.lr_scale * decay

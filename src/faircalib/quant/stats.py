@@ -14,6 +14,7 @@ see the rows only through `LayerInputs`:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +127,8 @@ class LayerInputsAccumulator:
         """One batch's sums (x: [..., in], row_weights: x's leading shape or None)."""
         if x.shape[-1] != self.in_features:
             raise DataError(f"expected rows of {self.in_features} features, got {tuple(x.shape)}")
-        rows = x.detach().reshape(-1, self.in_features).to(self.device, torch.float32)  # [N, in]
+        flat = x.detach().reshape(-1, self.in_features).to(self.device)  # [N, in], own dtype
+        rows = flat.float()  # [N, in]
         w = self._row_weights(row_weights, x.shape[:-1], rows.shape[0])  # [N]
         if not torch.isfinite(rows).all():
             raise CheckpointError("layer inputs contain NaN or Inf: the float model is unstable")
@@ -135,7 +137,7 @@ class LayerInputsAccumulator:
             absmax=rows.abs().amax(dim=0),
             weight_sum=float(w.double().sum()),
             abs_sum=(w[:, None] * rows.abs()).sum(dim=0),
-            gram=rows.T @ (w[:, None] * rows),
+            gram=gram_matrix(flat, rows, w, unweighted=bool((w == 1).all())),
             rows=rows,
             weights=w,
         )
@@ -191,6 +193,50 @@ class LayerInputsAccumulator:
             act_absmean=(self._abs_sum / self._weight_sum).float(),
             n_rows=self._n_rows,
         )
+
+
+def gram_matrix(
+    x: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, *, unweighted: bool
+) -> torch.Tensor:
+    """sum_r w_r x_r x_r^T [in, in] in float32. x: [N, in] rows in their own dtype, rows: the
+    same rows in float32 (same device), w: [N] float32 weights (`unweighted`: all ones).
+
+    The CPU computes rows.T @ (w * rows) in float32, as always. On CUDA, bf16/fp16 rows go to
+    the tensor cores with the same result up to summation order. (Why: a LLaDA-8B block's four
+    distinct Gram matrices at 128 x 2048 tokens are ~105 TFLOP, ~1.6 s at an H200's float32
+    SIMT rate against ~0.1 s in bf16; an estimate, not a measurement.)
+    * unweighted: x.T @ x with 16-bit inputs and float32 output and accumulation. A product
+      of two bf16 (8-bit significands) or fp16 (11-bit) values is exact in float32, so only
+      the summation order differs from the float32 GEMM (which rounds nothing more either).
+    * weighted bf16 rows: v = w * x (float32, 24-bit significand) is split exactly into three
+      bf16 pieces v1 + v2 + v3 (round to nearest leaves <= 16, then <= 8 significant bits)
+      and x.T @ v = x.T @ v1 + x.T @ v2 + x.T @ v3, three bf16 GEMMs whose products are again
+      exact: the float32 GEMM rounds each product x * v to 24 bits, this does not, so the two
+      differ by float32 rounding and summation order only (tests/test_cuda.py bounds it
+      against float64). Weighted fp16 rows keep the float32 GEMM.
+    """
+    on_tensor_cores = rows.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    if not on_tensor_cores or not (unweighted or x.dtype == torch.bfloat16):
+        return rows.T @ (w[:, None] * rows)
+    if unweighted:
+        return torch.mm(x.T, x, out_dtype=torch.float32)
+    gram = None
+    for piece in split_bf16(w[:, None] * rows):  # one bf16 piece alive at a time
+        part = torch.mm(x.T, piece, out_dtype=torch.float32)
+        gram = part if gram is None else gram.add_(part)
+    return gram
+
+
+def split_bf16(v: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Float32 v as three bf16 tensors whose float32 sum is exactly v (for normal numbers up
+    to bf16's largest, ~3.39e38: each rounding to nearest keeps 8 of the remaining significant
+    bits, 24 = 8 + 8 + 8). Activations times row weights are far inside that range."""
+    rest = v
+    for k in range(3):
+        piece = rest.to(torch.bfloat16)
+        yield piece
+        if k < 2:
+            rest = rest - piece.float()
 
 
 def check_inputs(inputs: LayerInputs, in_features: int, device: torch.device) -> LayerInputs:

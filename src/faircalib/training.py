@@ -12,6 +12,7 @@ safetensors shards, tokenizer.json, MODEL_CARD.md, train_log.json).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import lzma
 import math
@@ -37,6 +38,10 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_dim=128, n_heads=4, n_blocks=4, cond_dim=32, seq_len=128),
     # ~20 M parameters: the main benchmark model (<= 40 MB of bf16)
     "small": dict(hidden_dim=384, n_heads=6, n_blocks=8, cond_dim=32, seq_len=512),
+    # ~105 M parameters (GPT-2-small shape): the seed table's MDLM base, trained and measured
+    # inside one GPU lease (scripts/gpu_seed_table.sh; docs/training.md has the FLOP budget:
+    # ~0.60 GFLOP per training token, ~4.1e5 tokens/s at 250 TFLOP/s, ~2e8 tokens in 480 s)
+    "mdlm-base": dict(hidden_dim=768, n_heads=12, n_blocks=12, cond_dim=128, seq_len=512),
     # Gaussian families (docs/models.md): tiny ones ship (<= 2 MB with the tokenizer; CPU)
     "diffusionlm-tiny": dict(
         family="diffusion_lm", embed_dim=16, hidden_dim=128, n_blocks=2, n_heads=4, seq_len=128
@@ -177,26 +182,79 @@ def tokenize_stream(
 
 
 def load_stream(cfg: TrainConfig, tokenizer: Tokenizer, eos_id: int) -> np.ndarray:
+    """The token stream: the `token_cache` .npy when it exists (written by an earlier run, or
+    assembled from transported pieces by `faircalib.data.token_pieces`), else the corpus
+    tokenised now (and cached when a path is given)."""
     cache = Path(cfg.token_cache) if cfg.token_cache else None
     if cache is not None and cache.exists():
-        try:  # never unpickle: a token cache is a plain integer array
-            stream = np.load(cache, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise DataError(
-                f"token cache {cache} is not a plain .npy array ({exc}); delete it to rebuild it"
-            ) from exc
-        if stream.ndim != 1 or stream.dtype.kind not in "iu":
-            raise DataError(
-                f"token cache {cache} holds {stream.dtype} {stream.shape}, not token ids; "
-                "delete it to rebuild it"
-            )
-        return stream
+        return read_token_cache(cache, tokenizer.get_vocab_size())
+    if not cfg.corpus:
+        raise DataError(
+            f"no training text: pass --data shards, or a --token-cache file that exists ({cache})"
+        )
     stream = tokenize_stream(tokenizer, read_documents(cfg.corpus, cfg.max_docs), eos_id)
     if cache is not None:
         tmp = cache.with_name(cache.name + ".tmp.npy")
         np.save(tmp, stream)
         tmp.replace(cache)
     return stream
+
+
+def read_token_cache(cache: Path, vocab_size: int) -> np.ndarray:
+    """A cached token stream as int32 (uint16 files from the transport are widened: torch
+    indexes int32 on every device). Ids outside the tokenizer mean another tokenizer made it."""
+    try:  # never unpickle: a token cache is a plain integer array
+        stream = np.load(cache, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(
+            f"token cache {cache} is not a plain .npy array ({exc}); delete it to rebuild it"
+        ) from exc
+    if stream.ndim != 1 or stream.dtype.kind not in "iu":
+        raise DataError(
+            f"token cache {cache} holds {stream.dtype} {stream.shape}, not token ids; "
+            "delete it to rebuild it"
+        )
+    if len(stream) and (int(stream.min()) < 0 or int(stream.max()) >= vocab_size):
+        raise DataError(
+            f"token cache {cache} holds ids outside [0, {vocab_size}) of this tokenizer: it was "
+            "made with another one; rebuild it with the training tokenizer"
+        )
+    return stream.astype(np.int32, copy=False)
+
+
+# safetensors' names of the dtypes a checkpoint holds (the fingerprint hashes these names, so a
+# reader of the raw file can recompute it without torch)
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def weight_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of a checkpoint's tensors in a fixed order (names sorted): for each tensor the line
+    `name|DTYPE|d0,d1,...` then its little-endian bytes. Independent of shard layout and file
+    metadata, so two trainings with the same weights have the same fingerprint."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        shape = ",".join(str(d) for d in tensor.shape)
+        digest.update(f"{name}|{SAFETENSORS_DTYPES[tensor.dtype]}|{shape}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def directory_fingerprint(directory: str | Path) -> str:
+    """`weight_fingerprint` of a saved model directory's safetensors tensors."""
+    from faircalib.models.io import load_tensors
+
+    return weight_fingerprint(load_tensors(Path(directory)))
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -380,12 +438,44 @@ def train(cfg: TrainConfig) -> Path:
         "corpus_tokens": len(stream),
         "log": log,
     }
+    # the fingerprint of exactly the tensors save_model writes (bf16 of the float weights)
+    saved = {k: v.detach().to("cpu", torch.bfloat16) for k, v in model.float().state_dict().items()}
+    summary["weight_fingerprint_sha256"] = weight_fingerprint(saved)
     print(json.dumps({k: v for k, v in summary.items() if k != "log"}), flush=True)
+    print(f"weight fingerprint (sha256): {summary['weight_fingerprint_sha256']}", flush=True)
     save_model(
-        model.float(),
+        model,
         Path(cfg.out),
         dtype=torch.bfloat16,
         overwrite=True,
-        extra_files={"tokenizer.json": Path(cfg.tokenizer), "train_log.json": summary},
+        extra_files={
+            "tokenizer.json": Path(cfg.tokenizer),
+            "train_log.json": summary,
+            "MODEL_CARD.md": model_card(summary),
+        },
     )
     return Path(cfg.out)
+
+
+def model_card(summary: dict) -> str:
+    """A short card for a trained directory: what was trained, on what, and its fingerprint."""
+    cfg = summary["config"]
+    data = cfg["token_cache"] or ", ".join(Path(p).name for p in cfg["corpus"])
+    return "\n".join(
+        [
+            f"# {Path(cfg['out']).name}",
+            "",
+            f"Trained with `faircalib train --preset {cfg['preset']}` (seed {cfg['seed']}).",
+            "",
+            f"- parameters: {summary['parameters']:,}",
+            f"- data: {data} ({summary['corpus_tokens']:,} tokens); "
+            f"tokens seen: {summary['tokens_seen']:,} in {summary['steps']:,} steps, "
+            f"{summary['wall_time_s']:.0f} s",
+            f"- held-out NELBO per token: {summary['final_val_nelbo_per_token']:.4f} "
+            f"(perplexity bound {summary['final_val_ppl_bound']:.2f})",
+            f"- weight fingerprint (sha256 of the bf16 tensors, names sorted; "
+            f"`faircalib.training.directory_fingerprint`): "
+            f"`{summary['weight_fingerprint_sha256']}`",
+            "",
+        ]
+    )

@@ -1,4 +1,5 @@
-"""`faircalib data`: list the shipped corpora with document, byte and token counts."""
+"""`faircalib data`: list the shipped corpora with document, byte and token counts;
+`faircalib data pack-tokens / assemble-tokens`: the pre-tokenised training-corpus transport."""
 
 from __future__ import annotations
 
@@ -15,6 +16,66 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
+    # the pre-tokenised transport of a training corpus (faircalib.data.token_pieces)
+    actions = p.add_subparsers(dest="data_command", metavar="{pack-tokens,assemble-tokens}")
+    pack = actions.add_parser(
+        "pack-tokens", help="tokenise jsonl shards into xz pieces of at most N MiB + manifest"
+    )
+    pack.add_argument("shards", nargs="+", help="jsonl(.xz|.gz) shards with a 'text' field")
+    pack.add_argument(
+        "--tokenizer", dest="pack_tokenizer", required=True, help="the training tokenizer.json"
+    )
+    pack.add_argument("--out", required=True, help="directory for the pieces and manifest.json")
+    pack.add_argument("--max-piece-mib", type=float, default=3.9, help="piece size limit")
+    pack.add_argument("--max-tokens", type=int, help="stop after this many tokens (all)")
+    pack.set_defaults(func=run_pack)
+    join = actions.add_parser(
+        "assemble-tokens", help="join the verified pieces present into a --token-cache .npy"
+    )
+    join.add_argument("pieces", help="directory holding the pieces")
+    join.add_argument("--out", required=True, help="the .npy token file to write")
+    join.add_argument("--manifest", help="manifest.json (default: PIECES/manifest.json)")
+    join.add_argument("--require-all", action="store_true", help="fail if a piece is missing")
+    join.add_argument(
+        "--tokenizer", dest="assemble_tokenizer", help="refuse pieces made with another tokenizer"
+    )
+    join.set_defaults(func=run_assemble)
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from faircalib.data.token_pieces import sha256_bytes, tokenize_shards, write_pieces
+
+    stream, vocab = tokenize_shards(args.shards, args.pack_tokenizer, args.max_tokens)
+    source = {
+        "shards": [Path(s).name for s in args.shards],
+        "tokenizer": Path(args.pack_tokenizer).name,
+        "tokenizer_sha256": sha256_bytes(Path(args.pack_tokenizer).read_bytes()),
+    }
+    manifest = write_pieces(
+        stream, args.out, max_piece_mib=args.max_piece_mib, vocab_size=vocab, source=source
+    )
+    total = sum(p["bytes"] for p in manifest["pieces"])
+    print(
+        f"{manifest['tokens']:,} tokens in {len(manifest['pieces'])} pieces, {total / 2**20:.1f} "
+        f"MiB ({total / manifest['tokens']:.3f} bytes/token) -> {args.out}"
+    )
+    return 0
+
+
+def run_assemble(args: argparse.Namespace) -> int:
+    from faircalib.data.token_pieces import assemble
+
+    result = assemble(
+        args.pieces,
+        args.out,
+        manifest_path=args.manifest,
+        require_all=args.require_all,
+        tokenizer=args.assemble_tokenizer,
+    )
+    print(json.dumps(result))
+    return 0
 
 
 def corpus_table(tokenizer_arg: str = "gpt2") -> dict:

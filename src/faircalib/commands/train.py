@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from faircalib.commands import common
 
@@ -12,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         nargs="+",
-        help="training text: jsonl(.xz|.gz) shards with a 'text' field (required)",
+        help="training text: jsonl(.xz|.gz) shards with a 'text' field (required unless "
+        "--token-cache names an existing token file)",
     )
     common.hidden_alias(p, "--corpus", dest="data", nargs="+")
     p.add_argument(
@@ -25,12 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=[
             "tiny",
             "small",
+            "mdlm-base",
             "diffusionlm-tiny",
             "planner-tiny",
             "diffusionlm-base",
             "planner-small",
         ],
-        help="model family and size (training.PRESETS): tiny/small are MDLMs",
+        help="model family and size (training.PRESETS): tiny/small/mdlm-base are MDLMs",
     )
     p.add_argument("--hidden-dim", type=int, help="override the preset's width")
     p.add_argument("--n-blocks", type=int, help="override the preset's depth")
@@ -46,7 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, default=250, help="steps between validations")
     p.add_argument("--max-docs", type=int, help="read at most this many documents (all)")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
-    p.add_argument("--token-cache", help=".npy cache of the tokenised corpus (created if absent)")
+    p.add_argument(
+        "--token-cache",
+        help=".npy token stream: read when it exists (e.g. assembled by `faircalib data "
+        "assemble-tokens`), else the tokenised --data is written there",
+    )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.set_defaults(func=run)
@@ -56,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
     from faircalib.errors import ConfigError
     from faircalib.training import TrainConfig, train
 
-    if not args.data:
-        raise ConfigError("--data is required: the jsonl(.xz|.gz) shards to train on")
+    if not args.data and not (args.token_cache and Path(args.token_cache).exists()):
+        raise ConfigError(
+            "--data is required (the jsonl(.xz|.gz) shards to train on) unless --token-cache "
+            "names an existing token file"
+        )
 
     overrides = {
         k: v
@@ -70,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         if v is not None
     }
     cfg = TrainConfig(
-        corpus=args.data,
+        corpus=args.data or [],
         tokenizer=args.tokenizer,
         out=args.out,
         preset=args.preset,

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The seed table in ONE GPU lease (issue 15): carry the pre-tokenised corpus in pieces, train
+# mdlm-base (and, if time allows, diffusionlm-base and planner-small), then
+# benchmarks/seed_table.py on them and the shipped mdlm-small; results into $OUT.
+#
+# Budget (30 min of device time = 1800 s; one command <= 600 s; the machine keeps files while
+# warm, so training and the table run in the background and later calls poll them):
+#   machine start (first call)                               ~150 s
+#   gather  x K calls, one 3.9 MiB piece each (~20 s/call)   K=8: ~160 s
+#   base    mdlm-base, BASE_SECONDS=480 of training + ~60 s compile/load/save   ~540 s
+#           (gather calls may go on meanwhile: pieces for the Gaussian families)
+#   families diffusionlm-base + planner-small side by side, FAMILY_SECONDS=150 each ~200 s
+#   table   4 models x 5 columns (FAIR full preset)          ~420 s (mdlm-small: 60 s on an
+#           H200 in bench-mdlm-small; mdlm-base ~5x its weights; Gaussian bases ~120 s each)
+#   collect                                                  ~20 s
+#   total ~1490 s + polling slack; behind schedule: SKIP_FAMILIES=1 (saves ~200 s); the table
+#   records models that were not trained as "not run" (--skip-missing).
+# Throughput estimate behind BASE_SECONDS (docs/training.md): mdlm-base is 105 M parameters,
+# ~0.60 GFLOP per training token (6 x 91 M matmul weights + attention at 512 tokens); at an
+# assumed 250 TFLOP/s effective (bf16, --compile) that is ~4.1e5 tokens/s, ~2.0e8 tokens in
+# 480 s. Data: xz'd uint16 token pieces carry ~1.10 M tokens per MiB (measured; the xz'd jsonl
+# text carries 1.00 M); the packed pieces (scripts/token_pieces.manifest.json: 16 pieces, 64 M
+# tokens) hold ~4.1 M tokens each: 8 calls ~33 M tokens, i.e. ~6 epochs in 480 s; all 16
+# ~3 epochs. Data-bound, not compute-bound: say so with the result.
+#
+# Phases (one call each; every phase first copies the carried .gpu/tokens-carry into $PIECES,
+# so any call can bring one more piece):
+#   gather   : only that; prints what is present
+#   base     : assemble the pieces present into a token file, start mdlm-base in the background
+#   status   : progress of the background jobs (any time; also a way to carry more pieces)
+#   families : re-assemble (more pieces may have come), start the two Gaussian models
+#   table    : wait for training, start benchmarks/seed_table.py in the background, wait for it
+#   collect  : wait for the table; at most 8 files into $OUT
+# Pieces are made here (CPU): faircalib data pack-tokens <shards> --tokenizer $TOK --out
+# .gpu/tokens --max-piece-mib 3.9 (docs/training.md); before gather call i run, here,
+# `scripts/gpu_seed_table.sh stage i` and give the call carry=[".gpu/tokens-carry"].
+set -euo pipefail
+phase=${1:?phase}
+RUNS=${RUNS:-/root/runs}
+PIECES=${PIECES:-/root/pieces}
+CARRY=${CARRY:-.gpu/tokens-carry}
+TOK=src/faircalib/assets/tokenizers/wiki-bpe-8k.json
+BASE_SECONDS=${BASE_SECONDS:-480}
+FAMILY_SECONDS=${FAMILY_SECONDS:-150}
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+[ "$phase" = stage ] || mkdir -p "$RUNS" "$PIECES"
+# every call may carry a piece (4 MiB a call is the limit, so no call should waste it)
+[ "$phase" = stage ] || [ ! -d "$CARRY" ] || cp "$CARRY"/* "$PIECES"/ 2>/dev/null || true
+
+background() {  # name, command: run detached, mark $RUNS/name.done when it ends
+  rm -f "$RUNS/$1.done"; : > "$RUNS/$1.log"  # the log marks it started before it runs
+  setsid nohup bash -c "$2 > $RUNS/$1.log 2>&1; echo \$? > $RUNS/$1.done" > /dev/null 2>&1 &
+}
+wait_for() {  # polls of 5 s, names: until every started job (one with a log) is done
+  local polls=$1; shift
+  for _ in $(seq 1 "$polls"); do
+    local pending=0
+    for name in "$@"; do
+      [ -f "$RUNS/$name.log" ] && [ ! -f "$RUNS/$name.done" ] && pending=1
+    done
+    [ $pending = 0 ] && return 0
+    sleep 5
+  done
+  echo "still running after $((polls * 5)) s: $*"
+}
+assemble() {  # the pieces present -> $1 (uint16 .npy read by --token-cache)
+  # checked against the tracked manifest (scripts/token_pieces.manifest.json) and tokenizer
+  python3 -m faircalib.cli data assemble-tokens "$PIECES" --out "$1" --tokenizer "$TOK" \
+    --manifest scripts/token_pieces.manifest.json | tee "$RUNS/$(basename "$1").json"
+}
+train_cmd() {  # preset, batch size, lr, seconds, token file
+  echo "python3 -m faircalib.commands.train --token-cache $5 --tokenizer $TOK --compile \
+    --preset $1 --batch-size $2 --lr $3 --warmup-steps 200 --max-steps 1000000 \
+    --time-budget $4 --eval-every 500 --seed 0 --out $RUNS/$1"
+}
+
+case $phase in
+stage)  # HERE, before gather call i: put piece i (and the manifest) where the call carries it
+  i=${2:?piece index}
+  rm -rf "$CARRY" && mkdir -p "$CARRY"
+  cp .gpu/tokens/manifest.json "$(printf '.gpu/tokens/tokens.%04d.u16.xz' "$i")" "$CARRY"/
+  du -ch "$CARRY"/* | tail -1
+  exit 0
+  ;;
+gather)  # the carried piece was copied above
+  ls -la "$PIECES"
+  ;;
+base)
+  python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
+  assemble "$RUNS/tokens-base.npy"
+  background mdlm-base "$(train_cmd mdlm-base 128 6e-4 "$BASE_SECONDS" "$RUNS/tokens-base.npy")"
+  sleep "${BASE_WAIT:-120}"; tail -c 1200 "$RUNS/mdlm-base.log"
+  ;;
+status)
+  shopt -s nullglob
+  for f in "$RUNS"/*.log; do echo "== $f"; tail -c 400 "$f"; echo; done
+  for d in "$RUNS"/*.done; do echo "$(basename "$d"): exit $(cat "$d")"; done
+  ;;
+families)
+  [ "${SKIP_FAMILIES:-0}" = 1 ] && { echo "families skipped"; exit 0; }
+  wait_for 90 mdlm-base  # the GPU is the base model's until it is done
+  assemble "$RUNS/tokens-families.npy"
+  background diffusionlm-base "$(train_cmd diffusionlm-base 128 1e-3 "$FAMILY_SECONDS" "$RUNS/tokens-families.npy")"
+  background planner-small "$(train_cmd planner-small 64 1e-3 "$FAMILY_SECONDS" "$RUNS/tokens-families.npy")"
+  sleep "${FAMILY_WAIT:-90}"; tail -c 400 "$RUNS/diffusionlm-base.log" "$RUNS/planner-small.log"
+  ;;
+table)
+  wait_for 60 mdlm-base diffusionlm-base planner-small
+  for name in mdlm-base diffusionlm-base planner-small; do
+    [ -f "$RUNS/$name/train_log.json" ] && grep -o '"weight_fingerprint_sha256": "[0-9a-f]*"' "$RUNS/$name/train_log.json"
+  done
+  background table "python3 benchmarks/seed_table.py --device cuda --skip-missing \
+    --out $RUNS/seed-table --model mdlm-small=mdlm-small --model mdlm-base=$RUNS/mdlm-base \
+    --model diffusionlm-base=$RUNS/diffusionlm-base --model planner-small=$RUNS/planner-small"
+  wait_for "${TABLE_POLLS:-40}" table; grep 'seed-table\]' "$RUNS/table.log" || true
+  ;;
+collect)
+  wait_for "${TABLE_POLLS:-100}" table
+  # 8 files at most: the table (3), the logs (4), the training records with fingerprints (1)
+  cp "$RUNS"/seed-table/seed_table.json "$RUNS"/seed-table/seed_table.md "$OUT"/ 2>/dev/null || true
+  cp "$RUNS"/seed-table/degradation.png "$OUT"/ 2>/dev/null || true
+  cp "$RUNS"/table.log "$RUNS"/mdlm-base.log "$OUT"/ 2>/dev/null || true
+  cat "$RUNS"/diffusionlm-base.log "$RUNS"/planner-small.log > "$OUT/families.log" 2>/dev/null || true
+  cat "$RUNS"/tokens-*.npy.json > "$OUT/tokens.json" 2>/dev/null || true
+  python3 - "$RUNS" > "$OUT/train_logs.json" <<'EOF'
+import json, pathlib, sys
+runs = pathlib.Path(sys.argv[1])
+logs = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/train_log.json")}
+print(json.dumps(logs, indent=1))
+EOF
+  ls -la "$OUT"
+  ;;
+*) echo "unknown phase $phase" >&2; exit 2 ;;
+esac

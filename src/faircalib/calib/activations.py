@@ -13,7 +13,9 @@ Three entry points:
 
 * `quantize_activations_model`: calibrate block by block (as the weight-only engine does, later
   blocks see the quantized earlier blocks, activation quantization included) and replace the
-  linears; methods rtn, gptq, smoothquant, quarot, flatquant, fair.
+  linears; methods rtn, gptq, smoothquant, quarot, flatquant, fair. The learned-transform
+  methods then tune each block's transforms jointly on its (row-weighted) output error
+  (`tune_block_transforms`, FlatQuant's block-wise objective).
 * `activation_outlier_stats`: per-layer input statistics of the float model on masked dLLM
   inputs over the whole t range, split into mask-token rows and clean rows.
 * `a4_ablation`: which layers' inputs carry the W4A4 damage (A4 on one layer at a time, and
@@ -22,6 +24,7 @@ Three entry points:
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from faircalib.calib.inputs import masked_inputs
+from faircalib.calib.recon import SequenceRows, split_rows
 from faircalib.config import CalibConfig, FairCalibConfig, GPTQConfig, QuantConfig, RTNConfig
 from faircalib.errors import ConfigError
 from faircalib.models.base import BlockContext, DiffusionLM
@@ -44,7 +48,14 @@ from faircalib.quant.activations import (
     search_clip_ratio,
     static_scale,
 )
-from faircalib.quant.flatquant import FlatQuantConfig, LearnedTransform, learn_transform
+from faircalib.quant.flatquant import (
+    FlatQuantConfig,
+    FlatQuantResult,
+    LearnedTransform,
+    TrainableTransformLinear,
+    learn_transform,
+)
+from faircalib.quant.recon import weighted_sq_sums
 from faircalib.quant.rotation import Rotation, fold_input_rotation, random_hadamard, rotate
 from faircalib.quant.smoothquant import smoothing_scales
 from faircalib.quant.stats import LayerInputs, LayerInputsAccumulator
@@ -84,6 +95,7 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "flatquant-gptq": ("gptq", "learned"),
     "fair": ("rtn", "learned"),
 }
+BLOCK_STEPS = 0  # block_steps' default: off (CPU numbers in docs/activation-quant.md)
 
 
 @dataclass
@@ -102,12 +114,35 @@ class ActCalibConfig:
     # GPTQ weights (gptq, quarot, flatquant-gptq): None / True keep GPTQConfig's defaults
     damp: float | None = None
     act_order: bool = True
+    # block-wise stage of the learned-transform methods (flatquant, flatquant-gptq, fair): all
+    # transforms and clips of a block tuned jointly on the row-weighted block output error,
+    # started from the per-layer result; 0 steps: per-layer only
+    block_steps: int = BLOCK_STEPS
+    block_lr: float = 5e-3  # Adam, on P1, P2 and log s (linear decay to 0)
+    block_lr_clip: float = 5e-3  # Adam, on the clip ratios
+    block_batch: int = 4  # sequences per step
+    block_holdout: float = 0.125  # share of calibration texts that pick the best step
+    block_eval_every: int = 25
+    block_target: str = "float_stream"  # or "quant_input" (recon's two targets)
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
             raise ConfigError(f"unknown scheme {self.scheme!r}; choose one of {sorted(SCHEMES)}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)}")
+        if self.block_steps < 0 or self.block_batch < 1 or self.block_eval_every < 1:
+            raise ConfigError("block_steps >= 0, block_batch >= 1 and block_eval_every >= 1")
+        if min(self.block_lr, self.block_lr_clip) < 0 or not 0 < self.block_holdout < 1:
+            raise ConfigError("block learning rates must be >= 0 and block_holdout in (0, 1)")
+        if self.block_target not in ("float_stream", "quant_input"):
+            raise ConfigError(
+                f"unknown block_target {self.block_target!r}; use float_stream or quant_input"
+            )
+
+    @property
+    def block_wise(self) -> bool:
+        """Whether the block-wise stage runs (a learned-transform method and steps > 0)."""
+        return self.block_steps > 0 and METHODS[self.method][1] == "learned"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -250,10 +285,31 @@ def quantize_layer(
     name: str, lin: nn.Module, inputs: LayerInputs, cfg: ActCalibConfig, seed: int
 ) -> tuple[ActQuantLinear, dict]:
     """One linear -> its ActQuantLinear and a row of the layer table."""
+    module, row, _ = _quantize_layer(name, lin, inputs, cfg, seed)
+    return module, row
+
+
+def _learned_weight_config(scheme: ActScheme) -> QuantConfig:
+    """The weight grid the learned transform trains against (INT8 when the weights stay float:
+    learn_transform then only uses its clip, which `_quantize_weight` ignores)."""
+    return scheme.weight_config("rtn") if scheme.w_bits else QuantConfig(bits=8, group_size=None)
+
+
+def _quantize_layer(
+    name: str, lin: nn.Module, inputs: LayerInputs, cfg: ActCalibConfig, seed: int
+) -> tuple[ActQuantLinear, dict, FlatQuantResult | None]:
+    """`quantize_layer`, also returning the learned transform (learned methods; else None)."""
     scheme = SCHEMES[cfg.scheme]
     base, kind = METHODS[cfg.method]
     w = lin.weight.detach().float()
-    act, extra, info, learned = scheme.act, {}, {}, None
+    if kind == "learned":
+        wcfg = _learned_weight_config(scheme)
+        learned = learn_transform(
+            w, inputs.sample, wcfg, scheme.act, cfg.flat, inputs.sample_weights
+        )
+        module = learned_module(name, lin, inputs, learned, cfg)
+        return module, _layer_row(name, module, w, inputs, cfg, learned.info), learned
+    act, extra = scheme.act, {}
     if kind == "smooth":
         s = smoothing_scales(inputs.act_absmax, w, cfg.smooth_alpha)
         extra["smooth"] = s
@@ -265,20 +321,10 @@ def quantize_layer(
             transform_inputs(inputs, lambda x: rotate(x, rot), None),
             fold_input_rotation(w, rot),
         )
-    elif kind == "learned":
-        wcfg = (
-            scheme.weight_config("rtn") if scheme.w_bits else QuantConfig(bits=8, group_size=None)
-        )
-        learned = learn_transform(w, inputs.sample, wcfg, act, cfg.flat, inputs.sample_weights)
-        tf = learned.transform
-        extra["transform"], act, info = tf, learned.act, learned.info
-        t_inputs, w_t = transform_inputs(inputs, tf.apply, None), tf.fold(w)
     else:
         t_inputs, w_t = inputs, w
-    w_q = _quantize_weight(
-        name, w_t, t_inputs, scheme, base, learned, overrides=cfg.weight_overrides(base)
-    )
-    if cfg.clip_search and act.fmt and kind != "learned":
+    w_q = _quantize_weight(name, w_t, t_inputs, scheme, base, overrides=cfg.weight_overrides(base))
+    if cfg.clip_search and act.fmt:
         ratio, _ = search_clip_ratio(
             t_inputs.sample, w_t, act, weight_q=w_q, row_weights=t_inputs.sample_weights
         )
@@ -287,15 +333,36 @@ def quantize_layer(
     if act.fmt == "int" and act.granularity == "tensor":
         scale = static_scale(t_inputs.act_absmax, act.bits, act.clip_ratio)
     module = ActQuantLinear(w_q, lin.bias, act, act_scale=scale, **extra)
-    row = {
+    return module, _layer_row(name, module, w, inputs, cfg, {}), None
+
+
+def learned_module(
+    name: str, lin: nn.Module, inputs: LayerInputs, learned: FlatQuantResult, cfg: ActCalibConfig
+) -> ActQuantLinear:
+    """The ActQuantLinear of a learned transform: W~ folded offline and quantized (RTN with the
+    learned clipping, or GPTQ on the transformed Hessian), x~ and Q_a online."""
+    scheme = SCHEMES[cfg.scheme]
+    base, _ = METHODS[cfg.method]
+    tf = learned.transform
+    w_t = tf.fold(lin.weight.detach().float())
+    t_inputs = transform_inputs(inputs, tf.apply, None)
+    w_q = _quantize_weight(
+        name, w_t, t_inputs, scheme, base, learned, overrides=cfg.weight_overrides(base)
+    )
+    return ActQuantLinear(w_q, lin.bias, learned.act, transform=tf)
+
+
+def _layer_row(
+    name: str, module: ActQuantLinear, w: torch.Tensor, inputs: LayerInputs, cfg, info: dict
+) -> dict:
+    return {
         "layer": name,
         "scheme": cfg.scheme,
         "method": cfg.method,
-        "act_clip": act.clip_ratio,
+        "act_clip": module.act.clip_ratio,
         "rel_error": layer_error(module, w, inputs),
         **{k: v for k, v in info.items() if isinstance(v, float)},
     }
-    return module, row
 
 
 def _quantize_weight(
@@ -334,30 +401,204 @@ def quantize_activations_model(
     t: torch.Tensor,
     cfg: ActCalibConfig,
     row_weights: torch.Tensor | None = None,
+    text_ids: torch.Tensor | None = None,
+    block_log: list[dict] | None = None,
 ) -> list[dict]:
     """Replace every declared linear of `model` by its ActQuantLinear, block by block, on
     calibration inputs x_t [N, L] at levels t [N] (row_weights [N, L]: FAIR-Calib's; None:
-    ones). Returns the per-layer table."""
+    ones; text_ids [N]: the text of each row, so the block-wise stage holds out whole texts;
+    None: every row its own text). Returns the per-layer table; the block-wise stage's logs
+    are appended to `block_log`."""
     device = torch.device(cfg.device)
     model.to(device).eval()
     weights = torch.ones(x_t.shape) if row_weights is None else row_weights.float()
-    cache, contexts, wts = [], [], []
+    cache, contexts = [], []
     for sl in _slices(len(x_t), cfg.batch):
         h, ctx = model.stem(x_t[sl].to(device), t[sl].to(device))
         cache.append(h.cpu())
         contexts.append(ctx)
-        wts.append(weights[sl])
+    wts = [weights[sl] for sl in _slices(len(x_t), cfg.batch)]
+    # recon's default target: the float model's own block outputs on float inputs, so each
+    # block is pulled towards the float model's hidden state, not towards the float block on
+    # already drifted inputs (later blocks also undo earlier blocks' errors)
+    stream = cfg.block_wise and cfg.block_target == "float_stream"
+    float_cache = [h.clone() for h in cache] if stream else None
     rows = []
     for i, block in enumerate(model.blocks):
         linears = model.quantizable_linears(block)
         stats = _collect_inputs(block, linears, cache, contexts, wts, cfg, cfg.seed + i)
+        # (a block whose linears are all excluded has nothing to tune)
+        float_block = copy.deepcopy(block) if cfg.block_wise and linears else None
+        layers = []
         for j, (name, lin) in enumerate(linears):
             full = f"blocks.{i}.{name}"
-            module, row = quantize_layer(full, lin, stats[name], cfg, cfg.seed + 1000 * i + j)
+            module, row, learned = _quantize_layer(
+                full, lin, stats[name], cfg, cfg.seed + 1000 * i + j
+            )
             _set_submodule(block, name, module)
             rows.append(row)
-        cache = [block(h.to(device), ctx).cpu() for h, ctx in zip(cache, contexts, strict=True)]
+            layers.append(LearnedLayer(name, full, lin, stats[name], learned, module, row))
+        if float_block is not None:
+            targets = _run_block(float_block, float_cache or cache, contexts, device)
+            log = tune_block_transforms(
+                block, layers, cache, targets, contexts, weights, cfg, cfg.seed + i, text_ids
+            )
+            if block_log is not None:
+                block_log.append({"block": i, **log})
+            float_cache = targets if stream else None
+            del float_block
+        elif float_cache is not None:  # nothing quantized here: the block is still float
+            float_cache = _run_block(block, float_cache, contexts, device)
+        cache = _run_block(block, cache, contexts, device)
     return rows
+
+
+def _run_block(
+    block: nn.Module, cache: list[torch.Tensor], contexts: list[BlockContext], device
+) -> list[torch.Tensor]:
+    return [block(h.to(device), ctx).cpu() for h, ctx in zip(cache, contexts, strict=True)]
+
+
+# --- block-wise stage of the learned transforms -----------------------------------------------
+
+
+@dataclass
+class LearnedLayer:
+    """One declared linear of a block during the block-wise stage."""
+
+    name: str  # within the block
+    full: str  # blocks.i.name
+    linear: nn.Module  # the float linear
+    inputs: LayerInputs  # its input statistics (GPTQ's Hessian for flatquant-gptq)
+    learned: FlatQuantResult  # the per-layer result
+    module: ActQuantLinear  # the per-layer module
+    row: dict  # its row of the layer table (updated if the block-wise stage improves it)
+
+
+def block_loss(
+    out: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_r w_r ||out_r - target_r||^2, sum_r w_r) over token rows: out, target [B, L, D],
+    weights [B, L]; the stage minimises their ratio (recon's weighted MSE)."""
+    return weighted_sq_sums(out, target, weights)
+
+
+def _trainable(layer: LearnedLayer, cfg: ActCalibConfig) -> TrainableTransformLinear:
+    scheme = SCHEMES[cfg.scheme]
+    mode = "none" if scheme.w_bits is None else ("fp8" if scheme.w_fmt == "fp8" else "int")
+    return TrainableTransformLinear(
+        layer.linear.weight,
+        layer.linear.bias,
+        layer.learned,
+        _learned_weight_config(scheme),
+        cfg.flat.learn_clip,
+        mode,
+    )
+
+
+def _install(block: nn.Module, layers: list[LearnedLayer], modules: list[nn.Module]) -> None:
+    for layer, module in zip(layers, modules, strict=True):
+        _set_submodule(block, layer.name, module)
+
+
+def tune_block_transforms(
+    block: nn.Module,
+    layers: list[LearnedLayer],
+    inputs: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    contexts: list[BlockContext],
+    weights: torch.Tensor,
+    cfg: ActCalibConfig,
+    seed: int,
+    text_ids: torch.Tensor | None = None,
+) -> dict:
+    """Tune all learned transforms and clip ratios of `block` jointly (Adam, STE rounding) on
+    the row-weighted MSE of its quantized output against `targets`, starting from the per-layer
+    modules the block holds. inputs/targets: [batch, L, D] chunks per calibration batch,
+    weights [N, L]. A seeded `cfg.block_holdout` of the texts never trains; the frozen modules
+    with the lowest held-out loss (the per-layer ones included, at step 0) stay in the block,
+    so the block is never worse than per-layer on the held-out rows. Returns the log."""
+    device = torch.device(cfg.device)
+    src, goal = SequenceRows(inputs, contexts), SequenceRows(targets, contexts)
+    train, val = split_rows(len(src), cfg.block_holdout, seed, text_ids)
+
+    def sums(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = block(src.gather(idx, device), src.context(idx, device))
+        return block_loss(out, goal.gather(idx, device), weights[idx].to(device))
+
+    def held_out(modules: list[nn.Module]) -> float:
+        _install(block, layers, modules)
+        with torch.no_grad():
+            parts = [sums(b) for b in _chunks(val, cfg.batch)]
+        return float(sum(n for n, _ in parts) / sum(d for _, d in parts).clamp(min=1e-12))
+
+    best_modules = [layer.module for layer in layers]
+    log = {"initial_val": held_out(best_modules), "best_step": 0, "steps": cfg.block_steps}
+    log["best_val"] = log["initial_val"]
+    trainables = [_trainable(layer, cfg) for layer in layers]
+    opt = torch.optim.Adam(
+        [g for tr in trainables for g in tr.param_groups(cfg.block_lr, cfg.block_lr_clip)]
+    )
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / cfg.block_steps)
+    gen = torch.Generator().manual_seed(seed)
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:  # only the transforms train; the block's own weights stay as they are
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for step in range(1, cfg.block_steps + 1):
+                _install(block, layers, trainables)
+                pick = torch.randint(len(train), (min(cfg.block_batch, len(train)),), generator=gen)
+                num, den = sums([train[k] for k in pick.tolist()])
+                loss = num / den.clamp(min=1e-12)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                decay.step()
+                log.setdefault("train_first", float(loss.detach()))
+                log["train_last"] = float(loss.detach())
+                if step % cfg.block_eval_every == 0 or step == cfg.block_steps:
+                    modules = [
+                        _freeze_layer(lay, tr, cfg)
+                        for lay, tr in zip(layers, trainables, strict=True)
+                    ]
+                    best_modules = _keep_best(log, step, held_out(modules), modules, best_modules)
+    finally:
+        _install(block, layers, best_modules)
+        for p in frozen:
+            p.requires_grad_(True)
+    if log["best_step"]:
+        _update_rows(layers, best_modules, log["best_step"])
+    return log
+
+
+def _keep_best(log: dict, step: int, val: float, modules: list, best: list) -> list:
+    """The modules with the lowest held-out loss so far (NaN never wins; ties keep the older)."""
+    if val == val and val < log["best_val"]:
+        log.update(best_val=val, best_step=step)
+        return modules
+    return best
+
+
+def _chunks(idx: list[int], size: int) -> list[list[int]]:
+    return [idx[k : k + size] for k in range(0, len(idx), size)]
+
+
+def _freeze_layer(
+    layer: LearnedLayer, trainable: TrainableTransformLinear, cfg: ActCalibConfig
+) -> ActQuantLinear:
+    learned = trainable.freeze(layer.learned.info)
+    return learned_module(layer.full, layer.linear, layer.inputs, learned, cfg)
+
+
+def _update_rows(layers: list[LearnedLayer], modules: list[ActQuantLinear], step: int) -> None:
+    for layer, module in zip(layers, modules, strict=True):
+        w = layer.linear.weight.detach().float()
+        layer.row.update(
+            act_clip=module.act.clip_ratio,
+            rel_error=layer_error(module, w, layer.inputs),
+            block_step=float(step),
+        )
 
 
 def fair_rows_config(cfg: ActCalibConfig, n_texts: int, **knobs) -> FairCalibConfig:
@@ -388,14 +629,30 @@ def act_calibration_inputs(
     FAIR-Calib diagnostics). Every method but `fair` takes the texts masked as `calib` says
     (`masked_inputs`); `fair` takes FAIR-Calib's rows (`calib.fair_inputs`, config `fair` or
     `fair_rows_config`'s default)."""
+    rows = act_calibration_rows(model, tokens, cfg, calib, fair, progress)
+    return rows["x_t"], rows["t"], rows["weights"], rows["extra"]
+
+
+def act_calibration_rows(
+    model: DiffusionLM,
+    tokens: torch.Tensor,
+    cfg: ActCalibConfig,
+    calib: CalibConfig,
+    fair: FairCalibConfig | None = None,
+    progress: bool = False,
+) -> dict:
+    """`act_calibration_inputs` as a dict, with text_ids [M] (the text of each row, for the
+    block-wise stage's held-out split) added."""
     from faircalib.calib import fair_inputs  # the package imports this module's users only
 
     if cfg.method != "fair":
         x_t, t = masked_inputs(model, tokens, calib)
-        return x_t, t, None, {}
+        text_ids = torch.arange(len(tokens)).repeat(calib.views)  # row v * N + i: text i
+        return {"x_t": x_t, "t": t, "weights": None, "text_ids": text_ids, "extra": {}}
     fair = fair or fair_rows_config(cfg, len(tokens))
     inputs, extra = fair_inputs(model, fair, tokens, calib, progress)
-    return inputs["x_t"], inputs["t"], inputs["weights"], extra
+    keys = ("x_t", "t", "weights", "text_ids")
+    return {**{k: inputs[k] for k in keys}, "extra": extra}
 
 
 def quantize_activations(
@@ -408,13 +665,18 @@ def quantize_activations(
 ) -> dict:
     """Calibrate on texts tokens [N, L] and replace the declared linears (what `faircalib
     quantize --scheme` and `faircalib bench` run). Returns the report: method (scheme, method
-    and knobs), calibration config, per-layer table, FAIR-Calib diagnostics and timings."""
+    and knobs), calibration config, per-layer table, block-wise stage logs, FAIR-Calib
+    diagnostics and timings."""
     start = time.time()
     model.to(cfg.device)
-    x_t, t, weights, extra = act_calibration_inputs(model, tokens, cfg, calib, fair, progress)
+    data = act_calibration_rows(model, tokens, cfg, calib, fair, progress)
+    weights, extra = data["weights"], data["extra"]
     inputs_s = time.time() - start
     tick = time.time()
-    rows = quantize_activations_model(model, x_t, t, cfg, weights)
+    blocks: list[dict] = []
+    rows = quantize_activations_model(
+        model, data["x_t"], data["t"], cfg, weights, data["text_ids"], blocks
+    )
     scheme = SCHEMES[cfg.scheme]
     return {
         "method": {
@@ -429,6 +691,7 @@ def quantize_activations(
         },
         "calib": calib.to_dict(),
         "layers": rows,
+        **({"blocks": blocks} if blocks else {}),
         "fair": {k: v for k, v in extra.items() if not k.endswith("_s")},
         "timings": {
             **{k: v for k, v in extra.items() if k.endswith("_s")},

@@ -46,6 +46,7 @@ ACT_KNOB_METHODS = {
     "no_act_order": ACT_GPTQ,
     "alpha": ("smoothquant",),
     "flat_steps": ACT_LEARNED,
+    "flat_block_steps": ACT_LEARNED,
     "clip_search": ("rtn", "gptq", "smoothquant", "quarot-rtn", "quarot"),
     **{
         k: ("fair",)
@@ -72,7 +73,8 @@ ACT_REFUSED = {
     "resume": "activation runs keep no progress files",
     "quantize_head": "the vocabulary layers are weight-only",
 }
-ACT_RECIPE_FLAGS = ("scheme", "flat_steps", "clip_search")  # recorded only with --scheme
+# recorded only with --scheme
+ACT_RECIPE_FLAGS = ("scheme", "flat_steps", "flat_block_steps", "clip_search")
 RECIPE = "recipe.json"
 RECIPE_VERSION = 1
 # the flags that define what a run computes (not where it runs or writes)
@@ -319,6 +321,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "per linear (200)",
     )
     g.add_argument(
+        "--flat-block-steps",
+        type=int,
+        help="--scheme with flatquant, flatquant-gptq, fair: steps of the block-wise stage that "
+        "tunes each block's transforms jointly on the block output error (default 0: "
+        "per-layer only)",
+    )
+    g.add_argument(
         "--clip-search",
         action="store_true",
         help="--scheme with rtn, gptq, smoothquant, quarot-rtn, quarot: search each layer's "
@@ -338,7 +347,7 @@ def check_knobs(args: argparse.Namespace) -> None:
             f"--method {args.method} quantizes activations: it needs --scheme (one of "
             f"{', '.join(ACT_SCHEMES)})"
         )
-    for dest in ("flat_steps", "clip_search"):
+    for dest in ("flat_steps", "flat_block_steps", "clip_search"):
         value = getattr(args, dest, None)
         if value is not None and value is not False:
             raise _config_error(
@@ -946,7 +955,9 @@ def act_config(args: argparse.Namespace):
     if args.damp is not None:
         check_damp(args.damp)
     flat = FlatQuantConfig() if args.flat_steps is None else FlatQuantConfig(steps=args.flat_steps)
+    block_steps = getattr(args, "flat_block_steps", None)
     return ActCalibConfig(
+        **({} if block_steps is None else {"block_steps": block_steps}),
         scheme=args.scheme,
         method=args.method,
         clip_search=bool(args.clip_search),

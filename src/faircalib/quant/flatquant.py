@@ -21,6 +21,11 @@ Initialisation: P = I or P = H_a (x) H_b / sqrt(in) (a Hadamard rotation when a 
 of two), s = SmoothQuant's max|x|^alpha / max|W|^(1 - alpha) (alpha None: ones), clips 1. The
 result keeps the best of the initial and the trained parameters on all sample rows, so it is
 never worse than its initialisation there.
+
+FlatQuant itself trains all transforms of a transformer block jointly on the block's output
+error; `TrainableTransformLinear` is the piece that makes that possible here: it restarts from
+a per-layer result bit for bit and runs the same STE forward inside a block, and `freeze`
+turns it back into a FlatQuantResult (the block loop lives in `calib.activations`).
 """
 
 from __future__ import annotations
@@ -98,6 +103,9 @@ class FlatQuantResult:
     transform: LearnedTransform
     act: ActQuantConfig  # with the learned clip ratio
     info: dict[str, float] = field(default_factory=dict)
+    # the trainable state it was frozen from (P1, P2, log s, clips): the block-wise stage
+    # restarts from exactly this point (exp(log s) is not always s to the last bit)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def kron_apply(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
@@ -142,22 +150,41 @@ def fake_quantize_weight_ste(
 class _Params(nn.Module):
     """The trainable state: P1, P2, log s, clip ratios."""
 
-    def __init__(self, weight, x, cfg: FlatQuantConfig, wcfg: QuantConfig) -> None:
+    def __init__(self, in_features: int, out_groups: tuple[int, int], learn_clip: bool) -> None:
         super().__init__()
-        a, b = kron_factors(weight.shape[1])
-        self.p1 = nn.Parameter(_init_matrix(a, cfg.init))
-        self.p2 = nn.Parameter(_init_matrix(b, cfg.init))
-        if cfg.smooth_alpha is None:
-            s = torch.ones(weight.shape[1])
-        else:
-            s = smoothing_scales(x.abs().amax(dim=0), weight, cfg.smooth_alpha)
-        self.log_s = nn.Parameter(s.log())
-        n_groups = grouped(weight, wcfg.group_size).shape[1]
+        a, b = kron_factors(in_features)
+        self.p1 = nn.Parameter(torch.eye(a))
+        self.p2 = nn.Parameter(torch.eye(b))
+        self.log_s = nn.Parameter(torch.zeros(in_features))
         # clip ratios held directly (no sigmoid, which would start saturated near 1), clamped
         # to [MIN_CLIP, 1]; clamp passes the gradient at the bounds, so 1 can move down
-        self.w_clip = nn.Parameter(torch.ones(weight.shape[0], n_groups))
+        self.w_clip = nn.Parameter(torch.ones(out_groups))
         self.a_clip = nn.Parameter(torch.tensor(1.0))
-        self.learn_clip = cfg.learn_clip
+        self.learn_clip = learn_clip
+
+    @classmethod
+    def initial(cls, weight, x, cfg: FlatQuantConfig, wcfg: QuantConfig) -> _Params:
+        """FlatQuantConfig's initialisation for weight [out, in] and its input rows x."""
+        n_groups = grouped(weight, wcfg.group_size).shape[1]
+        params = cls(weight.shape[1], (weight.shape[0], n_groups), cfg.learn_clip)
+        a, b = params.p1.shape[0], params.p2.shape[0]
+        s = (
+            torch.ones(weight.shape[1])
+            if cfg.smooth_alpha is None
+            else smoothing_scales(x.abs().amax(dim=0), weight, cfg.smooth_alpha)
+        )
+        with torch.no_grad():
+            params.p1.copy_(_init_matrix(a, cfg.init))
+            params.p2.copy_(_init_matrix(b, cfg.init))
+            params.log_s.copy_(s.log())
+        return params
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], learn_clip: bool) -> _Params:
+        """The parameters a FlatQuantResult was frozen from, bit for bit."""
+        params = cls(state["log_s"].shape[0], tuple(state["w_clip"].shape), learn_clip)
+        params.load_state_dict({k: v.detach().clone() for k, v in state.items()})
+        return params
 
     def weight_clip(self) -> torch.Tensor | float:
         return self.w_clip.clamp(MIN_CLIP, 1.0) if self.learn_clip else 1.0
@@ -169,14 +196,32 @@ class _Params(nn.Module):
         return LearnedTransform(self.p1, self.p2, self.log_s.exp())
 
 
-def _loss(params: _Params, weight, x, rw, ref, wcfg: QuantConfig, act: ActQuantConfig):
+WeightQuant = Literal["int", "fp8", "none"]  # how W~ is fake-quantized while training
+
+
+def quantized_output(
+    params: _Params,
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    wcfg: QuantConfig,
+    act: ActQuantConfig,
+    weight_quant: WeightQuant = "int",
+) -> torch.Tensor:
+    """Q_a(x~) Q_w(W~)^T for rows x [n, in], differentiable in the parameters (STE)."""
     tf = params.transform()
     x_t = tf.apply(x)
     # W~ = W diag(s) P^-T, differentiable (torch.linalg.inv has a gradient)
     w_t = kron_apply(weight * tf.smooth, torch.linalg.inv(tf.p1).T, torch.linalg.inv(tf.p2).T)
-    w_q = fake_quantize_weight_ste(w_t, wcfg, params.weight_clip())
+    if weight_quant == "int":
+        w_t = fake_quantize_weight_ste(w_t, wcfg, params.weight_clip())
+    elif weight_quant == "fp8":
+        w_t = quantize_fp8_rows(w_t, ste=True)
     x_q = _clipped_act(x_t, act, params.act_clip()) if act.fmt else x_t
-    err = ((ref - x_q @ w_q.T) ** 2).sum(dim=1)  # [n]
+    return x_q @ w_t.T
+
+
+def _loss(params: _Params, weight, x, rw, ref, wcfg: QuantConfig, act: ActQuantConfig):
+    err = ((ref - quantized_output(params, weight, x, wcfg, act)) ** 2).sum(dim=1)  # [n]
     return (rw * err).sum() / (rw * (ref**2).sum(dim=1)).sum().clamp(min=1e-30)
 
 
@@ -203,7 +248,7 @@ def learn_transform(
     rw = rw.to(x.device)
     ref = x @ weight.T  # [n, out]
     with torch.enable_grad():
-        params = _Params(weight.cpu(), x.cpu(), cfg, wcfg).to(x.device)
+        params = _Params.initial(weight.cpu(), x.cpu(), cfg, wcfg).to(x.device)
         groups = [{"params": [params.p1, params.p2, params.log_s], "lr": cfg.lr}]
         if cfg.learn_clip:
             groups.append({"params": [params.w_clip, params.a_clip], "lr": cfg.lr_clip})
@@ -246,4 +291,49 @@ def _finish(
     act_out = ActQuantConfig(act.fmt, act.bits, act.granularity, clip) if act.fmt else act
     info = {**info, "act_clip": clip, "weight_clip_mean": float(torch.as_tensor(w_clip).mean())}
     result = QuantResult(dequantize(codes, qp), codes, qp, info=info)
-    return FlatQuantResult(result, tf, act_out, info)
+    return FlatQuantResult(result, tf, act_out, info, _snapshot(params))
+
+
+class TrainableTransformLinear(nn.Module):
+    """A linear whose learned transform and clip ratios keep training (STE), started from a
+    per-layer FlatQuantResult: the block-wise stage's stand-in for the frozen layer.
+
+    forward(x) = Q_a(x~) Q_w(W~)^T + b with the float weight W [out, in] kept in the original
+    basis; `freeze` quantizes W~ exactly as `learn_transform` does."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        start: FlatQuantResult,
+        wcfg: QuantConfig,
+        learn_clip: bool = True,
+        weight_quant: WeightQuant = "int",
+    ) -> None:
+        super().__init__()
+        self.params = _Params.from_state(start.state, learn_clip).to(weight.device)
+        self.register_buffer("weight", weight.detach().float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        base = start.act
+        # the learned activation clip lives in params.a_clip; the config keeps only the format
+        self.act = ActQuantConfig(base.fmt, base.bits, base.granularity) if base.fmt else base
+        self.wcfg, self.weight_quant = wcfg, weight_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        y = quantized_output(self.params, self.weight, rows, self.wcfg, self.act, self.weight_quant)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    def param_groups(self, lr: float, lr_clip: float) -> list[dict]:
+        """Adam groups: the transform at `lr`, the clip ratios (if learned) at `lr_clip`."""
+        p = self.params
+        groups = [{"params": [p.p1, p.p2, p.log_s], "lr": lr}]
+        if p.learn_clip:
+            groups.append({"params": [p.w_clip, p.a_clip], "lr": lr_clip})
+        return groups
+
+    def freeze(self, info: dict[str, float] | None = None) -> FlatQuantResult:
+        """The current parameters as a FlatQuantResult (exact weight codes)."""
+        return _finish(self.params, self.weight, self.wcfg, self.act, info or {})

@@ -6,7 +6,7 @@
 #   bash benchmarks/run_gpu.sh wait kernels           # then collect
 #   GPU=1 bash benchmarks/run_gpu.sh start llada-fair # a second queue on the second GPU of a
 #                                                     # machine of several, beside the first
-# Jobs: kernels, e2e, throughput, bench, bench-act (activation schemes: W4A4 x 6 methods,
+# Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), kernels, e2e, throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
 # recorded in benchmarks/results/bench-mdlm-small-act), weighting (instability vs prior vs uniform, 3 seeds),
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
 # cudatests (tests/test_cuda.py on the GPU), llada-gptq / llada-fair / dream-gptq / dream-fair and
@@ -35,8 +35,9 @@ job_command() {
     --calib-seeds 0,1,2 --seeded-schemes w4g128,w3g128 --nsamples 128 --mc-samples 2 \
     --flip-prompts 32 --flip-gen-length 64 --flip-steps 64 --out $RES/bench" ;;
   bench-act) echo "python3 -m faircalib.cli bench mdlm-small --device cuda \
-    --methods rtn,gptq,smoothquant,quarot,flatquant,fair --schemes w4a4 --nsamples 128 \
+    --methods rtn,gptq,smoothquant,quarot,flatquant,fair --schemes w8a8,w8a8fp8,w4a8,w4a8fp8,w4a4 --nsamples 128 \
     --mc-samples 2 --flip-prompts 32 --flip-gen-length 64 --flip-steps 64 --out $RES/bench-act" ;;
+  w4a4) echo "python3 benchmarks/w4a4.py --device cuda --ablation --block-steps 0,100 --out $RES/w4a4" ;;
   weighting) echo "python3 benchmarks/recon_sweep.py --model mdlm-small --device cuda \
     --schemes w3g128 --seeds 0,1,2 --variants fair,fair-prior,recon --out $RES/weighting" ;;
   ablation) echo "python3 benchmarks/fair_ablation.py --model mdlm-small --device cuda \

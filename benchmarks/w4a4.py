@@ -56,6 +56,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, help="WikiText-2 sequences (default: all)")
     p.add_argument("--mc-samples", type=int, default=2)
     p.add_argument("--flat-steps", type=int, default=200)
+    p.add_argument("--block-steps", default="0",
+                   help="comma list: steps of the block-wise stage of flatquant/fair, one row "
+                   "per value (0: per-layer only; rows METHOD+blockN)")  # fmt: skip
     p.add_argument("--clip-search", action="store_true", help="search activation clip ratios")
     p.add_argument("--flip-schemes", default="w4a4", help="schemes that get a flip rate")
     p.add_argument("--flip-prompts", type=int, default=8)
@@ -82,6 +85,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def method_variants(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(method, block-wise steps) per row: the learned-transform methods once per
+    --block-steps value, the others once."""
+    steps = [int(v) for v in args.block_steps.split(",")]
+    return [
+        (method, n)
+        for method in args.methods.split(",")
+        for n in (steps if method in ("flatquant", "fair") else [0])
+    ]
+
+
 def fair_rows(model, tokens, args, seed: int):
     """FAIR-Calib's mixed calibration rows (x_t, t, row weights): half the texts masked at
     stratified t (weight 1), half recorded sampler states with frontier-instability weights,
@@ -91,7 +105,7 @@ def fair_rows(model, tokens, args, seed: int):
         fcfg.steps, fcfg.prefix_len = 4, 16
     calib = CalibConfig(n_samples=len(tokens), seed=seed, device=args.device)
     inputs, _ = fair_inputs(model, fcfg, tokens, calib)
-    return inputs["x_t"], inputs["t"], inputs["weights"].float()
+    return inputs["x_t"], inputs["t"], inputs["weights"].float(), inputs["text_ids"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -124,21 +138,24 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [{"scheme": "float", "method": "float", "ppl": score(model)}]
     fair_data = None
     for scheme in [] if args.stats_only else args.schemes.split(","):
-        for method in args.methods.split(","):
+        for method, block_steps in method_variants(args):
             cfg = ActCalibConfig(
                 scheme=scheme,
                 method=method,
                 clip_search=args.clip_search,
                 flat=FlatQuantConfig(steps=args.flat_steps),
                 device=args.device,
+                block_steps=block_steps,
             )
             q = copy.deepcopy(model)
             start = time.time()
             if method == "fair":
                 fair_data = fair_data or fair_rows(model, tokens, args, 0)
-                layers = quantize_activations_model(q, *fair_data[:2], cfg, fair_data[2])
+                x_f, t_f, w_f, ids_f = fair_data
+                layers = quantize_activations_model(q, x_f, t_f, cfg, w_f, ids_f)
             else:
                 layers = quantize_activations_model(q, x_t, t, cfg)
+            method = f"{method}+block{block_steps}" if block_steps else method
             row = {
                 "scheme": scheme,
                 "method": method,

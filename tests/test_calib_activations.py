@@ -133,12 +133,15 @@ def test_w4a4_benchmark_smoke(tmp_path):
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    out = module.main(["--smoke", "--out", str(tmp_path)])
+    out = module.main(["--smoke", "--block-steps", "0,2", "--out", str(tmp_path)])
     on_disk = json.loads((tmp_path / "w4a4.json").read_text())
     assert on_disk["record"]["command"].startswith("python benchmarks/w4a4.py --smoke")
     assert {"git_commit", "device", "date", "torch"} <= set(on_disk["record"])
     pairs = {(r["scheme"], r["method"]) for r in out["rows"][1:]}
     assert ("w4a4", "fair") in pairs and ("w8a8fp8", "quarot") in pairs
+    # the block-wise stage: one more row per learned-transform method, never for the others
+    assert {("w4a4", "fair+block2"), ("w4a4", "flatquant+block2")} <= pairs
+    assert not any(m.startswith(("rtn+", "quarot+")) for _, m in pairs)
     for r in out["rows"]:
         assert r["ppl"] > 1 and r["ppl"] == r["ppl"]
     assert all("flip_rate" in r for r in out["rows"][1:] if r["scheme"] == "w4a4")

@@ -17,7 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
     # the pre-tokenised transport of a training corpus (faircalib.data.token_pieces)
-    actions = p.add_subparsers(dest="data_command", metavar="{pack-tokens,assemble-tokens}")
+    actions = p.add_subparsers(
+        dest="data_command",
+        metavar="{pack-tokens,assemble-tokens}",
+        help="tokenized corpus pieces for a GPU machine (none: list the shipped corpora)",
+    )
     pack = actions.add_parser(
         "pack-tokens", help="tokenise jsonl shards into xz pieces of at most N MiB + manifest"
     )

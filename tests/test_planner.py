@@ -102,14 +102,20 @@ def test_sampler_frontier_is_where_the_decoded_text_stops_changing():
     assert len(res.states) == cfg.steps and res.states[0][0].shape == (2, 8)
 
 
-def test_engine_quantizes_only_the_decoder_blocks():
+def test_engine_quantizes_the_decoder_and_the_prior_blocks():
     tokens = torch.randint(2, V, (8, 16))
     for config in (RTNConfig(bits=4, group_size=32), GPTQConfig(bits=4, group_size=32)):
         q, ref = tiny(), tiny()
         report = quantize(q, config, tokens, CalibConfig(n_samples=8, seq_len=16), progress=False)
-        assert len(report.layers) == 8
-        assert all(isinstance(m, FakeQuantLinear) for _, m in q.quantizable_linears(q.blocks[0]))
-        assert torch.equal(q.prior_out[1].weight, ref.prior_out[1].weight)  # denoiser in float
+        assert len(report.layers) == 16  # 4 linears x (2 prior + 2 decoder blocks)
+        assert [r["layer"] for r in report.layers[:4]] == [
+            f"prior_blocks.0.{n}" for n in ("attn_qkv", "attn_out", "mlp.0", "mlp.2")
+        ]
+        for block in (*q.prior_blocks, *q.blocks):
+            assert all(isinstance(m, FakeQuantLinear) for _, m in q.quantizable_linears(block))
+        # the prior's input, time and output layers stay in float, like every stem and head
+        assert torch.equal(q.prior_out[1].weight, ref.prior_out[1].weight)
+        assert torch.equal(q.prior_in.weight, ref.prior_in.weight)
         x, t = torch.randint(2, V, (2, 16)), torch.rand(2)
         with torch.no_grad():
             diff = (q.log_probs(x, t).exp() - ref.log_probs(x, t).exp()).abs().max()

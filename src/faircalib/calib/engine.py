@@ -44,7 +44,7 @@ from faircalib.calib.streaming import (
     resident_bytes,
 )
 from faircalib.config import CalibConfig, GPTQConfig, QuantConfig, ReconConfig
-from faircalib.models.base import BlockContext, DiffusionLM
+from faircalib.models.base import BlockContext, BlockStack, DiffusionLM
 from faircalib.quant import (
     LayerInputs,
     LayerInputsAccumulator,
@@ -149,10 +149,27 @@ class QuantReport:
 
 
 def check_layers(model: DiffusionLM, cfg: QuantConfig) -> None:
-    """Refuse before any work if a group size does not divide some layer."""
+    """Refuse before any work if a group size does not divide some layer (in an extra block
+    stack: some layer at least as wide as the group, see `stack_layer_config`)."""
     for i, block in enumerate(model.blocks):
         for name, linear in model.quantizable_linears(block):
             cfg.check_layer(f"blocks.{i}.{name}", linear.in_features)
+    for stack in model.extra_block_stacks():
+        for i, block in enumerate(stack.blocks):
+            for name, linear in model.quantizable_linears(block):
+                layer_cfg = stack_layer_config(cfg, linear.in_features)
+                layer_cfg.check_layer(f"{stack.name}.{i}.{name}", linear.in_features)
+
+
+def stack_layer_config(cfg: QuantConfig, in_features: int) -> QuantConfig:
+    """The quantizer of one layer of an extra block stack: `cfg`, except that a layer narrower
+    than its group is quantized per row (one group spanning the row, which is what such a group
+    would be). Extra stacks are a family's auxiliary networks (PLANNER's prior is 64 wide in
+    planner-tiny), so the decoder's default group of 128 must not refuse the whole model; the
+    main stack keeps refusing, as it always did."""
+    if cfg.group_size is not None and in_features < cfg.group_size:
+        return dataclasses.replace(cfg, group_size=None)
+    return cfg
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -218,21 +235,32 @@ def quantize_model(
         module.to(device)
     # under torchrun each rank keeps and runs only its share of the batches (calib.dataparallel)
     batches = local_batches(_batches(n))
+    # [N, L] on the device: every statistics batch and reconstruction step slices it there
+    weights = (torch.ones(n, seq_len) if row_weights is None else row_weights.float()).to(device)
+    # stem_s first, as before (set below); the extra stacks add to stats/quantize/recon
+    report.timings.update(stem_s=0.0, stats_s=0.0, quantize_s=0.0, propagate_s=0.0)
+    if recon:
+        report.timings["recon_s"] = 0.0
+    # stacks the stem runs (PLANNER's prior) first: the main stack's inputs then come from the
+    # quantized stem, as each block calibrates on its quantized predecessors' outputs
+    stacks_s = 0.0
+    for stack in model.extra_block_stacks():
+        tick = time.time()
+        report.layers += _quantize_stack(
+            model, stack, x_t, t, weights, method_cfg, calib_cfg, recon, text_ids, batches, report
+        )
+        report.timings[f"{stack.name}_s"] = time.time() - tick
+        stacks_s += report.timings[f"{stack.name}_s"]
     plan, cache, contexts = _stem_cache(model, x_t, t, batches, calib_cfg, recon)
     report.calib["cache"] = plan.to_dict()
     if progress:
         _print_cache(plan, n, seq_len, cache)
-    # [N, L] on the device: every statistics batch and reconstruction step slices it there
-    weights = (torch.ones(n, seq_len) if row_weights is None else row_weights.float()).to(device)
     # The float model's own block outputs: reconstruction targets that keep later blocks
     # pulling towards the float model rather than towards the float block on drifted inputs.
     float_cache = (
         [plan.copy(h) for h in cache] if recon and recon.target == "float_stream" else None
     )
-    report.timings["stem_s"] = time.time() - start
-    report.timings.update(stats_s=0.0, quantize_s=0.0, propagate_s=0.0)
-    if recon:
-        report.timings["recon_s"] = 0.0
+    report.timings["stem_s"] = time.time() - start - stacks_s
 
     first = 0
     if partial is not None:  # finished blocks of an interrupted run, and what follows them
@@ -317,6 +345,73 @@ def quantize_model(
             module.to(OFFLOAD_DEVICE)
     report.timings["total_s"] = time.time() - start
     return report
+
+
+def _quantize_stack(
+    model: DiffusionLM,
+    stack: BlockStack,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    token_weights: torch.Tensor,
+    method_cfg: QuantConfig,
+    calib_cfg: CalibConfig,
+    recon: ReconConfig | None,
+    text_ids: torch.Tensor | None,
+    batches: list[slice],
+    report: QuantReport,
+) -> list[dict]:
+    """One extra block stack, walked as the main stack is: each block collects its linears'
+    row-weighted inputs, is quantized (and reconstructed with `recon`), then runs quantized to
+    feed the next. Its inputs come from `stack.inputs` on the calibration rows; its cache (R
+    rows per sequence) stays on the calibration device. Returns the stack's layer rows."""
+    device = torch.device(calib_cfg.device)
+    plan = CachePlan(True, device, 0, 0, 0, 0, None)  # on the device: keep/load are identity
+    cache, contexts = [], []
+    for sl in batches:
+        h, ctx = stack.inputs(x_t[sl].to(device), t[sl].to(device))
+        cache.append(h)
+        contexts.append(ctx)
+    weights = stack.row_weights(token_weights).to(device)  # [N, R]
+    float_cache = list(cache) if recon and recon.target == "float_stream" else None
+    rows: list[dict] = []
+    for i, block in enumerate(stack.blocks):
+        block.to(device)
+        targets = _run_block(block, float_cache or cache, contexts, plan) if recon else None
+        rows += _quantize_block(
+            i,
+            block,
+            model.quantizable_linears(block),
+            cache,
+            contexts,
+            weights,
+            method_cfg,
+            calib_cfg,
+            device,
+            report.timings,
+            batches,
+            prefix=stack.name,
+        )
+        if recon:
+            tick = time.time()
+            ids = row_ids(batches)
+            log = reconstruct_block(
+                block,
+                SequenceRows(cache, contexts, ids),
+                SequenceRows(targets, contexts, ids),
+                weights,
+                recon,
+                device,
+                calib_cfg.seed + i,
+                text_ids,
+                config_scale_dtype(method_cfg),
+            )
+            report.recon.append({"block": f"{stack.name}.{i}", **log})
+            report.timings["recon_s"] += time.time() - tick
+            if float_cache is not None:
+                float_cache = targets
+            targets = None
+        cache = _run_block(block, cache, contexts, plan)  # the quantized block feeds the next
+    return rows
 
 
 def _run_block(
@@ -437,10 +532,23 @@ def _print_cache(plan: CachePlan, n: int, seq_len: int, cache: list[torch.Tensor
 
 
 def _quantize_block(
-    index, block, linears, cache, contexts, weights, method_cfg, calib_cfg, device, timings, batches
+    index,
+    block,
+    linears,
+    cache,
+    contexts,
+    weights,
+    method_cfg,
+    calib_cfg,
+    device,
+    timings,
+    batches,
+    prefix: str | None = None,
 ) -> list[dict]:
     """Collect the block's input statistics over `batches` (this rank's share of the cached
-    calibration batches) and replace each quantizable linear by its quantized version."""
+    calibration batches) and replace each quantizable linear by its quantized version.
+    prefix: None for the main stack (`blocks`), else the extra stack's name (its layers'
+    quantizer: `stack_layer_config`)."""
     tick = time.time()
     accs = {
         name: LayerInputsAccumulator(
@@ -453,7 +561,10 @@ def _quantize_block(
     timings["stats_s"] += time.time() - tick
 
     def work(name: str, lin: nn.Linear) -> tuple[QuantResult, dict]:
-        return _quantize_linear(index, name, lin, accs[name], method_cfg)
+        if prefix is None:
+            return _quantize_linear(index, name, lin, accs[name], method_cfg)
+        layer_cfg = stack_layer_config(method_cfg, lin.in_features)
+        return _quantize_linear(index, name, lin, accs[name], layer_cfg, prefix)
 
     tick = time.time()  # wall time: under torchrun the linears run on several ranks at once
     outputs = map_linears(linears, work, device)
@@ -465,12 +576,17 @@ def _quantize_block(
 
 
 def _quantize_linear(
-    index: int, name: str, lin: nn.Linear, acc: LayerInputsAccumulator, method_cfg: QuantConfig
+    index: int,
+    name: str,
+    lin: nn.Linear,
+    acc: LayerInputsAccumulator,
+    method_cfg: QuantConfig,
+    prefix: str = "blocks",
 ) -> tuple[QuantResult, dict]:
     """One linear's QuantResult and its row of the layer table."""
     tick = time.time()
     inputs = acc.finish()
-    full = f"blocks.{index}.{name}"
+    full = f"{prefix}.{index}.{name}"
     w = lin.weight.detach().float()
     result = quantize_linear(w, inputs, method_cfg, name=full)
     seconds = time.time() - tick

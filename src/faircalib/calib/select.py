@@ -1,7 +1,8 @@
 """Which block linears get quantized: include / exclude glob patterns on full layer names.
 
-A layer's full name is `blocks.<i>.<name within the block>` (`blocks.0.attn_qkv`,
-`blocks.3.mlp.2`, LLaDA's `blocks.5.q_proj`), the names `quantize`'s layer table prints.
+A layer's full name is `<stack>.<i>.<name within the block>` (`blocks.0.attn_qkv`,
+`blocks.3.mlp.2`, LLaDA's `blocks.5.q_proj`, PLANNER's prior `prior_blocks.1.mlp.0`), the names
+`quantize`'s layer table prints.
 Patterns are `fnmatch` globs (`*` also crosses dots): a layer is quantized when it matches some
 `include` pattern (no include: every layer) and no `exclude` pattern. Embeddings and the output
 layer are never among a model's `quantizable_linears`, so they stay in float whatever the
@@ -63,8 +64,8 @@ def selected_layers(
     select nothing, or an include pattern that matches no layer (a typo would otherwise quietly
     quantize less than asked)."""
     names = [
-        f"blocks.{i}.{n}"
-        for i, block in enumerate(model.blocks)
+        f"{prefix}.{n}"
+        for prefix, block in model.named_calib_blocks()  # extra stacks (PLANNER's prior) too
         for n, _ in type(model).quantizable_linears(model, block)
     ]
     for p in include or []:
@@ -85,9 +86,9 @@ def _short(names: list[str]) -> list[str]:
 
 def _restricted_linears(self: Any, block: Any) -> list[tuple[str, Any]]:
     include, exclude = self._faircalib_selection
-    index = next(i for i, b in enumerate(self.blocks) if b is block)
+    prefix = next(p for p, b in self.named_calib_blocks() if b is block)
     linears = type(self).quantizable_linears(self, block)
-    return [(n, m) for n, m in linears if layer_selected(f"blocks.{index}.{n}", include, exclude)]
+    return [(n, m) for n, m in linears if layer_selected(f"{prefix}.{n}", include, exclude)]
 
 
 @contextlib.contextmanager

@@ -14,12 +14,15 @@ split into three declared stages:
     log_probs = model.head(h, ctx, x_t)   # final norm, output projection, parameterisation
 
 `quantizable_linears(block)` names the linear layers of a block in execution order.
+`extra_block_stacks()` declares further block stacks that calibration walks the same way (a
+latent prior inside the stem, say); the default is none.
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -79,6 +82,27 @@ class VocabLayers:
     refusal: str | None = None
 
 
+@dataclass(frozen=True)
+class BlockStack:
+    """A stack of blocks besides `DiffusionLM.blocks` that layer-wise calibration walks with
+    the same code (`DiffusionLM.extra_block_stacks`).
+
+    name: the stack's module path (e.g. `prior_blocks`), used in layer names
+        (`<name>.<i>.<linear>`); blocks: its modules, each called as `block(h, ctx)`, whose
+        linears `DiffusionLM.quantizable_linears(block)` names.
+    inputs(x_t, t): the first block's input for a calibration batch - token ids [B, L] and
+        levels [B], exactly what `stem` receives - as hidden states [B, R, D] and a context;
+        R rows per sequence (need not be L).
+    row_weights(weights): the calibration's per-token row weights [N, L] -> [N, R], the
+        weight of each of the stack's rows in its layers' statistics.
+    """
+
+    name: str
+    blocks: nn.ModuleList
+    inputs: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, BlockContext]]
+    row_weights: Callable[[torch.Tensor], torch.Tensor]
+
+
 class DiffusionLM(nn.Module, ABC):
     """A masked (absorbing-state) diffusion language model.
 
@@ -107,6 +131,22 @@ class DiffusionLM(nn.Module, ABC):
     @abstractmethod
     def quantizable_linears(self, block: nn.Module) -> list[tuple[str, nn.Linear]]:
         """The block's linear layers to quantize, as (name within block, module), in execution order."""
+
+    def extra_block_stacks(self) -> list[BlockStack]:
+        """Block stacks that calibration quantizes besides `blocks`, in the order the forward
+        runs them (all of them run inside `stem`, before `blocks`). Default: none, so a family
+        that declares none calibrates exactly as before. PLANNER declares its latent prior."""
+        return []
+
+    def named_calib_blocks(self) -> list[tuple[str, nn.Module]]:
+        """Every block calibration quantizes, with the prefix of its layers' full names, in
+        the order the engine walks them: extra stacks (`<stack>.<i>`), then `blocks.<i>`."""
+        extra = [
+            (f"{stack.name}.{i}", block)
+            for stack in self.extra_block_stacks()
+            for i, block in enumerate(stack.blocks)
+        ]
+        return [*extra, *((f"blocks.{i}", block) for i, block in enumerate(self.blocks))]
 
     # --- derived API --------------------------------------------------------------------
     def log_probs(self, x_t: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,12 +19,14 @@ the decoder likelihood plus the latent prior's continuous-time variational bound
 minimises the same bound (all parts jointly).
 
 Behind the calibration interface `log_probs(x, t)` is the decoder's distribution at every
-position of x given the *denoised* plan: stem = encode x -> code z -> noise to level t -> float
-denoiser -> z_hat; blocks = the decoder; head = its token distribution. Only the decoder's
-blocks are quantized by the engine: its rows are tokens, while the denoiser's rows are K codes,
-which the engine's per-token row weights [N, L] cannot describe (docs/models.md says what the
-engine would need). Frontier: the sampler decodes greedily from the current plan at every
-denoising step; a position is written at the step from which its decoded token stops changing.
+position of x given the *denoised* plan: stem = encode x -> code z -> noise to level t ->
+denoiser -> z_hat; blocks = the decoder; head = its token distribution. The engine quantizes
+the decoder's blocks and, through `extra_block_stacks`, the prior's (`prior_blocks`, first:
+the stem runs them): their rows are the K codes the stem denoises for each calibration
+sequence. The prior's input, time and output layers stay in float like every stem and head
+(docs/models.md, "Quantizing PLANNER's prior"). Frontier: the sampler decodes greedily from
+the current plan at every denoising step; a position is written at the step from which its
+decoded token stops changing.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torch import nn
 from faircalib.errors import CheckpointError
 from faircalib.models.base import (
     BlockContext,
+    BlockStack,
     DiffusionLM,
     VocabLayer,
     VocabLayers,
@@ -158,11 +161,15 @@ class Planner(DiffusionLM):
         pooled = F.scaled_dot_product_attention(q, keys, values)  # [B, K, D]
         return F.layer_norm(self.enc_out(pooled), (self.cfg.latent_dim,)).float()
 
-    def denoise_eps(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The prior's noise prediction: z_t [B, K, dz], t [B] -> [B, K, dz]."""
+    def prior_stem(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The prior's input to its blocks: z_t [B, K, dz], t [B] -> hidden [B, K, plan_dim]."""
         dt = self.prior_pos.dtype  # the codes are float32; weights may be bf16
         h = self.prior_in(z_t.to(dt)) + self.prior_pos
-        h = h + self.prior_time(time_features(t, self.cfg.plan_dim).to(dt))[:, None]
+        return h + self.prior_time(time_features(t, self.cfg.plan_dim).to(dt))[:, None]
+
+    def denoise_eps(self, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The prior's noise prediction: z_t [B, K, dz], t [B] -> [B, K, dz]."""
+        h = self.prior_stem(z_t, t)
         for block in self.prior_blocks:
             h = block(h, BlockContext())
         return self.prior_out(h).float()
@@ -193,14 +200,21 @@ class Planner(DiffusionLM):
     def stem(self, x_t: torch.Tensor, t: torch.Tensor | None) -> tuple[torch.Tensor, BlockContext]:
         """x_t: token ids [B, L] (never masked). The plan the decoder gets is the float prior's
         denoising of x's code at level t (t None: t_min), with noise keyed by (x, t)."""
+        z_t, t = self.noisy_code(x_t, t)
+        return self.decoder_stem(x_t, self.x_hat(z_t, t))
+
+    def noisy_code(
+        self, x_t: torch.Tensor, t: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the stem hands the prior for (x_t, t): the code of x_t noised to level t,
+        z_t [B, K, dz], and t [B] (None: t_min), noise keyed by (x, t)."""
         b, _ = x_t.shape
         t = torch.full((b,), self.cfg.t_min, device=x_t.device) if t is None else t.float()
         t = t.to(x_t.device)
         keys, shape = row_keys(x_t, t), (self.cfg.n_latents, self.cfg.latent_dim)
         z = self.encode(x_t) + self.cfg.latent_noise * keyed_normal(keys, STEM_CODE, shape)
         a, s = self.schedule.alpha(t)[:, None, None], self.schedule.sigma(t)[:, None, None]
-        z_t = a * z + s * keyed_normal(keys, STEM_DIFF, shape)
-        return self.decoder_stem(x_t, self.x_hat(z_t, t))
+        return a * z + s * keyed_normal(keys, STEM_DIFF, shape), t
 
     def head(self, h: torch.Tensor, ctx: BlockContext, x_t: torch.Tensor) -> torch.Tensor:
         logits = self.output_down(self.norm_f(h)).float() @ self.word_embedding.weight.float().T
@@ -209,6 +223,25 @@ class Planner(DiffusionLM):
 
     def quantizable_linears(self, block: nn.Module) -> list[tuple[str, nn.Linear]]:
         return block_linears(block)
+
+    def extra_block_stacks(self) -> list[BlockStack]:
+        """The latent prior's blocks, which the stem runs before the decoder: their rows are
+        the K codes the stem denoises for each calibration sequence (z_t and t as the stem
+        draws them), each weighted by its sequence's mean token weight. `prior_in`,
+        `prior_time` and `prior_out` stay in float, as every family's stem and head do."""
+        return [
+            BlockStack(
+                "prior_blocks",
+                self.prior_blocks,
+                self.prior_inputs,
+                _per_code_weights(self.cfg.n_latents),
+            )
+        ]
+
+    def prior_inputs(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, BlockContext]:
+        """The prior's first-block input [B, K, plan_dim] for the stem's call on (x_t, t)."""
+        z_t, t = self.noisy_code(x_t, t)
+        return self.prior_stem(z_t, t), BlockContext()
 
     # --- the bound -------------------------------------------------------------------------------
     def bound_terms(
@@ -345,3 +378,14 @@ class Planner(DiffusionLM):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Planner:
         return cls(PlannerConfig.from_dict(config))
+
+
+def _per_code_weights(n_latents: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Token row weights [N, L] -> the prior's code rows [N, K]: a sequence's codes carry its
+    mean token weight (uniform weights stay exactly 1; FAIR-Calib's emphasis on unstable
+    sequences carries over, its per-token detail cannot: a code serves every token)."""
+
+    def rows(weights: torch.Tensor) -> torch.Tensor:
+        return weights.float().mean(dim=1, keepdim=True).expand(-1, n_latents)
+
+    return rows

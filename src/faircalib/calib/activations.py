@@ -69,14 +69,17 @@ class ActScheme:
     w_group: int | None
     w_fmt: str  # "int" or "fp8" (fp8: e4m3, one scale per output channel)
     act: ActQuantConfig
+    w_symmetric: bool = False  # INT weights without zero points
 
     def weight_config(self, base: str) -> QuantConfig:
         cls = GPTQConfig if base == "gptq" else RTNConfig
-        return cls(bits=self.w_bits or 8, group_size=self.w_group)
+        return cls(bits=self.w_bits or 8, group_size=self.w_group, symmetric=self.w_symmetric)
 
 
 SCHEMES: dict[str, ActScheme] = {
-    "w8a8": ActScheme(8, None, "int", ActQuantConfig("int", 8)),
+    # symmetric per-channel INT8 weights, as SmoothQuant, QDLM and the INT8 W8A8 kernels of
+    # vLLM and this toolkit take them: the packed export writes the very same model
+    "w8a8": ActScheme(8, None, "int", ActQuantConfig("int", 8), w_symmetric=True),
     "w8a8fp8": ActScheme(8, None, "fp8", ActQuantConfig("fp8")),
     "w4a8": ActScheme(4, 128, "int", ActQuantConfig("int", 8)),
     "w4a8fp8": ActScheme(4, 128, "int", ActQuantConfig("fp8")),
@@ -124,6 +127,9 @@ class ActCalibConfig:
     block_holdout: float = 0.125  # share of calibration texts that pick the best step
     block_eval_every: int = 25
     block_target: str = "float_stream"  # or "quant_input" (recon's two targets)
+    # INT weight scales rounded to this dtype before the codes are chosen (packed export sets
+    # the checkpoint's bfloat16, so the stored scales reproduce the evaluated weights exactly)
+    weight_scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -138,6 +144,11 @@ class ActCalibConfig:
             raise ConfigError(
                 f"unknown block_target {self.block_target!r}; use float_stream or quant_input"
             )
+        if self.weight_scale_dtype not in (None, "bfloat16", "float16"):
+            raise ConfigError(
+                f"weight_scale_dtype must be None, 'bfloat16' or 'float16', got "
+                f"{self.weight_scale_dtype!r}"
+            )
 
     @property
     def block_wise(self) -> bool:
@@ -148,10 +159,15 @@ class ActCalibConfig:
         return asdict(self)
 
     def weight_overrides(self, base: str) -> dict:
-        """GPTQ knobs that differ from GPTQConfig's defaults (empty: the defaults)."""
+        """Weight-quantizer knobs that differ from the defaults (empty: the defaults): the
+        scale dtype, and GPTQ's damping and act_order."""
+        out: dict = (
+            {} if self.weight_scale_dtype is None else {"scale_dtype": self.weight_scale_dtype}
+        )
         if base != "gptq":
-            return {}
-        out: dict = {} if self.damp is None else {"damp": self.damp}
+            return out
+        if self.damp is not None:
+            out["damp"] = self.damp
         if not self.act_order:
             out["act_order"] = False
         return out

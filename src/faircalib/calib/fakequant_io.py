@@ -15,11 +15,16 @@ as held in memory, to `act_linears.safetensors`; their configs to quantization.j
 `activation_quant` object; `load_fake_quant` rebuilds the modules from both (no pickle). The
 float directory itself holds, for those layers, the weight-only equivalent W_q T^T (T the
 online transform, computed in float64), so float tools read a weight-quantized model.
+
+Format 'packed' takes ActQuantLinear layers whose math a stock W8A8 reader computes (no online
+transform, dynamic per-token INT8 / FP8 activations, symmetric per-channel weights): they become
+`formats.packed.W8A8Layer`s (`w8a8_results`); `packed_act_config` calibrates for that form.
 """
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -147,15 +152,13 @@ def save_quantized(
     }
     if tokenizer_path is not None:
         extra["tokenizer.json"] = Path(tokenizer_path)
+    # W8A8 grids are recovered where the weights are (a GPU fits them in seconds, not minutes)
+    w8a8 = w8a8_results(model) if fmt == "packed" else {}
     model.cpu()
-    if fmt == "packed" and has_act_linears(model):
-        raise ConfigError(
-            "activation-quantized models have no packed form yet; save them with format 'fake'"
-        )
     if fmt == "packed":
         from faircalib.formats.packed import save_packed_model
 
-        results = quant_results(model)
+        results = {**quant_results(model), **w8a8}
         # non-quantized tensors (embeddings, norms, output layer) in bf16: the deployed size
         path = save_packed_model(
             model, results, Path(out), dtype=torch.bfloat16, extra_files=extra, overwrite=overwrite
@@ -179,6 +182,69 @@ def save_quantized(
             }
         path = save_model(model, Path(out), dtype=dtype, extra_files=extra, overwrite=overwrite)
         return atomic.share(path)
+
+
+def w8a8_results(model: nn.Module) -> dict[str, Any]:
+    """Every ActQuantLinear of `model` as the `formats.packed.W8A8Layer` the packed writer
+    takes. Only what a stock W8A8 reader computes has that form: no online transform, no
+    static or clipped activation scale, 8-bit activations (INT8 or FP8 e4m3, per token) and
+    a weight on the matching symmetric per-channel grid. Anything else: ConfigError, one line."""
+    from faircalib.calib.activations import ActQuantLinear
+    from faircalib.formats.packed import w8a8_layer_from_weight
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ActQuantLinear):
+            kind = _w8a8_kind(name, module)
+            layer = w8a8_layer_from_weight(kind, module.weight)
+            if layer is None:
+                grid = "symmetric INT8" if kind == "int8" else "FP8 e4m3"
+                raise ConfigError(
+                    f"--format packed cannot store {name}: its weight is not on a {grid} "
+                    "per-channel grid (W8A8 packed export calibrates symmetric weights: "
+                    "quantize with --format packed or auto); use --format fake"
+                )
+            out[name] = layer
+    return out
+
+
+def _w8a8_kind(name: str, module: Any) -> str:
+    """int8 / fp8: the W8A8 form of an ActQuantLinear, or the reason it has none."""
+    act = module.act
+    transforms = [
+        label
+        for label, value in (
+            ("SmoothQuant divisors", module.smooth),
+            ("a Hadamard rotation", module.rotation),
+            ("a learned transform", module.transform),
+        )
+        if value is not None
+    ]
+    if transforms:
+        why = f"its input runs through {transforms[0]}, which no stock reader applies"
+    elif act is None or act.fmt is None:
+        why = "it leaves activations in float"
+    elif module.act_scale is not None or act.granularity != "token":
+        why = "its static per-tensor activation scale is not dynamic per-token W8A8"
+    elif act.clip_ratio != 1.0:
+        why = f"its activation clip ratio {act.clip_ratio:.3g} has no compressed-tensors field"
+    elif act.fmt == "int" and act.bits != 8:
+        why = f"INT{act.bits} per-token activations have no stock kernel (only INT8 / FP8)"
+    else:
+        return "int8" if act.fmt == "int" else "fp8"
+    raise ConfigError(f"--format packed cannot store {name}: {why}; use --format fake")
+
+
+# schemes and methods whose results `w8a8_results` can store (calib.activations names)
+PACKED_ACT_SCHEMES = ("w8a8", "w8a8fp8")
+PACKED_ACT_METHODS = ("rtn", "gptq")
+
+
+def packed_act_config(cfg: Any) -> Any:
+    """`cfg` (an ActCalibConfig) calibrating for packed W8A8 export: INT weight scales rounded
+    to the bf16 the checkpoint stores before the codes are chosen (`w8a8`'s weights are
+    symmetric per channel in every format: activations.SCHEMES)."""
+    return replace(cfg, weight_scale_dtype="bfloat16")
 
 
 def has_act_linears(model: nn.Module) -> bool:

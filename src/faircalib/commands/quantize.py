@@ -75,6 +75,36 @@ ACT_REFUSED = {
 }
 # recorded only with --scheme
 ACT_RECIPE_FLAGS = ("scheme", "flat_steps", "flat_block_steps", "clip_search")
+# with --scheme, why --format packed has no form (checked in this order; none: packed W8A8,
+# compressed-tensors int-quantized / float-quantized, see faircalib.formats.packed)
+ACT_PACKED_REFUSALS = (
+    (
+        lambda a: a.method == "smoothquant",
+        "SmoothQuant's per-channel activation divisors have no compressed-tensors field that "
+        "a stock reader applies",
+    ),
+    (
+        lambda a: a.method in ("quarot-rtn", "quarot"),
+        "QuaRot's online Hadamard rotations of the activations run in no stock reader",
+    ),
+    (
+        lambda a: a.method in ACT_LEARNED,
+        "the learned online transforms of the activations run in no stock reader",
+    ),
+    (
+        lambda a: a.scheme == "w4a4",
+        "INT4 per-token activations run in no stock reader (vLLM's 4-bit activations are FP4)",
+    ),
+    (
+        lambda a: a.scheme not in ("w8a8", "w8a8fp8"),
+        "packed export covers the W8A8 schemes only (w8a8, w8a8fp8), not W4A8 yet",
+    ),
+    (
+        lambda a: bool(a.clip_search),
+        "a searched activation clip ratio has no compressed-tensors field (stock readers "
+        "quantize each token to its full abs-max)",
+    ),
+)
 RECIPE = "recipe.json"
 RECIPE_VERSION = 1
 # the flags that define what a run computes (not where it runs or writes)
@@ -178,7 +208,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         + "; ".join(f"{k}: {v}" for k, v in ACT_SCHEME_HELP.items())
         + ". Methods: rtn (default), gptq, smoothquant, quarot-rtn (Hadamard, RTN weights), "
         "quarot (Hadamard, GPTQ weights), flatquant (learned transform), flatquant-gptq, fair "
-        "(flatquant on FAIR-Calib's weighted rows); written with --format fake. Default: "
+        "(flatquant on FAIR-Calib's weighted rows). w8a8 / w8a8fp8 with rtn or gptq are "
+        "written packed (W8A8 compressed-tensors, symmetric weights), the rest fake. Default: "
         "weight-only",
     )
     p.add_argument(
@@ -247,9 +278,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--format",
         default="auto",
         choices=["auto", "packed", "fake"],
-        help="packed: compressed-tensors INT2-8 (vLLM, transformers); fake: dequantized weights "
-        "in a float directory (every float tool reads it); auto: packed where the method has a "
-        "packed form, fake for awq, smoothquant and fair --fair-base awq",
+        help="packed: compressed-tensors INT2-8 (vLLM, transformers; with --scheme: W8A8 INT8 "
+        "/ FP8); fake: dequantized weights in a float directory (every float tool reads it); "
+        "auto: packed where the method has a packed form, fake for awq, smoothquant and fair "
+        "--fair-base awq, and for --scheme other than w8a8 / w8a8fp8 with rtn or gptq",
     )
     p.add_argument(
         "--dtype",
@@ -930,11 +962,7 @@ def check_act_args(args: argparse.Namespace) -> None:
         if value is not None and value is not False:
             flag = "--" + dest.replace("_", "-")
             raise _config_error(f"{flag} does not apply with --scheme ({why}); leave it out")
-    if args.format == "packed":
-        raise _config_error(
-            "--format packed has no form for activation-quantized models yet; use --format fake "
-            "(or auto) with --scheme"
-        )
+    act_format(args)  # an impossible --format packed is refused here, before any work
     for dest, methods in ACT_KNOB_METHODS.items():
         value = getattr(args, dest, None)
         if value is not None and value is not False and args.method not in methods:
@@ -944,6 +972,20 @@ def check_act_args(args: argparse.Namespace) -> None:
                 f"{flag} does not apply to --scheme {args.scheme} --method {args.method} "
                 f"({where}); leave it out"
             )
+
+
+def act_format(args: argparse.Namespace) -> str:
+    """fake or packed for --scheme: auto is packed where the scheme and method have a packed
+    (W8A8) form, fake otherwise; --format packed without one is refused with the reason."""
+    why = next((reason for applies, reason in ACT_PACKED_REFUSALS if applies(args)), None)
+    if args.format == "packed" and why is not None:
+        raise _config_error(
+            f"--format packed cannot store --scheme {args.scheme} --method {args.method}: {why}; "
+            "use --format fake (or auto)"
+        )
+    if args.format == "auto":
+        return "fake" if why else "packed"
+    return args.format
 
 
 def act_config(args: argparse.Namespace):
@@ -996,6 +1038,11 @@ def run_act(args: argparse.Namespace, start: float) -> int:
     if distributed.active():
         raise _config_error("--scheme runs in one process; run it without torchrun")
     cfg = act_config(args)
+    fmt = act_format(args)
+    if fmt == "packed":  # INT weight scales chosen in the bf16 the checkpoint stores
+        from faircalib.calib.fakequant_io import packed_act_config
+
+        cfg = packed_act_config(cfg)
     fair = fair_rows_config(cfg, args.nsamples, **fair_rows_knobs(args))
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
@@ -1003,7 +1050,7 @@ def run_act(args: argparse.Namespace, start: float) -> int:
     calib = calib_config(args)
     source = hub.resolve(args.model)
     check_source(source, str(args.model))
-    result = quantize_act_from_args(args, cfg, fair, calib, calib_data, source)
+    result = quantize_act_from_args(args, cfg, fair, calib, calib_data, source, fmt)
     tick = time.time()
     save(result, out, args.overwrite)
     result.timings["save_s"] = time.time() - tick
@@ -1019,7 +1066,7 @@ def run_act(args: argparse.Namespace, start: float) -> int:
 
 
 def quantize_act_from_args(
-    args: argparse.Namespace, cfg, fair, calib, calib_data, source: Path
+    args: argparse.Namespace, cfg, fair, calib, calib_data, source: Path, fmt: str = "fake"
 ) -> Result:
     """Load, calibrate and quantize weights and activations (the --scheme counterpart of
     `quantize_model_from_args`)."""
@@ -1051,7 +1098,7 @@ def quantize_act_from_args(
             model, tokens, cfg, calib, fair, progress=not getattr(args, "json", True)
         )
     timings = {"load_s": load_s, **report["timings"]}
-    recipe = make_act_recipe(args, cfg, fair, calib, _dtype_name(args, source))
+    recipe = make_act_recipe(args, cfg, fair, calib, _dtype_name(args, source), fmt)
     record = {
         "source_model": str(args.model),
         **run_record(argv=["faircalib", *getattr(args, "argv", sys.argv[1:])], device=args.device),
@@ -1066,7 +1113,7 @@ def quantize_act_from_args(
         calib=calib,
         calib_data=calib_data,
         source=source,
-        format="fake",
+        format=fmt,
         recipe=recipe,
         record=record,
         infos={},
@@ -1079,12 +1126,15 @@ def quantize_act_from_args(
     )
 
 
-def make_act_recipe(args: argparse.Namespace, cfg, fair, calib, dtype: str) -> dict[str, Any]:
-    """`make_recipe` for --scheme: the scheme fixes bits and group size; format is fake."""
+def make_act_recipe(
+    args: argparse.Namespace, cfg, fair, calib, dtype: str, fmt: str = "fake"
+) -> dict[str, Any]:
+    """`make_recipe` for --scheme: the scheme fixes bits and group size; `fmt` as resolved
+    (packed also rounds INT weight scales to bf16: the method records weight_scale_dtype)."""
     import faircalib
 
     flags = {dest: getattr(args, dest, None) for dest in RECIPE_FLAGS + ACT_RECIPE_FLAGS}
-    flags.update(calib_split=calib.split, seq_len=calib.seq_len, format="fake", dtype=dtype)
+    flags.update(calib_split=calib.split, seq_len=calib.seq_len, format=fmt, dtype=dtype)
     method = cfg.to_dict()
     if cfg.method == "fair":
         method["fair_rows"] = fair.to_dict()
@@ -1106,6 +1156,20 @@ def act_summarize(result: Result, out: Path) -> dict[str, Any]:
     summary["act_clip"] = {"mean": sum(clips) / len(clips), "min": min(clips)} if clips else None
     summary["fair"] = result.report.get("fair") or None
     return {**summary, **_closing(out)}
+
+
+ACT_FORMAT_NOTES = {
+    "fake": "fake (float weights; the activation-quantized layers' exact state in "
+    "act_linears.safetensors)",
+    "w8a8": "packed (compressed-tensors int-quantized: symmetric INT8 weights, bf16 "
+    "per-channel scales; activations quantized per token at run time)",
+    "w8a8fp8": "packed (compressed-tensors float-quantized: FP8 e4m3 weights, float32 "
+    "per-channel scales; activations quantized per token at run time)",
+}
+
+
+def _act_format_note(s: dict[str, Any]) -> str:
+    return ACT_FORMAT_NOTES["fake" if s["format"] == "fake" else s["scheme"]]
 
 
 def act_summary_text(s: dict[str, Any]) -> str:
@@ -1135,10 +1199,7 @@ def act_summary_text(s: dict[str, Any]) -> str:
         )
     b = s["bytes"]
     ratio = f" ({b['ratio']:.2f}x)" if b["ratio"] else ""
-    lines.append(
-        f"  size: {_mb(b['source'])} -> {_mb(b['output'])}{ratio}, fake (float weights; the "
-        "activation-quantized layers' exact state in act_linears.safetensors)"
-    )
+    lines.append(f"  size: {_mb(b['source'])} -> {_mb(b['output'])}{ratio}, {_act_format_note(s)}")
     t = s["timings"]
     stages = [k for k in t if k.endswith("_s") and k not in ("total_s", "wall_s", "command_s")]
     lines.append(

@@ -1,4 +1,5 @@
-"""Packed INT2-8 checkpoints in the compressed-tensors `pack-quantized` layout.
+"""Packed INT2-8 checkpoints in the compressed-tensors `pack-quantized` layout, and W8A8
+layers in its `int-quantized` / `float-quantized` layouts.
 
 A packed model directory is an ordinary model directory (config.json + safetensors shards +
 index, written atomically by `faircalib.models.io`) whose quantized linear layers are stored the
@@ -38,6 +39,24 @@ AWQ / SmoothQuant results are refused: their per-input-channel scale s (the laye
 the preceding op is impossible for most of our layers (see `_refuse_smoothing`). Directories
 written before (format_version 1) may still list such layers under `faircalib.input_scale` /
 `faircalib.act_bits`; our loader applies them.
+W8A8 (`W8A8Layer`, from `quantize --scheme w8a8 / w8a8fp8` with rtn or gptq): a config group
+equal to compressed-tensors' own preset INT8_W8A8 (format `int-quantized`) or FP8_DYNAMIC
+(`float-quantized`) - symmetric static per-channel weights, dynamic symmetric per-token
+`input_activations` - and per layer
+
+    <layer>.weight        int8 / float8_e4m3fn [out, in]   the values v
+    <layer>.weight_scale  [out, 1]   INT8: checkpoint dtype (rounded at calibration, as above);
+                                     FP8: float32 (the e4m3 quantizer's abs-max / 448)
+
+with W = v * scale; the top-level `format` is the groups' one (vLLM reads activation schemes
+only under an activation format), `mixed-precision` if weight-only groups are mixed in. The
+fake-quant model keeps only dequantized weights: `w8a8_layer_from_weight` recovers (v, scale)
+from them, exactly or not at all. Loading gives QuantLinear(act_bits=8) for INT8 (what the
+int8 W8A8 kernels run) and `FP8ActLinear` for FP8 (QuantLinear holds integer codes only).
+Per-token activation quantization matches the fake quantizers (`quant.activations`): INT8
+scale abs-max / 127, codes in +-127 (vLLM's too; transformers' emulation divides by 127.5),
+FP8 abs-max / 448.
+
 Every other tensor (embeddings, norms, output layer, adaLN) is a float tensor in the same shards,
 unless `--quantize-head` quantized the vocabulary layers: the output Linear is then an ordinary
 target, and the embedding ([V, D], groups along D per token row) is a target too, stored with
@@ -53,9 +72,11 @@ that the config describes before anything is built, then repacks the plain codes
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +84,12 @@ import compressed_tensors
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from compressed_tensors.quantization.quant_scheme import FP8_DYNAMIC, INT8_W8A8
 from compressed_tensors.utils.match import is_match, match_named_modules
 from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.nn import functional as F
 
 import faircalib
 from faircalib.errors import CheckpointError, ConfigError
@@ -87,6 +110,7 @@ from faircalib.models.io import (
     write_extra_files,
     write_json,
 )
+from faircalib.quant.activations import FP8_E4M3_MAX, quantize_fp8_rows
 from faircalib.quant.primitives import QParams, dequantize, scales_representable
 
 QUANT_METHOD = "compressed-tensors"
@@ -98,6 +122,10 @@ NATIVE_MODEL_TYPE = "faircalib-{family}"  # model_type of families with no HF mo
 CHECKPOINT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # methods whose results carry per-input-channel scales (see _refuse_smoothing)
 SMOOTHING_METHODS = ("awq", "smoothquant")
+# W8A8 layers (see `W8A8Layer`): compressed-tensors' own formats and preset schemes
+INT_FORMAT, FLOAT_FORMAT, MIXED_FORMAT = "int-quantized", "float-quantized", "mixed-precision"
+W8A8_KINDS = {"int8": (INT_FORMAT, INT8_W8A8), "fp8": (FLOAT_FORMAT, FP8_DYNAMIC)}
+W8A8_VALUE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 # --- one layer ------------------------------------------------------------------------------
@@ -255,6 +283,7 @@ _SAFETENSORS_ITEM_BYTES = {
     "BF16": 2,
     "I8": 1,
     "U8": 1,
+    "F8_E4M3": 1,
 }
 
 
@@ -277,7 +306,8 @@ def packed_checkpoint_bytes(
     module: nn.Module, schemes: Mapping[str, Any], dtype: torch.dtype = torch.bfloat16
 ) -> dict[str, int]:
     """Tensor bytes of the whole packed checkpoint `write_packed` would write for `module` with
-    the layers in `schemes` (name -> object with bits, group_size, symmetric) quantized, from
+    the layers in `schemes` (name -> object with bits, group_size, symmetric; or with `kind`
+    "int8" / "fp8" for a W8A8 layer, as `W8A8Layer` has) quantized, from
     shapes alone: it works on a meta-device model (an 8B one costs nothing). Every other
     state-dict tensor is stored in `dtype` if it is a float, else as it is (biases of quantized
     layers included). Safetensors headers are not counted (`checkpoint_tensor_bytes` reads the
@@ -287,8 +317,11 @@ def packed_checkpoint_bytes(
     quantized, skip = 0, set()
     for name, cfg in schemes.items():
         out_f, in_f = _layer_shape(module, name, embeddings)
-        group = cfg.group_size
-        quantized += packed_layer_bytes(out_f, in_f, cfg.bits, group, cfg.symmetric, dtype)
+        if getattr(cfg, "kind", None) in W8A8_KINDS:  # a W8A8Layer, or anything with its kind
+            quantized += w8a8_layer_bytes(out_f, in_f, cfg.kind, dtype)
+        else:
+            group = cfg.group_size
+            quantized += packed_layer_bytes(out_f, in_f, cfg.bits, group, cfg.symmetric, dtype)
         skip.add(f"{name}.{embeddings.get(name, 'weight')}")
     floats = sum(
         t.numel() * (item if t.is_floating_point() else t.element_size())
@@ -326,14 +359,17 @@ def _tensor_sizes(directory: Path) -> dict[str, int]:
 
 
 def packed_weight_bytes(directory: Path) -> int:
-    """Bytes the quantized layers' weights (codes, scales, zero points, shapes) occupy in a
-    packed model directory, read from the safetensors headers only (no tensor is loaded)."""
+    """Bytes the quantized layers' weights (codes, scales, zero points, shapes; a W8A8
+    layer's int8 / e4m3 `weight` and its scales) occupy in a packed model directory, read
+    from the safetensors headers only (no tensor is loaded). Every quantized layer has a
+    `weight_scale`; a float layer never does."""
     directory = Path(directory)
     sizes = _tensor_sizes(directory)
-    layers = {n.removesuffix(".weight_packed") for n in sizes if n.endswith(".weight_packed")}
+    layers = {n.removesuffix(".weight_scale") for n in sizes if n.endswith(".weight_scale")}
     if not layers:
-        raise CheckpointError(f"{directory} holds no packed layers (no *.weight_packed tensor)")
-    return sum(sizes.get(f"{layer}.{suffix}", 0) for layer in layers for suffix in WEIGHT_SUFFIXES)
+        raise CheckpointError(f"{directory} holds no packed layers (no *.weight_scale tensor)")
+    suffixes = (*WEIGHT_SUFFIXES, "weight")
+    return sum(sizes.get(f"{layer}.{suffix}", 0) for layer in layers for suffix in suffixes)
 
 
 def expected_specs(
@@ -350,6 +386,159 @@ def expected_specs(
     if not args.symmetric:
         specs["weight_zero_point"] = ((math.ceil(out_f * bits / 32), n_groups), "int32")
     return specs
+
+
+# --- W8A8 layers (int-quantized / float-quantized) ------------------------------------------
+@dataclass
+class W8A8Layer:
+    """One W8A8 layer for `write_packed`, in compressed-tensors' `int-quantized` (INT8) or
+    `float-quantized` (FP8 e4m3) layout: weight values on a symmetric per-output-channel grid,
+    activations quantized per token at run time (dynamic: nothing stored for them).
+
+    kind: "int8" or "fp8"; values [out, in] int8 or float8_e4m3fn; scale [out, 1] float32;
+    weight [out, in]: the fake-quant weight evaluated, fl(values * scale) bit for bit (the
+    writer checks it)."""
+
+    kind: str
+    values: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor | None  # None: not kept (a loaded layer)
+
+    def dequantized(self) -> torch.Tensor:
+        """fl(values * scale) in float32: the same op the fake quantizers end with."""
+        return self.values.float() * self.scale.float()
+
+
+# float32 neighbours of a row's candidate scale that are tried: the true scale s of a row
+# whose largest |value| is a = fl(s * K) lies within one ulp of a / K (see `_fit_rows`)
+_SCALE_ULPS = 3
+_ULP_STEPS = (0, *(d * i for i in range(1, _SCALE_ULPS + 1) for d in (1, -1)))
+
+
+def w8a8_layer_from_weight(kind: str, weight: torch.Tensor) -> W8A8Layer | None:
+    """The grid a fake-quant W8A8 weight [out, in] lies on, recovered from the weight alone
+    (calibration keeps only the dequantized weight): per row, a float32 scale s and values v
+    (INT8 in [-128, 127], or e4m3) with fl(v * s) == weight bit for bit. None if some row lies
+    on no such grid (an asymmetric INT8 grid, a learned clip, a weight changed afterwards).
+    Runs on the weight's device; each row costs a few passes (most fit the first candidate)."""
+    if kind not in W8A8_KINDS:
+        raise ConfigError(f"W8A8 kind must be int8 or fp8, got {kind!r}")
+    w = weight.detach().float()
+    # the value of a row's abs-max element: e4m3's 448 (each row's abs-max maps there), or its
+    # INT8 code K: 127 or -128 under RTN (symmetric min-max), anything after GPTQ
+    ks = [FP8_E4M3_MAX] if kind == "fp8" else [127.0, 128.0, *range(126, 0, -1)]
+    scale = torch.ones(w.shape[0], 1, device=w.device)  # all-zero rows: any scale encodes them
+    values = torch.zeros(w.shape, dtype=W8A8_VALUE_DTYPES[kind], device=w.device)
+    todo = torch.nonzero(w.abs().amax(dim=1) > 0).flatten()
+    # first the exact quotient for the likeliest K (all rows of an RTN layer with rounded
+    # scales fit there), then every K with the neighbouring scales
+    exact_only = [(k, (0,)) for k in ks[:2]]
+    for k, steps in exact_only + [(k, _ULP_STEPS) for k in ks]:
+        if len(todo) == 0:
+            break
+        todo = _fit_rows(kind, w, todo, float(k), steps, scale, values)
+    if len(todo):
+        return None
+    return W8A8Layer(kind, values.cpu(), scale.cpu(), weight.detach().cpu())
+
+
+def _fit_rows(
+    kind: str,
+    w: torch.Tensor,
+    todo: torch.Tensor,
+    k: float,
+    steps: tuple[int, ...],
+    scale: torch.Tensor,
+    values: torch.Tensor,
+) -> torch.Tensor:
+    """Fit rows `todo` of w whose abs-max element is k times a float32 scale: the true scale s
+    of such a row (a = fl(s * k)) lies within about one ulp of a / k, so a / k and its
+    `steps` (ulps away from it) are tried, each on the rows still unfit. Fitted rows are
+    written into `scale` / `values`; returns the rows still unfit."""
+    base = w[todo].abs().amax(dim=1, keepdim=True) / k  # [n, 1]
+    left = torch.arange(len(todo), device=w.device)  # positions in `todo` still unfit
+    for step in steps:
+        if len(left) == 0:
+            break
+        cand = _ulps_away(base[left], step)
+        rows = w[todo[left]]
+        v = _encode_w8a8(kind, rows, cand)
+        ok = (v.float() * cand == rows).all(dim=1) & (cand.squeeze(1) > 0)
+        hit = todo[left[ok]]
+        scale[hit], values[hit] = cand[ok], v[ok]
+        left = left[~ok]
+    return todo[left]
+
+
+def _ulps_away(x: torch.Tensor, n: int) -> torch.Tensor:
+    direction = torch.full_like(x, math.inf if n > 0 else -math.inf)
+    for _ in range(abs(n)):
+        x = torch.nextafter(x, direction)
+    return x
+
+
+def _encode_w8a8(kind: str, rows: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    x = rows / scale
+    if kind == "fp8":
+        return x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return torch.round(x).clamp(-128, 127).to(torch.int8)
+
+
+def w8a8_layer_bytes(out_f: int, in_f: int, kind: str, dtype: torch.dtype) -> int:
+    """Bytes of one W8A8 layer's weight tensors: one byte per value, one scale per output
+    channel in `w8a8_scale_dtype` (checkpoint dtype `dtype`)."""
+    item = torch.empty(0, dtype=w8a8_scale_dtype(kind, dtype)).element_size()
+    return out_f * in_f + out_f * item
+
+
+def w8a8_quant_linear(layer: W8A8Layer, bias: torch.Tensor | None, **kwargs: Any) -> nn.Module:
+    """The module a loaded W8A8 layer becomes: INT8 -> `QuantLinear` with act_bits=8 (codes
+    = value + 128, symmetric per-channel: what its int8 / int8_w8a8 backends run); FP8 ->
+    `FP8ActLinear` (QuantLinear holds integer codes only). kwargs: QuantLinear's backend and
+    cache_dequant."""
+    if layer.kind == "fp8":
+        return FP8ActLinear(layer.values, layer.scale, bias)
+    codes = (layer.values.to(torch.int16) + 128).to(torch.uint8)
+    out_f = codes.shape[0]
+    qp = QParams(layer.scale.float(), torch.full((out_f, 1), 128.0), 8, None, True)
+    return QuantLinear.from_codes(codes, qp, bias=bias, act_bits=8, **kwargs)
+
+
+class FP8ActLinear(nn.Module):
+    """A loaded FP8 W8A8 layer: x -> per-token e4m3 fake quantization (`quantize_fp8_rows`,
+    the fake-quant model's own quantizer) -> x @ (values * scale).T + bias, the weight decoded
+    in float32 as the fake quantizer decoded it, so CPU float32 results equal the fake-quant
+    model's bit for bit. `values` (e4m3) and `scale` (float32) keep their dtypes through
+    `model.to(dtype)`, as QuantLinear's scales do."""
+
+    def __init__(self, values: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = values.shape
+        self.register_buffer("weight", values.to(torch.float8_e4m3fn).contiguous())
+        self.register_buffer("weight_scale", scale.float().reshape(-1, 1).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        kept = {n: self._buffers[n] for n in ("weight", "weight_scale")}
+        for name in kept:
+            self._buffers[name] = None  # hidden from dtype casts; moved below
+        try:
+            out = super()._apply(fn, recurse)
+        except BaseException:
+            self._buffers.update(kept)  # a failed move leaves the layer as it was
+            raise
+        for name, t in kept.items():  # device moves apply, dtype casts do not
+            self._buffers[name] = t.to(device=fn(t).device)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantize_fp8_rows(x)
+        weight = (self.weight.float() * self.weight_scale).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fp8 e4m3 W8A8 (per-token)"
 
 
 # --- save ----------------------------------------------------------------------------------
@@ -418,7 +607,7 @@ def write_packed(
     layers = {name: _checked_result(module, name, res, embeddings) for name, res in results.items()}
     tensors = _float_tensors(module, layers, dtype)
     for name, res in layers.items():  # each already checked by _checked_result
-        packed = _pack_checked(res.codes, res.qparams, dtype, name)
+        packed = _layer_tensors(res, dtype, name)
         tensors.update({f"{name}.{k}": v for k, v in packed.items()})
     config = {
         **config,
@@ -431,6 +620,33 @@ def write_packed(
         write_extra_files(tmp, extra_files)
         write_json(tmp / CONFIG, config)  # last: without it no loader accepts the directory
     return Path(out)
+
+
+def _layer_tensors(res: Any, dtype: torch.dtype, name: str) -> dict[str, torch.Tensor]:
+    """A checked result's tensors: pack-quantized, or a W8A8 layer's values and its scales
+    in `w8a8_scale_dtype` (never rounded here: the values were chosen for the scales as they
+    are)."""
+    if isinstance(res, W8A8Layer):
+        scale_dtype = w8a8_scale_dtype(res.kind, dtype)
+        scale = res.scale.float()
+        if not torch.equal(scale.to(scale_dtype).float(), scale):
+            raise ConfigError(
+                f"{name}: INT8 W8A8 scales are not exactly representable in "
+                f"{_dtype_name(scale_dtype)}, the checkpoint dtype; calibrate with "
+                f"scale_dtype={_dtype_name(scale_dtype)!r} (calib.fakequant_io.packed_act_config)"
+            )
+        return {"weight": res.values.contiguous(), "weight_scale": scale.to(scale_dtype)}
+    return _pack_checked(res.codes, res.qparams, dtype, name)
+
+
+def w8a8_scale_dtype(kind: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a W8A8 layer's scales are stored in. INT8: the checkpoint dtype, as for
+    pack-quantized layers (calibration rounds them first), so transformers, which allocates
+    scales in the model dtype, decodes our weight rounded to it bit for bit. FP8: float32,
+    because the e4m3 fake quantizer's scale (abs-max / 448) cannot be rounded before the values
+    are chosen; vLLM keeps it exactly (float32 scale parameters), transformers rounds it to the
+    model dtype."""
+    return torch.float32 if kind == "fp8" else dtype
 
 
 def check_packable_method(cfg: object) -> None:
@@ -483,6 +699,8 @@ def _checked_result(
         raise ConfigError(
             f"quantized layer {name!r} is a {type(layer).__name__}, not a linear layer"
         )
+    if isinstance(res, W8A8Layer):
+        return _checked_w8a8(name, res, shape, embeddings or {})
     if tuple(res.codes.shape) != shape:
         raise ConfigError(
             f"{name}: codes have shape {tuple(res.codes.shape)}, the layer is (out, in) = {shape}"
@@ -490,6 +708,31 @@ def _checked_result(
     _refuse_smoothing(name, res)
     check_codes(res.codes, res.qparams)
     _check_reproduces_weight(name, res)
+    return res
+
+
+def _checked_w8a8(
+    name: str, res: W8A8Layer, shape: tuple[int, int], embeddings: Mapping[str, str]
+) -> W8A8Layer:
+    """A W8A8 layer is a linear whose values and scales reproduce its fake-quant weight."""
+    if name in embeddings:
+        raise ConfigError(f"{name}: an embedding cannot quantize its activations (W8A8)")
+    if res.kind not in W8A8_KINDS or res.values.dtype != W8A8_VALUE_DTYPES[res.kind]:
+        raise ConfigError(f"{name}: W8A8 {res.kind!r} values of dtype {res.values.dtype}")
+    if tuple(res.values.shape) != shape or tuple(res.scale.shape) != (shape[0], 1):
+        raise ConfigError(
+            f"{name}: W8A8 values {tuple(res.values.shape)} / scales {tuple(res.scale.shape)} "
+            f"do not fit the layer's (out, in) = {shape}"
+        )
+    scale = res.scale.float()
+    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ConfigError(f"{name}: W8A8 scales must be finite and positive")
+    weight = None if res.weight is None else res.weight.detach().cpu()
+    if weight is None or not torch.equal(res.dequantized().to(weight.dtype), weight):
+        raise ConfigError(
+            f"{name}: W8A8 values and scales do not reproduce the fake-quant weight; the "
+            "result was changed after its grid was chosen"
+        )
     return res
 
 
@@ -502,16 +745,17 @@ def _refuse_smoothing(name: str, res: Any) -> None:
     follow LayerNorm + adaLN modulate, where s would have to divide the norm weight and the
     adaLN shift rows, and q/k/v would have to share one s. Folding some layers and refusing the
     rest would be a format that works for some methods on some models. Per-token activation
-    quantization (SmoothQuant's A8) has a compressed-tensors description (dynamic per-token
-    int8 `input_activations`), but vLLM only runs it from `int-quantized` weights, not from
-    `pack-quantized`, and without s it would quantize the unsmoothed activations.
+    quantization alone is written (W8A8 layers, `W8A8Layer`: vLLM runs it from `int-quantized`
+    weights, not `pack-quantized`), but SmoothQuant's without s would quantize the unsmoothed
+    activations.
     """
     if getattr(res, "input_scale", None) is not None:
         raise ConfigError(_SMOOTHING_MESSAGE.format(what=f"{name}'s AWQ/SmoothQuant input_scale"))
     if getattr(res, "act_bits", None) is not None:
         raise ConfigError(
-            f"--format packed cannot store {name}'s per-token activation quantization "
-            "(vLLM runs it only from int-quantized weights); use --format fake"
+            f"--format packed cannot store {name}'s per-token activation quantization on a "
+            "weight-only result (W8A8 layers are written from `W8A8Layer`s: quantize --scheme "
+            "w8a8 or w8a8fp8); use --format fake"
         )
 
 
@@ -584,14 +828,11 @@ def quantization_config(module: nn.Module, layers: Mapping[str, Any]) -> dict[st
     targets are its layers' exact names; every other nn.Linear of `module` in `ignore`."""
     groups: dict[tuple, list[str]] = {}
     for name, res in layers.items():
-        qp = res.qparams
-        groups.setdefault((qp.bits, qp.group_size, bool(qp.symmetric)), []).append(name)
+        groups.setdefault(_group_key(res), []).append(name)
     config_groups = {
-        f"group_{i}": QuantizationScheme(
-            targets=names, weights=quantization_args(*key), format=PACK_FORMAT
-        )
-        for i, (key, names) in enumerate(groups.items())
+        f"group_{i}": _group_scheme(key, names) for i, (key, names) in enumerate(groups.items())
     }
+    formats = {scheme.format for scheme in config_groups.values()}
     ignore = [
         name
         for name, m in module.named_modules()
@@ -600,11 +841,28 @@ def quantization_config(module: nn.Module, layers: Mapping[str, Any]) -> dict[st
     qc = QuantizationConfig(
         config_groups=config_groups,
         quant_method=QUANT_METHOD,
-        format=PACK_FORMAT,
+        format=formats.pop() if len(formats) == 1 else MIXED_FORMAT,
         quantization_status="compressed",
         ignore=ignore,
     )
     return {"version": compressed_tensors.__version__, **qc.model_dump(mode="json")}
+
+
+def _group_key(res: Any) -> tuple:
+    """Layers sharing a key share a config group: ("w8a8", kind) or the weight grid."""
+    if isinstance(res, W8A8Layer):
+        return ("w8a8", res.kind)
+    qp = res.qparams
+    return (qp.bits, qp.group_size, bool(qp.symmetric))
+
+
+def _group_scheme(key: tuple, names: list[str]) -> QuantizationScheme:
+    """A W8A8 group is compressed-tensors' own preset (INT8_W8A8 / FP8_DYNAMIC: symmetric
+    per-channel weights, dynamic symmetric per-token input activations) in its format."""
+    if key[0] == "w8a8":
+        fmt, preset = W8A8_KINDS[key[1]]
+        return QuantizationScheme(targets=names, format=fmt, **copy.deepcopy(preset))
+    return QuantizationScheme(targets=names, weights=quantization_args(*key), format=PACK_FORMAT)
 
 
 def _faircalib_section(metadata: dict[str, Any] | None) -> dict[str, Any]:
@@ -649,24 +907,24 @@ def load_packed_model(
     floats = _validated_floats(probe, schemes, tensors, used, directory, embeddings)
     # validation is over: from here on nothing can fail on account of the files.
     state = {k: v.to(dtype) for k, v in floats.items()}
-    for name, (codes, qp, _, _) in layers.items():
+    for name, layer in layers.items():
         if name in embeddings:  # dequantized once into the float parameter (exact in float32)
+            codes, qp, _, _ = layer
             state[f"{name}.{embeddings[name]}"] = dequantize(codes, qp).to(dtype)
     model = _float_model(probe, config, state, dtype)
-    for name, (codes, qp, input_scale, act_bits) in layers.items():
+    kernel = {"backend": backend, "cache_dequant": cache_dequant}
+    for name, layer in layers.items():
         if name in embeddings:
             continue
         linear = model.get_submodule(name)
         bias = None if linear.bias is None else linear.bias.detach()
-        quant = QuantLinear.from_codes(
-            codes,
-            qp,
-            bias=bias,
-            input_scale=input_scale,
-            act_bits=act_bits,
-            backend=backend,
-            cache_dequant=cache_dequant,
-        )
+        if isinstance(layer, W8A8Layer):
+            quant = w8a8_quant_linear(layer, bias, **kernel)
+        else:
+            codes, qp, input_scale, act_bits = layer
+            quant = QuantLinear.from_codes(
+                codes, qp, bias=bias, input_scale=input_scale, act_bits=act_bits, **kernel
+            )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, quant)
     return model.to(device).eval()
@@ -713,15 +971,28 @@ def _parse_quantization_config(config: dict[str, Any], directory: Path) -> Quant
             f"{directory}: invalid quantization_config at {where}: {first.get('msg')} "
             f"({exc.error_count()} problem(s)); {REDO}"
         ) from exc
-    if qconfig.format != PACK_FORMAT:
+    known = (PACK_FORMAT, INT_FORMAT, FLOAT_FORMAT, MIXED_FORMAT)
+    if qconfig.format not in known:
         raise CheckpointError(
-            f"{directory}: format {qconfig.format!r} is not supported, only {PACK_FORMAT!r}; "
+            f"{directory}: format {qconfig.format!r} is not supported, only {known}; "
             "re-export the model with faircalib quantize --format packed"
         )
     return qconfig
 
 
-def _check_scheme(group: str, scheme: QuantizationScheme, directory: Path) -> QuantizationArgs:
+def _check_scheme(
+    group: str, scheme: QuantizationScheme, directory: Path, top_format: str | None = None
+) -> QuantizationArgs | str:
+    """A group's weight QuantizationArgs (weight-only, pack-quantized), or the W8A8 kind
+    ("int8" / "fp8") of a group that quantizes input activations."""
+    if top_format not in (None, MIXED_FORMAT) and scheme.format not in (None, top_format):
+        # readers that go by the top-level format (vLLM) would read this group differently
+        raise CheckpointError(
+            f"{directory}: config group {group}'s format {scheme.format!r} is not supported "
+            f"under the config's format {top_format!r}; {REDO}"
+        )
+    if scheme.input_activations is not None:
+        return _check_w8a8_scheme(group, scheme, directory, top_format)
     args = scheme.weights
     problems = []
     if args is None:
@@ -736,8 +1007,8 @@ def _check_scheme(group: str, scheme: QuantizationScheme, directory: Path) -> Qu
         problems.append(
             "activation quantization is described by faircalib.act_bits, not the scheme"
         )
-    if scheme.format not in (None, PACK_FORMAT):
-        problems.append(f"format {scheme.format!r}")
+    if (scheme.format or top_format) != PACK_FORMAT:
+        problems.append(f"format {scheme.format or top_format!r}")
     if problems:
         raise CheckpointError(
             f"{directory}: config group {group} is unsupported: {'; '.join(problems)}; {REDO}"
@@ -745,18 +1016,48 @@ def _check_scheme(group: str, scheme: QuantizationScheme, directory: Path) -> Qu
     return args
 
 
+def _check_w8a8_scheme(
+    group: str, scheme: QuantizationScheme, directory: Path, top_format: str | None
+) -> str:
+    """The W8A8 kind of a group equal to compressed-tensors' INT8_W8A8 / FP8_DYNAMIC preset
+    (what QuantLinear / FP8ActLinear compute) in its own format; anything else is refused."""
+    fmt = scheme.format or top_format
+    for kind, (kind_format, preset) in W8A8_KINDS.items():
+        if (
+            _same_args(scheme.weights, preset["weights"])
+            and _same_args(scheme.input_activations, preset["input_activations"])
+            and scheme.output_activations is None
+            and fmt == kind_format
+        ):
+            return kind
+    raise CheckpointError(
+        f"{directory}: config group {group} quantizes activations but is not W8A8 INT8 "
+        f"(int-quantized) or FP8 (float-quantized) with symmetric per-channel weights and "
+        f"dynamic per-token activations (format {fmt!r}); {REDO}"
+    )
+
+
+_ARGS_FIELDS = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic")
+
+
+def _same_args(args: QuantizationArgs | None, preset: QuantizationArgs) -> bool:
+    if args is None:
+        return False
+    return all(getattr(args, f) == getattr(preset, f) for f in _ARGS_FIELDS)
+
+
 def _layer_schemes(
     model: DiffusionLM,
     qconfig: QuantizationConfig,
     directory: Path,
     embeddings: Mapping[str, str] | None = None,
-) -> dict[str, QuantizationArgs]:
-    """Layer name -> its weight QuantizationArgs, checking every target names a Linear (or an
-    embedding in `embeddings`) once."""
+) -> dict[str, QuantizationArgs | str]:
+    """Layer name -> its weight QuantizationArgs (or W8A8 kind), checking every target names
+    a Linear (or an embedding in `embeddings`) once."""
     embeddings = embeddings or {}
-    schemes: dict[str, QuantizationArgs] = {}
+    schemes: dict[str, QuantizationArgs | str] = {}
     for group, scheme in qconfig.config_groups.items():
-        args = _check_scheme(group, scheme, directory)
+        args = _check_scheme(group, scheme, directory, qconfig.format)
         matched = list(match_named_modules(model, scheme.targets, qconfig.ignore))
         unmatched = [
             t
@@ -777,8 +1078,12 @@ def _layer_schemes(
                 raise CheckpointError(
                     f"{directory}: {name} is targeted by more than one config group; {REDO}"
                 )
+            if isinstance(args, str) and name in embeddings:
+                raise CheckpointError(f"{directory}: embedding {name} in a W8A8 group; {REDO}")
             in_features = _layer_shape(model, name, embeddings)[1]
-            if args.strategy == "group" and in_features % args.group_size:
+            if isinstance(args, QuantizationArgs) and (
+                args.strategy == "group" and in_features % args.group_size
+            ):
                 raise CheckpointError(
                     f"{directory}: group size {args.group_size} does not divide "
                     f"{name}'s {in_features} input features; {REDO}"
@@ -840,6 +1145,9 @@ def _validated_layers(
     layers, used = {}, set()
     for name, args in schemes.items():
         out_f, in_f = _layer_shape(model, name, embeddings or {})
+        if isinstance(args, str):
+            layers[name] = _validated_w8a8(name, args, (out_f, in_f), tensors, used, where)
+            continue
         parts = {}
         for suffix, (shape, kind) in expected_specs(out_f, in_f, args).items():
             key = f"{name}.{suffix}"
@@ -866,6 +1174,35 @@ def _validated_layers(
         codes, qp = unpack_layer(parts, args)
         layers[name] = (codes, qp, input_scale, section["act_bits"].get(name))
     return layers, used
+
+
+def _validated_w8a8(
+    name: str,
+    kind: str,
+    shape: tuple[int, int],
+    tensors: dict[str, torch.Tensor],
+    used: set[str],
+    where: Path,
+) -> W8A8Layer:
+    """A W8A8 layer's `weight` (int8 / e4m3 [out, in]) and `weight_scale` (float [out, 1]),
+    checked: dtypes, shapes, finite values, positive scales."""
+    values, scale = tensors.get(f"{name}.weight"), tensors.get(f"{name}.weight_scale")
+    _check_tensor(f"{name}.weight_scale", scale, (shape[0], 1), "float", where)
+    if values is None or tuple(values.shape) != shape:
+        got = None if values is None else tuple(values.shape)
+        raise CheckpointError(f"{where}: {name}.weight has shape {got}, expected {shape}; {REDO}")
+    if values.dtype != W8A8_VALUE_DTYPES[kind]:
+        raise CheckpointError(
+            f"{where}: {name}.weight has dtype {values.dtype}, W8A8 {kind} stores "
+            f"{W8A8_VALUE_DTYPES[kind]}; {REDO}"
+        )
+    if kind == "fp8" and not all_finite(values.float()):
+        raise CheckpointError(f"{where}: {name}.weight contains NaN values; {REDO}")
+    if not (scale > 0).all():
+        raise CheckpointError(f"{where}: {name}.weight_scale has non-positive scales; {REDO}")
+    used.update({f"{name}.weight", f"{name}.weight_scale"})
+    scale = scale.float()
+    return W8A8Layer(kind, values, scale, None)  # the decoded weight is not kept
 
 
 def _validated_floats(

@@ -1,0 +1,443 @@
+"""Packed W8A8 checkpoints (issue 14, item 6): compressed-tensors `int-quantized` (INT8) and
+`float-quantized` (FP8 e4m3) with dynamic per-token input activations, written from the
+activation-quantized (ActQuantLinear) model, reloaded bit for bit, read by transformers, and
+matched by vLLM's scheme-selection rules; the CLI path (quantize -> eval -> generate)."""
+
+import contextlib
+import copy
+import io
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from faircalib import hub
+from faircalib.calib.activations import ActCalibConfig, ActQuantLinear, quantize_activations
+from faircalib.calib.fakequant_io import packed_act_config, save_quantized, w8a8_results
+from faircalib.calib.inputs import masked_inputs
+from faircalib.calib.select import restrict
+from faircalib.cli import main
+from faircalib.config import CalibConfig, RTNConfig
+from faircalib.data import calibration_batch
+from faircalib.data.sources import load_source
+from faircalib.errors import CheckpointError, ConfigError
+from faircalib.formats.packed import (
+    FP8ActLinear,
+    checkpoint_tensor_bytes,
+    packed_checkpoint_bytes,
+    packed_weight_bytes,
+    w8a8_layer_from_weight,
+    write_packed,
+)
+from faircalib.kernels import QuantLinear
+from faircalib.kernels.backends import auto_backend
+from faircalib.quant import quantize_gptq, quantize_rtn
+from faircalib.quant.stats import LayerInputs
+from llama_like_ckpt import write_family
+from test_formats_interop import LLAMA_FUSED, hf_linears, tiny_llama, vllm_layer_groups
+from test_formats_interop import vllm_llama_linears as vllm_llama_layers
+
+torch.set_num_threads(1)
+CALIB = CalibConfig(n_samples=4, seq_len=32)
+
+
+# --- vLLM's scheme selection -----------------------------------------------------------------
+# Re-implemented from vllm-project/vllm, vllm/model_executor/layers/quantization/
+# compressed_tensors/compressed_tensors.py (commit 004dadbe): `_quantization_scheme_map_from_config`
+# reads input_activations only when the top-level format is an activation-quantization format
+# (naive-, int-, float-quantized); `_get_scheme_from_parts` then picks W8A8Fp8 (float weights and
+# activations, symmetric static per-tensor/channel weights, dynamic activations) or W8A8Int8
+# (8-bit, symmetric static tensor/channel weights, dynamic per-token activations), else fails.
+ACTIVATION_FORMATS = ("naive-quantized", "int-quantized", "float-quantized")
+
+
+def vllm_scheme(qc: dict, group: str) -> str:
+    scheme = qc["config_groups"][group]
+    w = scheme["weights"]
+    a = scheme.get("input_activations") if qc["format"] in ACTIVATION_FORMATS else None
+    if a is None:
+        return "weight-only"
+    fp8 = w["type"] == a["type"] == "float" and w["symmetric"] and not w["dynamic"]
+    if fp8 and w["strategy"] in ("tensor", "channel") and a["dynamic"]:
+        return "CompressedTensorsW8A8Fp8"
+    int8 = w["num_bits"] == a["num_bits"] == 8 and w["strategy"] in ("tensor", "channel")
+    if int8 and a["strategy"] == "token" and w["symmetric"] and not w["dynamic"] and a["dynamic"]:
+        return "CompressedTensorsW8A8Int8"
+    raise AssertionError("No compressed-tensors compatible scheme was found.")
+
+
+def test_the_vllm_scheme_helper_refuses_what_vllm_refuses():
+    args = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    act = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    qc = {
+        "format": "int-quantized",
+        "config_groups": {"g": {"weights": {**args, "dynamic": False}}},
+    }
+    qc["config_groups"]["g"]["input_activations"] = act
+    assert vllm_scheme(qc, "g") == "CompressedTensorsW8A8Int8"
+    qc["config_groups"]["g"]["weights"]["symmetric"] = False  # asymmetric INT8 weights
+    with pytest.raises(AssertionError, match="No compressed-tensors"):
+        vllm_scheme(qc, "g")
+    assert vllm_scheme({**qc, "format": "pack-quantized"}, "g") == "weight-only"
+
+
+# --- grid recovery from a fake-quant weight ---------------------------------------------------
+def test_int8_grid_is_recovered_exactly_from_rtn_and_gptq_weights():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 96, generator=gen)
+    rtn = quantize_rtn(w, RTNConfig(bits=8, group_size=None, symmetric=True))
+    layer = w8a8_layer_from_weight("int8", rtn.weight)
+    assert torch.equal(layer.values.to(torch.int16) + 128, rtn.codes.to(torch.int16))
+    assert torch.equal(layer.scale, rtn.qparams.scale)  # RTN's own scales, found again
+    gptq = quantize_gptq(
+        w, LayerInputs.from_rows(torch.randn(256, 96, generator=gen)), _gptq_int8()
+    )
+    layer = w8a8_layer_from_weight("int8", gptq.weight)
+    assert layer is not None and torch.equal(layer.values.float() * layer.scale, gptq.weight)
+    asym = quantize_rtn(w, RTNConfig(bits=8, group_size=None, symmetric=False))
+    assert w8a8_layer_from_weight("int8", asym.weight) is None  # zero points: no W8A8 form
+
+
+def _gptq_int8():
+    from faircalib.config import GPTQConfig
+
+    return GPTQConfig(bits=8, group_size=None, symmetric=True)
+
+
+def test_fp8_grid_is_torchs_e4m3_cast_of_the_row_scaled_weight():
+    """Independent reference: torch's float8_e4m3fn cast of w / (abs-max / 448) per row."""
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    scale = w.abs().amax(dim=1, keepdim=True) / 448
+    ref_values = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    fake = ref_values.float() * scale
+    layer = w8a8_layer_from_weight("fp8", fake)
+    assert torch.equal(layer.values.float() * layer.scale, fake)
+    assert torch.equal(layer.values.view(torch.uint8), ref_values.view(torch.uint8))
+
+
+# --- library round trips ----------------------------------------------------------------------
+def bf16_valued(model):
+    """Parameters rounded to bf16 values: the bf16 checkpoint then stores the float tensors
+    losslessly, so the reload can be compared bit for bit."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16())
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = bf16_valued(hub.load("mdlm-tiny"))
+    tokens = calibration_batch(hub.load_tokenizer("mdlm-tiny"), "c4", "train", 4, 32, seed=0)
+    x_t, t = masked_inputs(model, tokens, CalibConfig(n_samples=4, seed=7))
+    return model, tokens, x_t, t
+
+
+def calibrated(model, tokens, scheme, method):
+    q = copy.deepcopy(model)
+    report = quantize_activations(
+        q, tokens, packed_act_config(ActCalibConfig(scheme, method)), CALIB
+    )
+    return q, report
+
+
+@pytest.mark.parametrize(
+    ("scheme", "method", "module_type"),
+    [("w8a8", "rtn", QuantLinear), ("w8a8", "gptq", QuantLinear), ("w8a8fp8", "rtn", FP8ActLinear)],
+)
+def test_mdlm_packed_reload_equals_the_fake_quant_model(
+    tiny, tmp_path, scheme, method, module_type
+):
+    model, tokens, x_t, t = tiny
+    q, report = calibrated(model, tokens, scheme, method)
+    save_quantized(q, report, tmp_path / "p", None, fmt="packed")
+    loaded = hub.load(tmp_path / "p")
+    with torch.no_grad():
+        want, got, float_lp = q.log_probs(x_t, t), loaded.log_probs(x_t, t), model.log_probs(x_t, t)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, float_lp)  # weights and activations really are quantized
+    act_layers = [n for n, m in q.named_modules() if isinstance(m, ActQuantLinear)]
+    assert len(act_layers) == 16
+    for name in act_layers:
+        layer = loaded.get_submodule(name)
+        assert type(layer) is module_type
+        if module_type is QuantLinear:  # what the int8 W8A8 backends take
+            assert (layer.bits, layer.group_size, layer.symmetric) == (8, None, True)
+            assert layer.act_bits == 8
+            assert torch.equal(layer.dequantized_weight(), q.get_submodule(name).weight)
+    config = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]
+    assert config["format"] == ("int-quantized" if scheme == "w8a8" else "float-quantized")
+    assert vllm_scheme(config, "group_0").endswith("Int8" if scheme == "w8a8" else "Fp8")
+
+
+def test_llada_layout_packed_reload_equals_the_fake_quant_model(tmp_path):
+    model = hub.load(write_family(tmp_path / "src", "llada"))  # bf16 tensors: exact in bf16
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 256, (4, 32), generator=gen)
+    x_t = torch.randint(0, 256, (2, 24), generator=gen)
+    x_t[torch.rand(x_t.shape, generator=gen) < 0.5] = model.mask_id
+    t = torch.full((2,), 0.5)
+    for scheme in ("w8a8", "w8a8fp8"):
+        q, report = calibrated(model, tokens, scheme, "rtn")
+        save_quantized(q, report, tmp_path / scheme, None, fmt="packed")
+        loaded = hub.load(tmp_path / scheme)
+        with torch.no_grad():
+            assert torch.equal(loaded.log_probs(x_t, t), q.log_probs(x_t, t)), scheme
+        config = json.loads((tmp_path / scheme / "config.json").read_text())
+        assert config["model_type"] == "llada"
+        groups = vllm_layer_groups(config["quantization_config"], hf_linears(q), {})
+        assert [n for n, g in groups.items() if g is None] == ["model.transformer.ff_out"]
+
+
+def test_byte_accounting_matches_the_written_files(tiny, tmp_path):
+    model, tokens, _, _ = tiny
+    for scheme, scale_bytes in (("w8a8", 2), ("w8a8fp8", 4)):  # bf16 / float32 scales
+        q, report = calibrated(model, tokens, scheme, "rtn")
+        layers = w8a8_results(q)
+        save_quantized(q, report, tmp_path / scheme, None, fmt="packed")
+        written = checkpoint_tensor_bytes(tmp_path / scheme)
+        assert packed_checkpoint_bytes(q, layers)["total"] == written
+        expected = sum(
+            o * i + o * scale_bytes for o, i in (v.values.shape for v in layers.values())
+        )
+        assert packed_weight_bytes(tmp_path / scheme) == expected
+
+
+def test_what_has_no_w8a8_form_is_refused_in_one_line(tiny, tmp_path):
+    model, tokens, _, _ = tiny
+    q = copy.deepcopy(model)
+    quantize_activations(q, tokens, ActCalibConfig("w8a8", "quarot"), CALIB)
+    with pytest.raises(ConfigError, match="Hadamard rotation") as err:
+        save_quantized(q, {}, tmp_path / "a", None, fmt="packed")
+    q = copy.deepcopy(model)  # calibrated for fake-quant: float32 scales the bf16 file can't hold
+    quantize_activations(q, tokens, ActCalibConfig("w8a8", "rtn"), CALIB)
+    with pytest.raises(ConfigError, match="not exactly representable in bfloat16") as err2:
+        save_quantized(q, {}, tmp_path / "b", None, fmt="packed")
+    assert "\n" not in str(err.value) + str(err2.value)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_damaged_w8a8_directory_is_refused(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, tokens, _, _ = tiny
+    q, report = calibrated(model, tokens, "w8a8", "rtn")
+    save_quantized(q, report, tmp_path / "p", None, fmt="packed")
+    shard = next((tmp_path / "p").glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["blocks.0.mlp.0.weight"] = tensors["blocks.0.mlp.0.weight"].to(torch.int16)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="dtype"):
+        hub.load(tmp_path / "p")
+
+
+def test_int8_layers_are_routed_to_the_w8a8_backends_on_cuda(tiny, tmp_path):
+    """The routing rule itself (no GPU needed): auto picks W8A8_AUTO's int8 backend for the
+    reloaded layers at M >= 17 on CUDA; on the CPU the same `int8` backend, asked by name,
+    computes what the exact dequant backend computes."""
+    model, tokens, x_t, _ = tiny
+    q, report = calibrated(model, tokens, "w8a8", "rtn")
+    save_quantized(q, report, tmp_path / "p", None, fmt="packed")
+    layer = hub.load(tmp_path / "p").blocks[0].mlp[0]
+    assert auto_backend(layer, "cuda", torch.bfloat16, 64) == "int8"
+    assert auto_backend(layer, "cpu", torch.float32, 64) == "dequant"  # CPU: the exact one
+    x = torch.randn(40, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = layer(x)
+        layer.backend = "int8"
+        layer._forget_plans()
+        fast = layer(x)
+    assert layer.last_backend == "int8"
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-5)
+
+
+# --- stock readers: transformers ----------------------------------------------------------------
+def llama_w8a8(kind: str, out):
+    """Every decoder linear of a tiny Llama, W8A8 `kind` (RTN symmetric bf16-scale INT8, or
+    per-row e4m3), written packed."""
+    model = tiny_llama(seed=4)
+    layers = {}
+    for name in hf_linears(model):
+        if name == "lm_head":
+            continue
+        w = model.get_submodule(name).weight.detach().float()
+        if kind == "int8":
+            cfg = RTNConfig(bits=8, group_size=None, symmetric=True, scale_dtype="bfloat16")
+            fake = quantize_rtn(w, cfg).weight
+        else:
+            scale = w.abs().amax(dim=1, keepdim=True) / 448
+            fake = (w / scale).to(torch.float8_e4m3fn).float() * scale
+        layers[name] = w8a8_layer_from_weight(kind, fake)
+    write_packed(model, layers, model.config.to_dict(), out)
+    return model, layers
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_transformers_loads_packed_w8a8_llama(tmp_path, kind):
+    model, layers = llama_w8a8(kind, tmp_path / kind)
+    qc = json.loads((tmp_path / kind / "config.json").read_text())["quantization_config"]
+    fused = vllm_layer_groups(qc, vllm_llama_layers(model), LLAMA_FUSED)
+    assert len(fused) == 8 and set(fused.values()) == {"group_0"}
+    assert vllm_scheme(qc, "group_0") == f"CompressedTensorsW8A8{kind.title()}"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / kind)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits = loaded(ids).logits
+    assert torch.isfinite(logits).all()
+    for name, layer in layers.items():
+        module = loaded.get_submodule(name)
+        act = module.quantization_scheme.input_activations
+        assert act.dynamic and act.strategy == "token" and act.num_bits == 8
+        if kind == "int8":  # bf16 scales: our weight rounded to bf16, bit for bit
+            expected = layer.weight.bfloat16()
+        else:  # float32 scales, which transformers keeps in bf16: values * bf16(scale)
+            expected = (layer.values.float() * layer.scale.bfloat16().float()).bfloat16()
+        assert torch.equal(module.weight, expected), name
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+def run_cli(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cli_w8a8(tmp_path_factory):
+    root = tmp_path_factory.mktemp("w8a8cli")
+    calib = root / "calib.txt"
+    calib.write_text(
+        "\n\n".join(
+            f"Document {i}: the mill by the river, bread and bridges." * 3 for i in range(30)
+        )
+    )
+    argv = ["quantize", "mdlm-tiny", "--scheme", "w8a8", "--nsamples", "4", "--seq-len", "32"]
+    argv += ["--calib", str(calib), "--exclude", "blocks.0.*", "--out", str(root / "q"), "--json"]
+    code, out, err = run_cli(argv)
+    assert code == 0, err
+    return root, calib, json.loads(out)
+
+
+def test_cli_auto_writes_packed_w8a8_equal_to_the_library(cli_w8a8, tiny):
+    root, calib, summary = cli_w8a8
+    _, _, x_t, t = tiny
+    assert summary["format"] == "packed" and summary["method"]["weight_scale_dtype"] == "bfloat16"
+    recipe = json.loads((root / "q" / "recipe.json").read_text())
+    assert recipe["args"]["format"] == "packed"
+    # independent reference: the library on the same texts, floats rounded as bf16 stores them
+    model = hub.load("mdlm-tiny")
+    tokens = calibration_batch(
+        hub.load_tokenizer("mdlm-tiny"), load_source(str(calib), None, "text"), None, 4, 32, 0
+    )
+    with restrict(model, None, ["blocks.0.*"]):
+        quantize_activations(model, tokens, packed_act_config(ActCalibConfig("w8a8", "rtn")), CALIB)
+    act_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, ActQuantLinear)}
+    with torch.no_grad():  # the checkpoint's tensors (state dict), not recomputed buffers
+        for key, value in model.state_dict().items():
+            if value.is_floating_point() and key not in act_weights:
+                value.copy_(value.bfloat16())
+    loaded = hub.load(root / "q")
+    assert isinstance(loaded.blocks[0].mlp[0], torch.nn.Linear)  # excluded: float
+    assert loaded.blocks[1].mlp[0].act_bits == 8
+    with torch.no_grad():
+        assert torch.equal(loaded.log_probs(x_t, t), model.log_probs(x_t, t))
+
+
+def test_cli_eval_and_generate_run_the_packed_w8a8_directory(cli_w8a8):
+    root, _, _ = cli_w8a8
+    code, out, err = run_cli(["eval", str(root / "q"), "--limit", "2", "--seq-len", "32", "--json"])
+    assert code == 0, err
+    ppl = json.loads(out)["ppl"]
+    assert 1 < ppl < float("inf")
+    code, out, err = run_cli(
+        ["generate", str(root / "q"), "--gen-length", "8", "--steps", "4", "--json"]
+    )
+    assert code == 0, err
+    assert len(json.loads(out)["tokens"][0]) == 8
+
+
+def test_cli_fp8_packed_and_its_summary(tmp_path, cli_w8a8):
+    _, calib, _ = cli_w8a8
+    argv = ["quantize", "mdlm-tiny", "--scheme", "w8a8fp8", "--format", "packed", "--nsamples"]
+    argv += ["4", "--seq-len", "32", "--calib", str(calib), "--include", "blocks.3.*"]
+    code, out, err = run_cli([*argv, "--out", str(tmp_path / "f")])
+    assert code == 0, err
+    assert "packed (compressed-tensors float-quantized" in out
+    assert isinstance(hub.load(tmp_path / "f").blocks[3].attn_qkv, FP8ActLinear)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--scheme", "w8a8", "--method", "smoothquant"], "SmoothQuant"),
+        (["--scheme", "w8a8", "--method", "quarot"], "Hadamard"),
+        (["--scheme", "w8a8fp8", "--method", "flatquant"], "learned online transforms"),
+        (["--scheme", "w4a4"], "INT4 per-token"),
+        (["--scheme", "w4a8"], "W8A8 schemes only"),
+        (["--scheme", "w8a8", "--clip-search"], "clip ratio"),
+    ],
+)
+def test_cli_packed_refusals_name_the_reason_in_one_line(tmp_path, extra, needle):
+    out = tmp_path / "never"
+    code, stdout, err = run_cli(
+        ["quantize", "mdlm-tiny", *extra, "--format", "packed", "--out", str(out)]
+    )
+    assert code == 2 and needle in err and "--format fake" in err
+    assert err.count("\n") == 1 and not stdout and not out.exists()
+
+
+def test_cli_auto_keeps_fake_for_schemes_without_a_packed_form():
+    from types import SimpleNamespace
+
+    from faircalib.commands.quantize import act_format
+
+    base = {"format": "auto", "clip_search": False}
+    assert act_format(SimpleNamespace(**base, scheme="w8a8", method="gptq")) == "packed"
+    assert act_format(SimpleNamespace(**base, scheme="w8a8fp8", method="rtn")) == "packed"
+    for scheme, method in (("w8a8", "smoothquant"), ("w4a4", "rtn"), ("w4a8fp8", "rtn")):
+        assert act_format(SimpleNamespace(**base, scheme=scheme, method=method)) == "fake"
+
+
+def test_mixed_weight_only_and_w8a8_layers_share_one_mixed_precision_config(tiny, tmp_path):
+    """A pack-quantized weight-only layer beside W8A8 ones: top-level format mixed-precision,
+    each group naming its own; the reload gives each layer its own kind."""
+    model, tokens, x_t, t = tiny
+    q, _ = calibrated(model, tokens, "w8a8", "rtn")
+    w = model.blocks[0].attn_qkv.weight.detach().float()
+    weight_only = quantize_rtn(w, RTNConfig(bits=4, group_size=32, scale_dtype="bfloat16"))
+    q.blocks[0].attn_qkv = copy.deepcopy(model.blocks[0].attn_qkv)
+    results = {**w8a8_results(q), "blocks.0.attn_qkv": weight_only}  # now a float Linear in q
+    from faircalib.formats.packed import save_packed_model
+
+    save_packed_model(q, results, tmp_path / "mixed")
+    qc = json.loads((tmp_path / "mixed" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "mixed-precision"
+    assert sorted(g["format"] for g in qc["config_groups"].values()) == [
+        "int-quantized",
+        "pack-quantized",
+    ]
+    loaded = hub.load(tmp_path / "mixed")
+    assert loaded.blocks[0].attn_qkv.act_bits is None and loaded.blocks[0].attn_qkv.bits == 4
+    assert loaded.blocks[0].attn_out.act_bits == 8
+    q.blocks[0].attn_qkv.weight.data.copy_(weight_only.weight)  # the fake-quant reference
+    with torch.no_grad():
+        assert torch.equal(loaded.log_probs(x_t, t), q.log_probs(x_t, t))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_auto_runs_packed_w8a8_on_the_int8_backend(tiny, tmp_path):
+    """On the GPU, `auto` routes the reloaded INT8 layers to W8A8_AUTO's backend (M >= 17 rows)
+    and the bf16 log-probs stay close to the CPU float32 fake-quant model's."""
+    model, tokens, x_t, t = tiny
+    q, report = calibrated(model, tokens, "w8a8", "rtn")
+    save_quantized(q, report, tmp_path / "p", None, fmt="packed")
+    loaded = hub.load(tmp_path / "p", device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = loaded.log_probs(x_t.cuda(), t.cuda()).float().cpu()
+        want = q.log_probs(x_t, t)
+    assert loaded.blocks[0].mlp[0].last_backend in ("int8", "int8_w8a8")
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))
+    assert float((got[finite] - want[finite]).abs().mean()) < 0.05

@@ -432,8 +432,10 @@ PACKED = [  # a compressed-tensors copy of mdlm-tiny (RTN W4 g64), damaged
     ("packed-strategy-invalid", on_packed(weights(strategy="diagonal")), r"invalid quantization_config at"),
     ("packed-targets-unknown-layer", on_packed(group(targets=["blocks.9.attn_qkv"])),
      r"targets modules the model lacks"),
-    ("packed-format-unsupported", on_packed(qconfig(format="float-quantized")),
-     r"format 'float-quantized' is not supported"),
+    ("packed-format-unsupported", on_packed(qconfig(format="marlin-24")),
+     r"format 'marlin-24' is not supported"),
+    ("packed-format-mismatch", on_packed(qconfig(format="float-quantized")),
+     r"format 'pack-quantized' is not supported under the config's format 'float-quantized'"),
 ]
 ARGUMENTS = [  # refused before any model is loaded or any calibration runs
     ("arg-bits-1", argv(*QUANTIZE, "--bits", "1", *Q), r"unsupported bit width 1"),

@@ -175,6 +175,25 @@ def test_gptq_fused_sweep_gives_the_torch_loops_codes_on_cuda(group_size, act_or
 
 
 @needs_cuda
+@pytest.mark.parametrize("group_size,act_order", [(128, False), (None, True)])
+def test_gptq_fused_sweep_at_its_widest_tile_on_cuda(group_size, act_order):
+    """256-column lazy blocks (the widest the kernel takes: 8 rows a program), a ragged last
+    block (1300 = 5 x 256 + 20) and a row count no tile divides, compiled on the GPU."""
+    from faircalib.config import GPTQConfig
+    from faircalib.quant.gptq import quantize_gptq, triton_sweep_available
+
+    n_in = 1280 if group_size else 1300  # dynamic groups must divide the width
+    inputs, g = _gptq_layer(n_in, seed=9)
+    w = (torch.randn(1001, n_in, generator=g) * 0.05).cuda()
+    cfg = GPTQConfig(bits=4, group_size=group_size, act_order=act_order, block_size=256)
+    assert triton_sweep_available(w.device, cfg.block_size)
+    fused = quantize_gptq(w, inputs, cfg, sweep="auto")
+    ref = quantize_gptq(w, inputs, cfg, sweep="torch")
+    assert torch.equal(fused.codes, ref.codes)
+    assert torch.equal(fused.weight, ref.weight)
+
+
+@needs_cuda
 def test_stacked_gptq_equals_separate_calls_on_cuda():
     from faircalib.config import GPTQConfig
     from faircalib.quant.gptq import quantize_gptq, quantize_gptq_many

@@ -100,6 +100,10 @@ INTERPRETED_CHECK = textwrap.dedent(
         (37, 128, GPTQConfig(bits=4, group_size=64, act_order=True, scale_dtype="bfloat16")),
         (9, 160, GPTQConfig(bits=3, group_size=None, act_order=True, symmetric=True)),
         (20, 192, GPTQConfig(bits=8, group_size=None, act_order=False, block_size=96)),
+        # the widest tile the kernel takes (256 columns, 8 rows a program), ragged last block
+        (19, 300, GPTQConfig(bits=4, group_size=None, act_order=True, block_size=256)),
+        # dynamic groups of 128 inside 256-wide lazy blocks
+        (19, 256, GPTQConfig(bits=4, group_size=128, act_order=False, block_size=256)),
     ):
         x = torch.randn(2 * n_in, n_in, generator=gen) @ torch.randn(n_in, n_in, generator=gen)
         x[:, 3] *= 10.0

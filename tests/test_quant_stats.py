@@ -118,6 +118,23 @@ def test_split_bf16_is_exact():
     assert torch.equal(total, v.double())
 
 
+def test_split_bf16_frees_its_input_after_the_first_residual():
+    """The weighted GPU Gram passes w * rows as a temporary: the generator must not keep that
+    float32 [N, in] tensor alive through the second residual (a copy more at the peak)."""
+    import weakref
+
+    v = torch.randn(1000, generator=torch.Generator().manual_seed(2))
+    expected = v.clone()
+    alive = weakref.ref(v)
+    pieces = split_bf16(v)
+    del v  # as gram_matrix's temporary: only the generator could still hold it
+    first = next(pieces)
+    second = next(pieces)  # the first residual exists: the input is no longer needed
+    assert alive() is None
+    total = first.double() + second.double() + next(pieces).double()
+    assert torch.equal(total, expected.double())  # and the split is still exact
+
+
 def test_cpu_gram_is_the_float32_product():
     """On the CPU the batch Gram matrix is rows^T (w * rows) in float32, bit for bit, for
     16-bit rows as for float32 ones (the tensor-core path is CUDA only)."""

@@ -277,40 +277,11 @@ def quantize_model(
     )
     for i, block in blocks:
         block.to(device)
-        linears = model.quantizable_linears(block)
-        targets = _run_block(block, float_cache or cache, contexts, plan) if recon else None
-        report.layers += _quantize_block(
-            i,
-            block,
-            linears,
-            _Loaded(cache, plan),
-            contexts,
-            weights,
-            method_cfg,
-            calib_cfg,
-            device,
-            report.timings,
-            batches,
-        )
-        if recon:
-            tick = time.time()
-            ids = row_ids(batches)  # global calibration rows of this rank's cache
-            log = reconstruct_block(
-                block,
-                SequenceRows(cache, contexts, ids),
-                SequenceRows(targets, contexts, ids),
-                weights,
-                recon,
-                device,
-                calib_cfg.seed + i,
-                text_ids,
-                config_scale_dtype(method_cfg),
-            )
-            report.recon.append({"block": i, **log})
-            report.timings["recon_s"] += time.time() - tick
-            if float_cache is not None:
-                float_cache = targets
-            targets = None  # not alive while the next block's targets are formed
+        rows, float_cache = _calibrate_block(
+            i, block, model.quantizable_linears(block), cache, float_cache, contexts, weights,
+            plan, batches, text_ids, report, method_cfg, calib_cfg, recon,
+        )  # fmt: skip
+        report.layers += rows
         tick = time.time()
         for j in range(len(cache)):  # outputs of the quantized block feed the next
             cache[j] = plan.keep(block(plan.load(cache[j]), contexts[j]))
@@ -376,42 +347,71 @@ def _quantize_stack(
     rows: list[dict] = []
     for i, block in enumerate(stack.blocks):
         block.to(device)
-        targets = _run_block(block, float_cache or cache, contexts, plan) if recon else None
-        rows += _quantize_block(
-            i,
-            block,
-            model.quantizable_linears(block),
-            cache,
-            contexts,
-            weights,
-            method_cfg,
-            calib_cfg,
-            device,
-            report.timings,
-            batches,
-            prefix=stack.name,
-        )
-        if recon:
-            tick = time.time()
-            ids = row_ids(batches)
-            log = reconstruct_block(
-                block,
-                SequenceRows(cache, contexts, ids),
-                SequenceRows(targets, contexts, ids),
-                weights,
-                recon,
-                device,
-                calib_cfg.seed + i,
-                text_ids,
-                config_scale_dtype(method_cfg),
-            )
-            report.recon.append({"block": f"{stack.name}.{i}", **log})
-            report.timings["recon_s"] += time.time() - tick
-            if float_cache is not None:
-                float_cache = targets
-            targets = None
+        block_rows, float_cache = _calibrate_block(
+            i, block, model.quantizable_linears(block), cache, float_cache, contexts, weights,
+            plan, batches, text_ids, report, method_cfg, calib_cfg, recon, stack=stack.name,
+        )  # fmt: skip
+        rows += block_rows
         cache = _run_block(block, cache, contexts, plan)  # the quantized block feeds the next
     return rows
+
+
+def _calibrate_block(
+    i: int,
+    block: nn.Module,
+    linears: list[tuple[str, nn.Linear]],
+    cache: list[torch.Tensor],
+    float_cache: list[torch.Tensor] | None,
+    contexts: list[BlockContext],
+    weights: torch.Tensor,
+    plan: CachePlan,
+    batches: list[slice],
+    text_ids: torch.Tensor | None,
+    report: QuantReport,
+    method_cfg: QuantConfig,
+    calib_cfg: CalibConfig,
+    recon: ReconConfig | None,
+    stack: str | None = None,
+) -> tuple[list[dict], list[torch.Tensor] | None]:
+    """Quantize block `i` of the main stack (`stack` None) or of an extra stack on its cached
+    inputs, then with `recon` reconstruct it against the float block's outputs (its log and
+    time go to `report`). Returns the block's layer rows and the float-stream cache for the
+    next block."""
+    device = torch.device(calib_cfg.device)
+    targets = _run_block(block, float_cache or cache, contexts, plan) if recon else None
+    rows = _quantize_block(
+        i,
+        block,
+        linears,
+        _Loaded(cache, plan),
+        contexts,
+        weights,
+        method_cfg,
+        calib_cfg,
+        device,
+        report.timings,
+        batches,
+        prefix=stack,
+    )
+    if recon:
+        tick = time.time()
+        ids = row_ids(batches)  # global calibration rows of this rank's cache
+        log = reconstruct_block(
+            block,
+            SequenceRows(cache, contexts, ids),
+            SequenceRows(targets, contexts, ids),
+            weights,
+            recon,
+            device,
+            calib_cfg.seed + i,
+            text_ids,
+            config_scale_dtype(method_cfg),
+        )
+        report.recon.append({"block": i if stack is None else f"{stack}.{i}", **log})
+        report.timings["recon_s"] += time.time() - tick
+        if float_cache is not None:
+            float_cache = targets  # the float block's outputs feed the next block's targets
+    return rows, float_cache
 
 
 def _run_block(

@@ -6,6 +6,8 @@
 #   bash benchmarks/run_gpu.sh wait kernels           # then collect
 #   GPU=1 bash benchmarks/run_gpu.sh start llada-fair # a second queue on the second GPU of a
 #                                                     # machine of several, beside the first
+# The device machine goes back after ~30 s without a command in flight, detached jobs and all:
+# keep a `wait` call running (SECONDS_MAX <= the per-call limit) until the last job is done.
 # Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), kernels, e2e, throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
 # recorded in benchmarks/results/bench-mdlm-small-act), weighting (instability vs prior vs uniform, 3 seeds),
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),

@@ -6,7 +6,7 @@
 # Budget (30 min of device time = 1800 s; one command <= 600 s; the machine keeps files while
 # warm, so training and the table run in the background and later calls poll them):
 #   machine start (first call)                               ~150 s
-#   gather  x K calls, one 3.9 MiB piece each (~20 s/call)   K=8: ~160 s
+#   gather  x K calls, two 3.9 MiB pieces each (~20 s/call)  K=4: ~80 s
 #   base    mdlm-base, BASE_SECONDS=480 of training + ~60 s compile/load/save   ~540 s
 #           (gather calls may go on meanwhile: pieces for the Gaussian families)
 #   families diffusionlm-base + planner-small side by side, FAMILY_SECONDS=150 each ~200 s
@@ -20,11 +20,13 @@
 # assumed 250 TFLOP/s effective (bf16, --compile) that is ~4.1e5 tokens/s, ~2.0e8 tokens in
 # 480 s. Data: xz'd uint16 token pieces carry ~1.10 M tokens per MiB (measured; the xz'd jsonl
 # text carries 1.00 M); the packed pieces (scripts/token_pieces.manifest.json: 16 pieces, 64 M
-# tokens) hold ~4.1 M tokens each: 8 calls ~33 M tokens, i.e. ~6 epochs in 480 s; all 16
+# tokens) hold ~4.1 M tokens each: 4 calls of 2 pieces ~33 M tokens, i.e. ~6 epochs in 480 s; all 16
 # ~3 epochs. Data-bound, not compute-bound: say so with the result.
 #
+# The machine goes back ~30 s after a call ends (background jobs die with it): issue the calls
+# back to back, and where nothing else is due, `status` with HOLD=<seconds> keeps one in flight.
 # Phases (one call each; every phase first copies the carried .gpu/tokens-carry into $PIECES,
-# so any call can bring one more piece):
+# so any call can bring more pieces):
 #   gather   : only that; prints what is present
 #   base     : assemble the pieces present into a token file, start mdlm-base in the background
 #   status   : progress of the background jobs (any time; also a way to carry more pieces)
@@ -33,7 +35,7 @@
 #   collect  : wait for the table; at most 8 files into $OUT
 # Pieces are made here (CPU): faircalib data pack-tokens <shards> --tokenizer $TOK --out
 # .gpu/tokens --max-piece-mib 3.9 (docs/training.md); before gather call i run, here,
-# `scripts/gpu_seed_table.sh stage i` and give the call carry=[".gpu/tokens-carry"].
+# `scripts/gpu_seed_table.sh stage i j` (two pieces) and give the call carry=[".gpu/tokens-carry"].
 set -euo pipefail
 phase=${1:?phase}
 RUNS=${RUNS:-/root/runs}
@@ -44,7 +46,7 @@ BASE_SECONDS=${BASE_SECONDS:-480}
 FAMILY_SECONDS=${FAMILY_SECONDS:-150}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 [ "$phase" = stage ] || mkdir -p "$RUNS" "$PIECES"
-# every call may carry a piece (4 MiB a call is the limit, so no call should waste it)
+# every call may carry pieces (the tree and the carry travel together, 64 MiB a call)
 [ "$phase" = stage ] || [ ! -d "$CARRY" ] || cp "$CARRY"/* "$PIECES"/ 2>/dev/null || true
 
 background() {  # name, command: run detached, mark $RUNS/name.done when it ends
@@ -75,11 +77,16 @@ train_cmd() {  # preset, batch size, lr, seconds, token file
 }
 
 case $phase in
-stage)  # HERE, before gather call i: put piece i (and the manifest) where the call carries it
-  i=${2:?piece index}
+stage)  # HERE, before a gather call: put pieces i [j ...] (and the manifest) where it carries them
+  shift; [ $# -ge 1 ] || { echo "stage: piece indices, e.g. stage 0 1" >&2; exit 2; }
   rm -rf "$CARRY" && mkdir -p "$CARRY"
-  cp .gpu/tokens/manifest.json "$(printf '.gpu/tokens/tokens.%04d.u16.xz' "$i")" "$CARRY"/
-  du -ch "$CARRY"/* | tail -1
+  cp .gpu/tokens/manifest.json "$CARRY"/
+  for i in "$@"; do cp "$(printf '.gpu/tokens/tokens.%04d.u16.xz' "$i")" "$CARRY"/; done
+  # what travels: every tracked file plus the carry, 64 MiB in all (two pieces fit beside a
+  # ~58 MB tree; three do not)
+  total=$(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) + $(du -cb "$CARRY"/* | tail -1 | cut -f1) ))
+  echo "tree + carry: $total bytes (limit $((64 * 1024 * 1024)))"
+  [ "$total" -le $((64 * 1024 * 1024 - 524288)) ] || { echo "too much to carry: stage fewer pieces" >&2; exit 2; }
   exit 0
   ;;
 gather)  # the carried piece was copied above
@@ -93,6 +100,7 @@ base)
   ;;
 status)
   shopt -s nullglob
+  [ -z "${HOLD:-}" ] || wait_for $(( HOLD / 5 )) mdlm-base diffusionlm-base planner-small table
   for f in "$RUNS"/*.log; do echo "== $f"; tail -c 400 "$f"; echo; done
   for d in "$RUNS"/*.done; do echo "$(basename "$d"): exit $(cat "$d")"; done
   ;;

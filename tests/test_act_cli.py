@@ -194,7 +194,7 @@ def test_fair_scheme_summary_and_text(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--scheme", "w4a4", "--format", "packed"], "--format packed"),
+        (["--scheme", "w4a4", "--method", "quarot", "--format", "packed"], "--format packed"),
         (["--scheme", "w4a4", "--method", "awq"], "--method awq"),
         (["--method", "quarot"], "needs --scheme"),
         (["--scheme", "w4a4", "--bits", "4"], "--bits"),

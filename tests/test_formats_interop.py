@@ -350,3 +350,125 @@ def test_packed_llada_keeps_upstream_config_and_loads_back_exactly(tmp_path):
     x_t[:, ::3] = model.mask_id
     with torch.no_grad():
         assert torch.equal(load_packed_model(out).log_probs(x_t), reference.log_probs(x_t))
+
+
+# --- W4A8 / W4AFP8 / W4A4 groups (pack-quantized weights, per-token input activations) ----------
+# vLLM's choice for a group with input activations, re-implemented from vllm-project/vllm,
+# vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py
+# `_get_scheme_from_parts` / `_is_fp8_w4a8` / `_is_dynamic_token_w4a8_int` (2025-26): on Hopper
+# any 4-bit symmetric group-wise weight with dynamic per-token 8-bit activations goes to
+# CompressedTensorsW4A8Fp8 (it reads `weight_packed` and runs e4m3 activations whatever the
+# group's activation type; it needs group size 128); the INT W4A8 scheme (CPU kernels) is
+# reached only under an activation format (int-quantized), so a pack-quantized group elsewhere,
+# and any INT4-activation group, fails.
+def vllm_act_scheme(group: dict, top_format: str, hopper: bool) -> str:
+    w, a = group["weights"], group["input_activations"]
+    fp8_w4a8 = (
+        w["num_bits"] == 4
+        and a["num_bits"] == 8
+        and w["strategy"] == "group"
+        and a["strategy"] == "token"
+        and w["symmetric"]
+        and a["symmetric"]
+        and not w["dynamic"]
+        and a["dynamic"]
+    )
+    if hopper and fp8_w4a8:
+        assert w["group_size"] == 128, "W4A8 kernels require group size 128"
+        return "CompressedTensorsW4A8Fp8"
+    act_format = (group.get("format") or top_format) in ("naive-quantized", "int-quantized")
+    if act_format and w["num_bits"] == 4 and a["num_bits"] == 8 and w["symmetric"]:
+        return "CompressedTensorsW4A8Int"
+    raise AssertionError("No compressed-tensors compatible scheme was found.")
+
+
+def w4_llama() -> LlamaForCausalLM:
+    """A Llama whose linears all take 128-wide groups (hidden 128, MLP 256)."""
+    torch.manual_seed(5)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        architectures=["LlamaForCausalLM"],
+        dtype="bfloat16",
+    )
+    return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+
+
+def w4_act_results(model: nn.Module, act: str, group: int | None, symmetric: bool) -> dict:
+    from faircalib.formats.packed import PackedActLayer
+
+    cfg = BF16RTN(bits=4, group_size=group, symmetric=symmetric)
+    results = {}
+    for name in hf_linears(model):
+        if name != "lm_head":
+            r = quantize_rtn(model.get_submodule(name).weight.detach().float(), cfg, name=name)
+            results[name] = PackedActLayer(act, r.codes, r.qparams, r.weight)
+    return results
+
+
+def test_the_vllm_act_scheme_helper_refuses_what_vllm_refuses():
+    w = {"num_bits": 4, "strategy": "group", "group_size": 128, "symmetric": True}
+    a = {"num_bits": 8, "strategy": "token", "symmetric": True, "dynamic": True}
+    group = {"weights": {**w, "dynamic": False}, "input_activations": a}
+    assert vllm_act_scheme(group, "pack-quantized", hopper=True) == "CompressedTensorsW4A8Fp8"
+    with pytest.raises(AssertionError, match="No compressed"):  # off Hopper, pack-quantized
+        vllm_act_scheme(group, "pack-quantized", hopper=False)
+    assert vllm_act_scheme(group, "int-quantized", hopper=False) == "CompressedTensorsW4A8Int"
+    asym = {**group, "weights": {**group["weights"], "symmetric": False}}
+    with pytest.raises(AssertionError, match="No compressed"):
+        vllm_act_scheme(asym, "pack-quantized", hopper=True)
+    int4 = {**group, "input_activations": {**a, "num_bits": 4}}
+    with pytest.raises(AssertionError, match="No compressed"):
+        vllm_act_scheme(int4, "int-quantized", hopper=True)
+
+
+@pytest.mark.parametrize(
+    ("act", "group", "symmetric", "hopper_scheme"),
+    [
+        ("int8", 128, True, "CompressedTensorsW4A8Fp8"),  # W4A8: Hopper runs it with e4m3 acts
+        ("fp8", 128, True, "CompressedTensorsW4A8Fp8"),  # W4AFP8
+        ("int4", None, False, None),  # W4A4: no vLLM scheme
+    ],
+)
+def test_w4_activation_groups_pass_the_matching_rules_and_load_in_transformers(
+    tmp_path, act, group, symmetric, hopper_scheme
+):
+    """Every linear in exactly one group or `ignore` (fused shards together) by vLLM's and
+    compressed-tensors' rules; vLLM's scheme choice for the group; transformers'
+    compressed-tensors loader decompresses our codes to our weights bit for bit and runs
+    the model (with its own emulated activation quantization: logits close, not equal)."""
+    model = w4_llama()
+    results = w4_act_results(model, act, group, symmetric)
+    out = write_packed(model, results, model.config.to_dict(), tmp_path / act)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["ignore"] == ["lm_head"]
+    hf = vllm_layer_groups(qc, hf_linears(model), {})
+    assert {n for n, g in hf.items() if g is not None} == set(results)
+    fused = vllm_layer_groups(qc, vllm_llama_linears(model), LLAMA_FUSED)
+    assert len(fused) == 8 and None not in fused.values()
+    parsed = QuantizationConfig.model_validate(qc)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            rules = [t for s in parsed.config_groups.values() for t in s.targets]
+            assert len([t for t in rules + parsed.ignore if is_match(name, module, t)]) == 1
+    for scheme in qc["config_groups"].values():
+        if hopper_scheme is None:
+            with pytest.raises(AssertionError, match="No compressed"):
+                vllm_act_scheme(scheme, qc["format"], hopper=True)
+        else:
+            assert vllm_act_scheme(scheme, qc["format"], hopper=True) == hopper_scheme
+    loaded = AutoModelForCausalLM.from_pretrained(
+        out, quantization_config=CompressedTensorsConfig(dequantize=not symmetric)
+    )
+    ref = reference_llama(model, results)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():  # first: the default path decompresses on the first forward
+        got, want = loaded(ids).logits.float(), ref(ids).logits.float()
+    for name in results:
+        assert torch.equal(loaded.get_submodule(name).weight, ref.get_submodule(name).weight)
+    assert float((got - want).abs().max() / want.abs().max()) < 0.1
+    assert_our_reader_gives_the_codes(out, results)

@@ -39,10 +39,13 @@ CHECK = textwrap.dedent(
         worst[name] = max(worst.get(name, 0.0), value)
 
     gen = torch.Generator().manual_seed(0)
-    # per-token quantization: bit-identical to the torch grids, zero rows, ragged K, M = 1
+    # per-token quantization: bit-identical to the torch grids, zero rows, ragged K, M = 1, and
+    # a row whose abs-max (3e-9) lies below the shared floor (ACT_ABSMAX_FLOOR = 1e-8)
     for m, k in ((1, 64), (6, 200), (3, 1000)):
         x = torch.randn(m, k, generator=gen) * torch.logspace(-3, 2, m)[:, None]
         x[m // 2] = 0.0
+        if m > 2:
+            x[-1] *= 3e-9 / x[-1].abs().max()
         for kind, ref_fn in (("int8", quantize_rows_int8), ("fp8", fp8_quantize)):
             q, s = quantize_rows(x.half() if kind == "int8" else x, kind)
             rq, rs = ref_fn(x.half() if kind == "int8" else x)
@@ -221,7 +224,12 @@ def test_backends_refuse_layers_they_cannot_compute(monkeypatch):
     qp = compute_qparams(w, QuantConfig(bits=4, group_size=128, symmetric=True))
     a4 = QuantLinear.from_codes(quantize(w, qp), qp, act_bits=4)
     assert "act_bits=4" in backends.supports(a4, "w4a8", "cuda", torch.bfloat16, 64)
-    assert "CUDA" in backends.supports(a4, "fp8_w8a8", "cpu", torch.bfloat16, 64)
+    # fp8_w8a8 runs on the CPU too (torch's quantizer and _scaled_mm's CPU kernel), but
+    # _scaled_mm takes in and out features divisible by 16 only
+    assert backends.supports(a4, "fp8_w8a8", "cpu", torch.bfloat16, 64) is None
+    ragged = QuantLinear(256, 40, bits=8, group_size=None, symmetric=True)
+    assert "divisible by 16" in backends.supports(ragged, "fp8_w8a8", "cpu", torch.bfloat16, 64)
+    assert "cpu or cuda" in backends.supports(a4, "fp8_w8a8", "mps", torch.bfloat16, 64)
 
 
 def test_kernels_compile_for_hopper():

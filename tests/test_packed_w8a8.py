@@ -28,11 +28,14 @@ from faircalib.formats.packed import (
     packed_checkpoint_bytes,
     packed_weight_bytes,
     w8a8_layer_from_weight,
+    w8a8_quant_linear,
     write_packed,
 )
 from faircalib.kernels import QuantLinear
-from faircalib.kernels.backends import auto_backend
+from faircalib.kernels.backends import auto_backend, fp8_quantize_activations, quantize_rows_int8
 from faircalib.quant import quantize_gptq, quantize_rtn
+from faircalib.quant.activations import ActQuantConfig
+from faircalib.quant.primitives import ACT_ABSMAX_FLOOR
 from faircalib.quant.stats import LayerInputs
 from llama_like_ckpt import write_family
 from test_formats_interop import LLAMA_FUSED, hf_linears, tiny_llama, vllm_layer_groups
@@ -252,6 +255,192 @@ def test_int8_layers_are_routed_to_the_w8a8_backends_on_cuda(tiny, tmp_path):
     torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-5)
 
 
+# --- FP8 layers: the real FP8 GEMM next to the reference ----------------------------------------
+E4M3 = torch.float8_e4m3fn
+
+
+def e4m3_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent per-row e4m3 grid: torch's cast of t / (abs-max / 448) (nonzero rows)."""
+    scale = t.float().abs().amax(dim=-1, keepdim=True) / 448
+    return (t.float() / scale).to(E4M3), scale
+
+
+def fp8_layers(values, scale, bias):
+    return (
+        FP8ActLinear(values, scale, bias, backend="fp8_w8a8"),
+        FP8ActLinear(values, scale, bias, backend="reference"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("lead", "n_in", "n_out", "with_bias"),
+    [((3, 7), 32, 48, True), ((1,), 160, 16, False), ((33,), 64, 96, True)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_gemm_path_matches_the_reference_path(lead, n_in, n_out, with_bias, dtype):
+    """torch._scaled_mm runs e4m3 on the CPU (torch 2.13), so the fast path is checked here.
+    Both paths multiply the same e4m3 operands (rebuilt independently below) exactly, so each
+    differs from the float64 result of those operands only by float rounding: a float32 dot
+    product of K exact products plus <= 4 more roundings (two scales, bias, output) is within
+    gamma_(K+4) * sum|terms| (Higham); bf16 adds its unit roundoff 2^-8 on the GEMM output,
+    the bias and their sum (fast path: the float32 accumulator is rounded once) or on x_q,
+    the weight and the output (reference path: the fake-quant model's ops in bf16)."""
+    gen = torch.Generator().manual_seed(n_in + n_out)
+    values, w_scale = e4m3_rows(torch.randn(n_out, n_in, generator=gen))
+    bias = torch.randn(n_out, generator=gen) if with_bias else None
+    x = torch.randn(*lead, n_in, generator=gen) * torch.logspace(-2, 2, n_in)  # outlier channels
+    x = x.to(dtype)
+    fast, ref = fp8_layers(values, w_scale, bias)
+    with torch.no_grad():
+        y_fast, y_ref = fast(x), ref(x)
+    assert (fast.last_backend, ref.last_backend) == ("fp8_w8a8", "reference")
+    assert y_fast.shape == y_ref.shape == (*lead, n_out) and y_fast.dtype == dtype
+
+    x8, x_scale = e4m3_rows(x.reshape(-1, n_in))
+    terms_x = x8.double() * x_scale.double()  # [M, K] the activation operand, exactly
+    w = values.double() * w_scale.double()  # [N, K]
+    b = torch.zeros(n_out, dtype=torch.float64) if bias is None else bias.double()
+    exact = terms_x @ w.T + b
+    magnitude = terms_x.abs() @ w.abs().T + b.abs()  # sum |terms|: the dot product's scale
+    k = n_in + 4
+    gamma = k * 2.0**-24 / (1 - k * 2.0**-24)
+    fast_tol, ref_tol = gamma * magnitude, gamma * magnitude
+    if dtype == torch.bfloat16:
+        u = 2.0**-8
+        fast_tol = u * (exact.abs() + 2 * magnitude) + (1 + u) * fast_tol
+        ref_tol = u * (exact.abs() + 3 * magnitude) + 2 * ref_tol
+    y_fast, y_ref = y_fast.double().reshape(-1, n_out), y_ref.double().reshape(-1, n_out)
+    assert bool(((y_fast - exact).abs() <= fast_tol).all())
+    assert bool(((y_ref - exact).abs() <= ref_tol).all())
+    assert bool(((y_fast - y_ref).abs() <= fast_tol + ref_tol).all())
+
+
+def test_fp8_paths_are_chosen_by_device_shape_and_name():
+    gen = torch.Generator().manual_seed(3)
+    values, scale = e4m3_rows(torch.randn(32, 64, generator=gen))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # the rule only: nothing runs here
+    auto = FP8ActLinear(values, scale, None)
+    assert auto.backend == "auto"
+    assert auto.choose_backend(cuda, torch.bfloat16, 64) == "fp8_w8a8"
+    assert auto.choose_backend(cuda, torch.float32, 1) == "fp8_w8a8"
+    # the CPU keeps the exact (and there faster) reference; so does an empty call
+    assert auto.choose_backend(cpu, torch.float32, 64) == "reference"
+    assert auto.choose_backend(cpu, torch.bfloat16, 64) == "reference"
+    assert auto.choose_backend(cuda, torch.bfloat16, 0) == "reference"
+    auto.backend = "reference"  # a changed choice is not served from the cache
+    assert auto.choose_backend(cuda, torch.bfloat16, 64) == "reference"
+    # _scaled_mm takes in and out divisible by 16 only: auto falls back, a named path refuses
+    values, scale = e4m3_rows(torch.randn(24, 40, generator=gen))
+    assert FP8ActLinear(values, scale, None).choose_backend(cuda, torch.bfloat16, 64) == (
+        "reference"
+    )
+    named = FP8ActLinear(values, scale, None, backend="fp8_w8a8")
+    with pytest.raises(ConfigError, match="divisible by 16"):
+        named(torch.randn(3, 40))
+    with pytest.raises(ConfigError, match="unknown FP8ActLinear backend"):
+        FP8ActLinear(values, scale, None, backend="int8")
+
+
+def test_reloaded_fp8_layers_take_the_fp8_gemm_on_cuda_and_stay_exact_on_cpu(tiny, tmp_path):
+    """`eval` and `generate` load through hub.load -> the packed loader: every FP8 layer it
+    builds is on `auto`, routed to the FP8 GEMM for CUDA calls and to the exact reference
+    here (the reload's log-probs equal the fake-quant model's: test above)."""
+    model, tokens, x_t, t = tiny
+    q, report = calibrated(model, tokens, "w8a8fp8", "rtn")
+    save_quantized(q, report, tmp_path / "p", None, fmt="packed")
+    loaded = hub.load(tmp_path / "p")
+    layers = [m for m in loaded.modules() if isinstance(m, FP8ActLinear)]
+    assert len(layers) == 16
+    with torch.no_grad():
+        loaded.log_probs(x_t, t)
+    for layer in layers:
+        assert layer.backend == "auto" and layer.last_backend == "reference"
+        assert layer.choose_backend(torch.device("cuda"), torch.bfloat16, 64) == "fp8_w8a8"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_auto_runs_packed_fp8_on_the_fp8_gemm(tiny, tmp_path):
+    """On the GPU the reloaded FP8 layers run torch._scaled_mm for bf16 input and the bf16
+    log-probs stay close to the CPU float32 fake-quant model's."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    model, tokens, x_t, t = tiny
+    q, report = calibrated(model, tokens, "w8a8fp8", "rtn")
+    save_quantized(q, report, tmp_path / "p", None, fmt="packed")
+    loaded = hub.load(tmp_path / "p", device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = loaded.log_probs(x_t.cuda(), t.cuda()).float().cpu()
+        want = q.log_probs(x_t, t)
+    layers = [m for m in loaded.modules() if isinstance(m, FP8ActLinear)]
+    assert len(layers) == 16 and {m.last_backend for m in layers} == {"fp8_w8a8"}
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))
+    assert float((got[finite] - want[finite]).abs().mean()) < 0.05
+
+
+# --- one activation abs-max floor on every path ---------------------------------------------------
+# token rows of abs-max 1e-7 (above the floor), 3e-9 (below it: the floor sets the scale) and 0,
+# padded to 16 features (what _scaled_mm takes)
+TINY_ROWS = torch.nn.functional.pad(
+    torch.tensor([[1.0, -0.3, 0.2, 0.004], [1.0, -0.5, 0.2, 0.01], [0.0] * 4])
+    * torch.tensor([[1e-7], [3e-9], [0.0]]),
+    (0, 12),
+)
+# by hand: INT8 code = round(x * 127 / max(abs-max, 1e-8)); e4m3 value of x * 448 / max(...)
+# (row 0: 448, -134.4, 89.6, 1.792; row 1: 134.4, -67.2, 26.88, 1.344, to the nearest e4m3)
+INT8_CODES = [[127, -38, 25, 1], [38, -19, 8, 0], [0, 0, 0, 0]]
+E4M3_VALUES = [[448.0, -128.0, 88.0, 1.75], [128.0, -64.0, 26.0, 1.375], [0.0] * 4]
+ROW_ABSMAX = [1e-7, 1e-8, 1e-8]  # after the floor
+
+
+def _expected(codes: list[list[float]], qmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = torch.nn.functional.pad(torch.tensor(codes), (0, 12))
+    return codes, torch.tensor(ROW_ABSMAX)[:, None] / qmax
+
+
+def test_the_activation_floor_is_one_constant():
+    assert ACT_ABSMAX_FLOOR == 1e-8  # the value the hand-computed codes below assume
+
+
+def test_a_tiny_int8_row_gets_the_same_codes_on_every_path():
+    """fake quant (ActQuantLinear), QuantLinear(act_bits=8) on its exact backend as the packed
+    reload builds it, and the int8 kernels' row quantizer; the identity weight (exact on every
+    grid) makes each layer's output its quantized input."""
+    codes, scale = _expected(INT8_CODES, 127)
+    eye = torch.eye(16)
+    fake = ActQuantLinear(eye, None, ActQuantConfig("int", 8))
+    reloaded = w8a8_quant_linear(w8a8_layer_from_weight("int8", eye), None, backend="dequant")
+    assert isinstance(reloaded, QuantLinear) and reloaded.act_bits == 8
+    with torch.no_grad():
+        y_fake, y_reloaded = fake(TINY_ROWS), reloaded(TINY_ROWS)
+    assert torch.equal(torch.round(y_fake / scale), codes)
+    assert torch.equal(y_fake, codes * scale)
+    assert torch.equal(y_reloaded, y_fake)
+    q, q_scale = quantize_rows_int8(TINY_ROWS)  # int8 / int8_w8a8 backends' quantizer
+    assert torch.equal(q.float(), codes) and torch.equal(q_scale, scale)
+
+
+def test_a_tiny_fp8_row_gets_the_same_values_on_every_path():
+    """fake quant (ActQuantLinear), the reloaded FP8ActLinear's reference path and its FP8
+    GEMM path (whose quantizer is checked directly: its output rescales the product)."""
+    values, scale = _expected(E4M3_VALUES, 448)
+    eye = torch.eye(16)
+    fake = ActQuantLinear(eye, None, ActQuantConfig("fp8"))
+    layer = w8a8_layer_from_weight("fp8", eye)
+    fast = w8a8_quant_linear(layer, None)
+    fast.backend = "fp8_w8a8"
+    reference = w8a8_quant_linear(layer, None)
+    with torch.no_grad():
+        y_fake, y_ref, y_fast = fake(TINY_ROWS), reference(TINY_ROWS), fast(TINY_ROWS)
+    assert reference.last_backend == "reference" and fast.last_backend == "fp8_w8a8"
+    assert torch.equal(y_fake, values * scale)
+    assert torch.equal(y_ref, y_fake)
+    x8, x_scale = fp8_quantize_activations(TINY_ROWS)
+    assert torch.equal(x8.float(), values) and torch.equal(x_scale, scale)
+    # the GEMM rescales by x_scale * w_scale (w = 448 * fl(1/448)): float32 rounding only
+    torch.testing.assert_close(y_fast, y_fake, rtol=4 * 2.0**-24, atol=0)
+
+
 # --- stock readers: transformers ----------------------------------------------------------------
 def llama_w8a8(kind: str, out):
     """Every decoder linear of a tiny Llama, W8A8 `kind` (RTN symmetric bf16-scale INT8, or
@@ -374,8 +563,7 @@ def test_cli_fp8_packed_and_its_summary(tmp_path, cli_w8a8):
         (["--scheme", "w8a8", "--method", "smoothquant"], "SmoothQuant"),
         (["--scheme", "w8a8", "--method", "quarot"], "Hadamard"),
         (["--scheme", "w8a8fp8", "--method", "flatquant"], "learned online transforms"),
-        (["--scheme", "w4a4"], "INT4 per-token"),
-        (["--scheme", "w4a8"], "W8A8 schemes only"),
+        (["--scheme", "w4a8", "--method", "flatquant-gptq"], "learned online transforms"),
         (["--scheme", "w8a8", "--clip-search"], "clip ratio"),
     ],
 )
@@ -396,7 +584,7 @@ def test_cli_auto_keeps_fake_for_schemes_without_a_packed_form():
     base = {"format": "auto", "clip_search": False}
     assert act_format(SimpleNamespace(**base, scheme="w8a8", method="gptq")) == "packed"
     assert act_format(SimpleNamespace(**base, scheme="w8a8fp8", method="rtn")) == "packed"
-    for scheme, method in (("w8a8", "smoothquant"), ("w4a4", "rtn"), ("w4a8fp8", "rtn")):
+    for scheme, method in (("w8a8", "smoothquant"), ("w4a4", "rtn"), ("w4a8fp8", "quarot")):
         assert act_format(SimpleNamespace(**base, scheme=scheme, method=method)) == "fake"
 
 

@@ -5,9 +5,11 @@ Everything here works on any family through `model.quantizable_linears(block)`: 
 linear is replaced by an `ActQuantLinear`, which runs its input through an optional online
 transform (SmoothQuant division, randomized Hadamard rotation, learned FlatQuant transform),
 fake-quantizes it (INT per-token / static per-tensor, FP8 e4m3 per-token) and multiplies by a
-fake-quantized weight kept in the transformed basis. Rotations therefore run *online* in front
-of every linear here; which of them a given family could fold offline is in
-docs/activation-quant.md.
+fake-quantized weight kept in the transformed basis. Rotations run *online* in front of every
+linear, except where a family declares its residual stream (LLaDA, Dream): QuaRot methods rotate
+that stream offline first (`calib/residual_rotation.py`) and its readers run no online rotation
+(docs/activation-quant.md says which family folds what). Extra block stacks (PLANNER's latent
+prior) are walked first, with the same per-block code, their layers named `<stack>.<i>.<name>`.
 
 Three entry points:
 
@@ -34,11 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from faircalib.calib.engine import stack_layer_config
 from faircalib.calib.inputs import masked_inputs
 from faircalib.calib.recon import SequenceRows, split_rows
+from faircalib.calib.residual_rotation import fold_residual_rotation, reads_rotated_stream
 from faircalib.config import CalibConfig, FairCalibConfig, GPTQConfig, QuantConfig, RTNConfig
 from faircalib.errors import ConfigError
-from faircalib.models.base import BlockContext, DiffusionLM
+from faircalib.models.base import BlockContext, BlockStack, DiffusionLM
 from faircalib.quant import quantize_linear
 from faircalib.quant.activations import (
     ActQuantConfig,
@@ -81,8 +85,10 @@ SCHEMES: dict[str, ActScheme] = {
     # vLLM and this toolkit take them: the packed export writes the very same model
     "w8a8": ActScheme(8, None, "int", ActQuantConfig("int", 8), w_symmetric=True),
     "w8a8fp8": ActScheme(8, None, "fp8", ActQuantConfig("fp8")),
-    "w4a8": ActScheme(4, 128, "int", ActQuantConfig("int", 8)),
-    "w4a8fp8": ActScheme(4, 128, "int", ActQuantConfig("fp8")),
+    # symmetric INT4 g128 weights, as compressed-tensors' W4A8 / W4AFP8 presets and vLLM's
+    # W4A8 kernels take them (no zero points): the packed export writes the very same model
+    "w4a8": ActScheme(4, 128, "int", ActQuantConfig("int", 8), w_symmetric=True),
+    "w4a8fp8": ActScheme(4, 128, "int", ActQuantConfig("fp8"), w_symmetric=True),
     "w4a4": ActScheme(4, None, "int", ActQuantConfig("int", 4)),
     "w16a4": ActScheme(None, None, "int", ActQuantConfig("int", 4)),  # A4 alone
 }
@@ -229,11 +235,21 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def rotate_model(model: DiffusionLM, seed: int = 0) -> DiffusionLM:
+def rotate_model(model: DiffusionLM, seed: int = 0, *, fold_residual: bool = True) -> DiffusionLM:
     """Float Hadamard rotation of every quantizable linear's input, folded into its weight
-    (W Q) and applied online (x Q): the model's outputs are unchanged up to float rounding."""
-    for i, block in enumerate(model.blocks):
+    (W Q) and applied online (x Q): the model's outputs are unchanged up to float rounding.
+    A family that declares a residual layout (LLaDA, Dream) first gets the residual stream
+    rotated offline (`fold_residual_rotation`, `fold_residual`): the linears reading the stream
+    then take their input already rotated and run no online rotation; the others keep theirs."""
+    if fold_residual:
+        fold_residual_rotation(model, seed)
+    # extra stacks (PLANNER's prior) too; the main stack keeps its seeds (i counts per stack)
+    stacks = [*(stack.blocks for stack in model.extra_block_stacks()), model.blocks]
+    for i, block in (pair for blocks in stacks for pair in enumerate(blocks)):
         for j, (name, lin) in enumerate(model.quantizable_linears(block)):
+            if reads_rotated_stream(lin):  # weight already folded with the stream's Q
+                _set_submodule(block, name, ActQuantLinear(lin.weight.detach(), lin.bias, None))
+                continue
             rot = random_hadamard(lin.in_features, seed=seed + 1000 * i + j)
             w = fold_input_rotation(lin.weight.detach(), rot.to(lin.weight.device))
             _set_submodule(block, name, ActQuantLinear(w, lin.bias, None, rotation=rot))
@@ -312,10 +328,16 @@ def _learned_weight_config(scheme: ActScheme) -> QuantConfig:
 
 
 def _quantize_layer(
-    name: str, lin: nn.Module, inputs: LayerInputs, cfg: ActCalibConfig, seed: int
+    name: str,
+    lin: nn.Module,
+    inputs: LayerInputs,
+    cfg: ActCalibConfig,
+    seed: int,
+    scheme: ActScheme | None = None,
 ) -> tuple[ActQuantLinear, dict, FlatQuantResult | None]:
-    """`quantize_layer`, also returning the learned transform (learned methods; else None)."""
-    scheme = SCHEMES[cfg.scheme]
+    """`quantize_layer`, also returning the learned transform (learned methods; else None).
+    scheme: this layer's grid when it is not `cfg.scheme`'s (`_stack_scheme`)."""
+    scheme = scheme or SCHEMES[cfg.scheme]
     base, kind = METHODS[cfg.method]
     w = lin.weight.detach().float()
     if kind == "learned":
@@ -323,13 +345,17 @@ def _quantize_layer(
         learned = learn_transform(
             w, inputs.sample, wcfg, scheme.act, cfg.flat, inputs.sample_weights
         )
-        module = learned_module(name, lin, inputs, learned, cfg)
+        module = learned_module(name, lin, inputs, learned, cfg, scheme)
         return module, _layer_row(name, module, w, inputs, cfg, learned.info), learned
     act, extra = scheme.act, {}
     if kind == "smooth":
         s = smoothing_scales(inputs.act_absmax, w, cfg.smooth_alpha)
         extra["smooth"] = s
         t_inputs, w_t = transform_inputs(inputs, lambda x: x / s, 1 / s), w * s
+    elif kind == "hadamard" and reads_rotated_stream(lin):
+        # its input is the residual stream, rotated offline (`fold_residual_rotation`): the
+        # weight is already W Q and nothing runs online
+        t_inputs, w_t = inputs, w
     elif kind == "hadamard":
         rot = random_hadamard(w.shape[1], seed=seed).to(w.device)
         extra["rotation"] = rot
@@ -353,11 +379,17 @@ def _quantize_layer(
 
 
 def learned_module(
-    name: str, lin: nn.Module, inputs: LayerInputs, learned: FlatQuantResult, cfg: ActCalibConfig
+    name: str,
+    lin: nn.Module,
+    inputs: LayerInputs,
+    learned: FlatQuantResult,
+    cfg: ActCalibConfig,
+    scheme: ActScheme | None = None,
 ) -> ActQuantLinear:
     """The ActQuantLinear of a learned transform: W~ folded offline and quantized (RTN with the
-    learned clipping, or GPTQ on the transformed Hessian), x~ and Q_a online."""
-    scheme = SCHEMES[cfg.scheme]
+    learned clipping, or GPTQ on the transformed Hessian), x~ and Q_a online (scheme: as in
+    `_quantize_layer`)."""
+    scheme = scheme or SCHEMES[cfg.scheme]
     base, _ = METHODS[cfg.method]
     tf = learned.transform
     w_t = tf.fold(lin.weight.detach().float())
@@ -424,49 +456,106 @@ def quantize_activations_model(
     calibration inputs x_t [N, L] at levels t [N] (row_weights [N, L]: FAIR-Calib's; None:
     ones; text_ids [N]: the text of each row, so the block-wise stage holds out whole texts;
     None: every row its own text). Returns the per-layer table; the block-wise stage's logs
-    are appended to `block_log`."""
-    device = torch.device(cfg.device)
-    model.to(device).eval()
+    are appended to `block_log`.
+
+    Extra block stacks (`model.extra_block_stacks()`, PLANNER's latent prior) go first, with
+    the same per-block code, as the weight-only engine walks them: a stack's first block reads
+    `stack.inputs` on the calibration rows (not the main stack's stream), its rows weigh
+    `stack.row_weights`, its layers are named `<stack>.<i>.<name>`. The main stack's inputs then
+    come from the stem running the quantized stacks."""
+    model.to(torch.device(cfg.device)).eval()
     weights = torch.ones(x_t.shape) if row_weights is None else row_weights.float()
+    main = BlockStack("blocks", model.blocks, model.stem, lambda w: w)
+    rows = []
+    for stack in [*model.extra_block_stacks(), main]:
+        extra = stack is not main
+        rows += _quantize_act_stack(model, stack, extra, x_t, t, weights, cfg, text_ids, block_log)
+    return rows
+
+
+def _quantize_act_stack(
+    model: DiffusionLM,
+    stack: BlockStack,
+    extra: bool,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    token_weights: torch.Tensor,
+    cfg: ActCalibConfig,
+    text_ids: torch.Tensor | None,
+    block_log: list[dict] | None,
+) -> list[dict]:
+    """One stack of `quantize_activations_model`: its inputs cached from `stack.inputs`, then
+    each block calibrated on the outputs of its quantized predecessors. extra: an extra stack
+    (its narrow layers per row, `_stack_scheme`; its block logs named `<stack>.<i>`)."""
+    device = torch.device(cfg.device)
+    slices = _slices(len(x_t), cfg.batch)
     cache, contexts = [], []
-    for sl in _slices(len(x_t), cfg.batch):
-        h, ctx = model.stem(x_t[sl].to(device), t[sl].to(device))
+    for sl in slices:
+        h, ctx = stack.inputs(x_t[sl].to(device), t[sl].to(device))
         cache.append(h.cpu())
         contexts.append(ctx)
-    wts = [weights[sl] for sl in _slices(len(x_t), cfg.batch)]
+    weights = stack.row_weights(token_weights).float().cpu()  # [N, R]: the stack's rows
+    wts = [weights[sl] for sl in slices]
     # recon's default target: the float model's own block outputs on float inputs, so each
     # block is pulled towards the float model's hidden state, not towards the float block on
     # already drifted inputs (later blocks also undo earlier blocks' errors)
     stream = cfg.block_wise and cfg.block_target == "float_stream"
     float_cache = [h.clone() for h in cache] if stream else None
     rows = []
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(stack.blocks):
         linears = model.quantizable_linears(block)
         stats = _collect_inputs(block, linears, cache, contexts, wts, cfg, cfg.seed + i)
         # (a block whose linears are all excluded has nothing to tune)
         float_block = copy.deepcopy(block) if cfg.block_wise and linears else None
-        layers = []
-        for j, (name, lin) in enumerate(linears):
-            full = f"blocks.{i}.{name}"
-            module, row, learned = _quantize_layer(
-                full, lin, stats[name], cfg, cfg.seed + 1000 * i + j
-            )
-            _set_submodule(block, name, module)
-            rows.append(row)
-            layers.append(LearnedLayer(name, full, lin, stats[name], learned, module, row))
+        layers = _quantize_block_layers(block, linears, stats, f"{stack.name}.{i}", i, extra, cfg)
+        rows += [layer.row for layer in layers]
         if float_block is not None:
             targets = _run_block(float_block, float_cache or cache, contexts, device)
             log = tune_block_transforms(
                 block, layers, cache, targets, contexts, weights, cfg, cfg.seed + i, text_ids
             )
             if block_log is not None:
-                block_log.append({"block": i, **log})
+                block_log.append({"block": f"{stack.name}.{i}" if extra else i, **log})
             float_cache = targets if stream else None
             del float_block
         elif float_cache is not None:  # nothing quantized here: the block is still float
             float_cache = _run_block(block, float_cache, contexts, device)
         cache = _run_block(block, cache, contexts, device)
     return rows
+
+
+def _quantize_block_layers(
+    block: nn.Module,
+    linears: list[tuple[str, nn.Module]],
+    stats: dict[str, LayerInputs],
+    prefix: str,
+    index: int,
+    extra: bool,
+    cfg: ActCalibConfig,
+) -> list[LearnedLayer]:
+    """Replace block `index`'s linears (layer names `<prefix>.<name>`) by their ActQuantLinear."""
+    layers = []
+    for j, (name, lin) in enumerate(linears):
+        full = f"{prefix}.{name}"
+        scheme = _stack_scheme(cfg, lin.in_features) if extra else None
+        module, row, learned = _quantize_layer(
+            full, lin, stats[name], cfg, cfg.seed + 1000 * index + j, scheme
+        )
+        if scheme is not None and scheme.w_group != SCHEMES[cfg.scheme].w_group:
+            row["group_size"] = scheme.w_group  # the table says where the grid differs
+        _set_submodule(block, name, module)
+        layers.append(LearnedLayer(name, full, lin, stats[name], learned, module, row, scheme))
+    return layers
+
+
+def _stack_scheme(cfg: ActCalibConfig, in_features: int) -> ActScheme:
+    """The grid of one layer of an extra block stack: `cfg.scheme`'s, except that a layer
+    narrower than the weight group is quantized per row - the weight-only engine's rule
+    (`engine.stack_layer_config`): PLANNER's prior is 64 wide in planner-tiny, and W4A8's
+    group of 128 must not refuse the whole model."""
+    scheme = SCHEMES[cfg.scheme]
+    group = stack_layer_config(scheme.weight_config("rtn"), in_features).group_size
+    return scheme if group == scheme.w_group else replace(scheme, w_group=group)
 
 
 def _run_block(
@@ -483,12 +572,13 @@ class LearnedLayer:
     """One declared linear of a block during the block-wise stage."""
 
     name: str  # within the block
-    full: str  # blocks.i.name
+    full: str  # <stack>.i.name (blocks.i.name in the main stack)
     linear: nn.Module  # the float linear
     inputs: LayerInputs  # its input statistics (GPTQ's Hessian for flatquant-gptq)
     learned: FlatQuantResult  # the per-layer result
     module: ActQuantLinear  # the per-layer module
     row: dict  # its row of the layer table (updated if the block-wise stage improves it)
+    scheme: ActScheme | None = None  # its grid when not the config's (`_stack_scheme`)
 
 
 def block_loss(
@@ -500,7 +590,7 @@ def block_loss(
 
 
 def _trainable(layer: LearnedLayer, cfg: ActCalibConfig) -> TrainableTransformLinear:
-    scheme = SCHEMES[cfg.scheme]
+    scheme = layer.scheme or SCHEMES[cfg.scheme]
     mode = "none" if scheme.w_bits is None else ("fp8" if scheme.w_fmt == "fp8" else "int")
     return TrainableTransformLinear(
         layer.linear.weight,
@@ -604,7 +694,7 @@ def _freeze_layer(
     layer: LearnedLayer, trainable: TrainableTransformLinear, cfg: ActCalibConfig
 ) -> ActQuantLinear:
     learned = trainable.freeze(layer.learned.info)
-    return learned_module(layer.full, layer.linear, layer.inputs, learned, cfg)
+    return learned_module(layer.full, layer.linear, layer.inputs, learned, cfg, layer.scheme)
 
 
 def _update_rows(layers: list[LearnedLayer], modules: list[ActQuantLinear], step: int) -> None:
@@ -682,9 +772,14 @@ def quantize_activations(
     """Calibrate on texts tokens [N, L] and replace the declared linears (what `faircalib
     quantize --scheme` and `faircalib bench` run). Returns the report: method (scheme, method
     and knobs), calibration config, per-layer table, block-wise stage logs, FAIR-Calib
-    diagnostics and timings."""
+    diagnostics and timings. QuaRot methods first rotate the residual stream offline where the
+    family declares its layout (`fold_residual_rotation`; the report's `residual_rotation`
+    says what was folded)."""
     start = time.time()
     model.to(cfg.device)
+    residual = None
+    if METHODS[cfg.method][1] == "hadamard":
+        residual = fold_residual_rotation(model, cfg.seed).to_dict()
     data = act_calibration_rows(model, tokens, cfg, calib, fair, progress)
     weights, extra = data["weights"], data["extra"]
     inputs_s = time.time() - start
@@ -706,6 +801,7 @@ def quantize_activations(
             ),
         },
         "calib": calib.to_dict(),
+        **({"residual_rotation": residual} if residual is not None else {}),
         "layers": rows,
         **({"blocks": blocks} if blocks else {}),
         "fair": {k: v for k, v in extra.items() if not k.endswith("_s")},
@@ -781,6 +877,18 @@ class _RowStats:
         }
 
 
+def _declared_linears(model: DiffusionLM) -> list[tuple[str, nn.Module, bool]]:
+    """(full name, linear, whether its input rows are token positions) of every declared
+    linear, in the engine's walk order: extra stacks' layers (`<stack>.<i>.<name>`) first,
+    then `blocks.<i>.<name>` (the main stack's rows are the tokens)."""
+    main = {id(block) for block in model.blocks}
+    return [
+        (f"{prefix}.{name}", lin, id(block) in main)
+        for prefix, block in model.named_calib_blocks()
+        for name, lin in model.quantizable_linears(block)
+    ]
+
+
 @torch.no_grad()
 def activation_outlier_stats(
     model: DiffusionLM,
@@ -797,39 +905,44 @@ def activation_outlier_stats(
     of the layer (both kinds pooled, so the two shares are comparable); channel_ratio is the
     largest channel abs-max over the median channel abs-max; int{8,4}_rel_err is the per-token
     quantization error of the input itself, sum ||x - q(x)||^2 / sum ||x||^2, also per t bin
-    (bin b holds t in [b / t_bins, (b + 1) / t_bins))."""
+    (bin b holds t in [b / t_bins, (b + 1) / t_bins)). Extra block stacks' layers (PLANNER's
+    prior: `<stack>.<i>.<name>`, first) are included; their rows are no token positions (the
+    prior's are the K codes of each sequence), so none is a mask row: all count as clean, in
+    their sequence's t bin."""
     model.eval()
     device = model.device
-    names = [
-        (f"blocks.{i}.{name}", lin)
-        for i, block in enumerate(model.blocks)
-        for name, lin in model.quantizable_linears(block)
-    ]
-    stats = {name: {"masked": _RowStats(), "clean": _RowStats()} for name, _ in names}
+    names = _declared_linears(model)
+    stats = {name: {"masked": _RowStats(), "clean": _RowStats()} for name, _, _ in names}
     current: dict[str, torch.Tensor] = {}
 
-    def hook(name: str):
+    def hook(name: str, token_rows: bool):
         def fn(_module, args):
             x = args[0].reshape(-1, args[0].shape[-1])
-            masked, bins = current["masked"], current["bins"]
+            if token_rows:
+                masked, bins = current["masked"], current["bins"]
+            else:  # R rows per sequence, sequence-major
+                seq_bins = current["seq_bins"]
+                bins = seq_bins.repeat_interleave(len(x) // len(seq_bins))
+                masked = torch.zeros(len(x), dtype=torch.bool, device=x.device)
             stats[name]["masked"].add(x[masked], bins[masked], t_bins)
             stats[name]["clean"].add(x[~masked], bins[~masked], t_bins)
 
         return fn
 
-    handles = [lin.register_forward_pre_hook(hook(name)) for name, lin in names]
+    handles = [lin.register_forward_pre_hook(hook(name, tok)) for name, lin, tok in names]
     try:
         for sl in _slices(len(x_t), batch):
             xb, tb = x_t[sl].to(device), t[sl].to(device)
             current["masked"] = (xb == model.mask_id).reshape(-1)
             row_bins = (tb * t_bins).long().clamp(0, t_bins - 1)  # [B]
+            current["seq_bins"] = row_bins
             current["bins"] = row_bins[:, None].expand_as(xb).reshape(-1)
             model.log_probs(xb, tb)
     finally:
         for handle in handles:
             handle.remove()
     out = []
-    for name, _ in names:
+    for name, _, _ in names:
         pooled = torch.cat(stats[name]["masked"].token_absmax + stats[name]["clean"].token_absmax)
         ref = float(pooled.median())
         row = {"layer": name}
@@ -863,15 +976,12 @@ def a4_ablation(
     """Weights stay float; activations of the declared linears are quantized with `act`
     (default per-token INT4). Mean KL(float || quantized) per masked position: with every
     layer quantized ("all"), with one layer alone ("only"), and with every layer but one
-    ("all_but": how much of the damage that layer's input carries)."""
+    ("all_but": how much of the damage that layer's input carries). The layers of extra
+    block stacks (PLANNER's prior, `<stack>.<i>.<name>`) are among them, first."""
     act = act or ActQuantConfig("int", 4)
     model.eval()
     device = model.device
-    names = [
-        (f"blocks.{i}.{name}", lin)
-        for i, block in enumerate(model.blocks)
-        for name, lin in model.quantizable_linears(block)
-    ]
+    names = [(name, lin) for name, lin, _ in _declared_linears(model)]
     slices = _slices(len(x_t), batch)
     refs = [model.log_probs(x_t[sl].to(device), t[sl].to(device)).cpu() for sl in slices]
     n_masked = int((x_t == model.mask_id).sum())
@@ -908,10 +1018,12 @@ def a4_ablation(
 
 
 def summarize_stats(rows: list[dict]) -> dict:
-    """Mean over layers of each linear kind (by name within the block) of the headline stats."""
+    """Mean over layers of each linear kind (by name within the block) of the headline stats.
+    An extra block stack's kinds stay apart (`prior_blocks.attn_qkv`): another network."""
     kinds: dict[str, list[dict]] = {}
     for r in rows:
-        kinds.setdefault(r["layer"].split(".", 2)[2], []).append(r)
+        stack, _, name = r["layer"].split(".", 2)
+        kinds.setdefault(name if stack == "blocks" else f"{stack}.{name}", []).append(r)
     out = {}
     for kind, group in kinds.items():
         out[kind] = {

@@ -16,9 +16,11 @@ as held in memory, to `act_linears.safetensors`; their configs to quantization.j
 float directory itself holds, for those layers, the weight-only equivalent W_q T^T (T the
 online transform, computed in float64), so float tools read a weight-quantized model.
 
-Format 'packed' takes ActQuantLinear layers whose math a stock W8A8 reader computes (no online
-transform, dynamic per-token INT8 / FP8 activations, symmetric per-channel weights): they become
-`formats.packed.W8A8Layer`s (`w8a8_results`); `packed_act_config` calibrates for that form.
+Format 'packed' takes ActQuantLinear layers whose math a compressed-tensors group describes (no
+online transform, dynamic per-token INT8 / FP8 / INT4 activations, weights on the scheme's grid):
+8-bit weights become `formats.packed.W8A8Layer`s, INT4 ones (W4A8, W4AFP8, W4A4)
+`formats.packed.PackedActLayer`s on the grid the run's report names (`w8a8_results`);
+`packed_act_config` calibrates for that form.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ def save_quantized(
     if tokenizer_path is not None:
         extra["tokenizer.json"] = Path(tokenizer_path)
     # W8A8 grids are recovered where the weights are (a GPU fits them in seconds, not minutes)
-    w8a8 = w8a8_results(model) if fmt == "packed" else {}
+    w8a8 = w8a8_results(model, report_dict) if fmt == "packed" else {}
     model.cpu()
     if fmt == "packed":
         from faircalib.formats.packed import save_packed_model
@@ -184,32 +186,74 @@ def save_quantized(
         return atomic.share(path)
 
 
-def w8a8_results(model: nn.Module) -> dict[str, Any]:
-    """Every ActQuantLinear of `model` as the `formats.packed.W8A8Layer` the packed writer
-    takes. Only what a stock W8A8 reader computes has that form: no online transform, no
-    static or clipped activation scale, 8-bit activations (INT8 or FP8 e4m3, per token) and
-    a weight on the matching symmetric per-channel grid. Anything else: ConfigError, one line."""
+def w8a8_results(model: nn.Module, report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every ActQuantLinear of `model` as the layer the packed writer takes: a
+    `formats.packed.W8A8Layer` (8-bit weights), or a `PackedActLayer` (INT2-7 weights: W4A8,
+    W4AFP8, W4A4) on the weight grid the run's `report` names (its scheme, and a layer row's
+    own group size where it differs). Only what a stock reader computes has that form: no
+    online transform, no static or clipped activation scale, dynamic per-token activations and
+    a weight on the grid. Anything else: ConfigError, one line."""
     from faircalib.calib.activations import ActQuantLinear
-    from faircalib.formats.packed import w8a8_layer_from_weight
 
+    grids = _int_weight_grids(report)
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, ActQuantLinear):
             kind = _w8a8_kind(name, module)
-            layer = w8a8_layer_from_weight(kind, module.weight)
-            if layer is None:
-                grid = "symmetric INT8" if kind == "int8" else "FP8 e4m3"
-                raise ConfigError(
-                    f"--format packed cannot store {name}: its weight is not on a {grid} "
-                    "per-channel grid (W8A8 packed export calibrates symmetric weights: "
-                    "quantize with --format packed or auto); use --format fake"
-                )
-            out[name] = layer
+            out[name] = _packed_act_layer(name, module, kind, grids.get(name))
     return out
 
 
+def _int_weight_grids(report: dict[str, Any] | None) -> dict[str, tuple[int, int | None, bool]]:
+    """Layer -> (bits, group size, symmetric) of a report whose scheme has INT weights of fewer
+    than 8 bits ({} otherwise: W8A8's grids are recovered from the weights alone)."""
+    from faircalib.calib.activations import SCHEMES
+
+    scheme = SCHEMES.get(((report or {}).get("method") or {}).get("scheme"))
+    if scheme is None or scheme.w_fmt != "int" or not scheme.w_bits or scheme.w_bits >= 8:
+        return {}
+    return {
+        row["layer"]: (scheme.w_bits, row.get("group_size", scheme.w_group), scheme.w_symmetric)
+        for row in report.get("layers", [])
+    }
+
+
+def _packed_act_layer(
+    name: str, module: Any, kind: str, grid: tuple[int, int | None, bool] | None
+) -> Any:
+    """One ActQuantLinear as a W8A8Layer (no grid) or a PackedActLayer on `grid`."""
+    from faircalib.formats.packed import packed_act_layer_from_weight, w8a8_layer_from_weight
+
+    if grid is not None:
+        layer = packed_act_layer_from_weight(kind, module.weight, *grid)
+        if layer is None:
+            bits, group, sym = grid
+            raise ConfigError(
+                f"--format packed cannot store {name}: its weight is not on the "
+                f"{'symmetric' if sym else 'asymmetric'} INT{bits} "
+                f"{'per-channel' if group is None else f'g{group}'} grid with bf16 scales "
+                "(quantize with --format packed or auto); use --format fake"
+            )
+        return layer
+    if kind == "int4":
+        raise ConfigError(
+            f"--format packed cannot store {name}: INT4 activations with 8-bit weights have no "
+            "packed form; use --format fake"
+        )
+    layer = w8a8_layer_from_weight(kind, module.weight)
+    if layer is None:
+        what = "symmetric INT8" if kind == "int8" else "FP8 e4m3"
+        raise ConfigError(
+            f"--format packed cannot store {name}: its weight is not on a {what} "
+            "per-channel grid (W8A8 packed export calibrates symmetric weights: "
+            "quantize with --format packed or auto); use --format fake"
+        )
+    return layer
+
+
 def _w8a8_kind(name: str, module: Any) -> str:
-    """int8 / fp8: the W8A8 form of an ActQuantLinear, or the reason it has none."""
+    """int8 / fp8 / int4: the per-token activation kind of an ActQuantLinear that a packed
+    group can describe, or the reason it has none."""
     act = module.act
     transforms = [
         label
@@ -228,15 +272,15 @@ def _w8a8_kind(name: str, module: Any) -> str:
         why = "its static per-tensor activation scale is not dynamic per-token W8A8"
     elif act.clip_ratio != 1.0:
         why = f"its activation clip ratio {act.clip_ratio:.3g} has no compressed-tensors field"
-    elif act.fmt == "int" and act.bits != 8:
-        why = f"INT{act.bits} per-token activations have no stock kernel (only INT8 / FP8)"
+    elif act.fmt == "int" and act.bits not in (4, 8):
+        why = f"INT{act.bits} per-token activations have no compressed-tensors preset"
     else:
-        return "int8" if act.fmt == "int" else "fp8"
+        return f"int{act.bits}" if act.fmt == "int" else "fp8"
     raise ConfigError(f"--format packed cannot store {name}: {why}; use --format fake")
 
 
 # schemes and methods whose results `w8a8_results` can store (calib.activations names)
-PACKED_ACT_SCHEMES = ("w8a8", "w8a8fp8")
+PACKED_ACT_SCHEMES = ("w8a8", "w8a8fp8", "w4a8", "w4a8fp8", "w4a4")
 PACKED_ACT_METHODS = ("rtn", "gptq")
 
 

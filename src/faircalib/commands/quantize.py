@@ -75,8 +75,9 @@ ACT_REFUSED = {
 }
 # recorded only with --scheme
 ACT_RECIPE_FLAGS = ("scheme", "flat_steps", "flat_block_steps", "clip_search")
-# with --scheme, why --format packed has no form (checked in this order; none: packed W8A8,
-# compressed-tensors int-quantized / float-quantized, see faircalib.formats.packed)
+# with --scheme, why --format packed has no form (checked in this order; none: packed - W8A8 as
+# compressed-tensors int-quantized / float-quantized, W4A8 / W4AFP8 / W4A4 as pack-quantized
+# weights with per-token input_activations, see faircalib.formats.packed)
 ACT_PACKED_REFUSALS = (
     (
         lambda a: a.method == "smoothquant",
@@ -92,12 +93,8 @@ ACT_PACKED_REFUSALS = (
         "the learned online transforms of the activations run in no stock reader",
     ),
     (
-        lambda a: a.scheme == "w4a4",
-        "INT4 per-token activations run in no stock reader (vLLM's 4-bit activations are FP4)",
-    ),
-    (
-        lambda a: a.scheme not in ("w8a8", "w8a8fp8"),
-        "packed export covers the W8A8 schemes only (w8a8, w8a8fp8), not W4A8 yet",
+        lambda a: a.method not in ("rtn", "gptq"),
+        "packed export takes --method rtn or gptq only",
     ),
     (
         lambda a: bool(a.clip_search),
@@ -105,6 +102,12 @@ ACT_PACKED_REFUSALS = (
         "quantize each token to its full abs-max)",
     ),
 )
+# schemes with a packed form that --format auto still writes fake: why (written packed only when
+# asked for, e.g. to reload 4-bit weights compactly with faircalib)
+ACT_AUTO_FAKE = {
+    "w4a4": "INT4 per-token activations run in no stock reader (vLLM refuses the group: its "
+    "4-bit activations are FP4)",
+}
 RECIPE = "recipe.json"
 RECIPE_VERSION = 1
 # the flags that define what a run computes (not where it runs or writes)
@@ -278,10 +281,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--format",
         default="auto",
         choices=["auto", "packed", "fake"],
-        help="packed: compressed-tensors INT2-8 (vLLM, transformers; with --scheme: W8A8 INT8 "
-        "/ FP8); fake: dequantized weights in a float directory (every float tool reads it); "
-        "auto: packed where the method has a packed form, fake for awq, smoothquant and fair "
-        "--fair-base awq, and for --scheme other than w8a8 / w8a8fp8 with rtn or gptq",
+        help="packed: compressed-tensors INT2-8 (vLLM, transformers; with --scheme and rtn or "
+        "gptq: W8A8 INT8 / FP8, W4A8, W4AFP8, W4A4); fake: dequantized weights in a float "
+        "directory (every float tool reads it); auto: packed where the method has a packed "
+        "form, fake for awq, smoothquant and fair --fair-base awq, for --scheme with another "
+        "method, and for --scheme w4a4 (no stock reader runs INT4 activations)",
     )
     p.add_argument(
         "--dtype",
@@ -976,7 +980,8 @@ def check_act_args(args: argparse.Namespace) -> None:
 
 def act_format(args: argparse.Namespace) -> str:
     """fake or packed for --scheme: auto is packed where the scheme and method have a packed
-    (W8A8) form, fake otherwise; --format packed without one is refused with the reason."""
+    form that a stock reader runs (`ACT_AUTO_FAKE`), fake otherwise; --format packed without
+    a packed form is refused with the reason."""
     why = next((reason for applies, reason in ACT_PACKED_REFUSALS if applies(args)), None)
     if args.format == "packed" and why is not None:
         raise _config_error(
@@ -984,7 +989,7 @@ def act_format(args: argparse.Namespace) -> str:
             "use --format fake (or auto)"
         )
     if args.format == "auto":
-        return "fake" if why else "packed"
+        return "fake" if why or args.scheme in ACT_AUTO_FAKE else "packed"
     return args.format
 
 
@@ -1165,6 +1170,12 @@ ACT_FORMAT_NOTES = {
     "per-channel scales; activations quantized per token at run time)",
     "w8a8fp8": "packed (compressed-tensors float-quantized: FP8 e4m3 weights, float32 "
     "per-channel scales; activations quantized per token at run time)",
+    "w4a8": "packed (compressed-tensors pack-quantized: symmetric INT4 g128 weights, bf16 "
+    "scales; INT8 activations quantized per token at run time, preset W4A8)",
+    "w4a8fp8": "packed (compressed-tensors pack-quantized: symmetric INT4 g128 weights, bf16 "
+    "scales; FP8 activations quantized per token at run time, preset W4AFP8)",
+    "w4a4": "packed (compressed-tensors pack-quantized: INT4 per-channel weights, bf16 scales; "
+    "INT4 activations quantized per token at run time; no stock reader runs it)",
 }
 
 

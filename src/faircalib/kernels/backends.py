@@ -14,7 +14,7 @@ repacks them once into its kernel's layout and caches the result on the layer.
 | triton_w4 | cuda     | our fused dequant GEMM (kernels/triton_w4)  | bf16 act. (~3e-3)      |
 | triton_dq | cuda     | our dequantizer to bf16, then cuBLAS        | bf16 act. (~3e-3)      |
 | int8_w8a8 | cuda     | Triton int8 GEMM (kernels/triton_w8a8), fused per-token int8 quantization | exact |
-| fp8_w8a8  | cuda     | fused per-token e4m3 quantization + `_scaled_mm` or Triton fp8 GEMM (by M) | as fp8 |
+| fp8_w8a8  | cpu/cuda | fused per-token e4m3 quantization + `_scaled_mm` or Triton fp8 GEMM (by M) | as fp8 |
 | w4a8      | cuda     | Triton INT4-group x int8-activation GEMM, dequantized to int8 in registers | exact |
 | w4a8_fp8  | cuda     | the same with e4m3 activations (codes - zero are exact in e4m3) | e4m3 act. (~3%) |
 
@@ -31,7 +31,10 @@ those that divides `in`.
 
 `int8_w8a8` takes what `int8` takes (act_bits 8, or None: then it quantizes activations to
 the same grid by name); it holds the weight as int8 [out, in], which is the codes (so the plain
-copy is freed). `fp8_w8a8` takes what `fp8` takes and computes the same numbers. `w4a8` and
+copy is freed). `fp8_w8a8` takes what `fp8` takes and computes the same numbers; its code
+(`fp8_w8a8_support`, `fp8_w8a8_linear`) also runs the reloaded FP8 W8A8 layers
+(`formats.packed.FP8ActLinear`). On the CPU it quantizes with `fp8_quantize` and runs
+`_scaled_mm`'s CPU kernel (slower there than the float reference: named only). `w4a8` and
 `w4a8_fp8` take <= 4-bit codes with K % 128 == 0 and a group size of 32, 64 or a multiple of 128 (or
 per-channel), act_bits 8 or None, and share `triton_w4`'s tile layout (which holds the codes).
 The W8A8/W4A8 Triton backends also run on the CPU under TRITON_INTERPRET=1 (the tests).
@@ -57,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from faircalib.errors import ConfigError
+from faircalib.quant.primitives import ACT_ABSMAX_FLOOR
 
 if TYPE_CHECKING:
     from faircalib.kernels.quant_linear import QuantLinear
@@ -326,11 +330,12 @@ def _int4_cuda_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torc
 
 # int8 W8A8 (exact) --------------------------------------------------------------------------------
 def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric int8 with the restricted range +-127 and the abs-max floor 1e-5:
-    the same grid as `faircalib.quant.primitives.quantize_activations_per_token(x, 8)`.
+    """Per-token symmetric int8 with the restricted range +-127 and the abs-max floor
+    `ACT_ABSMAX_FLOOR`: the same grid as
+    `faircalib.quant.primitives.quantize_activations_per_token(x, 8)`.
     x [M, K] -> (q int8 [M, K], scale float32 [M, 1])."""
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / 127
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_ABSMAX_FLOOR) / 127
     return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale
 
 
@@ -364,14 +369,16 @@ def _int8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Ten
 
 # fp8 W8A8 -----------------------------------------------------------------------------------------
 def fp8_quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of t [R, K] -> (e4m3 [R, K], float32 scale [R, 1]); each row's abs-max maps to 448."""
+    """Rows of t [R, K] -> (e4m3 [R, K], float32 scale [R, 1]); each row's abs-max (floored at
+    `ACT_ABSMAX_FLOOR`) maps to 448: the grid of `quant.activations.quantize_fp8_rows`."""
     tf = t.float()
-    scale = tf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    scale = tf.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_ABSMAX_FLOOR) / FP8_MAX
     return (tf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-def _fp8_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str | None:
-    if layer.in_features % 16 or layer.out_features % 16:
+def scaled_mm_fp8_support(in_features: int, out_features: int, device_type: str) -> str | None:
+    """None if torch._scaled_mm can multiply e4m3 operands of this shape on this device."""
+    if in_features % 16 or out_features % 16:
         return "fp8 (_scaled_mm) needs in and out features divisible by 16"
     if device_type == "cuda":
         cap = _cuda_capability()
@@ -380,6 +387,10 @@ def _fp8_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: i
     elif device_type != "cpu":
         return f"fp8 runs on cpu or cuda, not {device_type}"
     return None
+
+
+def _fp8_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str | None:
+    return scaled_mm_fp8_support(layer.in_features, layer.out_features, device_type)
 
 
 def _fp8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
@@ -515,38 +526,75 @@ def _bias(layer: QuantLinear) -> torch.Tensor | None:
 
 
 def fp8_w8a8_gemm(m: int) -> str:
-    """`FP8_W8A8_GEMM`'s kernel for M token rows ("triton" wherever _scaled_mm cannot run:
-    the CPU interpreter)."""
+    """`FP8_W8A8_GEMM`'s kernel for M token rows ("triton" under the CPU interpreter, which
+    is there to run the Triton kernels)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "triton"
     return next(kernel for bound, kernel in FP8_W8A8_GEMM if m < bound)
 
 
+def fp8_w8a8_support(
+    in_features: int, out_features: int, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
+    """None if `fp8_w8a8_linear` can run an [out, in] layer on M rows of `dtype` here: the
+    Triton GEMM where `fp8_w8a8_gemm` picks it, else torch._scaled_mm (CUDA >= 8.9 or the
+    CPU; in and out divisible by 16). Shared by QuantLinear's `fp8_w8a8` backend and the
+    reloaded FP8 layers (`formats.packed.FP8ActLinear`)."""
+    if fp8_w8a8_gemm(m) == "triton":
+        return _triton_8bit_common(device_type, dtype, fp8=True)
+    return scaled_mm_fp8_support(in_features, out_features, device_type)
+
+
+def fp8_quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], float32 scale [M, 1]) on `fp8_quantize`'s grid: Triton's
+    one-pass row kernel where it runs (CUDA, or the CPU interpreter), else `fp8_quantize`
+    itself (fused by torch.compile on CUDA). Both are bit-identical (tests/test_kernels_w8a8)."""
+    if _HAS_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        from faircalib.kernels.triton_w8a8 import quantize_rows
+
+        return quantize_rows(x, "fp8")
+    return fused(fp8_quantize, x.device.type)(x)
+
+
+def fp8_w8a8_linear(
+    x: torch.Tensor,
+    w8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The real FP8 W8A8 GEMM: x [M, in] -> per-token e4m3 (`fp8_quantize_activations`) ->
+    (x8 * x_scale) @ (w8 * w_scale).T + bias in `out_dtype`, for e4m3 weights w8 [out, in]
+    with per-channel float32 scales w_scale [1, out]. Check `fp8_w8a8_support` first."""
+    x8, x_scale = fp8_quantize_activations(x)
+    if fp8_w8a8_gemm(x.shape[0]) == "triton":
+        from faircalib.kernels.triton_w8a8 import w8a8_matmul  # imports triton: only when used
+
+        return w8a8_matmul(x8, x_scale, w8, w_scale, out_dtype, bias)
+    # CUDA's row-wise scaled kernels write bf16 only; the CPU's write any float dtype, so a
+    # float32 CPU call is not rounded through bf16. Fast accumulation keeps Hopper's fp8
+    # tensor cores at full rate (about 2x); its error is far below the e4m3 rounding itself
+    # (benchmarks/kernels.py checks rel. error <= 1e-2)
+    y = torch._scaled_mm(
+        x8,
+        w8.t(),  # [in, out] column-major: the layout _scaled_mm wants for its second operand
+        scale_a=x_scale,
+        scale_b=w_scale,
+        out_dtype=torch.bfloat16 if x.is_cuda else out_dtype,
+        use_fast_accum=x.is_cuda,
+    ).to(out_dtype)
+    return y if bias is None else y + bias.to(out_dtype)
+
+
 def _fp8_w8a8_supports(
     layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
 ) -> str | None:
-    scaled_mm = fp8_w8a8_gemm(m) == "scaled_mm"
-    if scaled_mm and (layer.in_features % 16 or layer.out_features % 16):
-        return "fp8_w8a8 at this M runs _scaled_mm: needs in and out features divisible by 16"
-    return _triton_8bit_common(device_type, dtype, fp8=True)
+    return fp8_w8a8_support(layer.in_features, layer.out_features, device_type, dtype, m)
 
 
 def _fp8_w8a8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
-    from faircalib.kernels.triton_w8a8 import quantize_rows, w8a8_matmul
-
     w8, w_scale = prepared  # [out, in] e4m3, [1, out]
-    x8, x_scale = quantize_rows(x, "fp8")  # one fused pass over x
-    if fp8_w8a8_gemm(x.shape[0]) == "triton":
-        return w8a8_matmul(x8, x_scale, w8, w_scale, x.dtype, _bias(layer))
-    y = torch._scaled_mm(
-        x8,
-        w8.t(),
-        scale_a=x_scale,
-        scale_b=w_scale,
-        out_dtype=torch.bfloat16,
-        use_fast_accum=x.is_cuda,
-    )
-    return y.to(x.dtype) if layer.bias is None else y.to(x.dtype) + layer.bias.to(x.dtype)
+    return fp8_w8a8_linear(x, w8, w_scale, _bias(layer), x.dtype)
 
 
 def _w4a8_supports(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int) -> str | None:

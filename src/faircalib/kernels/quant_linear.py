@@ -3,11 +3,15 @@
 It computes, for x [..., in]:
 
     x_s = x / input_scale                      (AWQ / SmoothQuant smoothing; skipped if None)
-    x_q = per-token fake-quant(x_s, act_bits)  (SmoothQuant W8A8; skipped if None)
+    x_q = per-token fake-quant(x_s, act_bits)  (W8A8 / W4A8 / W4A4; skipped if None)
     y   = x_q @ W_hat.T + bias,   W_hat = scale * (code - zero)
 
 which is exactly what the fake-quantized float model computes, so a packed checkpoint and the
-fake-quant evaluation agree (bit-for-bit on the fp32 `dequant` backend).
+fake-quant evaluation agree (bit-for-bit on the fp32 `dequant` backend). `act_format` says which
+per-token grid x_q lies on: "int" (symmetric INT, +-(2^(act_bits-1) - 1), the default) or "fp8"
+(e4m3, abs-max / 448, act_bits 8: W4AFP8); an "fp8" layer never runs the INT8-activation
+kernels (`int8`, `int8_w8a8`, `w4a8`: refused by name, skipped by `auto`) and runs `w4a8_fp8`
+without quantizing x twice (the kernel quantizes onto the same e4m3 grid itself).
 
 Storage: `qweight` holds the plain codes, two per byte for bits <= 4 (`backends.pack_codes`);
 `scale` is float32 and `zero` uint8, both [out, n_groups]. Each backend repacks the codes into
@@ -23,22 +27,31 @@ number of token rows (`backends.auto_backend`); `last_backend` records the choic
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from faircalib.errors import ConfigError
 from faircalib.kernels.backends import (
     BACKENDS,
+    W4_AUTO,
+    W4A8_AUTO_MIN_M,
     auto_backend,
     check_backend_name,
     dequantize_packed,
     pack_codes,
     packed_width,
+    supports,
     unpack_codes,
 )
+from faircalib.quant.activations import quantize_fp8_rows
 from faircalib.quant.primitives import QParams, quantize_activations_per_token
 
 SUPPORTED_BITS = range(2, 9)
+ACT_FORMATS = ("int", "fp8")
+# backends that quantize an "fp8" layer's activations onto its own e4m3 grid themselves
+FP8_ACT_BACKENDS = ("w4a8_fp8",)
 # float buffers that keep float32 whatever dtype the model is cast to (see `_apply`)
 FLOAT32_BUFFERS = ("scale", "input_scale")
 
@@ -57,14 +70,16 @@ class QuantLinear(nn.Module):
         bias: bool = False,
         input_scale: bool = False,
         act_bits: int | None = None,
+        act_format: str = "int",
         backend: str = "auto",
         cache_dequant: bool = False,
     ) -> None:
         super().__init__()
         _check_layout(in_features, out_features, bits, group_size, act_bits)
+        _check_act_format(act_format, act_bits)
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
-        self.act_bits = act_bits
+        self.act_bits, self.act_format = act_bits, act_format
         self.backend = check_backend_name(backend)
         # dequant backend: keep the dequantized weight (bf16-GEMM speed for bf16 memory)
         self.cache_dequant = cache_dequant
@@ -93,6 +108,7 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None = None,
         input_scale: torch.Tensor | None = None,
         act_bits: int | None = None,
+        act_format: str = "int",
         backend: str = "auto",
         cache_dequant: bool = False,
     ) -> QuantLinear:
@@ -107,6 +123,7 @@ class QuantLinear(nn.Module):
             bias=bias is not None,
             input_scale=input_scale is not None,
             act_bits=act_bits,
+            act_format=act_format,
             backend=backend,
             cache_dequant=cache_dequant,
         ).to(codes.device)
@@ -164,6 +181,8 @@ class QuantLinear(nn.Module):
     def choose_backend(self, device_type: str, dtype: torch.dtype, m: int) -> str:
         """The backend a call with M token rows of `dtype` runs: `self.backend` (checked), or
         the `auto` rule."""
+        if self.act_format == "fp8":
+            return self._fp8_act_backend(device_type, dtype, m)
         if self.backend == "auto":
             return auto_backend(self, device_type, dtype, m)
         reason = BACKENDS[self.backend].supports(self, device_type, dtype, m)
@@ -173,6 +192,44 @@ class QuantLinear(nn.Module):
             )
         return self.backend
 
+    def _fp8_act_backend(self, device_type: str, dtype: torch.dtype, m: int) -> str:
+        """`choose_backend` for e4m3 activations: the INT8-activation kernels would compute
+        another grid, so they are refused by name; `auto` takes `w4a8_fp8` where `w4a8` would
+        be taken for an INT8 layer (`W4A8_AUTO_MIN_M`), else the weight-only rule on the
+        activations this layer fake-quantizes first (`W4_AUTO`, as `auto_backend` ends)."""
+        if self.backend == "auto":
+            min_m = W4A8_AUTO_MIN_M.get(device_type, math.inf)
+            if m >= min_m and supports(self, "w4a8_fp8", device_type, dtype, m) is None:
+                return "w4a8_fp8"
+            rows = W4_AUTO.get(device_type, [])
+            names = next((n for bound, n in rows if m < bound), ())
+            return next(
+                (n for n in names if supports(self, n, device_type, dtype, m) is None), "dequant"
+            )
+        if BACKENDS[self.backend].quantizes_activations:
+            raise ConfigError(
+                f"QuantLinear backend {self.backend!r} quantizes activations to INT8; this layer's "
+                "are FP8 e4m3 (act_format='fp8'): use auto, dequant or w4a8_fp8"
+            )
+        reason = supports(self, self.backend, device_type, dtype, m)
+        if reason is not None:
+            raise ConfigError(
+                f"QuantLinear backend {self.backend!r} cannot run this layer: {reason}"
+            )
+        return self.backend
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-token activation fake quantization this layer applies (act_bits set)."""
+        if self.act_format == "fp8":
+            return quantize_fp8_rows(x)
+        return quantize_activations_per_token(x, self.act_bits)
+
+    def _quantizes_itself(self, name: str) -> bool:
+        """Whether backend `name` puts x on this layer's activation grid itself."""
+        if self.act_format == "fp8":
+            return name in FP8_ACT_BACKENDS
+        return BACKENDS[name].quantizes_activations
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)  # [M, in], M = x.numel() // in_features
@@ -180,8 +237,8 @@ class QuantLinear(nn.Module):
             x2d = x2d / self.input_scale.to(x2d.dtype)
         dtype = compute_dtype(x2d)
         name, backend, prepared = self._plan(x2d.device, dtype, x2d.shape[0])
-        if self.act_bits is not None and not backend.quantizes_activations:
-            x2d = quantize_activations_per_token(x2d, self.act_bits)
+        if self.act_bits is not None and not self._quantizes_itself(name):
+            x2d = self.quantize_input(x2d)
         y = backend.run(self, prepared, x2d.to(dtype))  # [M, out]
         if self.bias is not None and not backend.adds_bias:
             y = y + self.bias.to(y.dtype)
@@ -261,7 +318,7 @@ class QuantLinear(nn.Module):
             f"backend={self.backend}",
         ]
         if self.act_bits is not None:
-            extras.append(f"a{self.act_bits}")
+            extras.append(f"a{self.act_bits}" if self.act_format == "int" else "a-fp8")
         if self.input_scale is not None:
             extras.append("input_scale")
         return ", ".join(extras)
@@ -296,6 +353,13 @@ def _check_layout(
         raise ConfigError(f"group size {group_size} does not divide {in_features} input features")
     if act_bits is not None and not 2 <= act_bits <= 16:
         raise ConfigError(f"activation bit width must be in 2..16, got {act_bits}")
+
+
+def _check_act_format(act_format: str, act_bits: int | None) -> None:
+    if act_format not in ACT_FORMATS:
+        raise ConfigError(f"act_format must be one of {ACT_FORMATS}, got {act_format!r}")
+    if act_format == "fp8" and act_bits != 8:
+        raise ConfigError(f"FP8 (e4m3) activations are 8-bit: act_bits must be 8, got {act_bits}")
 
 
 def check_codes(codes: torch.Tensor, qp: QParams) -> None:

@@ -7,10 +7,11 @@ output channel (W8A8) or per (K-group, output channel) (W4A8):
 - `quantize_rows(x, kind)`: one kernel, one program per token row: the row's abs-max, then
   the 8-bit row and its scale (x is read twice, the second time from L1/L2; nothing but the
   8-bit row and one float per row reaches memory). INT8 uses the project's activation grid
-  (`quant.primitives.quantize_activations_per_token(x, 8)`: scale = max(|x|, 1e-5) / 127,
+  (`quant.primitives.quantize_activations_per_token(x, 8)`: scale = max(|x|, floor) / 127,
   round half to even, +-127), so an INT8 kernel reproduces the fake-quantized layer exactly;
-  FP8 maps each row's abs-max to 448 (`backends.fp8_quantize`). Divisions are IEEE (div_rn),
-  as torch's are.
+  FP8 maps each row's abs-max to 448 (`backends.fp8_quantize`). Both floor the abs-max at the
+  project's one `quant.primitives.ACT_ABSMAX_FLOOR`. Divisions are IEEE (div_rn), as torch's
+  are.
 - `w8a8_matmul`: a8 [M, K] x w8 [N, K] (K contiguous: the K-major B operand Hopper's 8-bit
   wgmma wants), fp8 x fp8 -> fp32 or int8 x int8 -> int32 accumulators (exact: |sum| <
   K * 127^2 < 2^31 for K < 133 000), scales and bias applied once in the epilogue.
@@ -37,11 +38,13 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from faircalib.kernels.triton_w4 import INTERPRETED, TILE_K, m_bucket
+from faircalib.quant.primitives import ACT_ABSMAX_FLOOR
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
-INT8_FLOOR = 1e-5  # the project's abs-max floor for activation scales (all-zero rows stay zero)
-FP8_FLOOR = 1e-12  # backends.fp8_quantize's floor
+# the abs-max floor of every row quantizer (all-zero rows stay zero): a constexpr, so the
+# kernel may read it as a global
+ABSMAX_FLOOR = tl.constexpr(ACT_ABSMAX_FLOOR)
 KINDS = ("int8", "fp8")
 
 # fixed configs for the CPU interpreter (nothing to time there)
@@ -100,9 +103,9 @@ def _quant_rows_kernel(
         amax = tl.maximum(amax, tl.abs(x))
     a = tl.max(amax, axis=0)
     if IS_INT8:
-        scale = tl.math.div_rn(tl.maximum(a, 1e-5), tl.full((), 127.0, tl.float32))
+        scale = tl.math.div_rn(tl.maximum(a, ABSMAX_FLOOR), tl.full((), 127.0, tl.float32))
     else:
-        scale = tl.math.div_rn(tl.maximum(a, 1e-12), tl.full((), 448.0, tl.float32))
+        scale = tl.math.div_rn(tl.maximum(a, ABSMAX_FLOOR), tl.full((), 448.0, tl.float32))
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         ok = k0 + rk < K

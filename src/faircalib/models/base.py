@@ -15,7 +15,9 @@ split into three declared stages:
 
 `quantizable_linears(block)` names the linear layers of a block in execution order.
 `extra_block_stacks()` declares further block stacks that calibration walks the same way (a
-latent prior inside the stem, say); the default is none.
+latent prior inside the stem, say); the default is none. `residual_layout()` optionally declares
+how the residual stream is written and read, so a rotation of it can be folded offline
+(QuaRot); the default None means it cannot be.
 """
 
 from __future__ import annotations
@@ -101,6 +103,43 @@ class BlockStack:
     blocks: nn.ModuleList
     inputs: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, BlockContext]]
     row_weights: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class NormReaders:
+    """An RMS norm of the residual stream, y = g * x / rms(x) (no centring, no bias), and the
+    linears that read its output. Paths are module paths from the model's root; the norm's
+    scale g is its `weight` [D]."""
+
+    norm: str
+    readers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ResidualLayout:
+    """How a pre-norm family's residual stream is written and read
+    (`DiffusionLM.residual_layout`), so that one orthogonal rotation of the stream can be
+    folded into the weights offline (QuaRot; `calib.residual_rotation`).
+
+    Exactly these ops touch the stream: the embedding writes its rows into it; each `writers`
+    linear adds its output to it; each `norms` entry (and `final_norm`) reads it through an RMS
+    norm whose output feeds only its readers (`head` for the final norm). Nothing else may read
+    or modify the stream (no centring, no per-channel modulation, no gates), or the fold is
+    wrong: a family that cannot promise this declares no layout.
+
+    embedding: module path whose `weight` [V, D] rows start the stream.
+    head: the output Linear reading final_norm(h); None when the output layer is the embedding
+        matrix itself (tied). untie_head: tied families only: gives the output layer its own
+        weight (a copy of the embedding's, architecture and config updated) and returns its
+        path; the fold calls it when the final norm's scale is not one constant, which a tied
+        matrix cannot absorb."""
+
+    embedding: str
+    norms: tuple[NormReaders, ...]
+    writers: tuple[str, ...]
+    final_norm: str
+    head: str | None
+    untie_head: Callable[[], str] | None = None
 
 
 class DiffusionLM(nn.Module, ABC):
@@ -201,6 +240,13 @@ class DiffusionLM(nn.Module, ABC):
             f"the {self.family} family declares no vocabulary layers, so --quantize-head cannot "
             "quantize them; leave --quantize-head off"
         )
+
+    def residual_layout(self) -> ResidualLayout | None:
+        """The residual stream's writers and readers, for the offline residual-stream rotation
+        of QuaRot-style activation quantization; None (the default): the family's stream
+        cannot take one fold (MDLM: LayerNorm and per-sequence adaLN modulation and gates),
+        so every rotation runs online in front of its linear."""
+        return None
 
     @property
     def device(self) -> torch.device:

@@ -95,6 +95,7 @@ class Dream(LlamaLikeLM):
             down="mlp.down_proj",
         ),
     )
+    TIE_KEY = "tie_word_embeddings"
 
     @classmethod
     def parse_config(cls, config: dict[str, Any]) -> LlamaSpec:

@@ -114,6 +114,7 @@ class LLaDA(LlamaLikeLM):
             down="ff_out",
         ),
     )
+    TIE_KEY = "weight_tying"
 
     @classmethod
     def parse_config(cls, config: dict[str, Any]) -> LlamaSpec:

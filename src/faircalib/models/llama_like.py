@@ -15,7 +15,7 @@ and config for the readers that know them. `blocks` is a property pointing into 
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +26,8 @@ from faircalib.errors import CheckpointError
 from faircalib.models.base import (
     BlockContext,
     DiffusionLM,
+    NormReaders,
+    ResidualLayout,
     VocabLayer,
     VocabLayers,
     subs_log_probs,
@@ -200,9 +202,11 @@ class LlamaLikeBlock(nn.Module):
 
 
 class LlamaLikeLM(DiffusionLM):
-    """A family sets `family`, `NAMES` and `parse_config` (upstream config.json -> LlamaSpec)."""
+    """A family sets `family`, `NAMES`, `TIE_KEY` and `parse_config` (upstream config.json ->
+    LlamaSpec)."""
 
     NAMES: ClassVar[NameMap]
+    TIE_KEY: ClassVar[str]  # upstream's config.json flag that ties embedding and output layer
 
     def __init__(self, spec: LlamaSpec, source_config: dict[str, Any]) -> None:
         super().__init__()
@@ -260,6 +264,41 @@ class LlamaLikeLM(DiffusionLM):
         if self.spec.tie_embeddings:
             return VocabLayers((VocabLayer("tied", n.embed),))
         return VocabLayers((VocabLayer("embedding", n.embed), VocabLayer("output", n.lm_head)))
+
+    def residual_layout(self) -> ResidualLayout:
+        """Pre-norm blocks: RMSNorm -> q, k, v and RMSNorm -> gate, up read the stream; o and
+        down add to it; the final RMSNorm feeds the output layer (the embedding when tied)."""
+        n, b = self.NAMES, self.NAMES.block
+        norms, writers = [], []
+        for i in range(len(self.blocks)):
+            p = f"{n.blocks}.{i}."
+            norms.append(NormReaders(p + b.attn_norm, (p + b.q, p + b.k, p + b.v)))
+            norms.append(NormReaders(p + b.mlp_norm, (p + b.gate, p + b.up)))
+            writers += [p + b.o, p + b.down]
+        tied = self.spec.tie_embeddings
+        return ResidualLayout(
+            embedding=n.embed,
+            norms=tuple(norms),
+            writers=tuple(writers),
+            final_norm=n.final_norm,
+            head=None if tied else n.lm_head,
+            untie_head=self.untie_head if tied else None,
+        )
+
+    @torch.no_grad()
+    def untie_head(self) -> str:
+        """Give the output layer its own weight, a copy of the tied embedding's (the same
+        logits), and record it in the config, so a saved directory reloads untied. Returns
+        the output layer's path."""
+        n = self.NAMES
+        table = self.get_submodule(n.embed).weight
+        head = nn.Linear(self.spec.hidden, self.spec.vocab_size, bias=False)
+        head = head.to(device=table.device, dtype=table.dtype)
+        head.weight.copy_(table)
+        place(self, n.lm_head, head)
+        self.spec = replace(self.spec, tie_embeddings=False)
+        self.source_config[self.TIE_KEY] = False
+        return n.lm_head
 
     def config_dict(self) -> dict[str, Any]:
         return dict(self.source_config)

@@ -28,9 +28,9 @@ from typing import Literal
 import torch
 
 from faircalib.errors import ConfigError
+from faircalib.quant.primitives import ACT_ABSMAX_FLOOR
 
 FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
-_EPS = 1e-8  # floor of a row's abs-max: all-zero rows stay zero instead of dividing by 0
 
 
 @dataclass
@@ -75,7 +75,8 @@ def quantize_int_per_token(
     `clip_ratio` may be a tensor (learned clipping); with `ste` gradients pass the rounding."""
     qmax = int_qmax(bits)
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) * clip_ratio).clamp(min=_EPS) / qmax  # [..., 1]
+    absmax = xf.abs().amax(dim=-1, keepdim=True) * clip_ratio  # [..., 1]
+    scale = absmax.clamp(min=ACT_ABSMAX_FLOOR) / qmax
     rnd = ste_round if ste else torch.round
     return (rnd(xf / scale).clamp(-qmax, qmax) * scale).to(x.dtype)
 
@@ -91,7 +92,8 @@ def quantize_fp8_rows(
     """[..., in] -> [..., in]: FP8 e4m3 fake quantization with one scale per row (the last
     dim): per-token for activations, per-output-channel for an [out, in] weight."""
     xf = x.float()
-    scale = (xf.abs().amax(dim=-1, keepdim=True) * clip_ratio).clamp(min=_EPS) / FP8_E4M3_MAX
+    absmax = xf.abs().amax(dim=-1, keepdim=True) * clip_ratio  # [..., 1]
+    scale = absmax.clamp(min=ACT_ABSMAX_FLOOR) / FP8_E4M3_MAX
     y = xf / scale
     q = fp8_e4m3_cast(y.detach() if ste else y)
     if ste:
@@ -102,7 +104,7 @@ def quantize_fp8_rows(
 def static_scale(absmax: torch.Tensor | float, bits: int, clip_ratio: float = 1.0) -> torch.Tensor:
     """The per-tensor scale of static INT quantization from a calibrated abs-max."""
     absmax = torch.as_tensor(absmax, dtype=torch.float32).max()
-    return (absmax * clip_ratio).clamp(min=_EPS) / int_qmax(bits)
+    return (absmax * clip_ratio).clamp(min=ACT_ABSMAX_FLOOR) / int_qmax(bits)
 
 
 def quantize_int_static(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:

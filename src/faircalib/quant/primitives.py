@@ -205,15 +205,24 @@ def fake_quantize(w: torch.Tensor, qp: QParams) -> torch.Tensor:
     return dequantize(quantize(w, qp), qp)
 
 
+# The one floor of a row's abs-max wherever a per-row (per-token) scale is taken from it: the
+# fake quantizers (here and quant.activations), QuantLinear's act_bits path, the fp8/int8
+# kernels' row quantizers (kernels.backends, kernels.triton_w8a8) and the packed reload. An
+# all-zero row then gets a positive scale and stays zero; one shared value makes a row with a
+# tiny abs-max quantize to the same codes on every path. 1e-8 keeps every scale a normal
+# float32 (1e-8 / 448 ~ 2e-11), so no path meets denormals (GPUs may flush them to zero).
+ACT_ABSMAX_FLOOR = 1e-8
+
+
 def quantize_activations_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Dynamic symmetric per-token (last dim) fake quantization, as in SmoothQuant's W8A8.
 
     Uses the restricted range +-(2^(bits-1) - 1) (int8 GEMMs take -127..127) with the scale
-    from each token's abs-max, floored at 1e-5 so all-zero tokens stay zero.
+    from each token's abs-max, floored at `ACT_ABSMAX_FLOOR` so all-zero tokens stay zero.
     """
     qmax = 2 ** (bits - 1) - 1
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5) / qmax  # [..., 1]
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_ABSMAX_FLOOR) / qmax  # [..., 1]
     return (torch.round(xf / scale).clamp(-qmax, qmax) * scale).to(x.dtype)
 
 

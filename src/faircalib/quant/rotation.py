@@ -19,6 +19,14 @@ H_b the Sylvester Hadamard matrix of size b = the largest power of two dividing 
 Where a rotation lives: `rotate` applies it online (x -> x Q); `fold_input_rotation` folds it
 into the consuming linear offline (W -> W Q); `fold_output_rotation` folds it into a producing
 linear (W -> Q^T W, b -> b Q) so its output arrives rotated and no online op is needed.
+
+Residual-stream rotation (QuaRot's offline part, `calib.residual_rotation` applies it to a model
+that declares its layout): an RMS norm y = g * x / rms(x) commutes with Q once its scale g is
+folded into the linears that read it (`fold_norm_scale`: W -> W diag(g)), because
+rms(x Q) = rms(x). The embedding's rows are then written rotated (`fold_embedding_rotation`:
+E -> E Q), every writer into the stream outputs rotated (`fold_output_rotation`) and every
+reader takes the rotated stream (`fold_input_rotation`): one Q for the whole stream, nothing
+online.
 """
 
 from __future__ import annotations
@@ -120,3 +128,19 @@ def fold_output_rotation(
     # Q^T W = (W^T Q)^T: rotate each column of W as a row vector
     w_rot = rotate(weight.T, rot).T.contiguous()
     return w_rot, None if bias is None else rotate(bias, rot)
+
+
+def fold_norm_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A norm's per-channel scale g [in] folded into the linear reading the norm's output
+    ([out, in] -> W diag(g)): (x * g) W^T = x (W diag(g))^T, so the norm may then run with
+    g = 1 (and, being an RMS norm, commute with a rotation of its input)."""
+    if scale.shape != weight.shape[-1:]:
+        raise ConfigError(f"a norm of width {scale.shape[0]} read by a linear of {weight.shape}")
+    return weight * scale.to(weight.dtype)
+
+
+def fold_embedding_rotation(table: torch.Tensor, rot: Rotation) -> torch.Tensor:
+    """An embedding table [V, D] whose rows start the residual stream -> E Q: every token's
+    vector enters the stream already rotated (a tied output layer reading E Q then computes
+    (h Q)(E Q)^T = h E^T unchanged)."""
+    return rotate(table, rot)

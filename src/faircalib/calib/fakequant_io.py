@@ -195,7 +195,7 @@ def w8a8_results(model: nn.Module, report: dict[str, Any] | None = None) -> dict
     a weight on the grid. Anything else: ConfigError, one line."""
     from faircalib.calib.activations import ActQuantLinear
 
-    grids = _int_weight_grids(report)
+    grids = _module_keyed(model, _int_weight_grids(report))
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, ActQuantLinear):
@@ -216,6 +216,21 @@ def _int_weight_grids(report: dict[str, Any] | None) -> dict[str, tuple[int, int
         row["layer"]: (scheme.w_bits, row.get("group_size", scheme.w_group), scheme.w_symmetric)
         for row in report.get("layers", [])
     }
+
+
+def _module_keyed(model: nn.Module, by_layer: dict[str, Any]) -> dict[str, Any]:
+    """`by_layer` (keyed by the report's layer names, `<stack>.<i>.<name in block>`) keyed by
+    module path instead: the two differ where the blocks do not sit at the model's top level
+    (LLaDA's `model.transformer.blocks.<i>`, Dream's `model.layers.<i>`)."""
+    if not by_layer:
+        return {}
+    path_of = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for prefix, block in model.named_calib_blocks():
+        for name, _ in type(model).quantizable_linears(model, block):
+            if f"{prefix}.{name}" in by_layer:
+                out[f"{path_of[id(block)]}.{name}"] = by_layer[f"{prefix}.{name}"]
+    return out
 
 
 def _packed_act_layer(

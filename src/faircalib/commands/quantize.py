@@ -606,12 +606,46 @@ def check_source(source: Path, model_arg: str) -> dict | None:
         return None
     record = read_json(record_path)
     method = record.get("method", {}) if isinstance(record.get("method"), dict) else {}
+    transformed = _online_transform_layers(source, record)
+    if transformed:
+        raise _config_error(
+            f"{model_arg} quantizes activations behind online input transforms (SmoothQuant "
+            f"divisors, Hadamard rotations or learned maps; {len(transformed)} layer(s), e.g. "
+            f"{transformed[0]}) that quantizing again would drop, breaking the model; quantize "
+            f"its float source ({record.get('source_model', 'unknown')}) instead"
+        )
     warn(
         f"{model_arg} is already fake-quantized ({method.get('method', '?')} W"
         f"{method.get('bits', '?')}); quantizing it again compounds the errors - quantize its "
         f"float source ({record.get('source_model', 'unknown')}) instead"
     )
     return record
+
+
+# ActQuantLinear state tensors (calib.fakequant_io) of a map applied to the input at run time
+ONLINE_TRANSFORM_TENSORS = frozenset(
+    ("smooth", "rotation_signs", "transform_p1", "transform_p2", "transform_smooth")
+)
+
+
+def _online_transform_layers(source: Path, record: dict) -> list[str]:
+    """Layers of a fake-quant directory whose inputs pass an online map before their weight
+    (`activation_quant` layers holding one; act_quant.json: SmoothQuant W8A8's input scales).
+    The quantizers read a layer's weight alone, so quantizing such a directory again would
+    silently drop the map."""
+    act = record.get("activation_quant")
+    layers = act.get("layers", {}) if isinstance(act, dict) else {}
+    names = [
+        name
+        for name, layer in (layers.items() if isinstance(layers, dict) else ())
+        if isinstance(layer, dict) and ONLINE_TRANSFORM_TENSORS & set(layer.get("tensors", ()))
+    ]
+    if (source / "act_quant.json").is_file():
+        from faircalib.models.base import read_json
+
+        legacy = read_json(source / "act_quant.json").get("layers", {})
+        names += list(legacy) if isinstance(legacy, dict) else []
+    return names
 
 
 def weight_bytes(directory: Path) -> int:

@@ -4,11 +4,13 @@
 # and copies its results (every job writes into $RES/<job>) into $OUT as <job>.tgz.
 #   bash benchmarks/run_gpu.sh start kernels e2e      # start jobs, one after another
 #   bash benchmarks/run_gpu.sh wait kernels           # then collect
+#   bash benchmarks/run_gpu.sh print bench-act        # only show a job's command line
 #   GPU=1 bash benchmarks/run_gpu.sh start llada-fair # a second queue on the second GPU of a
 #                                                     # machine of several, beside the first
 # The device machine goes back after ~30 s without a command in flight, detached jobs and all:
 # keep a `wait` call running (SECONDS_MAX <= the per-call limit) until the last job is done.
-# Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), kernels, e2e, throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
+# Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), kernels, e2e,
+# profile-step, generation-8b (issue 16), throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
 # recorded in benchmarks/results/bench-mdlm-small-act), weighting (instability vs prior vs uniform, 3 seeds),
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
 # cudatests (tests/test_cuda.py on the GPU), llada-gptq / llada-fair / dream-gptq / dream-fair and
@@ -27,10 +29,13 @@ job_command() {
   throughput) echo "python3 benchmarks/throughput.py --device cuda --out $RES/throughput" ;;
   offload) echo "python3 benchmarks/offload.py --out $RES/offload" ;;
   profile-step) echo "python3 benchmarks/profile_step.py --work /root/work --out $RES/profile-step" ;;  # issue 16
+  # issue 16: shares llada-gptq's /root/work/llada/bf16 (written if missing); W4 is RTN in process
+  generation-8b) echo "python3 benchmarks/generation_8b.py --work /root/work --out $RES/generation-8b" ;;
   offload3) echo "python3 benchmarks/offload.py --blocks 3 --out $RES/offload3" ;;
   distributed) echo "python3 benchmarks/distributed.py --out $RES/distributed" ;;  # 2-4 GPUs
+  # test_lease_dryrun.py: the GPU-only branches of the issue-16 jobs at their smallest size
   cudatests) echo "mkdir -p $RES/cudatests; python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
-    > $RES/cudatests/cuda-tests.txt 2>&1; tail -3 $RES/cudatests/cuda-tests.txt" ;;
+    tests/test_lease_dryrun.py > $RES/cudatests/cuda-tests.txt 2>&1; tail -3 $RES/cudatests/cuda-tests.txt" ;;
   reference) echo "python3 benchmarks/reference_models.py --device cuda --mc-samples 1,4 --out $RES/reference" ;;
   bench) echo "python3 -m faircalib.cli bench mdlm-small --device cuda \
     --methods rtn,gptq,awq,recon,fair --schemes w4g128,w4pc,w3g128,w3pc,w2g64,w8pc \
@@ -55,7 +60,11 @@ job_command() {
   esac
 }
 
-case ${1:?start|wait} in
+case ${1:?start|wait|print} in
+print)  # the command lines of the jobs, one a line (tests/test_lease_dryrun.py parses them)
+  shift
+  for job in "$@"; do job_command "$job"; done
+  ;;
 start)
   shift
   if ls .whl/*.whl > /dev/null 2>&1 && [ ! -d /tmp/site ]; then

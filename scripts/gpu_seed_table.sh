@@ -45,9 +45,9 @@ TOK=src/faircalib/assets/tokenizers/wiki-bpe-8k.json
 BASE_SECONDS=${BASE_SECONDS:-480}
 FAMILY_SECONDS=${FAMILY_SECONDS:-150}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-[ "$phase" = stage ] || mkdir -p "$RUNS" "$PIECES"
+[[ $phase =~ ^(stage|print)$ ]] || mkdir -p "$RUNS" "$PIECES"
 # every call may carry pieces (the tree and the carry travel together, 64 MiB a call)
-[ "$phase" = stage ] || [ ! -d "$CARRY" ] || cp "$CARRY"/* "$PIECES"/ 2>/dev/null || true
+[[ $phase =~ ^(stage|print)$ ]] || [ ! -d "$CARRY" ] || cp "$CARRY"/* "$PIECES"/ 2>/dev/null || true
 
 background() {  # name, command: run detached, mark $RUNS/name.done when it ends
   rm -f "$RUNS/$1.done"; : > "$RUNS/$1.log"  # the log marks it started before it runs
@@ -77,14 +77,18 @@ train_cmd() {  # preset, batch size, lr, seconds, token file
 }
 
 case $phase in
+print)  # the training command lines: print PRESET BATCH LR SECONDS TOKENS (tests parse them)
+  shift; train_cmd "$@"
+  ;;
 stage)  # HERE, before a gather call: put pieces i [j ...] (and the manifest) where it carries them
   shift; [ $# -ge 1 ] || { echo "stage: piece indices, e.g. stage 0 1" >&2; exit 2; }
   rm -rf "$CARRY" && mkdir -p "$CARRY"
   cp .gpu/tokens/manifest.json "$CARRY"/
   for i in "$@"; do cp "$(printf '.gpu/tokens/tokens.%04d.u16.xz' "$i")" "$CARRY"/; done
-  # what travels: every tracked file plus the carry, 64 MiB in all (two pieces fit beside a
-  # ~58 MB tree; three do not)
-  total=$(( $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) + $(du -cb "$CARRY"/* | tail -1 | cut -f1) ))
+  # what travels: every tracked file, every untracked one git does not ignore, plus the carry,
+  # 64 MiB in all (two pieces fit beside a ~58 MB tree; three do not)
+  tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb | tail -1 | cut -f1)
+  total=$(( tree + $(du -cb "$CARRY"/* | tail -1 | cut -f1) ))
   echo "tree + carry: $total bytes (limit $((64 * 1024 * 1024)))"
   [ "$total" -le $((64 * 1024 * 1024 - 524288)) ] || { echo "too much to carry: stage fewer pieces" >&2; exit 2; }
   exit 0

@@ -12,6 +12,8 @@
 #   families diffusionlm-base + planner-small side by side, FAMILY_SECONDS=150 each ~200 s
 #   table   4 models x 5 columns (FAIR full preset)          ~420 s (mdlm-small: 60 s on an
 #           H200 in bench-mdlm-small; mdlm-base ~5x its weights; Gaussian bases ~120 s each)
+#   w4a4     (optional, issue 14) W4A4 on mdlm-base beside the table: ~300 s, no extra if
+#            it ends before the table does (an estimate: mdlm-small's fair cell took 21 s)
 #   collect                                                  ~20 s
 #   total ~1490 s + polling slack; behind schedule: SKIP_FAMILIES=1 (saves ~200 s); the table
 #   records models that were not trained as "not run" (--skip-missing).
@@ -31,6 +33,9 @@
 #   base     : assemble the pieces present into a token file, start mdlm-base in the background
 #   status   : progress of the background jobs (any time; also a way to carry more pieces)
 #   families : re-assemble (more pieces may have come), start the two Gaussian models
+#   w4a4     : optional (issue 14), any time after `base`: wait for mdlm-base, then W4A4 on it
+#              (benchmarks/w4a4.py: rtn, quarot, flatquant, fair) in the background, beside the
+#              table on the same GPU (both are small next to an H200); collect returns it
 #   table    : wait for training, start benchmarks/seed_table.py in the background, wait for it
 #   collect  : wait for the table; at most 8 files into $OUT
 # Pieces are made here (CPU): faircalib data pack-tokens <shards> --tokenizer $TOK --out
@@ -116,6 +121,14 @@ families)
   background planner-small "$(train_cmd planner-small 64 1e-3 "$FAMILY_SECONDS" "$RUNS/tokens-families.npy")"
   sleep "${FAMILY_WAIT:-90}"; tail -c 400 "$RUNS/diffusionlm-base.log" "$RUNS/planner-small.log"
   ;;
+w4a4)
+  wait_for "${W4A4_POLLS:-90}" mdlm-base
+  [ -f "$RUNS/mdlm-base/config.json" ] || { echo "w4a4: no trained mdlm-base"; exit 0; }
+  background w4a4-base "python3 benchmarks/w4a4.py --model $RUNS/mdlm-base --device cuda \
+    --schemes w4a4 --methods rtn,quarot,flatquant,fair --nsamples 128 --eval-limit 512 \
+    --mc-samples 1 --flip-prompts 16 --out $RUNS/w4a4-base"
+  sleep "${W4A4_WAIT:-30}"; tail -c 400 "$RUNS/w4a4-base.log"
+  ;;
 table)
   wait_for 60 mdlm-base diffusionlm-base planner-small
   for name in mdlm-base diffusionlm-base planner-small; do
@@ -127,12 +140,15 @@ table)
   wait_for "${TABLE_POLLS:-40}" table; grep 'seed-table\]' "$RUNS/table.log" || true
   ;;
 collect)
-  wait_for "${TABLE_POLLS:-100}" table
-  # 8 files at most: the table (3), the logs (4), the training records with fingerprints (1)
+  wait_for "${TABLE_POLLS:-100}" table w4a4-base
+  # 8 files at most: the table (3), the W4A4 rows on mdlm-base (1), every log in one file (1),
+  # the token files' records (1), the training records with fingerprints (1)
   cp "$RUNS"/seed-table/seed_table.json "$RUNS"/seed-table/seed_table.md "$OUT"/ 2>/dev/null || true
   cp "$RUNS"/seed-table/degradation.png "$OUT"/ 2>/dev/null || true
-  cp "$RUNS"/table.log "$RUNS"/mdlm-base.log "$OUT"/ 2>/dev/null || true
-  cat "$RUNS"/diffusionlm-base.log "$RUNS"/planner-small.log > "$OUT/families.log" 2>/dev/null || true
+  cp "$RUNS"/w4a4-base/w4a4.json "$OUT"/w4a4_mdlm_base.json 2>/dev/null || true
+  for name in table mdlm-base diffusionlm-base planner-small w4a4-base; do
+    [ -f "$RUNS/$name.log" ] && { echo "=== $name.log"; tr '\r' '\n' < "$RUNS/$name.log" | grep -v 'it/s\]$'; }
+  done > "$OUT/logs.txt" 2>/dev/null || true
   cat "$RUNS"/tokens-*.npy.json > "$OUT/tokens.json" 2>/dev/null || true
   python3 - "$RUNS" > "$OUT/train_logs.json" <<'EOF'
 import json, pathlib, sys

@@ -35,10 +35,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from faircalib.kernels.triton_w4 import INTERPRETED, TILE_K, m_bucket
 from faircalib.quant.primitives import ACT_ABSMAX_FLOOR
+from faircalib.quant.triton_rounding import round_half_even
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -60,25 +60,13 @@ def _torch_dtype(kind: str) -> torch.dtype:
 
 # --- per-token activation quantization ---------------------------------------------------------
 @triton.jit
-def _round_half_even(v, USE_RINT: tl.constexpr):
-    # (libdevice is imported at module level: the compiler rejects imports inside @triton.jit)
-    if USE_RINT:  # noqa: SIM108 - a constexpr branch, one compiled
-        r = libdevice.rint(v)
-    else:
-        # interpreter: 1.5 * 2^23 pushes the fraction out of float32's mantissa with round to
-        # nearest even (exact for |v| < 2^22; here |v| <= 127)
-        r = (v + 12582912.0) - 12582912.0
-    return r
-
-
-@triton.jit
 def _round_e4m3(v):
     """v (|v| <= 448) rounded to the nearest e4m3 value, ties to even, in float32: the
     interpreter's own float32 -> fp8 cast drops the carry when rounding up crosses a power of
     two (127.9 -> 64), so it is handed values it need not round. ulp = 2^(max(e, -6) - 3)."""
     e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     ulp = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return _round_half_even(v / ulp, False) * ulp  # power-of-two division: exact
+    return round_half_even(v / ulp, False) * ulp  # power-of-two division: exact
 
 
 @triton.jit
@@ -112,7 +100,7 @@ def _quant_rows_kernel(
         x = tl.load(x_row + k0 + rk, mask=ok, other=0.0).to(tl.float32)
         v = tl.math.div_rn(x, tl.zeros_like(x) + scale)
         if IS_INT8:
-            v = tl.minimum(tl.maximum(_round_half_even(v, USE_RINT), -127.0), 127.0)
+            v = tl.minimum(tl.maximum(round_half_even(v, USE_RINT), -127.0), 127.0)
             tl.store(q_row + k0 + rk, v.to(tl.int8), mask=ok)
         else:
             v = tl.minimum(tl.maximum(v, -448.0), 448.0)

@@ -26,23 +26,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from faircalib.quant.gptq import FUSED_SWEEP_MAX_COLS
+from faircalib.quant.triton_rounding import round_half_even
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _round_half_even(v, USE_RINT: tl.constexpr):
-    # (libdevice is imported at module level: the compiler rejects imports inside @triton.jit)
-    if USE_RINT:  # noqa: SIM108 - a constexpr branch, one compiled
-        r = libdevice.rint(v)
-    else:
-        # interpreter: 1.5 * 2^23 pushes the fraction out of float32's mantissa with round to
-        # nearest even (exact for |v| < 2^22; larger |v| is clamped to 0 or maxq either way)
-        r = (v + 12582912.0) - 12582912.0
-    return r
 
 
 @triton.jit
@@ -85,7 +73,7 @@ def _gptq_sweep_kernel(
         s = tl.load(s_ptr + rows * stride_sr + (i - c0) * stride_sc, mask=row_ok, other=1.0)
         z = tl.load(z_ptr + rows * stride_zr + (i - c0) * stride_zc, mask=row_ok, other=0.0)
         # encode, decode, scaled error: primitives.encode / decode and the torch loop's order
-        code = _round_half_even(tl.math.div_rn(wc, s), USE_RINT) + z
+        code = round_half_even(tl.math.div_rn(wc, s), USE_RINT) + z
         code = tl.minimum(tl.maximum(code, 0.0), MAXQ)
         q = s * (code - z)
         d = tl.load(u_ptr + i * (stride_ur + stride_uc))

@@ -266,3 +266,17 @@ def test_act_quant_linear_reference_forward():
     x = torch.randn(3, 16)
     expected = fake_quantize_activations(x / 2.0, act) @ lin.weight.T + lin.bias
     torch.testing.assert_close(m(x), expected, rtol=0, atol=1e-6)
+
+
+def test_activation_bench_headline_is_w4a4_whatever_the_scheme_order():
+    """Table 1 of an activation bench reports W4A4 (and W8A8 as its INT8 column) even when
+    W8A8 is listed first - it once reported the first scheme under an 'INT4' heading."""
+    path = Path(__file__).parents[1] / "benchmarks/results/bench-mdlm-small-act/bench.json"
+    result = json.loads(path.read_text())
+    assert result["config"]["schemes"][0] == "w8a8"
+    by = {(e["scheme"], e["method"]): e["wikitext2:test_ppl"] for e in result["summary"]}
+    row = next(line for line in bench.markdown_tables(result).splitlines() if "(measured)" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2].startswith(f"{by[('w4a4', 'rtn')]:.2f}")
+    assert cells[3].startswith(f"{by[('w4a4', 'fair')]:.2f}")
+    assert cells[4].startswith(f"{by[('w8a8', 'fair')]:.2f}")

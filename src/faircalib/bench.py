@@ -57,6 +57,7 @@ ACT_METHODS = (
     "flatquant",
     "flatquant-gptq",
     "fair",
+    "fair-gptq",
 )
 # The paper's mechanism metrics (faircalib.frontier.metrics; docs/fair-calib.md), per model.
 MECHANISM = ("stabilization_lag", "late_stabilization_rate", "post_commit_mismatch")
@@ -65,13 +66,14 @@ LABELS = {
     "rtn": "RTN (standard PTQ)",
     "gptq": "GPTQ",
     "awq": "AWQ",
-    "smoothquant": "SmoothQuant (W8A8 act.)",
+    "smoothquant": "SmoothQuant (smoothing scales)",
     "recon": "recon (FAIR's optimiser, uniform weights)",
     "fair": "FAIR-Calib",
     "quarot-rtn": "QuaRot-RTN (Hadamard, RTN weights)",
     "quarot": "QuaRot (Hadamard, GPTQ weights)",
     "flatquant": "FlatQuant (learned transform)",
     "flatquant-gptq": "FlatQuant + GPTQ weights",
+    "fair-gptq": "FAIR-Calib + GPTQ weights",
 }
 # What the FAIR-Calib publication claims (its own models; not measured here).
 PUBLISHED_CLAIMS = {
@@ -351,7 +353,7 @@ def quantize_act_row(
         scheme=scheme,
         method=method,
         clip_search=bool(act.get("clip_search"))
-        and method not in ("flatquant", "flatquant-gptq", "fair"),
+        and method not in ("flatquant", "flatquant-gptq", "fair", "fair-gptq"),
         flat=flat,
         seed=calib_seed,
         device=cfg.device,
@@ -557,10 +559,17 @@ def data_lines(rec: dict) -> list[str]:
 
 
 def main_int4_scheme(result: dict) -> str:
-    """The grouped INT4 scheme the headline tables use (g128, or g64 for models whose widths
-    128 does not divide)."""
+    """The INT4 scheme the headline tables use: the grouped weight-only one (g128, or g64 for
+    models whose widths 128 does not divide), or W4A4 in an activation bench (the setting the
+    dLLM papers report, where activation quantization breaks models)."""
     schemes = result["config"]["schemes"]
-    return next((s for s in schemes if s.startswith("w4g")), schemes[0])
+    preferred = [s for s in schemes if s.startswith("w4g")] + [s for s in schemes if s == "w4a4"]
+    return next(iter(preferred), schemes[0])
+
+
+def int8_scheme(result: dict) -> str:
+    """The INT8 column of the headline table: W8A8 in an activation bench, else W8 per-channel."""
+    return "w8a8" if main_int4_scheme(result) in ACT_SCHEMES else "w8pc"
 
 
 def _fmt(x, digits=2) -> str:
@@ -602,10 +611,11 @@ def markdown_tables(result: dict) -> str:
     lines += [
         "## Table 1 - the publication's shape",
         "",
-        f"| Model | FP16 | INT4 standard PTQ (RTN {gl}) | INT4 FAIR-Calib ({gl}) | INT8 FAIR-Calib |",
+        f"| Model | FP16 | INT4 standard PTQ (RTN {gl}) | INT4 FAIR-Calib ({gl}) | "
+        f"INT8 FAIR-Calib ({int8_scheme(result).upper()}) |",
         "|---|---:|---:|---:|---:|",
         f"| {model} (measured) | {fp:.2f} | {cell(g4, 'rtn')} | {cell(g4, 'fair')} | "
-        f"{cell('w8pc', 'fair')} |",
+        f"{cell(int8_scheme(result), 'fair')} |",
         f"| publication's claim (its models) | - | +{PUBLISHED_CLAIMS['int4_standard_ptq_degradation_pct']}% | "
         f"+{PUBLISHED_CLAIMS['int4_fair_degradation_pct']}% | +{PUBLISHED_CLAIMS['int8_fair_degradation_pct']}% |",
         "",
@@ -667,7 +677,11 @@ def plot(result: dict, out: Path) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
     fp = summary[0][f"{main}_ppl"]
-    for m in dict.fromkeys(METHODS + ACT_METHODS):
+    if main_int4_scheme(result) in ACT_SCHEMES:
+        _plot_by_scheme(ax, result, main)
+    for m in (
+        [] if main_int4_scheme(result) in ACT_SCHEMES else dict.fromkeys(METHODS + ACT_METHODS)
+    ):
         pts = sorted(
             (SCHEMES[e["scheme"]]["bits"], e[f"{main}_ppl"])
             for e in summary
@@ -678,7 +692,8 @@ def plot(result: dict, out: Path) -> list[Path]:
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[m])
     ax.axhline(fp, color="k", ls="--", label="float")
-    ax.set_xlabel(f"weight bits ({main_int4_scheme(result)[2:]} at 3/4 bits, per-channel at 8)")
+    if main_int4_scheme(result) not in ACT_SCHEMES:
+        ax.set_xlabel(f"weight bits ({main_int4_scheme(result)[2:]} at 3/4 bits, per-channel at 8)")
     ax.set_ylabel(f"{main} perplexity bound")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
@@ -706,6 +721,19 @@ def plot(result: dict, out: Path) -> list[Path]:
     atomic.save_figure(fig, paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def _plot_by_scheme(ax, result: dict, main: str) -> None:
+    """An activation bench's schemes share weight bit widths (W4A8 and W4A4 both hold INT4
+    weights), so its plot puts the schemes on the x axis, one line per method."""
+    schemes = [s for s in result["config"]["schemes"] if s in ACT_SCHEMES]
+    by = {(e["scheme"], e["method"]): e[f"{main}_ppl"] for e in result["summary"]}
+    for m in ACT_METHODS:
+        xs = [i for i, s in enumerate(schemes) if (s, m) in by]
+        if xs:
+            ax.plot(xs, [by[(schemes[i], m)] for i in xs], marker="o", label=LABELS[m])
+    ax.set_xticks(range(len(schemes)), [s.upper() for s in schemes])
+    ax.set_xlabel("scheme")
 
 
 def write_outputs(result: dict, out: Path) -> None:

@@ -1,6 +1,7 @@
 """The Triton W4A16 kernels (optional dependency), run by Triton's CPU interpreter."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,9 @@ CHECK = textwrap.dedent(
     # per-channel, 3-bit codes, ragged M and N
     cases = [(5, 64, 128, 32, False, 4), (33, 96, 256, 128, True, 4), (3, 64, 256, None, False, 4),
              (17, 48, 384, 64, True, 4), (1, 40, 512, None, True, 4), (9, 64, 256, 64, False, 3)]
-    variants = [("planes", 1, 16), ("tile", 1, 16), ("planes", 4, 16), ("tile", 2, 32)]
+    # "swap" (weight as the left operand): one and several K tiles per program, ragged M and N
+    variants = [("planes", 1, 16), ("tile", 1, 16), ("planes", 4, 16), ("tile", 2, 32),
+                ("swap", 1, 16), ("swap", 4, 16), ("swap", 2, 64)]
     for i, (m, n, k, group, sym, bits) in enumerate(cases):
         gen = torch.Generator().manual_seed(i)
         w = torch.randn(n, k, generator=gen)
@@ -95,3 +98,91 @@ def test_tile_layout_round_trips_and_puts_planes_of_16_consecutive_k_in_nibbles(
     s_t, zs_t = transposed_scales(scale, zero)
     q = 11.0
     assert torch.allclose(q * s_t + zs_t, (scale * (q - zero)).T)
+
+
+def test_swap_kernel_compiles_for_hopper_with_the_weight_in_registers():
+    """The interpreter runs the kernel as Python; compile the "swap" path for sm_90 (no GPU
+    needed): wgmma with its left operand (the dequantized weight) in registers, and the largest
+    autotuned tiles within Hopper's 227 KB of shared memory (a config over it would be skipped
+    by the autotuner, never timed)."""
+    import triton
+    from triton.backends import backends as triton_backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from faircalib.kernels import triton_w4 as k
+
+    if "nvidia" not in triton_backends:
+        pytest.skip("triton has no CUDA backend here")
+    sig = dict.fromkeys(("s_ptr", "zs_ptr"), "*fp32") | {"x_ptr": "*bf16", "q_ptr": "*i32"}
+    sig |= dict.fromkeys(("M", "N", "K", "stride_xm", "stride_ym", "M_BUCKET"), "i32")
+    names = list(k._w4_matmul_kernel.arg_names)
+    # the runtime specializes pointers and sizes divisible by 16 (then loads are pipelined)
+    aligned = [names.index(n) for n in ("x_ptr", "q_ptr", "s_ptr", "zs_ptr", "y_ptr", "N", "K")]
+    for bm, bn, split, warps, stages, group in ((16, 128, 4, 4, 4, 128), (128, 256, 1, 8, 3, 32)):
+        consts = {"GROUP_SIZE": group, "BLOCK_M": bm, "BLOCK_N": bn, "UNPACK": "swap"}
+        consts |= {"SPLIT_K": split, "GROUP_M": 8}
+        full = sig | {"y_ptr": "*fp32" if split > 1 else "*bf16"}
+        full |= dict.fromkeys(consts, "constexpr")
+        attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+        src = ASTSource(fn=k._w4_matmul_kernel, signature=full, constexprs=consts, attrs=attrs)
+        opts = {"num_warps": warps, "num_stages": stages}
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+        assert compiled.metadata.shared <= 232448, (bm, bn, compiled.metadata.shared)
+        ptx = compiled.asm["ptx"]
+        assert re.search(r"wgmma\.mma_async[^;]*\},\s*\{", ptx), "left operand not in registers"
+
+
+FALLBACK = textwrap.dedent(
+    """
+    import warnings
+    import torch
+    import faircalib.kernels.triton_w4 as tw
+    from faircalib.config import QuantConfig
+    from faircalib.kernels import QuantLinear
+    from faircalib.quant.primitives import compute_qparams, dequantize, quantize
+
+    planes = {"BLOCK_M": 16, "BLOCK_N": 32, "UNPACK": "planes", "SPLIT_K": 1}
+    calls = {"swap": 0, "no_swap": 0}
+
+    class Failing:  # an autotuner whose "swap" config does not compile
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                calls["swap"] += 1
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    class Plain:  # the configs without "swap": here one fixed config, interpreted
+        def __getitem__(self, grid):
+            def launch(*args, GROUP_SIZE):
+                calls["no_swap"] += 1
+                tw._w4_matmul_kernel[grid](*args, GROUP_SIZE=GROUP_SIZE, **planes)
+            return launch
+
+    tw.INTERPRETED = False  # take the autotuned path
+    tw._autotuned_matmul, tw._autotuned_matmul_no_swap = Failing(), Plain()
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
+    qp = compute_qparams(w, QuantConfig(bits=4, group_size=128))
+    codes = quantize(w, qp)
+    layer = QuantLinear.from_codes(codes, qp, backend="triton_w4")
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1)).half()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1, y2 = layer(x), layer(x)
+    ref = x.double() @ dequantize(codes, qp).double().T
+    err = max(float((y.double() - ref).norm() / ref.norm()) for y in (y1, y2))
+    said = [str(c.message) for c in caught if "swap" in str(c.message)]
+    print(calls["swap"], calls["no_swap"], len(said), err)
+    """
+)
+
+
+def test_a_swap_config_that_fails_to_compile_falls_back_once_and_stays_correct():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    swap_calls, plain_calls, warned, err = done.stdout.split()
+    assert (swap_calls, plain_calls, warned) == ("1", "2", "1")  # tried once, warned once
+    assert float(err) <= 1e-3  # against a float64 matmul of the dequantized weights

@@ -10,10 +10,21 @@ w = code * scale + zs is one FMA (exactly scale * (code - zero) up to float32 ro
 
 Kernels:
 - `w4_matmul`: y [M, N] = x [M, K] @ W_hat.T, the weight dequantized in registers inside the K
-  loop (it never reaches memory). Two unpacking variants - eight K=16 dots per tile ("planes") or
-  one K=128 dot over the whole tile, its rows gathered from the 16 int32 rows ("tile") - and
-  tile shapes are autotuned per (M bucket, N, K); small M may split K across programs
-  (float32 atomics) so a GEMV-like call still fills the GPU.
+  loop (it never reaches memory). Three variants - eight K=16 dots per tile ("planes"), one
+  K=128 dot over the whole tile, its rows gathered from the 16 int32 rows ("tile"), and the
+  transposed product y.T = W_hat @ x.T with the dequantized [BN, 128] tile as the dot's left
+  operand ("swap", `_swap_matmul`) - and tile shapes are autotuned per (M bucket, N, K); small
+  M may split K across programs (float32 atomics) so a GEMV-like call still fills the GPU.
+  Why "swap": Hopper's wgmma reads its left operand from registers and its right one from
+  shared memory. As the right operand the dequantized weight must be written to shared memory
+  every step, and Triton then waits for each dot before the next dequantization (sm_90 compile,
+  Triton 3.9: `warp_group_dot_wait` with 0 pending in "planes"; "tile" needs 458-524 KB of
+  shared memory for its 128x128 tiles, over the 227 KB limit, so the autotuner never runs it).
+  As the left operand, x is the MMA's only shared-memory operand (num_stages deep, cp.async;
+  the dequantized tile takes one register layout conversion), one wgmma stays in flight while
+  the next tile is dequantized (1 pending), and tokens sit on the MMA's N side (8..256), so
+  M = 16 still fills 64-row wgmma tiles. Not yet timed on a GPU: the autotuner picks it only
+  where it is faster (`SWAP_SHAPES`).
 - `w4_dequantize`: W_hat.T [K, N] in the activation dtype, for large M where a cuBLAS GEMM on
   the dequantized weight beats any fused kernel (the weight is written once per call and freed).
 
@@ -26,6 +37,7 @@ benchmarks/kernels.py on the GPU.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -64,7 +76,24 @@ def transposed_scales(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Te
 
 
 # --- fused dequantize-GEMM ---------------------------------------------------------------------
-def _configs() -> list[triton.Config]:
+# "swap" tiles (BLOCK_M tokens, BLOCK_N weight rows, warps, stages): the weight rows are the
+# wgmma's 64-row side, tokens its N side (16..256). Each fits Hopper's 227 KB of shared memory
+# (sm_90 compile, Triton 3.9: 38 KB at 16x64 to 229 KB at 128x256 g32); 256x128 with 3 stages
+# and 128x256 with 4 do not, so they are left out
+SWAP_SHAPES = [
+    (16, 64, 4, 4),
+    (16, 128, 4, 4),
+    (32, 128, 4, 4),
+    (64, 128, 4, 4),
+    (64, 256, 8, 3),
+    (128, 128, 8, 3),
+    (128, 128, 8, 4),
+    (128, 256, 8, 3),
+    (256, 128, 8, 2),
+]
+
+
+def _configs(swap: bool = True) -> list[triton.Config]:
     shapes = [  # BLOCK_M, BLOCK_N, warps, stages
         (16, 64, 4, 4),
         (16, 128, 4, 4),
@@ -76,12 +105,13 @@ def _configs() -> list[triton.Config]:
         (128, 128, 8, 3),
         (128, 256, 8, 3),
     ]
+    variants = [(shape, unpack) for shape in shapes for unpack in ("planes", "tile")]
+    variants += [(shape, "swap") for shape in SWAP_SHAPES] if swap else []
     out = []
-    for bm, bn, warps, stages in shapes:
-        for unpack in ("planes", "tile"):
-            for split in (1, 2, 4, 8) if bm == 16 else (1,):
-                meta = {"BLOCK_M": bm, "BLOCK_N": bn, "UNPACK": unpack, "SPLIT_K": split}
-                out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+    for (bm, bn, warps, stages), unpack in variants:
+        for split in (1, 2, 4, 8) if bm == 16 else (1,):
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "UNPACK": unpack, "SPLIT_K": split}
+            out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -103,6 +133,52 @@ def _prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's ho
 def _dequant_rows(packed, j: tl.constexpr, s, zs):
     """Nibble plane j of a [16, BN] int32 block -> float32 weights (codes * s + zs)."""
     return ((packed >> (4 * j)) & 0xF).to(tl.float32) * s + zs
+
+
+@triton.jit
+def _swap_matmul(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    zs_ptr,
+    rm_c,
+    rn_c,
+    N,
+    K,
+    stride_xm,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """y.T tile [BN, BM] = W_hat tile [BN, K] @ x.T [K, BM] over this program's K tiles.
+
+    The weight is the dot's *left* operand: on Hopper, wgmma reads its left operand from
+    registers and only its right one from shared memory, so the tile dequantized in registers
+    feeds the tensor cores without a round trip through shared memory, while x (a plain load,
+    software-pipelined num_stages deep) is the right operand. Tokens become the MMA's N side
+    (8..256 wide), so small M still fills 64-row wgmma tiles with weight rows. The [BN, 16]
+    int32 block of a K tile is read once (no gather: a gathered [BN, 128] block was staged in
+    shared memory 8 times over) and broadcast over the 8 nibble planes in registers."""
+    r16, j8, rk = tl.arange(0, 16), tl.arange(0, 8), tl.arange(0, 128)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for tile in range(tl.program_id(1), K // 128, SPLIT_K):
+        k0 = tile * 128
+        packed = tl.load(q_ptr + (tile * 16 + r16)[None, :] * N + rn_c[:, None])  # [BN, 16]
+        # [BN, j, r]: nibble j of row r is k = 16 j + r
+        codes = (packed[:, None, :] >> (4 * j8)[None, :, None]) & 0xF
+        if GROUP_SIZE % 128 == 0:  # one scale per column for the whole tile
+            g = k0 // GROUP_SIZE
+            s = tl.load(s_ptr + g * N + rn_c)[:, None, None]
+            zs = tl.load(zs_ptr + g * N + rn_c)[:, None, None]
+        else:  # one per plane of 16 k (a plane never straddles a group)
+            g = ((k0 + 16 * j8) // GROUP_SIZE)[None, :]
+            s = tl.load(s_ptr + g * N + rn_c[:, None])[:, :, None]
+            zs = tl.load(zs_ptr + g * N + rn_c[:, None])[:, :, None]
+        w = tl.reshape(codes.to(tl.float32) * s + zs, (BLOCK_N, 128))
+        x_t = tl.load(x_ptr + rm_c[None, :] * stride_xm + (k0 + rk)[:, None])  # [128, BM]
+        acc = tl.dot(w.to(x_ptr.dtype.element_ty), x_t, acc)
+    return acc
 
 
 @triton.jit
@@ -137,6 +213,55 @@ def _w4_matmul_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     m_ok, n_ok = rm < M, rn < N
+    if UNPACK == "swap":
+        # out-of-range rows / columns read row / column 0 (masked at the store), so the loads
+        # of the K loop carry no masks
+        rm_c = tl.where(m_ok, rm, 0).to(tl.int64)
+        rn_c = tl.where(n_ok, rn, 0)
+        acc_t = _swap_matmul(
+            x_ptr, q_ptr, s_ptr, zs_ptr, rm_c, rn_c, N, K, stride_xm,
+            GROUP_SIZE, BLOCK_M, BLOCK_N, SPLIT_K,
+        )  # fmt: skip
+        y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
+        ok = m_ok[None, :] & n_ok[:, None]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc_t.to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.atomic_add(y_ptrs, acc_t, mask=ok)  # y is a zeroed float32 buffer
+    else:
+        acc = _plain_matmul(
+            x_ptr, q_ptr, s_ptr, zs_ptr, rm, rn, m_ok, n_ok, N, K, stride_xm,
+            GROUP_SIZE, BLOCK_M, BLOCK_N, UNPACK, SPLIT_K,
+        )  # fmt: skip
+        y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        ok = m_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.atomic_add(y_ptrs, acc, mask=ok)  # y is a zeroed float32 buffer
+
+
+@triton.jit
+def _plain_matmul(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    zs_ptr,
+    rm,
+    rn,
+    m_ok,
+    n_ok,
+    N,
+    K,
+    stride_xm,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UNPACK: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """y tile [BM, BN] = x [BM, K] @ W_hat.T [K, BN] over this program's K tiles, the weight
+    as the right operand: eight K=16 dots per tile ("planes") or one K=128 dot ("tile")."""
     r16 = tl.arange(0, 16)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in range(tl.program_id(1), K // 128, SPLIT_K):
@@ -177,20 +302,25 @@ def _w4_matmul_kernel(
             )  # [BM, 128]
             w = codes.to(tl.float32) * s + zs
             acc = tl.dot(x, w.to(x.dtype), acc)
-    y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-    ok = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=ok)  # y is a zeroed float32 buffer
+    return acc
 
 
-_autotuned_matmul = triton.autotune(
-    configs=_configs(),
-    key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-    prune_configs_by={"early_config_prune": _prune},
-    reset_to_zero=["y_ptr"],
-)(_w4_matmul_kernel)
+def _autotuner(swap: bool):  # noqa: ANN202 - a triton Autotuner
+    return triton.autotune(
+        configs=_configs(swap),
+        key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+        prune_configs_by={"early_config_prune": _prune},
+        reset_to_zero=["y_ptr"],
+    )(_w4_matmul_kernel)
+
+
+# The "swap" variant was compiled and checked for sm_90 with one Triton version only: where
+# another fails to compile it (an error the autotuner does not skip, unlike running out of
+# shared memory), the first call falls back, once and for good, to the configs without it.
+# FAIRCALIB_W4_SWAP=0 leaves it out from the start.
+_autotuned_matmul = _autotuner(swap=os.environ.get("FAIRCALIB_W4_SWAP", "1") != "0")
+_autotuned_matmul_no_swap = _autotuner(swap=False)
+_swap_failed: list[str] = []
 
 
 def m_bucket(m: int) -> int:
@@ -230,8 +360,21 @@ def w4_matmul(
     args = (x, packed, scale_t, zs_t, y, m, n, k, x.stride(0), y.stride(0), m_bucket(m))
     if meta:
         _w4_matmul_kernel[grid](*args, GROUP_SIZE=group_size, **meta)
+    elif _swap_failed:
+        _autotuned_matmul_no_swap[grid](*args, GROUP_SIZE=group_size)
     else:
-        _autotuned_matmul[grid](*args, GROUP_SIZE=group_size)
+        try:
+            _autotuned_matmul[grid](*args, GROUP_SIZE=group_size)
+        except Exception as err:  # noqa: BLE001 - any compile failure: retry without "swap"
+            _swap_failed.append(f"{type(err).__name__}: {err}"[:300])
+            warnings.warn(
+                f"W4 Triton GEMM: the 'swap' configs failed ({_swap_failed[0]}); "
+                "using the others from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            y.zero_()
+            _autotuned_matmul_no_swap[grid](*args, GROUP_SIZE=group_size)
     return y.to(x.dtype)
 
 

@@ -7,6 +7,10 @@ bound and bits per byte under our protocol, the publication's claims beside them
         --model mdlm-small=mdlm-small --model mdlm-base=/root/runs/mdlm-base \
         --model diffusionlm-base=/root/runs/diffusionlm-base \
         --model planner-small=/root/runs/planner-small
+    # a later lease re-measures some models and merges them into the committed table
+    python benchmarks/seed_table.py --device cuda --out /root/runs/seed-table \
+        --merge benchmarks/results/seed-table/seed_table.json \
+        --model diffusionlm-base=/root/runs/diffusionlm-base
     # CPU smoke run of every code path on the shipped tiny models (< 1 minute)
     python benchmarks/seed_table.py --smoke --out /tmp/seed-table
 
@@ -18,6 +22,12 @@ w4g128, INT8 is per-channel (w8pc). The publication reports token perplexity of 
 models; ours is a likelihood bound of ours, so compare the relative degradation column, not the
 absolute numbers. Outputs: seed_table.json (rows, run record, claims), seed_table.md and
 degradation.png; seed_table.partial.json after every model, so a cut-off lease keeps what ran.
+
+Provenance is per row: every row carries the record of the run that measured it (`record`:
+command, commit, device, torch, date, evaluation settings, seconds). `--merge PATH` loads an
+earlier seed_table.json and replaces (in place) or appends only the rows measured now; the
+other rows keep their numbers and records unchanged. Rows of files written before rows had
+records take that file's own record. A row recorded as not run never replaces a measured one.
 """
 
 from __future__ import annotations
@@ -208,6 +218,7 @@ def markdown(result: dict) -> str:
     cols = list(COLUMNS)
     lines = ["# Seed table: WikiText-2 test, perplexity bound (bits per byte)", ""]
     lines += record_lines(result["record"]) + [""]
+    lines += provenance_lines(result["rows"])
     lines += [
         "| model | family | params | " + " | ".join(COLUMN_LABELS[c] for c in cols) + " |",
         "|---|---|---:|" + "---:|" * len(cols),
@@ -287,12 +298,102 @@ def plot(result: dict, out: Path) -> Path | None:
     return path
 
 
+# the settings that make two rows' numbers comparable: a row records them, a merge checks them
+EVAL_SETTINGS = ("nsamples", "limit", "mc_samples", "fair_preset", "smoke")
+
+
+def row_record(record: dict, config: dict, seconds: float) -> dict:
+    """The run record one row carries: the run's command, commit, device and date, its
+    evaluation settings, and the seconds this row took."""
+    return {**record, "config": dict(config), "wall_s": seconds}
+
+
+def load_previous(path: Path) -> dict:
+    """An earlier seed_table.json with a record on every row: rows written before rows carried
+    records get the file's own record and config (`inherited` says so; its `wall_s` is then
+    the whole run's, not the row's); nothing else changes."""
+    previous = json.loads(Path(path).read_text())
+    for row in previous["rows"]:
+        if "record" not in row:
+            row["record"] = {**previous["record"], "config": previous["config"], "inherited": True}
+    return previous
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with every same-named row replaced by its `new` one in place, other new rows
+    appended. A new row that was not run (no columns) keeps a measured old row: a model
+    missing from this lease must not erase the number an earlier lease recorded."""
+    rows = list(old)
+    names = [r["name"] for r in rows]
+    for row in new:
+        if row["name"] not in names:
+            rows.append(row)
+            names.append(row["name"])
+            continue
+        i = names.index(row["name"])
+        if "columns" in row or "columns" not in rows[i]:
+            rows[i] = row
+    return rows
+
+
+def check_mergeable(previous: dict, config: dict) -> None:
+    """Refuse to put smoke rows beside real ones; say which evaluation settings differ."""
+    if bool(previous.get("smoke")) != bool(config["smoke"]):
+        raise SystemExit(
+            f"--merge: the earlier table is a {'smoke' if previous.get('smoke') else 'real'} "
+            f"run, this one a {'smoke' if config['smoke'] else 'real'} one; merge smoke runs "
+            "only with smoke runs"
+        )
+    old = previous.get("config", {})
+    differ = [k for k in EVAL_SETTINGS if k in old and old[k] != config[k]]
+    if differ:
+        print(
+            f"[seed-table] --merge: settings differ from the earlier run: {differ} "
+            "(each row records its own)",
+            file=sys.stderr,
+        )
+
+
+def provenance_lines(rows: list[dict]) -> list[str]:
+    """One line per row: which run measured it."""
+    lines = [
+        "Rows measured by:",
+        "",
+        "| model | commit | device | date | command |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        rec = row.get("record")
+        if rec is None:
+            continue
+        lines.append(
+            f"| {row['name']} | `{rec['git_commit']}` | {rec['device']} | {rec['date']} | "
+            f"`{rec['command']}` |"
+        )
+    return lines + [""]
+
+
 def parse_models(specs: list[str]) -> list[tuple[str, str]]:
     pairs = []
     for spec in specs:
         name, _, path = spec.partition("=")
         pairs.append((name, path or name))
     return pairs
+
+
+def measure_rows(args: argparse.Namespace, record: dict, config: dict, out: Path) -> list[dict]:
+    """The rows of the models given (each with its run record); a partial file after each."""
+    rows: list[dict] = []
+    for name, path in parse_models(args.model or (SMOKE_MODELS if args.smoke else [])):
+        start = time.time()
+        if args.skip_missing and not Path(path).exists() and "/" in path:
+            row = {"name": name, "path": path, "status": "not run: directory missing"}
+        else:
+            row = measure_model(name, path, args)
+        row["record"] = row_record(record, config, time.time() - start)
+        rows.append(row)
+        atomic.write_text(out / "seed_table.partial.json", json.dumps(rows, indent=1) + "\n")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -313,30 +414,36 @@ def main(argv: list[str] | None = None) -> dict:
         "--skip-missing", action="store_true", help="record a missing model directory as not run"
     )
     p.add_argument("--smoke", action="store_true", help="CPU, shipped tiny models, seconds")
+    p.add_argument(
+        "--merge",
+        metavar="PATH",
+        help="an earlier seed_table.json: keep its rows, replace/add only the ones measured now",
+    )
     args = p.parse_args(argv)
     given = argv if argv is not None else sys.argv[1:]
     record = run_record(["python", "benchmarks/seed_table.py", *given])
     out = Path(args.out)
     atomic.check_writable_dir(out)
     out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k != "model"}
+    previous = load_previous(Path(args.merge)) if args.merge else None
+    if previous is not None:  # before any measuring: a refused merge costs no GPU time
+        check_mergeable(previous, config)
     torch.manual_seed(0)
     start = time.time()
-    rows: list[dict] = []
-    for name, path in parse_models(args.model or (SMOKE_MODELS if args.smoke else [])):
-        if args.skip_missing and not Path(path).exists() and "/" in path:
-            rows.append({"name": name, "path": path, "status": "not run: directory missing"})
-            continue
-        rows.append(measure_model(name, path, args))
-        atomic.write_text(out / "seed_table.partial.json", json.dumps(rows, indent=1) + "\n")
+    rows = measure_rows(args, record, config, out)
     record["wall_s"] = time.time() - start
     result = {
         "record": record,
         "smoke": args.smoke,
         "columns": {c: {"label": COLUMN_LABELS[c], "method_scheme": s} for c, s in COLUMNS.items()},
-        "config": {k: v for k, v in vars(args).items() if k != "model"},
+        "config": config,
         "rows": rows,
         "published": PUBLISHED,
     }
+    if previous is not None:
+        result["rows"] = merge_rows(previous["rows"], rows)
+        result["merged_from"] = {"path": args.merge, "record": previous["record"]}
     atomic.write_text(out / "seed_table.json", json.dumps(result, indent=2) + "\n")
     atomic.write_text(out / "seed_table.md", markdown(result))
     plot(result, out)

@@ -5,8 +5,9 @@
 #
 # Budget (30 min of device time = 1800 s; one command <= 600 s; the machine keeps files while
 # warm, so training and the table run in the background and later calls poll them):
-#   machine start (first call)                               ~150 s
-#   gather  x K calls, two 3.9 MiB pieces each (~20 s/call)  K=4: ~80 s
+#   machine start (first call)                               ~30 s (measured 2026-11-29)
+#   gather  x K calls, two 3.9 MiB pieces each (~5 s/call, as measured in the 2026-11-29
+#           lease; a call carries <= 64 MiB, the ~58 MB tree included)  K=8 (all 16): ~40 s
 #   base    mdlm-base, BASE_SECONDS=480 of training + ~60 s compile/load/save   ~540 s
 #           (gather calls may go on meanwhile: pieces for the Gaussian families)
 #   families diffusionlm-base + planner-small side by side, FAMILY_SECONDS=150 each ~200 s
@@ -15,15 +16,39 @@
 #   w4a4     (optional, issue 14) W4A4 on mdlm-base beside the table: ~300 s, no extra if
 #            it ends before the table does (an estimate: mdlm-small's fair cell took 21 s)
 #   collect                                                  ~20 s
-#   total ~1490 s + polling slack; behind schedule: SKIP_FAMILIES=1 (saves ~200 s); the table
+#   total ~1330 s + polling slack; behind schedule: SKIP_FAMILIES=1 (saves ~200 s); the table
 #   records models that were not trained as "not run" (--skip-missing).
+#
+# FAMILIES-ONLY lease (MERGE_FAMILIES=1; the 2026-11-29 lease gave the Gaussian families 150 s,
+# too little: bounds at unigram level, quantized columns equal to float): train diffusionlm-base
+# and planner-small side by side for FAMILY_SECONDS=600 each, then measure only those two and
+# merge them into the committed benchmarks/results/seed-table/seed_table.json (tracked, so it
+# travels with the tree; seed_table.py --merge keeps the MDLM rows and their run records).
+#   machine start (first call)                                ~30 s (measured 2026-11-29)
+#   gather  x 7 calls, pieces 0..13, two a call (~5 s/call)    ~35 s
+#   families (8th call, carries pieces 14 15): all 16 pieces (64 M tokens) assembled, both
+#            models started; the 600 s budget includes their ~55-80 s compile   ~100 s in the call
+#   status  HOLD=540 (training continues in the background)    ~540 s
+#   table   MERGE_FAMILIES=1: waits for the end of training (~80 s more: budget, final eval,
+#           save), then 2 models x 5 columns (last lease: diffusionlm-base 87 s, planner-small
+#           215 s, both FAIR-dominated)                        ~420 s
+#   collect                                                    ~20 s
+#   total ~1145 s + polling slack (~650 s spare: a failed call can be repeated, or run the
+#   `w4a4` job of benchmarks/run_gpu.sh beside the training for issue 14)
+# Batch sizes (DLM_BATCH=256, PLANNER_BATCH=128; docs/training.md, "Diffusion-LM and PLANNER"):
+# 32 k tokens a step for both. The last lease's 10.7 steps/s was the average over 150 s
+# including ~55 s of compile; at steady state both ran ~19-21 steps/s side by side at 16 k
+# tokens a step (~310-330 k tokens/s each): the GPU is not idle, so the larger batch is chosen
+# for the gradient (one t per sequence: twice the sequences halve the loss's variance), at
+# half the steps (~6 k each in 600 s, ~190 M tokens, ~3 passes over the 64 M). A lease that
+# shows a much lower step rate: DLM_BATCH=128 PLANNER_BATCH=64.
 # Throughput estimate behind BASE_SECONDS (docs/training.md): mdlm-base is 105 M parameters,
 # ~0.60 GFLOP per training token (6 x 91 M matmul weights + attention at 512 tokens); at an
 # assumed 250 TFLOP/s effective (bf16, --compile) that is ~4.1e5 tokens/s, ~2.0e8 tokens in
 # 480 s. Data: xz'd uint16 token pieces carry ~1.10 M tokens per MiB (measured; the xz'd jsonl
 # text carries 1.00 M); the packed pieces (scripts/token_pieces.manifest.json: 16 pieces, 64 M
-# tokens) hold ~4.1 M tokens each: 4 calls of 2 pieces ~33 M tokens, i.e. ~6 epochs in 480 s; all 16
-# ~3 epochs. Data-bound, not compute-bound: say so with the result.
+# tokens) hold ~4.1 M tokens each; all 16 give ~3 epochs in 480 s. Measured 2026-11-29: 6.4
+# steps/s, 184 M tokens, 2.143 bits/byte: compute-bound, not data-bound (docs/training.md).
 #
 # The machine goes back ~30 s after a call ends (background jobs die with it): issue the calls
 # back to back, and where nothing else is due, `status` with HOLD=<seconds> keeps one in flight.
@@ -37,6 +62,7 @@
 #              (benchmarks/w4a4.py: rtn, quarot, flatquant, fair) in the background, beside the
 #              table on the same GPU (both are small next to an H200); collect returns it
 #   table    : wait for training, start benchmarks/seed_table.py in the background, wait for it
+#              (MERGE_FAMILIES=1: only the two Gaussian models, merged into $MERGE_INTO)
 #   collect  : wait for the table; at most 8 files into $OUT
 # Pieces are made here (CPU): faircalib data pack-tokens <shards> --tokenizer $TOK --out
 # .gpu/tokens --max-piece-mib 3.9 (docs/training.md); before gather call i run, here,
@@ -49,6 +75,9 @@ CARRY=${CARRY:-.gpu/tokens-carry}
 TOK=src/faircalib/assets/tokenizers/wiki-bpe-8k.json
 BASE_SECONDS=${BASE_SECONDS:-480}
 FAMILY_SECONDS=${FAMILY_SECONDS:-150}
+DLM_BATCH=${DLM_BATCH:-256} DLM_LR=${DLM_LR:-1e-3}
+PLANNER_BATCH=${PLANNER_BATCH:-128} PLANNER_LR=${PLANNER_LR:-1e-3}
+MERGE_INTO=${MERGE_INTO:-benchmarks/results/seed-table/seed_table.json}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 [[ $phase =~ ^(stage|print)$ ]] || mkdir -p "$RUNS" "$PIECES"
 # every call may carry pieces (the tree and the carry travel together, 64 MiB a call)
@@ -81,9 +110,23 @@ train_cmd() {  # preset, batch size, lr, seconds, token file
     --time-budget $4 --eval-every 500 --seed 0 --out $RUNS/$1"
 }
 
+table_cmd() {  # the seed table run: every model, or (MERGE_FAMILIES=1) the two Gaussian ones
+  # merged into the committed table (same evaluation settings as the run that made it)
+  local families="--model diffusionlm-base=$RUNS/diffusionlm-base \
+    --model planner-small=$RUNS/planner-small"
+  if [ "${MERGE_FAMILIES:-0}" = 1 ]; then
+    echo "python3 benchmarks/seed_table.py --device cuda --skip-missing --out $RUNS/seed-table \
+    --merge $MERGE_INTO $families"
+  else
+    echo "python3 benchmarks/seed_table.py --device cuda --skip-missing --out $RUNS/seed-table \
+    --model mdlm-small=mdlm-small --model mdlm-base=$RUNS/mdlm-base $families"
+  fi
+}
+
 case $phase in
-print)  # the training command lines: print PRESET BATCH LR SECONDS TOKENS (tests parse them)
-  shift; train_cmd "$@"
+print)  # the training command lines: print PRESET BATCH LR SECONDS TOKENS (tests parse them);
+  # `print table` prints the table's command line
+  shift; if [ "${1:-}" = table ]; then table_cmd; else train_cmd "$@"; fi
   ;;
 stage)  # HERE, before a gather call: put pieces i [j ...] (and the manifest) where it carries them
   shift; [ $# -ge 1 ] || { echo "stage: piece indices, e.g. stage 0 1" >&2; exit 2; }
@@ -117,8 +160,8 @@ families)
   [ "${SKIP_FAMILIES:-0}" = 1 ] && { echo "families skipped"; exit 0; }
   wait_for 90 mdlm-base  # the GPU is the base model's until it is done
   assemble "$RUNS/tokens-families.npy"
-  background diffusionlm-base "$(train_cmd diffusionlm-base 128 1e-3 "$FAMILY_SECONDS" "$RUNS/tokens-families.npy")"
-  background planner-small "$(train_cmd planner-small 64 1e-3 "$FAMILY_SECONDS" "$RUNS/tokens-families.npy")"
+  background diffusionlm-base "$(train_cmd diffusionlm-base "$DLM_BATCH" "$DLM_LR" "$FAMILY_SECONDS" "$RUNS/tokens-families.npy")"
+  background planner-small "$(train_cmd planner-small "$PLANNER_BATCH" "$PLANNER_LR" "$FAMILY_SECONDS" "$RUNS/tokens-families.npy")"
   sleep "${FAMILY_WAIT:-90}"; tail -c 400 "$RUNS/diffusionlm-base.log" "$RUNS/planner-small.log"
   ;;
 w4a4)
@@ -134,9 +177,7 @@ table)
   for name in mdlm-base diffusionlm-base planner-small; do
     [ -f "$RUNS/$name/train_log.json" ] && grep -o '"weight_fingerprint_sha256": "[0-9a-f]*"' "$RUNS/$name/train_log.json"
   done
-  background table "python3 benchmarks/seed_table.py --device cuda --skip-missing \
-    --out $RUNS/seed-table --model mdlm-small=mdlm-small --model mdlm-base=$RUNS/mdlm-base \
-    --model diffusionlm-base=$RUNS/diffusionlm-base --model planner-small=$RUNS/planner-small"
+  background table "$(table_cmd)"
   wait_for "${TABLE_POLLS:-40}" table; grep 'seed-table\]' "$RUNS/table.log" || true
   ;;
 collect)

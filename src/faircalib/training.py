@@ -3,9 +3,10 @@
 Data: jsonl(.xz/.gz) shards with a "text" field, tokenised once, documents joined by EOS
 into one token stream; each step draws random windows of `seq_len` tokens. Loss: the
 continuous-time NELBO per token with low-discrepancy t's (each family's `training_loss`:
-the masked NELBO for MDLM, L_simple + rounding for Diffusion-LM, the full bound for PLANNER;
-the held-out number is always the family's bound, `nelbo`). A preset names its family. AdamW, linear warm-up, cosine
-decay, bf16 autocast on a GPU. The result is a normal model directory (config.json,
+the masked NELBO for MDLM, for Diffusion-LM the cross-entropy of p(w | z_t) + rounding +
+prior (CDCD; docs/models.md says why not L_simple), the full bound for PLANNER; the held-out
+number is always the family's bound, `nelbo`). A preset names its family. AdamW, linear
+warm-up, cosine decay, bf16 autocast on a GPU. The result is a normal model directory (config.json,
 safetensors shards, tokenizer.json, MODEL_CARD.md, train_log.json).
 """
 

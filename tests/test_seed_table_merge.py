@@ -1,0 +1,150 @@
+"""benchmarks/seed_table.py --merge: a later run replaces only the rows it measured.
+
+The old table is a real smoke run rewritten in the format of files written before rows carried
+records (as the committed GPU table is); the merged file is checked against that file's own
+bytes: kept rows equal field for field, their record the old file's record; the replacing row
+is the model measured now (its fingerprint is the weight files', not the old row's)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from faircalib import hub
+from faircalib.training import directory_fingerprint
+
+ROOT = Path(__file__).parents[1]
+COMMITTED = ROOT / "benchmarks/results/seed-table/seed_table.json"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("seed_table", ROOT / "benchmarks/seed_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    script = load_script()
+    first, second = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")
+    script.main(["--smoke", "--out", str(first), "--model", "mdlm-tiny"])
+    # the old format: no per-row record; a second row that the merge must replace
+    old = json.loads((first / "seed_table.json").read_text())
+    kept = old["rows"][0]
+    del kept["record"]
+    old["rows"].append({**json.loads(json.dumps(kept)), "name": "replaced"})
+    legacy = first / "legacy.json"
+    legacy.write_text(json.dumps(old, indent=2) + "\n")
+    argv = ["--smoke", "--out", str(second), "--merge", str(legacy), "--skip-missing"]
+    # "mdlm-tiny" is not run now (missing directory): it must not erase the measured row; one
+    # model is measured (CPU time), "added" is appended as not run
+    argv += ["--model", "mdlm-tiny=/nonexistent/mdlm-tiny", "--model", "replaced=diffusionlm-tiny"]
+    argv += ["--model", "added=/nonexistent/added"]
+    result = script.main(argv)
+    saved = json.loads((second / "seed_table.json").read_text())
+    return old, result, saved, second
+
+
+def test_kept_rows_are_unchanged_and_take_the_file_record(merged):
+    old, _, saved, _ = merged
+    assert [r["name"] for r in saved["rows"]] == ["mdlm-tiny", "replaced", "added"]
+    kept = dict(saved["rows"][0])
+    record = kept.pop("record")
+    # numbers, evaluation records, fingerprint: byte for byte the old file's
+    assert json.dumps(kept, sort_keys=True) == json.dumps(old["rows"][0], sort_keys=True)
+    assert record == {**old["record"], "config": old["config"], "inherited": True}
+    assert saved["merged_from"]["record"] == old["record"]
+
+
+def test_new_rows_replace_same_named_ones_and_carry_this_run(merged):
+    old, result, saved, _ = merged
+    replaced, added = saved["rows"][1], saved["rows"][2]
+    assert replaced["family"] == "diffusion_lm" and "columns" not in added
+    fingerprint = directory_fingerprint(hub.resolve("diffusionlm-tiny"))
+    assert replaced["weight_fingerprint_sha256"] == fingerprint
+    assert fingerprint != old["rows"][1]["weight_fingerprint_sha256"]
+    for row in (replaced, added):
+        assert row["record"]["command"] == saved["record"]["command"]
+        assert row["record"]["config"]["merge"] is not None and "inherited" not in row["record"]
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+
+
+def test_markdown_is_rendered_from_the_merged_rows(merged):
+    old, _, saved, out = merged
+    md = (out / "seed_table.md").read_text()
+    for row in saved["rows"][:2]:
+        ppl = row["columns"]["float"]["ppl"]
+        assert f"| {row['name']} | {row['family']} |" in md and f"{ppl:.2f}" in md
+    assert f"| mdlm-tiny | `{old['record']['git_commit']}` |" in md
+    assert "| added | - | - | not run" in md
+    if importlib.util.find_spec("matplotlib"):  # the plot is optional, like matplotlib
+        assert (out / "degradation.png").stat().st_size > 0
+
+
+def test_the_committed_table_loads_for_a_merge():
+    script = load_script()
+    committed = json.loads(COMMITTED.read_text())
+    previous = script.load_previous(COMMITTED)
+    # a merge of the two Gaussian rows keeps the MDLM ones, their order and their numbers
+    new = [{"name": "diffusionlm-base", "columns": {}}, {"name": "planner-small", "columns": {}}]
+    rows = script.merge_rows(previous["rows"], new)
+    assert [r["name"] for r in rows] == [r["name"] for r in committed["rows"]]
+    assert rows[2:] == new
+    for before, after in zip(committed["rows"][:2], rows[:2], strict=True):
+        after = dict(after)
+        record = after.pop("record")
+        assert after == before
+        assert record["git_commit"] == committed["record"]["git_commit"] == "1059b71"
+        assert record["config"] == committed["config"]
+
+
+def test_smoke_rows_never_merge_into_a_real_table(tmp_path):
+    script = load_script()
+    with pytest.raises(SystemExit, match="smoke"):
+        script.main(["--smoke", "--out", str(tmp_path), "--merge", str(COMMITTED)])
+
+
+class Parsed(Exception):
+    """Raised by the patched parse_args once the command line parsed."""
+
+
+def test_the_lease_table_line_merges_the_two_families_into_the_committed_rows(
+    tmp_path, monkeypatch
+):
+    env = {**os.environ, "RUNS": str(tmp_path / "runs"), "MERGE_FAMILIES": "1"}
+    done = subprocess.run(
+        ["bash", "scripts/gpu_seed_table.sh", "print", "table"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    words = shlex.split(done.stdout)
+    assert words[:2] == ["python3", "benchmarks/seed_table.py"]
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    with pytest.raises(Parsed) as stop:
+        load_script().main(words[2:])
+    args = stop.value.args[0]
+    assert (ROOT / args.merge).resolve() == COMMITTED.resolve()
+    # the names measured are the committed rows they must replace (not append beside)
+    names = [spec.partition("=")[0] for spec in args.model]
+    committed = [r["name"] for r in json.loads(COMMITTED.read_text())["rows"]]
+    assert names == ["diffusionlm-base", "planner-small"] and set(names) <= set(committed)
+    # the evaluation settings of the committed run: the merged rows stay comparable
+    old = json.loads(COMMITTED.read_text())["config"]
+    assert all(getattr(args, k) == old[k] for k in ("nsamples", "limit", "mc_samples"))
+    assert args.fair_preset == old["fair_preset"] and not args.smoke

@@ -1,14 +1,12 @@
 """CI-sized smoke run of the comparison harness: structure and finiteness, not values."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from faircalib.cli import main
 
 torch.set_num_threads(1)
@@ -79,12 +77,7 @@ def test_bench_offload_gives_the_same_rows(tmp_path, capsys):
 
 
 def load_offload_script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "offload.py"
-    spec = importlib.util.spec_from_file_location("bench_offload", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("offload")
 
 
 def test_offload_benchmark_smoke(tmp_path):

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from faircalib import hub
 from faircalib.cli import main
 from faircalib.data import load_texts
@@ -123,17 +124,11 @@ def test_detokenizer_needs_the_mdlm_protocol(capsys):
 
 
 def test_protocols_benchmark_smoke(tmp_path):
-    import importlib.util
-    from pathlib import Path
 
     from faircalib.data import eval_sequences
     from faircalib.eval import likelihood_bound
 
-    path = Path(__file__).parents[1] / "benchmarks" / "protocols.py"
-    spec = importlib.util.spec_from_file_location("protocols_bench", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    out = script.main(["--smoke", "--out", str(tmp_path)])
+    out = load_benchmark("protocols").main(["--smoke", "--out", str(tmp_path)])
     assert [r["protocol"] for r in out["results"]] == ["faircalib", "mdlm"]
     # our protocol's row recomputed from the data API: the first 4 rows, seed 0, 1 sample
     tok = hub.load_tokenizer("mdlm-tiny")

@@ -6,27 +6,17 @@ A case passes when the command exits non-zero with exactly one stderr line that 
 problem and says what to do, prints no traceback and leaves no new directory with a
 config.json (what every loader starts from)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
+
 torch.set_num_threads(1)  # tiny cases: threads would only contend on a shared CPU
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "robustness.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_robustness", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-robustness = load_script()
+robustness = load_benchmark("robustness")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ evaluation noise, the same bound), the fingerprint against the files' bytes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,23 +14,17 @@ from pathlib import Path
 import pytest
 
 import faircalib
+from benchmark_scripts import load_benchmark
 from faircalib import hub
 from faircalib.training import directory_fingerprint
 
 ROOT = Path(__file__).parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("seed_table", ROOT / "benchmarks/seed_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("seed-table")
-    script = load_script()
+    script = load_benchmark("seed_table")
     # a masked family and a Gaussian one (no mask token): both sides of the model interface
     argv = ["--smoke", "--out", str(out), "--model", "mdlm-tiny", "--model", "diffusionlm-tiny"]
     return script, script.main(argv), out
@@ -79,7 +72,7 @@ def test_rows_record_the_weight_fingerprint(smoke):
 
 
 def test_published_degradations_follow_from_the_claims():
-    script = load_script()
+    script = load_benchmark("seed_table")
     deg = script.published_degradation(script.PUBLISHED["planner"])
     assert deg["int4_fair"] == pytest.approx(100 * (26.1 / 24.3 - 1))
     assert deg["int4_standard_ptq"] == pytest.approx(100 * (41.5 / 24.3 - 1))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import load_benchmark
 from faircalib import hub
 from faircalib.training import directory_fingerprint
 
@@ -24,16 +25,9 @@ ROOT = Path(__file__).parents[1]
 COMMITTED = ROOT / "benchmarks/results/seed-table/seed_table.json"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("seed_table", ROOT / "benchmarks/seed_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def merged(tmp_path_factory):
-    script = load_script()
+    script = load_benchmark("seed_table")
     first, second = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")
     script.main(["--smoke", "--out", str(first), "--model", "mdlm-tiny"])
     # the old format: no per-row record; a second row that the merge must replace
@@ -90,7 +84,7 @@ def test_markdown_is_rendered_from_the_merged_rows(merged):
 
 
 def test_the_committed_table_loads_for_a_merge():
-    script = load_script()
+    script = load_benchmark("seed_table")
     committed = json.loads(COMMITTED.read_text())
     previous = script.load_previous(COMMITTED)
     # a merge of the two Gaussian rows keeps the MDLM ones, their order and their numbers
@@ -107,7 +101,7 @@ def test_the_committed_table_loads_for_a_merge():
 
 
 def test_smoke_rows_never_merge_into_a_real_table(tmp_path):
-    script = load_script()
+    script = load_benchmark("seed_table")
     with pytest.raises(SystemExit, match="smoke"):
         script.main(["--smoke", "--out", str(tmp_path), "--merge", str(COMMITTED)])
 
@@ -137,7 +131,7 @@ def test_the_lease_table_line_merges_the_two_families_into_the_committed_rows(
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     with pytest.raises(Parsed) as stop:
-        load_script().main(words[2:])
+        load_benchmark("seed_table").main(words[2:])
     args = stop.value.args[0]
     assert (ROOT / args.merge).resolve() == COMMITTED.resolve()
     # the names measured are the committed rows they must replace (not append beside)

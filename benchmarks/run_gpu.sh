@@ -44,7 +44,9 @@ job_command() {
   bench-act) echo "python3 -m faircalib.cli bench mdlm-small --device cuda \
     --methods rtn,gptq,smoothquant,quarot,flatquant,fair --schemes w8a8,w8a8fp8,w4a8,w4a8fp8,w4a4 --nsamples 128 \
     --mc-samples 2 --flip-prompts 32 --flip-gen-length 64 --flip-steps 64 --out $RES/bench-act" ;;
-  w4a4) echo "python3 benchmarks/w4a4.py --device cuda --ablation --block-steps 0,100 --out $RES/w4a4" ;;
+  w4a4) echo "python3 benchmarks/w4a4.py --device cuda --schemes w4a4 --ablation --eval-data wikitext2,c4 \
+    --methods quarot,flatquant,flatquant-gptq,fair,fair-gptq,fair-gptq+block100,fair-gptq+gamma0.5,fair-gptq+uniform,fair-gptq+steps400 \
+    --out $RES/w4a4" ;;
   weighting) echo "python3 benchmarks/recon_sweep.py --model mdlm-small --device cuda \
     --schemes w3g128 --seeds 0,1,2 --variants fair,fair-prior,recon --out $RES/weighting" ;;
   ablation) echo "python3 benchmarks/fair_ablation.py --model mdlm-small --device cuda \

@@ -7,7 +7,18 @@ Methods (`faircalib.calib.activations.METHODS`): rtn, gptq, smoothquant, quarot-
 randomized Hadamard + RTN weights), quarot (Hadamard + GPTQ weights, QuaRot's recipe),
 flatquant (learned Kronecker transform, smoothing and clipping, RTN weights), flatquant-gptq and
 fair (flatquant's optimiser on FAIR-Calib's calibration rows and frontier-instability row
-weights). Every row calibrates on the same C4 draw, is scored on WikiText-2 test with the same
+weights), fair-gptq (fair's transform, then GPTQ on the transformed weights with the
+FAIR-weighted Hessian). A --methods entry may carry variant options, `METHOD+opt+opt`:
+
+    block<N>  block-wise stage steps (else one row per --block-steps value)
+    steps<N>  per-layer learned-transform steps (else --flat-steps)   lr<F>  its Adam lr
+    noclip    no learned weight/activation clipping
+    gamma<F> / maxw<F> / floor<F>   FAIR-Calib row-weight exponent / cap / floor (fair rows)
+    uniform   FAIR-Calib's rows with every weight 1 (rows without the instability weighting)
+
+e.g. `--methods quarot,flatquant,fair,fair-gptq,fair-gptq+block100,fair-gptq+gamma0.5`.
+Every row calibrates on the same C4 draw, is scored on `--eval-data` (WikiText-2 test and/or C4
+validation; the first is the table's ppl) with the same
 evaluation noise (likelihood bound, `--mc-samples` draws) and, at W4A4 (`--flip-schemes`),
 generates under the same sampler noise as the float model for its flip rate. With `--ablation`
 the file also holds the per-layer A4 ablation and the masked/clean activation statistics.
@@ -27,6 +38,7 @@ from faircalib import atomic, hub
 from faircalib.bench import record_lines, run_record
 from faircalib.calib import fair_inputs
 from faircalib.calib.activations import (
+    FAIR_METHODS,
     METHODS,
     SCHEMES,
     ActCalibConfig,
@@ -41,7 +53,7 @@ from faircalib.data import calibration_batch, eval_sequences
 from faircalib.eval import likelihood_bound
 from faircalib.quant.flatquant import FlatQuantConfig
 
-DEFAULT_METHODS = "rtn,gptq,smoothquant,quarot-rtn,quarot,flatquant,fair"
+DEFAULT_METHODS = "rtn,gptq,smoothquant,quarot-rtn,quarot,flatquant,fair,fair-gptq"
 DEFAULT_SCHEMES = "w8a8,w8a8fp8,w4a8,w4a8fp8,w4a4"
 
 
@@ -53,7 +65,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default=DEFAULT_METHODS)
     p.add_argument("--nsamples", type=int, default=128, help="calibration texts (C4 train)")
     p.add_argument("--seq-len", type=int, help="default: the model's")
-    p.add_argument("--eval-limit", type=int, help="WikiText-2 sequences (default: all)")
+    p.add_argument("--eval-limit", type=int, help="eval sequences per data set (default: all)")
+    p.add_argument(
+        "--eval-data",
+        default="wikitext2",
+        help="comma list of wikitext2 (test), c4 (validation); the first is the ppl column",
+    )
     p.add_argument("--mc-samples", type=int, default=2)
     p.add_argument("--flat-steps", type=int, default=200)
     p.add_argument("--block-steps", default="0",
@@ -78,29 +95,96 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for name in args.schemes.split(","):
         if name not in SCHEMES:
             p.error(f"unknown scheme {name}; choose from {sorted(SCHEMES)}")
-    for name in args.methods.split(","):
-        if name not in METHODS:
-            p.error(f"unknown method {name}; choose from {sorted(METHODS)}")
+    for spec in args.methods.split(","):
+        try:
+            parse_variant(spec)
+        except ValueError as err:
+            p.error(str(err))
+    for name in args.eval_data.split(","):
+        if name not in EVAL_DATA:
+            p.error(f"unknown eval data {name}; choose from {sorted(EVAL_DATA)}")
     args.ablation = args.ablation or args.stats_only
     return args
 
 
-def method_variants(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """(method, block-wise steps) per row: the learned-transform methods once per
-    --block-steps value, the others once."""
+EVAL_DATA = {"wikitext2": ("wikitext2", "test"), "c4": ("c4", "validation")}
+# variant option -> (field, parser): "block100" -> ("block_steps", 100)
+VARIANT_OPTIONS = {
+    "block": ("block_steps", int),
+    "steps": ("flat_steps", int),
+    "lr": ("flat_lr", float),
+    "gamma": ("gamma", float),
+    "maxw": ("max_weight", float),
+    "floor": ("floor", float),
+}
+FAIR_ROW_KNOBS = ("gamma", "max_weight", "floor", "weighting")
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """ "fair-gptq+block100+gamma0.5" -> ("fair-gptq", {"block_steps": 100, "gamma": 0.5});
+    refuses unknown methods, options, and options the method does not read."""
+    method, *opts = spec.split("+")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method}; choose from {sorted(METHODS)}")
+    knobs: dict = {}
+    for opt in opts:
+        if opt in ("uniform", "noclip"):
+            knobs.update({"weighting": "uniform"} if opt == "uniform" else {"learn_clip": False})
+            continue
+        key = next((k for k in VARIANT_OPTIONS if opt.startswith(k)), None)
+        if key is None:
+            raise ValueError(f"unknown option {opt!r} in {spec}; use {sorted(VARIANT_OPTIONS)}")
+        field, cast = VARIANT_OPTIONS[key]
+        knobs[field] = cast(opt[len(key) :])
+    learned = METHODS[method][1] == "learned"
+    if not learned and knobs:
+        raise ValueError(f"{spec}: options apply to the learned-transform methods only")
+    if method not in FAIR_METHODS and any(k in knobs for k in FAIR_ROW_KNOBS):
+        raise ValueError(f"{spec}: gamma/maxw/floor/uniform apply to {FAIR_METHODS} only")
+    return method, knobs
+
+
+def method_variants(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
+    """(row label, method, knobs) per row: a learned-transform entry without `block<N>` once
+    per --block-steps value (label +blockN), every other entry once."""
     steps = [int(v) for v in args.block_steps.split(",")]
-    return [
-        (method, n)
-        for method in args.methods.split(",")
-        for n in (steps if method in ("flatquant", "fair") else [0])
-    ]
+    rows = []
+    for spec in args.methods.split(","):
+        method, knobs = parse_variant(spec)
+        if METHODS[method][1] != "learned" or "block_steps" in knobs:
+            rows.append((spec, method, knobs))
+            continue
+        for n in steps:
+            rows.append((f"{spec}+block{n}" if n else spec, method, {**knobs, "block_steps": n}))
+    return rows
 
 
-def fair_rows(model, tokens, args, seed: int):
+def act_config(scheme: str, method: str, knobs: dict, args) -> ActCalibConfig:
+    """The row's ActCalibConfig: --flat-steps / --clip-search, overridden by the variant."""
+    flat = FlatQuantConfig(
+        steps=knobs.get("flat_steps", args.flat_steps),
+        **{k: knobs[k] for k in ("learn_clip",) if k in knobs},
+        **({"lr": knobs["flat_lr"]} if "flat_lr" in knobs else {}),
+    )
+    return ActCalibConfig(
+        scheme=scheme,
+        method=method,
+        clip_search=args.clip_search,
+        flat=flat,
+        device=args.device,
+        block_steps=knobs.get("block_steps", 0),
+    )
+
+
+def fair_rows(model, tokens, args, seed: int, knobs: dict | None = None):
     """FAIR-Calib's mixed calibration rows (x_t, t, row weights): half the texts masked at
     stratified t (weight 1), half recorded sampler states with frontier-instability weights,
-    from the toolkit's own split (`faircalib.calib.fair_inputs`)."""
-    fcfg = FairCalibConfig(bits=4, group_size=None, n_prompts=len(tokens) // 2, preset="fast")
+    from the toolkit's own split (`faircalib.calib.fair_inputs`); knobs: FairCalibConfig
+    fields of the weighting (gamma, max_weight, floor, weighting)."""
+    given = {k: v for k, v in (knobs or {}).items() if k in FAIR_ROW_KNOBS}
+    fcfg = FairCalibConfig(
+        bits=4, group_size=None, n_prompts=len(tokens) // 2, preset="fast", **given
+    )
     if args.smoke:
         fcfg.steps, fcfg.prefix_len = 4, 16
     calib = CalibConfig(n_samples=len(tokens), seed=seed, device=args.device)
@@ -113,19 +197,25 @@ def main(argv: list[str] | None = None) -> dict:
     model = hub.load(args.model, device=args.device)
     tok = hub.load_tokenizer(args.model)
     seq_len = args.seq_len or model.seq_len
-    seqs, n_bytes = eval_sequences(tok, "wikitext2", "test", seq_len)
-    if args.eval_limit:
-        n_bytes, seqs = round(n_bytes * args.eval_limit / len(seqs)), seqs[: args.eval_limit]
+    evals = {
+        name: eval_set(tok, name, seq_len, args.eval_limit) for name in args.eval_data.split(",")
+    }
     tokens = calibration_batch(tok, "c4", "train", args.nsamples, seq_len, seed=0)
     x_t, t = masked_inputs(model, tokens, CalibConfig(n_samples=args.nsamples, seed=0))
     prompts = calibration_batch(tok, "c4", "validation", args.flip_prompts, 16, seed=1234)
     batch = 8 if args.device == "cpu" else 64
 
-    def score(m) -> float:
-        res = likelihood_bound(
-            m, seqs, n_bytes, mc_samples=args.mc_samples, progress=False, batch_size=batch
-        )
-        return res.ppl
+    def score(m) -> dict[str, float]:
+        return {
+            name: likelihood_bound(
+                m, seqs, n_bytes, mc_samples=args.mc_samples, progress=False, batch_size=batch
+            ).ppl
+            for name, (seqs, n_bytes) in evals.items()
+        }
+
+    def scored(m) -> dict:
+        ppl = score(m)
+        return {"ppl": next(iter(ppl.values())), "ppl_by_data": ppl}
 
     def flips(m) -> float:
         from faircalib.frontier import SamplerConfig, compare_generations
@@ -135,31 +225,25 @@ def main(argv: list[str] | None = None) -> dict:
         res = compare_generations(model, m, prompts.to(args.device), scfg, seed=0, max_positions=0)
         return res["flip_rate"]
 
-    rows = [{"scheme": "float", "method": "float", "ppl": score(model)}]
-    fair_data = None
+    rows = [{"scheme": "float", "method": "float", **scored(model)}]
+    fair_data: dict[tuple, tuple] = {}  # FAIR-Calib rows per weighting, computed once each
     for scheme in [] if args.stats_only else args.schemes.split(","):
-        for method, block_steps in method_variants(args):
-            cfg = ActCalibConfig(
-                scheme=scheme,
-                method=method,
-                clip_search=args.clip_search,
-                flat=FlatQuantConfig(steps=args.flat_steps),
-                device=args.device,
-                block_steps=block_steps,
-            )
+        for label, method, knobs in method_variants(args):
+            cfg = act_config(scheme, method, knobs, args)
             q = copy.deepcopy(model)
             start = time.time()
-            if method == "fair":
-                fair_data = fair_data or fair_rows(model, tokens, args, 0)
-                x_f, t_f, w_f, ids_f = fair_data
+            if method in FAIR_METHODS:
+                key = tuple(sorted((k, v) for k, v in knobs.items() if k in FAIR_ROW_KNOBS))
+                if key not in fair_data:
+                    fair_data[key] = fair_rows(model, tokens, args, 0, dict(key))
+                x_f, t_f, w_f, ids_f = fair_data[key]
                 layers = quantize_activations_model(q, x_f, t_f, cfg, w_f, ids_f)
             else:
                 layers = quantize_activations_model(q, x_t, t, cfg)
-            method = f"{method}+block{block_steps}" if block_steps else method
             row = {
                 "scheme": scheme,
-                "method": method,
-                "ppl": score(q),
+                "method": label,
+                **scored(q),
                 "calib_s": time.time() - start,
                 "mean_layer_error": statistics.mean(r["rel_error"] for r in layers),
                 "layers": layers,
@@ -184,7 +268,11 @@ def main(argv: list[str] | None = None) -> dict:
             "seq_len": seq_len,
             "masking": "uniform t",
         },
-        "eval": {"data": "wikitext2:test", "sequences": len(seqs), "mc_samples": args.mc_samples},
+        "eval": {
+            "data": ",".join(":".join(EVAL_DATA[name]) for name in evals),
+            "sequences": len(next(iter(evals.values()))[0]),
+            "mc_samples": args.mc_samples,
+        },
         "rows": rows,
     }
     if args.ablation:
@@ -204,6 +292,14 @@ def main(argv: list[str] | None = None) -> dict:
     return out
 
 
+def eval_set(tok, name: str, seq_len: int, limit: int | None):
+    """(sequences, bytes) of eval data `name`, the first `limit` sequences."""
+    seqs, n_bytes = eval_sequences(tok, *EVAL_DATA[name], seq_len)
+    if limit:
+        n_bytes, seqs = round(n_bytes * min(limit, len(seqs)) / len(seqs)), seqs[:limit]
+    return seqs, n_bytes
+
+
 def markdown(out: dict) -> str:
     fp = out["rows"][0]["ppl"]
     lines = [
@@ -211,18 +307,27 @@ def markdown(out: dict) -> str:
         "",
         *record_lines(out["record"]),
         "",
-        f"WikiText-2 test likelihood bound ({out['eval']['sequences']} sequences, "
+        f"Likelihood bound on {out['eval'].get('data', 'wikitext2:test')} "
+        f"({out['eval']['sequences']} sequences, "
         f"{out['eval']['mc_samples']} MC samples, the same noise for every row); float {fp:.2f}. "
         f"Calibration: {out['calib']['nsamples']} C4 texts x {out['calib']['seq_len']} tokens, "
         "masked at stratified t.",
         "",
-        "| scheme | method | ppl | vs float | mean layer error | flip rate | calib s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    floats = out["rows"][0].get("ppl_by_data", {"ppl": fp})
+    names = list(floats)
+    lines += [
+        "| scheme | method | "
+        + " | ".join(f"{n} ppl | vs float" for n in names)
+        + " | mean layer error | flip rate | calib s |",
+        "|---|---|" + "---:|---:|" * len(names) + "---:|---:|---:|",
     ]
     for r in out["rows"][1:]:
         flip = f"{r['flip_rate']:.3f}" if "flip_rate" in r else "-"
+        ppl = r.get("ppl_by_data", {"ppl": r["ppl"]})
+        cells = " | ".join(f"{ppl[n]:.2f} | {100 * (ppl[n] / floats[n] - 1):+.1f}%" for n in names)
         lines.append(
-            f"| {r['scheme']} | {r['method']} | {r['ppl']:.2f} | {100 * (r['ppl'] / fp - 1):+.1f}% | "
+            f"| {r['scheme']} | {r['method']} | {cells} | "
             f"{r['mean_layer_error']:.4f} | {flip} | {r['calib_s']:.1f} |"
         )
     if "a4_ablation" in out:

@@ -15,7 +15,7 @@ Three entry points:
 
 * `quantize_activations_model`: calibrate block by block (as the weight-only engine does, later
   blocks see the quantized earlier blocks, activation quantization included) and replace the
-  linears; methods rtn, gptq, smoothquant, quarot, flatquant, fair. The learned-transform
+  linears; methods rtn, gptq, smoothquant, quarot, flatquant, fair, fair-gptq. The learned-transform
   methods then tune each block's transforms jointly on its (row-weighted) output error
   (`tune_block_transforms`, FlatQuant's block-wise objective).
 * `activation_outlier_stats`: per-layer input statistics of the float model on masked dLLM
@@ -103,7 +103,13 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "flatquant": ("rtn", "learned"),
     "flatquant-gptq": ("gptq", "learned"),
     "fair": ("rtn", "learned"),
+    # fair's transform, then GPTQ on W~ with the FAIR-weighted Hessian T^T H_w T (QuaRot /
+    # FlatQuant-GPTQ's recipe on FAIR-Calib's rows): GPTQ absorbs the INT4 per-channel rounding
+    # error that RTN leaves (see docs/activation-quant.md for the measured gap)
+    "fair-gptq": ("gptq", "learned"),
 }
+# the methods that calibrate on FAIR-Calib's rows and weights (`calib.fair_inputs`)
+FAIR_METHODS = ("fair", "fair-gptq")
 BLOCK_STEPS = 0  # block_steps' default: off (CPU numbers in docs/activation-quant.md)
 
 
@@ -732,8 +738,8 @@ def act_calibration_inputs(
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
     """Calibration rows for `cfg` from texts tokens [N, L]: (x_t, t, row weights or None,
-    FAIR-Calib diagnostics). Every method but `fair` takes the texts masked as `calib` says
-    (`masked_inputs`); `fair` takes FAIR-Calib's rows (`calib.fair_inputs`, config `fair` or
+    FAIR-Calib diagnostics). Every method but fair and fair-gptq takes the texts masked as
+    `calib` says (`masked_inputs`); those two take FAIR-Calib's rows (`calib.fair_inputs`, config `fair` or
     `fair_rows_config`'s default)."""
     rows = act_calibration_rows(model, tokens, cfg, calib, fair, progress)
     return rows["x_t"], rows["t"], rows["weights"], rows["extra"]
@@ -751,7 +757,7 @@ def act_calibration_rows(
     block-wise stage's held-out split) added."""
     from faircalib.calib import fair_inputs  # the package imports this module's users only
 
-    if cfg.method != "fair":
+    if cfg.method not in FAIR_METHODS:
         x_t, t = masked_inputs(model, tokens, calib)
         text_ids = torch.arange(len(tokens)).repeat(calib.views)  # row v * N + i: text i
         return {"x_t": x_t, "t": t, "weights": None, "text_ids": text_ids, "extra": {}}

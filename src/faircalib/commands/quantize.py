@@ -30,6 +30,7 @@ ACT_METHODS = (
     "flatquant",
     "flatquant-gptq",
     "fair",
+    "fair-gptq",
 )
 ACT_SCHEME_HELP = {
     "w8a8": "INT8 per-channel weights, INT8 per-token activations",
@@ -38,8 +39,8 @@ ACT_SCHEME_HELP = {
     "w4a8fp8": "INT4 g128 weights, FP8 per-token activations",
     "w4a4": "INT4 per-channel weights, INT4 per-token activations",
 }
-ACT_GPTQ = ("gptq", "quarot", "flatquant-gptq")
-ACT_LEARNED = ("flatquant", "flatquant-gptq", "fair")
+ACT_GPTQ = ("gptq", "quarot", "flatquant-gptq", "fair-gptq")
+ACT_LEARNED = ("flatquant", "flatquant-gptq", "fair", "fair-gptq")
 # with --scheme: knob -> the activation methods it applies to (() : none, refused)
 ACT_KNOB_METHODS = {
     "damp": ACT_GPTQ,
@@ -49,7 +50,7 @@ ACT_KNOB_METHODS = {
     "flat_block_steps": ACT_LEARNED,
     "clip_search": ("rtn", "gptq", "smoothquant", "quarot-rtn", "quarot"),
     **{
-        k: ("fair",)
+        k: ("fair", "fair-gptq")
         for k in (
             "fair_weighting",
             "fair_tokens",
@@ -211,9 +212,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         + "; ".join(f"{k}: {v}" for k, v in ACT_SCHEME_HELP.items())
         + ". Methods: rtn (default), gptq, smoothquant, quarot-rtn (Hadamard, RTN weights), "
         "quarot (Hadamard, GPTQ weights), flatquant (learned transform), flatquant-gptq, fair "
-        "(flatquant on FAIR-Calib's weighted rows). w8a8 / w8a8fp8 with rtn or gptq are "
-        "written packed (W8A8 compressed-tensors, symmetric weights), the rest fake. Default: "
-        "weight-only",
+        "(flatquant on FAIR-Calib's weighted rows), fair-gptq (fair, GPTQ weights). w8a8 / "
+        "w8a8fp8 with rtn or gptq are written packed (W8A8 compressed-tensors, symmetric "
+        "weights), the rest fake. Default: weight-only",
     )
     p.add_argument(
         "--bits", type=int, help="weight bits (default: the method's: 4; smoothquant: 8, W8A8)"
@@ -1175,7 +1176,7 @@ def make_act_recipe(
     flags = {dest: getattr(args, dest, None) for dest in RECIPE_FLAGS + ACT_RECIPE_FLAGS}
     flags.update(calib_split=calib.split, seq_len=calib.seq_len, format=fmt, dtype=dtype)
     method = cfg.to_dict()
-    if cfg.method == "fair":
+    if cfg.method in ("fair", "fair-gptq"):
         method["fair_rows"] = fair.to_dict()
     return {
         "faircalib_recipe": RECIPE_VERSION,

@@ -312,7 +312,15 @@ def load_previous(path: Path) -> dict:
     """An earlier seed_table.json with a record on every row: rows written before rows carried
     records get the file's own record and config (`inherited` says so; its `wall_s` is then
     the whole run's, not the row's); nothing else changes."""
-    previous = json.loads(Path(path).read_text())
+    try:
+        previous = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"--merge {path}: cannot read it as JSON ({err})") from None
+    if not isinstance(previous, dict) or not {"rows", "record", "config"} <= previous.keys():
+        raise SystemExit(
+            f"--merge {path}: not a seed_table.json (rows, record and config expected; "
+            "a seed_table.partial.json cannot be merged)"
+        )
     for row in previous["rows"]:
         if "record" not in row:
             row["record"] = {**previous["record"], "config": previous["config"], "inherited": True}
@@ -424,11 +432,11 @@ def main(argv: list[str] | None = None) -> dict:
     record = run_record(["python", "benchmarks/seed_table.py", *given])
     out = Path(args.out)
     atomic.check_writable_dir(out)
-    out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k != "model"}
     previous = load_previous(Path(args.merge)) if args.merge else None
     if previous is not None:  # before any measuring: a refused merge costs no GPU time
         check_mergeable(previous, config)
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     start = time.time()
     rows = measure_rows(args, record, config, out)

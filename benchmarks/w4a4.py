@@ -74,7 +74,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mc-samples", type=int, default=2)
     p.add_argument("--flat-steps", type=int, default=200)
     p.add_argument("--block-steps", default="0",
-                   help="comma list: steps of the block-wise stage of flatquant/fair, one row "
+                   help="comma list: steps of the block-wise stage of the learned methods, one row "
                    "per value (0: per-layer only; rows METHOD+blockN)")  # fmt: skip
     p.add_argument("--clip-search", action="store_true", help="search activation clip ratios")
     p.add_argument("--flip-schemes", default="w4a4", help="schemes that get a flip rate")
@@ -91,7 +91,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.model, args.device, args.nsamples, args.seq_len = "mdlm-tiny", "cpu", 4, 64
         args.eval_limit, args.mc_samples, args.flat_steps, args.flip_prompts = 4, 1, 2, 2
         args.ablation, args.schemes, args.stats_sequences = True, "w8a8fp8,w4a4", 4
-        args.methods = "rtn,smoothquant,quarot,flatquant,fair"  # every code path once
+        # every code path once, the lease's (fair-gptq, a FAIR weighting variant, C4) included
+        args.methods = "rtn,smoothquant,quarot,flatquant,fair,fair-gptq+gamma0.5"
+        args.eval_data = "wikitext2,c4"
     for name in args.schemes.split(","):
         if name not in SCHEMES:
             p.error(f"unknown scheme {name}; choose from {sorted(SCHEMES)}")
@@ -108,14 +110,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 EVAL_DATA = {"wikitext2": ("wikitext2", "test"), "c4": ("c4", "validation")}
-# variant option -> (field, parser): "block100" -> ("block_steps", 100)
+# variant option -> (field, parser, smallest allowed value): "block100" -> ("block_steps", 100)
 VARIANT_OPTIONS = {
-    "block": ("block_steps", int),
-    "steps": ("flat_steps", int),
-    "lr": ("flat_lr", float),
-    "gamma": ("gamma", float),
-    "maxw": ("max_weight", float),
-    "floor": ("floor", float),
+    "block": ("block_steps", int, 0),
+    "steps": ("flat_steps", int, 1),
+    "lr": ("flat_lr", float, 1e-12),
+    "gamma": ("gamma", float, 1e-12),
+    "maxw": ("max_weight", float, 1e-12),
+    "floor": ("floor", float, 0),
 }
 FAIR_ROW_KNOBS = ("gamma", "max_weight", "floor", "weighting")
 
@@ -134,8 +136,14 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         key = next((k for k in VARIANT_OPTIONS if opt.startswith(k)), None)
         if key is None:
             raise ValueError(f"unknown option {opt!r} in {spec}; use {sorted(VARIANT_OPTIONS)}")
-        field, cast = VARIANT_OPTIONS[key]
-        knobs[field] = cast(opt[len(key) :])
+        field, cast, least = VARIANT_OPTIONS[key]
+        try:
+            value = cast(opt[len(key) :])
+        except ValueError:
+            raise ValueError(f"{spec}: {opt!r} needs a {cast.__name__} after {key!r}") from None
+        if not value >= least:  # refused here, before the float model is scored
+            raise ValueError(f"{spec}: {opt!r} must be at least {least:g}")
+        knobs[field] = value
     learned = METHODS[method][1] == "learned"
     if not learned and knobs:
         raise ValueError(f"{spec}: options apply to the learned-transform methods only")
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "eval": {
             "data": ",".join(":".join(EVAL_DATA[name]) for name in evals),
-            "sequences": len(next(iter(evals.values()))[0]),
+            "sequences": {name: len(seqs) for name, (seqs, _) in evals.items()},
             "mc_samples": args.mc_samples,
         },
         "rows": rows,
@@ -308,10 +316,12 @@ def markdown(out: dict) -> str:
         *record_lines(out["record"]),
         "",
         f"Likelihood bound on {out['eval'].get('data', 'wikitext2:test')} "
-        f"({out['eval']['sequences']} sequences, "
+        f"(sequences: {out['eval']['sequences']}, "
         f"{out['eval']['mc_samples']} MC samples, the same noise for every row); float {fp:.2f}. "
         f"Calibration: {out['calib']['nsamples']} C4 texts x {out['calib']['seq_len']} tokens, "
-        "masked at stratified t.",
+        "masked at stratified t. `calib s` of a FAIR-Calib row includes building FAIR-Calib's "
+        "rows (sampler runs, instability scores) only where it is the first row of its "
+        "weighting; later rows reuse them.",
         "",
     ]
     floats = out["rows"][0].get("ppl_by_data", {"ppl": fp})

@@ -34,7 +34,11 @@
 #           215 s, both FAIR-dominated)                        ~420 s
 #   collect                                                    ~20 s
 #   total ~1145 s + polling slack (~650 s spare: a failed call can be repeated, or run the
-#   `w4a4` job of benchmarks/run_gpu.sh beside the training for issue 14)
+#   `w4a4` job of benchmarks/run_gpu.sh beside the table for issue 14)
+# Every call of this lease sets MERGE_FAMILIES=1 (FAMILY_SECONDS then defaults to 600):
+#   here: bash scripts/gpu_seed_table.sh stage 0 1; there: MERGE_FAMILIES=1 bash scripts/gpu_seed_table.sh gather
+#   ... the same for pieces 2 3 .. 12 13; then stage 14 15 and MERGE_FAMILIES=1 ... families
+#   MERGE_FAMILIES=1 HOLD=540 ... status; MERGE_FAMILIES=1 TABLE_POLLS=80 ... table; ... collect
 # Batch sizes (DLM_BATCH=256, PLANNER_BATCH=128; docs/training.md, "Diffusion-LM and PLANNER"):
 # 32 k tokens a step for both. The last lease's 10.7 steps/s was the average over 150 s
 # including ~55 s of compile; at steady state both ran ~19-21 steps/s side by side at 16 k
@@ -74,6 +78,8 @@ PIECES=${PIECES:-/root/pieces}
 CARRY=${CARRY:-.gpu/tokens-carry}
 TOK=src/faircalib/assets/tokenizers/wiki-bpe-8k.json
 BASE_SECONDS=${BASE_SECONDS:-480}
+# the families-only lease trains them 600 s; the full plan, after mdlm-base, 150 s
+if [ "${MERGE_FAMILIES:-0}" = 1 ]; then FAMILY_SECONDS=${FAMILY_SECONDS:-600}; fi
 FAMILY_SECONDS=${FAMILY_SECONDS:-150}
 DLM_BATCH=${DLM_BATCH:-256} DLM_LR=${DLM_LR:-1e-3}
 PLANNER_BATCH=${PLANNER_BATCH:-128} PLANNER_LR=${PLANNER_LR:-1e-3}

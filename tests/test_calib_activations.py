@@ -1,15 +1,13 @@
 """The activation-quantization join on a real (tiny) MDLM, and the benchmark's smoke mode."""
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmark_scripts import load_benchmark
 from faircalib import hub
 from faircalib.calib.activations import (
     ActCalibConfig,
@@ -128,11 +126,7 @@ def test_a4_ablation_one_layer_equals_a_swapped_module(tiny):
 
 
 def test_w4a4_benchmark_smoke(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "w4a4.py"
-    spec = importlib.util.spec_from_file_location("bench_w4a4", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_benchmark("w4a4")
     out = module.main(["--smoke", "--block-steps", "0,2", "--out", str(tmp_path)])
     on_disk = json.loads((tmp_path / "w4a4.json").read_text())
     assert on_disk["record"]["command"].startswith("python benchmarks/w4a4.py --smoke")
@@ -141,6 +135,9 @@ def test_w4a4_benchmark_smoke(tmp_path):
     assert ("w4a4", "fair") in pairs and ("w8a8fp8", "quarot") in pairs
     # the block-wise stage: one more row per learned-transform method, never for the others
     assert {("w4a4", "fair+block2"), ("w4a4", "flatquant+block2")} <= pairs
+    # the lease's paths: fair-gptq with a weighting variant, both eval sets on every row
+    assert ("w4a4", "fair-gptq+gamma0.5+block2") in pairs
+    assert all(set(r["ppl_by_data"]) == {"wikitext2", "c4"} for r in out["rows"])
     assert not any(m.startswith(("rtn+", "quarot+")) for _, m in pairs)
     for r in out["rows"]:
         assert r["ppl"] > 1 and r["ppl"] == r["ppl"]

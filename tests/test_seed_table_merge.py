@@ -84,20 +84,29 @@ def test_markdown_is_rendered_from_the_merged_rows(merged):
 
 
 def test_the_committed_table_loads_for_a_merge():
+    """Whatever the committed table holds (rows with or without their own records), a merge of
+    the two Gaussian rows keeps every other row, its place, its numbers and its record."""
     script = load_benchmark("seed_table")
     committed = json.loads(COMMITTED.read_text())
     previous = script.load_previous(COMMITTED)
-    # a merge of the two Gaussian rows keeps the MDLM ones, their order and their numbers
-    new = [{"name": "diffusionlm-base", "columns": {}}, {"name": "planner-small", "columns": {}}]
-    rows = script.merge_rows(previous["rows"], new)
-    assert [r["name"] for r in rows] == [r["name"] for r in committed["rows"]]
-    assert rows[2:] == new
-    for before, after in zip(committed["rows"][:2], rows[:2], strict=True):
-        after = dict(after)
-        record = after.pop("record")
+    gaussian = {"diffusionlm-base": {"name": "diffusionlm-base", "columns": {}}}
+    gaussian["planner-small"] = {"name": "planner-small", "columns": {}}
+    rows = script.merge_rows(previous["rows"], list(gaussian.values()))
+    assert [r["name"] for r in rows][: len(committed["rows"])] == [
+        r["name"] for r in committed["rows"]
+    ]
+    for before, after in zip(committed["rows"], rows, strict=False):
+        if before["name"] in gaussian:
+            assert after == gaussian[before["name"]]
+            continue
+        before, after = dict(before), dict(after)
+        own, record = before.pop("record", None), after.pop("record")
         assert after == before
-        assert record["git_commit"] == committed["record"]["git_commit"] == "1059b71"
-        assert record["config"] == committed["config"]
+        if own is not None:  # a row measured by a later run keeps its own record
+            assert record == own
+        else:  # a row of the first table takes the file's record and config
+            assert record["git_commit"] == committed["record"]["git_commit"]
+            assert record["config"] == committed["config"]
 
 
 def test_smoke_rows_never_merge_into_a_real_table(tmp_path):
@@ -142,3 +151,15 @@ def test_the_lease_table_line_merges_the_two_families_into_the_committed_rows(
     old = json.loads(COMMITTED.read_text())["config"]
     assert all(getattr(args, k) == old[k] for k in ("nsamples", "limit", "mc_samples"))
     assert args.fair_preset == old["fair_preset"] and not args.smoke
+
+
+@pytest.mark.parametrize("content", [None, "[1, 2]", "{not json", '{"rows": []}'])
+def test_a_bad_merge_file_is_refused_in_one_line(tmp_path, content):
+    path = tmp_path / "seed_table.json"
+    if content is not None:
+        path.write_text(content)
+    script = load_benchmark("seed_table")
+    with pytest.raises(SystemExit) as stop:
+        script.load_previous(path)
+    message = str(stop.value)
+    assert message.startswith(f"--merge {path}:") and "\n" not in message

@@ -128,6 +128,10 @@ def test_variant_specs_parse_and_refuse():
     for bad in ("nope", "fair+wat3", "quarot+block10", "flatquant+gamma0.5"):
         with pytest.raises(ValueError):
             w4a4.parse_variant(bad)
+    # values are checked before any work, with the option named
+    for bad in ("fair+blockx", "fair+block-5", "fair+steps0", "fair+lr-1", "fair-gptq+gamma-1"):
+        with pytest.raises(ValueError, match=bad.split("+")[1]):
+            w4a4.parse_variant(bad)
     argv = ["--methods", "quarot,fair-gptq,fair+block50", "--block-steps", "0,20", "--out", "x"]
     args = w4a4.parse(argv)
     labels = [label for label, _, _ in w4a4.method_variants(args)]

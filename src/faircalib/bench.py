@@ -601,6 +601,7 @@ def markdown_tables(result: dict) -> str:
     g = SCHEMES[g4]["group_size"]
     # the grid's label: g128 for the weight-only schemes, the scheme's name (W4A4) otherwise
     gl = g4.upper() if g4 in ACT_SCHEMES else f"g{g}"
+    bits = SCHEMES[g4]["bits"]  # 4, unless no INT4 scheme ran (e.g. an activation bench of W8A8)
 
     def cell(scheme: str, method: str) -> str:
         e = by.get((scheme, method))
@@ -611,7 +612,7 @@ def markdown_tables(result: dict) -> str:
     lines += [
         "## Table 1 - the publication's shape",
         "",
-        f"| Model | FP16 | INT4 standard PTQ (RTN {gl}) | INT4 FAIR-Calib ({gl}) | "
+        f"| Model | FP16 | INT{bits} standard PTQ (RTN {gl}) | INT{bits} FAIR-Calib ({gl}) | "
         f"INT8 FAIR-Calib ({int8_scheme(result).upper()}) |",
         "|---|---:|---:|---:|---:|",
         f"| {model} (measured) | {fp:.2f} | {cell(g4, 'rtn')} | {cell(g4, 'fair')} | "
@@ -621,9 +622,9 @@ def markdown_tables(result: dict) -> str:
         "",
     ]
     lines += [
-        f"## Table 2 - approaches at INT4 {gl}",
+        f"## Table 2 - approaches at INT{bits} {gl}",
         "",
-        "| Approach | INT4 perplexity | degradation | calibration time (s) | overhead vs GPTQ |",
+        f"| Approach | INT{bits} perplexity | degradation | calibration time (s) | overhead vs GPTQ |",
         "|---|---:|---:|---:|---:|",
     ]
     for m in ACT_METHODS if g4 in ACT_SCHEMES else METHODS:

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--methods",
         default="rtn,gptq,fair",
         help="comma list of rtn,gptq,awq,smoothquant,recon,fair; with the activation schemes: "
-        "rtn,gptq,smoothquant,quarot-rtn,quarot,flatquant,flatquant-gptq,fair",
+        "rtn,gptq,smoothquant,quarot-rtn,quarot,flatquant,flatquant-gptq,fair,fair-gptq",
     )
     p.add_argument(
         "--schemes",

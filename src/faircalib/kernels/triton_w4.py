@@ -23,8 +23,9 @@ Kernels:
   As the left operand, x is the MMA's only shared-memory operand (num_stages deep, cp.async;
   the dequantized tile takes one register layout conversion), one wgmma stays in flight while
   the next tile is dequantized (1 pending), and tokens sit on the MMA's N side (8..256), so
-  M = 16 still fills 64-row wgmma tiles. Not yet timed on a GPU: the autotuner picks it only
-  where it is faster (`SWAP_SHAPES`).
+  M = 16 still fills 64-row wgmma tiles. The autotuner picks it only where it is faster
+  (`SWAP_SHAPES`); on the H200 with the device's Triton 3.6 it compiled but never won at
+  4096x4096, M = 16 / 256 / 1024 (benchmarks/results/kernels/probe-swap-h200/).
 - `w4_dequantize`: W_hat.T [K, N] in the activation dtype, for large M where a cuBLAS GEMM on
   the dequantized weight beats any fused kernel (the weight is written once per call and freed).
 
@@ -318,7 +319,8 @@ def _autotuner(swap: bool):  # noqa: ANN202 - a triton Autotuner
 # another fails to compile it (an error the autotuner does not skip, unlike running out of
 # shared memory), the first call falls back, once and for good, to the configs without it.
 # FAIRCALIB_W4_SWAP=0 leaves it out from the start.
-_autotuned_matmul = _autotuner(swap=os.environ.get("FAIRCALIB_W4_SWAP", "1") != "0")
+SWAP_ON = os.environ.get("FAIRCALIB_W4_SWAP", "1") != "0"
+_autotuned_matmul = _autotuner(swap=SWAP_ON)
 _autotuned_matmul_no_swap = _autotuner(swap=False)
 _swap_failed: list[str] = []
 
@@ -360,12 +362,14 @@ def w4_matmul(
     args = (x, packed, scale_t, zs_t, y, m, n, k, x.stride(0), y.stride(0), m_bucket(m))
     if meta:
         _w4_matmul_kernel[grid](*args, GROUP_SIZE=group_size, **meta)
-    elif _swap_failed:
+    elif _swap_failed or not SWAP_ON:
         _autotuned_matmul_no_swap[grid](*args, GROUP_SIZE=group_size)
     else:
         try:
             _autotuned_matmul[grid](*args, GROUP_SIZE=group_size)
-        except Exception as err:  # noqa: BLE001 - any compile failure: retry without "swap"
+        except torch.cuda.OutOfMemoryError:
+            raise  # not a compile failure: no config would help
+        except Exception as err:  # noqa: BLE001 - a compile failure: retry without "swap"
             _swap_failed.append(f"{type(err).__name__}: {err}"[:300])
             warnings.warn(
                 f"W4 Triton GEMM: the 'swap' configs failed ({_swap_failed[0]}); "

@@ -240,6 +240,10 @@ TRITON_8BIT = [
     ("fp8_w8a8", "codes8", "qp8", {}, _ref_fp8, 1.0),
     ("w4a8", "codes4", "qp4", {"act_bits": 8}, _ref_w4a8_int8, 0.5),
     ("w4a8_fp8", "codes4", "qp4", {"act_bits": 8, "act_format": "fp8"}, _ref_w4a8_fp8, 0.5),
+    # large-M W4A8: the codes unpacked to 8 bits per call, then an 8-bit GEMM (triton_w8a8);
+    # like w4a8_fp8, w4a8_fp8_dq quantizes its own FP8 activations (FP8_ACT_BACKENDS)
+    ("w4a8_dq", "codes4", "qp4", {"act_bits": 8}, _ref_w4a8_int8, 0.5),
+    ("w4a8_fp8_dq", "codes4", "qp4", {"act_bits": 8, "act_format": "fp8"}, _ref_w4a8_fp8, 0.5),
 ]
 
 
@@ -583,16 +587,24 @@ def suggested_w8a8(rows: list[dict]) -> dict:
 
     int8 = {m: {"int8_w8a8": "int8_w8a8", "int8_intmm": "int8"}[best(m, W8_INT8)] for m in ms}
     fp8 = {m: {"fp8_w8a8": "scaled_mm", "fp8_triton": "triton"}[best(m, W8_FP8)] for m in ms}
+    # the fused W4A8 GEMM or the unpack-then-GEMM one, whichever is faster at each M
+    w4a8_by_m = {m: best(m, W4A8_INT8) for m in ms}
     w4a8_min = None
     for m in reversed(ms):
-        w4a8, w4 = score("w4a8", m), [score(n, m) for n in W4_BACKENDS]
+        w4a8, w4 = score(w4a8_by_m[m], m), [score(n, m) for n in W4_BACKENDS]
         if w4a8 is None or any(v is not None and v >= w4a8 for v in w4):
             break
         w4a8_min = m
-    return {"int8_by_m": int8, "fp8_gemm_by_m": fp8, "w4a8_min_m": w4a8_min}
+    return {
+        "int8_by_m": int8,
+        "fp8_gemm_by_m": fp8,
+        "w4a8_by_m": w4a8_by_m,
+        "w4a8_min_m": w4a8_min,
+    }
 
 
 W8_INT8 = ("int8_w8a8", "int8_intmm")
+W4A8_INT8 = ("w4a8", "w4a8_dq")
 W8_FP8 = ("fp8_w8a8", "fp8_triton")  # fp8_w8a8 runs FP8_W8A8_GEMM's choice (_scaled_mm now)
 
 

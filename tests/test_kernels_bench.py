@@ -33,7 +33,12 @@ def test_kernels_smoke_writes_checked_results(tmp_path):
     # roofline columns on every timed row (no peaks known for a CPU: shares left empty)
     assert all(r["tflops"] > 0 and r["gbs"] > 0 and r["roofline_pct"] is None for r in rows)
     assert {"int8_intmm", "fp8_scaled_mm"} <= {r["backend"] for r in rows}
-    assert set(result["suggested_w8a8"]) == {"int8_by_m", "fp8_gemm_by_m", "w4a8_min_m"}
+    assert set(result["suggested_w8a8"]) == {
+        "int8_by_m",
+        "fp8_gemm_by_m",
+        "w4a8_by_m",
+        "w4a8_min_m",
+    }
     assert result["crossover"]["per_shape"].keys() == {"256x512", "512x256"}
     assert result["int4_vs_bf16"]["per_shape"].keys() == {"256x512", "512x256"}
     # the bare kernels ran and matched their float64 references (checked for all rows above)

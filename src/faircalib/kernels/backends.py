@@ -17,6 +17,8 @@ repacks them once into its kernel's layout and caches the result on the layer.
 | fp8_w8a8  | cpu/cuda | fused per-token e4m3 quantization + `_scaled_mm` or Triton fp8 GEMM (by M) | as fp8 |
 | w4a8      | cuda     | Triton INT4-group x int8-activation GEMM, dequantized to int8 in registers | exact |
 | w4a8_fp8  | cuda     | the same with e4m3 activations (codes - zero are exact in e4m3) | e4m3 act. (~3%) |
+| w4a8_dq   | cuda     | w4a8's math for large M: codes unpacked to int8 per call, then an int8 GEMM | exact |
+| w4a8_fp8_dq | cuda   | the same with e4m3 activations and an e4m3 GEMM       | e4m3 act. (~3%)        |
 
 int4 kernels take codes of at most 4 bits; `int8` needs symmetric per-channel 8-bit weights
 and act_bits=8; `fp8` takes any layer (it dequantizes, then rounds rows to e4m3);
@@ -36,7 +38,10 @@ copy is freed). `fp8_w8a8` takes what `fp8` takes and computes the same numbers;
 (`formats.packed.FP8ActLinear`). On the CPU it quantizes with `fp8_quantize` and runs
 `_scaled_mm`'s CPU kernel (slower there than the float reference: named only). `w4a8` and
 `w4a8_fp8` take <= 4-bit codes with K % 128 == 0 and a group size of 32, 64 or a multiple of 128 (or
-per-channel), act_bits 8 or None, and share `triton_w4`'s tile layout (which holds the codes).
+per-channel), act_bits 8 or None, and share `triton_w4`'s tile layout (which holds the codes);
+`w4a8_dq` / `w4a8_fp8_dq` take the same layers and layout and compute the same numbers (up to
+float32 summation order), unpacking the codes to an 8-bit [out, in] temporary per call (like
+`triton_dq` for W4A16) so the GEMM's K loop does no unpacking; `auto` does not pick them yet.
 The W8A8/W4A8 Triton backends also run on the CPU under TRITON_INTERPRET=1 (the tests).
 
 `auto` never changes numerics beyond the activation dtype's rounding, so `fp8`, `fp8_w8a8` and
@@ -643,6 +648,19 @@ def _w4a8_runner(kind: str) -> Callable[[QuantLinear, tuple, torch.Tensor], torc
     return run
 
 
+def _w4a8_dq_runner(kind: str) -> Callable[[QuantLinear, tuple, torch.Tensor], torch.Tensor]:
+    """Large M: the codes unpacked once per call to an 8-bit [out, in] temporary (freed after),
+    then an 8-bit GEMM with the group scales in fp32 (`triton_w8a8.w4a8_dq_matmul`)."""
+
+    def run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+        from faircalib.kernels.triton_w8a8 import quantize_rows, w4a8_dq_matmul
+
+        q, x_scale = quantize_rows(x, kind)
+        return w4a8_dq_matmul(q, x_scale, *prepared, x.dtype, _bias(layer))
+
+    return run
+
+
 # --- registry and the auto rule --------------------------------------------------------------
 BACKENDS: dict[str, Backend] = {
     "dequant": Backend(
@@ -693,6 +711,23 @@ BACKENDS: dict[str, Backend] = {
         _w4a8_fp8_supports,
         _w4a8_prepare,
         _w4a8_runner("fp8"),
+        adds_bias=True,
+        codes_from_layout=_triton_codes,
+    ),
+    "w4a8_dq": Backend(
+        "w4a8_dq",
+        _w4a8_int8_supports,
+        _w4a8_prepare,
+        _w4a8_dq_runner("int8"),
+        quantizes_activations=True,
+        adds_bias=True,
+        codes_from_layout=_triton_codes,
+    ),
+    "w4a8_fp8_dq": Backend(
+        "w4a8_fp8_dq",
+        _w4a8_fp8_supports,
+        _w4a8_prepare,
+        _w4a8_dq_runner("fp8"),
         adds_bias=True,
         codes_from_layout=_triton_codes,
     ),

@@ -23,6 +23,11 @@ output channel (W8A8) or per (K-group, output channel) (W4A8):
   y = a_scale * sum_g s_g * sum_{k in g} a8_k * (code_k - zero_g) with exact integer (INT8) or
   fp32 (FP8) partial sums. Needs K % 128 == 0 and a group size of 32 or 64 (the 8-bit MMA's
   K divides it, and it divides the 128-k tile) or a multiple of 128, or per-channel.
+- `w4a8_dq_matmul` (large M, like `triton_w4.w4_dequantize` + cuBLAS for W4A16): the same
+  numbers from two kernels, `w4a8_unpack` (the tile layout -> an 8-bit [N, K] temporary of
+  code - zero, one pass, freed after the call) and `w8_group_matmul` (a8 x w8 with the group
+  scales applied per chunk in fp32, loads pipelined as in `w8a8_matmul`; per-channel runs
+  `w8a8_matmul` itself), so the GEMM's K loop does no unpacking.
 
 Autotuning: a short Hopper list (128x128 and 128x256 tiles, 8 warps, 3-4 stages, plus one
 64x128 tile for M <= 64) keyed by (M bucket, N, K); under TRITON_INTERPRET=1 a fixed tiny
@@ -442,9 +447,198 @@ def w4a8_matmul(
     return y
 
 
+# --- W4A8, large M: unpack the codes to 8 bits once per call, then an 8-bit GEMM ---------------
+TINY_UNPACK_N = 32  # the unpack kernel's column block under the interpreter (GPU: 128)
+
+
+@triton.jit
+def _w4a8_unpack_kernel(
+    q_ptr,
+    z_ptr,
+    w_ptr,
+    N,
+    K,
+    GROUP_SIZE: tl.constexpr,
+    IS_INT8: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One 128-k tile x BLOCK_N columns of the tile layout -> w8 [BN, 128] rows of [N, K]
+    (K contiguous, the 8-bit wgmma's B layout): nibble j of int32 row r is k = 16 j + r, so the
+    [BN, 8, 16] nibbles reshape to [BN, 128] in k order (as `triton_w4._swap_matmul` reads them)."""
+    tile, pid_n = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rn_c = tl.where(n_ok, rn, 0)
+    r16, j8, rk = tl.arange(0, 16), tl.arange(0, 8), tl.arange(0, 128)
+    packed = tl.load(q_ptr + (tile * 16 + r16)[None, :] * N + rn_c[:, None])  # [BN, 16]
+    codes = (packed[:, None, :] >> (4 * j8)[None, :, None]) & 0xF  # [BN, j, r]
+    g = ((tile * 128 + 16 * j8) // GROUP_SIZE)[None, :]  # a plane of 16 k is in one group
+    zero = tl.load(z_ptr + g * N + rn_c[:, None])[:, :, None]  # [BN, 8, 1]
+    w = tl.reshape(codes - zero, (BLOCK_N, 128))  # in [-15, 15]: exact in int8 and e4m3
+    ptrs = w_ptr + rn.to(tl.int64)[:, None] * K + (tile * 128 + rk)[None, :]
+    if IS_INT8:
+        tl.store(ptrs, w.to(tl.int8), mask=n_ok[:, None])
+    else:
+        tl.store(ptrs, w.to(tl.float32).to(w_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
+def w4a8_unpack(packed: torch.Tensor, zero_t: torch.Tensor, kind: str) -> torch.Tensor:
+    """The tile-layout codes packed [K / 8, N] and zero_t [G, N] (`w4a8_layout`) -> w8 [N, K]
+    = code - zero in int8 or e4m3 (exact: |code - zero| <= 15). One pass, 0.5 B read and 1 B
+    written per weight; the caller frees it after its GEMM (never a resident copy)."""
+    k8, n = packed.shape
+    k = k8 * 8
+    w8 = torch.empty(n, k, device=packed.device, dtype=_torch_dtype(kind))
+    block_n = TINY_UNPACK_N if INTERPRETED else 128
+    grid = (k // TILE_K, triton.cdiv(n, block_n))
+    group_size = k // zero_t.shape[0]
+    _w4a8_unpack_kernel[grid](
+        packed,
+        zero_t,
+        w8,
+        n,
+        k,
+        GROUP_SIZE=group_size,
+        IS_INT8=kind == "int8",
+        BLOCK_N=block_n,
+        num_warps=4,
+    )
+    return w8
+
+
+def _w8_group_configs() -> list[triton.Config]:
+    # two [BM, BN] float32 tiles live at once (the sum and the chunk's dot): ptxas (sm_90a,
+    # Triton 3.9) puts 128x128 / 8 warps at 255 registers with 4 B (group 128) to 256 B
+    # (group 32) of spills, 128x256 / 8 warps at ~500 B, 4 warps and 256x128 at 0.6-2.4 KB:
+    # those two are left out
+    shapes = [(128, 128, 8, 4), (128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in shapes
+    ]
+
+
+@triton.jit
+def _w8_group_kernel(
+    a_ptr,
+    w_ptr,
+    as_ptr,
+    s_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_wn,
+    stride_ym,
+    M_BUCKET,  # autotuning key only
+    GROUP_SIZE: tl.constexpr,
+    IS_INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr = 8,
+):
+    """y = a_scale * sum_g s[g] * (a8 @ w8.T over group g), w8 [N, K] 8-bit, s [G, N]: per
+    128-k step, 128 / CHUNK dots of CHUNK k each (one group each), each from zero, added to the
+    float32 accumulator times its group's scale. Loads are plain (clamped rows / columns, K a
+    multiple of 128), so Triton pipelines them num_stages deep as in `_w8a8_kernel`."""
+    CHUNK: tl.constexpr = GROUP_SIZE if GROUP_SIZE < 128 else 128
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rc = tl.arange(0, CHUNK)
+    rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
+    rn_c = tl.where(rn < N, rn, 0)
+    a_ptrs = a_ptr + rm_c[:, None] * stride_am + rc[None, :]  # [BM, CHUNK]
+    w_ptrs = w_ptr + rn_c.to(tl.int64)[None, :] * stride_wn + rc[:, None]  # [CHUNK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, 128):
+        for c in tl.static_range(128 // CHUNK):
+            a = tl.load(a_ptrs + k0 + c * CHUNK)
+            w = tl.load(w_ptrs + k0 + c * CHUNK)
+            s = tl.load(s_ptr + ((k0 + c * CHUNK) // GROUP_SIZE) * N + rn_c)  # [BN] float32
+            if IS_INT8:  # noqa: SIM108 - constexpr branches, one compiled
+                part = tl.dot(a, w, out_dtype=tl.int32).to(tl.float32)
+            else:
+                part = tl.dot(a, w)
+            acc += part * s[None, :]
+    _epilogue(acc, as_ptr, None, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS)
+
+
+_autotuned_w8_group = triton.autotune(
+    configs=_w8_group_configs(),
+    key=["M_BUCKET", "N", "K", "GROUP_SIZE", "IS_INT8"],
+    prune_configs_by={"early_config_prune": _prune_m},
+)(_w8_group_kernel)
+
+
+def w8_group_matmul(
+    a8: torch.Tensor,
+    a_scale: torch.Tensor,
+    w8: torch.Tensor,
+    scale_t: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    *,
+    meta: dict | None = None,
+) -> torch.Tensor:
+    """a8 [M, K] (int8 / e4m3) with a_scale [M, 1] x w8 [N, K] (same dtype) with group scales
+    scale_t [G, N] float32 -> y [M, N] in out_dtype. One group (per-channel) runs the W8A8
+    GEMM (`w8a8_matmul`, the scale in its epilogue: same math, integer / one fp32 sum)."""
+    if a8.dtype != w8.dtype or a8.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"w8_group_matmul takes int8 or e4m3 operands, got {a8.dtype}, {w8.dtype}")
+    m, k = a8.shape
+    n, n_groups = w8.shape[0], scale_t.shape[0]
+    if n_groups == 1:
+        w8a8_meta = None if meta is None else {"BLOCK_K": 128, **meta}
+        return w8a8_matmul(a8, a_scale, w8, scale_t[0], out_dtype, bias, meta=w8a8_meta)
+    group_size = k // n_groups
+    if k % TILE_K or group_size % 32 or (group_size > 64 and group_size % TILE_K):
+        raise ValueError(
+            "w8_group_matmul needs K % 128 == 0 and a group size of 32, 64 or a multiple of "
+            f"128, got K={k}, group size {group_size}"
+        )
+    y = torch.empty(m, n, device=a8.device, dtype=out_dtype)
+    if m == 0:
+        return y
+    a8 = a8 if a8.stride(-1) == 1 else a8.contiguous()
+    args = (a8, w8, a_scale.reshape(-1), scale_t, bias, y, m, n, k)
+    args += (a8.stride(0), w8.stride(0), y.stride(0), m_bucket(m))
+    flags = {"GROUP_SIZE": group_size, "IS_INT8": a8.dtype == torch.int8}
+    flags["HAS_BIAS"] = bias is not None
+    meta = TINY_W4A8 if INTERPRETED and meta is None else meta
+    if meta is not None:
+        _w8_group_kernel[_grid(m, n)](*args, **flags, **meta)
+    else:
+        _autotuned_w8_group[_grid(m, n)](*args, **flags)
+    return y
+
+
+def w4a8_dq_matmul(
+    a8: torch.Tensor,
+    a_scale: torch.Tensor,
+    packed: torch.Tensor,
+    scale_t: torch.Tensor,
+    zero_t: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`w4a8_matmul`'s result for large M: the codes unpacked to 8 bits once (`w4a8_unpack`,
+    a per-call temporary), then `w8_group_matmul` - the GEMM's K loop does no unpacking."""
+    kind = "int8" if a8.dtype == torch.int8 else "fp8"
+    w8 = w4a8_unpack(packed, zero_t, kind)
+    return w8_group_matmul(a8, a_scale, w8, scale_t, out_dtype, bias)
+
+
 def autotune_choices() -> dict:
     """The tile each autotuned kernel chose per key (for the benchmark's notes)."""
     return {
         name: {str(key): str(cfg) for key, cfg in getattr(fn, "cache", {}).items()}
-        for name, fn in (("w8a8", _autotuned_w8a8), ("w4a8", _autotuned_w4a8))
+        for name, fn in (
+            ("w8a8", _autotuned_w8a8),
+            ("w4a8", _autotuned_w4a8),
+            ("w8_group", _autotuned_w8_group),
+        )
     }

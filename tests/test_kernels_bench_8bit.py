@@ -6,13 +6,12 @@ of the 256 e4m3 codes, independent of torch's cast). The H200 sweep once ran `w4
 INT8-activation layer: QuantLinear put x on the int8 grid and the kernel re-rounded it onto
 e4m3, 2-2.5% away from the e4m3-of-x reference; this catches that on the CPU."""
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from interpreted import named_floats, run_interpreted
 
 pytest.importorskip("triton")
 
@@ -92,17 +91,7 @@ CHECK = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, float]:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", CHECK],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {line.split()[0]: float(line.split()[1]) for line in done.stdout.strip().splitlines()}
+    return named_floats(run_interpreted(CHECK, cwd=ROOT))
 
 
 def test_every_triton_8bit_candidate_was_checked(results):

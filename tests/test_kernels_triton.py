@@ -1,13 +1,12 @@
 """The Triton W4A16 kernels (optional dependency), run by Triton's CPU interpreter."""
 
-import os
 import re
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from interpreted import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -67,17 +66,7 @@ CHECK = textwrap.dedent(
 
 
 def test_fused_w4_kernels_match_reference_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", CHECK],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    worst = float(done.stdout.strip().splitlines()[-1])
+    worst = float(run_interpreted(CHECK).strip().splitlines()[-1])
     assert worst <= 1e-3  # fp16 inputs and outputs, fp32 accumulation
 
 
@@ -178,11 +167,6 @@ FALLBACK = textwrap.dedent(
 
 
 def test_a_swap_config_that_fails_to_compile_falls_back_once_and_stays_correct():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    swap_calls, plain_calls, warned, err = done.stdout.split()
+    swap_calls, plain_calls, warned, err = run_interpreted(FALLBACK, timeout=300).split()
     assert (swap_calls, plain_calls, warned) == ("1", "2", "1")  # tried once, warned once
     assert float(err) <= 1e-3  # against a float64 matmul of the dequantized weights

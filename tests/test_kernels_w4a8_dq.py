@@ -2,12 +2,11 @@
 `w4a8_fp8_dq`), run by Triton's CPU interpreter: the unpack against the codes themselves, the
 GEMM against a float64 product of its own operands, the backends against `w4a8` / `w4a8_fp8`."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from interpreted import named_floats, run_interpreted
 
 pytest.importorskip("triton")
 
@@ -103,12 +102,7 @@ CHECK = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def results() -> dict[str, float]:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {line.split()[0]: float(line.split()[1]) for line in done.stdout.strip().splitlines()}
+    return named_floats(run_interpreted(CHECK))
 
 
 def test_every_case_was_checked(results):

@@ -2,9 +2,6 @@
 CPU interpreter against float64 references of the same quantized math."""
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,6 +10,7 @@ import torch
 from faircalib.config import QuantConfig
 from faircalib.kernels import QuantLinear, auto_backend, backends
 from faircalib.quant.primitives import compute_qparams, quantize
+from interpreted import named_floats, run_interpreted
 
 pytest.importorskip("triton")
 
@@ -159,12 +157,7 @@ TOLERANCES = {"float32": 1e-6, "float16": 1e-3}
 
 @pytest.fixture(scope="module")
 def interpreted_results() -> dict[str, float]:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {line.split()[0]: float(line.split()[1]) for line in done.stdout.strip().splitlines()}
+    return named_floats(run_interpreted(CHECK))
 
 
 def test_every_kernel_and_backend_was_checked(interpreted_results):

@@ -307,12 +307,26 @@ def w8a8_matmul(
 
 
 # --- W4A8 GEMM -----------------------------------------------------------------------------------
-def _w4a8_configs() -> list[triton.Config]:
-    shapes = [(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4)]
+def _mn_configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, warps, stages) tiles of the K-by-128 loops (W4A8, grouped W8)."""
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in shapes
     ]
+
+
+def _w4a8_configs() -> list[triton.Config]:
+    return _mn_configs([(128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4)])
+
+
+def _check_groups(name: str, k: int, group_size: int) -> None:
+    """The K-loops take 128 k a step, one group per dot: K % 128 == 0 and groups of 32, 64 or
+    a multiple of 128."""
+    if k % TILE_K or group_size % 32 or (group_size > 64 and group_size % TILE_K):
+        raise ValueError(
+            f"{name} needs K % 128 == 0 and a group size of 32, 64 or a multiple of 128, "
+            f"got K={k}, group size {group_size}"
+        )
 
 
 @triton.jit
@@ -423,11 +437,7 @@ def w4a8_matmul(
     m, k = a8.shape
     n = packed.shape[1]
     group_size = k // scale_t.shape[0]
-    if k % TILE_K or group_size % 32 or (group_size > 64 and group_size % TILE_K):
-        raise ValueError(
-            "w4a8 needs K % 128 == 0 and a group size of 32, 64 or a multiple of 128, "
-            f"got K={k}, group size {group_size}"
-        )
+    _check_groups("w4a8", k, group_size)
     y = torch.empty(m, n, device=a8.device, dtype=out_dtype)
     if m == 0:
         return y
@@ -511,11 +521,7 @@ def _w8_group_configs() -> list[triton.Config]:
     # Triton 3.9) puts 128x128 / 8 warps at 255 registers with 4 B (group 128) to 256 B
     # (group 32) of spills, 128x256 / 8 warps at ~500 B, 4 warps and 256x128 at 0.6-2.4 KB:
     # those two are left out
-    shapes = [(128, 128, 8, 4), (128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in shapes
-    ]
+    return _mn_configs([(128, 128, 8, 4), (128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4)])
 
 
 @triton.jit
@@ -595,11 +601,7 @@ def w8_group_matmul(
         w8a8_meta = None if meta is None else {"BLOCK_K": 128, **meta}
         return w8a8_matmul(a8, a_scale, w8, scale_t[0], out_dtype, bias, meta=w8a8_meta)
     group_size = k // n_groups
-    if k % TILE_K or group_size % 32 or (group_size > 64 and group_size % TILE_K):
-        raise ValueError(
-            "w8_group_matmul needs K % 128 == 0 and a group size of 32, 64 or a multiple of "
-            f"128, got K={k}, group size {group_size}"
-        )
+    _check_groups("w8_group_matmul", k, group_size)
     y = torch.empty(m, n, device=a8.device, dtype=out_dtype)
     if m == 0:
         return y

@@ -9,7 +9,8 @@
 #                                                     # machine of several, beside the first
 # The device machine goes back after ~30 s without a command in flight, detached jobs and all:
 # keep a `wait` call running (SECONDS_MAX <= the per-call limit) until the last job is done.
-# Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), kernels, e2e,
+# Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), w4a4-shift
+# (the learned transforms with and without the input shift, FlatQuantConfig.shift), kernels, e2e,
 # profile-step, generation-8b (issue 16), throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
 # recorded in benchmarks/results/bench-mdlm-small-act), weighting (instability vs prior vs uniform, 3 seeds),
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
@@ -47,6 +48,9 @@ job_command() {
   w4a4) echo "python3 benchmarks/w4a4.py --device cuda --schemes w4a4 --ablation --eval-data wikitext2,c4 \
     --methods quarot,flatquant,flatquant-gptq,fair,fair-gptq,fair-gptq+block100,fair-gptq+gamma0.5,fair-gptq+uniform,fair-gptq+steps400 \
     --out $RES/w4a4" ;;
+  w4a4-shift) echo "python3 benchmarks/w4a4.py --device cuda --schemes w4a4 --eval-data wikitext2,c4 \
+    --methods flatquant-gptq,flatquant+meanshift,flatquant-gptq+meanshift,flatquant-gptq+shift,fair-gptq,fair-gptq+meanshift,fair-gptq+shift \
+    --out $RES/w4a4-shift" ;;
   weighting) echo "python3 benchmarks/recon_sweep.py --model mdlm-small --device cuda \
     --schemes w3g128 --seeds 0,1,2 --variants fair,fair-prior,recon --out $RES/weighting" ;;
   ablation) echo "python3 benchmarks/fair_ablation.py --model mdlm-small --device cuda \

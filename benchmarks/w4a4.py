@@ -13,6 +13,8 @@ FAIR-weighted Hessian). A --methods entry may carry variant options, `METHOD+opt
     block<N>  block-wise stage steps (else one row per --block-steps value)
     steps<N>  per-layer learned-transform steps (else --flat-steps)   lr<F>  its Adam lr
     noclip    no learned weight/activation clipping
+    shift / meanshift   a channel shift of the input, learned (from the row-weighted mean) or
+              fixed at that mean, added back exactly as a bias (FlatQuantConfig.shift)
     gamma<F> / maxw<F> / floor<F>   FAIR-Calib row-weight exponent / cap / floor (fair rows)
     uniform   FAIR-Calib's rows with every weight 1 (rows without the instability weighting)
 
@@ -120,6 +122,12 @@ VARIANT_OPTIONS = {
     "floor": ("floor", float, 0),
 }
 FAIR_ROW_KNOBS = ("gamma", "max_weight", "floor", "weighting")
+FLAG_OPTIONS = {  # variant options without a value
+    "uniform": {"weighting": "uniform"},
+    "noclip": {"learn_clip": False},
+    "shift": {"shift": "learned"},
+    "meanshift": {"shift": "mean"},
+}
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
@@ -130,12 +138,13 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         raise ValueError(f"unknown method {method}; choose from {sorted(METHODS)}")
     knobs: dict = {}
     for opt in opts:
-        if opt in ("uniform", "noclip"):
-            knobs.update({"weighting": "uniform"} if opt == "uniform" else {"learn_clip": False})
+        if opt in FLAG_OPTIONS:
+            knobs.update(FLAG_OPTIONS[opt])
             continue
         key = next((k for k in VARIANT_OPTIONS if opt.startswith(k)), None)
         if key is None:
-            raise ValueError(f"unknown option {opt!r} in {spec}; use {sorted(VARIANT_OPTIONS)}")
+            options = sorted([*VARIANT_OPTIONS, *FLAG_OPTIONS])
+            raise ValueError(f"unknown option {opt!r} in {spec}; use {options}")
         field, cast, least = VARIANT_OPTIONS[key]
         try:
             value = cast(opt[len(key) :])
@@ -171,7 +180,7 @@ def act_config(scheme: str, method: str, knobs: dict, args) -> ActCalibConfig:
     """The row's ActCalibConfig: --flat-steps / --clip-search, overridden by the variant."""
     flat = FlatQuantConfig(
         steps=knobs.get("flat_steps", args.flat_steps),
-        **{k: knobs[k] for k in ("learn_clip",) if k in knobs},
+        **{k: knobs[k] for k in ("learn_clip", "shift") if k in knobs},
         **({"lr": knobs["flat_lr"]} if "flat_lr" in knobs else {}),
     )
     return ActCalibConfig(

@@ -199,6 +199,8 @@ def test_fair_scheme_summary_and_text(tmp_path):
         (["--method", "quarot"], "needs --scheme"),
         (["--scheme", "w4a4", "--bits", "4"], "--bits"),
         (["--scheme", "w4a4", "--method", "quarot", "--flat-steps", "3"], "--flat-steps"),
+        (["--scheme", "w4a4", "--method", "quarot", "--flat-shift", "mean"], "--flat-shift"),
+        (["--method", "gptq", "--flat-shift", "mean"], "--flat-shift"),
         (["--scheme", "w4a4", "--resume"], "--resume"),
         (["--method", "gptq", "--clip-search"], "--clip-search"),
         (["--scheme", "w4a4", "--method", "fair", "--recon-steps", "3"], "--recon-steps"),

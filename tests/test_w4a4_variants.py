@@ -125,7 +125,9 @@ def test_variant_specs_parse_and_refuse():
         "weighting": "uniform",
         "learn_clip": False,
     }
-    for bad in ("nope", "fair+wat3", "quarot+block10", "flatquant+gamma0.5"):
+    assert w4a4.parse_variant("flatquant-gptq+meanshift")[1] == {"shift": "mean"}
+    assert w4a4.parse_variant("fair-gptq+shift+gamma0.5")[1] == {"shift": "learned", "gamma": 0.5}
+    for bad in ("nope", "fair+wat3", "quarot+block10", "flatquant+gamma0.5", "quarot+shift"):
         with pytest.raises(ValueError):
             w4a4.parse_variant(bad)
     # values are checked before any work, with the option named
@@ -138,6 +140,7 @@ def test_variant_specs_parse_and_refuse():
     assert labels == ["quarot", "fair-gptq", "fair-gptq+block20", "fair+block50"]
     cfg = w4a4.act_config("w4a4", "fair", {"flat_steps": 7, "learn_clip": False}, args)
     assert cfg.flat.steps == 7 and not cfg.flat.learn_clip and cfg.block_steps == 0
+    assert w4a4.act_config("w4a4", "fair", {"shift": "learned"}, args).flat.shift == "learned"
 
 
 def test_quantize_cli_runs_fair_gptq_w4a4(tmp_path):

@@ -186,10 +186,13 @@ class ActCalibConfig:
 
 
 class ActQuantLinear(nn.Module):
-    """x -> [x / smooth] -> [x Q] -> [learned transform] -> Q_a(.) -> x @ weight.T + bias.
+    """x -> [x / smooth] -> [x Q] -> [learned transform] -> Q_a(.) -> x @ weight.T + bias
+    [+ offset].
 
     `weight` [out, in] is the (fake-quantized) weight in the transformed basis, so with every
-    quantizer off the module computes the original linear exactly (up to float rounding)."""
+    quantizer off the module computes the original linear exactly (up to float rounding).
+    `offset` [out]: z W^T of a learned transform that shifts its input by z (kept apart from
+    the layer's own bias, which a layer may not have)."""
 
     def __init__(
         self,
@@ -201,6 +204,7 @@ class ActQuantLinear(nn.Module):
         rotation: Rotation | None = None,
         transform: LearnedTransform | None = None,
         act_scale: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -208,6 +212,7 @@ class ActQuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("smooth", smooth)
         self.register_buffer("act_scale", act_scale)
+        self.register_buffer("offset", None if offset is None else offset.detach().clone())
         self.rotation, self.transform, self.act = rotation, transform, act
 
     def _apply(self, fn, recurse=True):
@@ -233,7 +238,8 @@ class ActQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = fake_quantize_activations(self.transform_input(x), self.act, self.act_scale)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        y = F.linear(x, self.weight.to(x.dtype), bias)
+        return y if self.offset is None else y + self.offset.to(y.dtype)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -398,12 +404,29 @@ def learned_module(
     scheme = scheme or SCHEMES[cfg.scheme]
     base, _ = METHODS[cfg.method]
     tf = learned.transform
-    w_t = tf.fold(lin.weight.detach().float())
-    t_inputs = transform_inputs(inputs, tf.apply, None)
+    weight = lin.weight.detach().float()
+    w_t = tf.fold(weight)
+    t_inputs = transform_inputs(shifted_inputs(inputs, tf.shift), tf.linear, None)
     w_q = _quantize_weight(
         name, w_t, t_inputs, scheme, base, learned, overrides=cfg.weight_overrides(base)
     )
-    return ActQuantLinear(w_q, lin.bias, learned.act, transform=tf)
+    offset = tf.output_offset(weight)
+    return ActQuantLinear(w_q, lin.bias, learned.act, transform=tf, offset=offset)
+
+
+def shifted_inputs(inputs: LayerInputs, shift: torch.Tensor | None) -> LayerInputs:
+    """Statistics of the rows x - z: the Hessian sum_r w_r (x_r - z)(x_r - z)^T / sum_r w_r =
+    H - m z^T - z m^T + z z^T, with the weighted mean m estimated on the sample rows (the
+    Hessian's own sums do not keep it); sample, abs-max and abs-mean from the shifted sample."""
+    if shift is None:
+        return inputs
+    z = shift.detach().float().to(inputs.sample.device)
+    w = inputs.sample_weights.float()
+    m = (w[:, None] * inputs.sample).sum(dim=0) / w.sum().clamp(min=1e-30)
+    hessian = inputs.hessian - torch.outer(m, z) - torch.outer(z, m) + torch.outer(z, z)
+    sample = inputs.sample - z
+    absmax, absmean = sample.abs().amax(dim=0), sample.abs().mean(dim=0)
+    return LayerInputs(hessian, sample, inputs.sample_weights, absmax, absmean, inputs.n_rows)
 
 
 def _layer_row(
@@ -437,7 +460,8 @@ def _quantize_weight(
 
 @torch.no_grad()
 def layer_error(module: ActQuantLinear, weight: torch.Tensor, inputs: LayerInputs) -> float:
-    """Relative row-weighted output error of the quantized module on the raw sample rows."""
+    """Relative row-weighted output error of the quantized module on the raw sample rows (a
+    shifted input's offset z W^T is part of the module's output, its own bias is not)."""
     x = inputs.sample.to(weight.device)
     rw = inputs.sample_weights.to(weight.device)
     ref = x @ weight.float().T  # [n, out]
@@ -605,6 +629,7 @@ def _trainable(layer: LearnedLayer, cfg: ActCalibConfig) -> TrainableTransformLi
         _learned_weight_config(scheme),
         cfg.flat.learn_clip,
         mode,
+        cfg.flat.shift,
     )
 
 

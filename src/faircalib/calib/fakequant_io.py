@@ -45,25 +45,32 @@ ACT_QUANT_JSON = "act_quant.json"
 ACT_QUANT_TENSORS = "act_quant.safetensors"
 ACT_LINEARS = "act_linears.safetensors"  # ActQuantLinear state (`activation_quant` in the record)
 ACT_LINEARS_VERSION = 1
+# version 2: a layer may list `transform_shift` and `offset` (an input shift,
+# FlatQuantConfig.shift, and its share of the output); written only when one does, so readers
+# of version 1 refuse such a file instead of dropping the shift
+_SHIFT_TENSORS = ("transform_shift", "offset")
+ACT_LINEARS_SHIFT_VERSION = 2
 QUANTIZATION_JSON = "quantization.json"
 # ActQuantLinear state tensor suffixes -> where they live on the module
-_ACT_TENSORS = ("weight", "bias", "smooth", "act_scale")
+_ACT_TENSORS = ("weight", "bias", "smooth", "act_scale", "offset")
 _ROT_TENSORS = ("rotation_signs",)
-_TF_TENSORS = ("transform_p1", "transform_p2", "transform_smooth")
+_TF_TENSORS = ("transform_p1", "transform_p2", "transform_smooth", "transform_shift")
 
 
-def _effective_weight(module, chunk: int = 1024) -> torch.Tensor:
-    """W_q T^T [out, in] in float64, T the module's online input map (linear, no bias), so
-    x @ result.T == transform_input(x) @ weight.T without activation quantization."""
+def _effective_weight(module, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_q L^T [out, in], T(0) W_q^T [out]) in float64, T(x) = L x + T(0) the module's online
+    input map (affine: a learned transform may shift its input first), so x @ W.T + origin ==
+    transform_input(x) @ weight.T without activation quantization."""
     w = module.weight.detach().double()
     n = module.in_features
+    origin = module.transform_input(torch.zeros(1, n, dtype=torch.float64, device=w.device))
     cols = []
     for i in range(0, n, chunk):
         c = min(chunk, n - i)
         eye = torch.zeros(c, n, dtype=torch.float64, device=w.device)
         eye[torch.arange(c), torch.arange(i, i + c)] = 1.0
-        cols.append(w @ module.transform_input(eye).T)  # [out, c]
-    return torch.cat(cols, dim=1)
+        cols.append(w @ (module.transform_input(eye) - origin).T)  # [out, c]
+    return torch.cat(cols, dim=1), (origin @ w.T)[0]
 
 
 @torch.no_grad()
@@ -84,6 +91,7 @@ def fold_act_linears(model: DiffusionLM) -> tuple[dict[str, torch.Tensor], dict[
         if module.transform is not None:
             tf = module.transform
             state.update(transform_p1=tf.p1, transform_p2=tf.p2, transform_smooth=tf.smooth)
+            state["transform_shift"] = tf.shift
         for key, value in state.items():
             if value is not None:
                 tensors[f"{name}.{key}"] = value.detach().cpu().contiguous().clone()
@@ -95,13 +103,22 @@ def fold_act_linears(model: DiffusionLM) -> tuple[dict[str, torch.Tensor], dict[
             "tensors": sorted(k for k, v in state.items() if v is not None),
         }
         weight = module.weight
+        effective, origin = _effective_weight(module)
+        # a shift's two terms, z W^T (offset) - T(z) W_q^T (origin), i.e. z (W - W_eff)^T: the
+        # weight error's effect on the shift; a layer without a bias of its own cannot carry
+        # it, so its plain-reader weight is W_eff alone (docs/activation-quant.md)
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         linear = linear.to(device=weight.device, dtype=weight.dtype)
-        linear.weight.copy_(_effective_weight(module).to(weight.dtype))
+        linear.weight.copy_(effective.to(weight.dtype))
         if module.bias is not None:
-            linear.bias.copy_(module.bias)
+            bias = module.bias.double() + origin
+            if module.offset is not None:
+                bias = bias + module.offset.double()
+            linear.bias.copy_(bias.to(weight.dtype))
         _set_submodule(model, name, linear)
-    meta = {"version": ACT_LINEARS_VERSION, "tensors": ACT_LINEARS, "layers": layers}
+    shifted = any(set(_SHIFT_TENSORS) & set(layer["tensors"]) for layer in layers.values())
+    version = ACT_LINEARS_SHIFT_VERSION if shifted else ACT_LINEARS_VERSION
+    meta = {"version": version, "tensors": ACT_LINEARS, "layers": layers}
     return tensors, meta
 
 
@@ -346,8 +363,9 @@ def apply_act_linears(model: DiffusionLM, meta: Any, directory: Path) -> None:
     from faircalib.quant.rotation import Rotation, is_power_of_two
 
     directory = Path(directory)
-    if not isinstance(meta, dict) or meta.get("version") != ACT_LINEARS_VERSION:
-        raise _bad(directory, f"must be an object of version {ACT_LINEARS_VERSION}")
+    versions = (ACT_LINEARS_VERSION, ACT_LINEARS_SHIFT_VERSION)
+    if not isinstance(meta, dict) or meta.get("version") not in versions:
+        raise _bad(directory, f"must be an object of version {versions[0]} or {versions[1]}")
     layers = meta.get("layers")
     if not isinstance(layers, dict) or meta.get("tensors") != ACT_LINEARS:
         raise _bad(directory, f"needs a layers object and tensors {ACT_LINEARS!r}")
@@ -379,6 +397,12 @@ def apply_act_linears(model: DiffusionLM, meta: Any, directory: Path) -> None:
         listed = spec.get("tensors")
         if not isinstance(listed, list) or "weight" not in listed:
             raise _bad(directory, f"layer {name} lists no weight")
+        known = {*_ACT_TENSORS, *_ROT_TENSORS, *_TF_TENSORS}
+        if meta["version"] == ACT_LINEARS_VERSION:  # the shift came with version 2
+            known -= set(_SHIFT_TENSORS)
+        unknown = sorted(set(map(str, listed)) - known)
+        if unknown:
+            raise _bad(directory, f"layer {name} lists unknown tensors {unknown}")
         missing = [k for k in listed if f"{name}.{k}" not in tensors]
         if missing:
             raise CheckpointError(f"{path}: {name} lacks {missing}; {REDO}")
@@ -402,7 +426,9 @@ def apply_act_linears(model: DiffusionLM, meta: Any, directory: Path) -> None:
                 raise CheckpointError(f"{path}: bad transform of {name}; {REDO}")
             if p1.shape[0] * p2.shape[0] != in_f:
                 raise CheckpointError(f"{path}: transform of {name} is not {in_f} wide; {REDO}")
-            transform = LearnedTransform(p1, p2, get("transform_smooth", (in_f,)))
+            transform = LearnedTransform(
+                p1, p2, get("transform_smooth", (in_f,)), get("transform_shift", (in_f,))
+            )
         module = ActQuantLinear(
             weight,
             bias,
@@ -411,6 +437,7 @@ def apply_act_linears(model: DiffusionLM, meta: Any, directory: Path) -> None:
             rotation=rotation,
             transform=transform,
             act_scale=get("act_scale", None),
+            offset=get("offset", (out_f,)),
         )
         _set_submodule(model, name, module)
 

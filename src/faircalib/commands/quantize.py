@@ -48,6 +48,7 @@ ACT_KNOB_METHODS = {
     "alpha": ("smoothquant",),
     "flat_steps": ACT_LEARNED,
     "flat_block_steps": ACT_LEARNED,
+    "flat_shift": ACT_LEARNED,
     "clip_search": ("rtn", "gptq", "smoothquant", "quarot-rtn", "quarot"),
     **{
         k: ("fair", "fair-gptq")
@@ -75,7 +76,7 @@ ACT_REFUSED = {
     "quantize_head": "the vocabulary layers are weight-only",
 }
 # recorded only with --scheme
-ACT_RECIPE_FLAGS = ("scheme", "flat_steps", "flat_block_steps", "clip_search")
+ACT_RECIPE_FLAGS = ("scheme", "flat_steps", "flat_block_steps", "flat_shift", "clip_search")
 # with --scheme, why --format packed has no form (checked in this order; none: packed - W8A8 as
 # compressed-tensors int-quantized / float-quantized, W4A8 / W4AFP8 / W4A4 as pack-quantized
 # weights with per-token input_activations, see faircalib.formats.packed)
@@ -365,6 +366,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "per-layer only)",
     )
     g.add_argument(
+        "--flat-shift",
+        choices=["none", "mean", "learned"],
+        help="--scheme with flatquant, flatquant-gptq, fair, fair-gptq: subtract a channel shift "
+        "from each linear's input before quantizing it and add its exact share back as a bias "
+        "(mean: the row-weighted mean of the calibration inputs; learned: that mean, then "
+        "trained with the transform; default none)",
+    )
+    g.add_argument(
         "--clip-search",
         action="store_true",
         help="--scheme with rtn, gptq, smoothquant, quarot-rtn, quarot: search each layer's "
@@ -384,7 +393,7 @@ def check_knobs(args: argparse.Namespace) -> None:
             f"--method {args.method} quantizes activations: it needs --scheme (one of "
             f"{', '.join(ACT_SCHEMES)})"
         )
-    for dest in ("flat_steps", "flat_block_steps", "clip_search"):
+    for dest in ("flat_steps", "flat_block_steps", "flat_shift", "clip_search"):
         value = getattr(args, dest, None)
         if value is not None and value is not False:
             raise _config_error(
@@ -1036,7 +1045,10 @@ def act_config(args: argparse.Namespace):
 
     if args.damp is not None:
         check_damp(args.damp)
-    flat = FlatQuantConfig() if args.flat_steps is None else FlatQuantConfig(steps=args.flat_steps)
+    flat = FlatQuantConfig(
+        **({} if args.flat_steps is None else {"steps": args.flat_steps}),
+        **({} if getattr(args, "flat_shift", None) is None else {"shift": args.flat_shift}),
+    )
     block_steps = getattr(args, "flat_block_steps", None)
     return ActCalibConfig(
         **({} if block_steps is None else {"block_steps": block_steps}),

@@ -13,7 +13,13 @@ parameters minimise the row-weighted relative output error on calibration rows,
 
     L = sum_r w_r ||x_r W^T - Q_a(x~_r) Q_w(W~)^T||^2 / sum_r w_r ||x_r W^T||^2,
 
-with rounding passed straight through (STE). The Kronecker form keeps the online cost at
+with rounding passed straight through (STE). Optionally (`FlatQuantConfig.shift`) a channel
+shift z [in] is subtracted first, x~ = ((x - z) / s) P, and added back exactly after the GEMM
+as the bias z W^T (float): Q_a(x~) Q_w(W~)^T + z W^T. On a dLLM the rows share large channels
+(every [MASK] row carries the same outliers, docs/activation-quant.md), so centring them
+frees per-token INT4 levels for what differs between rows (OmniQuant's and Outlier
+Suppression+'s shift, here row-weighted: FAIR-Calib's weights choose the centre).
+The Kronecker form keeps the online cost at
 O(in (a + b)) per row instead of O(in^2) and the inverse at two small matrix inverses. Row
 weights w_r are where FAIR-Calib enters (frontier-instability weights; uniform = FlatQuant).
 
@@ -50,6 +56,7 @@ from faircalib.quant.rotation import hadamard_matrix, is_power_of_two
 from faircalib.quant.smoothquant import smoothing_scales
 
 MIN_CLIP = 0.3  # smallest learned clip ratio
+SHIFTS = ("none", "mean", "learned")
 
 
 @dataclass
@@ -64,25 +71,46 @@ class FlatQuantConfig:
     smooth_alpha: float | None = 0.5  # SmoothQuant initialisation of s; None: ones
     learn_clip: bool = True
     seed: int = 0
+    # channel shift z: none; mean = the row-weighted mean of the calibration rows, fixed;
+    # learned = that mean as the start, trained with P1, P2 and log s
+    shift: Literal["none", "mean", "learned"] = "none"
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_rows < 1 or min(self.lr, self.lr_clip) < 0:
             raise ConfigError("flatquant steps >= 0, batch_rows >= 1 and lr >= 0 are required")
         if self.init not in ("identity", "hadamard"):
             raise ConfigError(f"flatquant init must be identity or hadamard, got {self.init!r}")
+        if self.shift not in SHIFTS:
+            raise ConfigError(f"flatquant shift must be one of {SHIFTS}, got {self.shift!r}")
 
 
 @dataclass
 class LearnedTransform:
-    """x -> (x / smooth) (p1 (x) p2): what runs online in front of the quantized linear."""
+    """x -> ((x - shift) / smooth) (p1 (x) p2): what runs online in front of the quantized
+    linear; the shift's share of the output, shift W^T, goes into the layer's bias
+    (`output_offset`)."""
 
     p1: torch.Tensor  # [a, a]
     p2: torch.Tensor  # [b, b]
     smooth: torch.Tensor  # [in], > 0
+    shift: torch.Tensor | None = None  # [in], in the input's own basis
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> x~ [..., in]."""
+        if self.shift is not None:
+            x = x - self.shift.to(x)
+        return self.linear(x)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear part, x -> (x / smooth) (p1 (x) p2), without the shift."""
         return kron_apply(x / self.smooth.to(x), self.p1.to(x), self.p2.to(x))
+
+    def output_offset(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """shift W^T [out] (float64 product, float32 result) for the float weight W [out, in]:
+        what the shifted input no longer carries; None without a shift."""
+        if self.shift is None:
+            return None
+        return (weight.double() @ self.shift.double().to(weight.device)).float()
 
     def fold(self, weight: torch.Tensor) -> torch.Tensor:
         """W [out, in] -> W~ = W diag(s) P^-T (float64 inverses, float32 result)."""
@@ -92,7 +120,10 @@ class LearnedTransform:
         return kron_apply(w, inv1, inv2).float()
 
     def to(self, device: torch.device | str) -> LearnedTransform:
-        return LearnedTransform(self.p1.to(device), self.p2.to(device), self.smooth.to(device))
+        shift = None if self.shift is None else self.shift.to(device)
+        return LearnedTransform(
+            self.p1.to(device), self.p2.to(device), self.smooth.to(device), shift
+        )
 
 
 @dataclass
@@ -148,14 +179,22 @@ def fake_quantize_weight_ste(
 
 
 class _Params(nn.Module):
-    """The trainable state: P1, P2, log s, clip ratios."""
+    """The trainable state: P1, P2, log s, the shift, clip ratios."""
 
-    def __init__(self, in_features: int, out_groups: tuple[int, int], learn_clip: bool) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_groups: tuple[int, int],
+        learn_clip: bool,
+        shift: str = "none",
+    ) -> None:
         super().__init__()
         a, b = kron_factors(in_features)
         self.p1 = nn.Parameter(torch.eye(a))
         self.p2 = nn.Parameter(torch.eye(b))
         self.log_s = nn.Parameter(torch.zeros(in_features))
+        self.shift = nn.Parameter(torch.zeros(in_features))  # used unless shift_mode "none"
+        self.shift_mode = shift
         # clip ratios held directly (no sigmoid, which would start saturated near 1), clamped
         # to [MIN_CLIP, 1]; clamp passes the gradient at the bounds, so 1 can move down
         self.w_clip = nn.Parameter(torch.ones(out_groups))
@@ -163,28 +202,41 @@ class _Params(nn.Module):
         self.learn_clip = learn_clip
 
     @classmethod
-    def initial(cls, weight, x, cfg: FlatQuantConfig, wcfg: QuantConfig) -> _Params:
-        """FlatQuantConfig's initialisation for weight [out, in] and its input rows x."""
+    def initial(cls, weight, x, cfg: FlatQuantConfig, wcfg: QuantConfig, rw=None) -> _Params:
+        """FlatQuantConfig's initialisation for weight [out, in] and its input rows x (row
+        weights rw [n], None: ones). With a shift, s is SmoothQuant's on the centred rows."""
         n_groups = grouped(weight, wcfg.group_size).shape[1]
-        params = cls(weight.shape[1], (weight.shape[0], n_groups), cfg.learn_clip)
+        params = cls(weight.shape[1], (weight.shape[0], n_groups), cfg.learn_clip, cfg.shift)
         a, b = params.p1.shape[0], params.p2.shape[0]
+        shift = torch.zeros(weight.shape[1])
+        if cfg.shift != "none":
+            w = torch.ones(len(x)) if rw is None else rw.float()
+            shift = (w[:, None] * x).sum(dim=0) / w.sum().clamp(min=1e-30)
         s = (
             torch.ones(weight.shape[1])
             if cfg.smooth_alpha is None
-            else smoothing_scales(x.abs().amax(dim=0), weight, cfg.smooth_alpha)
+            else smoothing_scales((x - shift).abs().amax(dim=0), weight, cfg.smooth_alpha)
         )
         with torch.no_grad():
             params.p1.copy_(_init_matrix(a, cfg.init))
             params.p2.copy_(_init_matrix(b, cfg.init))
             params.log_s.copy_(s.log())
+            params.shift.copy_(shift)
         return params
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], learn_clip: bool) -> _Params:
+    def from_state(
+        cls, state: dict[str, torch.Tensor], learn_clip: bool, shift: str = "none"
+    ) -> _Params:
         """The parameters a FlatQuantResult was frozen from, bit for bit."""
-        params = cls(state["log_s"].shape[0], tuple(state["w_clip"].shape), learn_clip)
+        params = cls(state["log_s"].shape[0], tuple(state["w_clip"].shape), learn_clip, shift)
         params.load_state_dict({k: v.detach().clone() for k, v in state.items()})
         return params
+
+    def transform_groups(self) -> list[nn.Parameter]:
+        """What trains at the transform's learning rate (the shift only when learned)."""
+        extra = [self.shift] if self.shift_mode == "learned" else []
+        return [self.p1, self.p2, self.log_s, *extra]
 
     def weight_clip(self) -> torch.Tensor | float:
         return self.w_clip.clamp(MIN_CLIP, 1.0) if self.learn_clip else 1.0
@@ -193,7 +245,8 @@ class _Params(nn.Module):
         return self.a_clip.clamp(MIN_CLIP, 1.0) if self.learn_clip else 1.0
 
     def transform(self) -> LearnedTransform:
-        return LearnedTransform(self.p1, self.p2, self.log_s.exp())
+        shift = None if self.shift_mode == "none" else self.shift
+        return LearnedTransform(self.p1, self.p2, self.log_s.exp(), shift)
 
 
 WeightQuant = Literal["int", "fp8", "none"]  # how W~ is fake-quantized while training
@@ -207,7 +260,8 @@ def quantized_output(
     act: ActQuantConfig,
     weight_quant: WeightQuant = "int",
 ) -> torch.Tensor:
-    """Q_a(x~) Q_w(W~)^T for rows x [n, in], differentiable in the parameters (STE)."""
+    """Q_a(x~) Q_w(W~)^T (+ shift W^T) for rows x [n, in], differentiable in the parameters
+    (STE)."""
     tf = params.transform()
     x_t = tf.apply(x)
     # W~ = W diag(s) P^-T, differentiable (torch.linalg.inv has a gradient)
@@ -217,7 +271,8 @@ def quantized_output(
     elif weight_quant == "fp8":
         w_t = quantize_fp8_rows(w_t, ste=True)
     x_q = _clipped_act(x_t, act, params.act_clip()) if act.fmt else x_t
-    return x_q @ w_t.T
+    y = x_q @ w_t.T
+    return y if tf.shift is None else y + tf.shift @ weight.T  # the shift's exact share
 
 
 def _loss(params: _Params, weight, x, rw, ref, wcfg: QuantConfig, act: ActQuantConfig):
@@ -248,8 +303,8 @@ def learn_transform(
     rw = rw.to(x.device)
     ref = x @ weight.T  # [n, out]
     with torch.enable_grad():
-        params = _Params.initial(weight.cpu(), x.cpu(), cfg, wcfg).to(x.device)
-        groups = [{"params": [params.p1, params.p2, params.log_s], "lr": cfg.lr}]
+        params = _Params.initial(weight.cpu(), x.cpu(), cfg, wcfg, rw.cpu()).to(x.device)
+        groups = [{"params": params.transform_groups(), "lr": cfg.lr}]
         if cfg.learn_clip:
             groups.append({"params": [params.w_clip, params.a_clip], "lr": cfg.lr_clip})
         opt = torch.optim.Adam(groups)
@@ -281,7 +336,10 @@ def _finish(
     params: _Params, weight, wcfg: QuantConfig, act: ActQuantConfig, info
 ) -> FlatQuantResult:
     """Freeze the transform; quantize W~ with primitives (exact codes, the learned clip)."""
-    tf = LearnedTransform(params.p1.detach(), params.p2.detach(), params.log_s.exp().detach())
+    shift = None if params.shift_mode == "none" else params.shift.detach().clone()
+    tf = LearnedTransform(
+        params.p1.detach(), params.p2.detach(), params.log_s.exp().detach(), shift
+    )
     w_t = tf.fold(weight)
     w_clip = params.weight_clip()
     w_clip = w_clip.detach() if isinstance(w_clip, torch.Tensor) else w_clip
@@ -309,9 +367,12 @@ class TrainableTransformLinear(nn.Module):
         wcfg: QuantConfig,
         learn_clip: bool = True,
         weight_quant: WeightQuant = "int",
+        shift: str = "none",
     ) -> None:
         super().__init__()
-        self.params = _Params.from_state(start.state, learn_clip).to(weight.device)
+        if (shift == "none") != (start.transform.shift is None):
+            raise ConfigError(f"shift {shift!r} does not match the per-layer result it starts from")
+        self.params = _Params.from_state(start.state, learn_clip, shift).to(weight.device)
         self.register_buffer("weight", weight.detach().float().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         base = start.act
@@ -329,7 +390,7 @@ class TrainableTransformLinear(nn.Module):
     def param_groups(self, lr: float, lr_clip: float) -> list[dict]:
         """Adam groups: the transform at `lr`, the clip ratios (if learned) at `lr_clip`."""
         p = self.params
-        groups = [{"params": [p.p1, p.p2, p.log_s], "lr": lr}]
+        groups = [{"params": p.transform_groups(), "lr": lr}]
         if p.learn_clip:
             groups.append({"params": [p.w_clip, p.a_clip], "lr": lr_clip})
         return groups

@@ -241,7 +241,7 @@ def test_folding_pruned_candidates_gives_the_streaming_sample():
         assert len(keys) == 25  # 30-odd rows of positive weight, pruned to the 25 smallest
         pruned.fold(summary, keys, rows, kept)
     a, b = whole.finish(), pruned.finish()
-    for field in ("hessian", "sample", "sample_weights", "act_absmax", "act_absmean"):
+    for field in ("hessian", "sample", "sample_weights", "act_absmax", "act_absmean", "mean"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
 
 

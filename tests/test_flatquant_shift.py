@@ -30,6 +30,7 @@ from faircalib.quant.flatquant import (
     TrainableTransformLinear,
     learn_transform,
 )
+from faircalib.quant.gptq import inverse_hessian_factor
 from faircalib.quant.stats import LayerInputs
 
 torch.set_num_threads(1)
@@ -116,7 +117,27 @@ def test_the_hessian_of_the_shifted_rows_is_the_direct_one():
     direct = (rw[:, None] * d).T @ d / rw.sum()
     torch.testing.assert_close(got.hessian.double(), direct, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got.act_absmax.double(), d.abs().amax(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        got.mean.double(), (rw[:, None] * d).sum(0) / rw.sum(), atol=1e-5, rtol=1e-5
+    )
     assert shifted_inputs(inputs, None) is inputs
+
+
+def test_centring_rows_with_shared_large_channels_keeps_gptq_working():
+    """Rows whose first channels are near-constant and large (every [MASK] row's), centred on
+    a mean estimated from a small sample (as the learned shift starts): the shifted Hessian
+    matches the direct float64 one and GPTQ factors it without raising its damping."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5000, 32, generator=gen, dtype=torch.float64)
+    x[:, :4] = x[:, :4] * 0.1 + 30.0
+    inputs = LayerInputs.from_rows(x.float(), None, max_sample_rows=64)
+    z = inputs.sample.mean(0)  # the sample's mean, not the rows'
+    got = shifted_inputs(inputs, z).hessian.double()
+    d = x - z.double()
+    direct = d.T @ d / len(x)
+    assert (got - direct).norm() < 1e-3 * direct.norm()
+    _, damp = inverse_hessian_factor(got.float(), 0.01)
+    assert damp == 0.01
 
 
 def test_the_block_stage_restarts_exactly_from_a_shifted_layer():

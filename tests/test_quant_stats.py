@@ -35,6 +35,8 @@ def test_weighted_hessian_and_means_match_explicit_formulas():
     assert torch.allclose(st.hessian.double(), h, rtol=1e-5, atol=1e-5 * float(h.abs().max()))
     absmean = (w64[:, None] * x64.abs()).sum(0) / w64.sum()
     assert torch.allclose(st.act_absmean.double(), absmean, rtol=1e-5)
+    mean = (w64[:, None] * x64).sum(0) / w64.sum()
+    assert torch.allclose(st.mean.double(), mean, rtol=1e-5, atol=1e-6)
     # abs-max is over ALL rows, zero-weight ones included.
     assert torch.equal(st.act_absmax, x.abs().amax(0))
     assert st.n_rows == 600

@@ -41,7 +41,7 @@ from faircalib.calib.inputs import masked_inputs
 from faircalib.calib.recon import SequenceRows, split_rows
 from faircalib.calib.residual_rotation import fold_residual_rotation, reads_rotated_stream
 from faircalib.config import CalibConfig, FairCalibConfig, GPTQConfig, QuantConfig, RTNConfig
-from faircalib.errors import ConfigError
+from faircalib.errors import ConfigError, DataError
 from faircalib.models.base import BlockContext, BlockStack, DiffusionLM
 from faircalib.quant import quantize_linear
 from faircalib.quant.activations import (
@@ -322,7 +322,8 @@ def transform_inputs(
         absmax, absmean = inputs.act_absmax * diagonal.abs(), inputs.act_absmean * diagonal.abs()
     else:
         absmax, absmean = sample.abs().amax(dim=0), sample.abs().mean(dim=0)
-    return LayerInputs(hessian, sample, inputs.sample_weights, absmax, absmean, inputs.n_rows)
+    mean = None if inputs.mean is None else fn(inputs.mean[None])[0]
+    return LayerInputs(hessian, sample, inputs.sample_weights, absmax, absmean, inputs.n_rows, mean)
 
 
 def quantize_layer(
@@ -416,17 +417,28 @@ def learned_module(
 
 def shifted_inputs(inputs: LayerInputs, shift: torch.Tensor | None) -> LayerInputs:
     """Statistics of the rows x - z: the Hessian sum_r w_r (x_r - z)(x_r - z)^T / sum_r w_r =
-    H - m z^T - z m^T + z z^T, with the weighted mean m estimated on the sample rows (the
-    Hessian's own sums do not keep it); sample, abs-max and abs-mean from the shifted sample."""
+    H - m z^T - z m^T + z z^T from the gathered weighted mean m (exact: m and H come from the
+    same rows; a mean estimated on the sample would not match H, and with the large channels
+    every [MASK] row shares, H - m m^T lost positive definiteness on mdlm-small); sample,
+    abs-max and abs-mean from the shifted sample."""
     if shift is None:
         return inputs
-    z = shift.detach().float().to(inputs.sample.device)
-    w = inputs.sample_weights.float()
-    m = (w[:, None] * inputs.sample).sum(dim=0) / w.sum().clamp(min=1e-30)
-    hessian = inputs.hessian - torch.outer(m, z) - torch.outer(z, m) + torch.outer(z, z)
-    sample = inputs.sample - z
+    if inputs.mean is None:
+        raise DataError("a shifted input needs the rows' weighted mean; gather it (LayerInputs)")
+    z = shift.detach().double().to(inputs.sample.device)
+    m = inputs.mean.double().to(z.device)
+    h = inputs.hessian.double()
+    hessian = h - torch.outer(m, z) - torch.outer(z, m) + torch.outer(z, z)
+    # H was stored in float32: its rounding (<= 2^-24 |H_ij| an entry, at most 2^-24 ||H||_F in
+    # the 2-norm) survives the cancellation, so that much goes on the diagonal (negligible
+    # unless the shared channels dwarf the rest by ~10^3, as LLaDA's massive activations do)
+    hessian += torch.eye(len(z), dtype=h.dtype, device=h.device) * 2.0**-24 * h.norm()
+    sample = inputs.sample - z.float()
     absmax, absmean = sample.abs().amax(dim=0), sample.abs().mean(dim=0)
-    return LayerInputs(hessian, sample, inputs.sample_weights, absmax, absmean, inputs.n_rows)
+    mean = (m - z).float()
+    return LayerInputs(
+        hessian.float(), sample, inputs.sample_weights, absmax, absmean, inputs.n_rows, mean
+    )
 
 
 def _layer_row(

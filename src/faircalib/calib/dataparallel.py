@@ -132,8 +132,8 @@ def _exchange(acc: LayerInputsAccumulator, mine: RowBatch | None) -> None:
     stats = cands = scalars = None
     if mine is not None:
         own = keys[distributed.rank()]
-        # [in + 2, in]: the Gram matrix, then abs-max and abs-sum as two more rows
-        stats = torch.cat([mine.gram, mine.absmax[None], mine.abs_sum[None]])
+        # [in + 3, in]: the Gram matrix, then abs-max, abs-sum and row sum as three more rows
+        stats = torch.cat([mine.gram, mine.absmax[None], mine.abs_sum[None], mine.row_sum[None]])
         scalars = torch.tensor([mine.n_rows, mine.weight_sum], dtype=torch.float64)
         k, rows, w = mine.candidates(own, acc.max_sample_rows)
         cands = torch.cat([rows, k[:, None], w[:, None]], dim=1)  # [c, in + 2]
@@ -145,7 +145,9 @@ def _exchange(acc: LayerInputsAccumulator, mine: RowBatch | None) -> None:
         if st is None:
             continue
         rows, k, w = cd[:, :n_in], cd[:, n_in], cd[:, n_in + 1]
-        batch = RowBatch(int(sc[0]), st[n_in], float(sc[1]), st[n_in + 1], st[:n_in], rows, w)
+        batch = RowBatch(
+            int(sc[0]), st[n_in], float(sc[1]), st[n_in + 1], st[:n_in], rows, w, st[n_in + 2]
+        )
         acc.fold(batch, k, rows, w)
 
 

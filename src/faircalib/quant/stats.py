@@ -9,7 +9,9 @@ see the rows only through `LayerInputs`:
 * a uniform random sample of rows with their weights, for searches that need real rows
   (AWQ scales and clipping, per-layer error logs);
 * per-channel abs-max (unweighted: SmoothQuant must cover every value it will see) and
-  row-weighted abs-mean (AWQ's channel salience).
+  row-weighted abs-mean (AWQ's channel salience);
+* the row-weighted mean m = sum_r w_r x_r / sum_r w_r (with H, the second moment of shifted
+  rows x - z follows exactly: H - m z^T - z m^T + z z^T).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class LayerInputs:
     act_absmax: torch.Tensor  # [in]: max_r |x_r| over all rows (unweighted)
     act_absmean: torch.Tensor  # [in]: sum_r w_r |x_r| / sum_r w_r
     n_rows: int
+    mean: torch.Tensor | None = None  # [in]: sum_r w_r x_r / sum_r w_r (None: not gathered)
 
     @property
     def in_features(self) -> int:
@@ -46,6 +49,7 @@ class LayerInputs:
             self.act_absmax.to(device),
             self.act_absmean.to(device),
             self.n_rows,
+            None if self.mean is None else self.mean.to(device),
         )
 
     @classmethod
@@ -73,6 +77,7 @@ class RowBatch:
     gram: torch.Tensor  # [in, in] float32: sum_r w_r x_r x_r^T
     rows: torch.Tensor  # [n_rows, in] float32, the rows themselves (for the sample)
     weights: torch.Tensor  # [n_rows] float32
+    row_sum: torch.Tensor | None = None  # [in] float32: sum_r w_r x_r
 
     def candidates(
         self, keys: torch.Tensor, limit: int | None = None
@@ -108,6 +113,7 @@ class LayerInputsAccumulator:
         self._gen = torch.Generator().manual_seed(seed)
         self._h = torch.zeros(in_features, in_features, dtype=torch.float64, device=self.device)
         self._abs_sum = torch.zeros(in_features, dtype=torch.float64, device=self.device)
+        self._row_sum: torch.Tensor | None = torch.zeros_like(self._abs_sum)
         self._absmax = torch.zeros(in_features, dtype=torch.float32, device=self.device)
         self._weight_sum = 0.0
         self._n_rows = 0
@@ -140,6 +146,7 @@ class LayerInputsAccumulator:
             gram=gram_matrix(flat, rows, w, unweighted=bool((w == 1).all())),
             rows=rows,
             weights=w,
+            row_sum=(w[:, None] * rows).sum(dim=0),
         )
 
     def draw_keys(self, n_rows: int) -> torch.Tensor:
@@ -157,6 +164,10 @@ class LayerInputsAccumulator:
         self._absmax = torch.maximum(self._absmax, batch.absmax)
         self._weight_sum += batch.weight_sum
         self._abs_sum += batch.abs_sum.double()
+        if batch.row_sum is None or self._row_sum is None:  # a summary without it: no mean
+            self._row_sum = None
+        else:
+            self._row_sum += batch.row_sum.double()
         self._h += batch.gram.double()  # [in, in]
         self._update_sample(keys, rows, weights)
 
@@ -192,6 +203,7 @@ class LayerInputsAccumulator:
             act_absmax=self._absmax.clone(),
             act_absmean=(self._abs_sum / self._weight_sum).float(),
             n_rows=self._n_rows,
+            mean=None if self._row_sum is None else (self._row_sum / self._weight_sum).float(),
         )
 
 

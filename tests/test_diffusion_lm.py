@@ -77,6 +77,55 @@ def test_prior_and_rounding_terms_match_explicit_gaussians():
     )
 
 
+def test_bound_of_an_exact_posterior_is_minus_log_its_prior():
+    # a denoiser that is the exact posterior of w under a prior pi (computed here from
+    # explicit Gaussian densities, not the model's head) makes the continuous-time bound
+    # tight: diffusion + recon + prior integrate to -log pi(w) up to the endpoint gaps
+    # (KL at t = 1, rounding at t0), both ~1e-3 here. A wrong weight (per-dim vs summed,
+    # the factor 1/2, the SNR direction) misses this by O(1) nats.
+    model = tiny()
+    sch, emb = model.schedule, model.embeddings()
+    log_pi = torch.randn(V).index_fill(0, torch.tensor([1]), float("-inf")).log_softmax(0)
+
+    def posterior(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, s2 = sch.alpha(t)[:, None, None, None], sch.sigma(t)[:, None, None, None] ** 2
+        dist = (z[:, :, None] - a * emb).pow(2).sum(-1)  # [B, L, V]
+        return (log_pi - dist / (2 * s2[..., 0])).log_softmax(-1)
+
+    model.log_probs = posterior
+    x0 = torch.randint(2, V, (1, L))
+    n = 16000
+    t0 = model.cfg.t_min
+    t = t0 + (1 - t0) * (torch.arange(n) + 0.5) / n
+    with torch.no_grad():
+        draws = model.nelbo(x0.expand(n, L), t, torch.rand(n, L)).double()
+    bound, se = draws.mean().item(), draws.std().item() / math.sqrt(n)
+    exact = -log_pi[x0].sum().item()
+    assert se < 0.02 * exact  # the check below resolves a few percent
+    assert abs(bound - exact) < 4 * se
+
+
+def test_final_norm_is_off_for_old_configs_and_normalises_the_head_input(tmp_path):
+    from faircalib.errors import CheckpointError
+
+    assert hub.load("diffusionlm-tiny").norm_f is None  # config.json predates the field
+    cfg = dict(family="diffusion_lm", vocab_size=V, mask_id=1, seq_len=16, embed_dim=8)
+    cfg |= {"hidden_dim": 32, "n_blocks": 2, "n_heads": 2}
+    with pytest.raises(CheckpointError, match="final_norm"):
+        build_model({**cfg, "final_norm": "yes"})
+    torch.manual_seed(0)
+    model = build_model({**cfg, "final_norm": True}).eval()
+    x, t = torch.randint(2, V, (2, 16)), torch.rand(2)
+    h, ctx = model.stem(x, t)
+    with torch.no_grad():  # a LayerNorm'ed head input: a blown-up residual stream reads the same
+        assert torch.allclose(model.head(h, ctx, x), model.head(50 * h, ctx, x), atol=1e-4)
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.cfg.final_norm is True
+    with torch.no_grad():
+        assert torch.equal(loaded.log_probs(x, t), model.log_probs(x, t))
+
+
 def test_head_gives_no_mass_to_mask_and_rounds_clean_embeddings():
     model = tiny()
     x = torch.randint(2, V, (2, L))
@@ -224,3 +273,18 @@ def test_training_path_trains_the_gaussian_families(tmp_path, preset):
     assert log[-1]["val_nelbo"] < log[0]["val_nelbo"]  # the held-out bound (fixed noise) falls
     family = {"diffusionlm-tiny": "diffusion_lm", "planner-tiny": "planner"}[preset]
     assert load_model(tmp_path / "out").family == family
+
+
+def test_the_gpu_preset_normalises_before_the_head():
+    """diffusionlm-base trains with the LayerNorm before the head's tanh (without it the
+    2026-11-29 lease's run saturated and stayed at unigram level); the shipped tiny does not."""
+    from faircalib.training import PRESETS, TrainConfig, build_model, load_tokenizer
+
+    tok, _ = load_tokenizer("src/faircalib/assets/tokenizers/wiki-bpe-8k.json")
+    overrides = {"n_blocks": 1, "hidden_dim": 64, "n_heads": 2, "embed_dim": 8}
+    cfg = TrainConfig(corpus=[], tokenizer="", out="", preset="diffusionlm-base")
+    cfg.model_overrides = overrides
+    model = build_model(cfg, tok)
+    assert PRESETS["diffusionlm-base"]["final_norm"] and model.norm_f is not None
+    cfg.preset = "diffusionlm-tiny"
+    assert build_model(cfg, tok).norm_f is None

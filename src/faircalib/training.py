@@ -67,6 +67,9 @@ PRESETS: dict[str, dict] = {
         n_heads=12,
         mlp_ratio=4,
         seq_len=128,
+        # pre-LN blocks need the LayerNorm before the head's tanh: without it the 2026-11-29
+        # lease's 600 s run saturated the tanh and stayed at unigram level (docs/models.md)
+        final_norm=True,
     ),
     "planner-small": dict(
         family="planner",

@@ -9,7 +9,10 @@ Where this follows the paper, and where not (docs/models.md, "Diffusion-LM"):
 
 * Modules as upstream names them: `word_embedding`, `input_up_proj` (d -> D, tanh, D -> D),
   `position_embeddings`, `time_embed`, `LayerNorm`, the encoder `blocks`, `output_down_proj`
-  (D -> D, tanh, D -> d) and the LM head tied to the embedding (the rounding step).
+  (D -> D, tanh, D -> d) and the LM head tied to the embedding (the rounding step). The blocks
+  are pre-LN, so `final_norm` adds the LayerNorm upstream's post-LN BERT has built in (`norm_f`)
+  before the tanh: without it the residual stream grows and saturates the tanh, and the head
+  goes blind to the blocks (docs/models.md).
 * Embeddings are normalised to norm sqrt(d) (CDCD's fix for the embedding collapse that
   Diffusion-LM counters with its rounding loss): every e_w has the same norm, so the
   Gaussian likelihood of z_t under token w is alpha_t / sigma_t^2 <z_t, e_w> + const.
@@ -77,6 +80,10 @@ class DiffusionLMConfig:
     gamma_min: float = -9.0
     gamma_max: float = 6.0
     t_min: float = 1e-3
+    # LayerNorm on the blocks' output before `output_down_proj`'s tanh (PLANNER's `norm_f`,
+    # MDLM's `norm_final`; upstream's post-LN BERT normalises every layer's output). Off only
+    # for checkpoints saved before the field existed (their config.json lacks it).
+    final_norm: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "Diffusion-LM")
@@ -113,6 +120,7 @@ class DiffusionLMModel(DiffusionLM):
         self.blocks = nn.ModuleList(
             Block(dim, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_blocks)
         )
+        self.norm_f = nn.LayerNorm(dim) if cfg.final_norm else None
         self.output_down_proj = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, d))
 
     # --- embeddings and noise ----------------------------------------------------------------
@@ -151,6 +159,8 @@ class DiffusionLMModel(DiffusionLM):
         emb = self.embeddings()  # [V, d]
         z, t = ctx.tensors["batch_z"], ctx.tensors["batch_t"]
         scale = (self.schedule.alpha(t) / self.schedule.sigma(t) ** 2)[:, None, None]
+        if self.norm_f is not None:  # pre-LN blocks leave the residual stream unnormalised
+            h = self.norm_f(h)
         logits = self.output_down_proj(h).float() @ emb.T + scale * (z @ emb.T)
         logits[..., self.mask_id] = float("-inf")
         return torch.log_softmax(logits, dim=-1)

@@ -158,10 +158,12 @@ def check_fields(cfg: object, family: str) -> None:
         value = getattr(cfg, f.name)
         if f.type == "int":
             ok = type(value) is int and value >= (0 if f.name == "mask_id" else 1)
+        elif f.type == "bool":
+            ok = type(value) is bool
         else:
             ok = type(value) in (int, float) and math.isfinite(value)
         if not ok:
-            kind = "positive integer" if f.type == "int" else "finite number"
+            kind = {"int": "positive integer", "bool": "boolean"}.get(f.type, "finite number")
             raise CheckpointError(
                 f"{family} config field {f.name} must be a {kind}, got {value!r}; fix config.json"
             )

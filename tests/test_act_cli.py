@@ -108,7 +108,9 @@ def test_save_load_gives_identical_log_probs(tiny, tmp_path, scheme, method):
         x = torch.randn(5, m.in_features)
         lin = plain.get_submodule(name)
         assert isinstance(lin, torch.nn.Linear) and not isinstance(lin, ActQuantLinear)
-        expected = m.transform_input(x.double()) @ m.weight.double().T
+        # (the linear part: a learned transform shifts its input, an affine map)
+        linear = m.transform_input(x.double()) - m.transform_input(torch.zeros_like(x.double()))
+        expected = linear @ m.weight.double().T
         torch.testing.assert_close(x @ lin.weight.T, expected.float(), rtol=1e-4, atol=1e-4)
     record = json.loads((tmp_path / "q" / "quantization.json").read_text())
     assert record["activation_quant"]["layers"].keys() == in_memory.keys()

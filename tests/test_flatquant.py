@@ -45,7 +45,9 @@ def test_learned_transform_beats_identity_at_w4a4():
     identity = output_error(
         x, quantize_int_per_token(x, 4), w, fake_quantize(w, compute_qparams(w, wcfg))
     )
-    cfg = FlatQuantConfig(steps=150, lr=1e-2, batch_rows=256, init="identity", smooth_alpha=None)
+    cfg = FlatQuantConfig(
+        steps=150, lr=1e-2, batch_rows=256, init="identity", smooth_alpha=None, shift="none"
+    )
     res = learn_transform(w, x, wcfg, act, cfg)
     learned = output_error(
         x,

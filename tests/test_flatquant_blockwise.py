@@ -106,7 +106,10 @@ def test_trainable_starts_exactly_at_the_per_layer_result():
     assert torch.equal(frozen.transform.smooth, start.transform.smooth)
     assert frozen.act.clip_ratio == start.act.clip_ratio
     # its STE forward is the frozen layer's forward up to float rounding of the fold
-    module = ActQuantLinear(start.result.weight, None, start.act, transform=start.transform)
+    offset = start.transform.output_offset(w)  # the default mean shift's exact share
+    module = ActQuantLinear(
+        start.result.weight, None, start.act, transform=start.transform, offset=offset
+    )
     trainable = TrainableTransformLinear(w, None, start, wcfg)
     with torch.no_grad():
         rel = (trainable(x) - module(x)).norm() / module(x).norm()
@@ -180,7 +183,10 @@ def test_trained_transforms_stay_exact_in_float(tiny):
         for name, module in tuned.quantizable_linears(block):
             lin, tf = lins[name], module.transform
             xi = x[:, : lin.in_features] * 3
-            float_module = ActQuantLinear(tf.fold(lin.weight), lin.bias, None, transform=tf)
+            offset = tf.output_offset(lin.weight)
+            float_module = ActQuantLinear(
+                tf.fold(lin.weight), lin.bias, None, transform=tf, offset=offset
+            )
             with torch.no_grad():
                 ref = lin(xi)
                 err = (float_module(xi) - ref).norm() / ref.norm()

@@ -81,12 +81,13 @@ def test_the_mean_shift_is_the_row_weighted_mean():
     res = learn_transform(w, x, WCFG, A4, FlatQuantConfig(steps=0, shift="mean"), rw)
     expected = (rw.double()[:, None] * x.double()).sum(0) / rw.double().sum()
     torch.testing.assert_close(res.transform.shift.double(), expected, rtol=1e-5, atol=1e-5)
-    assert learn_transform(w, x, WCFG, A4, FlatQuantConfig(steps=0)).transform.shift is None
+    unshifted = learn_transform(w, x, WCFG, A4, FlatQuantConfig(steps=0, shift="none"))
+    assert unshifted.transform.shift is None
 
 
 def test_centring_rows_that_share_large_channels_lowers_the_w4a4_error():
     x, w = _shared_channel_rows()
-    plain = learn_transform(w, x, WCFG, A4, FlatQuantConfig(steps=0))
+    plain = learn_transform(w, x, WCFG, A4, FlatQuantConfig(steps=0, shift="none"))
     centred = learn_transform(w, x, WCFG, A4, FlatQuantConfig(steps=0, shift="mean"))
     e_plain, e_centred = _relative_error(x, w, plain), _relative_error(x, w, centred)
     assert e_centred < 0.5 * e_plain, (e_centred, e_plain)
@@ -147,7 +148,7 @@ def test_the_block_stage_restarts_exactly_from_a_shifted_layer():
     assert torch.equal(frozen.transform.shift, start.transform.shift)
     assert torch.equal(frozen.result.weight, start.result.weight)
     with pytest.raises(ConfigError, match="shift"):
-        TrainableTransformLinear(w, None, start, WCFG)  # a shifted start needs its shift mode
+        TrainableTransformLinear(w, None, start, WCFG, shift="none")  # it has a shift
 
 
 @pytest.fixture(scope="module")

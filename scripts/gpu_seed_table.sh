@@ -35,6 +35,10 @@
 #   collect                                                    ~20 s
 #   total ~1145 s + polling slack (~650 s spare: a failed call can be repeated, or run the
 #   `w4a4` job of benchmarks/run_gpu.sh beside the table for issue 14)
+# DIFFUSION-LM-ONLY lease (after the 2026-11-29 families lease: planner-small is measured, the
+# Diffusion-LM stayed at unigram level until its preset got final_norm): every call with
+# MERGE_FAMILIES=1 FAMILIES=diffusionlm-base - the same calls as below, ~900 s in all (the GPU
+# is its alone for 600 s; its five table columns took ~130 s in the last lease).
 # Every call of this lease sets MERGE_FAMILIES=1 (FAMILY_SECONDS then defaults to 600):
 #   here: bash scripts/gpu_seed_table.sh stage 0 1; there: MERGE_FAMILIES=1 bash scripts/gpu_seed_table.sh gather
 #   ... the same for pieces 2 3 .. 12 13; then stage 14 15 and MERGE_FAMILIES=1 ... families
@@ -84,6 +88,12 @@ FAMILY_SECONDS=${FAMILY_SECONDS:-150}
 DLM_BATCH=${DLM_BATCH:-256} DLM_LR=${DLM_LR:-1e-3}
 PLANNER_BATCH=${PLANNER_BATCH:-128} PLANNER_LR=${PLANNER_LR:-1e-3}
 MERGE_INTO=${MERGE_INTO:-benchmarks/results/seed-table/seed_table.json}
+# the Gaussian models the families phase trains and the table measures (FAMILIES=diffusionlm-base:
+# only that one, e.g. to retrain it with the final LayerNorm while planner-small's row stays)
+FAMILIES=${FAMILIES:-diffusionlm-base planner-small}
+for name in $FAMILIES; do
+  [[ $name =~ ^(diffusionlm-base|planner-small)$ ]] || { echo "FAMILIES: unknown model $name" >&2; exit 2; }
+done
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 [[ $phase =~ ^(stage|print)$ ]] || mkdir -p "$RUNS" "$PIECES"
 # every call may carry pieces (the tree and the carry travel together, 64 MiB a call)
@@ -118,8 +128,8 @@ train_cmd() {  # preset, batch size, lr, seconds, token file
 
 table_cmd() {  # the seed table run: every model, or (MERGE_FAMILIES=1) the two Gaussian ones
   # merged into the committed table (same evaluation settings as the run that made it)
-  local families="--model diffusionlm-base=$RUNS/diffusionlm-base \
-    --model planner-small=$RUNS/planner-small"
+  local families="" name
+  for name in $FAMILIES; do families="$families --model $name=$RUNS/$name"; done
   if [ "${MERGE_FAMILIES:-0}" = 1 ]; then
     echo "python3 benchmarks/seed_table.py --device cuda --skip-missing --out $RUNS/seed-table \
     --merge $MERGE_INTO $families"
@@ -166,9 +176,11 @@ families)
   [ "${SKIP_FAMILIES:-0}" = 1 ] && { echo "families skipped"; exit 0; }
   wait_for 90 mdlm-base  # the GPU is the base model's until it is done
   assemble "$RUNS/tokens-families.npy"
-  background diffusionlm-base "$(train_cmd diffusionlm-base "$DLM_BATCH" "$DLM_LR" "$FAMILY_SECONDS" "$RUNS/tokens-families.npy")"
-  background planner-small "$(train_cmd planner-small "$PLANNER_BATCH" "$PLANNER_LR" "$FAMILY_SECONDS" "$RUNS/tokens-families.npy")"
-  sleep "${FAMILY_WAIT:-90}"; tail -c 400 "$RUNS/diffusionlm-base.log" "$RUNS/planner-small.log"
+  for name in $FAMILIES; do
+    if [ "$name" = diffusionlm-base ]; then batch=$DLM_BATCH lr=$DLM_LR; else batch=$PLANNER_BATCH lr=$PLANNER_LR; fi
+    background "$name" "$(train_cmd "$name" "$batch" "$lr" "$FAMILY_SECONDS" "$RUNS/tokens-families.npy")"
+  done
+  sleep "${FAMILY_WAIT:-90}"; for name in $FAMILIES; do tail -c 400 "$RUNS/$name.log"; done
   ;;
 w4a4)
   wait_for "${W4A4_POLLS:-90}" mdlm-base

@@ -153,6 +153,23 @@ def test_the_lease_table_line_merges_the_two_families_into_the_committed_rows(
     assert args.fair_preset == old["fair_preset"] and not args.smoke
 
 
+def test_families_picks_the_models_the_lease_trains_and_measures(tmp_path):
+    def table_line(families: str | None) -> subprocess.CompletedProcess:
+        env = {**os.environ, "RUNS": str(tmp_path), "MERGE_FAMILIES": "1"}
+        if families is not None:
+            env["FAMILIES"] = families
+        return subprocess.run(
+            ["bash", "scripts/gpu_seed_table.sh", "print", "table"],
+            cwd=ROOT, env=env, capture_output=True, text=True,
+        )  # fmt: skip
+
+    words = shlex.split(table_line("diffusionlm-base").stdout)
+    models = [words[i + 1] for i, w in enumerate(words) if w == "--model"]
+    assert models == [f"diffusionlm-base={tmp_path}/diffusionlm-base"] and "--merge" in words
+    bad = table_line("mdlm-base")  # not a Gaussian family: refused before anything runs
+    assert bad.returncode == 2 and "FAMILIES" in bad.stderr and not bad.stdout
+
+
 @pytest.mark.parametrize("content", [None, "[1, 2]", "{not json", '{"rows": []}'])
 def test_a_bad_merge_file_is_refused_in_one_line(tmp_path, content):
     path = tmp_path / "seed_table.json"

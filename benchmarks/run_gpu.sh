@@ -49,7 +49,7 @@ job_command() {
     --methods quarot,flatquant,flatquant-gptq,fair,fair-gptq,fair-gptq+block100,fair-gptq+gamma0.5,fair-gptq+uniform,fair-gptq+steps400 \
     --out $RES/w4a4" ;;
   w4a4-shift) echo "python3 benchmarks/w4a4.py --device cuda --schemes w4a4 --eval-data wikitext2,c4 \
-    --methods flatquant-gptq,flatquant+meanshift,flatquant-gptq+meanshift,flatquant-gptq+shift,fair-gptq,fair-gptq+meanshift,fair-gptq+shift \
+    --methods flatquant-gptq+noshift,flatquant+meanshift,flatquant-gptq+meanshift,flatquant-gptq+shift,fair-gptq+noshift,fair-gptq+meanshift,fair-gptq+shift \
     --out $RES/w4a4-shift" ;;
   weighting) echo "python3 benchmarks/recon_sweep.py --model mdlm-small --device cuda \
     --schemes w3g128 --seeds 0,1,2 --variants fair,fair-prior,recon --out $RES/weighting" ;;

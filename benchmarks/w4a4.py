@@ -13,8 +13,8 @@ FAIR-weighted Hessian). A --methods entry may carry variant options, `METHOD+opt
     block<N>  block-wise stage steps (else one row per --block-steps value)
     steps<N>  per-layer learned-transform steps (else --flat-steps)   lr<F>  its Adam lr
     noclip    no learned weight/activation clipping
-    shift / meanshift   a channel shift of the input, learned (from the row-weighted mean) or
-              fixed at that mean, added back exactly as a bias (FlatQuantConfig.shift)
+    shift / meanshift / noshift   the channel shift of the input (FlatQuantConfig.shift): learned
+              from the row-weighted mean, fixed at that mean (the default), or none
     gamma<F> / maxw<F> / floor<F>   FAIR-Calib row-weight exponent / cap / floor (fair rows)
     uniform   FAIR-Calib's rows with every weight 1 (rows without the instability weighting)
 
@@ -127,6 +127,7 @@ FLAG_OPTIONS = {  # variant options without a value
     "noclip": {"learn_clip": False},
     "shift": {"shift": "learned"},
     "meanshift": {"shift": "mean"},
+    "noshift": {"shift": "none"},  # the learned methods' behaviour before the shift existed
 }
 
 

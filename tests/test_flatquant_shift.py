@@ -214,3 +214,24 @@ def test_the_cli_flag_shifts_every_learned_layer_and_the_recipe_replays_it(tmp_p
     loaded = hub.load(out)
     layers = [m for m in loaded.modules() if isinstance(m, ActQuantLinear)]
     assert layers and all(m.transform.shift is not None and m.offset is not None for m in layers)
+
+
+@pytest.mark.parametrize(
+    ("argv", "recorded", "method", "want"),
+    [
+        ([], {}, "fair", "none"),  # a recipe from before the flag: it ran unshifted
+        (["--flat-shift", "learned"], {}, "fair", "learned"),  # a typed flag still wins
+        ([], {"flat_shift": None}, "fair", None),  # a recipe with the flag: today's default
+        ([], {}, "quarot", None),  # not a learned method: nothing to set (it would be refused)
+    ],
+)
+def test_an_old_learned_recipe_replays_without_the_shift(argv, recorded, method, want):
+    from faircalib.cli import build_parser
+    from faircalib.commands.quantize import apply_recipe
+
+    argv = ["quantize", "--config", "recipe.json", "--out", "o", *argv]
+    args = build_parser().parse_args(argv)
+    args.argv = argv[1:]
+    recipe = {"model": "mdlm-tiny", "args": {"scheme": "w4a4", "method": method, **recorded}}
+    apply_recipe(args, recipe)
+    assert args.flat_shift == want and args.method == method

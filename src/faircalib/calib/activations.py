@@ -430,8 +430,9 @@ def shifted_inputs(inputs: LayerInputs, shift: torch.Tensor | None) -> LayerInpu
     h = inputs.hessian.double()
     hessian = h - torch.outer(m, z) - torch.outer(z, m) + torch.outer(z, z)
     # H was stored in float32: its rounding (<= 2^-24 |H_ij| an entry, at most 2^-24 ||H||_F in
-    # the 2-norm) survives the cancellation, so that much goes on the diagonal (negligible
-    # unless the shared channels dwarf the rest by ~10^3, as LLaDA's massive activations do)
+    # the 2-norm) survives the cancellation, so that much goes on the diagonal - a margin, not a
+    # bound (each batch's float32 Gram sum rounds too); negligible unless the shared channels
+    # dwarf the rest by ~10^3, as LLaDA's massive activations do
     hessian += torch.eye(len(z), dtype=h.dtype, device=h.device) * 2.0**-24 * h.norm()
     sample = inputs.sample - z.float()
     absmax, absmean = sample.abs().amax(dim=0), sample.abs().mean(dim=0)

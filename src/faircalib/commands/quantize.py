@@ -371,7 +371,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="--scheme with flatquant, flatquant-gptq, fair, fair-gptq: subtract a channel shift "
         "from each linear's input before quantizing it and add its exact share back as a bias "
         "(mean: the row-weighted mean of the calibration inputs; learned: that mean, then "
-        "trained with the transform; default none)",
+        "trained with the transform; default mean)",
     )
     g.add_argument(
         "--clip-search",
@@ -569,6 +569,11 @@ def apply_recipe(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
     for dest, value in recipe["args"].items():
         if dest not in typed:
             setattr(args, dest, value)
+    # a learned-transform recipe from before --flat-shift ran unshifted: replay it so (the
+    # default is now mean)
+    old_learned = recipe["args"].get("scheme") is not None and "flat_shift" not in recipe["args"]
+    if old_learned and args.method in ACT_LEARNED and "flat_shift" not in typed:
+        args.flat_shift = "none"
 
 
 def make_recipe(args: argparse.Namespace, config, calib, fmt: str, dtype: str) -> dict[str, Any]:

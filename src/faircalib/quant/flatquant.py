@@ -71,7 +71,8 @@ class FlatQuantConfig:
     smooth_alpha: float | None = 0.5  # SmoothQuant initialisation of s; None: ones
     learn_clip: bool = True
     seed: int = 0
-    # channel shift z: none; mean = the row-weighted mean of the calibration rows, fixed (the
+    # channel shift z: none; mean = the row-weighted mean of the sampled calibration rows (the
+    # rows the transform learns on), fixed (the
     # default: on mdlm-small at W4A4 it took flatquant-gptq from +5.8% to +3.8% and fair-gptq
     # from +5.5% to +3.6%, docs/activation-quant.md); learned = that mean as the start, trained
     # with P1, P2 and log s
@@ -89,8 +90,8 @@ class FlatQuantConfig:
 @dataclass
 class LearnedTransform:
     """x -> ((x - shift) / smooth) (p1 (x) p2): what runs online in front of the quantized
-    linear; the shift's share of the output, shift W^T, goes into the layer's bias
-    (`output_offset`)."""
+    linear; the shift's share of the output, shift W^T (`output_offset`), is added after the
+    GEMM (`calib.activations.ActQuantLinear.offset`)."""
 
     p1: torch.Tensor  # [a, a]
     p2: torch.Tensor  # [b, b]

@@ -201,7 +201,7 @@ def test_an_old_version_file_listing_a_shift_is_refused(shifted_tiny, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_the_cli_flag_shifts_every_learned_layer_and_the_recipe_replays_it(tmp_path):
+def test_the_cli_flag_shifts_every_learned_layer_and_the_recipe_replays_it(tmp_path, capsys):
     from faircalib.cli import main
 
     out = tmp_path / "q"
@@ -209,6 +209,7 @@ def test_the_cli_flag_shifts_every_learned_layer_and_the_recipe_replays_it(tmp_p
     argv += ["mean", "--flat-steps", "2", "--nsamples", "4", "--seq-len", "32", "--fair-steps"]
     argv += ["4", "--fair-prefix-len", "8", "--out", str(out)]
     assert main(argv) == 0
+    assert "input shift: mean" in capsys.readouterr().out  # the summary says what ran
     recipe = json.loads((out / "recipe.json").read_text())
     assert recipe["args"]["flat_shift"] == "mean"
     loaded = hub.load(out)

@@ -1253,6 +1253,9 @@ def act_summary_text(s: dict[str, Any]) -> str:
             f"  activation clip ratio: mean {s['act_clip']['mean']:.2f}, min "
             f"{s['act_clip']['min']:.2f}"
         )
+    shift = (m.get("flat") or {}).get("shift")
+    if m["method"] in ACT_LEARNED and shift:
+        lines.append(f"  input shift: {shift} (--flat-shift; its share is added back exactly)")
     if s["fair"]:
         f = s["fair"]
         lines.append(

@@ -14,8 +14,8 @@ parameters minimise the row-weighted relative output error on calibration rows,
     L = sum_r w_r ||x_r W^T - Q_a(x~_r) Q_w(W~)^T||^2 / sum_r w_r ||x_r W^T||^2,
 
 with rounding passed straight through (STE). Optionally (`FlatQuantConfig.shift`) a channel
-shift z [in] is subtracted first, x~ = ((x - z) / s) P, and added back exactly after the GEMM
-as the bias z W^T (float): Q_a(x~) Q_w(W~)^T + z W^T. On a dLLM the rows share large channels
+shift z [in] is subtracted first, x~ = ((x - z) / s) P, and its share z W^T (float W) is
+added back exactly after the GEMM: Q_a(x~) Q_w(W~)^T + z W^T. On a dLLM the rows share large channels
 (every [MASK] row carries the same outliers, docs/activation-quant.md), so centring them
 frees per-token INT4 levels for what differs between rows (OmniQuant's and Outlier
 Suppression+'s shift, here row-weighted: FAIR-Calib's weights choose the centre).
@@ -71,11 +71,10 @@ class FlatQuantConfig:
     smooth_alpha: float | None = 0.5  # SmoothQuant initialisation of s; None: ones
     learn_clip: bool = True
     seed: int = 0
-    # channel shift z: none; mean = the row-weighted mean of the sampled calibration rows (the
-    # rows the transform learns on), fixed (the
-    # default: on mdlm-small at W4A4 it took flatquant-gptq from +5.8% to +3.8% and fair-gptq
-    # from +5.5% to +3.6%, docs/activation-quant.md); learned = that mean as the start, trained
-    # with P1, P2 and log s
+    # channel shift z: none; mean (the default) = the row-weighted mean of the sampled rows the
+    # transform learns on, fixed; learned = that mean as the start, trained with P1, P2 and
+    # log s. At W4A4 on mdlm-small `mean` took flatquant-gptq from +5.8% to +3.8% and fair-gptq
+    # from +5.5% to +3.6% (docs/activation-quant.md)
     shift: Literal["none", "mean", "learned"] = "mean"
 
     def __post_init__(self) -> None:

@@ -54,6 +54,7 @@ every larger M (where torch's int4 kernel stops paying).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -508,7 +509,7 @@ def crossover(rows: list[dict], small: str = "int4_torch", large: str = "dequant
             first = m
         per_shape[shape] = first
     known = [v for v in per_shape.values() if v is not None]
-    overall = max(known) if len(known) == len(per_shape) else None
+    overall = max(known) if known and len(known) == len(per_shape) else None
     return {"per_shape": per_shape, "suggested": overall, "small": small, "large": large}
 
 
@@ -608,6 +609,59 @@ W4A8_INT8 = ("w4a8", "w4a8_dq")
 W8_FP8 = ("fp8_w8a8", "fp8_triton")  # fp8_w8a8 runs FP8_W8A8_GEMM's choice (_scaled_mm now)
 
 
+# issue 16's kernel targets: (name, the backends that may meet it - per cell the fastest
+# correct one counts, as a per-M rule would pick it -, smallest M, largest M, least speed vs bf16)
+TARGETS = [
+    ("FP8 W8A8", ("fp8_w8a8", "fp8_triton", "fp8_scaled_mm"), 1024, math.inf, 1.6),
+    ("INT8 W8A8", ("int8_w8a8", "int8_intmm"), 1024, math.inf, 1.6),
+    ("W4A8", ("w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq"), 1024, math.inf, 1.5),
+    ("W4A16 M >= 256", ("auto_w4", *W4_BACKENDS), 256, math.inf, 0.9),
+    ("W4A16 M = 1", ("auto_w4", *W4_BACKENDS), 1, 1, 2.5),
+]
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Each target's worst cell over the shapes and Ms it covers (per cell its fastest correct
+    backend), with that cell's roofline numbers: met when the worst cell reaches the speed."""
+    out = []
+    for name, backends, m_lo, m_hi, least in TARGETS:
+        best: dict[tuple[str, int], dict] = {}
+        for r in rows:
+            if r["backend"] in backends and m_lo <= r["M"] <= m_hi and r.get("correct"):
+                key = (r["shape"], r["M"])
+                if "speedup_vs_bf16" in r and (
+                    key not in best or r["speedup_vs_bf16"] > best[key]["speedup_vs_bf16"]
+                ):
+                    best[key] = r
+        cells = sorted(best.values(), key=lambda r: r["speedup_vs_bf16"])
+        worst = cells[0] if cells else None
+        keep = (
+            "shape",
+            "M",
+            "backend",
+            "speedup_vs_bf16",
+            "tflops",
+            "gbs",
+            "roofline_pct",
+            "bound",
+        )
+        out.append(
+            {
+                "target": name,
+                "backends": list(backends),
+                "m_range": [m_lo, None if m_hi == math.inf else m_hi],
+                "least_speedup": least,
+                "cells": len(cells),
+                "met": bool(cells) and worst["speedup_vs_bf16"] >= least,
+                "worst": {k: worst.get(k) for k in keep} if worst else None,
+                "shortfalls": [
+                    {k: r.get(k) for k in keep} for r in cells if r["speedup_vs_bf16"] < least
+                ],
+            }
+        )
+    return out
+
+
 def triton_choices() -> dict:
     """The tile configuration autotuning chose per key of the fused kernels (for the notes)."""
     try:
@@ -692,10 +746,44 @@ def markdown(result: dict) -> str:
                 f"{r.get('bound') or '-'} |"
             )
     lines.append("")
+    lines += targets_markdown(result.get("targets") or [], result.get("shapes_not_run") or [])
     skipped = sorted({(r["backend"], r["skipped"]) for r in rows if "skipped" in r})
     if skipped:
         lines += ["## Skipped", ""] + [f"- {b}: {why}" for b, why in skipped[:20]] + [""]
     return "\n".join(lines)
+
+
+def targets_markdown(checks: list[dict], not_run: list[str]) -> list[str]:
+    lines = [
+        "## Targets (issue 16)",
+        "",
+        "Per cell the fastest correct backend of the target's set; the worst cell decides. "
+        "Roofline: achieved TFLOP/s and GB/s of that cell and its share of "
+        "min(peak math, intensity x peak bandwidth).",
+        "",
+        "| target | M | least | worst cell | speed | TFLOP/s | GB/s | % of roofline | "
+        "cells below | met |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for t in checks:
+        lo, hi = t["m_range"]
+        m = f"{lo}" if lo == hi else f">= {lo}"
+        w = t["worst"]
+        if w is None:
+            lines.append(
+                f"| {t['target']} | {m} | {t['least_speedup']}x | not measured "
+                "| - | - | - | - | - | no |"
+            )
+            continue
+        pct = "-" if w["roofline_pct"] is None else f"{w['roofline_pct']:.0f}% ({w['bound']})"
+        lines.append(
+            f"| {t['target']} | {m} | {t['least_speedup']}x | {w['shape']} M={w['M']} "
+            f"{w['backend']} | {w['speedup_vs_bf16']:.2f}x | {w['tflops']:.0f} | {w['gbs']:.0f} "
+            f"| {pct} | {len(t['shortfalls'])}/{t['cells']} | {'yes' if t['met'] else 'no'} |"
+        )
+    if not_run:
+        lines += ["", f"Shapes not run (time budget): {', '.join(not_run)}."]
+    return lines + [""]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -734,48 +822,45 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for kernels.json / .md / .png")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (a test runs this)")
-    p.add_argument("--ms", help="comma list of M values (default: the full grid)")
-    p.add_argument("--min-seconds", type=float, default=None, help="timed time per cell")
-    args = p.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    if not args.smoke and not torch.cuda.is_available():
-        p.error("no CUDA device: run with --smoke for the CPU check")
-    device = torch.device("cpu" if args.smoke else "cuda")
-    global DEVICE_PEAKS
-    name = torch.cuda.get_device_name(0).lower() if device.type == "cuda" else ""
-    DEVICE_PEAKS = "h200" if "h200" in name else None
-    torch.backends.cuda.matmul.allow_tf32 = False
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    ms = [int(v) for v in args.ms.split(",")] if args.ms else (SMOKE_MS if args.smoke else MS)
-    min_seconds = args.min_seconds or (0.002 if args.smoke else 0.05)
-    # CPU smoke: a token rotation (2 copies) keeps it fast; it checks that the code runs
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size if device.type == "cuda" else 2**16
-    cands = candidates(device)
-    rows = []
-    for in_f, out_f in shapes:
-        flush = ROTATION_L2_MULTIPLE * l2
-        rows += bench_shape(in_f, out_f, ms, cands, device, flush, min_seconds)
-        print(f"done {in_f}x{out_f}", file=sys.stderr)
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """'4096x4096,3584x512' -> [(4096, 4096), (3584, 512)]."""
+    try:
+        return [(int(a), int(b)) for a, b in (s.split("x") for s in text.split(","))]
+    except ValueError:
+        raise SystemExit(
+            f"--shapes: expected IN x OUT pairs like 4096x4096, got {text!r}"
+        ) from None
+
+
+def select(cands: list[Candidate], names: str | None) -> list[Candidate]:
+    """The candidates named in `names` (comma list; the bf16 baseline is always kept)."""
+    if not names:
+        return cands
+    wanted = set(names.split(","))
+    unknown = wanted - {c.name for c in cands}
+    if unknown:
+        known = ", ".join(c.name for c in cands)
+        raise SystemExit(f"--backends: unknown {sorted(unknown)} (this device has: {known})")
+    return [c for c in cands if c.name == BASELINE or c.name in wanted]
+
+
+def summarize(record: dict, device_type: str, shapes, ms, cands, rows, l2: int) -> dict:
+    """kernels.json's content for the rows measured so far (`shapes_not_run`: the shapes a
+    time budget left out, or that are still to come in a partial write)."""
     add_speedups(rows)
+    done = list(dict.fromkeys(r["shape"] for r in rows))
     result = {
-        "record": {
-            **run_record(["python", "benchmarks/kernels.py", *argv]),
-            "cuda": torch.version.cuda,
-            "l2_bytes": l2,
-        },
-        "device_type": device.type,
+        "record": {**record, "cuda": torch.version.cuda, "l2_bytes": l2},
+        "device_type": device_type,
         "dtype": "bfloat16",
-        "shapes": [f"{i}x{o}" for i, o in shapes],
-        "shape_sources": {f"{i}x{o}": SHAPE_SOURCES.get(f"{i}x{o}", "smoke") for i, o in shapes},
+        "shapes": done,
+        "shapes_not_run": [f"{i}x{o}" for i, o in shapes if f"{i}x{o}" not in done],
+        "shape_sources": {s: SHAPE_SOURCES.get(s, "smoke") for s in done},
         "rotation_l2_multiple": ROTATION_L2_MULTIPLE,
         "Ms": ms,
         "backends": [c.name for c in cands],
         "max_rel_err": MAX_REL_ERR,
-        "w4_auto_in_code": [[b, list(n)] for b, n in W4_AUTO.get(device.type, [])],
+        "w4_auto_in_code": [[b, list(n)] for b, n in W4_AUTO.get(device_type, [])],
         "rows": rows,
     }
     result["crossover"] = crossover(rows)
@@ -787,11 +872,80 @@ def main(argv: list[str] | None = None) -> dict:
     result["fastest_w4"] = fastest(
         rows, ("int4_torch", "int4_aten", "dequant_bf16", "gemlite_w4", "triton_w4", "triton_dq")
     )
-    out = Path(args.out)
+    result["targets"] = targets(rows)
+    return result
+
+
+def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "kernels.json", result)
     atomic.write_text(out / "kernels.md", markdown(result))
-    plot(result, out / "kernels.png")
+    if result["rows"]:  # nothing to draw before the first shape
+        plot(result, out / "kernels.png")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for kernels.json / .md / .png")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (a test runs this)")
+    p.add_argument("--ms", help="comma list of M values (default: the full grid)")
+    p.add_argument("--shapes", help="comma list of IN x OUT shapes (default: every SHAPES row)")
+    p.add_argument("--backends", help="comma list of backends to time (default: all; bf16 always)")
+    p.add_argument("--min-seconds", type=float, default=None, help="timed time per cell")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds: start no new shape after this (results are written after every shape; "
+        "the shapes left out are listed as shapes_not_run)",
+    )
+    p.add_argument(
+        "--rerender",
+        metavar="JSON",
+        help="rewrite the report of a recorded kernels.json (no timing)",
+    )
+    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if args.rerender:
+        return rerender(Path(args.rerender), Path(args.out))
+    if not args.smoke and not torch.cuda.is_available():
+        p.error("no CUDA device: run with --smoke for the CPU check")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    global DEVICE_PEAKS
+    name = torch.cuda.get_device_name(0).lower() if device.type == "cuda" else ""
+    DEVICE_PEAKS = "h200" if "h200" in name else None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shapes = parse_shapes(args.shapes) if args.shapes else (SMOKE_SHAPES if args.smoke else SHAPES)
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else (SMOKE_MS if args.smoke else MS)
+    min_seconds = args.min_seconds or (0.002 if args.smoke else 0.05)
+    # CPU smoke: a token rotation (2 copies) keeps it fast; it checks that the code runs
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if device.type == "cuda" else 2**16
+    cands = select(candidates(device), args.backends)
+    record = run_record(["python", "benchmarks/kernels.py", *argv])
+    out, rows, start = Path(args.out), [], time.perf_counter()
+    for in_f, out_f in shapes:
+        if args.time_budget is not None and time.perf_counter() - start > args.time_budget:
+            print(f"time budget spent: {in_f}x{out_f} not run", file=sys.stderr)
+            continue
+        flush = ROTATION_L2_MULTIPLE * l2
+        rows += bench_shape(in_f, out_f, ms, cands, device, flush, min_seconds)
+        # written after every shape: a run cut short keeps what it measured
+        write(summarize(record, device.type, shapes, ms, cands, rows, l2), out)
+        print(f"done {in_f}x{out_f} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    result = summarize(record, device.type, shapes, ms, cands, rows, l2)
+    result["record"]["seconds"] = time.perf_counter() - start
+    write(result, out)
+    return result
+
+
+def rerender(path: Path, out: Path) -> dict:
+    """The report (targets, Markdown, plot) of a recorded run, recomputed from its rows: for a
+    report format that changed after the run. The record and rows are kept as they are."""
+    result = json.loads(path.read_text())
+    global DEVICE_PEAKS
+    DEVICE_PEAKS = "h200" if "h200" in result["record"]["device"].lower() else None
+    result["targets"] = targets(result["rows"])
+    write(result, out)
     return result
 
 

@@ -65,6 +65,17 @@ def test_e2e_smoke_reports_latency_memory_and_bytes(tmp_path):
         assert row["rel_err_vs_fake_quant"] <= 1e-6
     fp8 = result["variants"]["fp8"]["batches"]["1"]
     assert fp8["backends"] == ["fp8"] and fp8["rel_err_vs_fake_quant"] <= 0.1
+    # the FP8 step target: per batch the faster FP8 variant's eager step (no graphs on a CPU)
+    v = result["variants"]
+    for b in ("1", "8"):
+        want = max(
+            v["bf16"]["batches"][b]["extrapolated_step_ms"]
+            / v[n]["batches"][b]["extrapolated_step_ms"]
+            for n in ("fp8", "fp8_w8a8")
+        )
+        assert result["checks"]["fp8_step_speedup_by_batch"][b] == pytest.approx(want)
+    assert v["fp8_w8a8"]["batches"]["1"]["backends"] == ["fp8_w8a8"]
+    assert not {"int8_w8a8", "w4a8_int8", "w4a8_fp8"} & set(v)  # CUDA-only kernels
 
 
 @pytest.mark.parametrize("script", ["kernels", "e2e"])

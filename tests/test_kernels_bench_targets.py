@@ -1,0 +1,92 @@
+"""benchmarks/kernels.py's selection, time budget, per-shape writes and issue-16 target checks."""
+
+import json
+import math
+
+import pytest
+
+from test_kernels_bench import load_script
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return load_script("kernels")
+
+
+def _row(kernels, shape, m, backend, speed, correct=True):
+    in_f, out_f = (int(v) for v in shape.split("x"))
+    return kernels._row(
+        in_f, out_f, m, backend, ms=1.0 / speed, correct=correct, speedup_vs_bf16=speed,
+        tflops=1.0, gbs=2.0, roofline_pct=50.0, bound="math",
+    )  # fmt: skip
+
+
+def test_targets_take_the_fastest_correct_backend_per_cell_and_the_worst_cell(kernels):
+    rows = [
+        # FP8 at M >= 1024 on two shapes: per cell the faster backend counts
+        _row(kernels, "4096x4096", 1024, "fp8_w8a8", 1.7),
+        _row(kernels, "4096x4096", 1024, "fp8_triton", 1.2),
+        _row(kernels, "14336x4096", 1024, "fp8_w8a8", 1.1),
+        _row(kernels, "14336x4096", 1024, "fp8_triton", 1.65),
+        _row(kernels, "14336x4096", 4096, "fp8_triton", 1.61),
+        _row(kernels, "14336x4096", 256, "fp8_triton", 0.5),  # below the target's M range
+        # INT8: a faster cell that failed its correctness check does not count
+        _row(kernels, "4096x4096", 2048, "int8_w8a8", 3.0, correct=False),
+        _row(kernels, "4096x4096", 2048, "int8_intmm", 0.6),
+        # W4A16 at M = 1
+        _row(kernels, "4096x4096", 1, "auto_w4", 2.0),
+        _row(kernels, "4096x4096", 1, "triton_w4", 2.6),
+    ]
+    checks = {t["target"]: t for t in kernels.targets(rows)}
+    fp8 = checks["FP8 W8A8"]
+    assert fp8["met"] and fp8["cells"] == 3
+    assert (fp8["worst"]["shape"], fp8["worst"]["M"], fp8["worst"]["backend"]) == (
+        "14336x4096", 4096, "fp8_triton"
+    )  # fmt: skip
+    int8 = checks["INT8 W8A8"]
+    assert not int8["met"] and int8["worst"]["backend"] == "int8_intmm"
+    assert [s["speedup_vs_bf16"] for s in int8["shortfalls"]] == [0.6]
+    assert checks["W4A16 M = 1"]["met"] and checks["W4A16 M = 1"]["worst"]["speedup_vs_bf16"] == 2.6
+    # no W4A8 row at all: not met, and said so
+    assert checks["W4A8"]["worst"] is None and not checks["W4A8"]["met"]
+    md = "\n".join(kernels.targets_markdown(list(checks.values()), ["3584x512"]))
+    assert "| W4A8 | >= 1024 | 1.5x | not measured" in md
+    assert "Shapes not run (time budget): 3584x512." in md
+
+
+def test_backend_selection_keeps_the_baseline_and_refuses_unknown_names(kernels):
+    import torch
+
+    cands = kernels.candidates(torch.device("cpu"))
+    picked = kernels.select(cands, "int8_intmm")
+    assert [c.name for c in picked] == ["bf16", "int8_intmm"]
+    with pytest.raises(SystemExit, match="unknown"):
+        kernels.select(cands, "int8_intmm,nope")
+    assert kernels.parse_shapes("4096x4096,3584x512") == [(4096, 4096), (3584, 512)]
+    with pytest.raises(SystemExit, match="--shapes"):
+        kernels.parse_shapes("4096by4096")
+
+
+def test_spent_time_budget_runs_no_further_shape_and_says_which(kernels, tmp_path):
+    argv = ["--smoke", "--out", str(tmp_path), "--backends", "int4_torch", "--time-budget", "0"]
+    result = kernels.main(argv)
+    # the budget is checked before each shape: 0 s lets none run
+    assert result["rows"] == [] and result["shapes_not_run"] == ["256x512", "512x256"]
+    on_disk = json.loads((tmp_path / "kernels.json").read_text())
+    assert on_disk["shapes_not_run"] == ["256x512", "512x256"]
+
+
+def test_selected_run_and_rerender_agree(kernels, tmp_path):
+    argv = ["--smoke", "--out", str(tmp_path / "a"), "--backends", "int4_torch,auto_w4"]
+    argv += ["--shapes", "256x512", "--ms", "1,16"]
+    result = kernels.main(argv)
+    assert {r["backend"] for r in result["rows"]} == {"bf16", "int4_torch", "auto_w4"}
+    assert {(r["shape"], r["M"]) for r in result["rows"]} == {("256x512", 1), ("256x512", 16)}
+    assert result["record"]["seconds"] > 0 and result["shapes_not_run"] == []
+    again = kernels.main(
+        ["--rerender", str(tmp_path / "a" / "kernels.json"), "--out", str(tmp_path / "b")]
+    )
+    assert again["targets"] == json.loads(json.dumps(result["targets"]))
+    assert again["rows"] == json.loads((tmp_path / "a" / "kernels.json").read_text())["rows"]
+    assert (tmp_path / "b" / "kernels.md").read_text().count("## Targets (issue 16)") == 1
+    assert math.isfinite(result["rows"][0]["ms"])

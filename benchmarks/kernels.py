@@ -818,7 +818,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle(result["record"]["device"])
     fig.tight_layout()
-    atomic.save_figure(fig, path, dpi=120)
+    atomic.save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -878,7 +878,9 @@ def summarize(record: dict, device_type: str, shapes, ms, cands, rows, l2: int) 
 
 def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out / "kernels.json", result)
+    # compact: ~1,000 rows of ~20 fields (kernels.md is the readable form); the tracked tree
+    # has a size limit
+    atomic.write_json(out / "kernels.json", result, indent=None, separators=(",", ":"))
     atomic.write_text(out / "kernels.md", markdown(result))
     if result["rows"]:  # nothing to draw before the first shape
         plot(result, out / "kernels.png")

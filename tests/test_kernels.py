@@ -138,8 +138,10 @@ def test_auto_rule_by_device_dtype_and_m(monkeypatch):
     odd = QuantLinear.from_codes(*quantized(24, 256, 4, 128, False)[:2])  # 24 % 16 != 0
     assert auto_backend(odd, "cpu", bf16, 1) == "dequant"
     w8 = QuantLinear.from_codes(*quantized(64, 256, 8, None, True)[:2], act_bits=8)
+    monkeypatch.setattr(backends, "_HAS_TRITON", False)  # W8A8_AUTO's fallback: torch._int_mm
     assert auto_backend(w8, "cuda", bf16, 512) == "int8"
     assert auto_backend(w8, "cuda", bf16, 8) == "dequant"  # _int_mm needs M > 16 on CUDA
+    monkeypatch.undo()
     assert auto_backend(w8, "cpu", fp32, 1) == "dequant"  # CPU fp32: the bit-exact path
 
 

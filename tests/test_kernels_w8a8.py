@@ -1,7 +1,6 @@
 """The Triton W8A8 (FP8, INT8) and W4A8 kernels and their QuantLinear backends, run by Triton's
 CPU interpreter against float64 references of the same quantized math."""
 
-import math
 import textwrap
 
 import pytest
@@ -188,13 +187,13 @@ def test_auto_rule_for_8bit_activations(monkeypatch):
     w8 = QuantLinear.from_codes(quantize(w, qp8), qp8, act_bits=8)
     w4 = QuantLinear.from_codes(quantize(w, qp4), qp4, act_bits=8)
     w4_weight_only = QuantLinear.from_codes(quantize(w, qp4), qp4)
-    # today's (measured) rows: torch._int_mm for W8A8, W4A16 kernels for W4 at every M
-    assert auto_backend(w8, "cuda", bf16, 512) == "int8"
-    assert auto_backend(w4, "cuda", bf16, 4096) == backends.W4_AUTO["cuda"][-1][1][0]
-    # rows as the H200 run may set them: the Triton kernels, by M
-    monkeypatch.setitem(backends.W8A8_AUTO, "cuda", [(math.inf, ("int8_w8a8", "int8"))])
-    monkeypatch.setitem(backends.W4A8_AUTO_MIN_M, "cuda", 256)
+    # the H200-measured rows: the Triton INT8 GEMM for W8A8 at every M (M <= 16 too, where
+    # torch._int_mm cannot run), W4A16 kernels for W4 at every M
+    assert auto_backend(w8, "cuda", bf16, 512) == "int8_w8a8"
     assert auto_backend(w8, "cuda", bf16, 1) == "int8_w8a8"
+    assert auto_backend(w4, "cuda", bf16, 4096) == backends.W4_AUTO["cuda"][-1][1][0]
+    # a W4A8 row from M = 256 on: the fused kernel takes over there
+    monkeypatch.setitem(backends.W4A8_AUTO_MIN_M, "cuda", 256)
     assert auto_backend(w4, "cuda", bf16, 255) == backends.W4_AUTO["cuda"][-1][1][0]
     assert auto_backend(w4, "cuda", bf16, 256) == "w4a8"
     # a weight-only layer never gets 8-bit activations from `auto`, nor does the CPU

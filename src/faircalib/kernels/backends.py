@@ -73,17 +73,18 @@ if TYPE_CHECKING:
 # `auto`'s W4A16 choice, per device: (M bound, backends) rows; a call with M token rows takes
 # the first row whose bound exceeds M and runs the first of its backends that can run the layer,
 # else `dequant` (the exact reference, which runs anything).
-# CUDA: the backend with the best geometric-mean speed over the 8B layer shapes per M in
-# benchmarks/results/kernels/kernels.md (H100, torch 2.11, device time); `python
-# benchmarks/kernels.py` prints the rows this should hold. Where triton is missing, torch's int4
-# kernel serves M < 128 and `dequant` (torch.compile's dequantizer + cuBLAS) the rest.
+# CUDA: the backend with the best geometric-mean speed over the eight 8B layer shapes per M in
+# benchmarks/results/kernels/kernels.md (H200, torch 2.11, Triton 3.6, CUDA-graph device time,
+# 2026-11-29; its `suggested_w4_auto`): torch's int4 kernel at M = 1 (1.65-1.88x of bf16), the
+# fused Triton kernel at M = 16 (0.95-1.14x), dequantize + cuBLAS from M = 64 on (0.49-1.02x).
+# Where triton is missing, torch's int4 kernel serves M < 64 and `dequant` the rest.
 # CPU: on the 2-core EPYC dev machine the bf16 int4 kernel beat both dense bf16 and
 # dequantize-then-GEMM at every M up to 2048 (2048x2048 layer), so it never hands over.
 W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
     "cuda": [
-        (16, ("int4_cuda", "triton_w4")),  # M = 1: torch's int4 kernel 2.2-2.5x of bf16
-        (128, ("triton_w4", "int4_cuda")),  # M = 16..64: the fused kernel (split-K)
-        (math.inf, ("triton_dq", "dequant")),  # M >= 128: dequantize, then cuBLAS
+        (16, ("int4_cuda", "triton_w4")),  # M = 1
+        (64, ("triton_w4", "int4_cuda")),  # M = 16..63: the fused kernel (split-K)
+        (math.inf, ("triton_dq", "dequant")),  # M >= 64: dequantize, then cuBLAS
     ],
     "cpu": [(math.inf, ("int4_cpu",))],
 }
@@ -93,16 +94,18 @@ W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
 # (M bound, backends) rows as in W4_AUTO (same numbers on every backend named here: integer
 # accumulation of the same grid). 8-bit weights take the first backend of the row that can run
 # the layer (else fall through to W4_AUTO / dequant); <= 4-bit weights take `w4a8` from
-# W4A8_AUTO_MIN_M rows on. The Triton kernels (int8_w8a8, w4a8) were written
-# without a GPU and are NOT YET MEASURED: until the H200 run of benchmarks/kernels.py (which
-# prints `suggested_w8a8_auto` and `w4a8_min_m`) the rows keep the measured status quo,
-# torch._int_mm (0.44-0.71x of bf16) for 8-bit weights and W4A16 kernels for 4-bit ones.
+# W4A8_AUTO_MIN_M rows on. From the H200 sweep (benchmarks/results/kernels, `suggested_w8a8`):
+# the Triton INT8 GEMM with fused per-token quantization beats torch._int_mm at every M and
+# shape (1.06-1.45x of bf16 at M >= 1024 on the 8B shapes, against 0.45-0.77x), and also runs
+# M <= 16; W4A8 (fused or unpack-then-GEMM) never beats the W4A16 kernels (<= 0.73x of bf16),
+# so 4-bit weights keep the W4A16 path.
 W8A8_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
-    "cuda": [(math.inf, ("int8",))],
+    "cuda": [(math.inf, ("int8_w8a8", "int8"))],
 }
 W4A8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
-# `fp8_w8a8`'s GEMM by M: (M bound, kernel) rows, "scaled_mm" (torch._scaled_mm, measured
-# 1.08-1.76x of bf16 at M >= 1024) or "triton" (triton_w8a8.w8a8_matmul, not yet measured).
+# `fp8_w8a8`'s GEMM by M: (M bound, kernel) rows, "scaled_mm" (torch._scaled_mm) or "triton"
+# (triton_w8a8.w8a8_matmul). H200: _scaled_mm is faster by geometric mean at every M of the
+# grid but 64 (where Triton leads by a few percent); one row keeps the rule simple.
 FP8_W8A8_GEMM: list[tuple[float, str]] = [(math.inf, "scaled_mm")]
 INT8_CUDA_MIN_M = 17
 

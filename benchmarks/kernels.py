@@ -786,6 +786,12 @@ def targets_markdown(checks: list[dict], not_run: list[str]) -> list[str]:
     return lines + [""]
 
 
+# the plot's lines (kernels.md has every backend): the baseline, W4A16 auto and its parts,
+# and the fastest 8-bit-activation backends of each kind
+PLOTTED = (BASELINE, "int4_torch", "int4_cpu", "triton_w4", "triton_dq", "auto_w4")
+PLOTTED += ("fp8_w8a8", "fp8_scaled_mm", "int8_w8a8", "int8_intmm", "w4a8_fp8_dq")
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -799,7 +805,7 @@ def plot(result: dict, path: Path) -> None:
     for ax in axes.flat[len(shapes) :]:
         ax.set_visible(False)
     for ax, shape in zip(axes.flat, shapes, strict=False):
-        for name in result["backends"]:
+        for name in [n for n in result["backends"] if n in PLOTTED]:
             pts = [
                 (r["M"], r["speedup_vs_bf16"])
                 for r in result["rows"]
@@ -876,11 +882,22 @@ def summarize(record: dict, device_type: str, shapes, ms, cands, rows, l2: int) 
     return result
 
 
+def rounded(obj, digits: int = 6):  # noqa: ANN001, ANN201 - any JSON value
+    """Floats to `digits` significant digits (timings vary far more than that from run to run)."""
+    if isinstance(obj, float) and math.isfinite(obj):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
 def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # compact: ~1,000 rows of ~20 fields (kernels.md is the readable form); the tracked tree
     # has a size limit
-    atomic.write_json(out / "kernels.json", result, indent=None, separators=(",", ":"))
+    atomic.write_json(out / "kernels.json", rounded(result), indent=None, separators=(",", ":"))
     atomic.write_text(out / "kernels.md", markdown(result))
     if result["rows"]:  # nothing to draw before the first shape
         plot(result, out / "kernels.png")

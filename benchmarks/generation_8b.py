@@ -2,6 +2,7 @@
 
     python benchmarks/generation_8b.py --out benchmarks/results/generation-8b            # GPU
     python benchmarks/generation_8b.py --packed /root/work/llada/w4-gptq --out ...       # + W4
+    python benchmarks/generation_8b.py --cuda-graph --out ...                           # graphs
     python benchmarks/generation_8b.py --smoke --work /tmp/gen8b --out /tmp/gen8b-out   # CPU
 
 The model is `benchmarks/llada_8b.py`'s random checkpoint in the published layout (LLaDA-8B by
@@ -38,6 +39,7 @@ from faircalib.bench import run_record  # noqa: E402
 from faircalib.config import QuantConfig  # noqa: E402
 from faircalib.frontier import SamplerConfig, generate  # noqa: E402
 from faircalib.kernels import QuantLinear  # noqa: E402
+from faircalib.models.cuda_graph import CUDAGraphDenoiser  # noqa: E402
 from faircalib.quant.primitives import compute_qparams, quantize  # noqa: E402
 from llada_8b import SHAPES, SMOKE_SIZES, write_random_checkpoint  # noqa: E402
 
@@ -138,6 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", required=True)
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, seconds")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay every step (cached ones too) from CUDA graphs, as generate --cuda-graph",
+    )
     args = p.parse_args(argv)
     record = run_record(["python", "benchmarks/generation_8b.py", *(argv or sys.argv[1:])])
     config, mask_token = SHAPES[args.family]
@@ -147,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.prompt_len, args.gen_length, args.block_length, args.steps = 8, 16, 4, 16
     elif not args.device.startswith("cuda"):
         p.error("an 8B model on the CPU would take hours: run on a GPU, or use --smoke")
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        p.error("--cuda-graph needs a CUDA device")
     args.batch = [int(b) for b in (args.batch or ("1,2" if args.smoke else "1,8")).split(",")]
     args.caches = [c for c in args.caches.split(",") if c]
     if "none" not in args.caches:
@@ -164,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         model = hub.load(directory, device=args.device, dtype=torch.bfloat16)
         if rtn:
             pack_rtn_w4(model, args.group_size)
+        if args.cuda_graph:  # after the swap: the graphs capture the quantized layers
+            model = CUDAGraphDenoiser(model)
         rows += bench_scheme(name, model, args, mask_id, vocab)
         del model
         if args.device.startswith("cuda"):
@@ -173,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         "record": {**record, "device_name": _device_name(args.device)},
         "family": args.family,
         "smoke": args.smoke,
+        "cuda_graph": args.cuda_graph,
         "sampler": {
             "sampler": "low_confidence",
             "steps": args.steps,
@@ -201,7 +213,8 @@ def markdown(result: dict) -> str:
     s = result["sampler"]
     lines = [
         f"# Generation tokens/s, {result['family']}-shaped random model"
-        + (" (smoke)" if result["smoke"] else ""),
+        + (" (smoke)" if result["smoke"] else "")
+        + (", steps replayed from CUDA graphs" if result.get("cuda_graph") else ", eager"),
         "",
         f"Command: `{result['record']['command']}`  ",
         f"Commit: {result['record']['git_commit']}  \nDevice: {result['record']['device_name']}"

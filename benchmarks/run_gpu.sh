@@ -11,7 +11,7 @@
 # keep a `wait` call running (SECONDS_MAX <= the per-call limit) until the last job is done.
 # Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), w4a4-shift
 # (the learned transforms with and without the input shift, FlatQuantConfig.shift), kernels, e2e,
-# profile-step, generation-8b (issue 16), throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
+# profile-step, generation-8b and generation-8b-graph (issue 16), throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
 # recorded in benchmarks/results/bench-mdlm-small-act), weighting (instability vs prior vs uniform, 3 seeds),
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
 # cudatests (tests/test_cuda.py on the GPU), llada-gptq / llada-fair / dream-gptq / dream-fair and
@@ -36,6 +36,9 @@ job_command() {
   profile-step) echo "python3 benchmarks/profile_step.py --work /root/work --out $RES/profile-step" ;;  # issue 16
   # issue 16: shares llada-gptq's /root/work/llada/bf16 (written if missing); W4 is RTN in process
   generation-8b) echo "python3 benchmarks/generation_8b.py --work /root/work --out $RES/generation-8b" ;;
+  # the same with every step (cached ones too) replayed from CUDA graphs
+  generation-8b-graph) echo "python3 benchmarks/generation_8b.py --cuda-graph --work /root/work \
+    --out $RES/generation-8b-graph" ;;
   offload3) echo "python3 benchmarks/offload.py --blocks 3 --out $RES/offload3" ;;
   distributed) echo "python3 benchmarks/distributed.py --out $RES/distributed" ;;  # 2-4 GPUs
   # test_lease_dryrun.py: the GPU-only branches of the issue-16 jobs at their smallest size

@@ -354,5 +354,70 @@ def test_cli_flag():
     assert build_parser().parse_args(["generate", "mdlm-tiny"]).cache == "none"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "mdlm-tiny", "--cache", "full"])
-    with pytest.raises(ConfigError, match="--cuda-graph"):
+    # graphs and the cache go together now; on a CPU the graphs themselves are refused
+    with pytest.raises(ConfigError, match="CUDA device"):
         generate_texts("mdlm-tiny", "", SamplerConfig(cache="prefix"), cuda_graph=True)
+
+
+# --- cached steps replayed from graphs (models.cuda_graph), with a CPU stand-in for capture ---
+class ReplayByRerun:
+    """A CUDA graph's contract on the CPU: the output tensors are created once at capture and
+    every replay recomputes fn from the captured (static) inputs into those same tensors."""
+
+    def __init__(self, fn):
+        self.fn, self.replays = fn, 0
+
+    def replay(self):
+        self.replays += 1
+        new = self.fn()
+        for old_t, new_t in zip(self.out, new if isinstance(new, tuple) else (new,), strict=True):
+            if isinstance(old_t, torch.Tensor):
+                old_t.copy_(new_t)
+
+
+def capture_by_rerun(fn, device, pool):
+    graph = ReplayByRerun(fn)
+    out = fn()
+    graph.out = out if isinstance(out, tuple) else (out,)
+    return graph, out
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_replayed_cached_generation_equals_eager_cached(family, mode):
+    from faircalib.models.cuda_graph import CUDAGraphDenoiser
+
+    model = build(family, 2, dtype=torch.float32)
+    prompt = prompt_for(model)
+    cfg = SamplerConfig(steps=12, gen_length=12, block_length=4, cache=mode)
+    eager = generate(model, prompt, cfg, seed=3)
+    wrapped = CUDAGraphDenoiser(model, capture_fn=capture_by_rerun)
+    graphed = generate(wrapped, prompt, cfg, seed=3)
+    assert torch.equal(eager.tokens, graphed.tokens)
+    assert graphed.stats.rows == eager.stats.rows  # the same windows ran
+    # one refresh graph for the canvas, one per block window; a second run captures nothing
+    assert wrapped.graphs == 1 + 3
+    again = generate(wrapped, prompt, cfg, seed=3)
+    assert torch.equal(again.tokens, eager.tokens) and wrapped.graphs == 4
+
+
+def test_graph_replayed_refresh_keeps_the_kv_storage():
+    """A captured refresh writes into the K/V tensors the step graphs captured: the storage of
+    the wrapper's cache must not move from one block's refresh to the next."""
+    from faircalib.models.cuda_graph import CUDAGraphDenoiser
+
+    model = build("llada", 2, dtype=torch.float32)
+    wrapped = CUDAGraphDenoiser(model, capture_fn=capture_by_rerun)
+    x = canvas(model, prompt_for(model), 8)
+    with torch.inference_mode():
+        first = BlockKVCache.empty(2)
+        out, _ = cached_log_probs(wrapped, x, None, first, None)
+        ptrs = [kv.keys.data_ptr() for kv in first.layers]
+        x2 = canvas(model, prompt_for(model), 8, filled=4)
+        second = BlockKVCache.empty(2)
+        out2, _ = cached_log_probs(wrapped, x2, None, second, None)
+        assert [kv.keys.data_ptr() for kv in second.layers] == ptrs
+        # and the replayed refresh is the uncached forward of the new canvas
+        assert torch.equal(out2, model.log_probs(x2, None))
+        with pytest.raises(RuntimeError, match="refresh"):
+            cached_log_probs(wrapped, x[:1], None, BlockKVCache.empty(2), slice(5, 9))

@@ -116,8 +116,6 @@ def generate_texts(
 
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
-    if cuda_graph and cfg.cache != "none":
-        raise ConfigError("--cuda-graph replays whole-canvas steps; use it with --cache none")
     model = hub.load(model_name, device=device)
     if cuda_graph:
         from faircalib.models.cuda_graph import CUDAGraphDenoiser

@@ -52,13 +52,28 @@ class LayerKV:
         computation exactly); a cached step writes its rows in place - they are recomputed at
         every step, so the stored copy of them is never read - and attends to the whole."""
         if rows is None:
-            self.keys, self.values = k.contiguous(), v.contiguous()
+            if _same_layout(self.keys, k) and _same_layout(self.values, v):
+                # kept storage (a reused cache): a CUDA graph that captured this refresh writes
+                # where the graphs of the block's other steps read (models.cuda_graph)
+                self.keys.copy_(k)
+                self.values.copy_(v)
+            else:
+                self.keys, self.values = k.contiguous(), v.contiguous()
             return k, v
         if self.keys is None or self.values is None:
             raise RuntimeError("cached step before the cache was filled (no refresh step ran)")
         self.keys[:, :, rows] = k
         self.values[:, :, rows] = v
         return self.keys, self.values
+
+
+def _same_layout(stored: torch.Tensor | None, fresh: torch.Tensor) -> bool:
+    return (
+        stored is not None
+        and stored.shape == fresh.shape
+        and stored.dtype == fresh.dtype
+        and stored.device == fresh.device
+    )
 
 
 @dataclass
@@ -98,7 +113,12 @@ def cached_log_probs(
     rows None: the refresh, every position through every block, K/V stored in `cache`; returns
     [B, L, V], identical to `model.log_probs(x_t, t)`. rows a slice [a, b): only those rows
     (plus `block_cache_lookback` rows before them) run, attending to the cached K/V elsewhere;
-    returns [B, b - a, V], the log-probs of positions a .. b - 1."""
+    returns [B, b - a, V], the log-probs of positions a .. b - 1.
+
+    A model wrapper with its own `cached_log_probs` (`models.cuda_graph.CUDAGraphDenoiser`,
+    which replays these steps from CUDA graphs) is handed the call."""
+    if hasattr(type(model), "cached_log_probs"):
+        return model.cached_log_probs(x_t, t, cache, rows)
     h, ctx = model.stem(x_t, t)
     blocks = list(model.blocks)
     if len(cache.layers) != len(blocks):

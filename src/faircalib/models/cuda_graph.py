@@ -10,6 +10,14 @@ or small batches of large ones, that Python is what a step costs; replaying remo
 
 One graph is captured per (input shape, t given or not, autocast state); the first call of each
 warms up on a side stream first (kernel autotuning, layout caches) and is not captured.
+
+Cached block decoding (`frontier.cache`, prefix and dual) is replayed too: the sampler hands
+`cached_log_probs` to the wrapper, which keeps one K/V cache per canvas shape whose tensors
+never move. A block's first step (the refresh) is one graph that writes every layer's K/V into
+that cache; each later step is a graph per row window (one per block: the windows differ in
+position, so their slices are baked into separate captures) that writes its rows' K/V in place
+and attends to the rest. Replays run in sampling order on one stream, so the shared memory pool
+never hands one graph's live tensors to another.
 """
 
 from __future__ import annotations
@@ -46,14 +54,19 @@ class CUDAGraphDenoiser:
     mask_id, schedule, seq_len, eval, ...) is the wrapped model's. Weights must not change after
     the first call: a graph replays the kernels it captured, reading the tensors it captured."""
 
-    def __init__(self, model: DiffusionLM) -> None:
-        if model.device.type != "cuda":
+    def __init__(self, model: DiffusionLM, *, capture_fn: Callable | None = None) -> None:
+        """`capture_fn` (graph, output) = capture_fn(fn, device, pool) replaces `capture`:
+        the CPU tests pass a stand-in whose replay re-runs fn into the captured output."""
+        if capture_fn is None and model.device.type != "cuda":
             raise ConfigError(
                 f"CUDA graphs need the model on a CUDA device, it is on {model.device}"
             )
         self.model = model
+        self._capture_fn = capture_fn or capture
         self._graphs: dict[tuple, tuple] = {}
-        self._pool = torch.cuda.graph_pool_handle()  # one memory pool shared by all graphs
+        self._caches: dict[tuple, Any] = {}  # canvas key -> the K/V cache its graphs share
+        # one memory pool shared by all graphs
+        self._pool = torch.cuda.graph_pool_handle() if capture_fn is None else None
 
     def __getattr__(self, name: str) -> Any:  # only called for names not found on self
         return getattr(self.__dict__["model"], name)
@@ -83,5 +96,37 @@ class CUDAGraphDenoiser:
         device = self.model.device
         static_x = x_t.to(device).clone()
         static_t = None if t is None else t.to(device).float().clone()
-        graph, out = capture(lambda: self.model.log_probs(static_x, static_t), device, self._pool)
+        fn = lambda: self.model.log_probs(static_x, static_t)  # noqa: E731
+        graph, out = self._capture_fn(fn, device, self._pool)
         return static_x, static_t, graph, out
+
+    def cached_log_probs(
+        self, x_t: torch.Tensor, t: torch.Tensor | None, cache: Any, rows: slice | None
+    ) -> tuple[torch.Tensor, int]:
+        """`frontier.cache.cached_log_probs` from graph replays (see the module docstring).
+        `cache`, the sampler's, is pointed at the wrapper's own K/V (its size is reported)."""
+        from faircalib.frontier.cache import BlockKVCache
+        from faircalib.frontier.cache import cached_log_probs as eager_cached
+
+        autocast = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+        canvas = (tuple(x_t.shape), t is None, autocast)
+        window = None if rows is None else (rows.start, rows.stop)
+        if canvas not in self._caches:
+            if rows is not None:
+                raise RuntimeError("cached step before the cache was filled (no refresh ran)")
+            device = self.model.device
+            static_x = x_t.to(device).clone()
+            static_t = None if t is None else t.to(device).float().clone()
+            self._caches[canvas] = (static_x, static_t, BlockKVCache.empty(len(self.model.blocks)))
+        static_x, static_t, kv = self._caches[canvas]
+        static_x.copy_(x_t)
+        if t is not None:
+            static_t.copy_(t.to(static_t.dtype))
+        key = ("cached", canvas, window)
+        if key not in self._graphs:  # the capture's warm-up runs fill or update kv first
+            fn = lambda: eager_cached(self.model, static_x, static_t, kv, rows)  # noqa: E731
+            self._graphs[key] = self._capture_fn(fn, self.model.device, self._pool)
+        graph, (out, n_rows) = self._graphs[key]
+        graph.replay()
+        cache.layers = kv.layers
+        return out.clone(), n_rows

@@ -282,3 +282,37 @@ def test_kernels_compile_for_hopper():
         )
         ptx = triton.compile(src, target=target, options={"enable_fp_fusion": False}).asm["ptx"]
         assert "fma.rn.f32" not in ptx and "div.full.f32" not in ptx and "div.rn.f32" in ptx
+
+
+def test_large_m_w8a8_tiles_fit_hopper_shared_memory():
+    """The autotuned tiles added for large M compile for sm_90 with pipelined (16-byte
+    aligned) loads inside Hopper's 227 KB of shared memory: a tile over it would only ever be
+    skipped by the autotuner, never timed."""
+    import triton
+    from triton.backends import backends as triton_backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from faircalib.kernels import triton_w8a8 as k
+
+    if "nvidia" not in triton_backends:
+        pytest.skip("triton has no CUDA backend here")
+    sig = {"a_ptr": "*i8", "w_ptr": "*i8", "as_ptr": "*fp32", "ws_ptr": "*fp32", "b_ptr": "*bf16"}
+    sig |= {"y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32"}
+    sig |= {"stride_wn": "i32", "stride_ym": "i32", "M_BUCKET": "i32"}
+    names = list(k._w8a8_kernel.arg_names)
+    aligned = [names.index(n) for n in ("a_ptr", "w_ptr", "y_ptr", "N", "K", "stride_am")]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    large = [c for c in k._w8a8_configs() if c.num_stages == 4 or c.kwargs["BLOCK_K"] > 128]
+    assert len(large) >= 3
+    for cfg in large:
+        consts = {"IS_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "GROUP_M": 8, **cfg.kwargs}
+        src = ASTSource(
+            fn=k._w8a8_kernel,
+            signature={**sig, **dict.fromkeys(consts, "constexpr")},
+            constexprs=consts,
+            attrs=attrs,
+        )
+        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+        assert compiled.metadata.shared <= 232448, (cfg.kwargs, compiled.metadata.shared)

@@ -146,6 +146,12 @@ def _w8a8_configs() -> list[triton.Config]:
         (128, 256, 128, 8, 3),
         (256, 128, 128, 8, 3),
         (64, 128, 128, 4, 4),  # small M (decode-like, cached block steps)
+        # deeper pipelines and a longer K step for large M: the H200 sweep had the INT8 GEMM at
+        # 41-52% of the 8-bit peak with the tiles above (benchmarks/results/kernels); each fits
+        # Hopper's 227 KB of shared memory (8-bit tiles: (BM + BN) x BK bytes a stage)
+        (128, 256, 128, 8, 4),
+        (256, 128, 128, 8, 4),
+        (128, 128, 256, 8, 3),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)

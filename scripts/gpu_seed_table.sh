@@ -74,7 +74,9 @@
 #   collect  : wait for the table; at most 8 files into $OUT
 # Pieces are made here (CPU): faircalib data pack-tokens <shards> --tokenizer $TOK --out
 # .gpu/tokens --max-piece-mib 3.9 (docs/training.md); before gather call i run, here,
-# `scripts/gpu_seed_table.sh stage i j` (two pieces) and give the call carry=[".gpu/tokens-carry"].
+# `scripts/gpu_seed_table.sh stage i [j]` and give the call carry=[".gpu/tokens-carry"]. Two pieces
+# fit beside a tree of <= ~58.7 MB; the tree is ~59.3 MB since 2026-11-29: stage ONE piece a
+# call (16 gather calls, ~6 s each), or the check below refuses.
 set -euo pipefail
 phase=${1:?phase}
 RUNS=${RUNS:-/root/runs}
@@ -150,7 +152,7 @@ stage)  # HERE, before a gather call: put pieces i [j ...] (and the manifest) wh
   cp .gpu/tokens/manifest.json "$CARRY"/
   for i in "$@"; do cp "$(printf '.gpu/tokens/tokens.%04d.u16.xz' "$i")" "$CARRY"/; done
   # what travels: every tracked file, every untracked one git does not ignore, plus the carry,
-  # 64 MiB in all (two pieces fit beside a ~58 MB tree; three do not)
+  # 64 MiB in all (two pieces fit beside a tree of <= ~58.7 MB; three never)
   tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 du -cb | tail -1 | cut -f1)
   total=$(( tree + $(du -cb "$CARRY"/* | tail -1 | cut -f1) ))
   echo "tree + carry: $total bytes (limit $((64 * 1024 * 1024)))"

@@ -32,6 +32,7 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
   triton_w4     QuantLinear int4 g128 on our fused Triton dequant GEMM (needs triton; autotuned
                 per M bucket and shape during the warm-up, which is not timed)
   triton_dq     QuantLinear int4 g128: our Triton dequantizer to bf16, then cuBLAS
+  triton_gemv   QuantLinear int4 g128 on our CUDA-core Triton GEMV (M <= 16; larger M skipped)
   auto_w4       QuantLinear int4 g128 with backend "auto": what a user gets (W4_AUTO's choice)
 Timing: median over timed rounds after warm-up (CUDA events on GPU); every round calls each of
 several independent (weight, input) copies in turn, together larger than 4x the L2 cache (the
@@ -296,7 +297,7 @@ def candidates(device: torch.device) -> list[Candidate]:
         out += triton_8bit_candidates()
         out.append(Candidate("fp8_triton", _make_fp8_triton, _ref_fp8, 1.0, math="8bit"))
         out.append(Candidate("gemlite_w4", _make_gemlite, _ref_w4, 0.5))
-        for name in ("triton_w4", "triton_dq"):
+        for name in ("triton_w4", "triton_dq", "triton_gemv"):
             out.append(
                 Candidate(name, lambda l, n=name: _quant_linear(l.codes4, l.qp4, n), _ref_w4, 0.5)
             )
@@ -519,6 +520,7 @@ W4_BACKENDS = {
     "dequant_bf16": "dequant",
     "triton_w4": "triton_w4",
     "triton_dq": "triton_dq",
+    "triton_gemv": "triton_gemv",  # M <= 16 only: larger M are skipped cells
 }
 
 
@@ -876,7 +878,16 @@ def summarize(record: dict, device_type: str, shapes, ms, cands, rows, l2: int) 
     result["suggested_w8a8"] = suggested_w8a8(rows)
     result["int4_vs_bf16"] = crossover(rows, small="int4_aten", large=BASELINE)
     result["fastest_w4"] = fastest(
-        rows, ("int4_torch", "int4_aten", "dequant_bf16", "gemlite_w4", "triton_w4", "triton_dq")
+        rows,
+        (
+            "int4_torch",
+            "int4_aten",
+            "dequant_bf16",
+            "gemlite_w4",
+            "triton_w4",
+            "triton_dq",
+            "triton_gemv",
+        ),
     )
     result["targets"] = targets(rows)
     return result

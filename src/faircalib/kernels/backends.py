@@ -13,6 +13,7 @@ repacks them once into its kernel's layout and caches the result on the layer.
 | fp8       | cpu/cuda | torch._scaled_mm e4m3 W8A8, row-wise scales | re-rounds to e4m3 (~4%)|
 | triton_w4 | cuda     | our fused dequant GEMM (kernels/triton_w4)  | bf16 act. (~3e-3)      |
 | triton_dq | cuda     | our dequantizer to bf16, then cuBLAS        | bf16 act. (~3e-3)      |
+| triton_gemv | cuda   | our CUDA-core W4A16 GEMV for M <= 16 (kernels/triton_gemv) | bf16 act. (~3e-3) |
 | int8_w8a8 | cuda     | Triton int8 GEMM (kernels/triton_w8a8), fused per-token int8 quantization | exact |
 | fp8_w8a8  | cpu/cuda | fused per-token e4m3 quantization + `_scaled_mm` or Triton fp8 GEMM (by M) | as fp8 |
 | w4a8      | cuda     | Triton INT4-group x int8-activation GEMM, dequantized to int8 in registers | exact |
@@ -23,7 +24,10 @@ repacks them once into its kernel's layout and caches the result on the layer.
 int4 kernels take codes of at most 4 bits; `int8` needs symmetric per-channel 8-bit weights
 and act_bits=8; `fp8` takes any layer (it dequantizes, then rounds rows to e4m3);
 `triton_w4` and `triton_dq` need the optional `triton` package, K % 128 == 0 and a group
-size divisible by 16; they share one cached layout (`triton_w4.pack_tiles`).
+size divisible by 16; they share one cached layout (`triton_w4.pack_tiles`). `triton_gemv`
+needs the same package, M <= 16, K % 8 == 0 and a group size that is a multiple of 8 (or
+per-channel); its own layout (`triton_gemv.pack_gemv`) holds the codes; `auto` does not pick it
+yet (the GPU sweep decides).
 
 torch's int4 kernels dequantize as w = (q - 8) * s + z with z "in the float domain"; our
 codes satisfy w = s * (q - zero), so z = s * (8 - zero) (verified numerically in the tests).
@@ -480,6 +484,53 @@ def _triton_dq_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torc
     return y if layer.bias is None else y + layer.bias.to(y.dtype)
 
 
+# W4A16 GEMV in Triton (optional): kernels/triton_gemv, M <= 16 -----------------------------------
+def _triton_gemv_supports(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
+    if not _HAS_TRITON:
+        return "triton is not installed (pip install 'faircalib[gpu]')"
+    if m > 16:
+        return f"triton_gemv is a GEMV kernel for M <= 16 token rows, got M = {m}"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device_type != "cuda" and not (device_type == "cpu" and interpreted):
+        return "triton_gemv runs on CUDA (or the CPU under TRITON_INTERPRET=1)"
+    allowed = (torch.float16, torch.float32) if interpreted else (torch.bfloat16, torch.float16)
+    if dtype not in allowed:
+        return f"triton_gemv takes {allowed} activations here, got {dtype}"
+    if layer.bits > 4:
+        return f"triton_gemv takes codes of at most 4 bits, layer has {layer.bits}"
+    if layer.in_features % 8:
+        return f"triton_gemv needs in_features divisible by 8, got {layer.in_features}"
+    group = layer.group_size or layer.in_features
+    if group % 8 or layer.in_features % group:
+        return f"triton_gemv needs a group size that is a multiple of 8 and divides K, got {group}"
+    return None
+
+
+def _triton_gemv_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
+    from faircalib.kernels.triton_gemv import MIN_BLOCK_N, gemv_scales, pack_gemv, tile_words
+
+    group = layer.group_size or layer.in_features
+    packed = pack_gemv(layer.codes().to(device), tile_words(group))  # [N, K_pad / 8] int32
+    a_t, b_t = gemv_scales(layer.scale.to(device), layer.zero.to(device))  # [G, N] float32
+    # split-K arrival counters, reset by the kernel itself after each call
+    counters = torch.zeros(-(-layer.out_features // MIN_BLOCK_N), dtype=torch.int32, device=device)
+    return packed, a_t, b_t, counters, group
+
+
+def _triton_gemv_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    from faircalib.kernels.triton_gemv import gemv  # imports triton: only when used
+
+    return gemv(x, *prepared, _bias(layer))
+
+
+def _triton_gemv_codes(prepared: tuple) -> torch.Tensor:
+    from faircalib.kernels.triton_gemv import tile_words, unpack_gemv
+
+    return unpack_gemv(prepared[0], tile_words(prepared[4]))
+
+
 # W8A8 / W4A8 in Triton (optional): kernels/triton_w8a8 -----------------------------------------
 def _triton_8bit_common(device_type: str, dtype: torch.dtype, fp8: bool) -> str | None:
     if not _HAS_TRITON:
@@ -687,6 +738,14 @@ BACKENDS: dict[str, Backend] = {
         _triton_dq_run,
         adds_bias=True,
         codes_from_layout=_triton_codes,
+    ),
+    "triton_gemv": Backend(
+        "triton_gemv",
+        _triton_gemv_supports,
+        _triton_gemv_prepare,
+        _triton_gemv_run,
+        adds_bias=True,
+        codes_from_layout=_triton_gemv_codes,
     ),
     "int8_w8a8": Backend(
         "int8_w8a8",

@@ -39,6 +39,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--every", type=int, default=50, help="steps between held-out bounds")
+    p.add_argument("--bias", action="store_true", help="a learned per-token logit bias")
     p.add_argument("--seed", type=int, default=0, help="init and data order (not the eval)")
     return p.parse_args()
 
@@ -54,13 +55,13 @@ def build(args: argparse.Namespace):
 def bound(model, xv: torch.Tensor, head_bias: torch.Tensor | None = None) -> dict:
     """Held-out bound and its diffusion term, nats/token, over N_T fixed midpoint t's with
     fixed noise. head_bias: the network's output zeroed and these log-probabilities added to
-    the logits (the skip head plus a context-free prior)."""
-    was_training, hook = model.training, None
+    the class's own head (the skip head plus a context-free prior, any --bias dropped)."""
+    was_training, hook, saved = model.training, None, model.__dict__.get("head")
     model.eval()
     if head_bias is not None:
         hook = model.output_down_proj.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
-        old = model.head
-        model.head = lambda h, c, x: torch.log_softmax(old(h, c, x) + head_bias, -1)
+        plain = type(model).head
+        model.head = lambda h, c, x: torch.log_softmax(plain(model, h, c, x) + head_bias, -1)
     ts = (torch.arange(N_T) + 0.5) / N_T * (1 - 1e-3) + 1e-3
     total = diffusion = 0.0
     for i, t in enumerate(ts):
@@ -71,9 +72,19 @@ def bound(model, xv: torch.Tensor, head_bias: torch.Tensor | None = None) -> dic
     if hook is not None:
         hook.remove()
         del model.head
+        if saved is not None:
+            model.head = saved
     model.train(was_training)
     per = xv.shape[1] * len(ts)
     return {"bound": round(total / per, 3), "diffusion": round(diffusion / per, 3)}
+
+
+def add_bias(model, log_unigram: torch.Tensor) -> None:
+    """--bias: a learned per-token logit bias, started at the training unigram (the rounding
+    head upstream's tied nn.Linear keeps; the tied head here has none)."""
+    model.out_bias = torch.nn.Parameter(log_unigram.clone())
+    plain = type(model).head
+    model.head = lambda h, c, x: torch.log_softmax(plain(model, h, c, x) + model.out_bias, -1)
 
 
 def train(model, stream: torch.Tensor, xv: torch.Tensor, args: argparse.Namespace) -> int:
@@ -118,6 +129,9 @@ def main() -> None:
     head = {"d": args.embed_dim, "params": sum(q.numel() for q in model.parameters())}
     head["unigram_entropy"] = round(-(p[p > 0] * p[p > 0].log()).sum().item(), 3)
     head["unigram_ce_heldout"] = round(-log_unigram[xv].mean().item(), 3)
+    if args.bias:
+        add_bias(model, log_unigram)
+    head["bias"] = args.bias
     print(json.dumps(head | {"step": 0} | bound(model, xv)), flush=True)
     steps = train(model, train_part, xv, args)
     final = {"d": args.embed_dim, "steps": steps, "net": bound(model, xv)["bound"]}

@@ -612,7 +612,7 @@ W8_FP8 = ("fp8_w8a8", "fp8_triton")  # fp8_w8a8 runs FP8_W8A8_GEMM's choice (_sc
 
 
 # issue 16's kernel targets: (name, the backends that may meet it - per cell the fastest
-# correct one counts, as a per-M rule would pick it -, smallest M, largest M, least speed vs bf16)
+# correct one counts -, smallest M, largest M, least speed vs bf16)
 TARGETS = [
     ("FP8 W8A8", ("fp8_w8a8", "fp8_triton", "fp8_scaled_mm"), 1024, math.inf, 1.6),
     ("INT8 W8A8", ("int8_w8a8", "int8_intmm"), 1024, math.inf, 1.6),
@@ -624,8 +624,12 @@ TARGETS = [
 
 def targets(rows: list[dict]) -> list[dict]:
     """Each target's worst cell over the shapes and Ms it covers (per cell its fastest correct
-    backend), with that cell's roofline numbers: met when the worst cell reaches the speed."""
+    backend: an upper bound on what `auto`'s per-M rule gets), with that cell's roofline
+    numbers. Met when every (shape, M) of the sweep in the target's range has a correct cell and
+    the worst reaches the speed; `missing` counts the cells without one."""
+    grid = {(r["shape"], r["M"]) for r in rows}
     out = []
+    keep = ("shape", "M", "backend", "speedup_vs_bf16", "tflops", "gbs", "roofline_pct", "bound")
     for name, backends, m_lo, m_hi, least in TARGETS:
         best: dict[tuple[str, int], dict] = {}
         for r in rows:
@@ -635,18 +639,10 @@ def targets(rows: list[dict]) -> list[dict]:
                     key not in best or r["speedup_vs_bf16"] > best[key]["speedup_vs_bf16"]
                 ):
                     best[key] = r
+        expected = {(s, m) for s, m in grid if m_lo <= m <= m_hi}
+        missing = sorted(expected - set(best))
         cells = sorted(best.values(), key=lambda r: r["speedup_vs_bf16"])
         worst = cells[0] if cells else None
-        keep = (
-            "shape",
-            "M",
-            "backend",
-            "speedup_vs_bf16",
-            "tflops",
-            "gbs",
-            "roofline_pct",
-            "bound",
-        )
         out.append(
             {
                 "target": name,
@@ -654,7 +650,8 @@ def targets(rows: list[dict]) -> list[dict]:
                 "m_range": [m_lo, None if m_hi == math.inf else m_hi],
                 "least_speedup": least,
                 "cells": len(cells),
-                "met": bool(cells) and worst["speedup_vs_bf16"] >= least,
+                "missing": len(missing),
+                "met": bool(cells) and not missing and worst["speedup_vs_bf16"] >= least,
                 "worst": {k: worst.get(k) for k in keep} if worst else None,
                 "shortfalls": [
                     {k: r.get(k) for k in keep} for r in cells if r["speedup_vs_bf16"] < least
@@ -778,10 +775,13 @@ def targets_markdown(checks: list[dict], not_run: list[str]) -> list[str]:
             )
             continue
         pct = "-" if w["roofline_pct"] is None else f"{w['roofline_pct']:.0f}% ({w['bound']})"
+        below = f"{len(t['shortfalls'])}/{t['cells']}"
+        if t.get("missing"):
+            below += f" (+{t['missing']} unmeasured)"
         lines.append(
             f"| {t['target']} | {m} | {t['least_speedup']}x | {w['shape']} M={w['M']} "
             f"{w['backend']} | {w['speedup_vs_bf16']:.2f}x | {w['tflops']:.0f} | {w['gbs']:.0f} "
-            f"| {pct} | {len(t['shortfalls'])}/{t['cells']} | {'yes' if t['met'] else 'no'} |"
+            f"| {pct} | {below} | {'yes' if t['met'] else 'no'} |"
         )
     if not_run:
         lines += ["", f"Shapes not run (time budget): {', '.join(not_run)}."]

@@ -80,13 +80,13 @@ if TYPE_CHECKING:
 # CUDA: the backend with the best geometric-mean speed over the eight 8B layer shapes per M in
 # benchmarks/results/kernels/kernels.md (H200, torch 2.11, Triton 3.6, CUDA-graph device time,
 # 2026-11-29; its `suggested_w4_auto`): torch's int4 kernel at M = 1 (1.65-1.88x of bf16), the
-# fused Triton kernel at M = 16 (0.95-1.14x), dequantize + cuBLAS from M = 64 on (0.49-1.02x).
+# fused Triton kernel at M = 16 (0.95-1.14x), dequantize + cuBLAS from M = 64 on (0.43-1.02x).
 # Where triton is missing, torch's int4 kernel serves M < 64 and `dequant` the rest.
 # CPU: on the 2-core EPYC dev machine the bf16 int4 kernel beat both dense bf16 and
 # dequantize-then-GEMM at every M up to 2048 (2048x2048 layer), so it never hands over.
 W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
     "cuda": [
-        (16, ("int4_cuda", "triton_w4")),  # M = 1
+        (16, ("int4_cuda", "triton_w4")),  # M = 1..15 (measured at M = 1)
         (64, ("triton_w4", "int4_cuda")),  # M = 16..63: the fused kernel (split-K)
         (math.inf, ("triton_dq", "dequant")),  # M >= 64: dequantize, then cuBLAS
     ],
@@ -99,8 +99,9 @@ W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
 # accumulation of the same grid). 8-bit weights take the first backend of the row that can run
 # the layer (else fall through to W4_AUTO / dequant); <= 4-bit weights take `w4a8` from
 # W4A8_AUTO_MIN_M rows on. From the H200 sweep (benchmarks/results/kernels, `suggested_w8a8`):
-# the Triton INT8 GEMM with fused per-token quantization beats torch._int_mm at every M and
-# shape (1.06-1.45x of bf16 at M >= 1024 on the 8B shapes, against 0.45-0.77x), and also runs
+# the Triton INT8 GEMM with fused per-token quantization beats torch._int_mm by geometric mean
+# at every M and in 47 of the 48 cells where both run (not 18944x3584 at M = 64: 0.65x vs
+# 0.69x); 1.06-1.45x of bf16 at M >= 1024 on the 8B shapes, against 0.45-0.77x; it also runs
 # M <= 16; W4A8 (fused or unpack-then-GEMM) never beats the W4A16 kernels (<= 0.73x of bf16),
 # so 4-bit weights keep the W4A16 path.
 W8A8_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {

@@ -399,6 +399,9 @@ def test_graph_replayed_cached_generation_equals_eager_cached(family, mode):
     assert wrapped.graphs == 1 + 3
     again = generate(wrapped, prompt, cfg, seed=3)
     assert torch.equal(again.tokens, eager.tokens) and wrapped.graphs == 4
+    wrapped.clear()
+    assert wrapped.graphs == 0
+    assert torch.equal(generate(wrapped, prompt, cfg, seed=3).tokens, eager.tokens)
 
 
 def test_graph_replayed_refresh_keeps_the_kv_storage():

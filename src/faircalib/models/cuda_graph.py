@@ -87,6 +87,13 @@ class CUDAGraphDenoiser:
         graph.replay()
         return out.clone()  # the next replay overwrites `out`
 
+    def clear(self) -> None:
+        """Drop every captured graph and K/V cache. Graphs are kept per input shape (and, for
+        cached steps, per block window), so a long-lived process serving many prompt lengths
+        grows; clearing frees their memory, the next calls capture again."""
+        self._graphs.clear()
+        self._caches.clear()
+
     @property
     def graphs(self) -> int:
         """How many graphs have been captured (one per input shape and mode)."""

@@ -269,8 +269,10 @@ def gemv(
         return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
 
     meta = interpreted_meta or (INTERPRETED_META if INTERPRETED else None)
+    # the dequantization is one FMA a weight by design: ask for contraction explicitly (Triton
+    # 3.10 turns its default off)
     if meta is not None:
-        _gemv_kernel[grid](*args, **consts, **meta)
+        _gemv_kernel[grid](*args, **consts, **meta, enable_fp_fusion=True)
     else:
-        _autotuned[grid](*args, **consts)
+        _autotuned[grid](*args, **consts, enable_fp_fusion=True)
     return y

@@ -437,19 +437,30 @@ def _fp8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tens
 
 
 # W4A16 in Triton (optional): fused dequant GEMM, and dequantize-then-cuBLAS --------------------
-def _triton_supports(
-    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+def _triton_w4_common(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, name: str
 ) -> str | None:
+    """What every Triton W4A16 backend needs: triton, CUDA (or the CPU interpreter), 16-bit
+    activations (fp32 too under the interpreter) and codes of at most 4 bits."""
     if not _HAS_TRITON:
         return "triton is not installed (pip install 'faircalib[gpu]')"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if device_type != "cuda" and not (device_type == "cpu" and interpreted):
-        return "the triton backends run on CUDA (or the CPU under TRITON_INTERPRET=1)"
+        return f"{name} runs on CUDA (or the CPU under TRITON_INTERPRET=1)"
     allowed = (torch.float16, torch.float32) if interpreted else (torch.bfloat16, torch.float16)
     if dtype not in allowed:
-        return f"the triton backends take {allowed} activations here, got {dtype}"
+        return f"{name} takes {allowed} activations here, got {dtype}"
     if layer.bits > 4:
-        return f"the triton backends take codes of at most 4 bits, layer has {layer.bits}"
+        return f"{name} takes codes of at most 4 bits, layer has {layer.bits}"
+    return None
+
+
+def _triton_supports(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
+    why = _triton_w4_common(layer, device_type, dtype, "triton_w4 / triton_dq")
+    if why is not None:
+        return why
     if layer.in_features % 128:
         return f"the triton backends need in_features divisible by 128, got {layer.in_features}"
     if (layer.group_size or layer.in_features) % 16:
@@ -489,18 +500,11 @@ def _triton_dq_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torc
 def _triton_gemv_supports(
     layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
 ) -> str | None:
-    if not _HAS_TRITON:
-        return "triton is not installed (pip install 'faircalib[gpu]')"
-    if m > 16:
+    if m > 16:  # first: the reason a sweep cell at larger M is skipped
         return f"triton_gemv is a GEMV kernel for M <= 16 token rows, got M = {m}"
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if device_type != "cuda" and not (device_type == "cpu" and interpreted):
-        return "triton_gemv runs on CUDA (or the CPU under TRITON_INTERPRET=1)"
-    allowed = (torch.float16, torch.float32) if interpreted else (torch.bfloat16, torch.float16)
-    if dtype not in allowed:
-        return f"triton_gemv takes {allowed} activations here, got {dtype}"
-    if layer.bits > 4:
-        return f"triton_gemv takes codes of at most 4 bits, layer has {layer.bits}"
+    why = _triton_w4_common(layer, device_type, dtype, "triton_gemv")
+    if why is not None:
+        return why
     if layer.in_features % 8:
         return f"triton_gemv needs in_features divisible by 8, got {layer.in_features}"
     group = layer.group_size or layer.in_features

@@ -167,7 +167,8 @@ def test_every_autotuned_config_compiles_for_hopper_without_int_to_float():
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     compiled_any = {1: 0, 16: 0}
     for m_pad in (1, 16):
-        consts0 = {"GROUP_SIZE": 128, "W": 32, "M_PAD": m_pad, "HAS_BIAS": True}
+        consts0 = {"GROUP_SIZE": 128, "W": 32, "NEW_GROUPS": k.group_planes(32, 128)}
+        consts0 |= {"M_PAD": m_pad, "HAS_BIAS": True}
         kept = k._prune(k._configs(), {"N_TILES": 16}, **consts0)
         for cfg in kept:
             consts = consts0 | cfg.kwargs

@@ -130,16 +130,17 @@ def _prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's ho
     return keep or configs[:1]
 
 
-@triton.jit
-def _new_group(j: tl.constexpr, W: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    """Whether nibble plane j of a tile can start a new scale group (compile-time)."""
-    T: tl.constexpr = 8 * W
-    if T % GROUP_SIZE == 0:
-        return (j * W) % GROUP_SIZE == 0
-    elif GROUP_SIZE % T == 0:
-        return j == 0
-    else:
-        return True
+def group_planes(words: int, group_size: int) -> int:
+    """Bit j set where nibble plane j of a K tile (8 planes of `words` k each) can start a new
+    scale group: planes whose first k is a multiple of the group (groups dividing the tile), the
+    first plane (groups spanning whole tiles), else every plane. A host-side constant, so the
+    kernel's test of it is resolved at compile time on every Triton version."""
+    tile = 8 * words
+    if tile % group_size == 0:
+        return sum(1 << j for j in range(8) if (j * words) % group_size == 0)
+    if group_size % tile == 0:
+        return 1
+    return 0xFF
 
 
 @triton.jit
@@ -160,6 +161,7 @@ def _gemv_kernel(
     stride_ym,
     GROUP_SIZE: tl.constexpr,
     W: tl.constexpr,
+    NEW_GROUPS: tl.constexpr,
     M_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -184,10 +186,9 @@ def _gemv_kernel(
     for tile in range(first, last):
         words = tl.load(q_rows + tile * W)  # [1, BN, W] int32
         for j in tl.static_range(8):
-            # scales only where plane j may start a group: planes whose first k is a multiple
-            # of the group (groups dividing the tile), the first plane (groups spanning whole
-            # tiles), else every plane; W divides the group, so a plane is in one group
-            if _new_group(j, W, GROUP_SIZE):
+            # scales only where plane j may start a group (`group_planes`); W divides the
+            # group, so a plane is in one group
+            if (NEW_GROUPS >> j) & 1:
                 # (clamped: the zero padding past K, where x is masked, has no group)
                 g = tl.minimum((tile * T + j * W) // GROUP_SIZE, (K - 1) // GROUP_SIZE)
                 a = tl.load(a_ptr + g * N + rn_c)[None, :, None]
@@ -263,7 +264,8 @@ def gemv(
     has_bias = bias is not None
     args = (x, packed, a_t, b_t, bias if has_bias else y, y, part, counters)
     args += (m, n, k, k8 // words, x.stride(0), y.stride(0))
-    consts = {"GROUP_SIZE": group_size, "W": words, "M_PAD": m_pad(m), "HAS_BIAS": has_bias}
+    consts = {"GROUP_SIZE": group_size, "W": words, "NEW_GROUPS": group_planes(words, group_size)}
+    consts |= {"M_PAD": m_pad(m), "HAS_BIAS": has_bias}
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]

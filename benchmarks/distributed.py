@@ -215,6 +215,13 @@ def add_scaling(rows: list[dict]) -> None:
         r["bound_identical_to_1_rank"] = r["nll_per_token"] == base["nll_per_token"]
 
 
+def stages(tm: dict) -> str:
+    """Rank 0's stage times, each measured after the device's queued work (calib.engine's
+    stage_clock); `offload_s`: the block's moves to the GPU and back."""
+    keys = ("stem_s", "stats_s", "quantize_s", "propagate_s", "offload_s")
+    return " / ".join("-" if k not in tm else f"{tm[k]:.1f}" for k in keys)
+
+
 def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
@@ -231,7 +238,8 @@ def markdown(result: dict) -> str:
         f"on {s['nsamples']} x {s['seq_len']} tokens, offloading (one block per rank on its "
         f"device). Evaluation: likelihood bound of {s['eval_sequences']} x {s['seq_len']} tokens.",
         "",
-        "| ranks | calibration (s) | per block (s) | stats / quantize / propagate (s) | speed-up | "
+        "| ranks | calibration (s) | per block (s) | stem / stats / quantize / propagate / block "
+        "moves (s) | speed-up | "
         "efficiency | full depth (s, extrapolated) | eval (s) | eval efficiency | same codes as 1 "
         "rank | peak GPU GiB per rank | peak host GiB per rank |",
         "|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
@@ -241,7 +249,7 @@ def markdown(result: dict) -> str:
         gpu = max((b for b in r["peak_gpu_bytes"] if b is not None), default=None)
         lines.append(
             f"| {r['world']} | {r['calib_s']:.1f} | {r['seconds_per_block']:.2f} | "
-            f"{tm['stats_s']:.1f} / {tm['quantize_s']:.1f} / {tm['propagate_s']:.1f} | "
+            f"{stages(tm)} | "
             f"{r['calib_speedup']:.2f}x | {r['calib_efficiency']:.0%} | "
             f"{r['extrapolated_full_model_s']:.0f} | {r['eval_s']:.2f} | "
             f"{r['eval_efficiency']:.0%} | {'yes' if r['identical_to_1_rank'] else 'NO'} | "

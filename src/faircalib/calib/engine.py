@@ -65,6 +65,16 @@ OFFLOAD_DEVICE = "cpu"  # where blocks wait with CalibConfig.offload
 _FORCED_CACHE_PLACEMENT: str | None = None
 
 
+def stage_clock(device: torch.device) -> float:
+    """Wall time after the device's queued work: a stage's time includes the kernels it launched
+    (without the synchronisation they would be billed to whichever later stage waits first -
+    a block's move back to the host, say). A few synchronisations per block cost nothing
+    measurable against its seconds of work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 class FakeQuantLinear(nn.Module):
     """A linear layer running its quantized weights in float: (x / input_scale) -> optional
     per-token activation quantization -> x @ dequantized_weight.T + bias. Keeps the codes and
@@ -228,7 +238,7 @@ def quantize_model(
             where = f"the whole model, {_param_bytes(model) / 2**30:.2f} GiB"
         print(f"[calib] parameters on {device}: {where}", file=sys.stderr)
 
-    start = time.time()
+    start = stage_clock(device)
     if calib_cfg.offload:  # a model that arrives on the device keeps only its stem/head there
         model.blocks.to(OFFLOAD_DEVICE)
     for module in outside_blocks:
@@ -238,18 +248,18 @@ def quantize_model(
     # [N, L] on the device: every statistics batch and reconstruction step slices it there
     weights = (torch.ones(n, seq_len) if row_weights is None else row_weights.float()).to(device)
     # stem_s first, as before (set below); the extra stacks add to stats/quantize/recon
-    report.timings.update(stem_s=0.0, stats_s=0.0, quantize_s=0.0, propagate_s=0.0)
+    report.timings.update(stem_s=0.0, stats_s=0.0, quantize_s=0.0, propagate_s=0.0, offload_s=0.0)
     if recon:
         report.timings["recon_s"] = 0.0
     # stacks the stem runs (PLANNER's prior) first: the main stack's inputs then come from the
     # quantized stem, as each block calibrates on its quantized predecessors' outputs
     stacks_s = 0.0
     for stack in model.extra_block_stacks():
-        tick = time.time()
+        tick = stage_clock(device)
         report.layers += _quantize_stack(
             model, stack, x_t, t, weights, method_cfg, calib_cfg, recon, text_ids, batches, report
         )
-        report.timings[f"{stack.name}_s"] = time.time() - tick
+        report.timings[f"{stack.name}_s"] = stage_clock(device) - tick
         stacks_s += report.timings[f"{stack.name}_s"]
     plan, cache, contexts = _stem_cache(model, x_t, t, batches, calib_cfg, recon)
     report.calib["cache"] = plan.to_dict()
@@ -260,7 +270,7 @@ def quantize_model(
     float_cache = (
         [plan.copy(h) for h in cache] if recon and recon.target == "float_stream" else None
     )
-    report.timings["stem_s"] = time.time() - start - stacks_s
+    report.timings["stem_s"] = stage_clock(device) - start - stacks_s
 
     first = 0
     if partial is not None:  # finished blocks of an interrupted run, and what follows them
@@ -276,19 +286,23 @@ def quantize_model(
         file=sys.stderr,
     )
     for i, block in blocks:
+        tick = stage_clock(device)
         block.to(device)
+        report.timings["offload_s"] += stage_clock(device) - tick
         rows, float_cache = _calibrate_block(
             i, block, model.quantizable_linears(block), cache, float_cache, contexts, weights,
             plan, batches, text_ids, report, method_cfg, calib_cfg, recon,
         )  # fmt: skip
         report.layers += rows
-        tick = time.time()
+        tick = stage_clock(device)
         for j in range(len(cache)):  # outputs of the quantized block feed the next
             cache[j] = plan.keep(block(plan.load(cache[j]), contexts[j]))
         plan.settle()
-        report.timings["propagate_s"] += time.time() - tick
+        report.timings["propagate_s"] += stage_clock(device) - tick
         if calib_cfg.offload:
+            tick = stage_clock(device)
             block.to(OFFLOAD_DEVICE)
+            report.timings["offload_s"] += stage_clock(device) - tick
         if partial is not None:
             tick = time.time()
             partial.save_block(i, model, cache, float_cache, report)
@@ -296,7 +310,7 @@ def quantize_model(
                 report.timings.get("progress_s", 0.0) + time.time() - tick
             )
     if head_inputs:  # the final cache holds the head's hidden states: stem and head on `device`
-        tick = time.time()
+        tick = stage_clock(device)
         x_batches = [x_t[sl] for sl in batches]
         contexts_x = [(ctx, x) for ctx, x in zip(contexts, x_batches, strict=True)]
         report.head_inputs = collect_head_inputs(
@@ -309,12 +323,12 @@ def quantize_model(
             calib_cfg,
             _HeadOnly(model),
         )
-        report.timings["head_stats_s"] = time.time() - tick
+        report.timings["head_stats_s"] = stage_clock(device) - tick
     if calib_cfg.offload:
         contexts.clear()  # device tensors from the stem
         for module in outside_blocks:
             module.to(OFFLOAD_DEVICE)
-    report.timings["total_s"] = time.time() - start
+    report.timings["total_s"] = stage_clock(device) - start
     return report
 
 
@@ -394,7 +408,7 @@ def _calibrate_block(
         prefix=stack,
     )
     if recon:
-        tick = time.time()
+        tick = stage_clock(device)
         ids = row_ids(batches)  # global calibration rows of this rank's cache
         log = reconstruct_block(
             block,
@@ -408,7 +422,7 @@ def _calibrate_block(
             config_scale_dtype(method_cfg),
         )
         report.recon.append({"block": i if stack is None else f"{stack}.{i}", **log})
-        report.timings["recon_s"] += time.time() - tick
+        report.timings["recon_s"] += stage_clock(device) - tick
         if float_cache is not None:
             float_cache = targets  # the float block's outputs feed the next block's targets
     return rows, float_cache
@@ -549,7 +563,7 @@ def _quantize_block(
     calibration batches) and replace each quantizable linear by its quantized version.
     prefix: None for the main stack (`blocks`), else the extra stack's name (its layers'
     quantizer: `stack_layer_config`)."""
-    tick = time.time()
+    tick = stage_clock(device)
     accs = {
         name: LayerInputsAccumulator(
             lin.in_features, calib_cfg.max_rows_per_layer, calib_cfg.seed + index, device
@@ -558,7 +572,7 @@ def _quantize_block(
     }
     n_batches = len(_batches(len(weights)))
     collect_stats(block, linears, accs, cache, contexts, weights, batches, device, n_batches)
-    timings["stats_s"] += time.time() - tick
+    timings["stats_s"] += stage_clock(device) - tick
 
     def work(name: str, lin: nn.Linear) -> tuple[QuantResult, dict]:
         if prefix is None:
@@ -566,9 +580,9 @@ def _quantize_block(
         layer_cfg = stack_layer_config(method_cfg, lin.in_features)
         return _quantize_linear(index, name, lin, accs[name], layer_cfg, prefix)
 
-    tick = time.time()  # wall time: under torchrun the linears run on several ranks at once
+    tick = stage_clock(device)  # wall time: under torchrun the linears run on several ranks at once
     outputs = map_linears(linears, work, device)
-    timings["quantize_s"] += time.time() - tick
+    timings["quantize_s"] += stage_clock(device) - tick
     for (name, lin), (result, _) in zip(linears, outputs, strict=True):
         fq = FakeQuantLinear.from_result(result, lin.bias, lin.weight.dtype)
         _set_submodule(block, name, fq)

@@ -14,6 +14,7 @@
 # profile-step, generation-8b and generation-8b-graph (issue 16), throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
 # recorded in benchmarks/results/bench-mdlm-small-act), weighting (instability vs prior vs uniform, 3 seeds),
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
+# torchrun (quantize + eval under torchrun on 2 GPUs against one process),
 # cudatests (tests/test_cuda.py on the GPU), llada-gptq / llada-fair / dream-gptq / dream-fair and
 # llada-fair-fast / dream-fair-fast (8B-shaped,
 # benchmarks/llada_8b.py; one per lease is fine, rows accumulate in benchmarks/results/llada-8b-shape). Optional wheels (gemlite)
@@ -41,6 +42,8 @@ job_command() {
     --out $RES/generation-8b-graph" ;;
   offload3) echo "python3 benchmarks/offload.py --blocks 3 --out $RES/offload3" ;;
   distributed) echo "python3 benchmarks/distributed.py --out $RES/distributed" ;;  # 2-4 GPUs
+  # issue 19: the user's commands under torchrun on 2 GPUs (NCCL) vs one process, same files?
+  torchrun) echo "bash benchmarks/torchrun_check.sh $RES/torchrun" ;;
   # test_lease_dryrun.py: the GPU-only branches of the issue-16 jobs at their smallest size
   cudatests) echo "mkdir -p $RES/cudatests; python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     tests/test_lease_dryrun.py > $RES/cudatests/cuda-tests.txt 2>&1; tail -3 $RES/cudatests/cuda-tests.txt" ;;

@@ -114,6 +114,24 @@ def test_layout_puts_planes_of_consecutive_k_in_nibbles_and_round_trips():
         assert torch.allclose(a_t * (1 + q / 16) + b_t, (scale * (q - zero)).T, atol=1e-6)
 
 
+@pytest.mark.parametrize("group_size", [8, 16, 24, 32, 64, 128, 200, 1000, 4096])
+def test_scales_are_loaded_exactly_where_a_plane_can_start_a_group(group_size):
+    """`group_planes` against enumeration: plane j of some K tile starts a scale group (its
+    first k is a multiple of the group) iff bit j is set - no group start missed (wrong
+    scales) and, where the tile and the group divide one another, no needless reload."""
+    from faircalib.kernels.triton_gemv import group_planes, tile_words
+
+    words = tile_words(group_size)
+    tile = 8 * words
+    starts = {
+        j for t in range(group_size) for j in range(8) if (t * tile + j * words) % group_size == 0
+    }
+    mask = group_planes(words, group_size)
+    assert starts <= {j for j in range(8) if mask >> j & 1}
+    if tile % group_size == 0 or group_size % tile == 0:
+        assert mask == sum(1 << j for j in starts)
+
+
 def _layer(bits: int = 4, group: int | None = 128, k: int = 256):
     from faircalib.kernels import QuantLinear
     from faircalib.quant.primitives import QParams

@@ -15,7 +15,9 @@ Variants: bf16 nn.Linear; int4 g128 asymmetric QuantLinear with backend auto (at
 auto rule takes the dequantize + cuBLAS path); w8a8_int8 (8-bit per-channel weights, 8-bit
 per-token activations, auto); fp8 (same 8-bit weights re-rounded to e4m3, torch._scaled_mm);
 and issue 16's 8-bit-activation backends by name: fp8_w8a8 (fused per-token e4m3
-quantization + FP8 GEMM), int8_w8a8 (the Triton INT8 GEMM), w4a8_int8 / w4a8_fp8 (INT4 g128
+quantization + FP8 GEMM, on the INT8 codes re-rounded to e4m3, so two 8-bit copies resident),
+fp8_checkpoint (what an FP8 checkpoint, `--scheme w8a8fp8`, loads as: FP8ActLinear with one
+e4m3 copy of per-channel e4m3 weights, the same GEMM), int8_w8a8 (the Triton INT8 GEMM), w4a8_int8 / w4a8_fp8 (INT4 g128
 codes unpacked to 8 bits per call, then an 8-bit GEMM; CUDA only). Reported per batch size
 (1 and 8): median step latency (CUDA events, eager and CUDA graph), peak memory of the block
 stack's forward, resident weight bytes; the weight bytes of the INT4 g128 packed checkpoint
@@ -40,7 +42,9 @@ from torch import nn
 from faircalib import atomic
 from faircalib.bench import run_record
 from faircalib.config import QuantConfig
+from faircalib.formats.packed import FP8ActLinear
 from faircalib.kernels import QuantLinear
+from faircalib.kernels.backends import fp8_quantize
 from faircalib.models.cuda_graph import capture
 from faircalib.quant.primitives import compute_qparams, quantize
 
@@ -117,17 +121,27 @@ VARIANTS = {  # name -> (bits, group, symmetric, act_bits, backend, act_format) 
     # issue 16's 8-bit-activation GEMMs, by name: fused per-token quantization + FP8 GEMM
     # (FP8_W8A8_GEMM's choice), the Triton INT8 GEMM, and W4A8 as unpack-then-8-bit-GEMM
     "fp8_w8a8": (8, None, True, None, "fp8_w8a8", "int"),
+    # an FP8 checkpoint as loaded (FP8ActLinear): e4m3 weights, no INT8 codes beside them
+    "fp8_checkpoint": "fp8_checkpoint",
     "int8_w8a8": (8, None, True, 8, "int8_w8a8", "int"),
     "w4a8_int8": (4, 128, False, 8, "w4a8_dq", "int"),
     "w4a8_fp8": (4, 128, False, 8, "w4a8_fp8_dq", "fp8"),
 }
 CUDA_ONLY = {"int8_w8a8", "w4a8_int8", "w4a8_fp8"}  # Triton kernels without a CPU path
-FP8_VARIANTS = ("fp8", "fp8_w8a8")
+FP8_VARIANTS = ("fp8", "fp8_w8a8", "fp8_checkpoint")
+KERNEL_LAYERS = (QuantLinear, FP8ActLinear)  # the layers whose path `backends` reports
 FP8_STEP_TARGET = 1.4  # issue 16: the 8B-shaped step with FP8 W8A8 vs bf16 (CUDA graph)
 
 
-def quantize_blocks(blocks: nn.ModuleList, spec: tuple) -> None:
-    """Replace every linear with a QuantLinear of the variant (RTN min-max codes)."""
+def quantize_blocks(blocks: nn.ModuleList, spec: tuple | str) -> None:
+    """Replace every linear with a QuantLinear of the variant (RTN min-max codes), or with the
+    FP8ActLinear an FP8 checkpoint loads as (per-channel e4m3, abs-max / 448)."""
+    if spec == "fp8_checkpoint":
+        for block in blocks:
+            for name in LINEARS:
+                values, scale = fp8_quantize(getattr(block, name).weight.detach().float())
+                setattr(block, name, FP8ActLinear(values, scale, None))
+        return
     bits, group, sym, act_bits, backend, act_format = spec
     cfg = QuantConfig(bits=bits, group_size=group, symmetric=sym)
     for block in blocks:
@@ -141,11 +155,14 @@ def quantize_blocks(blocks: nn.ModuleList, spec: tuple) -> None:
 
 
 def fake_quant_reference(blocks: nn.ModuleList) -> nn.ModuleList:
-    """The same codes on the `dequant` backend: the fake-quant model's exact computation."""
+    """The same codes on the `dequant` backend (FP8ActLinear: `reference`): the fake-quant
+    model's exact computation."""
     reference = copy.deepcopy(blocks)
     for m in reference.modules():
         if isinstance(m, QuantLinear):
             m.backend = "dequant"
+        elif isinstance(m, FP8ActLinear):
+            m.backend = "reference"
     return reference
 
 
@@ -248,7 +265,7 @@ def bench_variant(
             if device.type == "cuda":
                 row["peak_bytes"] = torch.cuda.max_memory_allocated()
         row["backends"] = sorted(
-            {m.last_backend for m in blocks.modules() if isinstance(m, QuantLinear)}
+            {m.last_backend for m in blocks.modules() if isinstance(m, KERNEL_LAYERS)}
         )
         out["batches"][str(b)] = row
     out["weights_resident_bytes"] = resident_bytes(blocks)  # after the runs: caches included

@@ -71,10 +71,21 @@ def test_e2e_smoke_reports_latency_memory_and_bytes(tmp_path):
         want = max(
             v["bf16"]["batches"][b]["extrapolated_step_ms"]
             / v[n]["batches"][b]["extrapolated_step_ms"]
-            for n in ("fp8", "fp8_w8a8")
+            for n in ("fp8", "fp8_w8a8", "fp8_checkpoint")
         )
         assert result["checks"]["fp8_step_speedup_by_batch"][b] == pytest.approx(want)
     assert v["fp8_w8a8"]["batches"]["1"]["backends"] == ["fp8_w8a8"]
+    # an FP8 checkpoint as loaded: one e4m3 byte per weight and a float32 scale per output row
+    # (the smoke block: d 128, MLP 384, 2 blocks; norms stay bf16 in every variant); the
+    # INT8-grid QuantLinear on the FP8 GEMM keeps its codes beside the e4m3 layout
+    ckpt = v["fp8_checkpoint"]
+    weights = 2 * (4 * 128 * 128 + 3 * 128 * 384)
+    rows = 2 * (4 * 128 + 2 * 384 + 128)
+    norms = v["bf16"]["weights_resident_bytes"] - 2 * weights
+    assert ckpt["weights_resident_bytes"] == weights + 4 * rows + norms
+    assert v["fp8_w8a8"]["weights_resident_bytes"] > 1.9 * ckpt["weights_resident_bytes"]
+    assert ckpt["batches"]["1"]["backends"] == ["reference"]  # CPU: the exact path
+    assert ckpt["batches"]["1"]["rel_err_vs_fake_quant"] <= 1e-6
     assert not {"int8_w8a8", "w4a8_int8", "w4a8_fp8"} & set(v)  # CUDA-only kernels
 
 

@@ -26,8 +26,9 @@ and act_bits=8; `fp8` takes any layer (it dequantizes, then rounds rows to e4m3)
 `triton_w4` and `triton_dq` need the optional `triton` package, K % 128 == 0 and a group
 size divisible by 16; they share one cached layout (`triton_w4.pack_tiles`). `triton_gemv`
 needs the same package, M <= 16, K % 8 == 0 and a group size that is a multiple of 8 (or
-per-channel); its own layout (`triton_gemv.pack_gemv`) holds the codes; `auto` does not pick it
-yet (the GPU sweep decides).
+per-channel); its own layout (`triton_gemv.pack_gemv`) holds the codes; `auto` does not pick it:
+on the H200 it was slower than torch's int4 kernel at every M <= 16 and every shape measured
+(benchmarks/results/kernels-gemv/).
 
 torch's int4 kernels dequantize as w = (q - 8) * s + z with z "in the float domain"; our
 codes satisfy w = s * (q - zero), so z = s * (8 - zero) (verified numerically in the tests).

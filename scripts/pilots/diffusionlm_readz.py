@@ -1,0 +1,168 @@
+"""CPU pilot: can a small Diffusion-LM be made to read z_t (its own position and its context)
+instead of collapsing to a t-dependent logit bias on top of the Gaussian skip term?
+
+Every arm is diffusionlm_diagnose.py's plain arm (4 blocks x 256, embed_dim 128, final_norm,
+the log-unigram logit bias, same seed, lr, batches and t/u draws), changed in one place:
+
+* `plain`: unchanged (a same-contention baseline);
+* `noskip`: the head drops the Gaussian skip term in training AND in the bound,
+  log p = log_softmax(net logits + bias): the network must read z_t to score at all;
+* `znorm`: a LayerNorm on input_up_proj(z) before the positions are added, and the time
+  embedding added after the stem LayerNorm, scaled by a learned scalar gain initialised to
+  0.1, so z's content is not swamped by t in the stem's normalisation (skip term kept);
+* `cond`: CDCD-style conditioning in training only: for half of the sequences (drawn per
+  batch) a random 30% of positions are given clean (z = e_w) and left out of the loss; the
+  bound is computed as in every arm (every position noisy). Skip term kept. The cond draws
+  come from their own generator, so the batches and t/u draws stay those of `plain`.
+
+Prints the held-out bound every `--every` steps, then diffusionlm_diagnose.py's per-bin
+diagnosis and its summary, plus the gaps (nats/token of diffusion term) that say whether the
+net reads z (blind - net) and context (noise - net_t, shuf - net_t).
+
+    OMP_NUM_THREADS=1 python scripts/pilots/diffusionlm_readz.py --arm {plain,noskip,znorm,cond} \
+        --tokens tokens.npy --wall 420 > log
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from diffusionlm_diagnose import N_VAL, VOCAB, bound, build, diagnose, summary, train
+from torch import nn
+
+from faircalib.models.base import BlockContext
+from faircalib.models.diffusion_lm import BOUND_STREAM
+from faircalib.models.gaussian import keyed_normal, row_keys, time_features
+
+ARMS = ("plain", "noskip", "znorm", "cond")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arm", choices=ARMS, default="plain")
+    p.add_argument("--tokens", required=True, help="an int token .npy (assemble-tokens)")
+    p.add_argument("--wall", type=float, default=420.0, help="training seconds (evals excluded)")
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--every", type=int, default=50, help="steps between held-out bounds")
+    p.add_argument("--seed", type=int, default=0, help="init and data order (not the eval)")
+    p.add_argument("--cond-frac", type=float, default=0.3, help="cond: clean share of positions")
+    p.add_argument("--bins", type=int, default=15, help="diagnosis: equal t bins")
+    p.add_argument("--t-per-bin", type=int, default=2)
+    p.add_argument("--windows", type=int, default=16, help="held-out windows in the diagnosis")
+    p.add_argument("--targets", type=int, default=8, help="context-free targets per window")
+    args = p.parse_args()
+    args.band = None  # diagnose.train reads it
+    return args
+
+
+# --- the arms' changes (instance attributes override the class's methods) ---------------------
+def noskip_head(model) -> None:
+    """log p = log_softmax(output_down_proj(norm_f(h)) @ emb.T + bias): no Gaussian skip."""
+
+    def head(h, ctx, x_t):
+        emb = model.embeddings()
+        logits = model.output_down_proj(model.norm_f(h)).float() @ emb.T + model.out_bias
+        logits[..., model.mask_id] = float("-inf")
+        return torch.log_softmax(logits, dim=-1)
+
+    model.head = head
+
+
+def znorm_stem(model) -> None:
+    """LN(LN_z(up(z)) + pos) + gain * time_embed(t), gain a learned scalar starting at 0.1."""
+    dim = model.cfg.hidden_dim
+    model.z_norm = nn.LayerNorm(dim)
+    model.t_gain = nn.Parameter(torch.tensor(0.1))
+
+    def stem(x_t, t):
+        b, seq = x_t.shape[:2]
+        t = torch.full((b,), model.cfg.t_min) if t is None else t.float()
+        z = x_t.float()  # the pilot only feeds noisy embeddings, never token ids
+        h = model.LayerNorm(model.z_norm(model.input_up_proj(z)) + model.position_embeddings[:seq])
+        h = h + model.t_gain * model.time_embed(time_features(t, dim))[:, None]
+        return h, BlockContext({"batch_z": z, "batch_t": t})
+
+    model.stem = stem
+
+
+def cond_loss(model, seed: int, frac: float) -> None:
+    """Training loss with half the sequences partly clean: bound_terms' noise draw (keyed by u),
+    then a random `frac` of positions set to e_w and dropped from every per-position term."""
+    gen = torch.Generator().manual_seed(seed + 7919)  # own stream: plain's draws unchanged
+
+    def loss(x0, t, u):
+        emb = model.embeddings()
+        e = emb[x0]
+        eps = keyed_normal(row_keys(u), BOUND_STREAM, tuple(e.shape[1:]))
+        z = model.noised(x0, t, eps)
+        b, length = x0.shape
+        seqs = torch.rand(b, 1, generator=gen) < 0.5
+        clean = seqs & (torch.rand(b, length, generator=gen) < frac)
+        z = torch.where(clean[..., None], e, z)
+        log_probs = model.log_probs(z, t)
+        ce = -log_probs.gather(-1, x0[..., None]).squeeze(-1)
+        t0 = torch.full_like(t, model.cfg.t_min)
+        z0 = model.noised(x0, t0, eps)
+        scale0 = model.schedule.alpha(t0) / model.schedule.sigma(t0) ** 2
+        logits0 = scale0[:, None, None] * (z0 @ emb.T)
+        logits0[..., model.mask_id] = float("-inf")
+        recon = -torch.log_softmax(logits0, -1).gather(-1, x0[..., None]).squeeze(-1)
+        per_pos = ce + recon + model.schedule.prior_kl(e)  # [B, L]
+        return (per_pos * (~clean)).sum(-1)
+
+    model.training_loss = loss
+
+
+def make(args: argparse.Namespace, log_unigram: torch.Tensor):
+    base = argparse.Namespace(**vars(args) | {"arm": "plain"})
+    model = build(base, log_unigram)  # same init as diagnose's plain arm; new modules after
+    if args.arm == "noskip":
+        noskip_head(model)
+    elif args.arm == "znorm":
+        znorm_stem(model)
+    elif args.arm == "cond":
+        cond_loss(model, args.seed, args.cond_frac)
+    return model
+
+
+def gaps(s: dict) -> dict:
+    """Positive = the net does better than with that input removed (nats/token)."""
+    return {
+        "reads_z_blind_minus_net": round(s["blind"] - s["net"], 3),
+        "reads_ctx_noise_minus_net_t": round(s["noise"] - s["net_t"], 3),
+        "reads_ctx_shuf_minus_net_t": round(s["shuf"] - s["net_t"], 3),
+        "net_minus_uni": round(s["net"] - s["uni"], 3),
+    }
+
+
+def main() -> None:
+    args = parse()
+    args.label = args.arm
+    stream = torch.from_numpy(np.load(args.tokens).astype(np.int64))
+    train_part, val = stream[:-200_000], stream[-200_000:]
+    xv = val[: N_VAL * args.length].view(N_VAL, args.length)
+    xd = val[N_VAL * args.length : (N_VAL + args.windows) * args.length].view(-1, args.length)
+    counts = torch.bincount(train_part, minlength=VOCAB).float()
+    log_unigram = ((counts + 0.5) / (counts + 0.5).sum()).log()
+    model = make(args, log_unigram)
+    head = {"arm": args.arm, "params": sum(q.numel() for q in model.parameters())}
+    head["unigram_ce_heldout"] = round(-log_unigram[xv].mean().item(), 3)
+    print(json.dumps(head | {"step": 0} | bound(model, xv)), flush=True)
+    steps = train(model, train_part, xv, args)
+    print(json.dumps({"arm": args.arm, "steps": steps} | bound(model, xv)), flush=True)
+    if hasattr(model, "t_gain"):
+        print(json.dumps({"arm": args.arm, "t_gain": round(model.t_gain.item(), 4)}), flush=True)
+    start = time.time()
+    rows = diagnose(model, xd, log_unigram, args)
+    s = summary(rows, args.arm) | {"unigram_ce_windows": round(-log_unigram[xd].mean().item(), 3)}
+    s |= gaps(s) | {"diag_s": round(time.time() - start)}
+    for r in rows + [s]:
+        print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()

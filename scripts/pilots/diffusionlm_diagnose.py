@@ -34,6 +34,11 @@ tokens. If net ~ noise ~ shuf, the network's output does not depend on context.
 `--band lo,hi` trains only on t's whose log-SNR lies in [lo, hi] (the same draws, mapped
 linearly); `--save` keeps the trained state_dict for later probes.
 
+`--device cuda` puts the model, batches and eval tensors on the GPU; every random draw is still
+made on the CPU generators and then moved, so a CPU run is unchanged and a GPU run sees the same
+batches, t's and noise. `--blocks`/`--hidden` size the network (defaults: the 4 x 256 of the
+recorded logs); `--max-steps` stops training after that many steps whatever the wall.
+
 (tokens: as for diffusionlm_selfcond.py, piece 0; run the arms side by side, one core each.)
 """
 
@@ -70,7 +75,16 @@ def parse() -> argparse.Namespace:
     p.add_argument("--t-per-bin", type=int, default=2)
     p.add_argument("--windows", type=int, default=16, help="held-out windows in the diagnosis")
     p.add_argument("--targets", type=int, default=8, help="context-free targets per window")
+    add_scale_args(p)
     return p.parse_args()
+
+
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    """Options shared with diffusionlm_readz.py: device, network size and a step cap."""
+    p.add_argument("--device", default="cpu", help="cpu or cuda; random draws stay on the CPU")
+    p.add_argument("--blocks", type=int, default=4, help="transformer blocks")
+    p.add_argument("--hidden", type=int, default=256, help="hidden width (4 heads)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop training after N steps")
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -78,7 +92,7 @@ def build(args: argparse.Namespace, log_unigram: torch.Tensor):
     """The selfcond pilot's plain arm with --bias; `untied` swaps the head."""
     torch.manual_seed(args.seed)
     cfg = dict(family="diffusion_lm", vocab_size=VOCAB, mask_id=1, seq_len=args.length)
-    cfg |= dict(embed_dim=128, hidden_dim=256, n_blocks=4, n_heads=4, mlp_ratio=4)
+    cfg |= dict(embed_dim=128, hidden_dim=args.hidden, n_blocks=args.blocks, n_heads=4, mlp_ratio=4)
     model = build_model(cfg | dict(final_norm=True))
     model.out_bias = nn.Parameter(log_unigram.clone())  # the selfcond pilot's --bias
     model.head = untied_head(model) if args.arm == "untied" else biased_head(model)
@@ -113,11 +127,12 @@ def bound(model, xv: torch.Tensor) -> dict:
     """Held-out bound and its diffusion term, nats/token, over N_T fixed midpoint t's."""
     was_training = model.training
     model.eval()
+    dev = xv.device
     ts = (torch.arange(N_T) + 0.5) / N_T * (1 - 1e-3) + 1e-3
     total = diffusion = 0.0
     for i, t in enumerate(ts):
-        u = torch.rand(*xv.shape, generator=torch.Generator().manual_seed(i))
-        terms = model.bound_terms(xv, torch.full((len(xv),), float(t)), u)
+        u = torch.rand(*xv.shape, generator=torch.Generator().manual_seed(i)).to(dev)
+        terms = model.bound_terms(xv, torch.full((len(xv),), float(t), device=dev), u)
         total += (terms["diffusion"] + terms["recon"] + terms["prior"]).mean().item()
         diffusion += terms["diffusion"].mean().item()
     model.train(was_training)
@@ -141,13 +156,14 @@ def train(model, stream: torch.Tensor, xv: torch.Tensor, args: argparse.Namespac
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(args.seed)  # same batches and t/u draws in every arm
     trained, step, losses = 0.0, 0, []
-    while trained < args.wall:
+    while trained < args.wall and (args.max_steps is None or step < args.max_steps):
         start = time.time()
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 50)
         idx = torch.randint(0, len(stream) - args.length, (args.batch,), generator=gen)
         x0 = torch.stack([stream[i : i + args.length] for i in idx.tolist()])
         t, u = stratified_times(args.batch, gen), torch.rand(x0.shape, generator=gen)
+        x0, t, u = x0.to(args.device), t.to(args.device), u.to(args.device)  # drawn on the CPU
         if args.band:  # the same draws, squeezed into the band's t interval
             t = band_times(model, t, args.band)
         loss = model.training_loss(x0, t, u).mean() / args.length
@@ -155,8 +171,8 @@ def train(model, stream: torch.Tensor, xv: torch.Tensor, args: argparse.Namespac
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        losses.append(loss.item())  # waits for the queued GPU step, so the wall below counts it
         trained += time.time() - start  # evals are not charged to the arm's wall time
-        losses.append(loss.item())
         step += 1
         if step % args.every == 0:
             row = {"arm": args.label, "seed": args.seed, "step": step, "s": round(trained)}
@@ -187,11 +203,11 @@ def unigram_posterior(model, z: torch.Tensor, t: float, log_unigram: torch.Tenso
 
 def at_positions(model, z: torch.Tensor, t: float, pos: torch.Tensor) -> torch.Tensor:
     """The net's log p(w_l | z) at one position per row: z [R, L, d], pos [R] -> [R, V]."""
-    tt = torch.full((len(z),), t)
+    tt = torch.full((len(z),), t, device=z.device)
     h, ctx = model.stem(z, tt)
     for block in model.blocks:
         h = block(h, ctx)
-    rows = torch.arange(len(z))
+    rows = torch.arange(len(z), device=z.device)
     one = BlockContext({"batch_z": z[rows, pos][:, None], "batch_t": tt})
     return model.head(h[rows, pos][:, None], one, None)[:, 0]
 
@@ -201,14 +217,14 @@ def net_zeroed(model, z: torch.Tensor, t: float) -> torch.Tensor:
     layer = model.lm_head if hasattr(model, "lm_head") else model.output_down_proj
     hook = layer.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
     try:
-        return model.log_probs(z, torch.full((len(z),), t))
+        return model.log_probs(z, torch.full((len(z),), t, device=z.device))
     finally:
         hook.remove()
 
 
 def blind(model, z: torch.Tensor, t: float, fill: torch.Tensor) -> torch.Tensor:
     """The network fed `fill` at every position (its own too); only the skip sees z."""
-    tt = torch.full((len(z),), t)
+    tt = torch.full((len(z),), t, device=z.device)
     h, ctx = model.stem(fill, tt)
     for block in model.blocks:
         h = block(h, ctx)
@@ -218,10 +234,10 @@ def blind(model, z: torch.Tensor, t: float, fill: torch.Tensor) -> torch.Tensor:
 def context_free(model, z, t, x0, pos, fill) -> torch.Tensor:
     """Scores at (window b, pos[b, k]) when every other position holds `fill` [N, L, d]."""
     n, k = pos.shape
-    b = torch.arange(n).repeat_interleave(k)
+    b = torch.arange(n, device=z.device).repeat_interleave(k)
     p = pos.reshape(-1)
     zz = fill[b].clone()
-    zz[torch.arange(len(b)), p] = z[b, p]
+    zz[torch.arange(len(b), device=z.device), p] = z[b, p]
     return scores(model, at_positions(model, zz, t, p), x0[b, p], t)
 
 
@@ -229,25 +245,28 @@ def context_free(model, z, t, x0, pos, fill) -> torch.Tensor:
 def diagnose(model, xd: torch.Tensor, log_unigram: torch.Tensor, args) -> list[dict]:
     model.eval()
     n, length = xd.shape
+    dev = xd.device  # the draws below stay on the CPU generator and are moved
     gen = torch.Generator().manual_seed(1234)  # fixed: both arms see the same noise
     pos = torch.stack([torch.randperm(length, generator=gen)[: args.targets] for _ in range(n)])
-    shift = torch.roll(torch.arange(n), 1)  # another window for `shuf`
+    pos = pos.to(dev)
+    shift = torch.roll(torch.arange(n, device=dev), 1)  # another window for `shuf`
     rows = []
     for k in range(args.bins):
         acc = {name: [] for name in NAMES}
         for j in range(args.t_per_bin):
             t = 1e-3 + (1 - 1e-3) * (k + (j + 0.5) / args.t_per_bin) / args.bins
-            eps = torch.randn(n, length, model.cfg.embed_dim, generator=gen)
-            z = model.noised(xd, torch.full((n,), t), eps)
-            net = scores(model, model.log_probs(z, torch.full((n,), t)), xd, t)
+            eps = torch.randn(n, length, model.cfg.embed_dim, generator=gen).to(dev)
+            tt = torch.full((n,), t, device=dev)
+            z = model.noised(xd, tt, eps)
+            net = scores(model, model.log_probs(z, tt), xd, t)
             acc["net"].append(net.reshape(-1, 3))
             acc["uni"].append(scores(model, unigram_posterior(model, z, t, log_unigram), xd, t))
             acc["uni"][-1] = acc["uni"][-1].reshape(-1, 3)
             acc["skipb"].append(scores(model, net_zeroed(model, z, t), xd, t).reshape(-1, 3))
-            noise = torch.randn(z.shape, generator=gen)
+            noise = torch.randn(z.shape, generator=gen).to(dev)
             acc["blind"].append(scores(model, blind(model, z, t, noise), xd, t).reshape(-1, 3))
-            acc["net_t"].append(net[torch.arange(n)[:, None], pos].reshape(-1, 3))
-            noise = torch.randn(z.shape, generator=gen)
+            acc["net_t"].append(net[torch.arange(n, device=dev)[:, None], pos].reshape(-1, 3))
+            noise = torch.randn(z.shape, generator=gen).to(dev)
             acc["noise"].append(context_free(model, z, t, xd, pos, noise))
             acc["shuf"].append(context_free(model, z, t, xd, pos, z[shift]))
         gamma = model.schedule.gamma(torch.tensor(1e-3 + (1 - 1e-3) * (k + 0.5) / args.bins))
@@ -277,9 +296,10 @@ def main() -> None:
     xd = val[N_VAL * args.length : (N_VAL + args.windows) * args.length].view(-1, args.length)
     counts = torch.bincount(train_part, minlength=VOCAB).float()
     log_unigram = ((counts + 0.5) / (counts + 0.5).sum()).log()
-    model = build(args, log_unigram)
+    model = build(args, log_unigram).to(args.device)
     head = {"arm": args.label, "params": sum(q.numel() for q in model.parameters())}
     head["unigram_ce_heldout"] = round(-log_unigram[xv].mean().item(), 3)
+    log_unigram, xv, xd = (x.to(args.device) for x in (log_unigram, xv, xd))
     print(json.dumps(head | {"step": 0} | bound(model, xv)), flush=True)
     steps = train(model, train_part, xv, args)
     print(json.dumps({"arm": args.label, "steps": steps} | bound(model, xv)), flush=True)

@@ -14,6 +14,10 @@ the log-unigram logit bias, same seed, lr, batches and t/u draws), changed in on
   batch) a random 30% of positions are given clean (z = e_w) and left out of the loss; the
   bound is computed as in every arm (every position noisy). Skip term kept. The cond draws
   come from their own generator, so the batches and t/u draws stay those of `plain`.
+  `--flag` (cond only, off in the recorded log) adds a learned clean/noisy embedding
+  (2 x hidden, zero-initialised) to the stem's output at every position: "clean" only at the
+  clean positions of training's conditioned sequences, "noisy" everywhere else, the bound and
+  the diagnosis included, so the net can tell e_w from a noisy z_t that lies near it.
 
 Prints the held-out bound every `--every` steps, then diffusionlm_diagnose.py's per-bin
 diagnosis and its summary, plus the gaps (nats/token of diffusion term) that say whether the
@@ -21,6 +25,9 @@ net reads z (blind - net) and context (noise - net_t, shuf - net_t).
 
     OMP_NUM_THREADS=1 python scripts/pilots/diffusionlm_readz.py --arm {plain,noskip,znorm,cond} \
         --tokens tokens.npy --wall 420 > log
+
+`--device`, `--blocks`, `--hidden`, `--max-steps`: as in diffusionlm_diagnose.py (random draws
+stay on the CPU generators, so a CPU run repeats the recorded logs bit for bit).
 """
 
 import argparse
@@ -29,7 +36,16 @@ import time
 
 import numpy as np
 import torch
-from diffusionlm_diagnose import N_VAL, VOCAB, bound, build, diagnose, summary, train
+from diffusionlm_diagnose import (
+    N_VAL,
+    VOCAB,
+    add_scale_args,
+    bound,
+    build,
+    diagnose,
+    summary,
+    train,
+)
 from torch import nn
 
 from faircalib.models.base import BlockContext
@@ -39,7 +55,7 @@ from faircalib.models.gaussian import keyed_normal, row_keys, time_features
 ARMS = ("plain", "noskip", "znorm", "cond")
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arm", choices=ARMS, default="plain")
     p.add_argument("--tokens", required=True, help="an int token .npy (assemble-tokens)")
@@ -50,11 +66,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--every", type=int, default=50, help="steps between held-out bounds")
     p.add_argument("--seed", type=int, default=0, help="init and data order (not the eval)")
     p.add_argument("--cond-frac", type=float, default=0.3, help="cond: clean share of positions")
+    p.add_argument("--flag", action="store_true", help="cond: a learned clean/noisy embedding")
     p.add_argument("--bins", type=int, default=15, help="diagnosis: equal t bins")
     p.add_argument("--t-per-bin", type=int, default=2)
     p.add_argument("--windows", type=int, default=16, help="held-out windows in the diagnosis")
     p.add_argument("--targets", type=int, default=8, help="context-free targets per window")
-    args = p.parse_args()
+    add_scale_args(p)
+    args = p.parse_args(argv)
+    if args.flag and args.arm != "cond":
+        p.error("--flag belongs to --arm cond (only its training feeds clean positions)")
     args.band = None  # diagnose.train reads it
     return args
 
@@ -81,6 +101,7 @@ def znorm_stem(model) -> None:
     def stem(x_t, t):
         b, seq = x_t.shape[:2]
         t = torch.full((b,), model.cfg.t_min) if t is None else t.float()
+        t = t.to(x_t.device)
         z = x_t.float()  # the pilot only feeds noisy embeddings, never token ids
         h = model.LayerNorm(model.z_norm(model.input_up_proj(z)) + model.position_embeddings[:seq])
         h = h + model.t_gain * model.time_embed(time_features(t, dim))[:, None]
@@ -89,9 +110,28 @@ def znorm_stem(model) -> None:
     model.stem = stem
 
 
-def cond_loss(model, seed: int, frac: float) -> None:
+def flag_stem(model) -> dict:
+    """Stem output + flag_embedding[clean]: returns the holder through which cond's loss marks the
+    clean positions for one forward; with the holder empty every position is flagged noisy."""
+    model.flag_embedding = nn.Embedding(2, model.cfg.hidden_dim)  # "embedding": no weight decay
+    nn.init.zeros_(model.flag_embedding.weight)  # starts as the unflagged cond arm
+    plain_stem, holder = model.stem, {"clean": None}
+
+    def stem(x_t, t):
+        h, ctx = plain_stem(x_t, t)
+        clean = holder["clean"]
+        if clean is None:  # the bound, the diagnosis, unconditioned training
+            clean = torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
+        return h + model.flag_embedding(clean.long()), ctx
+
+    model.stem = stem
+    return holder
+
+
+def cond_loss(model, seed: int, frac: float, holder: dict | None = None) -> None:
     """Training loss with half the sequences partly clean: bound_terms' noise draw (keyed by u),
-    then a random `frac` of positions set to e_w and dropped from every per-position term."""
+    then a random `frac` of positions set to e_w and dropped from every per-position term.
+    `holder` (from flag_stem): where the clean mask goes for the stem's flag."""
     gen = torch.Generator().manual_seed(seed + 7919)  # own stream: plain's draws unchanged
 
     def loss(x0, t, u):
@@ -101,9 +141,15 @@ def cond_loss(model, seed: int, frac: float) -> None:
         z = model.noised(x0, t, eps)
         b, length = x0.shape
         seqs = torch.rand(b, 1, generator=gen) < 0.5
-        clean = seqs & (torch.rand(b, length, generator=gen) < frac)
+        clean = (seqs & (torch.rand(b, length, generator=gen) < frac)).to(x0.device)
         z = torch.where(clean[..., None], e, z)
-        log_probs = model.log_probs(z, t)
+        if holder is not None:
+            holder["clean"] = clean
+        try:
+            log_probs = model.log_probs(z, t)
+        finally:
+            if holder is not None:
+                holder["clean"] = None
         ce = -log_probs.gather(-1, x0[..., None]).squeeze(-1)
         t0 = torch.full_like(t, model.cfg.t_min)
         z0 = model.noised(x0, t0, eps)
@@ -125,8 +171,8 @@ def make(args: argparse.Namespace, log_unigram: torch.Tensor):
     elif args.arm == "znorm":
         znorm_stem(model)
     elif args.arm == "cond":
-        cond_loss(model, args.seed, args.cond_frac)
-    return model
+        cond_loss(model, args.seed, args.cond_frac, flag_stem(model) if args.flag else None)
+    return model.to(args.device)
 
 
 def gaps(s: dict) -> dict:
@@ -139,9 +185,9 @@ def gaps(s: dict) -> dict:
     }
 
 
-def main() -> None:
-    args = parse()
-    args.label = args.arm
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    args.label = args.arm + (" flag" if args.flag else "")
     stream = torch.from_numpy(np.load(args.tokens).astype(np.int64))
     train_part, val = stream[:-200_000], stream[-200_000:]
     xv = val[: N_VAL * args.length].view(N_VAL, args.length)
@@ -149,16 +195,17 @@ def main() -> None:
     counts = torch.bincount(train_part, minlength=VOCAB).float()
     log_unigram = ((counts + 0.5) / (counts + 0.5).sum()).log()
     model = make(args, log_unigram)
-    head = {"arm": args.arm, "params": sum(q.numel() for q in model.parameters())}
+    head = {"arm": args.label, "params": sum(q.numel() for q in model.parameters())}
     head["unigram_ce_heldout"] = round(-log_unigram[xv].mean().item(), 3)
+    log_unigram, xv, xd = (x.to(args.device) for x in (log_unigram, xv, xd))
     print(json.dumps(head | {"step": 0} | bound(model, xv)), flush=True)
     steps = train(model, train_part, xv, args)
-    print(json.dumps({"arm": args.arm, "steps": steps} | bound(model, xv)), flush=True)
+    print(json.dumps({"arm": args.label, "steps": steps} | bound(model, xv)), flush=True)
     if hasattr(model, "t_gain"):
-        print(json.dumps({"arm": args.arm, "t_gain": round(model.t_gain.item(), 4)}), flush=True)
+        print(json.dumps({"arm": args.label, "t_gain": round(model.t_gain.item(), 4)}), flush=True)
     start = time.time()
     rows = diagnose(model, xd, log_unigram, args)
-    s = summary(rows, args.arm) | {"unigram_ce_windows": round(-log_unigram[xd].mean().item(), 3)}
+    s = summary(rows, args.label) | {"unigram_ce_windows": round(-log_unigram[xd].mean().item(), 3)}
     s |= gaps(s) | {"diag_s": round(time.time() - start)}
     for r in rows + [s]:
         print(json.dumps(r), flush=True)

@@ -1,0 +1,100 @@
+"""The Diffusion-LM pilot scripts (scripts/pilots/diffusionlm_{diagnose,readz}.py) on a tiny
+synthetic token stream: they run end to end, `--max-steps` caps training, and the cond arm's
+`--flag` marks clean positions in training only."""
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+PILOTS = Path(__file__).resolve().parents[1] / "scripts" / "pilots"
+TINY = ["--blocks", "1", "--hidden", "32", "--length", "16", "--batch", "4"]
+DIAG = ["--bins", "1", "--t-per-bin", "1", "--windows", "2", "--targets", "2"]
+
+
+@pytest.fixture
+def readz(monkeypatch):
+    monkeypatch.syspath_prepend(str(PILOTS))  # readz imports diffusionlm_diagnose by name
+    return importlib.import_module("diffusionlm_readz")
+
+
+@pytest.fixture
+def tokens(tmp_path) -> Path:
+    """210k ids over the scripts' 8192-token vocabulary (they hold out the last 200k), from a
+    skewed distribution so the unigram prior is not flat; 0 and 1 ([MASK]) never occur."""
+    rng = np.random.default_rng(0)
+    ids = np.minimum(2 + rng.zipf(1.3, size=210_000), 8191).astype(np.uint16)
+    path = tmp_path / "tokens.npy"
+    np.save(path, ids)
+    return path
+
+
+def run(readz, capsys, argv: list[str]) -> list[dict]:
+    readz.main(argv)
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_readz_cond_flag_runs_and_max_steps_caps(readz, tokens, capsys):
+    argv = ["--arm", "cond", "--flag", "--tokens", str(tokens), "--wall", "20", "--every", "1"]
+    rows = run(readz, capsys, argv + ["--max-steps", "3"] + TINY + DIAG)
+    bounds = [r for r in rows if "bound" in r]
+    # step 0, steps 1..3 (--every 1), then the final bound: the 20 s wall does not bind
+    assert [r.get("step", r.get("steps")) for r in bounds] == [0, 1, 2, 3, 3]
+    for r in bounds:
+        assert math.isfinite(r["bound"]) and 0 <= r["diffusion"] <= r["bound"]
+    assert all(r["arm"] == "cond flag" for r in rows)
+    # the printed unigram level against numpy on the same file
+    ids = np.load(tokens).astype(np.int64)
+    counts = np.bincount(ids[:-200_000], minlength=8192) + 0.5
+    held = ids[-200_000:][: 8 * 16]
+    expect = -np.log(counts[held] / counts.sum()).mean()
+    assert rows[0]["unigram_ce_heldout"] == pytest.approx(expect, abs=1e-3)
+    summary = rows[-1]
+    assert summary["summary"].startswith("diffusion term") and math.isfinite(summary["net"])
+
+
+def test_readz_wall_stops_without_max_steps(readz, tokens, capsys):
+    rows = run(
+        readz, capsys, ["--arm", "plain", "--tokens", str(tokens), "--wall", "0"] + TINY + DIAG
+    )
+    assert [r["steps"] for r in rows if "steps" in r] == [0]
+
+
+def test_flag_is_a_noop_at_init_and_clean_only_in_training(readz, tokens):
+    """Zero-initialised, the flag leaves the cond arm's function unchanged; training's loss marks
+    the clean positions (the flag's `clean` row gets gradient), the bound never does."""
+    args = readz.parse(["--arm", "cond", "--flag", "--tokens", str(tokens)] + TINY)
+    plain_args = readz.parse(["--arm", "cond", "--tokens", str(tokens)] + TINY)
+    log_unigram = torch.zeros(8192)
+    flagged, unflagged = readz.make(args, log_unigram), readz.make(plain_args, log_unigram)
+    x0 = torch.randint(2, 8192, (4, 16), generator=torch.Generator().manual_seed(0))
+    t, u = torch.full((4,), 0.5), torch.rand(4, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        same = (
+            flagged.bound_terms(x0, t, u)["diffusion"],
+            unflagged.bound_terms(x0, t, u)["diffusion"],
+        )
+    torch.testing.assert_close(*same)
+
+    flagged.bound_terms(x0, t, u)["diffusion"].sum().backward()
+    grad = flagged.flag_embedding.weight.grad
+    assert grad[0].abs().sum() > 0 and grad[1].abs().sum() == 0  # the bound: all noisy
+
+    flagged.zero_grad()
+    t = torch.linspace(0.1, 0.9, 16)  # 16 sequences: some conditioned (p = 1/2 each)
+    x0 = torch.randint(2, 8192, (16, 16), generator=torch.Generator().manual_seed(2))
+    u = torch.rand(16, 16, generator=torch.Generator().manual_seed(3))
+    flagged.training_loss(x0, t, u).sum().backward()
+    assert flagged.flag_embedding.weight.grad[1].abs().sum() > 0  # clean positions flagged
+    flagged.zero_grad()
+    flagged.bound_terms(x0, t, u)["diffusion"].sum().backward()  # the mask did not linger
+    assert flagged.flag_embedding.weight.grad[1].abs().sum() == 0
+
+
+def test_flag_refused_outside_cond(readz, tokens):
+    with pytest.raises(SystemExit):
+        readz.parse(["--arm", "plain", "--flag", "--tokens", str(tokens)])

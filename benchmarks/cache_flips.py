@@ -81,6 +81,7 @@ def run(s: dict, device: str) -> list[dict]:
                     "identical_prompts_vs_own": (gen == own).all(dim=1).float().mean().item(),
                     "row_fraction": res.stats.rows / res.stats.canvas_rows,
                     "tokens_per_s": res.stats.tokens_per_s,
+                    "generated": gen.tolist(),  # the tokens, so the flips can be recounted
                 }
             )
             print(f"{scheme} {cache}: {rows[-1]}", file=sys.stderr)

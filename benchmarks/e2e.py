@@ -113,7 +113,9 @@ def build_blocks(cfg: dict, n: int, device: torch.device, seed: int = 0) -> nn.M
     return blocks.to(device, torch.bfloat16)
 
 
-VARIANTS = {  # name -> (bits, group, symmetric, act_bits, backend, act_format) or None for bf16
+# name -> (bits, group, symmetric, act_bits, backend, act_format), None for bf16, or
+# "fp8_checkpoint" (FP8ActLinear: `quantize_blocks`)
+VARIANTS = {
     "bf16": None,
     "int4_g128": (4, 128, False, None, "auto", "int"),
     "w8a8_int8": (8, None, True, 8, "auto", "int"),

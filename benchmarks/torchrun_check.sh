@@ -25,6 +25,8 @@ COMMON="--bits 4 --group-size 128 --nsamples ${NSAMPLES:-64} --device $DEVICE --
   echo "| method | run | command | seconds | sha256 of the weights file | bound (eval) |"
   echo "|---|---|---|---:|---|---|"
 } > "$OUT/torchrun.md"
+declare -A sums bounds
+verdicts=()
 for method in gptq "fair --fair-preset fast"; do
   tag=${method%% *}
   for run in one torchrun; do
@@ -36,8 +38,19 @@ for method in gptq "fair --fair-preset fast"; do
     secs=$(python3 -c "import time; print(f'{time.time() - $start:.1f}')")
     sha=$(sha256sum "$dir"/*.safetensors | awk '{print substr($1, 1, 16)}' | paste -sd, -)
     $launcher eval "$dir" --data wikitext2 --device $DEVICE ${EVAL_ARGS:-} > "$OUT/$tag-$run-eval.log" 2>&1
-    bound=$(grep -iE "perplexity|bits/byte|nll" "$OUT/$tag-$run-eval.log" | tail -1 | tr '|' ' ')
+    bound=$({ grep -iE "perplexity|bits/byte|nll" "$OUT/$tag-$run-eval.log" || echo "no bound printed"; } \
+      | tail -1 | tr '|' ' ')
     echo "| $tag | $run | \`${cmd#python3 -m }\` | $secs | $sha | $bound |" >> "$OUT/torchrun.md"
+    sums[$run]=$sha
+    bounds[$run]=${bound#* on }  # the bound without the directory name
   done
+  same=no
+  if [ "${sums[one]}" = "${sums[torchrun]}" ] && [ "${bounds[one]% [0-9]*s}" = "${bounds[torchrun]% [0-9]*s}" ]; then
+    same=yes
+  fi
+  verdicts+=("$tag: same weight files and bound under torchrun as in one process: $same")
 done
+{ echo; printf '%s  \n' "${verdicts[@]}"; } >> "$OUT/torchrun.md"
 cat "$OUT/torchrun.md"
+# a difference fails the job (the table above says where)
+! printf '%s\n' "${verdicts[@]}" | grep -q ": no$"

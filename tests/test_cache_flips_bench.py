@@ -46,7 +46,17 @@ def test_smoke_rows_follow_the_block_schedule(tmp_path):
         assert 0.0 <= r["flip_vs_own_uncached"] <= 1.0 and r["tokens_per_s"] > 0
         if cache == "none":  # a run against itself
             assert r["flip_vs_own_uncached"] == 0.0 and r["identical_prompts_vs_own"] == 1.0
-        if scheme == "float":  # its own uncached run is the float reference
-            assert r["flip_vs_float_uncached"] == r["flip_vs_own_uncached"]
+        # the flip rates recounted from the recorded tokens, position by position
+        gen, own = r["generated"], rows[scheme, "none"]["generated"]
+        ref = rows["float", "none"]["generated"]
+        cells = [(i, j) for i in range(len(gen)) for j in range(len(gen[i]))]
+        differ = [gen[i][j] != own[i][j] for i, j in cells]
+        assert r["flip_vs_own_uncached"] == pytest.approx(sum(differ) / len(cells))
+        assert r["flip_vs_float_uncached"] == pytest.approx(
+            sum(gen[i][j] != ref[i][j] for i, j in cells) / len(cells)
+        )
+        same_rows = [gen[i] == own[i] for i in range(len(gen))]
+        assert r["identical_prompts_vs_own"] == pytest.approx(sum(same_rows) / len(gen))
+        assert len(gen) == s["prompts"] and all(len(g) == s["gen"] for g in gen)
     md = (tmp_path / "cache_flips.md").read_text()
     assert md.count("| gptq_w4g128 |") == 3 and (tmp_path / "cache_flips.json").is_file()

@@ -197,8 +197,14 @@ def test_offload_keeps_one_block_on_the_device_and_changes_nothing(setup):
         q = copy.deepcopy(model)
         moves, runs = spy_moves(q)
         calib = CalibConfig(device=CALIB_DEVICE, offload=offload)
-        quantize_model(q, cfg, x_t, t, calib_cfg=calib, progress=False)
+        report = quantize_model(q, cfg, x_t, t, calib_cfg=calib, progress=False)
         quantized[offload] = q
+        # the moves are timed only when there are moves to time; the stages are disjoint
+        # intervals of the run, so they cannot add up to more than its total
+        tm = report.timings
+        assert ("offload_s" in tm) == offload and ("home_s" in tm) == offload
+        stages = ("stem_s", "stats_s", "quantize_s", "propagate_s", "offload_s", "home_s")
+        assert sum(tm.get(k, 0.0) for k in stages) <= tm["total_s"] + 1e-3
         block_moves = [m for m in moves if m[0].startswith("blocks")]
         other_moves = [m for m in moves if not m[0].startswith("blocks")]
         stem_head = [n for n, _ in q.named_children() if n != "blocks"]

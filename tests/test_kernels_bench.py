@@ -85,7 +85,6 @@ def test_e2e_smoke_reports_latency_memory_and_bytes(tmp_path):
     assert ckpt["weights_resident_bytes"] == weights + 4 * rows + norms
     assert v["fp8_w8a8"]["weights_resident_bytes"] > 1.9 * ckpt["weights_resident_bytes"]
     assert ckpt["batches"]["1"]["backends"] == ["reference"]  # CPU: the exact path
-    assert ckpt["batches"]["1"]["rel_err_vs_fake_quant"] <= 1e-6
     assert not {"int8_w8a8", "w4a8_int8", "w4a8_fp8"} & set(v)  # CUDA-only kernels
 
 

@@ -25,8 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RUN_GPU = ROOT / "benchmarks" / "run_gpu.sh"
 SEED_TABLE = ROOT / "scripts" / "gpu_seed_table.sh"
-# a pytest run and a shell script (benchmarks/torchrun_check.sh: its CPU form is
-# test_distributed.py::test_torchrun_quantize_writes_the_single_process_model), not our parsers
+# a pytest run and a shell script (benchmarks/torchrun_check.sh, which runs the CLI under
+# torchrun; test_distributed.py::test_torchrun_quantize_writes_the_single_process_model checks
+# the same property on gloo), not our parsers
 NOT_ARGPARSE = {"cudatests", "torchrun"}
 # issue 16: the backends and the dLLM layer shapes (in, out) the kernel sweep must cover
 ISSUE16_BACKENDS = {"fp8_w8a8", "int8_w8a8", "w4a8", "w4a8_fp8", "auto_w4"}

@@ -68,8 +68,8 @@ _FORCED_CACHE_PLACEMENT: str | None = None
 def stage_clock(device: torch.device) -> float:
     """Wall time after the device's queued work: a stage's time includes the kernels it launched
     (without the synchronisation they would be billed to whichever later stage waits first -
-    a block's move back to the host, say). A few synchronisations per block cost nothing
-    measurable against its seconds of work."""
+    a block's move back to the host, say). A few synchronisations per block, against stages of
+    seconds; the host cannot queue the next stage meanwhile (not measured separately)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.time()
@@ -248,7 +248,9 @@ def quantize_model(
     # [N, L] on the device: every statistics batch and reconstruction step slices it there
     weights = (torch.ones(n, seq_len) if row_weights is None else row_weights.float()).to(device)
     # stem_s first, as before (set below); the extra stacks add to stats/quantize/recon
-    report.timings.update(stem_s=0.0, stats_s=0.0, quantize_s=0.0, propagate_s=0.0, offload_s=0.0)
+    report.timings.update(stem_s=0.0, stats_s=0.0, quantize_s=0.0, propagate_s=0.0)
+    if calib_cfg.offload:  # the blocks' moves to the device and back
+        report.timings["offload_s"] = 0.0
     if recon:
         report.timings["recon_s"] = 0.0
     # stacks the stem runs (PLANNER's prior) first: the main stack's inputs then come from the
@@ -288,7 +290,8 @@ def quantize_model(
     for i, block in blocks:
         tick = stage_clock(device)
         block.to(device)
-        report.timings["offload_s"] += stage_clock(device) - tick
+        if calib_cfg.offload:
+            report.timings["offload_s"] += stage_clock(device) - tick
         rows, float_cache = _calibrate_block(
             i, block, model.quantizable_linears(block), cache, float_cache, contexts, weights,
             plan, batches, text_ids, report, method_cfg, calib_cfg, recon,

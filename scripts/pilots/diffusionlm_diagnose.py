@@ -61,26 +61,32 @@ NAMES = ("net", "uni", "skipb", "blind", "net_t", "noise", "shuf")  # the diagno
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arm", choices=("plain", "untied"), default="plain")
+    add_run_args(p, wall=480.0)
+    p.add_argument("--save", default=None, help="state_dict path after training")
+    p.add_argument("--band", default=None, help="'lo,hi': train only on t with gamma in it")
+    p.add_argument("--diag-log", default=None, help="where the per-bin diagnosis goes")
+    return p.parse_args()
+
+
+def add_run_args(p: argparse.ArgumentParser, wall: float) -> None:
+    """Options shared with diffusionlm_readz.py: data, training, the diagnosis, and the
+    device / network size / step cap."""
     p.add_argument("--tokens", required=True, help="an int token .npy (assemble-tokens)")
-    p.add_argument("--wall", type=float, default=480.0, help="training seconds (evals excluded)")
+    p.add_argument("--wall", type=float, default=wall, help="training seconds (evals excluded)")
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--every", type=int, default=50, help="steps between held-out bounds")
     p.add_argument("--seed", type=int, default=0, help="init and data order (not the eval)")
-    p.add_argument("--save", default=None, help="state_dict path after training")
-    p.add_argument("--band", default=None, help="'lo,hi': train only on t with gamma in it")
-    p.add_argument("--diag-log", default=None, help="where the per-bin diagnosis goes")
     p.add_argument("--bins", type=int, default=15, help="equal t bins: 1 nat of gamma each")
     p.add_argument("--t-per-bin", type=int, default=2)
     p.add_argument("--windows", type=int, default=16, help="held-out windows in the diagnosis")
     p.add_argument("--targets", type=int, default=8, help="context-free targets per window")
     add_scale_args(p)
-    return p.parse_args()
 
 
 def add_scale_args(p: argparse.ArgumentParser) -> None:
-    """Options shared with diffusionlm_readz.py: device, network size and a step cap."""
+    """Device, network size and a step cap."""
     p.add_argument("--device", default="cpu", help="cpu or cuda; random draws stay on the CPU")
     p.add_argument("--blocks", type=int, default=4, help="transformer blocks")
     p.add_argument("--hidden", type=int, default=256, help="hidden width (4 heads)")

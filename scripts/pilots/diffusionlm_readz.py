@@ -39,7 +39,7 @@ import torch
 from diffusionlm_diagnose import (
     N_VAL,
     VOCAB,
-    add_scale_args,
+    add_run_args,
     bound,
     build,
     diagnose,
@@ -58,20 +58,9 @@ ARMS = ("plain", "noskip", "znorm", "cond")
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arm", choices=ARMS, default="plain")
-    p.add_argument("--tokens", required=True, help="an int token .npy (assemble-tokens)")
-    p.add_argument("--wall", type=float, default=420.0, help="training seconds (evals excluded)")
-    p.add_argument("--length", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--every", type=int, default=50, help="steps between held-out bounds")
-    p.add_argument("--seed", type=int, default=0, help="init and data order (not the eval)")
+    add_run_args(p, wall=420.0)
     p.add_argument("--cond-frac", type=float, default=0.3, help="cond: clean share of positions")
     p.add_argument("--flag", action="store_true", help="cond: a learned clean/noisy embedding")
-    p.add_argument("--bins", type=int, default=15, help="diagnosis: equal t bins")
-    p.add_argument("--t-per-bin", type=int, default=2)
-    p.add_argument("--windows", type=int, default=16, help="held-out windows in the diagnosis")
-    p.add_argument("--targets", type=int, default=8, help="context-free targets per window")
-    add_scale_args(p)
     args = p.parse_args(argv)
     if args.flag and args.arm != "cond":
         p.error("--flag belongs to --arm cond (only its training feeds clean positions)")

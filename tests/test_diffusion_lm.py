@@ -288,3 +288,70 @@ def test_the_gpu_preset_normalises_before_the_head():
     assert PRESETS["diffusionlm-base"]["final_norm"] and model.norm_f is not None
     cfg.preset = "diffusionlm-tiny"
     assert build_model(cfg, tok).norm_f is None
+
+
+def test_per_position_levels_equal_shared_ones_when_all_equal_and_noise_each_position_alone():
+    # t [B, L] is a generalisation of t [B]: every position at the sequence's level must give
+    # the same distributions; and each position's noising uses its own alpha/sigma only
+    model = tiny()
+    x, t, eps = torch.randint(2, V, (3, L)), torch.rand(3), torch.randn(3, L, 8)
+    with torch.no_grad():
+        shared = model.log_probs(model.noised(x, t, eps), t)
+        spread = t[:, None].expand(-1, L)
+        per_pos = model.log_probs(model.noised(x, spread, eps), spread)
+        assert torch.allclose(shared, per_pos, atol=1e-5)
+        levels = torch.rand(3, L)
+        z = model.noised(x, levels, eps)
+        emb, sch = model.embeddings(), model.schedule
+        for b in range(3):
+            for pos in range(L):
+                lv = levels[b, pos]
+                ref = sch.alpha(lv) * emb[x[b, pos]] + sch.sigma(lv) * eps[b, pos]
+                assert torch.allclose(z[b, pos], ref, atol=1e-6)
+
+
+def test_independent_levels_draw_a_share_of_sequences_and_leave_the_bound_alone():
+    from faircalib.errors import CheckpointError
+
+    cfg = dict(family="diffusion_lm", vocab_size=V, mask_id=1, seq_len=16, embed_dim=8)
+    cfg |= {"hidden_dim": 32, "n_blocks": 2, "n_heads": 2}
+    with pytest.raises(CheckpointError, match="independent_t"):
+        build_model({**cfg, "independent_t": 1.5})
+    model = tiny()
+    n, t, u = 400, torch.rand(400), torch.rand(400, L)
+    assert torch.equal(model.training_levels(t, u), t)  # off by default: one level a sequence
+    model.cfg.independent_t = 0.3
+    levels = model.training_levels(t, u)
+    assert torch.equal(levels, model.training_levels(t, u.clone()))  # keyed by u: repeatable
+    own = (levels != t[:, None]).any(-1)
+    # the chosen share is Binomial(400, 0.3): 120 +- 9.2; a 5-sigma window
+    assert abs(own.sum().item() - 0.3 * n) < 5 * math.sqrt(n * 0.3 * 0.7)
+    assert torch.equal(levels[~own], t[~own, None].expand(-1, L))
+    mine = levels[own]
+    assert mine.min() >= model.cfg.t_min and mine.max() <= 1
+    assert mine.std(-1).min() > 0.05  # distinct levels inside each chosen sequence
+    # U(t_min, 1): the mean of ~1400 draws sits within 5 standard errors of 0.5
+    assert abs(mine.mean().item() - 0.5) < 5 * (1 / math.sqrt(12)) / math.sqrt(mine.numel())
+    x0 = torch.randint(2, V, (4, L))
+    tt, uu = torch.rand(4), torch.rand(4, L)
+    with torch.no_grad():
+        bound_on = model.nelbo(x0, tt, uu)
+        model.cfg.independent_t = 0.0
+        assert torch.equal(model.nelbo(x0, tt, uu), bound_on)  # the bound keeps shared levels
+
+
+def test_training_loss_with_own_levels_is_the_cross_entropy_at_those_levels():
+    # share 1: every sequence per position; the loss must be CE of p(w | z) with z noised at
+    # the drawn levels + the (level-free) rounding and prior terms, built here by hand
+    model = tiny()
+    model.cfg.independent_t = 1.0
+    x0, t, u = torch.randint(2, V, (2, L)), torch.rand(2), torch.rand(2, L)
+    with torch.no_grad():
+        loss = model.training_loss(x0, t, u)
+        levels = model.training_levels(t, u)
+        eps = keyed_normal(row_keys(u), 1, (L, 8))  # the bound's stream (BOUND_STREAM)
+        emb, sch = model.embeddings(), model.schedule
+        z = sch.alpha(levels)[..., None] * emb[x0] + sch.sigma(levels)[..., None] * eps
+        ce = -model.log_probs(z, levels).gather(-1, x0[..., None]).squeeze(-1).sum(-1)
+        shared = model.bound_terms(x0, t, u)  # rounding and prior do not depend on t
+    assert torch.allclose(loss, ce + shared["recon"] + shared["prior"], rtol=1e-5)

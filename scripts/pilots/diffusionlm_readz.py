@@ -18,6 +18,10 @@ the log-unigram logit bias, same seed, lr, batches and t/u draws), changed in on
   (2 x hidden, zero-initialised) to the stem's output at every position: "clean" only at the
   clean positions of training's conditioned sequences, "noisy" everywhere else, the bound and
   the diagnosis included, so the net can tell e_w from a noisy z_t that lies near it.
+* `pert`: the model's own `independent_t` (models/diffusion_lm.py): in a share
+  (`--independent-t`, default 0.5) of the training sequences every position draws its own
+  noise level, so some neighbours are nearly clean; the bound and the diagnosis keep one level
+  a sequence. Skip term kept; batches and t/u draws are `plain`'s.
 
 Prints the held-out bound every `--every` steps, then diffusionlm_diagnose.py's per-bin
 diagnosis and its summary, plus the gaps (nats/token of diffusion term) that say whether the
@@ -52,7 +56,7 @@ from faircalib.models.base import BlockContext
 from faircalib.models.diffusion_lm import BOUND_STREAM
 from faircalib.models.gaussian import keyed_normal, row_keys, time_features
 
-ARMS = ("plain", "noskip", "znorm", "cond")
+ARMS = ("plain", "noskip", "znorm", "cond", "pert")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +65,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_args(p, wall=420.0)
     p.add_argument("--cond-frac", type=float, default=0.3, help="cond: clean share of positions")
     p.add_argument("--flag", action="store_true", help="cond: a learned clean/noisy embedding")
+    p.add_argument("--independent-t", type=float, default=0.5, help="pert: share of sequences")
     args = p.parse_args(argv)
     if args.flag and args.arm != "cond":
         p.error("--flag belongs to --arm cond (only its training feeds clean positions)")
@@ -161,6 +166,8 @@ def make(args: argparse.Namespace, log_unigram: torch.Tensor):
         znorm_stem(model)
     elif args.arm == "cond":
         cond_loss(model, args.seed, args.cond_frac, flag_stem(model) if args.flag else None)
+    elif args.arm == "pert":
+        model.cfg.independent_t = args.independent_t
     return model.to(args.device)
 
 
@@ -177,6 +184,8 @@ def gaps(s: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     args.label = args.arm + (" flag" if args.flag else "")
+    if args.arm == "pert":
+        args.label += f" {args.independent_t}"
     stream = torch.from_numpy(np.load(args.tokens).astype(np.int64))
     train_part, val = stream[:-200_000], stream[-200_000:]
     xv = val[: N_VAL * args.length].view(N_VAL, args.length)

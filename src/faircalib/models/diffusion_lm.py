@@ -64,7 +64,8 @@ from faircalib.models.gaussian import (
     time_features,
 )
 
-NOISE_STREAM, BOUND_STREAM = 0, 1  # keyed-noise streams: stem-made inputs, the bound's draw
+# keyed-noise streams: stem-made inputs, the bound's draw, training's per-position noise levels
+NOISE_STREAM, BOUND_STREAM, LEVEL_STREAM = 0, 1, 2
 
 
 @dataclass
@@ -84,9 +85,20 @@ class DiffusionLMConfig:
     # MDLM's `norm_final`; upstream's post-LN BERT normalises every layer's output). Off only
     # for checkpoints saved before the field existed (their config.json lacks it).
     final_norm: bool = False
+    # Share of training sequences in which every position draws its own noise level (the rest
+    # share one, as the bound and the sampler do). Gaussian noise hits every position alike,
+    # so a neighbour is never clearer than the position being denoised and the network never
+    # learns to read context (docs/models.md, "Per-position noise levels"); with levels of
+    # their own, some neighbours are nearly clean, as unmasked tokens are in MDLM. 0: off.
+    independent_t: float = 0.0
 
     def __post_init__(self) -> None:
         check_fields(self, "Diffusion-LM")
+        if not 0.0 <= self.independent_t <= 1.0:
+            raise CheckpointError(
+                f"Diffusion-LM config: independent_t {self.independent_t} must lie in [0, 1]; "
+                "fix config.json"
+            )
         if self.hidden_dim % self.n_heads or not 0 <= self.mask_id < self.vocab_size:
             raise CheckpointError(
                 f"Diffusion-LM config: hidden_dim {self.hidden_dim} must split into "
@@ -130,8 +142,9 @@ class DiffusionLMModel(DiffusionLM):
         return math.sqrt(w.shape[1]) * w / w.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
     def noised(self, tokens: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """z_t = alpha_t e_w + sigma_t eps: tokens [B, L], t [B], eps [B, L, d]."""
-        a, s = self.schedule.alpha(t)[:, None, None], self.schedule.sigma(t)[:, None, None]
+        """z_t = alpha_t e_w + sigma_t eps: tokens [B, L], t [B] or [B, L], eps [B, L, d]."""
+        t = per_position(t)[..., None]
+        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
         return a * self.embeddings()[tokens] + s * eps
 
     # --- the three stages ------------------------------------------------------------------
@@ -139,7 +152,8 @@ class DiffusionLMModel(DiffusionLM):
         """x_t: a noisy embedding state [B, L, d] (what the sampler feeds), or token ids
         [B, L], which are noised here to level t with noise keyed by (ids, t): calibration
         and any caller holding only tokens get one draw of q(z_t | w), the same draw on every
-        call. t None: the lowest noise level t_min."""
+        call. t None: the lowest noise level t_min; t [B, L] (training with
+        `independent_t`): one level a position."""
         b, seq = x_t.shape[:2]
         if t is None:
             t = torch.full((b,), self.cfg.t_min, device=x_t.device)
@@ -149,8 +163,8 @@ class DiffusionLMModel(DiffusionLM):
             x_t = self.noised(x_t, t, eps)
         z, dt = x_t.float(), self.position_embeddings.dtype  # weights may be bf16 (loaded so)
         h = self.input_up_proj(z.to(dt)) + self.position_embeddings[:seq]
-        steps = time_features(t, self.cfg.hidden_dim).to(dt)
-        h = self.LayerNorm(h + self.time_embed(steps)[:, None])
+        steps = time_features(per_position(t), self.cfg.hidden_dim).to(dt)
+        h = self.LayerNorm(h + self.time_embed(steps))
         return h, BlockContext({"batch_z": z, "batch_t": t})
 
     def head(self, h: torch.Tensor, ctx: BlockContext, x_t: torch.Tensor) -> torch.Tensor:
@@ -158,7 +172,8 @@ class DiffusionLMModel(DiffusionLM):
         log-likelihood of z_t,l under each token; [MASK] gets no mass."""
         emb = self.embeddings()  # [V, d]
         z, t = ctx.tensors["batch_z"], ctx.tensors["batch_t"]
-        scale = (self.schedule.alpha(t) / self.schedule.sigma(t) ** 2)[:, None, None]
+        scale = (self.schedule.alpha(t) / self.schedule.sigma(t) ** 2)
+        scale = per_position(scale)[..., None]
         if self.norm_f is not None:  # pre-LN blocks leave the residual stream unnormalised
             h = self.norm_f(h)
         logits = self.output_down_proj(h).float() @ emb.T + scale * (z @ emb.T)
@@ -174,21 +189,23 @@ class DiffusionLMModel(DiffusionLM):
     ) -> dict[str, torch.Tensor]:
         """Per-sequence [B] terms (nats) from one keyed draw of eps (keyed by u, the caller's
         noise): the bound's `diffusion`, `recon` (rounding of z_t0) and `prior`, and the
-        training terms `mse` (L_simple) and `ce` (rounding of z_t)."""
+        training terms `mse` (L_simple) and `ce` (rounding of z_t). t: [B], or [B, L] for
+        training's per-position levels (then `diffusion` is not a bound term)."""
         emb = self.embeddings()
         e = emb[x0]  # [B, L, d]
         eps = keyed_normal(row_keys(u), BOUND_STREAM, tuple(e.shape[1:]))
         log_probs = self.log_probs(self.noised(x0, t, eps), t)  # [B, L, V]
         x_hat = log_probs.exp() @ emb
         sq_err = (e - x_hat).pow(2).sum(-1)  # [B, L]
-        t0 = torch.full_like(t, self.cfg.t_min)
+        snr = per_position(self.schedule.snr(t))  # [B, 1] or [B, L]
+        t0 = torch.full((len(x0),), self.cfg.t_min, device=x0.device)
         z0 = self.noised(x0, t0, eps)
         scale0 = self.schedule.alpha(t0) / self.schedule.sigma(t0) ** 2
         logits0 = scale0[:, None, None] * (z0 @ emb.T)
         logits0[..., self.mask_id] = float("-inf")
         recon = -torch.log_softmax(logits0, -1).gather(-1, x0[..., None]).squeeze(-1)
         return {
-            "diffusion": self.schedule.diffusion_weight() * self.schedule.snr(t) * sq_err.sum(-1),
+            "diffusion": self.schedule.diffusion_weight() * (snr * sq_err).sum(-1),
             "recon": recon.sum(-1),
             "prior": self.schedule.prior_kl(e).sum(-1),
             "mse": sq_err.sum(-1),
@@ -202,9 +219,24 @@ class DiffusionLMModel(DiffusionLM):
     def training_loss(self, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """CDCD's objective: cross-entropy of p(w | z_t) + the bound's rounding and prior terms.
         `mse` (L_simple) stays a reported term, not a trained one: its scale grows with
-        embed_dim and drowned the cross-entropy (pilot in docs/models.md)."""
-        terms = self.bound_terms(x0, t, u)
+        embed_dim and drowned the cross-entropy (pilot in docs/models.md). With
+        `independent_t` a share of the sequences get one level a position (`training_levels`)."""
+        terms = self.bound_terms(x0, self.training_levels(t, u), u)
         return terms["ce"] + terms["recon"] + terms["prior"]
+
+    def training_levels(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """t [B] -> t [B], or [B, L] where `independent_t` > 0: in a share of the sequences
+        (chosen by a keyed draw) every position takes its own t ~ U(t_min, 1). The draws are
+        keyed by u, as the bound's noise is: the same batch gives the same levels anywhere."""
+        share = self.cfg.independent_t
+        if share == 0:
+            return t
+        length = u.shape[1]
+        draws = torch.special.ndtr(keyed_normal(row_keys(u), LEVEL_STREAM, (1 + length,)))
+        own = draws[:, 0] < share  # [B]: which sequences get a level a position
+        t_min = self.cfg.t_min
+        levels = t_min + (1 - t_min) * draws[:, 1:].to(t.device)  # [B, L]
+        return torch.where(own.to(t.device)[:, None], levels, t[:, None].expand(-1, length))
 
     # --- sampling ----------------------------------------------------------------------------
     def sample(
@@ -284,6 +316,13 @@ class DiffusionLMModel(DiffusionLM):
 
 
 # --- helpers shared with PLANNER -------------------------------------------------------------
+def per_position(x: torch.Tensor) -> torch.Tensor:
+    """A per-sequence [B] quantity as [B, 1], a per-position [B, L] one unchanged: both then
+    broadcast against [B, L] (and, with [..., None], against [B, L, d])."""
+    return x[:, None] if x.dim() == 1 else x
+
+
+
 def _posterior_step(
     sch: GaussianSchedule,
     z: torch.Tensor,

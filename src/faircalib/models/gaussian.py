@@ -92,10 +92,11 @@ def keyed_normal(keys: torch.Tensor, stream: int, shape: tuple[int, ...]) -> tor
 
 # --- modules -----------------------------------------------------------------------------------
 def time_features(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of t [B] in [0, 1] -> [B, dim] (t scaled to 0..1000, as DDPM)."""
+    """Sinusoidal features of t [...] in [0, 1] -> [..., dim] (t scaled to 0..1000, as DDPM);
+    t is [B] (one level a sequence) or [B, L] (one a position, Diffusion-LM's training)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
-    args = 1000 * t.float()[:, None] * freqs[None]
+    args = 1000 * t.float()[..., None] * freqs
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 

@@ -70,6 +70,10 @@ PRESETS: dict[str, dict] = {
         # pre-LN blocks need the LayerNorm before the head's tanh: without it the 2026-11-29
         # lease's 600 s run saturated the tanh and stayed at unigram level (docs/models.md)
         final_norm=True,
+        # every training position at its own noise level: with one level a sequence the
+        # network never learned to read context (GPU pilot, docs/models.md "Per-position
+        # noise levels"); the bound and the sampler keep one level a sequence
+        independent_t=1.0,
     ),
     "planner-small": dict(
         family="planner",

@@ -66,6 +66,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cond-frac", type=float, default=0.3, help="cond: clean share of positions")
     p.add_argument("--flag", action="store_true", help="cond: a learned clean/noisy embedding")
     p.add_argument("--independent-t", type=float, default=0.5, help="pert: share of sequences")
+    p.add_argument("--jitter", type=float, default=0.0, help="pert: log-SNR jitter (0: uniform)")
     args = p.parse_args(argv)
     if args.flag and args.arm != "cond":
         p.error("--flag belongs to --arm cond (only its training feeds clean positions)")
@@ -167,7 +168,7 @@ def make(args: argparse.Namespace, log_unigram: torch.Tensor):
     elif args.arm == "cond":
         cond_loss(model, args.seed, args.cond_frac, flag_stem(model) if args.flag else None)
     elif args.arm == "pert":
-        model.cfg.independent_t = args.independent_t
+        model.cfg.independent_t, model.cfg.level_jitter = args.independent_t, args.jitter
     return model.to(args.device)
 
 
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     args.label = args.arm + (" flag" if args.flag else "")
     if args.arm == "pert":
-        args.label += f" {args.independent_t}"
+        args.label += f" {args.independent_t}" + (f" jitter {args.jitter}" if args.jitter else "")
     stream = torch.from_numpy(np.load(args.tokens).astype(np.int64))
     train_part, val = stream[:-200_000], stream[-200_000:]
     xv = val[: N_VAL * args.length].view(N_VAL, args.length)

@@ -91,13 +91,17 @@ class DiffusionLMConfig:
     # learns to read context (docs/models.md, "Per-position noise levels"); with levels of
     # their own, some neighbours are nearly clean, as unmasked tokens are in MDLM. 0: off.
     independent_t: float = 0.0
+    # With independent_t: 0 draws each position's level uniformly; > 0 draws its log-SNR around
+    # the sequence's, gamma_l = gamma(t) + level_jitter * N(0, 1) (clamped to the schedule), so
+    # one level a sequence (the bound's case) stays inside what training sees.
+    level_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         check_fields(self, "Diffusion-LM")
-        if not 0.0 <= self.independent_t <= 1.0:
+        if not 0.0 <= self.independent_t <= 1.0 or self.level_jitter < 0:
             raise CheckpointError(
-                f"Diffusion-LM config: independent_t {self.independent_t} must lie in [0, 1]; "
-                "fix config.json"
+                f"Diffusion-LM config: independent_t {self.independent_t} must lie in [0, 1] "
+                f"and level_jitter {self.level_jitter} be >= 0; fix config.json"
             )
         if self.hidden_dim % self.n_heads or not 0 <= self.mask_id < self.vocab_size:
             raise CheckpointError(
@@ -234,8 +238,15 @@ class DiffusionLMModel(DiffusionLM):
         length = u.shape[1]
         draws = torch.special.ndtr(keyed_normal(row_keys(u), LEVEL_STREAM, (1 + length,)))
         own = draws[:, 0] < share  # [B]: which sequences get a level a position
-        t_min = self.cfg.t_min
-        levels = t_min + (1 - t_min) * draws[:, 1:].to(t.device)  # [B, L]
+        t_min, jitter = self.cfg.t_min, self.cfg.level_jitter
+        if jitter > 0:  # log-SNR jittered around the sequence's level, mapped back to t
+            sch = self.schedule
+            noise = torch.special.ndtri(draws[:, 1:].clamp(1e-6, 1 - 1e-6)).to(t.device)
+            gamma = (sch.gamma(t)[:, None] + jitter * noise).clamp(sch.gamma_min, sch.gamma_max)
+            levels = (sch.gamma_max - gamma) / (sch.gamma_max - sch.gamma_min)
+            levels = levels.clamp(t_min, 1.0)
+        else:
+            levels = t_min + (1 - t_min) * draws[:, 1:].to(t.device)  # [B, L]
         return torch.where(own.to(t.device)[:, None], levels, t[:, None].expand(-1, length))
 
     # --- sampling ----------------------------------------------------------------------------

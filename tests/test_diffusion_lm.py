@@ -355,3 +355,16 @@ def test_training_loss_with_own_levels_is_the_cross_entropy_at_those_levels():
         ce = -model.log_probs(z, levels).gather(-1, x0[..., None]).squeeze(-1).sum(-1)
         shared = model.bound_terms(x0, t, u)  # rounding and prior do not depend on t
     assert torch.allclose(loss, ce + shared["recon"] + shared["prior"], rtol=1e-5)
+
+
+def test_level_jitter_spreads_log_snr_around_the_sequence_level():
+    # gamma_l - gamma(t) must be N(0, jitter^2) where no clamp binds: pick t mid-schedule
+    model = tiny()
+    model.cfg.independent_t, model.cfg.level_jitter = 1.0, 0.5
+    sch = model.schedule
+    t = torch.full((300,), 0.5)  # gamma -1.5, 7.5 nats (15 sigma) from either end
+    delta = sch.gamma(model.training_levels(t, torch.rand(300, L))) - sch.gamma(t)[:, None]
+    n = delta.numel()
+    assert abs(delta.mean().item()) < 5 * 0.5 / math.sqrt(n)
+    # the sample std of n normals: standard error ~ sigma / sqrt(2n)
+    assert abs(delta.std().item() - 0.5) < 5 * 0.5 / math.sqrt(2 * n)

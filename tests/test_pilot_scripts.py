@@ -98,3 +98,19 @@ def test_flag_is_a_noop_at_init_and_clean_only_in_training(readz, tokens):
 def test_flag_refused_outside_cond(readz, tokens):
     with pytest.raises(SystemExit):
         readz.parse(["--arm", "plain", "--flag", "--tokens", str(tokens)])
+
+
+def test_readz_pert_arm_sets_the_models_levels_and_runs(readz, tokens, capsys):
+    args = readz.parse(
+        ["--arm", "pert", "--independent-t", "1.0", "--jitter", "2.0"]
+        + ["--tokens", str(tokens)]
+        + TINY
+    )
+    model = readz.make(args, torch.zeros(8192))
+    assert (model.cfg.independent_t, model.cfg.level_jitter) == (1.0, 2.0)
+    t, u = torch.rand(4), torch.rand(4, 16)
+    assert model.training_levels(t, u).shape == (4, 16)  # the model's own per-position path
+    argv = ["--arm", "pert", "--tokens", str(tokens), "--wall", "20", "--every", "1"]
+    rows = run(readz, capsys, argv + ["--max-steps", "2"] + TINY + DIAG)
+    assert all(r["arm"] == "pert 0.5" for r in rows)
+    assert [r.get("step", r.get("steps")) for r in rows if "bound" in r] == [0, 1, 2, 2]

@@ -70,10 +70,9 @@ PRESETS: dict[str, dict] = {
         # pre-LN blocks need the LayerNorm before the head's tanh: without it the 2026-11-29
         # lease's 600 s run saturated the tanh and stayed at unigram level (docs/models.md)
         final_norm=True,
-        # every training position at its own noise level: with one level a sequence the
-        # network never learned to read context (GPU pilot, docs/models.md "Per-position
-        # noise levels"); the bound and the sampler keep one level a sequence
-        independent_t=1.0,
+        # independent_t stays off: a 600 s retrain with every training position at its own
+        # level ended worse (5189 vs 2636 perplexity bound; docs/models.md "Per-position noise
+        # levels", benchmarks/results/seed-table/independent-t-lease/)
     ),
     "planner-small": dict(
         family="planner",

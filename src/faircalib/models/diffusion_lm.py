@@ -87,9 +87,10 @@ class DiffusionLMConfig:
     final_norm: bool = False
     # Share of training sequences in which every position draws its own noise level (the rest
     # share one, as the bound and the sampler do). Gaussian noise hits every position alike,
-    # so a neighbour is never clearer than the position being denoised and the network never
-    # learns to read context (docs/models.md, "Per-position noise levels"); with levels of
-    # their own, some neighbours are nearly clean, as unmasked tokens are in MDLM. 0: off.
+    # so a neighbour is never clearer than the position being denoised; with levels of their
+    # own some neighbours are nearly clean, as unmasked tokens are in MDLM. Measured
+    # (docs/models.md, "Per-position noise levels"): it made a GPU pilot read a little, but
+    # an 88 M retrain got worse at the bound's one level a sequence. 0 (off) by default.
     independent_t: float = 0.0
     # With independent_t: 0 draws each position's level uniformly; > 0 draws its log-SNR around
     # the sequence's, gamma_l = gamma(t) + level_jitter * N(0, 1) (clamped to the schedule), so

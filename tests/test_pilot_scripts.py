@@ -114,3 +114,15 @@ def test_readz_pert_arm_sets_the_models_levels_and_runs(readz, tokens, capsys):
     rows = run(readz, capsys, argv + ["--max-steps", "2"] + TINY + DIAG)
     assert all(r["arm"] == "pert 0.5" for r in rows)
     assert [r.get("step", r.get("steps")) for r in rows if "bound" in r] == [0, 1, 2, 2]
+
+
+def test_flag_init_starts_the_flag_off_zero_and_leaves_the_rest_as_plain(readz, tokens):
+    base = ["--arm", "cond", "--flag", "--tokens", str(tokens)] + TINY
+    zero = readz.make(readz.parse(base), torch.zeros(8192))
+    moved = readz.make(readz.parse(base + ["--flag-init", "0.5"]), torch.zeros(8192))
+    weight = moved.flag_embedding.weight
+    assert 0.3 < weight.std().item() < 0.7 and not torch.equal(weight, zero.flag_embedding.weight)
+    rest = {n: p for n, p in zero.named_parameters() if "flag" not in n}
+    assert all(torch.equal(p, rest[n]) for n, p in moved.named_parameters() if "flag" not in n)
+    with pytest.raises(SystemExit):
+        readz.parse(["--arm", "cond", "--flag-init", "0.5", "--tokens", str(tokens)])

@@ -91,6 +91,7 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocks", type=int, default=4, help="transformer blocks")
     p.add_argument("--hidden", type=int, default=256, help="hidden width (4 heads)")
     p.add_argument("--max-steps", type=int, default=None, help="stop training after N steps")
+    p.add_argument("--embed-dim", type=int, default=128, help="word-embedding width d")
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -98,7 +99,8 @@ def build(args: argparse.Namespace, log_unigram: torch.Tensor):
     """The selfcond pilot's plain arm with --bias; `untied` swaps the head."""
     torch.manual_seed(args.seed)
     cfg = dict(family="diffusion_lm", vocab_size=VOCAB, mask_id=1, seq_len=args.length)
-    cfg |= dict(embed_dim=128, hidden_dim=args.hidden, n_blocks=args.blocks, n_heads=4, mlp_ratio=4)
+    width = dict(embed_dim=getattr(args, "embed_dim", 128), hidden_dim=args.hidden)
+    cfg |= width | dict(n_blocks=args.blocks, n_heads=4, mlp_ratio=4)
     model = build_model(cfg | dict(final_norm=True))
     model.out_bias = nn.Parameter(log_unigram.clone())  # the selfcond pilot's --bias
     model.head = untied_head(model) if args.arm == "untied" else biased_head(model)

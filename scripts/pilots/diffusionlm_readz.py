@@ -18,6 +18,7 @@ the log-unigram logit bias, same seed, lr, batches and t/u draws), changed in on
   (2 x hidden, zero-initialised) to the stem's output at every position: "clean" only at the
   clean positions of training's conditioned sequences, "noisy" everywhere else, the bound and
   the diagnosis included, so the net can tell e_w from a noisy z_t that lies near it.
+  `--flag-init STD` starts it at N(0, STD^2) instead (the zero start trained too slowly on CPU).
 * `pert`: the model's own `independent_t` (models/diffusion_lm.py): in a share
   (`--independent-t`, default 0.5) of the training sequences every position draws its own
   noise level, so some neighbours are nearly clean; the bound and the diagnosis keep one level
@@ -65,9 +66,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_args(p, wall=420.0)
     p.add_argument("--cond-frac", type=float, default=0.3, help="cond: clean share of positions")
     p.add_argument("--flag", action="store_true", help="cond: a learned clean/noisy embedding")
+    p.add_argument("--flag-init", type=float, default=0.0, help="flag: init std (0: zeros)")
     p.add_argument("--independent-t", type=float, default=0.5, help="pert: share of sequences")
     p.add_argument("--jitter", type=float, default=0.0, help="pert: log-SNR jitter (0: uniform)")
     args = p.parse_args(argv)
+    if args.flag_init and not args.flag:
+        p.error("--flag-init belongs to --flag")
     if args.flag and args.arm != "cond":
         p.error("--flag belongs to --arm cond (only its training feeds clean positions)")
     args.band = None  # diagnose.train reads it
@@ -105,11 +109,17 @@ def znorm_stem(model) -> None:
     model.stem = stem
 
 
-def flag_stem(model) -> dict:
+def flag_stem(model, init_std: float = 0.0) -> dict:
     """Stem output + flag_embedding[clean]: returns the holder through which cond's loss marks the
     clean positions for one forward; with the holder empty every position is flagged noisy."""
     model.flag_embedding = nn.Embedding(2, model.cfg.hidden_dim)  # "embedding": no weight decay
     nn.init.zeros_(model.flag_embedding.weight)  # starts as the unflagged cond arm
+    if init_std > 0:  # its own generator: the model's and the data's draws stay plain's
+        gen = torch.Generator().manual_seed(4242)
+        with torch.no_grad():
+            model.flag_embedding.weight.copy_(
+                init_std * torch.randn(2, model.cfg.hidden_dim, generator=gen)
+            )
     plain_stem, holder = model.stem, {"clean": None}
 
     def stem(x_t, t):
@@ -166,7 +176,8 @@ def make(args: argparse.Namespace, log_unigram: torch.Tensor):
     elif args.arm == "znorm":
         znorm_stem(model)
     elif args.arm == "cond":
-        cond_loss(model, args.seed, args.cond_frac, flag_stem(model) if args.flag else None)
+        holder = flag_stem(model, args.flag_init) if args.flag else None
+        cond_loss(model, args.seed, args.cond_frac, holder)
     elif args.arm == "pert":
         model.cfg.independent_t, model.cfg.level_jitter = args.independent_t, args.jitter
     return model.to(args.device)

@@ -88,6 +88,8 @@ BASE_SECONDS=${BASE_SECONDS:-480}
 if [ "${MERGE_FAMILIES:-0}" = 1 ]; then FAMILY_SECONDS=${FAMILY_SECONDS:-600}; fi
 FAMILY_SECONDS=${FAMILY_SECONDS:-150}
 DLM_BATCH=${DLM_BATCH:-256} DLM_LR=${DLM_LR:-1e-3}
+# extra `faircalib train` options for diffusionlm-base, e.g. DLM_ARGS="--independent-t 0.5"
+# (the synthetic pilot's winner; docs/models.md, "Per-position noise levels")
 PLANNER_BATCH=${PLANNER_BATCH:-128} PLANNER_LR=${PLANNER_LR:-1e-3}
 MERGE_INTO=${MERGE_INTO:-benchmarks/results/seed-table/seed_table.json}
 # the Gaussian models the families phase trains and the table measures (FAMILIES=diffusionlm-base:
@@ -180,8 +182,9 @@ families)
   wait_for 90 mdlm-base  # the GPU is the base model's until it is done
   assemble "$RUNS/tokens-families.npy"
   for name in $FAMILIES; do
-    if [ "$name" = diffusionlm-base ]; then batch=$DLM_BATCH lr=$DLM_LR; else batch=$PLANNER_BATCH lr=$PLANNER_LR; fi
-    background "$name" "$(train_cmd "$name" "$batch" "$lr" "$FAMILY_SECONDS" "$RUNS/tokens-families.npy")"
+    extra=""
+    if [ "$name" = diffusionlm-base ]; then batch=$DLM_BATCH lr=$DLM_LR extra=${DLM_ARGS:-}; else batch=$PLANNER_BATCH lr=$PLANNER_LR; fi
+    background "$name" "$(train_cmd "$name" "$batch" "$lr" "$FAMILY_SECONDS" "$RUNS/tokens-families.npy") $extra"
   done
   sleep "${FAMILY_WAIT:-90}"; for name in $FAMILIES; do tail -c 400 "$RUNS/$name.log"; done
   ;;

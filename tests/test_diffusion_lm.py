@@ -368,3 +368,25 @@ def test_level_jitter_spreads_log_snr_around_the_sequence_level():
     assert abs(delta.mean().item()) < 5 * 0.5 / math.sqrt(n)
     # the sample std of n normals: standard error ~ sigma / sqrt(2n)
     assert abs(delta.std().item() - 0.5) < 5 * 0.5 / math.sqrt(2 * n)
+
+
+def test_train_cli_sets_independent_t_for_diffusion_lm_only(tmp_path, capsys):
+    from faircalib.data.tokenizers import train_bpe
+
+    sentences = [f"the {w} sat on the mat and the {w} was happy." for w in ("cat", "dog", "owl")]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": s * 4}) for s in sentences * 20))
+    train_bpe(sentences * 10, vocab_size=300, min_frequency=1).save(str(tmp_path / "tok.json"))
+    common = ["train", "--data", str(corpus), "--tokenizer", str(tmp_path / "tok.json")]
+    common += ["--max-steps", "2", "--eval-every", "2", "--batch-size", "4", "--device", "cpu"]
+    out = tmp_path / "dlm"
+    rc = main(
+        common + ["--preset", "diffusionlm-tiny", "--independent-t", "0.5", "--out", str(out)]
+    )
+    assert rc == 0 and load_model(out).cfg.independent_t == 0.5
+    assert json.loads((out / "config.json").read_text())["independent_t"] == 0.5
+    capsys.readouterr()
+    rc = main(common + ["--preset", "tiny", "--independent-t", "0.5", "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "--independent-t" in err[0]
+    assert not (tmp_path / "m").exists()  # refused before anything is written

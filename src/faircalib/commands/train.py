@@ -39,6 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-blocks", type=int, help="override the preset's depth")
     p.add_argument("--n-heads", type=int, help="override the preset's attention heads")
     p.add_argument("--seq-len", type=int, help="override the preset's sequence length")
+    p.add_argument(
+        "--independent-t",
+        type=float,
+        help="Diffusion-LM presets: share of training sequences with a noise level a position "
+        "(docs/models.md, 'Per-position noise levels'; default: the preset's, off)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="sequences per optimiser step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up steps")
@@ -69,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
             "names an existing token file"
         )
 
+    if args.independent_t is not None and not args.preset.startswith("diffusionlm"):
+        raise ConfigError(
+            f"--independent-t is a Diffusion-LM training option; preset {args.preset} is not one"
+        )
     overrides = {
         k: v
         for k, v in {
@@ -76,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             "n_blocks": args.n_blocks,
             "n_heads": args.n_heads,
             "seq_len": args.seq_len,
+            "independent_t": args.independent_t,
         }.items()
         if v is not None
     }

@@ -390,3 +390,32 @@ def test_train_cli_sets_independent_t_for_diffusion_lm_only(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "--independent-t" in err[0]
     assert not (tmp_path / "m").exists()  # refused before anything is written
+    bad = common + ["--preset", "diffusionlm-tiny", "--independent-t", "1.5"]
+    rc = main(bad + ["--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "[0, 1]" in err[0] and not (tmp_path / "d").exists()
+
+
+def test_stem_and_head_read_each_positions_own_level():
+    # the stem is position-wise (no attention), so h[b, l] under levels [B, L] must equal h[b, l]
+    # with every position at levels[b, l]; with the network's logits zeroed the head is the
+    # Gaussian likelihood alone, log_softmax(alpha/sigma^2 (t_l) <z_l, e_w>), built here by hand
+    model = tiny()
+    z, levels = torch.randn(2, L, 8), torch.rand(2, L)
+    emb, sch = model.embeddings(), model.schedule
+    with torch.no_grad():
+        h, ctx = model.stem(z, levels)
+        for b in range(2):
+            for pos in range(L):
+                one_level = torch.full((2,), levels[b, pos].item())
+                assert torch.allclose(h[b, pos], model.stem(z, one_level)[0][b, pos], atol=1e-5)
+        hook = model.output_down_proj.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+        try:
+            got = model.head(h, ctx, z)
+        finally:
+            hook.remove()
+        logits = (sch.alpha(levels) / sch.sigma(levels) ** 2)[..., None] * (z @ emb.T)
+        logits[..., 1] = float("-inf")
+        assert torch.allclose(got, torch.log_softmax(logits, -1), atol=1e-4)
+    with pytest.raises(ValueError, match="one level a sequence"):
+        model.stem(torch.randint(2, V, (2, L)), levels)  # ids: keyed noise needs t [B]

@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--independent-t",
         type=float,
-        help="Diffusion-LM presets: share of training sequences with a noise level a position "
-        "(docs/models.md, 'Per-position noise levels'; default: the preset's, off)",
+        help="Diffusion-LM presets: share (0-1) of training sequences in which every position "
+        "gets its own noise level (docs/models.md, 'Per-position noise levels'; default: off)",
     )
     p.add_argument("--batch-size", type=int, default=64, help="sequences per optimiser step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--independent-t is a Diffusion-LM training option; preset {args.preset} is not one"
         )
+    if args.independent_t is not None and not 0 <= args.independent_t <= 1:
+        raise ConfigError(f"--independent-t must lie in [0, 1], got {args.independent_t}")
     overrides = {
         k: v
         for k, v in {

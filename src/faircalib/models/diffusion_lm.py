@@ -158,12 +158,14 @@ class DiffusionLMModel(DiffusionLM):
         [B, L], which are noised here to level t with noise keyed by (ids, t): calibration
         and any caller holding only tokens get one draw of q(z_t | w), the same draw on every
         call. t None: the lowest noise level t_min; t [B, L] (training with
-        `independent_t`): one level a position."""
+        `independent_t`; noisy embeddings only): one level a position."""
         b, seq = x_t.shape[:2]
         if t is None:
             t = torch.full((b,), self.cfg.t_min, device=x_t.device)
         t = t.to(x_t.device).float()
         if not x_t.is_floating_point():
+            if t.dim() != 1:  # the keyed draw is one per (sequence, level)
+                raise ValueError("Diffusion-LM stem: token ids take one level a sequence, t [B]")
             eps = keyed_normal(row_keys(x_t, t), NOISE_STREAM, (seq, self.cfg.embed_dim))
             x_t = self.noised(x_t, t, eps)
         z, dt = x_t.float(), self.position_embeddings.dtype  # weights may be bf16 (loaded so)
@@ -177,7 +179,7 @@ class DiffusionLMModel(DiffusionLM):
         log-likelihood of z_t,l under each token; [MASK] gets no mass."""
         emb = self.embeddings()  # [V, d]
         z, t = ctx.tensors["batch_z"], ctx.tensors["batch_t"]
-        scale = (self.schedule.alpha(t) / self.schedule.sigma(t) ** 2)
+        scale = self.schedule.alpha(t) / self.schedule.sigma(t) ** 2
         scale = per_position(scale)[..., None]
         if self.norm_f is not None:  # pre-LN blocks leave the residual stream unnormalised
             h = self.norm_f(h)
@@ -332,7 +334,6 @@ def per_position(x: torch.Tensor) -> torch.Tensor:
     """A per-sequence [B] quantity as [B, 1], a per-position [B, L] one unchanged: both then
     broadcast against [B, L] (and, with [..., None], against [B, L, d])."""
     return x[:, None] if x.dim() == 1 else x
-
 
 
 def _posterior_step(

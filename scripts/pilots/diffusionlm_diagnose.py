@@ -295,15 +295,21 @@ def summary(rows: list[dict], arm: str) -> dict:
     return out
 
 
-def main() -> None:
-    args = parse()
-    args.label = args.arm + (f" band {args.band}" if args.band else "")
+def split_tokens(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    """The token file -> (training stream, N_VAL bound windows, `--windows` diagnosis windows,
+    log-unigram of the training stream, add-0.5 smoothed); the last 200k tokens are held out."""
     stream = torch.from_numpy(np.load(args.tokens).astype(np.int64))
     train_part, val = stream[:-200_000], stream[-200_000:]
     xv = val[: N_VAL * args.length].view(N_VAL, args.length)
     xd = val[N_VAL * args.length : (N_VAL + args.windows) * args.length].view(-1, args.length)
     counts = torch.bincount(train_part, minlength=VOCAB).float()
-    log_unigram = ((counts + 0.5) / (counts + 0.5).sum()).log()
+    return train_part, xv, xd, ((counts + 0.5) / (counts + 0.5).sum()).log()
+
+
+def main() -> None:
+    args = parse()
+    args.label = args.arm + (f" band {args.band}" if args.band else "")
+    train_part, xv, xd, log_unigram = split_tokens(args)
     model = build(args, log_unigram).to(args.device)
     head = {"arm": args.label, "params": sum(q.numel() for q in model.parameters())}
     head["unigram_ce_heldout"] = round(-log_unigram[xv].mean().item(), 3)

@@ -39,15 +39,13 @@ import argparse
 import json
 import time
 
-import numpy as np
 import torch
 from diffusionlm_diagnose import (
-    N_VAL,
-    VOCAB,
     add_run_args,
     bound,
     build,
     diagnose,
+    split_tokens,
     summary,
     train,
 )
@@ -198,12 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     args.label = args.arm + (" flag" if args.flag else "")
     if args.arm == "pert":
         args.label += f" {args.independent_t}" + (f" jitter {args.jitter}" if args.jitter else "")
-    stream = torch.from_numpy(np.load(args.tokens).astype(np.int64))
-    train_part, val = stream[:-200_000], stream[-200_000:]
-    xv = val[: N_VAL * args.length].view(N_VAL, args.length)
-    xd = val[N_VAL * args.length : (N_VAL + args.windows) * args.length].view(-1, args.length)
-    counts = torch.bincount(train_part, minlength=VOCAB).float()
-    log_unigram = ((counts + 0.5) / (counts + 0.5).sum()).log()
+    train_part, xv, xd, log_unigram = split_tokens(args)
     model = make(args, log_unigram)
     head = {"arm": args.label, "params": sum(q.numel() for q in model.parameters())}
     head["unigram_ce_heldout"] = round(-log_unigram[xv].mean().item(), 3)

@@ -15,13 +15,8 @@ calibration see; at the end, the per-t CE and diffusion integrand (net, exact po
 import argparse
 import json
 import math
-import time
 
-import torch
-from diffusionlm_synthetic import V, bound, language, per_t, tiny, train
-
-from faircalib.models import build_model
-from faircalib.models.objective import stratified_times
+from diffusionlm_synthetic import V, per_t, tiny, train
 
 # arm -> (independent_t, level_jitter)
 ARMS = {
@@ -34,38 +29,6 @@ ARMS = {
 KIND, LENGTH = "perm", 16
 
 
-def reseeded(seed: int) -> torch.nn.Module:
-    """tiny()'s model with its initialisation drawn from `seed` (tiny() always uses 0)."""
-    cfg = tiny(LENGTH).config_dict()
-    torch.manual_seed(seed)
-    return build_model(cfg)
-
-
-def train_seeded(model: torch.nn.Module, seed: int, steps: int, every: int) -> torch.Tensor:
-    """diffusionlm_synthetic.train with the batch, t and u draws from `seed` (same held-out xv,
-    same optimiser and warm-up): a replicate of an arm on other data and initialisation."""
-    gen = torch.Generator().manual_seed(seed)
-    xv = language(KIND, 64, LENGTH, torch.Generator().manual_seed(999))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
-    start = time.time()
-    for step in range(steps + 1):
-        if step % every == 0:
-            row = {"step": step, "s": round(time.time() - start, 1), **bound(model, xv, 16)}
-            print(json.dumps(row), flush=True)
-        if step == steps:
-            break
-        for g in opt.param_groups:
-            g["lr"] = 1e-3 * min(1.0, (step + 1) / 50)
-        x0 = language(KIND, 64, LENGTH, gen)
-        t, u = stratified_times(64, gen), torch.rand(64, LENGTH, generator=gen)
-        loss = model.training_loss(x0, t, u).mean() / LENGTH
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    return xv
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arm", choices=sorted(ARMS), required=True)
@@ -75,7 +38,7 @@ def main() -> None:
     ap.add_argument("--no-per-t", action="store_true", help="skip the final per-t terms")
     args = ap.parse_args()
     independent_t, level_jitter = ARMS[args.arm]
-    model = tiny(LENGTH) if args.seed == 0 else reseeded(args.seed)
+    model = tiny(LENGTH, seed=args.seed)
     # Set after building: tiny() builds the shipped config; training_loss reads these per call.
     model.cfg.independent_t, model.cfg.level_jitter = independent_t, level_jitter
     head = {"arm": args.arm, "independent_t": independent_t, "level_jitter": level_jitter}
@@ -87,10 +50,7 @@ def main() -> None:
         "unigram": round(math.log(V), 3),
     }
     print(json.dumps(head), flush=True)
-    if args.seed == 0:
-        xv = train(model, KIND, LENGTH, args.steps, args.every)
-    else:
-        xv = train_seeded(model, args.seed, args.steps, args.every)
+    xv = train(model, KIND, LENGTH, args.steps, args.every, seed=args.seed)
     if not args.no_per_t:
         per_t(model, KIND, LENGTH, xv)
 

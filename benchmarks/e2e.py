@@ -3,15 +3,18 @@
     python benchmarks/e2e.py --out benchmarks/results/e2e                 # GPU, ~1-2 minutes
     python benchmarks/e2e.py --smoke --out /tmp/e2e                       # CPU, tiny, seconds
 
-The model has LLaDA-8B's layer shapes (GSAI-ML/LLaDA-8B config: d_model 4096, 32 heads,
-32 layers, SwiGLU MLP of width 12288 with ff_proj / up_proj / ff_out, vocab 126464, RMSNorm,
-no biases) and random weights. A denoising step runs the whole sequence, so every linear
+The blocks are the toolkit's own LLaDA block (models/llama_like.LlamaLikeBlock with LLaDA's
+names: what `faircalib` runs for a LLaDA checkpoint, its RMSNorm, rotary and SwiGLU chains
+fused by faircalib.fusion on CUDA) at LLaDA-8B's layer shapes (GSAI-ML/LLaDA-8B config:
+d_model 4096, 32 heads, 32 layers, SwiGLU MLP of width 12288 with ff_proj / up_proj / ff_out,
+vocab 126464, RMSNorm, no biases) and random weights. A denoising step runs the whole sequence, so every linear
 layer sees M = batch x 1024 token rows (--seq). To fit the time budget only --blocks blocks
 (default 2) are built: the report gives MEASURED per-block numbers and a clearly labelled
 EXTRAPOLATED 32-block step = 32 x per-block + the (measured, bf16, never quantized) final
 norm + LM head.
 
-Variants: bf16 nn.Linear; int4 g128 asymmetric QuantLinear with backend auto (at these M the
+Variants: bf16 nn.Linear; bf16_unfused (the same with the elementwise chains op by op, as
+before the fusion: what it buys); int4 g128 asymmetric QuantLinear with backend auto (at these M the
 auto rule takes the dequantize + cuBLAS path); w8a8_int8 (8-bit per-channel weights, 8-bit
 per-token activations, auto); fp8 (same 8-bit weights re-rounded to e4m3, torch._scaled_mm);
 and issue 16's 8-bit-activation backends by name: fp8_w8a8 (fused per-token e4m3
@@ -28,6 +31,7 @@ and e2e.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import statistics
@@ -36,16 +40,18 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from faircalib import atomic
+from faircalib import atomic, fusion
 from faircalib.bench import run_record
 from faircalib.config import QuantConfig
 from faircalib.formats.packed import FP8ActLinear
 from faircalib.kernels import QuantLinear
 from faircalib.kernels.backends import fp8_quantize
+from faircalib.models.base import BlockContext
 from faircalib.models.cuda_graph import capture
+from faircalib.models.llada import LLaDA
+from faircalib.models.llama_like import LlamaLikeBlock, LlamaSpec, RMSNorm, rotary_tables
 from faircalib.quant.primitives import compute_qparams, quantize
 
 LLADA_8B = {"hidden": 4096, "mlp": 12288, "heads": 32, "layers": 32, "vocab": 126464, "seq": 1024}
@@ -55,57 +61,36 @@ MAX_INT4_BYTES_RATIO = 0.28
 MAX_INT4_REL_ERR = 1e-2
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * self.weight
-
-
-class LLaDABlock(nn.Module):
-    """LLaDA's llama-style block: bidirectional attention, SwiGLU MLP."""
-
-    def __init__(self, d: int, mlp: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.attn_norm, self.ff_norm = RMSNorm(d), RMSNorm(d)
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
-        self.attn_out = nn.Linear(d, d, bias=False)
-        self.ff_proj, self.up_proj = nn.Linear(d, mlp, bias=False), nn.Linear(d, mlp, bias=False)
-        self.ff_out = nn.Linear(mlp, d, bias=False)
-
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        b, seq, d = h.shape
-        x = self.attn_norm(h)
-        q, k, v = (
-            p(x).view(b, seq, self.heads, -1).transpose(1, 2)  # [B, H, L, hd]
-            for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, seq, d)
-        h = h + self.attn_out(attn)
-        x = self.ff_norm(h)
-        return h + self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))
+def llada_spec(cfg: dict, n_layers: int) -> LlamaSpec:
+    """LLaDA-8B's block hyper-parameters (rope theta 500000, RMSNorm eps 1e-5, no q/k/v bias,
+    as many key/value heads as query heads) at the benchmark's sizes."""
+    return LlamaSpec(
+        vocab_size=cfg["vocab"],
+        mask_id=cfg["vocab"] - 1,
+        seq_len=cfg["seq"],
+        hidden=cfg["hidden"],
+        n_layers=n_layers,
+        n_heads=cfg["heads"],
+        n_kv_heads=cfg["heads"],
+        intermediate=cfg["mlp"],
+        rope_theta=500000.0,
+        rms_eps=1e-5,
+        qkv_bias=False,
+        tie_embeddings=False,
+        shift_logits=False,
+    )
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-def rotary(seq: int, head_dim: int, device: torch.device, dtype: torch.dtype):
-    inv = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    freqs = torch.outer(torch.arange(seq, device=device).float(), inv)
-    emb = torch.cat([freqs, freqs], dim=-1)  # [L, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def block_context(cfg: dict, device: torch.device) -> BlockContext:
+    """What LLaDA's stem hands every block: the rotary tables (float32, as the model's)."""
+    cos, sin = rotary_tables(cfg["seq"], cfg["hidden"] // cfg["heads"], 500000.0, device)
+    return BlockContext({"rotary_cos": cos, "rotary_sin": sin})
 
 
 def build_blocks(cfg: dict, n: int, device: torch.device, seed: int = 0) -> nn.ModuleList:
     torch.manual_seed(seed)
-    blocks = nn.ModuleList(LLaDABlock(cfg["hidden"], cfg["mlp"], cfg["heads"]) for _ in range(n))
+    spec = llada_spec(cfg, n)
+    blocks = nn.ModuleList(LlamaLikeBlock(spec, LLaDA.NAMES.block) for _ in range(n))
     with torch.no_grad():
         for p in blocks.parameters():
             if p.dim() == 2:
@@ -117,6 +102,9 @@ def build_blocks(cfg: dict, n: int, device: torch.device, seed: int = 0) -> nn.M
 # "fp8_checkpoint" (FP8ActLinear: `quantize_blocks`)
 VARIANTS = {
     "bf16": None,
+    # the same bf16 blocks with their elementwise chains (RMSNorm, rotary, SwiGLU) run op by
+    # op, as before faircalib.fusion: what the fusion itself buys
+    "bf16_unfused": None,
     "int4_g128": (4, 128, False, None, "auto", "int"),
     "w8a8_int8": (8, None, True, 8, "auto", "int"),
     "fp8": (8, None, True, None, "fp8", "int"),
@@ -168,9 +156,9 @@ def fake_quant_reference(blocks: nn.ModuleList) -> nn.ModuleList:
     return reference
 
 
-def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, cos, sin) -> torch.Tensor:
+def run_blocks(blocks: nn.ModuleList, h: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
     for block in blocks:
-        h = block(h, cos, sin)
+        h = block(h, ctx)
     return h
 
 
@@ -242,27 +230,35 @@ def format_bytes_per_block(cfg: dict) -> dict:
 def bench_variant(
     name: str, cfg: dict, n_blocks: int, batches: list[int], device: torch.device, repeats: int
 ) -> dict:
+    """One variant's rows; `*_unfused` variants run with faircalib.fusion switched off."""
+    with fusion.eager() if name.endswith("_unfused") else contextlib.nullcontext():
+        return _bench_variant(name, cfg, n_blocks, batches, device, repeats)
+
+
+def _bench_variant(
+    name: str, cfg: dict, n_blocks: int, batches: list[int], device: torch.device, repeats: int
+) -> dict:
     blocks = build_blocks(cfg, n_blocks, device)
     reference = None
     if VARIANTS[name] is not None:
         quantize_blocks(blocks, VARIANTS[name])
         reference = fake_quant_reference(blocks)
-    cos, sin = rotary(cfg["seq"], cfg["hidden"] // cfg["heads"], device, torch.bfloat16)
+    ctx = block_context(cfg, device)
     out = {"batches": {}}
     for b in batches:
         h = torch.randn(b, cfg["seq"], cfg["hidden"], device=device, dtype=torch.bfloat16)
         with torch.no_grad():
-            y = run_blocks(blocks, h, cos, sin)
+            y = run_blocks(blocks, h, ctx)
             row = {}
             if reference is not None:
-                ref = run_blocks(reference, h, cos, sin).double()
+                ref = run_blocks(reference, h, ctx).double()
                 row["rel_err_vs_fake_quant"] = float((y.double() - ref).norm() / ref.norm())
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            ms = median_ms(lambda: run_blocks(blocks, h, cos, sin), device, repeats)  # noqa: B023
+            ms = median_ms(lambda: run_blocks(blocks, h, ctx), device, repeats)  # noqa: B023
             row.update(blocks_ms=ms, per_block_ms=ms / n_blocks)
             if device.type == "cuda":  # the same blocks replayed from a CUDA graph
-                graph_ms = graphed_median_ms(lambda: run_blocks(blocks, h, cos, sin), repeats)  # noqa: B023
+                graph_ms = graphed_median_ms(lambda: run_blocks(blocks, h, ctx), repeats)  # noqa: B023
                 row.update(graph_blocks_ms=graph_ms, graph_per_block_ms=graph_ms / n_blocks)
             if device.type == "cuda":
                 row["peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -276,7 +272,7 @@ def bench_variant(
 
 def head_ms(cfg: dict, batches: list[int], device: torch.device, repeats: int) -> dict:
     """Final norm + LM head (bf16, unquantized in every variant), measured once."""
-    norm = RMSNorm(cfg["hidden"]).to(device, torch.bfloat16)
+    norm = RMSNorm(cfg["hidden"], 1e-5).to(device, torch.bfloat16)
     head = nn.Linear(cfg["hidden"], cfg["vocab"], bias=False).to(device, torch.bfloat16)
     out = {}
     with torch.no_grad():

@@ -61,7 +61,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -70,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from faircalib.errors import ConfigError
+from faircalib.fusion import fused
 from faircalib.quant.primitives import ACT_ABSMAX_FLOOR
 
 if TYPE_CHECKING:
@@ -160,35 +160,6 @@ def dequantize_packed(
     grouped = codes.reshape(out, n_groups, in_features // n_groups).float()  # [out, G, width]
     w = scale.float()[:, :, None] * (grouped - zero.float()[:, :, None])
     return w.reshape(out, in_features).to(dtype)
-
-
-_compiled: dict[Callable, Callable] = {}
-_compile_failed: set[Callable] = set()
-
-
-def fused(
-    fn: Callable[..., torch.Tensor], device_type: str, dynamic: bool | None = None
-) -> Callable[..., torch.Tensor]:
-    """`fn` compiled by torch.compile into fused kernels on CUDA, where a chain of eager
-    elementwise ops and reductions would each read and write the whole tensor; eager on other
-    devices, where compilation is unavailable or failed, or with FAIRCALIB_NO_COMPILE=1.
-    `dynamic`: torch.compile's flag (None: specialise, then generalise shapes that change)."""
-    if device_type != "cuda" or fn in _compile_failed or os.environ.get("FAIRCALIB_NO_COMPILE"):
-        return fn
-    if fn not in _compiled:
-        compiled = torch.compile(fn, dynamic=dynamic)
-
-        def guarded(*args: object) -> torch.Tensor:
-            try:
-                return compiled(*args)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
-                _compile_failed.add(fn)
-                _compiled[fn] = fn
-                warnings.warn(f"torch.compile of {fn.__name__} failed ({exc}); eager", stacklevel=2)
-                return fn(*args)
-
-        _compiled[fn] = guarded
-    return _compiled[fn]
 
 
 # --- backend interface ----------------------------------------------------------------------

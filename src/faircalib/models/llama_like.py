@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from faircalib.errors import CheckpointError
+from faircalib.fusion import fused_for_inference
 from faircalib.models.base import (
     BlockContext,
     DiffusionLM,
@@ -123,9 +124,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
+        return fused_for_inference(rms_norm, x, self.weight)(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    y = x.float()
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def rotary_qk(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary on queries and keys in one call, so that on CUDA one fused kernel does both
+    (eager: an fp32 copy, a half-swap, two products and a cast each)."""
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 def rotary_tables(
@@ -178,7 +195,7 @@ class LlamaLikeBlock(nn.Module):
         h = h + self._m(n.o)(self._attention(self._m(n.attn_norm)(h), ctx, kv, rows))
         x = self._m(n.mlp_norm)(h)
         gate, up = self._m(n.gate)(x), self._m(n.up)(x)
-        return h + self._m(n.down)(F.silu(gate) * up)
+        return h + self._m(n.down)(fused_for_inference(swiglu, gate, up)(gate, up))
 
     def _attention(
         self, x: torch.Tensor, ctx: BlockContext, kv: Any = None, rows: slice | None = None
@@ -192,7 +209,7 @@ class LlamaLikeBlock(nn.Module):
         cos, sin = ctx.tensors["rotary_cos"], ctx.tensors["rotary_sin"]
         if rows is not None:  # the rows' own positions
             cos, sin = cos[rows], sin[rows]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = fused_for_inference(rotary_qk, q, k)(q, k, cos, sin)
         if kv is not None:  # keys/values of every position: stored, or these rows' fresh ones
             k, v = kv.update(k, v, rows)
         group = self.n_heads // self.n_kv_heads  # kv head j serves query heads j*group ...

@@ -88,8 +88,9 @@ BASE_SECONDS=${BASE_SECONDS:-480}
 if [ "${MERGE_FAMILIES:-0}" = 1 ]; then FAMILY_SECONDS=${FAMILY_SECONDS:-600}; fi
 FAMILY_SECONDS=${FAMILY_SECONDS:-150}
 DLM_BATCH=${DLM_BATCH:-256} DLM_LR=${DLM_LR:-1e-3}
-# extra `faircalib train` options for diffusionlm-base, e.g. DLM_ARGS="--independent-t 0.5"
-# (the synthetic pilot's winner; docs/models.md, "Per-position noise levels")
+# extra `faircalib train` options for diffusionlm-base, e.g. DLM_ARGS="--independent-t 1.0"
+# (the preset already trains with 0.5, the seed table's row; docs/models.md, "Per-position
+# noise levels")
 PLANNER_BATCH=${PLANNER_BATCH:-128} PLANNER_LR=${PLANNER_LR:-1e-3}
 MERGE_INTO=${MERGE_INTO:-benchmarks/results/seed-table/seed_table.json}
 # the Gaussian models the families phase trains and the table measures (FAMILIES=diffusionlm-base:

@@ -23,6 +23,8 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
   fp8_w8a8      (GPU) QuantLinear backend fp8_w8a8: fused per-token e4m3 quantization + the
                 GEMM backends.FP8_W8A8_GEMM picks (_scaled_mm today)
   fp8_triton    (GPU) fp8_w8a8's work on our Triton fp8 GEMM, whatever the table says
+  int8_tma      (GPU, Hopper) int8_w8a8's work on the persistent TMA GEMM (w8a8_matmul_tma)
+  fp8_tma       (GPU, Hopper) fp8_w8a8's work on the persistent TMA GEMM
   w4a8          (GPU) QuantLinear int4 g128, act_bits=8: int8 activations x INT4 weights
                 dequantized to int8 in registers (Triton)
   w4a8_fp8      (GPU) the same with e4m3 activations (a W4AFP8 layer: act_format "fp8")
@@ -198,6 +200,33 @@ def _make_fp8_triton(layer: Layer) -> Fn:
     return run
 
 
+def _make_tma(kind: str) -> Callable[[Layer], Fn]:
+    """The 8-bit work of int8_w8a8 / fp8_w8a8 (fused per-token quantization, then the GEMM)
+    on the persistent TMA GEMM (triton_w8a8.w8a8_matmul_tma; Hopper only)."""
+
+    def make(layer: Layer) -> Fn:
+        from faircalib.kernels.triton_w8a8 import quantize_rows, tma_supported, w8a8_matmul_tma
+
+        why = tma_supported(layer.w.device)
+        if why:
+            raise RuntimeError(why)
+        if kind == "int8":  # the int8_w8a8 backend's weight: codes - 128 (zero 128)
+            w8 = (layer.codes8.to(torch.int16) - 128).to(torch.int8).contiguous()
+            w_scale = layer.qp8.scale.float().reshape(-1).contiguous()
+        else:
+            w8, w_scale = fp8_quantize(dequantize(layer.codes8, layer.qp8))
+            w_scale = w_scale.reshape(-1).contiguous()
+
+        @torch.no_grad()
+        def run(x: torch.Tensor) -> torch.Tensor:
+            x8, x_scale = quantize_rows(x, kind)
+            return w8a8_matmul_tma(x8, x_scale, w8, w_scale, x.dtype)
+
+        return run
+
+    return make
+
+
 def _make_bf16(layer: Layer) -> Fn:
     w = layer.w.to(torch.bfloat16)
     return lambda x: F.linear(x, w)
@@ -296,6 +325,8 @@ def candidates(device: torch.device) -> list[Candidate]:
     if device.type == "cuda":
         out += triton_8bit_candidates()
         out.append(Candidate("fp8_triton", _make_fp8_triton, _ref_fp8, 1.0, math="8bit"))
+        out.append(Candidate("int8_tma", _make_tma("int8"), _ref_int8, 1.0, math="8bit"))
+        out.append(Candidate("fp8_tma", _make_tma("fp8"), _ref_fp8, 1.0, math="8bit"))
         out.append(Candidate("gemlite_w4", _make_gemlite, _ref_w4, 0.5))
         for name in ("triton_w4", "triton_dq", "triton_gemv"):
             out.append(

@@ -24,7 +24,7 @@ CHECK = textwrap.dedent(
     from faircalib.kernels.backends import fp8_quantize, quantize_rows_int8
     from faircalib.kernels.triton_w4 import pack_tiles
     from faircalib.kernels.triton_w8a8 import (
-        quantize_rows, w4a8_layout, w4a8_matmul, w8a8_matmul)
+        quantize_rows, w4a8_layout, w4a8_matmul, w8a8_matmul, w8a8_matmul_tma)
     from faircalib.quant.primitives import (
         compute_qparams, dequantize, quantize, quantize_activations_per_token)
 
@@ -84,6 +84,24 @@ CHECK = textwrap.dedent(
                 meta = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64}  # another tile, ragged K
                 note(f"w8a8_{kind}_tile", rel(w8a8_matmul(a8, a_s, w8, w_s, torch.float32,
                                                          meta=meta), ref))
+                # the persistent TMA GEMM: 3 programs walk the tiles (ragged M/N/K zero-filled);
+                # a descriptor's rows must be 16-byte aligned, so K = 200 is refused
+                if k % 16:
+                    try:
+                        w8a8_matmul_tma(a8, a_s, w8, w_s, torch.float32)
+                        raise AssertionError("K = 200 was not refused")
+                    except ValueError as exc:
+                        assert "divisible by 16" in str(exc)
+                    continue
+                for meta in ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32},
+                             {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}):
+                    y = w8a8_matmul_tma(a8, a_s, w8, w_s, torch.float32, bias, meta=meta)
+                    note(f"w8a8_tma_{kind}_bias", rel(y, ref + bias.double()))
+                if kind == "int8":
+                    y = w8a8_matmul_tma(a8, ones_m, w8, ones_n, torch.float32, meta=meta)
+                    assert torch.equal(y.double(), acc), "TMA int8 accumulation is not exact"
+            else:
+                assert w8a8_matmul_tma(a8, a_s, w8, w_s, torch.float32).shape == (0, n)
 
     # W4A8: groups 32/64/128/256 and per-channel, asym/sym, 3-bit codes, M = 1 and ragged
     cases = [(1, 40, 128, 32, False, 4), (13, 48, 256, 64, True, 4), (7, 32, 256, 128, False, 4),
@@ -163,6 +181,7 @@ def test_every_kernel_and_backend_was_checked(interpreted_results):
     names = set(interpreted_results)
     for kind in ("int8", "fp8"):
         assert {f"w8a8_{kind}_bias", f"w8a8_{kind}_tile", f"w4a8_{kind}"} <= names
+        assert f"w8a8_tma_{kind}_bias" in names
     for backend in ("int8_w8a8", "fp8_w8a8", "w4a8", "w4a8_fp8"):
         assert any(n.startswith(f"ql_{backend}_torch") for n in names), backend
 
@@ -316,3 +335,36 @@ def test_large_m_w8a8_tiles_fit_hopper_shared_memory():
         opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
         assert compiled.metadata.shared <= 232448, (cfg.kwargs, compiled.metadata.shared)
+
+
+def test_tma_gemm_compiles_to_tensor_memory_copies_and_wgmma_for_hopper():
+    """Every autotuned tile of the persistent TMA GEMM compiles for sm_90 to bulk tensor
+    copies (TMA) feeding wgmma, inside Hopper's 227 KB of shared memory."""
+    import triton
+    from triton.backends import backends as triton_backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from faircalib.kernels import triton_w8a8 as k
+
+    if "nvidia" not in triton_backends:
+        pytest.skip("triton has no CUDA backend here")
+    for el, is_int8 in (("i8", True), ("fp8e4nv", False)):
+        for cfg in k._tma_configs():
+            bm, bn, bk = (cfg.kwargs[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            sig = {"a_desc": f"tensordesc<{el}[{bm}, {bk}]>"}
+            sig |= {"w_desc": f"tensordesc<{el}[{bn}, {bk}]>", "as_ptr": "*fp32"}
+            sig |= {"ws_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32"}
+            sig |= {"N": "i32", "K": "i32", "stride_ym": "i32", "M_BUCKET": "i32"}
+            consts = {"NUM_SMS": 132, "IS_INT8": is_int8, "HAS_BIAS": True, "GROUP_M": 8}
+            consts |= cfg.kwargs
+            src = ASTSource(
+                fn=k._w8a8_tma_kernel,
+                signature={**sig, **dict.fromkeys(consts, "constexpr")},
+                constexprs=consts,
+            )
+            opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+            ptx = compiled.asm["ptx"]
+            assert "cp.async.bulk.tensor" in ptx and "wgmma" in ptx, cfg.kwargs
+            assert compiled.metadata.shared <= 232448, (cfg.kwargs, compiled.metadata.shared)

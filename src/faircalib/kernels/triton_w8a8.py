@@ -312,6 +312,150 @@ def w8a8_matmul(
     return y
 
 
+# --- W8A8 GEMM, persistent with TMA (Hopper) ------------------------------------------------------
+# The kernel above loads its tiles with plain pointer loads (cp.async on sm_90) and reaches
+# 41-52% of the 8-bit peak at M >= 1024 (benchmarks/results/kernels). Hopper's fast path is the
+# tensor memory accelerator: whole [BLOCK, BLOCK_K] tiles copied into shared memory by one
+# instruction, no address arithmetic in the warps, and a persistent grid (one program per SM
+# walking the output tiles) so the next tile's loads overlap the last one's epilogue. Same
+# numbers as `w8a8_matmul` (exact int32 / fp32 accumulation, the same epilogue).
+def _tma_configs() -> list[triton.Config]:
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+        (128, 256, 128, 8, 3),
+        (128, 256, 128, 8, 4),
+        (128, 128, 128, 8, 4),
+        (256, 128, 128, 8, 3),
+        (128, 128, 256, 8, 3),
+    ]
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+            num_warps=w,
+            num_stages=s,
+            pre_hook=_set_tma_blocks,
+        )
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+def _set_tma_blocks(nargs: dict) -> None:
+    """A descriptor's block shape is part of the kernel's signature: set it from the config
+    before each launch (the autotuner calls this before timing or running a config)."""
+    nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["w_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+@triton.jit
+def _w8a8_tma_kernel(
+    a_desc,
+    w_desc,
+    as_ptr,
+    ws_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_ym,
+    M_BUCKET,  # autotuning key only
+    NUM_SMS: tl.constexpr,
+    IS_INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr = 8,
+):
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)  # the descriptors zero-fill past K
+    for tile in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=True):
+        group = tile // (GROUP_M * n_n)
+        first_m = group * GROUP_M
+        rows = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % rows)
+        pid_n = (tile % (GROUP_M * n_n)) // rows
+        if IS_INT8:  # noqa: SIM108 - constexpr branches, one compiled
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])  # [BM, BK]
+            w = w_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])  # [BN, BK], K contiguous
+            if IS_INT8:  # noqa: SIM108
+                acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a, w.T, acc)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _epilogue(
+            acc.to(tl.float32), as_ptr, ws_ptr, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS
+        )
+
+
+_autotuned_w8a8_tma = triton.autotune(
+    configs=_tma_configs(), key=["M_BUCKET", "N", "K", "IS_INT8"]
+)(_w8a8_tma_kernel)
+
+
+def tma_supported(device: torch.device) -> str | None:
+    """None if the TMA GEMM can run here (CUDA, sm_90 or newer, Triton's host descriptors),
+    else why not."""
+    if device.type != "cuda":
+        return "the TMA GEMM needs a CUDA device"
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return "the TMA GEMM needs compute capability 9.0 (Hopper) or newer"
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return f"Triton {triton.__version__} has no host-side tensor descriptors"
+    return None
+
+
+def w8a8_matmul_tma(
+    a8: torch.Tensor,
+    a_scale: torch.Tensor,
+    w8: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    *,
+    meta: dict | None = None,
+) -> torch.Tensor:
+    """`w8a8_matmul`'s contract on the persistent TMA kernel (check `tma_supported` first).
+    K must be a multiple of 16 (a descriptor's row stride: 16-byte aligned)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if a8.dtype != w8.dtype or a8.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"w8a8_matmul_tma takes int8 or e4m3 operands, got {a8.dtype}, {w8.dtype}")
+    m, k = a8.shape
+    n = w8.shape[0]
+    if k % 16:
+        raise ValueError(f"the TMA GEMM needs K divisible by 16, got {k}")
+    y = torch.empty(m, n, device=a8.device, dtype=out_dtype)
+    if m == 0:
+        return y
+    a8, w8 = a8.contiguous(), w8.contiguous()
+    # persistent: one program per SM (the CPU interpreter: a few, to walk several tiles each)
+    sms = torch.cuda.get_device_properties(a8.device).multi_processor_count if a8.is_cuda else 3
+    # descriptors start with a placeholder block; `_set_tma_blocks` sets the config's
+    a_desc = TensorDescriptor.from_tensor(a8, [1, 16])
+    w_desc = TensorDescriptor.from_tensor(w8, [1, 16])
+
+    def grid(meta: dict) -> tuple[int]:
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (min(sms, tiles),)
+
+    args = (a_desc, w_desc, a_scale.reshape(-1), w_scale.reshape(-1), bias, y, m, n, k,
+            y.stride(0), m_bucket(m))  # fmt: skip
+    flags = {"NUM_SMS": sms, "IS_INT8": a8.dtype == torch.int8, "HAS_BIAS": bias is not None}
+    if meta is not None:
+        _set_tma_blocks({"a_desc": a_desc, "w_desc": w_desc, **meta})
+        _w8a8_tma_kernel[grid](*args, **flags, **meta)
+    else:
+        _autotuned_w8a8_tma[grid](*args, **flags)
+    return y
+
+
 # --- W4A8 GEMM -----------------------------------------------------------------------------------
 def _mn_configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     """(BLOCK_M, BLOCK_N, warps, stages) tiles of the K-by-128 loops (W4A8, grouped W8)."""

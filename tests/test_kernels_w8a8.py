@@ -368,3 +368,45 @@ def test_tma_gemm_compiles_to_tensor_memory_copies_and_wgmma_for_hopper():
             ptx = compiled.asm["ptx"]
             assert "cp.async.bulk.tensor" in ptx and "wgmma" in ptx, cfg.kwargs
             assert compiled.metadata.shared <= 232448, (cfg.kwargs, compiled.metadata.shared)
+
+
+def test_int8_gemm_takes_the_tma_kernel_at_large_m_and_falls_back_once(monkeypatch):
+    """The routing of `int8_matmul` with both kernels stood in for: the TMA GEMM from
+    INT8_TMA_MIN_M rows where it is supported and K % 16 == 0, else the pointer-load GEMM; a
+    TMA failure warns once and the pointer-load GEMM serves every later call."""
+    from faircalib.kernels import triton_w8a8 as k
+
+    calls = []
+
+    def tma(*args, **kwargs):
+        calls.append("tma")
+        return "tma"
+
+    monkeypatch.setattr(k, "w8a8_matmul", lambda *a, **kw: calls.append("plain") or "plain")
+    monkeypatch.setattr(k, "w8a8_matmul_tma", tma)
+    monkeypatch.setattr(k, "tma_supported", lambda device: None)
+    monkeypatch.setattr(k, "_tma_failed", [])
+    big = torch.zeros(k.INT8_TMA_MIN_M, 64, dtype=torch.int8)
+    w, s = torch.zeros(8, 64, dtype=torch.int8), torch.ones(8)
+
+    def gemm(a: torch.Tensor, weight: torch.Tensor = w) -> str:
+        return k.int8_matmul(a, torch.ones(a.shape[0]), weight, s, torch.float32)
+
+    assert gemm(big) == "tma"
+    assert gemm(big[:-1]) == "plain"  # below the measured M
+    odd = torch.zeros(k.INT8_TMA_MIN_M, 24, dtype=torch.int8)
+    assert gemm(odd, torch.zeros(8, 24, dtype=torch.int8)) == "plain"  # K % 16 != 0
+    monkeypatch.setattr(k, "tma_supported", lambda device: "not Hopper")
+    assert gemm(big) == "plain"
+    monkeypatch.setattr(k, "tma_supported", lambda device: None)
+
+    def broken(*args, **kwargs):
+        calls.append("tma")
+        raise RuntimeError("compile failed")
+
+    monkeypatch.setattr(k, "w8a8_matmul_tma", broken)
+    calls.clear()
+    with pytest.warns(RuntimeWarning, match="INT8 TMA GEMM failed"):
+        assert gemm(big) == "plain"
+    assert gemm(big) == "plain"
+    assert calls == ["tma", "plain", "plain"]  # tried once, then never again

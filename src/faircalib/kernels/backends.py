@@ -546,11 +546,11 @@ def _int8_w8a8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dt
 
 
 def _int8_w8a8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
-    from faircalib.kernels.triton_w8a8 import quantize_rows, w8a8_matmul
+    from faircalib.kernels.triton_w8a8 import int8_matmul, quantize_rows
 
     w8, w_scale = prepared
     q, x_scale = quantize_rows(x, "int8")
-    return w8a8_matmul(q, x_scale, w8, w_scale, x.dtype, _bias(layer))
+    return int8_matmul(q, x_scale, w8, w_scale, x.dtype, _bias(layer))
 
 
 def _int8_w8a8_codes(prepared: tuple) -> torch.Tensor:

@@ -439,12 +439,7 @@ def int8_matmul(
     multiple of 16), else `w8a8_matmul`. A TMA compile failure (another Triton version) falls
     back, with one warning, to `w8a8_matmul` for good."""
     m, k = a8.shape
-    if (
-        m >= INT8_TMA_MIN_M
-        and k % 16 == 0
-        and not _tma_failed
-        and tma_supported(a8.device) is None
-    ):
+    if m >= INT8_TMA_MIN_M and k % 16 == 0 and not _tma_failed and tma_supported(a8.device) is None:
         try:
             return w8a8_matmul_tma(a8, a_scale, w8, w_scale, out_dtype, bias)
         except torch.cuda.OutOfMemoryError:

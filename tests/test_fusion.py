@@ -29,7 +29,8 @@ def _double(x: torch.Tensor) -> torch.Tensor:
     return 2 * x
 
 
-def test_fused_is_eager_on_the_cpu_inside_eager_and_where_gradients_flow():
+def test_fused_is_eager_on_the_cpu_inside_eager_and_where_gradients_flow(monkeypatch):
+    monkeypatch.delenv("FAIRCALIB_NO_COMPILE", raising=False)
     assert fusion.fused(_double, "cpu") is _double
     # a CUDA lookup builds the compiled wrapper (nothing runs yet) - except inside eager()
     assert fusion.fused(_double, "cuda") is not _double
@@ -53,6 +54,28 @@ def test_fused_for_inference_skips_compilation_when_a_gradient_is_needed(monkeyp
         assert fusion.fused_for_inference(_double, torch.ones(3), w) == "c"
     assert fusion.fused_for_inference(_double, torch.ones(3)) == "c"  # nothing needs a grad
     assert seen == ["cpu", "cpu"]
+
+
+def test_no_compile_flag_and_a_failed_compile_give_eager_results(monkeypatch):
+    """FAIRCALIB_NO_COMPILE=1 returns the eager function; a compiler that raises (stood in for
+    on the CPU) gives the eager result with one warning, and eager for good after it."""
+    monkeypatch.setattr(fusion, "_compiled", {})
+    monkeypatch.setattr(fusion, "_compile_failed", set())
+    monkeypatch.setenv("FAIRCALIB_NO_COMPILE", "1")
+    assert fusion.fused(_double, "cuda") is _double
+    monkeypatch.delenv("FAIRCALIB_NO_COMPILE")
+
+    def broken_compile(fn, dynamic=None):
+        def run(*args):
+            raise RuntimeError("inductor failed")
+
+        return run
+
+    monkeypatch.setattr(fusion.torch, "compile", broken_compile)
+    x = torch.arange(4.0)
+    with pytest.warns(UserWarning, match="torch.compile of _double failed"):
+        assert torch.equal(fusion.fused(_double, "cuda")(x), torch.tensor([0.0, 2, 4, 6]))
+    assert fusion.fused(_double, "cuda") is _double
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -410,3 +410,26 @@ def test_int8_gemm_takes_the_tma_kernel_at_large_m_and_falls_back_once(monkeypat
         assert gemm(big) == "plain"
     assert gemm(big) == "plain"
     assert calls == ["tma", "plain", "plain"]  # tried once, then never again
+
+
+def test_int8_gemm_refuses_mismatched_operands_without_switching_tma_off(monkeypatch):
+    """A caller's shape error raises before the TMA try, so it neither reads out of bounds nor
+    counts as a TMA failure; a misaligned contiguous view is copied for the descriptor."""
+    from faircalib.kernels import triton_w8a8 as k
+
+    monkeypatch.setattr(k, "tma_supported", lambda device: None)
+    monkeypatch.setattr(k, "_tma_failed", [])
+    a = torch.zeros(k.INT8_TMA_MIN_M, 64, dtype=torch.int8)
+    w, s = torch.zeros(8, 64, dtype=torch.int8), torch.ones(8)
+    bad = [(a, torch.ones(1), w, s), (a, torch.ones(len(a)), w[:, :48], s)]
+    bad.append((a, torch.ones(len(a)), w, torch.ones(1)))  # a per-tensor scale
+    for args in bad:
+        with pytest.raises(ValueError, match="do not match"):
+            k.int8_matmul(*args, torch.float32)
+    assert k._tma_failed == []
+    flat = torch.arange(17 * 16, dtype=torch.int8)
+    odd = flat[1:].narrow(0, 0, 16 * 16).view(16, 16)  # contiguous, base 1 byte past aligned
+    fixed = k._tma_operand(odd)
+    assert fixed.data_ptr() % 16 == 0 and fixed.is_contiguous() and torch.equal(fixed, odd)
+    aligned = flat[16:].view(16, 16)
+    assert k._tma_operand(aligned) is aligned

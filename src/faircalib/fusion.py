@@ -54,6 +54,8 @@ def fused(
         def guarded(*args: object) -> torch.Tensor:
             try:
                 return compiled(*args)
+            except torch.cuda.OutOfMemoryError:
+                raise  # not a compiler failure: eager would not fit either
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
                 _compile_failed.add(fn)
                 _compiled[fn] = fn

@@ -269,6 +269,21 @@ def _grid(m: int, n: int):  # noqa: ANN202
     return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
 
+def _check_w8a8(
+    name: str, a8: torch.Tensor, a_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor
+) -> None:
+    """The kernels index w8, a_scale and w_scale by a8's K and M and w8's N: a mismatch would
+    read out of bounds instead of failing."""
+    if a8.dtype != w8.dtype or a8.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError(f"{name} takes int8 or e4m3 operands, got {a8.dtype}, {w8.dtype}")
+    (m, k), (n, kw) = a8.shape, w8.shape
+    if kw != k or a_scale.numel() != m or w_scale.numel() != n:
+        raise ValueError(
+            f"{name}: a8 {tuple(a8.shape)}, w8 {tuple(w8.shape)}, a_scale "
+            f"{tuple(a_scale.shape)}, w_scale {tuple(w_scale.shape)} do not match"
+        )
+
+
 def w8a8_matmul(
     a8: torch.Tensor,
     a_scale: torch.Tensor,
@@ -282,8 +297,7 @@ def w8a8_matmul(
     """a8 [M, K] (int8 / e4m3) with a_scale [M, 1] or [M], w8 [N, K] (same dtype) with w_scale
     [N] (or [1, N]) -> y [M, N] in out_dtype. `meta` fixes the tile (else autotuned; the
     interpreter always runs `TINY_W8A8`)."""
-    if a8.dtype != w8.dtype or a8.dtype not in (torch.int8, torch.float8_e4m3fn):
-        raise ValueError(f"w8a8_matmul takes int8 or e4m3 operands, got {a8.dtype}, {w8.dtype}")
+    _check_w8a8("w8a8_matmul", a8, a_scale, w8, w_scale)
     m, k = a8.shape
     n = w8.shape[0]
     y = torch.empty(m, n, device=a8.device, dtype=out_dtype)
@@ -438,8 +452,10 @@ def int8_matmul(
     """The INT8 W8A8 GEMM by M: `w8a8_matmul_tma` from INT8_TMA_MIN_M rows on Hopper (K a
     multiple of 16), else `w8a8_matmul`. A TMA compile failure (another Triton version) falls
     back, with one warning, to `w8a8_matmul` for good."""
-    m, k = a8.shape
-    if m >= INT8_TMA_MIN_M and k % 16 == 0 and not _tma_failed and tma_supported(a8.device) is None:
+    _check_w8a8("int8_matmul", a8, a_scale, w8, w_scale)  # a caller's error is not a TMA failure
+    (m, k), n = a8.shape, w8.shape[0]
+    tma_ok = m >= INT8_TMA_MIN_M and n > 0 and k > 0 and k % 16 == 0
+    if tma_ok and not _tma_failed and tma_supported(a8.device) is None:
         try:
             return w8a8_matmul_tma(a8, a_scale, w8, w_scale, out_dtype, bias)
         except torch.cuda.OutOfMemoryError:
@@ -452,6 +468,14 @@ def int8_matmul(
                 stacklevel=2,
             )
     return w8a8_matmul(a8, a_scale, w8, w_scale, out_dtype, bias)
+
+
+def _tma_operand(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous with a 16-byte-aligned base, as a descriptor needs (a contiguous view at an
+    odd offset would fail its assertion and switch the TMA GEMM off for good)."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def w8a8_matmul_tma(
@@ -468,16 +492,15 @@ def w8a8_matmul_tma(
     K must be a multiple of 16 (a descriptor's row stride: 16-byte aligned)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    if a8.dtype != w8.dtype or a8.dtype not in (torch.int8, torch.float8_e4m3fn):
-        raise ValueError(f"w8a8_matmul_tma takes int8 or e4m3 operands, got {a8.dtype}, {w8.dtype}")
+    _check_w8a8("w8a8_matmul_tma", a8, a_scale, w8, w_scale)
     m, k = a8.shape
     n = w8.shape[0]
-    if k % 16:
-        raise ValueError(f"the TMA GEMM needs K divisible by 16, got {k}")
+    if k % 16 or k == 0:
+        raise ValueError(f"the TMA GEMM needs K > 0 divisible by 16, got {k}")
     y = torch.empty(m, n, device=a8.device, dtype=out_dtype)
-    if m == 0:
+    if m == 0 or n == 0:
         return y
-    a8, w8 = a8.contiguous(), w8.contiguous()
+    a8, w8 = _tma_operand(a8), _tma_operand(w8)
     # persistent: one program per SM (the CPU interpreter: a few, to walk several tiles each)
     sms = torch.cuda.get_device_properties(a8.device).multi_processor_count if a8.is_cuda else 3
     # descriptors start with a placeholder block; `_set_tma_blocks` sets the config's

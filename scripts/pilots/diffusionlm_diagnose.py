@@ -24,6 +24,9 @@ accuracy of p(w | z_t), for these denoisers of the same z_t:
   (one pass per target position, `--targets` of them per window);
 * `shuf`: the same, but the other positions hold another held-out window's z at the same t
   (in distribution, wrong context).
+* `clean`: the same, but the other positions hold their own clean embeddings (flagged clean
+  where the arm has a clean/noisy flag): the case CDCD's conditioning positions train; if
+  clean < noise, the network reads clean context.
 
 `net` is also scored on the same target positions (`net_t`) so the last three compare on equal
 tokens. If net ~ noise ~ shuf, the network's output does not depend on context.
@@ -55,7 +58,16 @@ from faircalib.models.io import build_model
 from faircalib.models.objective import stratified_times
 
 VOCAB, N_VAL, N_T = 8192, 8, 16
-NAMES = ("net", "uni", "skipb", "blind", "net_t", "noise", "shuf")  # the diagnosis' denoisers
+NAMES = (
+    "net",
+    "uni",
+    "skipb",
+    "blind",
+    "net_t",
+    "noise",
+    "shuf",
+    "clean",
+)  # the diagnosis' denoisers
 
 
 def parse() -> argparse.Namespace:
@@ -249,6 +261,27 @@ def context_free(model, z, t, x0, pos, fill) -> torch.Tensor:
     return scores(model, at_positions(model, zz, t, p), x0[b, p], t)
 
 
+def clean_context(model, z, t, x0, pos) -> torch.Tensor:
+    """`context_free` with every other position at its clean embedding; an arm with a flag
+    (`model.flag_holder`, diffusionlm_readz's cond arm) sees those positions flagged clean."""
+    n, k = pos.shape
+    b = torch.arange(n, device=z.device).repeat_interleave(k)
+    p = pos.reshape(-1)
+    zz = model.embeddings()[x0[b]].clone()
+    rows = torch.arange(len(b), device=z.device)
+    zz[rows, p] = z[b, p]
+    holder = getattr(model, "flag_holder", None)
+    if holder is not None:
+        clean = torch.ones(zz.shape[:2], dtype=torch.bool, device=z.device)
+        clean[rows, p] = False
+        holder["clean"] = clean
+    try:
+        return scores(model, at_positions(model, zz, t, p), x0[b, p], t)
+    finally:
+        if holder is not None:
+            holder["clean"] = None
+
+
 @torch.no_grad()
 def diagnose(model, xd: torch.Tensor, log_unigram: torch.Tensor, args) -> list[dict]:
     model.eval()
@@ -277,6 +310,7 @@ def diagnose(model, xd: torch.Tensor, log_unigram: torch.Tensor, args) -> list[d
             noise = torch.randn(z.shape, generator=gen).to(dev)
             acc["noise"].append(context_free(model, z, t, xd, pos, noise))
             acc["shuf"].append(context_free(model, z, t, xd, pos, z[shift]))
+            acc["clean"].append(clean_context(model, z, t, xd, pos))
         gamma = model.schedule.gamma(torch.tensor(1e-3 + (1 - 1e-3) * (k + 0.5) / args.bins))
         row = {"arm": args.label, "bin": k, "gamma": round(gamma.item(), 2)}
         for name, parts in acc.items():

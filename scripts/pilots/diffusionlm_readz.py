@@ -128,6 +128,7 @@ def flag_stem(model, init_std: float = 0.0) -> dict:
         return h + model.flag_embedding(clean.long()), ctx
 
     model.stem = stem
+    model.flag_holder = holder  # the diagnosis' `clean` column flags its clean positions
     return holder
 
 
@@ -187,6 +188,7 @@ def gaps(s: dict) -> dict:
         "reads_z_blind_minus_net": round(s["blind"] - s["net"], 3),
         "reads_ctx_noise_minus_net_t": round(s["noise"] - s["net_t"], 3),
         "reads_ctx_shuf_minus_net_t": round(s["shuf"] - s["net_t"], 3),
+        "reads_clean_ctx_noise_minus_clean": round(s["noise"] - s["clean"], 3),
         "net_minus_uni": round(s["net"] - s["uni"], 3),
     }
 

@@ -89,8 +89,9 @@ class DiffusionLMConfig:
     # share one, as the bound and the sampler do). Gaussian noise hits every position alike,
     # so a neighbour is never clearer than the position being denoised; with levels of their
     # own some neighbours are nearly clean, as unmasked tokens are in MDLM. Measured
-    # (docs/models.md, "Per-position noise levels"): it made a GPU pilot read a little, but
-    # an 88 M retrain got worse at the bound's one level a sequence. 0 (off) by default.
+    # (docs/models.md, "Per-position noise levels"): 1.0 made an 88 M retrain worse at the
+    # bound's one level a sequence, 0.5 (the diffusionlm-base preset) slightly better; neither
+    # made it read context. 0 (off) by default.
     independent_t: float = 0.0
     # With independent_t: 0 draws each position's level uniformly; > 0 draws its log-SNR around
     # the sequence's, gamma_l = gamma(t) + level_jitter * N(0, 1) (clamped to the schedule), so

@@ -84,6 +84,11 @@ CHECK = textwrap.dedent(
                 meta = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64}  # another tile, ragged K
                 note(f"w8a8_{kind}_tile", rel(w8a8_matmul(a8, a_s, w8, w_s, torch.float32,
                                                          meta=meta), ref))
+                # a weight whose K is not its unit-stride dimension gives the same product
+                w8_strided = w8.T.contiguous().T
+                assert w8_strided.stride(-1) != 1 and torch.equal(
+                    w8a8_matmul(a8, a_s, w8_strided, w_s, torch.float32),
+                    w8a8_matmul(a8, a_s, w8, w_s, torch.float32))
                 # the persistent TMA GEMM: 3 programs walk the tiles (ragged M/N/K zero-filled);
                 # a descriptor's rows must be 16-byte aligned, so K = 200 is refused
                 if k % 16:

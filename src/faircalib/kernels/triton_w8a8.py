@@ -303,7 +303,9 @@ def w8a8_matmul(
     y = torch.empty(m, n, device=a8.device, dtype=out_dtype)
     if m == 0:
         return y
+    # the kernels step along K with unit stride in both operands
     a8 = a8 if a8.stride(-1) == 1 else a8.contiguous()
+    w8 = w8 if w8.stride(-1) == 1 else w8.contiguous()
     args = (
         a8,
         w8,
@@ -822,6 +824,7 @@ def w8_group_matmul(
     if m == 0:
         return y
     a8 = a8 if a8.stride(-1) == 1 else a8.contiguous()
+    w8 = w8 if w8.stride(-1) == 1 else w8.contiguous()
     args = (a8, w8, a_scale.reshape(-1), scale_t, bias, y, m, n, k)
     args += (a8.stride(0), w8.stride(0), y.stride(0), m_bucket(m))
     flags = {"GROUP_SIZE": group_size, "IS_INT8": a8.dtype == torch.int8}

@@ -4,7 +4,7 @@ Diffusion-LM trunk sees only e_w (or a noisy z near it) through `input_up_proj`,
 so a neighbour's identity must be decoded from a random-looking 128-d vector before it can
 inform a prediction.
 
-Two arms, each diffusionlm_readz.py's arm with one change, a learned V x D input table `T`
+Three arms, each diffusionlm_readz.py's arm with one change, a learned V x D input table `T`
 (added to input_up_proj(z) before the stem's LayerNorm, N(0, 0.3^2) at start, an "embedding":
 no weight decay):
 
@@ -12,14 +12,19 @@ no weight decay):
   the sequences, targets only at log-SNR -9..-7.5) where the clean positions also get T[w]
   (their ids are known). A diagnostic, not a model: if its `clean` column drops below
   `noise`, decoding e_w is the bottleneck.
+* `mlm-quiet`: `mlm-table` with the noisy positions' z zeroed on the way into input_up_proj
+  (the skip term still sees it): their input is fixed, like an MDLM's mask token, so their
+  attention queries carry no noise. If this one reads context where `mlm-table` does not,
+  the noise in the targets' own inputs is what blocks it.
 * `pert-post`: the pert arm (`independent_t` 0.5, the diffusionlm-base preset) where every
   position gets the soft lookup p(w | z_l) @ T, p the exact posterior of z_l under a uniform
   prior at the position's own level (the skip term's softmax): a clean or low-noise
   neighbour becomes its table row, a pure-noise one the table's mean. It needs no ids, so it
   is a model: the bound, the sampler and calibration would run it as they are.
 
-    OMP_NUM_THREADS=1 python diffusionlm_input_table.py {mlm-table,pert-post} tokens.npy \
-        WALL MAX_STEPS > log          # from scripts/pilots; tokens: piece 0 (assemble-tokens)
+    OMP_NUM_THREADS=1 python diffusionlm_input_table.py {mlm-table,mlm-quiet,pert-post} tokens.npy \
+        WALL MAX_STEPS [readz flags, e.g. --device cuda --batch 256] > log
+                                  # from scripts/pilots; tokens: piece 0 (assemble-tokens)
 
 The same seed, batches and t/u draws as the logs it is compared with
 (diffusionlm_mlm_check.log, diffusionlm_readz-small-pert05-long.log).
@@ -41,8 +46,10 @@ from faircalib.models.gaussian import time_features
 SHOWN = ("gamma", "net_t_ce", "noise_ce", "shuf_ce", "clean_ce", "uni_ce", "clean_acc")
 
 
-def table_stem(model, lookup) -> None:
-    """stem with `lookup(z, t) -> [B, L, D]` added to input_up_proj(z) before the LayerNorm."""
+def table_stem(model, lookup, quiet=None) -> None:
+    """stem with `lookup(z, t) -> [B, L, D]` added to input_up_proj(z) before the LayerNorm;
+    `quiet(z)`, if given, is what input_up_proj reads instead of z (the head's skip term still
+    sees z)."""
     dim = model.cfg.hidden_dim
     gen = torch.Generator().manual_seed(5151)  # own stream: the model's init stays plain's
     model.input_table = nn.Embedding(model.vocab_size, dim)
@@ -53,7 +60,8 @@ def table_stem(model, lookup) -> None:
         b, seq = x_t.shape[:2]
         t = torch.full((b,), model.cfg.t_min) if t is None else t.float()
         t, z = t.to(x_t.device), x_t.float()  # the pilots feed noisy embeddings only
-        h = model.input_up_proj(z) + model.position_embeddings[:seq] + lookup(z, t)
+        z_in = z if quiet is None else quiet(z)
+        h = model.input_up_proj(z_in) + model.position_embeddings[:seq] + lookup(z, t)
         h = model.LayerNorm(h + model.time_embed(time_features(per_position(t), dim)))
         return h, BlockContext({"batch_z": z, "batch_t": t})
 
@@ -73,8 +81,10 @@ def posterior_lookup(model):
     return lookup
 
 
-def mlm_table(args, log_unigram):
-    """mlm_check's arm; its clean positions (the flag holder's mask) add T[w]."""
+def mlm_table(args, log_unigram, quiet: bool = False):
+    """mlm_check's arm; its clean positions (the flag holder's mask) add T[w]. `quiet`: the
+    noisy positions' z is zeroed on the way into input_up_proj (an MDLM's mask token: a fixed
+    input), so their queries carry no noise."""
     model = readz.make(args, log_unigram)
     holder, ids = model.flag_holder, {"x0": None}
     loss = model.training_loss
@@ -92,7 +102,14 @@ def mlm_table(args, log_unigram):
         finally:
             ids["x0"] = None
 
-    table_stem(model, lookup)  # replaces the flag arm's stem: the flag goes back on top
+    def zero_noisy(z):
+        clean = holder["clean"]
+        if clean is None:
+            return torch.zeros_like(z)
+        return z * clean[..., None]
+
+    # replaces the flag arm's stem: the flag goes back on top
+    table_stem(model, lookup, zero_noisy if quiet else None)
     table = model.stem
 
     def stem(x_t, t):
@@ -107,29 +124,32 @@ def mlm_table(args, log_unigram):
     return model
 
 
-def main(arm: str, tokens: str, wall: str, max_steps: str) -> None:
-    if arm == "mlm-table":
+def main(arm: str, tokens: str, wall: str, max_steps: str, *extra: str) -> None:
+    if arm.startswith("mlm"):
         argv = ["--arm", "cond", "--flag", "--flag-init", "0.5", "--cond-frac", "0.6"]
     else:
         argv = ["--arm", "pert", "--independent-t", "0.5"]
     argv += ["--tokens", tokens, "--blocks", "2", "--hidden", "128", "--batch", "16"]
     argv += ["--length", "64", "--wall", wall, "--every", "250", "--max-steps", max_steps]
+    argv += list(extra)  # e.g. --device cuda --batch 256 --windows 64 (later flags win)
     args = readz.parse(argv)
     args.label = arm
-    if arm == "mlm-table":
+    if arm.startswith("mlm"):
         args.band = "-9,-7.5"
     train_part, xv, xd, log_unigram = split_tokens(args)
-    if arm == "mlm-table":
-        model = mlm_table(args, log_unigram)
+    if arm.startswith("mlm"):
+        model = mlm_table(args, log_unigram, quiet=arm == "mlm-quiet")
     else:
         model = readz.make(args, log_unigram)
         table_stem(model, posterior_lookup(model))
+    model = model.to(args.device)  # the table is made after readz.make moved the model
+    log_unigram, xv, xd = (x.to(args.device) for x in (log_unigram, xv, xd))
     print(json.dumps({"arm": arm, "params": sum(p.numel() for p in model.parameters())}))
     print(json.dumps({"arm": arm, "step": 0} | bound(model, xv)), flush=True)
     steps = train(model, train_part, xv, args)
     print(json.dumps({"arm": arm, "steps": steps} | bound(model, xv)), flush=True)
     start = time.time()
-    if arm == "mlm-table":
+    if arm.startswith("mlm"):
         rows = diagnose_with_ids(model, xd, log_unigram, args)
     else:
         rows = diagnose(model, xd, log_unigram, args)
@@ -163,4 +183,4 @@ def diagnose_with_ids(model, xd, log_unigram, args):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:])

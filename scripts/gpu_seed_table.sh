@@ -72,6 +72,8 @@
 #   table    : wait for training, start benchmarks/seed_table.py in the background, wait for it
 #              (MERGE_FAMILIES=1: only the two Gaussian models, merged into $MERGE_INTO)
 #   collect  : wait for the table; at most 8 files into $OUT
+#   sizes    : the Diffusion-LM size / learning-rate sweep (DLM_SIZES; one call, ~300 s, piece 0
+#              carried), one log an arm into $OUT (docs/training.md, "Next Diffusion-LM lease")
 # Pieces are made here (CPU): faircalib data pack-tokens <shards> --tokenizer $TOK --out
 # .gpu/tokens --max-piece-mib 3.9 (docs/training.md); before gather call i run, here,
 # `scripts/gpu_seed_table.sh stage i [j]` and give the call carry=[".gpu/tokens-carry"]. Two pieces
@@ -131,6 +133,17 @@ train_cmd() {  # preset, batch size, lr, seconds, token file
     --time-budget $4 --eval-every 500 --seed 0 --out $RUNS/$1"
 }
 
+# the Diffusion-LM size / learning-rate sweep (`sizes` phase; docs/training.md, "Next
+# Diffusion-LM lease"): arms BLOCKSxHIDDEN@LR, run side by side on the one GPU
+DLM_SIZES=${DLM_SIZES:-2x128@1e-3 4x256@1e-3 4x256@6e-4 6x384@6e-4 6x384@3e-4 12x768@3e-4}
+sizes_cmd() {  # one arm BLOCKSxHIDDEN@LR, token file: the pilot's full-objective (pert) run
+  local blocks=${1%%x*} rest=${1#*x}
+  [[ $1 =~ ^[0-9]+x[0-9]+@[0-9.e-]+$ ]] || { echo "DLM_SIZES: arm '$1' is not BLOCKSxHIDDEN@LR" >&2; return 2; }
+  echo "python3 scripts/pilots/diffusionlm_readz.py --arm pert --tokens $2 --device cuda \
+    --batch 256 --blocks $blocks --hidden ${rest%@*} --lr ${1#*@} --wall ${SIZES_WALL:-240} \
+    --every 250 --windows 64"
+}
+
 table_cmd() {  # the seed table run: every model, or (MERGE_FAMILIES=1) the two Gaussian ones
   # merged into the committed table (same evaluation settings as the run that made it)
   local families="" name
@@ -146,8 +159,11 @@ table_cmd() {  # the seed table run: every model, or (MERGE_FAMILIES=1) the two 
 
 case $phase in
 print)  # the training command lines: print PRESET BATCH LR SECONDS TOKENS (tests parse them);
-  # `print table` prints the table's command line
-  shift; if [ "${1:-}" = table ]; then table_cmd; else train_cmd "$@"; fi
+  # `print table` prints the table's command line, `print sizes` the sweep's, one an arm
+  shift
+  if [ "${1:-}" = table ]; then table_cmd
+  elif [ "${1:-}" = sizes ]; then for arm in $DLM_SIZES; do sizes_cmd "$arm" TOKENS; done
+  else train_cmd "$@"; fi
   ;;
 stage)  # HERE, before a gather call: put pieces i [j ...] (and the manifest) where it carries them
   shift; [ $# -ge 1 ] || { echo "stage: piece indices, e.g. stage 0 1" >&2; exit 2; }
@@ -196,6 +212,15 @@ w4a4)
     --schemes w4a4 --methods rtn,quarot,flatquant,fair --nsamples 128 --eval-limit 512 \
     --mc-samples 1 --flip-prompts 16 --out $RUNS/w4a4-base"
   sleep "${W4A4_WAIT:-30}"; tail -c 400 "$RUNS/w4a4-base.log"
+  ;;
+sizes)  # one call, ~300 s (piece 0 is enough): where does each size leave the unigram plateau?
+  assemble "$RUNS/tokens-sizes.npy"
+  for arm in $DLM_SIZES; do
+    cmd=$(sizes_cmd "$arm" "$RUNS/tokens-sizes.npy")
+    OMP_NUM_THREADS=2 timeout $(( ${SIZES_WALL:-240} + 60 )) $cmd > "$OUT/pert-${arm/@/-}.log" 2>&1 &
+  done
+  wait
+  for f in "$OUT"/pert-*.log; do echo "== $f"; grep -v '"bin"' "$f" | tail -n 4; done
   ;;
 table)
   wait_for 60 mdlm-base diffusionlm-base planner-small

@@ -122,6 +122,22 @@ def test_seed_table_training_line_parses(preset, batch, lr, tmp_path, monkeypatc
     assert args.out == str(tmp_path / "runs" / preset)
 
 
+def test_diffusion_lm_size_sweep_lines_parse(tmp_path, monkeypatch):
+    """`gpu_seed_table.sh sizes`: every DLM_SIZES arm becomes a pilot line its parser takes,
+    with the arm's size and learning rate; a malformed arm is refused before anything runs."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts" / "pilots"))  # the pilot's own imports
+    monkeypatch.setenv("DLM_SIZES", "2x128@1e-3 12x768@3e-4")
+    lines = printed(SEED_TABLE, "sizes", tmp=tmp_path).strip().splitlines()
+    parsed = [parse_only(monkeypatch, python_argv(line.replace("\\", ""))) for line in lines]
+    got = [(a.arm, a.blocks, a.hidden, a.lr, a.batch, a.device) for a in parsed]
+    assert got == [("pert", 2, 128, 1e-3, 256, "cuda"), ("pert", 12, 768, 3e-4, 256, "cuda")]
+    monkeypatch.setenv("DLM_SIZES", "12x768")  # no learning rate
+    done = subprocess.run(
+        ["bash", str(SEED_TABLE), "print", "sizes"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "BLOCKSxHIDDEN@LR" in done.stderr
+
+
 def test_kernel_sweep_covers_the_dllm_shapes(monkeypatch):
     kernels = load_script("benchmarks/kernels.py", monkeypatch)
     assert set(kernels.SHAPES) >= ISSUE16_SHAPES

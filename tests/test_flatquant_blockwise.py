@@ -116,6 +116,28 @@ def test_trainable_starts_exactly_at_the_per_layer_result():
     assert rel < 1e-2, rel
 
 
+def test_a_frozen_result_does_not_move_when_training_goes_on():
+    """The block stage freezes candidates mid-training and keeps the best; the frozen transform
+    must be a copy, or later Adam steps rewrite it under codes quantized for the old one."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 32, generator=gen)
+    w = torch.randn(16, 32, generator=gen) / 6
+    wcfg, act = QuantConfig(bits=4, group_size=None), ActQuantConfig("int", 4)
+    start = learn_transform(w, x, wcfg, act, FlatQuantConfig(steps=5, batch_rows=64))
+    trainable = TrainableTransformLinear(w, None, start, wcfg)
+    frozen = trainable.freeze()
+    before = {k: v.clone() for k, v in vars(frozen.transform).items() if torch.is_tensor(v)}
+    assert {"p1", "p2"} <= before.keys()
+    opt = torch.optim.Adam([p for p in trainable.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        trainable(x).pow(2).mean().backward()
+        opt.step()
+    assert not torch.equal(trainable.freeze().transform.p1, before["p1"])  # training moved
+    for name, value in before.items():
+        assert torch.equal(getattr(frozen.transform, name), value), name
+
+
 def _trainable_block(model, x_t, t):
     """Block 0 with every declared linear a TrainableTransformLinear (per-layer init, 5 steps),
     its stem input, and the float block's output."""

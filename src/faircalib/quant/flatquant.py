@@ -339,8 +339,10 @@ def _finish(
 ) -> FlatQuantResult:
     """Freeze the transform; quantize W~ with primitives (exact codes, the learned clip)."""
     shift = None if params.shift_mode == "none" else params.shift.detach().clone()
+    # copies, not views: the block stage keeps training these parameters in place after a
+    # freeze, and a frozen result must stay the transform its codes were quantized under
     tf = LearnedTransform(
-        params.p1.detach(), params.p2.detach(), params.log_s.exp().detach(), shift
+        params.p1.detach().clone(), params.p2.detach().clone(), params.log_s.exp().detach(), shift
     )
     w_t = tf.fold(weight)
     w_clip = params.weight_clip()

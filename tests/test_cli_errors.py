@@ -76,6 +76,17 @@ def test_unwritable_out_fails_before_calibration(tmp_path: Path, capsys):
         assert "[calib]" not in line
 
 
+def test_out_below_a_regular_file_names_the_file(tmp_path: Path, capsys):
+    # mkdir's own "File exists" reads as if --out existed; the line names the file in the way
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = blocker / "sub" / "q"
+    assert main(["quantize", "mdlm-tiny", *RTN, "--out", str(out)]) == 2
+    one_line_error(capsys, str(out), f"{blocker} is a file, not a directory")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+    assert blocker.read_text() == "not a directory"
+
+
 @pytest.fixture(scope="module")
 def packed_and_fake(tmp_path_factory):
     """A packed directory `quantize` wrote, and a fake-quant one (the float model's files plus

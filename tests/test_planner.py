@@ -102,6 +102,23 @@ def test_sampler_frontier_is_where_the_decoded_text_stops_changing():
     assert len(res.states) == cfg.steps and res.states[0][0].shape == (2, 8)
 
 
+def test_unconditional_decoding_starts_from_bos_alone(capsys):
+    # an empty prompt: the first token's distribution is the decoder's at position 0 (BOS
+    # only), each later one sees the tokens written before it; and the CLI writes G tokens
+    model, plan = tiny(), torch.randn(2, 2, 4)
+    with torch.no_grad():
+        tokens, lps = model.greedy_decode(torch.zeros(2, 0, dtype=torch.long), plan, 3)
+        assert tokens.shape == (2, 3) and lps.shape == (2, 3, V)
+        for pos in range(3):
+            filler = torch.full((2, 3 - pos), 5)
+            lp = model.decode_log_probs(torch.cat([tokens[:, :pos], filler], 1), plan)[:, pos]
+            assert torch.allclose(lps[:, pos], lp, atol=1e-5)
+            assert torch.equal(tokens[:, pos], lp.argmax(-1))
+    assert main(["generate", "planner-tiny", "--gen-length", "4", "--steps", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sum(len(s["positions"][0]) for s in out["trace"]["steps"]) == 4
+
+
 def test_engine_quantizes_the_decoder_and_the_prior_blocks():
     tokens = torch.randint(2, V, (8, 16))
     for config in (RTNConfig(bits=4, group_size=32), GPTQConfig(bits=4, group_size=32)):

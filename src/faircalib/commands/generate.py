@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from faircalib.commands import common
@@ -111,7 +113,7 @@ def generate_texts(
     from tqdm import tqdm
 
     from faircalib import hub
-    from faircalib.frontier.samplers import generate
+    from faircalib.frontier.samplers import IgnoredSamplerOptions, generate, ignored_options
     from faircalib.models.chat import chat_prompt
 
     if num_samples < 1:
@@ -132,7 +134,15 @@ def generate_texts(
         )
     cfg.validate()  # before the progress bar: a refusal is then the only line printed
     prompt_ids = torch.tensor([ids] * num_samples, dtype=torch.long)  # [N, P]
-    with tqdm(total=cfg.steps, desc="generate", unit="step", disable=not progress) as bar:
+    ignored = ignored_options(model, cfg)
+    if ignored:  # one line before the bar; the Python warning below would say it again
+        message = IgnoredSamplerOptions(getattr(model, "family", "model"), ignored)
+        print(f"faircalib generate: warning: {message}", file=sys.stderr)
+    with (
+        tqdm(total=cfg.steps, desc="generate", unit="step", disable=not progress) as bar,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore", IgnoredSamplerOptions)
         result = generate(model, prompt_ids, cfg, seed, trace=True, progress=bar.update)
     generated = result.tokens[:, result.prompt_len :].tolist()
     cut = [_until_stop(row, stop_ids(tokenizer)) for row in generated]

@@ -34,6 +34,7 @@ Gumbel noise has its own stream, so the position draws are the same whatever the
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -305,6 +306,29 @@ class _Run:
         return slice(self.prompt_len, self.x.shape[1])
 
 
+class IgnoredSamplerOptions(UserWarning):
+    """Sampler options set away from their defaults that the model's own sampler does not read
+    (`DiffusionLM.sampler_fields`)."""
+
+    def __init__(self, family: str, fields: list[str]) -> None:
+        self.family, self.fields = family, fields
+        flags = ", ".join("--" + name.replace("_", "-") for name in fields)
+        super().__init__(f"the {family} sampler does not use {flags}; ignored")
+
+
+def ignored_options(model: Any, cfg: SamplerConfig) -> list[str]:
+    """The fields of `cfg` set away from their defaults that `model`'s own sampler ignores."""
+    reads = getattr(model, "sampler_fields", None)
+    if reads is None:
+        return []
+    default = SamplerConfig()
+    return [
+        name
+        for name, value in asdict(cfg).items()
+        if name not in reads and value != getattr(default, name)
+    ]
+
+
 def generate(
     model: DiffusionLM,
     prompt_ids: torch.Tensor,
@@ -328,6 +352,10 @@ def generate(
             f"the {getattr(model, 'family', type(model).__name__)} model has no block cache; "
             "use cache 'none' (families opt in: docs/models.md, 'Block K/V cache')"
         )
+    ignored = ignored_options(model, cfg)
+    if ignored:
+        family = getattr(model, "family", type(model).__name__)
+        warnings.warn(IgnoredSamplerOptions(family, ignored), stacklevel=2)
     family_sampler = getattr(model, "sample", None)
     own = None
     if family_sampler is not None:

@@ -216,6 +216,11 @@ class DiffusionLM(nn.Module, ABC):
         simplified objective (Diffusion-LM's L_simple)."""
         return self.nelbo(x0, t, u)
 
+    # The SamplerConfig fields the family's own `sample` reads; None: the family uses the
+    # shared masked samplers, which read them all. The sampler warns about any other field set
+    # away from its default, rather than ignore it silently.
+    sampler_fields: frozenset[str] | None = None
+
     def sample(
         self,
         prompt_ids: torch.Tensor,

@@ -123,6 +123,8 @@ class DiffusionLMConfig:
 
 class DiffusionLMModel(DiffusionLM):
     family = "diffusion_lm"
+    # ancestral steps with the clamping trick: no blocks, no sampling temperature (rounding)
+    sampler_fields = frozenset({"steps", "gen_length", "cache"})
 
     def __init__(self, cfg: DiffusionLMConfig) -> None:
         super().__init__()

@@ -92,6 +92,11 @@ def check_output_dir(out: Path, overwrite: bool = False) -> None:
         raise OutputError(f"{out} exists and is not a directory; choose another output path")
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} already exists (pass --overwrite to replace it)")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():  # mkdir would say only "File exists"
+        raise OutputError(
+            f"cannot write {out}: {blocker} is a file, not a directory; choose another output path"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         probe = Path(

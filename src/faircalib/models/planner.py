@@ -109,6 +109,8 @@ class PlannerConfig:
 
 class Planner(DiffusionLM):
     family = "planner"
+    # the plan's ancestral steps, then the decoder: greedy or Gumbel-max at `temperature`
+    sampler_fields = frozenset({"steps", "gen_length", "temperature", "cache"})
 
     def __init__(self, cfg: PlannerConfig) -> None:
         super().__init__()
@@ -350,7 +352,9 @@ class Planner(DiffusionLM):
         x = prompt
         out = []
         for j in range(length):
-            pad = torch.zeros_like(x[:, :1])  # position n's distribution sees only x[:, :n]
+            # position n's distribution sees only x[:, :n]; a column of its own even when
+            # x is empty (an unconditional sample: x[:, :1] would be 0 wide)
+            pad = x.new_zeros(x.shape[0], 1)
             lp = self.decode_log_probs(torch.cat([x, pad], dim=1), plan)[:, -1]  # [B, V]
             score = lp.double() / temperature + gumbel[:, j] if gumbel is not None else lp
             x = torch.cat([x, score.argmax(-1, keepdim=True)], dim=1)

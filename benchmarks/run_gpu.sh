@@ -18,7 +18,14 @@
 # cudatests (tests/test_cuda.py on the GPU), llada-gptq / llada-fair / dream-gptq / dream-fair and
 # llada-fair-fast / dream-fair-fast (8B-shaped,
 # benchmarks/llada_8b.py; one per lease is fine, rows accumulate in benchmarks/results/llada-8b-shape). Optional wheels (gemlite)
-# carried in .whl/ are installed into /tmp/site first.
+# carried in .whl/ are installed into /tmp/site first. Jobs that import faircalib.formats (e2e,
+# the packed-checkpoint jobs) need compressed-tensors, which the device lacks; its 0.20 also
+# imports pydantic, pydantic_core, annotated_types, typing_inspection and loguru (the device has
+# transformers and psutil). Made here, for the device's Python 3.12 (2026-11-30: ~3.1 MB):
+#   pip download compressed-tensors loguru --no-deps -d .whl
+#   pip download pydantic pydantic_core annotated_types typing_inspection typing_extensions \
+#     --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 --no-deps -d .whl
+# and give the call carry=[".whl"].
 set -euo pipefail
 RES=${RES:-/root/results}
 export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1

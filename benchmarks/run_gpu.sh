@@ -23,8 +23,8 @@
 # imports pydantic, pydantic_core, annotated_types, typing_inspection and loguru (the device has
 # transformers and psutil). Made here, for the device's Python 3.12 (2026-11-30: ~3.1 MB):
 #   pip download compressed-tensors loguru --no-deps -d .whl
-#   pip download pydantic pydantic_core annotated_types typing_inspection typing_extensions \
-#     --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 --no-deps -d .whl
+#   pip download pydantic --python-version 3.12 --only-binary=:all: \
+#     --platform manylinux2014_x86_64 -d .whl   # with its deps: pydantic pins pydantic_core
 # and give the call carry=[".whl"].
 set -euo pipefail
 RES=${RES:-/root/results}

@@ -6,6 +6,7 @@ SIGINT delivers it) right after a chosen block or inside FAIR-Calib's end-to-end
 """
 
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -192,6 +193,36 @@ def test_resume_each_method_bit_identical(tiny, tmp_path, monkeypatch, method, w
     for name, result in ours.items():  # codes and scales too: what the packed writer stores
         assert torch.equal(result.codes, theirs[name].codes), name
         assert torch.equal(result.qparams.scale, theirs[name].qparams.scale), name
+
+
+def test_resume_a_gaussian_family_with_fair_calib_bit_identical(tmp_path, monkeypatch):
+    """planner-tiny (a Gaussian-latent family whose prior is an extra block stack, quantized
+    again on resume rather than restored) with every FAIR-Calib stage on, interrupted after
+    decoder block 0: the uninterrupted run's bits, prior included."""
+    model = hub.load("planner-tiny")
+    tokens = torch.randint(2, model.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    config, calib = method_config("fair"), CalibConfig(n_samples=4, seq_len=32)
+    config = dataclasses.replace(config, group_size=32)  # the prior is 64 wide
+    reference = copy.deepcopy(model)
+    quantize(reference, config, tokens, calib, progress=False)
+    directory = tmp_path / "q.partial"
+    with monkeypatch.context() as patch:
+        interrupt_after_block(patch, 0)
+        with pytest.raises(KeyboardInterrupt):
+            run(model, config, tokens, calib, directory, resume=False)
+    state = json.loads((directory / "progress.json").read_text())
+    assert state["finished_blocks"] == 1 and state["inputs"] is not None
+
+    resumed = run(model, config, tokens, calib, directory, resume=True)
+    assert_identical(reference.state_dict(), resumed.state_dict())
+    ours, theirs = quant_results(resumed), quant_results(reference)
+    assert ours.keys() == theirs.keys()
+    assert {n.split(".")[0] for n in ours} == {"prior_blocks", "blocks"}
+    for name, result in ours.items():
+        assert torch.equal(result.codes, theirs[name].codes), name
+        assert torch.equal(result.qparams.scale, theirs[name].qparams.scale), name
+    # and the weights did move: a resume that restored nothing would not pass for quantized
+    assert not torch.equal(resumed.blocks[1].mlp[0].weight, model.blocks[1].mlp[0].weight)
 
 
 def test_deferred_commits_lose_only_uncommitted_blocks_and_resume_exactly(

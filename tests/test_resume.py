@@ -156,6 +156,21 @@ def interrupt_e2e(monkeypatch) -> None:
     monkeypatch.setattr("faircalib.calib.finetune_scales_e2e", stop)
 
 
+def run_stopped_after_block(monkeypatch, block, model, config, tokens, calib, directory) -> None:
+    """A fresh run into `directory`, interrupted right after `block` is saved."""
+    with monkeypatch.context() as patch:
+        interrupt_after_block(patch, block)
+        with pytest.raises(KeyboardInterrupt):
+            run(model, config, tokens, calib, directory, resume=False)
+
+
+def assert_same_codes(ours: dict, theirs: dict) -> None:
+    """Codes and scales of every layer: what the packed writer stores."""
+    for name, result in ours.items():
+        assert torch.equal(result.codes, theirs[name].codes), name
+        assert torch.equal(result.qparams.scale, theirs[name].qparams.scale), name
+
+
 @pytest.mark.parametrize(
     ("method", "where", "offload"),
     [
@@ -190,9 +205,7 @@ def test_resume_each_method_bit_identical(tiny, tmp_path, monkeypatch, method, w
     assert_identical(reference.state_dict(), resumed.state_dict())
     ours, theirs = quant_results(resumed), quant_results(reference)
     assert ours.keys() == theirs.keys() and len(ours) == 16
-    for name, result in ours.items():  # codes and scales too: what the packed writer stores
-        assert torch.equal(result.codes, theirs[name].codes), name
-        assert torch.equal(result.qparams.scale, theirs[name].qparams.scale), name
+    assert_same_codes(ours, theirs)
 
 
 def test_resume_a_gaussian_family_with_fair_calib_bit_identical(tmp_path, monkeypatch):
@@ -206,10 +219,7 @@ def test_resume_a_gaussian_family_with_fair_calib_bit_identical(tmp_path, monkey
     reference = copy.deepcopy(model)
     quantize(reference, config, tokens, calib, progress=False)
     directory = tmp_path / "q.partial"
-    with monkeypatch.context() as patch:
-        interrupt_after_block(patch, 0)
-        with pytest.raises(KeyboardInterrupt):
-            run(model, config, tokens, calib, directory, resume=False)
+    run_stopped_after_block(monkeypatch, 0, model, config, tokens, calib, directory)
     state = json.loads((directory / "progress.json").read_text())
     assert state["finished_blocks"] == 1 and state["inputs"] is not None
 
@@ -218,9 +228,7 @@ def test_resume_a_gaussian_family_with_fair_calib_bit_identical(tmp_path, monkey
     ours, theirs = quant_results(resumed), quant_results(reference)
     assert ours.keys() == theirs.keys()
     assert {n.split(".")[0] for n in ours} == {"prior_blocks", "blocks"}
-    for name, result in ours.items():
-        assert torch.equal(result.codes, theirs[name].codes), name
-        assert torch.equal(result.qparams.scale, theirs[name].qparams.scale), name
+    assert_same_codes(ours, theirs)
     # and the weights did move: a resume that restored nothing would not pass for quantized
     assert not torch.equal(resumed.blocks[1].mlp[0].weight, model.blocks[1].mlp[0].weight)
 
@@ -234,10 +242,7 @@ def test_deferred_commits_lose_only_uncommitted_blocks_and_resume_exactly(
     quantize(reference, config, tokens, calib, progress=False)
     directory = tmp_path / "q.partial"
     monkeypatch.setattr(PartialRun, "COMMIT_EVERY_S", 1e9)  # nothing commits before the end
-    with monkeypatch.context() as patch:
-        interrupt_after_block(patch, 2)
-        with pytest.raises(KeyboardInterrupt):
-            run(model, config, tokens, calib, directory, resume=False)
+    run_stopped_after_block(monkeypatch, 2, model, config, tokens, calib, directory)
     state = json.loads((directory / "progress.json").read_text())
     assert state["finished_blocks"] == 0 and state["blocks"] == []
     assert not list(directory.glob("state-*"))  # no cache was written
@@ -290,10 +295,7 @@ def test_bf16_progress_keeps_codes_not_weights_and_restores_exactly(tmp_path, mo
     reference = copy.deepcopy(model)
     quantize(reference, config, tokens, calib, progress=False)
     directory = tmp_path / "q.partial"
-    with monkeypatch.context() as patch:
-        interrupt_after_block(patch, 1)
-        with pytest.raises(KeyboardInterrupt):
-            run(model, config, tokens, calib, directory, resume=False)
+    run_stopped_after_block(monkeypatch, 1, model, config, tokens, calib, directory)
     saved = load_file(str(directory / "block-00000.safetensors"))
     assert saved and not [k for k in saved if k.endswith(".weight")]  # decode + bf16 is exact
     resumed = run(model, config, tokens, calib, directory, resume=True)
@@ -305,10 +307,7 @@ def test_resume_refuses_a_different_run(tiny, tmp_path, monkeypatch):
     model, tokens = tiny
     config, calib = method_config("gptq"), CalibConfig(n_samples=4, seq_len=32)
     directory = tmp_path / "q.partial"
-    with monkeypatch.context() as patch:
-        interrupt_after_block(patch, 0)
-        with pytest.raises(KeyboardInterrupt):
-            run(model, config, tokens, calib, directory, resume=False)
+    run_stopped_after_block(monkeypatch, 0, model, config, tokens, calib, directory)
     other_tokens = tokens.flip(0)
     with pytest.raises(ConfigError, match=r"different run \(calibration data changed\)"):
         run(model, config, other_tokens, calib, directory, resume=True)

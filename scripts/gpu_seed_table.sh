@@ -72,6 +72,10 @@
 #   table    : wait for training, start benchmarks/seed_table.py in the background, wait for it
 #              (MERGE_FAMILIES=1: only the two Gaussian models, merged into $MERGE_INTO)
 #   collect  : wait for the table; at most 8 files into $OUT
+#   grid     : the real diffusionlm-base preset at DLM_GRID's sizes and rates, side by side
+#              (GRID_SECONDS each); `pick` waits, writes $OUT/grid.json and the logs, and copies
+#              the arm with the lowest final held-out bound to $RUNS/diffusionlm-base (then
+#              MERGE_FAMILIES=1 FAMILIES=diffusionlm-base ... table / collect)
 #   sizes    : the Diffusion-LM size / learning-rate sweep (DLM_SIZES; one call, ~300 s, piece 0
 #              carried), one log an arm into $OUT (docs/training.md, "Next Diffusion-LM lease")
 # Pieces are made here (CPU): faircalib data pack-tokens <shards> --tokenizer $TOK --out
@@ -127,10 +131,10 @@ assemble() {  # the pieces present -> $1 (uint16 .npy read by --token-cache)
   python3 -m faircalib.cli data assemble-tokens "$PIECES" --out "$1" --tokenizer "$TOK" \
     --manifest scripts/token_pieces.manifest.json | tee "$RUNS/$(basename "$1").json"
 }
-train_cmd() {  # preset, batch size, lr, seconds, token file
+train_cmd() {  # preset, batch size, lr, seconds, token file[, output name (the preset's)]
   echo "python3 -m faircalib.commands.train --token-cache $5 --tokenizer $TOK --compile \
     --preset $1 --batch-size $2 --lr $3 --warmup-steps 200 --max-steps 1000000 \
-    --time-budget $4 --eval-every 500 --seed 0 --out $RUNS/$1"
+    --time-budget $4 --eval-every 500 --seed 0 --out $RUNS/${6:-$1}"
 }
 
 # the Diffusion-LM size / learning-rate sweep (`sizes` phase; docs/training.md, "Next
@@ -142,6 +146,19 @@ sizes_cmd() {  # one arm BLOCKSxHIDDEN@LR, token file: the pilot's full-objectiv
   echo "python3 scripts/pilots/diffusionlm_readz.py --arm pert --tokens $2 --device cuda \
     --batch 256 --blocks $blocks --hidden ${rest%@*} --lr ${1#*@} --wall ${SIZES_WALL:-240} \
     --every 250 --windows 64"
+}
+
+# the Diffusion-LM grid (`grid` phase): the real preset trained by `faircalib train` at several
+# sizes and rates side by side, each its own directory; `pick` keeps the lowest final held-out
+# bound as $RUNS/diffusionlm-base for the table (the pilots' sweep is `sizes`, above)
+DLM_GRID=${DLM_GRID:-4x256@1e-3 6x384@1e-3 6x384@6e-4 8x512@6e-4 8x512@3e-4}
+GRID_SECONDS=${GRID_SECONDS:-450}
+grid_cmd() {  # one arm BLOCKSxHIDDEN@LR, token file: diffusionlm-base at that size (64-wide heads)
+  [[ $1 =~ ^[0-9]+x[0-9]+@[0-9.e-]+$ ]] || { echo "DLM_GRID: arm '$1' is not BLOCKSxHIDDEN@LR" >&2; return 2; }
+  local blocks=${1%%x*} rest=${1#*x} hidden lr
+  hidden=${rest%@*} lr=${1#*@}
+  echo "$(train_cmd diffusionlm-base "$DLM_BATCH" "$lr" "$GRID_SECONDS" "$2" "dlm-${1/@/-}") \
+    --n-blocks $blocks --hidden-dim $hidden --n-heads $((hidden / 64)) --eval-every 250 ${DLM_ARGS:-}"
 }
 
 table_cmd() {  # the seed table run: every model, or (MERGE_FAMILIES=1) the two Gaussian ones
@@ -163,6 +180,7 @@ print)  # the training command lines: print PRESET BATCH LR SECONDS TOKENS (test
   shift
   if [ "${1:-}" = table ]; then table_cmd
   elif [ "${1:-}" = sizes ]; then for arm in $DLM_SIZES; do sizes_cmd "$arm" TOKENS; done
+  elif [ "${1:-}" = grid ]; then for arm in $DLM_GRID; do grid_cmd "$arm" TOKENS; done
   else train_cmd "$@"; fi
   ;;
 stage)  # HERE, before a gather call: put pieces i [j ...] (and the manifest) where it carries them
@@ -221,6 +239,20 @@ sizes)  # one call, ~300 s (piece 0 is enough): where does each size leave the u
   done
   wait
   for f in "$OUT"/pert-*.log; do echo "== $f"; grep -v '"bin"' "$f" | tail -n 4; done
+  ;;
+grid)  # one call: the grid's arms in the background (then `status HOLD=..`, `pick`, `table`)
+  assemble "$RUNS/tokens-grid.npy"
+  for arm in $DLM_GRID; do background "dlm-${arm/@/-}" "$(grid_cmd "$arm" "$RUNS/tokens-grid.npy")"; done
+  sleep "${FAMILY_WAIT:-90}"; for arm in $DLM_GRID; do tail -c 300 "$RUNS/dlm-${arm/@/-}.log"; echo; done
+  ;;
+pick)  # wait for the grid; the arm with the lowest final held-out bound becomes diffusionlm-base
+  names=(); for arm in $DLM_GRID; do names+=("dlm-${arm/@/-}"); done
+  wait_for "${PICK_POLLS:-90}" "${names[@]}"
+  python3 scripts/grid_pick.py "$RUNS" "${names[@]}" > "$OUT/grid.json"
+  best=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['picked'] or '')" "$OUT/grid.json")
+  [ -n "$best" ] || { echo "pick: no arm finished" >&2; exit 1; }
+  rm -rf "${RUNS:?}/diffusionlm-base" && cp -r "$RUNS/$best" "$RUNS/diffusionlm-base"
+  for n in "${names[@]}"; do tr '\r' '\n' < "$RUNS/$n.log" | grep -v 'it/s\]$' > "$OUT/$n.log"; done
   ;;
 table)
   wait_for 60 mdlm-base diffusionlm-base planner-small

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -136,6 +137,28 @@ def test_diffusion_lm_size_sweep_lines_parse(tmp_path, monkeypatch):
         ["bash", str(SEED_TABLE), "print", "sizes"], cwd=ROOT, capture_output=True, text=True
     )
     assert done.returncode != 0 and "BLOCKSxHIDDEN@LR" in done.stderr
+
+
+def test_diffusion_lm_grid_lines_parse_and_the_pick_takes_the_lowest_bound(tmp_path, monkeypatch):
+    """`gpu_seed_table.sh grid`: every DLM_GRID arm is a `faircalib train` line of the real
+    preset at that depth, width (64-wide heads) and rate, in its own directory; `pick`'s summary
+    chooses the finished arm with the lowest final held-out bound and never an unfinished one."""
+    monkeypatch.setenv("DLM_GRID", "4x256@1e-3 8x512@3e-4")
+    lines = printed(SEED_TABLE, "grid", tmp=tmp_path).strip().splitlines()
+    parsed = [parse_only(monkeypatch, python_argv(line.replace("\\", ""))) for line in lines]
+    got = [(a.preset, a.n_blocks, a.hidden_dim, a.n_heads, a.lr, Path(a.out).name) for a in parsed]
+    assert got == [
+        ("diffusionlm-base", 4, 256, 4, 1e-3, "dlm-4x256-1e-3"),
+        ("diffusionlm-base", 8, 512, 8, 3e-4, "dlm-8x512-3e-4"),
+    ]
+    pick = load_script("scripts/grid_pick.py", monkeypatch)
+    for name, bound in [("a", 6.2), ("b", 5.9), ("c", 7.1)]:
+        (tmp_path / name).mkdir()
+        log = dict.fromkeys(pick.KEYS, 1) | {"final_val_nelbo_per_token": bound}
+        (tmp_path / name / "train_log.json").write_text(json.dumps(log | {"config": {}, "log": []}))
+    result = pick.summarise(tmp_path, ["a", "b", "c", "unfinished"])
+    assert result["picked"] == "b" and "error" in result["arms"]["unfinished"]
+    assert pick.summarise(tmp_path, ["unfinished"])["picked"] is None
 
 
 def test_kernel_sweep_covers_the_dllm_shapes(monkeypatch):

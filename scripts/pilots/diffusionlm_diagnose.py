@@ -94,6 +94,10 @@ def add_run_args(p: argparse.ArgumentParser, wall: float) -> None:
     p.add_argument("--t-per-bin", type=int, default=2)
     p.add_argument("--windows", type=int, default=16, help="held-out windows in the diagnosis")
     p.add_argument("--targets", type=int, default=8, help="context-free targets per window")
+    p.add_argument(
+        "--no-bias", action="store_true", help="no log-unigram logit bias (as faircalib train)"
+    )
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast in training (as the trainer)")
     add_scale_args(p)
 
 
@@ -114,6 +118,8 @@ def build(args: argparse.Namespace, log_unigram: torch.Tensor):
     width = dict(embed_dim=getattr(args, "embed_dim", 128), hidden_dim=args.hidden)
     cfg |= width | dict(n_blocks=args.blocks, n_heads=4, mlp_ratio=4)
     model = build_model(cfg | dict(final_norm=True))
+    if getattr(args, "no_bias", False):  # the model as `faircalib train` builds it
+        return model
     model.out_bias = nn.Parameter(log_unigram.clone())  # the selfcond pilot's --bias
     model.head = untied_head(model) if args.arm == "untied" else biased_head(model)
     return model
@@ -186,7 +192,9 @@ def train(model, stream: torch.Tensor, xv: torch.Tensor, args: argparse.Namespac
         x0, t, u = x0.to(args.device), t.to(args.device), u.to(args.device)  # drawn on the CPU
         if args.band:  # the same draws, squeezed into the band's t interval
             t = band_times(model, t, args.band)
-        loss = model.training_loss(x0, t, u).mean() / args.length
+        # --bf16: the trainer's autocast (training.autocast) around the loss, nothing else
+        with torch.autocast("cuda", torch.bfloat16, enabled=getattr(args, "bf16", False)):
+            loss = model.training_loss(x0, t, u).mean() / args.length
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -419,3 +419,21 @@ def test_stem_and_head_read_each_positions_own_level():
         assert torch.allclose(got, torch.log_softmax(logits, -1), atol=1e-4)
     with pytest.raises(ValueError, match="one level a sequence"):
         model.stem(torch.randint(2, V, (2, L)), levels)  # ids: keyed noise needs t [B]
+
+
+def test_min_lr_ratio_one_keeps_the_rate_constant_after_warm_up(tmp_path, capsys):
+    # the schedule by its definition: linear warm-up, then a cosine from lr down to ratio * lr
+    from faircalib.training import TrainConfig, lr_at
+
+    cfg = TrainConfig(corpus=[], tokenizer="t", out="o", lr=1e-3, warmup_steps=10)
+    cfg_const = TrainConfig(corpus=[], tokenizer="t", out="o", lr=1e-3, warmup_steps=10)
+    cfg_const.min_lr_ratio = 1.0
+    assert lr_at(4, 100, cfg_const) == pytest.approx(5e-4)  # warm-up unchanged
+    assert all(lr_at(s, 100, cfg_const) == pytest.approx(1e-3) for s in range(10, 200, 7))
+    assert lr_at(100, 100, cfg) == pytest.approx(1e-4)  # the default floor: 0.1 x lr
+    bad = ["train", "--data", "x.jsonl", "--tokenizer", "t.json", "--preset", "tiny"]
+    rc = main(bad + ["--min-lr-ratio", "1.5", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        rc != 0 and len(err) == 1 and "--min-lr-ratio" in err[0] and not (tmp_path / "d").exists()
+    )

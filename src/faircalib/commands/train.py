@@ -50,6 +50,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up steps")
     p.add_argument("--max-steps", type=int, default=2000, help="optimiser steps")
     p.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=0.1,
+        help="the cosine schedule's floor as a share of --lr; 1 keeps the rate constant after "
+        "warm-up (the Diffusion-LM leaves its unigram plateau only at a high rate: docs/models.md)",
+    )
+    p.add_argument(
         "--time-budget", type=float, help="seconds; the cosine schedule ends with the budget"
     )
     p.add_argument("--eval-every", type=int, default=250, help="steps between validations")
@@ -79,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--independent-t is a Diffusion-LM training option; preset {args.preset} is not one"
         )
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise ConfigError(f"--min-lr-ratio must lie in [0, 1], got {args.min_lr_ratio}")
     if args.independent_t is not None and not 0 <= args.independent_t <= 1:
         raise ConfigError(f"--independent-t must lie in [0, 1], got {args.independent_t}")
     overrides = {
@@ -101,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
+        min_lr_ratio=args.min_lr_ratio,
         max_steps=args.max_steps,
         time_budget_s=args.time_budget,
         eval_every=args.eval_every,

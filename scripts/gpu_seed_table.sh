@@ -76,6 +76,9 @@
 #              (GRID_SECONDS each); `pick` waits, writes $OUT/grid.json and the logs, and copies
 #              the arm with the lowest final held-out bound to $RUNS/diffusionlm-base (then
 #              MERGE_FAMILIES=1 FAMILIES=diffusionlm-base ... table / collect)
+#   ablate   : the 2 x 128 pilot that leaves the plateau with each piece of the trainer's loop
+#              (fused AdamW, torch.compile, the device-side draws), all three, and the trainer
+#              (ABLATE_ARMS, ABLATE_WALL=300; one call ~380 s, piece 0 carried; logs into $OUT)
 #   sizes    : the Diffusion-LM size / learning-rate sweep (DLM_SIZES; one call, ~300 s, piece 0
 #              carried), one log an arm into $OUT (docs/training.md, "Next Diffusion-LM lease")
 # Pieces are made here (CPU): faircalib data pack-tokens <shards> --tokenizer $TOK --out
@@ -161,6 +164,25 @@ grid_cmd() {  # one arm BLOCKSxHIDDEN@LR, token file: diffusionlm-base at that s
     --n-blocks $blocks --hidden-dim $hidden --n-heads $((hidden / 64)) --eval-every 250 ${DLM_ARGS:-}"
 }
 
+# the trainer-loop ablation (`ablate` phase, docs/training.md): the 2 x 128 pilot that leaves the
+# plateau (the trainer's model: --no-bias, its bf16 autocast) with one piece of `faircalib
+# train`'s loop each, all of them, and the trainer itself (eager, constant rate), side by side
+ABLATE_ARMS=${ABLATE_ARMS:-ref fused compile trainer-draws all trainer}
+ablate_cmd() {  # arm, token file
+  local pilot="python3 scripts/pilots/diffusionlm_readz.py --arm pert --tokens $2 --device cuda \
+    --batch 256 --blocks 2 --hidden 128 --lr 1e-3 --wall ${ABLATE_WALL:-300} --every 250 \
+    --windows 64 --no-bias --bf16"
+  case $1 in
+    ref) echo "$pilot" ;;
+    fused | compile | trainer-draws) echo "$pilot --$1" ;;
+    all) echo "$pilot --fused --compile --trainer-draws" ;;
+    trainer) echo "$(train_cmd diffusionlm-base 256 1e-3 "${ABLATE_WALL:-300}" "$2" dlm-ablate) \
+      --n-blocks 2 --hidden-dim 128 --n-heads 4 --seq-len 64 --warmup-steps 50 --min-lr-ratio 1 \
+      --eval-every 250" | sed 's/ --compile / /' ;;
+    *) echo "ABLATE_ARMS: unknown arm '$1' (ref fused compile trainer-draws all trainer)" >&2; return 2 ;;
+  esac
+}
+
 table_cmd() {  # the seed table run: every model, or (MERGE_FAMILIES=1) the two Gaussian ones
   # merged into the committed table (same evaluation settings as the run that made it)
   local families="" name
@@ -181,6 +203,7 @@ print)  # the training command lines: print PRESET BATCH LR SECONDS TOKENS (test
   if [ "${1:-}" = table ]; then table_cmd
   elif [ "${1:-}" = sizes ]; then for arm in $DLM_SIZES; do sizes_cmd "$arm" TOKENS; done
   elif [ "${1:-}" = grid ]; then for arm in $DLM_GRID; do grid_cmd "$arm" TOKENS; done
+  elif [ "${1:-}" = ablate ]; then for arm in $ABLATE_ARMS; do ablate_cmd "$arm" TOKENS; done
   else train_cmd "$@"; fi
   ;;
 stage)  # HERE, before a gather call: put pieces i [j ...] (and the manifest) where it carries them
@@ -253,6 +276,18 @@ pick)  # wait for the grid; the arm with the lowest final held-out bound becomes
   [ -n "$best" ] || { echo "pick: no arm finished" >&2; exit 1; }
   rm -rf "${RUNS:?}/diffusionlm-base" && cp -r "$RUNS/$best" "$RUNS/diffusionlm-base"
   for n in "${names[@]}"; do tr '\r' '\n' < "$RUNS/$n.log" | grep -v 'it/s\]$' > "$OUT/$n.log"; done
+  ;;
+ablate)  # one call, ~380 s (piece 0 is enough): which part of the trainer's loop keeps it blind?
+  assemble "$RUNS/tokens-ablate.npy"
+  for arm in $ABLATE_ARMS; do
+    cmd=$(ablate_cmd "$arm" "$RUNS/tokens-ablate.npy")
+    (OMP_NUM_THREADS=2 timeout $(( ${ABLATE_WALL:-300} + 70 )) $cmd 2>&1 | tr '\r' '\n' \
+      | grep -v 'it/s' > "$OUT/ablate-$arm.log") &
+  done
+  wait
+  for arm in $ABLATE_ARMS; do
+    echo "== $arm"; grep -o '"step": [0-9]*\|"bound": [0-9.]*\|val_nelbo": [0-9.]*' "$OUT/ablate-$arm.log" | tr '\n' ' '; echo
+  done
   ;;
 table)
   wait_for 60 mdlm-base diffusionlm-base planner-small

@@ -161,6 +161,28 @@ def test_diffusion_lm_grid_lines_parse_and_the_pick_takes_the_lowest_bound(tmp_p
     assert pick.summarise(tmp_path, ["unfinished"])["picked"] is None
 
 
+def test_trainer_ablation_lines_parse_with_one_piece_of_the_loop_each(tmp_path, monkeypatch):
+    """`gpu_seed_table.sh ablate`: the pilot arms turn on exactly their piece of the trainer's
+    loop on the trainer's model (no bias, bf16), and the trainer arm runs eagerly at a constant
+    rate at the pilot's size and length."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts" / "pilots"))
+    lines = printed(SEED_TABLE, "ablate", tmp=tmp_path).strip().splitlines()
+    argvs = [python_argv(line.replace("\\", "")) for line in lines]
+    *pilots, trainer = [parse_only(monkeypatch, argv) for argv in argvs]
+    pieces = [(a.fused, a.compile, a.trainer_draws) for a in pilots]
+    assert pieces == [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)]
+    assert all(
+        a.no_bias and a.bf16 and (a.blocks, a.hidden, a.lr) == (2, 128, 1e-3) for a in pilots
+    )
+    assert not trainer.compile and trainer.min_lr_ratio == 1 and trainer.seq_len == 64
+    assert (trainer.n_blocks, trainer.hidden_dim, trainer.n_heads, trainer.lr) == (2, 128, 4, 1e-3)
+    monkeypatch.setenv("ABLATE_ARMS", "ref nonsense")
+    done = subprocess.run(
+        ["bash", str(SEED_TABLE), "print", "ablate"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "unknown arm 'nonsense'" in done.stderr
+
+
 def test_kernel_sweep_covers_the_dllm_shapes(monkeypatch):
     kernels = load_script("benchmarks/kernels.py", monkeypatch)
     assert set(kernels.SHAPES) >= ISSUE16_SHAPES

@@ -56,6 +56,7 @@ from torch import nn
 from faircalib.models.base import BlockContext
 from faircalib.models.io import build_model
 from faircalib.models.objective import stratified_times
+from faircalib.training import random_windows
 
 VOCAB, N_VAL, N_T = 8192, 8, 16
 NAMES = (
@@ -98,6 +99,13 @@ def add_run_args(p: argparse.ArgumentParser, wall: float) -> None:
         "--no-bias", action="store_true", help="no log-unigram logit bias (as faircalib train)"
     )
     p.add_argument("--bf16", action="store_true", help="bf16 autocast in training (as the trainer)")
+    p.add_argument("--fused", action="store_true", help="fused AdamW (as the trainer on a GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss (as --compile)")
+    p.add_argument(
+        "--trainer-draws",
+        action="store_true",
+        help="batches, t and u drawn by the trainer's code on the device's generator",
+    )
     add_scale_args(p)
 
 
@@ -179,22 +187,40 @@ def train(model, stream: torch.Tensor, xv: torch.Tensor, args: argparse.Namespac
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
+    # --fused / --compile / --trainer-draws: one piece of `faircalib train`'s loop each
+    # (training.train), to find which of them keeps the trainer on the unigram plateau
+    fused = getattr(args, "fused", False)
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), fused=fused or None)
     gen = torch.Generator().manual_seed(args.seed)  # same batches and t/u draws in every arm
+
+    def loss_fn(x0, t, u):
+        return model.training_loss(x0, t, u).mean() / args.length
+
+    if getattr(args, "compile", False):
+        loss_fn = torch.compile(loss_fn)
+    trainer_draws = getattr(args, "trainer_draws", False)
+    if trainer_draws:  # the stream and the generator on the device, as training.train has them
+        stream = stream.to(torch.int32).to(args.device)
+        gen = torch.Generator(device=args.device).manual_seed(args.seed)
     trained, step, losses = 0.0, 0, []
     while trained < args.wall and (args.max_steps is None or step < args.max_steps):
         start = time.time()
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 50)
-        idx = torch.randint(0, len(stream) - args.length, (args.batch,), generator=gen)
-        x0 = torch.stack([stream[i : i + args.length] for i in idx.tolist()])
-        t, u = stratified_times(args.batch, gen), torch.rand(x0.shape, generator=gen)
-        x0, t, u = x0.to(args.device), t.to(args.device), u.to(args.device)  # drawn on the CPU
+        if trainer_draws:
+            x0 = random_windows(stream, args.batch, args.length, gen)
+            t = stratified_times(args.batch, gen)
+            u = torch.rand(x0.shape, generator=gen, device=args.device)
+        else:
+            idx = torch.randint(0, len(stream) - args.length, (args.batch,), generator=gen)
+            x0 = torch.stack([stream[i : i + args.length] for i in idx.tolist()])
+            t, u = stratified_times(args.batch, gen), torch.rand(x0.shape, generator=gen)
+            x0, t, u = x0.to(args.device), t.to(args.device), u.to(args.device)  # CPU draws
         if args.band:  # the same draws, squeezed into the band's t interval
             t = band_times(model, t, args.band)
         # --bf16: the trainer's autocast (training.autocast) around the loss, nothing else
         with torch.autocast("cuda", torch.bfloat16, enabled=getattr(args, "bf16", False)):
-            loss = model.training_loss(x0, t, u).mean() / args.length
+            loss = loss_fn(x0, t, u)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

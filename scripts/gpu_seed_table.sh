@@ -231,7 +231,9 @@ base)
   ;;
 status)
   shopt -s nullglob
-  [ -z "${HOLD:-}" ] || wait_for $(( HOLD / 5 )) mdlm-base diffusionlm-base planner-small table
+  # shellcheck disable=SC2046 # the grid arms, one word each
+  [ -z "${HOLD:-}" ] || wait_for $(( HOLD / 5 )) mdlm-base diffusionlm-base planner-small table \
+    $(for arm in $DLM_GRID; do echo "dlm-${arm/@/-}"; done)
   for f in "$RUNS"/*.log; do echo "== $f"; tail -c 400 "$f"; echo; done
   for d in "$RUNS"/*.done; do echo "$(basename "$d"): exit $(cat "$d")"; done
   ;;

@@ -11,15 +11,12 @@ TOKENS is the token file the model was trained on; its validation tail is the tr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
-from unittest.mock import patch
 
 import numpy as np
 import torch
 
-from faircalib import training
 from faircalib.models import load_model
 from faircalib.training import TrainConfig, evaluate_loss
 
@@ -38,8 +35,7 @@ def main() -> None:
     val = stream[-max(int(len(stream) * cfg.val_fraction), 4 * model.seq_len) :]
     row = {"model": args.model, "train_log_final": summary["final_val_nelbo_per_token"]}
     row["bf16_autocast"] = evaluate_loss(model, val, cfg, args.device)  # as the trainer does
-    with patch.object(training, "autocast", lambda device: contextlib.nullcontext()):
-        row["fp32"] = evaluate_loss(model, val, cfg, args.device)
+    row["fp32"] = evaluate_loss(model, val, cfg, args.device, fp32=True)
     print(json.dumps(row), flush=True)
 
 

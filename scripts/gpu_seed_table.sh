@@ -129,6 +129,10 @@ wait_for() {  # polls of 5 s, names: until every started job (one with a log) is
   done
   echo "still running after $((polls * 5)) s: $*"
 }
+progress_free() {  # a log without tqdm's progress lines; a JSON record tqdm's \r left on the
+  # same line as a progress bar goes on its own line first (the 2026-11-30 logs lost them)
+  tr '\r' '\n' | sed 's/{"/\n{"/' | { grep -v 'it/s.*\]$' || true; }
+}
 assemble() {  # the pieces present -> $1 (uint16 .npy read by --token-cache)
   # checked against the tracked manifest (scripts/token_pieces.manifest.json) and tokenizer
   python3 -m faircalib.cli data assemble-tokens "$PIECES" --out "$1" --tokenizer "$TOK" \
@@ -267,28 +271,34 @@ sizes)  # one call, ~300 s (piece 0 is enough): where does each size leave the u
   ;;
 grid)  # one call: the grid's arms in the background (then `status HOLD=..`, `pick`, `table`)
   assemble "$RUNS/tokens-grid.npy"
-  for arm in $DLM_GRID; do background "dlm-${arm/@/-}" "$(grid_cmd "$arm" "$RUNS/tokens-grid.npy")"; done
+  for arm in $DLM_GRID; do
+    cmd=$(grid_cmd "$arm" "$RUNS/tokens-grid.npy")  # a malformed arm stops the phase here
+    background "dlm-${arm/@/-}" "$cmd"
+  done
   sleep "${FAMILY_WAIT:-90}"; for arm in $DLM_GRID; do tail -c 300 "$RUNS/dlm-${arm/@/-}.log"; echo; done
   ;;
 pick)  # wait for the grid; the arm with the lowest final held-out bound becomes diffusionlm-base
   names=(); for arm in $DLM_GRID; do names+=("dlm-${arm/@/-}"); done
   wait_for "${PICK_POLLS:-90}" "${names[@]}"
   python3 scripts/grid_pick.py "$RUNS" "${names[@]}" > "$OUT/grid.json"
+  for n in "${names[@]}"; do  # the logs first: they say why when no arm finished
+    [ -f "$RUNS/$n.log" ] && { progress_free < "$RUNS/$n.log" > "$OUT/$n.log" || true; }
+  done
   best=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['picked'] or '')" "$OUT/grid.json")
   [ -n "$best" ] || { echo "pick: no arm finished" >&2; exit 1; }
   rm -rf "${RUNS:?}/diffusionlm-base" && cp -r "$RUNS/$best" "$RUNS/diffusionlm-base"
-  for n in "${names[@]}"; do tr '\r' '\n' < "$RUNS/$n.log" | grep -v 'it/s\]$' > "$OUT/$n.log"; done
   ;;
 ablate)  # one call, ~380 s (piece 0 is enough): which part of the trainer's loop keeps it blind?
   assemble "$RUNS/tokens-ablate.npy"
   for arm in $ABLATE_ARMS; do
     cmd=$(ablate_cmd "$arm" "$RUNS/tokens-ablate.npy")
-    (OMP_NUM_THREADS=2 timeout $(( ${ABLATE_WALL:-300} + 70 )) $cmd 2>&1 | tr '\r' '\n' \
-      | grep -v 'it/s' > "$OUT/ablate-$arm.log") &
+    (OMP_NUM_THREADS=2 timeout $(( ${ABLATE_WALL:-300} + 70 )) $cmd 2>&1 | progress_free \
+      > "$OUT/ablate-$arm.log") &
   done
   wait
   for arm in $ABLATE_ARMS; do
-    echo "== $arm"; grep -o '"step": [0-9]*\|"bound": [0-9.]*\|val_nelbo": [0-9.]*' "$OUT/ablate-$arm.log" | tr '\n' ' '; echo
+    echo "== $arm"
+    { grep -o '"step": [0-9]*\|"bound": [0-9.]*\|val_nelbo": [0-9.]*' "$OUT/ablate-$arm.log" || true; } | tr '\n' ' '; echo
   done
   ;;
 table)

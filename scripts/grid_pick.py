@@ -9,6 +9,7 @@ Reads RUNS/NAME/train_log.json for every NAME (gpu_seed_table.sh `pick`); a run 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ def summarise(runs: Path, names: list[str]) -> dict:
             "log": summary["log"],
         }
     done = {k: v["final_val_nelbo_per_token"] for k, v in arms.items() if "error" not in v}
+    done = {k: v for k, v in done.items() if math.isfinite(v)}  # a diverged run is never picked
     return {"picked": min(done, key=done.get) if done else None, "arms": arms}
 
 

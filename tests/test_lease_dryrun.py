@@ -152,13 +152,14 @@ def test_diffusion_lm_grid_lines_parse_and_the_pick_takes_the_lowest_bound(tmp_p
         ("diffusionlm-base", 8, 512, 8, 3e-4, "dlm-8x512-3e-4"),
     ]
     pick = load_script("scripts/grid_pick.py", monkeypatch)
-    for name, bound in [("a", 6.2), ("b", 5.9), ("c", 7.1)]:
+    for name, bound in [("nan", float("nan")), ("a", 6.2), ("b", 5.9), ("c", 7.1)]:
         (tmp_path / name).mkdir()
         log = dict.fromkeys(pick.KEYS, 1) | {"final_val_nelbo_per_token": bound}
         (tmp_path / name / "train_log.json").write_text(json.dumps(log | {"config": {}, "log": []}))
-    result = pick.summarise(tmp_path, ["a", "b", "c", "unfinished"])
+    result = pick.summarise(tmp_path, ["nan", "a", "b", "c", "unfinished"])  # NaN: diverged
     assert result["picked"] == "b" and "error" in result["arms"]["unfinished"]
     assert pick.summarise(tmp_path, ["unfinished"])["picked"] is None
+    assert pick.summarise(tmp_path, ["nan"])["picked"] is None
 
 
 def test_trainer_ablation_lines_parse_with_one_piece_of_the_loop_each(tmp_path, monkeypatch):

@@ -78,7 +78,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--save", default=None, help="state_dict path after training")
     p.add_argument("--band", default=None, help="'lo,hi': train only on t with gamma in it")
     p.add_argument("--diag-log", default=None, help="where the per-bin diagnosis goes")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.no_bias and args.arm == "untied":
+        p.error("--no-bias: the untied head adds the bias; use --arm plain")
+    return args
 
 
 def add_run_args(p: argparse.ArgumentParser, wall: float) -> None:

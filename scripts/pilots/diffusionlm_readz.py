@@ -72,6 +72,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--flag-init belongs to --flag")
     if args.flag and args.arm != "cond":
         p.error("--flag belongs to --arm cond (only its training feeds clean positions)")
+    if args.no_bias and args.arm != "pert":
+        p.error("--no-bias belongs to --arm pert (the other arms' heads add the bias)")
     args.band = None  # diagnose.train reads it
     return args
 

@@ -317,7 +317,7 @@ collect)
   cp "$RUNS"/seed-table/degradation.png "$OUT"/ 2>/dev/null || true
   cp "$RUNS"/w4a4-base/w4a4.json "$OUT"/w4a4_mdlm_base.json 2>/dev/null || true
   for name in table mdlm-base diffusionlm-base planner-small w4a4-base; do
-    [ -f "$RUNS/$name.log" ] && { echo "=== $name.log"; tr '\r' '\n' < "$RUNS/$name.log" | grep -v 'it/s\]$'; }
+    [ -f "$RUNS/$name.log" ] && { echo "=== $name.log"; progress_free < "$RUNS/$name.log"; }
   done > "$OUT/logs.txt" 2>/dev/null || true
   cat "$RUNS"/tokens-*.npy.json > "$OUT/tokens.json" 2>/dev/null || true
   python3 - "$RUNS" > "$OUT/train_logs.json" <<'EOF'

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from faircalib.models import load_model
-from faircalib.training import TrainConfig, evaluate_loss
+from faircalib.training import TrainConfig, evaluate_loss, validation_tokens
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     known = TrainConfig.__dataclass_fields__
     cfg = TrainConfig(**{k: v for k, v in summary["config"].items() if k in known})
     stream = torch.from_numpy(np.load(args.tokens).astype(np.int64))
-    val = stream[-max(int(len(stream) * cfg.val_fraction), 4 * model.seq_len) :]
+    val = stream[-validation_tokens(len(stream), cfg) :]
     row = {"model": args.model, "train_log_final": summary["final_val_nelbo_per_token"]}
     row["bf16_autocast"] = evaluate_loss(model, val, cfg, args.device)  # as the trainer does
     row["fp32"] = evaluate_loss(model, val, cfg, args.device, fp32=True)

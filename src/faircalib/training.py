@@ -350,6 +350,11 @@ def evaluate_loss(
     return total / cfg.eval_batches
 
 
+def validation_tokens(n_tokens: int, cfg: TrainConfig) -> int:
+    """How many tokens at the end of a stream of `n_tokens` training holds out for validation."""
+    return max(int(n_tokens * cfg.val_fraction), 4 * PRESETS[cfg.preset]["seq_len"])
+
+
 def load_tokenizer(path: str) -> tuple[Tokenizer, int]:
     """The tokenizer and its end-of-text id; one DataError line for anything unusable."""
     try:
@@ -370,7 +375,7 @@ def train(cfg: TrainConfig) -> Path:
     t0 = time.time()
     stream = torch.from_numpy(load_stream(cfg, tokenizer, eos_id))
     seq_len = cfg.model_overrides.get("seq_len", PRESETS[cfg.preset]["seq_len"])
-    n_val = max(int(len(stream) * cfg.val_fraction), 4 * PRESETS[cfg.preset]["seq_len"])
+    n_val = validation_tokens(len(stream), cfg)
     if len(stream) <= n_val + seq_len:
         raise DataError(
             f"the training corpus has {len(stream):,} tokens; training needs more than "

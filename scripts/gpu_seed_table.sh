@@ -113,6 +113,8 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 # every call may carry pieces (the tree and the carry travel together, 64 MiB a call)
 [[ $phase =~ ^(stage|print)$ ]] || [ ! -d "$CARRY" ] || cp "$CARRY"/* "$PIECES"/ 2>/dev/null || true
 
+# GPUs on this machine (the phases that run arms side by side spread them over these)
+NGPU=$( { nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU' || true); [ "$NGPU" -ge 1 ] || NGPU=1
 background() {  # name, command: run detached, mark $RUNS/name.done when it ends
   rm -f "$RUNS/$1.done"; : > "$RUNS/$1.log"  # the log marks it started before it runs
   setsid nohup bash -c "$2 > $RUNS/$1.log 2>&1; echo \$? > $RUNS/$1.done" > /dev/null 2>&1 &
@@ -169,21 +171,27 @@ grid_cmd() {  # one arm BLOCKSxHIDDEN@LR, token file: diffusionlm-base at that s
 }
 
 # the trainer-loop ablation (`ablate` phase, docs/training.md): the 2 x 128 pilot that leaves the
-# plateau (the trainer's model: --no-bias, its bf16 autocast) with one piece of `faircalib
-# train`'s loop each, all of them, and the trainer itself (eager, constant rate), side by side
-ABLATE_ARMS=${ABLATE_ARMS:-ref fused compile trainer-draws all trainer}
+# plateau (the trainer's model: --no-bias, its bf16 autocast) with one piece of the twelfth
+# session's trainer loop each (fused AdamW, torch.compile, device-side draws) or all of them,
+# and `faircalib train` itself: as it draws now (host draws, plain AdamW; eager and compiled)
+# and with the old choices back (--fused-adam --device-draws), side by side
+ABLATE_ARMS=${ABLATE_ARMS:-ref fused trainer-draws trainer trainer-compile trainer-old}
 ablate_cmd() {  # arm, token file
   local pilot="python3 scripts/pilots/diffusionlm_readz.py --arm pert --tokens $2 --device cuda \
     --batch 256 --blocks 2 --hidden 128 --lr 1e-3 --wall ${ABLATE_WALL:-300} --every 250 \
     --windows 64 --no-bias --bf16"
+  local trainer
+  trainer="$(train_cmd diffusionlm-base 256 1e-3 "${ABLATE_WALL:-300}" "$2" "dlm-ablate-$1") \
+      --n-blocks 2 --hidden-dim 128 --n-heads 4 --seq-len 64 --warmup-steps 50 --min-lr-ratio 1 \
+      --eval-every 250"
   case $1 in
     ref) echo "$pilot" ;;
     fused | compile | trainer-draws) echo "$pilot --$1" ;;
     all) echo "$pilot --fused --compile --trainer-draws" ;;
-    trainer) echo "$(train_cmd diffusionlm-base 256 1e-3 "${ABLATE_WALL:-300}" "$2" dlm-ablate) \
-      --n-blocks 2 --hidden-dim 128 --n-heads 4 --seq-len 64 --warmup-steps 50 --min-lr-ratio 1 \
-      --eval-every 250" | sed 's/ --compile / /' ;;
-    *) echo "ABLATE_ARMS: unknown arm '$1' (ref fused compile trainer-draws all trainer)" >&2; return 2 ;;
+    trainer) echo "$trainer" | sed 's/ --compile / /' ;;
+    trainer-compile) echo "$trainer" ;;
+    trainer-old) echo "$trainer --fused-adam --device-draws" | sed 's/ --compile / /' ;;
+    *) echo "ABLATE_ARMS: unknown arm '$1' (ref fused compile trainer-draws all trainer trainer-compile trainer-old)" >&2; return 2 ;;
   esac
 }
 
@@ -271,9 +279,10 @@ sizes)  # one call, ~300 s (piece 0 is enough): where does each size leave the u
   ;;
 grid)  # one call: the grid's arms in the background (then `status HOLD=..`, `pick`, `table`)
   assemble "$RUNS/tokens-grid.npy"
+  i=0
   for arm in $DLM_GRID; do
     cmd=$(grid_cmd "$arm" "$RUNS/tokens-grid.npy")  # a malformed arm stops the phase here
-    background "dlm-${arm/@/-}" "$cmd"
+    background "dlm-${arm/@/-}" "CUDA_VISIBLE_DEVICES=$(( i++ % NGPU )) $cmd"
   done
   sleep "${FAMILY_WAIT:-90}"; for arm in $DLM_GRID; do tail -c 300 "$RUNS/dlm-${arm/@/-}.log"; echo; done
   ;;
@@ -290,9 +299,11 @@ pick)  # wait for the grid; the arm with the lowest final held-out bound becomes
   ;;
 ablate)  # one call, ~380 s (piece 0 is enough): which part of the trainer's loop keeps it blind?
   assemble "$RUNS/tokens-ablate.npy"
+  i=0
   for arm in $ABLATE_ARMS; do
     cmd=$(ablate_cmd "$arm" "$RUNS/tokens-ablate.npy")
-    (OMP_NUM_THREADS=2 timeout $(( ${ABLATE_WALL:-300} + 70 )) $cmd 2>&1 | progress_free \
+    # the arms spread over the GPUs there are (one H200, or two on an x2 machine)
+    (CUDA_VISIBLE_DEVICES=$(( i++ % NGPU )) OMP_NUM_THREADS=2 timeout $(( ${ABLATE_WALL:-300} + 70 )) $cmd 2>&1 | progress_free \
       > "$OUT/ablate-$arm.log") &
   done
   wait

@@ -163,20 +163,30 @@ def test_diffusion_lm_grid_lines_parse_and_the_pick_takes_the_lowest_bound(tmp_p
 
 
 def test_trainer_ablation_lines_parse_with_one_piece_of_the_loop_each(tmp_path, monkeypatch):
-    """`gpu_seed_table.sh ablate`: the pilot arms turn on exactly their piece of the trainer's
-    loop on the trainer's model (no bias, bf16), and the trainer arm runs eagerly at a constant
-    rate at the pilot's size and length."""
+    """`gpu_seed_table.sh ablate`: the pilot arms turn on exactly their piece of the old trainer
+    loop on the trainer's model (no bias, bf16); the trainer arms run at the pilot's size and
+    length at a constant rate: as it trains now (eager and compiled) and with the old pieces."""
     monkeypatch.syspath_prepend(str(ROOT / "scripts" / "pilots"))
+    monkeypatch.setenv("ABLATE_ARMS", "ref fused compile trainer-draws all trainer-old")
     lines = printed(SEED_TABLE, "ablate", tmp=tmp_path).strip().splitlines()
     argvs = [python_argv(line.replace("\\", "")) for line in lines]
-    *pilots, trainer = [parse_only(monkeypatch, argv) for argv in argvs]
+    *pilots, old = [parse_only(monkeypatch, argv) for argv in argvs]
     pieces = [(a.fused, a.compile, a.trainer_draws) for a in pilots]
     assert pieces == [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 1)]
     assert all(
         a.no_bias and a.bf16 and (a.blocks, a.hidden, a.lr) == (2, 128, 1e-3) for a in pilots
     )
-    assert not trainer.compile and trainer.min_lr_ratio == 1 and trainer.seq_len == 64
-    assert (trainer.n_blocks, trainer.hidden_dim, trainer.n_heads, trainer.lr) == (2, 128, 4, 1e-3)
+    assert not old.compile and old.fused_adam and old.device_draws
+    monkeypatch.setenv("ABLATE_ARMS", "trainer trainer-compile")
+    lines = printed(SEED_TABLE, "ablate", tmp=tmp_path).strip().splitlines()
+    eager, compiled = [parse_only(monkeypatch, python_argv(x.replace("\\", ""))) for x in lines]
+    assert (eager.compile, compiled.compile) == (False, True)
+    for trainer in (eager, compiled, old):
+        assert trainer.min_lr_ratio == 1 and trainer.seq_len == 64
+        assert (trainer.n_blocks, trainer.hidden_dim, trainer.n_heads) == (2, 128, 4)
+        assert trainer.lr == 1e-3
+    assert not (eager.fused_adam or eager.device_draws or compiled.fused_adam)
+    assert len({t.out for t in (eager, compiled, old)}) == 3  # each arm its own directory
     monkeypatch.setenv("ABLATE_ARMS", "ref nonsense")
     done = subprocess.run(
         ["bash", str(SEED_TABLE), "print", "ablate"], cwd=ROOT, capture_output=True, text=True

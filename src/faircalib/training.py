@@ -114,6 +114,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     compile: bool = False
+    # the 2026-11-30 trainer kept a Diffusion-LM on the unigram plateau where the pilot's loop
+    # (host draws, plain AdamW) left it; these restore the trainer's old choices for comparison
+    fused_adam: bool = False
+    device_draws: bool = False
     max_docs: int | None = None
     token_cache: str | None = None  # .npy of the tokenised stream, shared by concurrent runs
 
@@ -398,13 +402,15 @@ def train(cfg: TrainConfig) -> Path:
         ],
         lr=cfg.lr,
         betas=(0.9, 0.98),
-        fused=device.startswith("cuda"),
+        fused=cfg.fused_adam and device.startswith("cuda"),
     )
     step_loss = step_loss_fn(model, cfg, device)
-    # batches are drawn where they are used: the token stream (int32) and the generator live
-    # on the training device, so a step issues no host work and no host-to-device copy
-    train_stream = train_stream.to(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    # batches are drawn on the host by default: a CPU generator gives the same windows, times
+    # and noise keys on every device (the Diffusion-LM pilots' draws). `device_draws` keeps the
+    # stream and the generator on the training device (no per-step copy)
+    draw_device = device if cfg.device_draws else "cpu"
+    train_stream = train_stream.to(draw_device)
+    gen = torch.Generator(device=draw_device).manual_seed(cfg.seed)
     log: list[dict] = []
     total_steps = cfg.max_steps
     start = time.time()
@@ -421,7 +427,8 @@ def train(cfg: TrainConfig) -> Path:
             group["lr"] = lr_at(step, total_steps, cfg)
         x0 = random_windows(train_stream, cfg.batch_size, model.seq_len, gen)
         t = stratified_times(cfg.batch_size, gen)
-        u = torch.rand(x0.shape, generator=gen, device=device)
+        u = torch.rand(x0.shape, generator=gen, device=draw_device)
+        x0, t, u = (v.to(device, non_blocking=True) for v in (x0, t, u))
         with autocast(device):
             loss = step_loss(x0, t, u)
         opt.zero_grad(set_to_none=True)

@@ -69,6 +69,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument(
+        "--fused-adam", action="store_true", help="fused AdamW on a GPU (default: the plain one)"
+    )
+    p.add_argument(
+        "--device-draws",
+        action="store_true",
+        help="draw batches on the training device (default: a CPU generator, same on every device)",
+    )
     p.set_defaults(func=run)
 
 
@@ -117,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         max_docs=args.max_docs,
         seed=args.seed,
         compile=args.compile,
+        fused_adam=args.fused_adam,
+        device_draws=args.device_draws,
         token_cache=args.token_cache,
         **({"device": args.device} if args.device else {}),
     )

@@ -17,7 +17,7 @@ from faircalib.config import CalibConfig, GPTQConfig, RTNConfig
 from faircalib.frontier.metrics import compare_generations, flip_rate_by_step
 from faircalib.frontier.samplers import SamplerConfig, generate, result_from_beliefs, stop_steps
 from faircalib.models import build_model, load_model, save_model
-from faircalib.models.gaussian import keyed_normal, row_keys
+from faircalib.models.gaussian import hashed_normal, keyed_normal, row_keys
 
 V, L = 40, 12
 
@@ -349,11 +349,12 @@ def test_training_loss_with_own_levels_is_the_cross_entropy_at_those_levels():
     with torch.no_grad():
         loss = model.training_loss(x0, t, u)
         levels = model.training_levels(t, u)
-        eps = keyed_normal(row_keys(u), 1, (L, 8))  # the bound's stream (BOUND_STREAM)
+        eps = hashed_normal(row_keys(u), 3, (L, 8))  # training's stream (TRAIN_STREAM)
         emb, sch = model.embeddings(), model.schedule
         z = sch.alpha(levels)[..., None] * emb[x0] + sch.sigma(levels)[..., None] * eps
         ce = -model.log_probs(z, levels).gather(-1, x0[..., None]).squeeze(-1).sum(-1)
-        shared = model.bound_terms(x0, t, u)  # rounding and prior do not depend on t
+        # rounding and prior do not depend on t; rounding takes training's draw too
+        shared = model.bound_terms(x0, t, u, eps=eps)
     assert torch.allclose(loss, ce + shared["recon"] + shared["prior"], rtol=1e-5)
 
 
@@ -437,3 +438,36 @@ def test_min_lr_ratio_one_keeps_the_rate_constant_after_warm_up(tmp_path, capsys
     assert (
         rc != 0 and len(err) == 1 and "--min-lr-ratio" in err[0] and not (tmp_path / "d").exists()
     )
+
+
+# --- training's vectorised noise (gaussian.hashed_normal) ---------------------------------------
+def test_hashed_normal_is_a_standard_normal_keyed_by_row_and_stream():
+    keys = row_keys(torch.rand(400, 16))
+    z = hashed_normal(keys, 3, (25, 10))  # 250 values a row: odd pairs are cut back
+    assert z.shape == (400, 25, 10)
+    flat = z.flatten().double().sort().values  # 100,000 values
+    # Kolmogorov-Smirnov distance to the normal CDF; 0.0062 is the 0.1% critical value at n=1e5
+    n = flat.numel()
+    cdf = torch.special.ndtr(flat)
+    ks = torch.maximum(torch.arange(1, n + 1) / n - cdf, cdf - torch.arange(n) / n).max()
+    assert ks < 0.0062
+    # no structure along a row or across rows: lag-1 and row-to-row correlations stay small
+    rows = z.view(400, -1)
+    assert (
+        abs(torch.corrcoef(torch.stack([rows[:, :-1].flatten(), rows[:, 1:].flatten()]))[0, 1])
+        < 0.015
+    )
+    assert abs(torch.corrcoef(torch.stack([rows[:-1].flatten(), rows[1:].flatten()]))[0, 1]) < 0.015
+    # a pure function of (key, stream): a row alone draws what it draws in a batch, another
+    # stream draws something else, and equal keys draw equal rows
+    assert torch.equal(hashed_normal(keys[7:8], 3, (25, 10))[0], z[7])
+    assert not torch.allclose(hashed_normal(keys, 4, (25, 10)), z)
+    assert torch.equal(hashed_normal(keys[[5, 5]], 3, (25, 10))[1], z[5])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_hashed_normal_draws_the_same_on_the_gpu():
+    keys = row_keys(torch.rand(64, 16))
+    cpu = hashed_normal(keys, 3, (128, 8))
+    gpu = hashed_normal(keys.cuda(), 3, (128, 8)).cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-5)

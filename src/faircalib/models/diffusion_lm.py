@@ -59,13 +59,14 @@ from faircalib.models.gaussian import (
     GaussianSchedule,
     block_linears,
     check_fields,
+    hashed_normal,
     keyed_normal,
     row_keys,
     time_features,
 )
 
 # keyed-noise streams: stem-made inputs, the bound's draw, training's per-position noise levels
-NOISE_STREAM, BOUND_STREAM, LEVEL_STREAM = 0, 1, 2
+NOISE_STREAM, BOUND_STREAM, LEVEL_STREAM, TRAIN_STREAM = 0, 1, 2, 3
 
 
 @dataclass
@@ -195,15 +196,17 @@ class DiffusionLMModel(DiffusionLM):
 
     # --- objectives --------------------------------------------------------------------------
     def bound_terms(
-        self, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor
+        self, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor, eps: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Per-sequence [B] terms (nats) from one keyed draw of eps (keyed by u, the caller's
         noise): the bound's `diffusion`, `recon` (rounding of z_t0) and `prior`, and the
         training terms `mse` (L_simple) and `ce` (rounding of z_t). t: [B], or [B, L] for
-        training's per-position levels (then `diffusion` is not a bound term)."""
+        training's per-position levels (then `diffusion` is not a bound term). `eps` [B, L, d]:
+        training's own draw (`training_loss`) in place of the keyed one."""
         emb = self.embeddings()
         e = emb[x0]  # [B, L, d]
-        eps = keyed_normal(row_keys(u), BOUND_STREAM, tuple(e.shape[1:]))
+        if eps is None:
+            eps = keyed_normal(row_keys(u), BOUND_STREAM, tuple(e.shape[1:]))
         log_probs = self.log_probs(self.noised(x0, t, eps), t)  # [B, L, V]
         x_hat = log_probs.exp() @ emb
         sq_err = (e - x_hat).pow(2).sum(-1)  # [B, L]
@@ -230,8 +233,12 @@ class DiffusionLMModel(DiffusionLM):
         """CDCD's objective: cross-entropy of p(w | z_t) + the bound's rounding and prior terms.
         `mse` (L_simple) stays a reported term, not a trained one: its scale grows with
         embed_dim and drowned the cross-entropy (pilot in docs/models.md). With
-        `independent_t` a share of the sequences get one level a position (`training_levels`)."""
-        terms = self.bound_terms(x0, self.training_levels(t, u), u)
+        `independent_t` a share of the sequences get one level a position (`training_levels`).
+        The noise is `hashed_normal`'s, drawn on the device (the bound's per-row CPU draw was
+        most of a GPU step's time); still a pure function of u, so a batch repeats exactly."""
+        shape = (x0.shape[1], self.cfg.embed_dim)
+        eps = hashed_normal(row_keys(u), TRAIN_STREAM, shape)
+        terms = self.bound_terms(x0, self.training_levels(t, u), u, eps=eps)
         return terms["ce"] + terms["recon"] + terms["prior"]
 
     def training_levels(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

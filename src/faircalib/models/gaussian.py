@@ -90,6 +90,35 @@ def keyed_normal(keys: torch.Tensor, stream: int, shape: tuple[int, ...]) -> tor
     return torch.stack(rows).to(keys.device)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash of 32-bit values held in int64 (xorshift-multiply rounds; both
+    multipliers are below 2^31, so no product leaves int64 and every device computes the same)."""
+    x = x & _M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def hashed_normal(keys: torch.Tensor, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """[B, *shape] standard normals on keys' device, a pure function of (keys[b], stream): the
+    vectorised sibling of `keyed_normal` for training, where one CPU generator a row held a
+    small model's GPU step to ~30 steps/s (27 ms of host work for [256, 128, 128]). Counter
+    hashes -> two uniforms a value -> Box-Muller. Equal on every device up to float rounding."""
+    n = math.prod(shape)
+    pairs = (n + 1) // 2  # Box-Muller gives two normals (cos, sin) from each pair of uniforms
+    row = _mix32(keys.long() * 1_000_003 + stream)  # [B]
+    counter = torch.arange(2 * pairs, device=keys.device) * 0x9E3779B9  # [2 pairs], < 2^63
+    bits = _mix32(_mix32(row[:, None] + counter))  # [B, 2 pairs], 32 random bits each
+    uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # in (0, 1), never 0
+    radius = torch.sqrt(-2.0 * torch.log(uniform[:, :pairs]))
+    angle = 2 * math.pi * uniform[:, pairs:]
+    normal = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :n]
+    return normal.view(len(keys), *shape)
+
+
 # --- modules -----------------------------------------------------------------------------------
 def time_features(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features of t [...] in [0, 1] -> [..., dim] (t scaled to 0..1000, as DDPM);

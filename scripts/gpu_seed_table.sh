@@ -76,9 +76,11 @@
 #              (GRID_SECONDS each); `pick` waits, writes $OUT/grid.json and the logs, and copies
 #              the arm with the lowest final held-out bound to $RUNS/diffusionlm-base (then
 #              MERGE_FAMILIES=1 FAMILIES=diffusionlm-base ... table / collect)
-#   ablate   : the 2 x 128 pilot that leaves the plateau with each piece of the trainer's loop
-#              (fused AdamW, torch.compile, the device-side draws), all three, and the trainer
-#              (ABLATE_ARMS, ABLATE_WALL=300; one call ~380 s, piece 0 carried; logs into $OUT)
+#   ablate   : the 2 x 128 pilot with each piece of the twelfth session's trainer loop (fused
+#              AdamW, torch.compile, the device-side draws) and the trainer itself, eager,
+#              compiled and with the old loop (ABLATE_ARMS, ABLATE_WALL=300; one call ~380 s,
+#              piece 0 carried; logs into $OUT). Run 2026-11-30: no piece mattered; the pilots'
+#              "break-through" was their evaluation windows (docs/models.md)
 #   sizes    : the Diffusion-LM size / learning-rate sweep (DLM_SIZES; one call, ~300 s, piece 0
 #              carried), one log an arm into $OUT (docs/training.md, "Next Diffusion-LM lease")
 # Pieces are made here (CPU): faircalib data pack-tokens <shards> --tokenizer $TOK --out

@@ -50,7 +50,8 @@ def test_readz_cond_flag_runs_and_max_steps_caps(readz, tokens, capsys):
     # the printed unigram level against numpy on the same file
     ids = np.load(tokens).astype(np.int64)
     counts = np.bincount(ids[:-200_000], minlength=8192) + 0.5
-    held = ids[-200_000:][: 8 * 16]
+    stride = (200_000 - 16) // 32  # the 32 bound windows, spread over the held-out tail
+    held = np.concatenate([ids[-200_000:][k * stride : k * stride + 16] for k in range(32)])
     expect = -np.log(counts[held] / counts.sum()).mean()
     assert rows[0]["unigram_ce_heldout"] == pytest.approx(expect, abs=1e-3)
     summary = rows[-1]
@@ -126,3 +127,20 @@ def test_flag_init_starts_the_flag_off_zero_and_leaves_the_rest_as_plain(readz, 
     assert all(torch.equal(p, rest[n]) for n, p in moved.named_parameters() if "flag" not in n)
     with pytest.raises(SystemExit):
         readz.parse(["--arm", "cond", "--flag-init", "0.5", "--tokens", str(tokens)])
+
+
+def test_held_out_windows_are_spread_across_the_tail(readz, tokens):
+    """The pilots' bound and diagnosis windows sample the whole held-out tail (its first
+    windows alone were a repetitive wiki-template passage in piece 0), without leaving it."""
+    diagnose = importlib.import_module("diffusionlm_diagnose")
+    args = readz.parse(["--tokens", str(tokens), *TINY, "--windows", "10"])
+    _, xv, xd, _ = diagnose.split_tokens(args)
+    tail = torch.from_numpy(np.load(tokens).astype(np.int64))[-200_000:]
+    for windows in (xv, xd):
+        starts = []
+        for w in windows:  # where each window sits in the tail (ids are random: unique match)
+            hits = (tail.unfold(0, 16, 1) == w).all(-1).nonzero().flatten()
+            assert len(hits) >= 1
+            starts.append(hits[0].item())
+        assert starts == sorted(starts) and starts[0] < 20_000 and starts[-1] > 150_000
+    assert xv.shape == (diagnose.N_VAL, 16) and xd.shape == (10, 16)

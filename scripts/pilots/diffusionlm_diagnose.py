@@ -58,7 +58,7 @@ from faircalib.models.io import build_model
 from faircalib.models.objective import stratified_times
 from faircalib.training import random_windows
 
-VOCAB, N_VAL, N_T = 8192, 8, 16
+VOCAB, N_VAL, N_T = 8192, 32, 16
 NAMES = (
     "net",
     "uni",
@@ -366,13 +366,25 @@ def summary(rows: list[dict], arm: str) -> dict:
     return out
 
 
+def spread_windows(val: torch.Tensor, n: int, length: int, phase: float) -> torch.Tensor:
+    """n windows of `length` at evenly spaced starts across `val` (phase in [0, 1): where in
+    each stride a window starts). Until 2026-11-30 (thirteenth session) the pilots took
+    contiguous windows from the held-out tail's start; in piece 0 those are a passage of
+    unexpanded wiki-template markup whose repeats a model learns to copy, so "reading context"
+    there was copying (benchmarks/results/pilots/README.md, thirteenth-session section)."""
+    stride = (len(val) - length) // n
+    starts = (torch.arange(n) * stride + int(phase * stride)).tolist()
+    return torch.stack([val[s : s + length] for s in starts])
+
+
 def split_tokens(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     """The token file -> (training stream, N_VAL bound windows, `--windows` diagnosis windows,
-    log-unigram of the training stream, add-0.5 smoothed); the last 200k tokens are held out."""
+    log-unigram of the training stream, add-0.5 smoothed); the last 200k tokens are held out,
+    and both window sets are spread across them (`spread_windows`)."""
     stream = torch.from_numpy(np.load(args.tokens).astype(np.int64))
     train_part, val = stream[:-200_000], stream[-200_000:]
-    xv = val[: N_VAL * args.length].view(N_VAL, args.length)
-    xd = val[N_VAL * args.length : (N_VAL + args.windows) * args.length].view(-1, args.length)
+    xv = spread_windows(val, N_VAL, args.length, phase=0.0)
+    xd = spread_windows(val, args.windows, args.length, phase=0.5)
     counts = torch.bincount(train_part, minlength=VOCAB).float()
     return train_part, xv, xd, ((counts + 0.5) / (counts + 0.5).sum()).log()
 

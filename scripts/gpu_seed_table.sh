@@ -164,12 +164,18 @@ sizes_cmd() {  # one arm BLOCKSxHIDDEN@LR, token file: the pilot's full-objectiv
 # bound as $RUNS/diffusionlm-base for the table (the pilots' sweep is `sizes`, above)
 DLM_GRID=${DLM_GRID:-4x256@1e-3 6x384@1e-3 6x384@6e-4 8x512@6e-4 8x512@3e-4}
 GRID_SECONDS=${GRID_SECONDS:-450}
-grid_cmd() {  # one arm BLOCKSxHIDDEN@LR, token file: diffusionlm-base at that size (64-wide heads)
-  [[ $1 =~ ^[0-9]+x[0-9]+@[0-9.e-]+$ ]] || { echo "DLM_GRID: arm '$1' is not BLOCKSxHIDDEN@LR" >&2; return 2; }
-  local blocks=${1%%x*} rest=${1#*x} hidden lr
-  hidden=${rest%@*} lr=${1#*@}
-  echo "$(train_cmd diffusionlm-base "$DLM_BATCH" "$lr" "$GRID_SECONDS" "$2" "dlm-${1/@/-}") \
-    --n-blocks $blocks --hidden-dim $hidden --n-heads $((hidden / 64)) --eval-every 250 ${DLM_ARGS:-}"
+# an arm is BLOCKSxHIDDEN@LR, optionally followed by `faircalib train` options of its own:
+# +time-warp=64, +embed-dim=16 (each +name[=value] becomes --name [value])
+ARM_RE='^[0-9]+x[0-9]+@[0-9.e-]+(\+[a-z-]+(=[0-9.e-]+)?)*$'
+arm_name() { local a=${1/@/-}; a=${a//+/-}; echo "dlm-${a//=/}"; }  # dlm-4x256-2e-3-time-warp64
+grid_cmd() {  # one arm, token file: diffusionlm-base at that size (64-wide heads)
+  [[ $1 =~ $ARM_RE ]] || { echo "DLM_GRID: arm '$1' is not BLOCKSxHIDDEN@LR[+option[=value]]..." >&2; return 2; }
+  local blocks=${1%%x*} rest=${1#*x} hidden lr extra="" opt
+  hidden=${rest%@*} lr=${rest#*@}
+  IFS=+ read -r -a opts <<< "$lr"; lr=${opts[0]}
+  for opt in "${opts[@]:1}"; do extra="$extra --${opt%%=*}"; [[ $opt == *=* ]] && extra="$extra ${opt#*=}"; done
+  echo "$(train_cmd diffusionlm-base "$DLM_BATCH" "$lr" "$GRID_SECONDS" "$2" "$(arm_name "$1")") \
+    --n-blocks $blocks --hidden-dim $hidden --n-heads $((hidden / 64)) --eval-every 250 ${DLM_ARGS:-}$extra"
 }
 
 # the trainer-loop ablation (`ablate` phase, docs/training.md): the 2 x 128 pilot that leaves the
@@ -247,7 +253,7 @@ status)
   shopt -s nullglob
   # shellcheck disable=SC2046 # the grid arms, one word each
   [ -z "${HOLD:-}" ] || wait_for $(( HOLD / 5 )) mdlm-base diffusionlm-base planner-small table \
-    $(for arm in $DLM_GRID; do echo "dlm-${arm/@/-}"; done)
+    $(for arm in $DLM_GRID; do arm_name "$arm"; done)
   for f in "$RUNS"/*.log; do echo "== $f"; tail -c 400 "$f"; echo; done
   for d in "$RUNS"/*.done; do echo "$(basename "$d"): exit $(cat "$d")"; done
   ;;
@@ -284,12 +290,12 @@ grid)  # one call: the grid's arms in the background (then `status HOLD=..`, `pi
   i=0
   for arm in $DLM_GRID; do
     cmd=$(grid_cmd "$arm" "$RUNS/tokens-grid.npy")  # a malformed arm stops the phase here
-    background "dlm-${arm/@/-}" "CUDA_VISIBLE_DEVICES=$(( i++ % NGPU )) $cmd"
+    background "$(arm_name "$arm")" "CUDA_VISIBLE_DEVICES=$(( i++ % NGPU )) $cmd"
   done
-  sleep "${FAMILY_WAIT:-90}"; for arm in $DLM_GRID; do tail -c 300 "$RUNS/dlm-${arm/@/-}.log"; echo; done
+  sleep "${FAMILY_WAIT:-90}"; for arm in $DLM_GRID; do tail -c 300 "$RUNS/$(arm_name "$arm").log"; echo; done
   ;;
 pick)  # wait for the grid; the arm with the lowest final held-out bound becomes diffusionlm-base
-  names=(); for arm in $DLM_GRID; do names+=("dlm-${arm/@/-}"); done
+  names=(); for arm in $DLM_GRID; do names+=("$(arm_name "$arm")"); done
   wait_for "${PICK_POLLS:-90}" "${names[@]}"
   python3 scripts/grid_pick.py "$RUNS" "${names[@]}" > "$OUT/grid.json"
   for n in "${names[@]}"; do  # the logs first: they say why when no arm finished

@@ -395,6 +395,25 @@ def test_train_cli_sets_independent_t_for_diffusion_lm_only(tmp_path, capsys):
     rc = main(bad + ["--out", str(tmp_path / "d")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "[0, 1]" in err[0] and not (tmp_path / "d").exists()
+    # the time warp and the embedding width: Diffusion-LM only, written into config.json
+    warped = tmp_path / "warped"
+    extra = ["--time-warp", "16", "--embed-dim", "4", "--out", str(warped)]
+    assert main(common + ["--preset", "diffusionlm-tiny"] + extra) == 0
+    config = json.loads((warped / "config.json").read_text())
+    assert (config["time_warp_bins"], config["embed_dim"]) == (16, 4)
+    capsys.readouterr()
+    for flags in (
+        ["--preset", "tiny", "--time-warp", "16"],
+        ["--preset", "tiny", "--embed-dim", "4"],
+    ):
+        rc = main(common + flags + ["--out", str(tmp_path / "m2")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc != 0 and len(err) == 1 and flags[2] in err[0] and not (tmp_path / "m2").exists()
+    rc = main(
+        common + ["--preset", "diffusionlm-tiny", "--time-warp", "1", "--out", str(tmp_path / "m3")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "--time-warp" in err[0]
 
 
 def test_stem_and_head_read_each_positions_own_level():
@@ -471,3 +490,71 @@ def test_hashed_normal_draws_the_same_on_the_gpu():
     cpu = hashed_normal(keys, 3, (128, 8))
     gpu = hashed_normal(keys.cuda(), 3, (128, 8)).cpu()
     assert torch.allclose(cpu, gpu, atol=1e-5)
+
+
+# --- time warping (training only) ----------------------------------------------------------------
+def warped_tiny(bins: int):
+    torch.manual_seed(0)
+    cfg = dict(family="diffusion_lm", vocab_size=V, mask_id=1, seq_len=16, embed_dim=8)
+    return build_model(
+        {**cfg, "hidden_dim": 32, "n_blocks": 1, "n_heads": 2, "time_warp_bins": bins}
+    )
+
+
+def test_time_warp_draws_levels_where_the_cross_entropy_rises():
+    from faircalib.models.diffusion_lm import WARP_START
+
+    model = warped_tiny(10)
+    t_min, n = model.cfg.t_min, 100_000
+    grid = t_min + (1 - t_min) * (torch.arange(n) + 0.5) / n  # evenly spaced uniform levels
+    assert torch.allclose(model.warp_levels(grid), grid, atol=1e-6)  # no curve yet: uniform
+    # CE rises by 1 in each of bins 3, 4, 5 (a dip in bin 8 is noise: the curve is monotone)
+    model.warp_ce.copy_(torch.tensor([0.0, 0, 0, 1, 2, 3, 3, 3, 2.5, 3]))
+    model.warp_updates.fill_(WARP_START)
+    warped = model.warp_levels(grid)
+    # by hand: 80% spread over the three rising bins, 20% uniform -> 0.8 + 0.2 * 3 / 10 = 0.86
+    v = (warped - t_min) / (1 - t_min)
+    share = ((v >= 0.3) & (v < 0.6)).float().mean().item()
+    assert abs(share - 0.86) < 1e-3
+    assert abs(((v >= 0.8) & (v < 0.9)).float().mean().item() - 0.02) < 1e-3  # the dip's bin
+    assert torch.all(warped[1:] >= warped[:-1])  # monotone: stratified t stays stratified
+    ends = model.warp_levels(torch.tensor([t_min, 1.0]))
+    assert torch.allclose(ends, torch.tensor([t_min, 1.0]), atol=1e-6)
+
+
+def test_time_warp_curve_is_a_running_mean_of_the_per_bin_cross_entropy():
+    from faircalib.models.diffusion_lm import WARP_RATE
+
+    model = warped_tiny(4)
+    t_min = model.cfg.t_min
+    levels = torch.tensor([0.1, 0.3, 0.35, 0.9])  # bins 0, 1, 1, 3; bin 2 unseen
+    ce = torch.arange(16.0).view(4, 4) + 1
+    model.update_warp(levels, ce)
+    bin_of = (((levels - t_min) / (1 - t_min)) * 4).long()
+    first = torch.zeros(4)
+    for b in range(4):  # per-bin mean of every position's CE, by hand
+        rows = ce[bin_of == b]
+        first[b] = rows.mean() if len(rows) else 0.0
+    assert torch.allclose(model.warp_ce, first)
+    model.update_warp(torch.tensor([0.1, 0.6]), torch.full((2, 4), 9.0))  # bins 0 and 2
+    expect = first.clone()
+    expect[0] = (1 - WARP_RATE) * first[0] + WARP_RATE * 9.0
+    expect[2] = 9.0  # its first data
+    assert torch.allclose(model.warp_ce, expect) and model.warp_updates.item() == 2
+
+
+def test_time_warp_trains_only_in_training_and_is_never_saved(tmp_path):
+    model = warped_tiny(8).train()
+    x0, t, u = torch.randint(2, V, (4, L)), torch.rand(4), torch.rand(4, L)
+    model.training_loss(x0, t, u).mean().backward()
+    assert model.warp_updates.item() == 1 and model.warp_ce.sum() > 0
+    model.eval()
+    with torch.no_grad():
+        model.training_loss(x0, t, u)
+    assert model.warp_updates.item() == 1  # evaluation leaves the curve alone
+    save_model(model, tmp_path / "m")
+    assert not any("warp" in k for k in load_model(tmp_path / "m").state_dict())
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["time_warp_bins"] == 8
+    with pytest.raises(Exception, match="time_warp_bins"):
+        warped_tiny(-1)

@@ -151,6 +151,23 @@ def test_diffusion_lm_grid_lines_parse_and_the_pick_takes_the_lowest_bound(tmp_p
         ("diffusionlm-base", 4, 256, 4, 1e-3, "dlm-4x256-1e-3"),
         ("diffusionlm-base", 8, 512, 8, 3e-4, "dlm-8x512-3e-4"),
     ]
+    # an arm's own options (+name[=value]) reach its line only, and name its directory
+    monkeypatch.setenv("DLM_GRID", "4x256@2e-3 4x256@2e-3+time-warp=64+embed-dim=16")
+    lines = printed(SEED_TABLE, "grid", tmp=tmp_path).strip().splitlines()
+    plain, warped = [parse_only(monkeypatch, python_argv(x.replace("\\", ""))) for x in lines]
+    assert (plain.time_warp, plain.embed_dim, warped.time_warp, warped.embed_dim) == (
+        None,
+        None,
+        64,
+        16,
+    )
+    assert Path(warped.out).name == "dlm-4x256-2e-3-time-warp64-embed-dim16" != Path(plain.out).name
+    assert warped.lr == plain.lr == 2e-3
+    monkeypatch.setenv("DLM_GRID", "4x256@2e-3+warp=x")  # a value that is not a number
+    done = subprocess.run(
+        ["bash", str(SEED_TABLE), "print", "grid"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "BLOCKSxHIDDEN@LR" in done.stderr
     pick = load_script("scripts/grid_pick.py", monkeypatch)
     for name, bound in [("nan", float("nan")), ("a", 6.2), ("b", 5.9), ("c", 7.1)]:
         (tmp_path / name).mkdir()

@@ -39,10 +39,12 @@ def language(kind: str, n: int, length: int, gen: torch.Generator) -> torch.Tens
     return x + 1
 
 
-def tiny(length: int, embed_dim: int = 16, arm: str = "shipped", seed: int = 0):
+def tiny(length: int, embed_dim: int = 16, arm: str = "shipped", seed: int = 0, warp: int = 0):
+    """`warp`: the config's time_warp_bins (0 off; the weights' init does not depend on it)."""
     torch.manual_seed(seed)
     cfg = dict(family="diffusion_lm", vocab_size=V + 1, mask_id=0, seq_len=length)
     cfg |= dict(embed_dim=embed_dim, hidden_dim=64, n_blocks=2, n_heads=4, final_norm=True)
+    cfg |= dict(time_warp_bins=warp)
     model = build_model(cfg)
     if arm != "shipped":
         model.head = types.MethodType(_head(model, arm), model)

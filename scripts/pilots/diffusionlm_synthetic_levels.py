@@ -7,6 +7,7 @@ batches, same t and u draws); only model.cfg's level fields differ, which the mo
 `training_loss` reads. The bound printed every `--every` steps is the script's SHARED-level
 bound (one t a sequence, 16 midpoint t's, fixed keyed noise), the one the sampler and the
 calibration see; at the end, the per-t CE and diffusion integrand (net, exact posterior, skip).
+`--time-warp BINS` turns on the model's time warping (docs/models.md, "Time warping") in any arm.
 
     OMP_NUM_THREADS=1 python scripts/pilots/diffusionlm_synthetic_levels.py --arm ind10 \
         --steps 12000 > benchmarks/results/pilots/diffusionlm_synthetic_levels-ind10.log
@@ -36,9 +37,10 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=250, help="steps between bound rows")
     ap.add_argument("--seed", type=int, default=0, help="0: the shipped script's draws")
     ap.add_argument("--no-per-t", action="store_true", help="skip the final per-t terms")
+    ap.add_argument("--time-warp", type=int, default=0, help="time_warp_bins (0: off)")
     args = ap.parse_args()
     independent_t, level_jitter = ARMS[args.arm]
-    model = tiny(LENGTH, seed=args.seed)
+    model = tiny(LENGTH, seed=args.seed, warp=args.time_warp)
     # Set after building: tiny() builds the shipped config; training_loss reads these per call.
     model.cfg.independent_t, model.cfg.level_jitter = independent_t, level_jitter
     head = {"arm": args.arm, "independent_t": independent_t, "level_jitter": level_jitter}
@@ -47,6 +49,7 @@ def main() -> None:
         "L": LENGTH,
         "steps": args.steps,
         "seed": args.seed,
+        "time_warp_bins": args.time_warp,
         "unigram": round(math.log(V), 3),
     }
     print(json.dumps(head), flush=True)

@@ -45,6 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Diffusion-LM presets: share (0-1) of training sequences in which every position "
         "gets its own noise level (docs/models.md, 'Per-position noise levels'; default: off)",
     )
+    p.add_argument(
+        "--time-warp",
+        type=int,
+        metavar="BINS",
+        help="Diffusion-LM presets: draw training noise levels where the cross-entropy curve "
+        "rises (CDCD's time warping over BINS bins of t, e.g. 64; docs/models.md; default: off)",
+    )
+    p.add_argument("--embed-dim", type=int, help="Diffusion-LM presets: word embedding width")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per optimiser step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up steps")
@@ -54,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=0.1,
         help="the cosine schedule's floor as a share of --lr; 1 keeps the rate constant after "
-        "warm-up (the Diffusion-LM leaves its unigram plateau only at a high rate: docs/models.md)",
+        "warm-up",
     )
     p.add_argument(
         "--time-budget", type=float, help="seconds; the cosine schedule ends with the budget"
@@ -90,10 +98,17 @@ def run(args: argparse.Namespace) -> int:
             "names an existing token file"
         )
 
-    if args.independent_t is not None and not args.preset.startswith("diffusionlm"):
-        raise ConfigError(
-            f"--independent-t is a Diffusion-LM training option; preset {args.preset} is not one"
-        )
+    for flag, value in [
+        ("--independent-t", args.independent_t),
+        ("--time-warp", args.time_warp),
+        ("--embed-dim", args.embed_dim),
+    ]:
+        if value is not None and not args.preset.startswith("diffusionlm"):
+            raise ConfigError(
+                f"{flag} is a Diffusion-LM training option; preset {args.preset} is not one"
+            )
+    if args.time_warp is not None and not 2 <= args.time_warp <= 4096:
+        raise ConfigError(f"--time-warp takes a number of bins in [2, 4096], got {args.time_warp}")
     if not 0 <= args.min_lr_ratio <= 1:
         raise ConfigError(f"--min-lr-ratio must lie in [0, 1], got {args.min_lr_ratio}")
     if args.independent_t is not None and not 0 <= args.independent_t <= 1:
@@ -106,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
             "n_heads": args.n_heads,
             "seq_len": args.seq_len,
             "independent_t": args.independent_t,
+            "time_warp_bins": args.time_warp,
+            "embed_dim": args.embed_dim,
         }.items()
         if v is not None
     }

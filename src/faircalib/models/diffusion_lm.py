@@ -67,6 +67,8 @@ from faircalib.models.gaussian import (
 
 # keyed-noise streams: stem-made inputs, the bound's draw, training's per-position noise levels
 NOISE_STREAM, BOUND_STREAM, LEVEL_STREAM, TRAIN_STREAM = 0, 1, 2, 3
+# time warping: updates before the curve shapes the draws, the EMA rate, the uniform share
+WARP_START, WARP_RATE, WARP_UNIFORM = 100, 0.02, 0.2
 
 
 @dataclass
@@ -98,6 +100,12 @@ class DiffusionLMConfig:
     # the sequence's, gamma_l = gamma(t) + level_jitter * N(0, 1) (clamped to the schedule), so
     # one level a sequence (the bound's case) stays inside what training sees.
     level_jitter: float = 0.0
+    # CDCD's time warping (Dieleman et al. 2022), training only: levels are drawn where a
+    # running estimate of the cross-entropy curve CE(t) rises, `time_warp_bins` bins over t,
+    # so that training spends its steps where the token's identity is being lost (information
+    # lost at a constant rate in warped time, RePlaid's linear-information schedule). The
+    # bound, sampling and calibration keep uniform t. 0: off.
+    time_warp_bins: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, "Diffusion-LM")
@@ -143,6 +151,11 @@ class DiffusionLMModel(DiffusionLM):
         )
         self.norm_f = nn.LayerNorm(dim) if cfg.final_norm else None
         self.output_down_proj = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, d))
+        if cfg.time_warp_bins:  # training state, not weights: never saved (non-persistent)
+            self.register_buffer("warp_ce", torch.zeros(cfg.time_warp_bins), persistent=False)
+            self.register_buffer(
+                "warp_updates", torch.zeros((), dtype=torch.long), persistent=False
+            )
 
     # --- embeddings and noise ----------------------------------------------------------------
     def embeddings(self) -> torch.Tensor:
@@ -217,12 +230,14 @@ class DiffusionLMModel(DiffusionLM):
         logits0 = scale0[:, None, None] * (z0 @ emb.T)
         logits0[..., self.mask_id] = float("-inf")
         recon = -torch.log_softmax(logits0, -1).gather(-1, x0[..., None]).squeeze(-1)
+        ce_positions = -log_probs.gather(-1, x0[..., None]).squeeze(-1)
         return {
             "diffusion": self.schedule.diffusion_weight() * (snr * sq_err).sum(-1),
             "recon": recon.sum(-1),
             "prior": self.schedule.prior_kl(e).sum(-1),
             "mse": sq_err.sum(-1),
-            "ce": -log_probs.gather(-1, x0[..., None]).squeeze(-1).sum(-1),
+            "ce": ce_positions.sum(-1),
+            "ce_positions": ce_positions,  # [B, L]: the time warp's curve is per level
         }
 
     def nelbo(self, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -238,8 +253,55 @@ class DiffusionLMModel(DiffusionLM):
         most of a GPU step's time); still a pure function of u, so a batch repeats exactly."""
         shape = (x0.shape[1], self.cfg.embed_dim)
         eps = hashed_normal(row_keys(u), TRAIN_STREAM, shape)
-        terms = self.bound_terms(x0, self.training_levels(t, u), u, eps=eps)
+        levels = self.training_levels(t, u)
+        warp = bool(self.cfg.time_warp_bins) and self.training
+        if warp:
+            levels = self.warp_levels(levels)
+        terms = self.bound_terms(x0, levels, u, eps=eps)
+        if warp:
+            self.update_warp(levels, terms["ce_positions"].detach())
         return terms["ce"] + terms["recon"] + terms["prior"]
+
+    # --- time warping (training only; `time_warp_bins`) ---------------------------------------
+    def warp_density(self) -> torch.Tensor:
+        """[bins] probabilities over equal t bins: the running CE curve's rise in each bin
+        (CE(t_min) ~ 0; the curve's running maximum, as CE rises with t), mixed 80/20 with
+        uniform so no level goes untrained; uniform until WARP_START updates shaped it."""
+        bins = self.cfg.time_warp_bins
+        curve = torch.cummax(self.warp_ce, 0).values  # CE(t) rises with t; a noisy dip is noise
+        rise = torch.diff(curve, prepend=curve.new_zeros(1))
+        total = rise.sum()
+        shaped = torch.where(total > 0, rise / total.clamp_min(1e-12), 1.0 / bins)
+        density = (1 - WARP_UNIFORM) * shaped + WARP_UNIFORM / bins
+        return torch.where(self.warp_updates >= WARP_START, density, 1.0 / bins)
+
+    def warp_levels(self, levels: torch.Tensor) -> torch.Tensor:
+        """Uniform levels in [t_min, 1] (any shape) -> levels drawn from `warp_density` by its
+        inverse CDF (piecewise linear; monotone, t_min -> t_min, 1 -> 1)."""
+        bins, t_min = self.cfg.time_warp_bins, self.cfg.t_min
+        density = self.warp_density()
+        cdf = torch.cumsum(density, 0)
+        v = ((levels - t_min) / (1 - t_min)).clamp(0, 1)
+        k = torch.searchsorted(cdf, v.contiguous(), right=True).clamp(max=bins - 1)
+        frac = ((v - (cdf[k] - density[k])) / density[k]).clamp(0, 1)
+        return t_min + (1 - t_min) * (k + frac) / bins
+
+    @torch.no_grad()
+    def update_warp(self, levels: torch.Tensor, ce: torch.Tensor) -> None:
+        """Fold one batch's per-position CE [B, L] at its levels ([B] or [B, L]) into the
+        running curve: per-bin means, an exponential average over batches (bins the batch
+        missed keep their value)."""
+        bins, t_min = self.cfg.time_warp_bins, self.cfg.t_min
+        levels = per_position(levels).expand_as(ce)
+        idx = (((levels - t_min) / (1 - t_min)) * bins).long().clamp(0, bins - 1).flatten()
+        sums = torch.zeros(bins, device=ce.device).index_add_(0, idx, ce.float().flatten())
+        ones = torch.ones_like(idx, dtype=sums.dtype)
+        counts = torch.zeros(bins, device=ce.device).index_add_(0, idx, ones)
+        mean = sums / counts.clamp_min(1)
+        fresh = self.warp_ce == 0  # a bin's first data sets it; later batches blend in
+        blended = torch.where(fresh, mean, (1 - WARP_RATE) * self.warp_ce + WARP_RATE * mean)
+        self.warp_ce.copy_(torch.where(counts > 0, blended, self.warp_ce))
+        self.warp_updates.add_(1)
 
     def training_levels(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """t [B] -> t [B], or [B, L] where `independent_t` > 0: in a share of the sequences

@@ -177,6 +177,10 @@ def block_linears(block: nn.Module) -> list[tuple[str, nn.Linear]]:
     ]
 
 
+# integer config fields for which 0 is meaningful (an id, or "off")
+ZERO_ALLOWED = frozenset({"mask_id", "time_warp_bins"})
+
+
 def check_fields(cfg: object, family: str) -> None:
     """Refuse a config whose integer fields are not positive integers (mask_id: >= 0) or whose
     float fields are not numbers: config.json is the only input of the builders."""
@@ -187,7 +191,7 @@ def check_fields(cfg: object, family: str) -> None:
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if f.type == "int":
-            ok = type(value) is int and value >= (0 if f.name == "mask_id" else 1)
+            ok = type(value) is int and value >= (0 if f.name in ZERO_ALLOWED else 1)
         elif f.type == "bool":
             ok = type(value) is bool
         else:

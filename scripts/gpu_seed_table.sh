@@ -310,8 +310,11 @@ ablate)  # one call, ~380 s (piece 0 is enough): which part of the trainer's loo
   i=0
   for arm in $ABLATE_ARMS; do
     cmd=$(ablate_cmd "$arm" "$RUNS/tokens-ablate.npy")
-    # the arms spread over the GPUs there are (one H200, or two on an x2 machine)
-    (CUDA_VISIBLE_DEVICES=$(( i++ % NGPU )) OMP_NUM_THREADS=2 timeout $(( ${ABLATE_WALL:-300} + 70 )) $cmd 2>&1 | progress_free \
+    # the arms spread over the GPUs there are (one H200, or two on an x2 machine); the index
+    # is taken out here: an i++ inside the subshell never reached this loop (2026-11-30: every
+    # arm ran on GPU 0)
+    dev=$(( i++ % NGPU ))
+    (CUDA_VISIBLE_DEVICES=$dev OMP_NUM_THREADS=2 timeout $(( ${ABLATE_WALL:-300} + 70 )) $cmd 2>&1 | progress_free \
       > "$OUT/ablate-$arm.log") &
   done
   wait

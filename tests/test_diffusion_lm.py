@@ -558,3 +558,22 @@ def test_time_warp_trains_only_in_training_and_is_never_saved(tmp_path):
     assert config["time_warp_bins"] == 8
     with pytest.raises(Exception, match="time_warp_bins"):
         warped_tiny(-1)
+
+
+def test_time_warp_state_survives_the_compile_warm_up_and_a_bf16_cast(monkeypatch):
+    from types import SimpleNamespace
+
+    from faircalib.models.diffusion_lm import WARP_RATE
+    from faircalib.training import step_loss_fn
+
+    model = warped_tiny(4).train()
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)  # the warm-up then runs eagerly
+    step_loss_fn(model, SimpleNamespace(compile=True), "cpu")
+    assert model.warp_updates.item() == 0 and model.warp_ce.abs().sum() == 0
+    # cast whole to bf16, the running curve still moves by WARP_RATE of the gap (7.0 -> 7.2)
+    model.to(torch.bfloat16)
+    levels, ce = torch.full((2,), 0.1), torch.full((2, 4), 7.0)
+    model.update_warp(levels, ce)
+    model.update_warp(levels, ce + 0.2)
+    assert model.warp_ce.dtype == torch.float32
+    assert model.warp_ce[0].item() == pytest.approx(7.0 + WARP_RATE * 0.2, abs=1e-5)

@@ -50,8 +50,10 @@ def test_readz_cond_flag_runs_and_max_steps_caps(readz, tokens, capsys):
     # the printed unigram level against numpy on the same file
     ids = np.load(tokens).astype(np.int64)
     counts = np.bincount(ids[:-200_000], minlength=8192) + 0.5
-    stride = (200_000 - 16) // 32  # the 32 bound windows, spread over the held-out tail
-    held = np.concatenate([ids[-200_000:][k * stride : k * stride + 16] for k in range(32)])
+    total = 32 + 2  # bound and diagnosis windows share one spread over the held-out tail
+    stride = (200_000 - 16) // total
+    starts = [(j * total) // 32 * stride for j in range(32)]  # the bound's share of it
+    held = np.concatenate([ids[-200_000:][k : k + 16] for k in starts])
     expect = -np.log(counts[held] / counts.sum()).mean()
     assert rows[0]["unigram_ce_heldout"] == pytest.approx(expect, abs=1e-3)
     summary = rows[-1]
@@ -144,3 +146,8 @@ def test_held_out_windows_are_spread_across_the_tail(readz, tokens):
             starts.append(hits[0].item())
         assert starts == sorted(starts) and starts[0] < 20_000 and starts[-1] > 150_000
     assert xv.shape == (diagnose.N_VAL, 16) and xd.shape == (10, 16)
+    # the two sets never share a window, whatever their sizes (16 = the default --windows)
+    for windows in (10, 16, 32, 64):
+        args = readz.parse(["--tokens", str(tokens), *TINY, "--windows", str(windows)])
+        _, xv, xd, _ = diagnose.split_tokens(args)
+        assert len(xd) == windows and not (xv[:, None] == xd[None]).all(-1).any()

@@ -366,25 +366,28 @@ def summary(rows: list[dict], arm: str) -> dict:
     return out
 
 
-def spread_windows(val: torch.Tensor, n: int, length: int, phase: float) -> torch.Tensor:
-    """n windows of `length` at evenly spaced starts across `val` (phase in [0, 1): where in
-    each stride a window starts). Until 2026-11-30 (thirteenth session) the pilots took
-    contiguous windows from the held-out tail's start; in piece 0 those are a passage of
-    unexpanded wiki-template markup whose repeats a model learns to copy, so "reading context"
-    there was copying (benchmarks/results/pilots/README.md, thirteenth-session section)."""
+def spread_windows(val: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """n windows of `length` at evenly spaced starts across `val`. Until 2026-11-30 (thirteenth
+    session) the pilots took contiguous windows from the held-out tail's start; in piece 0
+    those are a passage of unexpanded wiki-template markup whose repeats a model learns to copy,
+    so "reading context" there was copying (benchmarks/results/pilots/README.md,
+    thirteenth-session section)."""
     stride = (len(val) - length) // n
-    starts = (torch.arange(n) * stride + int(phase * stride)).tolist()
-    return torch.stack([val[s : s + length] for s in starts])
+    return torch.stack([val[k * stride : k * stride + length] for k in range(n)])
 
 
 def split_tokens(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
     """The token file -> (training stream, N_VAL bound windows, `--windows` diagnosis windows,
-    log-unigram of the training stream, add-0.5 smoothed); the last 200k tokens are held out,
-    and both window sets are spread across them (`spread_windows`)."""
+    log-unigram of the training stream, add-0.5 smoothed); the last 200k tokens are held out.
+    One spread of N_VAL + windows starts over them is dealt into the two sets (every
+    total/N_VAL-th start to the bound): both cover the whole tail and never share a window."""
     stream = torch.from_numpy(np.load(args.tokens).astype(np.int64))
     train_part, val = stream[:-200_000], stream[-200_000:]
-    xv = spread_windows(val, N_VAL, args.length, phase=0.0)
-    xd = spread_windows(val, args.windows, args.length, phase=0.5)
+    total = N_VAL + args.windows
+    windows = spread_windows(val, total, args.length)
+    to_bound = torch.zeros(total, dtype=torch.bool)
+    to_bound[(torch.arange(N_VAL) * total) // N_VAL] = True
+    xv, xd = windows[to_bound], windows[~to_bound]
     counts = torch.bincount(train_part, minlength=VOCAB).float()
     return train_part, xv, xd, ((counts + 0.5) / (counts + 0.5).sum()).log()
 

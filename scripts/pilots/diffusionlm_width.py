@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import torch
+from diffusionlm_diagnose import spread_windows
 
 from faircalib.models.io import build_model
 from faircalib.models.objective import stratified_times
@@ -122,7 +123,7 @@ def main() -> None:
     model = build(args)
     stream = torch.from_numpy(np.load(args.tokens).astype(np.int64))
     train_part, val = stream[:-200_000], stream[-200_000:]
-    xv = val[: N_VAL * args.length].view(N_VAL, args.length)
+    xv = spread_windows(val, N_VAL, args.length)  # not the tail's first windows: a template passage
     counts = torch.bincount(train_part, minlength=VOCAB).float()
     p = counts / counts.sum()
     log_unigram = ((counts + 0.5) / (counts + 0.5).sum()).log()

@@ -114,8 +114,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     compile: bool = False
-    # the 2026-11-30 trainer kept a Diffusion-LM on the unigram plateau where the pilot's loop
-    # (host draws, plain AdamW) left it; these restore the trainer's old choices for comparison
+    # the loop that trained mdlm-base (commit 1059b71): fused AdamW and batches drawn on the
+    # device. Off by default since 2026-11-30: host draws give the same batches on every
+    # device; an ablation found neither choice changes what a model learns (docs/training.md)
     fused_adam: bool = False
     device_draws: bool = False
     max_docs: int | None = None
@@ -315,17 +316,23 @@ def step_loss_fn(model: DiffusionLM, cfg: TrainConfig, device: str):
     if not cfg.compile:
         return loss
     compiled = torch.compile(loss)
+    # the warm-up batch is random: training state kept in buffers (a time warp's running
+    # curve) must not learn from it
+    state = {name: b.clone() for name, b in model.named_buffers()}
     try:
         x = torch.randint(2, model.vocab_size, (2, model.seq_len), device=device)
         t, u = torch.rand(2, device=device), torch.rand(2, model.seq_len, device=device)
         with autocast(device):
             compiled(x, t, u).backward()
-        model.zero_grad(set_to_none=True)
         return compiled
     except Exception as exc:  # compilation support varies by torch build; training must not
         print(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly", flush=True)
-        model.zero_grad(set_to_none=True)
         return loss
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(state[name])
 
 
 def autocast(device: str) -> torch.autocast:

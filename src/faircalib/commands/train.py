@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"{flag} is a Diffusion-LM training option; preset {args.preset} is not one"
             )
+    if args.embed_dim is not None and args.embed_dim < 1:
+        raise ConfigError(f"--embed-dim must be a positive width, got {args.embed_dim}")
     if args.time_warp is not None and not 2 <= args.time_warp <= 4096:
         raise ConfigError(f"--time-warp takes a number of bins in [2, 4096], got {args.time_warp}")
     if not 0 <= args.min_lr_ratio <= 1:

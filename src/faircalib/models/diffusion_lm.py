@@ -277,7 +277,8 @@ class DiffusionLMModel(DiffusionLM):
 
     def warp_levels(self, levels: torch.Tensor) -> torch.Tensor:
         """Uniform levels in [t_min, 1] (any shape) -> levels drawn from `warp_density` by its
-        inverse CDF (piecewise linear; monotone, t_min -> t_min, 1 -> 1)."""
+        inverse CDF (piecewise linear; monotone, t_min -> t_min, 1 -> 1). With `level_jitter`
+        the per-position levels are not uniform; the map still moves them toward the rise."""
         bins, t_min = self.cfg.time_warp_bins, self.cfg.t_min
         density = self.warp_density()
         cdf = torch.cumsum(density, 0)
@@ -292,6 +293,8 @@ class DiffusionLMModel(DiffusionLM):
         running curve: per-bin means, an exponential average over batches (bins the batch
         missed keep their value)."""
         bins, t_min = self.cfg.time_warp_bins, self.cfg.t_min
+        if self.warp_ce.dtype != torch.float32:  # a model cast whole (.to(bf16)): the running
+            self.warp_ce = self.warp_ce.float()  # average needs float32 to move by 2% a batch
         levels = per_position(levels).expand_as(ce)
         idx = (((levels - t_min) / (1 - t_min)) * bins).long().clamp(0, bins - 1).flatten()
         sums = torch.zeros(bins, device=ce.device).index_add_(0, idx, ce.float().flatten())
@@ -306,12 +309,12 @@ class DiffusionLMModel(DiffusionLM):
     def training_levels(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """t [B] -> t [B], or [B, L] where `independent_t` > 0: in a share of the sequences
         (chosen by a keyed draw) every position takes its own t ~ U(t_min, 1). The draws are
-        keyed by u, as the bound's noise is: the same batch gives the same levels anywhere."""
+        keyed by u (`hashed_normal`, on the device): the same batch gives the same levels."""
         share = self.cfg.independent_t
         if share == 0:
             return t
         length = u.shape[1]
-        draws = torch.special.ndtr(keyed_normal(row_keys(u), LEVEL_STREAM, (1 + length,)))
+        draws = torch.special.ndtr(hashed_normal(row_keys(u), LEVEL_STREAM, (1 + length,)))
         own = draws[:, 0] < share  # [B]: which sequences get a level a position
         t_min, jitter = self.cfg.t_min, self.cfg.level_jitter
         if jitter > 0:  # log-SNR jittered around the sequence's level, mapped back to t

@@ -105,14 +105,18 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def hashed_normal(keys: torch.Tensor, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
     """[B, *shape] standard normals on keys' device, a pure function of (keys[b], stream): the
     vectorised sibling of `keyed_normal` for training, where one CPU generator a row held a
-    small model's GPU step to ~30 steps/s (27 ms of host work for [256, 128, 128]). Counter
-    hashes -> two uniforms a value -> Box-Muller. Equal on every device up to float rounding."""
+    small model's GPU step to ~30 steps/s (27 ms of host work for [256, 128, 128]). Each value
+    hashes its counter and its row's key together (XOR, then a second round keyed by the row
+    again: rows never share shifted copies of one sequence, as an additive mix would), giving
+    two uniforms in (0, 1] a pair of normals (Box-Muller). Keys are `row_keys` values (< 2^31),
+    so every product stays in int64; equal on every device up to float rounding."""
     n = math.prod(shape)
     pairs = (n + 1) // 2  # Box-Muller gives two normals (cos, sin) from each pair of uniforms
-    row = _mix32(keys.long() * 1_000_003 + stream)  # [B]
-    counter = torch.arange(2 * pairs, device=keys.device) * 0x9E3779B9  # [2 pairs], < 2^63
-    bits = _mix32(_mix32(row[:, None] + counter))  # [B, 2 pairs], 32 random bits each
-    uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # in (0, 1), never 0
+    row = _mix32(keys.long() * 1_000_003 + stream)[:, None]  # [B, 1]
+    row2 = _mix32(row ^ 0x2545F491)
+    counter = _mix32(torch.arange(2 * pairs, device=keys.device) * 0x9E3779B9)  # [2 pairs]
+    bits = _mix32(_mix32(counter ^ row) ^ row2)  # [B, 2 pairs], 32 random bits each
+    uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # in (0, 1]: log never sees 0
     radius = torch.sqrt(-2.0 * torch.log(uniform[:, :pairs]))
     angle = 2 * math.pi * uniform[:, pairs:]
     normal = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :n]

@@ -25,6 +25,8 @@ def summarise(runs: Path, names: list[str]) -> dict:
             continue
         summary = json.loads(log.read_text())
         arms[name] = {k: summary[k] for k in KEYS} | {
+            # the floor the bound must get below (records before 2026-11-30 lack it)
+            "val_unigram_nats_per_token": summary.get("val_unigram_nats_per_token"),
             "config": summary["config"],
             "log": summary["log"],
         }
@@ -40,8 +42,10 @@ def main(argv: list[str]) -> None:
     print(json.dumps(result, indent=1))
     for name, arm in result["arms"].items():
         bound = arm.get("final_val_nelbo_per_token", arm.get("error"))
+        floor = arm.get("val_unigram_nats_per_token")
         print(
-            f"{name}: {arm.get('parameters')} params, {arm.get('steps')} steps, {bound}",
+            f"{name}: {arm.get('parameters')} params, {arm.get('steps')} steps, {bound}"
+            + (f" (unigram floor {floor:.4f})" if floor is not None else ""),
             file=sys.stderr,
         )
     print(f"picked: {result['picked']}", file=sys.stderr)

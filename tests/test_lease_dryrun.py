@@ -173,8 +173,13 @@ def test_diffusion_lm_grid_lines_parse_and_the_pick_takes_the_lowest_bound(tmp_p
         (tmp_path / name).mkdir()
         log = dict.fromkeys(pick.KEYS, 1) | {"final_val_nelbo_per_token": bound}
         (tmp_path / name / "train_log.json").write_text(json.dumps(log | {"config": {}, "log": []}))
+    floored = json.loads((tmp_path / "c" / "train_log.json").read_text())
+    floored["val_unigram_nats_per_token"] = 7.25  # records since 2026-11-30 carry the floor
+    (tmp_path / "c" / "train_log.json").write_text(json.dumps(floored))
     result = pick.summarise(tmp_path, ["nan", "a", "b", "c", "unfinished"])  # NaN: diverged
     assert result["picked"] == "b" and "error" in result["arms"]["unfinished"]
+    assert result["arms"]["c"]["val_unigram_nats_per_token"] == 7.25
+    assert result["arms"]["a"]["val_unigram_nats_per_token"] is None  # an older record
     assert pick.summarise(tmp_path, ["unfinished"])["picked"] is None
     assert pick.summarise(tmp_path, ["nan"])["picked"] is None
 

@@ -361,6 +361,14 @@ def evaluate_loss(
     return total / cfg.eval_batches
 
 
+def unigram_cross_entropy(train: torch.Tensor, val: torch.Tensor, vocab_size: int) -> float:
+    """Nats per token of `val` under the add-0.5 unigram model of `train`: the floor a trained
+    model must get below to show it reads anything of its input (a Diffusion-LM sat on it for
+    weeks while its pilots' copy-prone windows said otherwise; docs/models.md)."""
+    counts = torch.bincount(train.long(), minlength=vocab_size).double() + 0.5
+    return -(counts / counts.sum()).log()[val.long()].mean().item()
+
+
 def validation_tokens(n_tokens: int, cfg: TrainConfig) -> int:
     """How many tokens at the end of a stream of `n_tokens` training holds out for validation."""
     return max(int(n_tokens * cfg.val_fraction), 4 * PRESETS[cfg.preset]["seq_len"])
@@ -394,6 +402,8 @@ def train(cfg: TrainConfig) -> Path:
         )
     train_stream, val_stream = stream[:-n_val], stream[-n_val:]
     print(f"tokenised {len(stream):,} tokens in {time.time() - t0:.0f}s", flush=True)
+    floor = unigram_cross_entropy(train_stream, val_stream, tokenizer.get_vocab_size())
+    print(f"unigram floor on the validation split: {floor:.4f} nats/token", flush=True)
 
     device = cfg.device
     model = build_model(cfg, tokenizer).to(device)
@@ -467,6 +477,8 @@ def train(cfg: TrainConfig) -> Path:
         "wall_time_s": wall,
         "final_val_nelbo_per_token": final_val,
         "final_val_ppl_bound": math.exp(final_val),
+        # a model that reads nothing of its input scores about this (its bound adds a little)
+        "val_unigram_nats_per_token": floor,
         "corpus_tokens": len(stream),
         "log": log,
     }
@@ -504,7 +516,8 @@ def model_card(summary: dict) -> str:
             f"tokens seen: {summary['tokens_seen']:,} in {summary['steps']:,} steps, "
             f"{summary['wall_time_s']:.0f} s",
             f"- held-out NELBO per token: {summary['final_val_nelbo_per_token']:.4f} "
-            f"(perplexity bound {summary['final_val_ppl_bound']:.2f})",
+            f"(perplexity bound {summary['final_val_ppl_bound']:.2f}); the unigram model of the "
+            f"training tokens: {summary['val_unigram_nats_per_token']:.4f}",
             f"- weight fingerprint (sha256 of the bf16 tensors, names sorted; "
             f"`faircalib.training.directory_fingerprint`): "
             f"`{summary['weight_fingerprint_sha256']}`",

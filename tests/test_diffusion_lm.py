@@ -397,18 +397,19 @@ def test_train_cli_sets_independent_t_for_diffusion_lm_only(tmp_path, capsys):
     assert rc != 0 and len(err) == 1 and "[0, 1]" in err[0] and not (tmp_path / "d").exists()
     # the time warp and the embedding width: Diffusion-LM only, written into config.json
     warped = tmp_path / "warped"
-    extra = ["--time-warp", "16", "--embed-dim", "4", "--out", str(warped)]
+    extra = ["--time-warp", "16", "--embed-dim", "4", "--train-on-bound", "--out", str(warped)]
     assert main(common + ["--preset", "diffusionlm-tiny"] + extra) == 0
     config = json.loads((warped / "config.json").read_text())
-    assert (config["time_warp_bins"], config["embed_dim"]) == (16, 4)
+    assert (config["time_warp_bins"], config["embed_dim"], config["train_on_bound"]) == (
+        16,
+        4,
+        True,
+    )
     capsys.readouterr()
-    for flags in (
-        ["--preset", "tiny", "--time-warp", "16"],
-        ["--preset", "tiny", "--embed-dim", "4"],
-    ):
-        rc = main(common + flags + ["--out", str(tmp_path / "m2")])
+    for flags in (["--time-warp", "16"], ["--embed-dim", "4"], ["--train-on-bound"]):
+        rc = main(common + ["--preset", "tiny"] + flags + ["--out", str(tmp_path / "m2")])
         err = capsys.readouterr().err.strip().splitlines()
-        assert rc != 0 and len(err) == 1 and flags[2] in err[0] and not (tmp_path / "m2").exists()
+        assert rc != 0 and len(err) == 1 and flags[0] in err[0] and not (tmp_path / "m2").exists()
     rc = main(
         common + ["--preset", "diffusionlm-tiny", "--time-warp", "1", "--out", str(tmp_path / "m3")]
     )
@@ -577,3 +578,22 @@ def test_time_warp_state_survives_the_compile_warm_up_and_a_bf16_cast(monkeypatc
     model.update_warp(levels, ce + 0.2)
     assert model.warp_ce.dtype == torch.float32
     assert model.warp_ce[0].item() == pytest.approx(7.0 + WARP_RATE * 0.2, abs=1e-5)
+
+
+def test_training_on_the_bound_is_the_bound_under_the_same_noise(monkeypatch):
+    """train_on_bound: with one level a sequence and the bound's own noise draw substituted for
+    training's, the training loss is the model's (separately tested) NELBO exactly."""
+    import faircalib.models.diffusion_lm as dlm
+
+    model = tiny()
+    model.cfg.train_on_bound = True
+    monkeypatch.setattr(
+        dlm,
+        "hashed_normal",
+        lambda keys, stream, shape: keyed_normal(keys, dlm.BOUND_STREAM, shape),
+    )
+    x0, t, u = torch.randint(2, V, (3, L)), torch.rand(3), torch.rand(3, L)
+    with torch.no_grad():
+        assert torch.allclose(model.training_loss(x0, t, u), model.nelbo(x0, t, u), rtol=1e-6)
+        model.cfg.train_on_bound = False  # the cross-entropy objective is something else
+        assert not torch.allclose(model.training_loss(x0, t, u), model.nelbo(x0, t, u), rtol=1e-3)

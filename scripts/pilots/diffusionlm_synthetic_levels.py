@@ -38,9 +38,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="0: the shipped script's draws")
     ap.add_argument("--no-per-t", action="store_true", help="skip the final per-t terms")
     ap.add_argument("--time-warp", type=int, default=0, help="time_warp_bins (0: off)")
+    ap.add_argument("--bound", action="store_true", help="train_on_bound (the VDM term)")
     args = ap.parse_args()
     independent_t, level_jitter = ARMS[args.arm]
     model = tiny(LENGTH, seed=args.seed, warp=args.time_warp)
+    model.cfg.train_on_bound = args.bound  # read per call, as the level fields
     # Set after building: tiny() builds the shipped config; training_loss reads these per call.
     model.cfg.independent_t, model.cfg.level_jitter = independent_t, level_jitter
     head = {"arm": args.arm, "independent_t": independent_t, "level_jitter": level_jitter}
@@ -50,6 +52,7 @@ def main() -> None:
         "steps": args.steps,
         "seed": args.seed,
         "time_warp_bins": args.time_warp,
+        "train_on_bound": args.bound,
         "unigram": round(math.log(V), 3),
     }
     print(json.dumps(head), flush=True)

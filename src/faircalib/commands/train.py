@@ -53,6 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "rises (CDCD's time warping over BINS bins of t, e.g. 64; docs/models.md; default: off)",
     )
     p.add_argument("--embed-dim", type=int, help="Diffusion-LM presets: word embedding width")
+    p.add_argument(
+        "--train-on-bound",
+        action="store_true",
+        default=None,
+        help="Diffusion-LM presets: fit the bound's diffusion term (VDM/Plaid) instead of the "
+        "cross-entropy of p(w | z_t) (docs/models.md, 'Training on the bound')",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="sequences per optimiser step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up steps")
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         ("--independent-t", args.independent_t),
         ("--time-warp", args.time_warp),
         ("--embed-dim", args.embed_dim),
+        ("--train-on-bound", args.train_on_bound),
     ]:
         if value is not None and not args.preset.startswith("diffusionlm"):
             raise ConfigError(
@@ -125,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             "independent_t": args.independent_t,
             "time_warp_bins": args.time_warp,
             "embed_dim": args.embed_dim,
+            "train_on_bound": args.train_on_bound,
         }.items()
         if v is not None
     }

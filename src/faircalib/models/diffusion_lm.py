@@ -106,6 +106,11 @@ class DiffusionLMConfig:
     # lost at a constant rate in warped time, RePlaid's linear-information schedule). The
     # bound, sampling and calibration keep uniform t. 0: off.
     time_warp_bins: int = 0
+    # Train on the bound's own diffusion term (VDM's SNR-weighted error of E_p[e], Plaid's and
+    # RePlaid's likelihood training) instead of CDCD's cross-entropy of p(w | z_t); the
+    # rounding and prior terms are trained either way. With per-position levels the term is
+    # each position's integrand at its own level.
+    train_on_bound: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "Diffusion-LM")
@@ -260,7 +265,8 @@ class DiffusionLMModel(DiffusionLM):
         terms = self.bound_terms(x0, levels, u, eps=eps)
         if warp:
             self.update_warp(levels, terms["ce_positions"].detach())
-        return terms["ce"] + terms["recon"] + terms["prior"]
+        fit = terms["diffusion"] if self.cfg.train_on_bound else terms["ce"]
+        return fit + terms["recon"] + terms["prior"]
 
     # --- time warping (training only; `time_warp_bins`) ---------------------------------------
     def warp_density(self) -> torch.Tensor:

@@ -362,10 +362,11 @@ def evaluate_loss(
 
 
 def unigram_cross_entropy(train: torch.Tensor, val: torch.Tensor, vocab_size: int) -> float:
-    """Nats per token of `val` under the add-0.5 unigram model of `train`: the floor a trained
+    """Nats per token of `val` under the add-one unigram model of `train` (as
+    benchmarks/unigram_floor.py fits it on evaluation sets): the floor a trained
     model must get below to show it reads anything of its input (a Diffusion-LM sat on it for
     weeks while its pilots' copy-prone windows said otherwise; docs/models.md)."""
-    counts = torch.bincount(train.long(), minlength=vocab_size).double() + 0.5
+    counts = torch.bincount(train.long(), minlength=vocab_size).double() + 1.0
     return -(counts / counts.sum()).log()[val.long()].mean().item()
 
 

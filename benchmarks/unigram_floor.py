@@ -26,7 +26,13 @@ from faircalib import atomic, hub
 from faircalib.bench import run_record
 from faircalib.data import eval_sequences
 from faircalib.data.tokenizers import EOS
-from faircalib.training import TrainConfig, read_documents, read_token_cache, tokenize_stream
+from faircalib.training import (
+    TrainConfig,
+    read_documents,
+    read_token_cache,
+    tokenize_stream,
+    unigram_log_probs,
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,10 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     tok = hub.load_tokenizer("mdlm-small")
-    counts = torch.bincount(training_tokens(args, tok), minlength=tok.get_vocab_size())
-    counts = counts.double() + 1.0
-    logp = torch.log(counts / counts.sum())
-    rows: dict = {"training tokens": int(counts.sum().item() - len(counts))}
+    fitted_on = training_tokens(args, tok)
+    logp = unigram_log_probs(fitted_on, tok.get_vocab_size())
+    rows: dict = {"training tokens": len(fitted_on)}
     bits: dict = {}
     for corpus, split in (("wikitext2", "validation"), ("wikitext2", "test"), ("c4", "validation")):
         seqs, n_bytes = eval_sequences(tok, corpus, split, 512)

@@ -361,13 +361,18 @@ def evaluate_loss(
     return total / cfg.eval_batches
 
 
-def unigram_cross_entropy(train: torch.Tensor, val: torch.Tensor, vocab_size: int) -> float:
-    """Nats per token of `val` under the add-one unigram model of `train` (as
-    benchmarks/unigram_floor.py fits it on evaluation sets): the floor a trained
-    model must get below to show it reads anything of its input (a Diffusion-LM sat on it for
-    weeks while its pilots' copy-prone windows said otherwise; docs/models.md)."""
+def unigram_log_probs(train: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] float64 log-probabilities of the add-one unigram model of `train` (also
+    benchmarks/unigram_floor.py's, on the evaluation sets)."""
     counts = torch.bincount(train.long(), minlength=vocab_size).double() + 1.0
-    return -(counts / counts.sum()).log()[val.long()].mean().item()
+    return (counts / counts.sum()).log()
+
+
+def unigram_cross_entropy(train: torch.Tensor, val: torch.Tensor, vocab_size: int) -> float:
+    """Nats per token of `val` under the unigram model of `train`: the floor a trained model
+    must get below to show it reads anything of its input (a Diffusion-LM sat on it for weeks
+    while its pilots' copy-prone windows said otherwise; docs/models.md)."""
+    return -unigram_log_probs(train, vocab_size)[val.long()].mean().item()
 
 
 def validation_tokens(n_tokens: int, cfg: TrainConfig) -> int:

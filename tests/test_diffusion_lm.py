@@ -397,16 +397,15 @@ def test_train_cli_sets_independent_t_for_diffusion_lm_only(tmp_path, capsys):
     assert rc != 0 and len(err) == 1 and "[0, 1]" in err[0] and not (tmp_path / "d").exists()
     # the time warp and the embedding width: Diffusion-LM only, written into config.json
     warped = tmp_path / "warped"
-    extra = ["--time-warp", "16", "--embed-dim", "4", "--train-on-bound", "--out", str(warped)]
-    assert main(common + ["--preset", "diffusionlm-tiny"] + extra) == 0
+    extra = ["--time-warp", "16", "--embed-dim", "4", "--train-on-bound", "--posterior-input"]
+    assert main(common + ["--preset", "diffusionlm-tiny"] + extra + ["--out", str(warped)]) == 0
     config = json.loads((warped / "config.json").read_text())
-    assert (config["time_warp_bins"], config["embed_dim"], config["train_on_bound"]) == (
-        16,
-        4,
-        True,
-    )
+    fields = ("time_warp_bins", "embed_dim", "train_on_bound", "posterior_input")
+    assert tuple(config[f] for f in fields) == (16, 4, True, True)
+    assert "input_embedding" in dict(load_model(warped).named_parameters())
     capsys.readouterr()
-    for flags in (["--time-warp", "16"], ["--embed-dim", "4"], ["--train-on-bound"]):
+    only_dlm = (["--time-warp", "16"], ["--embed-dim", "4"], ["--train-on-bound"])
+    for flags in only_dlm + (["--posterior-input"],):
         rc = main(common + ["--preset", "tiny"] + flags + ["--out", str(tmp_path / "m2")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc != 0 and len(err) == 1 and flags[0] in err[0] and not (tmp_path / "m2").exists()
@@ -597,3 +596,51 @@ def test_training_on_the_bound_is_the_bound_under_the_same_noise(monkeypatch):
         assert torch.allclose(model.training_loss(x0, t, u), model.nelbo(x0, t, u), rtol=1e-6)
         model.cfg.train_on_bound = False  # the cross-entropy objective is something else
         assert not torch.allclose(model.training_loss(x0, t, u), model.nelbo(x0, t, u), rtol=1e-3)
+
+
+# --- posterior input -----------------------------------------------------------------------------
+def test_own_posterior_is_bayes_rule_on_explicit_gaussian_densities():
+    # p(w | z_l) under a uniform prior over the tokens but [MASK], from log N(z; alpha e_w,
+    # sigma^2 I) written out per token (the norms cancel only because every e_w has norm sqrt(d))
+    model = tiny()
+    sch, emb = model.schedule, model.embeddings().double()
+    z, t = torch.randn(2, L, model.cfg.embed_dim), torch.tensor([0.3, 0.6])
+    a = sch.alpha(t).double()[:, None, None, None]
+    s = sch.sigma(t).double()[:, None, None, None]
+    log_density = -((z.double()[:, :, None, :] - a * emb) ** 2).sum(-1) / (2 * s[..., 0] ** 2)
+    log_density[..., 1] = float("-inf")  # mask_id
+    expected = torch.softmax(log_density, -1)
+    got = model.own_posterior(z, t).double()
+    assert torch.allclose(got, expected, atol=1e-5)
+    # per-position levels give each position its own posterior
+    per_pos = model.own_posterior(z, t[:, None].expand(2, L))
+    assert torch.allclose(per_pos.double(), expected, atol=1e-5)
+
+
+def test_posterior_input_feeds_the_trunk_what_each_position_says():
+    torch.manual_seed(0)
+    cfg = dict(family="diffusion_lm", vocab_size=V, mask_id=1, seq_len=16, embed_dim=8)
+    model = build_model(
+        {**cfg, "hidden_dim": 32, "n_blocks": 2, "n_heads": 2, "posterior_input": True}
+    ).eval()
+    z, t = torch.randn(2, L, 8), torch.tensor([0.2, 0.9])
+    h, _ = model.stem(z, t)
+    table = model.input_embedding
+    with torch.no_grad():  # the same stem with the table's contribution zeroed
+        saved = table.clone()
+        table.zero_()
+        h0, _ = model.stem(z, t)
+        table.copy_(saved)
+    assert not torch.allclose(h, h0)
+    # a clean position enters as its token's row; at t = 1 the mixture is the table's mean
+    tokens = torch.randint(2, V, (1, L))
+    clean = model.noised(tokens, torch.tensor([model.cfg.t_min]), torch.zeros(1, L, 8))
+    p_clean = model.own_posterior(clean, torch.tensor([model.cfg.t_min]))
+    assert torch.equal(p_clean.argmax(-1), tokens) and p_clean.max(-1).values.min() > 0.999
+    p_noise = model.own_posterior(torch.randn(1, L, 8), torch.tensor([1.0]))
+    assert (p_noise[..., 2:] * (V - 1) - 1).abs().max() < 0.5  # within 50% of uniform
+    # training runs through it and reaches the table
+    x0 = torch.randint(2, V, (4, L))
+    model.train()
+    model.training_loss(x0, torch.rand(4), torch.rand(4, L)).mean().backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0

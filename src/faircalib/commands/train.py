@@ -60,6 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Diffusion-LM presets: fit the bound's diffusion term (VDM/Plaid) instead of the "
         "cross-entropy of p(w | z_t) (docs/models.md, 'Training on the bound')",
     )
+    p.add_argument(
+        "--posterior-input",
+        action="store_true",
+        default=None,
+        help="Diffusion-LM presets: the trunk also reads each position's posterior from its own "
+        "noisy embedding, embedded by a learned table (docs/models.md, 'Posterior input')",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="sequences per optimiser step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up steps")
@@ -110,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         ("--time-warp", args.time_warp),
         ("--embed-dim", args.embed_dim),
         ("--train-on-bound", args.train_on_bound),
+        ("--posterior-input", args.posterior_input),
     ]:
         if value is not None and not args.preset.startswith("diffusionlm"):
             raise ConfigError(
@@ -134,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             "time_warp_bins": args.time_warp,
             "embed_dim": args.embed_dim,
             "train_on_bound": args.train_on_bound,
+            "posterior_input": args.posterior_input,
         }.items()
         if v is not None
     }

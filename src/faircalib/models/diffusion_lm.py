@@ -111,6 +111,15 @@ class DiffusionLMConfig:
     # rounding and prior terms are trained either way. With per-position levels the term is
     # each position's integrand at its own level.
     train_on_bound: bool = False
+    # The trunk also reads each position's posterior from its own z_t: p_l(w) proportional to
+    # exp(alpha_t / sigma_t^2 <z_l, e_w>) (the head's skip term, uniform prior), embedded as
+    # sum_w p_l(w) E_in[w] with a learned [V, hidden_dim] table `input_embedding`. A position
+    # whose z names its token then enters as that token's row (MDLM's clean token), one lost
+    # in noise as the table's mean (MDLM's mask), one in between as a mixture: the trunk reads
+    # what its neighbours say, which a d -> D projection of a noisy z cannot decode at 8 k
+    # tokens (docs/models.md, "Posterior input"). A function of z_t and t: the bound, the
+    # sampler and calibration are unchanged.
+    posterior_input: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "Diffusion-LM")
@@ -155,6 +164,8 @@ class DiffusionLMModel(DiffusionLM):
             Block(dim, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_blocks)
         )
         self.norm_f = nn.LayerNorm(dim) if cfg.final_norm else None
+        if cfg.posterior_input:
+            self.input_embedding = nn.Parameter(0.02 * torch.randn(cfg.vocab_size, dim))
         self.output_down_proj = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, d))
         if cfg.time_warp_bins:  # training state, not weights: never saved (non-persistent)
             self.register_buffer("warp_ce", torch.zeros(cfg.time_warp_bins), persistent=False)
@@ -192,22 +203,33 @@ class DiffusionLMModel(DiffusionLM):
             x_t = self.noised(x_t, t, eps)
         z, dt = x_t.float(), self.position_embeddings.dtype  # weights may be bf16 (loaded so)
         h = self.input_up_proj(z.to(dt)) + self.position_embeddings[:seq]
+        if self.cfg.posterior_input:
+            h = h + self.own_posterior(z, t).to(dt) @ self.input_embedding.to(dt)
         steps = time_features(per_position(t), self.cfg.hidden_dim).to(dt)
         h = self.LayerNorm(h + self.time_embed(steps))
         return h, BlockContext({"batch_z": z, "batch_t": t})
 
+    def own_likelihood(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """[B, L, V] log q(z_t,l | w) + const = alpha_t / sigma_t^2 <z_t,l, e_w> (every e_w has
+        the same norm); [MASK] at -inf. t [B] or [B, L]."""
+        emb = self.embeddings()  # [V, d]
+        scale = per_position(self.schedule.alpha(t) / self.schedule.sigma(t) ** 2)[..., None]
+        logits = scale * (z.float() @ emb.T)
+        logits[..., self.mask_id] = float("-inf")
+        return logits
+
+    def own_posterior(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """[B, L, V] p(w | z_t,l) under a uniform prior: what each position's own z says."""
+        return torch.softmax(self.own_likelihood(z, t), dim=-1)
+
     def head(self, h: torch.Tensor, ctx: BlockContext, x_t: torch.Tensor) -> torch.Tensor:
         """log p(w_l | z_t): network logits over the tied embedding plus the exact Gaussian
         log-likelihood of z_t,l under each token; [MASK] gets no mass."""
-        emb = self.embeddings()  # [V, d]
         z, t = ctx.tensors["batch_z"], ctx.tensors["batch_t"]
-        scale = self.schedule.alpha(t) / self.schedule.sigma(t) ** 2
-        scale = per_position(scale)[..., None]
         if self.norm_f is not None:  # pre-LN blocks leave the residual stream unnormalised
             h = self.norm_f(h)
-        logits = self.output_down_proj(h).float() @ emb.T + scale * (z @ emb.T)
-        logits[..., self.mask_id] = float("-inf")
-        return torch.log_softmax(logits, dim=-1)
+        net = self.output_down_proj(h).float() @ self.embeddings().T
+        return torch.log_softmax(net + self.own_likelihood(z, t), dim=-1)
 
     def quantizable_linears(self, block: nn.Module) -> list[tuple[str, nn.Linear]]:
         return block_linears(block)

@@ -398,14 +398,15 @@ def test_train_cli_sets_independent_t_for_diffusion_lm_only(tmp_path, capsys):
     # the time warp and the embedding width: Diffusion-LM only, written into config.json
     warped = tmp_path / "warped"
     extra = ["--time-warp", "16", "--embed-dim", "4", "--train-on-bound", "--posterior-input"]
+    extra += ["--untied-head"]
     assert main(common + ["--preset", "diffusionlm-tiny"] + extra + ["--out", str(warped)]) == 0
     config = json.loads((warped / "config.json").read_text())
-    fields = ("time_warp_bins", "embed_dim", "train_on_bound", "posterior_input")
-    assert tuple(config[f] for f in fields) == (16, 4, True, True)
-    assert "input_embedding" in dict(load_model(warped).named_parameters())
+    fields = ("time_warp_bins", "embed_dim", "train_on_bound", "posterior_input", "untied_head")
+    assert tuple(config[f] for f in fields) == (16, 4, True, True, True)
+    assert {"input_embedding", "lm_head.weight"} <= set(dict(load_model(warped).named_parameters()))
     capsys.readouterr()
     only_dlm = (["--time-warp", "16"], ["--embed-dim", "4"], ["--train-on-bound"])
-    for flags in only_dlm + (["--posterior-input"],):
+    for flags in only_dlm + (["--posterior-input"], ["--untied-head"]):
         rc = main(common + ["--preset", "tiny"] + flags + ["--out", str(tmp_path / "m2")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc != 0 and len(err) == 1 and flags[0] in err[0] and not (tmp_path / "m2").exists()
@@ -644,3 +645,30 @@ def test_posterior_input_feeds_the_trunk_what_each_position_says():
     model.train()
     model.training_loss(x0, torch.rand(4), torch.rand(4, L)).mean().backward()
     assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_untied_head_adds_its_logits_to_the_exact_likelihood():
+    # log p(w | z_t) = log_softmax(lm_head(norm_f(h)) + alpha/sigma^2 <z, e_w>), [MASK] at -inf
+    torch.manual_seed(0)
+    cfg = dict(family="diffusion_lm", vocab_size=V, mask_id=1, seq_len=16, embed_dim=8)
+    model = build_model(
+        {
+            **cfg,
+            "hidden_dim": 32,
+            "n_blocks": 1,
+            "n_heads": 2,
+            "untied_head": True,
+            "final_norm": True,
+        }
+    ).eval()
+    z, t = torch.randn(2, L, 8), torch.tensor([0.4, 0.7])
+    with torch.no_grad():
+        h, ctx = model.stem(z, t)
+        for block in model.blocks:
+            h = block(h, ctx)
+        got = model.log_probs(z, t)
+        sch, emb = model.schedule, model.embeddings()
+        skip = (sch.alpha(t) / sch.sigma(t) ** 2)[:, None, None] * (z @ emb.T)
+        logits = model.lm_head(model.norm_f(h)) + skip
+        logits[..., 1] = float("-inf")
+    assert torch.allclose(got, torch.log_softmax(logits, -1), atol=1e-5)

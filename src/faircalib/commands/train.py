@@ -67,6 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Diffusion-LM presets: the trunk also reads each position's posterior from its own "
         "noisy embedding, embedded by a learned table (docs/models.md, 'Posterior input')",
     )
+    p.add_argument(
+        "--untied-head",
+        action="store_true",
+        default=None,
+        help="Diffusion-LM presets: the network's logits from a [V, hidden] output layer of its "
+        "own instead of the tied word embeddings (docs/models.md, 'Untied head')",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="sequences per optimiser step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up steps")
@@ -118,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         ("--embed-dim", args.embed_dim),
         ("--train-on-bound", args.train_on_bound),
         ("--posterior-input", args.posterior_input),
+        ("--untied-head", args.untied_head),
     ]:
         if value is not None and not args.preset.startswith("diffusionlm"):
             raise ConfigError(
@@ -143,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
             "embed_dim": args.embed_dim,
             "train_on_bound": args.train_on_bound,
             "posterior_input": args.posterior_input,
+            "untied_head": args.untied_head,
         }.items()
         if v is not None
     }

@@ -120,6 +120,12 @@ class DiffusionLMConfig:
     # tokens (docs/models.md, "Posterior input"). A function of z_t and t: the bound, the
     # sampler and calibration are unchanged.
     posterior_input: bool = False
+    # The network's logits from its own [V, hidden_dim] projection with a bias (`lm_head`, as
+    # MDLM's output layer and Plaid's) in place of a similarity to the tied word embeddings:
+    # those are the diffusion's data space, fixed in norm and only embed_dim wide, so logits
+    # through them have rank <= embed_dim and no per-token offset. The skip term (the exact
+    # likelihood of z_t under each e_w) is added either way.
+    untied_head: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self, "Diffusion-LM")
@@ -166,6 +172,8 @@ class DiffusionLMModel(DiffusionLM):
         self.norm_f = nn.LayerNorm(dim) if cfg.final_norm else None
         if cfg.posterior_input:
             self.input_embedding = nn.Parameter(0.02 * torch.randn(cfg.vocab_size, dim))
+        if cfg.untied_head:
+            self.lm_head = nn.Linear(dim, cfg.vocab_size)
         self.output_down_proj = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, d))
         if cfg.time_warp_bins:  # training state, not weights: never saved (non-persistent)
             self.register_buffer("warp_ce", torch.zeros(cfg.time_warp_bins), persistent=False)
@@ -228,7 +236,10 @@ class DiffusionLMModel(DiffusionLM):
         z, t = ctx.tensors["batch_z"], ctx.tensors["batch_t"]
         if self.norm_f is not None:  # pre-LN blocks leave the residual stream unnormalised
             h = self.norm_f(h)
-        net = self.output_down_proj(h).float() @ self.embeddings().T
+        if self.cfg.untied_head:
+            net = self.lm_head(h).float()
+        else:
+            net = self.output_down_proj(h).float() @ self.embeddings().T
         return torch.log_softmax(net + self.own_likelihood(z, t), dim=-1)
 
     def quantizable_linears(self, block: nn.Module) -> list[tuple[str, nn.Linear]]:

@@ -398,15 +398,15 @@ def test_train_cli_sets_independent_t_for_diffusion_lm_only(tmp_path, capsys):
     # the time warp and the embedding width: Diffusion-LM only, written into config.json
     warped = tmp_path / "warped"
     extra = ["--time-warp", "16", "--embed-dim", "4", "--train-on-bound", "--posterior-input"]
-    extra += ["--untied-head"]
+    extra += ["--untied-head", "--warp-on-bound"]
     assert main(common + ["--preset", "diffusionlm-tiny"] + extra + ["--out", str(warped)]) == 0
     config = json.loads((warped / "config.json").read_text())
     fields = ("time_warp_bins", "embed_dim", "train_on_bound", "posterior_input", "untied_head")
-    assert tuple(config[f] for f in fields) == (16, 4, True, True, True)
+    assert tuple(config[f] for f in fields + ("warp_on_bound",)) == (16, 4, True, True, True, True)
     assert {"input_embedding", "lm_head.weight"} <= set(dict(load_model(warped).named_parameters()))
     capsys.readouterr()
     only_dlm = (["--time-warp", "16"], ["--embed-dim", "4"], ["--train-on-bound"])
-    for flags in only_dlm + (["--posterior-input"], ["--untied-head"]):
+    for flags in only_dlm + (["--posterior-input"], ["--untied-head"], ["--warp-on-bound"]):
         rc = main(common + ["--preset", "tiny"] + flags + ["--out", str(tmp_path / "m2")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc != 0 and len(err) == 1 and flags[0] in err[0] and not (tmp_path / "m2").exists()
@@ -415,6 +415,11 @@ def test_train_cli_sets_independent_t_for_diffusion_lm_only(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "--time-warp" in err[0]
+    rc = main(
+        common + ["--preset", "diffusionlm-tiny", "--warp-on-bound", "--out", str(tmp_path / "m4")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "--time-warp" in err[0] and not (tmp_path / "m4").exists()
 
 
 def test_stem_and_head_read_each_positions_own_level():
@@ -494,11 +499,11 @@ def test_hashed_normal_draws_the_same_on_the_gpu():
 
 
 # --- time warping (training only) ----------------------------------------------------------------
-def warped_tiny(bins: int):
+def warped_tiny(bins: int, **extra):
     torch.manual_seed(0)
     cfg = dict(family="diffusion_lm", vocab_size=V, mask_id=1, seq_len=16, embed_dim=8)
     return build_model(
-        {**cfg, "hidden_dim": 32, "n_blocks": 1, "n_heads": 2, "time_warp_bins": bins}
+        {**cfg, "hidden_dim": 32, "n_blocks": 1, "n_heads": 2, "time_warp_bins": bins, **extra}
     )
 
 
@@ -597,6 +602,42 @@ def test_training_on_the_bound_is_the_bound_under_the_same_noise(monkeypatch):
         assert torch.allclose(model.training_loss(x0, t, u), model.nelbo(x0, t, u), rtol=1e-6)
         model.cfg.train_on_bound = False  # the cross-entropy objective is something else
         assert not torch.allclose(model.training_loss(x0, t, u), model.nelbo(x0, t, u), rtol=1e-3)
+
+
+def test_variance_optimal_levels_follow_the_root_second_moment_and_stay_unbiased():
+    from faircalib.models.diffusion_lm import WARP_START, WARP_UNIFORM
+
+    model = warped_tiny(4, warp_on_bound=True, train_on_bound=True)
+    t_min, n = model.cfg.t_min, 400_000
+    # the running second moment E[l^2] per bin (by hand): 0, 1, 4, 16 -> roots 0, 1, 2, 4
+    model.warp_ce.copy_(torch.tensor([0.0, 1.0, 4.0, 16.0]))
+    model.warp_updates.fill_(WARP_START)
+    expected = (1 - WARP_UNIFORM) * torch.tensor([0.0, 1, 2, 4]) / 7 + WARP_UNIFORM / 4
+    assert torch.allclose(model.warp_density(), expected)
+    grid = t_min + (1 - t_min) * (torch.arange(n) + 0.5) / n
+    warped = model.warp_levels(grid)
+    # importance sampling: any function of the level, weighted, has its uniform-t average
+    f = lambda t: torch.sin(7 * t) + t**2  # noqa: E731
+    uniform_mean = f(grid).mean()
+    weighted = (f(warped) * model.warp_weight(warped)).mean()
+    assert weighted.item() == pytest.approx(uniform_mean.item(), abs=2e-4)
+    assert model.warp_weight(warped).mean().item() == pytest.approx(1.0, abs=1e-4)
+    # the running statistic is a mean of squares: two updates of l = 3 in bin 0 give 9
+    fresh = warped_tiny(4, warp_on_bound=True)
+    fresh.update_warp(torch.tensor([0.1]), torch.full((1, 4), 3.0))
+    assert fresh.warp_ce[0].item() == pytest.approx(9.0)
+    # the training loss reweights the fit term: an all-ones weight gives the unwarped loss
+    x0, t, u = torch.randint(2, V, (3, L)), torch.rand(3), torch.rand(3, L)
+    plain = warped_tiny(4, train_on_bound=True).train()
+    early = warped_tiny(4, warp_on_bound=True, train_on_bound=True).train()
+    with torch.no_grad():  # before WARP_START the density is uniform: no warp and weight 1
+        assert torch.allclose(early.training_loss(x0, t, u), plain.training_loss(x0, t, u))
+        early.warp_ce.copy_(torch.tensor([0.0, 1.0, 4.0, 16.0]))
+        early.warp_updates.fill_(WARP_START)
+        shaped = early.training_loss(x0, t, u)  # warped levels, weighted: another loss
+    assert not torch.allclose(shaped, plain.training_loss(x0, t, u))
+    with pytest.raises(Exception, match="warp_on_bound"):
+        warped_tiny(0, warp_on_bound=True)
 
 
 # --- posterior input -----------------------------------------------------------------------------

@@ -39,10 +39,16 @@ def main() -> None:
     ap.add_argument("--no-per-t", action="store_true", help="skip the final per-t terms")
     ap.add_argument("--time-warp", type=int, default=0, help="time_warp_bins (0: off)")
     ap.add_argument("--bound", action="store_true", help="train_on_bound (the VDM term)")
+    ap.add_argument(
+        "--warp-on-bound",
+        action="store_true",
+        help="with --time-warp: the variance-optimal levels, 1/q-weighted (warp_on_bound)",
+    )
     args = ap.parse_args()
     independent_t, level_jitter = ARMS[args.arm]
     model = tiny(LENGTH, seed=args.seed, warp=args.time_warp)
     model.cfg.train_on_bound = args.bound  # read per call, as the level fields
+    model.cfg.warp_on_bound = args.warp_on_bound
     # Set after building: tiny() builds the shipped config; training_loss reads these per call.
     model.cfg.independent_t, model.cfg.level_jitter = independent_t, level_jitter
     head = {"arm": args.arm, "independent_t": independent_t, "level_jitter": level_jitter}
@@ -53,6 +59,7 @@ def main() -> None:
         "seed": args.seed,
         "time_warp_bins": args.time_warp,
         "train_on_bound": args.bound,
+        "warp_on_bound": args.warp_on_bound,
         "unigram": round(math.log(V), 3),
     }
     print(json.dumps(head), flush=True)

@@ -61,6 +61,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "cross-entropy of p(w | z_t) (docs/models.md, 'Training on the bound')",
     )
     p.add_argument(
+        "--warp-on-bound",
+        action="store_true",
+        default=None,
+        help="Diffusion-LM presets, with --time-warp: draw levels from the bound's "
+        "variance-optimal density and weight them by 1/q (a learned schedule's shape; "
+        "docs/models.md, 'Variance-optimal levels')",
+    )
+    p.add_argument(
         "--posterior-input",
         action="store_true",
         default=None,
@@ -135,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--embed-dim must be a positive width, got {args.embed_dim}")
     if args.time_warp is not None and not 2 <= args.time_warp <= 4096:
         raise ConfigError(f"--time-warp takes a number of bins in [2, 4096], got {args.time_warp}")
+    if args.warp_on_bound and args.time_warp is None:
+        raise ConfigError("--warp-on-bound shapes the time warp: give --time-warp BINS too")
     if not 0 <= args.min_lr_ratio <= 1:
         raise ConfigError(f"--min-lr-ratio must lie in [0, 1], got {args.min_lr_ratio}")
     if args.independent_t is not None and not 0 <= args.independent_t <= 1:
@@ -152,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
             "train_on_bound": args.train_on_bound,
             "posterior_input": args.posterior_input,
             "untied_head": args.untied_head,
+            "warp_on_bound": args.warp_on_bound,
         }.items()
         if v is not None
     }

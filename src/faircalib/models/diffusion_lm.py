@@ -27,6 +27,10 @@ Where this follows the paper, and where not (docs/models.md, "Diffusion-LM"):
   d = 128, against ~8 nats of cross-entropy) and swamps the clipped gradient; the
   cross-entropy has the same optimum (x_hat = E_p[e_w] is the posterior mean when p is the
   posterior). A CPU pilot at d = 128 learned faster without it (docs/models.md).
+* Options, all off by default and recorded in config.json (docs/training.md has what each did):
+  per-position noise levels, CDCD's time warping, training on the bound, variance-optimal
+  levels for it (`warp_on_bound`, RePlaid's learned schedule shape), the trunk reading each
+  position's own posterior (`posterior_input`), an untied output layer (`untied_head`).
 * `nelbo`: the continuous-time bound (VDM / Plaid):
       -log p(w) <= E[-log p(w | z_t0)] + KL(q(z_1 | w) || N(0, I))
                    + (gamma_max - gamma_min) / 2 * E_{t ~ U(t0, 1)}[SNR(t) ||e_w - x_hat||^2] (1 - t0)
@@ -106,6 +110,15 @@ class DiffusionLMConfig:
     # lost at a constant rate in warped time, RePlaid's linear-information schedule). The
     # bound, sampling and calibration keep uniform t. 0: off.
     time_warp_bins: int = 0
+    # With time_warp_bins: draw the levels from the bound's variance-optimal density instead,
+    # q(t) proportional to sqrt(E[l(t)^2]) with l the diffusion integrand at t (a running
+    # per-bin second moment), and weight each level's fit term by 1 / q(t) relative to uniform,
+    # so the trained objective keeps its expectation and only its variance falls. For a bound
+    # trained on itself (train_on_bound) this is VDM's learned noise schedule with fixed
+    # endpoints: the continuous-time bound does not depend on the schedule's shape, only its
+    # estimator's variance does, and RePlaid (arXiv 2605.18530) finds the variance-optimal
+    # schedule loses information linearly in time (docs/models.md, "Variance-optimal levels").
+    warp_on_bound: bool = False
     # Train on the bound's own diffusion term (VDM's SNR-weighted error of E_p[e], Plaid's and
     # RePlaid's likelihood training) instead of CDCD's cross-entropy of p(w | z_t); the
     # rounding and prior terms are trained either way. With per-position levels the term is
@@ -139,6 +152,11 @@ class DiffusionLMConfig:
                 f"Diffusion-LM config: hidden_dim {self.hidden_dim} must split into "
                 f"{self.n_heads} heads and mask_id {self.mask_id} lie in the vocabulary; fix "
                 "config.json"
+            )
+        if self.warp_on_bound and not self.time_warp_bins:
+            raise CheckpointError(
+                "Diffusion-LM config: warp_on_bound shapes the time warp; it needs "
+                "time_warp_bins > 0; fix config.json"
             )
         if not self.gamma_min < self.gamma_max or not 0 < self.t_min < 1:
             raise CheckpointError(
@@ -269,8 +287,10 @@ class DiffusionLMModel(DiffusionLM):
         logits0[..., self.mask_id] = float("-inf")
         recon = -torch.log_softmax(logits0, -1).gather(-1, x0[..., None]).squeeze(-1)
         ce_positions = -log_probs.gather(-1, x0[..., None]).squeeze(-1)
+        integrand = self.schedule.diffusion_weight() * snr * sq_err  # [B, L]
         return {
-            "diffusion": self.schedule.diffusion_weight() * (snr * sq_err).sum(-1),
+            "diffusion": integrand.sum(-1),
+            "diffusion_positions": integrand,  # [B, L]: the variance-optimal warp's signal
             "recon": recon.sum(-1),
             "prior": self.schedule.prior_kl(e).sum(-1),
             "mse": sq_err.sum(-1),
@@ -295,24 +315,40 @@ class DiffusionLMModel(DiffusionLM):
         warp = bool(self.cfg.time_warp_bins) and self.training
         if warp:
             levels = self.warp_levels(levels)
+        weight = self.warp_weight(levels) if warp and self.cfg.warp_on_bound else None
         terms = self.bound_terms(x0, levels, u, eps=eps)
+        name = "diffusion_positions" if self.cfg.train_on_bound else "ce_positions"
         if warp:
-            self.update_warp(levels, terms["ce_positions"].detach())
-        fit = terms["diffusion"] if self.cfg.train_on_bound else terms["ce"]
-        return fit + terms["recon"] + terms["prior"]
+            signal = "diffusion_positions" if self.cfg.warp_on_bound else "ce_positions"
+            self.update_warp(levels, terms[signal].detach())
+        fit = terms[name] if weight is None else terms[name] * per_position(weight)
+        return fit.sum(-1) + terms["recon"] + terms["prior"]
 
     # --- time warping (training only; `time_warp_bins`) ---------------------------------------
     def warp_density(self) -> torch.Tensor:
         """[bins] probabilities over equal t bins: the running CE curve's rise in each bin
-        (CE(t_min) ~ 0; the curve's running maximum, as CE rises with t), mixed 80/20 with
-        uniform so no level goes untrained; uniform until WARP_START updates shaped it."""
+        (CE(t_min) ~ 0; the curve's running maximum, as CE rises with t), or with
+        `warp_on_bound` the root of the running second moment of the diffusion integrand; mixed
+        80/20 with uniform so no level goes untrained (and no weight exceeds 5); uniform until
+        WARP_START updates shaped it."""
         bins = self.cfg.time_warp_bins
-        curve = torch.cummax(self.warp_ce, 0).values  # CE(t) rises with t; a noisy dip is noise
-        rise = torch.diff(curve, prepend=curve.new_zeros(1))
+        if self.cfg.warp_on_bound:  # the running mean holds E[l^2]: q proportional to its root
+            rise = self.warp_ce.clamp_min(0).sqrt()
+        else:
+            curve = torch.cummax(self.warp_ce, 0).values  # CE rises with t; a dip is noise
+            rise = torch.diff(curve, prepend=curve.new_zeros(1))
         total = rise.sum()
         shaped = torch.where(total > 0, rise / total.clamp_min(1e-12), 1.0 / bins)
         density = (1 - WARP_UNIFORM) * shaped + WARP_UNIFORM / bins
         return torch.where(self.warp_updates >= WARP_START, density, 1.0 / bins)
+
+    def warp_weight(self, levels: torch.Tensor) -> torch.Tensor:
+        """Importance weights of warped levels (any shape): uniform's density over
+        `warp_density`'s at each level's bin, 1 / (bins * density[k]); their mean under the
+        warped draw is 1, and weighted fit terms keep the uniform-t expectation."""
+        bins, t_min = self.cfg.time_warp_bins, self.cfg.t_min
+        k = (((levels - t_min) / (1 - t_min)) * bins).long().clamp(0, bins - 1)
+        return 1.0 / (bins * self.warp_density()[k])
 
     def warp_levels(self, levels: torch.Tensor) -> torch.Tensor:
         """Uniform levels in [t_min, 1] (any shape) -> levels drawn from `warp_density` by its
@@ -328,15 +364,16 @@ class DiffusionLMModel(DiffusionLM):
 
     @torch.no_grad()
     def update_warp(self, levels: torch.Tensor, ce: torch.Tensor) -> None:
-        """Fold one batch's per-position CE [B, L] at its levels ([B] or [B, L]) into the
-        running curve: per-bin means, an exponential average over batches (bins the batch
-        missed keep their value)."""
+        """Fold one batch's per-position CE [B, L] (with `warp_on_bound`: diffusion integrand,
+        squared) at its levels ([B] or [B, L]) into the running curve: per-bin means, an
+        exponential average over batches (bins the batch missed keep their value)."""
         bins, t_min = self.cfg.time_warp_bins, self.cfg.t_min
         if self.warp_ce.dtype != torch.float32:  # a model cast whole (.to(bf16)): the running
             self.warp_ce = self.warp_ce.float()  # average needs float32 to move by 2% a batch
         levels = per_position(levels).expand_as(ce)
         idx = (((levels - t_min) / (1 - t_min)) * bins).long().clamp(0, bins - 1).flatten()
-        sums = torch.zeros(bins, device=ce.device).index_add_(0, idx, ce.float().flatten())
+        value = ce.float().pow(2) if self.cfg.warp_on_bound else ce.float()  # E[l^2] or CE
+        sums = torch.zeros(bins, device=ce.device).index_add_(0, idx, value.flatten())
         ones = torch.ones_like(idx, dtype=sums.dtype)
         counts = torch.zeros(bins, device=ce.device).index_add_(0, idx, ones)
         mean = sums / counts.clamp_min(1)

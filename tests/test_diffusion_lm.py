@@ -713,3 +713,20 @@ def test_untied_head_adds_its_logits_to_the_exact_likelihood():
         logits = model.lm_head(model.norm_f(h)) + skip
         logits[..., 1] = float("-inf")
     assert torch.allclose(got, torch.log_softmax(logits, -1), atol=1e-5)
+
+
+def test_bound_under_bf16_autocast_keeps_its_high_snr_terms_in_float32():
+    # at low t the diffusion term weighs ||e - x_hat||^2 by SNR ~ e^9: a bf16 x_hat would add
+    # ~1 nat/token of rounding (measured before the fix); the float32 bound is the reference
+    torch.manual_seed(0)
+    cfg = dict(family="diffusion_lm", vocab_size=512, mask_id=1, seq_len=32, embed_dim=128)
+    model = build_model({**cfg, "hidden_dim": 64, "n_blocks": 1, "n_heads": 2}).eval()
+    x0, u = torch.randint(2, 512, (8, 32)), torch.rand(8, 32)
+    for level in (0.001, 0.05):
+        t = torch.full((8,), level)
+        with torch.no_grad():
+            ref = model.bound_terms(x0, t, u)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = model.bound_terms(x0, t, u)
+        for name in ("diffusion", "recon"):
+            assert (low[name] - ref[name]).abs().max().item() / 32 < 1e-3, (level, name)

@@ -346,8 +346,9 @@ def evaluate_loss(
     model: DiffusionLM, stream: torch.Tensor, cfg: TrainConfig, device: str, fp32: bool = False
 ) -> float:
     """Mean per-token NELBO on fixed held-out windows with fixed noise (comparable across steps).
-    `fp32` skips the bf16 autocast: the recorded final bound (bf16 read a trained Diffusion-LM
-    0.07 nats high, benchmarks/results/pilots/diffusionlm_gpu2-eval-precision.jsonl)."""
+    `fp32` skips the bf16 autocast: the recorded final bound. (bf16 read a trained Diffusion-LM
+    0.07 nats high, benchmarks/results/pilots/diffusionlm_gpu2-eval-precision.jsonl, until its
+    bound kept the SNR-weighted terms in float32 under autocast: docs/models.md.)"""
     gen = torch.Generator().manual_seed(1234)
     model.eval()
     total = 0.0

@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak rate (100 warm-up steps)")
     args = ap.parse_args()
     train_text, held_text = read_text(TRAIN_CHARS)
     common = collections.Counter(train_text).most_common(N_CHARS)
@@ -110,11 +111,12 @@ def main() -> None:
     cfg |= dict(hidden_dim=args.hidden, n_blocks=args.blocks, n_heads=args.hidden // 32)
     model = build_model({**cfg, "final_norm": True, **ARMS[args.arm]})
     head = {"arm": args.arm, **ARMS[args.arm], "seed": args.seed, "hidden": args.hidden}
-    head |= {"blocks": args.blocks, "train_chars": len(train), "held_out_chars": len(held)}
+    head |= {"blocks": args.blocks, "lr": args.lr, "train_chars": len(train)}
+    head["held_out_chars"] = len(held)
     head["unigram"] = round(unigram_nats(train, xv.flatten(), vocab), 4)
     print(json.dumps(head), flush=True)
     gen = torch.Generator().manual_seed(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
     start, step = time.time(), 0
     while True:
         elapsed = time.time() - start
@@ -128,7 +130,7 @@ def main() -> None:
         if elapsed > args.wall:
             break
         for g in opt.param_groups:
-            g["lr"] = 1e-3 * min(1.0, (step + 1) / 100)
+            g["lr"] = args.lr * min(1.0, (step + 1) / 100)
         x0 = windows(train, BATCH, gen)
         t, u = stratified_times(BATCH, gen), torch.rand(BATCH, LENGTH, generator=gen)
         loss = model.training_loss(x0, t, u).mean() / LENGTH

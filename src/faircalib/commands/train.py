@@ -134,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         ("--train-on-bound", args.train_on_bound),
         ("--posterior-input", args.posterior_input),
         ("--untied-head", args.untied_head),
+        ("--warp-on-bound", args.warp_on_bound),
     ]:
         if value is not None and not args.preset.startswith("diffusionlm"):
             raise ConfigError(
@@ -143,8 +144,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--embed-dim must be a positive width, got {args.embed_dim}")
     if args.time_warp is not None and not 2 <= args.time_warp <= 4096:
         raise ConfigError(f"--time-warp takes a number of bins in [2, 4096], got {args.time_warp}")
-    if args.warp_on_bound and args.time_warp is None:
-        raise ConfigError("--warp-on-bound shapes the time warp: give --time-warp BINS too")
+    if args.warp_on_bound and (args.time_warp is None or not args.train_on_bound):
+        raise ConfigError(
+            "--warp-on-bound shapes the time warp for a model trained on the bound: give "
+            "--time-warp BINS and --train-on-bound too"
+        )
     if not 0 <= args.min_lr_ratio <= 1:
         raise ConfigError(f"--min-lr-ratio must lie in [0, 1], got {args.min_lr_ratio}")
     if args.independent_t is not None and not 0 <= args.independent_t <= 1:

@@ -153,10 +153,14 @@ class DiffusionLMConfig:
                 f"{self.n_heads} heads and mask_id {self.mask_id} lie in the vocabulary; fix "
                 "config.json"
             )
-        if self.warp_on_bound and not self.time_warp_bins:
+        if self.warp_on_bound and not (
+            self.time_warp_bins and self.train_on_bound and self.level_jitter == 0
+        ):
+            # the density is the bound's, so it serves a bound-trained model; the 1/q weights
+            # assume uniform levels going in, which jittered (clamped) levels are not
             raise CheckpointError(
-                "Diffusion-LM config: warp_on_bound shapes the time warp; it needs "
-                "time_warp_bins > 0; fix config.json"
+                "Diffusion-LM config: warp_on_bound needs time_warp_bins > 0, train_on_bound "
+                "and level_jitter 0; fix config.json"
             )
         if not self.gamma_min < self.gamma_max or not 0 < self.t_min < 1:
             raise CheckpointError(
@@ -316,14 +320,20 @@ class DiffusionLMModel(DiffusionLM):
         eps = hashed_normal(row_keys(u), TRAIN_STREAM, shape)
         levels = self.training_levels(t, u)
         warp = bool(self.cfg.time_warp_bins) and self.training
+        weight = None
         if warp:
-            levels = self.warp_levels(levels)
-        weight = self.warp_weight(levels) if warp and self.cfg.warp_on_bound else None
+            levels, bins = self.warp_levels(levels, return_bins=True)
+            if self.cfg.warp_on_bound:
+                weight = self.warp_weight(bins)
         terms = self.bound_terms(x0, levels, u, eps=eps)
         name = "diffusion_positions" if self.cfg.train_on_bound else "ce_positions"
         if warp:
-            signal = "diffusion_positions" if self.cfg.warp_on_bound else "ce_positions"
-            self.update_warp(levels, terms[signal].detach())
+            signal = terms["diffusion_positions" if self.cfg.warp_on_bound else "ce_positions"]
+            if self.cfg.warp_on_bound and levels.dim() == 1:
+                # one level a sequence: the estimate whose variance counts is the sequence's
+                # sum, so its per-position mean (same scale as one position's) is tracked
+                signal = signal.mean(-1, keepdim=True)
+            self.update_warp(levels, signal.detach())
         fit = terms[name] if weight is None else terms[name] * per_position(weight)
         return fit.sum(-1) + terms["recon"] + terms["prior"]
 
@@ -345,15 +355,16 @@ class DiffusionLMModel(DiffusionLM):
         density = (1 - WARP_UNIFORM) * shaped + WARP_UNIFORM / bins
         return torch.where(self.warp_updates >= WARP_START, density, 1.0 / bins)
 
-    def warp_weight(self, levels: torch.Tensor) -> torch.Tensor:
-        """Importance weights of warped levels (any shape): uniform's density over
-        `warp_density`'s at each level's bin, 1 / (bins * density[k]); their mean under the
-        warped draw is 1, and weighted fit terms keep the uniform-t expectation."""
-        bins, t_min = self.cfg.time_warp_bins, self.cfg.t_min
-        k = (((levels - t_min) / (1 - t_min)) * bins).long().clamp(0, bins - 1)
-        return 1.0 / (bins * self.warp_density()[k])
+    def warp_weight(self, bins: torch.Tensor) -> torch.Tensor:
+        """Importance weights of warped levels from their bins (`warp_levels(...,
+        return_bins=True)`, any shape): uniform's density over `warp_density`'s, 1 / (n_bins *
+        density[k]); their mean under the warped draw is 1, and weighted fit terms keep the
+        uniform-t expectation."""
+        return 1.0 / (self.cfg.time_warp_bins * self.warp_density()[bins])
 
-    def warp_levels(self, levels: torch.Tensor) -> torch.Tensor:
+    def warp_levels(
+        self, levels: torch.Tensor, return_bins: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Uniform levels in [t_min, 1] (any shape) -> levels drawn from `warp_density` by its
         inverse CDF (piecewise linear; monotone, t_min -> t_min, 1 -> 1). With `level_jitter`
         the per-position levels are not uniform; the map still moves them toward the rise."""
@@ -363,7 +374,8 @@ class DiffusionLMModel(DiffusionLM):
         v = ((levels - t_min) / (1 - t_min)).clamp(0, 1)
         k = torch.searchsorted(cdf, v.contiguous(), right=True).clamp(max=bins - 1)
         frac = ((v - (cdf[k] - density[k])) / density[k]).clamp(0, 1)
-        return t_min + (1 - t_min) * (k + frac) / bins
+        warped = t_min + (1 - t_min) * (k + frac) / bins
+        return (warped, k) if return_bins else warped
 
     @torch.no_grad()
     def update_warp(self, levels: torch.Tensor, ce: torch.Tensor) -> None:
@@ -465,12 +477,17 @@ class DiffusionLMModel(DiffusionLM):
         projection but a similarity to these vectors, which are also what the Gaussian
         diffusion noises and rounds against. Quantizing them changes the data space, not only
         a weight: refused."""
+        layers = (VocabLayer("tied", "word_embedding"),)
+        untied = ""
+        if self.cfg.untied_head:
+            layers += (VocabLayer("output", "lm_head"),)
+            untied = " (this model's untied lm_head stays in float beside it)"
         return VocabLayers(
-            (VocabLayer("tied", "word_embedding"),),
+            layers,
             refusal=(
-                "--quantize-head: the Diffusion-LM family's only vocabulary layer, the tied "
-                "word_embedding, is the diffusion's data space (tokens are noised as and rounded "
-                "against these vectors), not an output projection; it is not quantized - leave "
+                "--quantize-head: the Diffusion-LM family's tied word_embedding is the "
+                "diffusion's data space (tokens are noised as and rounded against these "
+                f"vectors), not an output projection; it is not quantized{untied} - leave "
                 "--quantize-head off"
             ),
         )

@@ -18,8 +18,10 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
                 quantization included); GPU needs M > 16
   fp8_scaled_mm QuantLinear 8-bit per-channel on torch._scaled_mm, row-wise scales (per-token
                 activation quantization by torch.compile included)
-  int8_w8a8     (GPU) QuantLinear backend int8_w8a8: fused per-token int8 quantization + our
-                Triton int8 GEMM (int32 accumulation)
+  int8_w8a8     (GPU) QuantLinear backend int8_w8a8: per-token int8 activations, int32
+                accumulation, on the GEMM backends.INT8_W8A8_GEMM picks by M (gemlite's below
+                M = 1024 where it is installed, else our Triton GEMM)
+  int8_triton   (GPU) int8_w8a8's work on our Triton GEMM whatever the rule says
   fp8_w8a8      (GPU) QuantLinear backend fp8_w8a8: fused per-token e4m3 quantization + the
                 GEMM backends.FP8_W8A8_GEMM picks (_scaled_mm today)
   fp8_triton    (GPU) fp8_w8a8's work on our Triton fp8 GEMM, whatever the table says
@@ -30,7 +32,11 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
   w4a8_fp8      (GPU) the same with e4m3 activations (a W4AFP8 layer: act_format "fp8")
   fp8_aten      fp8_w8a8's work called bare: per-token e4m3 scales of x (inside the timed call)
                 + torch._scaled_mm with per-channel weight scales, bf16 out
-  gemlite_w4    gemlite's Triton int4 g128 layer, only if `gemlite` imports (optional)
+  gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
+                imports (optional: `pip install gemlite`; H100 configs loaded on an H200)
+  gemlite_w4a8_fp8   (GPU) gemlite's W4 g128 x dynamic per-token e4m3 activations
+  gemlite_int8_w8a8  (GPU) gemlite's dynamic INT8 W8A8 layer from the per-channel int8 weight
+  gemlite_fp8_w8a8   (GPU) gemlite's dynamic FP8 W8A8 layer from the same weight
   triton_w4     QuantLinear int4 g128 on our fused Triton dequant GEMM (needs triton; autotuned
                 per M bucket and shape during the warm-up, which is not timed)
   triton_dq     QuantLinear int4 g128: our Triton dequantizer to bf16, then cuBLAS
@@ -73,7 +79,7 @@ from faircalib import atomic
 from faircalib.bench import run_record
 from faircalib.config import QuantConfig
 from faircalib.kernels import W4_AUTO, QuantLinear
-from faircalib.kernels.backends import BACKENDS, fp8_quantize, quantize_rows_int8
+from faircalib.kernels.backends import BACKENDS, fp8_quantize, gemlite_ready, quantize_rows_int8
 from faircalib.models.cuda_graph import capture
 from faircalib.quant.primitives import compute_qparams, dequantize, quantize
 
@@ -200,6 +206,22 @@ def _make_fp8_triton(layer: Layer) -> Fn:
     return run
 
 
+def _make_int8_triton(layer: Layer) -> Fn:
+    """int8_w8a8's work on our Triton GEMM whatever INT8_W8A8_GEMM says (fused per-token
+    quantization + triton_w8a8.int8_matmul): the rule's other column below M = 1024."""
+    from faircalib.kernels.triton_w8a8 import int8_matmul, quantize_rows
+
+    w8 = (layer.codes8.to(torch.int16) - 128).to(torch.int8).contiguous()
+    w_scale = layer.qp8.scale.float().reshape(-1).contiguous()
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        q, x_scale = quantize_rows(x, "int8")
+        return int8_matmul(q, x_scale, w8, w_scale, x.dtype)
+
+    return run
+
+
 def _make_tma(kind: str) -> Callable[[Layer], Fn]:
     """The 8-bit work of int8_w8a8 / fp8_w8a8 (fused per-token quantization, then the GEMM)
     on the persistent TMA GEMM (triton_w8a8.w8a8_matmul_tma; Hopper only)."""
@@ -232,30 +254,41 @@ def _make_bf16(layer: Layer) -> Fn:
     return lambda x: F.linear(x, w)
 
 
-def _make_gemlite(layer: Layer) -> Fn:
-    """gemlite's int4 layer over our codes (its hqq convention: (q - zero) * scale)."""
-    from gemlite.core import DType  # optional dependency: ImportError means "skipped"
+def _make_gemlite(kind: str) -> Callable[[Layer], Fn]:
+    """gemlite's layers (its Triton kernels; `pip install gemlite`) over our weights: "w4" the
+    INT4 g128 codes weight-only (its hqq convention (q - zero) * scale is ours), "w4a8_fp8"
+    the same codes with dynamic per-token e4m3 activations, "int8_w8a8" / "fp8_w8a8" its
+    dynamic 8-bit layers built from our per-channel 8-bit weight."""
 
-    try:
-        from gemlite.core import GemLiteLinearTriton as GemLite
-    except ImportError:
-        from gemlite.core import GemLiteLinear as GemLite
-    out_f, in_f = layer.codes4.shape
-    gl = GemLite(
-        4,
-        group_size=128,
-        in_features=in_f,
-        out_features=out_f,
-        input_dtype=DType.BF16,
-        output_dtype=DType.BF16,
-    )
-    gl.pack(
-        layer.codes4,
-        layer.qp4.scale.to(torch.bfloat16),
-        layer.qp4.zero.to(torch.bfloat16),
-        bias=None,
-    )
-    return torch.no_grad()(gl.forward)
+    def make(layer: Layer) -> Fn:
+        gemlite_ready()
+        from gemlite import helper
+
+        dev, bf16 = layer.w.device, torch.bfloat16
+        if kind in ("w4", "w4a8_fp8"):
+            make_layer = (
+                helper.A16W4_HQQ_INT(device=dev, dtype=bf16)
+                if kind == "w4"
+                else helper.A8W4_HQQ_INT_dynamic(device=dev, dtype=bf16)
+            )
+            gl = make_layer.from_weights(
+                layer.codes4, layer.qp4.scale.to(bf16), layer.qp4.zero.to(bf16)
+            )
+        else:
+            fp8 = torch.float8_e4m3fn if kind == "fp8_w8a8" else False
+            make_layer = helper.A8W8_dynamic(device=dev, dtype=bf16, fp8=fp8)
+            gl = make_layer.from_weights(dequantize(layer.codes8, layer.qp8).to(bf16))
+        return torch.no_grad()(gl.forward)
+
+    return make
+
+
+GEMLITE = [  # name, kind, reference, weight bytes per element, tensor-core type
+    ("gemlite_w4", "w4", _ref_w4, 0.5, "bf16"),
+    ("gemlite_w4a8_fp8", "w4a8_fp8", _ref_w4a8_fp8, 0.5, "8bit"),
+    ("gemlite_int8_w8a8", "int8_w8a8", _ref_int8, 1.0, "8bit"),
+    ("gemlite_fp8_w8a8", "fp8_w8a8", _ref_fp8, 1.0, "8bit"),
+]
 
 
 # The Triton 8-bit-activation backends (activation quantization inside the timed call): name,
@@ -325,9 +358,11 @@ def candidates(device: torch.device) -> list[Candidate]:
     if device.type == "cuda":
         out += triton_8bit_candidates()
         out.append(Candidate("fp8_triton", _make_fp8_triton, _ref_fp8, 1.0, math="8bit"))
+        out.append(Candidate("int8_triton", _make_int8_triton, _ref_int8, 1.0, math="8bit"))
         out.append(Candidate("int8_tma", _make_tma("int8"), _ref_int8, 1.0, math="8bit"))
         out.append(Candidate("fp8_tma", _make_tma("fp8"), _ref_fp8, 1.0, math="8bit"))
-        out.append(Candidate("gemlite_w4", _make_gemlite, _ref_w4, 0.5))
+        for name, kind, ref, wb, mma in GEMLITE:
+            out.append(Candidate(name, _make_gemlite(kind), ref, wb, math=mma))
         for name in ("triton_w4", "triton_dq", "triton_gemv"):
             out.append(
                 Candidate(name, lambda l, n=name: _quant_linear(l.codes4, l.qp4, n), _ref_w4, 0.5)
@@ -619,7 +654,8 @@ def suggested_w8a8(rows: list[dict]) -> dict:
     def best(m: int, names: tuple[str, ...]) -> str:
         return max(names, key=lambda n: -math.inf if score(n, m) is None else score(n, m))
 
-    int8 = {m: {"int8_w8a8": "int8_w8a8", "int8_intmm": "int8"}[best(m, W8_INT8)] for m in ms}
+    int8_names = {"int8_w8a8": "int8_w8a8", "int8_triton": "int8_w8a8", "int8_intmm": "int8"}
+    int8 = {m: int8_names[best(m, W8_INT8)] for m in ms}
     fp8 = {m: {"fp8_w8a8": "scaled_mm", "fp8_triton": "triton"}[best(m, W8_FP8)] for m in ms}
     # the fused W4A8 GEMM or the unpack-then-GEMM one, whichever is faster at each M
     w4a8_by_m = {m: best(m, W4A8_INT8) for m in ms}
@@ -637,7 +673,7 @@ def suggested_w8a8(rows: list[dict]) -> dict:
     }
 
 
-W8_INT8 = ("int8_w8a8", "int8_intmm")
+W8_INT8 = ("int8_w8a8", "int8_triton", "int8_intmm")
 W4A8_INT8 = ("w4a8", "w4a8_dq")
 W8_FP8 = ("fp8_w8a8", "fp8_triton")  # fp8_w8a8 runs FP8_W8A8_GEMM's choice (_scaled_mm now)
 
@@ -646,7 +682,7 @@ W8_FP8 = ("fp8_w8a8", "fp8_triton")  # fp8_w8a8 runs FP8_W8A8_GEMM's choice (_sc
 # correct one counts -, smallest M, largest M, least speed vs bf16)
 TARGETS = [
     ("FP8 W8A8", ("fp8_w8a8", "fp8_triton", "fp8_scaled_mm"), 1024, math.inf, 1.6),
-    ("INT8 W8A8", ("int8_w8a8", "int8_intmm"), 1024, math.inf, 1.6),
+    ("INT8 W8A8", ("int8_w8a8", "int8_triton", "int8_intmm"), 1024, math.inf, 1.6),
     ("W4A8", ("w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq"), 1024, math.inf, 1.5),
     ("W4A16 M >= 256", ("auto_w4", *W4_BACKENDS), 256, math.inf, 0.9),
     ("W4A16 M = 1", ("auto_w4", *W4_BACKENDS), 1, 1, 2.5),

@@ -82,7 +82,7 @@
 #              piece 0 carried; logs into $OUT). Run 2026-11-30: no piece mattered; the pilots'
 #              "break-through" was their evaluation windows (docs/models.md)
 #   sizes    : the Diffusion-LM size / learning-rate sweep (DLM_SIZES; one call, ~300 s, piece 0
-#              carried), one log an arm into $OUT (docs/training.md, "Next Diffusion-LM lease")
+#              carried), one log an arm into $OUT (docs/training.md, "Diffusion-LM on Wikipedia: where it stands")
 # Pieces are made here (CPU): faircalib data pack-tokens <shards> --tokenizer $TOK --out
 # .gpu/tokens --max-piece-mib 3.9 (docs/training.md); before gather call i run, here,
 # `scripts/gpu_seed_table.sh stage i [j]` and give the call carry=[".gpu/tokens-carry"]. Two pieces

@@ -72,6 +72,58 @@ def test_triton_gemv_on_cuda_matches_the_reference_and_replays_in_a_graph(m, gro
     assert torch.equal(out, layer(x * 2))
 
 
+def _int8_layer(out_features: int, in_features: int, seed: int) -> tuple:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=gen, device="cuda") / 32
+    qp = compute_qparams(w, QuantConfig(bits=8, group_size=None, symmetric=True))
+    codes = quantize(w, qp)
+    bias = torch.randn(out_features, generator=gen, device="cuda") / 8
+    layer = QuantLinear.from_codes(codes, qp, bias=bias, backend="int8_w8a8", act_bits=8)
+    return layer, dequantize(codes, qp).double(), bias.double(), gen
+
+
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 16, 300, 1024])
+def test_int8_w8a8_small_m_on_gemlite_matches_the_reference_on_the_same_weight(m):
+    """Below M = 1024 int8_w8a8 runs gemlite's INT8 layer (where the package is installed):
+    same result as the float64 matmul of int8-rounded activations and weights, gemlite's
+    layer is a view of the cached int8 weight (no second copy), and CUDA graphs replay it."""
+    pytest.importorskip("gemlite")
+    from faircalib.kernels.backends import int8_w8a8_gemm, quantize_rows_int8
+
+    layer, w_hat, bias, gen = _int8_layer(1536, 1024, m)
+    x = torch.randn(m, 1024, generator=gen, device="cuda").bfloat16()
+    y = layer(x)
+    q, s = quantize_rows_int8(x)
+    ref = (q.double() * s.double()) @ w_hat.T + bias
+    assert y.dtype == torch.bfloat16 and rel_err(y, ref) <= 1e-2
+    kernel = int8_w8a8_gemm(m, 1024, 1536, x)
+    assert kernel == ("gemlite" if m < 1024 else "triton")
+    prepared = next(v for k, v in layer._prepared.items() if k[0] == "int8_w8a8")
+    cache = prepared[2]
+    if kernel == "gemlite":
+        assert cache[torch.bfloat16].W_q.data_ptr() == prepared[0].data_ptr()
+    from faircalib.models.cuda_graph import capture
+
+    static_x = x.clone()
+    graph, out = capture(lambda: layer(static_x))
+    static_x.copy_(x * 2)
+    graph.replay()
+    torch.testing.assert_close(out, layer(x * 2), rtol=0, atol=0)
+
+
+@needs_cuda
+def test_int8_w8a8_keeps_the_triton_gemm_where_gemlite_cannot_take_the_shape():
+    from faircalib.kernels.backends import int8_w8a8_gemm, quantize_rows_int8
+
+    layer, w_hat, bias, gen = _int8_layer(320, 1024, 0)  # 320 is not a multiple of 128
+    x = torch.randn(8, 1024, generator=gen, device="cuda").bfloat16()
+    assert int8_w8a8_gemm(8, 1024, 320, x) == "triton"
+    q, s = quantize_rows_int8(x)
+    ref = (q.double() * s.double()) @ w_hat.T + bias
+    assert rel_err(layer(x), ref) <= 1e-2
+
+
 @needs_cuda
 def test_fp8_w8a8_with_fast_accumulation_stays_within_e4m3_rounding():
     if torch.cuda.get_device_capability() < (8, 9):

@@ -84,6 +84,12 @@ CHECK = textwrap.dedent(
                 int8 = QuantLinear.from_codes(layer.codes4, layer.qp4, backend="w4a8_fp8",
                                               act_bits=8)
                 print(f"int8then_{cand.name}_{m}", -kb.rel_err(int8(x.half()), ref))
+    # int8_triton: int8_w8a8's work on our GEMM whatever INT8_W8A8_GEMM says (the sweep's
+    # other column below M = 1024), against the same reference as int8_w8a8
+    fn = kb._make_int8_triton(layer)
+    for m in (1, 5):
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
+        print(f"backend_int8_triton_{m}", kb.rel_err(fn(x.half()), kb._ref_int8(layer, x.half())))
     print("max_rel_err", kb.MAX_REL_ERR)
     """
 )
@@ -95,7 +101,8 @@ def results() -> dict[str, float]:
 
 
 def test_every_triton_8bit_candidate_was_checked(results):
-    for name in ("int8_w8a8", "fp8_w8a8", "w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq"):
+    names = ("int8_w8a8", "int8_triton", "fp8_w8a8", "w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq")
+    for name in names:
         assert {f"backend_{name}_1", f"backend_{name}_5"} <= set(results), name
 
 

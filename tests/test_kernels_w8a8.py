@@ -1,6 +1,7 @@
 """The Triton W8A8 (FP8, INT8) and W4A8 kernels and their QuantLinear backends, run by Triton's
 CPU interpreter against float64 references of the same quantized math."""
 
+import math
 import textwrap
 
 import pytest
@@ -438,3 +439,17 @@ def test_int8_gemm_refuses_mismatched_operands_without_switching_tma_off(monkeyp
     assert fixed.data_ptr() % 16 == 0 and fixed.is_contiguous() and torch.equal(fixed, odd)
     aligned = flat[16:].view(16, 16)
     assert k._tma_operand(aligned) is aligned
+
+
+def test_int8_w8a8_gemm_falls_back_to_triton_off_cuda_whatever_the_rule_says():
+    """INT8_W8A8_GEMM names gemlite below M = 1024, but gemlite is a CUDA-only optional
+    package: CPU tensors (and the interpreter runs of the tests) keep our Triton GEMM, and
+    the rule's bounds rise to infinity so every M has a kernel."""
+    from faircalib.kernels.backends import INT8_W8A8_GEMM, int8_w8a8_gemm
+
+    bounds = [bound for bound, _ in INT8_W8A8_GEMM]
+    assert bounds == sorted(bounds) and bounds[-1] == math.inf
+    assert {k for _, k in INT8_W8A8_GEMM} <= {"gemlite", "triton"}
+    x = torch.zeros(4, 256)
+    for m in (1, 16, 1023, 1024, 4096):
+        assert int8_w8a8_gemm(m, 256, 256, x) == "triton"

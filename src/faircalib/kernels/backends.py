@@ -14,7 +14,7 @@ repacks them once into its kernel's layout and caches the result on the layer.
 | triton_w4 | cuda     | our fused dequant GEMM (kernels/triton_w4)  | bf16 act. (~3e-3)      |
 | triton_dq | cuda     | our dequantizer to bf16, then cuBLAS        | bf16 act. (~3e-3)      |
 | triton_gemv | cuda   | our CUDA-core W4A16 GEMV for M <= 16 (kernels/triton_gemv) | bf16 act. (~3e-3) |
-| int8_w8a8 | cuda     | Triton int8 GEMM (kernels/triton_w8a8; TMA from M=1024, sm_90), per-token int8 | exact |
+| int8_w8a8 | cuda     | int8 x int8: gemlite < M=1024 (if installed), else ours (TMA on sm_90) | exact (gemlite 3e-3) |
 | fp8_w8a8  | cpu/cuda | fused per-token e4m3 quantization + `_scaled_mm` or Triton fp8 GEMM (by M) | as fp8 |
 | w4a8      | cuda     | Triton INT4-group x int8-activation GEMM, dequantized to int8 in registers | exact |
 | w4a8_fp8  | cuda     | the same with e4m3 activations (codes - zero are exact in e4m3) | e4m3 act. (~3%) |
@@ -38,7 +38,11 @@ those that divides `in`.
 
 `int8_w8a8` takes what `int8` takes (act_bits 8, or None: then it quantizes activations to
 the same grid by name); it holds the weight as int8 [out, in], which is the codes (so the plain
-copy is freed). `fp8_w8a8` takes what `fp8` takes and computes the same numbers; its code
+copy is freed). Below M = 1024 it runs the optional `gemlite` package's dynamic INT8 layer
+(`INT8_W8A8_GEMM`), built on first use over a transposed view of that same int8 weight; gemlite
+quantizes the activations itself (per token) and applies the scales in its own epilogue, so
+its output differs from ours by rounding (rel. ~3e-3 of the float64 reference against 1.7e-3).
+`fp8_w8a8` takes what `fp8` takes and computes the same numbers; its code
 (`fp8_w8a8_support`, `fp8_w8a8_linear`) also runs the reloaded FP8 W8A8 layers
 (`formats.packed.FP8ActLinear`). On the CPU it quantizes with `fp8_quantize` and runs
 `_scaled_mm`'s CPU kernel (slower there than the float reference: named only). `w4a8` and
@@ -113,9 +117,16 @@ W4A8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
 # (triton_w8a8.w8a8_matmul). H200: _scaled_mm is faster by geometric mean at every M of the
 # grid but 64 (where Triton leads by a few percent); one row keeps the rule simple.
 FP8_W8A8_GEMM: list[tuple[float, str]] = [(math.inf, "scaled_mm")]
+# `int8_w8a8`'s GEMM by M: "gemlite" (the optional gemlite package's dynamic INT8 layer, over
+# the same int8 weight) or "triton" (ours, triton_w8a8; TMA from M = 1024 on Hopper). H200
+# (benchmarks/results/kernels-gemlite, all eight 8B shapes): gemlite was at least as fast in
+# all 48 cells below M = 1024, 2-3x ours at M <= 32; from M = 1024 ours led gemlite's own
+# INT8 layer (1.16-1.44x of bf16 against 1.13-1.31x on three shapes).
+INT8_W8A8_GEMM: list[tuple[float, str]] = [(1024, "gemlite"), (math.inf, "triton")]
 INT8_CUDA_MIN_M = 17
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_GEMLITE = _HAS_TRITON and importlib.util.find_spec("gemlite") is not None
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what torch's int4 kernels accept, largest first
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -542,15 +553,77 @@ def _int8_w8a8_supports(
 
 def _int8_w8a8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
     codes = layer.codes().to(device=device, dtype=torch.int16)  # [out, in]; zero is 128
-    return (codes - 128).to(torch.int8).contiguous(), layer.scale.to(device).float().reshape(-1)
+    w8 = (codes - 128).to(torch.int8).contiguous()
+    # the third slot caches gemlite's layer (built on first small-M use): a view of w8
+    return w8, layer.scale.to(device).float().reshape(-1), {}
+
+
+def int8_w8a8_gemm(m: int, in_features: int, out_features: int, x: torch.Tensor) -> str:
+    """`INT8_W8A8_GEMM`'s kernel for M token rows: "gemlite" (its dynamic INT8 layer, where the
+    optional package imports, on CUDA >= 8.0, both dims multiples of 128), else "triton"."""
+    kernel = next(k for bound, k in INT8_W8A8_GEMM if m < bound)
+    usable = (
+        _HAS_GEMLITE
+        and x.is_cuda
+        and os.environ.get("TRITON_INTERPRET") != "1"
+        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        and in_features % 128 == 0
+        and out_features % 128 == 0
+    )
+    return kernel if kernel != "gemlite" or usable else "triton"
 
 
 def _int8_w8a8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
     from faircalib.kernels.triton_w8a8 import int8_matmul, quantize_rows
 
-    w8, w_scale = prepared
+    w8, w_scale, cache = prepared
+    out_f, in_f = w8.shape
+    if int8_w8a8_gemm(x.shape[0], in_f, out_f, x) == "gemlite":
+        gl = cache.get(x.dtype)
+        if gl is None:
+            gl = cache[x.dtype] = gemlite_int8_layer(w8, w_scale, x.dtype)
+        y = gl(x)
+        return y if layer.bias is None else y + _bias(layer).to(y.dtype)
     q, x_scale = quantize_rows(x, "int8")
     return int8_matmul(q, x_scale, w8, w_scale, x.dtype, _bias(layer))
+
+
+def gemlite_ready() -> None:
+    """Import gemlite and, on a Hopper GPU its package has no tuned configs for (it matches them
+    by device name: none for the H200), load its H100 configs (same architecture), so only the
+    shapes missing there autotune on first use."""
+    import gemlite
+    from gemlite.core import GemLiteLinearTriton, get_default_cache_config
+
+    if get_default_cache_config() is None and torch.cuda.get_device_capability() == (9, 0):
+        GemLiteLinearTriton.load_config(
+            os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json")
+        )
+
+
+def gemlite_int8_layer(w8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype):  # noqa: ANN201 - gemlite's module
+    """gemlite's dynamic INT8 W8A8 layer (per-token int8 activations, int32 accumulation,
+    per-channel weight scales after) over our int8 weight [out, in]: its packing keeps a
+    transposed *view* of `w8`, so the layer adds no weight copy."""
+    gemlite_ready()
+    from gemlite.core import DType, GemLiteLinearTriton
+
+    out_f, in_f = w8.shape
+    out_dtype = {torch.bfloat16: DType.BF16, torch.float16: DType.FP16}[dtype]
+    gl = GemLiteLinearTriton(
+        8,
+        group_size=in_f,
+        in_features=in_f,
+        out_features=out_f,
+        input_dtype=DType.INT8,
+        output_dtype=out_dtype,
+        scaled_activations=True,
+    )
+    gl.pack(w8, w_scale.reshape(out_f, 1).float(), zeros=None, bias=None)
+    gl.W_group_mode, gl.channel_scale_mode = 0, 3  # scales after the int32 dot (its A8W8 setup)
+    if gl.W_q.data_ptr() != w8.data_ptr():
+        raise RuntimeError("gemlite copied the int8 weight (expected a view): not used")
+    return gl
 
 
 def _int8_w8a8_codes(prepared: tuple) -> torch.Tensor:

@@ -33,6 +33,7 @@ from faircalib.models import DiffusionLM, save_model
 from faircalib.models.io import build_model as build_from_config
 from faircalib.models.io import check_output_dir
 from faircalib.models.objective import nelbo_per_sequence, stratified_times
+from faircalib.training_state import discard_state, load_state, resume_key, save_state, state_dir
 
 PRESETS: dict[str, dict] = {
     # ~2.9 M parameters: CPU tests and the README's demo
@@ -121,6 +122,12 @@ class TrainConfig:
     device_draws: bool = False
     max_docs: int | None = None
     token_cache: str | None = None  # .npy of the tokenised stream, shared by concurrent runs
+    # resumable runs (faircalib.training_state): the whole state goes to OUT.partial every
+    # `checkpoint_every` steps (0: only when a limit below ends this invocation early)
+    checkpoint_every: int = 0
+    stop_after_s: float | None = None  # this invocation's wall-clock limit
+    stop_after_steps: int | None = None  # this invocation's step limit
+    resume: bool = False  # continue from OUT.partial (same settings and data)
 
 
 MAX_LINE_CHARS = (
@@ -395,6 +402,9 @@ def load_tokenizer(path: str) -> tuple[Tokenizer, int]:
 
 
 def train(cfg: TrainConfig) -> Path:
+    """Train and write the model directory `cfg.out`; -> that path. When `stop_after_s` or
+    `stop_after_steps` ends the run first, the state is kept and its directory (OUT.partial)
+    is returned instead: `resume=True` with the same settings continues it."""
     torch.manual_seed(cfg.seed)
     check_output_dir(Path(cfg.out), overwrite=True)  # an unwritable --out fails before training
     tokenizer, eos_id = load_tokenizer(cfg.tokenizer)
@@ -435,11 +445,34 @@ def train(cfg: TrainConfig) -> Path:
     draw_device = device if cfg.device_draws else "cpu"
     train_stream = train_stream.to(draw_device)
     gen = torch.Generator(device=draw_device).manual_seed(cfg.seed)
-    log: list[dict] = []
-    total_steps = cfg.max_steps
-    start = time.time()
-    tokens_seen = 0
-    bar = tqdm(range(cfg.max_steps), desc="train", mininterval=5)
+    progress = {"step": 0, "total_steps": cfg.max_steps, "tokens_seen": 0, "elapsed_s": 0.0}
+    progress["log"] = []
+    saving = cfg.resume or cfg.checkpoint_every or cfg.stop_after_s or cfg.stop_after_steps
+    partial = state_dir(cfg.out)
+    key = resume_key(cfg, stream.numpy()) if saving else {}
+    if cfg.resume:
+        progress = load_state(partial, model, opt, gen, key)
+        print(f"resumed from {partial} at step {progress['step']:,}", flush=True)
+    elif saving and partial.exists():
+        print(f"starting afresh: {partial} (an earlier run's state) will be replaced", flush=True)
+    log: list[dict] = progress["log"]
+    total_steps, tokens_seen, first = (
+        progress["total_steps"],
+        progress["tokens_seen"],
+        progress["step"],
+    )
+    start = time.time() - progress["elapsed_s"]  # the schedule's clock counts earlier runs too
+    invocation = time.time()
+
+    def save(next_step: int) -> None:
+        progress.update(step=next_step, total_steps=total_steps, tokens_seen=tokens_seen)
+        progress.update(elapsed_s=time.time() - start, log=log)
+        save_state(partial, model, opt, gen, progress, key)
+
+    steps_done = first
+    stopped = False
+    bar = tqdm(range(first, cfg.max_steps), desc="train", mininterval=5, initial=first,
+               total=cfg.max_steps)  # fmt: skip
     for step in bar:
         if cfg.time_budget_s and step > cfg.warmup_steps and step % 50 == 0:
             # shrink the cosine horizon so the schedule ends when the budget does
@@ -474,13 +507,30 @@ def train(cfg: TrainConfig) -> Path:
                 }
             )
             print(json.dumps(log[-1]), flush=True)
+        steps_done = step + 1
+        if cfg.checkpoint_every and steps_done % cfg.checkpoint_every == 0:
+            save(steps_done)
+        limit = (cfg.stop_after_steps and steps_done - first >= cfg.stop_after_steps) or (
+            cfg.stop_after_s and time.time() - invocation >= cfg.stop_after_s
+        )
+        if limit and steps_done < cfg.max_steps:
+            save(steps_done)
+            stopped = True
+            break
+    if stopped:
+        print(
+            f"stopped after step {steps_done:,} of at most {total_steps:,}: the state is in "
+            f"{partial}; run the same command with --resume to continue",
+            flush=True,
+        )
+        return partial
     wall = time.time() - start
     final_val = evaluate_loss(model, val_stream, cfg, device, fp32=True)
     summary = {
         "config": asdict(cfg),
         "parameters": model.num_parameters(),
         "tokens_seen": tokens_seen,
-        "steps": step + 1,
+        "steps": steps_done,
         "wall_time_s": wall,
         "final_val_nelbo_per_token": final_val,
         "final_val_ppl_bound": math.exp(final_val),
@@ -505,6 +555,8 @@ def train(cfg: TrainConfig) -> Path:
             "MODEL_CARD.md": model_card(summary),
         },
     )
+    if saving:
+        discard_state(partial)  # the model directory now holds the result
     return Path(cfg.out)
 
 

@@ -114,6 +114,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="draw batches on the training device (default: a CPU generator, same on every device)",
     )
+    g = p.add_argument_group("long runs (state kept in OUT.partial; docs/training.md)")
+    g.add_argument(
+        "--checkpoint-every", type=int, default=0, metavar="STEPS",
+        help="write the whole training state every STEPS steps (default: only when a limit "
+        "below ends the run early)",
+    )  # fmt: skip
+    g.add_argument(
+        "--stop-after", type=float, metavar="SECONDS",
+        help="end this invocation after SECONDS of training, keeping the state for --resume",
+    )  # fmt: skip
+    g.add_argument(
+        "--stop-after-steps", type=int, metavar="STEPS",
+        help="end this invocation after STEPS steps, keeping the state for --resume",
+    )  # fmt: skip
+    g.add_argument(
+        "--resume", action="store_true",
+        help="continue from OUT.partial with the same settings and data (the same numbers as "
+        "an uninterrupted run)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -148,6 +167,16 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--warp-on-bound shapes the time warp for a model trained on the bound: give "
             "--time-warp BINS and --train-on-bound too"
+        )
+    if args.checkpoint_every < 0:
+        raise ConfigError(
+            f"--checkpoint-every takes a number of steps >= 0, got {args.checkpoint_every}"
+        )
+    if args.stop_after is not None and args.stop_after <= 0:
+        raise ConfigError(f"--stop-after takes seconds > 0, got {args.stop_after}")
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        raise ConfigError(
+            f"--stop-after-steps takes a number of steps >= 1, got {args.stop_after_steps}"
         )
     if not 0 <= args.min_lr_ratio <= 1:
         raise ConfigError(f"--min-lr-ratio must lie in [0, 1], got {args.min_lr_ratio}")
@@ -189,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
         fused_adam=args.fused_adam,
         device_draws=args.device_draws,
         token_cache=args.token_cache,
+        checkpoint_every=args.checkpoint_every,
+        stop_after_s=args.stop_after,
+        stop_after_steps=args.stop_after_steps,
+        resume=args.resume,
         **({"device": args.device} if args.device else {}),
     )
     train(cfg)

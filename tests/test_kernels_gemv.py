@@ -44,8 +44,10 @@ CHECK = textwrap.dedent(
              (2, 20, 320, 64, False, 4, False), (1, 36, 200, None, False, 4, True),
              (5, 16, 256, 8, False, 3, True)]
     # split-K 1 (direct store), 3 (uneven ranges), 16 (more splits than tiles: empty ranges)
+    # each also with the next tile prefetched into registers (PREFETCH)
     metas = [{"BLOCK_N": 16, "SPLIT_K": 1}, {"BLOCK_N": 32, "SPLIT_K": 3},
              {"BLOCK_N": 16, "SPLIT_K": 16}]
+    metas += [{**meta, "PREFETCH": True} for meta in metas]
     for i, (m, n, k, group, sym, bits, has_bias) in enumerate(cases):
         gen = torch.Generator().manual_seed(i)
         qp, codes = random_layer(n, k, group, sym, bits, gen)

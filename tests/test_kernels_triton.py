@@ -170,3 +170,26 @@ def test_a_swap_config_that_fails_to_compile_falls_back_once_and_stays_correct()
     swap_calls, plain_calls, warned, err = run_interpreted(FALLBACK, timeout=300).split()
     assert (swap_calls, plain_calls, warned) == ("1", "2", "1")  # tried once, warned once
     assert float(err) <= 1e-3  # against a float64 matmul of the dequantized weights
+
+
+def test_autotuning_splits_k_up_to_64_rows_and_never_beyond():
+    """At M = 16-64 a layer has one row block, as at M = 1: the autotuner must be offered
+    split-K there (the H200 sweep without it: 0.4-0.8x of bf16 at M = 32), with row blocks no
+    taller than M needs, and no split beyond SPLIT_K_MAX_M (atomics on a float32 output)."""
+    import triton
+
+    from faircalib.kernels import triton_w4 as k
+
+    configs = k._configs()
+    for m in (1, 16, 32, 33, 64, 65, 256):
+        kept = k._prune(configs, {"M": m})
+        splits = {c.kwargs["SPLIT_K"] for c in kept}
+        tallest = max(16, triton.next_power_of_2(m))
+        assert all(c.kwargs["BLOCK_M"] <= tallest for c in kept)
+        if m <= k.SPLIT_K_MAX_M:
+            assert splits == {1, 2, 4, 8}, (m, splits)
+            assert {c.kwargs["BLOCK_M"] for c in kept if c.kwargs["SPLIT_K"] > 1} == {
+                b for b in (16, 32, 64) if b <= tallest
+            }
+        else:
+            assert splits == {1}, (m, splits)

@@ -30,8 +30,12 @@ the SPLIT_K partials in fixed order (deterministic), adds the bias, writes y in 
 resets the counter to 0 for the next call. The counters live with the cached layout, one set
 per layer (so one layer must not run on two streams at once). Tile configs (BLOCK_N, SPLIT_K,
 warps) are autotuned per (M bucket, N, K, group); the loads have no dot to pipeline for, so
-memory-level parallelism comes from many resident programs (small register footprint) rather
-than from num_stages.
+memory-level parallelism comes from many resident programs (small register footprint) and,
+with PREFETCH (autotuned beside it), from each program loading its next tile into registers
+before unpacking the current one. The H200 sweep had the kernel without it at ~30% of the
+bandwidth roofline at M = 1. By the ALU count (about 4-5 integer and float operations a weight),
+the kernel should be memory-bound at ~8 us on 4096x14336 against the 21 us measured. So it
+waits on load latency, which PREFETCH hides; whether it does is for the next H200 sweep to say.
 
 Tested on the CPU under TRITON_INTERPRET=1 (tests/test_kernels_gemv.py, one fixed config);
 compiled for sm_90 there too. Timed by benchmarks/kernels.py (candidate `triton_gemv`).
@@ -51,7 +55,7 @@ MAX_WORDS = 32  # words per row per K tile (128 bytes: one cache line per row pe
 MIN_BLOCK_N = 16  # smallest BLOCK_N of any config: sizes the split-K counters
 MAX_SPLIT_K = 16  # largest SPLIT_K of any config: sizes the partials' workspace
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tests: no GPU to autotune on
-INTERPRETED_META = {"BLOCK_N": 16, "SPLIT_K": 2}
+INTERPRETED_META = {"BLOCK_N": 16, "SPLIT_K": 2, "PREFETCH": False}
 
 
 # --- layout ---------------------------------------------------------------------------------
@@ -111,8 +115,11 @@ def _configs() -> list[triton.Config]:
         (128, 16, 8),
     ]
     return [
-        triton.Config({"BLOCK_N": bn, "SPLIT_K": split}, num_warps=warps, num_stages=1)
+        triton.Config(
+            {"BLOCK_N": bn, "SPLIT_K": split, "PREFETCH": prefetch}, num_warps=warps, num_stages=1
+        )
         for bn, split, warps in shapes
+        for prefetch in (False, True)
     ]
 
 
@@ -166,6 +173,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     T: tl.constexpr = 8 * W
@@ -183,8 +191,17 @@ def _gemv_kernel(
     first = pid_k * per_split
     last = tl.minimum(first + per_split, N_TILES)
     acc = tl.zeros((M_PAD, BLOCK_N, W), dtype=tl.float32)
+    if PREFETCH:  # (an empty range reads a valid tile it never uses)
+        ahead = tl.load(q_rows + tl.minimum(first, N_TILES - 1) * W)
     for tile in range(first, last):
-        words = tl.load(q_rows + tile * W)  # [1, BN, W] int32
+        if PREFETCH:
+            # register double buffering: the next tile's load is in flight while this one is
+            # unpacked (a load only stalls at its first use), so a program keeps two tiles
+            # of weight bytes outstanding instead of waiting on each
+            words = ahead
+            ahead = tl.load(q_rows + tl.minimum(tile + 1, N_TILES - 1) * W)
+        else:
+            words = tl.load(q_rows + tile * W)  # [1, BN, W] int32
         for j in tl.static_range(8):
             # scales only where plane j may start a group (`group_planes`); W divides the
             # group, so a plane is in one group
@@ -271,6 +288,8 @@ def gemv(
         return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
 
     meta = interpreted_meta or (INTERPRETED_META if INTERPRETED else None)
+    if meta is not None:
+        meta = {"PREFETCH": False, **meta}
     # the dequantization is one FMA a weight by design: ask for contraction explicitly (Triton
     # 3.10 turns its default off)
     if meta is not None:

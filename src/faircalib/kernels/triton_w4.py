@@ -94,6 +94,14 @@ SWAP_SHAPES = [
 ]
 
 
+# Split K (atomics into a zeroed float32 output) up to this many token rows. At M = 16-64 a
+# layer has as few output tiles as at M = 1 (one row block): without split-K, 4096 outputs in
+# 128-wide blocks run 32 programs on the H200's 132 SMs. The 2026-11-29 sweep, which split only
+# up to M = 16, had the kernel at 1.0-1.1x of bf16 at M = 16 and 0.4-0.8x at M = 32 (cached
+# block decoding's M).
+SPLIT_K_MAX_M = 64
+
+
 def _configs(swap: bool = True) -> list[triton.Config]:
     shapes = [  # BLOCK_M, BLOCK_N, warps, stages
         (16, 64, 4, 4),
@@ -110,21 +118,21 @@ def _configs(swap: bool = True) -> list[triton.Config]:
     variants += [(shape, "swap") for shape in SWAP_SHAPES] if swap else []
     out = []
     for (bm, bn, warps, stages), unpack in variants:
-        for split in (1, 2, 4, 8) if bm == 16 else (1,):
+        for split in (1, 2, 4, 8) if bm <= SPLIT_K_MAX_M else (1,):
             meta = {"BLOCK_M": bm, "BLOCK_N": bn, "UNPACK": unpack, "SPLIT_K": split}
             out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
     return out
 
 
 def _prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's hook signature
-    """Row blocks no taller than M needs (16 at least); split K only for GEMV-like M <= 16,
-    where too few output tiles exist to fill the GPU; and never at large M."""
+    """Row blocks no taller than M needs (16 at least); split K only for M <= SPLIT_K_MAX_M,
+    where one row block leaves too few output tiles to fill the GPU; and never at large M."""
     m = named_args["M"]
     tallest = max(16, triton.next_power_of_2(m))
     keep = []
     for c in configs:
         bm, split = c.kwargs["BLOCK_M"], c.kwargs["SPLIT_K"]
-        if bm > tallest or (split > 1 and m > 16) or (m >= 256 and bm < 64):
+        if bm > tallest or (split > 1 and m > SPLIT_K_MAX_M) or (m >= 256 and bm < 64):
             continue
         keep.append(c)
     return keep or configs[:1]
@@ -349,7 +357,7 @@ def w4_matmul(
     if INTERPRETED or interpreted_meta is not None:
         meta = interpreted_meta or {"BLOCK_M": 16, "BLOCK_N": 32, "UNPACK": "planes", "SPLIT_K": 1}
     # a zeroed float32 output wherever split-K may accumulate into it with atomics
-    split = meta["SPLIT_K"] > 1 if meta else m <= 16
+    split = meta["SPLIT_K"] > 1 if meta else m <= SPLIT_K_MAX_M
     if split:
         y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     else:

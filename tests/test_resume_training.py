@@ -129,3 +129,54 @@ def test_the_cli_stops_and_resumes_and_refuses_bad_limits(tmp_path, tokens, caps
         assert main(common + flags) != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flags[0] in err[0], err
+
+
+def test_buffers_outside_the_state_dict_survive_a_resume(tmp_path, tokens):
+    """A Diffusion-LM's time warp keeps its running curve and update count in non-persistent
+    buffers (not weights, so never in a saved model): the training state must still carry them,
+    in their own dtypes, or a resumed run would sample levels uniformly for 100 more steps."""
+    import torch
+
+    from faircalib.training_state import load_state, resume_key, save_state
+
+    cfg = config(tmp_path, "warp", tokens, preset="diffusionlm-tiny",
+                 model_overrides={"seq_len": 32, "time_warp_bins": 8})  # fmt: skip
+    tokenizer, _ = training.load_tokenizer(cfg.tokenizer)
+    stream = np.load(tokens).astype(np.int32)
+    key = resume_key(cfg, stream)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = training.build_model(cfg, tokenizer)
+        return model, torch.optim.AdamW(model.parameters()), torch.Generator().manual_seed(1)
+
+    model, opt, gen = fresh()
+    assert "warp_ce" not in model.state_dict()  # the case this test is about
+    with torch.no_grad():
+        model.warp_ce.copy_(torch.linspace(0.5, 4.0, 8))
+        model.warp_updates.fill_(157)
+    save_state(state_dir(tmp_path / "warp"), model, opt, gen, {"step": 3, "total_steps": 7,
+               "tokens_seen": 1, "elapsed_s": 0.0, "log": []}, key)  # fmt: skip
+    other, other_opt, other_gen = fresh()
+    assert int(other.warp_updates) == 0
+    load_state(state_dir(tmp_path / "warp"), other, other_opt, other_gen, key)
+    assert torch.equal(other.warp_ce, torch.linspace(0.5, 4.0, 8))
+    assert other.warp_updates.dtype == torch.long and int(other.warp_updates) == 157
+
+
+def test_the_tokenizer_counts_by_content_not_path(tmp_path, tokens):
+    import shutil
+
+    from faircalib.training_state import resume_key
+
+    stream = np.load(tokens).astype(np.int32)
+    moved = tmp_path / "elsewhere.json"
+    shutil.copy(TOKENIZER, moved)
+    base = resume_key(config(tmp_path, "a", tokens), stream)
+    assert resume_key(config(tmp_path, "a", tokens, tokenizer=str(moved)), stream) == base
+    moved.write_text(moved.read_text().replace("<|mask|>", "<|MASK|>"))
+    changed = resume_key(config(tmp_path, "a", tokens, tokenizer=str(moved)), stream)
+    assert changed["tokenizer_sha256"] != base["tokenizer_sha256"]
+    # batches drawn on the device tie the state to the device type
+    drawn = resume_key(config(tmp_path, "a", tokens, device_draws=True), stream)
+    assert drawn["draw_device_type"] == "cpu" and "draw_device_type" not in base

@@ -508,14 +508,13 @@ def train(cfg: TrainConfig) -> Path:
             )
             print(json.dumps(log[-1]), flush=True)
         steps_done = step + 1
-        if cfg.checkpoint_every and steps_done % cfg.checkpoint_every == 0:
-            save(steps_done)
         limit = (cfg.stop_after_steps and steps_done - first >= cfg.stop_after_steps) or (
             cfg.stop_after_s and time.time() - invocation >= cfg.stop_after_s
         )
-        if limit and steps_done < cfg.max_steps:
+        stopped = bool(limit) and steps_done < cfg.max_steps
+        if stopped or (cfg.checkpoint_every and steps_done % cfg.checkpoint_every == 0):
             save(steps_done)
-            stopped = True
+        if stopped:
             break
     if stopped:
         print(
@@ -555,8 +554,9 @@ def train(cfg: TrainConfig) -> Path:
             "MODEL_CARD.md": model_card(summary),
         },
     )
-    if saving:
-        discard_state(partial)  # the model directory now holds the result
+    # the model directory now holds the result: this run's state, or an older run's left
+    # behind, must not be resumed over it
+    discard_state(partial)
     return Path(cfg.out)
 
 

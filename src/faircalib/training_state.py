@@ -8,9 +8,10 @@ for bit).
 
 The state is a directory, written atomically (complete or absent), beside the output the way
 `faircalib quantize` keeps its progress:
-- `state.safetensors`: the model's float32 state dict (`model.*`, buffers included: a time
-  warp's running curve), AdamW's per-parameter tensors (`opt.<index>.<name>`), and the random
-  generators' states (`rng.*`: the batch generator, torch's CPU one and, on a GPU, CUDA's).
+- `state.safetensors`: the model's float32 state dict (`model.*`), its buffers that the state
+  dict leaves out (`buffer.*`: a time warp's running curve and update count, kept in their own
+  dtypes), AdamW's per-parameter tensors (`opt.<index>.<name>`), and the random generators'
+  states (`rng.*`: the batch generator, torch's CPU one and, on a GPU, the training device's).
   Never pickle.
 - `state.json`: the next step, the schedule's horizon, tokens seen, wall time so far, the
   validation log, AdamW's parameter groups, and the resume key.
@@ -18,8 +19,9 @@ The state is a directory, written atomically (complete or absent), beside the ou
 The resume key is what the continued run must share with the interrupted one: every training
 setting that changes the numbers (preset, overrides, batch, rates, schedule, seed, draws) and
 the token stream itself (length and sha256), not the paths it was read from. A resume with any
-of them changed is refused, naming the settings that differ. The device, `compile` and the
-per-invocation limits may change.
+of them changed is refused, naming the settings that differ. The tokenizer counts by its
+file's sha256, not its path. The device, `compile`, the paths and the per-invocation limits may
+change, except that batches drawn on the device (`device_draws`) tie a run to its device type.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ STATE_FILE, META_FILE = "state.safetensors", "state.json"
 # settings a resumed run may change: where it runs and how long this invocation lasts
 FREE_SETTINGS = {
     "corpus",
+    "tokenizer",
     "out",
     "token_cache",
     "max_docs",
@@ -68,7 +71,11 @@ def resume_key(cfg: TrainConfig, stream: np.ndarray) -> dict[str, Any]:
     """The settings and data a resumed run must share with the interrupted one."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FREE_SETTINGS}
     digest = hashlib.sha256(np.ascontiguousarray(stream, dtype=np.int32).tobytes()).hexdigest()
-    return {**settings, "stream_tokens": int(len(stream)), "stream_sha256": digest}
+    key = {**settings, "stream_tokens": int(len(stream)), "stream_sha256": digest}
+    key["tokenizer_sha256"] = hashlib.sha256(Path(cfg.tokenizer).read_bytes()).hexdigest()
+    if cfg.device_draws:  # the batch generator lives on the device: its state is the device's
+        key["draw_device_type"] = torch.device(cfg.device).type
+    return key
 
 
 def save_state(
@@ -80,15 +87,20 @@ def save_state(
     key: dict[str, Any],
 ) -> None:
     """Write the whole training state to `directory` atomically (replacing an older one)."""
-    tensors = {f"model.{k}": v.detach().float().cpu() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    tensors = {f"model.{k}": v.detach().float().cpu() for k, v in state.items()}
+    for name, buf in model.named_buffers():  # non-persistent ones: training state all the same
+        if name not in state:
+            tensors[f"buffer.{name}"] = buf.detach().cpu().contiguous()
     opt_state = opt.state_dict()
     for index, per_param in opt_state["state"].items():
         for name, value in per_param.items():
             tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).detach().cpu()
     tensors["rng.gen"] = gen.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
     meta = {
         **progress,
         "param_groups": opt_state["param_groups"],
@@ -111,9 +123,15 @@ def load_state(
     step, horizon, tokens seen, elapsed seconds, log). One ConfigError line when there is no
     state, it is unreadable, or it belongs to a different run."""
     if not (directory / META_FILE).is_file() or not (directory / STATE_FILE).is_file():
+        out = directory.with_name(directory.name.removesuffix(".partial"))
+        done = (
+            f" ({out} holds a finished model: that run is complete)"
+            if (out / "config.json").is_file()
+            else ""
+        )
         raise ConfigError(
-            f"nothing to resume: {directory} holds no training state (it is written every "
-            "--checkpoint-every steps and when --stop-after / --stop-after-steps ends a run)"
+            f"nothing to resume: {directory} holds no training state{done}; it is written every "
+            "--checkpoint-every steps and when --stop-after / --stop-after-steps ends a run"
         )
     try:
         meta = json.loads((directory / META_FILE).read_text())
@@ -128,9 +146,31 @@ def load_state(
             f"{', '.join(differ)}; run it with the same settings and data, or start afresh "
             f"without --resume"
         )
+    try:
+        _restore(tensors, meta, model, opt, gen)
+        return {k: meta[k] for k in ("step", "total_steps", "tokens_seen", "elapsed_s", "log")}
+    except (KeyError, RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"cannot resume from {directory}: the state does not fit ({reason})"
+        ) from exc
+
+
+def _restore(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> None:
     device = next(model.parameters()).device
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict({k: v.to(device) for k, v in model_state.items()})
+    buffers = dict(model.named_buffers())
+    for name, value in tensors.items():
+        if name.startswith("buffer."):
+            buf = buffers[name[len("buffer.") :]]
+            buf.copy_(value.to(device=buf.device, dtype=buf.dtype))
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("opt."):
@@ -139,9 +179,8 @@ def load_state(
     opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     gen.set_state(tensors["rng.gen"])
     torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return {k: meta[k] for k in ("step", "total_steps", "tokens_seen", "elapsed_s", "log")}
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], device)
 
 
 def discard_state(directory: Path) -> None:

@@ -65,6 +65,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -127,6 +128,7 @@ INT8_CUDA_MIN_M = 17
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _HAS_GEMLITE = _HAS_TRITON and importlib.util.find_spec("gemlite") is not None
+_GEMLITE_FAILED: list[str] = []  # why gemlite could not be used (then our GEMM serves)
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what torch's int4 kernels accept, largest first
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -577,15 +579,38 @@ def _int8_w8a8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torc
     from faircalib.kernels.triton_w8a8 import int8_matmul, quantize_rows
 
     w8, w_scale, cache = prepared
-    out_f, in_f = w8.shape
-    if int8_w8a8_gemm(x.shape[0], in_f, out_f, x) == "gemlite":
-        gl = cache.get(x.dtype)
-        if gl is None:
-            gl = cache[x.dtype] = gemlite_int8_layer(w8, w_scale, x.dtype)
+    gl = _gemlite_for(cache, w8, w_scale, x)
+    if gl is not None:
         y = gl(x)
         return y if layer.bias is None else y + _bias(layer).to(y.dtype)
     q, x_scale = quantize_rows(x, "int8")
     return int8_matmul(q, x_scale, w8, w_scale, x.dtype, _bias(layer))
+
+
+def _gemlite_for(cache: dict, w8: torch.Tensor, w_scale: torch.Tensor, x: torch.Tensor):  # noqa: ANN202 - gemlite's module or None
+    """The gemlite layer that runs these M rows, or None for our GEMM: decided once per (M,
+    dtype, device) and kept in the layer's cache (a steady-state call is one dict lookup). A
+    gemlite that fails to build (another Triton, a changed API) is warned about once and our
+    GEMM serves from then on."""
+    m, dtype = x.shape[0], x.dtype
+    decided = cache.get((m, dtype, x.device))
+    if decided is None:
+        out_f, in_f = w8.shape
+        use = int8_w8a8_gemm(m, in_f, out_f, x) == "gemlite" and not _GEMLITE_FAILED
+        if use and dtype not in cache:
+            try:
+                cache[dtype] = gemlite_int8_layer(w8, w_scale, dtype)
+            except Exception as exc:  # noqa: BLE001 - an optional package: fall back, say why
+                _GEMLITE_FAILED.append(f"{type(exc).__name__}: {exc}"[:300])
+                warnings.warn(
+                    f"int8_w8a8: gemlite's INT8 layer failed ({_GEMLITE_FAILED[0]}); "
+                    "using faircalib's Triton GEMM from now on",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        use = use and not _GEMLITE_FAILED
+        decided = cache[(m, dtype, x.device)] = ("gemlite" if use else "triton",)
+    return cache[dtype] if decided[0] == "gemlite" else None
 
 
 def gemlite_ready() -> None:
@@ -621,8 +646,8 @@ def gemlite_int8_layer(w8: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dty
     )
     gl.pack(w8, w_scale.reshape(out_f, 1).float(), zeros=None, bias=None)
     gl.W_group_mode, gl.channel_scale_mode = 0, 3  # scales after the int32 dot (its A8W8 setup)
-    if gl.W_q.data_ptr() != w8.data_ptr():
-        raise RuntimeError("gemlite copied the int8 weight (expected a view): not used")
+    if gl.W_q.data_ptr() != w8.data_ptr():  # a second copy would undo the 8-bit saving
+        raise RuntimeError("gemlite copied the int8 weight instead of viewing it")
     return gl
 
 

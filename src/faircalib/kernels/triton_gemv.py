@@ -199,7 +199,9 @@ def _gemv_kernel(
             # unpacked (a load only stalls at its first use), so a program keeps two tiles
             # of weight bytes outstanding instead of waiting on each
             words = ahead
-            ahead = tl.load(q_rows + tl.minimum(tile + 1, N_TILES - 1) * W)
+            # (clamped to this split's last tile: the final iteration re-reads a tile that is
+            # in cache rather than fetching the next split's first one from memory)
+            ahead = tl.load(q_rows + tl.minimum(tile + 1, last - 1) * W)
         else:
             words = tl.load(q_rows + tile * W)  # [1, BN, W] int32
         for j in tl.static_range(8):

@@ -971,11 +971,41 @@ def rounded(obj, digits: int = 6):  # noqa: ANN001, ANN201 - any JSON value
     return obj
 
 
+def pack_rows(rows: list[dict]) -> dict:
+    """Rows as {"columns": [key lists], "values": [[column-list index, *values]]}: a sweep's
+    ~1,000 rows of ~20 fields without their keys repeated (a third of the size; the tracked
+    tree has a size limit). `unpack_rows` restores the dicts, in order."""
+    columns: list[list[str]] = []
+    index: dict[tuple, int] = {}
+    values = []
+    for row in rows:
+        keys = tuple(row)
+        if keys not in index:
+            index[keys] = len(columns)
+            columns.append(list(keys))
+        values.append([index[keys], *row.values()])
+    return {"columns": columns, "values": values}
+
+
+def unpack_rows(rows: list | dict) -> list[dict]:
+    """`pack_rows`' inverse; files written before it hold a plain list of dicts."""
+    if isinstance(rows, list):
+        return rows
+    return [dict(zip(rows["columns"][v[0]], v[1:], strict=True)) for v in rows["values"]]
+
+
+def load_result(path: Path) -> dict:
+    """A kernels.json with its rows as dicts, whichever way it was written."""
+    result = json.loads(Path(path).read_text())
+    result["rows"] = unpack_rows(result["rows"])
+    return result
+
+
 def write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    # compact: ~1,000 rows of ~20 fields (kernels.md is the readable form); the tracked tree
-    # has a size limit
-    atomic.write_json(out / "kernels.json", rounded(result), indent=None, separators=(",", ":"))
+    # compact (kernels.md is the readable form): keys once per row kind, floats to 6 digits
+    packed = rounded({**result, "rows": pack_rows(result["rows"])})
+    atomic.write_json(out / "kernels.json", packed, indent=None, separators=(",", ":"))
     atomic.write_text(out / "kernels.md", markdown(result))
     if result["rows"]:  # nothing to draw before the first shape
         plot(result, out / "kernels.png")
@@ -1038,7 +1068,7 @@ def main(argv: list[str] | None = None) -> dict:
 def rerender(path: Path, out: Path) -> dict:
     """The report (targets, Markdown, plot) of a recorded run, recomputed from its rows: for a
     report format that changed after the run. The record and rows are kept as they are."""
-    result = json.loads(path.read_text())
+    result = load_result(path)
     global DEVICE_PEAKS
     DEVICE_PEAKS = "h200" if "h200" in result["record"]["device"].lower() else None
     result["targets"] = targets(result["rows"])

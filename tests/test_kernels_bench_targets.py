@@ -104,7 +104,28 @@ def test_selected_run_and_rerender_agree(kernels, tmp_path):
         assert got["worst"]["speedup_vs_bf16"] == pytest.approx(
             want["worst"]["speedup_vs_bf16"], rel=1e-5
         )
-    assert again["rows"] == json.loads((tmp_path / "a" / "kernels.json").read_text())["rows"]
+    on_disk = json.loads((tmp_path / "a" / "kernels.json").read_text())
+    assert set(on_disk["rows"]) == {"columns", "values"}  # packed: keys once per row kind
+    assert again["rows"] == kernels.load_result(tmp_path / "a" / "kernels.json")["rows"]
+    # the rows came back as written (to the 6 digits floats are kept to), in order
+    assert [(r["shape"], r["M"], r["backend"]) for r in again["rows"]] == [
+        (r["shape"], r["M"], r["backend"]) for r in result["rows"]
+    ]
     assert again["rows"][0]["ms"] == pytest.approx(result["rows"][0]["ms"], rel=1e-5)
     assert (tmp_path / "b" / "kernels.md").read_text().count("## Targets (issue 16)") == 1
     assert math.isfinite(result["rows"][0]["ms"])
+
+
+def test_packed_rows_round_trip_every_kind_in_order(kernels, tmp_path):
+    rows = [
+        {"shape": "4x4", "M": 1, "backend": "bf16", "ms": 0.5, "roofline_pct": None},
+        {"shape": "4x4", "M": 1, "backend": "triton_gemv", "skipped": "needs CUDA"},
+        {"shape": "4x4", "M": 16, "backend": "bf16", "ms": 0.25, "roofline_pct": 12.5},
+    ]
+    packed = kernels.pack_rows(rows)
+    assert len(packed["columns"]) == 2 and [v[0] for v in packed["values"]] == [0, 1, 0]
+    assert kernels.unpack_rows(json.loads(json.dumps(packed))) == rows  # None stays None
+    assert kernels.unpack_rows(rows) == rows  # files written before packing: a list of dicts
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps({"rows": packed}))
+    assert kernels.load_result(path)["rows"] == rows

@@ -12,6 +12,9 @@ bf16 and run by the shared sampler (`faircalib.frontier.generate`, low_confidenc
   w4_rtn     the same weights, every block linear swapped in process for a packed int4 g128
              `QuantLinear` (round to nearest; backend auto): the INT4 path without a
              quantize run (--no-w4-rtn to skip)
+  w8a8_rtn   the same with int8 per-channel symmetric weights and per-token int8 activations
+             (act_bits 8; backend auto: int8_w8a8 on a GPU, gemlite's kernels below M = 1024
+             where installed; --no-w8a8-rtn to skip)
   packed     a packed checkpoint written by `faircalib quantize --format packed` (--packed DIR,
              e.g. llada_8b.py's w4 output), loaded as a user would
 For each scheme and cache (none, prefix, dual: `frontier.cache`) and each batch size: one
@@ -52,12 +55,26 @@ def pack_rtn_w4(model: torch.nn.Module, group_size: int, backend: str = "auto") 
     """Swap every block linear for an int4 g`group_size` asymmetric RTN QuantLinear, one at a
     time (the float weight is freed as it goes). -> linears swapped."""
     cfg = QuantConfig(bits=4, group_size=group_size, symmetric=False)
+    return _swap_rtn(model, cfg, None, backend)
+
+
+@torch.no_grad()
+def pack_rtn_w8a8(model: torch.nn.Module, backend: str = "auto") -> int:
+    """Swap every block linear for an int8 per-channel symmetric RTN QuantLinear that also
+    quantizes its activations per token to int8 (W8A8). -> linears swapped."""
+    cfg = QuantConfig(bits=8, group_size=None, symmetric=True)
+    return _swap_rtn(model, cfg, 8, backend)
+
+
+def _swap_rtn(model: torch.nn.Module, cfg: QuantConfig, act_bits: int | None, backend: str) -> int:
     swapped = 0
     for block in model.blocks:
         for path, linear in model.quantizable_linears(block):
             w = linear.weight.data
             qp = compute_qparams(w, cfg)
-            layer = QuantLinear.from_codes(quantize(w, qp), qp, bias=linear.bias, backend=backend)
+            layer = QuantLinear.from_codes(
+                quantize(w, qp), qp, bias=linear.bias, backend=backend, act_bits=act_bits
+            )
             layer = layer.to(device=w.device, dtype=w.dtype)
             parent, _, leaf = path.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, leaf, layer)
@@ -130,6 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", default="/root/work", help="where the random checkpoint is written")
     p.add_argument("--packed", help="a packed checkpoint directory (faircalib quantize output)")
     p.add_argument("--no-w4-rtn", action="store_true", help="skip the in-process RTN W4 scheme")
+    p.add_argument(
+        "--no-w8a8-rtn", action="store_true", help="skip the in-process RTN W8A8 (INT8) scheme"
+    )
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--batch", help="comma list of batch sizes (default: 1,8; smoke: 1,2)")
     p.add_argument("--prompt-len", type=int, default=64)
@@ -164,15 +184,17 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = write_random_checkpoint(work / "bf16", config, mask_token, args.device)
     mask_id, vocab = config["mask_token_id"], config.get("embedding_size") or config["vocab_size"]
     rows: list[dict] = []
-    schemes = [("bf16", ckpt, False)]
+    schemes = [("bf16", ckpt, None)]
     if not args.no_w4_rtn:
-        schemes.append(("w4_rtn", ckpt, True))
+        schemes.append(("w4_rtn", ckpt, lambda m: pack_rtn_w4(m, args.group_size)))
+    if not args.no_w8a8_rtn:
+        schemes.append(("w8a8_rtn", ckpt, pack_rtn_w8a8))
     if args.packed:
-        schemes.append(("packed", Path(args.packed), False))
-    for name, directory, rtn in schemes:
+        schemes.append(("packed", Path(args.packed), None))
+    for name, directory, swap in schemes:
         model = hub.load(directory, device=args.device, dtype=torch.bfloat16)
-        if rtn:
-            pack_rtn_w4(model, args.group_size)
+        if swap is not None:
+            swap(model)
         if args.cuda_graph:  # after the swap: the graphs capture the quantized layers
             model = CUDAGraphDenoiser(model)
         rows += bench_scheme(name, model, args, mask_id, vocab)

@@ -107,9 +107,8 @@ def test_generation_8b_smoke_reports_tokens_per_second_per_scheme_and_cache(tmp_
     assert on_disk["record"]["command"].startswith("python benchmarks/generation_8b.py --smoke")
     rows = result["rows"]
     cells = {(r["scheme"], r["batch"], r["cache"]) for r in rows}
-    assert cells == {
-        (s, b, c) for s in ("bf16", "w4_rtn") for b in (1, 2) for c in ("none", "prefix", "dual")
-    }
+    schemes = ("bf16", "w4_rtn", "w8a8_rtn")
+    assert cells == {(s, b, c) for s in schemes for b in (1, 2) for c in ("none", "prefix", "dual")}
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["speedup_vs_bf16"] > 0
         assert 0.0 <= r["flip_rate"] <= 1.0
@@ -122,3 +121,4 @@ def test_generation_8b_smoke_reports_tokens_per_second_per_scheme_and_cache(tmp_
     prefix = [r["row_fraction"] for r in rows if r["cache"] == "prefix"]
     assert max(dual) < min(prefix)
     assert "| w4_rtn | 2 | dual |" in (tmp_path / "out" / "generation_8b.md").read_text()
+    assert "| w8a8_rtn | 1 | prefix |" in (tmp_path / "out" / "generation_8b.md").read_text()

@@ -79,7 +79,13 @@ from faircalib import atomic
 from faircalib.bench import run_record
 from faircalib.config import QuantConfig
 from faircalib.kernels import W4_AUTO, QuantLinear
-from faircalib.kernels.backends import BACKENDS, fp8_quantize, gemlite_ready, quantize_rows_int8
+from faircalib.kernels.backends import (
+    BACKENDS,
+    INT8_W8A8_GEMM,
+    fp8_quantize,
+    gemlite_ready,
+    quantize_rows_int8,
+)
 from faircalib.models.cuda_graph import capture
 from faircalib.quant.primitives import compute_qparams, dequantize, quantize
 
@@ -656,6 +662,18 @@ def suggested_w8a8(rows: list[dict]) -> dict:
 
     int8_names = {"int8_w8a8": "int8_w8a8", "int8_triton": "int8_w8a8", "int8_intmm": "int8"}
     int8 = {m: int8_names[best(m, W8_INT8)] for m in ms}
+    # int8_w8a8's GEMM per M (backends.INT8_W8A8_GEMM): where the rule gives it gemlite's
+    # kernels, the backend's cell is gemlite's and int8_triton's is ours; elsewhere both are
+    # ours (then "triton")
+    int8_gemm = {}
+    for m in ms:
+        rule, ours = score("int8_w8a8", m), score("int8_triton", m)
+        gemlite_cells = int8_w8a8_kernel(m) == "gemlite"
+        int8_gemm[m] = (
+            "gemlite"
+            if gemlite_cells and rule is not None and (ours is None or rule > ours)
+            else "triton"
+        )
     fp8 = {m: {"fp8_w8a8": "scaled_mm", "fp8_triton": "triton"}[best(m, W8_FP8)] for m in ms}
     # the fused W4A8 GEMM or the unpack-then-GEMM one, whichever is faster at each M
     w4a8_by_m = {m: best(m, W4A8_INT8) for m in ms}
@@ -667,6 +685,7 @@ def suggested_w8a8(rows: list[dict]) -> dict:
         w4a8_min = m
     return {
         "int8_by_m": int8,
+        "int8_gemm_by_m": int8_gemm,
         "fp8_gemm_by_m": fp8,
         "w4a8_by_m": w4a8_by_m,
         "w4a8_min_m": w4a8_min,
@@ -674,6 +693,24 @@ def suggested_w8a8(rows: list[dict]) -> dict:
 
 
 W8_INT8 = ("int8_w8a8", "int8_triton", "int8_intmm")
+
+
+def _gemlite() -> str | None:
+    """The installed gemlite's version (int8_w8a8's small-M kernels), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("gemlite")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def int8_w8a8_kernel(m: int) -> str:
+    """What backends.INT8_W8A8_GEMM names for M rows (the cell ran it where gemlite was
+    installed: the record's `gemlite` says whether it was)."""
+    return next(kernel for bound, kernel in INT8_W8A8_GEMM if m < bound)
+
+
 W4A8_INT8 = ("w4a8", "w4a8_dq")
 W8_FP8 = ("fp8_w8a8", "fp8_triton")  # fp8_w8a8 runs FP8_W8A8_GEMM's choice (_scaled_mm now)
 
@@ -925,7 +962,7 @@ def summarize(record: dict, device_type: str, shapes, ms, cands, rows, l2: int) 
     add_speedups(rows)
     done = list(dict.fromkeys(r["shape"] for r in rows))
     result = {
-        "record": {**record, "cuda": torch.version.cuda, "l2_bytes": l2},
+        "record": {**record, "cuda": torch.version.cuda, "l2_bytes": l2, "gemlite": _gemlite()},
         "device_type": device_type,
         "dtype": "bfloat16",
         "shapes": done,

@@ -22,7 +22,7 @@ def test_kernels_smoke_writes_checked_results(tmp_path):
     result = load_script("kernels").main(["--smoke", "--out", str(tmp_path)])
     on_disk = json.loads((tmp_path / "kernels.json").read_text())
     assert on_disk["record"]["command"].startswith("python benchmarks/kernels.py --smoke")
-    assert {"git_commit", "device", "date", "torch"} <= set(on_disk["record"])
+    assert {"git_commit", "device", "date", "torch", "gemlite"} <= set(on_disk["record"])
     assert (tmp_path / "kernels.png").stat().st_size > 1000
     assert "| M | bf16 (us) |" in (tmp_path / "kernels.md").read_text()
     rows = [r for r in result["rows"] if "ms" in r]
@@ -35,6 +35,7 @@ def test_kernels_smoke_writes_checked_results(tmp_path):
     assert {"int8_intmm", "fp8_scaled_mm"} <= {r["backend"] for r in rows}
     assert set(result["suggested_w8a8"]) == {
         "int8_by_m",
+        "int8_gemm_by_m",
         "fp8_gemm_by_m",
         "w4a8_by_m",
         "w4a8_min_m",

@@ -129,3 +129,21 @@ def test_packed_rows_round_trip_every_kind_in_order(kernels, tmp_path):
     path = tmp_path / "kernels.json"
     path.write_text(json.dumps({"rows": packed}))
     assert kernels.load_result(path)["rows"] == rows
+
+
+def test_the_sweep_says_where_gemlite_leads_int8_w8a8(kernels):
+    """int8_gemm_by_m compares int8_w8a8's cells (gemlite's kernels where INT8_W8A8_GEMM names
+    them) with int8_triton's (ours): gemlite only where the rule sends the cell there and it
+    is faster; ours where it is slower, and where both cells ran ours."""
+
+    def cell(backend, m, speed):
+        return {"shape": "8x8", "M": m, "backend": backend, "correct": True,
+                "speedup_vs_bf16": speed}  # fmt: skip
+
+    rows = [cell("int8_w8a8", 1, 1.7), cell("int8_triton", 1, 0.5)]
+    rows += [cell("int8_w8a8", 16, 0.6), cell("int8_triton", 16, 0.9)]
+    rows += [cell("int8_w8a8", 4096, 1.5), cell("int8_triton", 4096, 1.4)]
+    got = kernels.suggested_w8a8(rows)["int8_gemm_by_m"]
+    assert kernels.int8_w8a8_kernel(1) == kernels.int8_w8a8_kernel(16) == "gemlite"
+    assert kernels.int8_w8a8_kernel(4096) == "triton"
+    assert got == {1: "gemlite", 16: "triton", 4096: "triton"}

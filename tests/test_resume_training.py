@@ -74,7 +74,7 @@ def test_a_resume_with_other_settings_is_refused_naming_them(runs, tokens):
         training.train(config(tmp, "other", tokens, resume=True, lr=2e-3, seed=6))
     other = tmp / "other-tokens.npy"
     np.save(other, np.random.default_rng(1).integers(0, 8000, 6000).astype(np.uint16))
-    with pytest.raises(ConfigError, match=r"in stream_sha256;"):
+    with pytest.raises(ConfigError, match=r"in stream_sha256(, stream_tokens)?;"):
         training.train(config(tmp, "other", other, resume=True))
     # where it runs and how long an invocation lasts may change
     done = training.train(config(tmp, "other", tokens, resume=True, checkpoint_every=100))
@@ -180,3 +180,25 @@ def test_the_tokenizer_counts_by_content_not_path(tmp_path, tokens):
     # batches drawn on the device tie the state to the device type
     drawn = resume_key(config(tmp_path, "a", tokens, device_draws=True), stream)
     assert drawn["draw_device_type"] == "cpu" and "draw_device_type" not in base
+
+
+def test_literal_mask_tokens_in_the_text_are_dropped_and_counted(tmp_path, capsys):
+    """Text that spells "<|mask|>" out tokenises to the mask id; a clean token must never be
+    the mask (an MDLM could not tell it from a masked one, a Gaussian family gives it no mass):
+    training drops those ids and says how many."""
+    import lzma
+
+    from tokenizers import Tokenizer
+
+    shard = tmp_path / "docs.jsonl.xz"
+    docs = [{"text": f"Document {i} has <|mask|> in it and plenty of other words. " * 20}
+            for i in range(30)]  # fmt: skip
+    shard.write_bytes(lzma.compress("\n".join(json.dumps(d) for d in docs).encode()))
+    tok = Tokenizer.from_file(str(TOKENIZER))
+    mask_id = tok.token_to_id("<|mask|>")
+    stream = training.tokenize_stream(tok, training.read_documents([str(shard)]), 0)
+    n_mask = int((stream == mask_id).sum())
+    assert n_mask == 30 * 20  # the tokenizer does turn the literal text into the id
+    kept = training.without_mask_tokens(stream, tok)
+    assert len(kept) == len(stream) - n_mask and not (kept == mask_id).any()
+    assert f"dropped {n_mask:,} <|mask|> tokens" in capsys.readouterr().out

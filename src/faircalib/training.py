@@ -221,6 +221,26 @@ def load_stream(cfg: TrainConfig, tokenizer: Tokenizer, eos_id: int) -> np.ndarr
     return stream
 
 
+def without_mask_tokens(stream: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
+    """The stream without the mask token's id, saying how many went. Text that spells the
+    mask token out (a literal "<|mask|>") tokenises to that id: as a clean token it would be
+    indistinguishable from a masked one to an MDLM, and a Gaussian family gives it no mass
+    (an infinite loss)."""
+    mask_id = tokenizer.token_to_id(MASK)
+    if mask_id is None:
+        return stream  # build_model refuses such a tokenizer with its own message
+    keep = stream != mask_id
+    dropped = int(len(stream) - keep.sum())
+    if dropped:
+        print(
+            f"dropped {dropped:,} {MASK} tokens from the training text (written out literally "
+            "in it): a clean token must never be the mask",
+            flush=True,
+        )
+        stream = stream[keep]
+    return stream
+
+
 def read_token_cache(cache: Path, vocab_size: int) -> np.ndarray:
     """A cached token stream as int32 (uint16 files from the transport are widened: torch
     indexes int32 on every device). Ids outside the tokenizer mean another tokenizer made it."""
@@ -409,7 +429,7 @@ def train(cfg: TrainConfig) -> Path:
     check_output_dir(Path(cfg.out), overwrite=True)  # an unwritable --out fails before training
     tokenizer, eos_id = load_tokenizer(cfg.tokenizer)
     t0 = time.time()
-    stream = torch.from_numpy(load_stream(cfg, tokenizer, eos_id))
+    stream = torch.from_numpy(without_mask_tokens(load_stream(cfg, tokenizer, eos_id), tokenizer))
     seq_len = cfg.model_overrides.get("seq_len", PRESETS[cfg.preset]["seq_len"])
     n_val = validation_tokens(len(stream), cfg)
     if len(stream) <= n_val + seq_len:

@@ -212,13 +212,19 @@ def _make_fp8_triton(layer: Layer) -> Fn:
     return run
 
 
+def _int8_weight(layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8_w8a8 backend's weight: codes - 128 (zero 128) as int8 [out, in], and its
+    per-channel float32 scales [out]."""
+    w8 = (layer.codes8.to(torch.int16) - 128).to(torch.int8).contiguous()
+    return w8, layer.qp8.scale.float().reshape(-1).contiguous()
+
+
 def _make_int8_triton(layer: Layer) -> Fn:
     """int8_w8a8's work on our Triton GEMM whatever INT8_W8A8_GEMM says (fused per-token
     quantization + triton_w8a8.int8_matmul): the rule's other column below M = 1024."""
     from faircalib.kernels.triton_w8a8 import int8_matmul, quantize_rows
 
-    w8 = (layer.codes8.to(torch.int16) - 128).to(torch.int8).contiguous()
-    w_scale = layer.qp8.scale.float().reshape(-1).contiguous()
+    w8, w_scale = _int8_weight(layer)
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -238,9 +244,8 @@ def _make_tma(kind: str) -> Callable[[Layer], Fn]:
         why = tma_supported(layer.w.device)
         if why:
             raise RuntimeError(why)
-        if kind == "int8":  # the int8_w8a8 backend's weight: codes - 128 (zero 128)
-            w8 = (layer.codes8.to(torch.int16) - 128).to(torch.int8).contiguous()
-            w_scale = layer.qp8.scale.float().reshape(-1).contiguous()
+        if kind == "int8":
+            w8, w_scale = _int8_weight(layer)
         else:
             w8, w_scale = fp8_quantize(dequantize(layer.codes8, layer.qp8))
             w_scale = w_scale.reshape(-1).contiguous()

@@ -593,8 +593,8 @@ def _gemlite_for(cache: dict, w8: torch.Tensor, w_scale: torch.Tensor, x: torch.
     gemlite that fails to build (another Triton, a changed API) is warned about once and our
     GEMM serves from then on."""
     m, dtype = x.shape[0], x.dtype
-    decided = cache.get((m, dtype, x.device))
-    if decided is None:
+    kernel = cache.get((m, dtype, x.device))
+    if kernel is None:
         out_f, in_f = w8.shape
         use = int8_w8a8_gemm(m, in_f, out_f, x) == "gemlite" and not _GEMLITE_FAILED
         if use and dtype not in cache:
@@ -608,9 +608,10 @@ def _gemlite_for(cache: dict, w8: torch.Tensor, w_scale: torch.Tensor, x: torch.
                     RuntimeWarning,
                     stacklevel=3,
                 )
-        use = use and not _GEMLITE_FAILED
-        decided = cache[(m, dtype, x.device)] = ("gemlite" if use else "triton",)
-    return cache[dtype] if decided[0] == "gemlite" else None
+        kernel = cache[(m, dtype, x.device)] = (
+            "gemlite" if use and not _GEMLITE_FAILED else "triton"
+        )
+    return cache[dtype] if kernel == "gemlite" else None
 
 
 def gemlite_ready() -> None:

@@ -961,6 +961,18 @@ def select(cands: list[Candidate], names: str | None) -> list[Candidate]:
     return [c for c in cands if c.name == BASELINE or c.name in wanted]
 
 
+# the W4A16 backends `fastest_w4` ranks
+FASTEST_W4 = (
+    "int4_torch",
+    "int4_aten",
+    "dequant_bf16",
+    "gemlite_w4",
+    "triton_w4",
+    "triton_dq",
+    "triton_gemv",
+)
+
+
 def summarize(record: dict, device_type: str, shapes, ms, cands, rows, l2: int) -> dict:
     """kernels.json's content for the rows measured so far (`shapes_not_run`: the shapes a
     time budget left out, or that are still to come in a partial write)."""
@@ -986,18 +998,7 @@ def summarize(record: dict, device_type: str, shapes, ms, cands, rows, l2: int) 
     result["roofline_peaks"] = PEAKS.get(DEVICE_PEAKS)
     result["suggested_w8a8"] = suggested_w8a8(rows)
     result["int4_vs_bf16"] = crossover(rows, small="int4_aten", large=BASELINE)
-    result["fastest_w4"] = fastest(
-        rows,
-        (
-            "int4_torch",
-            "int4_aten",
-            "dequant_bf16",
-            "gemlite_w4",
-            "triton_w4",
-            "triton_dq",
-            "triton_gemv",
-        ),
-    )
+    result["fastest_w4"] = fastest(rows, FASTEST_W4)
     result["targets"] = targets(rows)
     return result
 
@@ -1073,10 +1074,20 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="JSON",
         help="rewrite the report of a recorded kernels.json (no timing)",
     )
+    p.add_argument(
+        "--merge",
+        metavar="JSON",
+        nargs="+",
+        help="one report from the rows of several recorded kernels.json of the same device and "
+        "grid (e.g. shapes split over the GPUs of one lease; no timing)",
+    )
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     if args.rerender:
         return rerender(Path(args.rerender), Path(args.out))
+    if args.merge:
+        command = " ".join(["python", "benchmarks/kernels.py", *argv])
+        return merge([Path(m) for m in args.merge], Path(args.out), command)
     if not args.smoke and not torch.cuda.is_available():
         p.error("no CUDA device: run with --smoke for the CPU check")
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -1116,6 +1127,57 @@ def rerender(path: Path, out: Path) -> dict:
     result["targets"] = targets(result["rows"])
     write(result, out)
     return result
+
+
+def merge(paths: list[Path], out: Path, command: str = "") -> dict:
+    """One report from several recorded runs' rows: every part must come from the same device,
+    torch, commit, M grid and backends (else the rows are not comparable and this refuses). The
+    first part's record leads; every part's record is kept under `parts`."""
+    parts = [load_result(p) for p in paths]
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:], strict=True):
+        for key in ("device", "torch", "git_commit"):
+            if part["record"].get(key) != first["record"].get(key):
+                raise SystemExit(f"--merge: {path} has another {key} than {paths[0]}")
+        for key in ("Ms", "backends", "device_type"):
+            if part[key] != first[key]:
+                raise SystemExit(f"--merge: {path} has other {key} than {paths[0]}")
+    rows = [r for part in parts for r in part["rows"]]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    if len(shapes) * len(first["Ms"]) != len({(r["shape"], r["M"]) for r in rows}):
+        raise SystemExit("--merge: the parts overlap or miss cells (each shape in one part)")
+    global DEVICE_PEAKS
+    DEVICE_PEAKS = "h200" if "h200" in first["record"]["device"].lower() else None
+    result = {
+        **first,
+        "record": {
+            **first["record"],
+            "merged_by": command,
+            "parts": [p["record"] for p in parts],
+        },
+        "shapes": shapes,
+        "shapes_not_run": [s for p in parts for s in p["shapes_not_run"] if s not in shapes],
+        "shape_sources": {s: SHAPE_SOURCES.get(s, "smoke") for s in shapes},
+        "rows": rows,
+        "crossover": crossover(rows),
+        "suggested_w4_auto": suggested_w4_auto(rows),
+        "triton_autotune": _merged_autotune(p["triton_autotune"] for p in parts),
+        "suggested_w8a8": suggested_w8a8(rows),
+        "int4_vs_bf16": crossover(rows, small="int4_aten", large=BASELINE),
+        "fastest_w4": fastest(rows, FASTEST_W4),
+        "targets": targets(rows),
+    }
+    result["shapes_not_run"] = list(dict.fromkeys(result["shapes_not_run"]))
+    write(result, out)
+    return result
+
+
+def _merged_autotune(choices) -> dict:  # noqa: ANN001 - an iterable of triton_choices() dicts
+    merged: dict = {}
+    for choice in choices:
+        for kernel, configs in choice.items():
+            merged.setdefault(kernel, {}).update(configs)
+    return merged
 
 
 if __name__ == "__main__":

@@ -47,6 +47,33 @@ def test_w4_backends_match_the_float_reference_in_bf16(backend: str, m: int):
 
 
 @needs_cuda
+@pytest.mark.parametrize("group_size", [128, 256, None])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_w4_planes_integer_path_and_prefetch_match_the_reference_in_bf16(group_size, prefetch):
+    """The bf16 "planes" loop with groups spanning K tiles (exact integer weights, scaled
+    after the dots), with and without register prefetch, over splits of K that leave some
+    programs uneven or empty: every fixed config against the float64 product."""
+    pytest.importorskip("triton")
+    from faircalib.kernels.triton_w4 import w4_matmul
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    w = torch.randn(320, 1280, generator=gen, device="cuda") / 32  # 10 K tiles, ragged N
+    qp = compute_qparams(w, QuantConfig(bits=4, group_size=group_size, symmetric=False))
+    codes = quantize(w, qp)
+    layer = QuantLinear.from_codes(codes, qp, backend="triton_w4")
+    ref_w = dequantize(codes, qp).double()
+    for m in (1, 32, 64):
+        x = torch.randn(m, 1280, generator=gen, device="cuda").bfloat16()
+        layer(x)  # builds the tile layout
+        prepared = layer._prepared[("triton_w4", x.device, x.dtype)]
+        ref = x.double() @ ref_w.T
+        for bm, bn, split in ((16, 64, 1), (32, 128, 3), (64, 128, 4), (32, 64, 8)):
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "UNPACK": "planes", "SPLIT_K": split}
+            y = w4_matmul(x, *prepared, interpreted_meta={**meta, "PREFETCH": prefetch})
+            assert rel_err(y, ref) <= 5e-3, (m, meta)
+
+
+@needs_cuda
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("group_size", [32, 128, None])
 def test_triton_gemv_on_cuda_matches_the_reference_and_replays_in_a_graph(m, group_size):

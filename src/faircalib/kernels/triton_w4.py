@@ -118,9 +118,14 @@ def _configs(swap: bool = True) -> list[triton.Config]:
     variants += [(shape, "swap") for shape in SWAP_SHAPES] if swap else []
     out = []
     for (bm, bn, warps, stages), unpack in variants:
+        # register prefetch (`_plain_matmul`) where a program is a latency-bound chain of K
+        # steps: "planes" at small M, timed beside the plain loop
+        prefetch = (False, True) if unpack == "planes" and bm <= SPLIT_K_MAX_M else (False,)
         for split in (1, 2, 4, 8) if bm <= SPLIT_K_MAX_M else (1,):
-            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "UNPACK": unpack, "SPLIT_K": split}
-            out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+            for ahead in prefetch:
+                meta = {"BLOCK_M": bm, "BLOCK_N": bn, "UNPACK": unpack, "SPLIT_K": split}
+                meta["PREFETCH"] = ahead
+                out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -142,6 +147,48 @@ def _prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's ho
 def _dequant_rows(packed, j: tl.constexpr, s, zs):
     """Nibble plane j of a [16, BN] int32 block -> float32 weights (codes * s + zs)."""
     return ((packed >> (4 * j)) & 0xF).to(tl.float32) * s + zs
+
+
+@triton.jit
+def _fast_path(dtype: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Whether the "planes" K loop feeds the tensor cores exact integer weights (code - zero in
+    the 16-bit type, `_biased_codes` - `_biased_zeros`) and scales per tile after the dots:
+    16-bit activations, a scale group spanning whole K tiles (one scale per column per tile),
+    and row blocks up to 64 (at 128 x 256 the extra per-tile accumulator spills: sm_90 SASS,
+    2026-11-30). Else each weight is dequantized in float32 before its dot."""
+    is_16bit: tl.constexpr = dtype == tl.bfloat16 or dtype == tl.float16
+    return is_16bit and GROUP_SIZE % 128 == 0 and BLOCK_M <= 64
+
+
+@triton.jit
+def _code_bias(dtype: tl.constexpr):
+    """The float whose mantissa's low bits `_biased_codes` fills: 128 in bfloat16 (7 mantissa
+    bits), 1024 in float16 (10): BIAS + code is then exact for every 4-bit code."""
+    if dtype == tl.bfloat16:
+        return 128.0
+    else:
+        return 1024.0
+
+
+@triton.jit
+def _biased_zeros(s, zs, dtype: tl.constexpr):
+    """BIAS + zero in `dtype` (exact: zero is an integer in [0, 16)), from the float32 scale and
+    zs = -zero * scale: the division is within an ulp of the integer, which rounding restores."""
+    zero = (-zs / s + 0.5).to(tl.int32)  # zero >= 0: truncation rounds
+    return (zero.to(tl.float32) + _code_bias(dtype)).to(dtype)
+
+
+@triton.jit
+def _biased_codes(words, shift, dtype: tl.constexpr):
+    """The nibbles at `shift` of an int32 block as `dtype` values BIAS + code, exactly, without
+    an int->float conversion: the code OR'd into the mantissa of BIAS (0x4300 is 128.0 in
+    bfloat16, 0x6400 1024.0 in float16). The float32 form (`_dequant_rows`) costs a shift, a
+    mask, an I2F, an FMA and half an F2F a weight; this one a shift and a LOP3, then a packed
+    16-bit subtraction of the zero (sm_90 SASS of a 32x128 "planes" step, 2026-11-30: 861
+    instructions a thread before, 750 after)."""
+    bias_bits: tl.constexpr = 0x4300 if dtype == tl.bfloat16 else 0x6400
+    bits = ((words >> shift) & 0xF) | bias_bits
+    return bits.to(tl.int16).to(dtype, bitcast=True)
 
 
 @triton.jit
@@ -208,6 +255,7 @@ def _w4_matmul_kernel(
     BLOCK_N: tl.constexpr,
     UNPACK: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
     GROUP_M: tl.constexpr = 8,
 ):
     # programs that share a column block run together (L2 reuse of the weight)
@@ -240,7 +288,7 @@ def _w4_matmul_kernel(
     else:
         acc = _plain_matmul(
             x_ptr, q_ptr, s_ptr, zs_ptr, rm, rn, m_ok, n_ok, N, K, stride_xm,
-            GROUP_SIZE, BLOCK_M, BLOCK_N, UNPACK, SPLIT_K,
+            GROUP_SIZE, BLOCK_M, BLOCK_N, UNPACK, SPLIT_K, PREFETCH,
         )  # fmt: skip
         y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
@@ -248,6 +296,24 @@ def _w4_matmul_kernel(
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
         else:
             tl.atomic_add(y_ptrs, acc, mask=ok)  # y is a zeroed float32 buffer
+
+
+@triton.jit
+def _tile_words_and_scales(q_ptr, s_ptr, zs_ptr, tile, rn, n_ok, N, GROUP_SIZE: tl.constexpr):
+    """K tile `tile`'s [16, BN] int32 words and, where one scale group spans the tile, its
+    [1, BN] scale and zs rows (else zeros: the caller loads them per plane)."""
+    r16 = tl.arange(0, 16)
+    words = tl.load(
+        q_ptr + (tile * 16 + r16)[:, None] * N + rn[None, :], mask=n_ok[None, :], other=0
+    )
+    if GROUP_SIZE % 128 == 0:
+        g = tile * 128 // GROUP_SIZE
+        s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
+        zs = tl.load(zs_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
+    else:
+        s = tl.zeros((1, rn.shape[0]), dtype=tl.float32)
+        zs = tl.zeros((1, rn.shape[0]), dtype=tl.float32)
+    return words, s, zs
 
 
 @triton.jit
@@ -268,33 +334,61 @@ def _plain_matmul(
     BLOCK_N: tl.constexpr,
     UNPACK: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """y tile [BM, BN] = x [BM, K] @ W_hat.T [K, BN] over this program's K tiles, the weight
     as the right operand: eight K=16 dots per tile ("planes") or one K=128 dot ("tile")."""
     r16 = tl.arange(0, 16)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tile in range(tl.program_id(1), K // 128, SPLIT_K):
+    n_tiles, first = K // 128, tl.program_id(1)
+    if PREFETCH:  # (a split with no tile reads the last one and never uses it)
+        q_next, s_next, zs_next = _tile_words_and_scales(
+            q_ptr, s_ptr, zs_ptr, tl.minimum(first, n_tiles - 1), rn, n_ok, N, GROUP_SIZE
+        )
+    for tile in range(first, n_tiles, SPLIT_K):
         k0 = tile * 128
         if UNPACK == "planes":
-            packed = tl.load(
-                q_ptr + (tile * 16 + r16)[:, None] * N + rn[None, :], mask=n_ok[None, :], other=0
-            )  # [16, BN]
-            if GROUP_SIZE % 128 == 0:  # one scale row for the whole tile
-                g = k0 // GROUP_SIZE
-                s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
-                zs = tl.load(zs_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
-            for j in tl.static_range(8):
-                if GROUP_SIZE % 128 != 0:  # planes of 16 k never straddle a group
-                    g = (k0 + 16 * j) // GROUP_SIZE
-                    s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
-                    zs = tl.load(zs_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
-                x = tl.load(
-                    x_ptr + rm[:, None] * stride_xm + (k0 + 16 * j + r16)[None, :],
-                    mask=m_ok[:, None],
-                    other=0.0,
-                )  # [BM, 16]
-                w = _dequant_rows(packed, j, s, zs)  # [16, BN]
-                acc = tl.dot(x, w.to(x.dtype), acc)
+            if PREFETCH:
+                # register double buffering: the next tile's words and scales are in flight
+                # while this one is unpacked and multiplied. Triton's pipeliner only stages
+                # loads that feed a dot directly, so without this every K step waits on DRAM
+                # (at M <= 64 a program is a chain of such steps: latency-bound, not ALU-bound)
+                packed, s, zs = q_next, s_next, zs_next
+                ahead = tl.where(tile + SPLIT_K < n_tiles, tile + SPLIT_K, tile)
+                q_next, s_next, zs_next = _tile_words_and_scales(
+                    q_ptr, s_ptr, zs_ptr, ahead, rn, n_ok, N, GROUP_SIZE
+                )
+            else:
+                packed, s, zs = _tile_words_and_scales(
+                    q_ptr, s_ptr, zs_ptr, tile, rn, n_ok, N, GROUP_SIZE
+                )
+            if _fast_path(x_ptr.dtype.element_ty, GROUP_SIZE, BLOCK_M):
+                # one scale per column for the tile: dot the exact codes minus zeros in the
+                # 16-bit type, scale after
+                dtype: tl.constexpr = x_ptr.dtype.element_ty
+                zb = _biased_zeros(s, zs, dtype)  # [1, BN]
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for j in tl.static_range(8):
+                    x = tl.load(
+                        x_ptr + rm[:, None] * stride_xm + (k0 + 16 * j + r16)[None, :],
+                        mask=m_ok[:, None],
+                        other=0.0,
+                    )  # [BM, 16]
+                    part = tl.dot(x, _biased_codes(packed, 4 * j, dtype) - zb, part)
+                acc += s * part
+            else:
+                for j in tl.static_range(8):
+                    if GROUP_SIZE % 128 != 0:  # planes of 16 k never straddle a group
+                        g = (k0 + 16 * j) // GROUP_SIZE
+                        s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
+                        zs = tl.load(zs_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
+                    x = tl.load(
+                        x_ptr + rm[:, None] * stride_xm + (k0 + 16 * j + r16)[None, :],
+                        mask=m_ok[:, None],
+                        other=0.0,
+                    )  # [BM, 16]
+                    w = _dequant_rows(packed, j, s, zs)  # [16, BN]
+                    acc = tl.dot(x, w.to(x.dtype), acc)
         else:
             rk = tl.arange(0, 128)  # row rk of the tile is k0 + rk: plane rk // 16, row rk % 16
             packed = tl.load(

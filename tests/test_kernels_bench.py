@@ -51,6 +51,35 @@ def test_kernels_smoke_writes_checked_results(tmp_path):
     assert bounds == sorted(bounds) and all(isinstance(b, int) for b in bounds)
 
 
+def test_kernels_merge_joins_runs_of_separate_shapes_and_refuses_unlike_ones(tmp_path):
+    kernels = load_script("kernels")
+    common = ["--smoke", "--ms", "1,16", "--backends", "int4_torch,dequant_bf16"]
+    parts = {}
+    for shape in ("256x512", "512x256"):
+        parts[shape] = kernels.main([*common, "--shapes", shape, "--out", str(tmp_path / shape)])
+    paths = [str(tmp_path / s / "kernels.json") for s in parts]
+    merged = kernels.main(["--merge", *paths, "--out", str(tmp_path / "both")])
+    assert merged["shapes"] == ["256x512", "512x256"] and merged["shapes_not_run"] == []
+    assert len(merged["rows"]) == sum(len(p["rows"]) for p in parts.values())
+    # per-shape results are each part's own, computed from its rows alone
+    for shape, part in parts.items():
+        own = part["crossover"]["per_shape"][shape]
+        assert merged["crossover"]["per_shape"][shape] == own
+    assert [p["command"] for p in merged["record"]["parts"]] == [
+        json.loads(Path(p).read_text())["record"]["command"] for p in paths
+    ]
+    assert "| M | bf16 (us) |" in (tmp_path / "both" / "kernels.md").read_text()
+    # a part timed with other backends, or the same shape twice: one clear refusal
+    kernels.main([*common[:-1], "int4_torch", "--shapes", "256x512", "--out", str(tmp_path / "o")])
+    for bad, words in (
+        ([paths[0], str(tmp_path / "o" / "kernels.json")], "other backends"),
+        ([paths[0], paths[0]], "overlap"),
+    ):
+        with pytest.raises(SystemExit, match=words):
+            kernels.main(["--merge", *bad, "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_e2e_smoke_reports_latency_memory_and_bytes(tmp_path):
     result = load_script("e2e").main(["--smoke", "--out", str(tmp_path)])
     assert (tmp_path / "e2e.md").read_text().count("| int4_g128 |") == 2

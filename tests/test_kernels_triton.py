@@ -26,12 +26,11 @@ CHECK = textwrap.dedent(
     cases = [(5, 64, 128, 32, False, 4), (33, 96, 256, 128, True, 4), (3, 64, 256, None, False, 4),
              (17, 48, 384, 64, True, 4), (1, 40, 512, None, True, 4), (9, 64, 256, 64, False, 3)]
     # "swap" (weight as the left operand): one and several K tiles per program, ragged M and N;
-    # "planes" with register prefetch: splits with several tiles, uneven ones, and empty ones
-    # (3 and 8 splits of 2-4 tiles); fp16 with groups spanning tiles takes the integer path
-    variants = [("planes", 1, 16, False), ("tile", 1, 16, False), ("planes", 4, 16, False),
-                ("tile", 2, 32, False), ("swap", 1, 16, False), ("swap", 4, 16, False),
-                ("swap", 2, 64, False), ("planes", 1, 16, True), ("planes", 3, 32, True),
-                ("planes", 8, 16, True)]
+    # "planes" splits that are uneven or leave programs empty (3 and 8 of 2-4 tiles); fp16
+    # with groups spanning K tiles takes the integer path
+    variants = [("planes", 1, 16), ("tile", 1, 16), ("planes", 4, 16), ("tile", 2, 32),
+                ("swap", 1, 16), ("swap", 4, 16), ("swap", 2, 64), ("planes", 3, 32),
+                ("planes", 8, 16), ("planes", 2, 64)]
     for i, (m, n, k, group, sym, bits) in enumerate(cases):
         gen = torch.Generator().manual_seed(i)
         w = torch.randn(n, k, generator=gen)
@@ -48,9 +47,8 @@ CHECK = textwrap.dedent(
                 worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
                 if backend == "triton_w4":  # every unpacking variant and split of K
                     prepared = layer._prepared[("triton_w4", x.device, dtype)]
-                    for unpack, split, bm, prefetch in variants:
+                    for unpack, split, bm in variants:
                         meta = {"BLOCK_M": bm, "BLOCK_N": 32, "UNPACK": unpack, "SPLIT_K": split}
-                        meta["PREFETCH"] = prefetch
                         y = w4_matmul(x, *prepared, interpreted_meta=meta)
                         worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
     # the Triton layout replaces the plain codes on their device, losslessly
@@ -115,7 +113,7 @@ def test_swap_kernel_compiles_for_hopper_with_the_weight_in_registers():
     aligned = [names.index(n) for n in ("x_ptr", "q_ptr", "s_ptr", "zs_ptr", "y_ptr", "N", "K")]
     for bm, bn, split, warps, stages, group in ((16, 128, 4, 4, 4, 128), (128, 256, 1, 8, 3, 32)):
         consts = {"GROUP_SIZE": group, "BLOCK_M": bm, "BLOCK_N": bn, "UNPACK": "swap"}
-        consts |= {"SPLIT_K": split, "PREFETCH": False, "GROUP_M": 8}
+        consts |= {"SPLIT_K": split, "GROUP_M": 8}
         full = sig | {"y_ptr": "*fp32" if split > 1 else "*bf16"}
         full |= dict.fromkeys(consts, "constexpr")
         attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
@@ -130,8 +128,8 @@ def test_swap_kernel_compiles_for_hopper_with_the_weight_in_registers():
 def test_planes_kernel_feeds_integer_weights_without_int_to_float_conversions_on_hopper():
     """At M <= 64 the bf16 "planes" loop with groups spanning K tiles must build its weights
     as exact 16-bit integers (code bits OR'd into a float's mantissa, minus the zero) with no
-    int->float conversion; the float32 dequantization (groups of 64) converts every code. Both
-    compile for sm_90, with and without register prefetch."""
+    int->float conversion; the float32 dequantization (groups of 64, or row blocks of 128)
+    converts every code. All compile for sm_90."""
     import triton
     from triton.backends import backends as triton_backends
     from triton.backends.compiler import GPUTarget
@@ -145,9 +143,9 @@ def test_planes_kernel_feeds_integer_weights_without_int_to_float_conversions_on
     sig |= dict.fromkeys(("M", "N", "K", "stride_xm", "stride_ym", "M_BUCKET"), "i32")
     sig |= {"y_ptr": "*fp32"}
     conversions = {}
-    for group, prefetch in ((128, False), (128, True), (64, True)):
-        consts = {"GROUP_SIZE": group, "BLOCK_M": 32, "BLOCK_N": 128, "UNPACK": "planes"}
-        consts |= {"SPLIT_K": 4, "PREFETCH": prefetch, "GROUP_M": 8}
+    for group, bm in ((128, 32), (128, 64), (64, 32), (128, 128)):
+        consts = {"GROUP_SIZE": group, "BLOCK_M": bm, "BLOCK_N": 128, "UNPACK": "planes"}
+        consts |= {"SPLIT_K": 4 if bm <= 64 else 1, "GROUP_M": 8}
         src = ASTSource(
             fn=k._w4_matmul_kernel,
             signature=sig | dict.fromkeys(consts, "constexpr"),
@@ -155,9 +153,10 @@ def test_planes_kernel_feeds_integer_weights_without_int_to_float_conversions_on
         )
         opts = {"num_warps": 4, "num_stages": 4}
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
-        conversions[group, prefetch] = len(re.findall(r"cvt\.rn\.f32\.[su]32", ptx))
-    assert conversions[128, False] == conversions[128, True] == 0
-    assert conversions[64, True] >= 8  # one per nibble plane at least (the float32 path)
+        conversions[group, bm] = len(re.findall(r"cvt\.rn\.f32\.[su]32", ptx))
+    assert conversions[128, 32] == conversions[128, 64] == 0
+    # the float32 path: one per nibble plane at least
+    assert conversions[64, 32] >= 8 and conversions[128, 128] >= 8
 
 
 FALLBACK = textwrap.dedent(

@@ -83,18 +83,22 @@ if TYPE_CHECKING:
 # `auto`'s W4A16 choice, per device: (M bound, backends) rows; a call with M token rows takes
 # the first row whose bound exceeds M and runs the first of its backends that can run the layer,
 # else `dequant` (the exact reference, which runs anything).
-# CUDA: the backend with the best geometric-mean speed over the eight 8B layer shapes per M in
-# benchmarks/results/kernels/kernels.md (H200, torch 2.11, Triton 3.6, CUDA-graph device time,
-# 2026-11-29; its `suggested_w4_auto`): torch's int4 kernel at M = 1 (1.65-1.88x of bf16), the
-# fused Triton kernel at M = 16 (0.95-1.14x), dequantize + cuBLAS from M = 64 on (0.43-1.02x).
-# Where triton is missing, torch's int4 kernel serves M < 64 and `dequant` the rest.
+# CUDA: from the H200 sweep in benchmarks/results/kernels/ (torch 2.11, Triton 3.6, CUDA-graph
+# device time, all eight 8B layer shapes, commit fc3ee7b, 2026-11-30): torch's int4 kernel at
+# M = 1 (1.62-1.86x of bf16); the fused Triton kernel, splitting K, at M = 16 (0.93-1.13x),
+# 32 (0.82-1.02x) and 64 (0.52-0.82x, where dequantize + cuBLAS ran 0.44-0.61x and led on
+# 4096x4096 alone); dequantize + cuBLAS from M = 256 (0.50-0.67x). The sweep's
+# `suggested_w4_auto` carries the fused kernel up to M = 255, but between 64 and 256 only
+# 4096x4096 was measured, at M = 128 (benchmarks/results/kernels-w4-int/), and there
+# dequantize + cuBLAS led (0.56x against 0.47x): so the fused kernel stops at 64.
+# Where triton is missing, torch's int4 kernel serves M <= 64 and `dequant` the rest.
 # CPU: on the 2-core EPYC dev machine the bf16 int4 kernel beat both dense bf16 and
 # dequantize-then-GEMM at every M up to 2048 (2048x2048 layer), so it never hands over.
 W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
     "cuda": [
         (16, ("int4_cuda", "triton_w4")),  # M = 1..15 (measured at M = 1)
-        (64, ("triton_w4", "int4_cuda")),  # M = 16..63: the fused kernel (split-K)
-        (math.inf, ("triton_dq", "dequant")),  # M >= 64: dequantize, then cuBLAS
+        (65, ("triton_w4", "int4_cuda")),  # M = 16..64: the fused kernel (split-K)
+        (math.inf, ("triton_dq", "dequant")),  # M > 64: dequantize, then cuBLAS
     ],
     "cpu": [(math.inf, ("int4_cpu",))],
 }

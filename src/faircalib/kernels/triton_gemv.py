@@ -34,8 +34,10 @@ memory-level parallelism comes from many resident programs (small register footp
 with PREFETCH (autotuned beside it), from each program loading its next tile into registers
 before unpacking the current one. The H200 sweep had the kernel without it at ~30% of the
 bandwidth roofline at M = 1. By the ALU count (about 4-5 integer and float operations a weight),
-the kernel should be memory-bound at ~8 us on 4096x14336 against the 21 us measured. So it
-waits on load latency, which PREFETCH hides; whether it does is for the next H200 sweep to say.
+the kernel should be memory-bound at ~8 us on 4096x14336 against the 21 us measured, so it
+waits on load latency. PREFETCH hid little of it: the 2026-11-30 H200 sweep had the kernel at
+1.35-1.58x of bf16 at M = 1 on the eight 8B shapes (1.31-1.55x before), below torch's int4
+kernel (1.62-1.86x), so `auto` does not use it.
 
 Tested on the CPU under TRITON_INTERPRET=1 (tests/test_kernels_gemv.py, one fixed config);
 compiled for sm_90 there too. Timed by benchmarks/kernels.py (candidate `triton_gemv`).

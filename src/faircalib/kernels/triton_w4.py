@@ -98,7 +98,8 @@ SWAP_SHAPES = [
 # layer has as few output tiles as at M = 1 (one row block): without split-K, 4096 outputs in
 # 128-wide blocks run 32 programs on the H200's 132 SMs. The 2026-11-29 sweep, which split only
 # up to M = 16, had the kernel at 1.0-1.1x of bf16 at M = 16 and 0.4-0.8x at M = 32 (cached
-# block decoding's M).
+# block decoding's M); splitting up to 64, the 2026-11-30 sweep had it at 0.82-1.02x at M = 32
+# and 0.52-0.82x at M = 64 (0.35-0.60x before).
 SPLIT_K_MAX_M = 64
 
 
@@ -118,14 +119,9 @@ def _configs(swap: bool = True) -> list[triton.Config]:
     variants += [(shape, "swap") for shape in SWAP_SHAPES] if swap else []
     out = []
     for (bm, bn, warps, stages), unpack in variants:
-        # register prefetch (`_plain_matmul`) where a program is a latency-bound chain of K
-        # steps: "planes" at small M, timed beside the plain loop
-        prefetch = (False, True) if unpack == "planes" and bm <= SPLIT_K_MAX_M else (False,)
         for split in (1, 2, 4, 8) if bm <= SPLIT_K_MAX_M else (1,):
-            for ahead in prefetch:
-                meta = {"BLOCK_M": bm, "BLOCK_N": bn, "UNPACK": unpack, "SPLIT_K": split}
-                meta["PREFETCH"] = ahead
-                out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+            meta = {"BLOCK_M": bm, "BLOCK_N": bn, "UNPACK": unpack, "SPLIT_K": split}
+            out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -255,7 +251,6 @@ def _w4_matmul_kernel(
     BLOCK_N: tl.constexpr,
     UNPACK: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
     GROUP_M: tl.constexpr = 8,
 ):
     # programs that share a column block run together (L2 reuse of the weight)
@@ -288,7 +283,7 @@ def _w4_matmul_kernel(
     else:
         acc = _plain_matmul(
             x_ptr, q_ptr, s_ptr, zs_ptr, rm, rn, m_ok, n_ok, N, K, stride_xm,
-            GROUP_SIZE, BLOCK_M, BLOCK_N, UNPACK, SPLIT_K, PREFETCH,
+            GROUP_SIZE, BLOCK_M, BLOCK_N, UNPACK, SPLIT_K,
         )  # fmt: skip
         y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
@@ -296,24 +291,6 @@ def _w4_matmul_kernel(
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
         else:
             tl.atomic_add(y_ptrs, acc, mask=ok)  # y is a zeroed float32 buffer
-
-
-@triton.jit
-def _tile_words_and_scales(q_ptr, s_ptr, zs_ptr, tile, rn, n_ok, N, GROUP_SIZE: tl.constexpr):
-    """K tile `tile`'s [16, BN] int32 words and, where one scale group spans the tile, its
-    [1, BN] scale and zs rows (else zeros: the caller loads them per plane)."""
-    r16 = tl.arange(0, 16)
-    words = tl.load(
-        q_ptr + (tile * 16 + r16)[:, None] * N + rn[None, :], mask=n_ok[None, :], other=0
-    )
-    if GROUP_SIZE % 128 == 0:
-        g = tile * 128 // GROUP_SIZE
-        s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
-        zs = tl.load(zs_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
-    else:
-        s = tl.zeros((1, rn.shape[0]), dtype=tl.float32)
-        zs = tl.zeros((1, rn.shape[0]), dtype=tl.float32)
-    return words, s, zs
 
 
 @triton.jit
@@ -334,34 +311,21 @@ def _plain_matmul(
     BLOCK_N: tl.constexpr,
     UNPACK: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """y tile [BM, BN] = x [BM, K] @ W_hat.T [K, BN] over this program's K tiles, the weight
     as the right operand: eight K=16 dots per tile ("planes") or one K=128 dot ("tile")."""
     r16 = tl.arange(0, 16)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    n_tiles, first = K // 128, tl.program_id(1)
-    if PREFETCH:  # (a split with no tile reads the last one and never uses it)
-        q_next, s_next, zs_next = _tile_words_and_scales(
-            q_ptr, s_ptr, zs_ptr, tl.minimum(first, n_tiles - 1), rn, n_ok, N, GROUP_SIZE
-        )
-    for tile in range(first, n_tiles, SPLIT_K):
+    for tile in range(tl.program_id(1), K // 128, SPLIT_K):
         k0 = tile * 128
         if UNPACK == "planes":
-            if PREFETCH:
-                # register double buffering: the next tile's words and scales are in flight
-                # while this one is unpacked and multiplied. Triton's pipeliner only stages
-                # loads that feed a dot directly, so without this every K step waits on DRAM
-                # (at M <= 64 a program is a chain of such steps: latency-bound, not ALU-bound)
-                packed, s, zs = q_next, s_next, zs_next
-                ahead = tl.where(tile + SPLIT_K < n_tiles, tile + SPLIT_K, tile)
-                q_next, s_next, zs_next = _tile_words_and_scales(
-                    q_ptr, s_ptr, zs_ptr, ahead, rn, n_ok, N, GROUP_SIZE
-                )
-            else:
-                packed, s, zs = _tile_words_and_scales(
-                    q_ptr, s_ptr, zs_ptr, tile, rn, n_ok, N, GROUP_SIZE
-                )
+            packed = tl.load(
+                q_ptr + (tile * 16 + r16)[:, None] * N + rn[None, :], mask=n_ok[None, :], other=0
+            )  # [16, BN]
+            if GROUP_SIZE % 128 == 0:  # one scale row for the whole tile
+                g = k0 // GROUP_SIZE
+                s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
+                zs = tl.load(zs_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
             if _fast_path(x_ptr.dtype.element_ty, GROUP_SIZE, BLOCK_M):
                 # one scale per column for the tile: dot the exact codes minus zeros in the
                 # 16-bit type, scale after

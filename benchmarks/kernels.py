@@ -783,10 +783,13 @@ def triton_choices() -> dict:
 
 def markdown(result: dict) -> str:
     rows, names = result["rows"], result["backends"]
+    parts = result["record"].get("parts", [])
+    commands = [p["command"] for p in parts] or [result["record"]["command"]]
     lines = [
         f"# Linear-layer kernels vs M ({result['record']['device']})",
         "",
-        f"Command: `{result['record']['command']}`  ",
+        *(f"Command: `{c}`  " for c in commands),
+        *([f"Merged by: `{result['record']['merged_by']}`  "] if parts else []),
         f"Commit: {result['record']['git_commit']}"
         f"  \nDate: {result['record']['date']}  \ntorch {result['record']['torch']}",
         "",
@@ -1136,7 +1139,7 @@ def merge(paths: list[Path], out: Path, command: str = "") -> dict:
     parts = [load_result(p) for p in paths]
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:], strict=True):
-        for key in ("device", "torch", "git_commit"):
+        for key in ("device", "torch", "cuda", "gemlite", "git_commit"):
             if part["record"].get(key) != first["record"].get(key):
                 raise SystemExit(f"--merge: {path} has another {key} than {paths[0]}")
         for key in ("Ms", "backends", "device_type"):
@@ -1157,12 +1160,14 @@ def merge(paths: list[Path], out: Path, command: str = "") -> dict:
             "parts": [p["record"] for p in parts],
         },
         "shapes": shapes,
-        "shapes_not_run": [s for p in parts for s in p["shapes_not_run"] if s not in shapes],
+        "shapes_not_run": [
+            s for p in parts for s in p.get("shapes_not_run", []) if s not in shapes
+        ],
         "shape_sources": {s: SHAPE_SOURCES.get(s, "smoke") for s in shapes},
         "rows": rows,
         "crossover": crossover(rows),
         "suggested_w4_auto": suggested_w4_auto(rows),
-        "triton_autotune": _merged_autotune(p["triton_autotune"] for p in parts),
+        "triton_autotune": _merged_autotune(p.get("triton_autotune", {}) for p in parts),
         "suggested_w8a8": suggested_w8a8(rows),
         "int4_vs_bf16": crossover(rows, small="int4_aten", large=BASELINE),
         "fastest_w4": fastest(rows, FASTEST_W4),

@@ -50,7 +50,7 @@ def test_w4_backends_match_the_float_reference_in_bf16(backend: str, m: int):
 @pytest.mark.parametrize("group_size", [128, None])
 def test_w4_planes_integer_path_matches_the_reference_in_bf16(group_size):
     """The bf16 "planes" loop with groups spanning K tiles (exact integer weights, scaled
-    after the dots), over splits of K that leave some programs uneven or empty: every fixed
+    after the dots), over even and uneven splits of K (1, 3, 4 and 8 of 10 tiles): every fixed
     config against the float64 product."""
     pytest.importorskip("triton")
     from faircalib.kernels.triton_w4 import w4_matmul

@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 # in a fresh interpreter. It has no bfloat16: fp16 and fp32 inputs stand in for it.
 CHECK = textwrap.dedent(
     """
+    import math
     import torch
     from faircalib.config import QuantConfig
     from faircalib.kernels import QuantLinear
@@ -44,13 +45,17 @@ CHECK = textwrap.dedent(
                 y = layer(x)
                 assert layer.last_backend == backend and y.dtype == dtype
                 ref = x.double() @ ref_w.T
-                worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
+                err = float((y.double() - ref).norm() / ref.norm())
+                assert math.isfinite(err), (backend, dtype)  # max() would skip a NaN
+                worst = max(worst, err)
                 if backend == "triton_w4":  # every unpacking variant and split of K
                     prepared = layer._prepared[("triton_w4", x.device, dtype)]
                     for unpack, split, bm in variants:
                         meta = {"BLOCK_M": bm, "BLOCK_N": 32, "UNPACK": unpack, "SPLIT_K": split}
                         y = w4_matmul(x, *prepared, interpreted_meta=meta)
-                        worst = max(worst, float((y.double() - ref).norm() / ref.norm()))
+                        err = float((y.double() - ref).norm() / ref.norm())
+                        assert math.isfinite(err), meta
+                        worst = max(worst, err)
     # the Triton layout replaces the plain codes on their device, losslessly
     codes_before = layer.codes().clone()
     qweight_before = layer.stored_qweight().clone()

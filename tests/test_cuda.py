@@ -73,6 +73,37 @@ def test_w4_planes_integer_path_matches_the_reference_in_bf16(group_size):
 
 
 @needs_cuda
+@pytest.mark.parametrize("group_size", [128, None])
+def test_w4_tma_gemm_matches_the_reference_and_replays_in_a_graph(group_size):
+    """The TMA-staged small-M W4 GEMM, autotuned, against the float64 product at M = 1-64,
+    then replayed from a CUDA graph (its zeroed split-K output is captured with it)."""
+    pytest.importorskip("triton")
+    from faircalib.kernels.triton_w4 import tma_w4_unsupported, w4_matmul_tma
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    w = torch.randn(4100, 1024, generator=gen, device="cuda") / 32  # ragged N (a multiple of 4)
+    qp = compute_qparams(w, QuantConfig(bits=4, group_size=group_size, symmetric=False))
+    codes = quantize(w, qp)
+    layer = QuantLinear.from_codes(codes, qp, backend="triton_w4")
+    ref_w = dequantize(codes, qp).double()
+    for m in (1, 16, 33, 64):
+        x = torch.randn(m, 1024, generator=gen, device="cuda").bfloat16()
+        layer(x)
+        prepared = layer._prepared[("triton_w4", x.device, x.dtype)]
+        why = tma_w4_unsupported(x, prepared[0], prepared[1])
+        if why:
+            pytest.skip(why)
+        y = w4_matmul_tma(x, *prepared)
+        assert y.dtype == torch.bfloat16 and rel_err(y, x.double() @ ref_w.T) <= 5e-3, m
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = w4_matmul_tma(x, *prepared)
+    x.copy_(torch.randn(x.shape, generator=gen, device="cuda"))
+    graph.replay()
+    assert rel_err(y_graph, x.double() @ ref_w.T) <= 5e-3
+
+
+@needs_cuda
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("group_size", [32, 128, None])
 def test_triton_gemv_on_cuda_matches_the_reference_and_replays_in_a_graph(m, group_size):

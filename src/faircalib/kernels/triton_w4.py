@@ -26,6 +26,10 @@ Kernels:
   M = 16 still fills 64-row wgmma tiles. The autotuner picks it only where it is faster
   (`SWAP_SHAPES`); on the H200 with the device's Triton 3.6 it compiled but never won at
   4096x4096, M = 16 / 256 / 1024 (benchmarks/results/kernels/probe-swap-h200/).
+- `w4_matmul_tma`: the same product for M <= 64 on Hopper, with the weight words, the
+  activations and the scales staged through tensor descriptors (asynchronous copies, several
+  K steps ahead): at small M `w4_matmul` waits on its weight loads. A benchmark candidate
+  (`triton_w4_tma` in benchmarks/kernels.py), not yet one of `auto`'s choices.
 - `w4_dequantize`: W_hat.T [K, N] in the activation dtype, for large M where a cuBLAS GEMM on
   the dequantized weight beats any fused kernel (the weight is written once per call and freed).
 
@@ -324,7 +328,8 @@ def _plain_matmul(
             )  # [16, BN]
             if GROUP_SIZE % 128 == 0:  # one scale row for the whole tile
                 g = k0 // GROUP_SIZE
-                s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
+                # (past N a scale of 1: finite weights in columns that are never stored)
+                s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=1.0)[None, :]
                 zs = tl.load(zs_ptr + g * N + rn, mask=n_ok, other=0.0)[None, :]
             if _fast_path(x_ptr.dtype.element_ty, GROUP_SIZE, BLOCK_M):
                 # one scale per column for the tile: dot the exact codes minus zeros in the
@@ -445,6 +450,157 @@ def w4_matmul(
             )
             y.zero_()
             _autotuned_matmul_no_swap[grid](*args, GROUP_SIZE=group_size)
+    return y.to(x.dtype)
+
+
+# --- small-M GEMM with TMA-staged operands (Hopper) -------------------------------------------
+# Why: at M <= 64 (cached block decoding) `w4_matmul` is latency-bound, not bound by its
+# instructions: removing a third of the dequantization's (the integer path) sped it up 1-3% on
+# the H200 (benchmarks/results/kernels-w4-int/), at ~0.8 TB/s of weight reads. Its weight words
+# feed elementwise code, so Triton's pipeliner leaves their loads in the loop and every K step
+# waits on DRAM. Loaded through tensor descriptors instead, the words, the activations and the
+# scales are all copied asynchronously into shared memory num_stages - 1 K steps ahead (sm_90
+# compile: 3 x [16, BN] int32, 3 x 8 x [BM, 16] bf16 buffers at 4 stages). Untimed: it is a
+# `benchmarks/kernels.py` candidate (`triton_w4_tma`), not yet a choice of `auto`.
+TMA_MAX_M = 64
+
+
+def _tma_w4_configs() -> list[triton.Config]:
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split},
+            num_warps=4,
+            num_stages=stages,
+            pre_hook=_set_w4_tma_blocks,
+        )
+        for bm in (16, 32, 64)
+        for bn in (64, 128, 256)
+        for split in (1, 2, 4, 8)
+        for stages in (3, 4)
+    ]
+
+
+def _set_w4_tma_blocks(nargs: dict) -> None:
+    """A descriptor's block is part of the kernel's signature: the config's, before launch."""
+    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], 16]
+    nargs["q_desc"].block_shape = [16, nargs["BLOCK_N"]]
+
+
+def _prune_tma(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's hook signature
+    tallest = max(16, triton.next_power_of_2(named_args["M"]))
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= tallest] or configs[:1]
+
+
+@triton.jit
+def _w4_tma_kernel(
+    x_desc,
+    q_desc,
+    s_ptr,
+    zs_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_ym,
+    M_BUCKET,  # autotuning key only
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """y [M, N] += x @ W_hat.T over this program's K tiles (split-K into a zeroed float32 y),
+    "planes" with exact integer weights (`_biased_codes` - `_biased_zeros`, the scale after the
+    tile's dots); the descriptors zero-fill rows past M and columns past N."""
+    n_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = tl.program_id(0) // n_n, tl.program_id(0) % n_n
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rn_c = tl.where(n_ok, rn, 0)  # past N: column 0's scales (finite; never stored)
+    dtype: tl.constexpr = x_desc.dtype
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tile in range(tl.program_id(1), K // 128, SPLIT_K):
+        packed = q_desc.load([tile * 16, pid_n * BLOCK_N])  # [16, BN] int32
+        g = tile * 128 // GROUP_SIZE
+        s = tl.load(s_ptr + g * N + rn_c)[None, :]
+        zs = tl.load(zs_ptr + g * N + rn_c)[None, :]
+        zb = _biased_zeros(s, zs, dtype)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):
+            x = x_desc.load([pid_m * BLOCK_M, tile * 128 + 16 * j])  # [BM, 16]
+            part = tl.dot(x, _biased_codes(packed, 4 * j, dtype) - zb, part)
+        acc += s * part
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = (rm < M)[:, None] & n_ok[None, :]
+    tl.atomic_add(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc, mask=ok)
+
+
+_autotuned_tma = triton.autotune(
+    configs=_tma_w4_configs(),
+    key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+    prune_configs_by={"early_config_prune": _prune_tma},
+    reset_to_zero=["y_ptr"],
+)(_w4_tma_kernel)
+
+
+def tma_w4_unsupported(x: torch.Tensor, packed: torch.Tensor, scale_t: torch.Tensor) -> str | None:
+    """None if `w4_matmul_tma` can take this call, else why not."""
+    m, k = x.shape
+    n = packed.shape[1]
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"the TMA W4 GEMM takes bf16 or fp16 activations, got {x.dtype}"
+    if (k // scale_t.shape[0]) % TILE_K:
+        return "the TMA W4 GEMM needs scale groups spanning whole 128-wide K tiles"
+    if m > TMA_MAX_M:
+        return f"the TMA W4 GEMM is for M <= {TMA_MAX_M}, got {m}"
+    if n % 4:
+        return f"the TMA W4 GEMM needs N % 4 == 0 (16-byte rows of int32 words), got {n}"
+    hopper = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+    if not (INTERPRETED or hopper):
+        return "the TMA W4 GEMM needs a CUDA device of compute capability 9.0 or newer"
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return f"Triton {triton.__version__} has no host-side tensor descriptors"
+    return None
+
+
+def w4_matmul_tma(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale_t: torch.Tensor,
+    zs_t: torch.Tensor,
+    *,
+    meta: dict | None = None,
+) -> torch.Tensor:
+    """`w4_matmul` for M <= TMA_MAX_M on TMA-staged operands (check `tma_w4_unsupported`
+    first); `meta` fixes BLOCK_M / BLOCK_N / SPLIT_K (the CPU interpreter, tests)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    why = tma_w4_unsupported(x, packed, scale_t)
+    if why:
+        raise ValueError(why)
+    x = x.contiguous()
+    if x.data_ptr() % 16:  # a descriptor's base must be 16-byte aligned
+        x = x.clone()
+    m, k = x.shape
+    n = packed.shape[1]
+    y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    if m == 0:
+        return y.to(x.dtype)
+    x_desc = TensorDescriptor.from_tensor(x, [16, 16])  # blocks set per config
+    q_desc = TensorDescriptor.from_tensor(packed, [16, 16])
+
+    def grid(meta: dict) -> tuple[int, int]:
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return tiles, meta["SPLIT_K"]
+
+    args = (x_desc, q_desc, scale_t, zs_t, y, m, n, k, y.stride(0), m_bucket(m))
+    group = k // scale_t.shape[0]
+    if meta is not None:
+        _set_w4_tma_blocks({"x_desc": x_desc, "q_desc": q_desc, **meta})
+        _w4_tma_kernel[grid](*args, GROUP_SIZE=group, **meta)
+    else:
+        _autotuned_tma[grid](*args, GROUP_SIZE=group)
     return y.to(x.dtype)
 
 

@@ -229,7 +229,7 @@ def test_tma_w4_gemm_stages_weights_and_activations_through_tma_on_hopper():
         sig = {"x_desc": f"tensordesc<bf16[{bm}, 16]>", "q_desc": f"tensordesc<i32[16, {bn}]>"}
         sig |= dict.fromkeys(("s_ptr", "zs_ptr", "y_ptr"), "*fp32")
         sig |= dict.fromkeys(("M", "N", "K", "stride_ym", "M_BUCKET"), "i32")
-        consts = {"GROUP_SIZE": 128, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": 4}
+        consts = {"GROUP_SIZE": 128, "BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": 4, "X_BF16": True}
         src = ASTSource(
             fn=k._w4_tma_kernel,
             signature=sig | dict.fromkeys(consts, "constexpr"),

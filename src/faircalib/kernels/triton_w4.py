@@ -507,6 +507,7 @@ def _w4_tma_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    X_BF16: tl.constexpr,  # else float16 (a flag: descriptors' dtype attribute varies by version)
 ):
     """y [M, N] += x @ W_hat.T over this program's K tiles (split-K into a zeroed float32 y),
     "planes" with exact integer weights (`_biased_codes` - `_biased_zeros`, the scale after the
@@ -516,7 +517,7 @@ def _w4_tma_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     rn_c = tl.where(n_ok, rn, 0)  # past N: column 0's scales (finite; never stored)
-    dtype: tl.constexpr = x_desc.dtype
+    dtype: tl.constexpr = tl.bfloat16 if X_BF16 else tl.float16
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tile in range(tl.program_id(1), K // 128, SPLIT_K):
         packed = q_desc.load([tile * 16, pid_n * BLOCK_N])  # [16, BN] int32
@@ -595,12 +596,12 @@ def w4_matmul_tma(
         return tiles, meta["SPLIT_K"]
 
     args = (x_desc, q_desc, scale_t, zs_t, y, m, n, k, y.stride(0), m_bucket(m))
-    group = k // scale_t.shape[0]
+    consts = {"GROUP_SIZE": k // scale_t.shape[0], "X_BF16": x.dtype == torch.bfloat16}
     if meta is not None:
         _set_w4_tma_blocks({"x_desc": x_desc, "q_desc": q_desc, **meta})
-        _w4_tma_kernel[grid](*args, GROUP_SIZE=group, **meta)
+        _w4_tma_kernel[grid](*args, **consts, **meta)
     else:
-        _autotuned_tma[grid](*args, GROUP_SIZE=group)
+        _autotuned_tma[grid](*args, **consts)
     return y.to(x.dtype)
 
 

@@ -241,6 +241,7 @@ def test_deferred_commits_lose_only_uncommitted_blocks_and_resume_exactly(
     reference = copy.deepcopy(model)
     quantize(reference, config, tokens, calib, progress=False)
     directory = tmp_path / "q.partial"
+    monkeypatch.delenv("FAIRCALIB_COMMIT_EVERY_S", raising=False)  # it overrides
     monkeypatch.setattr(PartialRun, "COMMIT_EVERY_S", 1e9)  # nothing commits before the end
     run_stopped_after_block(monkeypatch, 2, model, config, tokens, calib, directory)
     state = json.loads((directory / "progress.json").read_text())
@@ -264,6 +265,7 @@ def test_a_deferred_commit_after_an_earlier_one_records_every_block_once(
     directory = tmp_path / "q.partial"
     now = [0.0]
     monkeypatch.setattr(progress_mod.time, "monotonic", lambda: now[0])
+    monkeypatch.delenv("FAIRCALIB_COMMIT_EVERY_S", raising=False)  # it overrides
     monkeypatch.setattr(PartialRun, "COMMIT_EVERY_S", 10.0)
     clock = {0: 50.0, 1: 55.0, 2: 70.0}  # commits at blocks 0 and 2; block 1 waits for 2
     original = PartialRun.save_block

@@ -89,15 +89,28 @@ def _main(argv: list[str] | None) -> int:
         )
         return 1
     except MemoryError:
-        distributed.print_error(
-            f"faircalib {args.command}: error: out of memory; use fewer or shorter sequences, "
-            "--offload, or a larger machine"
-        )
+        distributed.print_error(out_of_memory(args.command))
+        return 1
+    except RuntimeError as exc:
+        # torch's allocators raise RuntimeError subclasses (torch.OutOfMemoryError on CUDA,
+        # "DefaultCPUAllocator: can't allocate memory" on the CPU)
+        if "out of memory" not in str(exc).lower() and "can't allocate" not in str(exc):
+            if distributed.peer_failed():
+                return 1
+            raise
+        distributed.print_error(out_of_memory(args.command))
         return 1
     except Exception:
         if distributed.peer_failed():  # torchrun: a collective broke because another rank
             return 1  # failed first and printed why; this rank's traceback would bury that
         raise
+
+
+def out_of_memory(command: str) -> str:
+    return (
+        f"faircalib {command}: error: out of memory; use fewer or shorter sequences, smaller "
+        "counts (--nsamples, --views, --sampler-steps), --offload, or a larger machine"
+    )
 
 
 if __name__ == "__main__":

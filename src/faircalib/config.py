@@ -110,8 +110,8 @@ class QuantConfig:
             )
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"unsupported bit width {self.bits}; choose one of {SUPPORTED_BITS}")
-        if self.group_size is not None and self.group_size <= 0:
-            self.group_size = None  # -1 / 0 on the CLI mean per-channel
+        if self.group_size in (-1, 0):
+            self.group_size = None  # -1 / 0 on the CLI mean per-channel (another negative: a typo)
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ConfigError(
                 f"unsupported group size {self.group_size}; choose 32, 64, 128 or per-channel (-1)"

@@ -97,6 +97,8 @@ def check_device(device: str) -> torch.device:
         parsed = torch.device(device)
     except (RuntimeError, ValueError) as exc:
         raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from exc
+    if parsed.type not in ("cpu", "cuda"):  # mps, xpu, meta...: not what the kernels target
+        raise ConfigError(f"--device {device}: faircalib runs on cpu or cuda (cuda:N)")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: this machine has no CUDA GPU; use --device cpu")
     if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
@@ -155,7 +157,23 @@ def load_tokenizer(model: str | Path) -> Tokenizer:
             f"tokenizer may be; {REDO}"
         )
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # the tokenizers library raises plain Exception
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path} is not a readable tokenizer ({reason}); {REDO}") from exc
+    _check_vocab(tokenizer, path)
+    return tokenizer
+
+
+def _check_vocab(tokenizer: Tokenizer, path: Path) -> None:
+    """A tokenizer whose ids reach past the model's vocabulary would index outside its
+    embedding at the first such token: refuse it at load (a smaller one is normal: LLaDA and
+    Dream pad their vocabularies)."""
+    config = path.parent / "config.json"
+    vocab = read_json(config).get("vocab_size") if config.is_file() else None
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and size > vocab:
+        raise CheckpointError(
+            f"{path} has {size:,} tokens but the model's vocabulary {vocab:,}: it is not this "
+            f"model's tokenizer; {REDO}"
+        )

@@ -138,6 +138,9 @@ def load_state(
         tensors = load_file(directory / STATE_FILE)
     except (OSError, ValueError, SafetensorError) as exc:
         raise ConfigError(f"cannot resume from {directory}: unreadable state ({exc})") from exc
+    problem = _progress_problem(meta)
+    if problem:
+        raise ConfigError(f"cannot resume from {directory}: damaged {META_FILE} ({problem})")
     saved = meta.get("resume_key", {})
     differ = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
     if differ:
@@ -154,6 +157,24 @@ def load_state(
         raise ConfigError(
             f"cannot resume from {directory}: the state does not fit ({reason})"
         ) from exc
+
+
+def _progress_problem(meta: Any) -> str | None:
+    """What is wrong with a state.json's progress fields, or None."""
+    if not isinstance(meta, dict):
+        return f"a JSON object expected, got {type(meta).__name__}"
+    counts = {k: meta.get(k) for k in ("step", "total_steps", "tokens_seen")}
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{name} must be a non-negative integer, got {value!r}"
+    if counts["step"] > counts["total_steps"]:
+        return f"step {counts['step']} is past the run's {counts['total_steps']} steps"
+    elapsed = meta.get("elapsed_s")
+    if not isinstance(elapsed, (int, float)) or isinstance(elapsed, bool) or not elapsed >= 0:
+        return f"elapsed_s must be a non-negative number, got {elapsed!r}"
+    if not isinstance(meta.get("log"), list) or not isinstance(meta.get("resume_key", {}), dict):
+        return "log must be a list and resume_key an object"
+    return None
 
 
 def _restore(
@@ -176,6 +197,10 @@ def _restore(
         if name.startswith("opt."):
             _, index, field = name.split(".", 2)
             opt_state.setdefault(int(index), {})[field] = value
+    fields = {frozenset(v) for v in opt_state.values()}
+    n_params = sum(len(group["params"]) for group in opt.param_groups)
+    if len(fields) > 1 or len(opt_state) not in (0, n_params):
+        raise ValueError(f"optimizer state incomplete: {len(opt_state)} of {n_params} parameters")
     opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     gen.set_state(tensors["rng.gen"])
     torch.set_rng_state(tensors["rng.torch"])

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -125,7 +126,7 @@ class PartialRun:
     # Blocks are committed (with the next block's input cache, GiBs at 8B scale) at most this
     # often: a kill loses at most this much work, and the cache is not written after every
     # block. Each finished block's results are still written as it finishes.
-    COMMIT_EVERY_S = float(os.environ.get("FAIRCALIB_COMMIT_EVERY_S", "60"))
+    COMMIT_EVERY_S = 60.0  # FAIRCALIB_COMMIT_EVERY_S overrides it (`_commit_every`)
 
     def __init__(self, directory: Path, state: dict[str, Any]) -> None:
         self.directory = Path(directory)
@@ -189,6 +190,8 @@ class PartialRun:
 
     def _check(self, fp: dict[str, str]) -> None:
         saved = self.state.get("fingerprint", {})
+        if not isinstance(saved, dict):
+            raise self._damaged(f"its fingerprint is a {type(saved).__name__}, not an object")
         differ = [label for key, label in FIELDS.items() if saved.get(key) != fp.get(key)]
         if differ:
             raise ConfigError(
@@ -243,8 +246,10 @@ class PartialRun:
         if k > len(model.blocks):
             raise self._damaged(f"{k} finished blocks, the model has {len(model.blocks)}")
         for i in range(k):
-            self._restore_block(model, i, device)
             entry = self.state["blocks"][i]
+            if not isinstance(entry, dict) or not isinstance(entry.get("results"), dict):
+                raise self._damaged(f"block {i}'s record is malformed")
+            self._restore_block(model, i, device)
             report.layers += entry["layers"]
             if entry.get("recon") is not None:
                 report.recon.append(entry["recon"])
@@ -264,9 +269,15 @@ class PartialRun:
                 result, bias = _result_from(tensors, name, specs[name])
             except KeyError as exc:
                 raise self._damaged(f"block {i} lacks {exc} for {name}") from exc
+            except (TypeError, AttributeError, ValueError) as exc:
+                raise self._damaged(f"block {i}'s record of {name} is malformed") from exc
             if tuple(result.codes.shape) != (linear.out_features, linear.in_features):
                 raise self._damaged(f"block {i}'s {name} has shape {tuple(result.codes.shape)}")
-            fq = FakeQuantLinear.from_result(result, bias, linear.weight.dtype)
+            try:
+                fq = FakeQuantLinear.from_result(result, bias, linear.weight.dtype)
+            except (ConfigError, ValueError, RuntimeError) as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise self._damaged(f"block {i}'s {name} does not fit ({reason})") from exc
             _set_submodule(block, name, fq)
         block.to(device)
 
@@ -290,7 +301,7 @@ class PartialRun:
         rows = report.layers[-len(specs) :]
         self._pending.append({"block": i, "results": specs, "layers": rows, "recon": recon})
         last = i + 1 == len(model.blocks)
-        if not last and time.monotonic() - self._last_commit < self.COMMIT_EVERY_S:
+        if not last and time.monotonic() - self._last_commit < self._commit_every():
             return  # committed with a later block
         if not last:  # the last block has no successor to feed
             # the caches may live on the device (engine's cache plan): copied to the host here,
@@ -314,6 +325,18 @@ class PartialRun:
 
     def _commit(self) -> None:
         atomic.write_json(self.directory / PROGRESS, self.state, indent=None, default=float)
+
+    def _commit_every(self) -> float:
+        text = os.environ.get("FAIRCALIB_COMMIT_EVERY_S")
+        if text is None:
+            return self.COMMIT_EVERY_S
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = math.nan
+        if not seconds >= 0:
+            raise ConfigError(f"FAIRCALIB_COMMIT_EVERY_S must be seconds >= 0, got {text!r}")
+        return seconds
 
     def _damaged(self, what: str) -> CheckpointError:
         return CheckpointError(

@@ -14,3 +14,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer in [0, 2**63) (torch's generators take a signed 64-bit one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed is an integer in [0, 2**63), got {value}")
+    return value
+
+
+def seed_list(text: str) -> list[int]:
+    """A comma list of seeds (`seed` each), at least one."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"a comma list of seeds, got {text!r}")
+    return [seed(part) for part in parts]

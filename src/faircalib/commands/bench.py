@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from faircalib.commands import common
+from faircalib.commands import argtypes, common
 from faircalib.commands.argtypes import positive_int
 
 
@@ -31,7 +31,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma list of w4g128,w4pc,w3g128,w3pc,w2g64,w8pc (weight-only) or "
         "w8a8,w8a8fp8,w4a8,w4a8fp8,w4a4 (weights and activations; docs/activation-quant.md)",
     )
-    p.add_argument("--calib-seeds", default="0", help="comma list: one calibration draw per seed")
+    p.add_argument(
+        "--calib-seeds",
+        type=argtypes.seed_list,
+        default=[0],
+        help="comma list: one calibration draw per seed",
+    )
     p.add_argument(
         "--seeded-schemes",
         default="w4g128",
@@ -147,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         methods=args.methods.split(","),
         schemes=args.schemes.split(","),
-        calib_seeds=[int(s) for s in args.calib_seeds.split(",")],
+        calib_seeds=args.calib_seeds,
         seeded_schemes=args.seeded_schemes.split(","),
         nsamples=args.nsamples,
         seq_len=args.seq_len,

@@ -7,7 +7,7 @@ import argparse
 import json
 import time
 
-from faircalib.commands import common
+from faircalib.commands import argtypes, common
 from faircalib.commands.argtypes import positive_int
 
 
@@ -40,7 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_seq_len(p)
     common.add_mc_samples(p)
     p.add_argument(
-        "--seed", type=int, default=0, help="noise seed: same seed = same noise for any model"
+        "--seed",
+        type=argtypes.seed,
+        default=0,
+        help="noise seed: same seed = same noise for any model",
     )
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     common.add_limit(p)

@@ -8,7 +8,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from faircalib.commands import common
+from faircalib.commands import argtypes, common
 from faircalib.commands.argtypes import positive_int
 from faircalib.errors import ConfigError
 
@@ -43,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="denoising steps of the sampler (model calls); not quantize's --sampler-steps "
         "(calibration masking grid) or --fair-steps (FAIR-Calib's frontier tracking)",
     )
-    p.add_argument("--seed", type=int, default=0, help="same seed = same noise for any model")
+    p.add_argument(
+        "--seed", type=argtypes.seed, default=0, help="same seed = same noise for any model"
+    )
     p.add_argument(
         "--sampler",
         choices=common.SAMPLER_NAMES,
@@ -161,6 +163,11 @@ def _until_stop(row: list[int], stops: set[int]) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from faircalib.frontier.samplers import SamplerConfig
+
+    try:  # a shell passes undecodable bytes through as surrogates
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("--prompt is not valid UTF-8 text") from None
 
     cfg = SamplerConfig(
         sampler=args.sampler,

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from faircalib.commands import common
+from faircalib.commands import argtypes, common
 
 METHODS = ["rtn", "gptq", "awq", "smoothquant", "recon", "fair"]
 # activation quantization (`--scheme`; faircalib.calib.activations.SCHEMES / METHODS, spelled
@@ -230,7 +230,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_text_field(p)
     common.add_nsamples(p)
     common.add_seq_len(p)
-    p.add_argument("--seed", type=int, default=0, help="calibration draw and masking seed")
+    p.add_argument(
+        "--seed", type=argtypes.seed, default=0, help="calibration draw and masking seed"
+    )
     p.add_argument(
         "--masking",
         default="uniform",
@@ -475,6 +477,13 @@ def resolve_format(args: argparse.Namespace):
     return config, fmt
 
 
+def _input_paths(args: argparse.Namespace) -> list[Path]:
+    """The local files a run reads (the model, the calibration text, a recipe): --out must not
+    be, or hold, any of them (check_output_dir)."""
+    names = (getattr(args, key, None) for key in ("model", "calib", "config"))
+    return [Path(str(name)) for name in names if name]
+
+
 def calib_source(args: argparse.Namespace):
     """The calibration text; records the split actually used in `args.calib_split`."""
     from faircalib.data.sources import DEFAULT_CALIB_SPLIT, load_source
@@ -692,7 +701,8 @@ def run(args: argparse.Namespace) -> int:
     from faircalib.models.io import check_output_dir
 
     out = Path(args.out)
-    check_output_dir(out, args.overwrite)  # an unwritable --out fails now, not after hours
+    # an unwritable --out fails now, not after hours; --overwrite never deletes an input
+    check_output_dir(out, args.overwrite, inputs=_input_paths(args))
     calib_data = calib_source(args)  # the user's text is checked before any model loads
     calib = calib_config(args)  # and bad calibration flags, before anything is loaded
     PartialRun.check(partial_dir(out), resume=args.resume, overwrite=args.overwrite)
@@ -1102,7 +1112,7 @@ def run_act(args: argparse.Namespace, start: float) -> int:
         cfg = packed_act_config(cfg)
     fair = fair_rows_config(cfg, args.nsamples, **fair_rows_knobs(args))
     out = Path(args.out)
-    check_output_dir(out, args.overwrite)
+    check_output_dir(out, args.overwrite, inputs=_input_paths(args))
     calib_data = calib_source(args)
     calib = calib_config(args)
     source = hub.resolve(args.model)

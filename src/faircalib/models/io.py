@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -84,10 +84,24 @@ def probe_model(config: dict[str, Any]) -> DiffusionLM:
         return build_model(config)
 
 
-def check_output_dir(out: Path, overwrite: bool = False) -> None:
+def check_output_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path] = ()) -> None:
     """Refuse, before any work, an output directory that exists (without `overwrite`), is a
-    file, or whose parent cannot be created or written."""
+    file, or whose parent cannot be created or written; and one that replacing would delete
+    what it must not: the current directory or one above it, or any of `inputs` (the model,
+    the calibration text) or a directory holding one."""
     out = Path(out)
+    target = out.resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise OutputError(
+            f"--out {str(out)!r} is the current directory or above it; name a new one"
+        )
+    for source in inputs:
+        source = Path(source).resolve()
+        if source.exists() and (target == source or target in source.parents):
+            raise OutputError(
+                f"--out {out} would replace the input {source}; choose another output path"
+            )
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a directory; choose another output path")
     if out.exists() and not overwrite:
@@ -301,9 +315,10 @@ def check_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], s
                 f"{source}: {name} has shape {tuple(got.shape)}, config.json implies "
                 f"{tuple(ref.shape)}; {REDO}"
             )
-        if not got.is_floating_point():
+        if got.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise CheckpointError(
-                f"{source}: {name} has dtype {got.dtype}, expected a float tensor; {REDO}"
+                f"{source}: {name} has dtype {got.dtype}, expected a float tensor (float32, "
+                f"bfloat16 or float16); {REDO}"
             )
         if not all_finite(got):
             raise CheckpointError(f"{source}: {name} contains NaN or Inf values; {REDO}")

@@ -1,0 +1,153 @@
+"""Bad inputs found by an audit of the CLI (2026-11-30): each is refused in one line, before
+any work, and nothing the user had is touched."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from faircalib import cli, hub
+from faircalib.calib.progress import PartialRun
+from faircalib.config import QuantConfig
+from faircalib.errors import CheckpointError, ConfigError, FairCalibError
+from faircalib.models.io import check_state_dict
+from faircalib.training_state import META_FILE, STATE_FILE, load_state
+
+QUICK = ["--method", "rtn", "--nsamples", "2", "--seq-len", "16"]
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def local_model(tmp_path: Path) -> Path:
+    """mdlm-tiny copied with its files resolved (the shipped tokenizer is a symlink)."""
+    model = tmp_path / "m"
+    shutil.copytree(hub.resolve("mdlm-tiny"), model, symlinks=False)
+    return model
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("out", ["SELF", "PARENT", ".", ""])
+def test_overwrite_never_deletes_the_input_model_or_the_working_directory(
+    tmp_path, monkeypatch, capsys, out
+):
+    model = local_model(tmp_path)
+    (tmp_path / "notes.txt").write_text("keep me")
+    before = snapshot(model)
+    monkeypatch.chdir(tmp_path)
+    target = {"SELF": str(model), "PARENT": str(tmp_path)}.get(out, out)
+    code = cli.main(["quantize", str(model), *QUICK, "--out", target, "--overwrite"])
+    err = one_line_error(capsys)
+    assert code == 2 and ("input" in err or "current directory" in err)
+    assert snapshot(model) == before and (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["quantize", "mdlm-tiny", *QUICK, "--seed", str(2**64), "--out", "q"], "seed"),
+        (["eval", "mdlm-tiny", "--seed", "-1"], "seed"),
+        (["bench", "mdlm-tiny", "--calib-seeds", "1,x"], "calib-seeds"),
+    ],
+)
+def test_seeds_outside_a_64_bit_generator_are_argument_errors(tmp_path, monkeypatch, argv, words):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and not any(tmp_path.iterdir())
+
+
+def test_devices_other_than_cpu_and_cuda_are_refused(capsys):
+    assert cli.main(["eval", "mdlm-tiny", "--device", "mps", "--limit", "1"]) == 2
+    assert "cpu or cuda" in one_line_error(capsys)
+
+
+def test_a_prompt_that_is_not_utf8_is_refused(capsys):
+    prompt = b"\x01 \xff".decode("utf-8", "surrogateescape")  # what a shell passes through
+    assert cli.main(["generate", "mdlm-tiny", "--gen-length", "8", "--prompt", prompt]) == 2
+    assert "UTF-8" in one_line_error(capsys)
+
+
+def test_only_minus_one_or_zero_mean_per_channel():
+    assert QuantConfig(bits=4, group_size=-1).group_size is None
+    assert QuantConfig(bits=4, group_size=0).group_size is None
+    with pytest.raises(ConfigError, match="group size -2"):
+        QuantConfig(bits=4, group_size=-2)
+
+
+def test_running_out_of_torch_memory_is_one_line_and_other_errors_stay_visible(monkeypatch, capsys):
+    from faircalib.commands import eval as eval_command
+
+    def oom(args):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9")
+
+    monkeypatch.setattr(eval_command, "run", oom)
+    assert cli.main(["eval", "mdlm-tiny"]) == 1
+    assert "out of memory" in one_line_error(capsys)
+
+    def bug(args):
+        raise RuntimeError("a shape mismatch deep in a kernel")
+
+    monkeypatch.setattr(eval_command, "run", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # a bug is not dressed up
+        cli.main(["eval", "mdlm-tiny"])
+
+
+@pytest.mark.parametrize(
+    ("meta", "words"),
+    [
+        ([], "JSON object"),
+        ({"step": "two", "total_steps": 4, "tokens_seen": 0, "elapsed_s": 0, "log": []}, "step"),
+        ({"step": 9, "total_steps": 4, "tokens_seen": 0, "elapsed_s": 0, "log": []}, "past"),
+        ({"step": -5, "total_steps": 4, "tokens_seen": 0, "elapsed_s": 0, "log": []}, "step"),
+    ],
+)
+def test_a_damaged_training_state_is_refused_in_one_line(tmp_path, meta, words):
+    state = tmp_path / "t.partial"
+    state.mkdir()
+    (state / META_FILE).write_text(json.dumps(meta))
+    from safetensors.torch import save_file
+
+    save_file({"rng.gen": torch.zeros(1)}, str(state / STATE_FILE))
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ConfigError, match=words) as exc:
+        load_state(state, model, opt, torch.Generator(), {})
+    assert "\n" not in str(exc.value)
+
+
+def test_a_damaged_quantize_progress_fingerprint_is_refused(tmp_path):
+    run = PartialRun(tmp_path, {"fingerprint": [], "finished_blocks": 0, "blocks": []})
+    with pytest.raises(CheckpointError, match="damaged"):
+        run._check({})
+
+
+def test_a_bad_commit_interval_in_the_environment_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("FAIRCALIB_COMMIT_EVERY_S", "abc")
+    with pytest.raises(ConfigError, match="FAIRCALIB_COMMIT_EVERY_S"):
+        PartialRun(tmp_path, {"finished_blocks": 0, "blocks": []})._commit_every()
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    model = local_model(tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = 1000  # the shipped tokenizer has 8192 tokens
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="not this model's tokenizer"):
+        hub.load_tokenizer(model)
+
+
+def test_float8_weights_in_a_float_checkpoint_are_refused():
+    model = torch.nn.Linear(4, 4)
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tensors["weight"] = tensors["weight"].to(torch.float8_e4m3fn)
+    with pytest.raises(FairCalibError, match="float8_e4m3fn"):
+        check_state_dict(model, tensors, "m")

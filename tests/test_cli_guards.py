@@ -151,3 +151,32 @@ def test_float8_weights_in_a_float_checkpoint_are_refused():
     tensors["weight"] = tensors["weight"].to(torch.float8_e4m3fn)
     with pytest.raises(FairCalibError, match="float8_e4m3fn"):
         check_state_dict(model, tensors, "m")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "mdlm-tiny", "--temperature", "nan"],
+        ["generate", "mdlm-tiny", "--cfg-scale", "inf"],
+    ],
+)
+def test_non_finite_sampler_numbers_are_argument_errors(argv):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+
+
+def test_eval_refuses_a_zero_sequence_length(capsys):
+    assert cli.main(["eval", "mdlm-tiny", "--seq-len", "0", "--limit", "1"]) == 2
+    assert "--seq-len" in one_line_error(capsys)
+
+
+def test_a_recipe_of_another_version_is_refused(tmp_path, capsys):
+    recipe = json.loads((hub.ASSETS / "recipes" / "rtn-w4g128.json").read_text())
+    recipe["faircalib_recipe"] = 99
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    code = cli.main(
+        ["quantize", "mdlm-tiny", "--config", str(tmp_path), "--out", str(tmp_path / "q")]
+    )
+    assert code == 2 and "version 99" in one_line_error(capsys)
+    assert not (tmp_path / "q").exists()

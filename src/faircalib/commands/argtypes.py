@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def positive_int(text: str) -> int:
@@ -33,3 +34,14 @@ def seed_list(text: str) -> list[int]:
     if not all(parts):
         raise argparse.ArgumentTypeError(f"a comma list of seeds, got {text!r}")
     return [seed(part) for part in parts]
+
+
+def finite_float(text: str) -> float:
+    """A finite float (temperatures, scales, probabilities: NaN and inf pass every range check)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value

@@ -9,6 +9,7 @@ import time
 
 from faircalib.commands import argtypes, common
 from faircalib.commands.argtypes import positive_int
+from faircalib.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -120,6 +121,8 @@ def evaluate(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.seq_len is not None and args.seq_len < 1:  # 0 would fall back to the model's
+        raise ConfigError(f"--seq-len must be at least 1, got {args.seq_len}")
     out = evaluate(
         args.model,
         args.data,

@@ -52,9 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="low_confidence",
         help="order in which masked positions are committed",
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=argtypes.finite_float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (off)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass (off)")
+    p.add_argument("--top-p", type=argtypes.finite_float, help="nucleus sampling mass (off)")
     p.add_argument(
         "--num-samples",
         type=positive_int,
@@ -63,17 +63,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--cfg-scale",
-        type=float,
+        type=argtypes.finite_float,
         default=0.0,
         help="classifier-free guidance (LLaDA): also run the prompt masked; 0 = off",
     )
     p.add_argument(
         "--alg-temp",
-        type=float,
+        type=argtypes.finite_float,
         help="maskgit_plus / topk_margin / entropy (Dream): draw positions from "
         "softmax(confidence / alg-temp) instead of taking the most confident",
     )
-    p.add_argument("--eps", type=float, default=1e-3, help="Dream orders: final time of the grid")
+    p.add_argument(
+        "--eps",
+        type=argtypes.finite_float,
+        default=1e-3,
+        help="Dream orders: final time of the grid",
+    )
     p.add_argument(
         "--cache",
         choices=("none", "prefix", "dual"),

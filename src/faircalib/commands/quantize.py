@@ -563,6 +563,12 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     recipe = read_json(path)
     if not isinstance(recipe.get("args"), dict):
         raise _config_error(f"{path} is not a faircalib recipe (no 'args' object)")
+    version = recipe.get("faircalib_recipe", RECIPE_VERSION)
+    if version != RECIPE_VERSION:
+        raise _config_error(
+            f"{path} is a recipe of version {version!r}; this faircalib reads version "
+            f"{RECIPE_VERSION}"
+        )
     known = RECIPE_FLAGS + ACT_RECIPE_FLAGS
     unknown = sorted(set(recipe["args"]) - set(known))
     if unknown:

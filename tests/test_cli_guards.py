@@ -180,3 +180,12 @@ def test_a_recipe_of_another_version_is_refused(tmp_path, capsys):
     )
     assert code == 2 and "version 99" in one_line_error(capsys)
     assert not (tmp_path / "q").exists()
+
+
+def test_an_unreadable_recipe_is_named_as_a_recipe(tmp_path, capsys):
+    (tmp_path / "recipe.json").write_text("{not json")
+    code = cli.main(
+        ["quantize", "mdlm-tiny", "--config", str(tmp_path), "--out", str(tmp_path / "q")]
+    )
+    err = one_line_error(capsys)
+    assert code == 2 and "not a readable recipe" in err and "re-download" not in err

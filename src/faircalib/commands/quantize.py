@@ -547,6 +547,7 @@ def shipped_recipes() -> dict[str, Path]:
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """A recipe.json (or the directory holding one, or a shipped scheme's name), checked."""
+    from faircalib.errors import CheckpointError
     from faircalib.models.base import read_json
 
     shipped = shipped_recipes()
@@ -560,8 +561,12 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
             f"recipe {path} does not exist; pass a recipe.json, its directory or a shipped "
             f"scheme ({', '.join(shipped)})"
         )
-    recipe = read_json(path)
-    if not isinstance(recipe.get("args"), dict):
+    try:
+        recipe = read_json(path)
+    except CheckpointError as exc:  # its remedy speaks of checkpoints; a recipe is the user's
+        reason = str(exc).split(";")[0]
+        raise _config_error(f"{path} is not a readable recipe ({reason})") from exc
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("args"), dict):
         raise _config_error(f"{path} is not a faircalib recipe (no 'args' object)")
     version = recipe.get("faircalib_recipe", RECIPE_VERSION)
     if version != RECIPE_VERSION:

@@ -65,7 +65,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -75,6 +74,7 @@ import torch.nn.functional as F
 
 from faircalib.errors import ConfigError
 from faircalib.fusion import fused
+from faircalib.kernels.fallback import record_failure
 from faircalib.quant.primitives import ACT_ABSMAX_FLOOR
 
 if TYPE_CHECKING:
@@ -605,12 +605,12 @@ def _gemlite_for(cache: dict, w8: torch.Tensor, w_scale: torch.Tensor, x: torch.
             try:
                 cache[dtype] = gemlite_int8_layer(w8, w_scale, dtype)
             except Exception as exc:  # noqa: BLE001 - an optional package: fall back, say why
-                _GEMLITE_FAILED.append(f"{type(exc).__name__}: {exc}"[:300])
-                warnings.warn(
-                    f"int8_w8a8: gemlite's INT8 layer failed ({_GEMLITE_FAILED[0]}); "
-                    "using faircalib's Triton GEMM from now on",
-                    RuntimeWarning,
-                    stacklevel=3,
+                record_failure(
+                    _GEMLITE_FAILED,
+                    "int8_w8a8: gemlite's INT8 layer",
+                    "faircalib's Triton GEMM",
+                    exc,
+                    stacklevel=4,
                 )
         kernel = cache[(m, dtype, x.device)] = (
             "gemlite" if use and not _GEMLITE_FAILED else "triton"

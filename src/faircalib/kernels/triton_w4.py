@@ -42,11 +42,12 @@ benchmarks/kernels.py on the GPU.
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import triton
 import triton.language as tl
+
+from faircalib.kernels.fallback import record_failure
 
 TILE_K = 128  # K per tile of the packed layout; 8 nibble planes of 16 rows
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tests: no GPU to autotune on
@@ -441,13 +442,7 @@ def w4_matmul(
         except torch.cuda.OutOfMemoryError:
             raise  # not a compile failure: no config would help
         except Exception as err:  # noqa: BLE001 - a compile failure: retry without "swap"
-            _swap_failed.append(f"{type(err).__name__}: {err}"[:300])
-            warnings.warn(
-                f"W4 Triton GEMM: the 'swap' configs failed ({_swap_failed[0]}); "
-                "using the others from now on",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            record_failure(_swap_failed, "W4 Triton GEMM: the 'swap' configs", "the others", err)
             y.zero_()
             _autotuned_matmul_no_swap[grid](*args, GROUP_SIZE=group_size)
     return y.to(x.dtype)

@@ -38,12 +38,12 @@ outputs; the GPU writes bf16.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
+from faircalib.kernels.fallback import record_failure
 from faircalib.kernels.triton_w4 import INTERPRETED, TILE_K, m_bucket
 from faircalib.quant.primitives import ACT_ABSMAX_FLOOR
 from faircalib.quant.triton_rounding import round_half_even
@@ -463,12 +463,7 @@ def int8_matmul(
         except torch.cuda.OutOfMemoryError:
             raise  # not a compile failure
         except Exception as err:  # noqa: BLE001 - a compile failure: the pointer-load GEMM
-            _tma_failed.append(f"{type(err).__name__}: {err}"[:300])
-            warnings.warn(
-                f"INT8 TMA GEMM failed ({_tma_failed[0]}); using w8a8_matmul from now on",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            record_failure(_tma_failed, "INT8 TMA GEMM", "w8a8_matmul", err)
     return w8a8_matmul(a8, a_scale, w8, w_scale, out_dtype, bias)
 
 

@@ -41,8 +41,6 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
                 per M bucket and shape during the warm-up, which is not timed)
   triton_dq     QuantLinear int4 g128: our Triton dequantizer to bf16, then cuBLAS
   triton_gemv   QuantLinear int4 g128 on our CUDA-core Triton GEMV (M <= 16; larger M skipped)
-  triton_w4_tma (GPU, Hopper) triton_w4's layout on triton_w4.w4_matmul_tma: operands staged
-                through TMA (M <= 64; larger M skipped)
   auto_w4       QuantLinear int4 g128 with backend "auto": what a user gets (W4_AUTO's choice)
 Timing: median over timed rounds after warm-up (CUDA events on GPU); every round calls each of
 several independent (weight, input) copies in turn, together larger than 4x the L2 cache (the
@@ -236,16 +234,6 @@ def _make_int8_triton(layer: Layer) -> Fn:
     return run
 
 
-def _make_w4_tma(layer: Layer) -> Fn:
-    """int4 g128 on `triton_w4.w4_matmul_tma` (M <= 64, Hopper): triton_w4's tile layout, the
-    operands staged through TMA; not a QuantLinear backend yet (larger M are skipped cells)."""
-    from faircalib.kernels.triton_w4 import pack_tiles, transposed_scales, w4_matmul_tma
-
-    packed = pack_tiles(layer.codes4)
-    scale_t, zs_t = transposed_scales(layer.qp4.scale, layer.qp4.zero)
-    return torch.no_grad()(lambda x: w4_matmul_tma(x, packed, scale_t, zs_t))
-
-
 def _make_tma(kind: str) -> Callable[[Layer], Fn]:
     """The 8-bit work of int8_w8a8 / fp8_w8a8 (fused per-token quantization, then the GEMM)
     on the persistent TMA GEMM (triton_w8a8.w8a8_matmul_tma; Hopper only)."""
@@ -390,7 +378,6 @@ def candidates(device: torch.device) -> list[Candidate]:
             out.append(
                 Candidate(name, lambda l, n=name: _quant_linear(l.codes4, l.qp4, n), _ref_w4, 0.5)
             )
-        out.append(Candidate("triton_w4_tma", _make_w4_tma, _ref_w4, 0.5))
     auto = lambda l: _quant_linear(l.codes4, l.qp4, "auto")  # noqa: E731
     out.append(Candidate("auto_w4", auto, _ref_w4, 0.5))
     # the same call timed from Python: what a step pays when it is not captured in a graph
@@ -740,7 +727,7 @@ TARGETS = [
     ("INT8 W8A8", ("int8_w8a8", "int8_triton", "int8_intmm"), 1024, math.inf, 1.6),
     ("W4A8", ("w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq"), 1024, math.inf, 1.5),
     ("W4A16 M >= 256", ("auto_w4", *W4_BACKENDS), 256, math.inf, 0.9),
-    ("W4A16 M = 1", ("auto_w4", "triton_w4_tma", *W4_BACKENDS), 1, 1, 2.5),
+    ("W4A16 M = 1", ("auto_w4", *W4_BACKENDS), 1, 1, 2.5),
 ]
 
 
@@ -984,7 +971,6 @@ FASTEST_W4 = (
     "dequant_bf16",
     "gemlite_w4",
     "triton_w4",
-    "triton_w4_tma",
     "triton_dq",
     "triton_gemv",
 )

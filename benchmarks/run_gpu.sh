@@ -36,7 +36,7 @@ job_command() {
   # issue 16: every shape; the bare-kernel duplicates (int4_aten, fp8_aten) and the optional
   # gemlite left out, M on the grid the targets name; a budget keeps it inside one lease
   kernels) echo "python3 benchmarks/kernels.py --out $RES/kernels --ms 1,16,32,64,256,512,1024,2048,4096 \
-    --backends int4_torch,dequant_bf16,int8_intmm,fp8_scaled_mm,int8_w8a8,int8_triton,fp8_w8a8,w4a8,w4a8_fp8,w4a8_dq,w4a8_fp8_dq,fp8_triton,triton_w4,triton_w4_tma,triton_dq,triton_gemv,auto_w4,auto_w4_eager \
+    --backends int4_torch,dequant_bf16,int8_intmm,fp8_scaled_mm,int8_w8a8,int8_triton,fp8_w8a8,w4a8,w4a8_fp8,w4a8_dq,w4a8_fp8_dq,fp8_triton,triton_w4,triton_dq,triton_gemv,auto_w4,auto_w4_eager \
     --time-budget ${KERNELS_BUDGET:-1200}" ;;
   e2e) echo "python3 benchmarks/e2e.py --out $RES/e2e" ;;
   throughput) echo "python3 benchmarks/throughput.py --device cuda --out $RES/throughput" ;;

@@ -458,11 +458,12 @@ def _triton_supports(
 
 
 def _triton_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
-    from faircalib.kernels.triton_w4 import pack_tiles, transposed_scales
+    from faircalib.kernels.triton_w4 import pack_tiles, split_counters, transposed_scales
 
     packed = pack_tiles(layer.codes().to(device))  # [K / 8, N] int32
     scale_t, zs_t = transposed_scales(layer.scale.to(device), layer.zero.to(device))
-    return packed, scale_t, zs_t
+    # the fused GEMM's split-K arrival counters, reset by the kernel itself after each call
+    return packed, scale_t, zs_t, split_counters(layer.out_features, device)
 
 
 def _triton_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
@@ -480,7 +481,7 @@ def _triton_codes(prepared: tuple) -> torch.Tensor:
 def _triton_dq_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
     from faircalib.kernels.triton_w4 import w4_dequantize
 
-    w_t = w4_dequantize(*prepared, x.dtype)  # [in, out], freed after the call
+    w_t = w4_dequantize(*prepared[:3], x.dtype)  # [in, out], freed after the call
     y = x @ w_t
     return y if layer.bias is None else y + layer.bias.to(y.dtype)
 

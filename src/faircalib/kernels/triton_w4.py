@@ -14,7 +14,9 @@ Kernels:
   K=128 dot over the whole tile, its rows gathered from the 16 int32 rows ("tile"), and the
   transposed product y.T = W_hat @ x.T with the dequantized [BN, 128] tile as the dot's left
   operand ("swap", `_swap_matmul`) - and tile shapes are autotuned per (M bucket, N, K); small
-  M may split K across programs (float32 atomics) so a GEMV-like call still fills the GPU.
+  M may split K across programs so a GEMV-like call still fills the GPU; the splits are reduced
+  by the last program to arrive (`_store_split`), so a call is one kernel: no zero-fill of a
+  float32 output for atomics, no cast pass after it (each an extra kernel in a CUDA graph).
   Why "swap": Hopper's wgmma reads its left operand from registers and its right one from
   shared memory. As the right operand the dequantized weight must be written to shared memory
   every step, and Triton then waits for each dot before the next dequantization (sm_90 compile,
@@ -26,10 +28,6 @@ Kernels:
   M = 16 still fills 64-row wgmma tiles. The autotuner picks it only where it is faster
   (`SWAP_SHAPES`); on the H200 with the device's Triton 3.6 it compiled but never won at
   4096x4096, M = 16 / 256 / 1024 (benchmarks/results/kernels/probe-swap-h200/).
-- `w4_matmul_tma`: the same product for M <= 64 on Hopper, with the weight words, the
-  activations and the scales staged through tensor descriptors (asynchronous copies, several
-  K steps ahead): at small M `w4_matmul` waits on its weight loads. A benchmark candidate
-  (`triton_w4_tma` in benchmarks/kernels.py), not yet one of `auto`'s choices.
 - `w4_dequantize`: W_hat.T [K, N] in the activation dtype, for large M where a cuBLAS GEMM on
   the dequantized weight beats any fused kernel (the weight is written once per call and freed).
 
@@ -99,13 +97,14 @@ SWAP_SHAPES = [
 ]
 
 
-# Split K (atomics into a zeroed float32 output) up to this many token rows. At M = 16-64 a
+# Split K (reduced serially inside the kernel, `_store_split`) up to this many token rows. At M = 16-64 a
 # layer has as few output tiles as at M = 1 (one row block): without split-K, 4096 outputs in
 # 128-wide blocks run 32 programs on the H200's 132 SMs. The 2026-11-29 sweep, which split only
 # up to M = 16, had the kernel at 1.0-1.1x of bf16 at M = 16 and 0.4-0.8x at M = 32 (cached
 # block decoding's M); splitting up to 64, the 2026-11-30 sweep had it at 0.82-1.02x at M = 32
 # and 0.52-0.82x at M = 64 (0.35-0.60x before).
 SPLIT_K_MAX_M = 64
+MAX_SPLIT_K = 8  # the most K ranges a config splits into (sizes the partials' workspace)
 
 
 def _configs(swap: bool = True) -> list[triton.Config]:
@@ -124,7 +123,7 @@ def _configs(swap: bool = True) -> list[triton.Config]:
     variants += [(shape, "swap") for shape in SWAP_SHAPES] if swap else []
     out = []
     for (bm, bn, warps, stages), unpack in variants:
-        for split in (1, 2, 4, 8) if bm <= SPLIT_K_MAX_M else (1,):
+        for split in (1, 2, 4, MAX_SPLIT_K) if bm <= SPLIT_K_MAX_M else (1,):
             meta = {"BLOCK_M": bm, "BLOCK_N": bn, "UNPACK": unpack, "SPLIT_K": split}
             out.append(triton.Config(meta, num_warps=warps, num_stages=stages))
     return out
@@ -239,12 +238,38 @@ def _swap_matmul(
 
 
 @triton.jit
+def _store_split(
+    acc, y_ptr, part_ptr, cnt_ptr, rows, cols, ok, M, N, stride_ym, SPLIT_K: tl.constexpr
+):
+    """Store this program's tile of y in y's dtype; with split K, reduce serially: write the
+    float32 partial to the workspace [SPLIT_K, M, N], count in on the tile's counter (acq_rel);
+    the last program to arrive sums the partials in a fixed order (the same bits every call),
+    stores y and resets the counter for the next call. No zero-fill or cast kernel around it."""
+    y_ptrs = y_ptr + rows * stride_ym + cols
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        p_ptrs = part_ptr + rows * N + cols
+        tl.store(p_ptrs + tl.program_id(1) * M * N, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for split in tl.static_range(SPLIT_K):
+                total += tl.load(p_ptrs + split * M * N, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)  # ready for the next call
+
+
+@triton.jit
 def _w4_matmul_kernel(
     x_ptr,
     q_ptr,
     s_ptr,
     zs_ptr,
     y_ptr,
+    part_ptr,
+    cnt_ptr,
     M,
     N,
     K,
@@ -279,23 +304,17 @@ def _w4_matmul_kernel(
             x_ptr, q_ptr, s_ptr, zs_ptr, rm_c, rn_c, N, K, stride_xm,
             GROUP_SIZE, BLOCK_M, BLOCK_N, SPLIT_K,
         )  # fmt: skip
-        y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
+        rows, cols = rm.to(tl.int64)[None, :], rn[:, None]
         ok = m_ok[None, :] & n_ok[:, None]
-        if SPLIT_K == 1:
-            tl.store(y_ptrs, acc_t.to(y_ptr.dtype.element_ty), mask=ok)
-        else:
-            tl.atomic_add(y_ptrs, acc_t, mask=ok)  # y is a zeroed float32 buffer
+        _store_split(acc_t, y_ptr, part_ptr, cnt_ptr, rows, cols, ok, M, N, stride_ym, SPLIT_K)
     else:
         acc = _plain_matmul(
             x_ptr, q_ptr, s_ptr, zs_ptr, rm, rn, m_ok, n_ok, N, K, stride_xm,
             GROUP_SIZE, BLOCK_M, BLOCK_N, UNPACK, SPLIT_K,
         )  # fmt: skip
-        y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        rows, cols = rm.to(tl.int64)[:, None], rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1:
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
-        else:
-            tl.atomic_add(y_ptrs, acc, mask=ok)  # y is a zeroed float32 buffer
+        _store_split(acc, y_ptr, part_ptr, cnt_ptr, rows, cols, ok, M, N, stride_ym, SPLIT_K)
 
 
 @triton.jit
@@ -383,7 +402,6 @@ def _autotuner(swap: bool):  # noqa: ANN202 - a triton Autotuner
         configs=_configs(swap),
         key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
         prune_configs_by={"early_config_prune": _prune},
-        reset_to_zero=["y_ptr"],
     )(_w4_matmul_kernel)
 
 
@@ -402,15 +420,26 @@ def m_bucket(m: int) -> int:
     return triton.next_power_of_2(max(1, m))
 
 
+def split_counters(n: int, device: torch.device | str) -> torch.Tensor:
+    """The zeroed int32 arrival counters of `w4_matmul`'s serial split-K, one per output tile
+    of the smallest tiles that split (16 x 16) up to SPLIT_K_MAX_M rows: built once per layer
+    (kept with its layout); every call leaves them at zero again."""
+    tiles = triton.cdiv(SPLIT_K_MAX_M, 16) * triton.cdiv(n, 16)
+    return torch.zeros(tiles, dtype=torch.int32, device=device)
+
+
 def w4_matmul(
     x: torch.Tensor,
     packed: torch.Tensor,
     scale_t: torch.Tensor,
     zs_t: torch.Tensor,
+    counters: torch.Tensor | None = None,
     *,
     interpreted_meta: dict | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (bf16/fp16) @ W_hat.T -> [M, N] in x's dtype, from the tile layout.
+    """x [M, K] (bf16/fp16) @ W_hat.T -> [M, N] in x's dtype, from the tile layout, in one
+    kernel. `counters` (`split_counters`) belong to this weight: one layer must not run on two
+    streams at once; without them a zeroed set is made for the call.
 
     `interpreted_meta` fixes the block sizes (CPU interpreter, where nothing can be timed)."""
     x = x.contiguous()
@@ -420,18 +449,21 @@ def w4_matmul(
     meta = None
     if INTERPRETED or interpreted_meta is not None:
         meta = interpreted_meta or {"BLOCK_M": 16, "BLOCK_N": 32, "UNPACK": "planes", "SPLIT_K": 1}
-    # a zeroed float32 output wherever split-K may accumulate into it with atomics
-    split = meta["SPLIT_K"] > 1 if meta else m <= SPLIT_K_MAX_M
-    if split:
-        y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-    else:
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if counters is None:
+        counters = split_counters(n, x.device)
+    elif counters.numel() < triton.cdiv(m, 16) * triton.cdiv(n, 16):
+        raise ValueError(f"too few split-K counters ({counters.numel()}): use split_counters")
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    # the split partials (float32); the caching allocator hands these out without a kernel
+    split = meta["SPLIT_K"] if meta else (MAX_SPLIT_K if m <= SPLIT_K_MAX_M else 1)
+    part = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else y
 
     def grid(meta: dict) -> tuple[int, int]:
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         return tiles, meta["SPLIT_K"]
 
-    args = (x, packed, scale_t, zs_t, y, m, n, k, x.stride(0), y.stride(0), m_bucket(m))
+    args = (x, packed, scale_t, zs_t, y, part, counters, m, n, k, x.stride(0), y.stride(0))
+    args += (m_bucket(m),)
     if meta:
         _w4_matmul_kernel[grid](*args, GROUP_SIZE=group_size, **meta)
     elif _swap_failed or not SWAP_ON:
@@ -443,161 +475,8 @@ def w4_matmul(
             raise  # not a compile failure: no config would help
         except Exception as err:  # noqa: BLE001 - a compile failure: retry without "swap"
             record_failure(_swap_failed, "W4 Triton GEMM: the 'swap' configs", "the others", err)
-            y.zero_()
             _autotuned_matmul_no_swap[grid](*args, GROUP_SIZE=group_size)
-    return y.to(x.dtype)
-
-
-# --- small-M GEMM with TMA-staged operands (Hopper) -------------------------------------------
-# Why: at M <= 64 (cached block decoding) `w4_matmul` is latency-bound, not bound by its
-# instructions: removing a third of the dequantization's (the integer path) sped it up 1-3% on
-# the H200 (benchmarks/results/kernels-w4-int/), at ~0.8 TB/s of weight reads. Its weight words
-# feed elementwise code, so Triton's pipeliner leaves their loads in the loop and every K step
-# waits on DRAM. Loaded through tensor descriptors instead, the words, the activations and the
-# scales are all copied asynchronously into shared memory num_stages - 1 K steps ahead (sm_90
-# compile: 3 x [16, BN] int32, 3 x 8 x [BM, 16] bf16 buffers at 4 stages). Untimed: it is a
-# `benchmarks/kernels.py` candidate (`triton_w4_tma`), not yet a choice of `auto`.
-TMA_MAX_M = 64
-
-
-def _tma_w4_configs() -> list[triton.Config]:
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split},
-            num_warps=4,
-            num_stages=stages,
-            pre_hook=_set_w4_tma_blocks,
-        )
-        for bm in (16, 32, 64)
-        for bn in (64, 128, 256)
-        for split in (1, 2, 4, 8)
-        for stages in (3, 4)
-    ]
-
-
-def _set_w4_tma_blocks(nargs: dict) -> None:
-    """A descriptor's block is part of the kernel's signature: the config's, before launch."""
-    nargs["x_desc"].block_shape = [nargs["BLOCK_M"], 16]
-    nargs["q_desc"].block_shape = [16, nargs["BLOCK_N"]]
-
-
-def _prune_tma(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's hook signature
-    tallest = max(16, triton.next_power_of_2(named_args["M"]))
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= tallest] or configs[:1]
-
-
-@triton.jit
-def _w4_tma_kernel(
-    x_desc,
-    q_desc,
-    s_ptr,
-    zs_ptr,
-    y_ptr,
-    M,
-    N,
-    K,
-    stride_ym,
-    M_BUCKET,  # autotuning key only
-    GROUP_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    X_BF16: tl.constexpr,  # else float16 (a flag: descriptors' dtype attribute varies by version)
-):
-    """y [M, N] += x @ W_hat.T over this program's K tiles (split-K into a zeroed float32 y),
-    "planes" with exact integer weights (`_biased_codes` - `_biased_zeros`, the scale after the
-    tile's dots); the descriptors zero-fill rows past M and columns past N."""
-    n_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = tl.program_id(0) // n_n, tl.program_id(0) % n_n
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    rn_c = tl.where(n_ok, rn, 0)  # past N: column 0's scales (finite; never stored)
-    dtype: tl.constexpr = tl.bfloat16 if X_BF16 else tl.float16
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tile in range(tl.program_id(1), K // 128, SPLIT_K):
-        packed = q_desc.load([tile * 16, pid_n * BLOCK_N])  # [16, BN] int32
-        g = tile * 128 // GROUP_SIZE
-        s = tl.load(s_ptr + g * N + rn_c)[None, :]
-        zs = tl.load(zs_ptr + g * N + rn_c)[None, :]
-        zb = _biased_zeros(s, zs, dtype)
-        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(8):
-            x = x_desc.load([pid_m * BLOCK_M, tile * 128 + 16 * j])  # [BM, 16]
-            part = tl.dot(x, _biased_codes(packed, 4 * j, dtype) - zb, part)
-        acc += s * part
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ok = (rm < M)[:, None] & n_ok[None, :]
-    tl.atomic_add(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc, mask=ok)
-
-
-_autotuned_tma = triton.autotune(
-    configs=_tma_w4_configs(),
-    key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-    prune_configs_by={"early_config_prune": _prune_tma},
-    reset_to_zero=["y_ptr"],
-)(_w4_tma_kernel)
-
-
-def tma_w4_unsupported(x: torch.Tensor, packed: torch.Tensor, scale_t: torch.Tensor) -> str | None:
-    """None if `w4_matmul_tma` can take this call, else why not."""
-    m, k = x.shape
-    n = packed.shape[1]
-    if x.dtype not in (torch.bfloat16, torch.float16):
-        return f"the TMA W4 GEMM takes bf16 or fp16 activations, got {x.dtype}"
-    if (k // scale_t.shape[0]) % TILE_K:
-        return "the TMA W4 GEMM needs scale groups spanning whole 128-wide K tiles"
-    if m > TMA_MAX_M:
-        return f"the TMA W4 GEMM is for M <= {TMA_MAX_M}, got {m}"
-    if n % 4:
-        return f"the TMA W4 GEMM needs N % 4 == 0 (16-byte rows of int32 words), got {n}"
-    hopper = x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
-    if not (INTERPRETED or hopper):
-        return "the TMA W4 GEMM needs a CUDA device of compute capability 9.0 or newer"
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return f"Triton {triton.__version__} has no host-side tensor descriptors"
-    return None
-
-
-def w4_matmul_tma(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale_t: torch.Tensor,
-    zs_t: torch.Tensor,
-    *,
-    meta: dict | None = None,
-) -> torch.Tensor:
-    """`w4_matmul` for M <= TMA_MAX_M on TMA-staged operands (check `tma_w4_unsupported`
-    first); `meta` fixes BLOCK_M / BLOCK_N / SPLIT_K (the CPU interpreter, tests)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    why = tma_w4_unsupported(x, packed, scale_t)
-    if why:
-        raise ValueError(why)
-    x = x.contiguous()
-    if x.data_ptr() % 16:  # a descriptor's base must be 16-byte aligned
-        x = x.clone()
-    m, k = x.shape
-    n = packed.shape[1]
-    y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-    if m == 0:
-        return y.to(x.dtype)
-    x_desc = TensorDescriptor.from_tensor(x, [16, 16])  # blocks set per config
-    q_desc = TensorDescriptor.from_tensor(packed, [16, 16])
-
-    def grid(meta: dict) -> tuple[int, int]:
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        return tiles, meta["SPLIT_K"]
-
-    args = (x_desc, q_desc, scale_t, zs_t, y, m, n, k, y.stride(0), m_bucket(m))
-    consts = {"GROUP_SIZE": k // scale_t.shape[0], "X_BF16": x.dtype == torch.bfloat16}
-    if meta is not None:
-        _set_w4_tma_blocks({"x_desc": x_desc, "q_desc": q_desc, **meta})
-        _w4_tma_kernel[grid](*args, **consts, **meta)
-    else:
-        _autotuned_tma[grid](*args, **consts)
-    return y.to(x.dtype)
+    return y
 
 
 # --- dequantizer (large M: then cuBLAS) --------------------------------------------------------

@@ -449,13 +449,13 @@ def w4_matmul(
     meta = None
     if INTERPRETED or interpreted_meta is not None:
         meta = interpreted_meta or {"BLOCK_M": 16, "BLOCK_N": 32, "UNPACK": "planes", "SPLIT_K": 1}
-    if counters is None:
-        counters = split_counters(n, x.device)
-    elif counters.numel() < triton.cdiv(m, 16) * triton.cdiv(n, 16):
-        raise ValueError(f"too few split-K counters ({counters.numel()}): use split_counters")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     # the split partials (float32); the caching allocator hands these out without a kernel
     split = meta["SPLIT_K"] if meta else (MAX_SPLIT_K if m <= SPLIT_K_MAX_M else 1)
+    if counters is None:
+        counters = split_counters(n, x.device)
+    elif split > 1 and counters.numel() < triton.cdiv(m, 16) * triton.cdiv(n, 16):
+        raise ValueError(f"too few split-K counters ({counters.numel()}): use split_counters")
     part = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else y
 
     def grid(meta: dict) -> tuple[int, int]:

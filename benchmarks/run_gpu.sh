@@ -26,6 +26,10 @@
 #   pip download pydantic --python-version 3.12 --only-binary=:all: \
 #     --platform manylinux2014_x86_64 -d .whl   # with its deps: pydantic pins pydantic_core
 # and give the call carry=[".whl"].
+# The device's copy of .git can be older than the files it runs (2026-11-30: every call of the
+# session named the session's first commit): start the command with
+# `export FAIRCALIB_GIT_COMMIT=<git rev-parse HEAD, run here>;` so the records name the right one
+# (without it they carry git_dirty: true for files that differ from the copy's HEAD).
 set -euo pipefail
 RES=${RES:-/root/results}
 export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1

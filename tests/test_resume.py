@@ -379,3 +379,32 @@ def test_run_record_says_whether_the_run_was_deterministic():
     finally:
         torch.use_deterministic_algorithms(flags[0])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[1], benchmark
+
+
+def test_git_state_names_the_commit_and_flags_files_that_differ_from_it(tmp_path):
+    """A tree whose tracked files differ from HEAD (edited here, or a copy carrying an older
+    history, as the GPU machine's once did) is recorded as dirty, not as HEAD's commit alone."""
+    import shutil
+
+    from faircalib.bench import git_state
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    assert git_state(tmp_path) == ("", False)  # not a checkout
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t"}
+    env |= {"GIT_COMMITTER_EMAIL": "t@t", "HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "one")
+    head = git("rev-parse", "HEAD")
+    assert len(head) == 40 and git_state(tmp_path) == (head, False)
+    (tmp_path / "untracked.txt").write_text("not part of the tree\n")
+    assert git_state(tmp_path) == (head, False)
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_state(tmp_path) == (head, True)

@@ -166,24 +166,29 @@ def deterministic(device: str | None = None) -> bool:
     )
 
 
+def git_state(cwd: Path) -> tuple[str, bool]:
+    """(HEAD's commit, whether tracked files differ from it) of the checkout holding `cwd`;
+    ("", False) outside one or without git. A copy whose history is older than its files (the
+    GPU machine's, once) shows up as dirty rather than passing for the older commit."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit, bool(commit and git("status", "--porcelain", "--untracked-files=no"))
+    except OSError:
+        return "", False
+
+
 def run_record(argv: list[str] | None = None) -> dict:
     """Command, git commit, device, torch version, date and determinism of a results file. A
     copy of the tree without its own history (the GPU machine's) names its commit in
-    FAIRCALIB_GIT_COMMIT."""
-    commit = os.environ.get("FAIRCALIB_GIT_COMMIT", "")
-    try:
-        commit = (
-            commit
-            or subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-                check=False,
-            ).stdout.strip()
-        )
-    except OSError:
-        commit = ""
+    FAIRCALIB_GIT_COMMIT; otherwise `git_dirty` says whether the files ran differ from it."""
+    commit, dirty = os.environ.get("FAIRCALIB_GIT_COMMIT", ""), False
+    if not commit:
+        commit, dirty = git_state(Path(__file__).parent)
     device = (
         torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     )
@@ -191,6 +196,7 @@ def run_record(argv: list[str] | None = None) -> dict:
         "command": " ".join(argv if argv is not None else sys.argv),
         "faircalib_version": faircalib.__version__,
         "git_commit": commit,
+        "git_dirty": dirty,
         "device": device,
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -202,7 +208,7 @@ def record_lines(rec: dict) -> list[str]:
     """The Markdown header lines of a results file: command, commit, device, date."""
     return [
         f"Command: `{rec['command']}`  ",
-        f"Commit: `{rec['git_commit']}`  ",
+        f"Commit: `{rec['git_commit']}`{' with uncommitted changes' if rec.get('git_dirty') else ''}  ",
         f"Device: {rec['device']} (torch {rec['torch']}{_determinism(rec)})  ",
         f"Date: {rec['date']}",
     ]

@@ -90,7 +90,10 @@ if TYPE_CHECKING:
 # 4096x4096 alone); dequantize + cuBLAS from M = 256 (0.50-0.67x). The sweep's
 # `suggested_w4_auto` carries the fused kernel up to M = 255, but between 64 and 256 only
 # 4096x4096 was measured, at M = 128 (benchmarks/results/kernels-w4-int/), and there
-# dequantize + cuBLAS led (0.56x against 0.47x): so the fused kernel stops at 64.
+# dequantize + cuBLAS led (0.56x against 0.47x): so the fused kernel stops at 64. Since the
+# fused kernel reduces its split K itself (one kernel a call; benchmarks/results/kernels-w4-split/,
+# five shapes): 1.12-1.30x at M = 16, 0.99-1.18x at 32, 0.63-1.00x at 64 (dequantize + cuBLAS
+# 0.42-0.62x there), which confirms the rows below.
 # Where triton is missing, torch's int4 kernel serves M <= 64 and `dequant` the rest.
 # CPU: on the 2-core EPYC dev machine the bf16 int4 kernel beat both dense bf16 and
 # dequantize-then-GEMM at every M up to 2048 (2048x2048 layer), so it never hands over.

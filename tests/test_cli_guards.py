@@ -189,3 +189,69 @@ def test_an_unreadable_recipe_is_named_as_a_recipe(tmp_path, capsys):
     )
     err = one_line_error(capsys)
     assert code == 2 and "not a readable recipe" in err and "re-download" not in err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [("method", "bogus", "--method"), ("group_size", "abc", "--group-size")],
+)
+def test_a_recipe_value_its_flag_would_refuse_is_named(tmp_path, capsys, field, value, said):
+    """A recipe bypasses argparse: its values get the typed flags' choices and types, and the
+    error names the recipe field (an unknown method was reported as an activation method)."""
+    recipe = json.loads((hub.ASSETS / "recipes" / "rtn-w4g128.json").read_text())
+    recipe["args"][field] = value
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    code = cli.main(
+        ["quantize", "mdlm-tiny", "--config", str(tmp_path), "--out", str(tmp_path / "q")]
+    )
+    err = one_line_error(capsys)
+    assert code == 2 and f"recipe field {field}" in err and said in err
+    assert "activations" not in err and not (tmp_path / "q").exists()
+
+
+def test_an_unknown_torch_dtype_in_config_json_is_refused(tmp_path, capsys):
+    """config.json's torch_dtype decides the dtype `--dtype auto` writes: a name that is not a
+    float dtype (it used to become float32 silently) is one line, before any output."""
+    model = local_model(tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    named = (
+        ("torch.bfloat16", torch.bfloat16),
+        ("float16", torch.float16),
+        ("auto", torch.float32),
+    )
+    for name, dtype in named:
+        (model / "config.json").write_text(json.dumps({**config, "torch_dtype": name}))
+        assert hub.source_dtype(model) == dtype
+    (model / "config.json").write_text(json.dumps({**config, "torch_dtype": "foo"}))
+    with pytest.raises(CheckpointError, match="torch_dtype 'foo'"):
+        hub.source_dtype(model)
+    out = tmp_path / "q"
+    argv = ["quantize", str(model), "--method", "rtn", "--bits", "4", "--out", str(out)]
+    assert cli.main(argv) != 0
+    assert "torch_dtype 'foo'" in one_line_error(capsys) and not out.exists()
+
+
+def test_an_unreadable_progress_file_is_named_as_progress_damage(tmp_path):
+    """A progress directory's safetensors file that does not read is damage to that directory
+    (start over), not a checkpoint to re-download."""
+    run = PartialRun(tmp_path, {"finished_blocks": 0, "blocks": []})
+    (tmp_path / "block.0.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(CheckpointError) as exc:
+        run._read_tensors("block.0.safetensors")
+    said = str(exc.value)
+    assert "damaged" in said and "block.0.safetensors" in said and "--overwrite" in said
+    assert "re-download" not in said and "\n" not in said
+
+
+def test_bench_removes_the_output_directories_it_made_when_it_fails_early(tmp_path, capsys):
+    out = tmp_path / "new" / "bench"
+    argv = ["bench", "mdlm-tiny", "--methods", "rtn", "--schemes", "w4g128", "--out", str(out)]
+    assert cli.main([*argv, "--data", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither new/ nor new/bench left
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    argv[-1] = str(kept)
+    assert cli.main([*argv, "--data", str(tmp_path / "missing.txt")]) == 2
+    capsys.readouterr()
+    assert kept.is_dir()  # the user's own directory stays

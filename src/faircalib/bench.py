@@ -412,8 +412,23 @@ def quantize_row(
 
 
 def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
-    if cfg.out:  # an unwritable --out fails now, not after the whole bench
-        atomic.check_writable_dir(Path(cfg.out))
+    """Every row of the table (`_run_bench`); an --out directory made for it and still empty
+    when the bench fails (bad data, no memory, Ctrl-C) is removed again."""
+    out = Path(cfg.out).absolute() if cfg.out else None
+    made = [] if out is None else [d for d in (out, *out.parents) if not d.exists()]
+    if out is not None:  # an unwritable --out fails now, not after the whole bench
+        atomic.check_writable_dir(out)
+    try:
+        return _run_bench(cfg, argv)
+    except BaseException:
+        for directory in made:  # innermost first; stop at the first that holds something
+            if not directory.is_dir() or any(directory.iterdir()):
+                break
+            directory.rmdir()
+        raise
+
+
+def _run_bench(cfg: BenchConfig, argv: list[str] | None) -> dict:
     model = hub.load(cfg.model, device="cpu" if cfg.offload else cfg.device)
     tokenizer = hub.load_tokenizer(cfg.model)
     evaluator = Evaluator(cfg, model, tokenizer)

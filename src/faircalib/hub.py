@@ -87,8 +87,15 @@ def source_dtype(directory: Path) -> torch.dtype:
     config_path = Path(directory) / "config.json"
     config = read_json(config_path) if config_path.is_file() else {}
     name = config.get("torch_dtype") or config.get("dtype")
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    return dtypes.get(str(name).removeprefix("torch."), torch.float32)
+    if name is None or name == "auto":
+        return torch.float32
+    stored = str(name).removeprefix("torch.")
+    if stored not in DTYPES:  # a typo or a non-float type would otherwise load as float32
+        raise CheckpointError(
+            f"{config_path}: torch_dtype {name!r} is not a float dtype faircalib reads "
+            f"({', '.join(DTYPES)}); fix config.json, or pass --dtype and --calib-dtype"
+        )
+    return DTYPES[stored]
 
 
 def check_device(device: str) -> torch.device:

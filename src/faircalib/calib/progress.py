@@ -219,7 +219,7 @@ class PartialRun:
         """(tensors named INPUT_NAMES, the diagnostics dict) saved by `save_inputs`, or None."""
         if not self.state.get("inputs"):
             return None
-        tensors = read_safetensors(self.directory / INPUTS)
+        tensors = self._read_tensors(INPUTS)
         if set(tensors) != set(INPUT_NAMES):
             raise self._damaged(f"{INPUTS} holds {sorted(tensors)}")
         return tensors, self.state["inputs"]["extra"]
@@ -254,7 +254,7 @@ class PartialRun:
             if entry.get("recon") is not None:
                 report.recon.append(entry["recon"])
         if 0 < k < len(model.blocks):
-            saved = read_safetensors(self.directory / _state_name(k))
+            saved = self._read_tensors(_state_name(k))
             _fill(cache, saved, "cache", self)
             if float_cache is not None:
                 _fill(float_cache, saved, "float", self)
@@ -262,7 +262,7 @@ class PartialRun:
 
     def _restore_block(self, model: DiffusionLM, i: int, device: torch.device | str) -> None:
         block = model.blocks[i]
-        tensors = read_safetensors(self.directory / _block_name(i))
+        tensors = self._read_tensors(_block_name(i))
         specs = self.state["blocks"][i]["results"]
         for name, linear in model.quantizable_linears(block):
             try:
@@ -318,6 +318,15 @@ class PartialRun:
         self._pending, self._last_commit = [], time.monotonic()
 
     # --- files ------------------------------------------------------------------------------
+    def _read_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """A progress file's tensors; an unreadable one is this directory's damage (its remedy
+        is to start over, not the checkpoint reader's "re-download")."""
+        try:
+            return read_safetensors(self.directory / name)
+        except CheckpointError as exc:
+            reason = str(exc).split("; ")[0].removeprefix(str(self.directory / name)).strip()
+            raise self._damaged(f"{name} {reason}") from exc
+
     def _save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         with atomic.replacing(self.directory / name) as tmp:

@@ -384,6 +384,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(
         func=run,
         option_dests={o: a.dest for a in p._actions for o in a.option_strings},
+        # a recipe's values pass the same choices and types as typed flags (`apply_recipe`)
+        option_checks={a.dest: a for a in p._actions if a.choices is not None or a.type},
     )
 
 
@@ -586,14 +588,36 @@ def apply_recipe(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
     typed = explicit_dests(args)
     if "model" not in typed and recipe.get("model") is not None:
         args.model = str(recipe["model"])
+    checks = getattr(args, "option_checks", {})
     for dest, value in recipe["args"].items():
         if dest not in typed:
+            if value is not None and dest in checks:
+                check_recipe_value(checks[dest], value)
             setattr(args, dest, value)
     # a learned-transform recipe from before --flat-shift ran unshifted: replay it so (the
     # default is now mean)
     old_learned = recipe["args"].get("scheme") is not None and "flat_shift" not in recipe["args"]
     if old_learned and args.method in ACT_LEARNED and "flat_shift" not in typed:
         args.flat_shift = "none"
+
+
+def check_recipe_value(action: argparse.Action, value: Any) -> None:
+    """Refuse a recipe value its flag would refuse if typed (a choice it lacks, a number its
+    type rejects): one line naming the field, instead of a misleading error later."""
+    flag = action.option_strings[0] if action.option_strings else action.dest
+    if action.choices is not None and value not in action.choices:
+        raise _config_error(
+            f"recipe field {action.dest} = {value!r} is not a valid {flag}; choose from "
+            f"{', '.join(map(str, action.choices))}"
+        )
+    if action.type is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return
+    try:
+        action.type(str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise _config_error(
+            f"recipe field {action.dest} = {value!r} is not a valid {flag} ({exc})"
+        ) from exc
 
 
 def make_recipe(args: argparse.Namespace, config, calib, fmt: str, dtype: str) -> dict[str, Any]:
@@ -719,6 +743,7 @@ def run(args: argparse.Namespace) -> int:
     PartialRun.check(partial_dir(out), resume=args.resume, overwrite=args.overwrite)
     source = hub.resolve(args.model)
     check_source(source, str(args.model))
+    _dtype_name(args, source)  # an unreadable torch_dtype is refused now, not after calibration
     result = quantize_model_from_args(args, config, calib, calib_data, source, fmt)
     if distributed.is_main():  # torchrun: every rank holds the same model; rank 0 writes it
         tick = time.time()
@@ -1128,6 +1153,7 @@ def run_act(args: argparse.Namespace, start: float) -> int:
     calib = calib_config(args)
     source = hub.resolve(args.model)
     check_source(source, str(args.model))
+    _dtype_name(args, source)
     result = quantize_act_from_args(args, cfg, fair, calib, calib_data, source, fmt)
     tick = time.time()
     save(result, out, args.overwrite)

@@ -21,7 +21,9 @@ and issue 16's 8-bit-activation backends by name: fp8_w8a8 (fused per-token e4m3
 quantization + FP8 GEMM, on the INT8 codes re-rounded to e4m3, so two 8-bit copies resident),
 fp8_checkpoint (what an FP8 checkpoint, `--scheme w8a8fp8`, loads as: FP8ActLinear with one
 e4m3 copy of per-channel e4m3 weights, the same GEMM), int8_w8a8 (the Triton INT8 GEMM), w4a8_int8 / w4a8_fp8 (INT4 g128
-codes unpacked to 8 bits per call, then an 8-bit GEMM; CUDA only). Reported per batch size
+codes unpacked to 8 bits per call, then an 8-bit GEMM; CUDA only). Every quantized variant's
+blocks quantize an input that several linears read (q, k, v; gate, up) once, as a loaded
+checkpoint's do (kernels.shared_activations); fp8_w8a8_unshared is fp8_w8a8 without that. Reported per batch size
 (1 and 8): median step latency (CUDA events, eager and CUDA graph), peak memory of the block
 stack's forward, resident weight bytes; the weight bytes of the INT4 g128 packed checkpoint
 format vs bf16 (must be <= 0.28x); the FP8 step target (>= 1.4x of bf16). Outputs e2e.json
@@ -48,6 +50,7 @@ from faircalib.config import QuantConfig
 from faircalib.formats.packed import FP8ActLinear
 from faircalib.kernels import QuantLinear
 from faircalib.kernels.backends import fp8_quantize
+from faircalib.kernels.shared_activations import share_activations
 from faircalib.models.base import BlockContext
 from faircalib.models.cuda_graph import capture
 from faircalib.models.llada import LLaDA
@@ -111,6 +114,9 @@ VARIANTS = {
     # issue 16's 8-bit-activation GEMMs, by name: fused per-token quantization + FP8 GEMM
     # (FP8_W8A8_GEMM's choice), the Triton INT8 GEMM, and W4A8 as unpack-then-8-bit-GEMM
     "fp8_w8a8": (8, None, True, None, "fp8_w8a8", "int"),
+    # the same with every linear quantizing its own input: the blocks above quantize an input
+    # shared by q, k, v (gate, up) once (kernels.shared_activations); this row is what that buys
+    "fp8_w8a8_unshared": (8, None, True, None, "fp8_w8a8", "int"),
     # an FP8 checkpoint as loaded (FP8ActLinear): e4m3 weights, no INT8 codes beside them
     "fp8_checkpoint": "fp8_checkpoint",
     "int8_w8a8": (8, None, True, 8, "int8_w8a8", "int"),
@@ -242,6 +248,8 @@ def _bench_variant(
     reference = None
     if VARIANTS[name] is not None:
         quantize_blocks(blocks, VARIANTS[name])
+        if not name.endswith("_unshared"):  # as a loaded checkpoint's blocks are
+            share_activations(blocks)
         reference = fake_quant_reference(blocks)
     ctx = block_context(cfg, device)
     out = {"batches": {}}

@@ -42,6 +42,7 @@ from faircalib.bench import run_record  # noqa: E402
 from faircalib.config import QuantConfig  # noqa: E402
 from faircalib.frontier import SamplerConfig, generate  # noqa: E402
 from faircalib.kernels import QuantLinear  # noqa: E402
+from faircalib.kernels.shared_activations import share_activations  # noqa: E402
 from faircalib.models.cuda_graph import CUDAGraphDenoiser  # noqa: E402
 from faircalib.quant.primitives import compute_qparams, quantize  # noqa: E402
 from llada_8b import SHAPES, SMOKE_SIZES, write_random_checkpoint  # noqa: E402
@@ -79,6 +80,8 @@ def _swap_rtn(model: torch.nn.Module, cfg: QuantConfig, act_bits: int | None, ba
             parent, _, leaf = path.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, leaf, layer)
             swapped += 1
+    if act_bits is not None:  # q, k, v (gate, up) quantize their shared input once
+        share_activations(model.blocks)
     return swapped
 
 

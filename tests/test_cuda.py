@@ -431,3 +431,31 @@ def test_reloaded_fp8_layer_runs_scaled_mm_within_bf16_rounding(m: int):
     assert rel_err(ref, exact) <= 5e-3
     assert rel_err(y, ref.double()) <= 8e-3
     assert rel_err(xf.double() @ w64.T + bias.double(), exact) > 1e-2
+
+
+@needs_cuda
+def test_shared_activation_quantization_replays_in_a_cuda_graph(tmp_path):
+    """A loaded INT8 W8A8 LLaDA on the GPU kernels: q, k, v (and gate, up) read one
+    quantization of their input inside a captured graph; replays on new inputs match the same
+    model run eagerly with every layer quantizing its own input."""
+    pytest.importorskip("triton")
+    from faircalib.formats.packed import load_packed_model
+    from test_shared_activations import llada_w8a8
+
+    directory, x_t, t = llada_w8a8(tmp_path)
+    shared = load_packed_model(directory, "cuda", torch.bfloat16, backend="int8_w8a8")
+    unshared = load_packed_model(directory, "cuda", torch.bfloat16, backend="int8_w8a8")
+    for block in unshared.blocks:
+        block._forward_pre_hooks.clear()
+        block._forward_hooks.clear()
+    x_t, t = x_t.cuda(), t.cuda()
+    graphed = CUDAGraphDenoiser(shared)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    with torch.no_grad():
+        for _ in range(3):  # the capture, then two replays on new inputs
+            x_t = torch.randint(0, 256, x_t.shape, generator=gen, device="cuda")
+            # (a stale quantization, from the capture's input, would be far off)
+            torch.testing.assert_close(
+                graphed.log_probs(x_t, t), unshared.log_probs(x_t, t), atol=2e-2, rtol=1e-2
+            )
+    assert graphed.graphs == 1

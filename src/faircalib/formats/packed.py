@@ -117,6 +117,7 @@ from faircalib.errors import CheckpointError, ConfigError
 from faircalib.kernels import QuantLinear, check_codes
 from faircalib.kernels.backends import check_backend_name, fp8_w8a8_linear, fp8_w8a8_support
 from faircalib.kernels.quant_linear import compute_dtype
+from faircalib.kernels.shared_activations import share_activations
 from faircalib.models.base import REDO, DiffusionLM, read_json
 from faircalib.models.io import (
     CONFIG,
@@ -1124,6 +1125,7 @@ def load_packed_model(
             state[f"{name}.{embeddings[name]}"] = dequantize(codes, qp).to(dtype)
     model = _float_model(probe, config, state, dtype)
     kernel = {"backend": backend, "cache_dequant": cache_dequant}
+    quantizes_activations = False
     for name, layer in layers.items():
         if name in embeddings:
             continue
@@ -1131,8 +1133,10 @@ def load_packed_model(
         bias = None if linear.bias is None else linear.bias.detach()
         if isinstance(layer, W8A8Layer):
             quant = w8a8_quant_linear(layer, bias, **kernel)
+            quantizes_activations = True
         else:
             codes, qp, input_scale, act = layer
+            quantizes_activations |= act is not None
             act_bits, act_format = act or (None, "int")
             quant = QuantLinear.from_codes(
                 codes,
@@ -1145,6 +1149,8 @@ def load_packed_model(
             )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, quant)
+    if quantizes_activations:  # q, k, v (gate, up) quantize their shared input once
+        share_activations(model.blocks)
     return model.to(device).eval()
 
 

@@ -10,6 +10,7 @@ from faircalib.kernels.backends import (
     unpack_codes,
 )
 from faircalib.kernels.quant_linear import QuantLinear, check_codes
+from faircalib.kernels.shared_activations import share_activations
 
 __all__ = [
     "BACKENDS",
@@ -20,5 +21,6 @@ __all__ = [
     "check_codes",
     "dequantize_packed",
     "pack_codes",
+    "share_activations",
     "unpack_codes",
 ]

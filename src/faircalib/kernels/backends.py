@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from faircalib.errors import ConfigError
 from faircalib.fusion import fused
 from faircalib.kernels.fallback import record_failure
+from faircalib.kernels.shared_activations import quantize_once
 from faircalib.quant.primitives import ACT_ABSMAX_FLOOR
 
 if TYPE_CHECKING:
@@ -367,7 +368,7 @@ def _int8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) 
 
 def _int8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
     w_t, w_scale = prepared
-    q, x_scale = fused(quantize_rows_int8, x.device.type)(x)
+    q, x_scale = quantize_once("int8_torch", x, fused(quantize_rows_int8, x.device.type))
     acc = torch._int_mm(q, w_t)  # [M, out] int32, exact
     return (acc.float() * (x_scale * w_scale)).to(x.dtype)
 
@@ -413,7 +414,8 @@ def _fp8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -
 
 def _fp8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
     w8, w_scale = prepared
-    x8, x_scale = fused(fp8_quantize, x.device.type)(x)  # one pass over x, not seven
+    # one fused pass over x (not seven eager ops), shared by the block's other readers of x
+    x8, x_scale = quantize_once("fp8_torch", x, fused(fp8_quantize, x.device.type))
     # row-wise scaled fp8 GEMM: bf16 output is what the row-wise kernels support. Fast
     # accumulation keeps Hopper's fp8 tensor cores at full rate (about 2x); its error is far
     # below the e4m3 rounding itself (benchmarks/kernels.py checks rel. error <= 1e-2)
@@ -591,7 +593,7 @@ def _int8_w8a8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torc
     if gl is not None:
         y = gl(x)
         return y if layer.bias is None else y + _bias(layer).to(y.dtype)
-    q, x_scale = quantize_rows(x, "int8")
+    q, x_scale = quantize_once("int8", x, lambda x: quantize_rows(x, "int8"))
     return int8_matmul(q, x_scale, w8, w_scale, x.dtype, _bias(layer))
 
 
@@ -695,8 +697,8 @@ def fp8_quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if _HAS_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from faircalib.kernels.triton_w8a8 import quantize_rows
 
-        return quantize_rows(x, "fp8")
-    return fused(fp8_quantize, x.device.type)(x)
+        return quantize_once("fp8", x, lambda x: quantize_rows(x, "fp8"))
+    return quantize_once("fp8_torch", x, fused(fp8_quantize, x.device.type))
 
 
 def fp8_w8a8_linear(
@@ -780,7 +782,7 @@ def _w4a8_runner(kind: str) -> Callable[[QuantLinear, tuple, torch.Tensor], torc
     def run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
         from faircalib.kernels.triton_w8a8 import quantize_rows, w4a8_matmul
 
-        q, x_scale = quantize_rows(x, kind)
+        q, x_scale = quantize_once(kind, x, lambda x: quantize_rows(x, kind))
         return w4a8_matmul(q, x_scale, *prepared, x.dtype, _bias(layer))
 
     return run
@@ -793,7 +795,7 @@ def _w4a8_dq_runner(kind: str) -> Callable[[QuantLinear, tuple, torch.Tensor], t
     def run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
         from faircalib.kernels.triton_w8a8 import quantize_rows, w4a8_dq_matmul
 
-        q, x_scale = quantize_rows(x, kind)
+        q, x_scale = quantize_once(kind, x, lambda x: quantize_rows(x, kind))
         return w4a8_dq_matmul(q, x_scale, *prepared, x.dtype, _bias(layer))
 
     return run

@@ -105,6 +105,12 @@ def test_e2e_smoke_reports_latency_memory_and_bytes(tmp_path):
         )
         assert result["checks"]["fp8_step_speedup_by_batch"][b] == pytest.approx(want)
     assert v["fp8_w8a8"]["batches"]["1"]["backends"] == ["fp8_w8a8"]
+    # quantizing a shared input once changes no number: the same error as every layer alone
+    for b in ("1", "8"):
+        alone = v["fp8_w8a8_unshared"]["batches"][b]
+        assert (
+            alone["rel_err_vs_fake_quant"] == v["fp8_w8a8"]["batches"][b]["rel_err_vs_fake_quant"]
+        )
     # an FP8 checkpoint as loaded: one e4m3 byte per weight and a float32 scale per output row
     # (the smoke block: d 128, MLP 384, 2 blocks; norms stay bf16 in every variant); the
     # INT8-grid QuantLinear on the FP8 GEMM keeps its codes beside the e4m3 layout

@@ -255,3 +255,20 @@ def test_bench_removes_the_output_directories_it_made_when_it_fails_early(tmp_pa
     assert cli.main([*argv, "--data", str(tmp_path / "missing.txt")]) == 2
     capsys.readouterr()
     assert kept.is_dir()  # the user's own directory stays
+
+
+def test_a_recipe_string_is_converted_as_its_flag_would_convert_it():
+    import argparse
+
+    from faircalib.commands.quantize import check_recipe_value
+    from faircalib.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    bits = parser.add_argument("--bits", type=int, choices=[2, 3, 4, 8])
+    assert check_recipe_value(bits, "4") == 4 and check_recipe_value(bits, 4) == 4
+    with pytest.raises(ConfigError, match="recipe field bits"):
+        check_recipe_value(bits, 5)
+    ratio = parser.add_argument("--ratio", type=float)
+    assert check_recipe_value(ratio, "0.5") == 0.5
+    with pytest.raises(ConfigError, match="not a valid --ratio"):
+        check_recipe_value(ratio, "half")

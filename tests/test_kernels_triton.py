@@ -227,7 +227,7 @@ def test_autotuning_splits_k_up_to_64_rows_and_never_beyond():
 
     configs = k._configs()
     for m in (1, 16, 32, 33, 64, 65, 256):
-        kept = k._prune(configs, {"M": m})
+        kept = k._prune(configs, {"M": m, "N": 4096})
         splits = {c.kwargs["SPLIT_K"] for c in kept}
         tallest = max(16, triton.next_power_of_2(m))
         assert all(c.kwargs["BLOCK_M"] <= tallest for c in kept)
@@ -238,3 +238,8 @@ def test_autotuning_splits_k_up_to_64_rows_and_never_beyond():
             }
         else:
             assert splits == {1}, (m, splits)
+    # a layer as wide as a vocabulary has column tiles enough, and its partials would take
+    # hundreds of MB: never split
+    for m in (1, 64):
+        kept = k._prune(configs, {"M": m, "N": 126464})
+        assert {c.kwargs["SPLIT_K"] for c in kept} == {1}

@@ -9,8 +9,9 @@ from faircalib.calib.activations import ActCalibConfig, quantize_activations
 from faircalib.calib.fakequant_io import packed_act_config, save_quantized
 from faircalib.config import CalibConfig
 from faircalib.formats.packed import load_packed_model
+from faircalib.frontier.samplers import SamplerConfig, generate
 from faircalib.kernels import backends
-from faircalib.kernels.shared_activations import _SCOPE, quantize_once, share_activations
+from faircalib.kernels.shared_activations import _SCOPE, _Scope, quantize_once, share_activations
 from llama_like_ckpt import write_family
 
 
@@ -53,7 +54,7 @@ def test_a_scope_shares_the_same_rows_and_nothing_else():
     # another kind of quantization, an in-place write, another tensor with equal values, and a
     # tensor that needs a gradient all miss
     counter = Counter()
-    token = _SCOPE.set({})
+    token = _SCOPE.set(_Scope(block, None))
     try:
         x = torch.randn(4, 8)
         quantize_once("a", x, counter)
@@ -66,6 +67,20 @@ def test_a_scope_shares_the_same_rows_and_nothing_else():
         quantize_once("a", w, counter)
         quantize_once("a", w, counter)
         assert counter.calls == 6
+        # an input freed in the scope takes its entry (and result) with it
+        scope = _SCOPE.get()
+        quantize_once("a", torch.randn(3, 8), counter)  # a temporary, freed after the call
+        quantize_once("b", torch.ones(2, 2), counter)  # the next miss purges dead entries
+        dead = [key for key, (held, _) in scope.memo.items() if held() is None]
+        assert [key[4] for key in dead] == [(2, 2)]  # only the last temporary's is left
+        assert any(key[4] == (4, 8) for key in scope.memo)  # x, alive, keeps its entries
+        # inference tensors have no version counter; their rows are still shared
+        with torch.inference_mode():
+            z = torch.randn(4, 8)
+            before = counter.calls
+            quantize_once("a", z, counter)
+            quantize_once("a", z.reshape(2, 16).reshape(4, 8), counter)
+            assert counter.calls == before + 1
     finally:
         _SCOPE.reset(token)
 
@@ -123,3 +138,12 @@ def test_a_loaded_llada_block_quantizes_q_k_v_and_gate_up_inputs_once(tmp_path, 
     assert per_forward_unshared == 7 * n_blocks
     assert len(calls) == 4 * n_blocks
     assert torch.equal(got, want)
+    # generation runs under inference_mode (tensors without a version counter)
+    calls.clear()
+    with torch.inference_mode():
+        assert torch.equal(shared.log_probs(x_t, t), want)
+    assert len(calls) == 4 * n_blocks
+    prompts = x_t[:, :8].clamp(max=200)
+    sampler = SamplerConfig(sampler="low_confidence", steps=8, gen_length=8)
+    tokens = [generate(m, prompts, sampler, seed=1, trace=False).tokens for m in (shared, unshared)]
+    assert torch.equal(tokens[0], tokens[1])

@@ -416,15 +416,16 @@ def run_bench(cfg: BenchConfig, argv: list[str] | None = None) -> dict:
     when the bench fails (bad data, no memory, Ctrl-C) is removed again."""
     out = Path(cfg.out).absolute() if cfg.out else None
     made = [] if out is None else [d for d in (out, *out.parents) if not d.exists()]
-    if out is not None:  # an unwritable --out fails now, not after the whole bench
-        atomic.check_writable_dir(out)
     try:
+        if out is not None:  # an unwritable --out fails now, not after the whole bench
+            atomic.check_writable_dir(out)
         return _run_bench(cfg, argv)
     except BaseException:
-        for directory in made:  # innermost first; stop at the first that holds something
-            if not directory.is_dir() or any(directory.iterdir()):
-                break
-            directory.rmdir()
+        with contextlib.suppress(OSError):  # the bench's own error is the one to report
+            for directory in made:  # innermost first; stop at the first holding something
+                if not directory.is_dir() or any(directory.iterdir()):
+                    break
+                directory.rmdir()
         raise
 
 

@@ -592,7 +592,7 @@ def apply_recipe(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
     for dest, value in recipe["args"].items():
         if dest not in typed:
             if value is not None and dest in checks:
-                check_recipe_value(checks[dest], value)
+                value = check_recipe_value(checks[dest], value)
             setattr(args, dest, value)
     # a learned-transform recipe from before --flat-shift ran unshifted: replay it so (the
     # default is now mean)
@@ -601,23 +601,26 @@ def apply_recipe(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
         args.flat_shift = "none"
 
 
-def check_recipe_value(action: argparse.Action, value: Any) -> None:
-    """Refuse a recipe value its flag would refuse if typed (a choice it lacks, a number its
-    type rejects): one line naming the field, instead of a misleading error later."""
+def check_recipe_value(action: argparse.Action, value: Any) -> Any:
+    """Refuse a recipe value its flag would refuse if typed (a number its type rejects, a
+    choice it lacks): one line naming the field, instead of a misleading error later. Returns
+    the value, a string converted as its flag's would be ("4" for --bits is 4)."""
     flag = action.option_strings[0] if action.option_strings else action.dest
+    typed = action.type is not None and not isinstance(value, bool)
+    if typed and isinstance(value, (str, int, float)):
+        try:
+            converted = action.type(str(value))
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise _config_error(
+                f"recipe field {action.dest} = {value!r} is not a valid {flag} ({exc})"
+            ) from exc
+        value = converted if isinstance(value, str) else value
     if action.choices is not None and value not in action.choices:
         raise _config_error(
             f"recipe field {action.dest} = {value!r} is not a valid {flag}; choose from "
             f"{', '.join(map(str, action.choices))}"
         )
-    if action.type is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        return
-    try:
-        action.type(str(value))
-    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
-        raise _config_error(
-            f"recipe field {action.dest} = {value!r} is not a valid {flag} ({exc})"
-        ) from exc
+    return value
 
 
 def make_recipe(args: argparse.Namespace, config, calib, fmt: str, dtype: str) -> dict[str, Any]:

@@ -7,10 +7,15 @@ writes the 8-bit ones and is a kernel of its own in a CUDA graph.
 
 `share_activations(blocks)` hooks each block so that a scope is open while its forward runs.
 Inside a scope, `quantize_once(kind, x, quantize)` returns the first result computed for the same
-rows. "The same rows" means the same device, dtype, address (storage and offset), shape, strides
-and version counter, so an in-place write in between makes a miss.
-- The scope keeps a reference to every input it saw, so that memory cannot be reused for another
-  tensor while the scope lasts.
+rows. "The same rows" means the same tensor object (or view base: the layers reshape their
+input), address, shape, strides, dtype and version counter, so an in-place write in between
+makes a miss.
+- The scope holds its inputs weakly: an input freed mid-block (the attention output after
+  o_proj) takes its entry with it, so nothing lives longer than without the scope.
+- Inference-mode tensors (generation) have no version counter and no view tracking. The scope
+  holds those until the block returns, so their addresses cannot be reused within it, and
+  sharing relies on the block not writing an input in place between two linears that read
+  it; no faircalib block does.
 - The scope closes when the forward returns or raises. Outside a scope nothing is remembered.
 - Inputs that need a gradient are never shared.
 - A CUDA graph captured around a block records the first layer's quantization kernel and the
@@ -19,8 +24,10 @@ and version counter, so an in-place write in between makes a miss.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -28,20 +35,51 @@ from torch import nn
 
 T = TypeVar("T")
 
-_SCOPE: ContextVar[dict | None] = ContextVar("faircalib_shared_activations", default=None)
+
+@dataclass
+class _Scope:
+    owner: nn.Module  # the block whose forward opened it
+    parent: _Scope | None  # the scope it hides (a block inside another block)
+    memo: dict = field(default_factory=dict)  # key -> (weakref to the input's base, result)
+
+
+_SCOPE: ContextVar[_Scope | None] = ContextVar("faircalib_shared_activations", default=None)
 _MARK = "_faircalib_shares_activations"
 
 
 def quantize_once(kind: str, x: torch.Tensor, quantize: Callable[[torch.Tensor], T]) -> T:
     """`quantize(x)`, or, inside a block's scope, the result already computed for the same
     rows by the same `kind` of quantization (a name for `quantize`'s grid)."""
-    memo = _SCOPE.get()
-    if memo is None or (x.requires_grad and torch.is_grad_enabled()):
+    scope = _SCOPE.get()
+    if scope is None or (x.requires_grad and torch.is_grad_enabled()):
         return quantize(x)
-    key = (kind, x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), x._version)
-    if key not in memo:
-        memo[key] = (x, quantize(x))  # x kept alive: its address names these rows alone
-    return memo[key][1]
+    if x.is_inference():
+        # no version counter and no view tracking: x is held (its address stays its own
+        # while the scope lasts) and the key alone identifies the rows
+        version, holder, base = -1, x, None
+    else:
+        base = x if x._base is None else x._base  # the layers reshape their input: a view
+        version, holder = x._version, weakref.ref(base)
+    key = (kind, x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), version)
+    hit = scope.memo.get(key)
+    if hit is not None and (base is None or hit[0]() is base):
+        return hit[1]
+    dead = [k for k, (h, _) in scope.memo.items() if isinstance(h, weakref.ref) and h() is None]
+    for stale in dead:
+        del scope.memo[stale]  # its input was freed: so is the result
+    result = quantize(x)
+    scope.memo[key] = (holder, result)
+    return result
+
+
+def _enter(module: nn.Module, args: Any) -> None:
+    _SCOPE.set(_Scope(module, _SCOPE.get()))
+
+
+def _leave(module: nn.Module, args: Any, output: Any) -> None:
+    scope = _SCOPE.get()
+    if scope is not None and scope.owner is module:  # not if its pre-hook never ran
+        _SCOPE.set(scope.parent)
 
 
 def share_activations(blocks: Iterable[nn.Module]) -> int:
@@ -51,17 +89,8 @@ def share_activations(blocks: Iterable[nn.Module]) -> int:
     for block in blocks:
         if getattr(block, _MARK, False):
             continue
-        tokens: list[Any] = []  # one per forward in flight (a block may be re-entered)
-
-        def enter(module: nn.Module, args: Any, tokens: list[Any] = tokens) -> None:
-            tokens.append(_SCOPE.set({}))
-
-        def leave(module: nn.Module, args: Any, output: Any, tokens: list[Any] = tokens) -> None:
-            if tokens:
-                _SCOPE.reset(tokens.pop())
-
-        block.register_forward_pre_hook(enter)
-        block.register_forward_hook(leave, always_call=True)  # also when forward raises
+        block.register_forward_pre_hook(_enter)
+        block.register_forward_hook(_leave, always_call=True)  # also when forward raises
         setattr(block, _MARK, True)
         hooked += 1
     return hooked

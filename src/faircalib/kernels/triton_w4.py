@@ -105,6 +105,14 @@ SWAP_SHAPES = [
 # and 0.52-0.82x at M = 64 (0.35-0.60x before).
 SPLIT_K_MAX_M = 64
 MAX_SPLIT_K = 8  # the most K ranges a config splits into (sizes the partials' workspace)
+# ... and only below this many output columns: from 32768 on a layer has 512 column tiles of 64
+# (enough programs without splitting), and a quantized LM head (126464 columns) at M = 64 would
+# need a 260 MB workspace of partials
+SPLIT_K_MAX_N = 32768
+
+
+def _may_split(m: int, n: int) -> bool:
+    return m <= SPLIT_K_MAX_M and n < SPLIT_K_MAX_N
 
 
 def _configs(swap: bool = True) -> list[triton.Config]:
@@ -137,7 +145,8 @@ def _prune(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's ho
     keep = []
     for c in configs:
         bm, split = c.kwargs["BLOCK_M"], c.kwargs["SPLIT_K"]
-        if bm > tallest or (split > 1 and m > SPLIT_K_MAX_M) or (m >= 256 and bm < 64):
+        no_split = not _may_split(m, named_args["N"])
+        if bm > tallest or (split > 1 and no_split) or (m >= 256 and bm < 64):
             continue
         keep.append(c)
     return keep or configs[:1]
@@ -250,13 +259,16 @@ def _store_split(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
     else:
         p_ptrs = part_ptr + rows * N + cols
-        tl.store(p_ptrs + tl.program_id(1) * M * N, acc, mask=ok)
+        tl.store(p_ptrs + tl.program_id(1).to(tl.int64) * M * N, acc, mask=ok)
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.zeros(acc.shape, dtype=tl.float32)
             for split in tl.static_range(SPLIT_K):
-                total += tl.load(p_ptrs + split * M * N, mask=ok, other=0.0, cache_modifier=".cg")
+                part = tl.load(
+                    p_ptrs + split * M.to(tl.int64) * N, mask=ok, other=0.0, cache_modifier=".cg"
+                )
+                total += part
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=ok)
             tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)  # ready for the next call
 
@@ -451,10 +463,13 @@ def w4_matmul(
         meta = interpreted_meta or {"BLOCK_M": 16, "BLOCK_N": 32, "UNPACK": "planes", "SPLIT_K": 1}
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     # the split partials (float32); the caching allocator hands these out without a kernel
-    split = meta["SPLIT_K"] if meta else (MAX_SPLIT_K if m <= SPLIT_K_MAX_M else 1)
+    split = meta["SPLIT_K"] if meta else (MAX_SPLIT_K if _may_split(m, n) else 1)
+    # one counter per output tile of the smallest split tiles (a fixed config: its own)
+    tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]) if meta else 0
+    tiles = max(tiles, triton.cdiv(m, 16) * triton.cdiv(n, 16))
     if counters is None:
-        counters = split_counters(n, x.device)
-    elif split > 1 and counters.numel() < triton.cdiv(m, 16) * triton.cdiv(n, 16):
+        counters = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+    elif split > 1 and counters.numel() < tiles:
         raise ValueError(f"too few split-K counters ({counters.numel()}): use split_counters")
     part = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else y
 

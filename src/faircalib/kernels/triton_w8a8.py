@@ -911,6 +911,8 @@ def autotune_choices() -> dict:
         name: {str(key): str(cfg) for key, cfg in getattr(fn, "cache", {}).items()}
         for name, fn in (
             ("w8a8", _autotuned_w8a8),
+            ("w8a8_tma", _autotuned_w8a8_tma),  # WARP_SPECIALIZE: True where that config won
+            ("w8a8_tma_plain", _autotuned_w8a8_tma_plain),  # after a warp-specialized failure
             ("w4a8", _autotuned_w4a8),
             ("w8_group", _autotuned_w8_group),
         )

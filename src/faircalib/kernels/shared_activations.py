@@ -20,6 +20,8 @@ makes a miss.
 - Inputs that need a gradient are never shared.
 - A CUDA graph captured around a block records the first layer's quantization kernel and the
   other layers reading its output, so every replay recomputes it first.
+- The block K/V cache's steps (`frontier.cache`) call `block.forward_cached` directly, outside
+  the module hooks: those steps quantize as before, once per layer.
 """
 
 from __future__ import annotations

@@ -243,3 +243,41 @@ def test_autotuning_splits_k_up_to_64_rows_and_never_beyond():
     for m in (1, 64):
         kept = k._prune(configs, {"M": m, "N": 126464})
         assert {c.kwargs["SPLIT_K"] for c in kept} == {1}
+
+
+def test_split_k_kernels_compile_with_m_specialized_to_one():
+    """Triton passes an integer argument equal to 1 as a compile-time constant: the serial
+    split-K reduction (shared by the fused W4 GEMM and the GEMV) must compile for sm_90 then,
+    as at M = 1 on a GPU (a `.to()` on M did not)."""
+    import triton
+    from triton.backends import backends as triton_backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from faircalib.kernels import triton_gemv as g
+    from faircalib.kernels import triton_w4 as k
+
+    if "nvidia" not in triton_backends:
+        pytest.skip("triton has no CUDA backend here")
+    target = GPUTarget("cuda", 90, 32)
+    ptrs = {"s_ptr": "*fp32", "zs_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
+    ptrs |= {"x_ptr": "*bf16", "q_ptr": "*i32", "y_ptr": "*bf16"}
+    for unpack in ("planes", "swap"):
+        consts = {"M": 1, "M_BUCKET": 1, "GROUP_SIZE": 128, "BLOCK_M": 16, "BLOCK_N": 64}
+        consts |= {"UNPACK": unpack, "SPLIT_K": 4, "GROUP_M": 8}
+        sig = ptrs | dict.fromkeys(("N", "K", "stride_xm", "stride_ym"), "i32")
+        src = ASTSource(
+            fn=k._w4_matmul_kernel,
+            signature=sig | dict.fromkeys(consts, "constexpr"),
+            constexprs=consts,
+        )
+        triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 3})
+    sig = dict.fromkeys(("a_ptr", "b_ptr", "part_ptr"), "*fp32") | {"q_ptr": "*i32"}
+    sig |= {"x_ptr": "*bf16", "bias_ptr": "*bf16", "y_ptr": "*bf16", "cnt_ptr": "*i32"}
+    sig |= dict.fromkeys(("N", "K", "N_TILES", "stride_xm", "stride_ym"), "i32")
+    consts = {"M": 1, "GROUP_SIZE": 128, "W": 32, "NEW_GROUPS": 1, "M_PAD": 1, "HAS_BIAS": True}
+    consts |= {"BLOCK_N": 32, "SPLIT_K": 4, "PREFETCH": False}
+    src = ASTSource(
+        fn=g._gemv_kernel, signature=sig | dict.fromkeys(consts, "constexpr"), constexprs=consts
+    )
+    triton.compile(src, target=target, options={"num_warps": 4, "num_stages": 1})

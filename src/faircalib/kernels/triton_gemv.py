@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from faircalib.kernels.triton_w4 import _store_split
+
 MAX_M = 16  # a GEMV kernel: larger M belongs to the tensor-core kernels
 MAX_WORDS = 32  # words per row per K tile (128 bytes: one cache line per row per step)
 MIN_BLOCK_N = 16  # smallest BLOCK_N of any config: sizes the split-K counters
@@ -225,26 +227,10 @@ def _gemv_kernel(
             acc += w * xj
     part = tl.sum(acc, axis=2)  # [M_PAD, BN]
 
-    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     ok = (rm < M)[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            part += tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
-        tl.store(y_ptrs, part.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        # serial split-K: partial to the workspace, count in; the last program reduces
-        p_ptrs = part_ptr + (rm.to(tl.int64)[:, None] * N + rn[None, :])  # [SPLIT_K, M, N]
-        tl.store(p_ptrs + pid_k * M * N, part, mask=ok)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):  # fixed order: the same bits every call
-                total += tl.load(p_ptrs + s * M * N, mask=ok, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + rn_c).to(tl.float32)[None, :]
-            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call
+    rows, cols = rm.to(tl.int64)[:, None], rn[None, :]
+    _store_split(part, y_ptr, part_ptr, cnt_ptr, bias_ptr, rows, cols, ok, M, N, stride_ym,
+                 SPLIT_K, HAS_BIAS)  # fmt: skip
 
 
 _autotuned = triton.autotune(

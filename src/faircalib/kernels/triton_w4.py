@@ -248,27 +248,47 @@ def _swap_matmul(
 
 @triton.jit
 def _store_split(
-    acc, y_ptr, part_ptr, cnt_ptr, rows, cols, ok, M, N, stride_ym, SPLIT_K: tl.constexpr
+    acc,
+    y_ptr,
+    part_ptr,
+    cnt_ptr,
+    b_ptr,
+    rows,
+    cols,
+    ok,
+    M,
+    N,
+    stride_ym,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr = False,
 ):
-    """Store this program's tile of y in y's dtype; with split K, reduce serially: write the
-    float32 partial to the workspace [SPLIT_K, M, N], count in on the tile's counter (acq_rel);
-    the last program to arrive sums the partials in a fixed order (the same bits every call),
-    stores y and resets the counter for the next call. No zero-fill or cast kernel around it."""
+    """Store this program's tile of y (+ bias[cols]) in y's dtype; with split K, reduce
+    serially: write the float32 partial to the workspace [SPLIT_K, M, N], count in on the
+    tile's counter (acq_rel); the last program to arrive sums the partials in a fixed order
+    (the same bits every call), stores y and resets the counter for the next call. No
+    zero-fill or cast kernel around it. Shared with `triton_gemv` (counter per program_id(0),
+    split index program_id(1))."""
     y_ptrs = y_ptr + rows * stride_ym + cols
     if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
     else:
         p_ptrs = part_ptr + rows * N + cols
-        tl.store(p_ptrs + tl.program_id(1).to(tl.int64) * M * N, acc, mask=ok)
+        # 64-bit: [SPLIT_K, M, N] may pass 2**31 elements (M may arrive as the constant 1)
+        split_stride = tl.cast(M, tl.int64) * N
+        tl.store(p_ptrs + tl.program_id(1) * split_stride, acc, mask=ok)
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.zeros(acc.shape, dtype=tl.float32)
             for split in tl.static_range(SPLIT_K):
                 part = tl.load(
-                    p_ptrs + split * M.to(tl.int64) * N, mask=ok, other=0.0, cache_modifier=".cg"
+                    p_ptrs + split * split_stride, mask=ok, other=0.0, cache_modifier=".cg"
                 )
                 total += part
+            if HAS_BIAS:
+                total += tl.load(b_ptr + cols, mask=ok, other=0.0).to(tl.float32)
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=ok)
             tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)  # ready for the next call
 
@@ -318,7 +338,9 @@ def _w4_matmul_kernel(
         )  # fmt: skip
         rows, cols = rm.to(tl.int64)[None, :], rn[:, None]
         ok = m_ok[None, :] & n_ok[:, None]
-        _store_split(acc_t, y_ptr, part_ptr, cnt_ptr, rows, cols, ok, M, N, stride_ym, SPLIT_K)
+        _store_split(
+            acc_t, y_ptr, part_ptr, cnt_ptr, None, rows, cols, ok, M, N, stride_ym, SPLIT_K
+        )
     else:
         acc = _plain_matmul(
             x_ptr, q_ptr, s_ptr, zs_ptr, rm, rn, m_ok, n_ok, N, K, stride_xm,
@@ -326,7 +348,7 @@ def _w4_matmul_kernel(
         )  # fmt: skip
         rows, cols = rm.to(tl.int64)[:, None], rn[None, :]
         ok = m_ok[:, None] & n_ok[None, :]
-        _store_split(acc, y_ptr, part_ptr, cnt_ptr, rows, cols, ok, M, N, stride_ym, SPLIT_K)
+        _store_split(acc, y_ptr, part_ptr, cnt_ptr, None, rows, cols, ok, M, N, stride_ym, SPLIT_K)
 
 
 @triton.jit

@@ -318,7 +318,7 @@ def check_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], s
         if got.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise CheckpointError(
                 f"{source}: {name} has dtype {got.dtype}, expected a float tensor (float32, "
-                f"bfloat16 or float16); {REDO}"
+                f"bfloat16, float16 or float64); {REDO}"
             )
         if not all_finite(got):
             raise CheckpointError(f"{source}: {name} contains NaN or Inf values; {REDO}")

@@ -39,8 +39,11 @@ job_command() {
   case $1 in
   # issue 16: every shape; the bare-kernel duplicates (int4_aten, fp8_aten) and the optional
   # gemlite left out, M on the grid the targets name; a budget keeps it inside one lease
-  kernels) echo "python3 benchmarks/kernels.py --out $RES/kernels --ms 1,16,32,64,256,512,1024,2048,4096 \
+  # kernels-dream: the Dream-7B shapes alone, for a lease that splits the sweep over two calls
+  # (merge the two with kernels.py --merge)
+  kernels|kernels-dream) echo "python3 benchmarks/kernels.py --out $RES/$1 --ms 1,16,32,64,128,256,512,1024,2048,4096 \
     --backends int4_torch,dequant_bf16,int8_intmm,fp8_scaled_mm,int8_w8a8,int8_triton,fp8_w8a8,w4a8,w4a8_fp8,w4a8_dq,w4a8_fp8_dq,fp8_triton,triton_w4,triton_dq,triton_gemv,auto_w4,auto_w4_eager \
+    $([ "$1" = kernels-dream ] && echo --shapes 3584x18944,18944x3584,3584x512 || echo --shapes 4096x4096,4096x14336,14336x4096,4096x12288,12288x4096) \
     --time-budget ${KERNELS_BUDGET:-1200}" ;;
   e2e) echo "python3 benchmarks/e2e.py --out $RES/e2e" ;;
   throughput) echo "python3 benchmarks/throughput.py --device cuda --out $RES/throughput" ;;
@@ -51,6 +54,12 @@ job_command() {
   # the same with every step (cached ones too) replayed from CUDA graphs
   generation-8b-graph) echo "python3 benchmarks/generation_8b.py --cuda-graph --work /root/work \
     --out $RES/generation-8b-graph" ;;
+  # batch 8 alone, bf16 and INT4 without and with the dual cache (a short lease's rerun)
+  generation-8b-graph-b8) echo "python3 benchmarks/generation_8b.py --cuda-graph --work /root/work \
+    --batch 8 --caches none,dual --no-w8a8-rtn --out $RES/generation-8b-graph-b8" ;;
+  # the GPU-only tests of one feature (PYTEST_K: a pytest -k expression)
+  cudatests-k) echo "mkdir -p $RES/cudatests-k; python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    -k '${PYTEST_K:?PYTEST_K}' > $RES/cudatests-k/cuda-tests.txt 2>&1; tail -3 $RES/cudatests-k/cuda-tests.txt" ;;
   offload3) echo "python3 benchmarks/offload.py --blocks 3 --out $RES/offload3" ;;
   distributed) echo "python3 benchmarks/distributed.py --out $RES/distributed" ;;  # 2-4 GPUs
   # issue 19: the user's commands under torchrun on 2 GPUs (NCCL) vs one process, same files?

@@ -29,7 +29,7 @@ SEED_TABLE = ROOT / "scripts" / "gpu_seed_table.sh"
 # a pytest run and a shell script (benchmarks/torchrun_check.sh, which runs the CLI under
 # torchrun; test_distributed.py::test_torchrun_quantize_writes_the_single_process_model checks
 # the same property on gloo), not our parsers
-NOT_ARGPARSE = {"cudatests", "torchrun"}
+NOT_ARGPARSE = {"cudatests", "cudatests-k", "torchrun"}
 # issue 16: the backends and the dLLM layer shapes (in, out) the kernel sweep must cover
 ISSUE16_BACKENDS = {"fp8_w8a8", "int8_w8a8", "w4a8", "w4a8_fp8", "auto_w4"}
 ISSUE16_SHAPES = {(4096, 12288), (12288, 4096), (3584, 18944), (18944, 3584), (3584, 512)}

@@ -4,6 +4,8 @@ CI has no GPU, so these skip there; they run on the device machine with
 `python -m pytest -q tests/test_cuda.py` (results in benchmarks/results/cuda-tests.txt).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -462,6 +464,11 @@ def test_shared_activation_quantization_replays_in_a_cuda_graph(tmp_path):
 
 
 @needs_cuda
+@pytest.mark.skipif(
+    os.environ.get("FAIRCALIB_W8A8_WS") != "1",
+    reason="warp-specialized W8A8 configs are opt-in (FAIRCALIB_W8A8_WS=1): this test hung on "
+    "the H200 with Triton 3.6 (2026-11-30)",
+)
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_tma_w8a8_gemm_with_warp_specialized_configs_matches_the_reference(kind):
     """The persistent TMA GEMM autotuned over all its configs, the warp-specialized ones too

@@ -422,6 +422,7 @@ TMA_FALLBACK = textwrap.dedent(
     import torch
     import faircalib.kernels.triton_w8a8 as k
 
+    k.WS_ON = True  # opt-in (FAIRCALIB_W8A8_WS=1)
     calls = {"specialized": 0, "plain": 0}
     meta = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
 

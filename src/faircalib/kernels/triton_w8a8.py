@@ -38,6 +38,7 @@ outputs; the GPU writes bf16.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -459,6 +460,10 @@ def _tma_autotuner(warp_specialized: bool):  # noqa: ANN202 - a triton Autotuner
 # Triton 3.9 ("PassManager::run failed"): where they fail, the first call falls back, once and
 # for good, to the configs without them.
 _autotuned_w8a8_tma = _tma_autotuner(warp_specialized=True)
+# Opt-in: on the H200 with Triton 3.6 (2026-11-30) a GPU test of the warp-specialized configs
+# ran > 5 min at 100% GPU use without finishing (a hang, not a compile failure, so the fallback
+# below never ran). FAIRCALIB_W8A8_WS=1 offers them to the autotuner.
+WS_ON = os.environ.get("FAIRCALIB_W8A8_WS", "0") == "1"
 _autotuned_w8a8_tma_plain = _tma_autotuner(warp_specialized=False)
 _ws_failed: list[str] = []
 
@@ -561,7 +566,7 @@ def w8a8_matmul_tma(
     if meta is not None:
         _set_tma_blocks({"a_desc": a_desc, "w_desc": w_desc, **meta})
         _w8a8_tma_kernel[grid](*args, **flags, **meta)
-    elif _ws_failed:
+    elif _ws_failed or not WS_ON:
         _autotuned_w8a8_tma_plain[grid](*args, **flags)
     else:
         try:

@@ -99,10 +99,8 @@ CHECK = textwrap.dedent(
                     except ValueError as exc:
                         assert "divisible by 16" in str(exc)
                     continue
-                # (the warp-specialized loop is the same tiles; here the interpreter's range)
                 for meta in ({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32},
-                             {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64,
-                              "WARP_SPECIALIZE": True}):
+                             {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}):
                     y = w8a8_matmul_tma(a8, a_s, w8, w_s, torch.float32, bias, meta=meta)
                     note(f"w8a8_tma_{kind}_bias", rel(y, ref + bias.double()))
                 if kind == "int8":
@@ -358,7 +356,7 @@ def test_tma_gemm_compiles_to_tensor_memory_copies_and_wgmma_for_hopper():
     if "nvidia" not in triton_backends:
         pytest.skip("triton has no CUDA backend here")
     for el, is_int8 in (("i8", True), ("fp8e4nv", False)):
-        for cfg in k._tma_configs(warp_specialized=False):
+        for cfg in k._tma_configs():
             bm, bn, bk = (cfg.kwargs[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             sig = {"a_desc": f"tensordesc<{el}[{bm}, {bk}]>"}
             sig |= {"w_desc": f"tensordesc<{el}[{bn}, {bk}]>", "as_ptr": "*fp32"}
@@ -376,90 +374,6 @@ def test_tma_gemm_compiles_to_tensor_memory_copies_and_wgmma_for_hopper():
             ptx = compiled.asm["ptx"]
             assert "cp.async.bulk.tensor" in ptx and "wgmma" in ptx, cfg.kwargs
             assert compiled.metadata.shared <= 232448, (cfg.kwargs, compiled.metadata.shared)
-
-
-def test_warp_specialized_tma_configs_compile_to_producer_and_consumer_warps_or_fall_back():
-    """The warp-specialized configs: where this Triton compiles them for sm_90 (the device's
-    3.6 does), into a kernel split into TMA-producer and wgmma-consumer warps within shared
-    memory; where it cannot (3.9 fails in its warp-specialization pass), the autotuned call
-    falls back to the other configs (next test), so they are skipped here."""
-    import triton
-    from triton.backends import backends as triton_backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from faircalib.kernels import triton_w8a8 as k
-
-    if "nvidia" not in triton_backends:
-        pytest.skip("triton has no CUDA backend here")
-    specialized = [c for c in k._tma_configs() if c.kwargs["WARP_SPECIALIZE"]]
-    assert specialized and all(c.num_warps == 4 for c in specialized)
-    assert not any(c.kwargs["WARP_SPECIALIZE"] for c in k._tma_configs(warp_specialized=False))
-    for cfg in specialized:
-        bm, bn, bk = (cfg.kwargs[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        sig = {"a_desc": f"tensordesc<i8[{bm}, {bk}]>", "w_desc": f"tensordesc<i8[{bn}, {bk}]>"}
-        sig |= dict.fromkeys(("as_ptr", "ws_ptr"), "*fp32") | {"b_ptr": "*bf16", "y_ptr": "*bf16"}
-        sig |= dict.fromkeys(("M", "N", "K", "stride_ym", "M_BUCKET"), "i32")
-        consts = {"NUM_SMS": 132, "IS_INT8": True, "HAS_BIAS": True, "GROUP_M": 8} | cfg.kwargs
-        src = ASTSource(
-            fn=k._w8a8_tma_kernel,
-            signature={**sig, **dict.fromkeys(consts, "constexpr")},
-            constexprs=consts,
-        )
-        opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-        except RuntimeError as exc:
-            pytest.skip(f"Triton {triton.__version__} cannot warp-specialize it ({exc})")
-        assert "ttg.warp_specialize" in compiled.asm["ttgir"], cfg.kwargs
-        assert compiled.metadata.num_warps > cfg.num_warps  # producer warps beside the consumers
-        assert compiled.metadata.shared <= 232448, (cfg.kwargs, compiled.metadata.shared)
-
-
-TMA_FALLBACK = textwrap.dedent(
-    """
-    import warnings
-    import torch
-    import faircalib.kernels.triton_w8a8 as k
-
-    k.WS_ON = True  # opt-in (FAIRCALIB_W8A8_WS=1)
-    calls = {"specialized": 0, "plain": 0}
-    meta = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
-
-    class Failing:  # the autotuner with the warp-specialized configs, which do not compile
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                calls["specialized"] += 1
-                raise RuntimeError("PassManager::run failed")
-            return launch
-
-    class Plain:  # the other configs: here one fixed config, interpreted
-        def __getitem__(self, grid):
-            def launch(*args, **flags):
-                calls["plain"] += 1
-                k._set_tma_blocks({"a_desc": args[0], "w_desc": args[1], **meta})
-                k._w8a8_tma_kernel[grid](*args, **flags, **meta)
-            return launch
-
-    k._autotuned_w8a8_tma, k._autotuned_w8a8_tma_plain = Failing(), Plain()
-    gen = torch.Generator().manual_seed(0)
-    a8, w8 = (torch.randint(-127, 128, s, generator=gen, dtype=torch.int8) for s in ((5, 64), (24, 64)))
-    a_s, w_s = torch.rand(5, 1, generator=gen) + 0.1, torch.rand(24, generator=gen) + 0.1
-    ref = (a8.double() @ w8.double().T) * a_s.double() * w_s.double()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ys = [k.w8a8_matmul_tma(a8, a_s, w8, w_s, torch.float32) for _ in range(2)]
-    err = max(float((y.double() - ref).norm() / ref.norm()) for y in ys)
-    said = [str(c.message) for c in caught if "warp-specialized" in str(c.message)]
-    print(calls["specialized"], calls["plain"], len(said), err)
-    """
-)
-
-
-def test_warp_specialized_configs_that_fail_to_compile_fall_back_once_and_stay_exact():
-    tried, plain, warned, err = run_interpreted(TMA_FALLBACK, timeout=300).split()
-    assert (tried, plain, warned) == ("1", "2", "1")  # tried once, warned once
-    assert float(err) <= 1e-6  # int32 accumulation, float32 epilogue: as exact as the scales
 
 
 def test_int8_gemm_takes_the_tma_kernel_at_large_m_and_falls_back_once(monkeypatch):

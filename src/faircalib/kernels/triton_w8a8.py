@@ -38,7 +38,6 @@ outputs; the GPU writes bf16.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -339,24 +338,22 @@ def w8a8_matmul(
 # instruction, no address arithmetic in the warps, and a persistent grid (one program per SM
 # walking the output tiles) so the next tile's loads overlap the last one's epilogue. Same
 # numbers as `w8a8_matmul` (exact int32 / fp32 accumulation, the same epilogue).
-def _tma_configs(warp_specialized: bool = True) -> list[triton.Config]:
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, warp-specialized
-        (128, 256, 128, 8, 3, False),
-        (128, 256, 128, 8, 4, False),
-        (128, 128, 128, 8, 4, False),
-        (256, 128, 128, 8, 3, False),
-        (128, 128, 256, 8, 3, False),
+def _tma_configs() -> list[triton.Config]:
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+        (128, 256, 128, 8, 3),
+        (128, 256, 128, 8, 4),
+        (128, 128, 128, 8, 4),
+        (256, 128, 128, 8, 3),
+        (128, 128, 256, 8, 3),
     ]
-    if warp_specialized:
-        shapes += [(128, 256, 128, 4, 3, True), (128, 128, 128, 4, 4, True)]
     return [
         triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "WARP_SPECIALIZE": ws},
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
             num_warps=w,
             num_stages=s,
             pre_hook=_set_tma_blocks,
         )
-        for bm, bn, bk, w, s, ws in shapes
+        for bm, bn, bk, w, s in shapes
     ]
 
 
@@ -387,85 +384,39 @@ def _w8a8_tma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr = 8,
-    WARP_SPECIALIZE: tl.constexpr = False,
 ):
-    n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    if WARP_SPECIALIZE:
-        # producer warps issue the TMA copies, consumer warpgroups the wgmma: the MMA never
-        # waits on its own loads (sm_90 compile, Triton 3.6: the INT8 loop without it waits
-        # for each K step's wgmma before the next, `pendings = 0`)
-        for tile in tl.range(tl.program_id(0), n_tiles, NUM_SMS, warp_specialize=True):
-            _tma_tile(
-                tile, a_desc, w_desc, as_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_ym,
-                IS_INT8, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-            )  # fmt: skip
-    else:
-        for tile in tl.range(tl.program_id(0), n_tiles, NUM_SMS, flatten=True):
-            _tma_tile(
-                tile, a_desc, w_desc, as_ptr, ws_ptr, b_ptr, y_ptr, M, N, K, stride_ym,
-                IS_INT8, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M,
-            )  # fmt: skip
-
-
-@triton.jit
-def _tma_tile(
-    tile,
-    a_desc,
-    w_desc,
-    as_ptr,
-    ws_ptr,
-    b_ptr,
-    y_ptr,
-    M,
-    N,
-    K,
-    stride_ym,
-    IS_INT8: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """One output tile of the persistent TMA GEMM: the K loop and the epilogue."""
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = tile // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    rows = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % rows)
-    pid_n = (tile % (GROUP_M * n_n)) // rows
-    if IS_INT8:  # noqa: SIM108 - constexpr branches, one compiled
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kt in range(tl.cdiv(K, BLOCK_K)):  # the descriptors zero-fill past K
-        a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])  # [BM, BK]
-        w = w_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])  # [BN, BK], K contiguous
-        if IS_INT8:  # noqa: SIM108
-            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+    k_tiles = tl.cdiv(K, BLOCK_K)  # the descriptors zero-fill past K
+    for tile in tl.range(tl.program_id(0), n_m * n_n, NUM_SMS, flatten=True):
+        group = tile // (GROUP_M * n_n)
+        first_m = group * GROUP_M
+        rows = tl.minimum(n_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % rows)
+        pid_n = (tile % (GROUP_M * n_n)) // rows
+        if IS_INT8:  # noqa: SIM108 - constexpr branches, one compiled
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
-            acc = tl.dot(a, w.T, acc)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    _epilogue(acc.to(tl.float32), as_ptr, ws_ptr, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, kt * BLOCK_K])  # [BM, BK]
+            w = w_desc.load([pid_n * BLOCK_N, kt * BLOCK_K])  # [BN, BK], K contiguous
+            if IS_INT8:  # noqa: SIM108
+                acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a, w.T, acc)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _epilogue(
+            acc.to(tl.float32), as_ptr, ws_ptr, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS
+        )
 
 
-def _tma_autotuner(warp_specialized: bool):  # noqa: ANN202 - a triton Autotuner
-    return triton.autotune(
-        configs=_tma_configs(warp_specialized), key=["M_BUCKET", "N", "K", "IS_INT8"]
-    )(_w8a8_tma_kernel)
-
-
-# The warp-specialized configs compile for sm_90 with the device's Triton 3.6 but not with
-# Triton 3.9 ("PassManager::run failed"): where they fail, the first call falls back, once and
-# for good, to the configs without them.
-_autotuned_w8a8_tma = _tma_autotuner(warp_specialized=True)
-# Opt-in: on the H200 with Triton 3.6 (2026-11-30) a GPU test of the warp-specialized configs
-# ran > 5 min at 100% GPU use without finishing (a hang, not a compile failure, so the fallback
-# below never ran). FAIRCALIB_W8A8_WS=1 offers them to the autotuner.
-WS_ON = os.environ.get("FAIRCALIB_W8A8_WS", "0") == "1"
-_autotuned_w8a8_tma_plain = _tma_autotuner(warp_specialized=False)
-_ws_failed: list[str] = []
+# Warp-specialized configs (TMA producer warps, wgmma consumer warpgroups) were tried here and
+# removed: on the H200 with Triton 3.6 one ran out of shared memory and the other hung
+# (benchmarks/results/kernels-ws-probe/).
+_autotuned_w8a8_tma = triton.autotune(
+    configs=_tma_configs(), key=["M_BUCKET", "N", "K", "IS_INT8"]
+)(_w8a8_tma_kernel)
 
 
 def tma_supported(device: torch.device) -> str | None:
@@ -566,18 +517,8 @@ def w8a8_matmul_tma(
     if meta is not None:
         _set_tma_blocks({"a_desc": a_desc, "w_desc": w_desc, **meta})
         _w8a8_tma_kernel[grid](*args, **flags, **meta)
-    elif _ws_failed or not WS_ON:
-        _autotuned_w8a8_tma_plain[grid](*args, **flags)
     else:
-        try:
-            _autotuned_w8a8_tma[grid](*args, **flags)
-        except torch.cuda.OutOfMemoryError:
-            raise  # not a compile failure
-        except Exception as err:  # noqa: BLE001 - a compile failure: the other configs
-            record_failure(
-                _ws_failed, "W8A8 TMA GEMM: the warp-specialized configs", "the others", err
-            )
-            _autotuned_w8a8_tma_plain[grid](*args, **flags)
+        _autotuned_w8a8_tma[grid](*args, **flags)
     return y
 
 
@@ -916,8 +857,7 @@ def autotune_choices() -> dict:
         name: {str(key): str(cfg) for key, cfg in getattr(fn, "cache", {}).items()}
         for name, fn in (
             ("w8a8", _autotuned_w8a8),
-            ("w8a8_tma", _autotuned_w8a8_tma),  # WARP_SPECIALIZE: True where that config won
-            ("w8a8_tma_plain", _autotuned_w8a8_tma_plain),  # after a warp-specialized failure
+            ("w8a8_tma", _autotuned_w8a8_tma),
             ("w4a8", _autotuned_w4a8),
             ("w8_group", _autotuned_w8_group),
         )

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from faircalib.errors import CheckpointError, ConfigError
 from faircalib.models import DiffusionLM
 from faircalib.models.base import REDO, read_json
+from faircalib.models.io import stored_float_dtype
 
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED_MODELS = ("mdlm-tiny", "mdlm-small")
@@ -82,13 +83,15 @@ def is_mdlm_hf(directory: Path) -> bool:
 
 
 def source_dtype(directory: Path) -> torch.dtype:
-    """The dtype a model directory's weights are stored in (config.json's torch_dtype or
-    dtype); float32 when it names none."""
+    """The dtype a model directory's weights are stored in: config.json's torch_dtype or
+    dtype, else what most of its safetensors hold (LLaDA-8B's config names none; its shards
+    are bf16), else float32."""
     config_path = Path(directory) / "config.json"
     config = read_json(config_path) if config_path.is_file() else {}
     name = config.get("torch_dtype") or config.get("dtype")
     if name is None or name == "auto":
-        return torch.float32
+        stored = stored_float_dtype(Path(directory))
+        return stored if stored is not None and stored in DTYPES.values() else torch.float32
     stored = str(name).removeprefix("torch.")
     if stored not in DTYPES:  # a typo or a non-float type would otherwise load as float32
         raise CheckpointError(
@@ -144,6 +147,40 @@ def resolve_dtype(model: str | Path, name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)} or auto")
     return DTYPES[name]
+
+
+# files of an upstream checkpoint that a quantized copy keeps, so stock readers load it as they
+# loaded the source: tokenizer settings (chat template), generation defaults
+UPSTREAM_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def upstream_files(directory: Path) -> tuple[dict[str, Path], list[str]]:
+    """(files to copy beside a quantized copy of `directory`, auto_map modules it lacks).
+    The files: UPSTREAM_FILES present and, when config.json or tokenizer_config.json has an
+    `auto_map`, the directory's `*.py` (the modules it names import their neighbours, e.g.
+    Dream's generation_utils.py). They are copied as files, never imported: transformers runs
+    them only with trust_remote_code. A hub download has no `*.py` (faircalib never fetches
+    checkpoint code): those modules are returned as missing, for the caller to say so."""
+    directory = Path(directory)
+    files = {name: directory / name for name in UPSTREAM_FILES if (directory / name).is_file()}
+    refs: list = []
+    for name in ("config.json", "tokenizer_config.json"):
+        auto_map = (
+            read_json(directory / name).get("auto_map") if (directory / name).is_file() else None
+        )
+        for value in auto_map.values() if isinstance(auto_map, dict) else ():
+            refs += value if isinstance(value, list) else [value]
+    modules = {
+        ref.rsplit(".", 1)[0]
+        for ref in refs
+        if isinstance(ref, str) and "--" not in ref and "." in ref  # not None, not another repo
+    }
+    if modules:
+        files.update({p.name: p for p in sorted(directory.glob("*.py")) if p.is_file()})
+    missing = sorted(
+        f"{m}.py" for m in modules if re.fullmatch(r"\w+", m) and f"{m}.py" not in files
+    )
+    return files, missing
 
 
 def load_tokenizer(model: str | Path) -> Tokenizer:

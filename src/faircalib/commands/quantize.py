@@ -871,20 +871,33 @@ def save(result: Result, out: Path, overwrite: bool = False, dtype: str | None =
     """Write the quantized model, quantization.json and recipe.json to `out`."""
     import torch
 
+    from faircalib import hub
     from faircalib.calib.fakequant_io import save_quantized
 
     dtype = dtype or result.recipe["args"]["dtype"]
     result.recipe["args"]["dtype"] = dtype
+    upstream, missing = hub.upstream_files(result.source)
+    if missing:
+        warn(
+            f"the source's config.json auto_map names {', '.join(missing)}, which it does not "
+            f"hold (faircalib never downloads checkpoint code): copy them into {out} to load it "
+            "with transformers' trust_remote_code"
+        )
+    tokenizer: dict[str, Path | str] = {}
+    if (result.source / "tokenizer.json").is_file():
+        tokenizer["tokenizer.json"] = result.source / "tokenizer.json"
+    elif hub.is_mdlm_hf(result.source):  # mdlm-owt ships none: write the one it loads with
+        tokenizer["tokenizer.json"] = hub.load_tokenizer(result.source).to_str()
     save_quantized(
         result.model,
         result.report,
         Path(out),
-        result.source / "tokenizer.json" if (result.source / "tokenizer.json").is_file() else None,
+        None,
         overwrite,
         fmt=result.format,
         record={**result.record, "dtype": dtype if result.format == "fake" else "bfloat16"},
         dtype=getattr(torch, dtype),
-        extra_files={RECIPE: result.recipe},
+        extra_files={**upstream, **tokenizer, RECIPE: result.recipe},
     )
     result.out = Path(out)
     return Path(out)

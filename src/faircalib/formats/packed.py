@@ -127,6 +127,7 @@ from faircalib.models.io import (
     atomic_directory,
     build_model,
     check_safetensors_header,
+    dtype_fields,
     load_tensors,
     probe_model,
     save_tensors,
@@ -801,7 +802,7 @@ def write_packed(
         tensors.update({f"{name}.{k}": v for k, v in packed.items()})
     config = {
         **config,
-        **_dtype_fields(config, dtype),
+        **dtype_fields(config, dtype),
         "quantization_config": quantization_config(module, layers),
         "faircalib": _faircalib_section(metadata),
     }
@@ -855,15 +856,6 @@ _SMOOTHING_MESSAGE = (
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _dtype_fields(config: Mapping[str, Any], dtype: torch.dtype) -> dict[str, str]:
-    """`torch_dtype` (our loaders, transformers < 5) and, where the config uses it, `dtype`
-    (transformers >= 5): both name the checkpoint dtype."""
-    fields = {"torch_dtype": _dtype_name(dtype)}
-    if "dtype" in config:
-        fields["dtype"] = _dtype_name(dtype)
-    return fields
 
 
 def _check_ct_version() -> None:

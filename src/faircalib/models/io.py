@@ -12,6 +12,8 @@ safetensors header it reads, and never reads a shard outside the model directory
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import re
 import shutil
@@ -223,6 +225,13 @@ def shard_files(directory: Path) -> tuple[dict[str, str], list[Path]]:
     elif (directory / "model.safetensors").exists():
         weight_map, names = {}, ["model.safetensors"]
     else:
+        pickled = sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth"))
+        if pickled:  # never unpickled: a pickle can run any code on load
+            raise CheckpointError(
+                f"{directory} holds only pickled weights ({', '.join(pickled[:3])}), which "
+                "faircalib never loads (unpickling can run code); convert them to safetensors "
+                "where you trust them, or download the model's *.safetensors files"
+            )
         raise CheckpointError(
             f"{directory} has no {INDEX} or model.safetensors: no weights to load; {REDO}"
         )
@@ -289,7 +298,14 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
     weight_map, paths = shard_files(directory)
     tensors: dict[str, torch.Tensor] = {}
     for path in paths:
-        tensors.update(read_safetensors(path))
+        shard = read_safetensors(path)
+        twice = sorted(set(shard) & set(tensors))
+        if twice:  # which copy is the model's? the index cannot settle a damaged export
+            raise CheckpointError(
+                f"{directory}: tensor {twice[0]} is stored in more than one shard "
+                f"({len(twice)} such); {REDO}"
+            )
+        tensors.update(shard)
     missing = set(weight_map) - set(tensors)
     if missing:
         raise CheckpointError(
@@ -348,10 +364,49 @@ def save_model(
         save_tensors(tensors, tmp)
         write_extra_files(tmp, extra_files)
         # last: a directory without config.json is refused by every loader
-        write_json(
-            tmp / CONFIG, {**model.config_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
-        )
+        config = model.config_dict()
+        write_json(tmp / CONFIG, {**config, **dtype_fields(config, dtype)})
     return Path(out)
+
+
+def dtype_fields(config: dict[str, Any], dtype: torch.dtype) -> dict[str, str]:
+    """`torch_dtype` (our loaders, transformers < 5) and, where the config uses it, `dtype`
+    (transformers >= 5): both name the checkpoint dtype, so neither may keep the source's."""
+    name = str(dtype).removeprefix("torch.")
+    return {"torch_dtype": name, **({"dtype": name} if "dtype" in config else {})}
+
+
+def stored_float_dtype(directory: Path) -> torch.dtype | None:
+    """The float dtype most of a checkpoint's tensors are stored in, read from its safetensors
+    headers (no tensor data); None without shards or float tensors."""
+    try:
+        _, paths = shard_files(directory)
+    except CheckpointError:
+        return None
+    counts: dict[str, int] = {}
+    for path in paths:
+        check_safetensors_header(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(n))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{path}: unreadable safetensors header; {REDO}") from exc
+        for name, entry in header.items() if isinstance(header, dict) else ():
+            if name != "__metadata__" and isinstance(entry, dict):
+                shape = entry.get("shape") or []
+                size = math.prod(shape) if all(isinstance(d, int) for d in shape) else 0
+                counts[str(entry.get("dtype"))] = counts.get(str(entry.get("dtype")), 0) + size
+    floats = {k: v for k, v in counts.items() if k in SAFETENSORS_FLOATS}
+    return SAFETENSORS_FLOATS[max(floats, key=floats.get)] if floats else None
+
+
+SAFETENSORS_FLOATS = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
 
 
 def write_extra_files(directory: Path, extra_files: dict[str, Path | str | dict] | None) -> None:

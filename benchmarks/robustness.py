@@ -357,7 +357,7 @@ CHECKPOINT = [  # a copy of mdlm-tiny, damaged, given to `faircalib eval`
     ("ckpt-empty-dir", argv("eval", "CASE"), r"config\.json is missing"),
     ("ckpt-path-is-a-file", lambda w, i: evaluate(write(w / "f.bin", b"x")), r"neither a shipped model"),
     ("ckpt-pickle-weights-only", on_float(pickle_only),
-     r"no model\.safetensors\.index\.json or model\.safetensors"),
+     r"holds only pickled weights \(pytorch_model\.bin\), which faircalib never loads"),
     ("ckpt-config-not-json", on_float(put("config.json", "{family: mdlm")), r"config\.json is not valid JSON"),
     ("ckpt-config-not-utf8", on_float(put("config.json", b"\xff\xfe{\x00}")), r"config\.json is not valid JSON"),
     ("ckpt-config-is-array", on_float(put("config.json", "[1, 2]")), r"holds a JSON list, not an object"),

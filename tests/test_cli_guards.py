@@ -214,10 +214,15 @@ def test_an_unknown_torch_dtype_in_config_json_is_refused(tmp_path, capsys):
     float dtype (it used to become float32 silently) is one line, before any output."""
     model = local_model(tmp_path)
     config = json.loads((model / "config.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(next(model.glob("*.safetensors"))), "pt") as f:
+        stored = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+    assert len(stored) == 1
     named = (
         ("torch.bfloat16", torch.bfloat16),
         ("float16", torch.float16),
-        ("auto", torch.float32),
+        ("auto", stored.pop()),  # no dtype named: what the shards hold
     )
     for name, dtype in named:
         (model / "config.json").write_text(json.dumps({**config, "torch_dtype": name}))

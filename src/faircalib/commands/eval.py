@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from faircalib.commands import argtypes, common
@@ -91,11 +92,21 @@ def evaluate(
         model = model_obj.to(device).eval()
         if tokenizer is None:
             raise ConfigError("evaluating a model object needs its tokenizer")
+    if seq_len is not None and seq_len > model.seq_len:
+        print(
+            f"faircalib eval: warning: --seq-len {seq_len} is longer than {model_name}'s "
+            f"training length {model.seq_len}; the model never saw positions past "
+            f"{model.seq_len}, so the bound is not comparable with one at its own length",
+            file=sys.stderr,
+        )
     batch = protocol_sequences(tokenizer, source, protocol, seq_len or model.seq_len, detokenizer)
     sequences, n_bytes = batch.sequences, batch.n_bytes
     if limit is not None and limit < len(sequences):
-        n_bytes = round(n_bytes * limit / len(sequences))  # bytes scale with the kept share
         sequences = sequences[:limit]
+        # the bytes of the rows kept (decoded, special tokens dropped): text of uneven density
+        # (English, then Chinese) makes the whole text's bytes per token wrong for a prefix
+        texts = tokenizer.decode_batch(sequences.tolist(), skip_special_tokens=True)
+        n_bytes = sum(len(text.encode("utf-8")) for text in texts)
     start = time.time()
     result = likelihood_bound(
         model,
@@ -140,11 +151,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        lo, hi = out["ci95"]
+        ci = "95% CI {:.3f}-{:.3f}".format(*out["ci95"]) if out["ci95"] else "one sequence: no CI"
         where = f"{out['data']}/{out['split']}" if out["split"] else out["data"]
         print(
             f"{out['model']} on {where} ({out['protocol']} protocol): ppl <= {out['ppl']:.3f} "
-            f"(95% CI {lo:.3f}-{hi:.3f}), {out['bits_per_byte']:.4f} bits/byte, "
+            f"({ci}), {out['bits_per_byte']:.4f} bits/byte, "
             f"{out['tokens']:,} tokens, {out['mc_samples']} MC sample(s), {out['seconds']:.0f}s"
         )
     return 0

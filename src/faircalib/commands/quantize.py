@@ -493,6 +493,12 @@ def calib_source(args: argparse.Namespace):
     split = args.calib_split or DEFAULT_CALIB_SPLIT.get(args.calib)
     source = load_source(args.calib, split, args.text_field)
     args.calib_split = source.split
+    expected = getattr(args, "recipe_calib_sha256", None)
+    if expected is not None and expected != source.sha256:
+        warn(
+            f"the calibration data {args.calib} differs from the recipe's (sha256 "
+            f"{expected[:12]}... then, {source.sha256[:12]}... now): this run will not replay it"
+        )
     return source
 
 
@@ -588,6 +594,8 @@ def apply_recipe(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
     typed = explicit_dests(args)
     if "model" not in typed and recipe.get("model") is not None:
         args.model = str(recipe["model"])
+    if "calib" not in typed and "calib_split" not in typed:  # the recipe's own text, or not?
+        args.recipe_calib_sha256 = recipe.get("calib_sha256")
     checks = getattr(args, "option_checks", {})
     for dest, value in recipe["args"].items():
         if dest not in typed:
@@ -830,6 +838,7 @@ def quantize_model_from_args(
     from faircalib.provenance import run_record
 
     recipe = make_recipe(args, config, calib, fmt, _dtype_name(args, source))
+    recipe["calib_sha256"] = calib_data.sha256  # a replay warns if the text changed since
     record = {
         "source_model": str(args.model),
         **run_record(argv=["faircalib", *getattr(args, "argv", sys.argv[1:])], device=args.device),
@@ -1219,6 +1228,7 @@ def quantize_act_from_args(
         )
     timings = {"load_s": load_s, **report["timings"]}
     recipe = make_act_recipe(args, cfg, fair, calib, _dtype_name(args, source), fmt)
+    recipe["calib_sha256"] = calib_data.sha256  # a replay warns if the text changed since
     record = {
         "source_model": str(args.model),
         **run_record(argv=["faircalib", *getattr(args, "argv", sys.argv[1:])], device=args.device),

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from tokenizers import Tokenizer
 
-from faircalib.data.tokenizers import EOS
+from faircalib.data.tokenizers import EOS, encode_text
 from faircalib.errors import DataError
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def _tokenized(
     if hit is None or hit[0] is not tokenizer:
         docs = list(source.docs)
         eos = _eos(tokenizer)
-        ids = [enc.ids for enc in tokenizer.encode_batch(docs)]
+        ids = encode_text(tokenizer, docs)
         stream = torch.tensor([t for doc in ids for t in [*doc, eos]], dtype=torch.long)  # [T]
         if len(_STREAMS) >= _MAX_CACHED:  # bound memory: drop the oldest entry
             del _STREAMS[next(iter(_STREAMS))]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import lzma
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,17 +80,28 @@ def load_source(spec: str, split: str | None = None, text_field: str = "text") -
         return shipped_source(spec, split)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _datasets_dir(path, split, text_field)
+        return _has_text(_datasets_dir(path, split, text_field))
     if path.is_file():
         if split is not None:
             raise DataError(f"{spec} is a single file: it has no splits (drop --split {split})")
-        return _file_source(path, text_field)
+        return _has_text(_file_source(path, text_field))
     if HUB_DATASET.fullmatch(spec) and not path.suffix:
-        return _hub_dataset(spec, split, text_field)
+        return _has_text(_hub_dataset(spec, split, text_field))
     raise DataError(
         f"{spec!r} is neither a shipped corpus ({', '.join(sorted(CORPORA))}) nor an existing "
         "file or directory (nor a hub dataset id owner/name); check the name or path"
     )
+
+
+def _has_text(source: TextSource) -> TextSource:
+    """Refuse data whose documents are all empty: calibrating on end-of-text tokens alone, or
+    evaluating zero bytes, would look like it worked."""
+    if not any(doc.strip() for doc in source.docs):
+        raise DataError(
+            f"{source.name} holds no text: its {len(source.docs):,} document(s) are all empty"
+            + (f" in field {source.text_field!r}" if source.text_field else "")
+        )
+    return source
 
 
 def shipped_source(corpus: str, split: str | None) -> TextSource:
@@ -115,8 +127,8 @@ def _file_source(path: Path, text_field: str) -> TextSource:
         return TextSource(
             str(path), "parquet", None, text_field, _parquet_docs(path, text_field), sha, "file"
         )
-    data = _maybe_gunzip(raw, path)
-    base_suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    data = _decompress(raw, path)
+    base_suffix = Path(path.stem).suffix if path.suffix in (".gz", ".xz") else path.suffix
     if base_suffix in JSON_SUFFIXES:
         docs = _jsonl_docs(_utf8(data, path), path, text_field)
         return TextSource(str(path), "jsonl", None, text_field, docs, sha, "file")
@@ -124,20 +136,25 @@ def _file_source(path: Path, text_field: str) -> TextSource:
     return TextSource(str(path), "text", None, None, docs, sha, "file")
 
 
-def _maybe_gunzip(raw: bytes, path: Path) -> bytes:
-    if raw[:2] != b"\x1f\x8b":  # gzip magic: trust the bytes, not the name
+def _decompress(raw: bytes, path: Path) -> bytes:
+    """gzip or xz data decompressed (the magic bytes decide, not the name); else as is."""
+    if raw[:2] == b"\x1f\x8b":
+        kind, decompress, errors = "gzip", gzip.decompress, (OSError, EOFError)
+    elif raw[:6] == b"\xfd7zXZ\x00":  # the corpus shards `faircalib train` reads are .jsonl.xz
+        kind, decompress, errors = "xz", lzma.decompress, (lzma.LZMAError, EOFError)
+    else:
         return raw
     try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError) as exc:
+        return decompress(raw)
+    except errors as exc:
         raise DataError(
-            f"{path} looks gzip-compressed but cannot be read ({exc}); check the file"
+            f"{path} looks {kind}-compressed but cannot be read ({exc}); check the file"
         ) from exc
 
 
 def _utf8(data: bytes, path: Path) -> str:
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start}); convert it first") from exc
 
@@ -145,13 +162,16 @@ def _utf8(data: bytes, path: Path) -> str:
 def plain_text_docs(text: str) -> tuple[str, ...]:
     """One document per block of text between blank lines (whitespace-only lines count as
     blank); surrounding whitespace is stripped and empty blocks are dropped."""
-    blocks = re.split(r"\n[ \t\r\f\v]*\n", text.replace("\r\n", "\n"))
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # Windows and old Mac endings
+    blocks = re.split(r"\n[ \t\f\v]*\n", text)
     return tuple(b.strip() for b in blocks if b.strip())
 
 
 def _jsonl_docs(text: str, path: Path, field: str) -> tuple[str, ...]:
     docs = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # JSON Lines are separated by \n alone: splitlines() would also split inside strings at
+    # U+2028, U+0085 and other characters JSON allows raw
+    for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -239,14 +259,17 @@ def _hub_dataset(name: str, split: str | None, field: str) -> TextSource:
             f"{name!r} is not a local file or directory, and loading it as a hub dataset failed "
             f"({first}); check the id or pass a local file"
         ) from exc
-    table, split = _pick_split(loaded, split, name)
+    # load_dataset(split=...) returns that split alone: a Dataset that keeps its name
+    table, split = _pick_split(loaded, split, name, split_applied=split is not None)
     docs = _dataset_docs(table, field, name)
     return TextSource(name, "hub", split, field, docs, text_sha256(docs), "text")
 
 
-def _pick_split(loaded, split: str | None, where: str):
+def _pick_split(loaded, split: str | None, where: str, split_applied: bool = False):
     """A Dataset as-is; from a DatasetDict the requested split, or its only one."""
     if not hasattr(loaded, "keys"):  # a single Dataset
+        if split is not None and not split_applied:  # else the records would name a split that was never chosen
+            raise DataError(f"{where} is a single dataset: it has no splits (drop --split {split})")
         return loaded, split
     names = sorted(loaded.keys())
     if split is None and len(names) == 1:

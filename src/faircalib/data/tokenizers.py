@@ -63,6 +63,19 @@ GPT2_SHA256 = {
 }
 
 
+def encode_text(tokenizer: Tokenizer, texts: list[str], **kwargs) -> list[list[int]]:
+    """Token ids of data text. A special token's string inside the text ("<|mask|>",
+    "<|endoftext|>") is encoded as the text it is: taken as the special id, a literal mask
+    token in a document would be scored as a clean [MASK] (an infinite bound) and a literal
+    end-of-text would split documents."""
+    previous = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        return [enc.ids for enc in tokenizer.encode_batch(texts, **kwargs)]
+    finally:
+        tokenizer.encode_special_tokens = previous
+
+
 def special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
     """(eos_id, mask_id), or a DataError naming the missing token."""
     from faircalib.errors import DataError

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from faircalib import distributed
+from faircalib.errors import DataError
 from faircalib.models.base import DiffusionLM
 from faircalib.models.objective import nelbo_per_sequence
 
@@ -35,7 +36,7 @@ class BoundResult:
     bytes: int
     sequences: int
     mc_samples: int
-    ci95: tuple[float, float]  # 95% interval of the perplexity estimate (over sequences)
+    ci95: tuple[float, float] | None  # 95% interval of the perplexity (over sequences; None: one)
     seed: int
 
     def to_dict(self) -> dict:
@@ -88,7 +89,16 @@ def likelihood_bound(
     per_seq /= mc_samples
     per_token = per_seq / seq_len  # [N]
     mean = per_token.mean().item()
-    se = per_token.std().item() / math.sqrt(n) if n > 1 else float("inf")
+    if not math.isfinite(mean):  # e.g. a [MASK] id among the clean tokens: no bound at all
+        raise DataError(
+            "the likelihood bound is not finite: some evaluation token has zero probability "
+            "under the model (is the mask token, or a token past the model's vocabulary, in "
+            "the data?)"
+        )
+    if n_bytes <= 0:
+        raise DataError("the evaluated text covers no bytes: the data holds no text")
+    # one sequence has no spread to estimate: no interval (None, not an infinite one)
+    half = 1.96 * per_token.std().item() / math.sqrt(n) if n > 1 else None
     return BoundResult(
         ppl=math.exp(mean),
         nll_per_token=mean,
@@ -97,6 +107,6 @@ def likelihood_bound(
         bytes=n_bytes,
         sequences=n,
         mc_samples=mc_samples,
-        ci95=(math.exp(mean - 1.96 * se), math.exp(mean + 1.96 * se)),
+        ci95=(math.exp(mean - half), math.exp(mean + half)) if half is not None else None,
         seed=seed,
     )

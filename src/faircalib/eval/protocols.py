@@ -29,7 +29,7 @@ import torch
 from tokenizers import Tokenizer
 
 from faircalib.data.sources import TextSource
-from faircalib.data.tokenizers import EOS
+from faircalib.data.tokenizers import EOS, encode_text
 from faircalib.errors import ConfigError, DataError
 from faircalib.eval.detokenizers import SHIPPED_DETOKENIZER, get_detokenizer
 
@@ -108,7 +108,7 @@ def mdlm_sequences(
     if eos is None:
         raise DataError(f"tokenizer has no {EOS} token; use a tokenizer.json that has one")
     texts = [detokenize(r) for r in rows] if detokenize else list(rows)
-    ids = [enc.ids for enc in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    ids = encode_text(tokenizer, texts, add_special_tokens=False)
     seqs = wrap_rows(ids, seq_len, bos=eos, eos=eos, group_rows=group_rows)
     streamed = sum(len(r) + 1 for r in ids)  # row tokens plus their end-of-text
     text_bytes = sum(len(t.encode("utf-8")) for t in texts)

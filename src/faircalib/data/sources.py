@@ -268,7 +268,9 @@ def _hub_dataset(name: str, split: str | None, field: str) -> TextSource:
 def _pick_split(loaded, split: str | None, where: str, split_applied: bool = False):
     """A Dataset as-is; from a DatasetDict the requested split, or its only one."""
     if not hasattr(loaded, "keys"):  # a single Dataset
-        if split is not None and not split_applied:  # else the records would name a split that was never chosen
+        if (
+            split is not None and not split_applied
+        ):  # else the records would name a split that was never chosen
             raise DataError(f"{where} is a single dataset: it has no splits (drop --split {split})")
         return loaded, split
     names = sorted(loaded.keys())

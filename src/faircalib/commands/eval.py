@@ -78,7 +78,7 @@ def evaluate(
     from faircalib.data.sources import load_source
     from faircalib.errors import ConfigError
     from faircalib.eval import likelihood_bound
-    from faircalib.eval.protocols import default_split, protocol_sequences
+    from faircalib.eval.protocols import default_split, first_rows, protocol_sequences
     from faircalib.provenance import run_record
 
     hub.check_device(device)  # before any data or weights are read
@@ -101,12 +101,7 @@ def evaluate(
         )
     batch = protocol_sequences(tokenizer, source, protocol, seq_len or model.seq_len, detokenizer)
     sequences, n_bytes = batch.sequences, batch.n_bytes
-    if limit is not None and limit < len(sequences):
-        sequences = sequences[:limit]
-        # the bytes of the rows kept (decoded, special tokens dropped): text of uneven density
-        # (English, then Chinese) makes the whole text's bytes per token wrong for a prefix
-        texts = tokenizer.decode_batch(sequences.tolist(), skip_special_tokens=True)
-        n_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    sequences, n_bytes = first_rows(tokenizer, sequences, n_bytes, limit)
     start = time.time()
     result = likelihood_bound(
         model,

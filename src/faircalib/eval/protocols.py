@@ -150,6 +150,19 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return data, split
 
 
+def first_rows(
+    tokenizer: Tokenizer, seqs: torch.Tensor, n_bytes: int, limit: int | None
+) -> tuple[torch.Tensor, int]:
+    """The first `limit` rows and the UTF-8 bytes they cover: their decoded text (special
+    tokens dropped). The whole text's bytes per token would be wrong for a prefix of text of
+    uneven density (English, then Chinese)."""
+    if limit is None or limit >= len(seqs):
+        return seqs, n_bytes
+    seqs = seqs[:limit]
+    texts = tokenizer.decode_batch(seqs.tolist(), skip_special_tokens=True)
+    return seqs, sum(len(text.encode("utf-8")) for text in texts)
+
+
 def eval_sets(
     tokenizer: Tokenizer,
     specs: list[str],
@@ -169,9 +182,7 @@ def eval_sets(
         source = load_source(data, split or default_split(protocol, data), text_field)
         batch = protocol_sequences(tokenizer, source, protocol, seq_len)
         seqs, n_bytes = batch.sequences, batch.n_bytes
-        if limit is not None and limit < len(seqs):
-            n_bytes = round(n_bytes * limit / len(seqs))  # bytes scale with the kept share
-            seqs = seqs[:limit]
+        seqs, n_bytes = first_rows(tokenizer, seqs, n_bytes, limit)
         sets[spec] = (seqs, n_bytes)
         records[spec] = {**source.record(), "protocol": protocol, "split_note": batch.note}
     return sets, records

@@ -277,3 +277,83 @@ def test_a_recipe_string_is_converted_as_its_flag_would_convert_it():
     assert check_recipe_value(ratio, "0.5") == 0.5
     with pytest.raises(ConfigError, match="not a valid --ratio"):
         check_recipe_value(ratio, "half")
+
+
+def test_out_inside_or_above_the_installed_package_is_refused(tmp_path):
+    """Shipped models, corpora, tokenizers and recipes are reached by name (`mdlm-tiny`,
+    `c4`), so no input path names them: --out there with --overwrite used to delete them."""
+    from faircalib.errors import OutputError
+    from faircalib.models.io import check_output_dir
+
+    package = Path(cli.__file__).resolve().parent
+    for out in (
+        package / "assets" / "models" / "mdlm-tiny",
+        package / "data" / "files",
+        package / "assets" / "recipes",
+        package.parent,
+    ):
+        with pytest.raises(OutputError, match="would replace files of the installed faircalib"):
+            check_output_dir(out, overwrite=True)  # refuses before anything is touched
+    check_output_dir(tmp_path / "fine", overwrite=True)
+
+
+def test_out_holding_a_linked_input_file_is_refused(tmp_path, capsys):
+    model = local_model(tmp_path)
+    elsewhere = tmp_path / "tokenizers"
+    elsewhere.mkdir()
+    (model / "tokenizer.json").rename(elsewhere / "tok.json")
+    (model / "tokenizer.json").symlink_to(elsewhere / "tok.json")
+    before = snapshot(elsewhere)
+    code = cli.main(["quantize", str(model), *QUICK, "--out", str(elsewhere), "--overwrite"])
+    assert code == 2 and "would replace the input" in one_line_error(capsys)
+    assert snapshot(elsewhere) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "wanted"),
+    [
+        ("calib", 3, "a string"),
+        ("exclude", 5, "a list of strings"),
+        ("include", ["blocks.*", 7], "a list of strings"),
+        ("clip_search", "yes", "true or false"),
+    ],
+)
+def test_a_recipe_value_of_the_wrong_json_type_is_one_line(tmp_path, capsys, field, value, wanted):
+    recipe = json.loads((hub.ASSETS / "recipes" / "rtn-w4g128.json").read_text())
+    recipe["args"][field] = value
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    argv = ["quantize", "mdlm-tiny", "--config", str(tmp_path), "--out", str(tmp_path / "q")]
+    code = cli.main(argv)
+    assert code == 2 and f"recipe field {field} = {value!r} must be {wanted}" in (
+        one_line_error(capsys)
+    )
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_head_the_group_does_not_divide_leaves_no_progress_directory(tmp_path, capsys):
+    from faircalib.models import save_model
+    from faircalib.models.mdlm import MDLM, MDLMConfig
+
+    model = tmp_path / "m64"
+    tokenizer = hub.resolve("mdlm-tiny") / "tokenizer.json"
+    config = MDLMConfig(8192, 1, seq_len=32, hidden_dim=64, cond_dim=8, n_blocks=1, n_heads=2)
+    save_model(MDLM(config), model, extra_files={"tokenizer.json": tokenizer.resolve()})
+    out = tmp_path / "q"
+    argv = ["quantize", str(model), *QUICK, "--group-size", "-1", "--out", str(out)]
+    assert cli.main([*argv, "--quantize-head", "int4"]) == 2
+    assert "--quantize-head int4" in one_line_error(capsys)
+    assert not out.exists() and not Path(f"{out}.partial").exists()
+    assert cli.main([*argv, "--quantize-head", "int8"]) == 0  # the advised command runs
+
+
+def test_bench_flip_flags_are_checked_before_any_calibration(tmp_path, capsys):
+    base = ["bench", "mdlm-tiny", "--methods", "rtn", "--nsamples", "2", "--seq-len", "16"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, "--flip-steps", "0", "--out", str(tmp_path / "a")])
+    assert exit_info.value.code == 2 and "--flip-steps" in capsys.readouterr().err
+    code = cli.main([*base, "--flip-gen-length", "500", "--out", str(tmp_path / "b")])
+    assert code == 2 and "--flip-gen-length 500" in one_line_error(capsys)
+    assert not (tmp_path / "b").exists()
+    (tmp_path / "file").write_text("x")
+    code = cli.main([*base, "--out", str(tmp_path / "file")])
+    assert code == 2 and "exists and is not a directory" in one_line_error(capsys)

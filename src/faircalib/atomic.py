@@ -86,6 +86,8 @@ def check_writable_dir(directory: Path) -> None:
     """Create `directory` if needed and prove a file can be written there (as root, permission
     bits prove nothing: a read-only mount or /proc is found only by trying)."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():  # mkdir would say only "File exists"
+        raise OutputError(f"{directory} exists and is not a directory; choose another output path")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)

@@ -262,6 +262,12 @@ class Evaluator:
         self.calib = load_source(cfg.calib, calib_split, cfg.text_field)
         self.task, task_record = load_task(cfg.task) if cfg.task else (None, None)
         self.records = {"calib": self.calib.record(), "eval": self.records, "task": task_record}
+        if cfg.flip_prefix + cfg.flip_gen_length > model.seq_len:  # now, not after calibration
+            raise ConfigError(
+                f"--flip-gen-length {cfg.flip_gen_length}: with the {cfg.flip_prefix}-token "
+                f"prompt it passes {cfg.model}'s length {model.seq_len}; use at most "
+                f"{model.seq_len - cfg.flip_prefix}"
+            )
         prompts = calibration_batch(
             tokenizer, "c4", "validation", cfg.flip_prompts, cfg.flip_prefix, seed=1234
         )

@@ -76,14 +76,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_limit(p)
     common.hidden_alias(p, "--eval-limit", dest="limit", type=positive_int)
     p.add_argument(
-        "--flip-prompts", type=int, default=8, help="prompts of the frontier flip-rate generations"
+        "--flip-prompts",
+        type=positive_int,
+        default=8,
+        help="prompts of the frontier flip-rate generations",
     )
     p.add_argument(
-        "--flip-gen-length", type=int, default=32, help="tokens generated per flip-rate prompt"
+        "--flip-gen-length",
+        type=positive_int,
+        default=32,
+        help="tokens generated per flip-rate prompt",
     )
     p.add_argument(
         "--flip-steps",
-        type=int,
+        type=positive_int,
         default=32,
         help="sampler steps of the flip-rate generations (as `generate --steps`)",
     )

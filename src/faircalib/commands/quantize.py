@@ -385,7 +385,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         func=run,
         option_dests={o: a.dest for a in p._actions for o in a.option_strings},
         # a recipe's values pass the same choices and types as typed flags (`apply_recipe`)
-        option_checks={a.dest: a for a in p._actions if a.choices is not None or a.type},
+        option_checks={a.dest: a for a in p._actions if a.option_strings},
     )
 
 
@@ -609,11 +609,28 @@ def apply_recipe(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
         args.flat_shift = "none"
 
 
+def _check_recipe_json_type(action: argparse.Action, flag: str, value: Any) -> None:
+    """The JSON type a flag's value must have: true/false for a switch, a list of strings
+    for a repeatable flag, a string for a free-text one (typed flags convert below)."""
+    if action.nargs == 0:  # store_true / store_false
+        wanted, ok = "true or false", isinstance(value, bool)
+    elif isinstance(action, argparse._AppendAction) or action.nargs in ("*", "+"):
+        wanted = "a list of strings"
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif action.type is None and action.choices is None:
+        wanted, ok = "a string", isinstance(value, str)
+    else:
+        return
+    if not ok:
+        raise _config_error(f"recipe field {action.dest} = {value!r} must be {wanted} ({flag})")
+
+
 def check_recipe_value(action: argparse.Action, value: Any) -> Any:
     """Refuse a recipe value its flag would refuse if typed (a number its type rejects, a
     choice it lacks): one line naming the field, instead of a misleading error later. Returns
     the value, a string converted as its flag's would be ("4" for --bits is 4)."""
     flag = action.option_strings[0] if action.option_strings else action.dest
+    _check_recipe_json_type(action, flag, value)
     typed = action.type is not None and not isinstance(value, bool)
     if typed and isinstance(value, (str, int, float)):
         try:
@@ -792,7 +809,7 @@ def quantize_model_from_args(
 
     from faircalib import distributed, hub
     from faircalib.calib import quantize
-    from faircalib.calib.engine import check_layers, quant_results
+    from faircalib.calib.engine import check_head, check_layers, quant_results
     from faircalib.calib.progress import PartialRun, fingerprint, partial_dir
     from faircalib.calib.select import restrict, selected_layers
     from faircalib.data import calibration_batch
@@ -814,6 +831,8 @@ def quantize_model_from_args(
     calib = dataclasses.replace(calib, seq_len=seq_len)
     with restrict(model, calib.include, calib.exclude):
         check_layers(model, config)
+        if calib.quantize_head is not None:  # before the progress directory exists
+            check_head(model, calib.quantize_head)
         partial = None
         if not distributed.active() and getattr(args, "out", None) is not None:
             fp = fingerprint(model, config.to_dict(), calib.to_dict(), tokens)

@@ -98,8 +98,13 @@ def check_output_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path] 
         raise OutputError(
             f"--out {str(out)!r} is the current directory or above it; name a new one"
         )
-    for source in inputs:
-        source = Path(source).resolve()
+    package = Path(__file__).resolve().parents[1]  # faircalib's own files: shipped models,
+    if target == package or package in target.parents or target in package.parents:  # data
+        raise OutputError(
+            f"--out {out} would replace files of the installed faircalib ({package}); choose "
+            "an output path outside it"
+        )
+    for source in _with_link_targets(inputs):
         if source.exists() and (target == source or target in source.parents):
             raise OutputError(
                 f"--out {out} would replace the input {source}; choose another output path"
@@ -121,6 +126,18 @@ def check_output_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path] 
         probe.rmdir()
     except OSError as exc:
         raise OutputError(atomic.os_error_message(out, exc)) from exc
+
+
+def _with_link_targets(inputs: Iterable[Path]) -> list[Path]:
+    """The inputs, resolved, and for a directory input the targets of the links it holds (a
+    tokenizer.json or shard linked from elsewhere, as in a Hugging Face cache)."""
+    resolved = []
+    for source in map(Path, inputs):
+        resolved.append(source.resolve())
+        if source.is_dir():
+            links = (p for p in source.iterdir() if p.is_symlink())
+            resolved += [link.resolve() for link in links]
+    return resolved
 
 
 @contextmanager

@@ -481,6 +481,13 @@ ARGUMENTS = [  # refused before any model is loaded or any calibration runs
     ("arg-generate-steps-0", argv("generate", "mdlm-tiny", "--steps", "0"), r"--steps: must be at least 1"),
     ("arg-generate-too-long", argv("generate", "mdlm-tiny", "--gen-length", "500", "--steps", "5"),
      r"exceeds .* sequence length 128"),
+    ("arg-eval-data-all-empty", lambda w, i: ["eval", "mdlm-tiny", "--data", str(write(
+        w / "e.jsonl", '{"text": ""}\n' * 5))], r"holds no text: its 5 document\(s\) are all empty"),
+    ("arg-recipe-field-type", lambda w, i: ["quantize", "mdlm-tiny", "--config", str(write(
+        w / "recipe.json", json.dumps({"args": {"method": "rtn", "calib": 3}}))), *Q],
+     r"recipe field calib = 3 must be a string"),
+    ("arg-bench-flip-past-length", argv("bench", "--model", "mdlm-tiny", "--methods", "rtn",
+     "--flip-gen-length", "500", "--out", "CASE/b"), r"--flip-gen-length 500: .* passes"),
 ]
 OUTPUT = [  # outputs that cannot be written (the mounted ones need root)
     ("out-under-proc", argv(*QUANTIZE, "--out", f"{PROC}/q"), rf"cannot write {PROC}/q"),

@@ -622,7 +622,9 @@ def _check_recipe_json_type(action: argparse.Action, flag: str, value: Any) -> N
     else:
         return
     if not ok:
-        raise _config_error(f"recipe field {action.dest} = {value!r} must be {wanted} ({flag})")
+        raise _config_error(
+            f"recipe field {action.dest} = {value!r} must be {wanted} ({flag}); fix the recipe"
+        )
 
 
 def check_recipe_value(action: argparse.Action, value: Any) -> Any:

@@ -99,7 +99,12 @@ def _has_text(source: TextSource) -> TextSource:
     if not any(doc.strip() for doc in source.docs):
         raise DataError(
             f"{source.name} holds no text: its {len(source.docs):,} document(s) are all empty"
-            + (f" in field {source.text_field!r}" if source.text_field else "")
+            + (
+                f" in field {source.text_field!r} (use --text-field to read another)"
+                if source.text_field
+                else ""
+            )
+            + "; check the data"
         )
     return source
 

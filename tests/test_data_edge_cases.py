@@ -127,3 +127,14 @@ def test_a_recipe_replayed_on_changed_text_says_so(tmp_path, capsys):
     calib.write_text(f"{ENGLISH} changed\n\n{ENGLISH}\n")
     assert main([*replay, "--out", str(tmp_path / "c")]) == 0
     assert "differs from the recipe's (sha256" in capsys.readouterr().err
+
+
+def test_calibrating_on_an_evaluation_split_warns(tmp_path, capsys):
+    argv = ["quantize", "mdlm-tiny", "--method", "rtn", "--nsamples", "2", "--seq-len", "16"]
+    assert (
+        main([*argv, "--calib", "c4", "--calib-split", "validation", "--out", str(tmp_path / "a")])
+        == 0
+    )
+    assert "calibrating on c4/validation, a split faircalib evaluates on" in capsys.readouterr().err
+    assert main([*argv, "--calib", "c4", "--out", str(tmp_path / "b")]) == 0  # c4/train
+    assert "a split faircalib evaluates on" not in capsys.readouterr().err

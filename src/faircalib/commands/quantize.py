@@ -493,6 +493,15 @@ def calib_source(args: argparse.Namespace):
     split = args.calib_split or DEFAULT_CALIB_SPLIT.get(args.calib)
     source = load_source(args.calib, split, args.text_field)
     args.calib_split = source.split
+    from faircalib.eval.protocols import DEFAULT_SPLITS
+
+    if source.split is not None and source.split in {
+        splits.get(args.calib) for splits in DEFAULT_SPLITS.values()
+    }:
+        warn(
+            f"calibrating on {args.calib}/{source.split}, a split faircalib evaluates on: "
+            "perplexities there will flatter the quantized model"
+        )
     expected = getattr(args, "recipe_calib_sha256", None)
     if expected is not None and expected != source.sha256:
         warn(

@@ -165,9 +165,11 @@ def upstream_files(directory: Path) -> tuple[dict[str, Path], list[str]]:
     files = {name: directory / name for name in UPSTREAM_FILES if (directory / name).is_file()}
     refs: list = []
     for name in ("config.json", "tokenizer_config.json"):
-        auto_map = (
-            read_json(directory / name).get("auto_map") if (directory / name).is_file() else None
-        )
+        try:  # runs after calibration: a damaged side file must not lose the run
+            meta = read_json(directory / name) if (directory / name).is_file() else {}
+        except CheckpointError:
+            meta = {}
+        auto_map = meta.get("auto_map") if isinstance(meta, dict) else None
         for value in auto_map.values() if isinstance(auto_map, dict) else ():
             refs += value if isinstance(value, list) else [value]
     modules = {

@@ -369,7 +369,7 @@ DAMAGE = {
     "wrong shape": (lambda d: _edit_tensors(d, _wrong_shape), "shape"),
     "nan": (lambda d: _edit_tensors(d, _nan), "NaN"),
     "missing shard": (_missing_shard, "missing"),
-    "pickle only": (_only_pickle, "model.safetensors"),
+    "pickle only": (_only_pickle, "only pickled weights"),
     "sequential block": (lambda d: _edit_config(d, block_type="sequential"), "block_type"),
     "default block_type": (lambda d: _edit_config(d, block_type=_DROP), "block_type"),
     "alibi": (lambda d: _edit_config(d, alibi=True), "alibi"),

@@ -52,7 +52,9 @@ def check_fields(obj: Any) -> None:
             or not isinstance(value, numbers.Real)
             or not math.isfinite(value)
         ):
-            raise ConfigError(f"{cls}: {f.name} must be a finite number, got {value!r}")
+            raise ConfigError(
+                f"{cls}: {f.name} must be a finite number, got {value!r}; pass a finite value"
+            )
         if base is str and not isinstance(value, str):
             raise ConfigError(f"{cls}: {f.name} must be a string, got {value!r}")
 
@@ -403,7 +405,10 @@ class CalibConfig:
         if self.n_samples < 1:
             raise ConfigError("calibration needs at least one sample; use --nsamples 1 or more")
         if self.max_device_gib is not None and not self.max_device_gib > 0:
-            raise ConfigError(f"max_device_gib must be > 0 GiB, got {self.max_device_gib}")
+            raise ConfigError(
+                f"max_device_gib (--max-device-gib) must be > 0 GiB, got {self.max_device_gib}; "
+                "pass the GPU memory calibration may use"
+            )
         if self.seq_len is not None and self.seq_len < 1:
             raise ConfigError(
                 f"--seq-len must be at least 1, got {self.seq_len}; use a positive length or "

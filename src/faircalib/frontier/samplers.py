@@ -103,7 +103,8 @@ class SamplerConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.cfg_scale < 0 or (self.alg_temp is not None and self.alg_temp < 0):
             raise ConfigError(
-                f"cfg_scale ({self.cfg_scale}) and alg_temp ({self.alg_temp}) must be >= 0"
+                f"cfg_scale ({self.cfg_scale}) and alg_temp ({self.alg_temp}) must be >= 0 "
+                "(--cfg-scale, --alg-temp); use 0 to turn either off"
             )
         if self.sampler in DREAM_ORDERS:
             self._validate_dream()

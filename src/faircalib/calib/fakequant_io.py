@@ -150,7 +150,7 @@ def save_quantized(
     model: DiffusionLM,
     report: QuantReport | dict[str, Any],
     out: Path,
-    tokenizer_path: Path | None,
+    tokenizer: Path | str | None,
     overwrite: bool = False,
     *,
     fmt: str = "fake",
@@ -169,8 +169,8 @@ def save_quantized(
         **(extra_files or {}),
         QUANTIZATION_JSON: {**(record or {}), "format": fmt, **report_dict},
     }
-    if tokenizer_path is not None:
-        extra["tokenizer.json"] = Path(tokenizer_path)
+    if tokenizer is not None:  # a tokenizer.json to copy, or its JSON text to write
+        extra["tokenizer.json"] = tokenizer if isinstance(tokenizer, str) else Path(tokenizer)
     # W8A8 grids are recovered where the weights are (a GPU fits them in seconds, not minutes)
     w8a8 = w8a8_results(model, report_dict) if fmt == "packed" else {}
     model.cpu()

@@ -922,21 +922,21 @@ def save(result: Result, out: Path, overwrite: bool = False, dtype: str | None =
             f"hold (faircalib never downloads checkpoint code): copy them into {out} to load it "
             "with transformers' trust_remote_code"
         )
-    tokenizer: dict[str, Path | str] = {}
+    tokenizer: Path | str | None = None
     if (result.source / "tokenizer.json").is_file():
-        tokenizer["tokenizer.json"] = result.source / "tokenizer.json"
+        tokenizer = result.source / "tokenizer.json"
     elif hub.is_mdlm_hf(result.source):  # mdlm-owt ships none: write the one it loads with
-        tokenizer["tokenizer.json"] = hub.load_tokenizer(result.source).to_str()
+        tokenizer = hub.load_tokenizer(result.source).to_str()
     save_quantized(
         result.model,
         result.report,
         Path(out),
-        None,
+        tokenizer,
         overwrite,
         fmt=result.format,
         record={**result.record, "dtype": dtype if result.format == "fake" else "bfloat16"},
         dtype=getattr(torch, dtype),
-        extra_files={**upstream, **tokenizer, RECIPE: result.recipe},
+        extra_files={**upstream, RECIPE: result.recipe},
     )
     result.out = Path(out)
     return Path(out)

@@ -12,7 +12,6 @@ safetensors header it reads, and never reads a shard outside the model directory
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import re
@@ -403,17 +402,14 @@ def stored_float_dtype(directory: Path) -> torch.dtype | None:
     counts: dict[str, int] = {}
     for path in paths:
         check_safetensors_header(path)
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            try:
-                header = json.loads(f.read(n))
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{path}: unreadable safetensors header; {REDO}") from exc
-        for name, entry in header.items() if isinstance(header, dict) else ():
-            if name != "__metadata__" and isinstance(entry, dict):
-                shape = entry.get("shape") or []
-                size = math.prod(shape) if all(isinstance(d, int) for d in shape) else 0
-                counts[str(entry.get("dtype"))] = counts.get(str(entry.get("dtype")), 0) + size
+        try:  # safe_open reads the header only; get_slice touches no tensor data
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    piece = f.get_slice(name)
+                    dtype = piece.get_dtype()
+                    counts[dtype] = counts.get(dtype, 0) + math.prod(piece.get_shape())
+        except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors header; {REDO}") from exc
     floats = {k: v for k, v in counts.items() if k in SAFETENSORS_FLOATS}
     return SAFETENSORS_FLOATS[max(floats, key=floats.get)] if floats else None
 

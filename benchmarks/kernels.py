@@ -234,34 +234,6 @@ def _make_int8_triton(layer: Layer) -> Fn:
     return run
 
 
-def _make_fp8_partial(fused: bool) -> Callable[[Layer], Fn]:
-    """w4a8_fp8 (fused) / w4a8_fp8_dq's work with per-group partial sums instead of the one
-    rescaled accumulator the backends use (positive_scales=False): the formulation before it,
-    timed side by side."""
-
-    def make(layer: Layer) -> Fn:
-        from faircalib.kernels.triton_w4 import pack_tiles
-        from faircalib.kernels.triton_w8a8 import (
-            quantize_rows,
-            w4a8_dq_matmul,
-            w4a8_layout,
-            w4a8_matmul,
-        )
-
-        packed = pack_tiles(layer.codes4)
-        scale_t, zero_t = w4a8_layout(layer.qp4.scale, layer.qp4.zero)
-        gemm = w4a8_matmul if fused else w4a8_dq_matmul
-
-        @torch.no_grad()
-        def run(x: torch.Tensor) -> torch.Tensor:
-            x8, x_scale = quantize_rows(x, "fp8")
-            return gemm(x8, x_scale, packed, scale_t, zero_t, x.dtype)
-
-        return run
-
-    return make
-
-
 def _make_tma(kind: str) -> Callable[[Layer], Fn]:
     """The 8-bit work of int8_w8a8 / fp8_w8a8 (fused per-token quantization, then the GEMM)
     on the persistent TMA GEMM (triton_w8a8.w8a8_matmul_tma; Hopper only)."""
@@ -400,9 +372,6 @@ def candidates(device: torch.device) -> list[Candidate]:
         out.append(Candidate("int8_triton", _make_int8_triton, _ref_int8, 1.0, math="8bit"))
         out.append(Candidate("int8_tma", _make_tma("int8"), _ref_int8, 1.0, math="8bit"))
         out.append(Candidate("fp8_tma", _make_tma("fp8"), _ref_fp8, 1.0, math="8bit"))
-        for name, fused in (("w4a8_fp8_partial", True), ("w4a8_fp8_dq_partial", False)):
-            make = _make_fp8_partial(fused)
-            out.append(Candidate(name, make, _ref_w4a8_fp8, 0.5, math="8bit"))
         for name, kind, ref, wb, mma in GEMLITE:
             out.append(Candidate(name, _make_gemlite(kind), ref, wb, math=mma))
         for name in ("triton_w4", "triton_dq", "triton_gemv"):

@@ -783,8 +783,7 @@ def _w4a8_runner(kind: str) -> Callable[[QuantLinear, tuple, torch.Tensor], torc
         from faircalib.kernels.triton_w8a8 import quantize_rows, w4a8_matmul
 
         q, x_scale = quantize_once(kind, x, lambda x: quantize_rows(x, kind))
-        # QuantLinear admits only finite, positive scales (check_codes): FP8 may rescale
-        return w4a8_matmul(q, x_scale, *prepared, x.dtype, _bias(layer), positive_scales=True)
+        return w4a8_matmul(q, x_scale, *prepared, x.dtype, _bias(layer))
 
     return run
 
@@ -797,9 +796,7 @@ def _w4a8_dq_runner(kind: str) -> Callable[[QuantLinear, tuple, torch.Tensor], t
         from faircalib.kernels.triton_w8a8 import quantize_rows, w4a8_dq_matmul
 
         q, x_scale = quantize_once(kind, x, lambda x: quantize_rows(x, kind))
-        # QuantLinear admits only finite, positive scales (check_codes): FP8 may rescale
-        y = w4a8_dq_matmul(q, x_scale, *prepared, x.dtype, _bias(layer), positive_scales=True)
-        return y
+        return w4a8_dq_matmul(q, x_scale, *prepared, x.dtype, _bias(layer))
 
     return run
 

@@ -597,10 +597,7 @@ def _w4a8_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr = 8,
-    RESCALE: tl.constexpr = False,
 ):
-    """RESCALE (FP8, every scale > 0): one accumulator rescaled per group, as in
-    `_w8_group_kernel`."""
     CHUNK: tl.constexpr = GROUP_SIZE if GROUP_SIZE < 128 else 128  # k per dot
     P: tl.constexpr = CHUNK // 16  # nibble planes per dot
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -611,7 +608,6 @@ def _w4a8_kernel(
     r16 = tl.arange(0, 16)
     rc = tl.arange(0, CHUNK)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    s_prev = tl.load(s_ptr + rn_c)  # [BN]: group 0's scale (RESCALE only)
     for tile in range(0, K // 128):
         k0 = tile * 128
         packed = tl.load(q_ptr + (tile * 16 + r16)[:, None] * N + rn_c[None, :])  # [16, BN]
@@ -621,22 +617,17 @@ def _w4a8_kernel(
             s = tl.load(s_ptr + g * N + rn_c)  # [BN] float32
             w = _join_planes(packed, c * P, zero, P, BLOCK_N)  # [CHUNK, BN] int32
             a = tl.load(a_ptr + rm_c[:, None] * stride_am + (k0 + c * CHUNK + rc)[None, :])
-            if RESCALE:
-                w8 = w.to(tl.float32).to(a_ptr.dtype.element_ty)
-                acc = tl.dot(a, w8, acc * (s_prev / s)[None, :])
-                s_prev = s
-            elif IS_INT8:
-                acc += tl.dot(a, w.to(tl.int8), out_dtype=tl.int32).to(tl.float32) * s[None, :]
+            if IS_INT8:
+                part = tl.dot(a, w.to(tl.int8), out_dtype=tl.int32).to(tl.float32)
             else:
-                acc += tl.dot(a, w.to(tl.float32).to(a_ptr.dtype.element_ty)) * s[None, :]
-    if RESCALE:
-        acc = acc * s_prev[None, :]
+                part = tl.dot(a, w.to(tl.float32).to(a_ptr.dtype.element_ty))
+            acc += part * s[None, :]
     _epilogue(acc, as_ptr, None, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS)
 
 
 _autotuned_w4a8 = triton.autotune(
     configs=_w4a8_configs(),
-    key=["M_BUCKET", "N", "K", "GROUP_SIZE", "IS_INT8", "RESCALE"],
+    key=["M_BUCKET", "N", "K", "GROUP_SIZE", "IS_INT8"],
     prune_configs_by={"early_config_prune": _prune_m},
 )(_w4a8_kernel)
 
@@ -656,11 +647,9 @@ def w4a8_matmul(
     bias: torch.Tensor | None = None,
     *,
     meta: dict | None = None,
-    positive_scales: bool = False,
 ) -> torch.Tensor:
     """a8 [M, K] (int8 / e4m3) with a_scale [M, 1] x the tile-layout codes packed [K / 8, N]
-    with scale_t, zero_t [G, N] (`w4a8_layout`) -> y [M, N] in out_dtype. `positive_scales`
-    (every scale finite and > 0, vouched for by the caller) lets FP8 rescale one accumulator."""
+    with scale_t, zero_t [G, N] (`w4a8_layout`) -> y [M, N] in out_dtype."""
     m, k = a8.shape
     n = packed.shape[1]
     group_size = k // scale_t.shape[0]
@@ -676,7 +665,6 @@ def w4a8_matmul(
         "IS_INT8": a8.dtype == torch.int8,
         "HAS_BIAS": bias is not None,
     }
-    flags["RESCALE"] = positive_scales and not flags["IS_INT8"]
     meta = TINY_W4A8 if INTERPRETED and meta is None else meta
     if meta is not None:
         _w4a8_kernel[_grid(m, n)](*args, **flags, **meta)
@@ -752,21 +740,6 @@ def _w8_group_configs() -> list[triton.Config]:
     return _mn_configs([(128, 128, 8, 4), (128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4)])
 
 
-def _fp8_rescale_configs() -> list[triton.Config]:
-    # one float32 accumulator: ptxas (sm_90a, Triton 3.9) fits 128x256 / 8 warps with 4 stages
-    # (254 registers, no spills, 193 KB of shared memory) and 64x128 / 4 warps in 126 registers
-    # (two CTAs an SM); 256x128 spills and is left out
-    shapes = [(128, 128, 8, 4), (128, 128, 8, 5), (128, 256, 8, 3), (128, 256, 8, 4)]
-    return _mn_configs(shapes + [(128, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 4)])
-
-
-def _prune_rows(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's hook signature
-    """No row block taller than M needs (64 at least); small tiles stay in at large M (their
-    low register use lets two CTAs share an SM)."""
-    tallest = max(64, triton.next_power_of_2(named_args["M"]))
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= tallest] or configs[-1:]
-
-
 @triton.jit
 def _w8_group_kernel(
     a_ptr,
@@ -788,19 +761,11 @@ def _w8_group_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr = 8,
-    RESCALE: tl.constexpr = False,
 ):
     """y = a_scale * sum_g s[g] * (a8 @ w8.T over group g), w8 [N, K] 8-bit, s [G, N]: per
     128-k step, 128 / CHUNK dots of CHUNK k each (one group each), each from zero, added to the
     float32 accumulator times its group's scale. Loads are plain (clamped rows / columns, K a
-    multiple of 128), so Triton pipelines them num_stages deep as in `_w8a8_kernel`.
-
-    RESCALE (FP8, every scale > 0): one accumulator kept in units of the current group's scale,
-    acc_g = acc_{g-1} * (s_{g-1} / s_g) + P_g, fed to the MMA as its accumulator, and
-    y = s_last * acc_last. Same sum up to float32 rounding (one multiply per group), but no
-    second [BM, BN] float32 tile: half the accumulator registers (ptxas, sm_90a: 126 instead of
-    195 at 64x128 / 4 warps; 128x256 without spills). An INT8 MMA's int32 accumulator cannot be
-    rescaled, so INT8 keeps the per-group partial sums."""
+    multiple of 128), so Triton pipelines them num_stages deep as in `_w8a8_kernel`."""
     CHUNK: tl.constexpr = GROUP_SIZE if GROUP_SIZE < 128 else 128
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -811,21 +776,16 @@ def _w8_group_kernel(
     a_ptrs = a_ptr + rm_c[:, None] * stride_am + rc[None, :]  # [BM, CHUNK]
     w_ptrs = w_ptr + rn_c.to(tl.int64)[None, :] * stride_wn + rc[:, None]  # [CHUNK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    s_prev = tl.load(s_ptr + rn_c)  # [BN] float32: group 0's scale (RESCALE's first ratio is 1)
     for k0 in range(0, K, 128):
         for c in tl.static_range(128 // CHUNK):
             a = tl.load(a_ptrs + k0 + c * CHUNK)
             w = tl.load(w_ptrs + k0 + c * CHUNK)
             s = tl.load(s_ptr + ((k0 + c * CHUNK) // GROUP_SIZE) * N + rn_c)  # [BN] float32
-            if RESCALE:
-                acc = tl.dot(a, w, acc * (s_prev / s)[None, :])
-                s_prev = s
-            elif IS_INT8:
-                acc += tl.dot(a, w, out_dtype=tl.int32).to(tl.float32) * s[None, :]
+            if IS_INT8:  # noqa: SIM108 - constexpr branches, one compiled
+                part = tl.dot(a, w, out_dtype=tl.int32).to(tl.float32)
             else:
-                acc += tl.dot(a, w) * s[None, :]
-    if RESCALE:
-        acc = acc * s_prev[None, :]
+                part = tl.dot(a, w)
+            acc += part * s[None, :]
     _epilogue(acc, as_ptr, None, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS)
 
 
@@ -833,12 +793,6 @@ _autotuned_w8_group = triton.autotune(
     configs=_w8_group_configs(),
     key=["M_BUCKET", "N", "K", "GROUP_SIZE", "IS_INT8"],
     prune_configs_by={"early_config_prune": _prune_m},
-)(_w8_group_kernel)
-
-_autotuned_fp8_rescale = triton.autotune(
-    configs=_fp8_rescale_configs(),
-    key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-    prune_configs_by={"early_config_prune": _prune_rows},
 )(_w8_group_kernel)
 
 
@@ -851,13 +805,10 @@ def w8_group_matmul(
     bias: torch.Tensor | None = None,
     *,
     meta: dict | None = None,
-    rescale: bool = False,
 ) -> torch.Tensor:
     """a8 [M, K] (int8 / e4m3) with a_scale [M, 1] x w8 [N, K] (same dtype) with group scales
     scale_t [G, N] float32 -> y [M, N] in out_dtype. One group (per-channel) runs the W8A8
-    GEMM (`w8a8_matmul`, the scale in its epilogue: same math, integer / one fp32 sum).
-    `rescale` (FP8 only; the caller vouches that every scale is finite and > 0) keeps one
-    rescaled accumulator instead of per-group partial sums (`_w8_group_kernel`)."""
+    GEMM (`w8a8_matmul`, the scale in its epilogue: same math, integer / one fp32 sum)."""
     if a8.dtype != w8.dtype or a8.dtype not in (torch.int8, torch.float8_e4m3fn):
         raise ValueError(f"w8_group_matmul takes int8 or e4m3 operands, got {a8.dtype}, {w8.dtype}")
     m, k = a8.shape
@@ -876,12 +827,9 @@ def w8_group_matmul(
     args += (a8.stride(0), w8.stride(0), y.stride(0), m_bucket(m))
     flags = {"GROUP_SIZE": group_size, "IS_INT8": a8.dtype == torch.int8}
     flags["HAS_BIAS"] = bias is not None
-    rescale = rescale and not flags["IS_INT8"]
     meta = TINY_W4A8 if INTERPRETED and meta is None else meta
     if meta is not None:
-        _w8_group_kernel[_grid(m, n)](*args, **flags, **meta, RESCALE=rescale)
-    elif rescale:
-        _autotuned_fp8_rescale[_grid(m, n)](*args, **flags, RESCALE=True)
+        _w8_group_kernel[_grid(m, n)](*args, **flags, **meta)
     else:
         _autotuned_w8_group[_grid(m, n)](*args, **flags)
     return y
@@ -895,16 +843,12 @@ def w4a8_dq_matmul(
     zero_t: torch.Tensor,
     out_dtype: torch.dtype,
     bias: torch.Tensor | None = None,
-    *,
-    positive_scales: bool = False,
 ) -> torch.Tensor:
     """`w4a8_matmul`'s result for large M: the codes unpacked to 8 bits once (`w4a8_unpack`,
-    a per-call temporary), then `w8_group_matmul` - the GEMM's K loop does no unpacking.
-    `positive_scales` (every scale finite and > 0, checked by the caller once per layer) lets
-    FP8 use the rescaled accumulator."""
+    a per-call temporary), then `w8_group_matmul` - the GEMM's K loop does no unpacking."""
     kind = "int8" if a8.dtype == torch.int8 else "fp8"
     w8 = w4a8_unpack(packed, zero_t, kind)
-    return w8_group_matmul(a8, a_scale, w8, scale_t, out_dtype, bias, rescale=positive_scales)
+    return w8_group_matmul(a8, a_scale, w8, scale_t, out_dtype, bias)
 
 
 def autotune_choices() -> dict:
@@ -916,6 +860,5 @@ def autotune_choices() -> dict:
             ("w8a8_tma", _autotuned_w8a8_tma),
             ("w4a8", _autotuned_w4a8),
             ("w8_group", _autotuned_w8_group),
-            ("fp8_rescale", _autotuned_fp8_rescale),
         )
     }

@@ -5,9 +5,8 @@ activations a8 [M, K] with one float32 scale per token (row) and weights with on
 output channel (W8A8) or per (K-group, output channel) (W4A8):
 
 - `quantize_rows(x, kind)`: one kernel, one program per token row: the row's abs-max, then
-  the 8-bit row and its scale. Rows up to 16384 wide are read once and held in registers;
-  longer ones are read twice (the second time from L2). Nothing but the 8-bit row and one
-  float per row reaches memory. INT8 uses the project's activation grid
+  the 8-bit row and its scale (x is read twice, the second time from L1/L2; nothing but the
+  8-bit row and one float per row reaches memory). INT8 uses the project's activation grid
   (`quant.primitives.quantize_activations_per_token(x, 8)`: scale = max(|x|, floor) / 127,
   round half to even, +-127), so an INT8 kernel reproduces the fake-quantized layer exactly;
   FP8 maps each row's abs-max to 448 (`backends.fp8_quantize`). Both floor the abs-max at the
@@ -79,27 +78,6 @@ def _round_e4m3(v):
 
 
 @triton.jit
-def _row_scale(absmax, IS_INT8: tl.constexpr):
-    """A row's scale from its abs-max: max(|x|, floor) / 127 (INT8) or / 448 (e4m3)."""
-    qmax: tl.constexpr = 127.0 if IS_INT8 else 448.0
-    return tl.math.div_rn(tl.maximum(absmax, ABSMAX_FLOOR), tl.full((), qmax, tl.float32))
-
-
-@triton.jit
-def _store_quantized(x, scale, ptrs, ok, IS_INT8: tl.constexpr, USE_RINT: tl.constexpr):
-    """x / scale (IEEE division, as torch's) rounded onto the int8 / e4m3 grid, stored."""
-    v = tl.math.div_rn(x, tl.zeros_like(x) + scale)
-    if IS_INT8:
-        v = tl.minimum(tl.maximum(round_half_even(v, USE_RINT), -127.0), 127.0)
-        tl.store(ptrs, v.to(tl.int8), mask=ok)
-    else:
-        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-        if not USE_RINT:
-            v = _round_e4m3(v)
-        tl.store(ptrs, v.to(ptrs.dtype.element_ty), mask=ok)
-
-
-@triton.jit
 def _quant_rows_kernel(
     x_ptr,
     q_ptr,
@@ -110,55 +88,37 @@ def _quant_rows_kernel(
     IS_INT8: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_RINT: tl.constexpr,
-    ONE_PASS: tl.constexpr,
 ):
-    """One program per row. ONE_PASS (BLOCK_K >= K): the row is read once and held in registers (one
-    load, one reduction, one store); else two passes of BLOCK_K chunks, the second re-reading
-    the row (from L2)."""
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     q_row = q_ptr + row.to(tl.int64) * stride_qm
     rk = tl.arange(0, BLOCK_K)
-    if ONE_PASS:
-        ok = rk < K
-        x = tl.load(x_row + rk, mask=ok, other=0.0).to(tl.float32)
-        scale = _row_scale(tl.max(tl.abs(x), axis=0), IS_INT8)
-        tl.store(s_ptr + row, scale)
-        _store_quantized(x, scale, q_row + rk, ok, IS_INT8, USE_RINT)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    a = tl.max(amax, axis=0)
+    if IS_INT8:
+        scale = tl.math.div_rn(tl.maximum(a, ABSMAX_FLOOR), tl.full((), 127.0, tl.float32))
     else:
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
-        tl.store(s_ptr + row, scale)
-        for k0 in range(0, K, BLOCK_K):
-            ok = k0 + rk < K
-            x = tl.load(x_row + k0 + rk, mask=ok, other=0.0).to(tl.float32)
-            _store_quantized(x, scale, q_row + k0 + rk, ok, IS_INT8, USE_RINT)
+        scale = tl.math.div_rn(tl.maximum(a, ABSMAX_FLOOR), tl.full((), 448.0, tl.float32))
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        ok = k0 + rk < K
+        x = tl.load(x_row + k0 + rk, mask=ok, other=0.0).to(tl.float32)
+        v = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+        if IS_INT8:
+            v = tl.minimum(tl.maximum(round_half_even(v, USE_RINT), -127.0), 127.0)
+            tl.store(q_row + k0 + rk, v.to(tl.int8), mask=ok)
+        else:
+            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+            if not USE_RINT:
+                v = _round_e4m3(v)
+            tl.store(q_row + k0 + rk, v.to(q_ptr.dtype.element_ty), mask=ok)
 
 
-# Rows up to this many elements are quantized in one pass, held in registers: 16 per thread
-# at 32 warps. Longer rows (none among the 8B shapes, whose widest input is 18944) loop.
-ONE_PASS_MAX_K = 16384
-ROW_VALUES_PER_THREAD = 16  # sizes the warps: enough loads in flight, few registers
-
-
-def _rows_launch(k: int) -> tuple[int, int]:
-    """(BLOCK_K, warps) of the row quantizer for rows of k elements."""
-    if INTERPRETED:  # the CPU tests: small blocks, so K > 128 runs the two-pass loop
-        return min(128, triton.next_power_of_2(max(k, 16))), 4
-    block_k = triton.next_power_of_2(max(k, 16))
-    if block_k > ONE_PASS_MAX_K:
-        return 4096, 8
-    return block_k, max(1, min(32, block_k // (32 * ROW_VALUES_PER_THREAD)))
-
-
-def quantize_rows(
-    x: torch.Tensor, kind: str, *, launch: tuple[int, int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (8-bit rows [M, K] int8 / float8_e4m3fn, float32 scales [M, 1]).
-    `launch` = (BLOCK_K, warps) overrides `_rows_launch` (tests, timing)."""
+def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (8-bit rows [M, K] int8 / float8_e4m3fn, float32 scales [M, 1])."""
     dtype = _torch_dtype(kind)
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, k = x.shape
@@ -166,7 +126,7 @@ def quantize_rows(
     s = torch.empty(m, 1, device=x.device, dtype=torch.float32)
     if m == 0:
         return q, s
-    block_k, warps = launch or _rows_launch(k)
+    block_k = min(128 if INTERPRETED else 2048, triton.next_power_of_2(max(k, 16)))
     _quant_rows_kernel[(m,)](
         x,
         q,
@@ -177,8 +137,7 @@ def quantize_rows(
         IS_INT8=kind == "int8",
         BLOCK_K=block_k,
         USE_RINT=not INTERPRETED,
-        ONE_PASS=block_k >= k,
-        num_warps=warps,
+        num_warps=4 if block_k <= 512 else 8,
     )
     return q, s
 

@@ -111,7 +111,8 @@ start)
   if [ -n "${GPU:-}" ]; then echo "export CUDA_VISIBLE_DEVICES=$GPU" >> "$script"; fi
   for job in "$@"; do
     rm -f "$RES/$job.done"
-    echo "$(job_command "$job") > $RES/$job.log 2>&1; echo \$? > $RES/$job.done" >> "$script"
+    # braced: a job of several commands (cudatests) logs all of them, from its start
+    echo "{ $(job_command "$job"); } > $RES/$job.log 2>&1; echo \$? > $RES/$job.done" >> "$script"
   done
   setsid nohup bash "$script" > /dev/null 2>&1 < /dev/null &
   echo "started: $*"

@@ -1,7 +1,8 @@
 """Text from other sources than the shipped corpora: special-token strings inside the text,
-empty documents, byte-order marks, old line endings, raw separators inside JSON strings, xz
-compression, uneven text under --limit, a single sequence, and a recipe replayed on changed
-text."""
+empty documents, byte-order marks, old line endings, raw separators inside JSON strings, xz and
+bz2 compression, suffixes in any case, JSON arrays and CSV tables, unpaired surrogates, uneven
+text and characters cut between rows under --limit, a single sequence, and recipes replayed on
+changed text or from another directory."""
 
 import json
 import lzma
@@ -138,3 +139,127 @@ def test_calibrating_on_an_evaluation_split_warns(tmp_path, capsys):
     assert "calibrating on c4/validation, a split faircalib evaluates on" in capsys.readouterr().err
     assert main([*argv, "--calib", "c4", "--out", str(tmp_path / "b")]) == 0  # c4/train
     assert "a split faircalib evaluates on" not in capsys.readouterr().err
+
+
+def test_an_unpaired_surrogate_is_named_with_its_line(tmp_path, capsys):
+    # scraped JSON Lines often hold half an escaped emoji: no UTF-8 form, so no tokens
+    path = tmp_path / "cut.jsonl"
+    rows = [json.dumps({"text": f"doc {i} " * 20}) for i in range(3)]
+    path.write_text("\n".join([*rows, json.dumps({"text": "broken \ud83d emoji"})]) + "\n")
+    with pytest.raises(DataError, match=r"line 4: its text holds U\+D83D, half of a surrogate"):
+        load_source(str(path))
+    assert main(["eval", "mdlm-tiny", "--data", str(path), "--limit", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_suffixes_are_matched_whatever_their_case_and_bz2_is_read(tmp_path, capsys):
+    import bz2
+    import gzip
+
+    docs = tuple(f"document {i} about cats" for i in range(4))
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    (tmp_path / "D.JSONL").write_bytes(lines)
+    (tmp_path / "d.jsonl.GZ").write_bytes(gzip.compress(lines))
+    (tmp_path / "d.jsonl.bz2").write_bytes(bz2.compress(lines))
+    (tmp_path / "d.TXT.BZ2").write_bytes(bz2.compress("\n\n".join(docs).encode()))
+    for name in ("D.JSONL", "d.jsonl.GZ", "d.jsonl.bz2", "d.TXT.BZ2"):
+        assert load_source(str(tmp_path / name)).docs == docs, name
+    zst = tmp_path / "d.jsonl.zst"
+    zst.write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 16)
+    with pytest.raises(DataError, match="zstd-compressed, which faircalib does not read"):
+        load_source(str(zst))
+    # JSON Lines under a plain-text name are read as the suffix says, with a warning
+    misnamed = tmp_path / "rows.txt"
+    misnamed.write_bytes(lines)
+    capsys.readouterr()
+    assert len(load_source(str(misnamed)).docs) == 1
+    assert "its first line is a JSON object; rename it .jsonl" in capsys.readouterr().err
+
+
+def test_json_arrays_and_csv_tables_give_one_document_per_item(tmp_path):
+    docs = ("first, with a comma", 'second "quoted"\nover two lines', "third")
+    objects = tmp_path / "a.json"
+    objects.write_text(json.dumps([{"text": d, "id": i} for i, d in enumerate(docs)], indent=2))
+    strings = tmp_path / "b.json"
+    strings.write_text(json.dumps(list(docs)))
+    assert load_source(str(objects)).docs == load_source(str(strings)).docs == docs
+    import csv
+
+    for suffix, delimiter in ((".csv", ","), (".tsv", "\t")):
+        path = tmp_path / f"t{suffix}"
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f, delimiter=delimiter)
+            writer.writerow(["id", "body"])
+            writer.writerows([i, d] for i, d in enumerate(docs))
+        source = load_source(str(path), text_field="body")
+        assert source.docs == docs and source.kind == "csv"
+        with pytest.raises(DataError, match="no column 'text' in its header"):
+            load_source(str(path))
+    broken = tmp_path / "c.json"
+    broken.write_text('[{"text": "a"},')
+    with pytest.raises(DataError, match="starts with '\\[' but is not one JSON array"):
+        load_source(str(broken))
+
+
+def test_limit_counts_bytes_of_characters_cut_between_rows_once(tmp_path):
+    # emoji (4 bytes, several byte-level tokens each) cut at row boundaries: the kept rows'
+    # bytes are the UTF-8 bytes of their tokens, counted here token by token (decoded row by
+    # row, each cut character came back as replacement characters of 3 bytes)
+    from faircalib.eval.protocols import first_rows, protocol_sequences
+
+    tok = hub.load_tokenizer("mdlm-tiny")
+    path = tmp_path / "emoji.txt"
+    path.write_text("\n\n".join("🌍🌎🌏 weather 🌧️🌦️" * 20 for _ in range(6)))
+    batch = protocol_sequences(tok, load_source(str(path)), "faircalib", 64)
+    seqs, n_bytes = first_rows(tok, batch.sequences, batch.n_bytes, 5)
+    # a byte-level token spells each of its bytes as one character
+    special = {tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|mask|>")}
+    kept = [i for i in seqs.reshape(-1).tolist() if i not in special]
+    exact = sum(len(tok.id_to_token(i)) for i in kept)
+    assert abs(n_bytes - exact) <= 3  # at most the last row's cut character
+    rowwise = sum(len(t.encode()) for t in tok.decode_batch(seqs.tolist()))
+    assert rowwise - exact > 3  # counted row by row, every cut character was overstated
+
+
+def test_directory_hash_ignores_hidden_files_and_datasets_caches(tmp_path):
+    from faircalib.data.sources import directory_sha256
+
+    (tmp_path / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    (tmp_path / "state.json").write_text("{}")
+    before = directory_sha256(tmp_path)
+    (tmp_path / ".DS_Store").write_bytes(b"finder")
+    (tmp_path / "cache-1234abcd.arrow").write_bytes(b"a map() result")
+    assert directory_sha256(tmp_path) == before
+    (tmp_path / "data-00000-of-00001.arrow").write_bytes(b"other rows")
+    assert directory_sha256(tmp_path) != before
+
+
+def test_a_recipe_names_its_local_inputs_absolutely(tmp_path, monkeypatch, capsys):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    (work / "calib.txt").write_text(f"{ENGLISH}\n\n{ENGLISH}\n")
+    monkeypatch.chdir(work)
+    argv = ["quantize", "mdlm-tiny", "--method", "rtn", "--calib", "calib.txt", "--nsamples", "2"]
+    assert main([*argv, "--seq-len", "32", "--out", "q"]) == 0
+    recipe = json.loads((work / "q" / "recipe.json").read_text())
+    assert recipe["args"]["calib"] == str(work / "calib.txt") and recipe["model"] == "mdlm-tiny"
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["quantize", "--config", str(work / "q" / "recipe.json"), "--out", "r"]) == 0
+    assert "differs from the recipe's" not in capsys.readouterr().err
+    written = sorted(p.name for p in (work / "q").glob("*.safetensors"))
+    assert written and written == sorted(p.name for p in (elsewhere / "r").glob("*.safetensors"))
+    for name in written:
+        assert (work / "q" / name).read_bytes() == (elsewhere / "r" / name).read_bytes()
+
+
+def test_bench_data_keeps_a_path_with_a_comma_whole(tmp_path):
+    from faircalib.commands.bench import eval_specs
+
+    path = tmp_path / "a,b.txt"
+    path.write_text("text")
+    assert eval_specs(f"wikitext2,{path},c4", None) == ["wikitext2", str(path), "c4"]
+    assert eval_specs(f"{path}", "test") == [f"{path}:test"]
+    assert eval_specs("wikitext2,c4", None) == ["wikitext2", "c4"]

@@ -123,6 +123,24 @@ def test_chat_templates_render_the_published_prompts(capsys):
         "Lily can run 12 kilometers per hour.<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+    # LLaDA-8B-Instruct's tokenizer_config.json chat_template (Llama 3's), rendered by jinja2:
+    # it trims the message, so surrounding whitespace must not reach the prompt
+    jinja2 = pytest.importorskip("jinja2")
+    template = jinja2.Template(
+        "{% set loop_messages = messages %}{% for message in loop_messages %}"
+        "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+        "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+        "{% endif %}"
+    )
+    for message in ("What is 2+2?", "  What is 2+2?\n", "\tTwo lines\nof text \n\n"):
+        published = template.render(
+            messages=[{"role": "user", "content": message}],
+            bos_token="<|startoftext|>",
+            add_generation_prompt=True,
+        )
+        assert llada_chat(message) == published, repr(message)
     assert chat_prompt("dream", "Hi") == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

@@ -124,3 +124,91 @@ def test_a_quantized_mdlm_owt_copy_carries_the_gpt2_tokenizer_it_loaded_with(tmp
     assert written == json.loads(hub.load_tokenizer(src).to_str())
     assert main(["eval", str(out), "--seq-len", "16", "--limit", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == 16
+
+
+def write_slow_tokenizer(directory: Path, tokenizer_class: str, specials: list[str], **files):
+    """vocab.json + merges.txt + tokenizer_config.json as Qwen2 / Dream repositories ship them:
+    the byte alphabet and a few merges, the special tokens as `added_tokens_decoder`."""
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    added = {
+        str(len(vocab) + i): {"content": tok, "special": True, "normalized": False}
+        for i, tok in enumerate(specials)
+    }
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges)
+    )
+    config = {"tokenizer_class": tokenizer_class, "added_tokens_decoder": added, **files}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return len(vocab)
+
+
+def test_a_slow_only_tokenizer_is_rebuilt_as_transformers_converts_it(tmp_path):
+    # Qwen2's vocab.json + merges.txt (Dream's DreamTokenizer is Qwen2's): the rebuilt fast
+    # tokenizer gives transformers' own ids on text its regex and NFC normalisation touch
+    transformers = pytest.importorskip("transformers")
+    write_slow_tokenizer(tmp_path, "Qwen2Tokenizer", ["<|endoftext|>", "<|im_start|>", "<|mask|>"])
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = hub._slow_tokenizer(tmp_path)
+    texts = [
+        "Then the heat in the attic, I'm sure you'LL see: 12345 + 678.",
+        "def f(x):\n\treturn  x**2\r\n\n\n   trailing   ",
+        "日本語のテキスト、中文。 emoji 👩‍👩‍👧, Cafe\u0301 a\u00a0b",
+        "<|im_start|>user\nthe<|mask|><|mask|> in<|endoftext|>",
+    ]
+    for text in texts:
+        assert ours.encode(text).ids == reference.encode(text, add_special_tokens=False), text
+        ids = ours.encode(text).ids
+        assert ours.decode(ids, skip_special_tokens=False) == reference.decode(ids), text
+
+
+def test_a_dream_download_without_tokenizer_json_runs_end_to_end(tmp_path, capsys):
+    # Dream-org's repositories ship vocab.json + merges.txt and a remote-code DreamTokenizer,
+    # no tokenizer.json: faircalib rebuilds it (never running tokenization_dream.py) and
+    # writes it into the quantized copy, beside the slow files
+    src = write_family(tmp_path / "dream", "dream")
+    (src / "tokenizer.json").unlink()
+    (src / "tokenization_dream.py").write_text("raise SystemExit('checkpoint code ran')\n")
+    n_vocab = write_slow_tokenizer(
+        src, "DreamTokenizer", ["<|endoftext|>", "<|mask|>"],
+        auto_map={"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+    )  # fmt: skip
+    drop_config_keys(src, mask_token_id=n_vocab + 1)  # where the rebuilt tokenizer puts it
+    tok = hub.load_tokenizer(src)
+    assert tok.token_to_id("<|mask|>") == n_vocab + 1 and tok.encode(" the").ids == [n_vocab - 3]
+    out = tmp_path / "q"
+    argv = ["quantize", str(src), *QUANTIZE, "--format", "packed", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / "tokenizer.json").read_text()) == json.loads(tok.to_str())
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "tokenization_dream.py"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    capsys.readouterr()
+    assert main(["eval", str(out), "--seq-len", "32", "--limit", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 32
+
+
+def test_an_unknown_slow_tokenizer_class_is_refused_in_one_line(tmp_path):
+    src = write_family(tmp_path / "dream", "dream")
+    (src / "tokenizer.json").unlink()
+    write_slow_tokenizer(src, "LlamaTokenizer", ["<|endoftext|>", "<|mask|>"])
+    with pytest.raises(CheckpointError, match="tokenizer_class 'LlamaTokenizer' is not one"):
+        hub.load_tokenizer(src)
+
+
+def test_packed_output_says_its_unquantized_tensors_are_bfloat16(tmp_path, capsys):
+    # --dtype sets fake-quant weights; a packed copy stores embeddings, norms and the output
+    # layer in bf16 (as stock readers deploy them): said, and recorded as what was written
+    src = write_family(tmp_path / "dream", "dream")
+    out = tmp_path / "q"
+    argv = ["quantize", str(src), *QUANTIZE, "--format", "packed", "--dtype", "float16"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "--dtype float16 sets --format fake's weights" in capsys.readouterr().err
+    assert json.loads((out / "recipe.json").read_text())["args"]["dtype"] == "bfloat16"
+    assert json.loads((out / "quantization.json").read_text())["dtype"] == "bfloat16"
+    assert "F16" not in stored_dtypes(out) and "BF16" in stored_dtypes(out)

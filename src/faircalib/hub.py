@@ -6,6 +6,7 @@ directory's config and dispatches, so `eval`, `generate` and `quantize` accept a
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -28,7 +29,7 @@ SHIPPED_GAUSSIAN_MODELS = ("diffusionlm-tiny", "planner-tiny")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # weights, configs and tokenizer only: a checkpoint's remote code (modeling_*.py, auto_map) is
 # never downloaded, let alone run; pickled weights (*.bin, *.pt) are not read either
-HUB_FILES = ["*.json", "*.safetensors"]
+HUB_FILES = ["*.json", "*.safetensors", "merges.txt"]  # merges.txt: slow-only tokenizers
 MAX_TOKENIZER_BYTES = 256 * 2**20  # published tokenizer.json files are 1-20 MB
 GPT2_MASK_VOCAB = 50258  # GPT-2's 50,257 tokens + [MASK]: mdlm-owt's vocabulary
 
@@ -151,7 +152,13 @@ def resolve_dtype(model: str | Path, name: str) -> torch.dtype:
 
 # files of an upstream checkpoint that a quantized copy keeps, so stock readers load it as they
 # loaded the source: tokenizer settings (chat template), generation defaults
-UPSTREAM_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+UPSTREAM_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",  # a slow tokenizer's files (Dream ships no tokenizer.json)
+    "merges.txt",
+)
 
 
 def upstream_files(directory: Path) -> tuple[dict[str, Path], list[str]]:
@@ -193,6 +200,8 @@ def load_tokenizer(model: str | Path) -> Tokenizer:
 
         if read_json(path.parent / "config.json").get("vocab_size") == GPT2_MASK_VOCAB:
             return gpt2_tokenizer()
+    if not path.is_file() and has_slow_tokenizer(path.parent):
+        return _slow_tokenizer(path.parent)
     if not path.is_file():
         raise CheckpointError(
             f"{path.parent} has no tokenizer.json; copy the model's tokenizer.json into it"
@@ -208,6 +217,30 @@ def load_tokenizer(model: str | Path) -> Tokenizer:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path} is not a readable tokenizer ({reason}); {REDO}") from exc
     _check_vocab(tokenizer, path)
+    return tokenizer
+
+
+def has_slow_tokenizer(directory: Path) -> bool:
+    """No tokenizer.json, but vocab.json + merges.txt (a repository with only a slow
+    tokenizer, as Dream's): `load_tokenizer` rebuilds the fast one from them."""
+    directory = Path(directory)
+    return not (directory / "tokenizer.json").is_file() and all(
+        (directory / name).is_file() for name in ("vocab.json", "merges.txt")
+    )
+
+
+def _slow_tokenizer(directory: Path) -> Tokenizer:
+    from faircalib.data.tokenizers import bpe_from_slow_files
+
+    try:
+        tokenizer = bpe_from_slow_files(directory)
+    except (ValueError, KeyError, TypeError, OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{directory} has no tokenizer.json, and its vocab.json + merges.txt cannot be "
+            f"rebuilt into one ({exc}); save a tokenizer.json with transformers "
+            "(AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)) and pass the directory"
+        ) from exc
+    _check_vocab(tokenizer, directory / "vocab.json")
     return tokenizer
 
 

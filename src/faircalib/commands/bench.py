@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from faircalib.commands import argtypes, common
 from faircalib.commands.argtypes import positive_int
@@ -129,13 +131,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def eval_specs(data: str, split: str | None) -> list[str]:
-    """--data's comma list, `--split` appended to the entries that name no split of their own."""
+    """--data's comma list, `--split` appended to the entries that name no split of their own.
+    A comma inside an existing file or directory name does not split it."""
     from faircalib.eval.protocols import split_spec
 
-    specs = [s for s in data.split(",") if s]
+    specs = _comma_list(data, lambda spec: Path(split_spec(spec)[0]).expanduser().exists())
     if split is None:
         return specs
     return [s if split_spec(s)[1] is not None else f"{s}:{split}" for s in specs]
+
+
+def _comma_list(value: str, is_path: Callable[[str], bool]) -> list[str]:
+    """`value` split at commas, except that the longest run of pieces that names an existing
+    path stays whole."""
+    pieces, specs, i = value.split(","), [], 0
+    while i < len(pieces):
+        end = next(
+            (j for j in range(len(pieces), i + 1, -1) if is_path(",".join(pieces[i:j]))), i + 1
+        )
+        specs.append(",".join(pieces[i:end]))
+        i = end
+    return [spec for spec in specs if spec]
 
 
 def act_knobs(args: argparse.Namespace) -> dict | None:

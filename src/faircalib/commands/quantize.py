@@ -659,6 +659,29 @@ def check_recipe_value(action: argparse.Action, value: Any) -> Any:
     return value
 
 
+def replayable(value: str | None, names: tuple[str, ...] = ()) -> str | None:
+    """A model or data argument as a recipe keeps it: a local path made absolute (a replay
+    from another directory must find the same file); shipped names and hub ids as given."""
+    if value is None or str(value) in names:
+        return value
+    path = Path(str(value)).expanduser()
+    return str(path.absolute()) if path.exists() else value
+
+
+def _replayable_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    from faircalib.data.corpora import CORPORA
+
+    if flags.get("calib") is not None:
+        flags["calib"] = replayable(flags["calib"], tuple(CORPORA))
+    return flags
+
+
+def _replayable_model(model: str) -> str:
+    from faircalib.hub import SHIPPED_GAUSSIAN_MODELS, SHIPPED_MODELS
+
+    return replayable(str(model), tuple(SHIPPED_MODELS + SHIPPED_GAUSSIAN_MODELS))
+
+
 def make_recipe(args: argparse.Namespace, config, calib, fmt: str, dtype: str) -> dict[str, Any]:
     """What replays this run: the resolved flags, plus the configs they built (for reading)."""
     import faircalib
@@ -675,8 +698,8 @@ def make_recipe(args: argparse.Namespace, config, calib, fmt: str, dtype: str) -
     return {
         "faircalib_recipe": RECIPE_VERSION,
         "faircalib_version": faircalib.__version__,
-        "model": str(args.model),
-        "args": flags,
+        "model": _replayable_model(args.model),
+        "args": _replayable_flags(flags),
         "method": config.to_dict(),
         "calib": {k: v for k, v in calib.to_dict().items() if k not in ("device", "offload")},
         "replay": "faircalib quantize --config recipe.json --out DIR",
@@ -783,6 +806,7 @@ def run(args: argparse.Namespace) -> int:
     source = hub.resolve(args.model)
     check_source(source, str(args.model))
     _dtype_name(args, source)  # an unreadable torch_dtype is refused now, not after calibration
+    check_packed_dtype(args, fmt, source)
     result = quantize_model_from_args(args, config, calib, calib_data, source, fmt)
     if distributed.is_main():  # torchrun: every rank holds the same model; rank 0 writes it
         tick = time.time()
@@ -906,6 +930,24 @@ def _dtype_name(args: argparse.Namespace, source: Path) -> str:
     return str(hub.source_dtype(source)).removeprefix("torch.")
 
 
+def check_packed_dtype(args: argparse.Namespace, fmt: str, source: Path) -> None:
+    """A packed checkpoint stores its unquantized tensors (embeddings, norms, output layer) in
+    bfloat16, whatever --dtype says (a fake-quant setting): say so rather than ignore it."""
+    if fmt != "packed":
+        return
+    if args.dtype not in ("auto", "bfloat16"):
+        warn(
+            f"--dtype {args.dtype} sets --format fake's weights; a packed checkpoint stores its "
+            "unquantized tensors (embeddings, norms, output layer) in bfloat16"
+        )
+    elif args.dtype == "auto" and _dtype_name(args, source) == "float16":
+        warn(
+            "the source is float16; the packed checkpoint stores its unquantized tensors "
+            "(embeddings, norms, output layer) in bfloat16 (--format fake --dtype float16 keeps "
+            "float16)"
+        )
+
+
 def save(result: Result, out: Path, overwrite: bool = False, dtype: str | None = None) -> Path:
     """Write the quantized model, quantization.json and recipe.json to `out`."""
     import torch
@@ -914,6 +956,8 @@ def save(result: Result, out: Path, overwrite: bool = False, dtype: str | None =
     from faircalib.calib.fakequant_io import save_quantized
 
     dtype = dtype or result.recipe["args"]["dtype"]
+    if result.format == "packed":
+        dtype = "bfloat16"  # what a packed checkpoint stores (check_packed_dtype said so)
     result.recipe["args"]["dtype"] = dtype
     upstream, missing = hub.upstream_files(result.source)
     if missing:
@@ -925,7 +969,8 @@ def save(result: Result, out: Path, overwrite: bool = False, dtype: str | None =
     tokenizer: Path | str | None = None
     if (result.source / "tokenizer.json").is_file():
         tokenizer = result.source / "tokenizer.json"
-    elif hub.is_mdlm_hf(result.source):  # mdlm-owt ships none: write the one it loads with
+    elif hub.is_mdlm_hf(result.source) or hub.has_slow_tokenizer(result.source):
+        # mdlm-owt ships none, Dream only a slow one: write the one it loads with
         tokenizer = hub.load_tokenizer(result.source).to_str()
     save_quantized(
         result.model,
@@ -934,7 +979,7 @@ def save(result: Result, out: Path, overwrite: bool = False, dtype: str | None =
         tokenizer,
         overwrite,
         fmt=result.format,
-        record={**result.record, "dtype": dtype if result.format == "fake" else "bfloat16"},
+        record={**result.record, "dtype": dtype},
         dtype=getattr(torch, dtype),
         extra_files={**upstream, RECIPE: result.recipe},
     )
@@ -1209,6 +1254,7 @@ def run_act(args: argparse.Namespace, start: float) -> int:
     source = hub.resolve(args.model)
     check_source(source, str(args.model))
     _dtype_name(args, source)
+    check_packed_dtype(args, fmt, source)
     result = quantize_act_from_args(args, cfg, fair, calib, calib_data, source, fmt)
     tick = time.time()
     save(result, out, args.overwrite)
@@ -1301,8 +1347,8 @@ def make_act_recipe(
     return {
         "faircalib_recipe": RECIPE_VERSION,
         "faircalib_version": faircalib.__version__,
-        "model": str(args.model),
-        "args": flags,
+        "model": _replayable_model(args.model),
+        "args": _replayable_flags(flags),
         "method": {k: v for k, v in method.items() if k != "device"},
         "calib": {k: v for k, v in calib.to_dict().items() if k not in ("device", "offload")},
         "replay": "faircalib quantize --config recipe.json --out DIR",

@@ -3,9 +3,12 @@
 `load_source(spec, split, text_field)` accepts
   - a shipped corpus name (`wikitext2`, `c4`; see `faircalib data`),
   - a plain-text file: one document per blank-line-separated block,
-  - a JSON Lines file (`.jsonl`, `.json`, `.ndjson`; gzip-compressed or not), one document per
-    line, its text in `text_field`,
+  - a JSON Lines file (`.jsonl`, `.json`, `.ndjson`), one document per line, its text in
+    `text_field`; or a `.json` file holding one JSON array of such objects (or of strings),
+  - a CSV / TSV file with a header row, one document per row, its text in column `text_field`,
   - a Parquet file (needs pyarrow: the `data` extra), one document per row,
+  - any of the text formats gzip-, xz- or bz2-compressed (the bytes decide, not the name;
+    suffixes are matched case-insensitively),
   - a directory written by `datasets`' `save_to_disk`, or a hub dataset id `owner/name`
     (both need `datasets`: the `data` extra; the hub needs a network).
 Every source carries the sha256 and document count that result records report, so a number can
@@ -14,11 +17,15 @@ always be traced to the exact text behind it.
 
 from __future__ import annotations
 
+import bz2
+import csv
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +33,8 @@ from faircalib.errors import DataError
 
 DATA_EXTRA = "pip install 'faircalib[data]'"
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+COMPRESSED_SUFFIXES = (".gz", ".xz", ".bz2", ".zst", ".zstd")
 HUB_DATASET = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DEFAULT_CALIB_SPLIT = {"c4": "train"}  # a shipped corpus's calibration split
 
@@ -37,7 +46,7 @@ class TextSource:
     everywhere else."""
 
     name: str  # what the user passed: a corpus name, a path or a hub id
-    kind: str  # shipped | text | jsonl | parquet | datasets-dir | hub
+    kind: str  # shipped | text | jsonl | csv | parquet | datasets-dir | hub
     split: str | None
     text_field: str | None
     docs: tuple[str, ...]
@@ -79,12 +88,12 @@ def load_source(spec: str, split: str | None = None, text_field: str = "text") -
     if spec in CORPORA:
         return shipped_source(spec, split)
     path = Path(spec).expanduser()
-    if path.is_dir():
-        return _has_text(_datasets_dir(path, split, text_field))
+    if path.is_dir():  # records name it absolutely: a replay from elsewhere finds it
+        return _has_text(_datasets_dir(path.absolute(), split, text_field))
     if path.is_file():
         if split is not None:
             raise DataError(f"{spec} is a single file: it has no splits (drop --split {split})")
-        return _has_text(_file_source(path, text_field))
+        return _has_text(_file_source(path.absolute(), text_field))
     if HUB_DATASET.fullmatch(spec) and not path.suffix:
         return _has_text(_hub_dataset(spec, split, text_field))
     raise DataError(
@@ -128,25 +137,37 @@ def shipped_source(corpus: str, split: str | None) -> TextSource:
 def _file_source(path: Path, text_field: str) -> TextSource:
     raw = path.read_bytes()
     sha = hashlib.sha256(raw).hexdigest()
-    if path.suffix == ".parquet":
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
         return TextSource(
             str(path), "parquet", None, text_field, _parquet_docs(path, text_field), sha, "file"
         )
     data = _decompress(raw, path)
-    base_suffix = Path(path.stem).suffix if path.suffix in (".gz", ".xz") else path.suffix
+    base_suffix = Path(path.stem).suffix.lower() if suffix in COMPRESSED_SUFFIXES else suffix
     if base_suffix in JSON_SUFFIXES:
-        docs = _jsonl_docs(_utf8(data, path), path, text_field)
+        docs = _json_docs(_utf8(data, path), path, text_field)
         return TextSource(str(path), "jsonl", None, text_field, docs, sha, "file")
-    docs = plain_text_docs(_utf8(data, path))
-    return TextSource(str(path), "text", None, None, docs, sha, "file")
+    if base_suffix in CSV_DELIMITERS:
+        docs = _csv_docs(_utf8(data, path), path, text_field, CSV_DELIMITERS[base_suffix])
+        return TextSource(str(path), "csv", None, text_field, docs, sha, "file")
+    text = _utf8(data, path)
+    _warn_if_structured(text, path)
+    return TextSource(str(path), "text", None, None, plain_text_docs(text), sha, "file")
 
 
 def _decompress(raw: bytes, path: Path) -> bytes:
-    """gzip or xz data decompressed (the magic bytes decide, not the name); else as is."""
+    """gzip, xz or bz2 data decompressed (the magic bytes decide, not the name); else as is."""
+    if raw[:4] == b"\x28\xb5\x2f\xfd":
+        raise DataError(
+            f"{path} is zstd-compressed, which faircalib does not read; decompress it "
+            "(zstd -d) or recompress it with gzip or xz"
+        )
     if raw[:2] == b"\x1f\x8b":
         kind, decompress, errors = "gzip", gzip.decompress, (OSError, EOFError)
     elif raw[:6] == b"\xfd7zXZ\x00":  # the corpus shards `faircalib train` reads are .jsonl.xz
         kind, decompress, errors = "xz", lzma.decompress, (lzma.LZMAError, EOFError)
+    elif raw[:3] == b"BZh" and raw[4:10] == b"\x31\x41\x59\x26\x53\x59":  # block magic
+        kind, decompress, errors = "bz2", bz2.decompress, (OSError, ValueError, EOFError)
     else:
         return raw
     try:
@@ -155,6 +176,24 @@ def _decompress(raw: bytes, path: Path) -> bytes:
         raise DataError(
             f"{path} looks {kind}-compressed but cannot be read ({exc}); check the file"
         ) from exc
+
+
+def _warn_if_structured(text: str, path: Path) -> None:
+    """A file read as plain text whose first line is a JSON object is almost surely JSON Lines
+    under another name: say how it was read (it still is, as the suffix asks)."""
+    first = text.lstrip().split("\n", 1)[0].strip()
+    if first.startswith("{") and first.endswith("}"):
+        try:
+            is_object = isinstance(json.loads(first), dict)
+        except json.JSONDecodeError:
+            is_object = False
+        if is_object:
+            print(
+                f"faircalib: warning: {path.name} is read as plain text (its suffix is not "
+                f"{', '.join(JSON_SUFFIXES)}), but its first line is a JSON object; rename it "
+                ".jsonl to read one document per line",
+                file=sys.stderr,
+            )
 
 
 def _utf8(data: bytes, path: Path) -> str:
@@ -172,7 +211,20 @@ def plain_text_docs(text: str) -> tuple[str, ...]:
     return tuple(b.strip() for b in blocks if b.strip())
 
 
-def _jsonl_docs(text: str, path: Path, field: str) -> tuple[str, ...]:
+def _json_docs(text: str, path: Path, field: str) -> tuple[str, ...]:
+    """JSON Lines, or (a file starting with "[") one JSON array of objects or strings."""
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path} starts with '[' but is not one JSON array ({exc.msg}, line {exc.lineno}); "
+                "fix it or write JSON Lines"
+            ) from exc
+        return tuple(
+            item if isinstance(item, str) else _field(item, field, f"{path} item {number}")
+            for number, item in enumerate(items)
+        )
     docs = []
     # JSON Lines are separated by \n alone: splitlines() would also split inside strings at
     # U+2028, U+0085 and other characters JSON allows raw
@@ -187,9 +239,28 @@ def _jsonl_docs(text: str, path: Path, field: str) -> tuple[str, ...]:
     return tuple(docs)
 
 
+def _csv_docs(text: str, path: Path, field: str, delimiter: str) -> tuple[str, ...]:
+    """One document per row of a CSV / TSV file with a header row: column `field`."""
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if reader.fieldnames is None:
+        return ()
+    if field not in reader.fieldnames:
+        raise DataError(
+            f"{path} has no column {field!r} in its header (columns: {reader.fieldnames}); "
+            "use --text-field"
+        )
+    try:
+        rows = list(reader)
+    except csv.Error as exc:
+        raise DataError(f"{path} line {reader.line_num}: {exc}; fix that line") from exc
+    return tuple(
+        _check_text(row[field], f"{path} row {number}", field) for number, row in enumerate(rows, 1)
+    )
+
+
 def _field(obj: object, field: str, where: str) -> str:
     if not isinstance(obj, dict):
-        raise DataError(f"{where} is not a JSON object with a {field!r} field; fix that line")
+        raise DataError(f"{where} is not a JSON object with a {field!r} field; fix it")
     if field not in obj:
         raise DataError(f"{where} has no field {field!r} (fields: {sorted(obj)}); use --text-field")
     value = obj[field]
@@ -198,6 +269,20 @@ def _field(obj: object, field: str, where: str) -> str:
             f"{where}: field {field!r} is {type(value).__name__}, not text; fix it or use "
             "another --text-field"
         )
+    return _valid_unicode(value, where)
+
+
+def _valid_unicode(value: str, where: str) -> str:
+    """JSON may escape half of a surrogate pair alone (a cut emoji: "\\ud83d"); such a string
+    has no UTF-8 form, and the tokenizer would fail on it later with a type error."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(value[exc.start])
+        raise DataError(
+            f"{where}: its text holds U+{bad:04X}, half of a surrogate pair (not valid Unicode, "
+            "e.g. a cut-off emoji escape); fix or drop that text"
+        ) from exc
     return value
 
 
@@ -224,7 +309,7 @@ def _check_text(value: object, where: str, field: str) -> str:
             f"{where}: column {field!r} is {type(value).__name__}, not text; use another "
             "--text-field"
         )
-    return value
+    return _valid_unicode(value, where)
 
 
 # --- the `datasets` library -------------------------------------------------------------------
@@ -295,12 +380,21 @@ def _dataset_docs(table, field: str, where: str) -> tuple[str, ...]:
 
 
 def directory_sha256(path: Path) -> str:
-    """sha256 over every file below `path`: relative path and bytes, in sorted path order."""
+    """sha256 over the data files below `path`: relative path and bytes, in sorted path order.
+    Left out: hidden files (.DS_Store, editor state) and `datasets`' own caches
+    (cache-*.arrow, written beside the data by .map() and friends): they change nothing the
+    documents hold, and would make a replay wrongly warn that its data changed."""
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and _is_data_file(p, path)):
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
         digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
+
+
+def _is_data_file(file: Path, root: Path) -> bool:
+    parts = file.relative_to(root).parts
+    hidden = any(part.startswith(".") for part in parts)
+    return not hidden and not (file.name.startswith("cache-") and file.suffix == ".arrow")
 
 
 def text_sha256(docs: tuple[str, ...]) -> str:

@@ -1,4 +1,6 @@
-"""Tokenizers: GPT-2 BPE from shipped files, any tokenizer.json, and small BPEs trained here.
+"""Tokenizers: GPT-2 BPE from shipped files, any tokenizer.json, byte-level BPEs rebuilt from a
+checkpoint's vocab.json + merges.txt (repositories that ship only a slow tokenizer, e.g. Dream),
+and small BPEs trained here.
 
 Every tokenizer the toolkit hands out is a `tokenizers.Tokenizer` with two special tokens:
 `<|endoftext|>` (document separator) and `<|mask|>` (the diffusion absorbing state).
@@ -9,7 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 
 EOS = "<|endoftext|>"
 MASK = "<|mask|>"
@@ -84,3 +95,80 @@ def special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
     if eos is None or mask is None:
         raise DataError(f"tokenizer lacks {EOS if eos is None else MASK}")
     return eos, mask
+
+
+# Qwen2's pre-tokenization (Dream's tokenizer is Qwen2's): contractions, letters with one
+# leading non-letter, single digits, punctuation runs, newlines, spaces
+QWEN2_PRETOKENIZE = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# tokenizer_config.json's `tokenizer_class` -> how its vocab.json + merges.txt pre-tokenize
+SLOW_BPE_CLASSES = {
+    "Qwen2Tokenizer": "qwen2",
+    "Qwen2TokenizerFast": "qwen2",
+    "DreamTokenizer": "qwen2",
+    "GPT2Tokenizer": "gpt2",
+    "GPT2TokenizerFast": "gpt2",
+}
+
+
+def bpe_from_slow_files(directory: Path) -> Tokenizer:
+    """The fast tokenizer of a checkpoint that ships only slow-tokenizer files: vocab.json,
+    merges.txt and tokenizer_config.json (its `tokenizer_class` and `added_tokens_decoder`),
+    built the way transformers converts them (byte-level BPE; Qwen2's NFC normalisation and
+    pre-tokenization regex). Raises ValueError naming what it cannot rebuild."""
+    import json
+
+    directory = Path(directory)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text("utf-8")) if config_path.is_file() else {}
+    cls = config.get("tokenizer_class")
+    style = SLOW_BPE_CLASSES.get(cls)
+    if style is None:
+        raise ValueError(
+            f"its tokenizer_class {cls!r} is not one faircalib rebuilds from vocab.json + "
+            f"merges.txt ({', '.join(SLOW_BPE_CLASSES)})"
+        )
+    vocab = json.loads((directory / "vocab.json").read_text("utf-8"))
+    lines = (directory / "merges.txt").read_text("utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    if any(len(pair) != 2 for pair in merges):
+        raise ValueError("merges.txt has a line that is not two tokens separated by one space")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    if style == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        prefix = bool(config.get("add_prefix_space", False))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+    tok.decoder = decoders.ByteLevel()
+    _add_declared_tokens(tok, config.get("added_tokens_decoder") or {})
+    return tok
+
+
+def _add_declared_tokens(tok: Tokenizer, declared: dict) -> None:
+    """tokenizer_config.json's added tokens, at the ids it declares (in id order; each must
+    land on its id, i.e. follow the vocabulary without gaps)."""
+    for key in sorted(declared, key=int):
+        entry = declared[key]
+        token = AddedToken(
+            entry["content"],
+            single_word=bool(entry.get("single_word", False)),
+            lstrip=bool(entry.get("lstrip", False)),
+            rstrip=bool(entry.get("rstrip", False)),
+            normalized=bool(entry.get("normalized", not entry.get("special", False))),
+            special=bool(entry.get("special", False)),
+        )
+        if tok.token_to_id(entry["content"]) is None:
+            tok.add_tokens([token])
+        if tok.token_to_id(entry["content"]) != int(key):
+            raise ValueError(
+                f"added token {entry['content']!r} is declared as id {key} but lands on "
+                f"{tok.token_to_id(entry['content'])}"
+            )

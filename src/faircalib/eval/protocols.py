@@ -155,12 +155,14 @@ def first_rows(
 ) -> tuple[torch.Tensor, int]:
     """The first `limit` rows and the UTF-8 bytes they cover: their decoded text (special
     tokens dropped). The whole text's bytes per token would be wrong for a prefix of text of
-    uneven density (English, then Chinese)."""
+    uneven density (English, then Chinese). The rows are decoded as one token stream, as they
+    were cut from one: decoded one by one, a character whose bytes straddle two rows would
+    come back as two replacement characters of 3 bytes each."""
     if limit is None or limit >= len(seqs):
         return seqs, n_bytes
     seqs = seqs[:limit]
-    texts = tokenizer.decode_batch(seqs.tolist(), skip_special_tokens=True)
-    return seqs, sum(len(text.encode("utf-8")) for text in texts)
+    text = tokenizer.decode(seqs.reshape(-1).tolist(), skip_special_tokens=True)
+    return seqs, len(text.encode("utf-8"))
 
 
 def eval_sets(

@@ -19,6 +19,8 @@ from faircalib.errors import ConfigError
 
 
 def llada_chat(message: str) -> str:
+    # the published template trims the message (`message['content'] | trim`)
+    message = message.strip()
     return (
         "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n"
         f"{message}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"

@@ -71,6 +71,13 @@ def llada_spec(config: dict[str, Any]) -> LlamaSpec:
     Sizes and mask_token_id must be present (upstream's defaults there are GPT-2's)."""
     if config.get("model_type") != MODEL_TYPE:
         raise CheckpointError(f"model_type is {config.get('model_type')!r}, expected 'llada'")
+    if config.get("num_experts") or "LLaDAMoEModelLM" in (config.get("architectures") or ()):
+        # inclusionAI's LLaDA-MoE shares model_type "llada" but is a mixture of experts with
+        # Qwen-style keys: refuse it by name, not by the dense keys it lacks
+        raise CheckpointError(
+            "this is LLaDA-MoE (a mixture-of-experts model: num_experts / LLaDAMoEModelLM), "
+            "which faircalib does not support; dense LLaDA (LLaDA-8B, LLaDA-1.5) is supported"
+        )
     require_values(config, SUPPORTED, "LLaDA")
     d, n_heads = positive_int(config, "d_model", "LLaDA"), positive_int(config, "n_heads", "LLaDA")
     if config.get("mlp_hidden_size") is None:

@@ -106,3 +106,18 @@ def test_offload_benchmark_needs_cuda_without_smoke(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load_offload_script().main(["--out", str(tmp_path)])
     assert "--smoke" in capsys.readouterr().err
+
+
+def test_a_per_channel_only_bench_labels_its_headline_table_by_scheme(tmp_path, capsys):
+    # Table 1's grid was labelled g{group size}: "gNone" with only per-channel schemes, and
+    # the INT8 column repeated the main one
+    out = tmp_path / "bench"
+    args = ["bench", "--model", "mdlm-tiny", "--methods", "rtn", "--schemes", "w8pc"]
+    args += ["--nsamples", "2", "--seq-len", "32", "--eval-limit", "2", "--flip-prompts", "1"]
+    args += ["--eval-data", "wikitext2:test", "--flip-gen-length", "8", "--flip-steps", "4"]
+    assert main([*args, "--out", str(out)]) == 0
+    capsys.readouterr()
+    table = (out / "bench.md").read_text().split("## Table 1")[1].split("## Table 2")[0]
+    header = next(line for line in table.splitlines() if line.startswith("| Model"))
+    assert "gNone" not in table and "(RTN W8PC)" in header
+    assert header.count("W8PC") == 2 and header.count("|") == 5

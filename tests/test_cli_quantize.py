@@ -95,6 +95,12 @@ def test_text_summary_selection_and_fake_quant_in_the_source_dtype(tmp_path: Pat
     text = capsys.readouterr().out
     assert "quantized 4 layers with rtn W4 g128 (12 left in float)" in text
     assert "output error: mean" in text and "size:" in text and "time: load" in text
+    assert "of RTN" not in text  # RTN is not compared with itself
+    from faircalib.data.sources import load_source
+
+    calib = load_source(str(calib_text(tmp_path)))
+    assert f"calibration data: {calib.name}, {len(calib.docs):,} documents, sha256 " in text
+    assert calib.sha256[:12] in text
     assert text.rstrip().endswith(f"next: faircalib eval {out} --data wikitext2")
     record = json.loads((out / "quantization.json").read_text())
     assert {r["layer"] for r in record["layers"]} == {

@@ -263,3 +263,22 @@ def test_bench_data_keeps_a_path_with_a_comma_whole(tmp_path):
     assert eval_specs(f"wikitext2,{path},c4", None) == ["wikitext2", str(path), "c4"]
     assert eval_specs(f"{path}", "test") == [f"{path}:test"]
     assert eval_specs("wikitext2,c4", None) == ["wikitext2", "c4"]
+
+
+def test_a_cpu_replay_with_another_thread_count_says_so(tmp_path, capsys):
+    import torch
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(f"{ENGLISH}\n\n{ENGLISH}\n")
+    argv = ["quantize", "mdlm-tiny", "--method", "rtn", "--calib", str(calib), "--nsamples", "2"]
+    assert main([*argv, "--seq-len", "32", "--device", "cpu", "--out", str(tmp_path / "a")]) == 0
+    recipe = json.loads((tmp_path / "a" / "recipe.json").read_text())
+    assert recipe["cpu_threads"] == torch.get_num_threads()
+    recipe["cpu_threads"] = torch.get_num_threads() + 3
+    (tmp_path / "a" / "recipe.json").write_text(json.dumps(recipe))
+    capsys.readouterr()
+    replay = ["quantize", "--config", str(tmp_path / "a" / "recipe.json"), "--device", "cpu"]
+    assert main([*replay, "--out", str(tmp_path / "b")]) == 0
+    assert f"set OMP_NUM_THREADS={torch.get_num_threads() + 3} for a bit-identical" in (
+        capsys.readouterr().err
+    )

@@ -8,7 +8,10 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="list the shipped corpora")
+    p = sub.add_parser(
+        "data",
+        help="list the shipped corpora; pack-tokens / assemble-tokens: a tokenized training corpus",
+    )
     p.add_argument(
         "--tokenizer",
         default="gpt2",

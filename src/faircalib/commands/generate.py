@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -154,7 +155,13 @@ def generate_texts(
     generated = result.tokens[:, result.prompt_len :].tolist()
     cut = [_until_stop(row, stop_ids(tokenizer)) for row in generated]
     texts = [tokenizer.decode(row) for row in cut]
-    return {"texts": texts, "tokens": result.tokens.tolist(), "trace": result.trace.to_dict()}
+    out = {"texts": texts, "tokens": result.tokens.tolist(), "trace": result.trace.to_dict()}
+    if result.stats is not None:  # what it cost: model calls, token rows run, tokens/s
+        out["stats"] = {  # JSON has no infinity (tokens/s of a zero-second run)
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in result.stats.to_dict().items()
+        }
+    return out
 
 
 def stop_ids(tokenizer: Tokenizer) -> set[int]:
@@ -202,4 +209,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         for i, text in enumerate(out["texts"]):
             print(f"--- sample {i} ---\n{args.prompt}{text}")
+        if "stats" in out:
+            st = out["stats"]
+            rate = f"{st['tokens_per_s']:.1f}" if st["tokens_per_s"] is not None else "-"
+            print(
+                f"--- {st['generated_tokens']} tokens in {st['seconds']:.2f} s "
+                f"({rate} tokens/s), {st['model_calls']} model calls, "
+                f"{100 * st['row_fraction']:.0f}% of the uncached token rows (cache: {st['cache']})"
+            )
     return 0

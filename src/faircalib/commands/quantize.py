@@ -598,6 +598,22 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return recipe
 
 
+def check_replay_threads(args: argparse.Namespace) -> None:
+    """A CPU replay is bit-identical only with the recipe's thread count: float sums split
+    over threads round differently (GPTQ's Hessians, matmuls). Say so when they differ."""
+    import torch
+
+    recorded = getattr(args, "recipe_cpu_threads", None)
+    device = str(getattr(args, "device", "auto"))
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if on_cpu and isinstance(recorded, int) and recorded != torch.get_num_threads():
+        warn(
+            f"the recipe ran with {recorded} CPU thread(s), this run has "
+            f"{torch.get_num_threads()}: the result can differ in the last bits; set "
+            f"OMP_NUM_THREADS={recorded} for a bit-identical replay"
+        )
+
+
 def apply_recipe(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
     """Fill every flag the user did not type from the recipe (and MODEL, if it names one)."""
     typed = explicit_dests(args)
@@ -605,6 +621,7 @@ def apply_recipe(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
         args.model = str(recipe["model"])
     if "calib" not in typed and "calib_split" not in typed:  # the recipe's own text, or not?
         args.recipe_calib_sha256 = recipe.get("calib_sha256")
+    args.recipe_cpu_threads = recipe.get("cpu_threads")
     checks = getattr(args, "option_checks", {})
     for dest, value in recipe["args"].items():
         if dest not in typed:
@@ -801,6 +818,7 @@ def run(args: argparse.Namespace) -> int:
     # an unwritable --out fails now, not after hours; --overwrite never deletes an input
     check_output_dir(out, args.overwrite, inputs=_input_paths(args))
     calib_data = calib_source(args)  # the user's text is checked before any model loads
+    check_replay_threads(args)
     calib = calib_config(args)  # and bad calibration flags, before anything is loaded
     PartialRun.check(partial_dir(out), resume=args.resume, overwrite=args.overwrite)
     source = hub.resolve(args.model)
@@ -841,6 +859,8 @@ def quantize_model_from_args(
     """Load (unless `model`, already loaded from `source`, is given), calibrate and quantize:
     the part between the checks and the writing."""
     import dataclasses
+
+    import torch
 
     from faircalib import distributed, hub
     from faircalib.calib import quantize
@@ -893,6 +913,7 @@ def quantize_model_from_args(
 
     recipe = make_recipe(args, config, calib, fmt, _dtype_name(args, source))
     recipe["calib_sha256"] = calib_data.sha256  # a replay warns if the text changed since
+    recipe["cpu_threads"] = torch.get_num_threads()  # ... or, on the CPU, its thread count
     record = {
         "source_model": str(args.model),
         **run_record(argv=["faircalib", *getattr(args, "argv", sys.argv[1:])], device=args.device),
@@ -1080,6 +1101,18 @@ def _mb(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**20:.1f} MiB"
 
 
+def _calib_line(s: dict[str, Any]) -> list[str]:
+    """The calibration text a summary names: where it came from, its documents and sha256."""
+    c = s.get("calib_data")
+    if not c:
+        return []
+    split = f" ({c['split']})" if c.get("split") else ""
+    return [
+        f"  calibration data: {c['data']}{split}, {c['documents']:,} documents, "
+        f"sha256 {c['sha256'][:12]}"
+    ]
+
+
 def summary_text(s: dict[str, Any]) -> str:
     m = s["method"]
     group = "per-channel" if m.get("group_size") is None else f"g{m['group_size']}"
@@ -1087,11 +1120,18 @@ def summary_text(s: dict[str, Any]) -> str:
         f"quantized {s['quantized_layers']} layers with {m['method']} W{m['bits']} {group}"
         + (f" ({len(s['float_layers'])} left in float)" if s["float_layers"] else "")
     ]
+    lines += _calib_line(s)
     e = s["error"]
     if e["mean"] is not None:
+        # RTN's own run has no comparison to make with itself
+        vs_rtn = (
+            ""
+            if m["method"] == "rtn" or e.get("vs_rtn") is None
+            else f"; RTN mean {e['rtn_mean']:.2e} ({e['vs_rtn']:.2f}x of RTN)"
+        )
         lines.append(
-            f"  output error: mean {e['mean']:.2e}, worst {e['worst']:.2e} ({e['worst_layer']}); "
-            f"RTN mean {e['rtn_mean']:.2e} ({e['vs_rtn']:.2f}x of RTN)"
+            f"  output error: mean {e['mean']:.2e}, worst {e['worst']:.2e} ({e['worst_layer']})"
+            + vs_rtn
         )
     d = s["diagnostics"]
     if "gptq_loss" in d:
@@ -1250,6 +1290,7 @@ def run_act(args: argparse.Namespace, start: float) -> int:
     out = Path(args.out)
     check_output_dir(out, args.overwrite, inputs=_input_paths(args))
     calib_data = calib_source(args)
+    check_replay_threads(args)
     calib = calib_config(args)
     source = hub.resolve(args.model)
     check_source(source, str(args.model))
@@ -1276,6 +1317,8 @@ def quantize_act_from_args(
     """Load, calibrate and quantize weights and activations (the --scheme counterpart of
     `quantize_model_from_args`)."""
     import dataclasses
+
+    import torch
 
     from faircalib import hub
     from faircalib.calib.activations import quantize_activations
@@ -1305,6 +1348,7 @@ def quantize_act_from_args(
     timings = {"load_s": load_s, **report["timings"]}
     recipe = make_act_recipe(args, cfg, fair, calib, _dtype_name(args, source), fmt)
     recipe["calib_sha256"] = calib_data.sha256  # a replay warns if the text changed since
+    recipe["cpu_threads"] = torch.get_num_threads()  # ... or, on the CPU, its thread count
     record = {
         "source_model": str(args.model),
         **run_record(argv=["faircalib", *getattr(args, "argv", sys.argv[1:])], device=args.device),
@@ -1391,6 +1435,7 @@ def act_summary_text(s: dict[str, Any]) -> str:
         f"({ACT_SCHEME_HELP[s['scheme']]})"
         + (f" ({len(s['float_layers'])} left in float)" if s["float_layers"] else "")
     ]
+    lines += _calib_line(s)
     e = s["error"]
     if e["mean"] is not None:
         lines.append(

@@ -9,7 +9,10 @@ from faircalib.commands import common
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a reference MDLM (GPU; CPU for tiny runs)")
+    p = sub.add_parser(
+        "train",
+        help="train a reference model: MDLM, Diffusion-LM or PLANNER (GPU; CPU for tiny runs)",
+    )
     p.add_argument(
         "--data",
         nargs="+",

@@ -106,8 +106,13 @@ def _has_text(source: TextSource) -> TextSource:
     """Refuse data whose documents are all empty: calibrating on end-of-text tokens alone, or
     evaluating zero bytes, would look like it worked."""
     if not any(doc.strip() for doc in source.docs):
+        documents = (
+            f"its {len(source.docs):,} document(s) are all empty"
+            if source.docs
+            else "it holds no documents"
+        )
         raise DataError(
-            f"{source.name} holds no text: its {len(source.docs):,} document(s) are all empty"
+            f"{source.name} holds no text: {documents}"
             + (
                 f" in field {source.text_field!r} (use --text-field to read another)"
                 if source.text_field

@@ -357,3 +357,98 @@ def test_bench_flip_flags_are_checked_before_any_calibration(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     code = cli.main([*base, "--out", str(tmp_path / "file")])
     assert code == 2 and "exists and is not a directory" in one_line_error(capsys)
+
+
+# --- second audit (2026-11-30, nineteenth session) ---------------------------------------------
+TRAIN = ["train", "--data", "c4.jsonl", "--tokenizer", "t.json", "--out", "t"]
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--lr", "inf"),
+        ("--lr", "nan"),
+        ("--lr", "-1"),
+        ("--batch-size", "0"),
+        ("--batch-size", "-1"),
+        ("--eval-every", "0"),
+        ("--max-steps", "0"),
+        ("--warmup-steps", "-5"),
+        ("--time-budget", "nan"),
+        ("--stop-after", "nan"),
+        ("--seed", "-1"),
+        ("--seq-len", "0"),
+    ],
+)
+def test_impossible_training_numbers_are_argument_errors(flag, value, capsys):
+    # --lr inf used to train a NaN model and exit 0; --eval-every 0 divided by zero
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*TRAIN, flag, value])
+    assert exc.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+
+
+def test_token_pieces_never_overwrite_and_refuse_impossible_piece_sizes(tmp_path, capsys):
+    tok = hub.resolve("mdlm-tiny") / "tokenizer.json"
+    shard = tmp_path / "s.jsonl"
+    shard.write_text("".join(json.dumps({"text": f"doc {i} " * 30}) + "\n" for i in range(50)))
+    pack = ["data", "pack-tokens", str(shard), "--tokenizer", str(tok)]
+    for size in ("0", "nan", "-1"):
+        with pytest.raises(SystemExit):
+            cli.main([*pack, "--out", str(tmp_path / "p"), "--max-piece-mib", size])
+        assert "argument --max-piece-mib" in capsys.readouterr().err
+    assert cli.main([*pack, "--out", str(tmp_path / "p"), "--max-piece-mib", "1e-5"]) == 2
+    assert "under 1 KiB" in one_line_error(capsys)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "config.json").write_text("{}")
+    assert cli.main([*pack, "--out", str(occupied)]) == 2
+    assert "not an empty directory" in one_line_error(capsys)
+    assert sorted(p.name for p in occupied.iterdir()) == ["config.json"]
+    assert cli.main([*pack, "--out", str(tmp_path / "p")]) == 0
+    capsys.readouterr()
+    before = shard.read_bytes()
+    assemble = ["data", "assemble-tokens", str(tmp_path / "p")]
+    assert cli.main([*assemble, "--out", str(shard)]) == 2  # the input shard itself
+    assert "already exists" in one_line_error(capsys) and shard.read_bytes() == before
+    assert cli.main([*assemble, "--out", str(tmp_path / "tokens.npy")]) == 0
+    assert not list(tmp_path.glob("*.tmp.npy"))
+
+
+def test_an_unreadable_tokenizer_for_data_is_one_line(tmp_path, capsys):
+    for bad in (tmp_path / "nope.json", tmp_path):
+        assert cli.main(["data", "--tokenizer", str(bad)]) == 2
+        assert "pass a tokenizer.json" in one_line_error(capsys)
+
+
+def test_null_recipe_values_keep_the_flags_defaults(tmp_path, capsys):
+    # "dtype": null used to calibrate fully and then fail in save(), leaving a .partial
+    recipe = {
+        "faircalib_recipe": 1,
+        "model": "mdlm-tiny",
+        "args": {"method": "rtn", "nsamples": 2, "seq_len": 16, "dtype": None, "format": None},
+    }
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    assert cli.main(["quantize", "--config", str(path), "--out", str(tmp_path / "q")]) == 0
+    assert not (tmp_path / "q.partial").exists()
+
+
+def test_a_run_that_fails_before_its_first_block_leaves_no_progress(tmp_path, monkeypatch, capsys):
+    # e.g. out of memory at the first block (a too large --views): the progress directory of
+    # 0 finished blocks used to block the corrected command (--resume: "a different run")
+    import faircalib.calib
+
+    def out_of_memory(*args, **kwargs):
+        raise ConfigError("simulated: out of memory at block 0")
+
+    out = tmp_path / "q"
+    with monkeypatch.context() as patch:
+        patch.setattr(faircalib.calib, "quantize", out_of_memory)
+        assert cli.main([*QUICK_FIX, "--out", str(out)]) == 2
+    assert "simulated" in one_line_error(capsys)
+    assert not (tmp_path / "q.partial").exists() and not out.exists()
+    assert cli.main([*QUICK_FIX, "--out", str(out)]) == 0  # no --resume, no --overwrite
+
+
+QUICK_FIX = ["quantize", "mdlm-tiny", "--method", "rtn", "--nsamples", "2", "--seq-len", "16"]

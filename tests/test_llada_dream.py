@@ -377,6 +377,13 @@ DAMAGE = {
     "mask outside": (lambda d: _edit_config(d, mask_token_id=264), "mask_token_id"),
     "bad kv heads": (lambda d: _edit_config(d, n_kv_heads=3), "heads"),
     "unknown type": (lambda d: _edit_config(d, model_type="llama"), "unknown model family"),
+    # Python's json writes and reads NaN / Infinity literals
+    "nan rope_theta": (lambda d: _edit_config(d, rope_theta=float("nan")), "positive finite"),
+    "inf rms eps": (lambda d: _edit_config(d, rms_norm_eps=float("inf")), "positive finite"),
+    "lowercase model_type": (
+        lambda d: _edit_config(d, model_type="LLaDA"),
+        "did you mean model_type 'llada'",
+    ),
     # inclusionAI/LLaDA-MoE-7B-A1B: model_type "llada", Qwen-style MoE keys, no d_model
     "llada moe": (
         lambda d: _edit_config(d, architectures=["LLaDAMoEModelLM"], num_experts=64),

@@ -107,11 +107,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--recon-steps",
-        type=int,
+        type=argtypes.non_negative_int,
         help="fair/recon: block-reconstruction optimiser steps per block (default: 200)",
     )
     p.add_argument(
-        "--e2e-steps", type=int, help="fair/recon: end-to-end scale steps (default: 600)"
+        "--e2e-steps",
+        type=argtypes.non_negative_int,
+        help="fair/recon: end-to-end scale steps (default: 600)",
     )
     p.add_argument(
         "--flat-steps",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from faircalib.commands.argtypes import positive_float, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -33,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tokenizer", dest="pack_tokenizer", required=True, help="the training tokenizer.json"
     )
     pack.add_argument("--out", required=True, help="directory for the pieces and manifest.json")
-    pack.add_argument("--max-piece-mib", type=float, default=3.9, help="piece size limit")
-    pack.add_argument("--max-tokens", type=int, help="stop after this many tokens (all)")
+    pack.add_argument("--max-piece-mib", type=positive_float, default=3.9, help="piece size limit")
+    pack.add_argument("--max-tokens", type=positive_int, help="stop after this many tokens (all)")
     pack.set_defaults(func=run_pack)
     join = actions.add_parser(
         "assemble-tokens", help="join the verified pieces present into a --token-cache .npy"

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="text the generation continues (default: none, an unconditional sample)",
     )
     p.add_argument("--gen-length", type=positive_int, default=64, help="tokens to generate")
-    p.add_argument("--block-length", type=int, help="semi-AR block (default: gen length)")
+    p.add_argument("--block-length", type=positive_int, help="semi-AR block (default: gen length)")
     p.add_argument(
         "--steps",
         type=positive_int,

@@ -352,8 +352,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="FAIR-Calib: full (weighted GPTQ + block reconstruction + end-to-end scales, the "
         "default) or fast (weighted GPTQ only)",
     )
-    g.add_argument("--recon-steps", type=int, help="fair/recon: optimiser steps per block (200)")
-    g.add_argument("--e2e-steps", type=int, help="fair/recon: end-to-end scale steps (600; 0: off)")
+    g.add_argument(
+        "--recon-steps",
+        type=argtypes.non_negative_int,
+        help="fair/recon: optimiser steps per block (200)",
+    )
+    g.add_argument(
+        "--e2e-steps",
+        type=argtypes.non_negative_int,
+        help="fair/recon: end-to-end scale steps (600; 0: off)",
+    )
     g.add_argument(
         "--flat-steps",
         type=int,
@@ -624,8 +632,9 @@ def apply_recipe(args: argparse.Namespace, recipe: dict[str, Any]) -> None:
     args.recipe_cpu_threads = recipe.get("cpu_threads")
     checks = getattr(args, "option_checks", {})
     for dest, value in recipe["args"].items():
-        if dest not in typed:
-            if value is not None and dest in checks:
+        # null keeps the flag's default (what a recipe writes for a flag that was not set)
+        if dest not in typed and value is not None:
+            if dest in checks:
                 value = check_recipe_value(checks[dest], value)
             setattr(args, dest, value)
     # a learned-transform recipe from before --flat-shift ran unshifted: replay it so (the
@@ -906,6 +915,12 @@ def quantize_model_from_args(
                 f"{partial.finished} block(s) finished; progress kept in {partial.directory}: "
                 "rerun the same command with --resume to continue"
             ) from exc
+        except Exception:
+            # a failure before anything worth keeping (out of memory at the first block, a
+            # bad knob): no progress directory to block the corrected command
+            if partial is not None and partial.finished == 0 and not partial.state.get("inputs"):
+                partial.remove()
+            raise
     report = report.to_dict()
     timings = {"load_s": load_s, **report["timings"]}
     infos = {name: r.info for name, r in quant_results(model).items() if r.info}

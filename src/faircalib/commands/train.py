@@ -6,6 +6,13 @@ import argparse
 from pathlib import Path
 
 from faircalib.commands import common
+from faircalib.commands.argtypes import (
+    finite_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,13 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         ],
         help="model family and size (training.PRESETS): tiny/small/mdlm-base are MDLMs",
     )
-    p.add_argument("--hidden-dim", type=int, help="override the preset's width")
-    p.add_argument("--n-blocks", type=int, help="override the preset's depth")
-    p.add_argument("--n-heads", type=int, help="override the preset's attention heads")
-    p.add_argument("--seq-len", type=int, help="override the preset's sequence length")
+    p.add_argument("--hidden-dim", type=positive_int, help="override the preset's width")
+    p.add_argument("--n-blocks", type=positive_int, help="override the preset's depth")
+    p.add_argument("--n-heads", type=positive_int, help="override the preset's attention heads")
+    p.add_argument("--seq-len", type=positive_int, help="override the preset's sequence length")
     p.add_argument(
         "--independent-t",
-        type=float,
+        type=finite_float,
         help="Diffusion-LM presets: share (0-1) of training sequences in which every position "
         "gets its own noise level (docs/models.md, 'Per-position noise levels'; default: off)",
     )
@@ -85,23 +92,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Diffusion-LM presets: the network's logits from a [V, hidden] output layer of its "
         "own instead of the tied word embeddings (docs/models.md, 'Untied head')",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per optimiser step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=int, default=200, help="linear warm-up steps")
-    p.add_argument("--max-steps", type=int, default=2000, help="optimiser steps")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=64, help="sequences per optimiser step"
+    )
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    p.add_argument(
+        "--warmup-steps", type=non_negative_int, default=200, help="linear warm-up steps"
+    )
+    p.add_argument("--max-steps", type=positive_int, default=2000, help="optimiser steps")
     p.add_argument(
         "--min-lr-ratio",
-        type=float,
+        type=finite_float,
         default=0.1,
         help="the cosine schedule's floor as a share of --lr; 1 keeps the rate constant after "
         "warm-up",
     )
     p.add_argument(
-        "--time-budget", type=float, help="seconds; the cosine schedule ends with the budget"
+        "--time-budget",
+        type=positive_float,
+        help="seconds; the cosine schedule ends with the budget",
     )
-    p.add_argument("--eval-every", type=int, default=250, help="steps between validations")
-    p.add_argument("--max-docs", type=int, help="read at most this many documents (all)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
+    p.add_argument("--eval-every", type=positive_int, default=250, help="steps between validations")
+    p.add_argument("--max-docs", type=positive_int, help="read at most this many documents (all)")
+    p.add_argument("--seed", type=seed, default=0, help="initialisation and data-order seed")
     p.add_argument(
         "--token-cache",
         help=".npy token stream: read when it exists (e.g. assembled by `faircalib data "
@@ -119,16 +132,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("long runs (state kept in OUT.partial; docs/training.md)")
     g.add_argument(
-        "--checkpoint-every", type=int, default=0, metavar="STEPS",
+        "--checkpoint-every", type=non_negative_int, default=0, metavar="STEPS",
         help="write the whole training state every STEPS steps (default: only when a limit "
         "below ends the run early)",
     )  # fmt: skip
     g.add_argument(
-        "--stop-after", type=float, metavar="SECONDS",
+        "--stop-after", type=positive_float, metavar="SECONDS",
         help="end this invocation after SECONDS of training, keeping the state for --resume",
     )  # fmt: skip
     g.add_argument(
-        "--stop-after-steps", type=int, metavar="STEPS",
+        "--stop-after-steps", type=positive_int, metavar="STEPS",
         help="end this invocation after STEPS steps, keeping the state for --resume",
     )  # fmt: skip
     g.add_argument(

@@ -53,6 +53,11 @@ def split_into_pieces(
             blob = _compress(run)
             if len(blob) <= max_piece_bytes:
                 break
+            if n == 1:  # xz's own framing outweighs the limit: no run can fit
+                raise DataError(
+                    f"a piece limit of {max_piece_bytes:,} bytes is below what one token "
+                    f"compresses to ({len(blob):,} bytes); use a larger --max-piece-mib"
+                )
             n = max(1, int(n * max_piece_bytes / len(blob) * 0.97))
         tokens_per_byte = len(run) / len(blob)
         pieces.append((run, blob))
@@ -75,8 +80,12 @@ def write_pieces(
     if int(stream.max()) >= 2**16 or int(stream.min()) < 0 or vocab_size > 2**16:
         raise DataError("token pieces hold uint16 ids: the tokenizer must have at most 65,536")
     out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} already exists and is not an empty directory; choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     max_bytes = int(max_piece_mib * 2**20)
+    if max_bytes < 1024:  # below xz's framing plus a few tokens
+        raise DataError(f"--max-piece-mib {max_piece_mib} is under 1 KiB; use a larger limit")
     # a first guess of 1.5 tokens per compressed byte (the 8k BPE on Wikipedia) saves a retry
     entries = []
     for index, (run, blob) in enumerate(
@@ -159,9 +168,14 @@ def assemble(
         )
     stream = np.concatenate(runs)
     out = Path(out_npy)
+    if out.exists() or out.is_symlink():  # an input shard, a model file: never overwritten
+        raise DataError(f"{out} already exists; choose a new --out (or delete it first)")
     tmp = out.with_name(out.name + ".tmp.npy")
-    np.save(tmp, stream)
-    tmp.replace(out)
+    try:
+        np.save(tmp, stream)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return {
         "pieces": len(runs),
         "missing": missing,

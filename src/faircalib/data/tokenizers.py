@@ -44,7 +44,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
+    """A tokenizer.json, or a DataError naming the file and what is wrong with it."""
+    from faircalib.errors import DataError
+
+    if not Path(path).is_file():
+        raise DataError(f"tokenizer {path} is not a file; pass a tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the tokenizers library raises plain Exception
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path} is not a readable tokenizer.json ({reason})") from exc
 
 
 def gpt2_tokenizer() -> Tokenizer:

@@ -62,9 +62,14 @@ def family_of(config: dict[str, Any]) -> str | None:
 def build_model(config: dict[str, Any]) -> DiffusionLM:
     family = family_of(config)
     if not isinstance(family, str) or family not in FAMILIES:
+        named = config.get("family", config.get("model_type"))
+        key = "family" if "family" in config else "model_type"
+        # model_type is matched exactly (Dream's is "Dream"): name the spelling it meant
+        near = [t for t in MODEL_TYPES if isinstance(named, str) and t.lower() == named.lower()]
+        hint = f"; did you mean model_type {near[0]!r}?" if key == "model_type" and near else ""
         raise CheckpointError(
-            f"unknown model family {config.get('family', config.get('model_type'))!r}; "
-            f"known: {sorted(FAMILIES)} (model types {sorted(MODEL_TYPES)}); fix config.json"
+            f"unknown model family {named!r} ({key}); known: {sorted(FAMILIES)} (model types "
+            f"{sorted(MODEL_TYPES)}, case-sensitive){hint}; fix config.json"
         )
     try:
         return FAMILIES[family](config)

@@ -14,6 +14,7 @@ and config for the readers that know them. `blocks` is a property pointing into 
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
@@ -347,9 +348,10 @@ def positive_int(config: dict[str, Any], key: str, family: str, *, default: Any 
 
 def positive_float(config: dict[str, Any], key: str, default: float, family: str) -> float:
     value = config.get(key, default)
-    if type(value) not in (int, float) or value <= 0:
+    # Python's json reads NaN and Infinity literals, which pass `> 0` or fail it silently
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
         raise CheckpointError(
-            f"{family} config.json: {key} must be a positive number, got {value!r}"
+            f"{family} config.json: {key} must be a positive finite number, got {value!r}"
         )
     return float(value)
 

@@ -460,7 +460,7 @@ ARGUMENTS = [  # refused before any model is loaded or any calibration runs
     ("arg-alpha-above-1", argv(*QUANTIZE, "--method", "smoothquant", "--bits", "8", "--alpha", "2", *Q),
      r"alpha must be in \[0, 1\]"),
     ("arg-recon-steps-negative", argv(*QUANTIZE, "--method", "recon", "--recon-steps=-1", *Q),
-     r"reconstruction steps must be >= 0"),
+     r"argument --recon-steps: must be at least 0"),
     ("arg-fair-gamma-negative", argv(*QUANTIZE, "--method", "fair", "--fair-gamma=-1", *Q),
      r"gamma, floor and max_weight must be >= 0"),
     ("arg-device-missing-gpu", argv(*QUANTIZE, "--device", "cuda:99", *Q), r"--device cuda:99: "),
@@ -488,6 +488,14 @@ ARGUMENTS = [  # refused before any model is loaded or any calibration runs
      r"recipe field calib = 3 must be a string"),
     ("arg-bench-flip-past-length", argv("bench", "--model", "mdlm-tiny", "--methods", "rtn",
      "--flip-gen-length", "500", "--out", "CASE/b"), r"--flip-gen-length 500: .* passes"),
+    # second audit (nineteenth session)
+    ("arg-train-lr-inf", train_case(good_shard, "--lr", "inf"), r"argument --lr: must be a finite"),
+    ("arg-train-eval-every-0", train_case(good_shard, "--eval-every", "0"),
+     r"argument --eval-every: must be at least 1"),
+    ("arg-eval-data-surrogate", lambda w, i: ["eval", "mdlm-tiny", "--data", str(write(
+        w / "s.jsonl", '{"text": "cut \\ud83d emoji"}\n'))], r"line 1: its text holds U\+D83D"),
+    ("arg-eval-data-zstd", lambda w, i: ["eval", "mdlm-tiny", "--data", str(write(
+        w / "s.jsonl.zst", b"\x28\xb5\x2f\xfd" + b"\0" * 16))], r"zstd-compressed"),
 ]
 OUTPUT = [  # outputs that cannot be written (the mounted ones need root)
     ("out-under-proc", argv(*QUANTIZE, "--out", f"{PROC}/q"), rf"cannot write {PROC}/q"),

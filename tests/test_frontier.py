@@ -208,7 +208,8 @@ def test_generate_cli_json(capsys):
     )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"texts", "tokens", "trace"}
+    assert set(out) == {"texts", "tokens", "trace", "stats"}
+    assert out["stats"]["generated_tokens"] == 2 * 32 and out["stats"]["row_fraction"] == 1.0
     assert len(out["texts"]) == 2 and all(isinstance(t, str) for t in out["texts"])
     assert len(out["tokens"]) == 2 and len(out["tokens"][0]) == len(out["tokens"][1])
     assert len(out["trace"]["steps"]) == 16

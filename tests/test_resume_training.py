@@ -126,7 +126,9 @@ def test_the_cli_stops_and_resumes_and_refuses_bad_limits(tmp_path, tokens, caps
     assert json.loads((out / "train_log.json").read_text())["steps"] == 3
     capsys.readouterr()
     for flags in (["--checkpoint-every", "-1"], ["--stop-after", "0"], ["--stop-after-steps", "0"]):
-        assert main(common + flags) != 0
+        with pytest.raises(SystemExit) as exc:  # refused by argparse, as argument errors
+            main(common + flags)
+        assert exc.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and flags[0] in err[0], err
 

@@ -164,8 +164,8 @@ def _decompress(raw: bytes, path: Path) -> bytes:
     """gzip, xz or bz2 data decompressed (the magic bytes decide, not the name); else as is."""
     if raw[:4] == b"\x28\xb5\x2f\xfd":
         raise DataError(
-            f"{path} is zstd-compressed, which faircalib does not read; decompress it "
-            "(zstd -d) or recompress it with gzip or xz"
+            f"{path} is zstd-compressed, which faircalib does not read; convert it first "
+            "(zstd -d, or recompress it with gzip or xz)"
         )
     if raw[:2] == b"\x1f\x8b":
         kind, decompress, errors = "gzip", gzip.decompress, (OSError, EOFError)

@@ -23,7 +23,9 @@ fp8_checkpoint (what an FP8 checkpoint, `--scheme w8a8fp8`, loads as: FP8ActLine
 e4m3 copy of per-channel e4m3 weights, the same GEMM), int8_w8a8 (the Triton INT8 GEMM), w4a8_int8 / w4a8_fp8 (INT4 g128
 codes unpacked to 8 bits per call, then an 8-bit GEMM; CUDA only). Every quantized variant's
 blocks quantize an input that several linears read (q, k, v; gate, up) once, as a loaded
-checkpoint's do (kernels.shared_activations); fp8_w8a8_unshared is fp8_w8a8 without that. Reported per batch size
+checkpoint's do (kernels.shared_activations), and their RMSNorms and SwiGLU write that
+quantization in their own kernel (kernels.fused_quant); fp8_w8a8_unshared is fp8_w8a8 without
+either, fp8_w8a8_quant_apart / int8_w8a8_quant_apart share but do not fuse. Reported per batch size
 (1 and 8): median step latency (CUDA events, eager and CUDA graph), peak memory of the block
 stack's forward, resident weight bytes; the weight bytes of the INT4 g128 packed checkpoint
 format vs bf16 (must be <= 0.28x); the FP8 step target (>= 1.4x of bf16). Outputs e2e.json
@@ -117,13 +119,22 @@ VARIANTS = {
     # the same with every linear quantizing its own input: the blocks above quantize an input
     # shared by q, k, v (gate, up) once (kernels.shared_activations); this row is what that buys
     "fp8_w8a8_unshared": (8, None, True, None, "fp8_w8a8", "int"),
+    # shared, but the norms and SwiGLU not fused with the quantization (kernels.fused_quant):
+    # a row quantizer of its own reads their outputs back; this row is what the fusion buys
+    "fp8_w8a8_quant_apart": (8, None, True, None, "fp8_w8a8", "int"),
     # an FP8 checkpoint as loaded (FP8ActLinear): e4m3 weights, no INT8 codes beside them
     "fp8_checkpoint": "fp8_checkpoint",
     "int8_w8a8": (8, None, True, 8, "int8_w8a8", "int"),
+    "int8_w8a8_quant_apart": (8, None, True, 8, "int8_w8a8", "int"),
     "w4a8_int8": (4, 128, False, 8, "w4a8_dq", "int"),
     "w4a8_fp8": (4, 128, False, 8, "w4a8_fp8_dq", "fp8"),
 }
-CUDA_ONLY = {"int8_w8a8", "w4a8_int8", "w4a8_fp8"}  # Triton kernels without a CPU path
+CUDA_ONLY = {
+    "int8_w8a8",
+    "int8_w8a8_quant_apart",
+    "w4a8_int8",
+    "w4a8_fp8",
+}  # Triton kernels without a CPU path
 FP8_VARIANTS = ("fp8", "fp8_w8a8", "fp8_checkpoint")
 KERNEL_LAYERS = (QuantLinear, FP8ActLinear)  # the layers whose path `backends` reports
 FP8_STEP_TARGET = 1.4  # issue 16: the 8B-shaped step with FP8 W8A8 vs bf16 (CUDA graph)
@@ -249,7 +260,7 @@ def _bench_variant(
     if VARIANTS[name] is not None:
         quantize_blocks(blocks, VARIANTS[name])
         if not name.endswith("_unshared"):  # as a loaded checkpoint's blocks are
-            share_activations(blocks)
+            share_activations(blocks, fuse=not name.endswith("_quant_apart"))
         reference = fake_quant_reference(blocks)
     ctx = block_context(cfg, device)
     out = {"batches": {}}

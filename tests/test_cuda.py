@@ -487,3 +487,36 @@ def test_autotuned_tma_w8a8_gemm_matches_the_reference(kind):
     y = k.w8a8_matmul_tma(a8, a_s, w8, w_s, torch.bfloat16)
     assert rel_err(y, ref) <= 1e-2
     print(f"triton {triton.__version__}: {kind} best {k._autotuned_w8a8_tma.best_config}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("m,k", [(1024, 4096), (37, 12288)])
+def test_fused_norm_and_swiglu_quantization_in_bf16(kind, m, k):
+    """The fused RMSNorm / SwiGLU kernels on the GPU: y within bf16 rounding of the float64
+    op, and its 8-bit rows exactly `quantize_rows(y)` (the readers get the same bits)."""
+    pytest.importorskip("triton")
+    from faircalib.kernels.triton_w8a8 import (
+        quantize_rows,
+        rms_norm_quantize_rows,
+        swiglu_quantize_rows,
+    )
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", generator=gen).mul(3).bfloat16()
+    w = (torch.rand(k, device="cuda", generator=gen) + 0.5).bfloat16()
+    gu = torch.randn(m, 2 * k, device="cuda", generator=gen).mul(4).bfloat16()
+    gate, up = gu[:, :k], gu[:, k:]  # rows with a stride, as a fused gate/up output has
+    x64 = x.double()
+    norm_ref = w.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    silu_ref = torch.nn.functional.silu(gate.double()) * up.double()
+    for (y, q, s), ref in (
+        (rms_norm_quantize_rows(x, w, 1e-5, kind), norm_ref),
+        (swiglu_quantize_rows(gate, up, kind), silu_ref),
+    ):
+        assert y.dtype == torch.bfloat16
+        # two bf16 roundings (the normalised value / silu, then the product): 2 * 2^-8
+        torch.testing.assert_close(y.double(), ref, rtol=8e-3, atol=1e-6 * ref.abs().max().item())
+        q2, s2 = quantize_rows(y, kind)
+        assert torch.equal(s, s2)
+        assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8))

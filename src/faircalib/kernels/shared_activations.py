@@ -20,6 +20,10 @@ makes a miss.
 - Inputs that need a gradient are never shared.
 - A CUDA graph captured around a block records the first layer's quantization kernel and the
   other layers reading its output, so every replay recomputes it first.
+- The ops that write such an input (a block's RMSNorms, its SwiGLU) can compute the
+  quantization in the same kernel (`kernels.fused_quant`): they `watch` their output, learn
+  from the misses which kinds its readers ask for, and from the next call on hand those in
+  with `share_result`.
 - The block K/V cache's steps (`frontier.cache`) call `block.forward_cached` directly, outside
   the module hooks: those steps quantize as before, once per layer.
 """
@@ -43,6 +47,7 @@ class _Scope:
     owner: nn.Module  # the block whose forward opened it
     parent: _Scope | None  # the scope it hides (a block inside another block)
     memo: dict = field(default_factory=dict)  # key -> (weakref to the input's base, result)
+    watched: dict = field(default_factory=dict)  # rows' key without kind -> kinds asked of them
 
 
 _SCOPE: ContextVar[_Scope | None] = ContextVar("faircalib_shared_activations", default=None)
@@ -62,16 +67,40 @@ def quantize_once(kind: str, x: torch.Tensor, quantize: Callable[[torch.Tensor],
     else:
         base = x if x._base is None else x._base  # the layers reshape their input: a view
         version, holder = x._version, weakref.ref(base)
-    key = (kind, x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), version)
-    hit = scope.memo.get(key)
+    rows = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), version)
+    hit = scope.memo.get((kind, *rows))
     if hit is not None and (base is None or hit[0]() is base):
         return hit[1]
     dead = [k for k, (h, _) in scope.memo.items() if isinstance(h, weakref.ref) and h() is None]
     for stale in dead:
         del scope.memo[stale]  # its input was freed: so is the result
+    if rows in scope.watched:
+        scope.watched[rows].add(kind)
     result = quantize(x)
-    scope.memo[key] = (holder, result)
+    scope.memo[(kind, *rows)] = (holder, result)
     return result
+
+
+def in_scope() -> bool:
+    """Whether a block's sharing scope is open (its forward is running)."""
+    return _SCOPE.get() is not None
+
+
+def share_result(kind: str, x: torch.Tensor, result: Any) -> None:
+    """Inside a scope, make `result` what `quantize_once(kind, x, ...)` returns for these rows
+    (a producer that computed it in the same kernel as x). The caller vouches that it is."""
+    quantize_once(kind, x, lambda _: result)
+
+
+def watch(x: torch.Tensor, kinds: set[str]) -> None:
+    """Inside a scope, add to `kinds` every kind that `quantize_once` is asked to compute for
+    these rows (x as its callers pass it) from now until the scope closes."""
+    scope = _SCOPE.get()
+    if scope is not None:
+        version = -1 if x.is_inference() else x._version
+        scope.watched[(x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), version)] = (
+            kinds
+        )
 
 
 def _enter(module: nn.Module, args: Any) -> None:
@@ -84,9 +113,16 @@ def _leave(module: nn.Module, args: Any, output: Any) -> None:
         _SCOPE.set(scope.parent)
 
 
-def share_activations(blocks: Iterable[nn.Module]) -> int:
-    """Hook every block (once) so that its forward runs inside a sharing scope. Returns how
-    many blocks were newly hooked."""
+def share_activations(blocks: Iterable[nn.Module], fuse: bool = True) -> int:
+    """Hook every block (once) so that its forward runs inside a sharing scope, and with `fuse`
+    swap the ops that write the shared inputs for ones that quantize in the same kernel
+    (`kernels.fused_quant.fuse_activation_quantization`). Returns how many blocks were newly
+    hooked."""
+    blocks = list(blocks)
+    if fuse:
+        from faircalib.kernels.fused_quant import fuse_activation_quantization
+
+        fuse_activation_quantization(blocks)
     hooked = 0
     for block in blocks:
         if getattr(block, _MARK, False):

@@ -38,10 +38,12 @@ outputs; the GPU writes bf16.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from faircalib.kernels.fallback import record_failure
 from faircalib.kernels.triton_w4 import INTERPRETED, TILE_K, m_bucket
@@ -78,6 +80,30 @@ def _round_e4m3(v):
 
 
 @triton.jit
+def _row_scale(a, IS_INT8: tl.constexpr):
+    """A row's scale from its abs-max a: the abs-max (floored) maps to the grid's top."""
+    if IS_INT8:
+        scale = tl.math.div_rn(tl.maximum(a, ABSMAX_FLOOR), tl.full((), 127.0, tl.float32))
+    else:
+        scale = tl.math.div_rn(tl.maximum(a, ABSMAX_FLOOR), tl.full((), 448.0, tl.float32))
+    return scale
+
+
+@triton.jit
+def _on_grid(x, scale, IS_INT8: tl.constexpr, USE_RINT: tl.constexpr):
+    """x / scale (IEEE) rounded onto the 8-bit grid, in float32 (every row quantizer's last step:
+    one helper, so the fused ones below give the same bits as `quantize_rows`)."""
+    v = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+    if IS_INT8:
+        v = tl.minimum(tl.maximum(round_half_even(v, USE_RINT), -127.0), 127.0)
+    else:
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        if not USE_RINT:
+            v = _round_e4m3(v)
+    return v
+
+
+@triton.jit
 def _quant_rows_kernel(
     x_ptr,
     q_ptr,
@@ -97,24 +123,13 @@ def _quant_rows_kernel(
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    a = tl.max(amax, axis=0)
-    if IS_INT8:
-        scale = tl.math.div_rn(tl.maximum(a, ABSMAX_FLOOR), tl.full((), 127.0, tl.float32))
-    else:
-        scale = tl.math.div_rn(tl.maximum(a, ABSMAX_FLOOR), tl.full((), 448.0, tl.float32))
+    scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         ok = k0 + rk < K
         x = tl.load(x_row + k0 + rk, mask=ok, other=0.0).to(tl.float32)
-        v = tl.math.div_rn(x, tl.zeros_like(x) + scale)
-        if IS_INT8:
-            v = tl.minimum(tl.maximum(round_half_even(v, USE_RINT), -127.0), 127.0)
-            tl.store(q_row + k0 + rk, v.to(tl.int8), mask=ok)
-        else:
-            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-            if not USE_RINT:
-                v = _round_e4m3(v)
-            tl.store(q_row + k0 + rk, v.to(q_ptr.dtype.element_ty), mask=ok)
+        v = _on_grid(x, scale, IS_INT8, USE_RINT)
+        tl.store(q_row + k0 + rk, v.to(q_ptr.dtype.element_ty), mask=ok)
 
 
 def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +155,147 @@ def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tenso
         num_warps=4 if block_k <= 512 else 8,
     )
     return q, s
+
+
+# --- the ops that write an activation, fused with its row quantization --------------------------
+# Each program owns one row. Pass 1 reduces what the op needs; pass 2 computes the op's output y
+# (stored: any other reader still gets it) and its abs-max; pass 3 computes y again from the
+# same inputs (the same ops, so the same bits; the inputs are in L1/L2) and quantizes it with
+# `_on_grid`. So q, s are exactly `quantize_rows(y, kind)` of the y returned.
+@triton.jit
+def _normed(x_row, w_ptr, cols, ok, rstd):
+    """weight * (x * rstd).to(x's dtype), in y's dtype: RMSNorm's order (normalise in float32,
+    cast back, then scale), as faircalib's LLaMA-like blocks and both upstreams compute it."""
+    x = tl.load(x_row + cols, mask=ok, other=0.0)
+    n = (x.to(tl.float32) * rstd).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+    return w.to(tl.float32) * n.to(tl.float32)
+
+
+@triton.jit
+def _norm_quant_kernel(
+    x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_xm, stride_ym, stride_qm, eps,
+    IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    x_row, y_row, q_row = x_ptr + row * stride_xm, y_ptr + row * stride_ym, q_ptr + row * stride_qm
+    rk = tl.arange(0, BLOCK_K)
+    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+        squares += x * x
+    rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ok = k0 + rk < K
+        y = _normed(x_row, w_ptr, k0 + rk, ok, rstd).to(y_ptr.dtype.element_ty)
+        tl.store(y_row + k0 + rk, y, mask=ok)
+        amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
+    scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        ok = k0 + rk < K
+        y = _normed(x_row, w_ptr, k0 + rk, ok, rstd).to(y_ptr.dtype.element_ty)
+        v = _on_grid(y.to(tl.float32), scale, IS_INT8, USE_RINT)
+        tl.store(q_row + k0 + rk, v.to(q_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _silu_times(g_row, u_row, cols, ok, USE_LIBDEVICE: tl.constexpr):
+    """silu(gate) * up as eager torch computes it: silu in float32 (g / (1 + exp(-g)), IEEE
+    division), rounded to gate's dtype, times up, in float32 (the caller casts)."""
+    g = tl.load(g_row + cols, mask=ok, other=0.0)
+    u = tl.load(u_row + cols, mask=ok, other=0.0)
+    gf = g.to(tl.float32)
+    if USE_LIBDEVICE:  # noqa: SIM108 - a constexpr branch; expf as torch's (not ex2.approx)
+        e = libdevice.exp(-gf)
+    else:
+        e = tl.exp(-gf)
+    silu = tl.math.div_rn(gf, 1.0 + e).to(g.dtype)
+    return silu.to(tl.float32) * u.to(tl.float32)
+
+
+@triton.jit
+def _swiglu_quant_kernel(
+    g_ptr, u_ptr, y_ptr, q_ptr, s_ptr, K, stride_gm, stride_um, stride_ym, stride_qm,
+    IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    g_row, u_row = g_ptr + row * stride_gm, u_ptr + row * stride_um
+    y_row, q_row = y_ptr + row * stride_ym, q_ptr + row * stride_qm
+    rk = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ok = k0 + rk < K
+        y = _silu_times(g_row, u_row, k0 + rk, ok, USE_RINT).to(y_ptr.dtype.element_ty)
+        tl.store(y_row + k0 + rk, y, mask=ok)
+        amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
+    scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        ok = k0 + rk < K
+        y = _silu_times(g_row, u_row, k0 + rk, ok, USE_RINT).to(y_ptr.dtype.element_ty)
+        v = _on_grid(y.to(tl.float32), scale, IS_INT8, USE_RINT)
+        tl.store(q_row + k0 + rk, v.to(q_ptr.dtype.element_ty), mask=ok)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as [M, K] rows with contiguous columns."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _fused_outputs(shape: torch.Size, dtype: torch.dtype, kind: str, device: torch.device):  # noqa: ANN202
+    m, k = math.prod(shape[:-1]), shape[-1]
+    y = torch.empty(shape, device=device, dtype=dtype)
+    q = torch.empty(m, k, device=device, dtype=_torch_dtype(kind))
+    s = torch.empty(m, 1, device=device, dtype=torch.float32)
+    return y, q, s, m, k
+
+
+def _launch_args(k: int) -> dict:
+    block_k = min(128 if INTERPRETED else 2048, triton.next_power_of_2(max(k, 16)))
+    return {
+        "BLOCK_K": block_k,
+        "USE_RINT": not INTERPRETED,
+        "num_warps": 4 if block_k <= 512 else 8,
+    }
+
+
+def rms_norm_quantize_rows(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, kind: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RMSNorm and the per-token quantization of its output in one kernel: x [..., K] ->
+    (y = weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype) [..., K], in the dtype
+    torch promotes weight and x to; then `quantize_rows(y, kind)`'s (q [M, K], s [M, 1]))."""
+    dtype = torch.promote_types(weight.dtype, x.dtype)
+    y, q, s, m, k = _fused_outputs(x.shape, dtype, kind, x.device)
+    if m:
+        rows = _rows(x)
+        _norm_quant_kernel[(m,)](
+            rows, weight.contiguous(), y, q, s, k, rows.stride(0), k, q.stride(0), float(eps),
+            IS_INT8=kind == "int8", **_launch_args(k),
+        )  # fmt: skip
+    return y, q, s
+
+
+def swiglu_quantize_rows(
+    gate: torch.Tensor, up: torch.Tensor, kind: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """silu(gate) * up and the per-token quantization of it in one kernel: gate, up [..., K]
+    (one dtype) -> (y [..., K], then `quantize_rows(y, kind)`'s (q [M, K], s [M, 1]))."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(
+            f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} differ"
+        )
+    y, q, s, m, k = _fused_outputs(gate.shape, gate.dtype, kind, gate.device)
+    if m:
+        g, u = _rows(gate), _rows(up)
+        _swiglu_quant_kernel[(m,)](
+            g, u, y, q, s, k, g.stride(0), u.stride(0), k, q.stride(0),
+            IS_INT8=kind == "int8", **_launch_args(k),
+        )  # fmt: skip
+    return y, q, s
 
 
 # --- W8A8 GEMM -----------------------------------------------------------------------------------

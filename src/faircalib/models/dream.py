@@ -93,6 +93,7 @@ class Dream(LlamaLikeLM):
             gate="mlp.gate_proj",
             up="mlp.up_proj",
             down="mlp.down_proj",
+            act="mlp.act_fn",
         ),
     )
     TIE_KEY = "tie_word_embeddings"

@@ -119,6 +119,7 @@ class LLaDA(LlamaLikeLM):
             gate="ff_proj",
             up="up_proj",
             down="ff_out",
+            act="act",
         ),
     )
     TIE_KEY = "weight_tying"

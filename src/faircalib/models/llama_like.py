@@ -54,6 +54,7 @@ class BlockNames:
     gate: str  # the SiLU-gated branch
     up: str  # the linear branch
     down: str
+    act: str  # the parameter-free SwiGLU, silu(gate) * up (upstream's activation module)
 
     def linears(self) -> tuple[str, ...]:
         """Quantizable linears in execution order (gate runs before up upstream)."""
@@ -117,7 +118,11 @@ def place(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 class RMSNorm(nn.Module):
-    """Normalised in float32, cast back, then scaled (the order both upstreams use)."""
+    """Normalised in float32, cast back, then scaled (the order both upstreams use).
+    `fusable_op` names this computation for the inference kernels, which may swap the module
+    for one that also quantizes its output (docs/models.md, "Fusable ops")."""
+
+    fusable_op = "rms_norm"
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -144,6 +149,16 @@ def rotary_qk(
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * up: a module, not a call, so that the inference kernels can swap it for one
+    that also quantizes its output for the down projection (`fusable_op`, as RMSNorm's)."""
+
+    fusable_op = "swiglu"
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return fused_for_inference(swiglu, gate, up)(gate, up)
 
 
 def rotary_tables(
@@ -175,6 +190,7 @@ class LlamaLikeBlock(nn.Module):
             names.gate: nn.Linear(d, spec.intermediate, bias=False),
             names.up: nn.Linear(d, spec.intermediate, bias=False),
             names.down: nn.Linear(spec.intermediate, d, bias=False),
+            names.act: SwiGLU(),
         }
         for path, module in modules.items():
             place(self, path, module)
@@ -196,7 +212,7 @@ class LlamaLikeBlock(nn.Module):
         h = h + self._m(n.o)(self._attention(self._m(n.attn_norm)(h), ctx, kv, rows))
         x = self._m(n.mlp_norm)(h)
         gate, up = self._m(n.gate)(x), self._m(n.up)(x)
-        return h + self._m(n.down)(fused_for_inference(swiglu, gate, up)(gate, up))
+        return h + self._m(n.down)(self._m(n.act)(gate, up))
 
     def _attention(
         self, x: torch.Tensor, ctx: BlockContext, kv: Any = None, rows: slice | None = None

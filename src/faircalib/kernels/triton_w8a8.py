@@ -175,7 +175,7 @@ def _normed(x_row, w_ptr, cols, ok, rstd):
 @triton.jit
 def _norm_quant_kernel(
     x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_xm, stride_ym, stride_qm, eps,
-    IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr,
+    IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr, REREAD: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     x_row, y_row, q_row = x_ptr + row * stride_xm, y_ptr + row * stride_ym, q_ptr + row * stride_qm
@@ -193,9 +193,14 @@ def _norm_quant_kernel(
         amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
     scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
     tl.store(s_ptr + row, scale)
+    if REREAD:
+        tl.debug_barrier()  # y's stores visible to every thread of the program
     for k0 in range(0, K, BLOCK_K):
         ok = k0 + rk < K
-        y = _normed(x_row, w_ptr, k0 + rk, ok, rstd).to(y_ptr.dtype.element_ty)
+        if REREAD:
+            y = tl.load(y_row + k0 + rk, mask=ok, other=0.0)
+        else:
+            y = _normed(x_row, w_ptr, k0 + rk, ok, rstd).to(y_ptr.dtype.element_ty)
         v = _on_grid(y.to(tl.float32), scale, IS_INT8, USE_RINT)
         tl.store(q_row + k0 + rk, v.to(q_ptr.dtype.element_ty), mask=ok)
 
@@ -218,7 +223,7 @@ def _silu_times(g_row, u_row, cols, ok, USE_LIBDEVICE: tl.constexpr):
 @triton.jit
 def _swiglu_quant_kernel(
     g_ptr, u_ptr, y_ptr, q_ptr, s_ptr, K, stride_gm, stride_um, stride_ym, stride_qm,
-    IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr,
+    IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr, REREAD: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     g_row, u_row = g_ptr + row * stride_gm, u_ptr + row * stride_um
@@ -232,9 +237,14 @@ def _swiglu_quant_kernel(
         amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
     scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
     tl.store(s_ptr + row, scale)
+    if REREAD:
+        tl.debug_barrier()
     for k0 in range(0, K, BLOCK_K):
         ok = k0 + rk < K
-        y = _silu_times(g_row, u_row, k0 + rk, ok, USE_RINT).to(y_ptr.dtype.element_ty)
+        if REREAD:
+            y = tl.load(y_row + k0 + rk, mask=ok, other=0.0)
+        else:
+            y = _silu_times(g_row, u_row, k0 + rk, ok, USE_RINT).to(y_ptr.dtype.element_ty)
         v = _on_grid(y.to(tl.float32), scale, IS_INT8, USE_RINT)
         tl.store(q_row + k0 + rk, v.to(q_ptr.dtype.element_ty), mask=ok)
 
@@ -253,12 +263,16 @@ def _fused_outputs(shape: torch.Size, dtype: torch.dtype, kind: str, device: tor
     return y, q, s, m, k
 
 
+FUSED_REREAD = [True]  # pass 3 reads y back (True) or computes it again (False): a probe's switch
+
+
 def _launch_args(k: int) -> dict:
     block_k = min(128 if INTERPRETED else 2048, triton.next_power_of_2(max(k, 16)))
     return {
         "BLOCK_K": block_k,
         "USE_RINT": not INTERPRETED,
         "num_warps": 4 if block_k <= 512 else 8,
+        "REREAD": FUSED_REREAD[0],
     }
 
 

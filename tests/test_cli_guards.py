@@ -2,6 +2,7 @@
 any work, and nothing the user had is touched."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -452,3 +453,12 @@ def test_a_run_that_fails_before_its_first_block_leaves_no_progress(tmp_path, mo
 
 
 QUICK_FIX = ["quantize", "mdlm-tiny", "--method", "rtn", "--nsamples", "2", "--seq-len", "16"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_config_that_is_a_named_pipe_is_refused_without_blocking(tmp_path, capsys):
+    """Reading a FIFO named config.json would wait forever for a writer."""
+    (tmp_path / "m").mkdir()
+    os.mkfifo(tmp_path / "m" / "config.json")
+    assert cli.main(["eval", str(tmp_path / "m")]) != 0
+    assert "config.json is not a regular file" in one_line_error(capsys)

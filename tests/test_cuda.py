@@ -434,7 +434,7 @@ def test_reloaded_fp8_layer_runs_scaled_mm_within_bf16_rounding(m: int):
 
 
 @needs_cuda
-def test_shared_activation_quantization_replays_in_a_cuda_graph(tmp_path):
+def test_shared_activation_quantization_replays_in_a_cuda_graph(tmp_path, monkeypatch):
     """A loaded INT8 W8A8 LLaDA on the GPU kernels: q, k, v (and gate, up) read one
     quantization of their input inside a captured graph; replays on new inputs match the same
     model run eagerly with every layer quantizing its own input."""
@@ -459,6 +459,18 @@ def test_shared_activation_quantization_replays_in_a_cuda_graph(tmp_path):
                 graphed.log_probs(x_t, t), unshared.log_probs(x_t, t), atol=2e-2, rtol=1e-2
             )
     assert graphed.graphs == 1
+    # the fused path runs on the GPU: each block's two norms and SwiGLU write the 8-bit rows
+    from faircalib.kernels import triton_w8a8
+
+    calls = []
+    for name in ("rms_norm_quantize_rows", "swiglu_quantize_rows"):
+        fn = getattr(triton_w8a8, name)
+        monkeypatch.setattr(
+            triton_w8a8, name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a)
+        )
+    with torch.no_grad():
+        shared.log_probs(x_t, t)
+    assert len(calls) == 3 * len(shared.blocks)  # (added after this session's GPU run)
 
 
 @needs_cuda

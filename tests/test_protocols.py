@@ -139,3 +139,29 @@ def test_protocols_benchmark_smoke(tmp_path):
     assert out["results"][0]["ppl"] == direct.ppl
     saved = (tmp_path / "protocols.md").read_text()
     assert "python benchmarks/protocols.py --smoke" in saved and "| 4 x 128 |" in saved
+
+
+@pytest.mark.parametrize("protocol", ["faircalib", "mdlm"])
+def test_a_limit_gives_the_first_rows_of_the_whole_text_and_their_bytes(tok, protocol, monkeypatch):
+    """With --limit, our protocol tokenizes only the documents its rows need; the rows and
+    their bytes are those of the whole text's rows cut to the limit (decoded bytes)."""
+    from faircalib.data import corpora
+
+    source = load_source("wikitext2", "test")
+    whole = protocol_sequences(tok, source, protocol, 128)
+    assert len(whole.sequences) > 40
+    for limit in (1, 7, 40):
+        got = protocol_sequences(tok, source, protocol, 128, limit=limit)
+        want = whole.sequences[:limit]
+        text = tok.decode(want.reshape(-1).tolist(), skip_special_tokens=True)
+        assert torch.equal(got.sequences, want)
+        assert got.n_bytes == len(text.encode("utf-8"))
+    beyond = protocol_sequences(tok, source, protocol, 128, limit=10**6)
+    assert torch.equal(beyond.sequences, whole.sequences) and beyond.n_bytes == whole.n_bytes
+    if protocol == "faircalib":  # and only the documents the rows need were tokenized
+        encoded = []
+        real = corpora.encode_text
+        monkeypatch.setattr(corpora, "encode_text", lambda t, d: encoded.extend(d) or real(t, d))
+        monkeypatch.setattr(corpora, "_STREAMS", {})
+        protocol_sequences(tok, source, protocol, 128, limit=7)
+        assert 0 < len(encoded) < len(source.docs) / 2

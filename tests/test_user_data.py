@@ -197,3 +197,41 @@ def test_task_files_are_checked_line_by_line(tmp_path):
     items, record = load_task(path)
     assert (items[0].choices, items[0].answer) == ((" b", " c"), 1)
     assert record == {"task": str(path), "sha256": sha(path), "items": 1}
+
+
+def test_an_unreachable_hub_dataset_is_one_line_without_the_retry_warnings(monkeypatch, capsys):
+    """Offline, huggingface_hub logs a warning (with the URL) per retried request before
+    load_dataset fails; the user sees only the one-line error."""
+    import logging
+
+    datasets = pytest.importorskip("datasets")
+    handler_output = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            handler_output.append(record.getMessage())
+
+    hub_logger = logging.getLogger("huggingface_hub.utils._http")
+    collect = Collect()
+    hub_logger.addHandler(collect)
+    root = logging.getLogger("huggingface_hub")
+    level = root.level
+    root.setLevel(logging.WARNING)  # the library's default: its warnings are shown
+
+    def offline_load_dataset(name, split=None):
+        for n in range(1, 6):
+            hub_logger.warning(f"Retrying in {n}s [Retry {n}/5].")
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline_load_dataset)
+    try:
+        with pytest.raises(DataError, match="loading it as a hub dataset failed") as exc:
+            load_source("someone/corpus", "validation")
+        assert handler_output == []  # the warnings were not emitted
+        assert root.level == logging.WARNING  # the level is restored
+        hub_logger.warning("after the call")
+        assert handler_output == ["after the call"]
+    finally:
+        hub_logger.removeHandler(collect)
+        root.setLevel(level)
+    assert "\n" not in str(exc.value)

@@ -78,7 +78,7 @@ def evaluate(
     from faircalib.data.sources import load_source
     from faircalib.errors import ConfigError
     from faircalib.eval import likelihood_bound
-    from faircalib.eval.protocols import default_split, first_rows, protocol_sequences
+    from faircalib.eval.protocols import default_split, protocol_sequences
     from faircalib.provenance import run_record
 
     hub.check_device(device)  # before any data or weights are read
@@ -99,9 +99,10 @@ def evaluate(
             f"{model.seq_len}, so the bound is not comparable with one at its own length",
             file=sys.stderr,
         )
-    batch = protocol_sequences(tokenizer, source, protocol, seq_len or model.seq_len, detokenizer)
+    batch = protocol_sequences(
+        tokenizer, source, protocol, seq_len or model.seq_len, detokenizer, limit=limit
+    )
     sequences, n_bytes = batch.sequences, batch.n_bytes
-    sequences, n_bytes = first_rows(tokenizer, sequences, n_bytes, limit)
     start = time.time()
     result = likelihood_bound(
         model,

@@ -230,6 +230,25 @@ def calibration_batch(
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
+def leading_sequences(
+    tokenizer: Tokenizer, corpus: str | TextSource, split: str | None, seq_len: int, rows: int
+) -> torch.Tensor | None:
+    """The first `rows` rows of `eval_sequences`, from the documents they need alone (a quick
+    `--limit` look at a large file need not tokenize, nor hold, all of it); None when the text
+    has fewer rows (then `eval_sequences` itself gives them and their bytes)."""
+    source = as_source(corpus, split)
+    eos, need = _eos(tokenizer), rows * seq_len
+    docs, pieces, have, start, batch = source.docs, [], 0, 0, 8
+    while have < need and start < len(docs):
+        for ids in encode_text(tokenizer, list(docs[start : start + batch])):
+            pieces.append(torch.tensor([*ids, eos], dtype=torch.long))
+            have += len(ids) + 1
+        start, batch = start + batch, min(2 * batch, 512)
+    if have < need:
+        return None
+    return torch.cat(pieces)[:need].view(rows, seq_len).clone()
+
+
 def eval_sequences(
     tokenizer: Tokenizer, corpus: str | TextSource, split: str | None, seq_len: int
 ) -> tuple[torch.Tensor, int]:

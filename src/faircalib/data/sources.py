@@ -18,14 +18,17 @@ always be traced to the exact text behind it.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import gzip
 import hashlib
 import io
 import json
+import logging
 import lzma
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -344,10 +347,24 @@ def _datasets_dir(path: Path, split: str | None, field: str) -> TextSource:
     )
 
 
+@contextlib.contextmanager
+def _quiet_hub_retries() -> Iterator[None]:
+    """huggingface_hub logs a warning per retried request (offline: six of them, with the
+    URL) before the failure, which becomes one DataError line; its errors still show."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
+
+
 def _hub_dataset(name: str, split: str | None, field: str) -> TextSource:
     datasets = _datasets()
     try:
-        loaded = datasets.load_dataset(name, split=split)
+        with _quiet_hub_retries():
+            loaded = datasets.load_dataset(name, split=split)
     except Exception as exc:  # offline, unknown, gated: one line either way
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(

@@ -83,6 +83,11 @@ GPT2_SHA256 = {
 }
 
 
+# documents per encode_batch call: an Encoding also holds every token's string and offsets,
+# dozens of bytes a token, so a whole large corpus encoded in one call held gigabytes at once
+ENCODE_BATCH = 512
+
+
 def encode_text(tokenizer: Tokenizer, texts: list[str], **kwargs) -> list[list[int]]:
     """Token ids of data text. A special token's string inside the text ("<|mask|>",
     "<|endoftext|>") is encoded as the text it is: taken as the special id, a literal mask
@@ -91,7 +96,11 @@ def encode_text(tokenizer: Tokenizer, texts: list[str], **kwargs) -> list[list[i
     previous = tokenizer.encode_special_tokens
     tokenizer.encode_special_tokens = True
     try:
-        return [enc.ids for enc in tokenizer.encode_batch(texts, **kwargs)]
+        ids: list[list[int]] = []
+        for start in range(0, len(texts), ENCODE_BATCH):
+            batch = tokenizer.encode_batch(texts[start : start + ENCODE_BATCH], **kwargs)
+            ids.extend(enc.ids for enc in batch)
+        return ids
     finally:
         tokenizer.encode_special_tokens = previous
 

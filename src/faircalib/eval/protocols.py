@@ -76,22 +76,32 @@ def protocol_sequences(
     protocol: str,
     seq_len: int,
     detokenizer: str | None = "auto",
+    limit: int | None = None,
 ) -> EvalBatch:
-    """The rows `protocol` scores for `source`. `detokenizer` (mdlm only): a name from
-    faircalib.eval.detokenizers, None / 'none', or 'auto' (MDLM's choice for a shipped corpus,
-    none for the user's data)."""
+    """The rows `protocol` scores for `source` (at most `limit`: `first_rows`' rows and bytes).
+    `detokenizer` (mdlm only): a name from faircalib.eval.detokenizers, None / 'none', or
+    'auto' (MDLM's choice for a shipped corpus, none for the user's data)."""
     from faircalib.data import eval_sequences
+    from faircalib.data.corpora import leading_sequences
 
     check_protocol(protocol)
     note = SPLIT_NOTES.get((source.name, source.split)) if source.kind == "shipped" else None
     if protocol == "faircalib":
+        # with a limit, only the documents those rows need are tokenized (the same rows)
+        seqs = None if limit is None else leading_sequences(
+            tokenizer, source, source.split, seq_len, limit
+        )  # fmt: skip
+        if seqs is not None:
+            return EvalBatch(seqs, rows_bytes(tokenizer, seqs), protocol, None, None)
         seqs, n_bytes = eval_sequences(tokenizer, source, source.split, seq_len)
+        seqs, n_bytes = first_rows(tokenizer, seqs, n_bytes, limit)
         return EvalBatch(seqs, n_bytes, protocol, None, None)
     if detokenizer == "auto":
         detokenizer = SHIPPED_DETOKENIZER.get(source.name) if source.kind == "shipped" else None
     seqs, n_bytes = mdlm_sequences(
         tokenizer, list(source.row_texts), seq_len, get_detokenizer(detokenizer)
     )
+    seqs, n_bytes = first_rows(tokenizer, seqs, n_bytes, limit)
     return EvalBatch(seqs, n_bytes, protocol, detokenizer, note)
 
 
@@ -160,9 +170,13 @@ def first_rows(
     come back as two replacement characters of 3 bytes each."""
     if limit is None or limit >= len(seqs):
         return seqs, n_bytes
-    seqs = seqs[:limit]
+    return seqs[:limit], rows_bytes(tokenizer, seqs[:limit])
+
+
+def rows_bytes(tokenizer: Tokenizer, seqs: torch.Tensor) -> int:
+    """The UTF-8 bytes of rows decoded as one token stream (`first_rows` says why)."""
     text = tokenizer.decode(seqs.reshape(-1).tolist(), skip_special_tokens=True)
-    return seqs, len(text.encode("utf-8"))
+    return len(text.encode("utf-8"))
 
 
 def eval_sets(
@@ -182,9 +196,7 @@ def eval_sets(
     for spec in specs:
         data, split = split_spec(spec)
         source = load_source(data, split or default_split(protocol, data), text_field)
-        batch = protocol_sequences(tokenizer, source, protocol, seq_len)
-        seqs, n_bytes = batch.sequences, batch.n_bytes
-        seqs, n_bytes = first_rows(tokenizer, seqs, n_bytes, limit)
-        sets[spec] = (seqs, n_bytes)
+        batch = protocol_sequences(tokenizer, source, protocol, seq_len, limit=limit)
+        sets[spec] = (batch.sequences, batch.n_bytes)
         records[spec] = {**source.record(), "protocol": protocol, "split_note": batch.note}
     return sets, records

@@ -1299,7 +1299,13 @@ def _layer_schemes(
     schemes: dict[str, QuantizationArgs | ActArgs | str] = {}
     for group, scheme in qconfig.config_groups.items():
         args = _check_scheme(group, scheme, directory, qconfig.format)
-        matched = list(match_named_modules(model, scheme.targets, qconfig.ignore))
+        # a regular expression over names may also match a parameter-free module (Dream's
+        # mlp.act_fn under "re:.*mlp\..*"): nothing to quantize, as stock readers see it
+        matched = [
+            (name, module)
+            for name, module in match_named_modules(model, scheme.targets, qconfig.ignore)
+            if next(module.parameters(), None) is not None
+        ]
         unmatched = [
             t
             for t in scheme.targets

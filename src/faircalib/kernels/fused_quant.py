@@ -17,6 +17,11 @@ the first of them in the fused kernel and hand it over with `share_result`. Outs
 a gradient, without Triton on the device, or before a kind is learned, the op runs as before
 (compiled by `fusion` on CUDA). The readers' results are the same bits either way: q and s are
 `quantize_rows(y)` of the y returned.
+
+The contract's one rule beyond the math: nothing writes the op's output in place before its
+readers quantize it. Without the fusion, a reader quantized what it found; with it, q and s are
+made with y, and under inference_mode (generation) a tensor has no version counter that would
+reveal a later write. No faircalib block writes these outputs in place.
 """
 
 from __future__ import annotations
@@ -36,15 +41,19 @@ _COMPILED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERPRETED_DTYPES = (torch.float16, torch.float32)  # the Triton interpreter has no bfloat16
 
 
-def _triton_runs_on(t: torch.Tensor) -> bool:
+def _triton_runs_on(inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the fused kernels can take these inputs: on CUDA (or the CPU interpreter),
+    one device, dtypes the kernels (or the interpreter) handle."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if not (t.is_cuda or interpreted):
+    device = inputs[0].device
+    if not (device.type == "cuda" or interpreted) or any(t.device != device for t in inputs):
         return False
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return t.dtype in (_INTERPRETED_DTYPES if interpreted else _COMPILED_DTYPES)
+    dtypes = _INTERPRETED_DTYPES if interpreted else _COMPILED_DTYPES
+    return all(t.dtype in dtypes for t in inputs)
 
 
 class _FusedProducer(nn.Module):
@@ -62,7 +71,7 @@ class _FusedProducer(nn.Module):
     ) -> torch.Tensor:
         x = inputs[0]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        if needs_grad or not in_scope() or not _triton_runs_on(x):
+        if needs_grad or not in_scope() or not self._fits(*inputs) or not _triton_runs_on(inputs):
             return plain()
         wanted = self._kinds.setdefault((x.device, x.dtype, tuple(x.shape)), set())
         kind = next((k for k in FUSED_KINDS if k in wanted), None)
@@ -73,6 +82,10 @@ class _FusedProducer(nn.Module):
             share_result(kind, y.reshape(-1, y.shape[-1]), (q, s))
         watch(y.reshape(-1, y.shape[-1]), wanted)  # as the readers' linears reshape it
         return y
+
+    def _fits(self, *inputs: torch.Tensor) -> bool:
+        """Whether the fused kernel computes this call (else the plain op, which broadcasts)."""
+        return True
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,12 +117,18 @@ class QuantizingRMSNorm(_FusedProducer):
             lambda kind: rms_norm_quantize_rows(x, self.weight, self.eps, kind),
         )
 
+    def _fits(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        return weight.dim() == 1 and x.dim() >= 1 and weight.shape[0] == x.shape[-1]
+
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, fused 8-bit output"
 
 
 class QuantizingSwiGLU(_FusedProducer):
     """silu(gate) * up whose output's 8-bit rows come from the same kernel."""
+
+    def _fits(self, gate: torch.Tensor, up: torch.Tensor) -> bool:
+        return gate.dim() >= 1 and gate.shape == up.shape and gate.dtype == up.dtype
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         from faircalib.kernels.triton_w8a8 import swiglu_quantize_rows  # imports triton
@@ -139,6 +158,7 @@ def fuse_activation_quantization(blocks: Iterable[nn.Module]) -> int:
             new = _replacement(module)
             if new is None or not name:
                 continue
+            new.train(module.training)
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent), child, new)
             swapped += 1

@@ -159,9 +159,11 @@ def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tenso
 
 # --- the ops that write an activation, fused with its row quantization --------------------------
 # Each program owns one row. Pass 1 reduces what the op needs; pass 2 computes the op's output y
-# (stored: any other reader still gets it) and its abs-max; pass 3 computes y again from the
-# same inputs (the same ops, so the same bits; the inputs are in L1/L2) and quantizes it with
-# `_on_grid`. So q, s are exactly `quantize_rows(y, kind)` of the y returned.
+# (stored: any other reader still gets it) and its abs-max; pass 3 reads y back (after a
+# barrier; the row was just written, so from L1/L2) and quantizes it with `_on_grid`. So q, s
+# are exactly `quantize_rows(y, kind)` of the y returned. Computing y a third time instead
+# (FUSED_REREAD False) reads the op's inputs again: slower at the MLP's width
+# (benchmarks/results/e2e/fused-quant-probes.txt).
 @triton.jit
 def _normed(x_row, w_ptr, cols, ok, rstd):
     """weight * (x * rstd).to(x's dtype), in y's dtype: RMSNorm's order (normalise in float32,

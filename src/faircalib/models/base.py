@@ -23,6 +23,7 @@ how the residual stream is written and read, so a rotation of it can be folded o
 from __future__ import annotations
 
 import json
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -332,7 +333,10 @@ def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
     is one CheckpointError line."""
     path = Path(path)
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise CheckpointError(f"{path} is not a regular file; {REDO}")
+        size = info.st_size
         if size > max_bytes:
             raise CheckpointError(
                 f"{path} is {size:,} bytes, over the {max_bytes:,} a JSON metadata file may be; "

@@ -30,6 +30,9 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
   w4a8          (GPU) QuantLinear int4 g128, act_bits=8: int8 activations x INT4 weights
                 dequantized to int8 in registers (Triton)
   w4a8_fp8      (GPU) the same with e4m3 activations (a W4AFP8 layer: act_format "fp8")
+  fp8_prequant  (GPU) the GEMM alone: x's per-token e4m3 rows made outside the timed call, as
+                a block's RMSNorm / SwiGLU writes them (kernels.fused_quant); fp8_w8a8's GEMM
+  int8_prequant (GPU) the same for INT8 rows and int8_w8a8's Triton GEMM
   fp8_aten      fp8_w8a8's work called bare: per-token e4m3 scales of x (inside the timed call)
                 + torch._scaled_mm with per-channel weight scales, bf16 out
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
@@ -260,6 +263,39 @@ def _make_tma(kind: str) -> Callable[[Layer], Fn]:
     return make
 
 
+def _make_prequant(kind: str) -> Callable[[Layer], Fn]:
+    """The GEMM alone: x's 8-bit rows and scales are made once per input outside the timed
+    call, as a LLaDA / Dream block's RMSNorms and SwiGLU now write them (kernels.fused_quant) or
+    another reader of the same input shared them (kernels.shared_activations). The call is the
+    GEMM int8_w8a8 / fp8_w8a8 run on such rows (triton_w8a8.int8_matmul; for FP8 the GEMM
+    backends.fp8_w8a8_gemm picks, _scaled_mm at large M)."""
+
+    def make(layer: Layer) -> Fn:
+        from faircalib.kernels.backends import fp8_rows_matmul
+        from faircalib.kernels.triton_w8a8 import int8_matmul, quantize_rows
+
+        if kind == "int8":
+            w8, w_scale = _int8_weight(layer)
+        else:
+            w8, w_scale = fp8_quantize(dequantize(layer.codes8, layer.qp8))
+            w_scale = w_scale.reshape(1, -1).contiguous()  # [1, out], as the backend holds it
+        made: dict[int, tuple] = {}  # id(x) -> (x, rows, scales): x held, so the id stays its
+
+        @torch.no_grad()
+        def run(x: torch.Tensor) -> torch.Tensor:
+            hit = made.get(id(x))
+            if hit is None or hit[0] is not x:
+                hit = made[id(x)] = (x, *quantize_rows(x, kind))
+            _, x8, x_scale = hit
+            if kind == "int8":
+                return int8_matmul(x8, x_scale, w8, w_scale, x.dtype)
+            return fp8_rows_matmul(x8, x_scale, w8, w_scale, None, x.dtype)
+
+        return run
+
+    return make
+
+
 def _make_bf16(layer: Layer) -> Fn:
     w = layer.w.to(torch.bfloat16)
     return lambda x: F.linear(x, w)
@@ -372,6 +408,8 @@ def candidates(device: torch.device) -> list[Candidate]:
         out.append(Candidate("int8_triton", _make_int8_triton, _ref_int8, 1.0, math="8bit"))
         out.append(Candidate("int8_tma", _make_tma("int8"), _ref_int8, 1.0, math="8bit"))
         out.append(Candidate("fp8_tma", _make_tma("fp8"), _ref_fp8, 1.0, math="8bit"))
+        for kind, ref in (("fp8", _ref_fp8), ("int8", _ref_int8)):
+            out.append(Candidate(f"{kind}_prequant", _make_prequant(kind), ref, 1.0, math="8bit"))
         for name, kind, ref, wb, mma in GEMLITE:
             out.append(Candidate(name, _make_gemlite(kind), ref, wb, math=mma))
         for name in ("triton_w4", "triton_dq", "triton_gemv"):
@@ -728,6 +766,9 @@ TARGETS = [
     ("W4A8", ("w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq"), 1024, math.inf, 1.5),
     ("W4A16 M >= 256", ("auto_w4", *W4_BACKENDS), 256, math.inf, 0.9),
     ("W4A16 M = 1", ("auto_w4", *W4_BACKENDS), 1, 1, 2.5),
+    # not the targets themselves: the same GEMMs on rows quantized by the op that writes them
+    ("FP8 W8A8, GEMM alone", ("fp8_prequant",), 1024, math.inf, 1.6),
+    ("INT8 W8A8, GEMM alone", ("int8_prequant",), 1024, math.inf, 1.6),
 ]
 
 

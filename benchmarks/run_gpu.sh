@@ -42,7 +42,7 @@ job_command() {
   # kernels-dream: the Dream-7B shapes alone, for a lease that splits the sweep over two calls
   # (merge the two with kernels.py --merge)
   kernels|kernels-dream) echo "python3 benchmarks/kernels.py --out $RES/$1 --ms 1,16,32,64,128,256,512,1024,2048,4096 \
-    --backends int4_torch,dequant_bf16,int8_intmm,fp8_scaled_mm,int8_w8a8,int8_triton,fp8_w8a8,w4a8,w4a8_fp8,w4a8_dq,w4a8_fp8_dq,fp8_triton,triton_w4,triton_dq,triton_gemv,auto_w4,auto_w4_eager \
+    --backends int4_torch,dequant_bf16,int8_intmm,fp8_scaled_mm,int8_w8a8,int8_triton,fp8_w8a8,fp8_prequant,int8_prequant,w4a8,w4a8_fp8,w4a8_dq,w4a8_fp8_dq,fp8_triton,triton_w4,triton_dq,triton_gemv,auto_w4,auto_w4_eager \
     $([ "$1" = kernels-dream ] && echo --shapes 3584x18944,18944x3584,3584x512 || echo --shapes 4096x4096,4096x14336,14336x4096,4096x12288,12288x4096) \
     --time-budget ${KERNELS_BUDGET:-1200}" ;;
   e2e) echo "python3 benchmarks/e2e.py --out $RES/e2e" ;;

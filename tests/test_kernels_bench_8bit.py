@@ -90,6 +90,17 @@ CHECK = textwrap.dedent(
     for m in (1, 5):
         x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
         print(f"backend_int8_triton_{m}", kb.rel_err(fn(x.half()), kb._ref_int8(layer, x.half())))
+    # the GEMM alone on rows quantized once per input (the first call), then reused: the same
+    # reference, and a second input is not served the first one's rows
+    for kind, ref in (("int8", kb._ref_int8), ("fp8", kb._ref_fp8)):
+        fn = kb._make_prequant(kind)(layer)
+        for m in (1, 5):
+            x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).half()
+            fn(x)
+            print(f"backend_{kind}_prequant_{m}", kb.rel_err(fn(x), ref(layer, x)))
+            del x
+            x = torch.randn(m, 256, generator=torch.Generator().manual_seed(9 + m)).half()
+            print(f"backend_{kind}_prequant_fresh_{m}", kb.rel_err(fn(x), ref(layer, x)))
     print("max_rel_err", kb.MAX_REL_ERR)
     """
 )
@@ -102,6 +113,7 @@ def results() -> dict[str, float]:
 
 def test_every_triton_8bit_candidate_was_checked(results):
     names = ("int8_w8a8", "int8_triton", "fp8_w8a8", "w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq")
+    names += ("int8_prequant", "fp8_prequant")
     for name in names:
         assert {f"backend_{name}_1", f"backend_{name}_5"} <= set(results), name
 

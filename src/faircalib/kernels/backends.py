@@ -712,7 +712,20 @@ def fp8_w8a8_linear(
     (x8 * x_scale) @ (w8 * w_scale).T + bias in `out_dtype`, for e4m3 weights w8 [out, in]
     with per-channel float32 scales w_scale [1, out]. Check `fp8_w8a8_support` first."""
     x8, x_scale = fp8_quantize_activations(x)
-    if fp8_w8a8_gemm(x.shape[0]) == "triton":
+    return fp8_rows_matmul(x8, x_scale, w8, w_scale, bias, out_dtype)
+
+
+def fp8_rows_matmul(
+    x8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """`fp8_w8a8_linear` after its activation quantization: e4m3 rows x8 [M, in] with scales
+    [M, 1] -> y [M, out] on the GEMM `fp8_w8a8_gemm` picks for M."""
+    if fp8_w8a8_gemm(x8.shape[0]) == "triton":
         from faircalib.kernels.triton_w8a8 import w8a8_matmul  # imports triton: only when used
 
         return w8a8_matmul(x8, x_scale, w8, w_scale, out_dtype, bias)
@@ -725,8 +738,8 @@ def fp8_w8a8_linear(
         w8.t(),  # [in, out] column-major: the layout _scaled_mm wants for its second operand
         scale_a=x_scale,
         scale_b=w_scale,
-        out_dtype=torch.bfloat16 if x.is_cuda else out_dtype,
-        use_fast_accum=x.is_cuda,
+        out_dtype=torch.bfloat16 if x8.is_cuda else out_dtype,
+        use_fast_accum=x8.is_cuda,
     ).to(out_dtype)
     return y if bias is None else y + bias.to(out_dtype)
 

@@ -211,8 +211,10 @@ def test_a_recipe_value_its_flag_would_refuse_is_named(tmp_path, capsys, field, 
 
 
 def test_an_unknown_torch_dtype_in_config_json_is_refused(tmp_path, capsys):
-    """config.json's torch_dtype decides the dtype `--dtype auto` writes: a name that is not a
-    float dtype (it used to become float32 silently) is one line, before any output."""
+    """`--dtype auto` writes the dtype the shards hold, whatever config.json's torch_dtype
+    says (a bf16 checkpoint whose config said float32 was written back at twice its size);
+    a name that is not a float dtype (it used to become float32 silently) is still one line,
+    before any output."""
     model = local_model(tmp_path)
     config = json.loads((model / "config.json").read_text())
     from safetensors import safe_open
@@ -220,14 +222,10 @@ def test_an_unknown_torch_dtype_in_config_json_is_refused(tmp_path, capsys):
     with safe_open(str(next(model.glob("*.safetensors"))), "pt") as f:
         stored = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
     assert len(stored) == 1
-    named = (
-        ("torch.bfloat16", torch.bfloat16),
-        ("float16", torch.float16),
-        ("auto", stored.pop()),  # no dtype named: what the shards hold
-    )
-    for name, dtype in named:
+    held = stored.pop()
+    for name in ("torch.bfloat16", "float16", "float32", "auto"):
         (model / "config.json").write_text(json.dumps({**config, "torch_dtype": name}))
-        assert hub.source_dtype(model) == dtype
+        assert hub.source_dtype(model) == held
     (model / "config.json").write_text(json.dumps({**config, "torch_dtype": "foo"}))
     with pytest.raises(CheckpointError, match="torch_dtype 'foo'"):
         hub.source_dtype(model)

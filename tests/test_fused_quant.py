@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from faircalib import hub
+from faircalib.errors import CheckpointError
 from faircalib.kernels.fused_quant import (
     QuantizingRMSNorm,
     QuantizingSwiGLU,
@@ -234,10 +235,21 @@ def test_a_regex_target_that_also_matches_the_parameter_free_activation_still_lo
     path = tmp_path / "p" / "config.json"
     cfg = json.loads(path.read_text())
     (group,) = cfg["quantization_config"]["config_groups"].values()
-    group["targets"] = ["re:.*self_attn\\..*", "re:.*mlp\\..*"]
-    path.write_text(json.dumps(cfg))
-    got = load_packed_model(tmp_path / "p")
     x_t = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
     t = torch.full((2,), 0.5)
     with torch.no_grad():
-        assert torch.equal(got.log_probs(x_t, t), want.log_probs(x_t, t))
+        expected = want.log_probs(x_t, t)
+    # the last two also match containers (self_attn, mlp, the model itself) and the norms
+    for targets in (
+        ["re:.*self_attn\\..*", "re:.*mlp\\..*"],
+        ["re:.*mlp.*", "re:.*attn.*"],
+        ["re:.*"],
+    ):
+        group["targets"] = targets
+        path.write_text(json.dumps(cfg))
+        with torch.no_grad():
+            assert torch.equal(load_packed_model(tmp_path / "p").log_probs(x_t, t), expected)
+    group["targets"] = ["re:.*layernorm"]  # norms only: no Linear layer to apply the scheme to
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="match no Linear layer"):
+        load_packed_model(tmp_path / "p")

@@ -416,3 +416,31 @@ def test_bad_dream_configs_are_refused(tmp_path: Path, change, reason):
     _edit_config(d, **change)
     with pytest.raises(CheckpointError, match=reason):
         hub.load(d)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_rotary_base_saved_in_rope_parameters_is_read(tmp_path: Path, family):
+    """transformers 5 saves the rotary base as rope_parameters {"rope_theta", "rope_type"}
+    and no rope_theta key: read there, the logits match transformers' with that base (a
+    silent default base of 10000 gave other logits); scaled rotary types are refused."""
+    make_config, make_tensors, make_reference, _ = FAMILIES[family]
+    config = make_config()
+    tensors = make_tensors(config, seed=1)
+    ref = make_reference(config, tensors)  # built with config's rope_theta
+    theta = config.pop("rope_theta")
+    assert theta != 10000.0
+    config["rope_parameters"] = {"rope_theta": theta, "rope_type": "default"}
+    directory = write_checkpoint(tmp_path / family, config, tensors)
+    model = hub.load(directory)
+    x = masked_input(2)
+    masked = x == MASK_ID
+    with torch.no_grad():
+        want = reference_log_probs(reference_logits(ref, x), family == "dream")
+        assert max_diff(model.log_probs(x)[masked], want[masked]) < TOL
+    for change, words in (
+        ({"rope_parameters": {"rope_theta": theta, "rope_type": "yarn"}}, "yarn"),
+        ({"rope_theta": theta / 2}, "disagree"),
+    ):
+        (directory / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(CheckpointError, match=words):
+            hub.load(directory)

@@ -84,22 +84,26 @@ def is_mdlm_hf(directory: Path) -> bool:
 
 
 def source_dtype(directory: Path) -> torch.dtype:
-    """The dtype a model directory's weights are stored in: config.json's torch_dtype or
-    dtype, else what most of its safetensors hold (LLaDA-8B's config names none; its shards
-    are bf16), else float32."""
+    """The dtype a model directory's weights are stored in: what most of its safetensors
+    hold (headers only), else config.json's torch_dtype or dtype, else float32. The shards
+    win over the config: a bf16 checkpoint whose config says float32 would otherwise be
+    written back twice its size (LLaDA-8B's config names no dtype at all)."""
     config_path = Path(directory) / "config.json"
     config = read_json(config_path) if config_path.is_file() else {}
     name = config.get("torch_dtype") or config.get("dtype")
-    if name is None or name == "auto":
-        stored = stored_float_dtype(Path(directory))
-        return stored if stored is not None and stored in DTYPES.values() else torch.float32
-    stored = str(name).removeprefix("torch.")
-    if stored not in DTYPES:  # a typo or a non-float type would otherwise load as float32
-        raise CheckpointError(
-            f"{config_path}: torch_dtype {name!r} is not a float dtype faircalib reads "
-            f"({', '.join(DTYPES)}); fix config.json, or pass --dtype and --calib-dtype"
-        )
-    return DTYPES[stored]
+    declared = None
+    if name is not None and name != "auto":
+        key = str(name).removeprefix("torch.")
+        if key not in DTYPES:  # a typo or a non-float type would otherwise load as float32
+            raise CheckpointError(
+                f"{config_path}: torch_dtype {name!r} is not a float dtype faircalib reads "
+                f"({', '.join(DTYPES)}); fix config.json, or pass --dtype and --calib-dtype"
+            )
+        declared = DTYPES[key]
+    stored = stored_float_dtype(Path(directory))
+    if stored is not None and stored in DTYPES.values():
+        return stored
+    return declared or torch.float32
 
 
 def check_device(device: str) -> torch.device:

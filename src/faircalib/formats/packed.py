@@ -1293,34 +1293,37 @@ def _layer_schemes(
     directory: Path,
     embeddings: Mapping[str, str] | None = None,
 ) -> dict[str, QuantizationArgs | ActArgs | str]:
-    """Layer name -> its weight QuantizationArgs (or ActArgs, or W8A8 kind), checking every
-    target names a Linear (or an embedding in `embeddings`) once."""
+    """Layer name -> its weight QuantizationArgs (or ActArgs, or W8A8 kind): the Linear layers
+    (and the embeddings in `embeddings`) each group's targets match, each by one group."""
     embeddings = embeddings or {}
     schemes: dict[str, QuantizationArgs | ActArgs | str] = {}
     for group, scheme in qconfig.config_groups.items():
         args = _check_scheme(group, scheme, directory, qconfig.format)
-        # a regular expression over names may also match a parameter-free module (Dream's
-        # mlp.act_fn under "re:.*mlp\..*"): nothing to quantize, as stock readers see it
+        # as compressed-tensors and vLLM apply a scheme: to the Linear layers its targets
+        # match, and here to an embedding a target names exactly (as `--quantize-head` writes
+        # it); a regular expression over names also matches containers, norms, embeddings and
+        # Dream's mlp.act_fn ("re:.*"), which it leaves alone
         matched = [
             (name, module)
             for name, module in match_named_modules(model, scheme.targets, qconfig.ignore)
-            if next(module.parameters(), None) is not None
+            if isinstance(module, nn.Linear) or (name in embeddings and name in scheme.targets)
         ]
         unmatched = [
             t
             for t in scheme.targets
             if not any(is_match(n, m, t) for n, m in model.named_modules())
         ]
-        if unmatched or not matched:
+        if unmatched:
             raise CheckpointError(
                 f"{directory}: config group {group} targets modules the model "
-                f"lacks: {(unmatched or scheme.targets)[:5]}; {REDO}"
+                f"lacks: {unmatched[:5]}; {REDO}"
             )
-        for name, module in matched:
-            if not isinstance(module, nn.Linear) and name not in embeddings:
-                raise CheckpointError(
-                    f"{directory}: {name} is a {type(module).__name__}, not a Linear; {REDO}"
-                )
+        if not matched:
+            raise CheckpointError(
+                f"{directory}: config group {group}'s targets {scheme.targets[:5]} match no "
+                f"Linear layer; {REDO}"
+            )
+        for name, _ in matched:
             if name in schemes:
                 raise CheckpointError(
                     f"{directory}: {name} is targeted by more than one config group; {REDO}"

@@ -32,6 +32,7 @@ from faircalib.models.llama_like import (
     positive_float,
     positive_int,
     require_values,
+    rope_theta,
 )
 
 MODEL_TYPE = "Dream"
@@ -68,7 +69,7 @@ def dream_spec(config: dict[str, Any]) -> LlamaSpec:
         if n_kv is None
         else positive_int(config, "num_key_value_heads", "Dream"),
         intermediate=positive_int(config, "intermediate_size", "Dream"),
-        rope_theta=positive_float(config, "rope_theta", 10000.0, "Dream"),
+        rope_theta=rope_theta(config, 10000.0, "Dream"),
         rms_eps=positive_float(config, "rms_norm_eps", 1e-6, "Dream"),
         qkv_bias=True,
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),

@@ -32,6 +32,7 @@ from faircalib.models.llama_like import (
     positive_float,
     positive_int,
     require_values,
+    rope_theta,
 )
 
 MODEL_TYPE = "llada"
@@ -94,7 +95,7 @@ def llada_spec(config: dict[str, Any]) -> LlamaSpec:
         n_heads=n_heads,
         n_kv_heads=kv_heads(config, n_heads),
         intermediate=intermediate,
-        rope_theta=positive_float(config, "rope_theta", 10000.0, "LLaDA"),
+        rope_theta=rope_theta(config, 10000.0, "LLaDA"),
         rms_eps=positive_float(config, "rms_norm_eps", 1e-5, "LLaDA"),
         qkv_bias=bool(config.get("include_qkv_bias") or False),
         tie_embeddings=bool(config.get("weight_tying", True)),

@@ -372,6 +372,35 @@ def positive_float(config: dict[str, Any], key: str, default: float, family: str
     return float(value)
 
 
+def rope_theta(config: dict[str, Any], default: float, family: str) -> float:
+    """The rotary base: `rope_theta`, or where transformers 5 saves it, `rope_parameters`
+    ({"rope_theta": ..., "rope_type": "default"}). Other rope types (scaled rotary) are refused:
+    only the plain rotary is implemented, and a silent default base gives wrong logits."""
+    params = config.get("rope_parameters")
+    if params is None:
+        return positive_float(config, "rope_theta", default, family)
+    if not isinstance(params, dict):
+        raise CheckpointError(
+            f"{family} config.json: rope_parameters must be an object, got {params!r}"
+        )
+    kind = params.get("rope_type", "default")
+    if kind != "default":
+        raise CheckpointError(
+            f"{family} config.json: rope_parameters.rope_type {kind!r} is not supported "
+            "(faircalib implements the plain rotary embedding only)"
+        )
+    theta = positive_float(params, "rope_theta", default, family)
+    if (
+        config.get("rope_theta") is not None
+        and positive_float(config, "rope_theta", default, family) != theta
+    ):
+        raise CheckpointError(
+            f"{family} config.json: rope_theta {config['rope_theta']!r} and "
+            f"rope_parameters.rope_theta {theta!r} disagree"
+        )
+    return theta
+
+
 def require_values(
     config: dict[str, Any], supported: dict[str, tuple[Any, tuple[Any, ...]]], family: str
 ) -> None:

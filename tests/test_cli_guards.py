@@ -460,3 +460,26 @@ def test_a_config_that_is_a_named_pipe_is_refused_without_blocking(tmp_path, cap
     os.mkfifo(tmp_path / "m" / "config.json")
     assert cli.main(["eval", str(tmp_path / "m")]) != 0
     assert "config.json is not a regular file" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("data", [",", ",,"])
+def test_bench_data_naming_nothing_is_refused_before_calibrating(tmp_path, capsys, data):
+    """`--data ,` split into no evaluation set: bench calibrated, then crashed writing its
+    tables and left bench.json behind."""
+    out = tmp_path / "b"
+    argv = ["bench", "mdlm-tiny", "--methods", "rtn", "--nsamples", "2", "--seq-len", "16"]
+    assert cli.main([*argv, "--data", data, "--out", str(out)]) != 0
+    assert "names no evaluation data" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_a_refused_run_leaves_no_empty_parent_folders(tmp_path, capsys):
+    """check_output_dir creates --out's parents to prove they are writable; a run refused
+    after that (a missing calibration file) used to leave them behind, empty."""
+    out = tmp_path / "a" / "b" / "c" / "d"
+    argv = ["quantize", "mdlm-tiny", "--method", "rtn", "--nsamples", "2", "--seq-len", "16"]
+    assert cli.main([*argv, "--calib", str(tmp_path / "nope.jsonl"), "--out", str(out)]) != 0
+    assert "nope.jsonl" in one_line_error(capsys)
+    assert not (tmp_path / "a").exists()
+    assert cli.main([*argv, "--out", str(out)]) == 0  # the writer makes them when it writes
+    assert (out / "config.json").is_file()

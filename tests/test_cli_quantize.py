@@ -211,3 +211,22 @@ def test_block_progress_bar_is_named_after_what_runs(capsys):
     quantize_model(model, RTNConfig(), x, t, torch.ones(2, 16), calib_cfg=CalibConfig())
     err = capsys.readouterr().err
     assert "weighted rtn" in err
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_an_mdlm_calibrates_in_half_precision(tmp_path: Path, dtype: str):
+    """--calib-dtype bfloat16 on an MDLM: its time embedding's float32 features met bf16
+    weights (a traceback). Now the half-precision model computes what the float32 one does,
+    within its rounding, and GPTQ calibrates in it."""
+    model = hub.load("mdlm-tiny")
+    x_t = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
+    x_t[:, ::3] = model.mask_id
+    t = torch.full((2,), 0.6)
+    with torch.no_grad():
+        want = model.log_probs(x_t, t).softmax(-1)
+        got = model.to(getattr(torch, dtype)).log_probs(x_t, t).float().softmax(-1)
+    assert (got - want).abs().max() < 0.05
+    out = tmp_path / "q"
+    argv = ["quantize", "mdlm-tiny", "--method", "gptq", "--nsamples", "2", "--seq-len", "16"]
+    assert main([*argv, "--calib-dtype", dtype, "--out", str(out)]) == 0
+    assert (out / "config.json").is_file()

@@ -282,3 +282,21 @@ def test_a_cpu_replay_with_another_thread_count_says_so(tmp_path, capsys):
     assert f"set OMP_NUM_THREADS={torch.get_num_threads() + 3} for a bit-identical" in (
         capsys.readouterr().err
     )
+
+
+def test_json_nested_deeper_than_the_stack_is_one_line(tmp_path):
+    """A JSON line (or array) of 100,000 open brackets raised RecursionError in json.loads;
+    evaluation data, a JSON array and a training shard all refuse it in one line."""
+    from faircalib.data.sources import load_source
+    from faircalib.training import read_documents
+
+    lines = tmp_path / "deep.jsonl"
+    lines.write_text('{"text": "a document"}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(DataError, match="line 2 nests JSON too deeply"):
+        load_source(str(lines))
+    array = tmp_path / "deep.json"
+    array.write_text("[" * 100_000)
+    with pytest.raises(DataError, match="nests JSON too deeply"):
+        load_source(str(array))
+    with pytest.raises(DataError, match="line 2 nests JSON too deeply"):
+        list(read_documents([str(lines)]))

@@ -55,3 +55,19 @@ def test_cli_prints_one_warning_line(capsys):
 def test_declared_fields_are_sampler_config_fields(name):
     fields = {f.name for f in dataclasses.fields(SamplerConfig)}
     assert hub.load(name).sampler_fields <= fields
+
+
+def test_a_guidance_scale_that_overflows_is_refused():
+    """--cfg-scale 1e308 made (scale + 1) x the log-prob gap overflow: every token NaN, the
+    text empty and the JSON trace invalid (bare NaN). The largest scale allowed still gives
+    finite guided log-probs at the widest gaps float32 log-probs show."""
+    from faircalib.errors import ConfigError
+    from faircalib.frontier.samplers import MAX_CFG_SCALE, guided
+
+    with pytest.raises(ConfigError, match="--cfg-scale"):
+        SamplerConfig(cfg_scale=1e308).validate()
+    SamplerConfig(cfg_scale=MAX_CFG_SCALE).validate()
+    cond = torch.tensor([[0.0, -100.0, -200.0]]).log_softmax(-1)
+    uncond = torch.tensor([[-200.0, -100.0, 0.0]]).log_softmax(-1)
+    out = guided(cond, uncond, MAX_CFG_SCALE)
+    assert torch.isfinite(out).all() and out.argmax().item() == 0

@@ -168,6 +168,8 @@ def _shard_texts(path: str) -> Iterator[str]:
         ) from exc
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} line {lineno} is not JSON ({exc.msg}); {SHARD_FORMAT}") from exc
+    except RecursionError as exc:  # nesting deeper than Python's stack: not a text record
+        raise DataError(f"{path} line {lineno} nests JSON too deeply; {SHARD_FORMAT}") from exc
     except (OSError, EOFError, lzma.LZMAError) as exc:  # missing, unreadable, corrupt archive
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise DataError(f"cannot read training shard {path} ({reason}); {SHARD_FORMAT}") from exc

@@ -162,6 +162,7 @@ class PartialRun:
         try:
             if directory.exists():
                 shutil.rmtree(directory)
+            directory.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
             atomic.write_json(tmp / PROGRESS, state)
             tmp.rename(directory)  # the directory appears with its progress.json

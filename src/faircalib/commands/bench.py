@@ -138,6 +138,10 @@ def eval_specs(data: str, split: str | None) -> list[str]:
     from faircalib.eval.protocols import split_spec
 
     specs = _comma_list(data, lambda spec: Path(split_spec(spec)[0]).expanduser().exists())
+    if not specs:
+        from faircalib.errors import ConfigError
+
+        raise ConfigError(f"--data {data!r} names no evaluation data; e.g. --data wikitext2")
     if split is None:
         return specs
     return [s if split_spec(s)[1] is not None else f"{s}:{split}" for s in specs]

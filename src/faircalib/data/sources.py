@@ -193,7 +193,7 @@ def _warn_if_structured(text: str, path: Path) -> None:
     if first.startswith("{") and first.endswith("}"):
         try:
             is_object = isinstance(json.loads(first), dict)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             is_object = False
         if is_object:
             print(
@@ -229,6 +229,8 @@ def _json_docs(text: str, path: Path, field: str) -> tuple[str, ...]:
                 f"{path} starts with '[' but is not one JSON array ({exc.msg}, line {exc.lineno}); "
                 "fix it or write JSON Lines"
             ) from exc
+        except RecursionError as exc:  # nesting deeper than Python's stack: not text records
+            raise DataError(f"{path} nests JSON too deeply to be records of text") from exc
         return tuple(
             item if isinstance(item, str) else _field(item, field, f"{path} item {number}")
             for number, item in enumerate(items)
@@ -243,6 +245,8 @@ def _json_docs(text: str, path: Path, field: str) -> tuple[str, ...]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path} line {number} is not JSON ({exc.msg}); fix that line") from exc
+        except RecursionError as exc:  # nesting deeper than Python's stack: not a text record
+            raise DataError(f"{path} line {number} nests JSON too deeply; fix that line") from exc
         docs.append(_field(obj, field, f"{path} line {number}"))
     return tuple(docs)
 

@@ -101,6 +101,11 @@ class SamplerConfig:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.cfg_scale > MAX_CFG_SCALE:  # (scale + 1) x a log-prob gap overflows to NaN
+            raise ConfigError(
+                f"cfg_scale {self.cfg_scale:g} is past {MAX_CFG_SCALE:g} (--cfg-scale): the "
+                "guided log-probs overflow; guidance scales in use are 0-5"
+            )
         if self.cfg_scale < 0 or (self.alg_temp is not None and self.alg_temp < 0):
             raise ConfigError(
                 f"cfg_scale ({self.cfg_scale}) and alg_temp ({self.alg_temp}) must be >= 0 "
@@ -486,6 +491,11 @@ def _region_log_probs(run: _Run, x: torch.Tensor, t: torch.Tensor) -> torch.Tens
     out.scatter_(-1, region.unsqueeze(-1), 0.0)
     out[:, start - run.prompt_len : stop - run.prompt_len] = part
     return out
+
+
+# the largest guidance scale: log-prob gaps are at most a few thousand, so (scale + 1) x gap
+# stays far inside float32 / bf16 range (a scale of 1e308 turned every token into NaN)
+MAX_CFG_SCALE = 1e6
 
 
 def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:

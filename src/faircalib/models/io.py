@@ -122,6 +122,9 @@ def check_output_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path] 
         raise OutputError(
             f"cannot write {out}: {blocker} is a file, not a directory; choose another output path"
         )
+    # the parents the probe creates are removed again (deepest first): a run that fails later
+    # leaves no empty folders; the writer creates them when it writes
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         probe = Path(
@@ -130,6 +133,12 @@ def check_output_dir(out: Path, overwrite: bool = False, inputs: Iterable[Path] 
         probe.rmdir()
     except OSError as exc:
         raise OutputError(atomic.os_error_message(out, exc)) from exc
+    finally:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _with_link_targets(inputs: Iterable[Path]) -> list[Path]:
@@ -152,6 +161,7 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
     _remove_stale_temporaries(out)
     tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARK}{os.getpid()}-", dir=out.parent))
         yield tmp
         if out.exists():

@@ -122,7 +122,8 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=sigma.device) / half)
         args = sigma.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # float32
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # a bf16 / fp16 model's dtype
 
 
 class Rotary(nn.Module):

@@ -335,6 +335,13 @@ def on_packed(fn: Callable[[Path], object]) -> Callable[[Path, Inputs], list[str
     return build
 
 
+def fifo_config(work: Path) -> Path:
+    """A model directory whose config.json is a named pipe (reading it would block)."""
+    (work / "m").mkdir()
+    os.mkfifo(work / "m" / "config.json")
+    return work / "m"
+
+
 def argv(*args: str) -> Callable[[Path, Inputs], list[str]]:
     """A command with CASE standing for the case's directory."""
     return lambda w, _inputs: [a.replace("CASE", str(w)) for a in args]
@@ -496,6 +503,14 @@ ARGUMENTS = [  # refused before any model is loaded or any calibration runs
         w / "s.jsonl", '{"text": "cut \\ud83d emoji"}\n'))], r"line 1: its text holds U\+D83D"),
     ("arg-eval-data-zstd", lambda w, i: ["eval", "mdlm-tiny", "--data", str(write(
         w / "s.jsonl.zst", b"\x28\xb5\x2f\xfd" + b"\0" * 16))], r"zstd-compressed"),
+    # third audit (twentieth session)
+    ("arg-eval-data-deep-json", lambda w, i: ["eval", "mdlm-tiny", "--data", str(write(
+        w / "d.jsonl", '{"text": "a"}\n' + "[" * 100_000 + "\n"))], r"line 2 nests JSON too deeply"),
+    ("arg-bench-data-empty", argv("bench", "mdlm-tiny", "--methods", "rtn", "--data", ",",
+     "--out", "CASE/b"), r"--data ',' names no evaluation data"),
+    ("arg-generate-cfg-overflow", argv("generate", "mdlm-tiny", "--cfg-scale", "1e308"),
+     r"cfg_scale 1e\+308 is past"),
+    ("arg-eval-config-fifo", lambda w, i: ["eval", str(fifo_config(w))], r"config\.json is not a regular file"),
 ]
 OUTPUT = [  # outputs that cannot be written (the mounted ones need root)
     ("out-under-proc", argv(*QUANTIZE, "--out", f"{PROC}/q"), rf"cannot write {PROC}/q"),

@@ -141,7 +141,9 @@ def eval_specs(data: str, split: str | None) -> list[str]:
     if not specs:
         from faircalib.errors import ConfigError
 
-        raise ConfigError(f"--data {data!r} names no evaluation data; e.g. --data wikitext2")
+        raise ConfigError(
+            f"--data {data!r} names no evaluation data; pass one, e.g. --data wikitext2"
+        )
     if split is None:
         return specs
     return [s if split_spec(s)[1] is not None else f"{s}:{split}" for s in specs]

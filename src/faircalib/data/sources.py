@@ -230,7 +230,10 @@ def _json_docs(text: str, path: Path, field: str) -> tuple[str, ...]:
                 "fix it or write JSON Lines"
             ) from exc
         except RecursionError as exc:  # nesting deeper than Python's stack: not text records
-            raise DataError(f"{path} nests JSON too deeply to be records of text") from exc
+            raise DataError(
+                f"{path} nests JSON too deeply to be records of text; write one JSON object "
+                "per line"
+            ) from exc
         return tuple(
             item if isinstance(item, str) else _field(item, field, f"{path} item {number}")
             for number, item in enumerate(items)

@@ -387,7 +387,7 @@ def rope_theta(config: dict[str, Any], default: float, family: str) -> float:
     if kind != "default":
         raise CheckpointError(
             f"{family} config.json: rope_parameters.rope_type {kind!r} is not supported "
-            "(faircalib implements the plain rotary embedding only)"
+            "(faircalib implements the plain rotary embedding only); use a model with the default one"
         )
     theta = positive_float(params, "rope_theta", default, family)
     if (
@@ -396,7 +396,7 @@ def rope_theta(config: dict[str, Any], default: float, family: str) -> float:
     ):
         raise CheckpointError(
             f"{family} config.json: rope_theta {config['rope_theta']!r} and "
-            f"rope_parameters.rope_theta {theta!r} disagree"
+            f"rope_parameters.rope_theta {theta!r} disagree; fix config.json"
         )
     return theta
 

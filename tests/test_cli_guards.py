@@ -483,3 +483,12 @@ def test_a_refused_run_leaves_no_empty_parent_folders(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
     assert cli.main([*argv, "--out", str(out)]) == 0  # the writer makes them when it writes
     assert (out / "config.json").is_file()
+
+
+def test_an_unknown_seeded_scheme_is_refused_before_calibrating(tmp_path, capsys):
+    """`--seeded-schemes w9` (a typo) used to run every scheme on the first seed alone."""
+    out = tmp_path / "b"
+    argv = ["bench", "mdlm-tiny", "--methods", "rtn", "--schemes", "w4g128", "--calib-seeds"]
+    assert cli.main([*argv, "0,1", "--seeded-schemes", "w9", "--out", str(out)]) != 0
+    assert "unknown --seeded-schemes ['w9']" in one_line_error(capsys)
+    assert not out.exists()

@@ -129,6 +129,9 @@ class BenchConfig:
         bad = [s for s in self.schemes if s not in SCHEMES]
         if bad:
             raise ConfigError(f"unknown schemes {bad}; choose from {sorted(SCHEMES)}")
+        bad = [s for s in self.seeded_schemes if s not in SCHEMES]
+        if bad:  # a typo would run every scheme on the first seed alone, silently
+            raise ConfigError(f"unknown --seeded-schemes {bad}; choose from {sorted(SCHEMES)}")
         act = [s for s in self.schemes if s in ACT_SCHEMES]
         weight_only = [s for s in self.schemes if s not in ACT_SCHEMES]
         if act:

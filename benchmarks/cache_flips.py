@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out / "cache_flips.json", result)
+    atomic.write_json(out / "cache_flips.json", result, **atomic.COMPACT)
     atomic.write_text(out / "cache_flips.md", markdown(result))
     print(markdown(result))
     return result

@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out / "e2e.json", result)
+    atomic.write_json(out / "e2e.json", result, **atomic.COMPACT)
     atomic.write_text(out / "e2e.md", markdown(result))
     return result
 

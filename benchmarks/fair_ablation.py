@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(dest / "fair_ablation.json", out, indent=1)
+    atomic.write_json(dest / "fair_ablation.json", out, **atomic.COMPACT)
     fp = rows[0]["ppl"]
     lines = [
         f"# FAIR-Calib ablations: {args.model}",

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out / "generation_8b.json", result)
+    atomic.write_json(out / "generation_8b.json", result, **atomic.COMPACT)
     atomic.write_text(out / "generation_8b.md", markdown(result))
     return result
 

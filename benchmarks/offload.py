@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out / "offload.json", result)
+    atomic.write_json(out / "offload.json", result, **atomic.COMPACT)
     atomic.write_text(out / "offload.md", markdown(result))
     print(markdown(result))
     return result

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(dest / "recon_sweep.json", out, indent=1)
+    atomic.write_json(dest / "recon_sweep.json", out, **atomic.COMPACT)
     atomic.write_text(dest / "recon_sweep.md", markdown(out))
     (dest / "recon_sweep.partial.json").unlink(missing_ok=True)
     print(markdown(out))

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         out["models"][name] = {"parameters": model.num_parameters(), "results": rows}
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(dest / "reference_models.json", out, indent=1)
+    atomic.write_json(dest / "reference_models.json", out, **atomic.COMPACT)
     lines = [
         "# Reference models: NELBO perplexity bounds",
         "",

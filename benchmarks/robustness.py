@@ -894,7 +894,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     atomic.check_writable_dir(out)
-    atomic.write_json(out / "robustness.json", result, indent=1)
+    atomic.write_json(out / "robustness.json", result, **atomic.COMPACT)
     atomic.write_text(out / "robustness.md", markdown(result))
     print(json.dumps(result["summary"]))
     return result

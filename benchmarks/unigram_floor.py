@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(dest / "unigram.json", out, indent=1)
+    atomic.write_json(dest / "unigram.json", out, **atomic.COMPACT)
     print(json.dumps(out["unigram_ppl"]))
     return out
 

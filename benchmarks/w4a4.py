@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(dest / "w4a4.json", out, indent=1)
+    atomic.write_json(dest / "w4a4.json", out, **atomic.COMPACT)
     atomic.write_text(dest / "w4a4.md", markdown(out))
     print(markdown(out))
     return out

@@ -50,6 +50,11 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+# benchmark records: JSON without whitespace (their Markdown twins are what people read; the
+# repository's tracked files must stay under 60 MB)
+COMPACT: dict[str, Any] = {"indent": None, "separators": (",", ":")}
+
+
 def write_json(path: Path, obj: Any, indent: int | None = 2, **kwargs: Any) -> None:
     write_text(path, json.dumps(obj, indent=indent, **kwargs) + "\n")
 

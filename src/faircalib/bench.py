@@ -779,7 +779,7 @@ def _plot_by_scheme(ax, result: dict, main: str) -> None:
 def write_outputs(result: dict, out: Path) -> None:
     """Every file is written under a temporary name and renamed into place."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(out / "bench.json", result, indent=1, default=float)
+    atomic.write_json(out / "bench.json", result, default=float, **atomic.COMPACT)
     (out / "bench.partial.json").unlink(missing_ok=True)
     atomic.write_text(out / "bench.md", markdown_tables(result))
     plot(result, out)

@@ -4,10 +4,10 @@
 
 Bare calls timed eagerly with triton.testing.do_bench (microseconds; Python dispatch included,
 which dominates at M = 1024): "apart" is the compiled op then `quantize_rows`; "fused" the fused
-kernel reading its output back for the quantization, "recompute" computing it again from the
-inputs (`triton_w8a8.FUSED_REREAD`). Then one e2e.py fp8_w8a8 block stack counts which row
-quantizers run per call (the first call learns the readers' kind). Results:
-benchmarks/results/e2e/fused-quant-probes.txt.
+kernel (reading its output back for the quantization). The recorded run also timed a variant
+that computed the output again from the inputs ("recompute"), removed after it lost. Then one
+e2e.py fp8_w8a8 block stack counts which row quantizers run per call (the first call learns
+the readers' kind). Results: benchmarks/results/e2e/fused-quant-probes.txt.
 """
 
 import sys
@@ -23,14 +23,6 @@ from faircalib.kernels.fused_quant import rms_norm, swiglu  # noqa: E402
 from faircalib.kernels.shared_activations import share_activations  # noqa: E402
 
 
-def with_reread(flag: bool, fn):  # noqa: ANN001, ANN201
-    def run():  # noqa: ANN202
-        T.FUSED_REREAD[0] = flag
-        return fn()
-
-    return run
-
-
 def counting(calls: dict, name: str, fn):  # noqa: ANN001, ANN201
     def counted(*args):  # noqa: ANN002, ANN202
         calls[name] += 1
@@ -40,9 +32,7 @@ def counting(calls: dict, name: str, fn):  # noqa: ANN001, ANN201
 
 
 def time_us(fns: dict) -> dict:
-    out = {k: round(do_bench(f, warmup=50, rep=300) * 1000, 1) for k, f in fns.items()}
-    T.FUSED_REREAD[0] = True
-    return out
+    return {k: round(do_bench(f, warmup=50, rep=300) * 1000, 1) for k, f in fns.items()}
 
 
 def main() -> None:
@@ -50,21 +40,17 @@ def main() -> None:
     for m in (1024, 8192):
         x = torch.randn(m, 4096, device="cuda").bfloat16()
         w = torch.rand(4096, device="cuda").bfloat16() + 0.5
-        both = lambda: T.rms_norm_quantize_rows(x, w, 1e-5, "fp8")  # noqa: B023, E731
         print("norm", m, time_us({
             "apart": lambda: T.quantize_rows(norm(x, w, 1e-5), "fp8"),  # noqa: B023
-            "fused": with_reread(True, both),
-            "recompute": with_reread(False, both),
+            "fused": lambda: T.rms_norm_quantize_rows(x, w, 1e-5, "fp8"),  # noqa: B023
             "norm": lambda: norm(x, w, 1e-5),  # noqa: B023
             "quant": lambda: T.quantize_rows(x, "fp8"),  # noqa: B023
         }))  # fmt: skip
         g = torch.randn(m, 12288, device="cuda").bfloat16()
         u = torch.randn(m, 12288, device="cuda").bfloat16()
-        both = lambda: T.swiglu_quantize_rows(g, u, "fp8")  # noqa: B023, E731
         print("swiglu", m, time_us({
             "apart": lambda: T.quantize_rows(act(g, u), "fp8"),  # noqa: B023
-            "fused": with_reread(True, both),
-            "recompute": with_reread(False, both),
+            "fused": lambda: T.swiglu_quantize_rows(g, u, "fp8"),  # noqa: B023
             "swiglu": lambda: act(g, u),  # noqa: B023
             "quant": lambda: T.quantize_rows(g, "fp8"),  # noqa: B023
         }))  # fmt: skip

@@ -125,11 +125,20 @@ def _quant_rows_kernel(
         amax = tl.maximum(amax, tl.abs(x))
     scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
     tl.store(s_ptr + row, scale)
+    _quantize_row(x_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
+
+
+@triton.jit
+def _quantize_row(
+    src_row, q_row, K, scale, IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr
+):
+    """Every row quantizer's last pass: the row read (from L1/L2) and written on the grid."""
+    rk = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         ok = k0 + rk < K
-        x = tl.load(x_row + k0 + rk, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(src_row + k0 + rk, mask=ok, other=0.0).to(tl.float32)
         v = _on_grid(x, scale, IS_INT8, USE_RINT)
-        tl.store(q_row + k0 + rk, v.to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(q_row + k0 + rk, v.to(q_row.dtype.element_ty), mask=ok)
 
 
 def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,18 +150,8 @@ def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tenso
     s = torch.empty(m, 1, device=x.device, dtype=torch.float32)
     if m == 0:
         return q, s
-    block_k = min(128 if INTERPRETED else 2048, triton.next_power_of_2(max(k, 16)))
     _quant_rows_kernel[(m,)](
-        x,
-        q,
-        s,
-        k,
-        x.stride(0),
-        q.stride(0),
-        IS_INT8=kind == "int8",
-        BLOCK_K=block_k,
-        USE_RINT=not INTERPRETED,
-        num_warps=4 if block_k <= 512 else 8,
+        x, q, s, k, x.stride(0), q.stride(0), IS_INT8=kind == "int8", **_launch_args(k)
     )
     return q, s
 
@@ -161,9 +160,9 @@ def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tenso
 # Each program owns one row. Pass 1 reduces what the op needs; pass 2 computes the op's output y
 # (stored: any other reader still gets it) and its abs-max; pass 3 reads y back (after a
 # barrier; the row was just written, so from L1/L2) and quantizes it with `_on_grid`. So q, s
-# are exactly `quantize_rows(y, kind)` of the y returned. Computing y a third time instead
-# (FUSED_REREAD False) reads the op's inputs again: slower at the MLP's width
-# (benchmarks/results/e2e/fused-quant-probes.txt).
+# are exactly `quantize_rows(y, kind)` of the y returned (`_quantize_row`, its last pass too).
+# Computing y a third time instead read the op's inputs again: slower at the MLP's width
+# (benchmarks/results/e2e/fused-quant-probes.txt; removed after that measurement).
 @triton.jit
 def _normed(x_row, w_ptr, cols, ok, rstd):
     """weight * (x * rstd).to(x's dtype), in y's dtype: RMSNorm's order (normalise in float32,
@@ -177,7 +176,7 @@ def _normed(x_row, w_ptr, cols, ok, rstd):
 @triton.jit
 def _norm_quant_kernel(
     x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_xm, stride_ym, stride_qm, eps,
-    IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr, REREAD: tl.constexpr,
+    IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     x_row, y_row, q_row = x_ptr + row * stride_xm, y_ptr + row * stride_ym, q_ptr + row * stride_qm
@@ -195,16 +194,8 @@ def _norm_quant_kernel(
         amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
     scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
     tl.store(s_ptr + row, scale)
-    if REREAD:
-        tl.debug_barrier()  # y's stores visible to every thread of the program
-    for k0 in range(0, K, BLOCK_K):
-        ok = k0 + rk < K
-        if REREAD:
-            y = tl.load(y_row + k0 + rk, mask=ok, other=0.0)
-        else:
-            y = _normed(x_row, w_ptr, k0 + rk, ok, rstd).to(y_ptr.dtype.element_ty)
-        v = _on_grid(y.to(tl.float32), scale, IS_INT8, USE_RINT)
-        tl.store(q_row + k0 + rk, v.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.debug_barrier()  # y's stores visible to every thread of the program
+    _quantize_row(y_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
 
 
 @triton.jit
@@ -225,7 +216,7 @@ def _silu_times(g_row, u_row, cols, ok, USE_LIBDEVICE: tl.constexpr):
 @triton.jit
 def _swiglu_quant_kernel(
     g_ptr, u_ptr, y_ptr, q_ptr, s_ptr, K, stride_gm, stride_um, stride_ym, stride_qm,
-    IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr, REREAD: tl.constexpr,
+    IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     g_row, u_row = g_ptr + row * stride_gm, u_ptr + row * stride_um
@@ -239,16 +230,8 @@ def _swiglu_quant_kernel(
         amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
     scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
     tl.store(s_ptr + row, scale)
-    if REREAD:
-        tl.debug_barrier()
-    for k0 in range(0, K, BLOCK_K):
-        ok = k0 + rk < K
-        if REREAD:
-            y = tl.load(y_row + k0 + rk, mask=ok, other=0.0)
-        else:
-            y = _silu_times(g_row, u_row, k0 + rk, ok, USE_RINT).to(y_ptr.dtype.element_ty)
-        v = _on_grid(y.to(tl.float32), scale, IS_INT8, USE_RINT)
-        tl.store(q_row + k0 + rk, v.to(q_ptr.dtype.element_ty), mask=ok)
+    tl.debug_barrier()  # y's stores visible to every thread of the program
+    _quantize_row(y_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -265,16 +248,12 @@ def _fused_outputs(shape: torch.Size, dtype: torch.dtype, kind: str, device: tor
     return y, q, s, m, k
 
 
-FUSED_REREAD = [True]  # pass 3 reads y back (True) or computes it again (False): a probe's switch
-
-
 def _launch_args(k: int) -> dict:
     block_k = min(128 if INTERPRETED else 2048, triton.next_power_of_2(max(k, 16)))
     return {
         "BLOCK_K": block_k,
         "USE_RINT": not INTERPRETED,
         "num_warps": 4 if block_k <= 512 else 8,
-        "REREAD": FUSED_REREAD[0],
     }
 
 

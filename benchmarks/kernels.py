@@ -33,6 +33,8 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
   fp8_prequant  (GPU) the GEMM alone: x's per-token e4m3 rows made outside the timed call, as
                 a block's RMSNorm / SwiGLU writes them (kernels.fused_quant); fp8_w8a8's GEMM
   int8_prequant (GPU) the same for INT8 rows and int8_w8a8's Triton GEMM
+  fp8_prequant_sm  (GPU) fp8_prequant on torch._scaled_mm whatever backends.fp8_w8a8_gemm says
+                (the rule's other column where our GEMM splits K)
   fp8_aten      fp8_w8a8's work called bare: per-token e4m3 scales of x (inside the timed call)
                 + torch._scaled_mm with per-channel weight scales, bf16 out
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
@@ -263,15 +265,15 @@ def _make_tma(kind: str) -> Callable[[Layer], Fn]:
     return make
 
 
-def _make_prequant(kind: str) -> Callable[[Layer], Fn]:
+def _make_prequant(kind: str, scaled_mm: bool = False) -> Callable[[Layer], Fn]:
     """The GEMM alone: x's 8-bit rows and scales are made once per input outside the timed
     call, as a LLaDA / Dream block's RMSNorms and SwiGLU now write them (kernels.fused_quant) or
     another reader of the same input shared them (kernels.shared_activations). The call is the
     GEMM int8_w8a8 / fp8_w8a8 run on such rows (triton_w8a8.int8_matmul; for FP8 the GEMM
-    backends.fp8_w8a8_gemm picks, _scaled_mm at large M)."""
+    backends.fp8_w8a8_gemm picks, or `scaled_mm` forces torch._scaled_mm)."""
 
     def make(layer: Layer) -> Fn:
-        from faircalib.kernels.backends import fp8_rows_matmul
+        from faircalib.kernels import backends
         from faircalib.kernels.triton_w8a8 import int8_matmul, quantize_rows
 
         if kind == "int8":
@@ -289,7 +291,8 @@ def _make_prequant(kind: str) -> Callable[[Layer], Fn]:
             _, x8, x_scale = hit
             if kind == "int8":
                 return int8_matmul(x8, x_scale, w8, w_scale, x.dtype)
-            return fp8_rows_matmul(x8, x_scale, w8, w_scale, None, x.dtype)
+            gemm = "scaled_mm" if scaled_mm else None
+            return backends.fp8_rows_matmul(x8, x_scale, w8, w_scale, None, x.dtype, gemm=gemm)
 
         return run
 
@@ -410,6 +413,9 @@ def candidates(device: torch.device) -> list[Candidate]:
         out.append(Candidate("fp8_tma", _make_tma("fp8"), _ref_fp8, 1.0, math="8bit"))
         for kind, ref in (("fp8", _ref_fp8), ("int8", _ref_int8)):
             out.append(Candidate(f"{kind}_prequant", _make_prequant(kind), ref, 1.0, math="8bit"))
+        out.append(
+            Candidate("fp8_prequant_sm", _make_prequant("fp8", True), _ref_fp8, 1.0, math="8bit")
+        )
         for name, kind, ref, wb, mma in GEMLITE:
             out.append(Candidate(name, _make_gemlite(kind), ref, wb, math=mma))
         for name in ("triton_w4", "triton_dq", "triton_gemv"):

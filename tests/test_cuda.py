@@ -395,7 +395,8 @@ def test_gram_on_tensor_cores_is_float32_accurate(dtype, weighted):
 @pytest.mark.parametrize("m", [1, 300])
 def test_reloaded_fp8_layer_runs_scaled_mm_within_bf16_rounding(m: int):
     """A reloaded FP8 W8A8 layer (`FP8ActLinear`, backend auto) runs the real FP8 GEMM
-    (torch._scaled_mm, per-token x per-channel scales) for bf16 input on CUDA. Its e4m3
+    (torch._scaled_mm, or our split-K GEMM for few output tiles; per-token x per-channel
+    scales) for bf16 input on CUDA. Its e4m3
     operands are the reference path's, so against the float64 product of those operands it
     differs by the bf16 rounding of output and bias add and by fast accumulation only (CPU, same
     data, no fast accumulation: 2.4e-3; benchmarks/kernels.py, H100, K = 4096: 2.1e-3 without
@@ -415,7 +416,9 @@ def test_reloaded_fp8_layer_runs_scaled_mm_within_bf16_rounding(m: int):
     x = (torch.randn(2, m, 1024, generator=gen) * torch.logspace(-1, 1, 1024)).bfloat16()
     with torch.no_grad():
         y = layer(x.cuda())
-    assert layer.last_backend == "fp8_w8a8" and fp8_w8a8_gemm(2 * m) == "scaled_mm"
+    # 600 rows of 512 outputs are 20 tiles: our GEMM splits K there (`fp8_w8a8_gemm`)
+    gemm = fp8_w8a8_gemm(2 * m, 512, 1024)
+    assert layer.last_backend == "fp8_w8a8" and gemm == ("scaled_mm" if m == 1 else "triton")
     assert y.dtype == torch.bfloat16 and y.shape == (2, m, 512)
     xf = x.float().reshape(-1, 1024)
     x_scale = xf.abs().amax(dim=1, keepdim=True) / 448
@@ -532,3 +535,60 @@ def test_fused_norm_and_swiglu_quantization_in_bf16(kind, m, k):
         q2, s2 = quantize_rows(y, kind)
         assert torch.equal(s, s2)
         assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_split_k_w8a8_gemm_matches_the_reference_and_replays_in_a_graph(kind):
+    """Dream-7B's K / V shape (3584 -> 512) at M = 1024 has 32 output tiles: K splits (4 ways on
+    an H200) and the partials are reduced in the kernel. INT8 gives the unsplit GEMM's bits;
+    both stay within bf16 rounding of the float64 product of the operands; a CUDA graph replays
+    it with new inputs, and every call leaves the arrival counters at zero. FP8 at this shape
+    runs it through `backends.fp8_rows_matmul` too (the rule's pick)."""
+    pytest.importorskip("triton")
+    from faircalib.kernels import backends
+    from faircalib.kernels import triton_w8a8 as k
+
+    if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    m, n, depth = 1024, 512, 3584
+    if k.split_k_for(m, n, depth, k._device_sms(torch.device("cuda"))) == 1:
+        pytest.skip("this GPU has too few SMs for the split")
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    x = torch.randn(m, depth, generator=gen, device="cuda", dtype=torch.bfloat16)
+    a8, a_s = k.quantize_rows(x, kind)
+    if kind == "int8":
+        w8 = torch.randint(-127, 128, (n, depth), generator=gen, device="cuda", dtype=torch.int8)
+        w_s = torch.rand(n, generator=gen, device="cuda") + 0.01
+    else:
+        w8, w_s = backends.fp8_quantize(torch.randn(n, depth, generator=gen, device="cuda"))
+    ref = (a8.double() @ w8.double().T) * a_s.double() * w_s.double().reshape(1, -1)
+    y = k.w8a8_matmul(a8, a_s, w8, w_s, torch.bfloat16)
+    whole = k.w8a8_matmul(
+        a8, a_s, w8, w_s, torch.bfloat16, meta={"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}
+    )
+    assert rel_err(y, ref) <= 4e-3 and rel_err(whole, ref) <= 4e-3
+    if kind == "int8":
+        assert torch.equal(y, whole)
+    else:
+        assert backends.fp8_w8a8_gemm(m, n, depth) == "triton"
+        rows = backends.fp8_rows_matmul(a8, a_s, w8, w_s.reshape(1, -1), None, torch.bfloat16)
+        assert torch.equal(rows, y)
+    assert not any(c.any() for c in k._counters.values())
+
+    static = a8.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        k.w8a8_matmul(static, a_s, w8, w_s, torch.bfloat16)  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = k.w8a8_matmul(static, a_s, w8, w_s, torch.bfloat16)
+    for seed in (1, 2):
+        x2 = torch.randn(m, depth, generator=gen.manual_seed(seed), device="cuda")
+        static.copy_(k.quantize_rows(x2, kind)[0])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, k.w8a8_matmul(static, a_s, w8, w_s, torch.bfloat16))
+    assert not any(c.any() for c in k._counters.values())

@@ -85,6 +85,18 @@ CHECK = textwrap.dedent(
                 meta = {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64}  # another tile, ragged K
                 note(f"w8a8_{kind}_tile", rel(w8a8_matmul(a8, a_s, w8, w_s, torch.float32,
                                                          meta=meta), ref))
+                # split K, reduced in the kernel by each tile's last program: INT8 gives the
+                # unsplit bits (int32 partials), FP8 the reference within float32 rounding,
+                # splits with empty K ranges included; the counters end at zero each call
+                from faircalib.kernels import triton_w8a8 as kw
+                tiny = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+                whole = w8a8_matmul(a8, a_s, w8, w_s, torch.float32, bias, meta=tiny)
+                for split in (2, 3, 8):
+                    y = w8a8_matmul(a8, a_s, w8, w_s, torch.float32, bias,
+                                    meta={**tiny, "SPLIT_K": split})
+                    note(f"w8a8_split_{kind}", rel(y, ref + bias.double()))
+                    assert kind == "fp8" or torch.equal(y, whole), (kind, split)
+                    assert not any(c.any() for c in kw._counters.values()), "counters left set"
                 # a weight whose K is not its unit-stride dimension gives the same product
                 w8_strided = w8.T.contiguous().T
                 assert w8_strided.stride(-1) != 1 and torch.equal(
@@ -187,6 +199,7 @@ def test_every_kernel_and_backend_was_checked(interpreted_results):
     names = set(interpreted_results)
     for kind in ("int8", "fp8"):
         assert {f"w8a8_{kind}_bias", f"w8a8_{kind}_tile", f"w4a8_{kind}"} <= names
+        assert f"w8a8_split_{kind}" in names
         assert f"w8a8_tma_{kind}_bias" in names
     for backend in ("int8_w8a8", "fp8_w8a8", "w4a8", "w4a8_fp8"):
         assert any(n.startswith(f"ql_{backend}_torch") for n in names), backend
@@ -278,9 +291,11 @@ def test_kernels_compile_for_hopper():
         gemm = {"a_ptr": dt, "w_ptr": dt, "as_ptr": "*fp32", "ws_ptr": "*fp32", "b_ptr": "*bf16"}
         gemm |= {"y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32"}
         gemm |= {"stride_wn": "i32", "stride_ym": "i32", "M_BUCKET": "i32"}
+        gemm |= {"part_ptr": "*i32" if is_int8 else "*fp32", "cnt_ptr": "*i32"}
         tile = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}
         flags = {"IS_INT8": is_int8, "HAS_BIAS": True, "EVEN_K": False}
-        compile_(k._w8a8_kernel, gemm, flags | tile)
+        for split in (1, 4):  # with split K: the partials, the counter atomics, the reduction
+            compile_(k._w8a8_kernel, gemm, flags | tile | {"SPLIT_K": split})
         w4 = {"a_ptr": dt, "q_ptr": "*i32", "as_ptr": "*fp32", "s_ptr": "*fp32", "z_ptr": "*i32"}
         w4 |= {"y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32"}
         w4 |= {"stride_ym": "i32", "M_BUCKET": "i32"}
@@ -325,13 +340,15 @@ def test_large_m_w8a8_tiles_fit_hopper_shared_memory():
     sig = {"a_ptr": "*i8", "w_ptr": "*i8", "as_ptr": "*fp32", "ws_ptr": "*fp32", "b_ptr": "*bf16"}
     sig |= {"y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32"}
     sig |= {"stride_wn": "i32", "stride_ym": "i32", "M_BUCKET": "i32"}
+    sig |= {"part_ptr": "*i32", "cnt_ptr": "*i32"}
     names = list(k._w8a8_kernel.arg_names)
     aligned = [names.index(n) for n in ("a_ptr", "w_ptr", "y_ptr", "N", "K", "stride_am")]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     large = [c for c in k._w8a8_configs() if c.num_stages == 4 or c.kwargs["BLOCK_K"] > 128]
     assert len(large) >= 3
-    for cfg in large:
-        consts = {"IS_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "GROUP_M": 8, **cfg.kwargs}
+    split = [({**c.kwargs, "SPLIT_K": 4}, c) for c in k._autotuned_w8a8_split.configs]
+    for kwargs, cfg in [({**c.kwargs, "SPLIT_K": 1}, c) for c in large] + split:
+        consts = {"IS_INT8": True, "HAS_BIAS": False, "EVEN_K": True, "GROUP_M": 8, **kwargs}
         src = ASTSource(
             fn=k._w8a8_kernel,
             signature={**sig, **dict.fromkeys(consts, "constexpr")},
@@ -400,6 +417,13 @@ def test_int8_gemm_takes_the_tma_kernel_at_large_m_and_falls_back_once(monkeypat
 
     assert gemm(big) == "tma"
     assert gemm(big[:-1]) == "plain"  # below the measured M
+    # 8 output columns, K = 1024: one 128-wide tile column, which `w8a8_matmul` splits K for
+    # on a 132-SM GPU (the persistent TMA grid would leave most SMs idle)
+    monkeypatch.setattr(k, "_device_sms", lambda device: 132)
+    deep = torch.zeros(k.INT8_TMA_MIN_M, 1024, dtype=torch.int8)
+    assert gemm(deep, torch.zeros(8, 1024, dtype=torch.int8)) == "plain"
+    monkeypatch.setattr(k, "_device_sms", lambda device: 0)
+    assert gemm(deep, torch.zeros(8, 1024, dtype=torch.int8)) == "tma"
     odd = torch.zeros(k.INT8_TMA_MIN_M, 24, dtype=torch.int8)
     assert gemm(odd, torch.zeros(8, 24, dtype=torch.int8)) == "plain"  # K % 16 != 0
     monkeypatch.setattr(k, "tma_supported", lambda device: "not Hopper")
@@ -453,3 +477,46 @@ def test_int8_w8a8_gemm_falls_back_to_triton_off_cuda_whatever_the_rule_says():
     x = torch.zeros(4, 256)
     for m in (1, 16, 1023, 1024, 4096):
         assert int8_w8a8_gemm(m, 256, 256, x) == "triton"
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "split"),
+    [
+        (1024, 512, 3584, 4),  # Dream-7B's K / V projection: 32 tiles of 128 x 128
+        (2048, 512, 3584, 2),
+        (4096, 512, 3584, 1),  # 128 tiles: about one per SM already
+        (1024, 4096, 4096, 1),
+        (16, 4096, 4096, 4),  # one row block: 32 tiles
+        (16, 4096, 1024, 2),  # K = 1024: two ranges of 512, no shorter
+        (16, 4096, 512, 1),
+        (1, 126464, 4096, 1),  # an LM head: tiles enough
+    ],
+)
+def test_split_k_rule_fills_the_sms_without_short_ranges(m, n, k, split):
+    from faircalib.kernels.triton_w8a8 import MAX_SPLIT_K, MIN_K_PER_SPLIT, split_k_for
+
+    got = split_k_for(m, n, k, 132)
+    assert got == split
+    tiles = -(-m // 128) * -(-n // 128)
+    assert got == 1 or (tiles * got <= 132 and k // got >= MIN_K_PER_SPLIT and got <= MAX_SPLIT_K)
+    assert split_k_for(m, n, k, 0) == 1  # off CUDA
+
+
+def test_fp8_gemm_rule_takes_triton_where_it_splits_k(monkeypatch):
+    """FP8 W8A8 runs torch._scaled_mm except for bf16 / fp16 layers of few output tiles on CUDA,
+    where our GEMM splits K (the H200 sweep in benchmarks/results/kernels-split-k)."""
+    from faircalib.kernels import triton_w8a8
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(triton_w8a8, "_sm_count", lambda index: 132)
+    gemm = backends.fp8_w8a8_gemm
+    assert gemm(1024, 512, 3584) == "triton"
+    assert gemm(4096, 512, 3584) == "scaled_mm"
+    assert gemm(1024, 4096, 4096) == "scaled_mm"
+    assert gemm(1024, 512, 3584, "cuda", torch.float32) == "scaled_mm"  # Triton: bf16 / fp16
+    assert gemm(1024, 512, 3584, "cpu") == "scaled_mm"
+    assert gemm(1024) == "scaled_mm"  # no shape: the M table
+    monkeypatch.setattr(backends, "FP8_SPLIT_K_TRITON", False)
+    assert gemm(1024, 512, 3584) == "scaled_mm"

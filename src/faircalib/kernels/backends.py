@@ -126,6 +126,9 @@ W4A8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
 # (triton_w8a8.w8a8_matmul). H200: _scaled_mm is faster by geometric mean at every M of the
 # grid but 64 (where Triton leads by a few percent); one row keeps the rule simple.
 FP8_W8A8_GEMM: list[tuple[float, str]] = [(math.inf, "scaled_mm")]
+# ...except for layers of few output tiles, where our GEMM splits K (`triton_w8a8.split_k_for`:
+# Dream-7B's 3584 x 512 K / V at M <= 2048) and cuBLAS's FP8 kernels leave most SMs idle.
+FP8_SPLIT_K_TRITON = True
 # `int8_w8a8`'s GEMM by M: "gemlite" (the optional gemlite package's dynamic INT8 layer, over
 # the same int8 weight) or "triton" (ours, triton_w8a8; TMA from M = 1024 on Hopper). H200
 # (benchmarks/results/kernels-gemlite, all eight 8B shapes): gemlite was at least as fast in
@@ -670,12 +673,31 @@ def _bias(layer: QuantLinear) -> torch.Tensor | None:
     return None if layer.bias is None else layer.bias.detach()
 
 
-def fp8_w8a8_gemm(m: int) -> str:
-    """`FP8_W8A8_GEMM`'s kernel for M token rows ("triton" under the CPU interpreter, which
-    is there to run the Triton kernels)."""
+def fp8_w8a8_gemm(
+    m: int,
+    out_features: int = 0,
+    in_features: int = 0,
+    device_type: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+) -> str:
+    """`FP8_W8A8_GEMM`'s kernel for M token rows of an [out, in] layer with `dtype`
+    activations ("triton" under the CPU interpreter, which is there to run the Triton kernels,
+    and on CUDA for bf16 / fp16 where the Triton GEMM splits K: `FP8_SPLIT_K_TRITON`)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "triton"
+    triton_ok = device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    if FP8_SPLIT_K_TRITON and triton_ok and _splits_k(m, out_features, in_features):
+        return "triton"
     return next(kernel for bound, kernel in FP8_W8A8_GEMM if m < bound)
+
+
+def _splits_k(m: int, n: int, k: int) -> bool:
+    """Whether triton_w8a8.w8a8_matmul splits K for this product on the current CUDA device."""
+    if not (_HAS_TRITON and torch.cuda.is_available() and m > 0 and n > 0 and k > 0):
+        return False
+    from faircalib.kernels.triton_w8a8 import _sm_count, split_k_for
+
+    return split_k_for(m, n, k, _sm_count(torch.cuda.current_device())) > 1
 
 
 def fp8_w8a8_support(
@@ -685,7 +707,7 @@ def fp8_w8a8_support(
     Triton GEMM where `fp8_w8a8_gemm` picks it, else torch._scaled_mm (CUDA >= 8.9 or the
     CPU; in and out divisible by 16). Shared by QuantLinear's `fp8_w8a8` backend and the
     reloaded FP8 layers (`formats.packed.FP8ActLinear`)."""
-    if fp8_w8a8_gemm(m) == "triton":
+    if fp8_w8a8_gemm(m, out_features, in_features, device_type, dtype) == "triton":
         return _triton_8bit_common(device_type, dtype, fp8=True)
     return scaled_mm_fp8_support(in_features, out_features, device_type)
 
@@ -722,10 +744,14 @@ def fp8_rows_matmul(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    *,
+    gemm: str | None = None,
 ) -> torch.Tensor:
     """`fp8_w8a8_linear` after its activation quantization: e4m3 rows x8 [M, in] with scales
-    [M, 1] -> y [M, out] on the GEMM `fp8_w8a8_gemm` picks for M."""
-    if fp8_w8a8_gemm(x8.shape[0]) == "triton":
+    [M, 1] -> y [M, out] on the GEMM `fp8_w8a8_gemm` picks for M and the layer's shape, or on
+    `gemm` ("scaled_mm" / "triton": the benchmarks' side-by-side columns)."""
+    (m, k), n = x8.shape, w8.shape[0]
+    if (gemm or fp8_w8a8_gemm(m, n, k, x8.device.type, out_dtype)) == "triton":
         from faircalib.kernels.triton_w8a8 import w8a8_matmul  # imports triton: only when used
 
         return w8a8_matmul(x8, x_scale, w8, w_scale, out_dtype, bias)

@@ -368,15 +368,19 @@ def _w8a8_kernel(
     stride_wn,
     stride_ym,
     M_BUCKET,  # autotuning key only
+    part_ptr,  # split K: the partials [SPLIT_K, M, N] (accumulator dtype); else unused
+    cnt_ptr,  # split K: one zeroed arrival counter per output tile; else unused
     IS_INT8: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
     GROUP_M: tl.constexpr = 8,
 ):
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)  # this program's share of K: tiles pid_k, pid_k + SPLIT_K, ...
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -384,13 +388,13 @@ def _w8a8_kernel(
     # the loads of the K loop then need no row/column masks
     rm_c = tl.where(rm < M, rm, 0).to(tl.int64)
     rn_c = tl.where(rn < N, rn, 0).to(tl.int64)
-    a_ptrs = a_ptr + rm_c[:, None] * stride_am + rk[None, :]  # [BM, BK]
-    w_ptrs = w_ptr + rn_c[None, :] * stride_wn + rk[:, None]  # [BK, BN], K contiguous
+    a_ptrs = a_ptr + rm_c[:, None] * stride_am + (pid_k * BLOCK_K + rk)[None, :]  # [BM, BK]
+    w_ptrs = w_ptr + rn_c[None, :] * stride_wn + (pid_k * BLOCK_K + rk)[:, None]  # [BK, BN]
     if IS_INT8:  # noqa: SIM108 - constexpr branches, one compiled
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
@@ -404,9 +408,31 @@ def _w8a8_kernel(
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         else:
             acc = tl.dot(a, w, acc)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    _epilogue(acc.to(tl.float32), as_ptr, ws_ptr, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS)
+        a_ptrs += SPLIT_K * BLOCK_K
+        w_ptrs += SPLIT_K * BLOCK_K
+    if SPLIT_K == 1:
+        _epilogue(
+            acc.to(tl.float32), as_ptr, ws_ptr, b_ptr, y_ptr, rm, rn, M, N, stride_ym, HAS_BIAS
+        )
+    else:
+        # serial reduction, as `triton_w4._store_split`: park the partial, count in; the last
+        # program of the tile sums the partials in split order (int32 for INT8: the same exact
+        # sum as one program's), runs the epilogue and re-zeroes the counter for the next call
+        ok = (rm < M)[:, None] & (rn < N)[None, :]
+        p_ptrs = part_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        split_stride = tl.cast(M, tl.int64) * N
+        tl.store(p_ptrs + pid_k * split_stride, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(cnt_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for split in tl.static_range(SPLIT_K):
+                total += tl.load(p_ptrs + split * split_stride, mask=ok, cache_modifier=".cg")
+            _epilogue(
+                total.to(tl.float32), as_ptr, ws_ptr, b_ptr, y_ptr, rm, rn, M, N, stride_ym,
+                HAS_BIAS,
+            )  # fmt: skip
+            tl.atomic_xchg(cnt_ptr + tl.program_id(0), 0)
 
 
 _autotuned_w8a8 = triton.autotune(
@@ -415,9 +441,75 @@ _autotuned_w8a8 = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_m},
 )(_w8a8_kernel)
 
+# --- split K: layers with few output tiles -------------------------------------------------------
+# A layer with few outputs (Dream-7B's 3584 x 512 K / V projections) has 32 output tiles of
+# 128 x 128 at M = 1024: a quarter of the H200's 132 SMs, each walking all of K = 3584. Splitting
+# K fills the GPU; the partials are reduced inside the kernel (`_w8a8_kernel`'s tail), so a call
+# stays one kernel in a CUDA graph.
+MAX_SPLIT_K = 8
+MIN_K_PER_SPLIT = 512  # shorter K ranges spend more on the partials than they gain
+_SPLIT_TILES = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+    (128, 128, 128, 8, 4),
+    (128, 128, 128, 8, 3),
+    (64, 128, 128, 4, 4),
+    (128, 64, 128, 4, 4),
+]
+_SPLIT_COUNTERS = 4096  # arrival counters per (device, stream): >= the tiles any split call has
 
-def _grid(m: int, n: int):  # noqa: ANN202
-    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+def split_k_for(m: int, n: int, k: int, sms: int) -> int:
+    """How many K ranges `w8a8_matmul` splits an [m, k] x [n, k] product into on `sms`
+    multiprocessors: 1 unless its 128 x 128 output tiles fill under half of them; then the most
+    (2, 4, 8) that keep the programs within one wave and each range >= MIN_K_PER_SPLIT deep."""
+    tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
+    split = 1
+    if 2 * tiles > sms:
+        return split
+    while (
+        2 * split <= MAX_SPLIT_K
+        and tiles * 2 * split <= sms
+        and k // (2 * split) >= MIN_K_PER_SPLIT
+    ):
+        split *= 2
+    return split
+
+
+def _device_sms(device: torch.device) -> int:
+    """The device's multiprocessor count; 0 off CUDA (nothing splits there)."""
+    return _sm_count(device.index or 0) if device.type == "cuda" else 0
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+_counters: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor:
+    """Zeroed arrival counters for the split calls of this device's current stream: calls on
+    one stream run one after another and each leaves the counters at zero, so they share one
+    set (made on the first call; under CUDA graph capture its zero-fill joins the graph)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.index or 0, stream)
+    if key not in _counters:
+        _counters[key] = torch.zeros(_SPLIT_COUNTERS, dtype=torch.int32, device=device)
+    return _counters[key]
+
+
+_autotuned_w8a8_split = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in _SPLIT_TILES
+    ],
+    key=["M_BUCKET", "N", "K", "IS_INT8", "EVEN_K", "SPLIT_K"],
+    # every config's partials land in the same workspace; the counters are zero after each run
+)(_w8a8_kernel)
+
+
+def _grid(m: int, n: int, split: int = 1):  # noqa: ANN202
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
 
 
 def _check_w8a8(
@@ -447,12 +539,14 @@ def w8a8_matmul(
 ) -> torch.Tensor:
     """a8 [M, K] (int8 / e4m3) with a_scale [M, 1] or [M], w8 [N, K] (same dtype) with w_scale
     [N] (or [1, N]) -> y [M, N] in out_dtype. `meta` fixes the tile (else autotuned; the
-    interpreter always runs `TINY_W8A8`)."""
+    interpreter always runs `TINY_W8A8`) and may set SPLIT_K; else K splits where
+    `split_k_for` says (CUDA). The split sums are the same for INT8 (int32) and reordered
+    float32 sums for FP8, in a fixed order: the same bits every call."""
     _check_w8a8("w8a8_matmul", a8, a_scale, w8, w_scale)
     m, k = a8.shape
     n = w8.shape[0]
     y = torch.empty(m, n, device=a8.device, dtype=out_dtype)
-    if m == 0:
+    if m == 0 or n == 0:
         return y
     # the kernels step along K with unit stride in both operands
     a8 = a8 if a8.stride(-1) == 1 else a8.contiguous()
@@ -472,11 +566,27 @@ def w8a8_matmul(
         y.stride(0),
         m_bucket(m),
     )
-    flags = {"IS_INT8": a8.dtype == torch.int8, "HAS_BIAS": bias is not None}
     meta = TINY_W8A8 if INTERPRETED and meta is None else meta
+    sms = _device_sms(a8.device)
+    split = meta.get("SPLIT_K", 1) if meta is not None else split_k_for(m, n, k, sms)
+    part, counters = y, y  # placeholders: read only when K splits
+    if split > 1:
+        acc_dtype = torch.int32 if a8.dtype == torch.int8 else torch.float32
+        part = torch.empty(split, m, n, device=a8.device, dtype=acc_dtype)
+        counters = _split_counters(a8.device)
+        tiles = [(meta["BLOCK_M"], meta["BLOCK_N"])] if meta else _SPLIT_TILES
+        most = max(triton.cdiv(m, t[0]) * triton.cdiv(n, t[1]) for t in tiles)
+        if most > counters.numel():  # split_k_for splits only layers of few tiles
+            raise ValueError(f"w8a8_matmul: {most} output tiles are too many to split K")
+    args += (part, counters)
+    flags = {"IS_INT8": a8.dtype == torch.int8, "HAS_BIAS": bias is not None}
     if meta is not None:
         even = k % meta["BLOCK_K"] == 0
-        _w8a8_kernel[_grid(m, n)](*args, **flags, EVEN_K=even, **meta)
+        _w8a8_kernel[_grid(m, n, split)](*args, **flags, EVEN_K=even, **meta)
+    elif split > 1:
+        _autotuned_w8a8_split[_grid(m, n, split)](
+            *args, **flags, EVEN_K=k % 128 == 0, SPLIT_K=split
+        )
     else:
         _autotuned_w8a8[_grid(m, n)](*args, **flags, EVEN_K=k % 128 == 0)
     return y
@@ -611,6 +721,8 @@ def int8_matmul(
     _check_w8a8("int8_matmul", a8, a_scale, w8, w_scale)  # a caller's error is not a TMA failure
     (m, k), n = a8.shape, w8.shape[0]
     tma_ok = m >= INT8_TMA_MIN_M and n > 0 and k > 0 and k % 16 == 0
+    # a layer of few output tiles splits K in `w8a8_matmul`; the persistent grid would idle
+    tma_ok = tma_ok and split_k_for(m, n, k, _device_sms(a8.device)) == 1
     if tma_ok and not _tma_failed and tma_supported(a8.device) is None:
         try:
             return w8a8_matmul_tma(a8, a_scale, w8, w_scale, out_dtype, bias)

@@ -482,29 +482,56 @@ def test_int8_w8a8_gemm_falls_back_to_triton_off_cuda_whatever_the_rule_says():
 @pytest.mark.parametrize(
     ("m", "n", "k", "split"),
     [
-        (1024, 512, 3584, 4),  # Dream-7B's K / V projection: 32 tiles of 128 x 128
-        (2048, 512, 3584, 2),
-        (4096, 512, 3584, 1),  # 128 tiles: about one per SM already
-        (1024, 4096, 4096, 1),
-        (16, 4096, 4096, 4),  # one row block: 32 tiles
-        (16, 4096, 1024, 2),  # K = 1024: two ranges of 512, no shorter
-        (16, 4096, 512, 1),
-        (1, 126464, 4096, 1),  # an LM head: tiles enough
+        (128, 4096, 14336, 4),  # an 8B MLP down projection at small M: 32 tiles of 128 x 128
+        (256, 4096, 14336, 2),
+        (1024, 4096, 14336, 1),  # 256 tiles: enough
+        (16, 3584, 18944, 4),  # 28 tiles
+        (16, 512, 8192, 8),  # 4 tiles; 8 ranges of 1024
+        (16, 512, 4096, 1),  # shallow: smaller tiles instead (few_tiles)
+        (1024, 512, 3584, 1),
+        (1, 126464, 14336, 1),  # an LM head: tiles enough
     ],
 )
 def test_split_k_rule_fills_the_sms_without_short_ranges(m, n, k, split):
-    from faircalib.kernels.triton_w8a8 import MAX_SPLIT_K, MIN_K_PER_SPLIT, split_k_for
+    from faircalib.kernels.triton_w8a8 import (
+        MAX_SPLIT_K,
+        MIN_K_PER_SPLIT,
+        SPLIT_MIN_K,
+        few_tiles,
+        split_k_for,
+    )
 
     got = split_k_for(m, n, k, 132)
     assert got == split
     tiles = -(-m // 128) * -(-n // 128)
     assert got == 1 or (tiles * got <= 132 and k // got >= MIN_K_PER_SPLIT and got <= MAX_SPLIT_K)
+    assert got == 1 or (k >= SPLIT_MIN_K and few_tiles(m, n, 132))
     assert split_k_for(m, n, k, 0) == 1  # off CUDA
 
 
+def test_small_tiles_are_autotuned_only_for_layers_of_few_tiles(monkeypatch):
+    """The 64-column tiles enter the W8A8 autotuning only where the output's 128 x 128 tiles
+    fill at most half the SMs (more candidates elsewhere only lengthen the tuning)."""
+    from faircalib.kernels import triton_w8a8 as k
+
+    monkeypatch.setattr(k, "_current_sms", lambda: 132)
+    configs = k._autotuned_w8a8.configs
+
+    def widths(m: int, n: int) -> set[int]:
+        return {c.kwargs["BLOCK_N"] for c in k._prune_w8a8(configs, {"M": m, "N": n})}
+
+    assert 64 in widths(1024, 512)  # Dream-7B's K / V: 32 tiles
+    assert 64 in widths(2048, 512)
+    assert 64 not in widths(4096, 512)  # 128 tiles
+    assert 64 not in widths(1024, 4096)
+    monkeypatch.setattr(k, "_current_sms", lambda: 0)  # off CUDA: never few
+    assert 64 not in widths(1024, 512)
+
+
 def test_fp8_gemm_rule_takes_triton_where_it_splits_k(monkeypatch):
-    """FP8 W8A8 runs torch._scaled_mm except for bf16 / fp16 layers of few output tiles on CUDA,
-    where our GEMM splits K (the H200 sweep in benchmarks/results/kernels-split-k)."""
+    """FP8 W8A8 runs torch._scaled_mm except for bf16 / fp16 layers of few output tiles on CUDA:
+    deep ones, where our GEMM splits K, and narrow ones, where it takes smaller tiles (the H200
+    sweep in benchmarks/results/kernels-split-k)."""
     from faircalib.kernels import triton_w8a8
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -512,8 +539,10 @@ def test_fp8_gemm_rule_takes_triton_where_it_splits_k(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(triton_w8a8, "_sm_count", lambda index: 132)
     gemm = backends.fp8_w8a8_gemm
-    assert gemm(1024, 512, 3584) == "triton"
-    assert gemm(4096, 512, 3584) == "scaled_mm"
+    assert gemm(1024, 512, 3584) == "triton"  # narrow, 32 tiles
+    assert gemm(4096, 512, 3584) == "scaled_mm"  # 128 tiles
+    assert gemm(64, 4096, 14336) == "triton"  # deep: split K
+    assert gemm(64, 4096, 4096) == "scaled_mm"  # neither deep nor narrow
     assert gemm(1024, 4096, 4096) == "scaled_mm"
     assert gemm(1024, 512, 3584, "cuda", torch.float32) == "scaled_mm"  # Triton: bf16 / fp16
     assert gemm(1024, 512, 3584, "cpu") == "scaled_mm"

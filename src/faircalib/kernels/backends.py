@@ -126,9 +126,12 @@ W4A8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
 # (triton_w8a8.w8a8_matmul). H200: _scaled_mm is faster by geometric mean at every M of the
 # grid but 64 (where Triton leads by a few percent); one row keeps the rule simple.
 FP8_W8A8_GEMM: list[tuple[float, str]] = [(math.inf, "scaled_mm")]
-# ...except for layers of few output tiles, where our GEMM splits K (`triton_w8a8.split_k_for`:
-# Dream-7B's 3584 x 512 K / V at M <= 2048) and cuBLAS's FP8 kernels leave most SMs idle.
+# ...except for layers of few output tiles, where cuBLAS's FP8 kernels leave most SMs idle and
+# our GEMM splits K (deep layers at small M: `triton_w8a8.split_k_for`) or, for narrow layers
+# (<= FP8_NARROW_N outputs: Dream-7B's 3584 x 512 K / V at M <= 2048), takes smaller tiles
+# (benchmarks/results/kernels-split-k).
 FP8_SPLIT_K_TRITON = True
+FP8_NARROW_N = 1024
 # `int8_w8a8`'s GEMM by M: "gemlite" (the optional gemlite package's dynamic INT8 layer, over
 # the same int8 weight) or "triton" (ours, triton_w8a8; TMA from M = 1024 on Hopper). H200
 # (benchmarks/results/kernels-gemlite, all eight 8B shapes): gemlite was at least as fast in
@@ -686,18 +689,20 @@ def fp8_w8a8_gemm(
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "triton"
     triton_ok = device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
-    if FP8_SPLIT_K_TRITON and triton_ok and _splits_k(m, out_features, in_features):
+    if FP8_SPLIT_K_TRITON and triton_ok and _few_tiles_on_triton(m, out_features, in_features):
         return "triton"
     return next(kernel for bound, kernel in FP8_W8A8_GEMM if m < bound)
 
 
-def _splits_k(m: int, n: int, k: int) -> bool:
-    """Whether triton_w8a8.w8a8_matmul splits K for this product on the current CUDA device."""
+def _few_tiles_on_triton(m: int, n: int, k: int) -> bool:
+    """Whether triton_w8a8.w8a8_matmul splits K for this product on the current CUDA device, or
+    the layer is narrow with few output tiles (its small tiles)."""
     if not (_HAS_TRITON and torch.cuda.is_available() and m > 0 and n > 0 and k > 0):
         return False
-    from faircalib.kernels.triton_w8a8 import _sm_count, split_k_for
+    from faircalib.kernels.triton_w8a8 import _current_sms, few_tiles, split_k_for
 
-    return split_k_for(m, n, k, _sm_count(torch.cuda.current_device())) > 1
+    sms = _current_sms()
+    return split_k_for(m, n, k, sms) > 1 or (n <= FP8_NARROW_N and few_tiles(m, n, sms))
 
 
 def fp8_w8a8_support(

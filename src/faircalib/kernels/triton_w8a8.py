@@ -306,11 +306,38 @@ def _w8a8_configs() -> list[triton.Config]:
         (128, 256, 128, 8, 4),
         (256, 128, 128, 8, 4),
         (128, 128, 256, 8, 3),
+        # layers of few output tiles only (`few_tiles`; Dream-7B's 3584 x 512 K / V at M <= 2048):
+        # more, smaller tiles fill the SMs. benchmarks/results/kernels-split-k (H200, FP8, the
+        # GEMM alone): 64 x 64 x 256 at 1.24x of bf16 at M = 1024 where 128 x 128 ran 0.75x and
+        # torch._scaled_mm 0.73x; 64 x 128 at 1.56x at M = 2048 (1.13x)
+        (64, 64, 128, 4, 4),
+        (64, 64, 256, 4, 3),
+        (128, 64, 128, 4, 4),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes
     ]
+
+
+def few_tiles(m: int, n: int, sms: int) -> bool:
+    """Whether an [m, n] output's 128 x 128 tiles fill at most half of `sms` multiprocessors
+    (never off CUDA, sms = 0): then smaller tiles or a split K keep the GPU busy."""
+    return 2 * triton.cdiv(m, 128) * triton.cdiv(n, 128) <= sms
+
+
+def _current_sms() -> int:
+    return _sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else 0
+
+
+def _prune_w8a8(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's hook signature
+    """`_prune_m`, except that a layer of few output tiles keeps every tile it fits (the
+    64-row and 64-column ones too) and any other layer none narrower than 128 columns."""
+    m, n = named_args["M"], named_args["N"]
+    if few_tiles(m, n, _current_sms()):
+        tallest = max(64, triton.next_power_of_2(m))
+        return [c for c in configs if c.kwargs["BLOCK_M"] <= tallest] or configs[-1:]
+    return _prune_m([c for c in configs if c.kwargs["BLOCK_N"] >= 128], named_args, **kwargs)
 
 
 def _prune_m(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's hook signature
@@ -438,16 +465,20 @@ def _w8a8_kernel(
 _autotuned_w8a8 = triton.autotune(
     configs=_w8a8_configs(),
     key=["M_BUCKET", "N", "K", "IS_INT8", "EVEN_K"],
-    prune_configs_by={"early_config_prune": _prune_m},
+    prune_configs_by={"early_config_prune": _prune_w8a8},
 )(_w8a8_kernel)
 
-# --- split K: layers with few output tiles -------------------------------------------------------
-# A layer with few outputs (Dream-7B's 3584 x 512 K / V projections) has 32 output tiles of
-# 128 x 128 at M = 1024: a quarter of the H200's 132 SMs, each walking all of K = 3584. Splitting
-# K fills the GPU; the partials are reduced inside the kernel (`_w8a8_kernel`'s tail), so a call
-# stays one kernel in a CUDA graph.
+# --- split K: deep layers with few output tiles ---------------------------------------------------
+# At small M a layer has few output tiles: 14336 -> 4096 at M <= 128 has 32 of 128 x 128, a
+# quarter of the H200's 132 SMs, each walking all of K = 14336. Splitting K fills the GPU; the
+# partials are reduced inside the kernel (`_w8a8_kernel`'s tail), so a call stays one kernel in
+# a CUDA graph. Measured (benchmarks/results/kernels-split-k, H200, FP8, the GEMM alone): it
+# pays for deep K (1.07-1.32x of bf16 at M = 1-64 on 14336 -> 4096 and 18944 -> 3584, where
+# torch._scaled_mm ran 0.83-0.95x); at K = 3584 each split added ~5 us and smaller tiles won
+# instead (`few_tiles`), hence SPLIT_MIN_K.
 MAX_SPLIT_K = 8
 MIN_K_PER_SPLIT = 512  # shorter K ranges spend more on the partials than they gain
+SPLIT_MIN_K = 8192
 _SPLIT_TILES = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
     (128, 128, 128, 8, 4),
     (128, 128, 128, 8, 3),
@@ -459,11 +490,11 @@ _SPLIT_COUNTERS = 4096  # arrival counters per (device, stream): >= the tiles an
 
 def split_k_for(m: int, n: int, k: int, sms: int) -> int:
     """How many K ranges `w8a8_matmul` splits an [m, k] x [n, k] product into on `sms`
-    multiprocessors: 1 unless its 128 x 128 output tiles fill under half of them; then the most
+    multiprocessors: 1 unless K >= SPLIT_MIN_K and the output has `few_tiles`; then the most
     (2, 4, 8) that keep the programs within one wave and each range >= MIN_K_PER_SPLIT deep."""
     tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
     split = 1
-    if 2 * tiles > sms:
+    if k < SPLIT_MIN_K or not few_tiles(m, n, sms):
         return split
     while (
         2 * split <= MAX_SPLIT_K
@@ -721,8 +752,9 @@ def int8_matmul(
     _check_w8a8("int8_matmul", a8, a_scale, w8, w_scale)  # a caller's error is not a TMA failure
     (m, k), n = a8.shape, w8.shape[0]
     tma_ok = m >= INT8_TMA_MIN_M and n > 0 and k > 0 and k % 16 == 0
-    # a layer of few output tiles splits K in `w8a8_matmul`; the persistent grid would idle
-    tma_ok = tma_ok and split_k_for(m, n, k, _device_sms(a8.device)) == 1
+    # a layer of few output tiles takes `w8a8_matmul`'s small tiles or split K; the persistent
+    # grid of 128-wide tiles would leave most SMs idle
+    tma_ok = tma_ok and not few_tiles(m, n, _device_sms(a8.device))
     if tma_ok and not _tma_failed and tma_supported(a8.device) is None:
         try:
             return w8a8_matmul_tma(a8, a_scale, w8, w_scale, out_dtype, bias)
@@ -1120,6 +1152,7 @@ def autotune_choices() -> dict:
         name: {str(key): str(cfg) for key, cfg in getattr(fn, "cache", {}).items()}
         for name, fn in (
             ("w8a8", _autotuned_w8a8),
+            ("w8a8_split", _autotuned_w8a8_split),
             ("w8a8_tma", _autotuned_w8a8_tma),
             ("w4a8", _autotuned_w4a8),
             ("w8_group", _autotuned_w8_group),

@@ -23,7 +23,7 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
                 M = 1024 where it is installed, else our Triton GEMM)
   int8_triton   (GPU) int8_w8a8's work on our Triton GEMM whatever the rule says
   fp8_w8a8      (GPU) QuantLinear backend fp8_w8a8: fused per-token e4m3 quantization + the
-                GEMM backends.FP8_W8A8_GEMM picks (_scaled_mm today)
+                GEMM backends.fp8_w8a8_gemm picks (_scaled_mm; ours for layers of few tiles)
   fp8_triton    (GPU) fp8_w8a8's work on our Triton fp8 GEMM, whatever the table says
   int8_tma      (GPU, Hopper) int8_w8a8's work on the persistent TMA GEMM (w8a8_matmul_tma)
   fp8_tma       (GPU, Hopper) fp8_w8a8's work on the persistent TMA GEMM

@@ -27,7 +27,7 @@ no weight decay):
                                   # from scripts/pilots; tokens: piece 0 (assemble-tokens)
 
 The same seed, batches and t/u draws as the logs it is compared with
-(diffusionlm_mlm_check.log, diffusionlm_readz-small-pert05-long.log).
+(diffusionlm_mlm_check.log.gz, diffusionlm_readz-small-pert05-long.log.gz).
 """
 
 import json

@@ -15,7 +15,7 @@ repacks them once into its kernel's layout and caches the result on the layer.
 | triton_dq | cuda     | our dequantizer to bf16, then cuBLAS        | bf16 act. (~3e-3)      |
 | triton_gemv | cuda   | our CUDA-core W4A16 GEMV for M <= 16 (kernels/triton_gemv) | bf16 act. (~3e-3) |
 | int8_w8a8 | cuda     | int8 x int8: gemlite < M=1024 (if installed), else ours (TMA on sm_90) | exact (gemlite 3e-3) |
-| fp8_w8a8  | cpu/cuda | fused per-token e4m3 quantization + `_scaled_mm` or Triton fp8 GEMM (by M) | as fp8 |
+| fp8_w8a8  | cpu/cuda | fused per-token e4m3 quantization + `_scaled_mm` or Triton fp8 GEMM (by M, shape) | as fp8 |
 | w4a8      | cuda     | Triton INT4-group x int8-activation GEMM, dequantized to int8 in registers | exact |
 | w4a8_fp8  | cuda     | the same with e4m3 activations (codes - zero are exact in e4m3) | e4m3 act. (~3%) |
 | w4a8_dq   | cuda     | w4a8's math for large M: codes unpacked to int8 per call, then an int8 GEMM | exact |

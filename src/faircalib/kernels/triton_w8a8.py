@@ -30,7 +30,8 @@ output channel (W8A8) or per (K-group, output channel) (W4A8):
   `w8a8_matmul` itself), so the GEMM's K loop does no unpacking.
 
 Autotuning: a short Hopper list (128x128 and 128x256 tiles, 8 warps, 3-4 stages, plus one
-64x128 tile for M <= 64) keyed by (M bucket, N, K); under TRITON_INTERPRET=1 a fixed tiny
+64x128 tile for M <= 64, and 64-wide tiles for layers of `few_tiles`) keyed by (M bucket, N,
+K); deep layers of few tiles split K (`split_k_for`). Under TRITON_INTERPRET=1 a fixed tiny
 config runs instead (the CPU tests). The interpreter has no bfloat16: tests use fp16/fp32
 outputs; the GPU writes bf16.
 """

@@ -384,6 +384,8 @@ CHECKPOINT = [  # a copy of mdlm-tiny, damaged, given to `faircalib eval`
     ("ckpt-config-field-is-bool", on_float(config(mlp_ratio=True)), r"mlp_ratio must be an integer"),
     ("ckpt-config-heads-do-not-divide", on_float(config(n_heads=3)), r"must split into 3 heads"),
     ("ckpt-config-mask-outside-vocab", on_float(config(mask_id=9000)), r"mask_id 9000 outside"),
+    ("ckpt-config-mask-not-the-tokenizers", on_float(config(mask_id=5)),
+     r"has <\|mask\|> at id 1 but config\.json's mask_id is 5"),
     ("ckpt-config-unknown-field", on_float(config(rope_theta=1e4)), r"unknown MDLM config fields"),
     ("ckpt-no-weights", on_float(drop(SHARD, INDEX)), r"no model\.safetensors\.index\.json"),
     ("ckpt-index-not-json", on_float(put(INDEX, "{")), r"index\.json is not valid JSON"),

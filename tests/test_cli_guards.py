@@ -146,6 +146,19 @@ def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
         hub.load_tokenizer(model)
 
 
+@pytest.mark.parametrize("key", ["mask_id", "mask_token_id"])
+def test_a_config_mask_id_that_is_not_the_tokenizers_mask_token_is_refused(tmp_path, key):
+    """mdlm-tiny's tokenizer has <|mask|> at id 1; a config naming id 5 would evaluate with the
+    wrong token and no error (a perplexity bound of ~32,000 instead of ~200)."""
+    model = local_model(tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    hub.load_tokenizer(model)  # the shipped pair agrees
+    config[key] = 5
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"<\\|mask\\|> at id 1 but config.json's {key} is 5"):
+        hub.load_tokenizer(model)
+
+
 def test_float8_weights_in_a_float_checkpoint_are_refused():
     model = torch.nn.Linear(4, 4)
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -143,9 +143,11 @@ def test_protocols_benchmark_smoke(tmp_path):
 
 @pytest.mark.parametrize("protocol", ["faircalib", "mdlm"])
 def test_a_limit_gives_the_first_rows_of_the_whole_text_and_their_bytes(tok, protocol, monkeypatch):
-    """With --limit, our protocol tokenizes only the documents its rows need; the rows and
-    their bytes are those of the whole text's rows cut to the limit (decoded bytes)."""
+    """With --limit, each protocol tokenizes only the documents (ours) or row groups (MDLM's)
+    its rows need; the rows and their bytes are those of the whole text's rows cut to the limit
+    (decoded bytes)."""
     from faircalib.data import corpora
+    from faircalib.eval import protocols
 
     source = load_source("wikitext2", "test")
     whole = protocol_sequences(tok, source, protocol, 128)
@@ -158,10 +160,14 @@ def test_a_limit_gives_the_first_rows_of_the_whole_text_and_their_bytes(tok, pro
         assert got.n_bytes == len(text.encode("utf-8"))
     beyond = protocol_sequences(tok, source, protocol, 128, limit=10**6)
     assert torch.equal(beyond.sequences, whole.sequences) and beyond.n_bytes == whole.n_bytes
-    if protocol == "faircalib":  # and only the documents the rows need were tokenized
-        encoded = []
-        real = corpora.encode_text
-        monkeypatch.setattr(corpora, "encode_text", lambda t, d: encoded.extend(d) or real(t, d))
-        monkeypatch.setattr(corpora, "_STREAMS", {})
-        protocol_sequences(tok, source, protocol, 128, limit=7)
-        assert 0 < len(encoded) < len(source.docs) / 2
+    # and only the documents / rows those rows need were tokenized
+    encoded = []
+    module = corpora if protocol == "faircalib" else protocols
+    real = module.encode_text
+    monkeypatch.setattr(
+        module, "encode_text", lambda t, d, **kw: encoded.extend(d) or real(t, d, **kw)
+    )
+    monkeypatch.setattr(corpora, "_STREAMS", {})
+    protocol_sequences(tok, source, protocol, 128, limit=7)
+    everything = len(source.docs) if protocol == "faircalib" else len(list(source.row_texts))
+    assert 0 < len(encoded) < everything / 2

@@ -252,11 +252,27 @@ def _check_vocab(tokenizer: Tokenizer, path: Path) -> None:
     """A tokenizer whose ids reach past the model's vocabulary would index outside its
     embedding at the first such token: refuse it at load (a smaller one is normal: LLaDA and
     Dream pad their vocabularies)."""
-    config = path.parent / "config.json"
-    vocab = read_json(config).get("vocab_size") if config.is_file() else None
+    config_path = path.parent / "config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    vocab = config.get("vocab_size")
     size = tokenizer.get_vocab_size(with_added_tokens=True)
-    if isinstance(vocab, int) and not isinstance(vocab, bool) and size > vocab:
+    if _is_int(vocab) and size > vocab:
         raise CheckpointError(
             f"{path} has {size:,} tokens but the model's vocabulary {vocab:,}: it is not this "
             f"model's tokenizer; {REDO}"
         )
+    # a mask id that is not the tokenizer's mask token would score and sample with the wrong
+    # token and give no error at all (a perplexity of 32,000 on mdlm-tiny instead of ~200)
+    from faircalib.data.tokenizers import MASK
+
+    key = "mask_token_id" if "mask_token_id" in config else "mask_id"
+    declared, named = config.get(key), tokenizer.token_to_id(MASK)
+    if _is_int(declared) and named is not None and named != declared:
+        raise CheckpointError(
+            f"{path} has {MASK} at id {named} but config.json's {key} is {declared}: fix one "
+            f"of them; {REDO}"
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

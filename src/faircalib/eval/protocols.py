@@ -98,11 +98,43 @@ def protocol_sequences(
         return EvalBatch(seqs, n_bytes, protocol, None, None)
     if detokenizer == "auto":
         detokenizer = SHIPPED_DETOKENIZER.get(source.name) if source.kind == "shipped" else None
-    seqs, n_bytes = mdlm_sequences(
-        tokenizer, list(source.row_texts), seq_len, get_detokenizer(detokenizer)
-    )
+    rows, detokenize = list(source.row_texts), get_detokenizer(detokenizer)
+    if limit is not None:  # only the row groups the first rows come from are tokenized
+        seqs = leading_mdlm_rows(tokenizer, rows, seq_len, detokenize, limit)
+        if seqs is not None:
+            return EvalBatch(seqs, rows_bytes(tokenizer, seqs), protocol, detokenizer, note)
+    seqs, n_bytes = mdlm_sequences(tokenizer, rows, seq_len, detokenize)
     seqs, n_bytes = first_rows(tokenizer, seqs, n_bytes, limit)
     return EvalBatch(seqs, n_bytes, protocol, detokenizer, note)
+
+
+def leading_mdlm_rows(
+    tokenizer: Tokenizer,
+    rows: list[str],
+    seq_len: int,
+    detokenize: Callable[[str], str] | None,
+    limit: int,
+    group_rows: int = MDLM_GROUP_ROWS,
+) -> torch.Tensor | None:
+    """The first `limit` rows of `mdlm_sequences`, tokenizing only the groups of `group_rows`
+    rows they come from (each group is wrapped on its own); None when the text has fewer."""
+    eos = _mdlm_eos(tokenizer)
+    pieces: list[list[int]] = []
+    for start in range(0, len(rows), group_rows):
+        group = rows[start : start + group_rows]
+        texts = [detokenize(r) for r in group] if detokenize else group
+        ids = encode_text(tokenizer, texts, add_special_tokens=False)
+        pieces += _pieces(ids, seq_len, eos, eos)
+        if len(pieces) >= limit:
+            return torch.tensor(pieces[:limit], dtype=torch.long)
+    return None
+
+
+def _mdlm_eos(tokenizer: Tokenizer) -> int:
+    eos = tokenizer.token_to_id(EOS)
+    if eos is None:
+        raise DataError(f"tokenizer has no {EOS} token; use a tokenizer.json that has one")
+    return eos
 
 
 def mdlm_sequences(
@@ -114,9 +146,7 @@ def mdlm_sequences(
 ) -> tuple[torch.Tensor, int]:
     """MDLM's wrapped evaluation rows [N, seq_len] and the UTF-8 bytes they cover (the bytes of
     the detokenized rows times the share of the row stream kept)."""
-    eos = tokenizer.token_to_id(EOS)
-    if eos is None:
-        raise DataError(f"tokenizer has no {EOS} token; use a tokenizer.json that has one")
+    eos = _mdlm_eos(tokenizer)
     texts = [detokenize(r) for r in rows] if detokenize else list(rows)
     ids = encode_text(tokenizer, texts, add_special_tokens=False)
     seqs = wrap_rows(ids, seq_len, bos=eos, eos=eos, group_rows=group_rows)
@@ -131,22 +161,25 @@ def wrap_rows(
     """Rows of token ids -> [N, seq_len]: EOS after every row; per batch of `group_rows` rows
     the concatenation is cut into pieces of seq_len - 2 (the remainder dropped), each piece
     framed as [bos] + piece + [eos]."""
-    if seq_len < 3:
-        raise DataError(f"MDLM's rows need room for BOS and EOS: use --seq-len >= 3, not {seq_len}")
-    body = seq_len - 2
     pieces = []
     for start in range(0, len(rows), group_rows):
-        stream = list(
-            itertools.chain.from_iterable(r + [eos] for r in rows[start : start + group_rows])
-        )
-        for i in range(0, len(stream) - body + 1, body):
-            pieces.append([bos, *stream[i : i + body], eos])
+        pieces += _pieces(rows[start : start + group_rows], seq_len, bos, eos)
     if not pieces:
         raise DataError(
             f"the text is shorter than one evaluation row of {seq_len:,} tokens; add text or "
             "lower --seq-len"
         )
     return torch.tensor(pieces, dtype=torch.long)
+
+
+def _pieces(group: list[list[int]], seq_len: int, bos: int, eos: int) -> list[list[int]]:
+    """One group's rows joined with EOS after each, cut into [bos] + seq_len - 2 tokens +
+    [eos] (the remainder dropped)."""
+    if seq_len < 3:
+        raise DataError(f"MDLM's rows need room for BOS and EOS: use --seq-len >= 3, not {seq_len}")
+    body = seq_len - 2
+    stream = list(itertools.chain.from_iterable(r + [eos] for r in group))
+    return [[bos, *stream[i : i + body], eos] for i in range(0, len(stream) - body + 1, body)]
 
 
 def split_spec(spec: str) -> tuple[str, str | None]:

@@ -393,7 +393,7 @@ def test_gram_on_tensor_cores_is_float32_accurate(dtype, weighted):
 
 @needs_cuda
 @pytest.mark.parametrize("m", [1, 300])
-def test_reloaded_fp8_layer_runs_scaled_mm_within_bf16_rounding(m: int):
+def test_reloaded_fp8_layer_runs_the_fp8_gemm_within_bf16_rounding(m: int):
     """A reloaded FP8 W8A8 layer (`FP8ActLinear`, backend auto) runs the real FP8 GEMM
     (torch._scaled_mm, or our GEMM for narrow layers of few output tiles; per-token x
     per-channel scales) for bf16 input on CUDA. Its e4m3

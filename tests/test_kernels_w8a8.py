@@ -417,8 +417,9 @@ def test_int8_gemm_takes_the_tma_kernel_at_large_m_and_falls_back_once(monkeypat
 
     assert gemm(big) == "tma"
     assert gemm(big[:-1]) == "plain"  # below the measured M
-    # 8 output columns, K = 1024: one 128-wide tile column, which `w8a8_matmul` splits K for
-    # on a 132-SM GPU (the persistent TMA grid would leave most SMs idle)
+    # 8 output columns: one 128-wide tile column of 8 row blocks, few tiles for a 132-SM GPU,
+    # which keep `w8a8_matmul`'s small tiles (the persistent TMA grid would leave most SMs idle;
+    # K = 1024 is too shallow to split)
     monkeypatch.setattr(k, "_device_sms", lambda device: 132)
     deep = torch.zeros(k.INT8_TMA_MIN_M, 1024, dtype=torch.int8)
     assert gemm(deep, torch.zeros(8, 1024, dtype=torch.int8)) == "plain"
@@ -518,7 +519,7 @@ def test_small_tiles_are_autotuned_only_for_layers_of_few_tiles(monkeypatch):
     configs = k._autotuned_w8a8.configs
 
     def widths(m: int, n: int) -> set[int]:
-        return {c.kwargs["BLOCK_N"] for c in k._prune_w8a8(configs, {"M": m, "N": n})}
+        return {c.kwargs["BLOCK_N"] for c in k._prune_w8a8(configs, {"M": m, "N": n, "K": 3584})}
 
     assert 64 in widths(1024, 512)  # Dream-7B's K / V: 32 tiles
     assert 64 in widths(2048, 512)
@@ -547,5 +548,51 @@ def test_fp8_gemm_rule_takes_triton_where_it_splits_k(monkeypatch):
     assert gemm(1024, 512, 3584, "cuda", torch.float32) == "scaled_mm"  # Triton: bf16 / fp16
     assert gemm(1024, 512, 3584, "cpu") == "scaled_mm"
     assert gemm(1024) == "scaled_mm"  # no shape: the M table
+    # a shape _scaled_mm cannot take is refused at every M, also where our GEMM would run
+    assert gemm(1024, 512, 3576) == "triton"
+    for m in (1024, 4096):
+        reason = backends.fp8_w8a8_support(3576, 512, "cuda", torch.bfloat16, m)
+        assert "divisible by 16" in reason
     monkeypatch.setattr(backends, "FP8_SPLIT_K_TRITON", False)
     assert gemm(1024, 512, 3584) == "scaled_mm"
+
+
+EVEN_K_CHECK = textwrap.dedent(
+    """
+    import torch
+    from faircalib.kernels import triton_w8a8 as k
+
+    gen = torch.Generator().manual_seed(3)
+    deep = 0
+    for sms in (0, 132):  # off CUDA, and an H200 (where few-tile layers keep 64-wide tiles)
+        k._current_sms = lambda sms=sms: sms
+        for m, n, depth in ((130, 256, 384), (40, 192, 896), (130, 256, 512), (7, 64, 640)):
+            a8 = torch.randint(-127, 128, (m, depth), generator=gen, dtype=torch.int8)
+            w8 = torch.randint(-127, 128, (n, depth), generator=gen, dtype=torch.int8)
+            a_s, w_s = torch.rand(m, generator=gen) + 0.5, torch.rand(n, generator=gen) + 0.5
+            exact = (a8.long() @ w8.long().T).double() * a_s.double()[:, None] * w_s.double()
+            named = {"M": m, "N": n, "K": depth}
+            for config in k._prune_w8a8(k._w8a8_configs(), named):
+                tile = config.kwargs
+                deep += tile["BLOCK_K"] == 256
+                y = torch.empty(m, n)
+                grid = k._grid(m, n)(tile)
+                k._w8a8_kernel[grid](
+                    a8, w8, a_s, w_s, None, y, m, n, depth, a8.stride(0), w8.stride(0),
+                    y.stride(0), m, y, y, IS_INT8=True, HAS_BIAS=False,
+                    EVEN_K=k._even_k(depth), **tile,
+                )
+                err = float((y.double() - exact).abs().max() / exact.abs().max())
+                assert err < 1e-6, (m, n, depth, tile, err)
+    print("deep_tiles", deep)
+    """
+)
+
+
+def test_autotuned_w8a8_tiles_never_step_past_k():
+    """Every tile the W8A8 autotuner may try for a shape, launched with the EVEN_K that
+    `w8a8_matmul` passes it, computes the INT8 product exactly (against int64 matmul): a
+    256-deep tile on K = 384 or 896 (K % 256 = 128) must not load unmasked past K. The 256-deep
+    tiles do run where they divide K (512)."""
+    out = named_floats(run_interpreted(EVEN_K_CHECK))
+    assert out["deep_tiles"] >= 2

@@ -639,8 +639,9 @@ class FP8ActLinear(nn.Module):
     * "fp8_w8a8": the real FP8 GEMM, QuantLinear's `fp8_w8a8` backend code
       (`kernels.backends.fp8_w8a8_linear`: fused per-token e4m3 quantization, bit-identical
       operands, then torch._scaled_mm with per-token x per-channel scales, or the Triton fp8
-      GEMM, by M). Only accumulation order and the output rounding differ (on CUDA:
-      fast accumulation, bf16 output cast to the compute dtype).
+      GEMM for layers of few output tiles: `fp8_w8a8_gemm`). Only accumulation order and the
+      output rounding differ (on CUDA: fast accumulation, bf16 output cast to the compute
+      dtype).
 
     `backend` "auto" takes "fp8_w8a8" on CUDA wherever it can run (in and out divisible by
     16, compute capability >= 8.9) and "reference" elsewhere: on the CPU the reference is

@@ -711,8 +711,12 @@ def fp8_w8a8_support(
     """None if `fp8_w8a8_linear` can run an [out, in] layer on M rows of `dtype` here: the
     Triton GEMM where `fp8_w8a8_gemm` picks it, else torch._scaled_mm (CUDA >= 8.9 or the
     CPU; in and out divisible by 16). Shared by QuantLinear's `fp8_w8a8` backend and the
-    reloaded FP8 layers (`formats.packed.FP8ActLinear`)."""
-    if fp8_w8a8_gemm(m, out_features, in_features, device_type, dtype) == "triton":
+    reloaded FP8 layers (`formats.packed.FP8ActLinear`). The Triton GEMM takes any shape, but
+    on CUDA it runs only at some M: there _scaled_mm's shape rule holds at every M, so a layer
+    that runs at one M runs at all (the interpreter runs Triton at every M)."""
+    on_triton = fp8_w8a8_gemm(m, out_features, in_features, device_type, dtype) == "triton"
+    ragged = in_features % 16 or out_features % 16
+    if on_triton and (os.environ.get("TRITON_INTERPRET") == "1" or not ragged):
         return _triton_8bit_common(device_type, dtype, fp8=True)
     return scaled_mm_fp8_support(in_features, out_features, device_type)
 

@@ -331,10 +331,20 @@ def _current_sms() -> int:
     return _sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else 0
 
 
+def _even_k(k: int) -> bool:
+    """EVEN_K of an autotuned launch: K whole 128-deep steps. `_prune_w8a8` then keeps only the
+    256-deep tiles that also divide K (an unmasked 256-deep step past K = 384 would read the
+    next row, or past the tensor)."""
+    return k % 128 == 0
+
+
 def _prune_w8a8(configs, named_args, **kwargs):  # noqa: ANN001, ANN202 - triton's hook signature
     """`_prune_m`, except that a layer of few output tiles keeps every tile it fits (the
-    64-row and 64-column ones too) and any other layer none narrower than 128 columns."""
-    m, n = named_args["M"], named_args["N"]
+    64-row and 64-column ones too) and any other layer none narrower than 128 columns; no
+    tile deeper than `_even_k` promises."""
+    m, n, k = named_args["M"], named_args["N"], named_args["K"]
+    if _even_k(k):
+        configs = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
     if few_tiles(m, n, _current_sms()):
         tallest = max(64, triton.next_power_of_2(m))
         return [c for c in configs if c.kwargs["BLOCK_M"] <= tallest] or configs[-1:]
@@ -521,13 +531,23 @@ _counters: dict[tuple[int, int], torch.Tensor] = {}
 
 def _split_counters(device: torch.device) -> torch.Tensor:
     """Zeroed arrival counters for the split calls of this device's current stream: calls on
-    one stream run one after another and each leaves the counters at zero, so they share one
-    set (made on the first call; under CUDA graph capture its zero-fill joins the graph)."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    one stream run one after another and each leaves its counters at zero, so they share one
+    set, made by the first call outside a CUDA graph capture. A capture that finds no set for
+    its stream gets a set of its own: zeroed inside the graph at each replay and not kept (a
+    set first made inside a capture would be zeroed only when that one graph replays, and
+    held in its memory pool). `models.cuda_graph.capture` warms up on the stream it captures
+    on, so its graphs find the set made then. Graphs captured on one stream share its set:
+    replay them one after another, not concurrently on several streams."""
+    if device.type != "cuda":
+        return torch.zeros(_SPLIT_COUNTERS, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream
     key = (device.index or 0, stream)
-    if key not in _counters:
-        _counters[key] = torch.zeros(_SPLIT_COUNTERS, dtype=torch.int32, device=device)
-    return _counters[key]
+    counters = _counters.get(key)
+    if counters is None:
+        counters = torch.zeros(_SPLIT_COUNTERS, dtype=torch.int32, device=device)
+        if not torch.cuda.is_current_stream_capturing():
+            _counters[key] = counters
+    return counters
 
 
 _autotuned_w8a8_split = triton.autotune(
@@ -616,11 +636,9 @@ def w8a8_matmul(
         even = k % meta["BLOCK_K"] == 0
         _w8a8_kernel[_grid(m, n, split)](*args, **flags, EVEN_K=even, **meta)
     elif split > 1:
-        _autotuned_w8a8_split[_grid(m, n, split)](
-            *args, **flags, EVEN_K=k % 128 == 0, SPLIT_K=split
-        )
+        _autotuned_w8a8_split[_grid(m, n, split)](*args, **flags, EVEN_K=_even_k(k), SPLIT_K=split)
     else:
-        _autotuned_w8a8[_grid(m, n)](*args, **flags, EVEN_K=k % 128 == 0)
+        _autotuned_w8a8[_grid(m, n)](*args, **flags, EVEN_K=_even_k(k))
     return y
 
 

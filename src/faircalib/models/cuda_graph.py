@@ -35,7 +35,9 @@ def capture(
     fn: Callable[[], Any], device: torch.device | str = "cuda", pool: Any = None
 ) -> tuple[torch.cuda.CUDAGraph, Any]:
     """-> (graph, fn's output captured in it). `fn` runs twice first on a side stream, so
-    autotuning, layout caches and lazy initialisation happen outside the capture, as it needs."""
+    autotuning, layout caches and lazy initialisation happen outside the capture, as it needs;
+    the capture runs on that stream too, so what was set up per stream (the split-K GEMM's
+    counters, `kernels.triton_w8a8._split_counters`) is found there, not made in the graph."""
     device = torch.device(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -44,7 +46,7 @@ def capture(
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=side):
         out = fn()
     return graph, out
 

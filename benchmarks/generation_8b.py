@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or l
 from faircalib import atomic, hub  # noqa: E402
 from faircalib.bench import run_record  # noqa: E402
 from faircalib.config import QuantConfig  # noqa: E402
+from faircalib.formats.packed import stack_readers  # noqa: E402
 from faircalib.frontier import SamplerConfig, generate  # noqa: E402
 from faircalib.kernels import QuantLinear  # noqa: E402
 from faircalib.kernels.shared_activations import share_activations  # noqa: E402
@@ -168,6 +169,12 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="replay every step (cached ones too) from CUDA graphs, as generate --cuda-graph",
     )
+    p.add_argument(
+        "--stack-linears",
+        action="store_true",
+        help="every scheme (bf16 too) runs q, k, v and gate, up as one stacked layer each, as "
+        "generate --stack-linears (kernels.stacked_linears)",
+    )
     args = p.parse_args(argv)
     record = run_record(["python", "benchmarks/generation_8b.py", *(argv or sys.argv[1:])])
     config, mask_token = SHAPES[args.family]
@@ -198,6 +205,10 @@ def main(argv: list[str] | None = None) -> dict:
         model = hub.load(directory, device=args.device, dtype=torch.bfloat16)
         if swap is not None:
             swap(model)
+        if args.stack_linears:  # after the swap: the quantized layers are what stacks
+            report = stack_readers(model)
+            if report.left:
+                raise SystemExit(f"{name}: layers left unstacked: {report.left}")
         if args.cuda_graph:  # after the swap: the graphs capture the quantized layers
             model = CUDAGraphDenoiser(model)
         rows += bench_scheme(name, model, args, mask_id, vocab)
@@ -210,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         "family": args.family,
         "smoke": args.smoke,
         "cuda_graph": args.cuda_graph,
+        "stack_linears": args.stack_linears,
         "sampler": {
             "sampler": "low_confidence",
             "steps": args.steps,
@@ -239,7 +251,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Generation tokens/s, {result['family']}-shaped random model"
         + (" (smoke)" if result["smoke"] else "")
-        + (", steps replayed from CUDA graphs" if result.get("cuda_graph") else ", eager"),
+        + (", steps replayed from CUDA graphs" if result.get("cuda_graph") else ", eager")
+        + (", q/k/v and gate/up stacked" if result.get("stack_linears") else ""),
         "",
         f"Command: `{result['record']['command']}`  ",
         f"Commit: {result['record']['git_commit']}  \nDevice: {result['record']['device_name']}"

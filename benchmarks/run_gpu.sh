@@ -46,6 +46,9 @@ job_command() {
     $([ "$1" = kernels-dream ] && echo --shapes 3584x18944,18944x3584,3584x512 || echo --shapes 4096x4096,4096x14336,14336x4096,4096x12288,12288x4096) \
     --time-budget ${KERNELS_BUDGET:-1200}" ;;
   e2e) echo "python3 benchmarks/e2e.py --out $RES/e2e" ;;
+  # issue 16: q, k, v and gate, up stacked (kernels.stacked_linears) beside the same variants apart
+  e2e-stacked) echo "python3 benchmarks/e2e.py --out $RES/e2e-stacked --variants \
+bf16,bf16_stacked,int4_g128,int4_g128_stacked,fp8_checkpoint,fp8_checkpoint_stacked,fp8_w8a8,fp8_w8a8_stacked,int8_w8a8,int8_w8a8_stacked" ;;
   throughput) echo "python3 benchmarks/throughput.py --device cuda --out $RES/throughput" ;;
   offload) echo "python3 benchmarks/offload.py --out $RES/offload" ;;
   profile-step) echo "python3 benchmarks/profile_step.py --work /root/work --out $RES/profile-step" ;;  # issue 16
@@ -54,6 +57,9 @@ job_command() {
   # the same with every step (cached ones too) replayed from CUDA graphs
   generation-8b-graph) echo "python3 benchmarks/generation_8b.py --cuda-graph --work /root/work \
     --out $RES/generation-8b-graph" ;;
+  # the same with q, k, v and gate, up stacked in every scheme (bf16 too)
+  generation-8b-stacked) echo "python3 benchmarks/generation_8b.py --cuda-graph --stack-linears \
+--work /root/work --out $RES/generation-8b-stacked" ;;
   # batch 8 alone, bf16 and INT4 without and with the dual cache (a short lease's rerun)
   generation-8b-graph-b8) echo "python3 benchmarks/generation_8b.py --cuda-graph --work /root/work \
     --batch 8 --caches none,dual --no-w8a8-rtn --out $RES/generation-8b-graph-b8" ;;

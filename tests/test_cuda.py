@@ -591,3 +591,91 @@ def test_split_k_w8a8_gemm_matches_the_reference_and_replays_in_a_graph(kind):
         torch.cuda.synchronize()
         assert torch.equal(out, k.w8a8_matmul(static, a_s, w8, w_s, torch.bfloat16))
     assert not any(c.any() for c in k._counters.values())
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+def test_stacked_dream_attention_matches_its_members_and_replays_in_a_graph(kind):
+    """Dream-7B's q, k, v (3584 -> 3584, 512, 512, with biases) as 8-bit layers, stacked into
+    one 3584 x 4608 layer (`kernels.stacked_linears`): on the GPU kernels each member's output
+    stays within bf16 rounding of the unstacked layer's (INT8: the same integer GEMM, so within
+    the bf16 output rounding only), one stacked call serves the three, and `capture` replays
+    it with new inputs."""
+    from torch import nn
+
+    from faircalib.formats.packed import FP8ActLinear
+    from faircalib.kernels.backends import fp8_quantize
+    from faircalib.kernels.stacked_linears import stack_linears
+    from faircalib.models.cuda_graph import capture
+
+    if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability >= 8.9")
+    gen = torch.Generator().manual_seed(11)
+    root = nn.Module()
+    for name, out in (("q", 3584), ("k", 512), ("v", 512)):
+        w = torch.randn(out, 3584, generator=gen) / 60
+        bias = torch.randn(out, generator=gen) / 10
+        if kind == "fp8":
+            values, scale = fp8_quantize(w)
+            layer = FP8ActLinear(values, scale, bias)
+        else:
+            qp = compute_qparams(w, QuantConfig(bits=8, group_size=None, symmetric=True))
+            layer = QuantLinear.from_codes(quantize(w, qp), qp, bias=bias, act_bits=8)
+        setattr(root, name, layer)
+    root = root.cuda().to(torch.bfloat16)
+    x = torch.randn(1024, 3584, generator=gen).cuda().bfloat16()
+    with torch.no_grad():
+        want = [getattr(root, n)(x) for n in "qkv"]
+        report = stack_linears(root, [("q", "k", "v")])
+        assert report.stacked == [("q", "k", "v")]
+        calls = []
+        root.q.stacked.register_forward_hook(lambda *_: calls.append(1))
+        got = [getattr(root, n)(x) for n in "qkv"]
+        assert len(calls) == 1
+        for g, w in zip(got, want, strict=True):
+            assert rel_err(g, w.double()) <= (8e-3 if kind == "fp8" else 4e-3)
+        static = x.clone()
+        graph, outs = capture(lambda: [getattr(root, n)(static) for n in "qkv"])
+        x2 = torch.randn(1024, 3584, generator=gen).cuda().bfloat16()
+        static.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = [getattr(root, n)(x2) for n in "qkv"]
+        for g, e in zip(outs, eager, strict=True):
+            assert torch.equal(g, e)
+
+
+@needs_cuda
+def test_capture_finds_the_split_k_counters_its_warm_up_made(monkeypatch):
+    """`models.cuda_graph.capture` captures on the stream it warmed up on, so a split-K GEMM
+    in the graph uses the counters made (and zeroed) eagerly, none made inside the capture;
+    the replay matches an eager call."""
+    pytest.importorskip("triton")
+    from faircalib.kernels import triton_w8a8 as k
+    from faircalib.models.cuda_graph import capture
+
+    m, n, depth = 64, 4096, 14336
+    if k.split_k_for(m, n, depth, k._device_sms(torch.device("cuda"))) == 1:
+        pytest.skip("this GPU has too few SMs for the split")
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    a8 = torch.randint(-127, 128, (m, depth), generator=gen, device="cuda", dtype=torch.int8)
+    w8 = torch.randint(-127, 128, (n, depth), generator=gen, device="cuda", dtype=torch.int8)
+    a_s = torch.rand(m, generator=gen, device="cuda") + 0.01
+    w_s = torch.rand(n, generator=gen, device="cuda") + 0.01
+    found_in_capture = []
+    original = k._split_counters
+
+    def recorded(device: torch.device) -> torch.Tensor:
+        if torch.cuda.is_current_stream_capturing():
+            key = (device.index or 0, torch.cuda.current_stream(device).cuda_stream)
+            found_in_capture.append(key in k._counters)
+        return original(device)
+
+    monkeypatch.setattr(k, "_split_counters", recorded)
+    graph, out = capture(lambda: k.w8a8_matmul(a8, a_s, w8, w_s, torch.bfloat16))
+    assert found_in_capture == [True]  # the warm-up stream's set, made eagerly
+    a8.copy_(torch.randint(-127, 128, (m, depth), generator=gen, device="cuda", dtype=torch.int8))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, k.w8a8_matmul(a8, a_s, w8, w_s, torch.bfloat16))
+    assert not any(c.any() for c in k._counters.values())

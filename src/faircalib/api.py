@@ -27,13 +27,15 @@ __all__ = ["Quantized", "evaluate", "load", "quantize", "save"]
 Quantized = qcmd.Result  # .model, .tokenizer, .report, .recipe, .format, .out after save
 
 
-def load(model: str | Path, *, device: str = "cpu"):
+def load(model: str | Path, *, device: str = "cpu", stack: bool = False):
     """A shipped name (mdlm-tiny, mdlm-small), a model directory (float, fake-quant, packed,
     kuleshov-group's MDLM layout) or a Hugging Face id -> an eval-mode DiffusionLM. The model
-    remembers where it came from, so `quantize` and `evaluate` accept it."""
+    remembers where it came from, so `quantize` and `evaluate` accept it. `stack`: q, k, v (and
+    gate, up) run as one stacked layer each where their quantization matches (inference:
+    `kernels.stacked_linears`)."""
     from faircalib import hub
 
-    loaded = hub.load(model, device=device)
+    loaded = hub.load(model, device=device, stack=stack)
     loaded.faircalib_source = str(model)
     return loaded
 
@@ -92,6 +94,13 @@ def quantize(
         args.model, loaded = str(model), None
     elif hasattr(model, "faircalib_source"):
         args.model, loaded = model.faircalib_source, model
+        from faircalib.kernels.stacked_linears import StackedMember
+
+        if any(isinstance(m, StackedMember) for m in model.modules()):
+            raise ConfigError(
+                "this model was loaded with stack=True, which is for inference; load it "
+                "without stack to quantize it"
+            )
     else:
         raise ConfigError(
             "quantize takes a model name, a directory, a hub id or a model from faircalib.load"

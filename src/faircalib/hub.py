@@ -125,21 +125,33 @@ def check_device(device: str) -> torch.device:
 
 
 def load(
-    model: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+    model: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    stack: bool = False,
 ) -> DiffusionLM:
+    """`stack`: run the linears that read one norm's output as one stacked layer where they
+    allow it (`formats.packed.stack_readers`: packed and float layers; same math, one GEMM)."""
     check_device(device)
     directory = resolve(model)
     if is_packed(directory):
         from faircalib.formats.packed import load_packed_model  # joins models and kernels
 
-        return load_packed_model(directory, device=device, dtype=dtype)
+        return load_packed_model(directory, device=device, dtype=dtype, stack=stack)
     if is_mdlm_hf(directory):  # kuleshov-group's published layout (mdlm-owt)
         from faircalib.models.loaders import load_mdlm_hf
 
-        return load_mdlm_hf(directory, dtype=dtype).to(device).eval()
-    from faircalib.calib.fakequant_io import load_fake_quant  # re-applies activation quantization
+        loaded = load_mdlm_hf(directory, dtype=dtype).to(device).eval()
+    else:
+        from faircalib.calib.fakequant_io import load_fake_quant  # re-applies act. quantization
 
-    return load_fake_quant(directory, device=device, dtype=dtype)
+        loaded = load_fake_quant(directory, device=device, dtype=dtype)
+    if stack:
+        from faircalib.formats.packed import stack_readers
+
+        stack_readers(loaded)
+    return loaded
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -99,6 +99,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replay each denoising step from a captured CUDA graph (CUDA only; same output)",
     )
+    p.add_argument(
+        "--stack-linears",
+        action="store_true",
+        help="run q, k, v (and gate, up) as one stacked layer each where their quantization "
+        "matches: one GEMM instead of three (two); the same math, up to accumulation order",
+    )
     common.add_json(p)
     p.set_defaults(func=run)
 
@@ -114,6 +120,7 @@ def generate_texts(
     cuda_graph: bool = False,
     progress: bool = True,
     chat: bool = False,
+    stack: bool = False,
 ) -> dict[str, Any]:
     """-> {"texts", "tokens", "trace"}; texts are the generated part, cut at the first stop
     token. `chat`: `prompt` is a user message, formatted with the family's chat template."""
@@ -126,7 +133,7 @@ def generate_texts(
 
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
-    model = hub.load(model_name, device=device)
+    model = hub.load(model_name, device=device, stack=stack)
     if cuda_graph:
         from faircalib.models.cuda_graph import CUDAGraphDenoiser
 
@@ -203,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         cuda_graph=args.cuda_graph,
         chat=args.chat,
+        stack=args.stack_linears,
     )
     if args.json:
         print(json.dumps(out))

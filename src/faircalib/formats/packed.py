@@ -118,6 +118,7 @@ from faircalib.kernels import QuantLinear, check_codes
 from faircalib.kernels.backends import check_backend_name, fp8_w8a8_linear, fp8_w8a8_support
 from faircalib.kernels.quant_linear import compute_dtype
 from faircalib.kernels.shared_activations import share_activations
+from faircalib.kernels.stacked_linears import StackReport, stack_linears
 from faircalib.models.base import REDO, DiffusionLM, read_json
 from faircalib.models.io import (
     CONFIG,
@@ -672,6 +673,24 @@ class FP8ActLinear(nn.Module):
         # (backend, device, dtype, M) -> path: the checks cost more than a small-M GEMM
         self._choices: dict[tuple[str, torch.device, torch.dtype, int], str] = {}
 
+    @classmethod
+    def stacked(cls, layers: list[FP8ActLinear]) -> FP8ActLinear:
+        """One layer whose output rows are the layers' in order (`kernels.stacked_linears`);
+        ValueError naming what differs."""
+        first = layers[0]
+        for layer in layers[1:]:
+            if (layer.in_features, layer.backend) != (first.in_features, first.backend):
+                raise ValueError("their input widths or backends differ")
+            if (layer.bias is None) != (first.bias is None):
+                raise ValueError("some have a bias and some do not")
+        bias = None if first.bias is None else torch.cat([layer.bias.detach() for layer in layers])
+        return cls(
+            torch.cat([layer.weight for layer in layers]),
+            torch.cat([layer.weight_scale for layer in layers]),
+            bias,
+            backend=first.backend,
+        )
+
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
         kept = {n: self._buffers[n] for n in ("weight", "weight_scale")}
         for name in kept:
@@ -1090,12 +1109,16 @@ def load_packed_model(
     *,
     backend: str = "auto",
     cache_dequant: bool = False,
+    stack: bool = False,
 ) -> DiffusionLM:
     """Load a packed directory into the float model with QuantLinear layers swapped in.
 
     Everything is validated before the model is touched; a mismatched, truncated or corrupt
     directory raises CheckpointError. Float tensors are rounded to `dtype` (the QuantLinear
     scales stay float32); `backend` and `cache_dequant` are passed to every QuantLinear.
+    `stack`: the layers that read one norm's output (q, k, v; gate, up: the family's
+    `residual_layout`) run as one stacked layer where their quantization matches
+    (`kernels.stacked_linears`; same math, one GEMM; the state dict keeps its names).
     """
     check_backend_name(backend)
     directory = Path(directory)
@@ -1144,7 +1167,17 @@ def load_packed_model(
         setattr(model.get_submodule(parent_name), child, quant)
     if quantizes_activations:  # q, k, v (gate, up) quantize their shared input once
         share_activations(model.blocks)
+    if stack:
+        stack_readers(model)
     return model.to(device).eval()
+
+
+def stack_readers(model: DiffusionLM) -> StackReport:
+    """Stack the linears that read one norm's output (`DiffusionLM.residual_layout`; none for
+    a family that declares no layout) where their layers allow (`kernels.stacked_linears`)."""
+    layout = model.residual_layout()
+    groups = [] if layout is None else [nr.readers for nr in layout.norms]
+    return stack_linears(model, groups)
 
 
 def _float_model(

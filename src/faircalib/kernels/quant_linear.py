@@ -153,6 +153,55 @@ class QuantLinear(nn.Module):
             **kwargs,  # type: ignore[arg-type]
         )
 
+    # state that belongs to the input, not to an output row: shared when layers are stacked
+    PER_INPUT_STATE = ("input_scale",)
+    # what layers must agree on to be stacked into one (`stacked`)
+    _STACK_SAME = (
+        "in_features",
+        "bits",
+        "group_size",
+        "symmetric",
+        "act_bits",
+        "act_format",
+        "backend",
+        "cache_dequant",
+    )
+
+    @classmethod
+    def stacked(cls, layers: list[QuantLinear]) -> QuantLinear:
+        """One QuantLinear whose output rows are the layers' in order (`kernels.stacked_linears`):
+        the same quantization, their codes, scales, zero points and biases concatenated, the
+        input scale they share. ValueError naming what differs."""
+        first = layers[0]
+        for layer in layers[1:]:
+            differ = [a for a in cls._STACK_SAME if getattr(layer, a) != getattr(first, a)]
+            if differ:
+                raise ValueError(f"their {', '.join(differ)} differ")
+            if (layer.bias is None) != (first.bias is None):
+                raise ValueError("some have a bias and some do not")
+            same_input = (layer.input_scale is None and first.input_scale is None) or (
+                layer.input_scale is not None
+                and first.input_scale is not None
+                and torch.equal(layer.input_scale, first.input_scale)
+            )
+            if not same_input:
+                raise ValueError("their input scales differ")
+        states = [layer.state_dict() for layer in layers]
+        state = {
+            key: value if key in cls.PER_INPUT_STATE else torch.cat([s[key] for s in states])
+            for key, value in states[0].items()
+        }
+        with torch.device("meta"):
+            fused = cls(
+                first.in_features,
+                sum(layer.out_features for layer in layers),
+                **{a: getattr(first, a) for a in cls._STACK_SAME[1:]},
+                bias=first.bias is not None,
+                input_scale=first.input_scale is not None,
+            )
+        fused.load_state_dict(state, assign=True)
+        return fused
+
     # --- views of the weight ----------------------------------------------------------------
     @property
     def qparams(self) -> QParams:

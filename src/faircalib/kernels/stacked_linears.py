@@ -1,0 +1,199 @@
+"""Stack the linear layers that read one input into one layer: one GEMM instead of several.
+
+Why: a block's q, k and v (its gate and up) read the same rows. As separate layers they are
+separate GEMMs: more launches, the input read once per layer, and small layers that no kernel
+runs well. Dream-7B's k and v are 3584 x 512: 32 output tiles at M = 1024, where no 8-bit GEMM
+beat bf16 (benchmarks/results/kernels-split-k). Stacked along the output they are one layer,
+3584 x 4608 for Dream's attention, 4096 x 24576 for LLaDA's gate and up: the shapes where the
+8-bit GEMMs run fastest. vLLM stacks them the same way (QKVParallelLinear,
+MergedColumnParallelLinear).
+
+Stacking is exact in the math: per-channel and per-(channel, group) weight quantization give
+every output row its own scale, zero point and bias, so the stacked layer holds the members'
+rows unchanged. Per-token activation quantization sees the same rows. Only the kernel the
+stacked shape takes (and so the float accumulation order) can differ; INT8 accumulates exactly.
+
+`stack_linears(root, groups)` replaces each group's members in place by `StackedMember`s. For
+given input rows, the first member called runs the stacked layer once and splits its output;
+the others take their slices of that result. "Given input rows" means what
+`shared_activations.quantize_once` means: the same tensor (or view base), address, shape,
+strides, dtype and version counter. The result is dropped once every member has taken its
+slice, or when a member is called with other rows (then it runs the stacked layer again: still
+correct, only slower). No scope is needed, so the K/V-cache steps, which call the block's
+`forward_cached` outside its hooks, stack too.
+
+The stacked layer is a child of the group's first member, so `model.to(...)`, `modules()` and
+`buffers()` see it once. `state_dict()` keeps the unstacked names and values: each member
+writes its own rows back (copies: safetensors refuses tensors that share memory), so a stacked
+model saves as it loaded. Loading a state dict into a stacked model is not supported: stack
+after loading.
+
+A group stacks when its members are the same kind of layer with the same quantization:
+`nn.Linear` (same dtype and device), or a class with a `stacked(layers)` classmethod
+(`QuantLinear`, `formats.packed.FP8ActLinear`) that raises ValueError naming what differs.
+Any other group is left as it was and reported.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StackReport:
+    """What `stack_linears` did: the groups stacked (their paths) and those left apart, why."""
+
+    stacked: list[tuple[str, ...]] = field(default_factory=list)
+    left: list[tuple[tuple[str, ...], str]] = field(default_factory=list)
+
+
+def stack_layers(layers: Sequence[nn.Module]) -> nn.Module:
+    """One layer whose output is the layers' outputs concatenated in order; ValueError naming
+    what keeps them apart."""
+    kinds = {type(layer) for layer in layers}
+    if len(kinds) != 1:
+        raise ValueError(f"they are different layers ({sorted(k.__name__ for k in kinds)})")
+    kind = kinds.pop()
+    if kind is nn.Linear:
+        return _stacked_linear(layers)
+    stacked = getattr(kind, "stacked", None)
+    if stacked is None:
+        raise ValueError(f"{kind.__name__} layers cannot be stacked")
+    return stacked(layers)
+
+
+def _stacked_linear(layers: Sequence[nn.Linear]) -> nn.Linear:
+    first = layers[0]
+    for layer in layers[1:]:
+        if layer.in_features != first.in_features:
+            raise ValueError("their input widths differ")
+        if (layer.bias is None) != (first.bias is None):
+            raise ValueError("some have a bias and some do not")
+        if (layer.weight.dtype, layer.weight.device) != (first.weight.dtype, first.weight.device):
+            raise ValueError("their dtypes or devices differ")
+    out = sum(layer.out_features for layer in layers)
+    with torch.device("meta"):
+        fused = nn.Linear(first.in_features, out, bias=first.bias is not None)
+    state = {"weight": torch.cat([layer.weight.detach() for layer in layers])}
+    if first.bias is not None:
+        state["bias"] = torch.cat([layer.bias.detach() for layer in layers])
+    fused.load_state_dict(state, assign=True)
+    fused.requires_grad_(first.weight.requires_grad)
+    return fused
+
+
+class _Group:
+    """The stacked layer of one group and the result waiting for the members not yet called."""
+
+    def __init__(self, stacked: nn.Module, sizes: list[int]) -> None:
+        self.stacked = stacked
+        self.sizes = sizes
+        self.rows: tuple | None = None  # identity of the rows `parts` were computed for
+        self.holder: Any = None  # weakref to those rows' base, or (inference mode) the rows
+        self.parts: tuple[torch.Tensor, ...] = ()
+        self.waiting: set[int] = set()  # members that have not taken their part yet
+
+    def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        rows, holder, base = _identity(x)
+        if index in self.waiting and rows == self.rows and _same_base(self.holder, base):
+            self.waiting.discard(index)
+            part = self.parts[index]
+            if not self.waiting:
+                self._drop()
+            return part
+        parts = self.stacked(x).split(self.sizes, dim=-1)
+        self.rows, self.holder, self.parts = rows, holder, parts
+        self.waiting = set(range(len(self.sizes))) - {index}
+        return parts[index]
+
+    def _drop(self) -> None:
+        self.rows, self.holder, self.parts, self.waiting = None, None, (), set()
+
+
+def _identity(x: torch.Tensor) -> tuple[tuple, Any, torch.Tensor | None]:
+    """(key of x's rows, what to hold them by, their view base): `quantize_once`'s rule.
+    Inference-mode tensors have no version counter: they are held until the group is done, so
+    their address stays theirs."""
+    if x.is_inference():
+        version, holder, base = -1, x, None
+    else:
+        base = x if x._base is None else x._base
+        version, holder = x._version, weakref.ref(base)
+    rows = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), version)
+    return rows, holder, base
+
+
+def _same_base(holder: Any, base: torch.Tensor | None) -> bool:
+    return base is None or (isinstance(holder, weakref.ref) and holder() is base)
+
+
+class StackedMember(nn.Module):
+    """Member `index` of a stacked group: its slice of the group's stacked output."""
+
+    def __init__(self, group: _Group, index: int, start: int, original: nn.Module) -> None:
+        super().__init__()
+        if index == 0:
+            self.stacked = group.stacked  # the one child that holds the stacked layer
+        self._group = group
+        self.index, self.start = index, start
+        self.in_features = group.stacked.in_features
+        self.out_features = group.sizes[index]
+        self._original_keys = tuple(original.state_dict(keep_vars=True))
+        self._register_state_dict_hook(_unstacked_state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group.part(self.index, x)
+
+    def extra_repr(self) -> str:
+        end = self.start + self.out_features
+        return f"rows {self.start}:{end} of a stacked {type(self._group.stacked).__name__}"
+
+
+def _unstacked_state(module: StackedMember, destination: dict, prefix: str, _meta: Any) -> None:
+    """state_dict hook: the member's own keys, its rows of the stacked layer's tensors (and the
+    tensors all members share, such as an input scale), instead of the stacked layer's keys."""
+    for key in [k for k in destination if k.startswith(prefix + "stacked.")]:
+        del destination[key]
+    metadata = getattr(destination, "_metadata", None)
+    if metadata is not None:
+        metadata.pop(prefix + "stacked", None)
+    stacked = module._group.stacked
+    shared = getattr(stacked, "PER_INPUT_STATE", ())
+    rows = slice(module.start, module.start + module.out_features)
+    for key, tensor in stacked.state_dict().items():
+        if key in module._original_keys:
+            destination[prefix + key] = (tensor if key in shared else tensor[rows]).clone()
+
+
+def stack_linears(root: nn.Module, groups: Iterable[Sequence[str]]) -> StackReport:
+    """Stack each group of layers (module paths from `root`) that read one input; a group whose
+    members cannot be stacked, or are stacked already, stays as it is (the report says why)."""
+    report = StackReport()
+    for group in groups:
+        paths = tuple(group)
+        if len(paths) < 2:
+            continue
+        layers = [root.get_submodule(path) for path in paths]
+        if any(isinstance(layer, StackedMember) for layer in layers):
+            report.left.append((paths, "already stacked"))
+            continue
+        try:
+            stacked = stack_layers(layers)
+        except ValueError as why:
+            report.left.append((paths, str(why)))
+            continue
+        shared = _Group(stacked, [layer.out_features for layer in layers])
+        start = 0
+        for index, (path, layer) in enumerate(zip(paths, layers, strict=True)):
+            parent, _, child = path.rpartition(".")
+            member = StackedMember(shared, index, start, layer)
+            setattr(root.get_submodule(parent) if parent else root, child, member)
+            start += layer.out_features
+        report.stacked.append(paths)
+    return report

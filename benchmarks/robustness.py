@@ -140,7 +140,8 @@ def train_case(
     def build(work: Path, _inputs: Inputs) -> list[str]:
         return [
             *("train", "--corpus", str(make(work)), "--tokenizer", str(tokenizer(work))),
-            *("--out", out or str(work / "trained"), "--max-steps", "1", "--batch-size", "2"),
+            *("--out", (out or "CASE/trained").replace("CASE", str(work))),
+            *("--max-steps", "1", "--batch-size", "2"),
             *("--device", "cpu", *(a.replace("CASE", str(work)) for a in extra)),
         ]
 
@@ -513,6 +514,19 @@ ARGUMENTS = [  # refused before any model is loaded or any calibration runs
     ("arg-generate-cfg-overflow", argv("generate", "mdlm-tiny", "--cfg-scale", "1e308"),
      r"cfg_scale 1e\+308 is past"),
     ("arg-eval-config-fifo", lambda w, i: ["eval", str(fifo_config(w))], r"config\.json is not a regular file"),
+    # fourth audit (twenty-first session)
+    ("arg-eval-data-huge-integer", lambda w, i: ["eval", "mdlm-tiny", "--data", str(write(
+        w / "b.jsonl", '{"text": "abc", "id": ' + "1" * 5000 + "}\n"))], r"line 1: Exceeds the limit"),
+    ("arg-eval-data-csv-short-row", lambda w, i: ["eval", "mdlm-tiny", "--data", str(write(
+        w / "s.csv", "id,text\n1\n"))], r"row 1 has 1 fields where the header has 2"),
+    ("arg-eval-data-csv-open-quote", lambda w, i: ["eval", "mdlm-tiny", "--data", str(write(
+        w / "q.csv", 'id,text\n1,"Hello," she said.\n'))], r"line 2: ',' expected after"),
+    ("arg-bench-task-surrogate", lambda w, i: ["bench", "mdlm-tiny", "--methods", "rtn", "--task", str(write(
+        w / "t.jsonl", '{"context": "cut \\ud83d", "choices": [" a", " b"], "answer": 0}\n')),
+        "--out", str(w / "b")], r"line 1: its text holds U\+D83D"),
+    ("arg-bench-task-choice-too-long", lambda w, i: ["bench", "mdlm-tiny", "--methods", "rtn", "--task", str(write(
+        w / "t.jsonl", json.dumps({"context": "a", "choices": [" word" * 400, " b"], "answer": 0}) + "\n")),
+        "--out", str(w / "b")], r"line 1: choice 0 has \d+ tokens, more than the model's length 128"),
 ]
 OUTPUT = [  # outputs that cannot be written (the mounted ones need root)
     ("out-under-proc", argv(*QUANTIZE, "--out", f"{PROC}/q"), rf"cannot write {PROC}/q"),
@@ -520,6 +534,9 @@ OUTPUT = [  # outputs that cannot be written (the mounted ones need root)
     ("out-disk-full", argv(*QUANTIZE, "--out", "CASE/mnt/q", "--json"), r"cannot write .*No space left on device"),
     ("out-train-under-proc", train_case(good_shard, out=f"{PROC}/t"), rf"cannot write {PROC}/t"),
     ("out-bench-under-proc", argv("bench", "--model", "mdlm-tiny", "--out", f"{PROC}/b"), rf"cannot write {PROC}/b"),
+    # fourth audit: train used to replace --out whatever it held, its own corpus included
+    ("out-train-holds-its-corpus", train_case(lambda w: good_shard(w / "data"), "--overwrite", out="CASE/data"),
+     r"would replace the input .*c\.jsonl"),
 ]
 DATA = [  # training shards as users bring them (`faircalib train --corpus`)
     ("data-empty-file", train_case(shard("c.jsonl", b"")), r"holds no text"),

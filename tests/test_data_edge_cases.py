@@ -300,3 +300,63 @@ def test_json_nested_deeper_than_the_stack_is_one_line(tmp_path):
         load_source(str(array))
     with pytest.raises(DataError, match="line 2 nests JSON too deeply"):
         list(read_documents([str(lines)]))
+
+
+def test_numbers_past_pythons_digit_limit_are_one_line(tmp_path):
+    """json.loads raises a plain ValueError (not JSONDecodeError) for an integer of more than
+    4300 digits: one DataError naming the file (and line), in JSON Lines, arrays and tasks."""
+    from faircalib.eval.tasks import load_task
+
+    huge = "1" * 5000
+    lines = tmp_path / "big.jsonl"
+    lines.write_text(f'{{"text": "abc", "id": {huge}}}\n')
+    array = tmp_path / "big.json"
+    array.write_text(f'[{{"text": "abc", "id": {huge}}}]')
+    task = tmp_path / "task.jsonl"
+    task.write_text(f'{{"context": "a", "choices": [" b", " c"], "answer": 0, "id": {huge}}}\n')
+    for path, where in ((lines, "line 1"), (array, "big.json"), (task, "line 1")):
+        with pytest.raises(DataError, match=where) as exc:
+            load_source(str(path)).docs if path != task else load_task(path)
+        assert "\n" not in str(exc.value)
+
+
+def test_task_files_read_as_data_files_do(tmp_path):
+    """A task file is JSON Lines as the data files are: a byte-order mark is no content, a raw
+    U+2028 inside a string does not end its line, and a lone surrogate is refused at load
+    (it used to fail mid-run in the tokenizer)."""
+    from faircalib.eval.tasks import load_task
+
+    item = {"context": "a\u2028b", "choices": [" yes", " no"], "answer": 1}
+    path = tmp_path / "task.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(item, ensure_ascii=False) + "\r\n").encode())
+    items, record = load_task(path)
+    assert record["items"] == 1 and items[0].context == "a\u2028b" and items[0].answer == 1
+    path.write_text('{"context": "cut \\ud83d", "choices": [" a", " b"], "answer": 0}\n')
+    with pytest.raises(DataError, match="line 1.*surrogate"):
+        load_task(path)
+
+
+def test_csv_and_tsv_rows_are_read_whole_or_refused(tmp_path):
+    """A CSV cell longer than csv's default 131,072-character field limit is read; a TSV is read
+    without quote handling (text/tab-separated-values has none), so a text starting with a
+    quote mark no longer swallows the rows after it; a row with more or fewer fields than the
+    header is refused, naming the row."""
+    long = tmp_path / "long.csv"
+    long.write_text("text\n" + "a b " * 50_000 + "\n")
+    assert len(load_source(str(long)).docs[0]) == 200_000
+    tsv = tmp_path / "q.tsv"
+    tsv.write_text('id\ttext\n1\t"quoted start\n2\tsecond doc\n3\t"Hello," she said.\n')
+    assert load_source(str(tsv)).docs == ('"quoted start', "second doc", '"Hello," she said.')
+    quoted = tmp_path / "ok.csv"
+    quoted.write_text('id,text\n1,"He said ""hi"", then left"\n')
+    assert load_source(str(quoted)).docs == ('He said "hi", then left',)
+    bad = (
+        ("stray.tsv", "id\ttext\n1\thello\tworld\n", "row 1 has 3 fields where the header has 2"),
+        ("short.csv", "id,text\n1\n", "row 1 has 1 fields where the header has 2"),
+        ("quote.csv", 'id,text\n1,"Hello," she said.\n', "line 2: ',' expected after"),
+    )
+    for name, body, reason in bad:
+        path = tmp_path / name
+        path.write_text(body)
+        with pytest.raises(DataError, match=reason):
+            load_source(str(path))

@@ -444,3 +444,43 @@ def test_a_rotary_base_saved_in_rope_parameters_is_read(tmp_path: Path, family):
         (directory / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(CheckpointError, match=words):
             hub.load(directory)
+
+
+def test_older_dream_exports_load_their_weights_and_refuse_contradictions(tmp_path: Path):
+    """Older transformers exports of Qwen2-style models store each layer's rotary `inv_freq`
+    buffer and, with tied embeddings, a copy of the embedding as lm_head.weight. Both load as
+    the clean checkpoint does (the same log-probs); a head copy that differs from the
+    embedding, or frequencies of another rope_theta, are refused in one line."""
+    config = dream_config(tie_word_embeddings=True)
+    tensors = dream_tensors(config)
+    hd = config["hidden_size"] // config["num_attention_heads"]
+    inv_freq = 1.0 / config["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
+    older = dict(tensors)
+    older["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    for i in range(config["num_hidden_layers"]):
+        older[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq
+    clean = hub.load(write_checkpoint(tmp_path / "clean", config, tensors))
+    loaded = hub.load(write_checkpoint(tmp_path / "older", config, older))
+    x_t = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    x_t[:, ::3] = MASK_ID
+    with torch.no_grad():
+        assert torch.equal(loaded.log_probs(x_t), clean.log_probs(x_t))
+    other_head = {**older, "lm_head.weight": older["lm_head.weight"] * 2}
+    with pytest.raises(CheckpointError, match="tie_word_embeddings"):
+        hub.load(write_checkpoint(tmp_path / "head", config, other_head))
+    stale = {**older, "model.layers.0.self_attn.rotary_emb.inv_freq": inv_freq * 3}
+    with pytest.raises(CheckpointError, match="rope_theta"):
+        hub.load(write_checkpoint(tmp_path / "rope", config, stale))
+
+
+def test_a_bom_in_config_json_is_read_and_an_index_without_weight_map_is_named(tmp_path: Path):
+    """Windows editors save config.json with a byte-order mark: it loads. An index file
+    without its weight_map says so, instead of listing every tensor as missing."""
+    directory = write_family(tmp_path / "m", "dream")
+    config = directory / "config.json"
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())
+    assert hub.load(directory).family == "dream"
+    index = directory / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match="has no weight_map"):
+        hub.load(directory)

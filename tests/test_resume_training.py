@@ -204,3 +204,38 @@ def test_literal_mask_tokens_in_the_text_are_dropped_and_counted(tmp_path, capsy
     kept = training.without_mask_tokens(stream, tok)
     assert len(kept) == len(stream) - n_mask and not (kept == mask_id).any()
     assert f"dropped {n_mask:,} <|mask|> tokens" in capsys.readouterr().out
+
+
+def test_train_never_replaces_its_inputs_and_asks_before_replacing_a_directory(tmp_path, tokens):
+    """An --out that holds the token cache (or the corpus, or the tokenizer) is refused even
+    with overwrite, and nothing in it is touched; an existing --out needs overwrite; the model
+    is readable by others (0755 / 0644 under umask 022), as quantize's output is."""
+    import os
+    import shutil
+    import stat
+
+    from faircalib.errors import CheckpointError, OutputError
+
+    home = tmp_path / "home"
+    home.mkdir()
+    cache = home / "tokens.npy"
+    shutil.copy(tokens, cache)
+    (home / "NOTES.txt").write_text("mine")
+    for out in (home, tmp_path):  # the input's directory, and a directory above it
+        with pytest.raises(OutputError, match="would replace the input"):
+            training.train(config(out.parent, out.name, cache, overwrite=True))
+    assert sorted(p.name for p in home.iterdir()) == ["NOTES.txt", "tokens.npy"]
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("keep")
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        training.train(config(tmp_path, "occupied", cache, max_steps=1))
+    assert (occupied / "keep.txt").read_text() == "keep"
+    old = os.umask(0o022)
+    try:
+        out = training.train(config(tmp_path, "occupied", cache, max_steps=1, overwrite=True))
+    finally:
+        os.umask(old)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in out.iterdir())

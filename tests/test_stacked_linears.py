@@ -209,3 +209,64 @@ def test_generate_stack_linears_gives_the_unstacked_tokens(tmp_path, capsys, mon
         outs.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert outs[0]["tokens"] == outs[1]["tokens"]
     assert len(reports) == 1 and len(reports[0].stacked) == 2 * 2 and not reports[0].left
+
+
+def test_a_shared_result_never_crosses_grad_autocast_or_inference_modes():
+    """A stacked result computed under no_grad, autocast or inference mode is not handed to a
+    member called under another mode (its grad, dtype or tensor kind would be wrong); rows that
+    need a gradient are never shared and keep their graph."""
+    root = nn.Module()
+    root.q, root.k = nn.Linear(16, 8), nn.Linear(16, 4)
+    want = {"q": root.q, "k": root.k}
+    stack_linears(root, [("q", "k")])
+    x = torch.randn(3, 16, requires_grad=True)
+    with torch.no_grad():
+        root.q(x)
+    k = root.k(x)
+    assert k.requires_grad and torch.allclose(k, want["k"](x))
+    k.sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad, want["k"].weight.sum(0).expand(3, 16))
+    y = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert root.q(y).dtype == torch.bfloat16
+    assert root.k(y).dtype == torch.float32
+    with torch.inference_mode():
+        root.q(y)
+    assert not root.k(y).is_inference()
+
+
+def test_state_dicts_views_loads_and_pending_results(tmp_path):
+    """keep_vars gives views of the stacked tensors (the default gives copies, which
+    safetensors can save); loading a state dict into a stacked model is refused in words; a
+    layer named twice is not stacked; a block that raises between two members leaves no
+    stacked result behind (`stack_readers`' hook)."""
+    from safetensors.torch import save_file
+
+    from faircalib.formats.packed import stack_readers
+
+    model = hub.load(write_family(tmp_path / "src", "llada"))
+    report = stack_readers(model)
+    assert len(report.stacked) == 2 * len(model.blocks) and model.stack_report is report
+    block = model.blocks[0]
+    q = block.get_submodule(model.NAMES.block.q)
+    views = model.state_dict(keep_vars=True)
+    copies = model.state_dict()
+    name = f"{model.NAMES.blocks}.0.{model.NAMES.block.k}.weight"
+    stacked_weight = q.stacked.weight
+    start = stacked_weight.data_ptr()
+    end = start + stacked_weight.numel() * stacked_weight.element_size()
+    assert start <= views[name].data_ptr() < end
+    assert not start <= copies[name].data_ptr() < end
+    save_file(copies, str(tmp_path / "w.safetensors"))
+    with pytest.raises(RuntimeError, match="takes no state dict; load the checkpoint, then stack"):
+        model.load_state_dict(copies)
+    root = nn.Module()
+    root.a = nn.Linear(4, 4)
+    assert stack_linears(root, [("a", "a")]).left == [(("a", "a"), "a layer is named twice")]
+
+    k = block.get_submodule(model.NAMES.block.k)
+    k.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+    x_t = torch.randint(0, 256, (1, 8))
+    with pytest.raises(RuntimeError, match="boom"):
+        model.log_probs(x_t)
+    assert q._group.parts == () and q._group.waiting == set()

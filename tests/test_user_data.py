@@ -199,6 +199,24 @@ def test_task_files_are_checked_line_by_line(tmp_path):
     assert record == {"task": str(path), "sha256": sha(path), "items": 1}
 
 
+def test_a_task_choice_longer_than_the_model_is_named_before_any_evaluation(tmp_path):
+    """The context is cut to fit the model; a choice cannot be. The check names the line and
+    the choice, and runs before the float model is evaluated (bench used to fail after it)."""
+    from faircalib.eval.tasks import check_task_fits, load_task
+
+    tokenizer = hub.load_tokenizer("mdlm-tiny")
+    path = tmp_path / "task.jsonl"
+    fits = {"context": "word " * 1000, "choices": [" b", " c"], "answer": 0}
+    long = {"context": "A", "choices": [" b", " word" * 200], "answer": 0}
+    path.write_text(json.dumps(fits) + "\n\n" + json.dumps(long) + "\n")
+    items, _ = load_task(path)
+    check_task_fits(items[:1], tokenizer, 128)  # a long context is cut, not refused
+    n = len(tokenizer.encode(" word" * 200).ids)
+    with pytest.raises(DataError, match=rf"task.jsonl line 3: choice 1 has {n} tokens, more than"):
+        check_task_fits(items, tokenizer, 128)
+    check_task_fits(items, tokenizer, n)  # exactly the model's length fits
+
+
 def test_an_unreachable_hub_dataset_is_one_line_without_the_retry_warnings(monkeypatch, capsys):
     """Offline, huggingface_hub logs a warning (with the URL) per retried request before
     load_dataset fails; the user sees only the one-line error."""

@@ -250,7 +250,7 @@ class Evaluator:
         from faircalib.data import calibration_batch
         from faircalib.data.sources import DEFAULT_CALIB_SPLIT, load_source
         from faircalib.eval.protocols import eval_sets
-        from faircalib.eval.tasks import load_task
+        from faircalib.eval.tasks import check_task_fits, load_task
 
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -266,6 +266,8 @@ class Evaluator:
         calib_split = cfg.calib_split or DEFAULT_CALIB_SPLIT.get(cfg.calib)
         self.calib = load_source(cfg.calib, calib_split, cfg.text_field)
         self.task, task_record = load_task(cfg.task) if cfg.task else (None, None)
+        if self.task is not None:  # now, not after the float model's evaluation
+            check_task_fits(self.task, tokenizer, model.seq_len)
         self.records = {"calib": self.calib.record(), "eval": self.records, "task": task_record}
         if cfg.flip_prefix + cfg.flip_gen_length > model.seq_len:  # now, not after calibration
             raise ConfigError(

@@ -126,7 +126,8 @@ class QuantConfig:
     def check_layer(self, name: str, in_features: int) -> None:
         if self.group_size is not None and in_features % self.group_size:
             raise ConfigError(
-                f"group size {self.group_size} does not divide {name}'s {in_features} input features"
+                f"group size {self.group_size} does not divide {name}'s {in_features} input "
+                "features; pass a --group-size that divides it (e.g. 32 or 64), or per-channel"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -128,6 +128,7 @@ class TrainConfig:
     stop_after_s: float | None = None  # this invocation's wall-clock limit
     stop_after_steps: int | None = None  # this invocation's step limit
     resume: bool = False  # continue from OUT.partial (same settings and data)
+    overwrite: bool = False  # replace an existing OUT (never one that holds an input)
 
 
 MAX_LINE_CHARS = (
@@ -428,7 +429,10 @@ def train(cfg: TrainConfig) -> Path:
     `stop_after_steps` ends the run first, the state is kept and its directory (OUT.partial)
     is returned instead: `resume=True` with the same settings continues it."""
     torch.manual_seed(cfg.seed)
-    check_output_dir(Path(cfg.out), overwrite=True)  # an unwritable --out fails before training
+    # before any work: an existing --out (without overwrite), one holding an input (the corpus,
+    # the tokenizer, the token cache), or an unwritable one
+    inputs = [Path(p) for p in (*cfg.corpus, cfg.tokenizer, cfg.token_cache) if p]
+    check_output_dir(Path(cfg.out), overwrite=cfg.overwrite, inputs=inputs)
     tokenizer, eos_id = load_tokenizer(cfg.tokenizer)
     t0 = time.time()
     stream = torch.from_numpy(without_mask_tokens(load_stream(cfg, tokenizer, eos_id), tokenizer))
@@ -569,7 +573,7 @@ def train(cfg: TrainConfig) -> Path:
         model,
         Path(cfg.out),
         dtype=torch.bfloat16,
-        overwrite=True,
+        overwrite=True,  # checked at the start (`check_output_dir`): OUT was free or replaceable
         extra_files={
             "tokenizer.json": Path(cfg.tokenizer),
             "train_log.json": summary,

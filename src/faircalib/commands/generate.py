@@ -109,6 +109,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _say_what_stacked(model: Any) -> None:
+    """One warning line when --stack-linears stacked less than it could: groups left apart
+    (a mixed recipe, fake-quant layers) or a family that declares no readers to stack."""
+    report = getattr(model, "stack_report", None)
+    if report is None or (not report.stacked and not report.left):
+        print(
+            "faircalib generate: warning: --stack-linears: this model declares no layers that "
+            "read one input (a residual layout), so nothing was stacked",
+            file=sys.stderr,
+        )
+    elif report.left:
+        paths, why = report.left[0]
+        print(
+            f"faircalib generate: warning: --stack-linears left {len(report.left)} of "
+            f"{len(report.left) + len(report.stacked)} groups apart, e.g. {', '.join(paths)}: "
+            f"{why}",
+            file=sys.stderr,
+        )
+
+
 def generate_texts(
     model_name: str,
     prompt: str,
@@ -134,6 +154,8 @@ def generate_texts(
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
     model = hub.load(model_name, device=device, stack=stack)
+    if stack:
+        _say_what_stacked(model)
     if cuda_graph:
         from faircalib.models.cuda_graph import CUDAGraphDenoiser
 

@@ -32,6 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out (one that is or holds an input is always refused)",
+    )
+    p.add_argument(
         "--preset",
         default="tiny",
         choices=[
@@ -238,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         stop_after_s=args.stop_after,
         stop_after_steps=args.stop_after_steps,
         resume=args.resume,
+        overwrite=args.overwrite,
         **({"device": args.device} if args.device else {}),
     )
     train(cfg)

@@ -234,6 +234,9 @@ def _json_docs(text: str, path: Path, field: str) -> tuple[str, ...]:
                 f"{path} nests JSON too deeply to be records of text; write one JSON object "
                 "per line"
             ) from exc
+        except ValueError as exc:  # a number past Python's 4300-digit int limit
+            reason = str(exc).split(";")[0]  # not Python's advice to raise its limit
+            raise DataError(f"{path} holds JSON this reader refuses ({reason}); fix it") from exc
         return tuple(
             item if isinstance(item, str) else _field(item, field, f"{path} item {number}")
             for number, item in enumerate(items)
@@ -250,27 +253,66 @@ def _json_docs(text: str, path: Path, field: str) -> tuple[str, ...]:
             raise DataError(f"{path} line {number} is not JSON ({exc.msg}); fix that line") from exc
         except RecursionError as exc:  # nesting deeper than Python's stack: not a text record
             raise DataError(f"{path} line {number} nests JSON too deeply; fix that line") from exc
+        except ValueError as exc:  # a number past Python's 4300-digit int limit
+            reason = str(exc).split(";")[0]  # not Python's advice to raise its limit
+            raise DataError(f"{path} line {number}: {reason}; fix that line") from exc
         docs.append(_field(obj, field, f"{path} line {number}"))
     return tuple(docs)
 
 
+CSV_FIELD_LIMIT = 2**31 - 1  # csv's default, 131,072 characters, is shorter than many documents
+
+
 def _csv_docs(text: str, path: Path, field: str, delimiter: str) -> tuple[str, ...]:
-    """One document per row of a CSV / TSV file with a header row: column `field`."""
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    if reader.fieldnames is None:
-        return ()
-    if field not in reader.fieldnames:
-        raise DataError(
-            f"{path} has no column {field!r} in its header (columns: {reader.fieldnames}); "
-            "use --text-field"
-        )
+    """One document per row of a CSV / TSV file with a header row: column `field`. Quoted
+    cells are read strictly (a quote must close its cell), so a stray quote mark cannot
+    silently swallow the rows after it or lose its marks. A TSV with such marks is plain
+    text/tab-separated-values, which has no quoting: it is read again without. A row with more
+    or fewer fields than the header is refused (a stray tab or comma, a missing cell)."""
+    limit = csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
-        rows = list(reader)
+        try:
+            header, rows = _csv_rows(text, delimiter, csv.QUOTE_MINIMAL)
+        except csv.Error as exc:
+            if delimiter != "\t":
+                raise DataError(f"{path} line {exc.args[1]}: {exc.args[0]}; fix that line") from exc
+            header, rows = _csv_rows(text, delimiter, csv.QUOTE_NONE)
     except csv.Error as exc:
-        raise DataError(f"{path} line {reader.line_num}: {exc}; fix that line") from exc
-    return tuple(
-        _check_text(row[field], f"{path} row {number}", field) for number, row in enumerate(rows, 1)
+        raise DataError(f"{path} line {exc.args[1]}: {exc.args[0]}; fix that line") from exc
+    finally:
+        csv.field_size_limit(limit)
+    if header is None:
+        return ()
+    if field not in header:
+        raise DataError(
+            f"{path} has no column {field!r} in its header (columns: {header}); use --text-field"
+        )
+    column = header.index(field)
+    docs = []
+    for number, row in enumerate(rows, 1):
+        where = f"{path} row {number}"
+        if len(row) != len(header):
+            stray = "tab" if delimiter == "\t" else "delimiter"
+            raise DataError(
+                f"{where} has {len(row)} fields where the header has {len(header)} (a stray "
+                f"{stray} or a missing field?); fix that row"
+            )
+        docs.append(_check_text(row[column], where, field))
+    return tuple(docs)
+
+
+def _csv_rows(text: str, delimiter: str, quoting: int) -> tuple[list[str] | None, list]:
+    """(header, non-empty rows); a csv.Error's args are (message, line number)."""
+    reader = csv.reader(
+        io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting, strict=True
     )
+    try:
+        table = [row for row in reader if row]
+    except csv.Error as exc:
+        raise csv.Error(str(exc), reader.line_num) from exc
+    if not table:
+        return None, []
+    return table[0], table[1:]
 
 
 def _field(obj: object, field: str, where: str) -> str:
@@ -284,10 +326,10 @@ def _field(obj: object, field: str, where: str) -> str:
             f"{where}: field {field!r} is {type(value).__name__}, not text; fix it or use "
             "another --text-field"
         )
-    return _valid_unicode(value, where)
+    return valid_unicode(value, where)
 
 
-def _valid_unicode(value: str, where: str) -> str:
+def valid_unicode(value: str, where: str) -> str:
     """JSON may escape half of a surrogate pair alone (a cut emoji: "\\ud83d"); such a string
     has no UTF-8 form, and the tokenizer would fail on it later with a type error."""
     try:
@@ -324,7 +366,7 @@ def _check_text(value: object, where: str, field: str) -> str:
             f"{where}: column {field!r} is {type(value).__name__}, not text; use another "
             "--text-field"
         )
-    return _valid_unicode(value, where)
+    return valid_unicode(value, where)
 
 
 # --- the `datasets` library -------------------------------------------------------------------

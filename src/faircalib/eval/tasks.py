@@ -18,6 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from faircalib.data.sources import valid_unicode
 from faircalib.errors import DataError
 from faircalib.eval.likelihood import conditional_log_likelihood, encode_pair, fit_context
 from faircalib.models.base import DiffusionLM
@@ -28,6 +29,7 @@ class ChoiceItem:
     context: str
     choices: tuple[str, ...]
     answer: int
+    where: str = ""  # "FILE line N": what an error about the item names
 
 
 def load_task(path: str | Path) -> tuple[list[ChoiceItem], dict]:
@@ -37,11 +39,13 @@ def load_task(path: str | Path) -> tuple[list[ChoiceItem], dict]:
         raise DataError(f"task file {path} does not exist; check the path")
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not content
     except UnicodeDecodeError as exc:
         raise DataError(f"task file {path} is not UTF-8 (byte {exc.start}); convert it") from exc
     items = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # JSON Lines are separated by \n alone: splitlines() would also split inside strings at
+    # U+2028, U+0085 and other characters JSON allows raw (a trailing \r is JSON whitespace)
+    for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             items.append(_item(line, f"{path} line {number}"))
     if not items:
@@ -55,6 +59,11 @@ def _item(line: str, where: str) -> ChoiceItem:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where} is not JSON ({exc.msg}); fix that line") from exc
+    except RecursionError as exc:  # nesting deeper than Python's stack
+        raise DataError(f"{where} nests JSON too deeply; fix that line") from exc
+    except ValueError as exc:  # a number past Python's 4300-digit int limit
+        reason = str(exc).split(";")[0]  # not Python's advice to raise its limit
+        raise DataError(f"{where}: {reason}; fix that line") from exc
     if not isinstance(obj, dict) or not {"context", "choices", "answer"} <= set(obj):
         raise DataError(f'{where} needs "context", "choices" and "answer"; add them')
     context, choices, answer = obj["context"], obj["choices"], obj["answer"]
@@ -64,7 +73,22 @@ def _item(line: str, where: str) -> ChoiceItem:
         raise DataError(f"{where}: every choice must be non-empty text; fix it")
     if type(answer) is not int or not 0 <= answer < len(choices):
         raise DataError(f"{where}: answer must be a choice index 0..{len(choices) - 1}; fix it")
-    return ChoiceItem(context, tuple(choices), answer)
+    for text in (context, *choices):  # the tokenizer would fail on them later, mid-run
+        valid_unicode(text, where)
+    return ChoiceItem(context, tuple(choices), answer, where)
+
+
+def check_task_fits(items: list[ChoiceItem], tokenizer: Tokenizer, seq_len: int) -> None:
+    """Refuse, before any evaluation, an item with a choice longer than the model (the context
+    is cut from the left to fit, a choice cannot be)."""
+    for item in items:
+        for number, choice in enumerate(item.choices):
+            _, continuation = encode_pair(tokenizer, item.context, choice)
+            if len(continuation) > seq_len:
+                raise DataError(
+                    f"{item.where}: choice {number} has {len(continuation)} tokens, more than "
+                    f"the model's length {seq_len}; shorten that choice or drop the item"
+                )
 
 
 def choice_log_likelihoods(

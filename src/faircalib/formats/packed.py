@@ -118,7 +118,7 @@ from faircalib.kernels import QuantLinear, check_codes
 from faircalib.kernels.backends import check_backend_name, fp8_w8a8_linear, fp8_w8a8_support
 from faircalib.kernels.quant_linear import compute_dtype
 from faircalib.kernels.shared_activations import share_activations
-from faircalib.kernels.stacked_linears import StackReport, stack_linears
+from faircalib.kernels.stacked_linears import StackedMember, StackReport, stack_linears
 from faircalib.models.base import REDO, DiffusionLM, read_json
 from faircalib.models.io import (
     CONFIG,
@@ -683,6 +683,8 @@ class FP8ActLinear(nn.Module):
                 raise ValueError("their input widths or backends differ")
             if (layer.bias is None) != (first.bias is None):
                 raise ValueError("some have a bias and some do not")
+            if layer.weight.device != first.weight.device:
+                raise ValueError("they lie on different devices")
         bias = None if first.bias is None else torch.cat([layer.bias.detach() for layer in layers])
         return cls(
             torch.cat([layer.weight for layer in layers]),
@@ -1174,10 +1176,26 @@ def load_packed_model(
 
 def stack_readers(model: DiffusionLM) -> StackReport:
     """Stack the linears that read one norm's output (`DiffusionLM.residual_layout`; none for
-    a family that declares no layout) where their layers allow (`kernels.stacked_linears`)."""
+    a family that declares no layout) where their layers allow (`kernels.stacked_linears`).
+    Every block then drops, after its forward (also one that raised), any stacked result its
+    members did not all take. The report is kept as `model.stack_report`."""
     layout = model.residual_layout()
     groups = [] if layout is None else [nr.readers for nr in layout.norms]
-    return stack_linears(model, groups)
+    report = stack_linears(model, groups)
+    for block in model.blocks:
+        members = [m for m in block.modules() if isinstance(m, StackedMember)]
+        if members:
+            block.register_forward_hook(_releaser(members), always_call=True)
+    model.stack_report = report
+    return report
+
+
+def _releaser(members: list[StackedMember]) -> Any:
+    def release(_module: nn.Module, _args: Any, _output: Any) -> None:
+        for member in members:
+            member.release_pending()
+
+    return release
 
 
 def _float_model(

@@ -124,7 +124,10 @@ class SamplerConfig:
 
     def _validate_blocks(self) -> None:
         if self.block < 1 or self.gen_length % self.block:
-            raise ConfigError(f"block_length {self.block} must divide gen_length {self.gen_length}")
+            raise ConfigError(
+                f"block_length {self.block} must divide gen_length {self.gen_length}; pass a "
+                "--block-length that divides --gen-length"
+            )
         n_blocks = self.gen_length // self.block
         if self.steps % n_blocks:
             raise ConfigError(

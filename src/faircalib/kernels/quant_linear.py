@@ -179,6 +179,8 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"their {', '.join(differ)} differ")
             if (layer.bias is None) != (first.bias is None):
                 raise ValueError("some have a bias and some do not")
+            if layer.scale.device != first.scale.device:
+                raise ValueError("they lie on different devices")
             same_input = (layer.input_scale is None and first.input_scale is None) or (
                 layer.input_scale is not None
                 and first.input_scale is not None

@@ -17,16 +17,22 @@ stacked shape takes (and so the float accumulation order) can differ; INT8 accum
 given input rows, the first member called runs the stacked layer once and splits its output;
 the others take their slices of that result. "Given input rows" means what
 `shared_activations.quantize_once` means: the same tensor (or view base), address, shape,
-strides, dtype and version counter. The result is dropped once every member has taken its
-slice, or when a member is called with other rows (then it runs the stacked layer again: still
-correct, only slower). No scope is needed, so the K/V-cache steps, which call the block's
-`forward_cached` outside its hooks, stack too.
+strides, dtype and version counter, under the same grad, inference and autocast modes; rows
+that need a gradient are never shared. Inference-mode tensors have no version counter: as with
+`quantize_once`, sharing then relies on the caller not writing the rows in place between two
+members' calls (no faircalib block does). The result is dropped once every member has taken
+its slice, when a member is called with other rows (then it runs the stacked layer again:
+still correct, only slower), or by `release_pending` (`formats.packed.stack_readers` calls it
+after every block forward, so a forward that raises between two members holds nothing). No
+scope is needed, so the K/V-cache steps, which call the block's `forward_cached` outside its
+hooks, stack too.
 
 The stacked layer is a child of the group's first member, so `model.to(...)`, `modules()` and
 `buffers()` see it once. `state_dict()` keeps the unstacked names and values: each member
-writes its own rows back (copies: safetensors refuses tensors that share memory), so a stacked
-model saves as it loaded. Loading a state dict into a stacked model is not supported: stack
-after loading.
+writes its own rows back, copies on the layer's device (safetensors refuses tensors that share
+memory; `keep_vars=True` gives views instead), so a stacked model saves as it loaded, at the
+cost of one copy of the stacked weights while the state dict lives. Loading a state dict into
+a stacked model is refused (load, then stack).
 
 A group stacks when its members are the same kind of layer with the same quantization:
 `nn.Linear` (same dtype and device), or a class with a `stacked(layers)` classmethod
@@ -98,34 +104,55 @@ class _Group:
         self.holder: Any = None  # weakref to those rows' base, or (inference mode) the rows
         self.parts: tuple[torch.Tensor, ...] = ()
         self.waiting: set[int] = set()  # members that have not taken their part yet
+        self._state: tuple[int, dict] | None = None  # (id of a state_dict being written, ours)
 
     def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # autograd: no result is shared
+            self.release()
+            return self.stacked(x).split(self.sizes, dim=-1)[index]
         rows, holder, base = _identity(x)
         if index in self.waiting and rows == self.rows and _same_base(self.holder, base):
             self.waiting.discard(index)
             part = self.parts[index]
             if not self.waiting:
-                self._drop()
+                self.release()
             return part
         parts = self.stacked(x).split(self.sizes, dim=-1)
         self.rows, self.holder, self.parts = rows, holder, parts
         self.waiting = set(range(len(self.sizes))) - {index}
         return parts[index]
 
-    def _drop(self) -> None:
+    def release(self) -> None:
+        """Forget the result waiting for members not yet called."""
         self.rows, self.holder, self.parts, self.waiting = None, None, (), set()
+
+    def state_for(self, destination: dict) -> dict[str, torch.Tensor]:
+        """The stacked layer's state, computed once per `state_dict` call for all members."""
+        if self._state is None or self._state[0] != id(destination):
+            self._state = (id(destination), self.stacked.state_dict(keep_vars=True))
+        return self._state[1]
+
+    def state_written(self) -> None:
+        self._state = None
 
 
 def _identity(x: torch.Tensor) -> tuple[tuple, Any, torch.Tensor | None]:
-    """(key of x's rows, what to hold them by, their view base): `quantize_once`'s rule.
-    Inference-mode tensors have no version counter: they are held until the group is done, so
-    their address stays theirs."""
+    """(key of x's rows and of the modes a call runs under, what to hold the rows by, their
+    view base): `quantize_once`'s rule. Inference-mode tensors have no version counter: they
+    are held until the group is done, so their address stays theirs."""
     if x.is_inference():
         version, holder, base = -1, x, None
     else:
         base = x if x._base is None else x._base
         version, holder = x._version, weakref.ref(base)
-    rows = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), version)
+    device = x.device.type
+    modes = (
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        torch.is_autocast_enabled(device),
+        torch.get_autocast_dtype(device),
+    )
+    rows = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), version, modes)
     return rows, holder, base
 
 
@@ -145,10 +172,31 @@ class StackedMember(nn.Module):
         self.in_features = group.stacked.in_features
         self.out_features = group.sizes[index]
         self._original_keys = tuple(original.state_dict(keep_vars=True))
+        self._last = index == len(group.sizes) - 1
         self._register_state_dict_hook(_unstacked_state)
+        self._register_load_state_dict_pre_hook(_refuse_load, with_module=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._group.part(self.index, x)
+
+    def release_pending(self) -> None:
+        """Drop a stacked result that members not yet called would have taken."""
+        self._group.release()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # noqa: ANN001
+        """The member's own keys: its rows of the stacked layer's tensors (and the tensors
+        all members share, such as an input scale)."""
+        group = self._group
+        if self.index == 0:  # a state dict of the whole group starts here: compute afresh
+            group.state_written()
+        shared = getattr(group.stacked, "PER_INPUT_STATE", ())
+        rows = slice(self.start, self.start + self.out_features)
+        for key, tensor in group.state_for(destination).items():
+            if key in self._original_keys:
+                value = tensor if key in shared else tensor[rows]
+                destination[prefix + key] = value if keep_vars else value.detach().clone()
+        if self._last:
+            group.state_written()
 
     def extra_repr(self) -> str:
         end = self.start + self.out_features
@@ -156,19 +204,22 @@ class StackedMember(nn.Module):
 
 
 def _unstacked_state(module: StackedMember, destination: dict, prefix: str, _meta: Any) -> None:
-    """state_dict hook: the member's own keys, its rows of the stacked layer's tensors (and the
-    tensors all members share, such as an input scale), instead of the stacked layer's keys."""
+    """state_dict hook, after the children: drop the stacked child's own keys (the members
+    wrote theirs in `_save_to_state_dict`)."""
     for key in [k for k in destination if k.startswith(prefix + "stacked.")]:
         del destination[key]
     metadata = getattr(destination, "_metadata", None)
     if metadata is not None:
         metadata.pop(prefix + "stacked", None)
-    stacked = module._group.stacked
-    shared = getattr(stacked, "PER_INPUT_STATE", ())
-    rows = slice(module.start, module.start + module.out_features)
-    for key, tensor in stacked.state_dict().items():
-        if key in module._original_keys:
-            destination[prefix + key] = (tensor if key in shared else tensor[rows]).clone()
+
+
+def _refuse_load(
+    module: StackedMember, state_dict, prefix, _meta, strict, missing, unexpected, errors
+) -> None:  # noqa: ANN001
+    errors.append(
+        f"{prefix or 'the model'}: a stacked layer (kernels.stacked_linears) takes no state "
+        "dict; load the checkpoint, then stack"
+    )
 
 
 def stack_linears(root: nn.Module, groups: Iterable[Sequence[str]]) -> StackReport:
@@ -178,6 +229,9 @@ def stack_linears(root: nn.Module, groups: Iterable[Sequence[str]]) -> StackRepo
     for group in groups:
         paths = tuple(group)
         if len(paths) < 2:
+            continue
+        if len(set(paths)) != len(paths):
+            report.left.append((paths, "a layer is named twice"))
             continue
         layers = [root.get_submodule(path) for path in paths]
         if any(isinstance(layer, StackedMember) for layer in layers):

@@ -172,6 +172,14 @@ class DiffusionLM(nn.Module, ABC):
     def quantizable_linears(self, block: nn.Module) -> list[tuple[str, nn.Linear]]:
         """The block's linear layers to quantize, as (name within block, module), in execution order."""
 
+    def checkpoint_tensors(
+        self, tensors: dict[str, torch.Tensor], source: str
+    ) -> dict[str, torch.Tensor]:
+        """A float checkpoint's tensors as this model names them, before they are checked
+        against it: upstream may store what the model recomputes or ties (LLaDA / Dream:
+        rotary `inv_freq` buffers, a copy of the tied output layer). Default: as stored."""
+        return tensors
+
     def extra_block_stacks(self) -> list[BlockStack]:
         """Block stacks that calibration quantizes besides `blocks`, in the order the forward
         runs them (all of them run inside `stem`, before `blocks`). Default: none, so a family
@@ -342,7 +350,7 @@ def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
                 f"{path} is {size:,} bytes, over the {max_bytes:,} a JSON metadata file may be; "
                 f"it is not a valid model file: {REDO}"
             )
-        obj = json.loads(path.read_bytes().decode("utf-8"))
+        obj = json.loads(path.read_bytes().decode("utf-8-sig"))  # a BOM (Windows) is no content
     except FileNotFoundError as exc:
         raise CheckpointError(
             f"{path} is missing; pass a complete model directory (config.json, safetensors "

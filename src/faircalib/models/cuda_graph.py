@@ -37,9 +37,12 @@ def capture(
     """-> (graph, fn's output captured in it). `fn` runs twice first on a side stream, so
     autotuning, layout caches and lazy initialisation happen outside the capture, as it needs;
     the capture runs on that stream too, so what was set up per stream (the split-K GEMM's
-    counters, `kernels.triton_w8a8._split_counters`) is found there, not made in the graph."""
+    counters, `kernels.triton_w8a8._split_counters`) is found there, not made in the graph.
+    It is one stream per device for every capture: the caching allocator reuses a block only on
+    the stream that allocated it, so graphs sharing a `pool` share memory only when captured on
+    one stream (as torch.cuda.graph's own default capture stream is shared)."""
     device = torch.device(device)
-    side = torch.cuda.Stream(device)
+    side = _capture_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(2):
@@ -49,6 +52,16 @@ def capture(
     with torch.cuda.graph(graph, pool=pool, stream=side):
         out = fn()
     return graph, out
+
+
+_capture_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capture_streams:
+        _capture_streams[index] = torch.cuda.Stream(index)
+    return _capture_streams[index]
 
 
 class CUDAGraphDenoiser:

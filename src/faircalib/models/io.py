@@ -245,7 +245,10 @@ def shard_files(directory: Path) -> tuple[dict[str, str], list[Path]]:
     inside the directory (an index naming ../../x or /etc/x is refused, never followed)."""
     directory = Path(directory)
     if (directory / INDEX).exists():
-        weight_map = read_json(directory / INDEX).get("weight_map", {})
+        index = read_json(directory / INDEX)
+        if "weight_map" not in index:
+            raise CheckpointError(f"{directory / INDEX} has no weight_map; {REDO}")
+        weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
@@ -389,7 +392,8 @@ def save_model(
     extra_files: dict[str, Path | str | dict] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `model` to `out` atomically. `extra_files` maps names to source paths, text or JSON."""
+    """Write `model` to `out` atomically, readable by others as an ordinary file would be
+    (`atomic.share`). `extra_files` maps names to source paths, text or JSON."""
     with atomic_directory(Path(out), overwrite=overwrite) as tmp:
         tensors = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
         save_tensors(tensors, tmp)
@@ -397,7 +401,7 @@ def save_model(
         # last: a directory without config.json is refused by every loader
         config = model.config_dict()
         write_json(tmp / CONFIG, {**config, **dtype_fields(config, dtype)})
-    return Path(out)
+    return atomic.share(Path(out))
 
 
 def dtype_fields(config: dict[str, Any], dtype: torch.dtype) -> dict[str, str]:
@@ -458,6 +462,7 @@ def load_model(
     config = read_json(directory / CONFIG)
     tensors = load_tensors(directory)
     probe = probe_model(config)
+    tensors = probe.checkpoint_tensors(tensors, str(directory))
     check_state_dict(probe, tensors, str(directory))
     state = {k: v.to(dtype) for k, v in tensors.items()}
     if _recomputed_buffers(probe):  # built for real: those buffers are computed at construction

@@ -37,6 +37,9 @@ from faircalib.models.base import (
 from faircalib.models.mdlm import apply_rotary
 from faircalib.models.schedule import LogLinearSchedule
 
+# what older transformers exports store per attention layer (a buffer the model recomputes)
+ROTARY_BUFFER = "rotary_emb.inv_freq"
+
 # Keys the toolkit itself writes into config.json; never part of an architecture.
 TOOLKIT_KEYS = frozenset({"family", "torch_dtype", "quantization_config", "faircalib"})
 
@@ -291,6 +294,44 @@ class LlamaLikeLM(DiffusionLM):
     def quantizable_linears(self, block: nn.Module) -> list[tuple[str, nn.Linear]]:
         return [(path, block.get_submodule(path)) for path in self.NAMES.block.linears()]
 
+    def checkpoint_tensors(
+        self, tensors: dict[str, torch.Tensor], source: str
+    ) -> dict[str, torch.Tensor]:
+        """Drop what older upstream exports store besides the weights, as transformers does:
+        rotary `inv_freq` buffers (checked against config.json's rope_theta: the frequencies
+        are recomputed from it) and, for tied embeddings, an output-layer copy equal to the
+        embedding. A copy that differs contradicts the tie: refused."""
+        kept = {}
+        for name, tensor in tensors.items():
+            if name.endswith(ROTARY_BUFFER):
+                self._check_inv_freq(name, tensor, source)
+            else:
+                kept[name] = tensor
+        head = f"{self.NAMES.lm_head}.weight"
+        if self.spec.tie_embeddings and head in kept:
+            embedding = kept.get(f"{self.NAMES.embed}.weight")
+            if embedding is None or not torch.equal(kept[head], embedding):
+                raise CheckpointError(
+                    f"{source}: config.json ties the embedding and the output layer, but the "
+                    f"weights hold a different {head}; set the tie flag ({self.TIE_KEY}) to "
+                    "false if the model has its own output layer"
+                )
+            del kept[head]
+        return kept
+
+    def _check_inv_freq(self, name: str, inv_freq: torch.Tensor, source: str) -> None:
+        hd = self.spec.head_dim
+        want = 1.0 / self.spec.rope_theta ** (torch.arange(0, hd, 2).double() / hd)
+        ok = inv_freq.shape == want.shape and torch.allclose(
+            inv_freq.double(), want, rtol=1e-2, atol=0
+        )
+        if not ok:
+            raise CheckpointError(
+                f"{source}: {name} holds rotary frequencies that config.json's rope_theta "
+                f"({self.spec.rope_theta}) and head size ({hd}) do not give; fix rope_theta "
+                "or drop the stale buffer from the weights"
+            )
+
     def vocab_layers(self) -> VocabLayers:
         """The embedding (nn.Embedding) and the output Linear; one tied entry, the embedding,
         when the checkpoint ties them (LLaDA `weight_tying`, Dream `tie_word_embeddings`)."""
@@ -349,7 +390,7 @@ _ABSENT = object()
 def integer(config: dict[str, Any], key: str, family: str, *, default: Any = _ABSENT) -> int:
     value = config.get(key, default)
     if value is _ABSENT:
-        raise CheckpointError(f"{family} config.json lacks {key}")
+        raise CheckpointError(f"{family} config.json lacks {key}; add it (see the model's card)")
     if type(value) is not int:
         raise CheckpointError(f"{family} config.json: {key} must be an integer, got {value!r}")
     return value
@@ -411,5 +452,6 @@ def require_values(
         if value not in allowed:
             raise CheckpointError(
                 f"{family} config.json: {key}={value!r} is not supported (supported: "
-                f"{', '.join(repr(a) for a in allowed)})"
+                f"{', '.join(repr(a) for a in allowed)}): faircalib's {family} block does not "
+                "compute it; use a checkpoint without it"
             )

@@ -60,14 +60,7 @@ def quantize_once(kind: str, x: torch.Tensor, quantize: Callable[[torch.Tensor],
     scope = _SCOPE.get()
     if scope is None or (x.requires_grad and torch.is_grad_enabled()):
         return quantize(x)
-    if x.is_inference():
-        # no version counter and no view tracking: x is held (its address stays its own
-        # while the scope lasts) and the key alone identifies the rows
-        version, holder, base = -1, x, None
-    else:
-        base = x if x._base is None else x._base  # the layers reshape their input: a view
-        version, holder = x._version, weakref.ref(base)
-    rows = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), version)
+    rows, holder, base = rows_identity(x)
     hit = scope.memo.get((kind, *rows))
     if hit is not None and (base is None or hit[0]() is base):
         return hit[1]
@@ -79,6 +72,20 @@ def quantize_once(kind: str, x: torch.Tensor, quantize: Callable[[torch.Tensor],
     result = quantize(x)
     scope.memo[(kind, *rows)] = (holder, result)
     return result
+
+
+def rows_identity(x: torch.Tensor) -> tuple[tuple, Any, torch.Tensor | None]:
+    """(key of x's rows, what to hold them by, their view base), the rule by which readers of
+    one input recognise it: the same tensor (or view base: the layers reshape their input),
+    address, shape, strides, dtype and version counter. Inference-mode tensors have no
+    version counter and no view tracking: they are held (their address stays theirs while
+    held) and the key alone identifies them."""
+    if x.is_inference():
+        version, holder, base = -1, x, None
+    else:
+        base = x if x._base is None else x._base
+        version, holder = x._version, weakref.ref(base)
+    return (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), version), holder, base
 
 
 def in_scope() -> bool:
@@ -97,10 +104,7 @@ def watch(x: torch.Tensor, kinds: set[str]) -> None:
     these rows (x as its callers pass it) from now until the scope closes."""
     scope = _SCOPE.get()
     if scope is not None:
-        version = -1 if x.is_inference() else x._version
-        scope.watched[(x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), version)] = (
-            kinds
-        )
+        scope.watched[rows_identity(x)[0]] = kinds
 
 
 def _enter(module: nn.Module, args: Any) -> None:

@@ -50,6 +50,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from faircalib.kernels.shared_activations import rows_identity
+
 
 @dataclass
 class StackReport:
@@ -137,14 +139,8 @@ class _Group:
 
 
 def _identity(x: torch.Tensor) -> tuple[tuple, Any, torch.Tensor | None]:
-    """(key of x's rows and of the modes a call runs under, what to hold the rows by, their
-    view base): `quantize_once`'s rule. Inference-mode tensors have no version counter: they
-    are held until the group is done, so their address stays theirs."""
-    if x.is_inference():
-        version, holder, base = -1, x, None
-    else:
-        base = x if x._base is None else x._base
-        version, holder = x._version, weakref.ref(base)
+    """`shared_activations.rows_identity`, with the modes a call runs under in the key."""
+    rows, holder, base = rows_identity(x)
     device = x.device.type
     modes = (
         torch.is_grad_enabled(),
@@ -152,8 +148,7 @@ def _identity(x: torch.Tensor) -> tuple[tuple, Any, torch.Tensor | None]:
         torch.is_autocast_enabled(device),
         torch.get_autocast_dtype(device),
     )
-    rows = (x.device, x.dtype, x.data_ptr(), tuple(x.shape), x.stride(), version, modes)
-    return rows, holder, base
+    return (*rows, modes), holder, base
 
 
 def _same_base(holder: Any, base: torch.Tensor | None) -> bool:

@@ -29,6 +29,7 @@ weights (`frontier.metrics.cache_flip_metrics`). Writes generation_8b.json and .
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 from dataclasses import replace
@@ -171,9 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument(
         "--stack-linears",
-        action="store_true",
-        help="every scheme (bf16 too) runs q, k, v and gate, up as one stacked layer each, as "
-        "generate --stack-linears (kernels.stacked_linears)",
+        nargs="?",
+        const="all",
+        choices=["all", "both"],
+        help="all: every scheme (bf16 too) runs q, k, v and gate, up as one stacked layer each, "
+        "as generate --stack-linears (kernels.stacked_linears); both: every scheme apart and "
+        "then stacked ('<scheme>+stacked'), side by side in one run",
     )
     args = p.parse_args(argv)
     record = run_record(["python", "benchmarks/generation_8b.py", *(argv or sys.argv[1:])])
@@ -201,14 +205,17 @@ def main(argv: list[str] | None = None) -> dict:
         schemes.append(("w8a8_rtn", ckpt, pack_rtn_w8a8))
     if args.packed:
         schemes.append(("packed", Path(args.packed), None))
-    for name, directory, swap in schemes:
+    stack_modes = {None: [False], "all": [True], "both": [False, True]}[args.stack_linears]
+    for (name, directory, swap), stacked in itertools.product(schemes, stack_modes):
         model = hub.load(directory, device=args.device, dtype=torch.bfloat16)
         if swap is not None:
             swap(model)
-        if args.stack_linears:  # after the swap: the quantized layers are what stacks
+        if stacked:  # after the swap: the quantized layers are what stacks
             report = stack_readers(model)
             if report.left:
                 raise SystemExit(f"{name}: layers left unstacked: {report.left}")
+            if args.stack_linears == "both":
+                name = f"{name}+stacked"
         if args.cuda_graph:  # after the swap: the graphs capture the quantized layers
             model = CUDAGraphDenoiser(model)
         rows += bench_scheme(name, model, args, mask_id, vocab)
@@ -252,7 +259,13 @@ def markdown(result: dict) -> str:
         f"# Generation tokens/s, {result['family']}-shaped random model"
         + (" (smoke)" if result["smoke"] else "")
         + (", steps replayed from CUDA graphs" if result.get("cuda_graph") else ", eager")
-        + (", q/k/v and gate/up stacked" if result.get("stack_linears") else ""),
+        + {
+            None: "",
+            False: "",
+            True: ", q/k/v and gate/up stacked",  # records written before "all" / "both"
+            "all": ", q/k/v and gate/up stacked",
+            "both": ", each scheme apart and with q/k/v and gate/up stacked",
+        }[result.get("stack_linears")],
         "",
         f"Command: `{result['record']['command']}`  ",
         f"Commit: {result['record']['git_commit']}  \nDevice: {result['record']['device_name']}"

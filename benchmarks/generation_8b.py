@@ -107,7 +107,10 @@ def measure(model, prompt: torch.Tensor, cfg: SamplerConfig, reps: int) -> dict:
     }
 
 
-def bench_scheme(name: str, model, args, mask_id: int, vocab: int) -> list[dict]:
+def bench_scheme(
+    name: str, model, args, mask_id: int, vocab: int, tokens_out: dict | None = None
+) -> list[dict]:
+    """One row per (batch, cache); `tokens_out`, when given, gets each cell's tokens."""
     rows = []
     for batch in args.batch:
         gen = torch.Generator().manual_seed(batch)
@@ -120,6 +123,8 @@ def bench_scheme(name: str, model, args, mask_id: int, vocab: int) -> list[dict]
         for cache in args.caches:
             m = measure(model, prompt, replace(base, cache=cache), args.reps)
             tokens = m.pop("tokens")
+            if tokens_out is not None:
+                tokens_out[batch, cache] = tokens
             if cache == "none":
                 reference = tokens
             flips = None if reference is None else (tokens != reference).float().mean().item()
@@ -206,19 +211,32 @@ def main(argv: list[str] | None = None) -> dict:
     if args.packed:
         schemes.append(("packed", Path(args.packed), None))
     stack_modes = {None: [False], "all": [True], "both": [False, True]}[args.stack_linears]
-    for (name, directory, swap), stacked in itertools.product(schemes, stack_modes):
+    apart_tokens: dict = {}  # "both": each apart scheme's tokens, what its stacked run must match
+    for (scheme, directory, swap), stacked in itertools.product(schemes, stack_modes):
         model = hub.load(directory, device=args.device, dtype=torch.bfloat16)
         if swap is not None:
             swap(model)
+        groups, name = 0, scheme
         if stacked:  # after the swap: the quantized layers are what stacks
             report = stack_readers(model)
             if report.left:
-                raise SystemExit(f"{name}: layers left unstacked: {report.left}")
+                raise SystemExit(f"{scheme}: layers left unstacked: {report.left}")
+            groups = len(report.stacked)
             if args.stack_linears == "both":
-                name = f"{name}+stacked"
+                name = f"{scheme}+stacked"
         if args.cuda_graph:  # after the swap: the graphs capture the quantized layers
             model = CUDAGraphDenoiser(model)
-        rows += bench_scheme(name, model, args, mask_id, vocab)
+        tokens: dict = {}
+        new_rows = bench_scheme(name, model, args, mask_id, vocab, tokens)
+        for r in new_rows:
+            r["stacked_groups"] = groups
+            apart = apart_tokens.get((scheme, r["batch"], r["cache"]))
+            if stacked and apart is not None:  # the same math: how many tokens came out equal
+                same = tokens[r["batch"], r["cache"]] == apart
+                r["same_tokens_as_apart"] = same.float().mean().item()
+            elif not stacked:
+                apart_tokens[scheme, r["batch"], r["cache"]] = tokens[r["batch"], r["cache"]]
+        rows += new_rows
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -286,7 +304,24 @@ def markdown(result: dict) -> str:
             f"{r['row_fraction']:.2f} | {r['speedup_vs_own_uncached']:.2f}x | "
             f"{r['speedup_vs_bf16']:.2f}x | {flips} |"
         )
+    lines += _stacked_vs_apart(result["rows"])
     return "\n".join(lines) + "\n"
+
+
+def _stacked_vs_apart(rows: list[dict]) -> list[str]:
+    """--stack-linears both: each stacked row's speed and tokens against the same scheme apart."""
+    apart = {(r["scheme"], r["batch"], r["cache"]): r for r in rows}
+    lines = []
+    for r in rows:
+        base = apart.get((r["scheme"].removesuffix("+stacked"), r["batch"], r["cache"]))
+        if r["scheme"].endswith("+stacked") and base is not None:
+            lines.append(
+                f"- {r['scheme']} batch {r['batch']} cache {r['cache']}: "
+                f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x of apart, "
+                f"{r['stacked_groups']} groups stacked, "
+                f"same tokens as apart {r['same_tokens_as_apart']:.3f}"
+            )
+    return ["", "Stacked vs apart (this run):", *lines] if lines else []
 
 
 if __name__ == "__main__":

@@ -61,8 +61,10 @@ bf16,bf16_stacked,int4_g128,int4_g128_stacked,fp8_checkpoint,fp8_checkpoint_stac
   generation-8b-stacked) echo "python3 benchmarks/generation_8b.py --cuda-graph --stack-linears \
 --work /root/work --out $RES/generation-8b-stacked" ;;
   # side by side in one run: each scheme apart and stacked, batch 1 (the stacking's case)
-  generation-8b-stack-ab) echo "python3 benchmarks/generation_8b.py --cuda-graph --stack-linears both \
---batch 1 --caches none,dual --work /root/work --out $RES/generation-8b-stack-ab" ;;
+  # (-dream: Dream-7B's shapes, whose 3584x512 K / V the stacking was built for)
+  generation-8b-stack-ab|generation-8b-stack-ab-dream) echo "python3 benchmarks/generation_8b.py \
+--cuda-graph --stack-linears both --batch 1 --caches none,dual --work /root/work \
+$([ "$1" = generation-8b-stack-ab-dream ] && echo --family dream) --out $RES/$1" ;;
   # batch 8 alone, bf16 and INT4 without and with the dual cache (a short lease's rerun)
   generation-8b-graph-b8) echo "python3 benchmarks/generation_8b.py --cuda-graph --work /root/work \
     --batch 8 --caches none,dual --no-w8a8-rtn --out $RES/generation-8b-graph-b8" ;;

@@ -158,3 +158,21 @@ def test_generation_8b_smoke_reports_tokens_per_second_per_scheme_and_cache(tmp_
     assert max(dual) < min(prefix)
     assert "| w4_rtn | 2 | dual |" in (tmp_path / "out" / "generation_8b.md").read_text()
     assert "| w8a8_rtn | 1 | prefix |" in (tmp_path / "out" / "generation_8b.md").read_text()
+
+
+def test_generation_8b_runs_each_scheme_apart_and_stacked_side_by_side(tmp_path):
+    bench = load_script("generation_8b")
+    args = ["--smoke", "--stack-linears", "both", "--batch", "1", "--caches", "none"]
+    result = bench.main([*args, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out")])
+    rows = {r["scheme"]: r for r in result["rows"]}
+    assert set(rows) == {
+        f"{s}{t}" for s in ("bf16", "w4_rtn", "w8a8_rtn") for t in ("", "+stacked")
+    }
+    # q/k/v and gate/up of every block: two groups a block, counted from the config
+    n_blocks = {**bench.SHAPES["llada"][0], **bench.SMOKE_SIZES["llada"]}["n_layers"]
+    for name, r in rows.items():
+        assert r["stacked_groups"] == (2 * n_blocks if name.endswith("+stacked") else 0)
+        assert ("same_tokens_as_apart" in r) == name.endswith("+stacked")
+    md = (tmp_path / "out" / "generation_8b.md").read_text()
+    assert "each scheme apart and with q/k/v and gate/up stacked" in md
+    assert "- w4_rtn+stacked batch 1 cache none:" in md

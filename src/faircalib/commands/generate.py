@@ -103,7 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--stack-linears",
         action="store_true",
         help="run q, k, v (and gate, up) as one stacked layer each where their quantization "
-        "matches: one GEMM instead of three (two); the same math, up to accumulation order",
+        "matches: one GEMM instead of three (two); the same math, up to accumulation order "
+        "(3-14%% faster batch-1 generation of an 8B-shaped LLaDA on an H200; README)",
     )
     common.add_json(p)
     p.set_defaults(func=run)

@@ -37,6 +37,10 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
                 (the rule's other column where our GEMM splits K)
   fp8_aten      fp8_w8a8's work called bare: per-token e4m3 scales of x (inside the timed call)
                 + torch._scaled_mm with per-channel weight scales, bf16 out
+  cutlass_w4    (GPU) CUTLASS's mixed-input GEMM (kernels.cutlass_w4: INT4 converted in
+                registers, register-sourced wgmma), token tile by M; cutlass_w4_{32,64,128,256}
+                one tile each, cutlass_w4_128_plain without the offline weight shuffle (needs
+                `pip install nvidia-cutlass` and nvcc, or FAIRCALIB_CUTLASS_W4_LIB)
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
                 imports (optional: `pip install gemlite`; H100 configs loaded on an H200)
   gemlite_w4a8_fp8   (GPU) gemlite's W4 g128 x dynamic per-token e4m3 activations
@@ -89,6 +93,7 @@ from faircalib.kernels.backends import (
     INT8_W8A8_GEMM,
     fp8_quantize,
     gemlite_ready,
+    pack_codes,
     quantize_rows_int8,
 )
 from faircalib.models.cuda_graph import capture
@@ -333,6 +338,22 @@ def _make_gemlite(kind: str) -> Callable[[Layer], Fn]:
     return make
 
 
+def _make_cutlass_w4(config: int | None) -> Callable[[Layer], Fn]:
+    """CUTLASS's mixed-input GEMM (kernels.cutlass_w4) over the int4 g128 codes: `config`
+    None picks the token tile by M (shuffled weight), else one configuration of the library."""
+
+    def make(layer: Layer) -> Fn:
+        from faircalib.kernels import cutlass_w4
+
+        plain = config == cutlass_w4.UNSHUFFLED_CONFIG
+        weight = cutlass_w4.CutlassW4Weight.prepare(
+            pack_codes(layer.codes4, 4), layer.qp4.scale, layer.qp4.zero, 128, keep_plain=plain
+        )
+        return lambda x: cutlass_w4.w4a16_gemm(x, weight, config)
+
+    return make
+
+
 GEMLITE = [  # name, kind, reference, weight bytes per element, tensor-core type
     ("gemlite_w4", "w4", _ref_w4, 0.5, "bf16"),
     ("gemlite_w4a8_fp8", "w4a8_fp8", _ref_w4a8_fp8, 0.5, "8bit"),
@@ -418,6 +439,9 @@ def candidates(device: torch.device) -> list[Candidate]:
         )
         for name, kind, ref, wb, mma in GEMLITE:
             out.append(Candidate(name, _make_gemlite(kind), ref, wb, math=mma))
+        out.append(Candidate("cutlass_w4", _make_cutlass_w4(None), _ref_w4, 0.5))
+        for tile, config in (("32", 2), ("64", 1), ("128", 0), ("256", 3), ("128_plain", 4)):
+            out.append(Candidate(f"cutlass_w4_{tile}", _make_cutlass_w4(config), _ref_w4, 0.5))
         for name in ("triton_w4", "triton_dq", "triton_gemv"):
             out.append(
                 Candidate(name, lambda l, n=name: _quant_linear(l.codes4, l.qp4, n), _ref_w4, 0.5)

@@ -9,6 +9,9 @@
 #                                                     # machine of several, beside the first
 # The device machine goes back after ~30 s without a command in flight, detached jobs and all:
 # keep a `wait` call running (SECONDS_MAX <= the per-call limit) until the last job is done.
+# The CUTLASS W4A16 library (kernels/cutlass_w4.py) is built here once (about six minutes):
+#   python -c "from faircalib.kernels import cutlass_w4; print(cutlass_w4.build_library())"
+# and copied to .cutlass/w4a16_sm90.so (git-ignored); give the call carry=[".whl", ".cutlass"].
 # Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), w4a4-shift
 # (the learned transforms with and without the input shift, FlatQuantConfig.shift), kernels, e2e,
 # profile-step, generation-8b and generation-8b-graph (issue 16), throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
@@ -68,6 +71,12 @@ $([ "$1" = generation-8b-stack-ab-dream ] && echo --family dream) --out $RES/$1"
   # batch 8 alone, bf16 and INT4 without and with the dual cache (a short lease's rerun)
   generation-8b-graph-b8) echo "python3 benchmarks/generation_8b.py --cuda-graph --work /root/work \
     --batch 8 --caches none,dual --no-w8a8-rtn --out $RES/generation-8b-graph-b8" ;;
+  # the CUTLASS W4A16 kernel (kernels.cutlass_w4) beside bf16, auto and dequant + cuBLAS, every
+  # shape; the library carried prebuilt in .cutlass/ (see `start`) or built here from the
+  # nvidia-cutlass wheel in .whl
+  cutlass-w4) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w4 --ms 1,16,32,64,128,256,512,1024,2048,4096 \
+--backends auto_w4,dequant_bf16,triton_dq,cutlass_w4,cutlass_w4_32,cutlass_w4_64,cutlass_w4_128,cutlass_w4_256,cutlass_w4_128_plain \
+--time-budget ${KERNELS_BUDGET:-420}" ;;
   # the GPU-only tests of one feature (PYTEST_K: a pytest -k expression; unset: all)
   cudatests-k) echo "mkdir -p $RES/cudatests-k; python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     -k '${PYTEST_K:-}' > $RES/cudatests-k/cuda-tests.txt 2>&1; tail -3 $RES/cudatests-k/cuda-tests.txt" ;;
@@ -120,6 +129,10 @@ start)
   script=$RES/jobs-$$.sh
   echo "cd $PWD" > "$script"
   if [ -n "${GPU:-}" ]; then echo "export CUDA_VISIBLE_DEVICES=$GPU" >> "$script"; fi
+  # a CUTLASS W4A16 library built on the CPU machine (kernels/cutlass_w4.py), carried in .cutlass
+  if [ -f .cutlass/w4a16_sm90.so ]; then
+    echo "export FAIRCALIB_CUTLASS_W4_LIB=$PWD/.cutlass/w4a16_sm90.so" >> "$script"
+  fi
   for job in "$@"; do
     rm -f "$RES/$job.done"
     # braced: a job of several commands (cudatests) logs all of them, from its start

@@ -679,3 +679,37 @@ def test_capture_finds_the_split_k_counters_its_warm_up_made(monkeypatch):
     torch.cuda.synchronize()
     assert torch.equal(out, k.w8a8_matmul(a8, a_s, w8, w_s, torch.bfloat16))
     assert not any(c.any() for c in k._counters.values())
+
+
+@needs_cuda
+@pytest.mark.parametrize("config", [0, 1, 2, 3, 4])
+def test_cutlass_w4a16_matches_the_reference_of_its_operands_and_replays_in_a_graph(config):
+    """Every configuration of the CUTLASS library (built here, or $FAIRCALIB_CUTLASS_W4_LIB)
+    against the float64 product with the weight its operands stand for, at M on both sides of
+    its token tiles; then a graph replay on new activations equals an eager call."""
+    from faircalib.kernels import cutlass_w4
+    from faircalib.kernels.backends import pack_codes
+    from faircalib.models.cuda_graph import capture
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the library is built for sm_90a")
+    gen = torch.Generator(device="cuda").manual_seed(config)
+    w = torch.randn(512, 1024, generator=gen, device="cuda") / 32
+    qp = compute_qparams(w, QuantConfig(bits=4, group_size=128, symmetric=False))
+    codes = quantize(w, qp)
+    weight = cutlass_w4.CutlassW4Weight.prepare(
+        pack_codes(codes, 4), qp.scale, qp.zero, 128, keep_plain=True
+    )
+    plain = cutlass_w4.signed_int4(pack_codes(codes, 4))
+    w_ref = cutlass_w4.reference_weight(plain, weight.scale, weight.zero, 128)
+    assert rel_err(w_ref, dequantize(codes, qp).double()) < 5e-3  # the operands are the weight
+    for m in (1, 16, 33, 100, 256, 1000):
+        x = torch.randn(m, 1024, generator=gen, device="cuda").to(torch.bfloat16)
+        y = cutlass_w4.w4a16_gemm(x, weight, config)
+        assert rel_err(y, x.double() @ w_ref.T) < 1e-2, (config, m)
+    x = torch.randn(64, 1024, generator=gen, device="cuda").to(torch.bfloat16)
+    graph, out = capture(lambda: cutlass_w4.w4a16_gemm(x, weight, config))
+    x.copy_(torch.randn(64, 1024, generator=gen, device="cuda").to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, cutlass_w4.w4a16_gemm(x, weight, config))

@@ -1,0 +1,109 @@
+"""The CUTLASS W4A16 kernel's weight layout and build, on the CPU (the GEMM itself runs in
+tests/test_cuda.py on the H200)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from faircalib.config import QuantConfig
+from faircalib.kernels import QuantLinear, cutlass_w4
+from faircalib.kernels.backends import pack_codes
+from faircalib.quant.primitives import compute_qparams, dequantize, quantize
+
+
+def _layer(out_f: int = 48, in_f: int = 256, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen)
+    qp = compute_qparams(w, QuantConfig(bits=4, group_size=128, symmetric=False))
+    return quantize(w, qp), qp
+
+
+def test_signed_nibbles_are_the_codes_minus_eight_in_the_same_order():
+    codes, _ = _layer()
+    int4 = cutlass_w4.signed_int4(pack_codes(codes, 4))
+    low, high = (int4 & 0xF).int(), (int4 >> 4).int()
+    signed = torch.stack((low, high), -1).reshape(codes.shape[0], -1)
+    signed = torch.where(signed >= 8, signed - 16, signed)  # two's complement nibbles
+    assert torch.equal(signed, codes.int() - 8)
+
+
+def test_kernel_operands_stand_for_the_dequantized_weight_within_bf16_rounding():
+    codes, qp = _layer()
+    int4 = cutlass_w4.signed_int4(pack_codes(codes, 4))
+    scale_t, zero_t = cutlass_w4.group_terms(qp.scale, qp.zero)
+    assert scale_t.shape == zero_t.shape == (2, 48) and scale_t.dtype == torch.bfloat16
+    got = cutlass_w4.reference_weight(int4, scale_t, zero_t, 128)
+    want = dequantize(codes, qp).double()  # scale * (code - zero), the independent path
+    # two bf16 roundings: the scale (times |code - 8| <= 8) and the zero term (<= 8 scales)
+    bound = qp.scale.double().repeat_interleave(128, dim=1) * 16 * 2**-8
+    assert ((got - want).abs() <= bound).all()
+    assert (got - want).abs().max() > 0  # the roundings are real: the bound is not vacuous
+
+
+def test_operands_are_exact_where_scale_and_zero_term_are_bf16_numbers():
+    codes, qp = _layer(seed=1)
+    qp.scale = torch.full_like(qp.scale, 2.0**-5)  # powers of two: every product exact
+    layer = QuantLinear.from_codes(codes, qp)
+    int4 = cutlass_w4.signed_int4(layer.qweight)
+    scale_t, zero_t = cutlass_w4.group_terms(layer.scale, layer.zero)
+    got = cutlass_w4.reference_weight(int4, scale_t, zero_t, 128)
+    assert torch.equal(got, layer.dequantized_weight(torch.float64))
+
+
+def test_the_token_tile_is_the_smallest_that_holds_m():
+    tiles = {c: t for t, c in cutlass_w4.TOKEN_TILE_CONFIG.items()}
+    for m, tile in ((1, 32), (32, 32), (33, 64), (64, 64), (65, 128), (256, 256), (9000, 256)):
+        assert tiles[cutlass_w4.config_for(m)] == tile
+
+
+@pytest.mark.parametrize(
+    ("out_f", "in_f", "group", "what"),
+    [(64, 256, 32, "multiple of 64"), (64, 320, 128, "divide in_features"), (60, 256, 128, "% 8")],
+)
+def test_shapes_the_kernel_cannot_take_are_named(out_f, in_f, group, what):
+    with pytest.raises(ValueError, match=what):
+        cutlass_w4.check_shape(out_f, in_f, group)
+
+
+def test_without_cutlass_headers_the_build_names_the_package(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "cutlass_library" else real(name, *a),
+    )
+    with pytest.raises(cutlass_w4.CutlassUnavailable, match="pip install nvidia-cutlass"):
+        cutlass_w4.build_command(cutlass_w4.cache_dir() / "x.so")
+
+
+def test_without_nvcc_the_build_says_so(monkeypatch):
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setattr(cutlass_w4.shutil, "which", lambda name: None)
+    with pytest.raises(cutlass_w4.CutlassUnavailable, match="nvcc"):
+        cutlass_w4.cuda_home()
+
+
+def test_the_build_targets_hopper_wgmma_with_the_wheels_headers(tmp_path, monkeypatch):
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "curand_kernel.h").touch()  # a toolkit with cuRAND
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    cmd = cutlass_w4.build_command(tmp_path / "x.so")
+    assert cmd[0] == str(tmp_path / "bin" / "nvcc")
+    assert "-gencode=arch=compute_90a,code=sm_90a" in cmd  # sm_90a: wgmma and setmaxnreg
+    assert str(cutlass_w4.SOURCE) in cmd and cutlass_w4.SOURCE.is_file()
+    headers = [c[2:] for c in cmd if c.startswith("-I")]
+    assert any((Path(h) / "cutlass" / "gemm" / "collective").is_dir() for h in headers)
+    assert any((Path(h) / "cutlass" / "util" / "mixed_dtype_utils.hpp").is_file() for h in headers)
+
+
+def test_the_gemm_refuses_what_it_would_misread():
+    weight = cutlass_w4.CutlassW4Weight(
+        torch.zeros(8, 64, dtype=torch.uint8), None, torch.ones(1, 8), torch.ones(1, 8), 8, 128, 128
+    )
+    for x in (torch.zeros(2, 128), torch.zeros(2, 128, dtype=torch.bfloat16)):  # fp32; CPU
+        with pytest.raises(ValueError, match="bf16 CUDA activations of width 128"):
+            cutlass_w4.w4a16_gemm(x, weight)

@@ -41,6 +41,8 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
                 registers, register-sourced wgmma), token tile by M; cutlass_w4_{32,64,128,256}
                 one tile each, cutlass_w4_128_plain without the offline weight shuffle (needs
                 `pip install nvidia-cutlass` and nvcc, or FAIRCALIB_CUTLASS_W4_LIB)
+  cutlass_int8  (GPU) int8_w8a8's work on CUTLASS's INT8 GEMM (kernels.cutlass_w8a8: scales in
+                the epilogue); cutlass_int8_prequant the GEMM alone, _c0.._c4 one tile each
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
                 imports (optional: `pip install gemlite`; H100 configs loaded on an H200)
   gemlite_w4a8_fp8   (GPU) gemlite's W4 g128 x dynamic per-token e4m3 activations
@@ -354,6 +356,33 @@ def _make_cutlass_w4(config: int | None) -> Callable[[Layer], Fn]:
     return make
 
 
+def _make_cutlass_int8(prequant: bool, config: int | None = None) -> Callable[[Layer], Fn]:
+    """int8_w8a8's work on CUTLASS's INT8 GEMM (kernels.cutlass_w8a8): the fused per-token
+    quantization then the GEMM, or with `prequant` the GEMM alone on rows quantized once per
+    input (as `_make_prequant`); `config` one tile configuration, None the M rule."""
+
+    def make(layer: Layer) -> Fn:
+        from faircalib.kernels.cutlass_w8a8 import int8_scaled_mm
+        from faircalib.kernels.triton_w8a8 import quantize_rows
+
+        w8, w_scale = _int8_weight(layer)
+        made: dict[int, tuple] = {}  # prequant: id(x) -> (x, rows, scales)
+
+        @torch.no_grad()
+        def run(x: torch.Tensor) -> torch.Tensor:
+            hit = made.get(id(x)) if prequant else None
+            if hit is None or hit[0] is not x:
+                hit = (x, *quantize_rows(x, "int8"))
+                if prequant:
+                    made[id(x)] = hit
+            _, x8, x_scale = hit
+            return int8_scaled_mm(x8, x_scale.float(), w8, w_scale, config)
+
+        return run
+
+    return make
+
+
 GEMLITE = [  # name, kind, reference, weight bytes per element, tensor-core type
     ("gemlite_w4", "w4", _ref_w4, 0.5, "bf16"),
     ("gemlite_w4a8_fp8", "w4a8_fp8", _ref_w4a8_fp8, 0.5, "8bit"),
@@ -440,6 +469,13 @@ def candidates(device: torch.device) -> list[Candidate]:
         for name, kind, ref, wb, mma in GEMLITE:
             out.append(Candidate(name, _make_gemlite(kind), ref, wb, math=mma))
         out.append(Candidate("cutlass_w4", _make_cutlass_w4(None), _ref_w4, 0.5))
+        for name, prequant in (("cutlass_int8", False), ("cutlass_int8_prequant", True)):
+            out.append(Candidate(name, _make_cutlass_int8(prequant), _ref_int8, 1.0, math="8bit"))
+        for config in range(5):
+            make = _make_cutlass_int8(True, config)
+            out.append(
+                Candidate(f"cutlass_int8_prequant_c{config}", make, _ref_int8, 1.0, math="8bit")
+            )
         for tile, config in (("32", 2), ("64", 1), ("128", 0), ("256", 3), ("128_plain", 4)):
             out.append(Candidate(f"cutlass_w4_{tile}", _make_cutlass_w4(config), _ref_w4, 0.5))
         for name in ("triton_w4", "triton_dq", "triton_gemv"):

@@ -9,9 +9,10 @@
 #                                                     # machine of several, beside the first
 # The device machine goes back after ~30 s without a command in flight, detached jobs and all:
 # keep a `wait` call running (SECONDS_MAX <= the per-call limit) until the last job is done.
-# The CUTLASS W4A16 library (kernels/cutlass_w4.py) is built here once (about six minutes):
-#   python -c "from faircalib.kernels import cutlass_w4; print(cutlass_w4.build_library())"
-# and copied to .cutlass/w4a16_sm90.so (git-ignored); give the call carry=[".whl", ".cutlass"].
+# The CUTLASS libraries (kernels/cutlass_lib.py: csrc/w4a16_sm90.cu, csrc/w8a8_sm90.cu) are built
+# here once (about six minutes each), e.g.
+#   python -c "from faircalib.kernels import cutlass_lib as c; print(c.build_library('w8a8_sm90'))"
+# and copied to .cutlass/<name>.so (git-ignored); give the call carry=[".whl", ".cutlass"].
 # Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), w4a4-shift
 # (the learned transforms with and without the input shift, FlatQuantConfig.shift), kernels, e2e,
 # profile-step, generation-8b and generation-8b-graph (issue 16), throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
@@ -77,6 +78,12 @@ $([ "$1" = generation-8b-stack-ab-dream ] && echo --family dream) --out $RES/$1"
   cutlass-w4) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w4 --ms 1,16,32,64,128,256,512,1024,2048,4096 \
 --backends auto_w4,dequant_bf16,triton_dq,cutlass_w4,cutlass_w4_32,cutlass_w4_64,cutlass_w4_128,cutlass_w4_256,cutlass_w4_128_plain \
 --time-budget ${KERNELS_BUDGET:-420}" ;;
+  # the CUTLASS INT8 W8A8 GEMM (kernels.cutlass_w8a8) beside our Triton ones, quantization
+  # included and the GEMM alone (prequant), every shape at M >= 256
+  cutlass-w8a8) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w8a8 --ms 256,512,1024,2048,4096 \
+--backends int8_w8a8,int8_prequant,fp8_w8a8,cutlass_int8,cutlass_int8_prequant,cutlass_int8_prequant_c0,\
+cutlass_int8_prequant_c1,cutlass_int8_prequant_c2,cutlass_int8_prequant_c3,cutlass_int8_prequant_c4 \
+--time-budget ${KERNELS_BUDGET:-420}" ;;
   # the GPU-only tests of one feature (PYTEST_K: a pytest -k expression; unset: all)
   cudatests-k) echo "mkdir -p $RES/cudatests-k; python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
     -k '${PYTEST_K:-}' > $RES/cudatests-k/cuda-tests.txt 2>&1; tail -3 $RES/cudatests-k/cuda-tests.txt" ;;
@@ -129,9 +136,9 @@ start)
   script=$RES/jobs-$$.sh
   echo "cd $PWD" > "$script"
   if [ -n "${GPU:-}" ]; then echo "export CUDA_VISIBLE_DEVICES=$GPU" >> "$script"; fi
-  # a CUTLASS W4A16 library built on the CPU machine (kernels/cutlass_w4.py), carried in .cutlass
-  if [ -f .cutlass/w4a16_sm90.so ]; then
-    echo "export FAIRCALIB_CUTLASS_W4_LIB=$PWD/.cutlass/w4a16_sm90.so" >> "$script"
+  # CUTLASS libraries built on the CPU machine (kernels/cutlass_lib.py), carried in .cutlass
+  if ls .cutlass/*.so > /dev/null 2>&1; then
+    echo "export FAIRCALIB_CUTLASS_DIR=$PWD/.cutlass" >> "$script"
   fi
   for job in "$@"; do
     rm -f "$RES/$job.done"

@@ -713,3 +713,33 @@ def test_cutlass_w4a16_matches_the_reference_of_its_operands_and_replays_in_a_gr
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, cutlass_w4.w4a16_gemm(x, weight, config))
+
+
+@needs_cuda
+@pytest.mark.parametrize("config", [0, 1, 2, 3, 4])
+def test_cutlass_int8_gemm_matches_the_exact_integer_product_and_replays_in_a_graph(config):
+    """Every tile configuration of the CUTLASS INT8 library against the int64 product scaled
+    in float64 (the kernel's only rounding is the bf16 output), ragged M included."""
+    from faircalib.kernels import cutlass_w8a8
+    from faircalib.models.cuda_graph import capture
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the library is built for sm_90a")
+    gen = torch.Generator(device="cuda").manual_seed(100 + config)
+    n, k = 512, 1024
+    w8 = torch.randint(-127, 128, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    w_s = torch.rand(n, generator=gen, device="cuda") / 100 + 1e-4
+    for m in (1, 7, 100, 256, 1000):
+        a8 = torch.randint(-127, 128, (m, k), generator=gen, device="cuda", dtype=torch.int8)
+        a_s = torch.rand(m, generator=gen, device="cuda") / 100 + 1e-4
+        exact = (a8.long() @ w8.long().T).double() * a_s.double()[:, None] * w_s.double()
+        y = cutlass_w8a8.int8_scaled_mm(a8, a_s, w8, w_s, config)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all(), (config, m)
+    a8 = torch.randint(-127, 128, (64, k), generator=gen, device="cuda", dtype=torch.int8)
+    a_s = torch.rand(64, generator=gen, device="cuda") + 0.01
+    graph, out = capture(lambda: cutlass_w8a8.int8_scaled_mm(a8, a_s, w8, w_s, config))
+    a8.copy_(torch.randint(-127, 128, (64, k), generator=gen, device="cuda", dtype=torch.int8))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, cutlass_w8a8.int8_scaled_mm(a8, a_s, w8, w_s, config))

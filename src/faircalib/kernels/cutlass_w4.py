@@ -5,10 +5,8 @@ Triton 3.6 on sm_90 feeds a dequantized tile back through shared memory (our fus
 0.23-0.49x of bf16 there), while CUTLASS's mixed-input collective converts the INT4 operand in
 registers and issues register-sourced wgmma (`csrc/w4a16_sm90.cu`).
 
-The library is compiled once per machine with nvcc (about six minutes on two cores) against the
-headers of the `nvidia-cutlass` wheel and cached under `~/.cache/faircalib/cutlass` (or
-`$FAIRCALIB_CACHE/cutlass`); `FAIRCALIB_CUTLASS_W4_LIB` names a library built elsewhere. It is
-loaded with ctypes and called on raw device pointers, so it does not link against torch.
+The library is built and loaded by `cutlass_lib` (nvcc, the `nvidia-cutlass` wheel's headers,
+a cache; ctypes over raw device pointers).
 
 The math: QuantLinear's W = scale * (code - zero) with unsigned codes is written as
 scale * (code - 8) + scale * (8 - zero): the codes XOR 8 are CUTLASS's signed int4 with the same
@@ -18,146 +16,31 @@ nibble order, and the kernel's per-group zero term is scale * (8 - zero), rounde
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
-import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "w4a16_sm90.cu"
-LIB_ENV = "FAIRCALIB_CUTLASS_W4_LIB"
+from faircalib.kernels import cutlass_lib
+
+NAME = "w4a16_sm90"  # csrc/w4a16_sm90.cu
 GROUP_MULTIPLE = 64  # CUTLASS's K tile for bf16: a group must hold whole tiles
 # the library's configurations (csrc/w4a16_sm90.cu): index by token tile, all shuffled
 TOKEN_TILE_CONFIG = {32: 2, 64: 1, 128: 0, 256: 3}
 UNSHUFFLED_CONFIG = 4
 
 
-class CutlassUnavailable(RuntimeError):
-    """The CUTLASS W4A16 library cannot be built or loaded here (the message says why)."""
-
-
-def cutlass_include_dirs() -> list[Path]:
-    """CUTLASS's headers from the `nvidia-cutlass` wheel (its `cutlass_library` package)."""
-    spec = importlib.util.find_spec("cutlass_library")
-    if spec is None or spec.origin is None:
-        raise CutlassUnavailable("the CUTLASS W4A16 kernel needs `pip install nvidia-cutlass`")
-    source = Path(spec.origin).parent / "source"
-    dirs = [source / "include", source / "tools" / "util" / "include"]
-    if not all((d / "cutlass").is_dir() for d in dirs):
-        raise CutlassUnavailable(f"nvidia-cutlass at {source.parent} has no C++ headers")
-    return dirs
-
-
-def cuda_home() -> Path:
-    """The CUDA toolkit nvcc belongs to ($CUDA_HOME, else the nvcc on PATH)."""
-    if os.environ.get("CUDA_HOME"):
-        return Path(os.environ["CUDA_HOME"])
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise CutlassUnavailable("the CUTLASS W4A16 kernel is compiled with nvcc: none on PATH")
-    return Path(nvcc).resolve().parent.parent
-
-
-def curand_include() -> list[Path]:
-    """CUTLASS's utility headers include curand_kernel.h: the toolkit's, else the
-    `nvidia-curand` wheel's (a toolkit without cuRAND)."""
-    if (cuda_home() / "include" / "curand_kernel.h").is_file():
-        return []
-    spec = importlib.util.find_spec("nvidia")
-    for root in spec.submodule_search_locations or [] if spec else []:
-        found = sorted(Path(root).glob("*/include/curand_kernel.h"))
-        if found:
-            return [found[0].parent]
-    raise CutlassUnavailable(
-        "CUTLASS's headers need curand_kernel.h: install CUDA's cuRAND or `pip install nvidia-curand`"
-    )
-
-
-def build_command(out: Path) -> list[str]:
-    """The nvcc line that builds the library: sm_90a (wgmma needs the arch-specific target)."""
-    includes = [f"-I{d}" for d in (*cutlass_include_dirs(), *curand_include())]
-    return [
-        str(cuda_home() / "bin" / "nvcc"),
-        "-std=c++17",
-        "-O3",
-        "-DNDEBUG",
-        "--expt-relaxed-constexpr",
-        "-gencode=arch=compute_90a,code=sm_90a",
-        "-Xcompiler=-fPIC",
-        "-shared",
-        *includes,
-        str(SOURCE),
-        "-o",
-        str(out),
-    ]
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("FAIRCALIB_CACHE") or Path.home() / ".cache" / "faircalib"
-    return Path(root) / "cutlass"
-
-
-def library_key(command: list[str]) -> str:
-    """What the library depends on: the source, the headers' version and the nvcc line."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    digest.update(" ".join(command[1:-1]).encode())  # the flags and include dirs, not `out`
-    version = subprocess.run([command[0], "--version"], capture_output=True, text=True)
-    digest.update(version.stdout.encode())
-    return digest.hexdigest()[:16]
-
-
-def build_library(directory: Path | None = None) -> Path:
-    """Compile the library into `directory` (default: the cache) unless it is there; -> path."""
-    directory = directory or cache_dir()
-    probe = build_command(Path("out.so"))
-    target = directory / f"w4a16_sm90-{library_key(probe)}.so"
-    if target.is_file():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        partial = Path(tmp) / target.name
-        done = subprocess.run(build_command(partial), capture_output=True, text=True)
-        if done.returncode != 0:
-            errors = [line for line in done.stderr.splitlines() if "error" in line]
-            raise CutlassUnavailable(
-                f"nvcc failed building {SOURCE.name}: {(errors or ['see nvcc output'])[0]}"
-            )
-        partial.replace(target)  # atomic: another process never loads half a library
-    return target
-
-
-_LIBRARY: ctypes.CDLL | None = None
-
-
 def load_library(build: bool = True) -> ctypes.CDLL:
-    """The library ($FAIRCALIB_CUTLASS_W4_LIB, else built or found in the cache)."""
-    global _LIBRARY
-    if _LIBRARY is None:
-        path = os.environ.get(LIB_ENV)
-        if path is None:
-            if not build:
-                raise CutlassUnavailable(f"no prebuilt library: set {LIB_ENV}")
-            path = str(build_library())
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError as exc:
-            raise CutlassUnavailable(f"cannot load {path}: {exc}") from exc
-        lib.fc_w4a16_sm90_gemm.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5]
-        lib.fc_w4a16_sm90_gemm.argtypes += [ctypes.c_int] * 4
-        lib.fc_w4a16_sm90_gemm.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        lib.fc_w4a16_sm90_workspace.argtypes = [ctypes.c_int] * 5
-        lib.fc_w4a16_sm90_workspace.restype = ctypes.c_size_t
-        lib.fc_w4a16_sm90_reorder.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        lib.fc_w4a16_sm90_reorder.argtypes += [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-        lib.fc_w4a16_sm90_error.restype = ctypes.c_char_p
-        lib.fc_w4a16_sm90_config_name.restype = ctypes.c_char_p
-        _LIBRARY = lib
-    return _LIBRARY
+    """The W4A16 library (cutlass_lib.load), its C signatures declared."""
+    lib = cutlass_lib.load(NAME, build)
+    lib.fc_w4a16_sm90_gemm.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int] * 4]
+    lib.fc_w4a16_sm90_gemm.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    lib.fc_w4a16_sm90_workspace.argtypes = [ctypes.c_int] * 5
+    lib.fc_w4a16_sm90_workspace.restype = ctypes.c_size_t
+    lib.fc_w4a16_sm90_reorder.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.fc_w4a16_sm90_reorder.argtypes += [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.fc_w4a16_sm90_error.restype = ctypes.c_char_p
+    lib.fc_w4a16_sm90_config_name.restype = ctypes.c_char_p
+    return lib
 
 
 def config_for(m: int) -> int:
@@ -240,9 +123,6 @@ def check_shape(out_features: int, in_features: int, group: int) -> None:
         raise ValueError(f"the CUTLASS W4A16 kernel needs out_features % 8 == 0 ({out_features})")
 
 
-_WORKSPACE: dict[torch.device, torch.Tensor] = {}
-
-
 def w4a16_gemm(x: torch.Tensor, weight: CutlassW4Weight, config: int | None = None) -> torch.Tensor:
     """x [..., in] bf16 @ W^T -> [..., out] bf16 on the current stream (graph-capturable: the
     workspace is allocated before capture on first use of a size)."""
@@ -260,11 +140,7 @@ def w4a16_gemm(x: torch.Tensor, weight: CutlassW4Weight, config: int | None = No
         raise ValueError("the unshuffled configuration needs CutlassW4Weight(keep_plain=True)")
     out = torch.empty(m, weight.out_features, device=x.device, dtype=torch.bfloat16)
     n, k, g = weight.out_features, weight.in_features, weight.group
-    need = lib.fc_w4a16_sm90_workspace(config, m, n, k, g)
-    space = _WORKSPACE.get(x.device)
-    if space is None or space.numel() < need:
-        space = torch.empty(max(need, 1), dtype=torch.uint8, device=x.device)
-        _WORKSPACE[x.device] = space
+    space = cutlass_lib.workspace(x.device, lib.fc_w4a16_sm90_workspace(config, m, n, k, g))
     stream = torch.cuda.current_stream(x.device).cuda_stream
     status = lib.fc_w4a16_sm90_gemm(
         config, x2.data_ptr(), w.data_ptr(), weight.scale.data_ptr(), weight.zero.data_ptr(),

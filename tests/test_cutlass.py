@@ -1,5 +1,5 @@
-"""The CUTLASS W4A16 kernel's weight layout and build, on the CPU (the GEMM itself runs in
-tests/test_cuda.py on the H200)."""
+"""The CUTLASS kernels' operand layouts, checks and build, on the CPU (the GEMMs themselves run
+in tests/test_cuda.py on the H200)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from faircalib.config import QuantConfig
-from faircalib.kernels import QuantLinear, cutlass_w4
+from faircalib.kernels import QuantLinear, cutlass_lib, cutlass_w4, cutlass_w8a8
 from faircalib.kernels.backends import pack_codes
 from faircalib.quant.primitives import compute_qparams, dequantize, quantize
 
@@ -76,28 +76,58 @@ def test_without_cutlass_headers_the_build_names_the_package(monkeypatch):
         "find_spec",
         lambda name, *a: None if name == "cutlass_library" else real(name, *a),
     )
-    with pytest.raises(cutlass_w4.CutlassUnavailable, match="pip install nvidia-cutlass"):
-        cutlass_w4.build_command(cutlass_w4.cache_dir() / "x.so")
+    with pytest.raises(cutlass_lib.CutlassUnavailable, match="pip install nvidia-cutlass"):
+        cutlass_lib.build_command(cutlass_w4.NAME, Path("x.so"))
 
 
 def test_without_nvcc_the_build_says_so(monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
-    monkeypatch.setattr(cutlass_w4.shutil, "which", lambda name: None)
-    with pytest.raises(cutlass_w4.CutlassUnavailable, match="nvcc"):
-        cutlass_w4.cuda_home()
+    monkeypatch.setattr(cutlass_lib.shutil, "which", lambda name: None)
+    with pytest.raises(cutlass_lib.CutlassUnavailable, match="nvcc"):
+        cutlass_lib.cuda_home()
 
 
-def test_the_build_targets_hopper_wgmma_with_the_wheels_headers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", [cutlass_w4.NAME, cutlass_w8a8.NAME])
+def test_the_build_targets_hopper_wgmma_with_the_wheels_headers(name, tmp_path, monkeypatch):
     (tmp_path / "include").mkdir()
     (tmp_path / "include" / "curand_kernel.h").touch()  # a toolkit with cuRAND
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
-    cmd = cutlass_w4.build_command(tmp_path / "x.so")
+    cmd = cutlass_lib.build_command(name, tmp_path / "x.so")
     assert cmd[0] == str(tmp_path / "bin" / "nvcc")
     assert "-gencode=arch=compute_90a,code=sm_90a" in cmd  # sm_90a: wgmma and setmaxnreg
-    assert str(cutlass_w4.SOURCE) in cmd and cutlass_w4.SOURCE.is_file()
+    assert str(cutlass_lib.CSRC / f"{name}.cu") in cmd
     headers = [c[2:] for c in cmd if c.startswith("-I")]
     assert any((Path(h) / "cutlass" / "gemm" / "collective").is_dir() for h in headers)
     assert any((Path(h) / "cutlass" / "util" / "mixed_dtype_utils.hpp").is_file() for h in headers)
+
+
+def test_a_prebuilt_directory_without_the_library_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv(cutlass_lib.PREBUILT_ENV, str(tmp_path))
+    monkeypatch.setattr(cutlass_lib, "_LOADED", {})
+    with pytest.raises(cutlass_lib.CutlassUnavailable, match=f"no {cutlass_w8a8.NAME}.so"):
+        cutlass_w8a8.load_library()
+
+
+def test_an_unloadable_library_is_one_clear_error(tmp_path, monkeypatch):
+    (tmp_path / f"{cutlass_w4.NAME}.so").write_bytes(b"not an ELF file")
+    monkeypatch.setenv(cutlass_lib.PREBUILT_ENV, str(tmp_path))
+    monkeypatch.setattr(cutlass_lib, "_LOADED", {})
+    with pytest.raises(cutlass_lib.CutlassUnavailable, match="cannot load"):
+        cutlass_w4.load_library()
+
+
+def test_the_int8_gemm_refuses_what_it_would_misread():
+    a8, w8 = torch.zeros(4, 64, dtype=torch.int8), torch.zeros(24, 64, dtype=torch.int8)
+    ok = (a8, torch.ones(4), w8, torch.ones(24))
+    for bad, what in (
+        ((a8.float(), *ok[1:]), "int8 operands"),
+        ((a8, torch.ones(4, dtype=torch.float64), *ok[2:]), "float32 scales"),
+        ((a8, torch.ones(3), *ok[2:]), "scales of 4 rows"),
+        ((a8[:, :40], ok[1], w8[:, :40], ok[3]), "K % 16 == 0"),
+        (ok, "CUDA tensors"),  # everything right but the device
+    ):
+        with pytest.raises(ValueError, match=what):
+            cutlass_w8a8.check_operands(*bad)
 
 
 def test_the_gemm_refuses_what_it_would_misread():

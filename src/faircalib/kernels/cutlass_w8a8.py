@@ -1,0 +1,89 @@
+"""INT8 W8A8 GEMM on Hopper through CUTLASS (csrc/w8a8_sm90.cu): int8 x int8 with int32
+accumulation, per-token x per-channel scales applied in the epilogue, bf16 out.
+
+Why: the INT8 W8A8 target (1.6x bf16 at M >= 1024) needs a GEMM near the INT8 tensor-core peak.
+Our Triton TMA GEMM reaches 44-59% of it, and cuBLAS has no per-token-scaled INT8 GEMM
+(`torch._int_mm` then a scaling pass: 0.47-0.74x of bf16). CUTLASS's warp-specialized kernels
+with the scales in an epilogue visitor tree are what vLLM and SGLang run for this.
+
+The operands are those of the `int8_w8a8` backend: activations quantized per token
+(`triton_w8a8.quantize_rows` / the fused norms), the weight as int8 [out, in] with float32
+per-channel scales.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from faircalib.kernels import cutlass_lib
+
+NAME = "w8a8_sm90"  # csrc/w8a8_sm90.cu
+CONFIGS = 5  # the library's tile configurations, by index (fc_w8a8_sm90_config_name)
+
+
+def load_library(build: bool = True) -> ctypes.CDLL:
+    """The W8A8 library (cutlass_lib.load), its C signatures declared."""
+    lib = cutlass_lib.load(NAME, build)
+    lib.fc_w8a8_sm90_gemm.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int] * 3]
+    lib.fc_w8a8_sm90_gemm.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    lib.fc_w8a8_sm90_workspace.argtypes = [ctypes.c_int] * 4
+    lib.fc_w8a8_sm90_workspace.restype = ctypes.c_size_t
+    lib.fc_w8a8_sm90_error.restype = ctypes.c_char_p
+    lib.fc_w8a8_sm90_config_name.restype = ctypes.c_char_p
+    return lib
+
+
+def config_for(m: int) -> int:
+    """The tile for M token rows until the H200 sweep decides: 64-row pingpong tiles below
+    M = 256 (more tiles to fill 132 SMs), 128 x 256 cooperative tiles above."""
+    return 3 if m < 256 else 1
+
+
+def check_operands(
+    a8: torch.Tensor, a_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor
+) -> None:
+    """ValueError naming what the kernel would misread (types, devices, TMA alignment)."""
+    m, k = a8.shape
+    n = w8.shape[0]
+    problems = []
+    if a8.dtype != torch.int8 or w8.dtype != torch.int8:
+        problems.append(f"int8 operands (got {a8.dtype}, {w8.dtype})")
+    if a_scale.dtype != torch.float32 or w_scale.dtype != torch.float32:
+        problems.append("float32 scales")
+    if a_scale.numel() != m or w_scale.numel() != n or w8.shape[1] != k:
+        problems.append(f"scales of {m} rows and {n} columns and w8 [{n}, {k}]")
+    if k % 16 or n % 8:
+        problems.append(f"K % 16 == 0 and N % 8 == 0 (K {k}, N {n})")
+    if {t.device.type for t in (a8, a_scale, w8, w_scale)} != {"cuda"}:
+        problems.append("CUDA tensors")
+    if problems:
+        raise ValueError("the CUTLASS INT8 GEMM needs " + "; ".join(problems))
+
+
+def int8_scaled_mm(
+    a8: torch.Tensor,
+    a_scale: torch.Tensor,
+    w8: torch.Tensor,
+    w_scale: torch.Tensor,
+    config: int | None = None,
+) -> torch.Tensor:
+    """(a8 [M, K] int8 * a_scale [M]) @ (w8 [N, K] int8 * w_scale [N])^T -> [M, N] bf16, on the
+    current stream (graph-capturable once a call of the size ran eagerly)."""
+    a8, w8 = a8.contiguous(), w8.contiguous()
+    a_scale, w_scale = a_scale.reshape(-1).contiguous(), w_scale.reshape(-1).contiguous()
+    check_operands(a8, a_scale, w8, w_scale)
+    lib = load_library()
+    (m, k), n = a8.shape, w8.shape[0]
+    config = config_for(m) if config is None else config
+    out = torch.empty(m, n, device=a8.device, dtype=torch.bfloat16)
+    space = cutlass_lib.workspace(a8.device, lib.fc_w8a8_sm90_workspace(config, m, n, k))
+    stream = torch.cuda.current_stream(a8.device).cuda_stream
+    status = lib.fc_w8a8_sm90_gemm(
+        config, a8.data_ptr(), a_scale.data_ptr(), w8.data_ptr(), w_scale.data_ptr(),
+        out.data_ptr(), m, n, k, space.data_ptr(), space.numel(), stream,
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"CUTLASS INT8 GEMM: {lib.fc_w8a8_sm90_error().decode()}")
+    return out

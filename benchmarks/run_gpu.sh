@@ -53,6 +53,9 @@ job_command() {
   # issue 16: q, k, v and gate, up stacked (kernels.stacked_linears) beside the same variants apart
   e2e-stacked) echo "python3 benchmarks/e2e.py --out $RES/e2e-stacked --variants \
 bf16,bf16_stacked,int4_g128,int4_g128_stacked,fp8_checkpoint,fp8_checkpoint_stacked,fp8_w8a8,fp8_w8a8_stacked,int8_w8a8,int8_w8a8_stacked" ;;
+  # the CUTLASS kernels in a whole step, beside the backends they would replace
+  e2e-cutlass) echo "python3 benchmarks/e2e.py --out $RES/e2e-cutlass --variants \
+bf16,int4_g128,int4_g128_cutlass,int8_w8a8,int8_w8a8_cutlass" ;;
   throughput) echo "python3 benchmarks/throughput.py --device cuda --out $RES/throughput" ;;
   offload) echo "python3 benchmarks/offload.py --out $RES/offload" ;;
   profile-step) echo "python3 benchmarks/profile_step.py --work /root/work --out $RES/profile-step" ;;  # issue 16

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from faircalib.config import QuantConfig
+from faircalib.errors import ConfigError
 from faircalib.kernels import QuantLinear, cutlass_lib, cutlass_w4, cutlass_w8a8
 from faircalib.kernels.backends import pack_codes
 from faircalib.quant.primitives import compute_qparams, dequantize, quantize
@@ -104,6 +105,10 @@ def test_the_build_targets_hopper_wgmma_with_the_wheels_headers(name, tmp_path, 
 def test_a_prebuilt_directory_without_the_library_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv(cutlass_lib.PREBUILT_ENV, str(tmp_path))
     monkeypatch.setattr(cutlass_lib, "_LOADED", {})
+    monkeypatch.setattr(cutlass_lib, "_FAILED", {})
+    with pytest.raises(cutlass_lib.CutlassUnavailable, match=f"no {cutlass_w8a8.NAME}.so"):
+        cutlass_w8a8.load_library()
+    (tmp_path / f"{cutlass_w8a8.NAME}.so").write_bytes(b"")  # the failure is remembered
     with pytest.raises(cutlass_lib.CutlassUnavailable, match=f"no {cutlass_w8a8.NAME}.so"):
         cutlass_w8a8.load_library()
 
@@ -112,6 +117,7 @@ def test_an_unloadable_library_is_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / f"{cutlass_w4.NAME}.so").write_bytes(b"not an ELF file")
     monkeypatch.setenv(cutlass_lib.PREBUILT_ENV, str(tmp_path))
     monkeypatch.setattr(cutlass_lib, "_LOADED", {})
+    monkeypatch.setattr(cutlass_lib, "_FAILED", {})
     with pytest.raises(cutlass_lib.CutlassUnavailable, match="cannot load"):
         cutlass_w4.load_library()
 
@@ -137,3 +143,17 @@ def test_the_gemm_refuses_what_it_would_misread():
     for x in (torch.zeros(2, 128), torch.zeros(2, 128, dtype=torch.bfloat16)):  # fp32; CPU
         with pytest.raises(ValueError, match="bf16 CUDA activations of width 128"):
             cutlass_w4.w4a16_gemm(x, weight)
+
+
+def test_quantlinear_names_why_the_cutlass_backends_cannot_run_on_the_cpu():
+    codes, qp = _layer()
+    layer = QuantLinear.from_codes(codes, qp, backend="cutlass_w4")
+    with pytest.raises(ConfigError, match="cutlass_w4 runs on a CUDA GPU"):
+        layer(torch.randn(2, 256))
+    w = torch.randn(16, 64)
+    qp8 = compute_qparams(w, QuantConfig(bits=8, group_size=None, symmetric=True))
+    int8 = QuantLinear.from_codes(quantize(w, qp8), qp8, act_bits=8, backend="cutlass_int8")
+    with pytest.raises(ConfigError, match="cutlass_int8 runs on a CUDA GPU"):
+        int8(torch.randn(2, 64))
+    with pytest.raises(ConfigError, match="cutlass_w4 runs 4-bit weights with float"):
+        QuantLinear.from_codes(quantize(w, qp8), qp8, backend="cutlass_w4")(torch.randn(2, 64))

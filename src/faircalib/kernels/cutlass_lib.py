@@ -127,26 +127,37 @@ def build_library(name: str, directory: Path | None = None) -> Path:
 
 
 _LOADED: dict[str, ctypes.CDLL] = {}
+_FAILED: dict[str, str] = {}  # name -> why: a failed build is not retried on every call
 
 
 def load(name: str, build: bool = True) -> ctypes.CDLL:
     """The library of `csrc/<name>.cu`: $FAIRCALIB_CUTLASS_DIR/<name>.so, else built (or
-    found) in the cache."""
+    found) in the cache. A failure is remembered: backends ask once per layer and M, and a
+    failed six-minute build must not rerun each time."""
+    if name in _FAILED:
+        raise CutlassUnavailable(_FAILED[name])
     if name not in _LOADED:
         prebuilt = os.environ.get(PREBUILT_ENV)
-        if prebuilt:
-            path = Path(prebuilt) / f"{name}.so"
-            if not path.is_file():
-                raise CutlassUnavailable(f"{PREBUILT_ENV}={prebuilt} has no {name}.so")
-        elif build:
-            path = build_library(name)
-        else:
+        if not prebuilt and not build:
             raise CutlassUnavailable(f"no prebuilt {name}.so: set {PREBUILT_ENV}")
         try:
-            _LOADED[name] = ctypes.CDLL(str(path))
-        except OSError as exc:
-            raise CutlassUnavailable(f"cannot load {path}: {exc}") from exc
+            _LOADED[name] = _open(Path(prebuilt) / f"{name}.so" if prebuilt else None, name)
+        except CutlassUnavailable as exc:
+            _FAILED[name] = str(exc)
+            raise
     return _LOADED[name]
+
+
+def _open(path: Path | None, name: str) -> ctypes.CDLL:
+    """ctypes' handle on `path` (None: build `name` first)."""
+    if path is None:
+        path = build_library(name)
+    elif not path.is_file():
+        raise CutlassUnavailable(f"{PREBUILT_ENV}={path.parent} has no {name}.so")
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise CutlassUnavailable(f"cannot load {path}: {exc}") from exc
 
 
 _WORKSPACE: dict[torch.device, torch.Tensor] = {}

@@ -81,6 +81,9 @@ $([ "$1" = generation-8b-stack-ab-dream ] && echo --family dream) --out $RES/$1"
   cutlass-w4) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w4 --ms 1,16,32,64,128,256,512,1024,2048,4096 \
 --backends auto_w4,dequant_bf16,triton_dq,cutlass_w4,cutlass_w4_32,cutlass_w4_64,cutlass_w4_128,cutlass_w4_256,cutlass_w4_128_plain \
 --time-budget ${KERNELS_BUDGET:-420}" ;;
+  # the CUTLASS libraries built on the device itself (when the carried ones do not load there);
+  # jobs started after it use them (FAIRCALIB_CUTLASS_DIR is set from .cutlass at `start`)
+  cutlass-build) echo "mkdir -p $RES/cutlass-build; python3 scripts/build_cutlass.py --out .cutlass" ;;
   # the CUTLASS INT8 W8A8 GEMM (kernels.cutlass_w8a8) beside our Triton ones, quantization
   # included and the GEMM alone (prequant), every shape at M >= 256
   cutlass-w8a8) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w8a8 --ms 256,512,1024,2048,4096 \

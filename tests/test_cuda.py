@@ -702,6 +702,10 @@ def test_cutlass_w4a16_matches_the_reference_of_its_operands_and_replays_in_a_gr
     )
     plain = cutlass_w4.signed_int4(pack_codes(codes, 4))
     w_ref = cutlass_w4.reference_weight(plain, weight.scale, weight.zero, 128)
+    lib = cutlass_w4.load_library()
+    for n, k, i, j in ((512, 1024, 0, 17), (512, 1024, 37, 1000), (3584, 512, 3583, 511)):
+        want = lib.fc_w4a16_sm90_shuffled_offset(n, k, i, j)  # the kernel's own layout
+        assert int(cutlass_w4.shuffle_offsets(n, k)[i, j]) == want, (n, k, i, j)
     assert rel_err(w_ref, dequantize(codes, qp).double()) < 5e-3  # the operands are the weight
     for m in (1, 16, 33, 100, 256, 1000):
         x = torch.randn(m, 1024, generator=gen, device="cuda").to(torch.bfloat16)

@@ -63,7 +63,7 @@ def test_the_token_tile_is_the_smallest_that_holds_m():
 
 @pytest.mark.parametrize(
     ("out_f", "in_f", "group", "what"),
-    [(64, 256, 32, "multiple of 64"), (64, 320, 128, "divide in_features"), (60, 256, 128, "% 8")],
+    [(64, 256, 32, "multiple of 64"), (64, 320, 128, "divide in_features"), (40, 256, 128, "% 16")],
 )
 def test_shapes_the_kernel_cannot_take_are_named(out_f, in_f, group, what):
     with pytest.raises(ValueError, match=what):
@@ -100,6 +100,14 @@ def test_the_build_targets_hopper_wgmma_with_the_wheels_headers(name, tmp_path, 
     headers = [c[2:] for c in cmd if c.startswith("-I")]
     assert any((Path(h) / "cutlass" / "gemm" / "collective").is_dir() for h in headers)
     assert any((Path(h) / "cutlass" / "util" / "mixed_dtype_utils.hpp").is_file() for h in headers)
+
+
+def test_a_toolkit_without_nvcc_is_named_before_any_build(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.setenv("FAIRCALIB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(cutlass_lib.CutlassUnavailable, match=f"no nvcc at {tmp_path}"):
+        cutlass_lib.build_library(cutlass_w8a8.NAME)
+    assert not (tmp_path / "cache").exists()  # nothing half-written
 
 
 def test_a_prebuilt_directory_without_the_library_is_named(tmp_path, monkeypatch):
@@ -157,3 +165,26 @@ def test_quantlinear_names_why_the_cutlass_backends_cannot_run_on_the_cpu():
         int8(torch.randn(2, 64))
     with pytest.raises(ConfigError, match="cutlass_w4 runs 4-bit weights with float"):
         QuantLinear.from_codes(quantize(w, qp8), qp8, backend="cutlass_w4")(torch.randn(2, 64))
+
+
+def test_shuffle_offsets_are_the_layout_cutlass_printed():
+    """Offsets of rows 0 and 1, columns 0-19, of a 256 x 128 weight, as CUTLASS 4.2 itself
+    evaluated tile_to_shape(compute_memory_reordering_atom<bf16, 1x1, [0,2,4,6,1,3,5,7]>, ...)
+    (a host program printed them); and the whole map is a permutation."""
+    offsets = cutlass_w4.shuffle_offsets(256, 128)
+    row0 = [0, 4, 8, 12, 16, 20, 24, 28, 2, 6, 10, 14, 18, 22, 26, 30, 4096, 4100, 4104, 4108]
+    row1 = [32, 36, 40, 44, 48, 52, 56, 60, 34, 38, 42, 46, 50, 54, 58, 62, 4128, 4132, 4136]
+    assert offsets[0, :20].tolist() == row0
+    assert offsets[1, :19].tolist() == row1
+    assert offsets[16, 0] == 256  # the next 16-row tile follows the first
+    assert torch.equal(offsets.reshape(-1).sort().values, torch.arange(256 * 128))
+
+
+def test_shuffled_bytes_hold_every_nibble_where_the_offsets_say():
+    gen = torch.Generator().manual_seed(3)
+    plain = torch.randint(0, 256, (32, 64), generator=gen, dtype=torch.uint8)  # [n, k / 2]
+    shuffled = cutlass_w4.shuffle(plain)
+    assert shuffled.shape == plain.shape and shuffled.dtype == torch.uint8
+    nibbles = torch.stack((plain & 0xF, plain >> 4), -1).reshape(32, 128)
+    flat = torch.stack((shuffled & 0xF, shuffled >> 4), -1).reshape(-1)
+    assert torch.equal(flat[cutlass_w4.shuffle_offsets(32, 128)], nibbles)

@@ -100,6 +100,8 @@ def cache_dir() -> Path:
 
 def library_key(name: str, command: list[str]) -> str:
     """What a library depends on: its source, the flags and headers, and nvcc's version."""
+    if not Path(command[0]).is_file():
+        raise CutlassUnavailable(f"no nvcc at {command[0]} (set CUDA_HOME to a CUDA toolkit)")
     digest = hashlib.sha256(source(name).read_bytes())
     digest.update(" ".join(command[1:-1]).encode())  # not `out`
     version = subprocess.run([command[0], "--version"], capture_output=True, text=True)
@@ -160,17 +162,16 @@ def _open(path: Path | None, name: str) -> ctypes.CDLL:
         raise CutlassUnavailable(f"cannot load {path}: {exc}") from exc
 
 
-_WORKSPACE: dict[torch.device, torch.Tensor] = {}
+_WORKSPACE: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def workspace(device: torch.device, nbytes: int) -> torch.Tensor:
-    """One growing scratch buffer per device for the libraries' GEMMs. A graph captures the
-    buffer a call found; a call that must grow it does so eagerly first (warm-up precedes
-    capture), so a captured graph never sees its buffer freed."""
-    space = _WORKSPACE.get(device)
-    if space is None or space.numel() < nbytes:
+    """A scratch buffer of at least `nbytes` for the libraries' GEMMs on `device`. Buffers are
+    never freed: a graph captured with a smaller one keeps replaying into it after a larger
+    call grew the set. Growing is refused inside a capture (its warm-up grows it first)."""
+    buffers = _WORKSPACE.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < nbytes:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("a CUTLASS GEMM needs more workspace inside a graph capture")
-        space = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
-        _WORKSPACE[device] = space
-    return space
+        buffers.append(torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device))
+    return buffers[-1]

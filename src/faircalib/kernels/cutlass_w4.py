@@ -24,6 +24,7 @@ from faircalib.kernels import cutlass_lib
 
 NAME = "w4a16_sm90"  # csrc/w4a16_sm90.cu
 GROUP_MULTIPLE = 64  # CUTLASS's K tile for bf16: a group must hold whole tiles
+SHUFFLE_ROWS = 16  # the shuffle atom is 16 rows x 16 columns (compute_memory_reordering_atom)
 # the library's configurations (csrc/w4a16_sm90.cu): index by token tile, all shuffled
 TOKEN_TILE_CONFIG = {32: 2, 64: 1, 128: 0, 256: 3}
 UNSHUFFLED_CONFIG = 4
@@ -36,8 +37,8 @@ def load_library(build: bool = True) -> ctypes.CDLL:
     lib.fc_w4a16_sm90_gemm.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_sm90_workspace.argtypes = [ctypes.c_int] * 5
     lib.fc_w4a16_sm90_workspace.restype = ctypes.c_size_t
-    lib.fc_w4a16_sm90_reorder.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    lib.fc_w4a16_sm90_reorder.argtypes += [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.fc_w4a16_sm90_shuffled_offset.argtypes = [ctypes.c_int] * 4
+    lib.fc_w4a16_sm90_shuffled_offset.restype = ctypes.c_int64
     lib.fc_w4a16_sm90_error.restype = ctypes.c_char_p
     lib.fc_w4a16_sm90_config_name.restype = ctypes.c_char_p
     return lib
@@ -79,6 +80,31 @@ def reference_weight(
     return s * q + z
 
 
+def shuffle_offsets(n: int, k: int, device: torch.device | None = None) -> torch.Tensor:
+    """[n, k] int64: where element (row i, column j) of the weight goes in the shuffled layout,
+    CUTLASS's `tile_to_shape(compute_memory_reordering_atom<bf16, 1x1, [0,2,4,6,1,3,5,7]>,
+    (n, k))` written out. The atom is 16 x 16 elements: row r = r0 + 8 r1 goes to 32 r0 + r1,
+    column c = c0 + 2 c1 + 8 c2 to 4 c0 + 8 c1 + 2 c2 (the 16 values one thread feeds a wgmma
+    made contiguous, in the order the int4 -> bf16 conversion unpacks); atoms are laid out
+    rows first (row tile t_r, column tile t_c at 256 (t_r + t_c n / 16))."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(k, device=device)[None, :]
+    r, c = i % 16, j % 16
+    in_atom = 32 * (r % 8) + r // 8 + 4 * (c % 2) + 8 * ((c // 2) % 4) + 2 * (c // 8)
+    return in_atom + 256 * (i // 16 + (j // 16) * (n // 16))
+
+
+def shuffle(plain: torch.Tensor) -> torch.Tensor:
+    """[n, k/2] int4 bytes (K-major) -> the same bytes in the shuffled layout, computed with
+    torch ops on the tensors' device and stream (no kernel of the library's own: its reorder
+    helper launches on the legacy default stream and exits the process on an error)."""
+    n, k = plain.shape[0], plain.shape[1] * 2
+    nibbles = torch.stack((plain & 0xF, plain >> 4), dim=-1).reshape(n, k)
+    out = torch.empty(n * k, dtype=torch.uint8, device=plain.device)
+    out[shuffle_offsets(n, k, plain.device).reshape(-1)] = nibbles.reshape(-1)
+    return (out[0::2] | (out[1::2] << 4)).reshape(n, k // 2)
+
+
 @dataclass
 class CutlassW4Weight:
     """One layer's weight in the kernel's layouts (prepared once, on the GPU)."""
@@ -103,13 +129,8 @@ class CutlassW4Weight:
         out_f, in_f = qweight.shape[0], qweight.shape[1] * 2
         check_shape(out_f, in_f, group)
         plain = signed_int4(qweight).contiguous()
-        shuffled = torch.empty_like(plain)
-        lib = load_library()
-        status = lib.fc_w4a16_sm90_reorder(plain.data_ptr(), shuffled.data_ptr(), out_f, in_f, None)
-        if status != 0:
-            raise RuntimeError(f"CUTLASS reorder failed: {lib.fc_w4a16_sm90_error().decode()}")
         s, z = group_terms(scale, zero)
-        return cls(shuffled, plain if keep_plain else None, s, z, out_f, in_f, group)
+        return cls(shuffle(plain), plain if keep_plain else None, s, z, out_f, in_f, group)
 
 
 def check_shape(out_features: int, in_features: int, group: int) -> None:
@@ -119,8 +140,11 @@ def check_shape(out_features: int, in_features: int, group: int) -> None:
             f"the CUTLASS W4A16 kernel needs groups of a multiple of {GROUP_MULTIPLE} that "
             f"divide in_features (group {group}, in_features {in_features})"
         )
-    if out_features % 8:
-        raise ValueError(f"the CUTLASS W4A16 kernel needs out_features % 8 == 0 ({out_features})")
+    if out_features % SHUFFLE_ROWS:
+        raise ValueError(
+            f"the CUTLASS W4A16 kernel needs out_features % {SHUFFLE_ROWS} == 0 ({out_features}): "
+            "the weight shuffle moves blocks of 16 rows x 16 columns"
+        )
 
 
 def w4a16_gemm(x: torch.Tensor, weight: CutlassW4Weight, config: int | None = None) -> torch.Tensor:
@@ -135,17 +159,20 @@ def w4a16_gemm(x: torch.Tensor, weight: CutlassW4Weight, config: int | None = No
     x2 = x.reshape(-1, weight.in_features).contiguous()
     m = x2.shape[0]
     config = config_for(m) if config is None else config
+    if not 0 <= config < lib.fc_w4a16_sm90_configs():
+        raise ValueError(f"no CUTLASS W4A16 configuration {config}")
     w = weight.plain if config == UNSHUFFLED_CONFIG else weight.int4
     if w is None:
         raise ValueError("the unshuffled configuration needs CutlassW4Weight(keep_plain=True)")
     out = torch.empty(m, weight.out_features, device=x.device, dtype=torch.bfloat16)
     n, k, g = weight.out_features, weight.in_features, weight.group
-    space = cutlass_lib.workspace(x.device, lib.fc_w4a16_sm90_workspace(config, m, n, k, g))
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    status = lib.fc_w4a16_sm90_gemm(
-        config, x2.data_ptr(), w.data_ptr(), weight.scale.data_ptr(), weight.zero.data_ptr(),
-        out.data_ptr(), m, n, k, g, space.data_ptr(), space.numel(), stream,
-    )  # fmt: skip
+    with torch.cuda.device(x.device):  # the library sizes and launches on the current device
+        space = cutlass_lib.workspace(x.device, lib.fc_w4a16_sm90_workspace(config, m, n, k, g))
+        status = lib.fc_w4a16_sm90_gemm(
+            config, x2.data_ptr(), w.data_ptr(), weight.scale.data_ptr(), weight.zero.data_ptr(),
+            out.data_ptr(), m, n, k, g, space.data_ptr(), space.numel(), stream,
+        )  # fmt: skip
     if status != 0:
         raise RuntimeError(f"CUTLASS W4A16 GEMM: {lib.fc_w4a16_sm90_error().decode()}")
     return out.reshape(*x.shape[:-1], n)

@@ -77,13 +77,16 @@ def int8_scaled_mm(
     lib = load_library()
     (m, k), n = a8.shape, w8.shape[0]
     config = config_for(m) if config is None else config
+    if not 0 <= config < lib.fc_w8a8_sm90_configs():
+        raise ValueError(f"no CUTLASS INT8 configuration {config}")
     out = torch.empty(m, n, device=a8.device, dtype=torch.bfloat16)
-    space = cutlass_lib.workspace(a8.device, lib.fc_w8a8_sm90_workspace(config, m, n, k))
     stream = torch.cuda.current_stream(a8.device).cuda_stream
-    status = lib.fc_w8a8_sm90_gemm(
-        config, a8.data_ptr(), a_scale.data_ptr(), w8.data_ptr(), w_scale.data_ptr(),
-        out.data_ptr(), m, n, k, space.data_ptr(), space.numel(), stream,
-    )  # fmt: skip
+    with torch.cuda.device(a8.device):  # the library sizes and launches on the current device
+        space = cutlass_lib.workspace(a8.device, lib.fc_w8a8_sm90_workspace(config, m, n, k))
+        status = lib.fc_w8a8_sm90_gemm(
+            config, a8.data_ptr(), a_scale.data_ptr(), w8.data_ptr(), w_scale.data_ptr(),
+            out.data_ptr(), m, n, k, space.data_ptr(), space.numel(), stream,
+        )  # fmt: skip
     if status != 0:
         raise RuntimeError(f"CUTLASS INT8 GEMM: {lib.fc_w8a8_sm90_error().decode()}")
     return out

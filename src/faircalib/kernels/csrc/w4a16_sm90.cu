@@ -13,8 +13,9 @@
 //
 // Layouts the caller provides:
 //   x      [m, k] bf16, row-major
-//   w      [n, k] int4, K-major, two per byte, element 0 in the low nibble; with `shuffled`,
-//          permuted by fc_w4a16_sm90_reorder (the values one thread reads made contiguous)
+//   w      [n, k] int4, K-major, two per byte, element 0 in the low nibble; for the shuffled
+//          configs permuted as fc_w4a16_sm90_shuffled_offset says (the values one thread
+//          reads made contiguous)
 //   scale  [k / group, n] bf16, row-major (CUTLASS wants the scales N-major)
 //   zero   [k / group, n] bf16, the same layout
 //   out    [m, n] bf16, row-major
@@ -32,7 +33,7 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
-#include "cutlass/util/mixed_dtype_utils.hpp"
+#include "cutlass/util/mixed_dtype_utils.hpp"  // compute_memory_reordering_atom
 #include "cutlass/util/packed_stride.hpp"
 
 using namespace cute;
@@ -65,6 +66,8 @@ using LayoutOut = cutlass::layout::ColumnMajor;
 using ValueShuffle = Layout<Shape<_2, _4>, Stride<_4, _1>>;
 using ShuffleAtom = decltype(cutlass::compute_memory_reordering_atom<
                              Mma, Layout<Shape<_1, _1>>, ValueShuffle>());
+constexpr int kShuffleRows = 16;  // the atom: 16 rows x 16 columns of the weight
+static_assert(size<0>(ShuffleAtom{}) == kShuffleRows && size<1>(ShuffleAtom{}) == kShuffleRows);
 using LayoutWShuffled =
     decltype(tile_to_shape(ShuffleAtom{}, Layout<Shape<int, int, int>, StrideW>{}));
 
@@ -196,6 +199,7 @@ int fc_w4a16_sm90_gemm(int config, const void* x, const void* w, const void* sca
                        void* workspace, size_t workspace_bytes, void* stream) {
   if (k % group != 0 || group % kTileK != 0)
     return fail("the group size must divide K and be a multiple of 64");
+  if (n % kShuffleRows != 0) return fail("N must be a multiple of 16 (the shuffle atom)");
   int status = dispatch(config, [&](auto g) {
     return decltype(g)::run(x, w, scale, zero, out, m, n, k, group, workspace, workspace_bytes,
                             static_cast<cudaStream_t>(stream));
@@ -206,18 +210,12 @@ int fc_w4a16_sm90_gemm(int config, const void* x, const void* w, const void* sca
   return status;
 }
 
-// The shuffle of the shuffled configs: src [n, k] int4 (K-major) -> dst, the same bytes
-// permuted. Runs on `stream`; dst must not alias src.
-int fc_w4a16_sm90_reorder(const void* src, void* dst, int n, int k, void* stream) {
-  auto layout_src = make_layout(make_shape(n, k, 1),
-                                cutlass::make_cute_packed_stride(StrideW{}, make_shape(n, k, 1)));
-  auto layout_dst = tile_to_shape(ShuffleAtom{}, make_shape(n, k, 1));
-  auto s = make_tensor(make_gmem_ptr<Quant>(static_cast<const Quant*>(src)), layout_src);
-  auto d = make_tensor(make_gmem_ptr<Quant>(static_cast<Quant*>(dst)), layout_dst);
-  (void)stream;  // cutlass::reorder_tensor launches on the default stream and synchronizes
-  cutlass::reorder_tensor(s, d);
-  cudaError_t done = cudaGetLastError();
-  return done == cudaSuccess ? 0 : fail(cudaGetErrorString(done));
+// Where element (i, j) of an [n, k] weight goes in the shuffled layout: the layout the kernel
+// reads, evaluated on the host. faircalib shuffles with torch (cutlass_w4.shuffle_offsets);
+// the CUDA tests check that formula against this one.
+int64_t fc_w4a16_sm90_shuffled_offset(int n, int k, int i, int j) {
+  auto layout = tile_to_shape(ShuffleAtom{}, make_shape(n, k, 1));
+  return int64_t(layout(i, j, 0));
 }
 
 }  // extern "C"

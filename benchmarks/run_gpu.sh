@@ -81,9 +81,10 @@ $([ "$1" = generation-8b-stack-ab-dream ] && echo --family dream) --out $RES/$1"
   cutlass-w4) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w4 --ms 1,16,32,64,128,256,512,1024,2048,4096 \
 --backends auto_w4,dequant_bf16,triton_dq,cutlass_w4,cutlass_w4_32,cutlass_w4_64,cutlass_w4_128,cutlass_w4_256,cutlass_w4_128_plain \
 --time-budget ${KERNELS_BUDGET:-420}" ;;
-  # the CUTLASS libraries built on the device itself (when the carried ones do not load there);
-  # jobs started after it use them (FAIRCALIB_CUTLASS_DIR is set from .cutlass at `start`)
-  cutlass-build) echo "mkdir -p $RES/cutlass-build; python3 scripts/build_cutlass.py --out .cutlass" ;;
+  # the CUTLASS libraries built on the device itself (when the carried ones do not load there),
+  # copied into .cutlass, where the jobs after it look (FAIRCALIB_CUTLASS_DIR)
+  cutlass-build) echo "python3 scripts/build_cutlass.py --out $RES/cutlass-build; mkdir -p .cutlass; \
+cp $RES/cutlass-build/*.so .cutlass/" ;;
   # the CUTLASS INT8 W8A8 GEMM (kernels.cutlass_w8a8) beside our Triton ones, quantization
   # included and the GEMM alone (prequant), every shape at M >= 256
   cutlass-w8a8) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w8a8 --ms 256,512,1024,2048,4096 \
@@ -142,10 +143,9 @@ start)
   script=$RES/jobs-$$.sh
   echo "cd $PWD" > "$script"
   if [ -n "${GPU:-}" ]; then echo "export CUDA_VISIBLE_DEVICES=$GPU" >> "$script"; fi
-  # CUTLASS libraries built on the CPU machine (kernels/cutlass_lib.py), carried in .cutlass
-  if ls .cutlass/*.so > /dev/null 2>&1; then
-    echo "export FAIRCALIB_CUTLASS_DIR=$PWD/.cutlass" >> "$script"
-  fi
+  # the CUTLASS libraries (kernels/cutlass_lib.py): carried in .cutlass, or put there by the
+  # cutlass-build job; never built inside a timed job
+  echo "export FAIRCALIB_CUTLASS_DIR=$PWD/.cutlass" >> "$script"
   for job in "$@"; do
     rm -f "$RES/$job.done"
     # braced: a job of several commands (cudatests) logs all of them, from its start

@@ -21,17 +21,18 @@ from faircalib.kernels import cutlass_lib
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("names", nargs="*", help="libraries (default: every csrc/*.cu)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, help="where <name>.so go")
     args = p.parse_args(argv)
     names = args.names or sorted(f.stem for f in cutlass_lib.CSRC.glob("*.cu"))
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
     def build(name: str) -> str:
         built = cutlass_lib.build_library(
             name
         )  # nvcc is one process: threads run them side by side
-        shutil.copy(built, args.out / f"{name}.so")
+        shutil.copy(built, out / f"{name}.so")
         return f"{name}: {built} ({time.time() - start:.0f} s)"
 
     try:

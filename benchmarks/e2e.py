@@ -130,9 +130,11 @@ VARIANTS = {
     "w4a8_int8": (4, 128, False, 8, "w4a8_dq", "int"),
     "w4a8_fp8": (4, 128, False, 8, "w4a8_fp8_dq", "fp8"),
     # CUTLASS on Hopper (kernels.cutlass_lib): the mixed-input W4A16 GEMM, the INT8 GEMM with
-    # its scales in the epilogue; by name, off the default list until measured
+    # its scales in the epilogue, by name (`auto` takes them where they are built)
     "int4_g128_cutlass": (4, 128, False, None, "cutlass_w4", "int"),
     "int8_w8a8_cutlass": (8, None, True, 8, "cutlass_int8", "int"),
+    # what `auto` ran at these M before the CUTLASS kernels: dequantize, then cuBLAS
+    "int4_g128_triton_dq": (4, 128, False, None, "triton_dq", "int"),
 }
 # `X_stacked`: variant X with q, k, v and gate, up each run as one stacked layer
 # (kernels.stacked_linears, as `load(..., stack=True)` loads a checkpoint): one GEMM of
@@ -147,6 +149,7 @@ CUDA_ONLY = {
     "w4a8_fp8",
     "int4_g128_cutlass",
     "int8_w8a8_cutlass",
+    "int4_g128_triton_dq",
 }  # Triton and CUTLASS kernels without a CPU path
 READER_GROUPS = (("q_proj", "k_proj", "v_proj"), ("ff_proj", "up_proj"))  # LLaDA's names
 FP8_VARIANTS = ("fp8", "fp8_w8a8", "fp8_checkpoint")

@@ -38,11 +38,12 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
   fp8_aten      fp8_w8a8's work called bare: per-token e4m3 scales of x (inside the timed call)
                 + torch._scaled_mm with per-channel weight scales, bf16 out
   cutlass_w4    (GPU) CUTLASS's mixed-input GEMM (kernels.cutlass_w4: INT4 converted in
-                registers, register-sourced wgmma), token tile by M; cutlass_w4_{32,64,128,256}
-                one tile each, cutlass_w4_128_plain without the offline weight shuffle (needs
-                `pip install nvidia-cutlass` and nvcc, or FAIRCALIB_CUTLASS_W4_LIB)
+                registers, register-sourced wgmma), tile by M and N (cutlass_w4.config_for);
+                cutlass_w4_{32,64,128,256} one token tile each, cutlass_w4_sk{64,128,256} with
+                stream-K, cutlass_w4_128_plain without the offline weight shuffle (needs
+                `faircalib build-kernels`, or FAIRCALIB_CUTLASS_DIR)
   cutlass_int8  (GPU) int8_w8a8's work on CUTLASS's INT8 GEMM (kernels.cutlass_w8a8: scales in
-                the epilogue); cutlass_int8_prequant the GEMM alone, _c0.._c4 one tile each
+                the epilogue); cutlass_int8_prequant the GEMM alone, _c0.._c6 one tile each
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
                 imports (optional: `pip install gemlite`; H100 configs loaded on an H200)
   gemlite_w4a8_fp8   (GPU) gemlite's W4 g128 x dynamic per-token e4m3 activations
@@ -74,6 +75,7 @@ every larger M (where torch's int4 kernel stops paying).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import statistics
@@ -471,12 +473,14 @@ def candidates(device: torch.device) -> list[Candidate]:
         out.append(Candidate("cutlass_w4", _make_cutlass_w4(None), _ref_w4, 0.5))
         for name, prequant in (("cutlass_int8", False), ("cutlass_int8_prequant", True)):
             out.append(Candidate(name, _make_cutlass_int8(prequant), _ref_int8, 1.0, math="8bit"))
-        for config in range(5):
+        for config in range(7):
             make = _make_cutlass_int8(True, config)
             out.append(
                 Candidate(f"cutlass_int8_prequant_c{config}", make, _ref_int8, 1.0, math="8bit")
             )
-        for tile, config in (("32", 2), ("64", 1), ("128", 0), ("256", 3), ("128_plain", 4)):
+        tiles = (("32", 2), ("64", 1), ("128", 0), ("256", 3), ("128_plain", 4))
+        tiles += (("sk64", 7), ("sk128", 5), ("sk256", 6))  # stream-K
+        for tile, config in tiles:
             out.append(Candidate(f"cutlass_w4_{tile}", _make_cutlass_w4(config), _ref_w4, 0.5))
         for name in ("triton_w4", "triton_dq", "triton_gemv"):
             out.append(
@@ -702,6 +706,7 @@ W4_BACKENDS = {
     "triton_w4": "triton_w4",
     "triton_dq": "triton_dq",
     "triton_gemv": "triton_gemv",  # M <= 16 only: larger M are skipped cells
+    "cutlass_w4": "cutlass_w4",  # Hopper, once `faircalib build-kernels` has run
 }
 
 
@@ -828,13 +833,13 @@ W8_FP8 = ("fp8_w8a8", "fp8_triton")  # fp8_w8a8 runs FP8_W8A8_GEMM's choice (_sc
 # correct one counts -, smallest M, largest M, least speed vs bf16)
 TARGETS = [
     ("FP8 W8A8", ("fp8_w8a8", "fp8_triton", "fp8_scaled_mm"), 1024, math.inf, 1.6),
-    ("INT8 W8A8", ("int8_w8a8", "int8_triton", "int8_intmm"), 1024, math.inf, 1.6),
+    ("INT8 W8A8", ("int8_w8a8", "int8_triton", "int8_intmm", "cutlass_int8"), 1024, math.inf, 1.6),
     ("W4A8", ("w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq"), 1024, math.inf, 1.5),
     ("W4A16 M >= 256", ("auto_w4", *W4_BACKENDS), 256, math.inf, 0.9),
     ("W4A16 M = 1", ("auto_w4", *W4_BACKENDS), 1, 1, 2.5),
     # not the targets themselves: the same GEMMs on rows quantized by the op that writes them
     ("FP8 W8A8, GEMM alone", ("fp8_prequant",), 1024, math.inf, 1.6),
-    ("INT8 W8A8, GEMM alone", ("int8_prequant",), 1024, math.inf, 1.6),
+    ("INT8 W8A8, GEMM alone", ("int8_prequant", "cutlass_int8_prequant"), 1024, math.inf, 1.6),
 ]
 
 
@@ -1148,8 +1153,14 @@ def unpack_rows(rows: list | dict) -> list[dict]:
 
 
 def load_result(path: Path) -> dict:
-    """A kernels.json with its rows as dicts, whichever way it was written."""
-    result = json.loads(Path(path).read_text())
+    """A kernels.json (or kernels.json.gz, as the largest recorded ones are kept) with its rows
+    as dicts, whichever way it was written."""
+    path = Path(path)
+    zipped = path if path.suffix == ".gz" else path.with_name(path.name + ".gz")
+    if zipped.is_file() and not path.is_file() or path.suffix == ".gz":
+        result = json.loads(gzip.decompress(zipped.read_bytes()))
+    else:
+        result = json.loads(path.read_text())
     result["rows"] = unpack_rows(result["rows"])
     return result
 

@@ -10,9 +10,10 @@
 # The device machine goes back after ~30 s without a command in flight, detached jobs and all:
 # keep a `wait` call running (SECONDS_MAX <= the per-call limit) until the last job is done.
 # The CUTLASS libraries (kernels/cutlass_lib.py: csrc/w4a16_sm90.cu, csrc/w8a8_sm90.cu) are built
-# here once (about six minutes each), e.g.
-#   python -c "from faircalib.kernels import cutlass_lib as c; print(c.build_library('w8a8_sm90'))"
-# and copied to .cutlass/<name>.so (git-ignored); give the call carry=[".whl", ".cutlass"].
+# here once (about six minutes each, side by side) with
+#   faircalib build-kernels --out .cutlass   # .cutlass/<name>.so, git-ignored
+# and carried: give the call carry=[".whl", ".cutlass"] (without the 6 MB nvidia-cutlass wheel
+# in .whl: the tree, .whl and .cutlass must stay under 64 MiB).
 # Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), w4a4-shift
 # (the learned transforms with and without the input shift, FlatQuantConfig.shift), kernels, e2e,
 # profile-step, generation-8b and generation-8b-graph (issue 16), throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
@@ -56,6 +57,10 @@ bf16,bf16_stacked,int4_g128,int4_g128_stacked,fp8_checkpoint,fp8_checkpoint_stac
   # the CUTLASS kernels in a whole step, beside the backends they would replace
   e2e-cutlass) echo "python3 benchmarks/e2e.py --out $RES/e2e-cutlass --variants \
 bf16,int4_g128,int4_g128_cutlass,int8_w8a8,int8_w8a8_cutlass" ;;
+  # `auto` with the CUTLASS kernels built (the backends column names what it ran) beside the
+  # paths it took before: dequantize + cuBLAS (INT4), the Triton INT8 GEMM
+  e2e-auto) echo "python3 benchmarks/e2e.py --out $RES/e2e-auto --variants \
+bf16,int4_g128,int4_g128_triton_dq,w8a8_int8,int8_w8a8" ;;
   throughput) echo "python3 benchmarks/throughput.py --device cuda --out $RES/throughput" ;;
   offload) echo "python3 benchmarks/offload.py --out $RES/offload" ;;
   profile-step) echo "python3 benchmarks/profile_step.py --work /root/work --out $RES/profile-step" ;;  # issue 16
@@ -81,9 +86,17 @@ $([ "$1" = generation-8b-stack-ab-dream ] && echo --family dream) --out $RES/$1"
   cutlass-w4) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w4 --ms 1,16,32,64,128,256,512,1024,2048,4096 \
 --backends auto_w4,dequant_bf16,triton_dq,cutlass_w4,cutlass_w4_32,cutlass_w4_64,cutlass_w4_128,cutlass_w4_256,cutlass_w4_128_plain \
 --time-budget ${KERNELS_BUDGET:-420}" ;;
+  # the stream-K configurations and the tile rules (cutlass_w4.config_for, cutlass_w8a8.config_for)
+  # beside auto, which takes the CUTLASS kernels where they are built
+  cutlass-w4-sk) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w4-sk --ms 1,16,32,64,128,256,512,1024,2048,4096 \
+--backends auto_w4,triton_dq,cutlass_w4,cutlass_w4_sk64,cutlass_w4_sk128,cutlass_w4_sk256 \
+--time-budget ${KERNELS_BUDGET:-300}" ;;
+  cutlass-w8a8-sk) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w8a8-sk --ms 32,128,256,512,1024,2048,4096 \
+--backends int8_w8a8,cutlass_int8,cutlass_int8_prequant,cutlass_int8_prequant_c5,cutlass_int8_prequant_c6 \
+--time-budget ${KERNELS_BUDGET:-240}" ;;
   # the CUTLASS libraries built on the device itself (when the carried ones do not load there),
   # copied into .cutlass, where the jobs after it look (FAIRCALIB_CUTLASS_DIR)
-  cutlass-build) echo "python3 scripts/build_cutlass.py --out $RES/cutlass-build; mkdir -p .cutlass; \
+  cutlass-build) echo "python3 -m faircalib.cli build-kernels --out $RES/cutlass-build; mkdir -p .cutlass; \
 cp $RES/cutlass-build/*.so .cutlass/" ;;
   # the CUTLASS INT8 W8A8 GEMM (kernels.cutlass_w8a8) beside our Triton ones, quantization
   # included and the GEMM alone (prequant), every shape at M >= 256

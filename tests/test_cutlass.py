@@ -4,6 +4,7 @@ in tests/test_cuda.py on the H200)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,27 @@ def test_operands_are_exact_where_scale_and_zero_term_are_bf16_numbers():
     assert torch.equal(got, layer.dequantized_weight(torch.float64))
 
 
-def test_the_token_tile_is_the_smallest_that_holds_m():
+def test_the_token_tile_never_exceeds_the_one_that_holds_m():
     tiles = {c: t for t, c in cutlass_w4.TOKEN_TILE_CONFIG.items()}
+    wide = 128 * 132 * 8  # so many weight tiles that every plan fills the GPU
     for m, tile in ((1, 32), (32, 32), (33, 64), (64, 64), (65, 128), (256, 256), (9000, 256)):
-        assert tiles[cutlass_w4.config_for(m)] == tile
+        assert tiles[cutlass_w4.config_for(m, wide)] == tile
+
+
+def test_a_layer_of_few_output_tiles_splits_k():
+    """Dream's K / V (512 outputs: 4 weight tiles) fills few of 132 SMs with output tiles
+    until M is large (1024 rows: 128 tiles of 32 rows)."""
+    for m in (1, 64, 256):
+        assert cutlass_w4.config_for(m, 512) in cutlass_w4.STREAM_K_CONFIG.values()
+    assert cutlass_w4.config_for(1024, 512) == cutlass_w4.TOKEN_TILE_CONFIG[32]
+    assert cutlass_w4.config_for(4096, 512, sm_count=16) in cutlass_w4.TOKEN_TILE_CONFIG.values()
+
+
+def test_fewer_waves_beat_a_larger_tile():
+    """96 weight tiles at M = 256: one wave of 256-row tiles (96 CTAs) beats two of 128."""
+    assert cutlass_w4.config_for(256, 12288) == cutlass_w4.TOKEN_TILE_CONFIG[256]
+    # 32 weight tiles: 256-row tiles would leave 100 of 132 SMs idle
+    assert cutlass_w4.config_for(256, 4096) == cutlass_w4.TOKEN_TILE_CONFIG[64]
 
 
 @pytest.mark.parametrize(
@@ -128,6 +146,47 @@ def test_an_unloadable_library_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(cutlass_lib, "_FAILED", {})
     with pytest.raises(cutlass_lib.CutlassUnavailable, match="cannot load"):
         cutlass_w4.load_library()
+
+
+def test_an_unbuilt_library_names_the_build_command_and_never_compiles(tmp_path, monkeypatch):
+    monkeypatch.delenv(cutlass_lib.PREBUILT_ENV, raising=False)
+    monkeypatch.setenv("FAIRCALIB_CACHE", str(tmp_path))
+    monkeypatch.setattr(cutlass_lib, "_LOADED", {})
+    monkeypatch.setattr(cutlass_lib, "_FAILED", {})
+    monkeypatch.setattr(cutlass_lib, "toolchain_key", lambda command: "t00lchain")
+    monkeypatch.setattr(cutlass_lib.subprocess, "run", lambda *a, **k: pytest.fail("compiled"))
+    with pytest.raises(cutlass_lib.CutlassUnavailable, match="faircalib build-kernels"):
+        cutlass_w4.load_library()
+
+
+def test_the_cache_serves_the_build_of_this_source_and_toolchain(tmp_path, monkeypatch):
+    monkeypatch.delenv(cutlass_lib.PREBUILT_ENV, raising=False)
+    monkeypatch.setenv("FAIRCALIB_CACHE", str(tmp_path))
+    name, src = cutlass_w8a8.NAME, cutlass_lib.source_key(cutlass_w8a8.NAME)
+    cache = tmp_path / "cutlass"
+    cache.mkdir()
+    (cache / f"{name}-{'0' * 12}-t00lchain.so").touch()  # another version of the source
+    (cache / f"{name}-{src}-0ther000.so").touch()  # another nvcc
+    monkeypatch.setattr(cutlass_lib, "toolchain_key", lambda command: "t00lchain")
+    assert cutlass_lib.cached_library(name) is None
+    (cache / f"{name}-{src}-t00lchain.so").touch()
+    assert cutlass_lib.cached_library(name) == cache / f"{name}-{src}-t00lchain.so"
+
+    def no_toolkit(command):
+        raise cutlass_lib.CutlassUnavailable("no nvcc")
+
+    monkeypatch.setattr(cutlass_lib, "toolchain_key", no_toolkit)  # a machine without nvcc
+    os.utime(cache / f"{name}-{src}-0ther000.so", (2e9, 2e9))  # the newest build of the source
+    assert cutlass_lib.cached_library(name) == cache / f"{name}-{src}-0ther000.so"
+
+
+def test_a_header_change_changes_the_source_key(tmp_path, monkeypatch):
+    (tmp_path / "w8a8_sm90.cu").write_text("// kernel")
+    (tmp_path / "common.cuh").write_text("// one")
+    monkeypatch.setattr(cutlass_lib, "CSRC", tmp_path)
+    before = cutlass_lib.source_key("w8a8_sm90")
+    (tmp_path / "common.cuh").write_text("// two")
+    assert cutlass_lib.source_key("w8a8_sm90") != before
 
 
 def test_the_int8_gemm_refuses_what_it_would_misread():

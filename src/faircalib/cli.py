@@ -19,7 +19,7 @@ from faircalib import __version__
 from faircalib.commands.common import HelpFormatter, fill_defaults
 from faircalib.errors import FairCalibError
 
-COMMANDS = ["data", "train", "eval", "generate", "quantize", "bench"]
+COMMANDS = ["data", "train", "eval", "generate", "quantize", "bench", "build_kernels"]
 
 
 class Parser(argparse.ArgumentParser):

@@ -102,7 +102,11 @@ W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
     "cuda": [
         (16, ("int4_cuda", "triton_w4")),  # M = 1..15 (measured at M = 1)
         (65, ("triton_w4", "int4_cuda")),  # M = 16..64: the fused kernel (split-K)
-        (math.inf, ("triton_dq", "dequant")),  # M > 64: dequantize, then cuBLAS
+        # M > 64: CUTLASS's mixed-input GEMM where `faircalib build-kernels` built it (Hopper),
+        # else dequantize, then cuBLAS. H200, benchmarks/results/cutlass-w4 (its tile rule,
+        # cutlass_w4.config_for): 0.53-1.24x of bf16 at M = 128 and 0.60-1.03x at 256 on the
+        # seven large 8B shapes, against 0.44-0.58x and 0.49-0.71x for dequantize + cuBLAS
+        (math.inf, ("cutlass_w4", "triton_dq", "dequant")),
     ],
     "cpu": [(math.inf, ("int4_cpu",))],
 }
@@ -118,8 +122,12 @@ W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
 # 0.69x); 1.06-1.45x of bf16 at M >= 1024 on the 8B shapes, against 0.45-0.77x; it also runs
 # M <= 16; W4A8 (fused or unpack-then-GEMM) never beats the W4A16 kernels (<= 0.73x of bf16),
 # so 4-bit weights keep the W4A16 path.
+# From M = 256, CUTLASS's INT8 GEMM (scales in the epilogue; Hopper, once built) where it
+# loads: H200, benchmarks/results/cutlass-w8a8, the GEMM alone with its tile rule
+# (cutlass_w8a8.config_for) 1.72-2.16x of bf16 at M >= 1024 on the large shapes, against
+# 1.45-1.77x for the Triton GEMM.
 W8A8_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
-    "cuda": [(math.inf, ("int8_w8a8", "int8"))],
+    "cuda": [(256, ("int8_w8a8", "int8")), (math.inf, ("cutlass_int8", "int8_w8a8", "int8"))],
 }
 W4A8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
 # `fp8_w8a8`'s GEMM by M: (M bound, kernel) rows, "scaled_mm" (torch._scaled_mm) or "triton"

@@ -2,11 +2,14 @@
 
 Each `csrc/<name>.cu` is one shared library with a plain C ABI over raw device pointers, loaded
 with ctypes: it does not link against torch, so one build serves any torch version. It is
-compiled once per machine with nvcc against the headers of the `nvidia-cutlass` wheel (about
-six minutes a library on two cores) and cached under `~/.cache/faircalib/cutlass` (or
-`$FAIRCALIB_CACHE/cutlass`), keyed by the source, the flags and nvcc's version.
-`$FAIRCALIB_CUTLASS_DIR` names a directory of libraries built elsewhere (`<name>.so`), for a
-machine without nvcc or without time to build.
+compiled once per machine by `faircalib build-kernels` (nvcc against the headers of the
+`nvidia-cutlass` wheel; about six minutes a library on two cores) and cached under
+`~/.cache/faircalib/cutlass` (or `$FAIRCALIB_CACHE/cutlass`), keyed by the source and its
+headers, the flags and nvcc's version. `$FAIRCALIB_CUTLASS_DIR` names a directory of libraries
+built elsewhere (`<name>.so`), for a machine without nvcc.
+
+Loading never compiles: a model's forward pass must not stall for minutes on a first call, so
+an unbuilt library is an error that names the command (and `auto` simply does not take it).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def source(name: str) -> Path:
     if not path.is_file():
         raise CutlassUnavailable(f"no CUTLASS kernel source {path.name} in {CSRC}")
     return path
+
+
+def library_names() -> list[str]:
+    """Every library this package can build (csrc/*.cu)."""
+    return sorted(f.stem for f in CSRC.glob("*.cu"))
 
 
 def cutlass_include_dirs() -> list[Path]:
@@ -98,21 +106,42 @@ def cache_dir() -> Path:
     return Path(root) / "cutlass"
 
 
-def library_key(name: str, command: list[str]) -> str:
-    """What a library depends on: its source, the flags and headers, and nvcc's version."""
+def source_key(name: str) -> str:
+    """The digest of what the code of a library is: its source and the headers beside it."""
+    digest = hashlib.sha256(source(name).read_bytes())
+    for header in sorted(CSRC.glob("*.cuh")):
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def toolchain_key(command: list[str]) -> str:
+    """The digest of how it is compiled: the flags and include directories, nvcc's version."""
     if not Path(command[0]).is_file():
         raise CutlassUnavailable(f"no nvcc at {command[0]} (set CUDA_HOME to a CUDA toolkit)")
-    digest = hashlib.sha256(source(name).read_bytes())
-    digest.update(" ".join(command[1:-1]).encode())  # not `out`
+    digest = hashlib.sha256(" ".join(command[1:-1]).encode())  # not the output path
     version = subprocess.run([command[0], "--version"], capture_output=True, text=True)
     digest.update(version.stdout.encode())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:8]
+
+
+def cached_library(name: str) -> Path | None:
+    """The library of the current source in the cache: built with this nvcc and these headers
+    when both are here, else (a machine that has the cache but no toolkit) the newest build of
+    this source."""
+    try:
+        key = toolchain_key(build_command(name, Path("x.so")))
+    except CutlassUnavailable:
+        builds = sorted(cache_dir().glob(f"{name}-{source_key(name)}-*.so"), key=os.path.getmtime)
+        return builds[-1] if builds else None
+    path = cache_dir() / f"{name}-{source_key(name)}-{key}.so"
+    return path if path.is_file() else None
 
 
 def build_library(name: str, directory: Path | None = None) -> Path:
     """Compile `csrc/<name>.cu` into `directory` (default: the cache) unless it is there."""
     directory = directory or cache_dir()
-    target = directory / f"{name}-{library_key(name, build_command(name, Path('x.so')))}.so"
+    key = toolchain_key(build_command(name, Path("x.so")))
+    target = directory / f"{name}-{source_key(name)}-{key}.so"
     if target.is_file():
         return target
     directory.mkdir(parents=True, exist_ok=True)
@@ -125,6 +154,7 @@ def build_library(name: str, directory: Path | None = None) -> Path:
                 f"nvcc failed building {name}.cu: {(errors or ['see nvcc output'])[0]}"
             )
         partial.replace(target)  # atomic: another process never loads half a library
+    _FAILED.pop(name, None)  # a load that failed for want of this build may now succeed
     return target
 
 
@@ -132,34 +162,45 @@ _LOADED: dict[str, ctypes.CDLL] = {}
 _FAILED: dict[str, str] = {}  # name -> why: a failed build is not retried on every call
 
 
-def load(name: str, build: bool = True) -> ctypes.CDLL:
-    """The library of `csrc/<name>.cu`: $FAIRCALIB_CUTLASS_DIR/<name>.so, else built (or
-    found) in the cache. A failure is remembered: backends ask once per layer and M, and a
-    failed six-minute build must not rerun each time."""
+def load(name: str) -> ctypes.CDLL:
+    """The library of `csrc/<name>.cu`: $FAIRCALIB_CUTLASS_DIR/<name>.so, else the cache's
+    build of the current source. A failure is remembered (backends ask once per layer and M)
+    until `build_library` builds it."""
     if name in _FAILED:
         raise CutlassUnavailable(_FAILED[name])
     if name not in _LOADED:
-        prebuilt = os.environ.get(PREBUILT_ENV)
-        if not prebuilt and not build:
-            raise CutlassUnavailable(f"no prebuilt {name}.so: set {PREBUILT_ENV}")
         try:
-            _LOADED[name] = _open(Path(prebuilt) / f"{name}.so" if prebuilt else None, name)
+            _LOADED[name] = _open(name)
         except CutlassUnavailable as exc:
             _FAILED[name] = str(exc)
             raise
     return _LOADED[name]
 
 
-def _open(path: Path | None, name: str) -> ctypes.CDLL:
-    """ctypes' handle on `path` (None: build `name` first)."""
-    if path is None:
-        path = build_library(name)
-    elif not path.is_file():
-        raise CutlassUnavailable(f"{PREBUILT_ENV}={path.parent} has no {name}.so")
+def _open(name: str) -> ctypes.CDLL:
+    prebuilt = os.environ.get(PREBUILT_ENV)
+    if prebuilt:
+        path: Path | None = Path(prebuilt) / f"{name}.so"
+        if not path.is_file():
+            raise CutlassUnavailable(f"{PREBUILT_ENV}={prebuilt} has no {name}.so")
+    else:
+        source(name)  # a missing source is named as such
+        path = cached_library(name)
+        if path is None:
+            raise CutlassUnavailable(
+                f"the CUTLASS library {name} is not built here: run `faircalib build-kernels` "
+                f"once (about six minutes; needs nvcc and `pip install faircalib[cutlass]`) "
+                f"or set {PREBUILT_ENV} to a directory of prebuilt libraries"
+            )
     try:
         return ctypes.CDLL(str(path))
     except OSError as exc:
         raise CutlassUnavailable(f"cannot load {path}: {exc}") from exc
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (the tile rules weigh output tiles against them)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _WORKSPACE: dict[torch.device, list[torch.Tensor]] = {}

@@ -25,14 +25,23 @@ from faircalib.kernels import cutlass_lib
 NAME = "w4a16_sm90"  # csrc/w4a16_sm90.cu
 GROUP_MULTIPLE = 64  # CUTLASS's K tile for bf16: a group must hold whole tiles
 SHUFFLE_ROWS = 16  # the shuffle atom is 16 rows x 16 columns (compute_memory_reordering_atom)
-# the library's configurations (csrc/w4a16_sm90.cu): index by token tile, all shuffled
+# the library's configurations (csrc/w4a16_sm90.cu): index by token tile, all shuffled, one
+# output tile per CTA; then the same with stream-K (the K loop split over the SMs)
 TOKEN_TILE_CONFIG = {32: 2, 64: 1, 128: 0, 256: 3}
+STREAM_K_CONFIG = {64: 7, 128: 5, 256: 6}
 UNSHUFFLED_CONFIG = 4
+WEIGHT_TILE = 128  # every configuration's tile along the weight rows (N)
+# Work per token row of each token tile relative to the 256 tile, at M = 4096 on the H200
+# (benchmarks/results/cutlass-w4: 0.78-0.92x, 0.54-0.64x and 0.32-0.37x of the 256 tile's speed,
+# eight shapes): a smaller tile fills more SMs but converts the same weight tile for fewer rows.
+TILE_EFFICIENCY = {256: 1.0, 128: 0.85, 64: 0.57, 32: 0.34}
+# Below this share of the SMs busy in the best single-tile plan, stream-K splits the K loop.
+STREAM_K_BELOW = 0.5
 
 
-def load_library(build: bool = True) -> ctypes.CDLL:
+def load_library() -> ctypes.CDLL:
     """The W4A16 library (cutlass_lib.load), its C signatures declared."""
-    lib = cutlass_lib.load(NAME, build)
+    lib = cutlass_lib.load(NAME)
     lib.fc_w4a16_sm90_gemm.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int] * 4]
     lib.fc_w4a16_sm90_gemm.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_sm90_workspace.argtypes = [ctypes.c_int] * 5
@@ -44,9 +53,21 @@ def load_library(build: bool = True) -> ctypes.CDLL:
     return lib
 
 
-def config_for(m: int) -> int:
-    """The configuration for M token rows: the smallest token tile that holds them (up to 256)."""
-    return next((c for tile, c in TOKEN_TILE_CONFIG.items() if m <= tile), TOKEN_TILE_CONFIG[256])
+def config_for(m: int, n: int, sm_count: int = 132) -> int:
+    """The configuration for M token rows and N weight rows: the token tile (up to the one
+    that holds M) of least modelled time, waves of output tiles x the tile's cost per row;
+    stream-K where even that tile leaves most SMs idle (few, deep tiles: Dream's K / V)."""
+    holds_m = next((t for t in TOKEN_TILE_CONFIG if m <= t), 256)
+    weight_tiles = -(-n // WEIGHT_TILE)
+
+    def cost(tile: int) -> float:
+        waves = -(-weight_tiles * -(-m // tile) // sm_count)
+        return waves * tile / TILE_EFFICIENCY[tile]
+
+    best = min((t for t in TOKEN_TILE_CONFIG if t <= holds_m), key=cost)
+    if weight_tiles * -(-m // best) < STREAM_K_BELOW * sm_count:
+        return STREAM_K_CONFIG[min(max(best, 64), 256)]
+    return TOKEN_TILE_CONFIG[best]
 
 
 # --- the weight in the kernel's layout -------------------------------------------------------------
@@ -158,7 +179,8 @@ def w4a16_gemm(x: torch.Tensor, weight: CutlassW4Weight, config: int | None = No
     lib = load_library()
     x2 = x.reshape(-1, weight.in_features).contiguous()
     m = x2.shape[0]
-    config = config_for(m) if config is None else config
+    if config is None:
+        config = config_for(m, weight.out_features, cutlass_lib.sm_count(x.device))
     if not 0 <= config < lib.fc_w4a16_sm90_configs():
         raise ValueError(f"no CUTLASS W4A16 configuration {config}")
     w = weight.plain if config == UNSHUFFLED_CONFIG else weight.int4

@@ -20,12 +20,16 @@ import torch
 from faircalib.kernels import cutlass_lib
 
 NAME = "w8a8_sm90"  # csrc/w8a8_sm90.cu
-CONFIGS = 5  # the library's tile configurations, by index (fc_w8a8_sm90_config_name)
+CONFIGS = 7  # the library's tile configurations, by index (fc_w8a8_sm90_config_name)
+# by index: 128x128 and 128x256 cooperative (the second also in clusters of 2), 64x128 and
+# 64x256 pingpong, then 128x128 and 128x256 cooperative with stream-K
+COOP_128x256, COOP_128x128, PINGPONG_64x128 = 1, 0, 3
+FILL = 0.75  # as cutlass_w4.FILL: output tiles per SM a larger tile must keep
 
 
-def load_library(build: bool = True) -> ctypes.CDLL:
+def load_library() -> ctypes.CDLL:
     """The W8A8 library (cutlass_lib.load), its C signatures declared."""
-    lib = cutlass_lib.load(NAME, build)
+    lib = cutlass_lib.load(NAME)
     lib.fc_w8a8_sm90_gemm.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int] * 3]
     lib.fc_w8a8_sm90_gemm.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w8a8_sm90_workspace.argtypes = [ctypes.c_int] * 4
@@ -35,10 +39,21 @@ def load_library(build: bool = True) -> ctypes.CDLL:
     return lib
 
 
-def config_for(m: int) -> int:
-    """The tile for M token rows until the H200 sweep decides: 64-row pingpong tiles below
-    M = 256 (more tiles to fill 132 SMs), 128 x 256 cooperative tiles above."""
-    return 3 if m < 256 else 1
+def config_for(m: int, n: int, sm_count: int = 132) -> int:
+    """The tile for M token rows and N outputs. H200 sweep (benchmarks/results/cutlass-w8a8,
+    the GEMM alone, eight 8B shapes, M = 256-4096): 64 x 128 pingpong led every shape at
+    M = 256 but one; 128 x 128 cooperative was within 9% of the best at 512 on the large
+    shapes; from 1024, 128 x 256 cooperative was within 10% of the best wherever its tiles
+    filled the GPU (1.72-2.16x of bf16) and 64 x 128 pingpong led where they did not
+    (3584 x 512). A larger tile must keep FILL of the SMs busy."""
+    if m < 512:
+        return PINGPONG_64x128
+    if m < 1024:
+        fills = -(-m // 128) * -(-n // 128) >= FILL * sm_count
+        return COOP_128x128 if fills else PINGPONG_64x128
+    if -(-m // 128) * -(-n // 256) >= FILL * sm_count:
+        return COOP_128x256
+    return PINGPONG_64x128
 
 
 def check_operands(
@@ -76,7 +91,8 @@ def int8_scaled_mm(
     check_operands(a8, a_scale, w8, w_scale)
     lib = load_library()
     (m, k), n = a8.shape, w8.shape[0]
-    config = config_for(m) if config is None else config
+    if config is None:
+        config = config_for(m, n, cutlass_lib.sm_count(a8.device))
     if not 0 <= config < lib.fc_w8a8_sm90_configs():
         raise ValueError(f"no CUTLASS INT8 configuration {config}")
     out = torch.empty(m, n, device=a8.device, dtype=torch.bfloat16)

@@ -21,11 +21,10 @@
 //   out    [m, n] bf16, row-major
 
 #include <cstdint>
-#include <cstdio>
-#include <cstring>
 
 #include <cuda_runtime.h>
 
+#include "common.cuh"
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -33,19 +32,13 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/gemm/kernel/tile_scheduler.hpp"
 #include "cutlass/util/mixed_dtype_utils.hpp"  // compute_memory_reordering_atom
 #include "cutlass/util/packed_stride.hpp"
 
 using namespace cute;
 
 namespace {
-
-char g_error[512] = "";
-
-int fail(const char* what) {
-  std::snprintf(g_error, sizeof(g_error), "%s", what);
-  return 1;
-}
 
 using Mma = cutlass::bfloat16_t;
 using Quant = cutlass::int4b_t;
@@ -71,7 +64,10 @@ static_assert(size<0>(ShuffleAtom{}) == kShuffleRows && size<1>(ShuffleAtom{}) =
 using LayoutWShuffled =
     decltype(tile_to_shape(ShuffleAtom{}, Layout<Shape<int, int, int>, StrideW>{}));
 
-template <int TileN, int TileM, bool Shuffled, class Schedule, class EpiSchedule>
+// Scheduler: void (one output tile per CTA, persistent) or cutlass::gemm::StreamKScheduler (the
+// K loop of too few tiles split over the SMs; its partial sums meet in the workspace).
+template <int TileN, int TileM, bool Shuffled, class Schedule, class EpiSchedule,
+          class Scheduler = void>
 struct Gemm {
   using TileShape = Shape<Int<TileN>, Int<TileM>, Int<kTileK>>;
   using Cluster = Shape<_1, _1, _1>;
@@ -93,7 +89,8 @@ struct Gemm {
           static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       Schedule>::CollectiveOp;
 
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop,
+                                                      Epilogue, Scheduler>;
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static typename Device::Arguments arguments(const void* x, const void* w, const void* scale,
@@ -118,7 +115,8 @@ struct Gemm {
         {n, m, k, 1},
         {static_cast<const Quant*>(w), w_layout, static_cast<const Mma*>(x), stride_x,
          static_cast<const Mma*>(scale), stride_s, group, static_cast<const Mma*>(zero)},
-        {{1.0f, 0.0f}, nullptr, stride_out, static_cast<Mma*>(out), stride_out}};
+        {{1.0f, 0.0f}, nullptr, stride_out, static_cast<Mma*>(out), stride_out},
+        fc::hardware()};
   }
 
   static size_t workspace(int m, int n, int k, int group) {
@@ -129,15 +127,9 @@ struct Gemm {
   static int run(const void* x, const void* w, const void* scale, const void* zero, void* out,
                  int m, int n, int k, int group, void* workspace, size_t workspace_bytes,
                  cudaStream_t stream) {
-    auto args = arguments(x, w, scale, zero, out, m, n, k, group);
-    Device gemm;
-    if (Device::get_workspace_size(args) > workspace_bytes) return fail("workspace too small");
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess)
-      return fail("CUTLASS cannot run this shape (alignment, or group not a multiple of 64)");
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess)
-      return fail("CUTLASS initialize failed");
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return fail("CUTLASS launch failed");
-    return 0;
+    return fc::launch<Device>(arguments(x, w, scale, zero, out, m, n, k, group), workspace,
+                              workspace_bytes, stream,
+                              "CUTLASS cannot run this shape (alignment, or group not a multiple of 64)");
   }
 };
 
@@ -151,9 +143,17 @@ using Config1 = Gemm<128, 64, true, Coop, CoopEpi>;
 using Config2 = Gemm<128, 32, true, Coop, CoopEpi>;
 using Config3 = Gemm<128, 256, true, Coop, CoopEpi>;
 using Config4 = Gemm<128, 128, false, Coop, CoopEpi>;
-constexpr int kConfigs = 5;
-const char* kConfigNames[kConfigs] = {"128x128 shuffled", "128x64 shuffled", "128x32 shuffled",
-                                      "128x256 shuffled", "128x128"};
+// Stream-K: deep layers with few output tiles (N = 4096 at M = 256 is 64 tiles of 128 x 128
+// for 132 SMs; Dream's 3584 x 512 K / V, 4 tiles across N) split their K loop instead.
+using StreamK = cutlass::gemm::StreamKScheduler;
+using Config5 = Gemm<128, 128, true, Coop, CoopEpi, StreamK>;
+using Config6 = Gemm<128, 256, true, Coop, CoopEpi, StreamK>;
+using Config7 = Gemm<128, 64, true, Coop, CoopEpi, StreamK>;
+constexpr int kConfigs = 8;
+const char* kConfigNames[kConfigs] = {
+    "128x128 shuffled",          "128x64 shuffled",           "128x32 shuffled",
+    "128x256 shuffled",          "128x128",                   "128x128 shuffled, stream-K",
+    "128x256 shuffled, stream-K", "128x64 shuffled, stream-K"};
 
 template <class F>
 int dispatch(int config, F&& f) {
@@ -163,6 +163,9 @@ int dispatch(int config, F&& f) {
     case 2: return f(Config2{});
     case 3: return f(Config3{});
     case 4: return f(Config4{});
+    case 5: return f(Config5{});
+    case 6: return f(Config6{});
+    case 7: return f(Config7{});
     default: return -1;
   }
 }
@@ -181,7 +184,7 @@ int fc_w4a16_sm90_shuffled(int config) {
   return dispatch(config, [](auto g) { return int(decltype(g)::kShuffled); });
 }
 
-const char* fc_w4a16_sm90_error() { return g_error; }
+const char* fc_w4a16_sm90_error() { return fc::g_error; }
 
 // bytes of workspace a call needs; (size_t)-1 for an unknown config
 size_t fc_w4a16_sm90_workspace(int config, int m, int n, int k, int group) {
@@ -198,16 +201,12 @@ int fc_w4a16_sm90_gemm(int config, const void* x, const void* w, const void* sca
                        const void* zero, void* out, int m, int n, int k, int group,
                        void* workspace, size_t workspace_bytes, void* stream) {
   if (k % group != 0 || group % kTileK != 0)
-    return fail("the group size must divide K and be a multiple of 64");
-  if (n % kShuffleRows != 0) return fail("N must be a multiple of 16 (the shuffle atom)");
-  int status = dispatch(config, [&](auto g) {
+    return fc::fail("the group size must divide K and be a multiple of 64");
+  if (n % kShuffleRows != 0) return fc::fail("N must be a multiple of 16 (the shuffle atom)");
+  return fc::finish(dispatch(config, [&](auto g) {
     return decltype(g)::run(x, w, scale, zero, out, m, n, k, group, workspace, workspace_bytes,
                             static_cast<cudaStream_t>(stream));
-  });
-  if (status < 0) return fail("unknown config");
-  cudaError_t launched = cudaGetLastError();
-  if (launched != cudaSuccess) return fail(cudaGetErrorString(launched));
-  return status;
+  }));
 }
 
 // Where element (i, j) of an [n, k] weight goes in the shuffled layout: the layout the kernel

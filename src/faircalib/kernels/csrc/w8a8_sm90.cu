@@ -11,10 +11,10 @@
 //   out      [m, n] bf16, row-major
 
 #include <cstdint>
-#include <cstdio>
 
 #include <cuda_runtime.h>
 
+#include "common.cuh"
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -23,18 +23,12 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/dispatch_policy.hpp"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/gemm/kernel/tile_scheduler.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
 using namespace cute;
 
 namespace {
-
-char g_error[512] = "";
-
-int fail(const char* what) {
-  std::snprintf(g_error, sizeof(g_error), "%s", what);
-  return 1;
-}
 
 using Out = cutlass::bfloat16_t;
 using LayoutA = cutlass::layout::RowMajor;
@@ -56,7 +50,9 @@ using ScaleEpilogue = cutlass::epilogue::fusion::Sm90EVT<
                                                     Stride<Int<0>, Int<1>, Int<0>>>,
         cutlass::epilogue::fusion::Sm90AccFetch>>;
 
-template <int TileM, int TileN, int ClusterM, class Schedule, class EpiSchedule>
+// Scheduler: void (persistent, one output tile per CTA) or cutlass::gemm::StreamKScheduler.
+template <int TileM, int TileN, int ClusterM, class Schedule, class EpiSchedule,
+          class Scheduler = void>
 struct Gemm {
   using TileShape = Shape<Int<TileM>, Int<TileN>, _128>;
   using Cluster = Shape<Int<ClusterM>, _1, _1>;
@@ -70,7 +66,8 @@ struct Gemm {
       cutlass::gemm::collective::StageCountAutoCarveout<
           static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       Schedule>::CollectiveOp;
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop,
+                                                      Epilogue, Scheduler>;
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static typename Device::Arguments arguments(const void* a, const void* a_scale, const void* w,
@@ -83,7 +80,8 @@ struct Gemm {
         cutlass::gemm::GemmUniversalMode::kGemm,
         {m, n, k, 1},
         {static_cast<const int8_t*>(a), stride_a, static_cast<const int8_t*>(w), stride_w},
-        {{}, nullptr, stride_out, static_cast<Out*>(out), stride_out}};
+        {{}, nullptr, stride_out, static_cast<Out*>(out), stride_out},
+        fc::hardware()};
     // the visitor tree's arguments: {a_scale, {w_scale, acc, multiply}, multiply}
     args.epilogue.thread = {
         {static_cast<const float*>(a_scale)},
@@ -99,15 +97,9 @@ struct Gemm {
   static int run(const void* a, const void* a_scale, const void* w, const void* w_scale,
                  void* out, int m, int n, int k, void* workspace, size_t workspace_bytes,
                  cudaStream_t stream) {
-    auto args = arguments(a, a_scale, w, w_scale, out, m, n, k);
-    Device gemm;
-    if (Device::get_workspace_size(args) > workspace_bytes) return fail("workspace too small");
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess)
-      return fail("CUTLASS cannot run this shape (K and N must be multiples of 16 and 8)");
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess)
-      return fail("CUTLASS initialize failed");
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return fail("CUTLASS launch failed");
-    return 0;
+    return fc::launch<Device>(arguments(a, a_scale, w, w_scale, out, m, n, k), workspace,
+                              workspace_bytes, stream,
+                              "CUTLASS cannot run this shape (K and N must be multiples of 16 and 8)");
   }
 };
 
@@ -122,10 +114,15 @@ using Config1 = Gemm<128, 256, 1, Coop, CoopEpi>;
 using Config2 = Gemm<128, 256, 2, Coop, CoopEpi>;
 using Config3 = Gemm<64, 128, 1, Pingpong, PingpongEpi>;
 using Config4 = Gemm<64, 256, 1, Pingpong, PingpongEpi>;
-constexpr int kConfigs = 5;
-const char* kConfigNames[kConfigs] = {"128x128 cooperative", "128x256 cooperative",
-                                      "128x256 cooperative, cluster 2x1", "64x128 pingpong",
-                                      "64x256 pingpong"};
+// Stream-K for layers of few output tiles (Dream's 3584 x 512 K / V: 4 tiles across N).
+using StreamK = cutlass::gemm::StreamKScheduler;
+using Config5 = Gemm<128, 128, 1, Coop, CoopEpi, StreamK>;
+using Config6 = Gemm<128, 256, 1, Coop, CoopEpi, StreamK>;
+constexpr int kConfigs = 7;
+const char* kConfigNames[kConfigs] = {
+    "128x128 cooperative", "128x256 cooperative",          "128x256 cooperative, cluster 2x1",
+    "64x128 pingpong",     "64x256 pingpong",               "128x128 cooperative, stream-K",
+    "128x256 cooperative, stream-K"};
 
 template <class F>
 int dispatch(int config, F&& f) {
@@ -135,6 +132,8 @@ int dispatch(int config, F&& f) {
     case 2: return f(Config2{});
     case 3: return f(Config3{});
     case 4: return f(Config4{});
+    case 5: return f(Config5{});
+    case 6: return f(Config6{});
     default: return -1;
   }
 }
@@ -149,7 +148,7 @@ const char* fc_w8a8_sm90_config_name(int config) {
   return config >= 0 && config < kConfigs ? kConfigNames[config] : "";
 }
 
-const char* fc_w8a8_sm90_error() { return g_error; }
+const char* fc_w8a8_sm90_error() { return fc::g_error; }
 
 size_t fc_w8a8_sm90_workspace(int config, int m, int n, int k) {
   size_t bytes = size_t(-1);
@@ -164,14 +163,10 @@ size_t fc_w8a8_sm90_workspace(int config, int m, int n, int k) {
 int fc_w8a8_sm90_gemm(int config, const void* a, const void* a_scale, const void* w,
                       const void* w_scale, void* out, int m, int n, int k, void* workspace,
                       size_t workspace_bytes, void* stream) {
-  int status = dispatch(config, [&](auto g) {
+  return fc::finish(dispatch(config, [&](auto g) {
     return decltype(g)::run(a, a_scale, w, w_scale, out, m, n, k, workspace, workspace_bytes,
                             static_cast<cudaStream_t>(stream));
-  });
-  if (status < 0) return fail("unknown config");
-  cudaError_t launched = cudaGetLastError();
-  if (launched != cudaSuccess) return fail(cudaGetErrorString(launched));
-  return status;
+  }));
 }
 
 }  // extern "C"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from faircalib.errors import ConfigError
 from faircalib.kernels import QuantLinear, cutlass_lib, cutlass_w4, cutlass_w8a8
 from faircalib.kernels.backends import pack_codes
 from faircalib.quant.primitives import compute_qparams, dequantize, quantize
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _layer(out_f: int = 48, in_f: int = 256, seed: int = 0):
@@ -64,19 +67,74 @@ def test_the_token_tile_never_exceeds_the_one_that_holds_m():
 
 
 def test_a_layer_of_few_output_tiles_splits_k():
-    """Dream's K / V (512 outputs: 4 weight tiles) fills few of 132 SMs with output tiles
-    until M is large (1024 rows: 128 tiles of 32 rows)."""
-    for m in (1, 64, 256):
+    """Dream's K / V (512 outputs: 4 weight tiles) fills few of 132 SMs with output tiles."""
+    for m in (1, 64, 256, 1024):
         assert cutlass_w4.config_for(m, 512) in cutlass_w4.STREAM_K_CONFIG.values()
-    assert cutlass_w4.config_for(1024, 512) == cutlass_w4.TOKEN_TILE_CONFIG[32]
     assert cutlass_w4.config_for(4096, 512, sm_count=16) in cutlass_w4.TOKEN_TILE_CONFIG.values()
 
 
 def test_fewer_waves_beat_a_larger_tile():
-    """96 weight tiles at M = 256: one wave of 256-row tiles (96 CTAs) beats two of 128."""
-    assert cutlass_w4.config_for(256, 12288) == cutlass_w4.TOKEN_TILE_CONFIG[256]
-    # 32 weight tiles: 256-row tiles would leave 100 of 132 SMs idle
-    assert cutlass_w4.config_for(256, 4096) == cutlass_w4.TOKEN_TILE_CONFIG[64]
+    """96 weight tiles at M = 512: two waves of 256-row tiles (192 CTAs on 132 SMs) against
+    three of 128 (384); 32 weight tiles at M = 64: one wave of 32-row tiles beats idle SMs."""
+    assert cutlass_w4.config_for(512, 12288) in (
+        cutlass_w4.TOKEN_TILE_CONFIG[128],
+        cutlass_w4.STREAM_K_CONFIG[256],
+    )
+    assert cutlass_w4.config_for(64, 12288) == cutlass_w4.TOKEN_TILE_CONFIG[64]
+
+
+def test_deep_layers_of_few_tiles_split_k_above_m_64():
+    """An MLP down projection (4096 outputs: 32 weight tiles) at M = 128 has 32 output tiles of
+    128 rows for 132 SMs: stream-K."""
+    assert cutlass_w4.config_for(128, 4096) in cutlass_w4.STREAM_K_CONFIG.values()
+    assert cutlass_w4.config_for(128, 128 * 132 * 4) == cutlass_w4.TOKEN_TILE_CONFIG[128]
+
+
+def _recorded_ms(*names: str) -> dict:
+    """(shape, M, backend) -> ms of the recorded H200 sweeps in benchmarks/results/NAME."""
+    spec = importlib.util.spec_from_file_location("kernels_bench", BENCH / "kernels.py")
+    kernels = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = kernels
+    spec.loader.exec_module(kernels)
+    rows = [
+        r
+        for n in names
+        for r in kernels.load_result(BENCH / "results" / n / "kernels.json")["rows"]
+    ]
+    return {
+        (r["shape"], r["M"], r["backend"]): r["ms"]
+        for r in rows
+        if r.get("correct") and r.get("ms")
+    }
+
+
+def test_the_w4_tile_rule_picks_near_the_fastest_configuration_measured():
+    """On the recorded H200 sweeps (every configuration, the seven large 8B shapes, M = 1 to
+    4096) the rule's configuration ran within 10% of the fastest in at least 9 cells of 10 and
+    within 25% in every one."""
+    ms = _recorded_ms("cutlass-w4", "cutlass-w4-sk")
+    names = {c: f"cutlass_w4_{t}" for t, c in cutlass_w4.TOKEN_TILE_CONFIG.items()}
+    names |= {c: f"cutlass_w4_sk{t}" for t, c in cutlass_w4.STREAM_K_CONFIG.items()}
+    ratios = []
+    for shape, m in {(s, m) for s, m, _ in ms}:
+        n = int(shape.split("x")[1])
+        times = {c: ms.get((shape, m, name)) for c, name in names.items()}
+        if n >= 1024 and None not in times.values():
+            ratios.append(times[cutlass_w4.config_for(m, n)] / min(times.values()))
+    assert len(ratios) == 70
+    assert sum(r <= 1.10 for r in ratios) >= 0.9 * len(ratios) and max(ratios) <= 1.25
+
+
+def test_the_int8_tile_rule_picks_near_the_fastest_configuration_measured():
+    ms = _recorded_ms("cutlass-w8a8", "cutlass-w8a8-sk")
+    ratios = []
+    for shape, m in {(s, m) for s, m, _ in ms}:
+        n = int(shape.split("x")[1])
+        times = {c: ms.get((shape, m, f"cutlass_int8_prequant_c{c}")) for c in range(7)}
+        if None not in times.values():
+            ratios.append(times[cutlass_w8a8.config_for(m, n)] / min(times.values()))
+    assert len(ratios) == 40  # eight shapes, M = 256 to 4096
+    assert sum(r <= 1.10 for r in ratios) >= 0.9 * len(ratios) and max(ratios) <= 1.25
 
 
 @pytest.mark.parametrize(
@@ -247,3 +305,23 @@ def test_shuffled_bytes_hold_every_nibble_where_the_offsets_say():
     nibbles = torch.stack((plain & 0xF, plain >> 4), -1).reshape(32, 128)
     flat = torch.stack((shuffled & 0xF, shuffled >> 4), -1).reshape(-1)
     assert torch.equal(flat[cutlass_w4.shuffle_offsets(32, 128)], nibbles)
+
+
+def test_build_kernels_check_names_what_is_missing_and_unknown_names_are_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    from faircalib.cli import main
+
+    monkeypatch.delenv(cutlass_lib.PREBUILT_ENV, raising=False)
+    monkeypatch.setenv("FAIRCALIB_CACHE", str(tmp_path))
+    monkeypatch.setattr(cutlass_lib, "_LOADED", {})
+    monkeypatch.setattr(cutlass_lib, "_FAILED", {})
+    monkeypatch.setattr(cutlass_lib, "toolchain_key", lambda command: "t00lchain")
+    assert main(["build-kernels", "--check"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == cutlass_lib.library_names()
+    assert all("faircalib build-kernels" in line for line in out)
+    assert main(["build-kernels", "w9a9_sm90"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUTLASS library w9a9_sm90" in err[0]
+    assert not list(tmp_path.iterdir())  # nothing built, nothing half-written

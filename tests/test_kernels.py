@@ -127,15 +127,20 @@ def test_auto_rule_by_device_dtype_and_m(monkeypatch):
     assert auto_backend(layer, "cuda", bf16, 1) == rows[0][1][0]
     assert auto_backend(layer, "cuda", bf16, small - 1) == rows[0][1][0]
     assert auto_backend(layer, "cuda", bf16, small) == rows[1][1][0]
-    # above: CUTLASS's W4A16 GEMM where its library loads, else dequantize + cuBLAS
+    # above: CUTLASS's W4A16 GEMM where its library loads, else what ran before it
     assert rows[-1][1][:2] == ("cutlass_w4", "triton_dq")
+    assert rows[-2][1][:2] == ("cutlass_w4", "triton_w4")
     monkeypatch.setattr(backends, "_cutlass_common", lambda *a: "not built here")
     assert auto_backend(layer, "cuda", bf16, middle) == "triton_dq"
     monkeypatch.setattr(backends, "_cutlass_common", lambda *a: None)
     monkeypatch.setattr(backends, "_cutlass_library", lambda load: None)  # built and loadable
-    assert auto_backend(layer, "cuda", bf16, middle) == "cutlass_w4"
-    assert auto_backend(layer, "cuda", bf16, small) == rows[1][1][0]  # not below the last row
-    odd_group = QuantLinear.from_codes(*quantized(64, 256, 4, 32, False)[:2])  # group 32 < 64
+    wide = QuantLinear.from_codes(*quantized(1024, 256, 4, 128, False)[:2])
+    assert auto_backend(wide, "cuda", bf16, middle) == "cutlass_w4"
+    assert auto_backend(wide, "cuda", bf16, rows[-3][0]) == "cutlass_w4"  # M = 33..64 too
+    assert auto_backend(wide, "cuda", bf16, small) == rows[1][1][0]  # not at M = 16
+    # 64 outputs: narrower than any layer CUTLASS was measured faster on (Dream's 512-wide K / V)
+    assert auto_backend(layer, "cuda", bf16, middle) == "triton_dq"
+    odd_group = QuantLinear.from_codes(*quantized(1024, 256, 4, 32, False)[:2])  # group 32 < 64
     assert auto_backend(odd_group, "cuda", bf16, middle) == "triton_dq"
     w8 = QuantLinear.from_codes(*quantized(64, 256, 8, None, True)[:2], act_bits=8)
     assert auto_backend(w8, "cuda", bf16, 256) == "cutlass_int8"

@@ -225,14 +225,21 @@ def test_auto_rule_for_8bit_activations(monkeypatch):
     w8 = QuantLinear.from_codes(quantize(w, qp8), qp8, act_bits=8)
     w4 = QuantLinear.from_codes(quantize(w, qp4), qp4, act_bits=8)
     w4_weight_only = QuantLinear.from_codes(quantize(w, qp4), qp4)
-    # the H200-measured rows: the Triton INT8 GEMM for W8A8 at every M (M <= 16 too, where
-    # torch._int_mm cannot run), W4A16 kernels for W4 at every M
+    # without the CUTLASS library: the Triton INT8 GEMM for W8A8 at every M (M <= 16 too,
+    # where torch._int_mm cannot run); with it, CUTLASS's from M = 256
+    monkeypatch.setattr(backends, "_cutlass_common", lambda *a: "not built here")
     assert auto_backend(w8, "cuda", bf16, 512) == "int8_w8a8"
     assert auto_backend(w8, "cuda", bf16, 1) == "int8_w8a8"
-    assert auto_backend(w4, "cuda", bf16, 4096) == backends.W4_AUTO["cuda"][-1][1][0]
+    # W4 weights with 8-bit activations: the W4A16 rows, whose CUTLASS kernel does not
+    # quantize activations: dequantize + cuBLAS with the activations fake-quantized
+    monkeypatch.setattr(backends, "_cutlass_common", lambda *a: None)
+    monkeypatch.setattr(backends, "_cutlass_library", lambda load: None)  # built here
+    assert auto_backend(w8, "cuda", bf16, 512) == "cutlass_int8"
+    assert auto_backend(w8, "cuda", bf16, 1) == "int8_w8a8"
+    assert auto_backend(w4, "cuda", bf16, 4096) == "triton_dq"
     # a W4A8 row from M = 256 on: the fused kernel takes over there
     monkeypatch.setitem(backends.W4A8_AUTO_MIN_M, "cuda", 256)
-    assert auto_backend(w4, "cuda", bf16, 255) == backends.W4_AUTO["cuda"][-1][1][0]
+    assert auto_backend(w4, "cuda", bf16, 255) == "triton_dq"
     assert auto_backend(w4, "cuda", bf16, 256) == "w4a8"
     # a weight-only layer never gets 8-bit activations from `auto`, nor does the CPU
     assert auto_backend(w4_weight_only, "cuda", bf16, 4096) != "w4a8"

@@ -98,18 +98,28 @@ if TYPE_CHECKING:
 # Where triton is missing, torch's int4 kernel serves M <= 64 and `dequant` the rest.
 # CPU: on the 2-core EPYC dev machine the bf16 int4 kernel beat both dense bf16 and
 # dequantize-then-GEMM at every M up to 2048 (2048x2048 layer), so it never hands over.
+# CUTLASS's mixed-input GEMM (`faircalib build-kernels`, Hopper) from M = 33 where it loads:
+# H200, benchmarks/results/cutlass-w4 and cutlass-w4-sk (its tile rule, cutlass_w4.config_for,
+# on the seven large 8B shapes): 0.66-1.45x of bf16 at M = 64 against 0.62-0.75x for the fused
+# Triton kernel; 0.63-1.24x at 128, 0.73-1.03x at 256, 0.89-1.14x at 1024 against 0.45-0.58x,
+# 0.47-0.66x and 0.75-0.85x for dequantize + cuBLAS. At M = 16 the Triton kernel led (1.11-1.29x
+# against 0.68-1.45x); at 32 they were even. Without the library the rows fall through to the
+# backends that ran before.
 W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
     "cuda": [
         (16, ("int4_cuda", "triton_w4")),  # M = 1..15 (measured at M = 1)
-        (65, ("triton_w4", "int4_cuda")),  # M = 16..64: the fused kernel (split-K)
-        # M > 64: CUTLASS's mixed-input GEMM where `faircalib build-kernels` built it (Hopper),
-        # else dequantize, then cuBLAS. H200, benchmarks/results/cutlass-w4 (its tile rule,
-        # cutlass_w4.config_for): 0.53-1.24x of bf16 at M = 128 and 0.60-1.03x at 256 on the
-        # seven large 8B shapes, against 0.44-0.58x and 0.49-0.71x for dequantize + cuBLAS
-        (math.inf, ("cutlass_w4", "triton_dq", "dequant")),
+        (33, ("triton_w4", "int4_cuda")),  # M = 16..32: the fused kernel (split-K)
+        (65, ("cutlass_w4", "triton_w4", "int4_cuda")),
+        (math.inf, ("cutlass_w4", "triton_dq", "dequant")),  # M > 64
     ],
     "cpu": [(math.inf, ("int4_cpu",))],
 }
+
+# Layers of fewer outputs than this do not get the backend from `auto`: Dream-7B's 3584 x 512
+# K / V (4 tiles of 128 outputs) ran 0.25-0.65x of bf16 on CUTLASS at M <= 2048, against
+# 0.62-0.77x for dequantize + cuBLAS (cutlass-w4, cutlass-w4-sk); stacked with Q
+# (--stack-linears) the layer is 4608 wide and takes it.
+AUTO_MIN_OUT_FEATURES = {"cutlass_w4": 1024}
 
 # `int8` on CUDA: `torch._int_mm` needs M > 16 (cuBLASLt int8 constraint).
 # `auto` for layers that quantize activations to the int8 grid (act_bits=8), on CUDA: per M,
@@ -123,9 +133,11 @@ W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
 # M <= 16; W4A8 (fused or unpack-then-GEMM) never beats the W4A16 kernels (<= 0.73x of bf16),
 # so 4-bit weights keep the W4A16 path.
 # From M = 256, CUTLASS's INT8 GEMM (scales in the epilogue; Hopper, once built) where it
-# loads: H200, benchmarks/results/cutlass-w8a8, the GEMM alone with its tile rule
-# (cutlass_w8a8.config_for) 1.72-2.16x of bf16 at M >= 1024 on the large shapes, against
-# 1.45-1.77x for the Triton GEMM.
+# loads. H200, benchmarks/results/cutlass-w8a8-sk, the seven large 8B shapes, its tile rule
+# (cutlass_w8a8.config_for) with its own activation quantization: 1.22-1.34x of bf16 at
+# M = 256 against 0.84-1.20x for `int8_w8a8`, 1.34-2.00x at M >= 1024 against 1.15-1.63x;
+# the GEMM alone (rows from the fused norms) 1.69-2.14x at M >= 1024. At M = 128 the two were
+# even (1.05-1.44x against 0.90-1.42x) and at 32 gemlite led (1.28-1.57x against 0.85-1.39x).
 W8A8_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
     "cuda": [(256, ("int8_w8a8", "int8")), (math.inf, ("cutlass_int8", "int8_w8a8", "int8"))],
 }
@@ -1054,9 +1066,19 @@ def auto_backend(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: in
     for bound, names in W4_AUTO.get(device_type, []):
         if m < bound:
             return next(
-                (n for n in names if supports(layer, n, device_type, dtype, m) is None), "dequant"
+                (n for n in names if _auto_takes(layer, n, device_type, dtype, m)), "dequant"
             )
     return "dequant"
+
+
+def _auto_takes(
+    layer: QuantLinear, name: str, device_type: str, dtype: torch.dtype, m: int
+) -> bool:
+    """Whether `auto` runs `name` for the layer: it can, and the layer is not one the backend
+    was measured slower on (AUTO_MIN_OUT_FEATURES)."""
+    if layer.out_features < AUTO_MIN_OUT_FEATURES.get(name, 0):
+        return False
+    return supports(layer, name, device_type, dtype, m) is None
 
 
 def check_backend_name(name: str) -> str:

@@ -32,10 +32,17 @@ STREAM_K_CONFIG = {64: 7, 128: 5, 256: 6}
 UNSHUFFLED_CONFIG = 4
 WEIGHT_TILE = 128  # every configuration's tile along the weight rows (N)
 # Work per token row of each token tile relative to the 256 tile, at M = 4096 on the H200
-# (benchmarks/results/cutlass-w4: 0.78-0.92x, 0.54-0.64x and 0.32-0.37x of the 256 tile's speed,
-# eight shapes): a smaller tile fills more SMs but converts the same weight tile for fewer rows.
+# (benchmarks/results/cutlass-w4: 0.81-0.94x, 0.54-0.62x and 0.32-0.36x of the 256 tile's speed
+# on the seven large 8B shapes): a smaller tile fills more SMs but converts the same weight tile
+# for fewer rows.
 TILE_EFFICIENCY = {256: 1.0, 128: 0.85, 64: 0.57, 32: 0.34}
-# Below this share of the SMs busy in the best single-tile plan, stream-K splits the K loop.
+# Stream-K (M > 64) is modelled as the work spread evenly over the SMs, times 1 + FIXUP +
+# PER_SPLIT x (splits of a tile's K loop beyond one): its partial sums meet in global memory.
+# Fitted to the two H200 sweeps (cutlass-w4, cutlass-w4-sk: 70 cells of the seven large 8B
+# shapes): the modelled best plan ran within 10% of the fastest configuration in 66.
+STREAM_K_FIXUP, STREAM_K_PER_SPLIT = 0.2, 0.2
+# At M <= 64 (rows too few to fill a tile, where the model's cost per row does not hold):
+# stream-K where the best single-tile plan keeps less than this share of the SMs busy.
 STREAM_K_BELOW = 0.5
 
 
@@ -54,20 +61,25 @@ def load_library() -> ctypes.CDLL:
 
 
 def config_for(m: int, n: int, sm_count: int = 132) -> int:
-    """The configuration for M token rows and N weight rows: the token tile (up to the one
-    that holds M) of least modelled time, waves of output tiles x the tile's cost per row;
-    stream-K where even that tile leaves most SMs idle (few, deep tiles: Dream's K / V)."""
+    """The configuration for M token rows and N weight rows: the plan of least modelled time
+    over the token tiles up to the one that holds M, each one output tile per CTA (waves of
+    tiles x the tile's cost per row) or, above M = 64, stream-K (see STREAM_K_FIXUP)."""
     holds_m = next((t for t in TOKEN_TILE_CONFIG if m <= t), 256)
     weight_tiles = -(-n // WEIGHT_TILE)
-
-    def cost(tile: int) -> float:
-        waves = -(-weight_tiles * -(-m // tile) // sm_count)
-        return waves * tile / TILE_EFFICIENCY[tile]
-
-    best = min((t for t in TOKEN_TILE_CONFIG if t <= holds_m), key=cost)
-    if weight_tiles * -(-m // best) < STREAM_K_BELOW * sm_count:
-        return STREAM_K_CONFIG[min(max(best, 64), 256)]
-    return TOKEN_TILE_CONFIG[best]
+    plans = []  # (modelled time, config)
+    for tile in (t for t in TOKEN_TILE_CONFIG if t <= holds_m):
+        tiles = weight_tiles * -(-m // tile)
+        per_wave = tile / TILE_EFFICIENCY[tile]
+        plans.append((-(-tiles // sm_count) * per_wave, TOKEN_TILE_CONFIG[tile]))
+        if m > 64 and tile in STREAM_K_CONFIG:
+            splits = max(0.0, sm_count / tiles - 1)
+            overhead = 1 + STREAM_K_FIXUP + STREAM_K_PER_SPLIT * splits
+            plans.append((tiles / sm_count * per_wave * overhead, STREAM_K_CONFIG[tile]))
+    config = min(plans)[1]
+    tile = next((t for t, c in TOKEN_TILE_CONFIG.items() if c == config), None)
+    if m <= 64 and tile is not None and weight_tiles * -(-m // tile) < STREAM_K_BELOW * sm_count:
+        return STREAM_K_CONFIG[min(max(tile, 64), 256)]
+    return config
 
 
 # --- the weight in the kernel's layout -------------------------------------------------------------

@@ -40,8 +40,11 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
   cutlass_w4    (GPU) CUTLASS's mixed-input GEMM (kernels.cutlass_w4: INT4 converted in
                 registers, register-sourced wgmma), tile by M and N (cutlass_w4.config_for);
                 cutlass_w4_{32,64,128,256} one token tile each, cutlass_w4_sk{64,128,256} with
-                stream-K, cutlass_w4_128_plain without the offline weight shuffle (needs
+                stream-K, cutlass_w4_pp{64,128,256} 64-row ping-pong tiles,
+                cutlass_w4_128_plain without the offline weight shuffle (needs
                 `faircalib build-kernels`, or FAIRCALIB_CUTLASS_DIR)
+  cuda_gemv     (GPU) our CUDA GEMV for M <= 8 (kernels.cuda_gemv: QuantLinear's packing read
+                once with 16-byte streaming loads, codes to floats by bit placement)
   cutlass_int8  (GPU) int8_w8a8's work on CUTLASS's INT8 GEMM (kernels.cutlass_w8a8: scales in
                 the epilogue); cutlass_int8_prequant the GEMM alone, _c0.._c6 one tile each
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
@@ -480,9 +483,10 @@ def candidates(device: torch.device) -> list[Candidate]:
             )
         tiles = (("32", 2), ("64", 1), ("128", 0), ("256", 3), ("128_plain", 4))
         tiles += (("sk64", 7), ("sk128", 5), ("sk256", 6))  # stream-K
+        tiles += (("pp64", 8), ("pp128", 9), ("pp256", 10))  # 64-row ping-pong tiles
         for tile, config in tiles:
             out.append(Candidate(f"cutlass_w4_{tile}", _make_cutlass_w4(config), _ref_w4, 0.5))
-        for name in ("triton_w4", "triton_dq", "triton_gemv"):
+        for name in ("triton_w4", "triton_dq", "triton_gemv", "cuda_gemv"):
             out.append(
                 Candidate(name, lambda l, n=name: _quant_linear(l.codes4, l.qp4, n), _ref_w4, 0.5)
             )
@@ -707,6 +711,7 @@ W4_BACKENDS = {
     "triton_dq": "triton_dq",
     "triton_gemv": "triton_gemv",  # M <= 16 only: larger M are skipped cells
     "cutlass_w4": "cutlass_w4",  # Hopper, once `faircalib build-kernels` has run
+    "cuda_gemv": "cuda_gemv",  # M <= 8 only, built with the CUTLASS libraries
 }
 
 
@@ -1085,6 +1090,8 @@ FASTEST_W4 = (
     "triton_w4",
     "triton_dq",
     "triton_gemv",
+    "cutlass_w4",  # the tile rule's pick; the sweeps of single configurations list those apart
+    "cuda_gemv",
 )
 
 

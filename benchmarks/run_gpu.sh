@@ -13,14 +13,18 @@
 # here once (about six minutes each, side by side) with
 #   faircalib build-kernels --out .cutlass   # .cutlass/<name>.so, git-ignored
 # and carried: give the call carry=[".whl", ".cutlass"] (without the 6 MB nvidia-cutlass wheel
-# in .whl: the tree, .whl and .cutlass must stay under 64 MiB).
+# in .whl, and `strip --strip-unneeded .cutlass/*.so`: 5.1 -> 3.9 MB; the tree, .whl and
+# .cutlass must stay under 64 MiB; jobs that do not import faircalib.formats can leave the
+# pydantic wheels behind).
 # Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), w4a4-shift
 # (the learned transforms with and without the input shift, FlatQuantConfig.shift), kernels, e2e,
 # profile-step, generation-8b and generation-8b-graph (issue 16), throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
 # recorded in benchmarks/results/bench-mdlm-small-act), weighting (instability vs prior vs uniform, 3 seeds),
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
 # torchrun (quantize + eval under torchrun on 2 GPUs against one process),
-# cudatests (tests/test_cuda.py on the GPU), llada-gptq / llada-fair / dream-gptq / dream-fair and
+# cudatests (tests/test_cuda.py on the GPU), cudatests-k (PYTEST_K: a -k selection of them),
+# cutlass-w4 / cutlass-w4-sk / cutlass-w4-pp / cutlass-w8a8 / cutlass-w8a8-sk (the CUTLASS
+# configurations), cuda-gemv (the W4A16 GEMV), e2e-cutlass / e2e-auto (one step), llada-gptq / llada-fair / dream-gptq / dream-fair and
 # llada-fair-fast / dream-fair-fast (8B-shaped,
 # benchmarks/llada_8b.py; one per lease is fine, rows accumulate in benchmarks/results/llada-8b-shape). Optional wheels (gemlite)
 # carried in .whl/ are installed into /tmp/site first. Jobs that import faircalib.formats (e2e,
@@ -91,6 +95,13 @@ $([ "$1" = generation-8b-stack-ab-dream ] && echo --family dream) --out $RES/$1"
   cutlass-w4-sk) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w4-sk --ms 1,16,32,64,128,256,512,1024,2048,4096 \
 --backends auto_w4,triton_dq,cutlass_w4,cutlass_w4_sk64,cutlass_w4_sk128,cutlass_w4_sk256 \
 --time-budget ${KERNELS_BUDGET:-300}" ;;
+  # the 64-row ping-pong configurations beside the rule's pick (not yet timed)
+  cutlass-w4-pp) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w4-pp --ms 1,16,32,64,128,256,512,1024,2048,4096 \
+--backends cutlass_w4,cutlass_w4_pp64,cutlass_w4_pp128,cutlass_w4_pp256,triton_dq \
+--time-budget ${KERNELS_BUDGET:-300}" ;;
+  # the CUDA GEMV (kernels.cuda_gemv) beside torch's int4 kernel, our Triton GEMV and auto, M <= 8
+  cuda-gemv) echo "python3 benchmarks/kernels.py --out $RES/cuda-gemv --ms 1,2,4,8 \
+--backends int4_torch,triton_gemv,cuda_gemv,auto_w4 --time-budget ${KERNELS_BUDGET:-200}" ;;
   cutlass-w8a8-sk) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w8a8-sk --ms 32,128,256,512,1024,2048,4096 \
 --backends int8_w8a8,cutlass_int8,cutlass_int8_prequant,cutlass_int8_prequant_c5,cutlass_int8_prequant_c6 \
 --time-budget ${KERNELS_BUDGET:-240}" ;;

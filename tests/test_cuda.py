@@ -682,7 +682,7 @@ def test_capture_finds_the_split_k_counters_its_warm_up_made(monkeypatch):
 
 
 @needs_cuda
-@pytest.mark.parametrize("config", range(8))
+@pytest.mark.parametrize("config", range(11))
 def test_cutlass_w4a16_matches_the_reference_of_its_operands_and_replays_in_a_graph(config):
     """Every configuration of the CUTLASS library (built, or from $FAIRCALIB_CUTLASS_DIR)
     against the float64 product with the weight its operands stand for, at M on both sides of
@@ -755,3 +755,36 @@ def test_cutlass_int8_gemm_matches_the_exact_integer_product_and_replays_in_a_gr
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, cutlass_w8a8.int8_scaled_mm(a8, a_s, w8, w_s, config))
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    ("n", "k", "group"), [(4096, 1024, 128), (512, 3584, 128), (1000, 256, None)]
+)
+def test_cuda_gemv_matches_the_float64_product_and_replays_in_a_graph(n, k, group):
+    """The GEMV against the float64 product with the dequantized weight at every M it takes,
+    on a layer that fills the GPU, one that splits K (Dream's K / V) and one of ragged rows with
+    a single group; then a graph replay on new activations equals an eager call."""
+    from faircalib.kernels import cuda_gemv
+    from faircalib.kernels.backends import pack_codes
+    from faircalib.models.cuda_graph import capture
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the library is built for sm_90a")
+    gen = torch.Generator(device="cuda").manual_seed(n)
+    w = torch.randn(n, k, generator=gen, device="cuda") / 32
+    qp = compute_qparams(w, QuantConfig(bits=4, group_size=group, symmetric=False))
+    codes = quantize(w, qp)
+    weight = cuda_gemv.GemvWeight.prepare(pack_codes(codes, 4), qp.scale, qp.zero, group or k)
+    w_hat = dequantize(codes, qp).double()
+    for m in (1, 2, 3, 5, 8):
+        x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+        y = cuda_gemv.w4a16_gemv(x, weight)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        assert rel_err(y, x.double() @ w_hat.T) < 1e-2, (m, n, k)
+    x = torch.randn(1, k, generator=gen, device="cuda").to(torch.bfloat16)
+    graph, out = capture(lambda: cuda_gemv.w4a16_gemv(x, weight))
+    x.copy_(torch.randn(1, k, generator=gen, device="cuda").to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, cuda_gemv.w4a16_gemv(x, weight))

@@ -1,4 +1,5 @@
-"""`faircalib build-kernels`: compile the CUTLASS kernels (Hopper) once for this machine.
+"""`faircalib build-kernels`: compile the CUDA kernels in kernels/csrc (CUTLASS's W4A16 and INT8
+GEMMs, our W4A16 GEMV; Hopper) once for this machine.
 
 Loading a kernel library never compiles it (a forward pass must not stall for minutes), so
 this command is the one step between `pip install faircalib[cutlass]` and `auto` taking the
@@ -13,7 +14,7 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build-kernels",
-        help="compile the CUTLASS kernels for Hopper GPUs (nvcc; about six minutes each)",
+        help="compile the CUTLASS and CUDA kernels for Hopper GPUs (nvcc; about six minutes)",
         description=__doc__,
     )
     p.add_argument("names", nargs="*", help="libraries to build (default: every one)")
@@ -52,7 +53,11 @@ def run(args: argparse.Namespace) -> int:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    print(f"building {', '.join(names)} (nvcc, one process each; about six minutes)", flush=True)
+    print(
+        f"building {', '.join(names)} (nvcc, one process each; the CUTLASS ones about six "
+        "minutes on two cores)",
+        flush=True,
+    )
 
     def build(name: str) -> str:
         built = cutlass_lib.build_library(name)

@@ -924,6 +924,39 @@ def _cutlass_w4_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> tor
     return w4a16_gemm(x, prepared[0])
 
 
+def _cuda_gemv_supports(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
+    from faircalib.kernels import cuda_gemv
+
+    if m > cuda_gemv.MAX_M:  # first: the reason a sweep cell at larger M is skipped
+        return f"cuda_gemv is a GEMV kernel for M <= {cuda_gemv.MAX_M} token rows, got M = {m}"
+    if layer.bits != 4 or layer.act_bits is not None:
+        return "cuda_gemv runs 4-bit weights with float activations (W4A16)"
+    why = _cutlass_common(device_type, dtype, "cuda_gemv")  # built with the CUTLASS libraries
+    if why is not None:
+        return why
+    try:
+        cuda_gemv.check_shape(layer.in_features, layer.group_size or layer.in_features)
+    except ValueError as exc:
+        return str(exc)
+    return _cutlass_library(cuda_gemv.load_library)
+
+
+def _cuda_gemv_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
+    from faircalib.kernels.cuda_gemv import GemvWeight
+
+    group = layer.group_size or layer.in_features
+    qweight = layer.stored_qweight().to(device)
+    return (GemvWeight.prepare(qweight, layer.scale.to(device), layer.zero.to(device), group),)
+
+
+def _cuda_gemv_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    from faircalib.kernels.cuda_gemv import w4a16_gemv
+
+    return w4a16_gemv(x, prepared[0])
+
+
 def _cutlass_int8_supports(
     layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
 ) -> str | None:
@@ -1030,6 +1063,8 @@ BACKENDS: dict[str, Backend] = {
     # CUTLASS (Hopper): chosen by name only until the H200 sweep decides where auto takes them.
     # cutlass_w4 keeps the plain codes beside its shuffled copy (no codes_from_layout yet).
     "cutlass_w4": Backend("cutlass_w4", _cutlass_w4_supports, _cutlass_w4_prepare, _cutlass_w4_run),
+    # our CUDA GEMV for M <= 8 (kernels/cuda_gemv.py), built with the CUTLASS libraries
+    "cuda_gemv": Backend("cuda_gemv", _cuda_gemv_supports, _cuda_gemv_prepare, _cuda_gemv_run),
     "cutlass_int8": Backend(
         "cutlass_int8",
         _cutlass_int8_supports,

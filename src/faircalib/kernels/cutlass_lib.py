@@ -1,4 +1,4 @@
-"""Build and load the CUTLASS kernels in `csrc/` (Hopper, sm_90a).
+"""Build and load the CUDA kernels in `csrc/` (Hopper, sm_90a): CUTLASS's GEMMs and our GEMV.
 
 Each `csrc/<name>.cu` is one shared library with a plain C ABI over raw device pointers, loaded
 with ctypes: it does not link against torch, so one build serves any torch version. It is

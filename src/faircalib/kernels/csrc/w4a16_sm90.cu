@@ -149,11 +149,19 @@ using StreamK = cutlass::gemm::StreamKScheduler;
 using Config5 = Gemm<128, 128, true, Coop, CoopEpi, StreamK>;
 using Config6 = Gemm<128, 256, true, Coop, CoopEpi, StreamK>;
 using Config7 = Gemm<128, 64, true, Coop, CoopEpi, StreamK>;
-constexpr int kConfigs = 8;
+// Ping-pong: two consumer warp groups on alternate 64-row tiles, so one converts and multiplies
+// while the other runs its epilogue (the cooperative configs share each tile between both).
+using Pingpong = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using PingpongEpi = cutlass::epilogue::TmaWarpSpecialized;
+using Config8 = Gemm<64, 64, true, Pingpong, PingpongEpi>;
+using Config9 = Gemm<64, 128, true, Pingpong, PingpongEpi>;
+using Config10 = Gemm<64, 256, true, Pingpong, PingpongEpi>;
+constexpr int kConfigs = 11;
 const char* kConfigNames[kConfigs] = {
     "128x128 shuffled",          "128x64 shuffled",           "128x32 shuffled",
     "128x256 shuffled",          "128x128",                   "128x128 shuffled, stream-K",
-    "128x256 shuffled, stream-K", "128x64 shuffled, stream-K"};
+    "128x256 shuffled, stream-K", "128x64 shuffled, stream-K", "64x64 shuffled, ping-pong",
+    "64x128 shuffled, ping-pong", "64x256 shuffled, ping-pong"};
 
 template <class F>
 int dispatch(int config, F&& f) {
@@ -166,6 +174,9 @@ int dispatch(int config, F&& f) {
     case 5: return f(Config5{});
     case 6: return f(Config6{});
     case 7: return f(Config7{});
+    case 8: return f(Config8{});
+    case 9: return f(Config9{});
+    case 10: return f(Config10{});
     default: return -1;
   }
 }

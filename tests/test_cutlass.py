@@ -74,8 +74,9 @@ def test_a_layer_of_few_output_tiles_splits_k():
 
 
 def test_fewer_waves_beat_a_larger_tile():
-    """96 weight tiles at M = 512: two waves of 256-row tiles (192 CTAs on 132 SMs) against
-    three of 128 (384); 32 weight tiles at M = 64: one wave of 32-row tiles beats idle SMs."""
+    """96 weight tiles at M = 512: 256-row tiles (192 of them, spread by stream-K or in two
+    waves) rather than three waves of 128-row ones; 32 weight tiles at M = 64: one wave of
+    64-row tiles."""
     assert cutlass_w4.config_for(512, 12288) in (
         cutlass_w4.TOKEN_TILE_CONFIG[128],
         cutlass_w4.STREAM_K_CONFIG[256],
@@ -325,3 +326,13 @@ def test_build_kernels_check_names_what_is_missing_and_unknown_names_are_one_lin
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no CUTLASS library w9a9_sm90" in err[0]
     assert not list(tmp_path.iterdir())  # nothing built, nothing half-written
+
+
+def test_a_library_from_another_version_is_refused_with_the_command_to_rebuild(monkeypatch):
+    monkeypatch.setattr(cutlass_lib, "_LOADED", {cutlass_w4.NAME: object()})
+    monkeypatch.setattr(cutlass_lib, "_FAILED", {})
+    with pytest.raises(cutlass_lib.CutlassUnavailable, match="faircalib build-kernels"):
+        cutlass_lib.check_version(cutlass_w4.NAME, 8, cutlass_w4.CONFIGS)  # an older build
+    with pytest.raises(cutlass_lib.CutlassUnavailable, match="another version"):
+        cutlass_lib.load(cutlass_w4.NAME)  # remembered: not loaded again
+    cutlass_lib.check_version(cutlass_w4.NAME, cutlass_w4.CONFIGS, cutlass_w4.CONFIGS)

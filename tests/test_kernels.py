@@ -121,30 +121,32 @@ def test_auto_rule_by_device_dtype_and_m(monkeypatch):
     layer = QuantLinear.from_codes(codes, qp)
     bf16, fp32 = torch.bfloat16, torch.float32
     rows = W4_AUTO["cuda"]
-    small, middle = rows[0][0], rows[-2][0]
+    small, middle = rows[0][0], 1024
     monkeypatch.setattr(backends, "_HAS_TRITON", True)  # the rule only; no kernel runs
     # every M lands in the row whose bound first exceeds it, and runs that row's first backend
     assert auto_backend(layer, "cuda", bf16, 1) == rows[0][1][0]
     assert auto_backend(layer, "cuda", bf16, small - 1) == rows[0][1][0]
     assert auto_backend(layer, "cuda", bf16, small) == rows[1][1][0]
-    # above: CUTLASS's W4A16 GEMM where its library loads, else what ran before it
-    assert rows[-1][1][:2] == ("cutlass_w4", "triton_dq")
-    assert rows[-2][1][:2] == ("cutlass_w4", "triton_w4")
+    # M = 33..4096: CUTLASS's W4A16 GEMM where its library loads, else what ran before it
     monkeypatch.setattr(backends, "_cutlass_common", lambda *a: "not built here")
+    assert auto_backend(layer, "cuda", bf16, 40) == "triton_w4"
     assert auto_backend(layer, "cuda", bf16, middle) == "triton_dq"
     monkeypatch.setattr(backends, "_cutlass_common", lambda *a: None)
     monkeypatch.setattr(backends, "_cutlass_library", lambda load: None)  # built and loadable
     wide = QuantLinear.from_codes(*quantized(1024, 256, 4, 128, False)[:2])
-    assert auto_backend(wide, "cuda", bf16, middle) == "cutlass_w4"
-    assert auto_backend(wide, "cuda", bf16, rows[-3][0]) == "cutlass_w4"  # M = 33..64 too
-    assert auto_backend(wide, "cuda", bf16, small) == rows[1][1][0]  # not at M = 16
+    for m in (33, 64, 65, middle, 4096):
+        assert auto_backend(wide, "cuda", bf16, m) == "cutlass_w4", m
+    assert auto_backend(wide, "cuda", bf16, 32) == rows[1][1][0]  # not at M <= 32
+    assert auto_backend(wide, "cuda", bf16, 8192) == "triton_dq"  # past the measured grid
     # 64 outputs: narrower than any layer CUTLASS was measured faster on (Dream's 512-wide K / V)
     assert auto_backend(layer, "cuda", bf16, middle) == "triton_dq"
     odd_group = QuantLinear.from_codes(*quantized(1024, 256, 4, 32, False)[:2])  # group 32 < 64
     assert auto_backend(odd_group, "cuda", bf16, middle) == "triton_dq"
-    w8 = QuantLinear.from_codes(*quantized(64, 256, 8, None, True)[:2], act_bits=8)
+    w8 = QuantLinear.from_codes(*quantized(1024, 256, 8, None, True)[:2], act_bits=8)
     assert auto_backend(w8, "cuda", bf16, 256) == "cutlass_int8"
     assert auto_backend(w8, "cuda", bf16, 255) == "int8_w8a8"
+    w8_narrow = QuantLinear.from_codes(*quantized(512, 256, 8, None, True)[:2], act_bits=8)
+    assert auto_backend(w8_narrow, "cuda", bf16, 512) == "int8_w8a8"
     monkeypatch.setattr(backends, "_cutlass_common", lambda *a: "not built here")
     # without triton: torch's int4 kernel at small M, dequantize + cuBLAS above
     monkeypatch.setattr(backends, "_HAS_TRITON", False)  # CI: triton is an optional extra

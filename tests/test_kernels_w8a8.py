@@ -234,7 +234,11 @@ def test_auto_rule_for_8bit_activations(monkeypatch):
     # quantize activations: dequantize + cuBLAS with the activations fake-quantized
     monkeypatch.setattr(backends, "_cutlass_common", lambda *a: None)
     monkeypatch.setattr(backends, "_cutlass_library", lambda load: None)  # built here
-    assert auto_backend(w8, "cuda", bf16, 512) == "cutlass_int8"
+    assert auto_backend(w8, "cuda", bf16, 512) == "int8_w8a8"  # 64 outputs: too narrow
+    w_wide = torch.randn(1024, 256, generator=gen)
+    qp_wide = compute_qparams(w_wide, QuantConfig(bits=8, group_size=None, symmetric=True))
+    wide8 = QuantLinear.from_codes(quantize(w_wide, qp_wide), qp_wide, act_bits=8)
+    assert auto_backend(wide8, "cuda", bf16, 512) == "cutlass_int8"
     assert auto_backend(w8, "cuda", bf16, 1) == "int8_w8a8"
     assert auto_backend(w4, "cuda", bf16, 4096) == "triton_dq"
     # a W4A8 row from M = 256 on: the fused kernel takes over there

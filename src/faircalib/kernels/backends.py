@@ -110,7 +110,10 @@ W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
         (16, ("int4_cuda", "triton_w4")),  # M = 1..15 (measured at M = 1)
         (33, ("triton_w4", "int4_cuda")),  # M = 16..32: the fused kernel (split-K)
         (65, ("cutlass_w4", "triton_w4", "int4_cuda")),
-        (math.inf, ("cutlass_w4", "triton_dq", "dequant")),  # M > 64
+        (4097, ("cutlass_w4", "triton_dq", "dequant")),  # M = 65..4096
+        # beyond the sweep's grid: one step at batch 8 (M = 8192, e2e-auto) ran 0.95x of bf16
+        # on CUTLASS and 1.01x on dequantize + cuBLAS, which amortizes its dequantization there
+        (math.inf, ("triton_dq", "dequant")),
     ],
     "cpu": [(math.inf, ("int4_cpu",))],
 }
@@ -119,7 +122,8 @@ W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
 # K / V (4 tiles of 128 outputs) ran 0.25-0.65x of bf16 on CUTLASS at M <= 2048, against
 # 0.62-0.77x for dequantize + cuBLAS (cutlass-w4, cutlass-w4-sk); stacked with Q
 # (--stack-linears) the layer is 4608 wide and takes it.
-AUTO_MIN_OUT_FEATURES = {"cutlass_w4": 1024}
+# INT8: 0.57x against 0.75-0.78x for `int8_w8a8` at M = 256-512 there (cutlass-w8a8-sk).
+AUTO_MIN_OUT_FEATURES = {"cutlass_w4": 1024, "cutlass_int8": 1024}
 
 # `int8` on CUDA: `torch._int_mm` needs M > 16 (cuBLASLt int8 constraint).
 # `auto` for layers that quantize activations to the int8 grid (act_bits=8), on CUDA: per M,
@@ -1093,7 +1097,7 @@ def auto_backend(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: in
     if layer.act_bits == 8 and device_type in W8A8_AUTO:
         names = next(n for bound, n in W8A8_AUTO[device_type] if m < bound)
         for name in names:
-            if supports(layer, name, device_type, dtype, m) is None:
+            if _auto_takes(layer, name, device_type, dtype, m):
                 return name
         min_m = W4A8_AUTO_MIN_M.get(device_type, math.inf)
         if m >= min_m and supports(layer, "w4a8", device_type, dtype, m) is None:

@@ -24,8 +24,10 @@ ROWS_PER_BLOCK = 16  # 4 warps x 4 weight rows (the kernel's kWarps x kRows)
 
 
 def load_library() -> ctypes.CDLL:
-    """The GEMV library (cutlass_lib.load), its C signatures declared."""
+    """The GEMV library (cutlass_lib.load), its C signatures declared; one built from another
+    version of the source (a stale $FAIRCALIB_CUTLASS_DIR) is refused."""
     lib = cutlass_lib.load(NAME)
+    cutlass_lib.check_version(NAME, lib.fc_w4a16_gemv_rows_per_block(), ROWS_PER_BLOCK)
     lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 5]
     lib.fc_w4a16_gemv.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_gemv_workspace.argtypes = [ctypes.c_int] * 3
@@ -100,14 +102,20 @@ def one_plus_q16_reference(
 def w4a16_gemv(x: torch.Tensor, weight: GemvWeight) -> torch.Tensor:
     """x [..., in] bf16 (at most 8 rows) @ W^T -> [..., out] bf16, on the current stream
     (graph-capturable once a call of the size ran eagerly: the workspace is made then)."""
-    x2 = x.reshape(-1, weight.in_features)
-    m = x2.shape[0]
-    if x.dtype != torch.bfloat16 or x.device.type != "cuda" or not 1 <= m <= MAX_M:
+    m = x.numel() // x.shape[-1] if x.dim() else 0
+    if (
+        x.dtype != torch.bfloat16
+        or x.device.type != "cuda"
+        or x.shape[-1] != weight.in_features
+        or not 1 <= m <= MAX_M
+    ):
         raise ValueError(
             f"the CUDA GEMV takes 1 to {MAX_M} bf16 CUDA rows of width {weight.in_features} "
-            f"(got {m} {x.dtype} rows on {x.device})"
+            f"(got {m} {x.dtype} rows of width {x.shape[-1] if x.dim() else 0} on {x.device})"
         )
-    x2 = x2.contiguous()
+    x2 = x.reshape(m, weight.in_features).contiguous()
+    if x2.data_ptr() % 16 or weight.qweight.data_ptr() % 16:  # the kernel's 16-byte loads
+        x2, weight.qweight = x2.clone(), weight.qweight.clone()
     lib = load_library()
     n, k = weight.out_features, weight.in_features
     splits = splits_for(n, k, cutlass_lib.sm_count(x.device))

@@ -14,8 +14,10 @@ an unbuilt library is an error that names the command (and `auto` simply does no
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -115,12 +117,16 @@ def source_key(name: str) -> str:
 
 
 def toolchain_key(command: list[str]) -> str:
-    """The digest of how it is compiled: the flags and include directories, nvcc's version."""
+    """The digest of how it is compiled: the flags and include directories, nvcc's and
+    CUTLASS's versions."""
     if not Path(command[0]).is_file():
         raise CutlassUnavailable(f"no nvcc at {command[0]} (set CUDA_HOME to a CUDA toolkit)")
     digest = hashlib.sha256(" ".join(command[1:-1]).encode())  # not the output path
     version = subprocess.run([command[0], "--version"], capture_output=True, text=True)
     digest.update(version.stdout.encode())
+    # the headers' version: the include path alone stays the same across upgrades
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        digest.update(importlib.metadata.version("nvidia-cutlass").encode())
     return digest.hexdigest()[:8]
 
 
@@ -156,6 +162,19 @@ def build_library(name: str, directory: Path | None = None) -> Path:
         partial.replace(target)  # atomic: another process never loads half a library
     _FAILED.pop(name, None)  # a load that failed for want of this build may now succeed
     return target
+
+
+def check_version(name: str, found: int, expected: int) -> None:
+    """Refuse a library built from another version of its source (its configuration count, or
+    another build constant, differs from what this package expects)."""
+    if found != expected:
+        why = (
+            f"{name}.so is from another version of faircalib ({found} where this one has "
+            f"{expected}): rebuild it with `faircalib build-kernels`"
+        )
+        _FAILED[name] = why
+        _LOADED.pop(name, None)
+        raise CutlassUnavailable(why)
 
 
 _LOADED: dict[str, ctypes.CDLL] = {}

@@ -30,6 +30,7 @@ SHUFFLE_ROWS = 16  # the shuffle atom is 16 rows x 16 columns (compute_memory_re
 TOKEN_TILE_CONFIG = {32: 2, 64: 1, 128: 0, 256: 3}
 STREAM_K_CONFIG = {64: 7, 128: 5, 256: 6}
 UNSHUFFLED_CONFIG = 4
+CONFIGS = 11  # the library's configurations (fc_w4a16_sm90_config_name)
 # 64 weight rows a tile, two consumer warp groups on alternate tiles (ping-pong); built since
 # 2026-12-01, not yet timed, so config_for does not choose them
 PINGPONG_CONFIG = {64: 8, 128: 9, 256: 10}
@@ -52,6 +53,7 @@ STREAM_K_BELOW = 0.5
 def load_library() -> ctypes.CDLL:
     """The W4A16 library (cutlass_lib.load), its C signatures declared."""
     lib = cutlass_lib.load(NAME)
+    cutlass_lib.check_version(NAME, lib.fc_w4a16_sm90_configs(), CONFIGS)
     lib.fc_w4a16_sm90_gemm.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int] * 4]
     lib.fc_w4a16_sm90_gemm.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_sm90_workspace.argtypes = [ctypes.c_int] * 5

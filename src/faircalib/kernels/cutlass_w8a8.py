@@ -24,12 +24,13 @@ CONFIGS = 7  # the library's tile configurations, by index (fc_w8a8_sm90_config_
 # by index: 128x128 and 128x256 cooperative (the second also in clusters of 2), 64x128 and
 # 64x256 pingpong, then 128x128 and 128x256 cooperative with stream-K
 COOP_128x256, COOP_128x128, PINGPONG_64x128 = 1, 0, 3
-FILL = 0.75  # as cutlass_w4.FILL: output tiles per SM a larger tile must keep
+FILL = 0.75  # the share of the SMs a larger tile's output tiles must keep busy
 
 
 def load_library() -> ctypes.CDLL:
     """The W8A8 library (cutlass_lib.load), its C signatures declared."""
     lib = cutlass_lib.load(NAME)
+    cutlass_lib.check_version(NAME, lib.fc_w8a8_sm90_configs(), CONFIGS)
     lib.fc_w8a8_sm90_gemm.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int] * 3]
     lib.fc_w8a8_sm90_gemm.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w8a8_sm90_workspace.argtypes = [ctypes.c_int] * 4

@@ -1,6 +1,7 @@
-// What the CUTLASS libraries in this folder share: the last error, the GPU's SM count for the
+// What the CUDA libraries in this folder share: the last error, the GPU's SM count for the
 // persistent and stream-K tile schedulers, and the launch sequence of a CUTLASS device GEMM.
-// Each library is its own shared object, so each has its own copy of this state.
+// Internal linkage (the unnamed namespace): each library keeps its own copy of this state, where
+// inline variables of default visibility would be one symbol shared by every library loaded.
 #pragma once
 
 #include <cstddef>
@@ -12,8 +13,9 @@
 #include "cutlass/kernel_hardware_info.h"
 
 namespace fc {
+namespace {
 
-inline char g_error[512] = "";
+char g_error[512] = "";
 
 // Records why a call failed (read back through the library's *_error function); returns 1.
 inline int fail(const char* what) {
@@ -63,4 +65,5 @@ inline int finish(int status) {
   return status;
 }
 
+}  // namespace
 }  // namespace fc

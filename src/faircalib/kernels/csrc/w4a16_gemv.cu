@@ -15,8 +15,10 @@
 //   scale  [n, k / group] float32; zero the same, float32 (QuantLinear's uint8 codes as floats)
 //   out    [m, n] bf16
 // A warp owns kRows weight rows and walks their K in 32-code chunks, one per lane; a chunk never
-// straddles a group (group % 32 == 0). Layers with too few rows to fill the GPU split K over
-// gridDim.y, summed with float atomics in the workspace, then rounded to bf16 once.
+// straddles a group (group % 32 == 0). Each code is converted once for all token rows. Layers
+// with too few rows to fill the GPU split K over gridDim.y: each split writes its own float
+// slab of the workspace, and a second kernel sums the slabs in order and rounds to bf16 once
+// (deterministic: a graph replay equals an eager call bit for bit).
 
 #include <cstdint>
 
@@ -50,30 +52,37 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// a_r += sum over the 8 codes of `word` (columns 8v..8v+7 of the chunk) of x (1 + q / 16), for
-// the x pair words xw[0..3] (bf16 pairs, the low half the even column)
-template <int R>
-__device__ __forceinline__ void eight_codes(const uint32_t (&xw)[4], const uint32_t (&word)[R],
-                                            float (&a)[R], float& xs) {
+// Two codes' floats (1 + q / 16) for each of R rows: nibbles 2h and 2h + 1 of word[r]
+template <int h, int R>
+__device__ __forceinline__ void code_pair(const uint32_t (&word)[R], float (&q0)[R], float (&q1)[R]) {
 #pragma unroll
-  for (int h = 0; h < 4; ++h) {
-    const float x0 = __uint_as_float(xw[h] << 16);
-    const float x1 = __uint_as_float(xw[h] & 0xFFFF0000u);
-    xs += x0 + x1;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float q0, q1;
-      switch (h) {  // compile-time after unrolling: constant shifts
-        case 0: q0 = one_plus_q16<0>(word[r]); q1 = one_plus_q16<1>(word[r]); break;
-        case 1: q0 = one_plus_q16<2>(word[r]); q1 = one_plus_q16<3>(word[r]); break;
-        case 2: q0 = one_plus_q16<4>(word[r]); q1 = one_plus_q16<5>(word[r]); break;
-        default: q0 = one_plus_q16<6>(word[r]); q1 = one_plus_q16<7>(word[r]); break;
-      }
-      a[r] = fmaf(x0, q0, fmaf(x1, q1, a[r]));
-    }
+  for (int r = 0; r < R; ++r) {
+    q0[r] = one_plus_q16<2 * h>(word[r]);
+    q1[r] = one_plus_q16<2 * h + 1>(word[r]);
   }
 }
 
+// For columns 8v + 2h, 8v + 2h + 1 of the chunk: every token row's x pair times the R rows' code
+// pair. Each code is converted once, whatever M.
+template <int h, int M, int R>
+__device__ __forceinline__ void pair_step(const uint32_t (&word)[R], const uint4 (&xv)[M], int m,
+                                          float (&a)[M][R], float (&xs)[M]) {
+  float q0[R], q1[R];
+  code_pair<h, R>(word, q0, q1);
+#pragma unroll
+  for (int i = 0; i < M; ++i) {
+    if (i >= m) break;
+    const uint32_t pair = h == 0 ? xv[i].x : h == 1 ? xv[i].y : h == 2 ? xv[i].z : xv[i].w;
+    const float x0 = __uint_as_float(pair << 16);  // the even column: the low bf16
+    const float x1 = __uint_as_float(pair & 0xFFFF0000u);
+    xs[i] += x0 + x1;
+#pragma unroll
+    for (int r = 0; r < R; ++r) a[i][r] = fmaf(x0, q0[r], fmaf(x1, q1[r], a[i][r]));
+  }
+}
+
+// partial: null (one split: bf16 straight to out), else this split's float slab [m, n] of the
+// workspace [splits, m, n], summed in split order by round_splits (deterministic, no atomics)
 template <int M>
 __global__ void __launch_bounds__(kWarps * 32)
     gemv_kernel(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
@@ -82,7 +91,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                 int group, int chunks_per_split) {
   const int lane = threadIdx.x % 32;
   const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
-  if (row0 >= n) return;
+  if (row0 >= n) return;  // warp-uniform: before any shuffle
   const int groups = k / group;
   const int chunks = k / kChunk;
   const int begin = blockIdx.y * chunks_per_split;
@@ -107,27 +116,36 @@ __global__ void __launch_bounds__(kWarps * 32)
       s16[r] = 16.f * s;
       sz[r] = s * (16.f + __ldg(zero + size_t(row) * groups + g));
     }
+    float a[M][kRows];
+    float xs[M];
 #pragma unroll
     for (int i = 0; i < M; ++i) {
-      if (i >= m) break;
-      const uint4* xp = reinterpret_cast<const uint4*>(x + size_t(i) * k) + c * (kChunk / 8);
-      float a[kRows] = {};
-      float xs = 0.f;
+      xs[i] = 0.f;
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {  // 4 x 8 columns
-        const uint4 xv = __ldg(xp + v);
-        const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
-        uint32_t word[kRows];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r)
-          word[r] = v == 0 ? wq[r].x : v == 1 ? wq[r].y : v == 2 ? wq[r].z : wq[r].w;
-        eight_codes<kRows>(xw, word, a, xs);
-      }
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) acc[i][r] += s16[r] * a[r] - sz[r] * xs;
+      for (int r = 0; r < kRows; ++r) a[i][r] = 0.f;
     }
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {  // 4 x 8 columns: word v of each row, x's 16 bytes v
+      uint4 xv[M];
+#pragma unroll
+      for (int i = 0; i < M; ++i)
+        if (i < m) xv[i] = __ldg(reinterpret_cast<const uint4*>(x + size_t(i) * k) + c * 4 + v);
+      uint32_t word[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        word[r] = v == 0 ? wq[r].x : v == 1 ? wq[r].y : v == 2 ? wq[r].z : wq[r].w;
+      pair_step<0, M, kRows>(word, xv, m, a, xs);
+      pair_step<1, M, kRows>(word, xv, m, a, xs);
+      pair_step<2, M, kRows>(word, xv, m, a, xs);
+      pair_step<3, M, kRows>(word, xv, m, a, xs);
+    }
+#pragma unroll
+    for (int i = 0; i < M; ++i)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[i][r] += s16[r] * a[i][r] - sz[r] * xs[i];
   }
 
+  float* slab = partial == nullptr ? nullptr : partial + size_t(blockIdx.y) * m * n;
 #pragma unroll
   for (int i = 0; i < M; ++i) {
     if (i >= m) break;
@@ -135,8 +153,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int r = 0; r < kRows; ++r) {
       const float y = warp_sum(acc[i][r]);
       if (lane == 0 && row0 + r < n) {
-        if (partial != nullptr) {
-          atomicAdd(partial + size_t(i) * n + row0 + r, y);
+        if (slab != nullptr) {
+          slab[size_t(i) * n + row0 + r] = y;
         } else {
           out[size_t(i) * n + row0 + r] = __float2bfloat16(y);
         }
@@ -145,10 +163,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-__global__ void round_to_bf16(const float* __restrict__ partial, __nv_bfloat16* __restrict__ out,
-                              int count) {
+__global__ void round_splits(const float* __restrict__ partial, __nv_bfloat16* __restrict__ out,
+                             int count, int splits) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < count) out[i] = __float2bfloat16(partial[i]);
+  if (i >= count) return;
+  float y = 0.f;
+  for (int s = 0; s < splits; ++s) y += partial[size_t(s) * count + i];  // fixed order
+  out[i] = __float2bfloat16(y);
 }
 
 template <int M>
@@ -157,7 +178,6 @@ int launch(const void* x, const void* w, const void* scale, const void* zero, vo
   const int chunks = k / kChunk;
   const int per_split = (chunks + splits - 1) / splits;
   float* partial = splits > 1 ? static_cast<float*>(workspace) : nullptr;
-  if (partial != nullptr) cudaMemsetAsync(partial, 0, size_t(m) * n * sizeof(float), stream);
   const dim3 grid((n + kWarps * kRows - 1) / (kWarps * kRows), splits);
   gemv_kernel<M><<<grid, kWarps * 32, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(x), static_cast<const uint8_t*>(w),
@@ -165,8 +185,8 @@ int launch(const void* x, const void* w, const void* scale, const void* zero, vo
       static_cast<__nv_bfloat16*>(out), partial, m, n, k, group, per_split);
   if (partial != nullptr) {
     const int count = m * n;
-    round_to_bf16<<<(count + 255) / 256, 256, 0, stream>>>(
-        partial, static_cast<__nv_bfloat16*>(out), count);
+    round_splits<<<(count + 255) / 256, 256, 0, stream>>>(
+        partial, static_cast<__nv_bfloat16*>(out), count, splits);
   }
   return 0;
 }
@@ -182,9 +202,9 @@ int fc_w4a16_gemv_max_m() { return 8; }
 // rows of weight a block covers (the host sizes splits by it)
 int fc_w4a16_gemv_rows_per_block() { return kWarps * kRows; }
 
-// bytes of workspace a call needs: the float partial sums when K is split
+// bytes of workspace a call needs: a float slab [m, n] per split when K is split
 size_t fc_w4a16_gemv_workspace(int m, int n, int splits) {
-  return splits > 1 ? size_t(m) * n * sizeof(float) : 0;
+  return splits > 1 ? size_t(splits) * m * n * sizeof(float) : 0;
 }
 
 // 0 on success; otherwise fc_w4a16_gemv_error() says why

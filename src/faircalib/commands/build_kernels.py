@@ -40,10 +40,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"no CUTLASS library {', '.join(unknown)}; choose from {known}")
     names = args.names or known
     if args.check:
+        from faircalib.kernels import cuda_gemv, cutlass_w4, cutlass_w8a8
+
+        # each module's loader also refuses a library built from another version of the source
+        loaders = {m.NAME: m.load_library for m in (cutlass_w4, cutlass_w8a8, cuda_gemv)}
         missing = 0
         for name in names:
             try:
-                cutlass_lib.load(name)
+                loaders.get(name, lambda name=name: cutlass_lib.load(name))()
                 print(f"{name}: ready")
             except cutlass_lib.CutlassUnavailable as exc:
                 missing += 1

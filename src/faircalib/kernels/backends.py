@@ -895,31 +895,50 @@ def _cutlass_library(load: Callable[[], object]) -> str | None:
     return None
 
 
+def _w4a16_library_why(
+    layer: QuantLinear,
+    device_type: str,
+    dtype: torch.dtype,
+    name: str,
+    check_shape: Callable[[], None],
+    load: Callable[[], object],
+) -> str | None:
+    """Why a W4A16 kernel of the built libraries (csrc/) cannot run the layer here: not 4-bit
+    weights with float activations, not Hopper / bf16, a shape it refuses, or not built."""
+    if layer.bits != 4 or layer.act_bits is not None:
+        return f"{name} runs 4-bit weights with float activations (W4A16)"
+    why = _cutlass_common(device_type, dtype, name)
+    if why is not None:
+        return why
+    try:
+        check_shape()
+    except ValueError as exc:
+        return str(exc)
+    return _cutlass_library(load)
+
+
+def _w4_operands(layer: QuantLinear, device: torch.device) -> tuple:
+    """(packed codes, scale, zero, group) on `device`: what the W4A16 library kernels prepare from."""
+    group = layer.group_size or layer.in_features
+    return layer.stored_qweight().to(device), layer.scale.to(device), layer.zero.to(device), group
+
+
 def _cutlass_w4_supports(
     layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
 ) -> str | None:
     from faircalib.kernels import cutlass_w4
 
-    if layer.bits != 4 or layer.act_bits is not None:
-        return "cutlass_w4 runs 4-bit weights with float activations (W4A16)"
-    why = _cutlass_common(device_type, dtype, "cutlass_w4")
-    if why is not None:
-        return why
-    try:
-        cutlass_w4.check_shape(
-            layer.out_features, layer.in_features, layer.group_size or layer.in_features
-        )
-    except ValueError as exc:
-        return str(exc)
-    return _cutlass_library(cutlass_w4.load_library)
+    group = layer.group_size or layer.in_features
+    shape = lambda: cutlass_w4.check_shape(layer.out_features, layer.in_features, group)  # noqa: E731
+    return _w4a16_library_why(
+        layer, device_type, dtype, "cutlass_w4", shape, cutlass_w4.load_library
+    )
 
 
 def _cutlass_w4_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
     from faircalib.kernels.cutlass_w4 import CutlassW4Weight
 
-    group = layer.group_size or layer.in_features
-    qweight = layer.stored_qweight().to(device)
-    return (CutlassW4Weight.prepare(qweight, layer.scale.to(device), layer.zero.to(device), group),)
+    return (CutlassW4Weight.prepare(*_w4_operands(layer, device)),)
 
 
 def _cutlass_w4_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
@@ -935,24 +954,16 @@ def _cuda_gemv_supports(
 
     if m > cuda_gemv.MAX_M:  # first: the reason a sweep cell at larger M is skipped
         return f"cuda_gemv is a GEMV kernel for M <= {cuda_gemv.MAX_M} token rows, got M = {m}"
-    if layer.bits != 4 or layer.act_bits is not None:
-        return "cuda_gemv runs 4-bit weights with float activations (W4A16)"
-    why = _cutlass_common(device_type, dtype, "cuda_gemv")  # built with the CUTLASS libraries
-    if why is not None:
-        return why
-    try:
-        cuda_gemv.check_shape(layer.in_features, layer.group_size or layer.in_features)
-    except ValueError as exc:
-        return str(exc)
-    return _cutlass_library(cuda_gemv.load_library)
+    group = layer.group_size or layer.in_features
+    shape = lambda: cuda_gemv.check_shape(layer.in_features, group)  # noqa: E731
+    # built with the CUTLASS libraries, for the same GPUs
+    return _w4a16_library_why(layer, device_type, dtype, "cuda_gemv", shape, cuda_gemv.load_library)
 
 
 def _cuda_gemv_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
     from faircalib.kernels.cuda_gemv import GemvWeight
 
-    group = layer.group_size or layer.in_features
-    qweight = layer.stored_qweight().to(device)
-    return (GemvWeight.prepare(qweight, layer.scale.to(device), layer.zero.to(device), group),)
+    return (GemvWeight.prepare(*_w4_operands(layer, device)),)
 
 
 def _cuda_gemv_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:

@@ -12,26 +12,50 @@ from faircalib.kernels.backends import pack_codes, supports
 from faircalib.quant.primitives import compute_qparams, dequantize, quantize
 
 
-def test_a_code_in_the_top_mantissa_bits_of_one_is_exactly_one_plus_q_over_16():
+def test_a_nibble_ored_into_0x4300_is_the_bf16_128_plus_the_nibble():
     codes = torch.arange(16, dtype=torch.int32)
-    got = ((codes << 19) | 0x3F800000).view(torch.float32)
-    assert torch.equal(got.double(), 1 + codes.double() / 16)  # all sixteen, exactly
+    got = ((codes | 0x4300) << 16).view(torch.float32)  # the bf16 bits as a float32's top half
+    assert torch.equal(got.double(), 128 + codes.double())  # all sixteen, exactly
+
+
+def test_byte_perm_follows_cudas_definition():
+    a = torch.tensor([0x44332211], dtype=torch.int64)
+    b = torch.tensor([0x88776655], dtype=torch.int64)
+    assert cuda_gemv.byte_perm(a, b, 0x5410).item() == 0x66552211  # low halves: a's, then b's
+    assert cuda_gemv.byte_perm(a, b, 0x7632).item() == 0x88774433  # high halves
+    assert cuda_gemv.byte_perm(a, b, 0x3210).item() == 0x44332211
 
 
 @pytest.mark.parametrize(
-    ("m", "n", "k", "group"), [(1, 48, 256, 128), (5, 40, 512, 64), (8, 16, 96, None)]
+    ("m", "n", "k", "group"), [(1, 48, 256, 128), (5, 40, 512, 128), (8, 16, 384, None)]
 )
-def test_the_kernels_algebra_equals_the_dequantized_product(m, n, k, group):
+def test_the_kernels_fragments_give_the_dequantized_product(m, n, k, group):
+    """The pairs (e, e + 4) of the weight words and the byte-permuted activations, placed as
+    PTX's m16n8k16 fragments, permute K alike: the product is the plain one."""
     gen = torch.Generator().manual_seed(m + n)
     w = torch.randn(n, k, generator=gen)
     qp = compute_qparams(w, QuantConfig(bits=4, group_size=group, symmetric=False))
     group = group or k  # per-channel: one group of the whole row
     codes = quantize(w, qp)
     layer = QuantLinear.from_codes(codes, qp)
-    x = torch.randn(m, k, generator=gen)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
     want = x.double() @ dequantize(codes, qp).double().T  # scale * (code - zero), independently
-    got = cuda_gemv.one_plus_q16_reference(x, layer.qweight, layer.scale, layer.zero.float(), group)
-    assert ((got.double() - want).abs() <= 1e-4 * want.abs().max()).all()
+    got = cuda_gemv.fragment_reference(x, layer.qweight, layer.scale, layer.zero.float(), group)
+    assert ((got - want).abs() <= 1e-6 * want.abs().max()).all()  # float32 scales
+
+
+def test_a_swapped_pairing_is_caught_by_the_reference():
+    """The reference is not blind to the permutation: the same codes read in the natural pair
+    order (e, e + 1) against the permuted activations give another product."""
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (16, 128), generator=gen, dtype=torch.uint8)
+    swapped = codes.view(16, 16, 8)[:, :, [0, 4, 1, 5, 2, 6, 3, 7]].reshape(16, 128)
+    scale, zero = torch.ones(16, 1), torch.full((16, 1), 8.0)
+    x = torch.randn(2, 128, generator=gen).to(torch.bfloat16)
+    want = x.double() @ (codes.double() - 8).T
+    packed = pack_codes(swapped, 4)
+    got = cuda_gemv.fragment_reference(x, packed, scale, zero, 128)
+    assert (got - want).abs().max() > 1.0
 
 
 def test_the_packing_read_is_quantlinears():
@@ -41,19 +65,22 @@ def test_the_packing_read_is_quantlinears():
     assert torch.equal(packed & 0xF, codes[:, 0::2]) and torch.equal(packed >> 4, codes[:, 1::2])
 
 
-def test_splits_fill_the_gpu_and_leave_every_lane_a_chunk():
-    assert cuda_gemv.splits_for(14336, 4096, 132) == 1  # 896 blocks already
-    narrow = cuda_gemv.splits_for(512, 3584, 132)  # Dream's K / V: 32 blocks for 132 SMs
-    assert narrow == 3  # as many as K allows: 112 chunks, at least 32 (one a lane) a split
-    assert cuda_gemv.splits_for(512, 14336, 132) == 9  # 448 chunks: 9 splits give 288 blocks
-    assert cuda_gemv.splits_for(16, 1024, 132) == 1  # K of 32 chunks: one per lane, no split
+def test_tiles_and_splits_fill_the_gpu_and_leave_every_warp_a_step():
+    assert cuda_gemv.tiles_for(14336, 132) == 2  # 448 blocks of 32 rows: over two an SM
+    assert cuda_gemv.tiles_for(4096, 132) == 1  # 128 blocks of 32 rows would leave SMs idle
+    assert cuda_gemv.splits_for(14336, 4096, 132, 2) == 1
+    assert cuda_gemv.splits_for(4096, 4096, 132, 1) == 2  # 256 blocks: one short of 264
+    # Dream's K / V: 32 blocks for 132 SMs; K = 3584 has 28 steps, 3 splits leave a warp >= 1
+    assert cuda_gemv.splits_for(512, 3584, 132, 1) == 3
+    assert cuda_gemv.splits_for(512, 14336, 132, 1) == 9  # 112 steps: 9 splits give 288 blocks
+    assert cuda_gemv.splits_for(16, 1024, 132, 1) == 1  # 8 steps: one a warp, no split
 
 
 def test_shapes_and_inputs_the_kernel_cannot_take_are_named():
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(ValueError, match="multiples of 128"):
         cuda_gemv.check_shape(1000, 1000)
-    with pytest.raises(ValueError, match="multiples of 32"):
-        cuda_gemv.check_shape(256, 48)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        cuda_gemv.check_shape(256, 64)  # group 64: a step would straddle two groups
     layer = QuantLinear(256, 64, bits=4, group_size=128, symmetric=False)
     why = supports(layer, "cuda_gemv", "cuda", torch.bfloat16, 9)
     assert "M <= 8" in why

@@ -1,11 +1,13 @@
-"""INT4 group-wise weights x bf16 activations for 1-8 token rows: our CUDA GEMV
+"""INT4 group-wise weights x bf16 activations for 1-8 token rows: our tensor-core GEMV
 (csrc/w4a16_gemv.cu), loaded like the CUTLASS libraries (kernels/cutlass_lib: built once by
 `faircalib build-kernels`, plain C ABI, ctypes).
 
-Why: at M = 1 a W4A16 layer only has to read its weights. torch's int4 kernel and our Triton GEMV
-read them at 1.2-1.6 TB/s on an H200 (benchmarks/results/kernels), where issue 16's 2.5x of
-bf16 needs about 2.1 TB/s. The kernel reads QuantLinear's packing as it is (no relayout) and turns
-a code into 1 + q / 16 with two integer ops (`one_plus_q16_reference` is that algebra in torch).
+Why: at M = 1 a W4A16 layer only has to read its weights. torch's int4 kernel, our Triton GEMV
+and a CUDA-core GEMV read them at 1.2-1.7 TB/s on an H200 (benchmarks/results/kernels and
+cuda-gemv), where issue 16's 2.5x of bf16 needs about 2.4 TB/s. The kernel reads QuantLinear's
+packing as it is (no relayout), turns two codes into the bf16 pair (128 + q, 128 + q') with one
+LOP3 and lets an mma.sync sum them against the activations, the tokens being the mma's N = 8.
+`fragment_reference` is that arithmetic emulated register by register in float64.
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ import torch
 from faircalib.kernels import cutlass_lib
 
 NAME = "w4a16_gemv"  # csrc/w4a16_gemv.cu
-CHUNK = 32  # codes a thread loads at once: K and the group must be multiples of it
+VERSION = 2  # the kernel's kVersion: 2 is the tensor-core GEMV
+STEP = 128  # K columns a warp takes at once: K and the group must be multiples of it
+WARPS = 8  # warps a block, each on its own part of the block's K
+TILE_ROWS = 16  # weight rows an mma covers
 MAX_M = 8
-ROWS_PER_BLOCK = 16  # 4 warps x 4 weight rows (the kernel's kWarps x kRows)
 
 
 def load_library() -> ctypes.CDLL:
     """The GEMV library (cutlass_lib.load), its C signatures declared; one built from another
     version of the source (a stale $FAIRCALIB_CUTLASS_DIR) is refused."""
     lib = cutlass_lib.load(NAME)
-    cutlass_lib.check_version(NAME, lib.fc_w4a16_gemv_rows_per_block(), ROWS_PER_BLOCK)
-    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 5]
+    version = getattr(lib, "fc_w4a16_gemv_version", None)
+    cutlass_lib.check_version(NAME, version() if version is not None else 1, VERSION)
+    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 6]
     lib.fc_w4a16_gemv.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_gemv_workspace.argtypes = [ctypes.c_int] * 3
     lib.fc_w4a16_gemv_workspace.restype = ctypes.c_size_t
@@ -38,19 +43,25 @@ def load_library() -> ctypes.CDLL:
 
 def check_shape(in_features: int, group: int) -> None:
     """ValueError naming what the kernel cannot take."""
-    if in_features % CHUNK or group % CHUNK or in_features % group:
+    if in_features % STEP or group % STEP or in_features % group:
         raise ValueError(
-            f"the CUDA GEMV needs in_features and the group size to be multiples of {CHUNK}, "
+            f"the CUDA GEMV needs in_features and the group size to be multiples of {STEP}, "
             f"the group dividing in_features (in_features {in_features}, group {group})"
         )
 
 
-def splits_for(n: int, k: int, sm_count: int) -> int:
-    """How many parts K is split into: enough blocks for two per SM, each lane of a warp still
-    with a chunk of its own (a split holds at least 32 chunks)."""
-    blocks = -(-n // ROWS_PER_BLOCK)
+def tiles_for(n: int, sm_count: int) -> int:
+    """16-row tiles a warp takes: two (the activations' registers shared by both) when the
+    layer still has two blocks for every SM, else one."""
+    return 2 if -(-n // (2 * TILE_ROWS)) >= 2 * sm_count else 1
+
+
+def splits_for(n: int, k: int, sm_count: int, tiles: int) -> int:
+    """How many parts K is split into across blocks: enough blocks for two per SM, each warp of
+    a block still with a step of its own."""
+    blocks = -(-n // (tiles * TILE_ROWS))
     want = -(-2 * sm_count // blocks)
-    return max(1, min(want, k // (CHUNK * 32)))
+    return max(1, min(want, k // STEP // WARPS))
 
 
 @dataclass
@@ -80,28 +91,75 @@ class GemvWeight:
         return self.qweight.shape[1] * 2
 
 
-def one_plus_q16_reference(
+def byte_perm(a: torch.Tensor, b: torch.Tensor, selector: int) -> torch.Tensor:
+    """CUDA's __byte_perm on int64 tensors holding 32-bit words: byte i of the result is byte
+    (selector's nibble i) of the eight bytes b:a."""
+    out = torch.zeros_like(a)
+    for i in range(4):
+        pick = (selector >> (4 * i)) & 7
+        source = a if pick < 4 else b
+        out |= ((source >> (8 * (pick % 4))) & 0xFF) << (8 * i)
+    return out
+
+
+def _bf16_halves(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two bf16 of 32-bit words (low half first) as float64."""
+
+    def value(bits: torch.Tensor) -> torch.Tensor:
+        return (bits << 16).to(torch.int32).view(torch.float32).double()
+
+    return value(words & 0xFFFF), value((words >> 16) & 0xFFFF)
+
+
+def fragment_reference(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
 ) -> torch.Tensor:
-    """The kernel's algebra in float32 torch: per 32-code chunk a = sum x (1 + q / 16) with the
-    code as the float whose top mantissa bits it is, xs = sum x, and the group's term
-    16 scale a - scale (16 + zero) xs. [m, k] x -> [m, n] float32."""
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    low, high = (qweight & 0xF).int(), (qweight >> 4).int()
-    codes = torch.stack([low, high], dim=-1).reshape(n, k)  # even column in the low nibble
-    one_plus = ((codes << 19) | 0x3F800000).view(torch.float32)  # exactly 1 + q / 16
-    xf = x.float()
-    a = torch.einsum("mcj,ncj->mnc", xf.view(-1, k // CHUNK, CHUNK), one_plus.view(n, -1, CHUNK))
-    xs = xf.view(-1, k // CHUNK, CHUNK).sum(-1)  # [m, chunks]
-    per_chunk_group = torch.arange(k // CHUNK) * CHUNK // group
-    s = scale.float()[:, per_chunk_group]  # [n, chunks]
-    z = zero.float()[:, per_chunk_group]
-    return (16 * s * a - (s * (16 + z)) * xs[:, None, :]).sum(-1)
+    """The kernel's arithmetic emulated register by register, in float64: lane t of a step
+    reads the 32-bit words of its 32 codes and activations, makes the A pairs with the LOP3
+    ((word >> 4e) & 0x000F000F) | 0x43004300 and the B pairs with __byte_perm, places them
+    where PTX's m16n8k16 fragments put them, and each step folds
+    scale * sum - scale * (128 + zero) * xs. [m, k] x -> [m, n] float64."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    b = qweight.to(torch.int64).reshape(n, k // 8, 4)
+    codes = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24  # [n, k / 8]
+    xbits = x.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    xwords = torch.zeros(MAX_M, k // 2, dtype=torch.int64)  # token rows past m are zeros
+    xwords[:m] = xbits[:, 0::2] | xbits[:, 1::2] << 16  # word j: columns (2j, 2j + 1)
+    out = torch.zeros(n, MAX_M, dtype=torch.float64)
+    for step in range(k // STEP):
+        s = scale[:, step * STEP // group].double()
+        shift = s * (128 + zero[:, step * STEP // group].double())
+        total = torch.zeros(n, MAX_M, dtype=torch.float64)
+        xs = torch.zeros(MAX_M, dtype=torch.float64)
+        for v in range(4):  # word v of each lane's 16 code bytes
+            for half in range(2):  # mma 2v + half
+                a = torch.zeros(n, 16, dtype=torch.float64)
+                bmat = torch.zeros(16, MAX_M, dtype=torch.float64)
+                for t in range(4):
+                    column = step * STEP + 32 * t + 8 * v  # the word's first column
+                    word = codes[:, column // 8]
+                    for slot, e in ((2 * t, 2 * half), (2 * t + 8, 2 * half + 1)):
+                        a[:, slot], a[:, slot + 1] = _bf16_halves(
+                            ((word >> (4 * e)) & 0x000F000F) | 0x43004300
+                        )
+                    first, second = xwords[:, column // 2 + half], xwords[:, column // 2 + half + 2]
+                    for slot, selector in ((2 * t, 0x5410), (2 * t + 8, 0x7632)):
+                        bmat[slot], bmat[slot + 1] = _bf16_halves(
+                            byte_perm(first, second, selector)
+                        )
+                total += a @ bmat
+                xs += bmat.sum(0)  # the all-ones A
+        out += s[:, None] * total - shift[:, None] * xs[None, :]
+    return out[:, :m].T
 
 
-def w4a16_gemv(x: torch.Tensor, weight: GemvWeight) -> torch.Tensor:
+def w4a16_gemv(
+    x: torch.Tensor, weight: GemvWeight, tiles: int | None = None, splits: int | None = None
+) -> torch.Tensor:
     """x [..., in] bf16 (at most 8 rows) @ W^T -> [..., out] bf16, on the current stream
-    (graph-capturable once a call of the size ran eagerly: the workspace is made then)."""
+    (graph-capturable once a call of the size ran eagerly: the workspace is made then).
+    `tiles` and `splits` override tiles_for and splits_for (the tests run every path)."""
     m = x.numel() // x.shape[-1] if x.dim() else 0
     if (
         x.dtype != torch.bfloat16
@@ -118,14 +176,16 @@ def w4a16_gemv(x: torch.Tensor, weight: GemvWeight) -> torch.Tensor:
         x2, weight.qweight = x2.clone(), weight.qweight.clone()
     lib = load_library()
     n, k = weight.out_features, weight.in_features
-    splits = splits_for(n, k, cutlass_lib.sm_count(x.device))
+    sm_count = cutlass_lib.sm_count(x.device)
+    tiles = tiles or tiles_for(n, sm_count)
+    splits = splits or splits_for(n, k, sm_count, tiles)
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
         space = cutlass_lib.workspace(x.device, lib.fc_w4a16_gemv_workspace(m, n, splits))
         status = lib.fc_w4a16_gemv(
             x2.data_ptr(), weight.qweight.data_ptr(), weight.scale.data_ptr(),
-            weight.zero.data_ptr(), out.data_ptr(), m, n, k, weight.group, splits,
+            weight.zero.data_ptr(), out.data_ptr(), m, n, k, weight.group, tiles, splits,
             space.data_ptr(), space.numel(), stream,
         )  # fmt: skip
     if status != 0:

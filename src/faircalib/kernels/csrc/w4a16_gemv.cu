@@ -1,24 +1,36 @@
 // INT4 group-wise weights x bf16 activations for a few token rows (M <= 8): a memory-bound
-// GEMV that reads each weight byte once, at as much of HBM's bandwidth as it can.
+// GEMV on the tensor cores, reading each weight byte once.
 //
-// Why not torch's int4 kernel or our Triton GEMV: at M = 1 they read 1.2-1.6 TB/s of INT4
-// weights on an H200 (24-33% of HBM3e; benchmarks/results/kernels), where issue 16's 2.5x of
-// bf16 needs about 2.1 TB/s. This kernel keeps QuantLinear's own packing (no relayout), loads
-// 16 bytes (32 codes) a thread with streaming loads, and turns a code into a float with two
-// integer ops: the code placed in the top four mantissa bits of 1.0f is exactly 1 + q / 16, so
-//   sum_j x_j q_j = 16 (sum_j x_j (1 + q_j / 16) - sum_j x_j)
-// and a group's term is scale * (16 a - (16 + zero) xs) with a = sum x (1 + q / 16), xs = sum x.
+// Why not torch's int4 kernel, our Triton GEMV or a GEMV on the CUDA cores: at M = 1 they read
+// INT4 weights at 1.2-1.7 TB/s on an H200 (benchmarks/results/kernels, cuda-gemv), where issue
+// 16's 2.5x of bf16 needs about 2.4 TB/s. A CUDA-core GEMV spends about three instructions a
+// code (unpack, convert, FMA per token row): it is issue-bound before HBM is, and its time grows
+// with M (the first version of this file, benchmarks/results/cuda-gemv). Here a code costs about
+// one instruction, whatever M <= 8: the tokens are the N = 8 of an mma.sync m16n8k16.
 //
-// Layouts (QuantLinear's):
+// The algebra. A nibble q OR-ed into 0x4300 is the bf16 128 + q exactly, and one LOP3 turns
+// the nibbles e and e + 4 of a 32-bit word into such a pair. The mma sums x (128 + q) over the
+// step's 128 columns in float32 (products of two 8-bit mantissas are exact), a second mma with
+// an all-ones A sums x over the same columns (xs), and, a step lying inside one group,
+//   sum x (q - zero) scale = scale (sum x (128 + q)) - scale (128 + zero) xs.
+// The pairs (e, e + 4) permute K inside the mma; the activations are permuted alike with one
+// byte-permute per register, so the product is unchanged.
+//
+// Fragments (PTX m16n8k16, lane = 4 g + t): A holds weight rows g and g + 8 of a 16-row tile,
+// B holds token g's activations, C[row][token] rows g, g + 8 and tokens 2t, 2t + 1. Per step a
+// lane loads 32 codes (16 bytes) of each of its rows at columns 32 t ... 32 t + 31 and token g's
+// 32 activations there (64 bytes): word v of the codes is mma 2v (its pairs (0, 4) and (1, 5))
+// and mma 2v + 1 (pairs (2, 6) and (3, 7)).
+//
+// Layouts (QuantLinear's; no relayout):
 //   x      [m, k] bf16, row-major, m <= 8
 //   w      [n, k / 2] uint8, two codes a byte, the even column in the low nibble
-//   scale  [n, k / group] float32; zero the same, float32 (QuantLinear's uint8 codes as floats)
+//   scale  [n, k / group] float32; zero the same, float32 (QuantLinear's codes as floats)
 //   out    [m, n] bf16
-// A warp owns kRows weight rows and walks their K in 32-code chunks, one per lane; a chunk never
-// straddles a group (group % 32 == 0). Each code is converted once for all token rows. Layers
-// with too few rows to fill the GPU split K over gridDim.y: each split writes its own float
-// slab of the workspace, and a second kernel sums the slabs in order and rounds to bf16 once
-// (deterministic: a graph replay equals an eager call bit for bit).
+// K and the group are multiples of 128. The warps of a block take consecutive parts of the
+// block's K and sum in shared memory in a fixed order; layers with too few row tiles to fill
+// the GPU also split K over gridDim.y, each split writing its own float slab of the workspace,
+// summed in order by a second kernel. Deterministic: a graph replay equals an eager call.
 
 #include <cstdint>
 
@@ -29,136 +41,174 @@
 
 namespace {
 
-constexpr int kChunk = 32;  // codes one lane loads at once: 16 bytes
-constexpr int kWarps = 4;   // warps a block
-constexpr int kRows = 4;    // weight rows a warp: each x chunk converted once for all of them
+constexpr int kVersion = 2;  // the tensor-core kernel (1: the CUDA-core one)
+constexpr int kStep = 128;   // K columns a warp takes at once: 4 lanes (t) x 32 codes
+constexpr int kWarps = 8;    // warps a block, each on its own part of the block's K
+constexpr int kTileRows = 16;
+constexpr uint32_t kOnes = 0x3F803F80u;  // two bf16 ones
 
-// 1 + q / 16 for the code in nibble `i` (bits 4i..4i+3) of `word`
-template <int i>
-__device__ __forceinline__ float one_plus_q16(uint32_t word) {
-  constexpr int shift = 19 - 4 * i;  // the nibble to bits 19..22, the mantissa's top four
-  uint32_t bits;
-  if constexpr (shift >= 0) {
-    bits = word << shift;
-  } else {
-    bits = word >> -shift;
-  }
-  return __uint_as_float((bits & 0x00780000u) | 0x3F800000u);
+// The bf16 pair (128 + nibble e, 128 + nibble e + 4) of a word: one LOP3 after the shift
+template <int e>
+__device__ __forceinline__ uint32_t pair(uint32_t word) {
+  return ((word >> (4 * e)) & 0x000F000Fu) | 0x43004300u;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
+__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                    uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Two codes' floats (1 + q / 16) for each of R rows: nibbles 2h and 2h + 1 of word[r]
-template <int h, int R>
-__device__ __forceinline__ void code_pair(const uint32_t (&word)[R], float (&q0)[R], float (&q1)[R]) {
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    q0[r] = one_plus_q16<2 * h>(word[r]);
-    q1[r] = one_plus_q16<2 * h + 1>(word[r]);
-  }
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// For columns 8v + 2h, 8v + 2h + 1 of the chunk: every token row's x pair times the R rows' code
-// pair. Each code is converted once, whatever M.
-template <int h, int M, int R>
-__device__ __forceinline__ void pair_step(const uint32_t (&word)[R], const uint4 (&xv)[M], int m,
-                                          float (&a)[M][R], float (&xs)[M]) {
-  float q0[R], q1[R];
-  code_pair<h, R>(word, q0, q1);
+// One step's operands of a lane: its rows' 16 code bytes, token g's 32 activations, and each
+// row's scale and scale (128 + zero) for the step's group
+template <int kTiles>
+struct Step {
+  uint4 codes[kTiles][2];  // [tile][row g, row g + 8]
+  uint4 x[4];
+  float scale[kTiles][2];
+  float shift[kTiles][2];
+};
+
+template <int kTiles>
+__device__ __forceinline__ void load(Step<kTiles>& s, const uint8_t* const (&rows)[kTiles][2],
+                                     const float* const (&scale_rows)[kTiles][2],
+                                     const float* const (&zero_rows)[kTiles][2],
+                                     const __nv_bfloat16* x_row, bool has_token, int step,
+                                     int t, int group) {
+  const int column = step * kStep + 32 * t;
+  const int g = step * kStep / group;
 #pragma unroll
-  for (int i = 0; i < M; ++i) {
-    if (i >= m) break;
-    const uint32_t pair = h == 0 ? xv[i].x : h == 1 ? xv[i].y : h == 2 ? xv[i].z : xv[i].w;
-    const float x0 = __uint_as_float(pair << 16);  // the even column: the low bf16
-    const float x1 = __uint_as_float(pair & 0xFFFF0000u);
-    xs[i] += x0 + x1;
+  for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
-    for (int r = 0; r < R; ++r) a[i][r] = fmaf(x0, q0[r], fmaf(x1, q1[r], a[i][r]));
+    for (int h = 0; h < 2; ++h) {
+      s.codes[tile][h] = __ldcs(reinterpret_cast<const uint4*>(rows[tile][h] + column / 2));
+      const float sc = __ldg(scale_rows[tile][h] + g);
+      s.scale[tile][h] = sc;
+      s.shift[tile][h] = sc * (128.f + __ldg(zero_rows[tile][h] + g));
+    }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    s.x[i] = has_token ? __ldg(reinterpret_cast<const uint4*>(x_row + column) + i)
+                       : make_uint4(0, 0, 0, 0);
+}
+
+// acc[tile] += the step's contribution to rows (g, g + 8) x tokens (2t, 2t + 1)
+template <int kTiles>
+__device__ __forceinline__ void compute(const Step<kTiles>& s, float (&acc)[kTiles][4]) {
+  float xs[4] = {0.f, 0.f, 0.f, 0.f};
+  float sum[kTiles][4];
+#pragma unroll
+  for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) sum[tile][c] = 0.f;
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    const uint32_t x01 = s.x[v].x, x23 = s.x[v].y, x45 = s.x[v].z, x67 = s.x[v].w;
+    // mma 2v: columns (0, 4) and (1, 5) of the word; mma 2v + 1: (2, 6) and (3, 7)
+    const uint32_t b[2][2] = {{__byte_perm(x01, x45, 0x5410), __byte_perm(x01, x45, 0x7632)},
+                              {__byte_perm(x23, x67, 0x5410), __byte_perm(x23, x67, 0x7632)}};
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      mma(xs, kOnes, kOnes, kOnes, kOnes, b[half][0], b[half][1]);
+#pragma unroll
+      for (int tile = 0; tile < kTiles; ++tile) {
+        const uint32_t w_g = word_of(s.codes[tile][0], v), w_g8 = word_of(s.codes[tile][1], v);
+        if (half == 0) {
+          mma(sum[tile], pair<0>(w_g), pair<0>(w_g8), pair<1>(w_g), pair<1>(w_g8), b[0][0],
+              b[0][1]);
+        } else {
+          mma(sum[tile], pair<2>(w_g), pair<2>(w_g8), pair<3>(w_g), pair<3>(w_g8), b[1][0],
+              b[1][1]);
+        }
+      }
+    }
   }
+#pragma unroll
+  for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int h = c / 2;  // C rows: c 0, 1 row g; c 2, 3 row g + 8 (tokens 2t, 2t + 1)
+      acc[tile][c] += s.scale[tile][h] * sum[tile][c] - s.shift[tile][h] * xs[c % 2];
+    }
 }
 
 // partial: null (one split: bf16 straight to out), else this split's float slab [m, n] of the
 // workspace [splits, m, n], summed in split order by round_splits (deterministic, no atomics)
-template <int M>
+template <int kTiles>
 __global__ void __launch_bounds__(kWarps * 32)
     gemv_kernel(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                 const float* __restrict__ scale, const float* __restrict__ zero,
                 __nv_bfloat16* __restrict__ out, float* __restrict__ partial, int m, int n, int k,
-                int group, int chunks_per_split) {
-  const int lane = threadIdx.x % 32;
-  const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
-  if (row0 >= n) return;  // warp-uniform: before any shuffle
+                int group, int steps_per_split) {
+  __shared__ float sums[kWarps][kTiles * 4][32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int row_base = blockIdx.x * kTiles * kTileRows;
   const int groups = k / group;
-  const int chunks = k / kChunk;
-  const int begin = blockIdx.y * chunks_per_split;
-  const int end = min(chunks, begin + chunks_per_split);
-  const int row_bytes = k / 2;
 
-  float acc[M][kRows];
-#pragma unroll
-  for (int i = 0; i < M; ++i)
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) acc[i][r] = 0.f;
+  // this warp's consecutive steps of the split
+  const int split_begin = blockIdx.y * steps_per_split;
+  const int split_end = min(k / kStep, split_begin + steps_per_split);
+  const int per_warp = (max(0, split_end - split_begin) + kWarps - 1) / kWarps;
+  const int begin = split_begin + warp * per_warp;
+  const int end = min(split_end, begin + per_warp);
 
-  for (int c = begin + lane; c < end; c += 32) {
-    uint4 wq[kRows];
-    float s16[kRows], sz[kRows];  // 16 scale and scale (16 + zero) of the chunk's group
-    const int g = c * kChunk / group;
+  const uint8_t* rows[kTiles][2];
+  const float* scale_rows[kTiles][2];
+  const float* zero_rows[kTiles][2];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int row = min(row0 + r, n - 1);  // rows past n repeat the last; never stored
-      wq[r] = __ldcs(reinterpret_cast<const uint4*>(w + size_t(row) * row_bytes) + c);
-      const float s = __ldg(scale + size_t(row) * groups + g);
-      s16[r] = 16.f * s;
-      sz[r] = s * (16.f + __ldg(zero + size_t(row) * groups + g));
+  for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = min(row_base + tile * kTileRows + g + 8 * h, n - 1);  // past n: never stored
+      rows[tile][h] = w + size_t(row) * (k / 2);
+      scale_rows[tile][h] = scale + size_t(row) * groups;
+      zero_rows[tile][h] = zero + size_t(row) * groups;
     }
-    float a[M][kRows];
-    float xs[M];
+  const bool has_token = g < m;
+  const __nv_bfloat16* x_row = x + size_t(has_token ? g : 0) * k;
+
+  float acc[kTiles][4];
 #pragma unroll
-    for (int i = 0; i < M; ++i) {
-      xs[i] = 0.f;
+  for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) a[i][r] = 0.f;
-    }
-#pragma unroll
-    for (int v = 0; v < 4; ++v) {  // 4 x 8 columns: word v of each row, x's 16 bytes v
-      uint4 xv[M];
-#pragma unroll
-      for (int i = 0; i < M; ++i)
-        if (i < m) xv[i] = __ldg(reinterpret_cast<const uint4*>(x + size_t(i) * k) + c * 4 + v);
-      uint32_t word[kRows];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r)
-        word[r] = v == 0 ? wq[r].x : v == 1 ? wq[r].y : v == 2 ? wq[r].z : wq[r].w;
-      pair_step<0, M, kRows>(word, xv, m, a, xs);
-      pair_step<1, M, kRows>(word, xv, m, a, xs);
-      pair_step<2, M, kRows>(word, xv, m, a, xs);
-      pair_step<3, M, kRows>(word, xv, m, a, xs);
-    }
-#pragma unroll
-    for (int i = 0; i < M; ++i)
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) acc[i][r] += s16[r] * a[i][r] - sz[r] * xs[i];
+    for (int c = 0; c < 4; ++c) acc[tile][c] = 0.f;
+
+  // two steps in flight: the next step's loads are issued before this one's math
+  Step<kTiles> current, next;
+  if (begin < end) load(current, rows, scale_rows, zero_rows, x_row, has_token, begin, t, group);
+  for (int step = begin; step < end; ++step) {
+    if (step + 1 < end)
+      load(next, rows, scale_rows, zero_rows, x_row, has_token, step + 1, t, group);
+    compute(current, acc);
+    current = next;
   }
 
+#pragma unroll
+  for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) sums[warp][tile * 4 + c][lane] = acc[tile][c];
+  __syncthreads();
   float* slab = partial == nullptr ? nullptr : partial + size_t(blockIdx.y) * m * n;
+  for (int i = threadIdx.x; i < kTiles * 4 * 32; i += blockDim.x) {
+    const int tile = i / 128, c = i / 32 % 4, from = i % 32;
+    const int row = row_base + tile * kTileRows + from / 4 + 8 * (c / 2);
+    const int token = 2 * (from % 4) + c % 2;
+    if (row >= n || token >= m) continue;
+    float y = 0.f;
 #pragma unroll
-  for (int i = 0; i < M; ++i) {
-    if (i >= m) break;
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const float y = warp_sum(acc[i][r]);
-      if (lane == 0 && row0 + r < n) {
-        if (slab != nullptr) {
-          slab[size_t(i) * n + row0 + r] = y;
-        } else {
-          out[size_t(i) * n + row0 + r] = __float2bfloat16(y);
-        }
-      }
+    for (int v = 0; v < kWarps; ++v) y += sums[v][tile * 4 + c][from];  // fixed order
+    if (slab != nullptr) {
+      slab[size_t(token) * n + row] = y;
+    } else {
+      out[size_t(token) * n + row] = __float2bfloat16(y);
     }
   }
 }
@@ -172,14 +222,15 @@ __global__ void round_splits(const float* __restrict__ partial, __nv_bfloat16* _
   out[i] = __float2bfloat16(y);
 }
 
-template <int M>
+template <int kTiles>
 int launch(const void* x, const void* w, const void* scale, const void* zero, void* out, int m,
            int n, int k, int group, int splits, void* workspace, cudaStream_t stream) {
-  const int chunks = k / kChunk;
-  const int per_split = (chunks + splits - 1) / splits;
+  const int steps = k / kStep;
+  const int per_split = (steps + splits - 1) / splits;
   float* partial = splits > 1 ? static_cast<float*>(workspace) : nullptr;
-  const dim3 grid((n + kWarps * kRows - 1) / (kWarps * kRows), splits);
-  gemv_kernel<M><<<grid, kWarps * 32, 0, stream>>>(
+  const int rows_per_block = kTiles * kTileRows;
+  const dim3 grid((n + rows_per_block - 1) / rows_per_block, splits);
+  gemv_kernel<kTiles><<<grid, kWarps * 32, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(x), static_cast<const uint8_t*>(w),
       static_cast<const float*>(scale), static_cast<const float*>(zero),
       static_cast<__nv_bfloat16*>(out), partial, m, n, k, group, per_split);
@@ -197,31 +248,30 @@ extern "C" {
 
 const char* fc_w4a16_gemv_error() { return fc::g_error; }
 
-int fc_w4a16_gemv_max_m() { return 8; }
+int fc_w4a16_gemv_version() { return kVersion; }
 
-// rows of weight a block covers (the host sizes splits by it)
-int fc_w4a16_gemv_rows_per_block() { return kWarps * kRows; }
+int fc_w4a16_gemv_max_m() { return 8; }
 
 // bytes of workspace a call needs: a float slab [m, n] per split when K is split
 size_t fc_w4a16_gemv_workspace(int m, int n, int splits) {
   return splits > 1 ? size_t(splits) * m * n * sizeof(float) : 0;
 }
 
-// 0 on success; otherwise fc_w4a16_gemv_error() says why
+// tiles: 16-row tiles a warp takes (1 or 2); 0 on success, otherwise fc_w4a16_gemv_error() says why
 int fc_w4a16_gemv(const void* x, const void* w, const void* scale, const void* zero, void* out,
-                  int m, int n, int k, int group, int splits, void* workspace,
+                  int m, int n, int k, int group, int tiles, int splits, void* workspace,
                   size_t workspace_bytes, void* stream) {
   if (m < 1 || m > 8) return fc::fail("the GEMV takes 1 to 8 token rows");
-  if (k % kChunk != 0 || group % kChunk != 0 || k % group != 0)
-    return fc::fail("K and the group size must be multiples of 32, the group dividing K");
-  if (splits < 1 || splits > k / kChunk) return fc::fail("splits must be 1 to K / 32");
+  if (k % kStep != 0 || group % kStep != 0 || k % group != 0)
+    return fc::fail("K and the group size must be multiples of 128, the group dividing K");
+  if (splits < 1 || splits > k / kStep) return fc::fail("splits must be 1 to K / 128");
+  if (tiles != 1 && tiles != 2) return fc::fail("tiles must be 1 or 2");
   if (fc_w4a16_gemv_workspace(m, n, splits) > workspace_bytes)
     return fc::fail("workspace too small");
   auto s = static_cast<cudaStream_t>(stream);
-  int status = m <= 1   ? launch<1>(x, w, scale, zero, out, m, n, k, group, splits, workspace, s)
-               : m <= 2 ? launch<2>(x, w, scale, zero, out, m, n, k, group, splits, workspace, s)
-               : m <= 4 ? launch<4>(x, w, scale, zero, out, m, n, k, group, splits, workspace, s)
-                        : launch<8>(x, w, scale, zero, out, m, n, k, group, splits, workspace, s);
+  const int status =
+      tiles == 1 ? launch<1>(x, w, scale, zero, out, m, n, k, group, splits, workspace, s)
+                 : launch<2>(x, w, scale, zero, out, m, n, k, group, splits, workspace, s);
   return fc::finish(status);
 }
 

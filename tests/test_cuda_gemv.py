@@ -69,10 +69,11 @@ def test_tiles_and_splits_fill_the_gpu_and_leave_every_warp_a_step():
     assert cuda_gemv.tiles_for(14336, 132) == 2  # 448 blocks of 32 rows: over two an SM
     assert cuda_gemv.tiles_for(4096, 132) == 1  # 128 blocks of 32 rows would leave SMs idle
     assert cuda_gemv.splits_for(14336, 4096, 132, 2) == 1
-    assert cuda_gemv.splits_for(4096, 4096, 132, 1) == 2  # 256 blocks: one short of 264
+    assert cuda_gemv.splits_for(4096, 4096, 132, 1) == 1  # 256 blocks: one an SM and more
+    assert cuda_gemv.splits_for(1024, 4096, 132, 1) == 3  # 64 blocks: 3 splits give 192
     # Dream's K / V: 32 blocks for 132 SMs; K = 3584 has 28 steps, 3 splits leave a warp >= 1
     assert cuda_gemv.splits_for(512, 3584, 132, 1) == 3
-    assert cuda_gemv.splits_for(512, 14336, 132, 1) == 9  # 112 steps: 9 splits give 288 blocks
+    assert cuda_gemv.splits_for(512, 14336, 132, 1) == 5  # 112 steps: 5 splits give 160 blocks
     assert cuda_gemv.splits_for(16, 1024, 132, 1) == 1  # 8 steps: one a warp, no split
 
 

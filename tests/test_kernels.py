@@ -121,12 +121,14 @@ def test_auto_rule_by_device_dtype_and_m(monkeypatch):
     layer = QuantLinear.from_codes(codes, qp)
     bf16, fp32 = torch.bfloat16, torch.float32
     rows = W4_AUTO["cuda"]
-    small, middle = rows[0][0], 1024
+    gemv, small, middle = rows[0][0], rows[1][0], 1024
     monkeypatch.setattr(backends, "_HAS_TRITON", True)  # the rule only; no kernel runs
     # every M lands in the row whose bound first exceeds it, and runs that row's first backend
-    assert auto_backend(layer, "cuda", bf16, 1) == rows[0][1][0]
-    assert auto_backend(layer, "cuda", bf16, small - 1) == rows[0][1][0]
-    assert auto_backend(layer, "cuda", bf16, small) == rows[1][1][0]
+    # that can run the layer (the CUDA GEMV is not built here: torch's int4 kernel)
+    assert auto_backend(layer, "cuda", bf16, 1) == rows[0][1][1] == "int4_cuda"
+    assert auto_backend(layer, "cuda", bf16, gemv) == rows[1][1][0]
+    assert auto_backend(layer, "cuda", bf16, small - 1) == rows[1][1][0]
+    assert auto_backend(layer, "cuda", bf16, small) == rows[2][1][0]
     # M = 33..4096: CUTLASS's W4A16 GEMM where its library loads, else what ran before it
     monkeypatch.setattr(backends, "_cutlass_common", lambda *a: "not built here")
     assert auto_backend(layer, "cuda", bf16, 40) == "triton_w4"
@@ -136,7 +138,12 @@ def test_auto_rule_by_device_dtype_and_m(monkeypatch):
     wide = QuantLinear.from_codes(*quantized(1024, 256, 4, 128, False)[:2])
     for m in (33, 64, 65, middle, 4096):
         assert auto_backend(wide, "cuda", bf16, m) == "cutlass_w4", m
-    assert auto_backend(wide, "cuda", bf16, 32) == rows[1][1][0]  # not at M <= 32
+    assert auto_backend(wide, "cuda", bf16, 32) == rows[2][1][0]  # not at M <= 32
+    # M = 1..8 on the GEMV once built, for layers of 1024 outputs and more
+    for m in (1, gemv - 1):
+        assert auto_backend(wide, "cuda", bf16, m) == "cuda_gemv", m
+        assert auto_backend(layer, "cuda", bf16, m) == "int4_cuda", m
+    assert auto_backend(wide, "cuda", bf16, gemv) == "int4_cuda"
     assert auto_backend(wide, "cuda", bf16, 8192) == "triton_dq"  # past the measured grid
     # 64 outputs: narrower than any layer CUTLASS was measured faster on (Dream's 512-wide K / V)
     assert auto_backend(layer, "cuda", bf16, middle) == "triton_dq"

@@ -107,7 +107,9 @@ if TYPE_CHECKING:
 # backends that ran before.
 W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
     "cuda": [
-        (16, ("int4_cuda", "triton_w4")),  # M = 1..15 (measured at M = 1)
+        # M = 1..8: our tensor-core GEMV (kernels/cuda_gemv.py, once built; see there)
+        (9, ("cuda_gemv", "int4_cuda", "triton_w4")),
+        (16, ("int4_cuda", "triton_w4")),  # M = 9..15 (measured at M = 1)
         (33, ("triton_w4", "int4_cuda")),  # M = 16..32: the fused kernel (split-K)
         (65, ("cutlass_w4", "triton_w4", "int4_cuda")),
         (4097, ("cutlass_w4", "triton_dq", "dequant")),  # M = 65..4096
@@ -123,7 +125,7 @@ W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
 # 0.62-0.77x for dequantize + cuBLAS (cutlass-w4, cutlass-w4-sk); stacked with Q
 # (--stack-linears) the layer is 4608 wide and takes it.
 # INT8: 0.57x against 0.75-0.78x for `int8_w8a8` at M = 256-512 there (cutlass-w8a8-sk).
-AUTO_MIN_OUT_FEATURES = {"cutlass_w4": 1024, "cutlass_int8": 1024}
+AUTO_MIN_OUT_FEATURES = {"cutlass_w4": 1024, "cutlass_int8": 1024, "cuda_gemv": 1024}
 
 # `int8` on CUDA: `torch._int_mm` needs M > 16 (cuBLASLt int8 constraint).
 # `auto` for layers that quantize activations to the int8 grid (act_bits=8), on CUDA: per M,

@@ -57,10 +57,12 @@ def tiles_for(n: int, sm_count: int) -> int:
 
 
 def splits_for(n: int, k: int, sm_count: int, tiles: int) -> int:
-    """How many parts K is split into across blocks: enough blocks for two per SM, each warp of
-    a block still with a step of its own."""
+    """How many parts K is split into across blocks: enough blocks for one per SM, each warp of
+    a block still with a step of its own. No more: a split costs a second kernel and a float
+    round trip, which made 4096 x 4096 at M = 1 1.29x of bf16 with two splits
+    (benchmarks/results/cuda-gemv, first run of the tensor-core kernel)."""
     blocks = -(-n // (tiles * TILE_ROWS))
-    want = -(-2 * sm_count // blocks)
+    want = -(-sm_count // blocks)
     return max(1, min(want, k // STEP // WARPS))
 
 

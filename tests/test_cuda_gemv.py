@@ -65,13 +65,16 @@ def test_the_packing_read_is_quantlinears():
     assert torch.equal(packed & 0xF, codes[:, 0::2]) and torch.equal(packed >> 4, codes[:, 1::2])
 
 
-def test_tiles_and_splits_fill_the_gpu_and_leave_every_warp_a_step():
-    assert cuda_gemv.tiles_for(14336, 132) == 2  # 448 blocks of 32 rows: over two an SM
-    assert cuda_gemv.tiles_for(4096, 132) == 1  # 128 blocks of 32 rows would leave SMs idle
-    assert cuda_gemv.splits_for(14336, 4096, 132, 2) == 1
-    assert cuda_gemv.splits_for(4096, 4096, 132, 1) == 1  # 256 blocks: one an SM and more
-    assert cuda_gemv.splits_for(1024, 4096, 132, 1) == 3  # 64 blocks: 3 splits give 192
-    # Dream's K / V: 32 blocks for 132 SMs; K = 3584 has 28 steps, 3 splits leave a warp >= 1
+def test_tiles_and_splits_follow_the_measured_rules():
+    # two tiles a warp while that leaves blocks for half the SMs (132 on an H200)
+    assert cuda_gemv.tiles_for(14336, 132) == 2  # 448 blocks of 32 rows
+    assert cuda_gemv.tiles_for(4096, 132) == 2  # 128 blocks of 32 rows: still the faster
+    assert cuda_gemv.tiles_for(2112, 132) == 2 and cuda_gemv.tiles_for(2080, 132) == 1  # 66 / 65
+    assert cuda_gemv.tiles_for(512, 132) == 1  # Dream's K / V
+    # no split while blocks cover half the SMs: a split costs a second kernel
+    assert cuda_gemv.splits_for(4096, 4096, 132, 2) == 1
+    assert cuda_gemv.splits_for(3584, 18944, 132, 2) == 1  # 112 blocks
+    # Dream's K / V: 32 blocks; K = 3584 has 28 steps, 3 splits leave each of 8 warps a step
     assert cuda_gemv.splits_for(512, 3584, 132, 1) == 3
     assert cuda_gemv.splits_for(512, 14336, 132, 1) == 5  # 112 steps: 5 splits give 160 blocks
     assert cuda_gemv.splits_for(16, 1024, 132, 1) == 1  # 8 steps: one a warp, no split

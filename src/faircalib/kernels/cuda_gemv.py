@@ -51,19 +51,24 @@ def check_shape(in_features: int, group: int) -> None:
 
 
 def tiles_for(n: int, sm_count: int) -> int:
-    """16-row tiles a warp takes: two (the activations' registers shared by both) when the
-    layer still has two blocks for every SM, else one."""
-    return 2 if -(-n // (2 * TILE_ROWS)) >= 2 * sm_count else 1
+    """16-row tiles a warp takes: two (each activation register feeds two mma) unless that
+    leaves fewer blocks than half the SMs. On the H200 two tiles were the faster on all seven
+    large 8B shapes at M = 1 and 8, 4096 x 4096's 128 blocks included (1.90x of bf16 against
+    1.82x at M = 1); Dream's 512-wide K / V ran 1.32x on one tile and 1.18x on two
+    (benchmarks/results/cuda-gemv-tiles)."""
+    return 2 if -(-n // (2 * TILE_ROWS)) >= sm_count // 2 else 1
 
 
 def splits_for(n: int, k: int, sm_count: int, tiles: int) -> int:
-    """How many parts K is split into across blocks: enough blocks for one per SM, each warp of
-    a block still with a step of its own. No more: a split costs a second kernel and a float
-    round trip, which made 4096 x 4096 at M = 1 1.29x of bf16 with two splits
-    (benchmarks/results/cuda-gemv, first run of the tensor-core kernel)."""
+    """How many parts K is split into across blocks: none unless the layer has fewer blocks
+    than half the SMs, then enough for one a SM, each warp of a block still with a step of its
+    own. A split costs a second kernel and a float round trip: two splits took 4096 x 4096 at
+    M = 1 from 1.82x of bf16 to 1.32x, while four took the 512-wide K / V (32 blocks) from
+    1.32x to 1.53x (benchmarks/results/cuda-gemv-tiles)."""
     blocks = -(-n // (tiles * TILE_ROWS))
-    want = -(-sm_count // blocks)
-    return max(1, min(want, k // STEP // WARPS))
+    if blocks >= sm_count // 2:
+        return 1
+    return max(1, min(-(-sm_count // blocks), k // STEP // WARPS))
 
 
 @dataclass

@@ -31,8 +31,10 @@ TOKEN_TILE_CONFIG = {32: 2, 64: 1, 128: 0, 256: 3}
 STREAM_K_CONFIG = {64: 7, 128: 5, 256: 6}
 UNSHUFFLED_CONFIG = 4
 CONFIGS = 11  # the library's configurations (fc_w4a16_sm90_config_name)
-# 64 weight rows a tile, two consumer warp groups on alternate tiles (ping-pong); built since
-# 2026-12-01, not yet timed, so config_for does not choose them
+# 64 weight rows a tile, two consumer warp groups on alternate tiles (ping-pong), by token
+# tile. config_for does not choose them: at M >= 256 on the large 8B shapes they ran 0.38-0.54x
+# (64-token tile) to 0.56-1.05x (256) of bf16 where its picks ran 0.72-1.11x; only 4096x4096 at
+# M <= 128 was faster on them (0.70-0.80x against 0.62-0.67x; benchmarks/results/cutlass-w4-pp)
 PINGPONG_CONFIG = {64: 8, 128: 9, 256: 10}
 WEIGHT_TILE = 128  # the tile along the weight rows (N) of every configuration config_for picks
 # Work per token row of each token tile relative to the 256 tile, at M = 4096 on the H200

@@ -764,7 +764,8 @@ def test_cutlass_int8_gemm_matches_the_exact_integer_product_and_replays_in_a_gr
 def test_cuda_gemv_matches_the_float64_product_and_replays_in_a_graph(n, k, group):
     """The GEMV against the float64 product with the dequantized weight at every M it takes,
     on a layer that fills the GPU, one that splits K (Dream's K / V) and one of ragged rows with
-    a single group, each through one and two row tiles a warp, K split and not; then a graph
+    a single group, each through one and two row tiles a warp, K split and not, 8 and 4 warps
+    a block; then a graph
     replay on new activations equals an eager call."""
     from faircalib.kernels import cuda_gemv
     from faircalib.kernels.backends import pack_codes
@@ -782,10 +783,10 @@ def test_cuda_gemv_matches_the_float64_product_and_replays_in_a_graph(n, k, grou
         x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
         want = x.double() @ w_hat.T
         # the rules' choice, then every tile count with and without a split of K
-        for tiles, splits in ((None, None), (1, 1), (2, 1), (1, 2), (2, 2)):
-            y = cuda_gemv.w4a16_gemv(x, weight, tiles=tiles, splits=splits)
+        for tiles, splits, warps in ((None, None, 8), (1, 1, 8), (2, 1, 8), (1, 2, 8), (2, 2, 4)):
+            y = cuda_gemv.w4a16_gemv(x, weight, tiles, splits, warps)
             assert y.dtype == torch.bfloat16 and y.shape == (m, n)
-            assert rel_err(y, want) < 1e-2, (m, n, k, tiles, splits)
+            assert rel_err(y, want) < 1e-2, (m, n, k, tiles, splits, warps)
     x = torch.randn(1, k, generator=gen, device="cuda").to(torch.bfloat16)
     graph, out = capture(lambda: cuda_gemv.w4a16_gemv(x, weight))
     x.copy_(torch.randn(1, k, generator=gen, device="cuda").to(torch.bfloat16))

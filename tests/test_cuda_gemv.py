@@ -3,6 +3,8 @@ tests/test_cuda.py on the H200)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -35,6 +37,8 @@ def test_the_kernels_fragments_give_the_dequantized_product(m, n, k, group):
     gen = torch.Generator().manual_seed(m + n)
     w = torch.randn(n, k, generator=gen)
     qp = compute_qparams(w, QuantConfig(bits=4, group_size=group, symmetric=False))
+    # the scales of a bf16 model, which the kernel reads
+    qp = dataclasses.replace(qp, scale=qp.scale.to(torch.bfloat16).float())
     group = group or k  # per-channel: one group of the whole row
     codes = quantize(w, qp)
     layer = QuantLinear.from_codes(codes, qp)
@@ -91,3 +95,13 @@ def test_shapes_and_inputs_the_kernel_cannot_take_are_named():
     assert "Hopper" in supports(layer, "cuda_gemv", "cpu", torch.bfloat16, 1) or "CUDA" in supports(
         layer, "cuda_gemv", "cpu", torch.bfloat16, 1
     )
+
+
+def test_prepare_keeps_bf16_scales_and_uint8_zeros_and_refuses_fractional_zeros():
+    packed = torch.zeros(16, 64, dtype=torch.uint8)
+    scale = torch.full((16, 1), 0.1)
+    weight = cuda_gemv.GemvWeight.prepare(packed, scale, torch.full((16, 1), 8.0), 128)
+    assert weight.scale.dtype == torch.bfloat16 and weight.zero.dtype == torch.uint8
+    assert torch.equal(weight.zero, torch.full((16, 1), 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="integer codes"):
+        cuda_gemv.GemvWeight.prepare(packed, scale, torch.full((16, 1), 7.5), 128)

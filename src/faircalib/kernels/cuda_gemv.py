@@ -20,9 +20,9 @@ import torch
 from faircalib.kernels import cutlass_lib
 
 NAME = "w4a16_gemv"  # csrc/w4a16_gemv.cu
-VERSION = 2  # the kernel's kVersion: 2 is the tensor-core GEMV
+VERSION = 3  # the kernel's kVersion: the tensor-core GEMV, bf16 scales and uint8 zeros
 STEP = 128  # K columns a warp takes at once: K and the group must be multiples of it
-WARPS = 8  # warps a block, each on its own part of the block's K
+WARPS = 8  # warps a block (4 or 8), each on its own part of the block's K
 TILE_ROWS = 16  # weight rows an mma covers
 MAX_M = 8
 
@@ -33,7 +33,7 @@ def load_library() -> ctypes.CDLL:
     lib = cutlass_lib.load(NAME)
     version = getattr(lib, "fc_w4a16_gemv_version", None)
     cutlass_lib.check_version(NAME, version() if version is not None else 1, VERSION)
-    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 6]
+    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 7]
     lib.fc_w4a16_gemv.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_gemv_workspace.argtypes = [ctypes.c_int] * 3
     lib.fc_w4a16_gemv_workspace.restype = ctypes.c_size_t
@@ -76,18 +76,23 @@ class GemvWeight:
     """A layer's operands as the kernel reads them."""
 
     qweight: torch.Tensor  # [out, in / 2] uint8, QuantLinear's packing
-    scale: torch.Tensor  # [out, groups] float32
-    zero: torch.Tensor  # [out, groups] float32
+    scale: torch.Tensor  # [out, groups] bf16: a bf16 model's own scales
+    zero: torch.Tensor  # [out, groups] uint8 codes
     group: int
 
     @classmethod
     def prepare(
         cls, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
     ) -> GemvWeight:
+        """The scales as bf16 (what QuantLinear holds once its model is cast to bf16: other
+        dtypes are rounded to it once) and the zero points as uint8 codes."""
         check_shape(qweight.shape[1] * 2, group)
-        return cls(
-            qweight.contiguous(), scale.float().contiguous(), zero.float().contiguous(), group
-        )
+        if zero.dtype != torch.uint8 and (
+            not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() > 255
+        ):
+            raise ValueError("the CUDA GEMV takes zero points that are integer codes 0-255")
+        scale = scale.to(torch.bfloat16).contiguous()
+        return cls(qweight.contiguous(), scale, zero.to(torch.uint8).contiguous(), group)
 
     @property
     def out_features(self) -> int:
@@ -125,7 +130,8 @@ def fragment_reference(
     reads the 32-bit words of its 32 codes and activations, makes the A pairs with the LOP3
     ((word >> 4e) & 0x000F000F) | 0x43004300 and the B pairs with __byte_perm, places them
     where PTX's m16n8k16 fragments put them, and each step folds
-    scale * sum - scale * (128 + zero) * xs. [m, k] x -> [m, n] float64."""
+    scale * sum - scale * (128 + zero) * xs, the scale rounded to bf16 as the kernel reads it.
+    [m, k] x -> [m, n] float64."""
     m, k = x.shape
     n = qweight.shape[0]
     b = qweight.to(torch.int64).reshape(n, k // 8, 4)
@@ -135,7 +141,7 @@ def fragment_reference(
     xwords[:m] = xbits[:, 0::2] | xbits[:, 1::2] << 16  # word j: columns (2j, 2j + 1)
     out = torch.zeros(n, MAX_M, dtype=torch.float64)
     for step in range(k // STEP):
-        s = scale[:, step * STEP // group].double()
+        s = scale[:, step * STEP // group].to(torch.bfloat16).double()  # as the kernel reads it
         shift = s * (128 + zero[:, step * STEP // group].double())
         total = torch.zeros(n, MAX_M, dtype=torch.float64)
         xs = torch.zeros(MAX_M, dtype=torch.float64)
@@ -162,11 +168,16 @@ def fragment_reference(
 
 
 def w4a16_gemv(
-    x: torch.Tensor, weight: GemvWeight, tiles: int | None = None, splits: int | None = None
+    x: torch.Tensor,
+    weight: GemvWeight,
+    tiles: int | None = None,
+    splits: int | None = None,
+    warps: int = WARPS,
 ) -> torch.Tensor:
     """x [..., in] bf16 (at most 8 rows) @ W^T -> [..., out] bf16, on the current stream
     (graph-capturable once a call of the size ran eagerly: the workspace is made then).
-    `tiles` and `splits` override tiles_for and splits_for (the tests run every path)."""
+    `tiles` and `splits` override tiles_for and splits_for (the tests run every path);
+    `warps` is a block's, 4 or 8."""
     m = x.numel() // x.shape[-1] if x.dim() else 0
     if (
         x.dtype != torch.bfloat16
@@ -192,7 +203,7 @@ def w4a16_gemv(
         space = cutlass_lib.workspace(x.device, lib.fc_w4a16_gemv_workspace(m, n, splits))
         status = lib.fc_w4a16_gemv(
             x2.data_ptr(), weight.qweight.data_ptr(), weight.scale.data_ptr(),
-            weight.zero.data_ptr(), out.data_ptr(), m, n, k, weight.group, tiles, splits,
+            weight.zero.data_ptr(), out.data_ptr(), m, n, k, weight.group, tiles, warps, splits,
             space.data_ptr(), space.numel(), stream,
         )  # fmt: skip
     if status != 0:

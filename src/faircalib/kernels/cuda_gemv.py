@@ -22,7 +22,9 @@ from faircalib.kernels import cutlass_lib
 NAME = "w4a16_gemv"  # csrc/w4a16_gemv.cu
 VERSION = 3  # the kernel's kVersion: the tensor-core GEMV, bf16 scales and uint8 zeros
 STEP = 128  # K columns a warp takes at once: K and the group must be multiples of it
-WARPS = 8  # warps a block (4 or 8), each on its own part of the block's K
+# warps a block, each on its own part of the block's K: 8 (4 ran 1.00-2.00x of bf16 at M = 1
+# where 8 ran 1.66-2.09x, benchmarks/results/cuda-gemv-warps; the deep layers lost most)
+WARPS = 8
 TILE_ROWS = 16  # weight rows an mma covers
 MAX_M = 8
 

@@ -4,7 +4,7 @@
 
 Why: at M = 1 a W4A16 layer only has to read its weights. torch's int4 kernel, our Triton GEMV
 and a CUDA-core GEMV read them at 1.2-1.7 TB/s on an H200 (benchmarks/results/kernels and
-cuda-gemv), where issue 16's 2.5x of bf16 needs about 2.4 TB/s. The kernel reads QuantLinear's
+cuda-gemv-v1), where issue 16's 2.5x of bf16 needs about 2.3 TB/s. The kernel reads QuantLinear's
 packing as it is (no relayout), turns two codes into the bf16 pair (128 + q, 128 + q') with one
 LOP3 and lets an mma.sync sum them against the activations, the tokens being the mma's N = 8.
 `fragment_reference` is that arithmetic emulated register by register in float64.

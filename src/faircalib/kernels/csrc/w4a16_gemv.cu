@@ -2,10 +2,10 @@
 // GEMV on the tensor cores, reading each weight byte once.
 //
 // Why not torch's int4 kernel, our Triton GEMV or a GEMV on the CUDA cores: at M = 1 they read
-// INT4 weights at 1.2-1.7 TB/s on an H200 (benchmarks/results/kernels, cuda-gemv), where issue
-// 16's 2.5x of bf16 needs about 2.4 TB/s. A CUDA-core GEMV spends about three instructions a
+// INT4 weights at 1.2-1.7 TB/s on an H200 (benchmarks/results/kernels, cuda-gemv-v1), where issue
+// 16's 2.5x of bf16 needs about 2.3 TB/s. A CUDA-core GEMV spends about three instructions a
 // code (unpack, convert, FMA per token row): it is issue-bound before HBM is, and its time grows
-// with M (the first version of this file, benchmarks/results/cuda-gemv). Here a code costs about
+// with M (the first version of this file, benchmarks/results/cuda-gemv-v1). Here a code costs about
 // one instruction, whatever M <= 8: the tokens are the N = 8 of an mma.sync m16n8k16.
 //
 // The algebra. A nibble q OR-ed into 0x4300 is the bf16 128 + q exactly, and one LOP3 turns

@@ -24,7 +24,7 @@
 # torchrun (quantize + eval under torchrun on 2 GPUs against one process),
 # cudatests (tests/test_cuda.py on the GPU), cudatests-k (PYTEST_K: a -k selection of them),
 # cutlass-w4 / cutlass-w4-sk / cutlass-w4-pp / cutlass-w8a8 / cutlass-w8a8-sk (the CUTLASS
-# configurations), cuda-gemv / cuda-gemv-tiles / cuda-gemv-warps (the W4A16 GEMV; its tiles, splits, warps), e2e-cutlass / e2e-auto (one step), llada-gptq / llada-fair / dream-gptq / dream-fair and
+# configurations), cuda-gemv / cuda-gemv-tiles / cuda-gemv-warps / cuda-gemv-l2 (the W4A16 GEMV; its tiles, splits, warps, L2 prefetch), e2e-cutlass / e2e-auto (one step), llada-gptq / llada-fair / dream-gptq / dream-fair and
 # llada-fair-fast / dream-fair-fast (8B-shaped,
 # benchmarks/llada_8b.py; one per lease is fine, rows accumulate in benchmarks/results/llada-8b-shape). Optional wheels (gemlite)
 # carried in .whl/ are installed into /tmp/site first. Jobs that import faircalib.formats (e2e,
@@ -108,6 +108,9 @@ $([ "$1" = generation-8b-stack-ab-dream ] && echo --family dream) --out $RES/$1"
   # 4 warps a block against 8, beside torch's int4 kernel and auto
   cuda-gemv-warps) echo "python3 benchmarks/kernels.py --out $RES/cuda-gemv-warps --ms 1,2,4,8 \
 --backends int4_torch,cuda_gemv,cuda_gemv_t2_w4,auto_w4 --time-budget ${KERNELS_BUDGET:-200}" ;;
+  # the code loads with and without the 256-byte L2 fetch, beside torch's int4 kernel
+  cuda-gemv-l2) echo "python3 benchmarks/kernels.py --out $RES/cuda-gemv-l2 --ms 1,2,4,8 \
+--backends int4_torch,cuda_gemv,cuda_gemv_t2_nopf,auto_w4 --time-budget ${KERNELS_BUDGET:-200}" ;;
   cutlass-w8a8-sk) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w8a8-sk --ms 32,128,256,512,1024,2048,4096 \
 --backends int8_w8a8,cutlass_int8,cutlass_int8_prequant,cutlass_int8_prequant_c5,cutlass_int8_prequant_c6 \
 --time-budget ${KERNELS_BUDGET:-240}" ;;

@@ -20,11 +20,13 @@ import torch
 from faircalib.kernels import cutlass_lib
 
 NAME = "w4a16_gemv"  # csrc/w4a16_gemv.cu
-VERSION = 3  # the kernel's kVersion: the tensor-core GEMV, bf16 scales and uint8 zeros
+VERSION = 4  # the kernel's kVersion: the tensor-core GEMV, bf16 scales, uint8 zeros, L2 prefetch
 STEP = 128  # K columns a warp takes at once: K and the group must be multiples of it
 # warps a block, each on its own part of the block's K: 8 (4 ran 1.00-2.00x of bf16 at M = 1
 # where 8 ran 1.66-2.09x, benchmarks/results/cuda-gemv-warps; the deep layers lost most)
 WARPS = 8
+# the code loads ask L2 for the 256-byte block around them (csrc/w4a16_gemv.cu, load_codes)
+L2_PREFETCH = True
 TILE_ROWS = 16  # weight rows an mma covers
 MAX_M = 8
 
@@ -35,7 +37,7 @@ def load_library() -> ctypes.CDLL:
     lib = cutlass_lib.load(NAME)
     version = getattr(lib, "fc_w4a16_gemv_version", None)
     cutlass_lib.check_version(NAME, version() if version is not None else 1, VERSION)
-    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 7]
+    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 8]
     lib.fc_w4a16_gemv.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_gemv_workspace.argtypes = [ctypes.c_int] * 3
     lib.fc_w4a16_gemv_workspace.restype = ctypes.c_size_t
@@ -175,11 +177,12 @@ def w4a16_gemv(
     tiles: int | None = None,
     splits: int | None = None,
     warps: int = WARPS,
+    l2_prefetch: bool = L2_PREFETCH,
 ) -> torch.Tensor:
     """x [..., in] bf16 (at most 8 rows) @ W^T -> [..., out] bf16, on the current stream
     (graph-capturable once a call of the size ran eagerly: the workspace is made then).
     `tiles` and `splits` override tiles_for and splits_for (the tests run every path);
-    `warps` is a block's, 4 or 8."""
+    `warps` is a block's, 4 or 8; `l2_prefetch` the 256-byte L2 fetch of the code loads."""
     m = x.numel() // x.shape[-1] if x.dim() else 0
     if (
         x.dtype != torch.bfloat16
@@ -205,7 +208,8 @@ def w4a16_gemv(
         space = cutlass_lib.workspace(x.device, lib.fc_w4a16_gemv_workspace(m, n, splits))
         status = lib.fc_w4a16_gemv(
             x2.data_ptr(), weight.qweight.data_ptr(), weight.scale.data_ptr(),
-            weight.zero.data_ptr(), out.data_ptr(), m, n, k, weight.group, tiles, warps, splits,
+            weight.zero.data_ptr(), out.data_ptr(), m, n, k, weight.group, tiles, warps,
+            int(l2_prefetch), splits,
             space.data_ptr(), space.numel(), stream,
         )  # fmt: skip
     if status != 0:

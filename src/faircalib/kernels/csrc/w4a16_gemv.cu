@@ -42,7 +42,7 @@
 
 namespace {
 
-constexpr int kVersion = 3;  // bf16 scales, uint8 zeros, warps a block at run time (2: float32)
+constexpr int kVersion = 4;  // 3 + the L2 prefetch switch (2: float32 scales)
 constexpr int kStep = 128;   // K columns a warp takes at once: 4 lanes (t) x 32 codes
 constexpr int kMaxWarps = 8;  // warps a block (4 or 8), each on its own part of the block's K
 constexpr int kTileRows = 16;
@@ -63,6 +63,22 @@ __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// 16 code bytes, streamed past L1. With kPrefetch the L2 fetches the whole 256-byte block
+// around them: a warp's next three steps read the rest of it, so each DRAM request brings four
+// steps' codes where 64 bytes a row brought one.
+template <bool kPrefetch>
+__device__ __forceinline__ uint4 load_codes(const uint8_t* p) {
+  if constexpr (kPrefetch) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+  } else {
+    return __ldcs(reinterpret_cast<const uint4*>(p));
+  }
+}
+
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -77,7 +93,7 @@ struct Step {
   float shift[kTiles][2];
 };
 
-template <int kTiles>
+template <int kTiles, bool kPrefetch>
 __device__ __forceinline__ void load(Step<kTiles>& s, const uint8_t* const (&rows)[kTiles][2],
                                      const __nv_bfloat16* const (&scale_rows)[kTiles][2],
                                      const uint8_t* const (&zero_rows)[kTiles][2],
@@ -89,7 +105,7 @@ __device__ __forceinline__ void load(Step<kTiles>& s, const uint8_t* const (&row
   for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      s.codes[tile][h] = __ldcs(reinterpret_cast<const uint4*>(rows[tile][h] + column / 2));
+      s.codes[tile][h] = load_codes<kPrefetch>(rows[tile][h] + column / 2);
       const float sc = __bfloat162float(__ldg(scale_rows[tile][h] + g));
       s.scale[tile][h] = sc;
       s.shift[tile][h] = sc * (128.f + float(__ldg(zero_rows[tile][h] + g)));
@@ -142,7 +158,7 @@ __device__ __forceinline__ void compute(const Step<kTiles>& s, float (&acc)[kTil
 
 // partial: null (one split: bf16 straight to out), else this split's float slab [m, n] of the
 // workspace [splits, m, n], summed in split order by round_splits (deterministic, no atomics)
-template <int kTiles>
+template <int kTiles, bool kPrefetch>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     gemv_kernel(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                 const __nv_bfloat16* __restrict__ scale, const uint8_t* __restrict__ zero,
@@ -185,10 +201,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 
   // two steps in flight: the next step's loads are issued before this one's math
   Step<kTiles> current, next;
-  if (begin < end) load(current, rows, scale_rows, zero_rows, x_row, has_token, begin, t, group);
+  if (begin < end)
+    load<kTiles, kPrefetch>(current, rows, scale_rows, zero_rows, x_row, has_token, begin, t, group);
   for (int step = begin; step < end; ++step) {
     if (step + 1 < end)
-      load(next, rows, scale_rows, zero_rows, x_row, has_token, step + 1, t, group);
+      load<kTiles, kPrefetch>(next, rows, scale_rows, zero_rows, x_row, has_token, step + 1, t,
+                              group);
     compute(current, acc);
     current = next;
   }
@@ -223,7 +241,7 @@ __global__ void round_splits(const float* __restrict__ partial, __nv_bfloat16* _
   out[i] = __float2bfloat16(y);
 }
 
-template <int kTiles>
+template <int kTiles, bool kPrefetch>
 int launch(const void* x, const void* w, const void* scale, const void* zero, void* out, int m,
            int n, int k, int group, int warps, int splits, void* workspace, cudaStream_t stream) {
   const int steps = k / kStep;
@@ -231,7 +249,7 @@ int launch(const void* x, const void* w, const void* scale, const void* zero, vo
   float* partial = splits > 1 ? static_cast<float*>(workspace) : nullptr;
   const int rows_per_block = kTiles * kTileRows;
   const dim3 grid((n + rows_per_block - 1) / rows_per_block, splits);
-  gemv_kernel<kTiles><<<grid, warps * 32, 0, stream>>>(
+  gemv_kernel<kTiles, kPrefetch><<<grid, warps * 32, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(x), static_cast<const uint8_t*>(w),
       static_cast<const __nv_bfloat16*>(scale), static_cast<const uint8_t*>(zero),
       static_cast<__nv_bfloat16*>(out), partial, m, n, k, group, per_split);
@@ -242,6 +260,12 @@ int launch(const void* x, const void* w, const void* scale, const void* zero, vo
   }
   return 0;
 }
+
+template <int kTiles, bool kPrefetch>
+struct Config {
+  static constexpr int first = kTiles;
+  static constexpr bool second = kPrefetch;
+};
 
 }  // namespace
 
@@ -258,11 +282,11 @@ size_t fc_w4a16_gemv_workspace(int m, int n, int splits) {
   return splits > 1 ? size_t(splits) * m * n * sizeof(float) : 0;
 }
 
-// tiles: 16-row tiles a warp takes (1 or 2); warps: a block's (4 or 8); 0 on success,
-// otherwise fc_w4a16_gemv_error() says why
+// tiles: 16-row tiles a warp takes (1 or 2); warps: a block's (4 or 8); l2_prefetch: 0 or 1
+// (load_codes); 0 on success, otherwise fc_w4a16_gemv_error() says why
 int fc_w4a16_gemv(const void* x, const void* w, const void* scale, const void* zero, void* out,
-                  int m, int n, int k, int group, int tiles, int warps, int splits,
-                  void* workspace, size_t workspace_bytes, void* stream) {
+                  int m, int n, int k, int group, int tiles, int warps, int l2_prefetch,
+                  int splits, void* workspace, size_t workspace_bytes, void* stream) {
   if (m < 1 || m > 8) return fc::fail("the GEMV takes 1 to 8 token rows");
   if (k % kStep != 0 || group % kStep != 0 || k % group != 0)
     return fc::fail("K and the group size must be multiples of 128, the group dividing K");
@@ -272,9 +296,14 @@ int fc_w4a16_gemv(const void* x, const void* w, const void* scale, const void* z
   if (fc_w4a16_gemv_workspace(m, n, splits) > workspace_bytes)
     return fc::fail("workspace too small");
   auto s = static_cast<cudaStream_t>(stream);
-  const int status =
-      tiles == 1 ? launch<1>(x, w, scale, zero, out, m, n, k, group, warps, splits, workspace, s)
-                 : launch<2>(x, w, scale, zero, out, m, n, k, group, warps, splits, workspace, s);
+  const auto run = [&](auto config) {
+    constexpr int kTiles = decltype(config)::first;
+    constexpr bool kPrefetch = decltype(config)::second;
+    return launch<kTiles, kPrefetch>(x, w, scale, zero, out, m, n, k, group, warps, splits,
+                                     workspace, s);
+  };
+  const int status = tiles == 1 ? (l2_prefetch ? run(Config<1, true>{}) : run(Config<1, false>{}))
+                                : (l2_prefetch ? run(Config<2, true>{}) : run(Config<2, false>{}));
   return fc::finish(status);
 }
 

@@ -364,7 +364,7 @@ def _make_cutlass_w4(config: int | None) -> Callable[[Layer], Fn]:
 
 
 def _make_cuda_gemv(
-    tiles: int, splits: int, warps: int = 8, l2_prefetch: bool = True
+    tiles: int, splits: int, warps: int = 8, l2_prefetch: bool | None = None
 ) -> Callable[[Layer], Fn]:
     """Our tensor-core GEMV (kernels.cuda_gemv) with its row tiles a warp and its K splits
     fixed, against the rules' choice (tiles_for, splits_for) that `cuda_gemv` runs."""

@@ -84,6 +84,14 @@ def test_tiles_and_splits_follow_the_measured_rules():
     assert cuda_gemv.splits_for(16, 1024, 132, 1) == 1  # 8 steps: one a warp, no split
 
 
+def test_the_l2_prefetch_is_for_warps_that_walk_a_long_stretch_of_k():
+    assert not cuda_gemv.prefetch_for(4096, 1)  # 32 steps, 4 a warp: measured slower with it
+    assert not cuda_gemv.prefetch_for(3584, 1)  # 28 steps
+    assert cuda_gemv.prefetch_for(12288, 1) and cuda_gemv.prefetch_for(18944, 1)  # 12, 19
+    assert not cuda_gemv.prefetch_for(14336, 2)  # 7 steps a warp once split in two
+    assert cuda_gemv.prefetch_for(4096, 1, warps=4) and cuda_gemv.prefetch_for(8192, 1)  # 8 a warp
+
+
 def test_shapes_and_inputs_the_kernel_cannot_take_are_named():
     with pytest.raises(ValueError, match="multiples of 128"):
         cuda_gemv.check_shape(1000, 1000)

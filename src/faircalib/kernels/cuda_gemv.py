@@ -26,7 +26,8 @@ STEP = 128  # K columns a warp takes at once: K and the group must be multiples 
 # where 8 ran 1.66-2.09x, benchmarks/results/cuda-gemv-warps; the deep layers lost most)
 WARPS = 8
 # the code loads ask L2 for the 256-byte block around them (csrc/w4a16_gemv.cu, load_codes)
-L2_PREFETCH = True
+# when each warp walks at least this many steps of K (prefetch_for)
+PREFETCH_MIN_STEPS = 8
 TILE_ROWS = 16  # weight rows an mma covers
 MAX_M = 8
 
@@ -73,6 +74,15 @@ def splits_for(n: int, k: int, sm_count: int, tiles: int) -> int:
     if blocks >= sm_count // 2:
         return 1
     return max(1, min(-(-sm_count // blocks), k // STEP // WARPS))
+
+
+def prefetch_for(k: int, splits: int, warps: int = WARPS) -> bool:
+    """Whether the code loads fetch 256 bytes into L2: where a warp walks a long stretch of K.
+    On the H200 it took the deep layers (K = 12288-18944, 12-19 steps a warp) from 1.63-1.90x
+    of bf16 to 1.80-1.94x at M = 1, and the K = 3584-4096 ones (4 steps a warp) from 1.87-2.07x
+    down to 1.65-1.82x (benchmarks/results/cuda-gemv-l2)."""
+    per_split = -(-(k // STEP) // splits)
+    return -(-per_split // warps) >= PREFETCH_MIN_STEPS
 
 
 @dataclass
@@ -177,12 +187,12 @@ def w4a16_gemv(
     tiles: int | None = None,
     splits: int | None = None,
     warps: int = WARPS,
-    l2_prefetch: bool = L2_PREFETCH,
+    l2_prefetch: bool | None = None,
 ) -> torch.Tensor:
     """x [..., in] bf16 (at most 8 rows) @ W^T -> [..., out] bf16, on the current stream
     (graph-capturable once a call of the size ran eagerly: the workspace is made then).
     `tiles` and `splits` override tiles_for and splits_for (the tests run every path);
-    `warps` is a block's, 4 or 8; `l2_prefetch` the 256-byte L2 fetch of the code loads."""
+    `warps` is a block's, 4 or 8; `l2_prefetch` overrides prefetch_for."""
     m = x.numel() // x.shape[-1] if x.dim() else 0
     if (
         x.dtype != torch.bfloat16
@@ -202,6 +212,7 @@ def w4a16_gemv(
     sm_count = cutlass_lib.sm_count(x.device)
     tiles = tiles or tiles_for(n, sm_count)
     splits = splits or splits_for(n, k, sm_count, tiles)
+    l2_prefetch = prefetch_for(k, splits, warps) if l2_prefetch is None else l2_prefetch
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):

@@ -97,12 +97,23 @@ def test_tokenizer_round_trips_real_text():
     assert small.decode(small.encode(text).ids) == text
 
 
+def test_wikitext2_splits_into_its_60_articles_per_split():
+    """Merity et al. (2016): WikiText-2 has 60 validation and 60 test articles. Two equation
+    lines of 'Constant k filter' have a title's shape but sit inside a paragraph."""
+    for split in ("test", "validation"):
+        articles = load_texts("wikitext2", split)
+        assert len(articles) == 60, split
+        assert all(a.lstrip().startswith("= ") for a in articles)
+    k_filter = next(a for a in load_texts("wikitext2", "test") if "Constant k filter" in a[:40])
+    assert " = 1 henry and capacitance C = " in k_filter
+
+
 def test_data_command_json(capsys):
     assert main(["data", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     rows = {(r["corpus"], r["split"]): r for r in out["corpora"]}
     assert rows[("c4", "validation")]["tokens"] == 506_708
-    assert rows[("wikitext2", "test")]["documents"] == 62
+    assert rows[("wikitext2", "test")]["documents"] == 60  # the dataset's 60 test articles
 
 
 def test_tampered_tokenizer_file_is_refused(tmp_path: Path, monkeypatch):

@@ -158,3 +158,23 @@ def test_mdlm_owt_without_a_tokenizer_gets_gpt2(tmp_path: Path):
     (src / "config.json").write_text(json.dumps({"model_type": "mdlm", "vocab_size": 50258}))
     tokenizer = hub.load_tokenizer(src)
     assert tokenizer.get_vocab_size() == 50258 and tokenizer.token_to_id("<|endoftext|>") == 50256
+
+
+@pytest.mark.parametrize("model", ["diffusionlm-tiny", "planner-tiny"])
+def test_a_seq_len_past_a_learned_position_table_is_one_line_before_any_work(
+    model: str, tmp_path: Path, capsys
+):
+    """Learned position tables (128 rows here) have no position 129: each command says so in
+    one line and writes nothing (rotary MDLM only warns, above)."""
+    assert hub.load(model).max_positions == 128
+    out = tmp_path / "q"
+    quantize = ["quantize", model, "--method", "rtn", "--nsamples", "1", "--seq-len", "129"]
+    assert main([*quantize, "--out", str(out)]) == 2
+    one_line_error(capsys, "--seq-len 129", "learned position table has 128 positions")
+    assert main(["eval", model, "--seq-len", "129", "--limit", "1"]) == 2
+    one_line_error(capsys, f"longer than {model} can take")
+    bench = ["bench", model, "--methods", "rtn", "--schemes", "w4g128", "--seq-len", "129"]
+    assert main([*bench, "--out", str(out)]) == 2
+    one_line_error(capsys, "learned position table")
+    assert not out.exists()
+    assert hub.load("mdlm-tiny").max_positions is None  # rotary: any length runs

@@ -26,6 +26,7 @@ import torch
 import faircalib
 from faircalib import atomic, distributed, hub
 from faircalib.errors import ConfigError
+from faircalib.models.base import seq_len_warning
 
 SCHEMES: dict[str, dict] = {
     "w4g128": {"bits": 4, "group_size": 128},
@@ -254,6 +255,10 @@ class Evaluator:
 
         self.cfg = cfg
         self.tokenizer = tokenizer
+        risk = "calibrating on them may hurt; the bounds are not comparable with its own length's"
+        warning = seq_len_warning(model, cfg.seq_len, cfg.model, risk)  # or a ConfigError
+        if warning:
+            print(f"faircalib bench: warning: {warning}", file=sys.stderr)
         seq_len = cfg.seq_len or model.seq_len
         self.sets, self.records = eval_sets(
             tokenizer,

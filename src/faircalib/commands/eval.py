@@ -11,6 +11,7 @@ import time
 from faircalib.commands import argtypes, common
 from faircalib.commands.argtypes import positive_int
 from faircalib.errors import ConfigError
+from faircalib.models.base import seq_len_warning
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,13 +93,10 @@ def evaluate(
         model = model_obj.to(device).eval()
         if tokenizer is None:
             raise ConfigError("evaluating a model object needs its tokenizer")
-    if seq_len is not None and seq_len > model.seq_len:
-        print(
-            f"faircalib eval: warning: --seq-len {seq_len} is longer than {model_name}'s "
-            f"training length {model.seq_len}; the model never saw positions past "
-            f"{model.seq_len}, so the bound is not comparable with one at its own length",
-            file=sys.stderr,
-        )
+    risk = "the bound is not comparable with one at its own length"
+    warning = seq_len_warning(model, seq_len, model_name, risk)
+    if warning:
+        print(f"faircalib eval: warning: {warning}", file=sys.stderr)
     batch = protocol_sequences(
         tokenizer, source, protocol, seq_len or model.seq_len, detokenizer, limit=limit
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from faircalib.commands import argtypes, common
+from faircalib.models.base import seq_len_warning
 
 METHODS = ["rtn", "gptq", "awq", "smoothquant", "recon", "fair"]
 # activation quantization (`--scheme`; faircalib.calib.activations.SCHEMES / METHODS, spelled
@@ -882,12 +883,9 @@ def quantize_model_from_args(
     if model is None:
         dtype = hub.resolve_dtype(args.model, args.calib_dtype)
         model = hub.load(args.model, device="cpu" if args.offload else args.device, dtype=dtype)
-    if args.seq_len is not None and args.seq_len > model.seq_len:
-        warn(
-            f"--seq-len {args.seq_len} is longer than {args.model}'s training length "
-            f"{model.seq_len}; the model never saw positions past {model.seq_len} (calibrating "
-            "on them may hurt)"
-        )
+    warning = seq_len_warning(model, args.seq_len, args.model, "calibrating on them may hurt")
+    if warning:
+        warn(warning)
     chosen, skipped = selected_layers(model, calib.include, calib.exclude)
     tokenizer = hub.load_tokenizer(args.model)
     seq_len = args.seq_len or model.seq_len
@@ -1344,12 +1342,9 @@ def quantize_act_from_args(
     tick = time.time()
     dtype = hub.resolve_dtype(args.model, args.calib_dtype)
     model = hub.load(args.model, device=args.device, dtype=dtype)
-    if args.seq_len is not None and args.seq_len > model.seq_len:
-        warn(
-            f"--seq-len {args.seq_len} is longer than {args.model}'s training length "
-            f"{model.seq_len}; the model never saw positions past {model.seq_len} (calibrating "
-            "on them may hurt)"
-        )
+    warning = seq_len_warning(model, args.seq_len, args.model, "calibrating on them may hurt")
+    if warning:
+        warn(warning)
     chosen, skipped = selected_layers(model, calib.include, calib.exclude)
     tokenizer = hub.load_tokenizer(args.model)
     seq_len = args.seq_len or model.seq_len

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from faircalib.errors import CheckpointError
+from faircalib.errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -151,6 +151,9 @@ class DiffusionLM(nn.Module, ABC):
         mask_id: id of the absorbing [MASK] token.
         seq_len: the sequence length the model was trained at.
         blocks: `nn.ModuleList` of transformer blocks, called as `block(h, ctx)`.
+        max_positions: the longest sequence the model can take at all: the length of a learned
+            position table (DiffusionLM, PLANNER); None (the default) where positions are
+            rotary and any length runs, however far past `seq_len` it was trained.
     """
 
     family: str = "base"
@@ -158,6 +161,7 @@ class DiffusionLM(nn.Module, ABC):
     mask_id: int
     seq_len: int
     blocks: nn.ModuleList
+    max_positions: int | None = None
 
     # --- the three stages -------------------------------------------------------------
     @abstractmethod
@@ -248,8 +252,6 @@ class DiffusionLM(nn.Module, ABC):
         """The family's vocabulary layers (input embedding and output projection), declared by
         module path and parameter - never guessed - for `--quantize-head`. Families override
         it; a family that declares nothing cannot have its head quantized."""
-        from faircalib.errors import ConfigError
-
         raise ConfigError(
             f"the {self.family} family declares no vocabulary layers, so --quantize-head cannot "
             "quantize them; leave --quantize-head off"
@@ -302,6 +304,25 @@ class DiffusionLM(nn.Module, ABC):
     @abstractmethod
     def from_config(cls, config: dict[str, Any]) -> DiffusionLM:
         """Build a randomly initialised model from `config_dict()` output."""
+
+
+def seq_len_warning(
+    model: DiffusionLM, seq_len: int | None, model_name: str, risk: str
+) -> str | None:
+    """A --seq-len the model cannot take at all (past its learned position table) is a
+    ConfigError; one past its training length, the warning to print (`risk`: what it costs);
+    else None."""
+    if seq_len is None or seq_len <= model.seq_len:
+        return None
+    if model.max_positions is not None and seq_len > model.max_positions:
+        raise ConfigError(
+            f"--seq-len {seq_len} is longer than {model_name} can take: its learned position "
+            f"table has {model.max_positions} positions"
+        )
+    return (
+        f"--seq-len {seq_len} is longer than {model_name}'s training length {model.seq_len}; "
+        f"the model never saw positions past {model.seq_len} ({risk})"
+    )
 
 
 def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:

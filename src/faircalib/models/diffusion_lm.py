@@ -186,6 +186,7 @@ class DiffusionLMModel(DiffusionLM):
         self.word_embedding = nn.Embedding(cfg.vocab_size, d)
         self.input_up_proj = nn.Sequential(nn.Linear(d, dim), nn.Tanh(), nn.Linear(dim, dim))
         self.position_embeddings = nn.Parameter(0.02 * torch.randn(cfg.seq_len, dim))
+        self.max_positions = cfg.seq_len  # a learned table: no position past it exists
         self.time_embed = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.LayerNorm = nn.LayerNorm(dim)
         self.blocks = nn.ModuleList(

@@ -124,6 +124,7 @@ class Planner(DiffusionLM):
         # paragraph encoder -> K codes
         self.enc_in = nn.Linear(cfg.embed_dim, pd)
         self.enc_pos = nn.Parameter(0.02 * torch.randn(cfg.seq_len, pd))
+        self.max_positions = cfg.seq_len  # learned tables (enc_pos, dec_pos): none past it
         self.encoder = nn.ModuleList(
             Block(pd, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.enc_blocks)
         )

@@ -1,12 +1,12 @@
 // INT4 group-wise weights x bf16 activations for a few token rows (M <= 8): a memory-bound
 // GEMV on the tensor cores, reading each weight byte once.
 //
-// Why not torch's int4 kernel, our Triton GEMV or a GEMV on the CUDA cores: at M = 1 they read
-// INT4 weights at 1.2-1.7 TB/s on an H200 (benchmarks/results/kernels, cuda-gemv-v1), where issue
-// 16's 2.5x of bf16 needs about 2.3 TB/s. A CUDA-core GEMV spends about three instructions a
-// code (unpack, convert, FMA per token row): it is issue-bound before HBM is, and its time grows
-// with M (the first version of this file, benchmarks/results/cuda-gemv-v1). Here a code costs about
-// one instruction, whatever M <= 8: the tokens are the N = 8 of an mma.sync m16n8k16.
+// Why not torch's int4 kernel, our Triton GEMV or a GEMV on the CUDA cores: at M = 1 they
+// read INT4 weights at 1.2-1.7 TB/s on an H200 (benchmarks/results/kernels, cuda-gemv-v1),
+// where issue 16's 2.5x of bf16 needs about 2.3 TB/s. A CUDA-core GEMV spends about three
+// instructions a code (unpack, convert, FMA per token row): it is issue-bound before HBM is,
+// and its time grows with M (the first version of this file, cuda-gemv-v1). Here a code costs
+// about one instruction, whatever M <= 8: the tokens are the N = 8 of an mma.sync m16n8k16.
 //
 // The algebra. A nibble q OR-ed into 0x4300 is the bf16 128 + q exactly, and one LOP3 turns
 // the nibbles e and e + 4 of a 32-bit word into such a pair. The mma sums x (128 + q) over the
@@ -28,8 +28,8 @@
 //   scale  [n, k / group] bf16 (a bf16 model's own); zero the same, uint8 codes: 3 bytes a
 //          group where float32 pairs took 8 (11-12% of what a g128 layer reads)
 //   out    [m, n] bf16
-// K and the group are multiples of 128. The warps of a block (4 or 8) take consecutive parts of the
-// block's K and sum in shared memory in a fixed order; layers with too few row tiles to fill
+// K and the group are multiples of 128. The warps of a block (4 or 8) take consecutive parts
+// of the block's K and sum in shared memory in a fixed order; layers with too few row tiles to fill
 // the GPU also split K over gridDim.y, each split writing its own float slab of the workspace,
 // summed in order by a second kernel. Deterministic: a graph replay equals an eager call.
 

@@ -11,7 +11,6 @@ import time
 from faircalib.commands import argtypes, common
 from faircalib.commands.argtypes import positive_int
 from faircalib.errors import ConfigError
-from faircalib.models.base import seq_len_warning
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -80,6 +79,7 @@ def evaluate(
     from faircalib.errors import ConfigError
     from faircalib.eval import likelihood_bound
     from faircalib.eval.protocols import default_split, protocol_sequences
+    from faircalib.models.base import seq_len_warning
     from faircalib.provenance import run_record
 
     hub.check_device(device)  # before any data or weights are read

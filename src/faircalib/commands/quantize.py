@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from faircalib.commands import argtypes, common
-from faircalib.models.base import seq_len_warning
 
 METHODS = ["rtn", "gptq", "awq", "smoothquant", "recon", "fair"]
 # activation quantization (`--scheme`; faircalib.calib.activations.SCHEMES / METHODS, spelled
@@ -878,6 +877,7 @@ def quantize_model_from_args(
     from faircalib.calib.progress import PartialRun, fingerprint, partial_dir
     from faircalib.calib.select import restrict, selected_layers
     from faircalib.data import calibration_batch
+    from faircalib.models.base import seq_len_warning
 
     tick = time.time()
     if model is None:
@@ -1337,6 +1337,7 @@ def quantize_act_from_args(
     from faircalib.calib.activations import quantize_activations
     from faircalib.calib.select import restrict, selected_layers
     from faircalib.data import calibration_batch
+    from faircalib.models.base import seq_len_warning
     from faircalib.provenance import run_record
 
     tick = time.time()

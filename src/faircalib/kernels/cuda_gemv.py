@@ -20,7 +20,7 @@ import torch
 from faircalib.kernels import cutlass_lib
 
 NAME = "w4a16_gemv"  # csrc/w4a16_gemv.cu
-VERSION = 4  # the kernel's kVersion: the tensor-core GEMV, bf16 scales, uint8 zeros, L2 prefetch
+VERSION = 5  # the kernel's kVersion: bf16 scales, uint8 zeros, L2 prefetch, the cp.async ring
 STEP = 128  # K columns a warp takes at once: K and the group must be multiples of it
 # warps a block, each on its own part of the block's K: 8 (4 ran 1.00-2.00x of bf16 at M = 1
 # where 8 ran 1.66-2.09x, benchmarks/results/cuda-gemv-warps; the deep layers lost most)
@@ -29,6 +29,8 @@ WARPS = 8
 # when each warp walks at least this many steps of K (prefetch_for)
 PREFETCH_MIN_STEPS = 8
 TILE_ROWS = 16  # weight rows an mma covers
+# depths of the cp.async ring the library is built with (0: the register path)
+RING_STAGES = (0, 4, 6)
 MAX_M = 8
 
 
@@ -38,7 +40,7 @@ def load_library() -> ctypes.CDLL:
     lib = cutlass_lib.load(NAME)
     version = getattr(lib, "fc_w4a16_gemv_version", None)
     cutlass_lib.check_version(NAME, version() if version is not None else 1, VERSION)
-    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 8]
+    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 9]
     lib.fc_w4a16_gemv.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_gemv_workspace.argtypes = [ctypes.c_int] * 3
     lib.fc_w4a16_gemv_workspace.restype = ctypes.c_size_t
@@ -83,6 +85,12 @@ def prefetch_for(k: int, splits: int, warps: int = WARPS) -> bool:
     down to 1.65-1.82x (benchmarks/results/cuda-gemv-l2)."""
     per_split = -(-(k // STEP) // splits)
     return -(-per_split // warps) >= PREFETCH_MIN_STEPS
+
+
+def stages_for(k: int, splits: int, warps: int = WARPS) -> int:
+    """The feed of a warp: 0, the register path (one step in flight), until the H200 sweep
+    of the cp.async ring has chosen (benchmarks/results/cuda-gemv-ring)."""
+    return 0
 
 
 @dataclass
@@ -188,11 +196,13 @@ def w4a16_gemv(
     splits: int | None = None,
     warps: int = WARPS,
     l2_prefetch: bool | None = None,
+    stages: int | None = None,
 ) -> torch.Tensor:
     """x [..., in] bf16 (at most 8 rows) @ W^T -> [..., out] bf16, on the current stream
     (graph-capturable once a call of the size ran eagerly: the workspace is made then).
     `tiles` and `splits` override tiles_for and splits_for (the tests run every path);
-    `warps` is a block's, 4 or 8; `l2_prefetch` overrides prefetch_for."""
+    `warps` is a block's, 4 or 8; `l2_prefetch` overrides prefetch_for; `stages` overrides
+    stages_for (0: the register path, 4 or 6: the cp.async ring's depth)."""
     m = x.numel() // x.shape[-1] if x.dim() else 0
     if (
         x.dtype != torch.bfloat16
@@ -213,6 +223,9 @@ def w4a16_gemv(
     tiles = tiles or tiles_for(n, sm_count)
     splits = splits or splits_for(n, k, sm_count, tiles)
     l2_prefetch = prefetch_for(k, splits, warps) if l2_prefetch is None else l2_prefetch
+    stages = stages_for(k, splits, warps) if stages is None else stages
+    if stages not in RING_STAGES:
+        raise ValueError(f"the CUDA GEMV's ring takes {RING_STAGES} stages, not {stages}")
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
@@ -220,7 +233,7 @@ def w4a16_gemv(
         status = lib.fc_w4a16_gemv(
             x2.data_ptr(), weight.qweight.data_ptr(), weight.scale.data_ptr(),
             weight.zero.data_ptr(), out.data_ptr(), m, n, k, weight.group, tiles, warps,
-            int(l2_prefetch), splits,
+            int(l2_prefetch), stages, splits,
             space.data_ptr(), space.numel(), stream,
         )  # fmt: skip
     if status != 0:

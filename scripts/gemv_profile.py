@@ -1,5 +1,6 @@
-"""Calls the W4A16 GEMV (kernels.cuda_gemv) on one random layer through each way of feeding
-its warps, a few times each, for a profiler to read (benchmarks/run_gpu.sh, job gemv-ncu):
+"""Calls the W4A16 GEMV (kernels.cuda_gemv) on one random layer in a few configurations
+(depth, warps a block, L2 prefetch), a few times each, for a profiler to read
+(benchmarks/run_gpu.sh, job gemv-ncu):
     ncu --clock-control none -k regex:gemv python3 scripts/gemv_profile.py --shape 4096x14336 \
         --out DIR
 Each variant runs `--calls` times, in the order printed; DIR/variants-<shape>.json lists them."""
@@ -12,15 +13,12 @@ import torch
 
 from faircalib.kernels import cuda_gemv
 
-# (name, tiles, warps, l2 prefetch, ring stages): the register path as the rules run it, then
-# the cp.async ring
+# (name, tiles, warps, l2 prefetch, depth: steps loaded ahead + 1)
 VARIANTS = (
-    ("registers", 2, 8, False, 0),
-    ("registers_pf", 2, 8, True, 0),
-    ("ring4", 2, 8, False, 4),
-    ("ring4_w4", 2, 4, False, 4),
-    ("ring6", 2, 8, False, 6),
-    ("ring6_w4_pf", 2, 4, True, 6),
+    ("d2", 2, 8, False, 2),
+    ("d2_pf", 2, 8, True, 2),
+    ("d3_w4", 2, 4, False, 3),
+    ("d3_w4_pf", 2, 4, True, 3),
 )
 
 
@@ -33,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fields = ("name", "tiles", "warps", "l2_prefetch", "stages")
+    fields = ("name", "tiles", "warps", "l2_prefetch", "depth")
     rows = [dict(zip(fields, v, strict=True)) for v in VARIANTS]
     (out / f"variants-{args.shape}.json").write_text(json.dumps(rows, indent=1) + "\n")
     k, n = (int(v) for v in args.shape.split("x"))
@@ -43,9 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     zero = torch.full((n, k // 128), 8, device="cuda", dtype=torch.uint8)
     weight = cuda_gemv.GemvWeight.prepare(packed, scale, zero, 128)
     x = torch.randn(args.m, k, generator=gen, device="cuda").to(torch.bfloat16)
-    for name, tiles, warps, prefetch, stages in VARIANTS:
+    for name, tiles, warps, prefetch, depth in VARIANTS:
         for _ in range(args.calls):
-            cuda_gemv.w4a16_gemv(x, weight, tiles, 1, warps, prefetch, stages)
+            cuda_gemv.w4a16_gemv(x, weight, tiles, 1, warps, prefetch, depth)
         torch.cuda.synchronize()
         print(name, flush=True)
 

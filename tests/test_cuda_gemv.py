@@ -105,11 +105,20 @@ def test_shapes_and_inputs_the_kernel_cannot_take_are_named():
     )
 
 
-def test_prepare_keeps_bf16_scales_and_uint8_zeros_and_refuses_fractional_zeros():
+def test_prepare_packs_a_bf16_scale_and_128_plus_zero_in_a_word_and_refuses_other_zeros():
     packed = torch.zeros(16, 64, dtype=torch.uint8)
     scale = torch.full((16, 1), 0.1)
+    scale[3] = -3.0e-3  # a negative scale sets the word's sign bit
     weight = cuda_gemv.GemvWeight.prepare(packed, scale, torch.full((16, 1), 8.0), 128)
-    assert weight.scale.dtype == torch.bfloat16 and weight.zero.dtype == torch.uint8
-    assert torch.equal(weight.zero, torch.full((16, 1), 8, dtype=torch.uint8))
+    assert weight.meta.dtype == torch.int32 and weight.meta.shape == (16, 1)
+    bits = scale.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    words = weight.meta.to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(words >> 16, bits)  # the scale's bf16 bits, high half
+    assert torch.equal(words & 0xFFFF, torch.full((16, 1), 0x4308))  # bf16 136.0
+    got_scale, got_offset = cuda_gemv.unpack_meta(weight.meta)
+    assert torch.equal(got_scale, scale.to(torch.bfloat16).double())
+    assert torch.equal(got_offset, torch.full((16, 1), 136.0, dtype=torch.float64))
     with pytest.raises(ValueError, match="integer codes"):
         cuda_gemv.GemvWeight.prepare(packed, scale, torch.full((16, 1), 7.5), 128)
+    with pytest.raises(ValueError, match="integer codes 0-127"):
+        cuda_gemv.GemvWeight.prepare(packed, scale, torch.full((16, 1), 128.0), 128)

@@ -20,7 +20,7 @@ import torch
 from faircalib.kernels import cutlass_lib
 
 NAME = "w4a16_gemv"  # csrc/w4a16_gemv.cu
-VERSION = 5  # the kernel's kVersion: bf16 scales, uint8 zeros, L2 prefetch, the cp.async ring
+VERSION = 6  # the kernel's kVersion: one meta word a group, loads kDepth - 1 steps ahead
 STEP = 128  # K columns a warp takes at once: K and the group must be multiples of it
 # warps a block, each on its own part of the block's K: 8 (4 ran 1.00-2.00x of bf16 at M = 1
 # where 8 ran 1.66-2.09x, benchmarks/results/cuda-gemv-warps; the deep layers lost most)
@@ -29,8 +29,9 @@ WARPS = 8
 # when each warp walks at least this many steps of K (prefetch_for)
 PREFETCH_MIN_STEPS = 8
 TILE_ROWS = 16  # weight rows an mma covers
-# depths of the cp.async ring the library is built with (0: the register path)
-RING_STAGES = (0, 4, 6)
+MAX_ZERO = 127  # 128 + zero must be a bf16 integer
+# steps a warp loads ahead + 1, as the library is built (depth_for picks one)
+DEPTHS = (2, 3)
 MAX_M = 8
 
 
@@ -40,7 +41,7 @@ def load_library() -> ctypes.CDLL:
     lib = cutlass_lib.load(NAME)
     version = getattr(lib, "fc_w4a16_gemv_version", None)
     cutlass_lib.check_version(NAME, version() if version is not None else 1, VERSION)
-    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 5, *[ctypes.c_int] * 9]
+    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int] * 9]
     lib.fc_w4a16_gemv.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_gemv_workspace.argtypes = [ctypes.c_int] * 3
     lib.fc_w4a16_gemv_workspace.restype = ctypes.c_size_t
@@ -87,10 +88,9 @@ def prefetch_for(k: int, splits: int, warps: int = WARPS) -> bool:
     return -(-per_split // warps) >= PREFETCH_MIN_STEPS
 
 
-def stages_for(k: int, splits: int, warps: int = WARPS) -> int:
-    """The feed of a warp: 0, the register path (one step in flight), until the H200 sweep
-    of the cp.async ring has chosen (benchmarks/results/cuda-gemv-ring)."""
-    return 0
+def depth_for(k: int, splits: int, warps: int = WARPS) -> int:
+    """Steps a warp loads ahead + 1: 2 until the H200 sweep of depths has chosen."""
+    return 2
 
 
 @dataclass
@@ -98,23 +98,21 @@ class GemvWeight:
     """A layer's operands as the kernel reads them."""
 
     qweight: torch.Tensor  # [out, in / 2] uint8, QuantLinear's packing
-    scale: torch.Tensor  # [out, groups] bf16: a bf16 model's own scales
-    zero: torch.Tensor  # [out, groups] uint8 codes
+    meta: torch.Tensor  # [out, groups] int32: bf16 scale << 16 | bf16 (128 + zero)
     group: int
 
     @classmethod
     def prepare(
         cls, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int
     ) -> GemvWeight:
-        """The scales as bf16 (what QuantLinear holds once its model is cast to bf16: other
-        dtypes are rounded to it once) and the zero points as uint8 codes."""
+        """Each group's scale, rounded to bf16 (what QuantLinear holds once its model is cast
+        to bf16), and 128 + its zero point, a bf16 integer (exact for zero points 0-127), as
+        the two halves of one 32-bit word: the kernel reads a row's group in one load."""
         check_shape(qweight.shape[1] * 2, group)
-        if zero.dtype != torch.uint8 and (
-            not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() > 255
-        ):
-            raise ValueError("the CUDA GEMV takes zero points that are integer codes 0-255")
-        scale = scale.to(torch.bfloat16).contiguous()
-        return cls(qweight.contiguous(), scale, zero.to(torch.uint8).contiguous(), group)
+        zero = zero.float()
+        if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() > MAX_ZERO:
+            raise ValueError(f"the CUDA GEMV takes zero points that are integer codes 0-{MAX_ZERO}")
+        return cls(qweight.contiguous(), pack_meta(scale, zero), group)
 
     @property
     def out_features(self) -> int:
@@ -123,6 +121,27 @@ class GemvWeight:
     @property
     def in_features(self) -> int:
         return self.qweight.shape[1] * 2
+
+
+def _bf16_bits(values: torch.Tensor) -> torch.Tensor:
+    return values.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def pack_meta(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """[out, groups] int32 words: the scale's bf16 bits high, those of 128 + zero low."""
+    words = _bf16_bits(scale) << 16 | _bf16_bits(128 + zero.float())
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+
+def unpack_meta(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's reading of the words, in float64: (scale, 128 + zero) from the high and
+    the low half, each a bf16 widened by 16 zero bits."""
+    words = meta.to(torch.int64) & 0xFFFFFFFF
+
+    def value(bits: torch.Tensor) -> torch.Tensor:
+        return (bits << 16).to(torch.int32).view(torch.float32).double()
+
+    return value(words >> 16), value(words & 0xFFFF)
 
 
 def byte_perm(a: torch.Tensor, b: torch.Tensor, selector: int) -> torch.Tensor:
@@ -152,7 +171,7 @@ def fragment_reference(
     reads the 32-bit words of its 32 codes and activations, makes the A pairs with the LOP3
     ((word >> 4e) & 0x000F000F) | 0x43004300 and the B pairs with __byte_perm, places them
     where PTX's m16n8k16 fragments put them, and each step folds
-    scale * sum - scale * (128 + zero) * xs, the scale rounded to bf16 as the kernel reads it.
+    scale * sum - scale * (128 + zero) * xs, scale and 128 + zero read from pack_meta's words.
     [m, k] x -> [m, n] float64."""
     m, k = x.shape
     n = qweight.shape[0]
@@ -162,9 +181,10 @@ def fragment_reference(
     xwords = torch.zeros(MAX_M, k // 2, dtype=torch.int64)  # token rows past m are zeros
     xwords[:m] = xbits[:, 0::2] | xbits[:, 1::2] << 16  # word j: columns (2j, 2j + 1)
     out = torch.zeros(n, MAX_M, dtype=torch.float64)
+    scales, offsets = unpack_meta(pack_meta(scale, zero))  # the words the kernel reads
     for step in range(k // STEP):
-        s = scale[:, step * STEP // group].to(torch.bfloat16).double()  # as the kernel reads it
-        shift = s * (128 + zero[:, step * STEP // group].double())
+        s = scales[:, step * STEP // group]
+        shift = (s * offsets[:, step * STEP // group]).float().double()  # a float32 product
         total = torch.zeros(n, MAX_M, dtype=torch.float64)
         xs = torch.zeros(MAX_M, dtype=torch.float64)
         for v in range(4):  # word v of each lane's 16 code bytes
@@ -196,13 +216,12 @@ def w4a16_gemv(
     splits: int | None = None,
     warps: int = WARPS,
     l2_prefetch: bool | None = None,
-    stages: int | None = None,
+    depth: int | None = None,
 ) -> torch.Tensor:
     """x [..., in] bf16 (at most 8 rows) @ W^T -> [..., out] bf16, on the current stream
     (graph-capturable once a call of the size ran eagerly: the workspace is made then).
     `tiles` and `splits` override tiles_for and splits_for (the tests run every path);
-    `warps` is a block's, 4 or 8; `l2_prefetch` overrides prefetch_for; `stages` overrides
-    stages_for (0: the register path, 4 or 6: the cp.async ring's depth)."""
+    `warps` is a block's, 4 or 8; `l2_prefetch` overrides prefetch_for; `depth` depth_for."""
     m = x.numel() // x.shape[-1] if x.dim() else 0
     if (
         x.dtype != torch.bfloat16
@@ -223,17 +242,16 @@ def w4a16_gemv(
     tiles = tiles or tiles_for(n, sm_count)
     splits = splits or splits_for(n, k, sm_count, tiles)
     l2_prefetch = prefetch_for(k, splits, warps) if l2_prefetch is None else l2_prefetch
-    stages = stages_for(k, splits, warps) if stages is None else stages
-    if stages not in RING_STAGES:
-        raise ValueError(f"the CUDA GEMV's ring takes {RING_STAGES} stages, not {stages}")
+    depth = depth_for(k, splits, warps) if depth is None else depth
+    if depth not in DEPTHS:
+        raise ValueError(f"the CUDA GEMV is built for depths {DEPTHS}, not {depth}")
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
         space = cutlass_lib.workspace(x.device, lib.fc_w4a16_gemv_workspace(m, n, splits))
         status = lib.fc_w4a16_gemv(
-            x2.data_ptr(), weight.qweight.data_ptr(), weight.scale.data_ptr(),
-            weight.zero.data_ptr(), out.data_ptr(), m, n, k, weight.group, tiles, warps,
-            int(l2_prefetch), stages, splits,
+            x2.data_ptr(), weight.qweight.data_ptr(), weight.meta.data_ptr(), out.data_ptr(),
+            m, n, k, weight.group, tiles, warps, int(l2_prefetch), depth, splits,
             space.data_ptr(), space.numel(), stream,
         )  # fmt: skip
     if status != 0:

@@ -22,26 +22,24 @@
 // 32 activations there (64 bytes): word v of the codes is mma 2v (its pairs (0, 4) and (1, 5))
 // and mma 2v + 1 (pairs (2, 6) and (3, 7)).
 //
-// Layouts (QuantLinear's; no relayout):
+// Layouts (the codes as QuantLinear packs them; no relayout):
 //   x      [m, k] bf16, row-major, m <= 8
 //   w      [n, k / 2] uint8, two codes a byte, the even column in the low nibble
-//   scale  [n, k / group] bf16 (a bf16 model's own); zero the same, uint8 codes: 3 bytes a
-//          group where float32 pairs took 8 (11-12% of what a g128 layer reads)
+//   meta   [n, k / group] uint32: the group's scale as bf16 in the high half, 128 + its zero
+//          point as bf16 in the low half (exact for zero points 0-127): one load a row and
+//          group, 4 bytes where float32 pairs took 8 (6% of what a g128 layer reads)
 //   out    [m, n] bf16
 // K and the group are multiples of 128. The warps of a block (4 or 8) take consecutive parts
 // of the block's K and sum in shared memory in a fixed order; layers with too few row tiles to fill
 // the GPU also split K over gridDim.y, each split writing its own float slab of the workspace,
 // summed in order by a second kernel. Deterministic: a graph replay equals an eager call.
 //
-// Two ways to feed a warp (the math is the same, and so are the bits of the result):
-//   registers (stages = 0): the next step's codes are loaded into registers while this step's
-//     mma run: one step (2 KB a warp) in flight;
-//   a cp.async ring (stages = S): each lane copies its own codes and activations S - 1 steps
-//     ahead into a shared-memory ring and reads back only what it copied (no barrier), the
-//     scales S - 1 steps ahead into registers. A warp then keeps (S - 1) x 2 KB in flight with
-//     fewer registers. Why: at 121 registers a thread the register path holds 16 warps an SM
-//     and at most 32 KB in flight, where HBM's bandwidth x latency wants more.
-
+// Instructions are what the H200 runs short of (Nsight Compute, benchmarks/results/gemv-ncu: at
+// 430 instructions a step the schedulers issued half the cycles and HBM ran at 36%). So: the
+// step's operands are loaded into registers kDepth - 1 steps ahead into a ring of kDepth
+// buffers, the loop unrolled by kDepth so that no buffer is copied (a copy waits for the load it
+// moves); each pair is one LOP3 (both constants given to PTX's lop3); the loads walk running
+// pointers, with the group counted rather than divided out.
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -51,22 +49,26 @@
 
 namespace {
 
-constexpr int kVersion = 5;  // 4 + the cp.async ring (3: the L2 prefetch, 2: float32 scales)
+constexpr int kVersion = 6;  // 5: a cp.async ring; 4: the L2 prefetch; 3: bf16 scales
 constexpr int kStep = 128;   // K columns a warp takes at once: 4 lanes (t) x 32 codes
 constexpr int kMaxWarps = 8;  // warps a block (4 or 8), each on its own part of the block's K
 constexpr int kTileRows = 16;
 constexpr uint32_t kOnes = 0x3F803F80u;  // two bf16 ones
 
-// The bf16 pair (128 + nibble e, 128 + nibble e + 4) of a word: one LOP3 after the shift
+// The bf16 pair (128 + nibble e, 128 + nibble e + 4) of a word: a shift and one LOP3, PTX's
+// lop3 taking (a & 0x000F000F) | 0x43004300 whole (C++'s & then | compiles to two)
 template <int e>
 __device__ __forceinline__ uint32_t pair(uint32_t word) {
-  return ((word >> (4 * e)) & 0x000F000Fu) | 0x43004300u;
+  uint32_t out;
+  asm("lop3.b32 %0, %1, %2, %3, %4;\n"
+      : "=r"(out)
+      : "r"(word >> (4 * e)), "n"(0x000F000F), "n"(0x43004300), "n"((0xF0 & 0xCC) | 0xAA));
+  return out;
 }
 
 __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                     uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -92,37 +94,45 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// One step's operands of a lane: its rows' 16 code bytes, token g's 32 activations, and each
-// row's scale and scale (128 + zero) for the step's group
+// One step's operands of a lane: its rows' 16 code bytes and group words, token g's 32
+// activations
 template <int kTiles>
 struct Step {
   uint4 codes[kTiles][2];  // [tile][row g, row g + 8]
+  uint32_t meta[kTiles][2];
   uint4 x[4];
-  float scale[kTiles][2];
-  float shift[kTiles][2];
+};
+
+// Where a lane reads next: running pointers, one step further after each load
+template <int kTiles>
+struct Cursor {
+  const uint8_t* codes[kTiles][2];
+  const uint32_t* meta[kTiles][2];
+  const uint4* x;
+  int in_group;         // steps of the current group already loaded
+  int steps_per_group;  // group / kStep
 };
 
 template <int kTiles, bool kPrefetch>
-__device__ __forceinline__ void load(Step<kTiles>& s, const uint8_t* const (&rows)[kTiles][2],
-                                     const __nv_bfloat16* const (&scale_rows)[kTiles][2],
-                                     const uint8_t* const (&zero_rows)[kTiles][2],
-                                     const __nv_bfloat16* x_row, bool has_token, int step,
-                                     int t, int group) {
-  const int column = step * kStep + 32 * t;
-  const int g = step * kStep / group;
+__device__ __forceinline__ void load(Step<kTiles>& s, Cursor<kTiles>& at) {
 #pragma unroll
   for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      s.codes[tile][h] = load_codes<kPrefetch>(rows[tile][h] + column / 2);
-      const float sc = __bfloat162float(__ldg(scale_rows[tile][h] + g));
-      s.scale[tile][h] = sc;
-      s.shift[tile][h] = sc * (128.f + float(__ldg(zero_rows[tile][h] + g)));
+      s.codes[tile][h] = load_codes<kPrefetch>(at.codes[tile][h]);
+      s.meta[tile][h] = __ldg(at.meta[tile][h]);
+      at.codes[tile][h] += kStep / 2;
     }
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
-    s.x[i] = has_token ? __ldg(reinterpret_cast<const uint4*>(x_row + column) + i)
-                       : make_uint4(0, 0, 0, 0);
+  for (int i = 0; i < 4; ++i) s.x[i] = __ldg(at.x + i);
+  at.x += kStep / 8;  // 128 bf16 = 16 uint4
+  if (++at.in_group == at.steps_per_group) {  // the next step starts a group
+    at.in_group = 0;
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) ++at.meta[tile][h];
+  }
 }
 
 // acc[tile] += the step's contribution to rows (g, g + 8) x tokens (2t, 2t + 1)
@@ -161,7 +171,10 @@ __device__ __forceinline__ void compute(const Step<kTiles>& s, float (&acc)[kTil
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int h = c / 2;  // C rows: c 0, 1 row g; c 2, 3 row g + 8 (tokens 2t, 2t + 1)
-      acc[tile][c] += s.scale[tile][h] * sum[tile][c] - s.shift[tile][h] * xs[c % 2];
+      const uint32_t word = s.meta[tile][h];
+      const float scale = __uint_as_float(word & 0xFFFF0000u);  // bf16 -> float: the high half
+      const float shift = scale * __uint_as_float(word << 16);  // scale (128 + zero)
+      acc[tile][c] += scale * sum[tile][c] - shift * xs[c % 2];
     }
 }
 
@@ -189,13 +202,12 @@ __device__ __forceinline__ void write_block(const float (*sums)[kTiles * 4][32],
   }
 }
 
-// the register path: two steps in flight, the next one's loads issued before this one's math
-template <int kTiles, bool kPrefetch>
+template <int kTiles, int kDepth, bool kPrefetch>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     gemv_kernel(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
-                const __nv_bfloat16* __restrict__ scale, const uint8_t* __restrict__ zero,
-                __nv_bfloat16* __restrict__ out, float* __restrict__ partial, int m, int n, int k,
-                int group, int steps_per_split) {
+                const uint32_t* __restrict__ meta, __nv_bfloat16* __restrict__ out,
+                float* __restrict__ partial, int m, int n, int k, int group,
+                int steps_per_split) {
   __shared__ float sums[kMaxWarps][kTiles * 4][32];
   const int warps = blockDim.x / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -210,20 +222,21 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int begin = split_begin + warp * per_warp;
   const int end = min(split_end, begin + per_warp);
 
-  const uint8_t* rows[kTiles][2];
-  const __nv_bfloat16* scale_rows[kTiles][2];
-  const uint8_t* zero_rows[kTiles][2];
+  Cursor<kTiles> at;
+  const int column = begin * kStep + 32 * t;
+  at.steps_per_group = group / kStep;
+  at.in_group = begin % at.steps_per_group;
 #pragma unroll
   for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = min(row_base + tile * kTileRows + g + 8 * h, n - 1);  // past n: never stored
-      rows[tile][h] = w + size_t(row) * (k / 2);
-      scale_rows[tile][h] = scale + size_t(row) * groups;
-      zero_rows[tile][h] = zero + size_t(row) * groups;
+      at.codes[tile][h] = w + size_t(row) * (k / 2) + column / 2;
+      at.meta[tile][h] = meta + size_t(row) * groups + begin * kStep / group;
     }
-  const bool has_token = g < m;
-  const __nv_bfloat16* x_row = x + size_t(has_token ? g : 0) * k;
+  // lanes of tokens g >= m read token m - 1 again: their C columns are never stored, and
+  // loading something spares the zeroing and the predicates
+  at.x = reinterpret_cast<const uint4*>(x + size_t(min(g, m - 1)) * k + column);
 
   float acc[kTiles][4];
 #pragma unroll
@@ -231,184 +244,22 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[tile][c] = 0.f;
 
-  // two steps in flight: the next step's loads are issued before this one's math
-  Step<kTiles> current, next;
-  if (begin < end)
-    load<kTiles, kPrefetch>(current, rows, scale_rows, zero_rows, x_row, has_token, begin, t, group);
-  for (int step = begin; step < end; ++step) {
-    if (step + 1 < end)
-      load<kTiles, kPrefetch>(next, rows, scale_rows, zero_rows, x_row, has_token, step + 1, t,
-                              group);
-    compute(current, acc);
-    current = next;
-  }
-
+  // kDepth - 1 steps loaded ahead; unrolled by kDepth so that each buffer is a constant
+  Step<kTiles> ring[kDepth];
 #pragma unroll
-  for (int tile = 0; tile < kTiles; ++tile)
+  for (int j = 0; j < kDepth - 1; ++j)
+    if (begin + j < end) load<kTiles, kPrefetch>(ring[j], at);
+  for (int base = begin; base < end; base += kDepth) {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) sums[warp][tile * 4 + c][lane] = acc[tile][c];
-  __syncthreads();
-  write_block<kTiles>(sums, partial, out, row_base, m, n, warps);
-}
-
-
-// ---- the cp.async ring (stages = S) ----
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 code bytes into shared memory past L1; kPrefetch: as load_codes
-template <bool kPrefetch>
-__device__ __forceinline__ void copy_codes(void* dst, const uint8_t* src) {
-  if constexpr (kPrefetch) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(shared_address(dst)),
-                 "l"(src)
-                 : "memory");
-  } else {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)),
-                 "l"(src)
-                 : "memory");
-  }
-}
-
-// 16 activation bytes, kept in L1: every warp of the SM reads the same ones
-__device__ __forceinline__ void copy_x(void* dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)), "l"(src)
-               : "memory");
-}
-
-__device__ __forceinline__ void commit_copies() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-// until at most `pending` of this thread's groups are still in flight
-template <int pending>
-__device__ __forceinline__ void wait_copies() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
-}
-
-// shared 16-byte chunks a stage of one warp takes: the codes [tile][row g, g + 8][lane], then
-// the activations of the m tokens [word group i][token][t]
-template <int kTiles>
-__host__ __device__ constexpr int stage_chunks(int m) {
-  return kTiles * 2 * 32 + 16 * m;
-}
-
-// the same sums as gemv_kernel, its operands arriving through a per-warp cp.async ring of
-// kStages steps (dynamic shared memory: the ring of every warp, then the block's sums)
-template <int kTiles, int kStages, bool kPrefetch>
-__global__ void __launch_bounds__(kMaxWarps * 32)
-    gemv_ring_kernel(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
-                     const __nv_bfloat16* __restrict__ scale, const uint8_t* __restrict__ zero,
-                     __nv_bfloat16* __restrict__ out, float* __restrict__ partial, int m, int n,
-                     int k, int group, int steps_per_split) {
-  extern __shared__ uint4 shared[];
-  const int warps = blockDim.x / 32;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int row_base = blockIdx.x * kTiles * kTileRows;
-  const int groups = k / group;
-  const int chunks = stage_chunks<kTiles>(m);
-  uint4* ring = shared + size_t(warp) * kStages * chunks;
-  float(*sums)[kTiles * 4][32] =
-      reinterpret_cast<float(*)[kTiles * 4][32]>(shared + size_t(warps) * kStages * chunks);
-
-  const int split_begin = blockIdx.y * steps_per_split;
-  const int split_end = min(k / kStep, split_begin + steps_per_split);
-  const int per_warp = (max(0, split_end - split_begin) + warps - 1) / warps;
-  const int begin = split_begin + warp * per_warp;
-  const int end = min(split_end, begin + per_warp);
-
-  // 32-bit offsets of this lane's rows (the host refuses weights of 4 GiB or more): fewer
-  // registers than a pointer per row and array
-  uint32_t code_at[kTiles][2], group_at[kTiles][2];
-#pragma unroll
-  for (int tile = 0; tile < kTiles; ++tile)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = min(row_base + tile * kTileRows + g + 8 * h, n - 1);  // past n: never stored
-      code_at[tile][h] = uint32_t(row) * uint32_t(k / 2);
-      group_at[tile][h] = uint32_t(row) * uint32_t(groups);
-    }
-  const bool has_token = g < m;
-  const __nv_bfloat16* x_row = x + size_t(has_token ? g : 0) * k;
-  const unsigned short* scale_bits_of = reinterpret_cast<const unsigned short*>(scale);
-
-  // the copies of step `step` into ring slot `slot`; a lane copies only what it reads back
-  const auto issue = [&](int step, int slot) {
-    uint4* stage = ring + slot * chunks;
-    const int column = step * kStep + 32 * t;
-#pragma unroll
-    for (int tile = 0; tile < kTiles; ++tile)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        copy_codes<kPrefetch>(stage + (tile * 2 + h) * 32 + lane, w + code_at[tile][h] + column / 2);
-    if (has_token) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        copy_x(stage + kTiles * 64 + (i * m + g) * 4 + t, x_row + column + 8 * i);
-    }
-  };
-  // the scales and zero points as raw bits, one step ahead: after a row's first step they come
-  // from L1 (the codes bypass it), and their first use follows the step's mma
-  unsigned short scale_bits[2][kTiles][2];
-  uint8_t zero_bits[2][kTiles][2];
-  const auto load_scales = [&](int step, unsigned short (&sc)[kTiles][2],
-                               uint8_t (&zr)[kTiles][2]) {
-    const int gi = step * kStep / group;
-#pragma unroll
-    for (int tile = 0; tile < kTiles; ++tile)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        sc[tile][h] = __ldg(scale_bits_of + group_at[tile][h] + gi);
-        zr[tile][h] = __ldg(zero + group_at[tile][h] + gi);
-      }
-  };
-
-  float acc[kTiles][4];
-#pragma unroll
-  for (int tile = 0; tile < kTiles; ++tile)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) acc[tile][c] = 0.f;
-
-#pragma unroll
-  for (int j = 0; j < kStages - 1; ++j) {
-    if (begin + j < end) issue(begin + j, j);
-    commit_copies();  // empty groups too: every step waits on the same count
-  }
-  if (begin < end) load_scales(begin, scale_bits[0], zero_bits[0]);
-  // unrolled by kStages (even) so that every ring slot and scale register is a constant
-  static_assert(kStages % 2 == 0, "the scales alternate between two register sets");
-  for (int base = begin; base < end; base += kStages) {
-#pragma unroll
-    for (int j = 0; j < kStages; ++j) {
+    for (int j = 0; j < kDepth; ++j) {
       const int step = base + j;
       if (step < end) {
-        constexpr int kAhead = kStages - 1;
-        if (step + kAhead < end) issue(step + kAhead, (j + kAhead) % kStages);  // read a step ago
-        commit_copies();
-        if (step + 1 < end) load_scales(step + 1, scale_bits[(j + 1) % 2], zero_bits[(j + 1) % 2]);
-        wait_copies<kAhead>();  // this step's group has landed
-        const uint4* stage = ring + j * chunks;
-        Step<kTiles> s;
-#pragma unroll
-        for (int tile = 0; tile < kTiles; ++tile)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            s.codes[tile][h] = stage[(tile * 2 + h) * 32 + lane];
-            const float sc = __bfloat162float(__ushort_as_bfloat16(scale_bits[j % 2][tile][h]));
-            s.scale[tile][h] = sc;
-            s.shift[tile][h] = sc * (128.f + float(zero_bits[j % 2][tile][h]));
-          }
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          s.x[i] = has_token ? stage[kTiles * 64 + (i * m + g) * 4 + t] : make_uint4(0, 0, 0, 0);
-        compute(s, acc);
+        if (step + kDepth - 1 < end)  // into the buffer computed one step ago
+          load<kTiles, kPrefetch>(ring[(j + kDepth - 1) % kDepth], at);
+        compute(ring[j], acc);
       }
     }
   }
-  wait_copies<0>();
 
 #pragma unroll
   for (int tile = 0; tile < kTiles; ++tile)
@@ -427,57 +278,19 @@ __global__ void round_splits(const float* __restrict__ partial, __nv_bfloat16* _
   out[i] = __float2bfloat16(y);
 }
 
-// shared-memory bytes of a ring launch: every warp's ring, then the block's sums
-template <int kTiles>
-size_t ring_bytes(int m, int warps, int stages) {
-  return size_t(warps) * stages * stage_chunks<kTiles>(m) * sizeof(uint4) +
-         size_t(warps) * kTiles * 4 * 32 * sizeof(float);
-}
-
-// Lets the ring kernel of (kTiles, kStages, kPrefetch) take all the shared memory a block may
-// opt into, once per device and instance (a template of its own: the instances share one
-// function type), before any graph capture (the first call of a size runs eagerly). Returns
-// that opt-in limit.
-template <int kTiles, int kStages, bool kPrefetch>
-int allow_shared() {
-  constexpr int kMaxDevices = 64;
-  static int limits[kMaxDevices] = {};
-  int device = 0;
-  cudaGetDevice(&device);
-  if (device < kMaxDevices && limits[device] != 0) return limits[device];
-  int limit = 0;
-  cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  cudaFuncSetAttribute(gemv_ring_kernel<kTiles, kStages, kPrefetch>,
-                       cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
-  if (device < kMaxDevices) limits[device] = limit;
-  return limit;
-}
-
-// stages: 0 for the register path, else the depth of the cp.async ring
-template <int kTiles, int kStages, bool kPrefetch>
-int launch(const void* x, const void* w, const void* scale, const void* zero, void* out, int m,
-           int n, int k, int group, int warps, int splits, void* workspace, cudaStream_t stream) {
+// depth: steps a warp loads ahead + 1 (2 or 3)
+template <int kTiles, int kDepth, bool kPrefetch>
+int launch(const void* x, const void* w, const void* meta, void* out, int m, int n, int k,
+           int group, int warps, int splits, void* workspace, cudaStream_t stream) {
   const int steps = k / kStep;
   const int per_split = (steps + splits - 1) / splits;
   float* partial = splits > 1 ? static_cast<float*>(workspace) : nullptr;
   const int rows_per_block = kTiles * kTileRows;
   const dim3 grid((n + rows_per_block - 1) / rows_per_block, splits);
-  const auto xp = static_cast<const __nv_bfloat16*>(x);
-  const auto wp = static_cast<const uint8_t*>(w);
-  const auto sp = static_cast<const __nv_bfloat16*>(scale);
-  const auto zp = static_cast<const uint8_t*>(zero);
   const auto op = static_cast<__nv_bfloat16*>(out);
-  if constexpr (kStages == 0) {
-    gemv_kernel<kTiles, kPrefetch>
-        <<<grid, warps * 32, 0, stream>>>(xp, wp, sp, zp, op, partial, m, n, k, group, per_split);
-  } else {
-    const auto kernel = gemv_ring_kernel<kTiles, kStages, kPrefetch>;
-    const size_t bytes = ring_bytes<kTiles>(m, warps, kStages);
-    if (bytes > size_t(allow_shared<kTiles, kStages, kPrefetch>()))
-      return fc::fail("the ring needs more shared memory than a block may have: fewer stages");
-    kernel<<<grid, warps * 32, bytes, stream>>>(xp, wp, sp, zp, op, partial, m, n, k, group,
-                                                per_split);
-  }
+  gemv_kernel<kTiles, kDepth, kPrefetch><<<grid, warps * 32, 0, stream>>>(
+      static_cast<const __nv_bfloat16*>(x), static_cast<const uint8_t*>(w),
+      static_cast<const uint32_t*>(meta), op, partial, m, n, k, group, per_split);
   if (partial != nullptr) {
     const int count = m * n;
     round_splits<<<(count + 255) / 256, 256, 0, stream>>>(partial, op, count, splits);
@@ -485,20 +298,19 @@ int launch(const void* x, const void* w, const void* scale, const void* zero, vo
   return 0;
 }
 
-template <int kTiles, int kStages, bool kPrefetch>
+template <int kTiles, int kDepth, bool kPrefetch>
 struct Config {
   static constexpr int tiles = kTiles;
-  static constexpr int stages = kStages;
+  static constexpr int depth = kDepth;
   static constexpr bool prefetch = kPrefetch;
 };
 
-// the template instance of (tiles, stages, prefetch); -1 for a combination not built
+// the template instance of (tiles, depth, prefetch); -1 for a combination not built
 template <int kTiles, bool kPrefetch, class Run>
-int dispatch_stages(int stages, Run run) {
-  switch (stages) {
-    case 0: return run(Config<kTiles, 0, kPrefetch>{});
-    case 4: return run(Config<kTiles, 4, kPrefetch>{});
-    case 6: return run(Config<kTiles, 6, kPrefetch>{});
+int dispatch_depth(int depth, Run run) {
+  switch (depth) {
+    case 2: return run(Config<kTiles, 2, kPrefetch>{});
+    case 3: return run(Config<kTiles, 3, kPrefetch>{});
     default: return -1;
   }
 }
@@ -518,35 +330,31 @@ size_t fc_w4a16_gemv_workspace(int m, int n, int splits) {
   return splits > 1 ? size_t(splits) * m * n * sizeof(float) : 0;
 }
 
-// tiles: 16-row tiles a warp takes (1 or 2); warps: a block's (4 or 8); l2_prefetch: 0 or 1
-// (load_codes); stages: 0 (registers) or the cp.async ring's depth (4 or 6); 0 on success,
-// otherwise fc_w4a16_gemv_error() says why
-int fc_w4a16_gemv(const void* x, const void* w, const void* scale, const void* zero, void* out,
-                  int m, int n, int k, int group, int tiles, int warps, int l2_prefetch,
-                  int stages, int splits, void* workspace, size_t workspace_bytes,
-                  void* stream) {
+// meta: [n, k / group] uint32 (the layout above); tiles: 16-row tiles a warp takes (1 or 2);
+// warps: a block's (4 or 8); l2_prefetch: 0 or 1 (load_codes); depth: steps loaded ahead + 1
+// (2 or 3); 0 on success, otherwise fc_w4a16_gemv_error() says why
+int fc_w4a16_gemv(const void* x, const void* w, const void* meta, void* out, int m, int n, int k,
+                  int group, int tiles, int warps, int l2_prefetch, int depth, int splits,
+                  void* workspace, size_t workspace_bytes, void* stream) {
   if (m < 1 || m > 8) return fc::fail("the GEMV takes 1 to 8 token rows");
   if (k % kStep != 0 || group % kStep != 0 || k % group != 0)
     return fc::fail("K and the group size must be multiples of 128, the group dividing K");
   if (splits < 1 || splits > k / kStep) return fc::fail("splits must be 1 to K / 128");
   if (tiles != 1 && tiles != 2) return fc::fail("tiles must be 1 or 2");
   if (warps != 4 && warps != 8) return fc::fail("warps must be 4 or 8");
-  if (stages != 0 && stages != 4 && stages != 6) return fc::fail("stages must be 0, 4 or 6");
-  if (size_t(n) * (k / 2) >= (size_t(1) << 32))
-    return fc::fail("the GEMV takes weights under 4 GiB (32-bit offsets)");
+  if (depth != 2 && depth != 3) return fc::fail("depth must be 2 or 3");
   if (fc_w4a16_gemv_workspace(m, n, splits) > workspace_bytes)
     return fc::fail("workspace too small");
   auto s = static_cast<cudaStream_t>(stream);
   const auto run = [&](auto config) {
     using C = decltype(config);
-    return launch<C::tiles, C::stages, C::prefetch>(x, w, scale, zero, out, m, n, k, group, warps,
-                                                    splits, workspace, s);
+    return launch<C::tiles, C::depth, C::prefetch>(x, w, meta, out, m, n, k, group, warps,
+                                                   splits, workspace, s);
   };
-  const int status =
-      tiles == 1 ? (l2_prefetch ? dispatch_stages<1, true>(stages, run)
-                                : dispatch_stages<1, false>(stages, run))
-                 : (l2_prefetch ? dispatch_stages<2, true>(stages, run)
-                                : dispatch_stages<2, false>(stages, run));
+  const int status = tiles == 1 ? (l2_prefetch ? dispatch_depth<1, true>(depth, run)
+                                               : dispatch_depth<1, false>(depth, run))
+                                : (l2_prefetch ? dispatch_depth<2, true>(depth, run)
+                                               : dispatch_depth<2, false>(depth, run));
   return fc::finish(status);
 }
 

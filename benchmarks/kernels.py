@@ -47,8 +47,8 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
                 read once, two codes to a bf16 pair by one LOP3, mma.sync with the tokens as N);
                 cuda_gemv_t{1,2}[_s{2,4}] its row tiles a warp and K splits fixed, _t2_w4
                 with 4 warps a block (8 otherwise), _t2_nopf without the L2 prefetch;
-                cuda_gemv_d{2,3}[_w4][_pf] two tiles loading 1 or 2 steps ahead, 4 warps a
-                block or 8, the L2 prefetch on or off
+                cuda_gemv_w{4,8,16}[_pf] two tiles, K not split, 4, 8 or 16 warps a block,
+                the L2 prefetch on or off
   cutlass_int8  (GPU) int8_w8a8's work on CUTLASS's INT8 GEMM (kernels.cutlass_w8a8: scales in
                 the epilogue); cutlass_int8_prequant the GEMM alone, _c0.._c6 one tile each
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
@@ -369,9 +369,8 @@ def _make_cutlass_w4(config: int | None) -> Callable[[Layer], Fn]:
 def _make_cuda_gemv(
     tiles: int,
     splits: int,
-    warps: int = 8,
+    warps: int | None = None,
     l2_prefetch: bool | None = None,
-    depth: int | None = None,
 ) -> Callable[[Layer], Fn]:
     """Our tensor-core GEMV (kernels.cuda_gemv) with its row tiles a warp and its K splits
     fixed, against the rules' choice (tiles_for, splits_for) that `cuda_gemv` runs."""
@@ -382,7 +381,7 @@ def _make_cuda_gemv(
         weight = cuda_gemv.GemvWeight.prepare(
             pack_codes(layer.codes4, 4), layer.qp4.scale, layer.qp4.zero, 128
         )
-        return lambda x: cuda_gemv.w4a16_gemv(x, weight, tiles, splits, warps, l2_prefetch, depth)
+        return lambda x: cuda_gemv.w4a16_gemv(x, weight, tiles, splits, warps, l2_prefetch)
 
     return make
 
@@ -518,11 +517,9 @@ def candidates(device: torch.device) -> list[Candidate]:
             out.append(Candidate(name, _make_cuda_gemv(tiles, splits, warps), _ref_w4, 0.5))
         make = _make_cuda_gemv(2, 1, l2_prefetch=False)  # without the 256-byte L2 fetch
         out.append(Candidate("cuda_gemv_t2_nopf", make, _ref_w4, 0.5))
-        for depth, warps, prefetch in itertools.product((2, 3), (8, 4), (False, True)):
-            name = (
-                f"cuda_gemv_d{depth}" + ("_w4" if warps == 4 else "") + ("_pf" if prefetch else "")
-            )
-            make = _make_cuda_gemv(2, 1, warps, prefetch, depth)  # loading depth - 1 steps ahead
+        for warps, prefetch in itertools.product((4, 8, 16), (False, True)):
+            name = f"cuda_gemv_w{warps}" + ("_pf" if prefetch else "")
+            make = _make_cuda_gemv(2, 1, warps, prefetch)  # two tiles, K not split
             out.append(Candidate(name, make, _ref_w4, 0.5))
         for name in ("triton_w4", "triton_dq", "triton_gemv", "cuda_gemv"):
             out.append(

@@ -20,18 +20,17 @@ import torch
 from faircalib.kernels import cutlass_lib
 
 NAME = "w4a16_gemv"  # csrc/w4a16_gemv.cu
-VERSION = 6  # the kernel's kVersion: one meta word a group, loads kDepth - 1 steps ahead
+VERSION = 7  # the kernel's kVersion: one meta word a group, the next step loaded ahead, 16 warps
 STEP = 128  # K columns a warp takes at once: K and the group must be multiples of it
 # warps a block, each on its own part of the block's K: 8 (4 ran 1.00-2.00x of bf16 at M = 1
 # where 8 ran 1.66-2.09x, benchmarks/results/cuda-gemv-warps; the deep layers lost most)
 WARPS = 8
+WARP_CHOICES = (4, 8, 16)
 # the code loads ask L2 for the 256-byte block around them (csrc/w4a16_gemv.cu, load_codes)
 # when each warp walks at least this many steps of K (prefetch_for)
 PREFETCH_MIN_STEPS = 8
 TILE_ROWS = 16  # weight rows an mma covers
 MAX_ZERO = 127  # 128 + zero must be a bf16 integer
-# steps a warp loads ahead + 1, as the library is built (depth_for picks one)
-DEPTHS = (2, 3)
 MAX_M = 8
 
 
@@ -41,7 +40,7 @@ def load_library() -> ctypes.CDLL:
     lib = cutlass_lib.load(NAME)
     version = getattr(lib, "fc_w4a16_gemv_version", None)
     cutlass_lib.check_version(NAME, version() if version is not None else 1, VERSION)
-    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int] * 9]
+    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int] * 8]
     lib.fc_w4a16_gemv.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_gemv_workspace.argtypes = [ctypes.c_int] * 3
     lib.fc_w4a16_gemv_workspace.restype = ctypes.c_size_t
@@ -88,9 +87,9 @@ def prefetch_for(k: int, splits: int, warps: int = WARPS) -> bool:
     return -(-per_split // warps) >= PREFETCH_MIN_STEPS
 
 
-def depth_for(k: int, splits: int, warps: int = WARPS) -> int:
-    """Steps a warp loads ahead + 1: 2 until the H200 sweep of depths has chosen."""
-    return 2
+def warps_for(n: int, k: int, sm_count: int, tiles: int, splits: int) -> int:
+    """Warps a block: 8 until the H200 sweep of 4, 8 and 16 has chosen."""
+    return WARPS
 
 
 @dataclass
@@ -214,14 +213,13 @@ def w4a16_gemv(
     weight: GemvWeight,
     tiles: int | None = None,
     splits: int | None = None,
-    warps: int = WARPS,
+    warps: int | None = None,
     l2_prefetch: bool | None = None,
-    depth: int | None = None,
 ) -> torch.Tensor:
     """x [..., in] bf16 (at most 8 rows) @ W^T -> [..., out] bf16, on the current stream
     (graph-capturable once a call of the size ran eagerly: the workspace is made then).
     `tiles` and `splits` override tiles_for and splits_for (the tests run every path);
-    `warps` is a block's, 4 or 8; `l2_prefetch` overrides prefetch_for; `depth` depth_for."""
+    `warps` (4, 8 or 16 a block) overrides warps_for; `l2_prefetch` prefetch_for."""
     m = x.numel() // x.shape[-1] if x.dim() else 0
     if (
         x.dtype != torch.bfloat16
@@ -241,17 +239,17 @@ def w4a16_gemv(
     sm_count = cutlass_lib.sm_count(x.device)
     tiles = tiles or tiles_for(n, sm_count)
     splits = splits or splits_for(n, k, sm_count, tiles)
+    warps = warps or warps_for(n, k, sm_count, tiles, splits)
+    if warps not in WARP_CHOICES:
+        raise ValueError(f"the CUDA GEMV runs {WARP_CHOICES} warps a block, not {warps}")
     l2_prefetch = prefetch_for(k, splits, warps) if l2_prefetch is None else l2_prefetch
-    depth = depth_for(k, splits, warps) if depth is None else depth
-    if depth not in DEPTHS:
-        raise ValueError(f"the CUDA GEMV is built for depths {DEPTHS}, not {depth}")
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
         space = cutlass_lib.workspace(x.device, lib.fc_w4a16_gemv_workspace(m, n, splits))
         status = lib.fc_w4a16_gemv(
             x2.data_ptr(), weight.qweight.data_ptr(), weight.meta.data_ptr(), out.data_ptr(),
-            m, n, k, weight.group, tiles, warps, int(l2_prefetch), depth, splits,
+            m, n, k, weight.group, tiles, warps, int(l2_prefetch), splits,
             space.data_ptr(), space.numel(), stream,
         )  # fmt: skip
     if status != 0:

@@ -34,12 +34,12 @@
 // the GPU also split K over gridDim.y, each split writing its own float slab of the workspace,
 // summed in order by a second kernel. Deterministic: a graph replay equals an eager call.
 //
-// Instructions are what the H200 runs short of (Nsight Compute, benchmarks/results/gemv-ncu: at
-// 430 instructions a step the schedulers issued half the cycles and HBM ran at 36%). So: the
-// step's operands are loaded into registers kDepth - 1 steps ahead into a ring of kDepth
-// buffers, the loop unrolled by kDepth so that no buffer is copied (a copy waits for the load it
+// Instructions and latency are what the H200 runs short of (Nsight Compute,
+// benchmarks/results/gemv-ncu: at 430 instructions a step the schedulers issued half the cycles
+// and HBM ran at 36%). So: the next step's operands are loaded into the other of two register
+// buffers, the loop unrolled by two so that no buffer is copied (a copy waits for the load it
 // moves); each pair is one LOP3 (both constants given to PTX's lop3); the loads walk running
-// pointers, with the group counted rather than divided out.
+// pointers, with the group counted rather than divided out: 288 instructions a step.
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -49,9 +49,12 @@
 
 namespace {
 
-constexpr int kVersion = 6;  // 5: a cp.async ring; 4: the L2 prefetch; 3: bf16 scales
+constexpr int kVersion = 7;  // 6: load ahead, meta words; 5: a cp.async ring; 4: L2 prefetch
 constexpr int kStep = 128;   // K columns a warp takes at once: 4 lanes (t) x 32 codes
-constexpr int kMaxWarps = 8;  // warps a block (4 or 8), each on its own part of the block's K
+constexpr int kMaxWarps = 16;  // warps a block (4, 8 or 16), each on its own part of its K
+// steps a warp loads ahead + 1: 3 ran no faster on the H200 (benchmarks/results/cuda-gemv-depth,
+// 166 registers a thread where 2 takes 128)
+constexpr int kDepth = 2;
 constexpr int kTileRows = 16;
 constexpr uint32_t kOnes = 0x3F803F80u;  // two bf16 ones
 
@@ -202,7 +205,7 @@ __device__ __forceinline__ void write_block(const float (*sums)[kTiles * 4][32],
   }
 }
 
-template <int kTiles, int kDepth, bool kPrefetch>
+template <int kTiles, bool kPrefetch>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     gemv_kernel(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                 const uint32_t* __restrict__ meta, __nv_bfloat16* __restrict__ out,
@@ -278,8 +281,7 @@ __global__ void round_splits(const float* __restrict__ partial, __nv_bfloat16* _
   out[i] = __float2bfloat16(y);
 }
 
-// depth: steps a warp loads ahead + 1 (2 or 3)
-template <int kTiles, int kDepth, bool kPrefetch>
+template <int kTiles, bool kPrefetch>
 int launch(const void* x, const void* w, const void* meta, void* out, int m, int n, int k,
            int group, int warps, int splits, void* workspace, cudaStream_t stream) {
   const int steps = k / kStep;
@@ -288,7 +290,7 @@ int launch(const void* x, const void* w, const void* meta, void* out, int m, int
   const int rows_per_block = kTiles * kTileRows;
   const dim3 grid((n + rows_per_block - 1) / rows_per_block, splits);
   const auto op = static_cast<__nv_bfloat16*>(out);
-  gemv_kernel<kTiles, kDepth, kPrefetch><<<grid, warps * 32, 0, stream>>>(
+  gemv_kernel<kTiles, kPrefetch><<<grid, warps * 32, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(x), static_cast<const uint8_t*>(w),
       static_cast<const uint32_t*>(meta), op, partial, m, n, k, group, per_split);
   if (partial != nullptr) {
@@ -296,23 +298,6 @@ int launch(const void* x, const void* w, const void* meta, void* out, int m, int
     round_splits<<<(count + 255) / 256, 256, 0, stream>>>(partial, op, count, splits);
   }
   return 0;
-}
-
-template <int kTiles, int kDepth, bool kPrefetch>
-struct Config {
-  static constexpr int tiles = kTiles;
-  static constexpr int depth = kDepth;
-  static constexpr bool prefetch = kPrefetch;
-};
-
-// the template instance of (tiles, depth, prefetch); -1 for a combination not built
-template <int kTiles, bool kPrefetch, class Run>
-int dispatch_depth(int depth, Run run) {
-  switch (depth) {
-    case 2: return run(Config<kTiles, 2, kPrefetch>{});
-    case 3: return run(Config<kTiles, 3, kPrefetch>{});
-    default: return -1;
-  }
 }
 
 }  // namespace
@@ -331,30 +316,29 @@ size_t fc_w4a16_gemv_workspace(int m, int n, int splits) {
 }
 
 // meta: [n, k / group] uint32 (the layout above); tiles: 16-row tiles a warp takes (1 or 2);
-// warps: a block's (4 or 8); l2_prefetch: 0 or 1 (load_codes); depth: steps loaded ahead + 1
-// (2 or 3); 0 on success, otherwise fc_w4a16_gemv_error() says why
+// warps: a block's (4, 8 or 16); l2_prefetch: 0 or 1 (load_codes); 0 on success, otherwise
+// fc_w4a16_gemv_error() says why
 int fc_w4a16_gemv(const void* x, const void* w, const void* meta, void* out, int m, int n, int k,
-                  int group, int tiles, int warps, int l2_prefetch, int depth, int splits,
-                  void* workspace, size_t workspace_bytes, void* stream) {
+                  int group, int tiles, int warps, int l2_prefetch, int splits, void* workspace,
+                  size_t workspace_bytes, void* stream) {
   if (m < 1 || m > 8) return fc::fail("the GEMV takes 1 to 8 token rows");
   if (k % kStep != 0 || group % kStep != 0 || k % group != 0)
     return fc::fail("K and the group size must be multiples of 128, the group dividing K");
   if (splits < 1 || splits > k / kStep) return fc::fail("splits must be 1 to K / 128");
   if (tiles != 1 && tiles != 2) return fc::fail("tiles must be 1 or 2");
-  if (warps != 4 && warps != 8) return fc::fail("warps must be 4 or 8");
-  if (depth != 2 && depth != 3) return fc::fail("depth must be 2 or 3");
+  if (warps != 4 && warps != 8 && warps != 16) return fc::fail("warps must be 4, 8 or 16");
   if (fc_w4a16_gemv_workspace(m, n, splits) > workspace_bytes)
     return fc::fail("workspace too small");
   auto s = static_cast<cudaStream_t>(stream);
-  const auto run = [&](auto config) {
-    using C = decltype(config);
-    return launch<C::tiles, C::depth, C::prefetch>(x, w, meta, out, m, n, k, group, warps,
-                                                   splits, workspace, s);
-  };
-  const int status = tiles == 1 ? (l2_prefetch ? dispatch_depth<1, true>(depth, run)
-                                               : dispatch_depth<1, false>(depth, run))
-                                : (l2_prefetch ? dispatch_depth<2, true>(depth, run)
-                                               : dispatch_depth<2, false>(depth, run));
+  const int status =
+      tiles == 1 ? (l2_prefetch ? launch<1, true>(x, w, meta, out, m, n, k, group, warps, splits,
+                                                  workspace, s)
+                                : launch<1, false>(x, w, meta, out, m, n, k, group, warps, splits,
+                                                   workspace, s))
+                 : (l2_prefetch ? launch<2, true>(x, w, meta, out, m, n, k, group, warps, splits,
+                                                  workspace, s)
+                                : launch<2, false>(x, w, meta, out, m, n, k, group, warps, splits,
+                                                   workspace, s));
   return fc::finish(status);
 }
 

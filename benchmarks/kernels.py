@@ -45,10 +45,9 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
                 `faircalib build-kernels`, or FAIRCALIB_CUTLASS_DIR)
   cuda_gemv     (GPU) our tensor-core GEMV for M <= 8 (kernels.cuda_gemv: QuantLinear's packing
                 read once, two codes to a bf16 pair by one LOP3, mma.sync with the tokens as N);
-                cuda_gemv_t{1,2}[_s{2,4}] its row tiles a warp and K splits fixed, _t2_w4
-                with 4 warps a block (8 otherwise), _t2_nopf without the L2 prefetch;
-                cuda_gemv_w{4,8,16}[_pf] two tiles, K not split, 4, 8 or 16 warps a block,
-                the L2 prefetch on or off
+                cuda_gemv_t{1,2}[_s{2,4}] its row tiles a warp and K splits fixed (8 warps
+                a block, _t2_w4 4); cuda_gemv_w{4,8,16} two tiles, K not split, 4, 8 or 16
+                warps a block
   cutlass_int8  (GPU) int8_w8a8's work on CUTLASS's INT8 GEMM (kernels.cutlass_w8a8: scales in
                 the epilogue); cutlass_int8_prequant the GEMM alone, _c0.._c6 one tile each
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
@@ -370,7 +369,6 @@ def _make_cuda_gemv(
     tiles: int,
     splits: int,
     warps: int | None = None,
-    l2_prefetch: bool | None = None,
 ) -> Callable[[Layer], Fn]:
     """Our tensor-core GEMV (kernels.cuda_gemv) with its row tiles a warp and its K splits
     fixed, against the rules' choice (tiles_for, splits_for) that `cuda_gemv` runs."""
@@ -381,7 +379,7 @@ def _make_cuda_gemv(
         weight = cuda_gemv.GemvWeight.prepare(
             pack_codes(layer.codes4, 4), layer.qp4.scale, layer.qp4.zero, 128
         )
-        return lambda x: cuda_gemv.w4a16_gemv(x, weight, tiles, splits, warps, l2_prefetch)
+        return lambda x: cuda_gemv.w4a16_gemv(x, weight, tiles, splits, warps)
 
     return make
 
@@ -515,12 +513,8 @@ def candidates(device: torch.device) -> list[Candidate]:
             name = f"cuda_gemv_t{tiles}" + (f"_s{splits}" if splits > 1 else "")
             name += "_w4" if warps == 4 else ""
             out.append(Candidate(name, _make_cuda_gemv(tiles, splits, warps), _ref_w4, 0.5))
-        make = _make_cuda_gemv(2, 1, l2_prefetch=False)  # without the 256-byte L2 fetch
-        out.append(Candidate("cuda_gemv_t2_nopf", make, _ref_w4, 0.5))
-        for warps, prefetch in itertools.product((4, 8, 16), (False, True)):
-            name = f"cuda_gemv_w{warps}" + ("_pf" if prefetch else "")
-            make = _make_cuda_gemv(2, 1, warps, prefetch)  # two tiles, K not split
-            out.append(Candidate(name, make, _ref_w4, 0.5))
+        for warps in (4, 8, 16):  # two tiles, K not split
+            out.append(Candidate(f"cuda_gemv_w{warps}", _make_cuda_gemv(2, 1, warps), _ref_w4, 0.5))
         for name in ("triton_w4", "triton_dq", "triton_gemv", "cuda_gemv"):
             out.append(
                 Candidate(name, lambda l, n=name: _quant_linear(l.codes4, l.qp4, n), _ref_w4, 0.5)

@@ -1,5 +1,5 @@
 """Calls the W4A16 GEMV (kernels.cuda_gemv) on one random layer in a few configurations
-(warps a block, L2 prefetch), a few times each, for a profiler to read
+(warps a block), a few times each, for a profiler to read
 (benchmarks/run_gpu.sh, job gemv-ncu):
     ncu --clock-control none -k regex:gemv python3 scripts/gemv_profile.py --shape 4096x14336 \
         --out DIR
@@ -13,13 +13,8 @@ import torch
 
 from faircalib.kernels import cuda_gemv
 
-# (name, tiles, warps a block, l2 prefetch)
-VARIANTS = (
-    ("w8", 2, 8, False),
-    ("w8_pf", 2, 8, True),
-    ("w16", 2, 16, False),
-    ("w16_pf", 2, 16, True),
-)
+# (name, tiles, warps a block)
+VARIANTS = (("w4", 2, 4), ("w8", 2, 8), ("w16", 2, 16))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fields = ("name", "tiles", "warps", "l2_prefetch")
+    fields = ("name", "tiles", "warps")
     rows = [dict(zip(fields, v, strict=True)) for v in VARIANTS]
     (out / f"variants-{args.shape}.json").write_text(json.dumps(rows, indent=1) + "\n")
     k, n = (int(v) for v in args.shape.split("x"))
@@ -41,9 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     zero = torch.full((n, k // 128), 8, device="cuda", dtype=torch.uint8)
     weight = cuda_gemv.GemvWeight.prepare(packed, scale, zero, 128)
     x = torch.randn(args.m, k, generator=gen, device="cuda").to(torch.bfloat16)
-    for name, tiles, warps, prefetch in VARIANTS:
+    for name, tiles, warps in VARIANTS:
         for _ in range(args.calls):
-            cuda_gemv.w4a16_gemv(x, weight, tiles, 1, warps, prefetch)
+            cuda_gemv.w4a16_gemv(x, weight, tiles, 1, warps)
         torch.cuda.synchronize()
         print(name, flush=True)
 

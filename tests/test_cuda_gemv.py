@@ -84,12 +84,16 @@ def test_tiles_and_splits_follow_the_measured_rules():
     assert cuda_gemv.splits_for(16, 1024, 132, 1) == 1  # 8 steps: one a warp, no split
 
 
-def test_the_l2_prefetch_is_for_warps_that_walk_a_long_stretch_of_k():
-    assert not cuda_gemv.prefetch_for(4096, 1)  # 32 steps, 4 a warp: measured slower with it
-    assert not cuda_gemv.prefetch_for(3584, 1)  # 28 steps
-    assert cuda_gemv.prefetch_for(12288, 1) and cuda_gemv.prefetch_for(18944, 1)  # 12, 19
-    assert not cuda_gemv.prefetch_for(14336, 2)  # 7 steps a warp once split in two
-    assert cuda_gemv.prefetch_for(4096, 1, warps=4) and cuda_gemv.prefetch_for(8192, 1)  # 8 a warp
+def test_warps_a_block_are_the_most_that_let_every_block_run_at_once():
+    # the H200: 132 SMs of 16 resident warps; two-tile blocks of 32 rows
+    assert cuda_gemv.warps_for(4096, 132, 2, 1) == 16  # 128 blocks: one an SM
+    assert cuda_gemv.warps_for(3584, 132, 2, 1) == 16  # 112
+    assert cuda_gemv.warps_for(14336, 132, 2, 1) == 4  # 448 blocks: 4 an SM, 528 fit
+    assert cuda_gemv.warps_for(12288, 132, 2, 1) == 4  # 384
+    assert cuda_gemv.warps_for(8448, 132, 2, 1) == 8  # 264 = 132 x 2: exactly two an SM
+    assert cuda_gemv.warps_for(8480, 132, 2, 1) == 4  # 265
+    assert cuda_gemv.warps_for(18944, 132, 2, 1) == 8  # 592 > 528: more than one wave
+    assert cuda_gemv.warps_for(512, 132, 1, 3) == cuda_gemv.SPLIT_WARPS  # K split
 
 
 def test_shapes_and_inputs_the_kernel_cannot_take_are_named():

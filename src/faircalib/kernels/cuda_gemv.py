@@ -20,15 +20,12 @@ import torch
 from faircalib.kernels import cutlass_lib
 
 NAME = "w4a16_gemv"  # csrc/w4a16_gemv.cu
-VERSION = 7  # the kernel's kVersion: one meta word a group, the next step loaded ahead, 16 warps
+VERSION = 8  # the kernel's kVersion: meta words, the next step loaded ahead, up to 16 warps
 STEP = 128  # K columns a warp takes at once: K and the group must be multiples of it
-# warps a block, each on its own part of the block's K: 8 (4 ran 1.00-2.00x of bf16 at M = 1
-# where 8 ran 1.66-2.09x, benchmarks/results/cuda-gemv-warps; the deep layers lost most)
-WARPS = 8
-WARP_CHOICES = (4, 8, 16)
-# the code loads ask L2 for the 256-byte block around them (csrc/w4a16_gemv.cu, load_codes)
-# when each warp walks at least this many steps of K (prefetch_for)
-PREFETCH_MIN_STEPS = 8
+WARP_CHOICES = (4, 8, 16)  # warps a block (warps_for), each on its own part of the block's K
+# a thread's registers (128: two steps' operands, csrc/w4a16_gemv.cu) leave an SM this many warps
+RESIDENT_WARPS = 16
+SPLIT_WARPS = 8  # warps a block where K is split (splits_for): as measured in cuda-gemv-tiles
 TILE_ROWS = 16  # weight rows an mma covers
 MAX_ZERO = 127  # 128 + zero must be a bf16 integer
 MAX_M = 8
@@ -40,7 +37,7 @@ def load_library() -> ctypes.CDLL:
     lib = cutlass_lib.load(NAME)
     version = getattr(lib, "fc_w4a16_gemv_version", None)
     cutlass_lib.check_version(NAME, version() if version is not None else 1, VERSION)
-    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int] * 8]
+    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int] * 7]
     lib.fc_w4a16_gemv.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_gemv_workspace.argtypes = [ctypes.c_int] * 3
     lib.fc_w4a16_gemv_workspace.restype = ctypes.c_size_t
@@ -75,21 +72,24 @@ def splits_for(n: int, k: int, sm_count: int, tiles: int) -> int:
     blocks = -(-n // (tiles * TILE_ROWS))
     if blocks >= sm_count // 2:
         return 1
-    return max(1, min(-(-sm_count // blocks), k // STEP // WARPS))
+    return max(1, min(-(-sm_count // blocks), k // STEP // SPLIT_WARPS))
 
 
-def prefetch_for(k: int, splits: int, warps: int = WARPS) -> bool:
-    """Whether the code loads fetch 256 bytes into L2: where a warp walks a long stretch of K.
-    On the H200 it took the deep layers (K = 12288-18944, 12-19 steps a warp) from 1.63-1.90x
-    of bf16 to 1.80-1.94x at M = 1, and the K = 3584-4096 ones (4 steps a warp) from 1.87-2.07x
-    down to 1.65-1.82x (benchmarks/results/cuda-gemv-l2)."""
-    per_split = -(-(k // STEP) // splits)
-    return -(-per_split // warps) >= PREFETCH_MIN_STEPS
-
-
-def warps_for(n: int, k: int, sm_count: int, tiles: int, splits: int) -> int:
-    """Warps a block: 8 until the H200 sweep of 4, 8 and 16 has chosen."""
-    return WARPS
+def warps_for(n: int, sm_count: int, tiles: int, splits: int) -> int:
+    """Warps a block: the most that still let every block run at once (a GPU of 16-warp SMs
+    holds sm_count * 16 / warps blocks), else 8. On the H200 at M = 1
+    (benchmarks/results/cuda-gemv-warps16): 16 for the 112-128 blocks of the K >= 12288 layers
+    (2.45-2.71x of bf16, against 2.13-2.34x on 8) and of 4096 x 4096 (2.16x, 2.10x on 8); 4 for
+    the 384-448 blocks of 4096 x 12288 / 14336 (2.48-2.59x, 2.07-2.18x on 8); 8 for Dream's
+    592 blocks of 3584 x 18944, which no count fits in one wave (2.32x, 2.13x on 4, 1.84x
+    on 16). A layer whose K is split runs SPLIT_WARPS."""
+    if splits > 1:
+        return SPLIT_WARPS
+    blocks = -(-n // (tiles * TILE_ROWS))
+    for warps in sorted(WARP_CHOICES, reverse=True):
+        if blocks <= sm_count * (RESIDENT_WARPS // warps):
+            return warps
+    return 8
 
 
 @dataclass
@@ -214,12 +214,11 @@ def w4a16_gemv(
     tiles: int | None = None,
     splits: int | None = None,
     warps: int | None = None,
-    l2_prefetch: bool | None = None,
 ) -> torch.Tensor:
     """x [..., in] bf16 (at most 8 rows) @ W^T -> [..., out] bf16, on the current stream
     (graph-capturable once a call of the size ran eagerly: the workspace is made then).
     `tiles` and `splits` override tiles_for and splits_for (the tests run every path);
-    `warps` (4, 8 or 16 a block) overrides warps_for; `l2_prefetch` prefetch_for."""
+    `warps` (4, 8 or 16 a block) overrides warps_for."""
     m = x.numel() // x.shape[-1] if x.dim() else 0
     if (
         x.dtype != torch.bfloat16
@@ -239,17 +238,16 @@ def w4a16_gemv(
     sm_count = cutlass_lib.sm_count(x.device)
     tiles = tiles or tiles_for(n, sm_count)
     splits = splits or splits_for(n, k, sm_count, tiles)
-    warps = warps or warps_for(n, k, sm_count, tiles, splits)
+    warps = warps or warps_for(n, sm_count, tiles, splits)
     if warps not in WARP_CHOICES:
         raise ValueError(f"the CUDA GEMV runs {WARP_CHOICES} warps a block, not {warps}")
-    l2_prefetch = prefetch_for(k, splits, warps) if l2_prefetch is None else l2_prefetch
     out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     with torch.cuda.device(x.device):
         space = cutlass_lib.workspace(x.device, lib.fc_w4a16_gemv_workspace(m, n, splits))
         status = lib.fc_w4a16_gemv(
             x2.data_ptr(), weight.qweight.data_ptr(), weight.meta.data_ptr(), out.data_ptr(),
-            m, n, k, weight.group, tiles, warps, int(l2_prefetch), splits,
+            m, n, k, weight.group, tiles, warps, splits,
             space.data_ptr(), space.numel(), stream,
         )  # fmt: skip
     if status != 0:

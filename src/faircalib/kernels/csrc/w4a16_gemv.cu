@@ -29,18 +29,22 @@
 //          point as bf16 in the low half (exact for zero points 0-127): one load a row and
 //          group, 4 bytes where float32 pairs took 8 (6% of what a g128 layer reads)
 //   out    [m, n] bf16
-// K and the group are multiples of 128. The warps of a block (4 or 8) take consecutive parts
-// of the block's K and sum in shared memory in a fixed order; layers with too few row tiles to fill
-// the GPU also split K over gridDim.y, each split writing its own float slab of the workspace,
-// summed in order by a second kernel. Deterministic: a graph replay equals an eager call.
+// K and the group are multiples of 128. The warps of a block (4, 8 or 16) take consecutive
+// parts of the block's K and sum in shared memory in a fixed order; layers with too few row tiles
+// to fill the GPU also split K over gridDim.y, each split writing its own float slab of the
+// workspace, summed in order by a second kernel. Deterministic: a graph replay equals an eager
+// call.
 //
-// Instructions and latency are what the H200 runs short of (Nsight Compute,
+// Instructions and latency are what held version 5 back (Nsight Compute,
 // benchmarks/results/gemv-ncu: at 430 instructions a step the schedulers issued half the cycles
 // and HBM ran at 36%). So: the next step's operands are loaded into the other of two register
-// buffers, the loop unrolled by two so that no buffer is copied (a copy waits for the load it
-// moves); each pair is one LOP3 (both constants given to PTX's lop3); the loads walk running
-// pointers, with the group counted rather than divided out: 288 instructions a step.
+// buffers, the loop unrolled by two so that no buffer is ever copied (a copy waits for the load
+// it moves); each pair is one LOP3 (both constants given to PTX's lop3); the loads take the
+// step as an immediate offset from pointers that move once a pair of steps: 247 instructions a
+// step (cuobjdump), 128 registers a thread, so an SM holds 16 warps (cuda_gemv.warps_for).
+
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -49,12 +53,9 @@
 
 namespace {
 
-constexpr int kVersion = 7;  // 6: load ahead, meta words; 5: a cp.async ring; 4: L2 prefetch
+constexpr int kVersion = 8;  // 7: 16 warps; 6: load ahead, meta words; 5: cp.async ring
 constexpr int kStep = 128;   // K columns a warp takes at once: 4 lanes (t) x 32 codes
 constexpr int kMaxWarps = 16;  // warps a block (4, 8 or 16), each on its own part of its K
-// steps a warp loads ahead + 1: 3 ran no faster on the H200 (benchmarks/results/cuda-gemv-depth,
-// 166 registers a thread where 2 takes 128)
-constexpr int kDepth = 2;
 constexpr int kTileRows = 16;
 constexpr uint32_t kOnes = 0x3F803F80u;  // two bf16 ones
 
@@ -77,22 +78,6 @@ __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uin
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// 16 code bytes, streamed past L1. With kPrefetch the L2 fetches the whole 256-byte block
-// around them: a warp's next three steps read the rest of it, so each DRAM request brings four
-// steps' codes where 64 bytes a row brought one.
-template <bool kPrefetch>
-__device__ __forceinline__ uint4 load_codes(const uint8_t* p) {
-  if constexpr (kPrefetch) {
-    uint4 v;
-    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-    return v;
-  } else {
-    return __ldcs(reinterpret_cast<const uint4*>(p));
-  }
-}
-
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -106,36 +91,53 @@ struct Step {
   uint4 x[4];
 };
 
-// Where a lane reads next: running pointers, one step further after each load
+// Where a lane reads: pointers at the first step of the pair of steps being worked on. A load
+// of step + j adds j as an immediate offset, and the pointers move once a pair (advance).
 template <int kTiles>
 struct Cursor {
   const uint8_t* codes[kTiles][2];
-  const uint32_t* meta[kTiles][2];
+  const uint32_t* meta[kTiles][2];  // kGroupIsStep: step's group; else: the next load's
   const uint4* x;
-  int in_group;         // steps of the current group already loaded
+  int in_group;         // (group > kStep) steps of the next load's group before it
   int steps_per_group;  // group / kStep
 };
 
-template <int kTiles, bool kPrefetch>
-__device__ __forceinline__ void load(Step<kTiles>& s, Cursor<kTiles>& at) {
+// kGroupIsStep (group 128): step + j's group word is j words on; otherwise the meta pointers
+// follow a count of the steps loaded, in order
+template <int kTiles, bool kGroupIsStep>
+__device__ __forceinline__ void load(Step<kTiles>& s, Cursor<kTiles>& at, int j) {
 #pragma unroll
   for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      s.codes[tile][h] = load_codes<kPrefetch>(at.codes[tile][h]);
-      s.meta[tile][h] = __ldg(at.meta[tile][h]);
-      at.codes[tile][h] += kStep / 2;
+      // streamed past L1 (the 256-byte L2 prefetch of version 4 lost once 16 warps a block
+      // ran the deep layers: benchmarks/results/cuda-gemv-warps16)
+      s.codes[tile][h] = __ldcs(reinterpret_cast<const uint4*>(at.codes[tile][h]) + j * 4);
+      s.meta[tile][h] = __ldg(at.meta[tile][h] + (kGroupIsStep ? j : 0));
     }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) s.x[i] = __ldg(at.x + i);
-  at.x += kStep / 8;  // 128 bf16 = 16 uint4
-  if (++at.in_group == at.steps_per_group) {  // the next step starts a group
-    at.in_group = 0;
+  for (int i = 0; i < 4; ++i) s.x[i] = __ldg(at.x + j * (kStep / 8) + i);
+  if constexpr (!kGroupIsStep) {
+    if (++at.in_group == at.steps_per_group) {  // the next load starts a group
+      at.in_group = 0;
 #pragma unroll
-    for (int tile = 0; tile < kTiles; ++tile)
+      for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) ++at.meta[tile][h];
+        for (int h = 0; h < 2; ++h) ++at.meta[tile][h];
+    }
   }
+}
+
+template <int kTiles, bool kGroupIsStep>
+__device__ __forceinline__ void advance(Cursor<kTiles>& at, int steps) {
+#pragma unroll
+  for (int tile = 0; tile < kTiles; ++tile)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      at.codes[tile][h] += steps * (kStep / 2);
+      if constexpr (kGroupIsStep) at.meta[tile][h] += steps;
+    }
+  at.x += steps * (kStep / 8);
 }
 
 // acc[tile] += the step's contribution to rows (g, g + 8) x tokens (2t, 2t + 1)
@@ -205,7 +207,7 @@ __device__ __forceinline__ void write_block(const float (*sums)[kTiles * 4][32],
   }
 }
 
-template <int kTiles, bool kPrefetch>
+template <int kTiles, bool kGroupIsStep>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     gemv_kernel(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                 const uint32_t* __restrict__ meta, __nv_bfloat16* __restrict__ out,
@@ -247,21 +249,18 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[tile][c] = 0.f;
 
-  // kDepth - 1 steps loaded ahead; unrolled by kDepth so that each buffer is a constant
-  Step<kTiles> ring[kDepth];
-#pragma unroll
-  for (int j = 0; j < kDepth - 1; ++j)
-    if (begin + j < end) load<kTiles, kPrefetch>(ring[j], at);
-  for (int base = begin; base < end; base += kDepth) {
-#pragma unroll
-    for (int j = 0; j < kDepth; ++j) {
-      const int step = base + j;
-      if (step < end) {
-        if (step + kDepth - 1 < end)  // into the buffer computed one step ago
-          load<kTiles, kPrefetch>(ring[(j + kDepth - 1) % kDepth], at);
-        compute(ring[j], acc);
-      }
+  // the next step loaded while this one computes, into the other buffer: unrolled by two so
+  // that neither buffer is ever copied
+  Step<kTiles> a, b;
+  if (begin < end) load<kTiles, kGroupIsStep>(a, at, 0);
+  for (int step = begin; step < end; step += 2) {
+    if (step + 1 < end) load<kTiles, kGroupIsStep>(b, at, 1);
+    compute(a, acc);
+    if (step + 1 < end) {
+      if (step + 2 < end) load<kTiles, kGroupIsStep>(a, at, 2);
+      compute(b, acc);
     }
+    advance<kTiles, kGroupIsStep>(at, 2);
   }
 
 #pragma unroll
@@ -281,7 +280,7 @@ __global__ void round_splits(const float* __restrict__ partial, __nv_bfloat16* _
   out[i] = __float2bfloat16(y);
 }
 
-template <int kTiles, bool kPrefetch>
+template <int kTiles, bool kGroupIsStep>
 int launch(const void* x, const void* w, const void* meta, void* out, int m, int n, int k,
            int group, int warps, int splits, void* workspace, cudaStream_t stream) {
   const int steps = k / kStep;
@@ -290,7 +289,7 @@ int launch(const void* x, const void* w, const void* meta, void* out, int m, int
   const int rows_per_block = kTiles * kTileRows;
   const dim3 grid((n + rows_per_block - 1) / rows_per_block, splits);
   const auto op = static_cast<__nv_bfloat16*>(out);
-  gemv_kernel<kTiles, kPrefetch><<<grid, warps * 32, 0, stream>>>(
+  gemv_kernel<kTiles, kGroupIsStep><<<grid, warps * 32, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(x), static_cast<const uint8_t*>(w),
       static_cast<const uint32_t*>(meta), op, partial, m, n, k, group, per_split);
   if (partial != nullptr) {
@@ -316,10 +315,9 @@ size_t fc_w4a16_gemv_workspace(int m, int n, int splits) {
 }
 
 // meta: [n, k / group] uint32 (the layout above); tiles: 16-row tiles a warp takes (1 or 2);
-// warps: a block's (4, 8 or 16); l2_prefetch: 0 or 1 (load_codes); 0 on success, otherwise
-// fc_w4a16_gemv_error() says why
+// warps: a block's (4, 8 or 16); 0 on success, otherwise fc_w4a16_gemv_error() says why
 int fc_w4a16_gemv(const void* x, const void* w, const void* meta, void* out, int m, int n, int k,
-                  int group, int tiles, int warps, int l2_prefetch, int splits, void* workspace,
+                  int group, int tiles, int warps, int splits, void* workspace,
                   size_t workspace_bytes, void* stream) {
   if (m < 1 || m > 8) return fc::fail("the GEMV takes 1 to 8 token rows");
   if (k % kStep != 0 || group % kStep != 0 || k % group != 0)
@@ -330,15 +328,17 @@ int fc_w4a16_gemv(const void* x, const void* w, const void* meta, void* out, int
   if (fc_w4a16_gemv_workspace(m, n, splits) > workspace_bytes)
     return fc::fail("workspace too small");
   auto s = static_cast<cudaStream_t>(stream);
-  const int status =
-      tiles == 1 ? (l2_prefetch ? launch<1, true>(x, w, meta, out, m, n, k, group, warps, splits,
-                                                  workspace, s)
-                                : launch<1, false>(x, w, meta, out, m, n, k, group, warps, splits,
-                                                   workspace, s))
-                 : (l2_prefetch ? launch<2, true>(x, w, meta, out, m, n, k, group, warps, splits,
-                                                  workspace, s)
-                                : launch<2, false>(x, w, meta, out, m, n, k, group, warps, splits,
-                                                   workspace, s));
+  const bool per_step = group == kStep;
+  const auto run = [&](auto tiles_c, auto per_step_c) {
+    return launch<decltype(tiles_c)::value, decltype(per_step_c)::value>(
+        x, w, meta, out, m, n, k, group, warps, splits, workspace, s);
+  };
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  using Yes = std::true_type;
+  using No = std::false_type;
+  const int status = tiles == 1 ? (per_step ? run(One{}, Yes{}) : run(One{}, No{}))
+                                : (per_step ? run(Two{}, Yes{}) : run(Two{}, No{}));
   return fc::finish(status);
 }
 

@@ -24,7 +24,7 @@
 # torchrun (quantize + eval under torchrun on 2 GPUs against one process),
 # cudatests (tests/test_cuda.py on the GPU), cudatests-k (PYTEST_K: a -k selection of them),
 # cutlass-w4 / cutlass-w4-sk / cutlass-w4-pp / cutlass-w8a8 / cutlass-w8a8-sk (the CUTLASS
-# configurations), cuda-gemv / cuda-gemv-tiles / cuda-gemv-warps / cuda-gemv-l2 / cuda-gemv-v8 (the W4A16 GEMV; its tiles, splits, warps, L2 prefetch), gemv-ncu (Nsight Compute on it), e2e-cutlass / e2e-auto (one step), llada-gptq / llada-fair / dream-gptq / dream-fair and
+# configurations), cuda-gemv / cuda-gemv-tiles / cuda-gemv-warps / cuda-gemv-l2 / cuda-gemv-v9 (the W4A16 GEMV; its tiles, splits, warps, L2 prefetch), gemv-ncu (Nsight Compute on it), e2e-cutlass / e2e-auto (one step), llada-gptq / llada-fair / dream-gptq / dream-fair and
 # llada-fair-fast / dream-fair-fast (8B-shaped,
 # benchmarks/llada_8b.py; one per lease is fine, rows accumulate in benchmarks/results/llada-8b-shape). Optional wheels (gemlite)
 # carried in .whl/ are installed into /tmp/site first. Jobs that import faircalib.formats (e2e,
@@ -111,10 +111,11 @@ $([ "$1" = generation-8b-stack-ab-dream ] && echo --family dream) --out $RES/$1"
   # the code loads with and without the 256-byte L2 fetch, beside torch's int4 kernel
   cuda-gemv-l2) echo "python3 benchmarks/kernels.py --out $RES/cuda-gemv-l2 --ms 1,2,4,8 \
 --backends int4_torch,cuda_gemv,cuda_gemv_t2_nopf,auto_w4 --time-budget ${KERNELS_BUDGET:-200}" ;;
-  # 4, 8 or 16 warps a block beside the rules' choice and torch's, M <= 8 (cuda-gemv-ring, at
-  # a0717d9: a cp.async ring of 4 or 6 steps; cuda-gemv-depth, at d981670: loading 2 steps
-  # ahead; cuda-gemv-warps16, at dbba05f: with and without the L2 prefetch; all since removed)
-  cuda-gemv-v8) echo "python3 benchmarks/kernels.py --out $RES/cuda-gemv-v8 --ms 1,2,4,8 \
+  # 4, 8 or 16 warps a block beside the rules' choice and torch's, M <= 8. Earlier variants, each
+  # since removed, in their own results: cuda-gemv-ring (a0717d9: a cp.async ring of 4 or 6
+  # steps), cuda-gemv-depth (d981670: loading 2 steps ahead), cuda-gemv-warps16 (dbba05f: with
+  # and without the L2 prefetch), cuda-gemv-v8 (8837ff5: immediate step offsets)
+  cuda-gemv-v9) echo "python3 benchmarks/kernels.py --out $RES/cuda-gemv-v9 --ms 1,2,4,8 \
 --backends int4_torch,cuda_gemv,cuda_gemv_w4,cuda_gemv_w8,cuda_gemv_w16,auto_w4 \
 --time-budget ${KERNELS_BUDGET:-240}" ;;
   # Nsight Compute on the GEMV's ways of feeding its warps (scripts/gemv_profile.py), M = 1

@@ -775,11 +775,19 @@ def test_cuda_gemv_matches_the_float64_product_and_replays_in_a_graph(n, k, grou
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the library is built for sm_90a")
     gen = torch.Generator(device="cuda").manual_seed(n)
-    w = torch.randn(n, k, generator=gen, device="cuda") / 32
-    qp = compute_qparams(w, QuantConfig(bits=4, group_size=group, symmetric=False))
-    codes = quantize(w, qp)
-    weight = cuda_gemv.GemvWeight.prepare(pack_codes(codes, 4), qp.scale, qp.zero, group or k)
-    w_hat = dequantize(codes, qp).double()
+    if group == 256:  # groups of two steps (QuantConfig has no g256): codes and grids drawn
+        codes = torch.randint(0, 16, (n, k), generator=gen, device="cuda", dtype=torch.uint8)
+        scale = torch.rand(n, k // group, generator=gen, device="cuda") / 64 + 1e-3
+        zero = torch.randint(0, 16, (n, k // group), generator=gen, device="cuda").float()
+        weight = cuda_gemv.GemvWeight.prepare(pack_codes(codes, 4), scale, zero, group)
+        grid = lambda t: t.to(torch.bfloat16).double().repeat_interleave(group, 1)  # noqa: E731
+        w_hat = (codes.double() - grid(zero)) * grid(scale)  # bf16 scales, as prepare keeps
+    else:
+        w = torch.randn(n, k, generator=gen, device="cuda") / 32
+        qp = compute_qparams(w, QuantConfig(bits=4, group_size=group, symmetric=False))
+        codes = quantize(w, qp)
+        weight = cuda_gemv.GemvWeight.prepare(pack_codes(codes, 4), qp.scale, qp.zero, group or k)
+        w_hat = dequantize(codes, qp).double()
     for m in (1, 2, 3, 5, 8):
         x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
         want = x.double() @ w_hat.T

@@ -20,7 +20,7 @@ import torch
 from faircalib.kernels import cutlass_lib
 
 NAME = "w4a16_gemv"  # csrc/w4a16_gemv.cu
-VERSION = 8  # the kernel's kVersion: meta words, the next step loaded ahead, up to 16 warps
+VERSION = 9  # the kernel's kVersion: meta words, the next step loaded ahead, up to 16 warps
 STEP = 128  # K columns a warp takes at once: K and the group must be multiples of it
 WARP_CHOICES = (4, 8, 16)  # warps a block (warps_for), each on its own part of the block's K
 # a thread's registers (128: two steps' operands, csrc/w4a16_gemv.cu) leave an SM this many warps

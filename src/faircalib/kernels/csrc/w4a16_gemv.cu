@@ -44,7 +44,6 @@
 // step (cuobjdump), 128 registers a thread, so an SM holds 16 warps (cuda_gemv.warps_for).
 
 #include <cstdint>
-#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -53,7 +52,7 @@
 
 namespace {
 
-constexpr int kVersion = 8;  // 7: 16 warps; 6: load ahead, meta words; 5: cp.async ring
+constexpr int kVersion = 9;  // 8: immediate offsets; 7: 16 warps; 6: meta words
 constexpr int kStep = 128;   // K columns a warp takes at once: 4 lanes (t) x 32 codes
 constexpr int kMaxWarps = 16;  // warps a block (4, 8 or 16), each on its own part of its K
 constexpr int kTileRows = 16;
@@ -91,53 +90,41 @@ struct Step {
   uint4 x[4];
 };
 
-// Where a lane reads: pointers at the first step of the pair of steps being worked on. A load
-// of step + j adds j as an immediate offset, and the pointers move once a pair (advance).
+// Where a lane reads next: running pointers, one step further after each load. (Version 8
+// loaded step + j at immediate offsets from pointers moved once a pair of steps: 247
+// instructions a step against 288, yet ptxas then issued the next step's loads halfway through
+// this step's mma and the layers ran 0.81-0.99x as fast: benchmarks/results/cuda-gemv-v8.)
 template <int kTiles>
 struct Cursor {
   const uint8_t* codes[kTiles][2];
-  const uint32_t* meta[kTiles][2];  // kGroupIsStep: step's group; else: the next load's
+  const uint32_t* meta[kTiles][2];
   const uint4* x;
-  int in_group;         // (group > kStep) steps of the next load's group before it
+  int in_group;         // steps of the current group already loaded
   int steps_per_group;  // group / kStep
 };
 
-// kGroupIsStep (group 128): step + j's group word is j words on; otherwise the meta pointers
-// follow a count of the steps loaded, in order
-template <int kTiles, bool kGroupIsStep>
-__device__ __forceinline__ void load(Step<kTiles>& s, Cursor<kTiles>& at, int j) {
+template <int kTiles>
+__device__ __forceinline__ void load(Step<kTiles>& s, Cursor<kTiles>& at) {
 #pragma unroll
   for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       // streamed past L1 (the 256-byte L2 prefetch of version 4 lost once 16 warps a block
       // ran the deep layers: benchmarks/results/cuda-gemv-warps16)
-      s.codes[tile][h] = __ldcs(reinterpret_cast<const uint4*>(at.codes[tile][h]) + j * 4);
-      s.meta[tile][h] = __ldg(at.meta[tile][h] + (kGroupIsStep ? j : 0));
+      s.codes[tile][h] = __ldcs(reinterpret_cast<const uint4*>(at.codes[tile][h]));
+      s.meta[tile][h] = __ldg(at.meta[tile][h]);
+      at.codes[tile][h] += kStep / 2;
     }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) s.x[i] = __ldg(at.x + j * (kStep / 8) + i);
-  if constexpr (!kGroupIsStep) {
-    if (++at.in_group == at.steps_per_group) {  // the next load starts a group
-      at.in_group = 0;
+  for (int i = 0; i < 4; ++i) s.x[i] = __ldg(at.x + i);
+  at.x += kStep / 8;  // 128 bf16 = 16 uint4
+  if (++at.in_group == at.steps_per_group) {  // the next step starts a group
+    at.in_group = 0;
 #pragma unroll
-      for (int tile = 0; tile < kTiles; ++tile)
+    for (int tile = 0; tile < kTiles; ++tile)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) ++at.meta[tile][h];
-    }
+      for (int h = 0; h < 2; ++h) ++at.meta[tile][h];
   }
-}
-
-template <int kTiles, bool kGroupIsStep>
-__device__ __forceinline__ void advance(Cursor<kTiles>& at, int steps) {
-#pragma unroll
-  for (int tile = 0; tile < kTiles; ++tile)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      at.codes[tile][h] += steps * (kStep / 2);
-      if constexpr (kGroupIsStep) at.meta[tile][h] += steps;
-    }
-  at.x += steps * (kStep / 8);
 }
 
 // acc[tile] += the step's contribution to rows (g, g + 8) x tokens (2t, 2t + 1)
@@ -207,7 +194,7 @@ __device__ __forceinline__ void write_block(const float (*sums)[kTiles * 4][32],
   }
 }
 
-template <int kTiles, bool kGroupIsStep>
+template <int kTiles>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     gemv_kernel(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                 const uint32_t* __restrict__ meta, __nv_bfloat16* __restrict__ out,
@@ -252,15 +239,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   // the next step loaded while this one computes, into the other buffer: unrolled by two so
   // that neither buffer is ever copied
   Step<kTiles> a, b;
-  if (begin < end) load<kTiles, kGroupIsStep>(a, at, 0);
+  if (begin < end) load(a, at);
   for (int step = begin; step < end; step += 2) {
-    if (step + 1 < end) load<kTiles, kGroupIsStep>(b, at, 1);
+    if (step + 1 < end) load(b, at);
     compute(a, acc);
     if (step + 1 < end) {
-      if (step + 2 < end) load<kTiles, kGroupIsStep>(a, at, 2);
+      if (step + 2 < end) load(a, at);
       compute(b, acc);
     }
-    advance<kTiles, kGroupIsStep>(at, 2);
   }
 
 #pragma unroll
@@ -280,7 +266,7 @@ __global__ void round_splits(const float* __restrict__ partial, __nv_bfloat16* _
   out[i] = __float2bfloat16(y);
 }
 
-template <int kTiles, bool kGroupIsStep>
+template <int kTiles>
 int launch(const void* x, const void* w, const void* meta, void* out, int m, int n, int k,
            int group, int warps, int splits, void* workspace, cudaStream_t stream) {
   const int steps = k / kStep;
@@ -289,7 +275,7 @@ int launch(const void* x, const void* w, const void* meta, void* out, int m, int
   const int rows_per_block = kTiles * kTileRows;
   const dim3 grid((n + rows_per_block - 1) / rows_per_block, splits);
   const auto op = static_cast<__nv_bfloat16*>(out);
-  gemv_kernel<kTiles, kGroupIsStep><<<grid, warps * 32, 0, stream>>>(
+  gemv_kernel<kTiles><<<grid, warps * 32, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(x), static_cast<const uint8_t*>(w),
       static_cast<const uint32_t*>(meta), op, partial, m, n, k, group, per_split);
   if (partial != nullptr) {
@@ -328,17 +314,10 @@ int fc_w4a16_gemv(const void* x, const void* w, const void* meta, void* out, int
   if (fc_w4a16_gemv_workspace(m, n, splits) > workspace_bytes)
     return fc::fail("workspace too small");
   auto s = static_cast<cudaStream_t>(stream);
-  const bool per_step = group == kStep;
-  const auto run = [&](auto tiles_c, auto per_step_c) {
-    return launch<decltype(tiles_c)::value, decltype(per_step_c)::value>(
-        x, w, meta, out, m, n, k, group, warps, splits, workspace, s);
-  };
-  using One = std::integral_constant<int, 1>;
-  using Two = std::integral_constant<int, 2>;
-  using Yes = std::true_type;
-  using No = std::false_type;
-  const int status = tiles == 1 ? (per_step ? run(One{}, Yes{}) : run(One{}, No{}))
-                                : (per_step ? run(Two{}, Yes{}) : run(Two{}, No{}));
+  const int status =
+      tiles == 1
+          ? launch<1>(x, w, meta, out, m, n, k, group, warps, splits, workspace, s)
+          : launch<2>(x, w, meta, out, m, n, k, group, warps, splits, workspace, s);
   return fc::finish(status);
 }
 

@@ -20,7 +20,7 @@ import torch
 from faircalib.kernels import cutlass_lib
 
 NAME = "w4a16_gemv"  # csrc/w4a16_gemv.cu
-VERSION = 9  # the kernel's kVersion: meta words, the next step loaded ahead, up to 16 warps
+VERSION = 10  # the kernel's kVersion: meta words, up to 16 warps, three feeds
 STEP = 128  # K columns a warp takes at once: K and the group must be multiples of it
 WARP_CHOICES = (4, 8, 16)  # warps a block (warps_for), each on its own part of the block's K
 # a thread's registers (128: two steps' operands, csrc/w4a16_gemv.cu) leave an SM this many warps
@@ -37,7 +37,7 @@ def load_library() -> ctypes.CDLL:
     lib = cutlass_lib.load(NAME)
     version = getattr(lib, "fc_w4a16_gemv_version", None)
     cutlass_lib.check_version(NAME, version() if version is not None else 1, VERSION)
-    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int] * 7]
+    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int] * 8]
     lib.fc_w4a16_gemv.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_gemv_workspace.argtypes = [ctypes.c_int] * 3
     lib.fc_w4a16_gemv_workspace.restype = ctypes.c_size_t
@@ -214,11 +214,14 @@ def w4a16_gemv(
     tiles: int | None = None,
     splits: int | None = None,
     warps: int | None = None,
+    feed: int = 0,
 ) -> torch.Tensor:
     """x [..., in] bf16 (at most 8 rows) @ W^T -> [..., out] bf16, on the current stream
     (graph-capturable once a call of the size ran eagerly: the workspace is made then).
     `tiles` and `splits` override tiles_for and splits_for (the tests run every path);
-    `warps` (4, 8 or 16 a block) overrides warps_for."""
+    `warps` (4, 8 or 16 a block) overrides warps_for; `feed` is the kernel's (csrc: 0 loads
+    the next step's codes, group words and activations during this step's mma, 1 reads the
+    activations just before each step, 2 also loads the codes two steps ahead)."""
     m = x.numel() // x.shape[-1] if x.dim() else 0
     if (
         x.dtype != torch.bfloat16
@@ -247,7 +250,7 @@ def w4a16_gemv(
         space = cutlass_lib.workspace(x.device, lib.fc_w4a16_gemv_workspace(m, n, splits))
         status = lib.fc_w4a16_gemv(
             x2.data_ptr(), weight.qweight.data_ptr(), weight.meta.data_ptr(), out.data_ptr(),
-            m, n, k, weight.group, tiles, warps, splits,
+            m, n, k, weight.group, tiles, warps, feed, splits,
             space.data_ptr(), space.numel(), stream,
         )  # fmt: skip
     if status != 0:

@@ -47,8 +47,7 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
                 read once, two codes to a bf16 pair by one LOP3, mma.sync with the tokens as N);
                 cuda_gemv_t{1,2}[_s{2,4}] its row tiles a warp and K splits fixed (8 warps
                 a block, _t2_w4 4); cuda_gemv_w{4,8,16} two tiles, K not split, 4, 8 or 16
-                warps a block; cuda_gemv_t{1,2}f{0,1,2}[_w{4,8,16}] tiles, the kernel's feed
-                (cuda_gemv.w4a16_gemv) and warps fixed, K not split
+                warps a block; cuda_gemv_t1_w16 one tile, K not split, 16 warps
   cutlass_int8  (GPU) int8_w8a8's work on CUTLASS's INT8 GEMM (kernels.cutlass_w8a8: scales in
                 the epilogue); cutlass_int8_prequant the GEMM alone, _c0.._c6 one tile each
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
@@ -83,7 +82,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import itertools
 import json
 import math
 import statistics
@@ -370,7 +368,6 @@ def _make_cuda_gemv(
     tiles: int,
     splits: int,
     warps: int | None = None,
-    feed: int = 0,
 ) -> Callable[[Layer], Fn]:
     """Our tensor-core GEMV (kernels.cuda_gemv) with its row tiles a warp and its K splits
     fixed, against the rules' choice (tiles_for, splits_for) that `cuda_gemv` runs."""
@@ -381,7 +378,7 @@ def _make_cuda_gemv(
         weight = cuda_gemv.GemvWeight.prepare(
             pack_codes(layer.codes4, 4), layer.qp4.scale, layer.qp4.zero, 128
         )
-        return lambda x: cuda_gemv.w4a16_gemv(x, weight, tiles, splits, warps, feed)
+        return lambda x: cuda_gemv.w4a16_gemv(x, weight, tiles, splits, warps)
 
     return make
 
@@ -517,10 +514,8 @@ def candidates(device: torch.device) -> list[Candidate]:
             out.append(Candidate(name, _make_cuda_gemv(tiles, splits, warps), _ref_w4, 0.5))
         for warps in (4, 8, 16):  # two tiles, K not split
             out.append(Candidate(f"cuda_gemv_w{warps}", _make_cuda_gemv(2, 1, warps), _ref_w4, 0.5))
-        for tiles, feed, warps in itertools.product((1, 2), (0, 1, 2), (None, 4, 8, 16)):
-            name = f"cuda_gemv_t{tiles}f{feed}" + (f"_w{warps}" if warps else "")
-            make = _make_cuda_gemv(tiles, 1, warps, feed)  # K not split, warps_for's if None
-            out.append(Candidate(name, make, _ref_w4, 0.5))
+        make = _make_cuda_gemv(1, 1, 16)  # one tile, K not split, 16 warps
+        out.append(Candidate("cuda_gemv_t1_w16", make, _ref_w4, 0.5))
         for name in ("triton_w4", "triton_dq", "triton_gemv", "cuda_gemv"):
             out.append(
                 Candidate(name, lambda l, n=name: _quant_linear(l.codes4, l.qp4, n), _ref_w4, 0.5)

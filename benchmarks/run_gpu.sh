@@ -114,13 +114,10 @@ $([ "$1" = generation-8b-stack-ab-dream ] && echo --family dream) --out $RES/$1"
   # 4, 8 or 16 warps a block beside the rules' choice and torch's, M <= 8. Earlier variants, each
   # since removed, in their own results: cuda-gemv-ring (a0717d9: a cp.async ring of 4 or 6
   # steps), cuda-gemv-depth (d981670: loading 2 steps ahead), cuda-gemv-warps16 (dbba05f: with
-  # and without the L2 prefetch), cuda-gemv-v8 (8837ff5: immediate step offsets)
+  # and without the L2 prefetch), cuda-gemv-v8 (8837ff5: immediate step offsets), cuda-gemv-feed
+  # (96fbb47: the activations read just in time, the codes two steps ahead, one tile a warp)
   cuda-gemv-v9) echo "python3 benchmarks/kernels.py --out $RES/cuda-gemv-v9 --ms 1,2,4,8 \
 --backends int4_torch,cuda_gemv,cuda_gemv_w4,cuda_gemv_w8,cuda_gemv_w16,auto_w4 \
---time-budget ${KERNELS_BUDGET:-240}" ;;
-  # the feeds (activations just in time; codes two steps ahead) on one and two tiles a warp
-  cuda-gemv-feed) echo "python3 benchmarks/kernels.py --out $RES/cuda-gemv-feed --ms 1,8 \
---backends int4_torch,cuda_gemv,cuda_gemv_t2f1,cuda_gemv_t2f2,cuda_gemv_t1f0_w16,cuda_gemv_t1f1_w4,cuda_gemv_t1f1_w8,cuda_gemv_t1f1_w16,cuda_gemv_t1f2_w4,cuda_gemv_t1f2_w8,cuda_gemv_t1f2_w16,cuda_gemv_t2f1_w8,cuda_gemv_t2f2_w8,cuda_gemv_t2f2_w16 \
 --time-budget ${KERNELS_BUDGET:-240}" ;;
   # Nsight Compute on the GEMV's ways of feeding its warps (scripts/gemv_profile.py), M = 1
   gemv-ncu) echo "mkdir -p $RES/gemv-ncu; for shape in 4096x14336 14336x4096; do ncu --clock-control none \

@@ -766,8 +766,8 @@ def test_cuda_gemv_matches_the_float64_product_and_replays_in_a_graph(n, k, grou
     """The GEMV against the float64 product with the dequantized weight at every M it takes,
     on a layer that fills the GPU, one that splits K (Dream's K / V), one of ragged rows with
     a single group and one of groups of two steps, each through one and two row tiles a warp,
-    K split and not, 4, 8 and 16 warps a block, each of the three feeds; then a graph replay
-    on new activations equals an eager call."""
+    K split and not, 4, 8 and 16 warps a block; then a graph replay on new activations equals
+    an eager call."""
     from faircalib.kernels import cuda_gemv
     from faircalib.kernels.backends import pack_codes
     from faircalib.models.cuda_graph import capture
@@ -797,9 +797,6 @@ def test_cuda_gemv_matches_the_float64_product_and_replays_in_a_graph(n, k, grou
             y = cuda_gemv.w4a16_gemv(x, weight, tiles, splits, warps)
             assert y.dtype == torch.bfloat16 and y.shape == (m, n)
             assert rel_err(y, want) < 1e-2, (m, n, k, tiles, splits, warps)
-            for feed in (1, 2):  # the same sums in the same order: the same bits
-                fed = cuda_gemv.w4a16_gemv(x, weight, tiles, splits, warps, feed)
-                assert torch.equal(fed, y), (m, n, k, tiles, splits, warps, feed)
     x = torch.randn(1, k, generator=gen, device="cuda").to(torch.bfloat16)
     graph, out = capture(lambda: cuda_gemv.w4a16_gemv(x, weight))
     x.copy_(torch.randn(1, k, generator=gen, device="cuda").to(torch.bfloat16))

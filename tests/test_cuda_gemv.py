@@ -75,12 +75,14 @@ def test_tiles_and_splits_follow_the_measured_rules():
     assert cuda_gemv.tiles_for(4096, 132) == 2  # 128 blocks of 32 rows: still the faster
     assert cuda_gemv.tiles_for(2112, 132) == 2 and cuda_gemv.tiles_for(2080, 132) == 1  # 66 / 65
     assert cuda_gemv.tiles_for(512, 132) == 1  # Dream's K / V
-    # no split while blocks cover half the SMs: a split costs a second kernel
+    # no split while blocks cover an eighth of the SMs: a split costs a second kernel
     assert cuda_gemv.splits_for(4096, 4096, 132, 2) == 1
     assert cuda_gemv.splits_for(3584, 18944, 132, 2) == 1  # 112 blocks
-    # Dream's K / V: 32 blocks; K = 3584 has 28 steps, 3 splits leave each of 8 warps a step
-    assert cuda_gemv.splits_for(512, 3584, 132, 1) == 3
-    assert cuda_gemv.splits_for(512, 14336, 132, 1) == 5  # 112 steps: 5 splits give 160 blocks
+    assert cuda_gemv.splits_for(512, 3584, 132, 1) == 1  # Dream's K / V: 32 blocks of 16 warps
+    assert cuda_gemv.splits_for(256, 3584, 132, 1) == 1  # 16 blocks
+    # 8 blocks: splits for one a SM, each of 8 warps a block still with a step of K
+    assert cuda_gemv.splits_for(128, 14336, 132, 1) == 14  # 112 steps: 14 of 8 steps
+    assert cuda_gemv.splits_for(128, 3584, 132, 1) == 3  # 28 steps: 3 of 10 steps
     assert cuda_gemv.splits_for(16, 1024, 132, 1) == 1  # 8 steps: one a warp, no split
 
 
@@ -93,7 +95,8 @@ def test_warps_a_block_are_the_most_that_let_every_block_run_at_once():
     assert cuda_gemv.warps_for(8448, 132, 2, 1) == 8  # 264 = 132 x 2: exactly two an SM
     assert cuda_gemv.warps_for(8480, 132, 2, 1) == 4  # 265
     assert cuda_gemv.warps_for(18944, 132, 2, 1) == 8  # 592 > 528: more than one wave
-    assert cuda_gemv.warps_for(512, 132, 1, 3) == cuda_gemv.SPLIT_WARPS  # K split
+    assert cuda_gemv.warps_for(512, 132, 1, 1) == 16  # Dream's K / V: 32 one-tile blocks
+    assert cuda_gemv.warps_for(128, 132, 1, 14) == cuda_gemv.SPLIT_WARPS  # K split
 
 
 def test_shapes_and_inputs_the_kernel_cannot_take_are_named():

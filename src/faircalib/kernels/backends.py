@@ -127,7 +127,9 @@ W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
 # 0.62-0.77x for dequantize + cuBLAS (cutlass-w4, cutlass-w4-sk); stacked with Q
 # (--stack-linears) the layer is 4608 wide and takes it.
 # INT8: 0.57x against 0.75-0.78x for `int8_w8a8` at M = 256-512 there (cutlass-w8a8-sk).
-AUTO_MIN_OUT_FEATURES = {"cutlass_w4": 1024, "cutlass_int8": 1024, "cuda_gemv": 1024}
+# The GEMV takes it (1.79x at M = 1 against torch's int4 kernel's 1.55x, cuda-gemv-feed); no
+# narrower layer was measured.
+AUTO_MIN_OUT_FEATURES = {"cutlass_w4": 1024, "cutlass_int8": 1024, "cuda_gemv": 512}
 
 # `int8` on CUDA: `torch._int_mm` needs M > 16 (cuBLASLt int8 constraint).
 # `auto` for layers that quantize activations to the int8 grid (act_bits=8), on CUDA: per M,

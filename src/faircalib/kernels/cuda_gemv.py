@@ -20,7 +20,7 @@ import torch
 from faircalib.kernels import cutlass_lib
 
 NAME = "w4a16_gemv"  # csrc/w4a16_gemv.cu
-VERSION = 10  # the kernel's kVersion: meta words, up to 16 warps, three feeds
+VERSION = 9  # the kernel's kVersion: meta words, the next step loaded ahead, up to 16 warps
 STEP = 128  # K columns a warp takes at once: K and the group must be multiples of it
 WARP_CHOICES = (4, 8, 16)  # warps a block (warps_for), each on its own part of the block's K
 # a thread's registers (128: two steps' operands, csrc/w4a16_gemv.cu) leave an SM this many warps
@@ -37,7 +37,7 @@ def load_library() -> ctypes.CDLL:
     lib = cutlass_lib.load(NAME)
     version = getattr(lib, "fc_w4a16_gemv_version", None)
     cutlass_lib.check_version(NAME, version() if version is not None else 1, VERSION)
-    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int] * 8]
+    lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int] * 7]
     lib.fc_w4a16_gemv.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.fc_w4a16_gemv_workspace.argtypes = [ctypes.c_int] * 3
     lib.fc_w4a16_gemv_workspace.restype = ctypes.c_size_t
@@ -65,12 +65,13 @@ def tiles_for(n: int, sm_count: int) -> int:
 
 def splits_for(n: int, k: int, sm_count: int, tiles: int) -> int:
     """How many parts K is split into across blocks: none unless the layer has fewer blocks
-    than half the SMs, then enough for one a SM, each warp of a block still with a step of its
-    own. A split costs a second kernel and a float round trip: two splits took 4096 x 4096 at
-    M = 1 from 1.82x of bf16 to 1.32x, while four took the 512-wide K / V (32 blocks) from
-    1.32x to 1.53x (benchmarks/results/cuda-gemv-tiles)."""
+    than an eighth of the SMs, then enough for one a SM, each warp of a block still with a step
+    of its own. A split costs a second kernel and a float round trip, and 16 warps a block now
+    cover a narrow layer's K without one: Dream's 512-wide K / V (32 one-tile blocks) ran 1.79x
+    of bf16 at M = 1 unsplit on 16 warps, 1.35x in 3 splits on 8
+    (benchmarks/results/cuda-gemv-feed: cuda_gemv_t1f0_w16 against cuda_gemv)."""
     blocks = -(-n // (tiles * TILE_ROWS))
-    if blocks >= sm_count // 2:
+    if blocks >= sm_count // 8:
         return 1
     return max(1, min(-(-sm_count // blocks), k // STEP // SPLIT_WARPS))
 
@@ -214,14 +215,11 @@ def w4a16_gemv(
     tiles: int | None = None,
     splits: int | None = None,
     warps: int | None = None,
-    feed: int = 0,
 ) -> torch.Tensor:
     """x [..., in] bf16 (at most 8 rows) @ W^T -> [..., out] bf16, on the current stream
     (graph-capturable once a call of the size ran eagerly: the workspace is made then).
     `tiles` and `splits` override tiles_for and splits_for (the tests run every path);
-    `warps` (4, 8 or 16 a block) overrides warps_for; `feed` is the kernel's (csrc: 0 loads
-    the next step's codes, group words and activations during this step's mma, 1 reads the
-    activations just before each step, 2 also loads the codes two steps ahead)."""
+    `warps` (4, 8 or 16 a block) overrides warps_for."""
     m = x.numel() // x.shape[-1] if x.dim() else 0
     if (
         x.dtype != torch.bfloat16
@@ -250,7 +248,7 @@ def w4a16_gemv(
         space = cutlass_lib.workspace(x.device, lib.fc_w4a16_gemv_workspace(m, n, splits))
         status = lib.fc_w4a16_gemv(
             x2.data_ptr(), weight.qweight.data_ptr(), weight.meta.data_ptr(), out.data_ptr(),
-            m, n, k, weight.group, tiles, warps, feed, splits,
+            m, n, k, weight.group, tiles, warps, splits,
             space.data_ptr(), space.numel(), stream,
         )  # fmt: skip
     if status != 0:

@@ -44,7 +44,6 @@
 // step (cuobjdump), 128 registers a thread, so an SM holds 16 warps (cuda_gemv.warps_for).
 
 #include <cstdint>
-#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -53,7 +52,7 @@
 
 namespace {
 
-constexpr int kVersion = 10;  // 9: feeds; 8: immediate offsets; 7: 16 warps
+constexpr int kVersion = 9;  // 8: immediate offsets; 7: 16 warps; 6: meta words
 constexpr int kStep = 128;   // K columns a warp takes at once: 4 lanes (t) x 32 codes
 constexpr int kMaxWarps = 16;  // warps a block (4, 8 or 16), each on its own part of its K
 constexpr int kTileRows = 16;
@@ -104,9 +103,7 @@ struct Cursor {
   int steps_per_group;  // group / kStep
 };
 
-// kXAhead: the activations too (else load_x reads them just before the step's mma: L1 and L2
-// hold them, every block of the SM reading the same ones)
-template <int kTiles, bool kXAhead>
+template <int kTiles>
 __device__ __forceinline__ void load(Step<kTiles>& s, Cursor<kTiles>& at) {
 #pragma unroll
   for (int tile = 0; tile < kTiles; ++tile)
@@ -118,11 +115,9 @@ __device__ __forceinline__ void load(Step<kTiles>& s, Cursor<kTiles>& at) {
       s.meta[tile][h] = __ldg(at.meta[tile][h]);
       at.codes[tile][h] += kStep / 2;
     }
-  if constexpr (kXAhead) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) s.x[i] = __ldg(at.x + i);
-    at.x += kStep / 8;  // 128 bf16 = 16 uint4
-  }
+  for (int i = 0; i < 4; ++i) s.x[i] = __ldg(at.x + i);
+  at.x += kStep / 8;  // 128 bf16 = 16 uint4
   if (++at.in_group == at.steps_per_group) {  // the next step starts a group
     at.in_group = 0;
 #pragma unroll
@@ -130,13 +125,6 @@ __device__ __forceinline__ void load(Step<kTiles>& s, Cursor<kTiles>& at) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) ++at.meta[tile][h];
   }
-}
-
-template <int kTiles>
-__device__ __forceinline__ void load_x(Step<kTiles>& s, const uint4*& x) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) s.x[i] = __ldg(x + i);
-  x += kStep / 8;
 }
 
 // acc[tile] += the step's contribution to rows (g, g + 8) x tokens (2t, 2t + 1)
@@ -206,10 +194,7 @@ __device__ __forceinline__ void write_block(const float (*sums)[kTiles * 4][32],
   }
 }
 
-// kFeed: 0, the next step's codes, group words and activations loaded during this step's mma;
-// 1, the activations read just before each step instead; 2, as 1 with the codes and words two
-// steps ahead (a ring of three buffers)
-template <int kTiles, int kFeed>
+template <int kTiles>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     gemv_kernel(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                 const uint32_t* __restrict__ meta, __nv_bfloat16* __restrict__ out,
@@ -251,25 +236,16 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #pragma unroll
     for (int c = 0; c < 4; ++c) acc[tile][c] = 0.f;
 
-  // kAhead steps loaded ahead into a ring of kAhead + 1 buffers, unrolled by its length so
-  // that each buffer is a constant and none is ever copied
-  constexpr bool kXAhead = kFeed == 0;
-  constexpr int kAhead = kFeed == 2 ? 2 : 1;
-  constexpr int kBuffers = kAhead + 1;
-  const uint4* x_at = at.x;  // kXAhead false: load_x's own walk
-  Step<kTiles> ring[kBuffers];
-#pragma unroll
-  for (int j = 0; j < kAhead; ++j)
-    if (begin + j < end) load<kTiles, kXAhead>(ring[j], at);
-  for (int base = begin; base < end; base += kBuffers) {
-#pragma unroll
-    for (int j = 0; j < kBuffers; ++j) {
-      const int step = base + j;
-      if (step < end) {
-        if (step + kAhead < end) load<kTiles, kXAhead>(ring[(j + kAhead) % kBuffers], at);
-        if constexpr (!kXAhead) load_x(ring[j], x_at);
-        compute(ring[j], acc);
-      }
+  // the next step loaded while this one computes, into the other buffer: unrolled by two so
+  // that neither buffer is ever copied
+  Step<kTiles> a, b;
+  if (begin < end) load(a, at);
+  for (int step = begin; step < end; step += 2) {
+    if (step + 1 < end) load(b, at);
+    compute(a, acc);
+    if (step + 1 < end) {
+      if (step + 2 < end) load(a, at);
+      compute(b, acc);
     }
   }
 
@@ -290,7 +266,7 @@ __global__ void round_splits(const float* __restrict__ partial, __nv_bfloat16* _
   out[i] = __float2bfloat16(y);
 }
 
-template <int kTiles, int kFeed>
+template <int kTiles>
 int launch(const void* x, const void* w, const void* meta, void* out, int m, int n, int k,
            int group, int warps, int splits, void* workspace, cudaStream_t stream) {
   const int steps = k / kStep;
@@ -299,7 +275,7 @@ int launch(const void* x, const void* w, const void* meta, void* out, int m, int
   const int rows_per_block = kTiles * kTileRows;
   const dim3 grid((n + rows_per_block - 1) / rows_per_block, splits);
   const auto op = static_cast<__nv_bfloat16*>(out);
-  gemv_kernel<kTiles, kFeed><<<grid, warps * 32, 0, stream>>>(
+  gemv_kernel<kTiles><<<grid, warps * 32, 0, stream>>>(
       static_cast<const __nv_bfloat16*>(x), static_cast<const uint8_t*>(w),
       static_cast<const uint32_t*>(meta), op, partial, m, n, k, group, per_split);
   if (partial != nullptr) {
@@ -325,10 +301,9 @@ size_t fc_w4a16_gemv_workspace(int m, int n, int splits) {
 }
 
 // meta: [n, k / group] uint32 (the layout above); tiles: 16-row tiles a warp takes (1 or 2);
-// warps: a block's (4, 8 or 16); feed: gemv_kernel's kFeed (0, 1 or 2); 0 on success,
-// otherwise fc_w4a16_gemv_error() says why
+// warps: a block's (4, 8 or 16); 0 on success, otherwise fc_w4a16_gemv_error() says why
 int fc_w4a16_gemv(const void* x, const void* w, const void* meta, void* out, int m, int n, int k,
-                  int group, int tiles, int warps, int feed, int splits, void* workspace,
+                  int group, int tiles, int warps, int splits, void* workspace,
                   size_t workspace_bytes, void* stream) {
   if (m < 1 || m > 8) return fc::fail("the GEMV takes 1 to 8 token rows");
   if (k % kStep != 0 || group % kStep != 0 || k % group != 0)
@@ -336,21 +311,13 @@ int fc_w4a16_gemv(const void* x, const void* w, const void* meta, void* out, int
   if (splits < 1 || splits > k / kStep) return fc::fail("splits must be 1 to K / 128");
   if (tiles != 1 && tiles != 2) return fc::fail("tiles must be 1 or 2");
   if (warps != 4 && warps != 8 && warps != 16) return fc::fail("warps must be 4, 8 or 16");
-  if (feed < 0 || feed > 2) return fc::fail("feed must be 0, 1 or 2");
   if (fc_w4a16_gemv_workspace(m, n, splits) > workspace_bytes)
     return fc::fail("workspace too small");
   auto s = static_cast<cudaStream_t>(stream);
-  const auto run = [&](auto tiles_c, auto feed_c) {
-    return launch<decltype(tiles_c)::value, decltype(feed_c)::value>(
-        x, w, meta, out, m, n, k, group, warps, splits, workspace, s);
-  };
-  const auto with_feed = [&](auto tiles_c) {
-    return feed == 0   ? run(tiles_c, std::integral_constant<int, 0>{})
-           : feed == 1 ? run(tiles_c, std::integral_constant<int, 1>{})
-                       : run(tiles_c, std::integral_constant<int, 2>{});
-  };
-  const int status = tiles == 1 ? with_feed(std::integral_constant<int, 1>{})
-                                : with_feed(std::integral_constant<int, 2>{});
+  const int status =
+      tiles == 1
+          ? launch<1>(x, w, meta, out, m, n, k, group, warps, splits, workspace, s)
+          : launch<2>(x, w, meta, out, m, n, k, group, warps, splits, workspace, s);
   return fc::finish(status);
 }
 

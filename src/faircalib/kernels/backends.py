@@ -108,8 +108,8 @@ if TYPE_CHECKING:
 W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
     "cuda": [
         # M = 1..8: our tensor-core GEMV (kernels/cuda_gemv.py, once built). H200, the seven
-        # large 8B shapes (benchmarks/results/cuda-gemv-v9): 2.28-2.63x of bf16 at M = 1
-        # against 1.60-2.00x for torch's int4 kernel, 2.14-2.48x at M = 8 against 0.73-1.04x
+        # large 8B shapes (benchmarks/results/cuda-gemv): 2.18-2.92x of bf16 at M = 1
+        # against 1.65-1.81x for torch's int4 kernel, 2.05-2.50x at M = 8 against 0.75-0.97x
         (9, ("cuda_gemv", "int4_cuda", "triton_w4")),
         (16, ("int4_cuda", "triton_w4")),  # M = 9..15 (measured at M = 1)
         (33, ("triton_w4", "int4_cuda")),  # M = 16..32: the fused kernel (split-K)

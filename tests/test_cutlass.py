@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -336,3 +337,22 @@ def test_a_library_from_another_version_is_refused_with_the_command_to_rebuild(m
     with pytest.raises(cutlass_lib.CutlassUnavailable, match="another version"):
         cutlass_lib.load(cutlass_w4.NAME)  # remembered: not loaded again
     cutlass_lib.check_version(cutlass_w4.NAME, cutlass_w4.CONFIGS, cutlass_w4.CONFIGS)
+
+
+def test_a_library_is_declared_once_and_a_refused_one_every_call(monkeypatch):
+    """`load`'s declare step (version check, C signatures) runs on the first call for a
+    loaded library only; one that raises (a stale build) raises again on every call."""
+    lib = types.SimpleNamespace()
+    monkeypatch.setattr(cutlass_lib, "_LOADED", {"good": lib, "stale": types.SimpleNamespace()})
+    monkeypatch.setattr(cutlass_lib, "_FAILED", {})
+    calls = []
+    for _ in range(3):
+        assert cutlass_lib.load("good", calls.append) is lib
+    assert calls == [lib]
+
+    def refuse(_lib):
+        raise cutlass_lib.CutlassUnavailable("built from another version")
+
+    for _ in range(2):
+        with pytest.raises(cutlass_lib.CutlassUnavailable, match="another version"):
+            cutlass_lib.load("stale", refuse)

@@ -32,9 +32,12 @@ MAX_M = 8
 
 
 def load_library() -> ctypes.CDLL:
-    """The GEMV library (cutlass_lib.load), its C signatures declared; one built from another
-    version of the source (a stale $FAIRCALIB_CUTLASS_DIR) is refused."""
-    lib = cutlass_lib.load(NAME)
+    """The GEMV library (cutlass_lib.load), its C signatures declared once; one built from
+    another version of the source (a stale $FAIRCALIB_CUTLASS_DIR) is refused."""
+    return cutlass_lib.load(NAME, _declare)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
     version = getattr(lib, "fc_w4a16_gemv_version", None)
     cutlass_lib.check_version(NAME, version() if version is not None else 1, VERSION)
     lib.fc_w4a16_gemv.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int] * 7]
@@ -42,7 +45,6 @@ def load_library() -> ctypes.CDLL:
     lib.fc_w4a16_gemv_workspace.argtypes = [ctypes.c_int] * 3
     lib.fc_w4a16_gemv_workspace.restype = ctypes.c_size_t
     lib.fc_w4a16_gemv_error.restype = ctypes.c_char_p
-    return lib
 
 
 def check_shape(in_features: int, group: int) -> None:

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -181,10 +182,11 @@ _LOADED: dict[str, ctypes.CDLL] = {}
 _FAILED: dict[str, str] = {}  # name -> why: a failed build is not retried on every call
 
 
-def load(name: str) -> ctypes.CDLL:
+def load(name: str, declare: Callable[[ctypes.CDLL], None] | None = None) -> ctypes.CDLL:
     """The library of `csrc/<name>.cu`: $FAIRCALIB_CUTLASS_DIR/<name>.so, else the cache's
     build of the current source. A failure is remembered (backends ask once per layer and M)
-    until `build_library` builds it."""
+    until `build_library` builds it. `declare` (check the version, set the C signatures) runs
+    once per loaded library, not on every eager call."""
     if name in _FAILED:
         raise CutlassUnavailable(_FAILED[name])
     if name not in _LOADED:
@@ -193,7 +195,11 @@ def load(name: str) -> ctypes.CDLL:
         except CutlassUnavailable as exc:
             _FAILED[name] = str(exc)
             raise
-    return _LOADED[name]
+    lib = _LOADED[name]
+    if declare is not None and not getattr(lib, "_faircalib_declared", False):
+        declare(lib)  # a refused version raises here, every call, and stays undeclared
+        lib._faircalib_declared = True
+    return lib
 
 
 def _open(name: str) -> ctypes.CDLL:

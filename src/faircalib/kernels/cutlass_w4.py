@@ -53,8 +53,11 @@ STREAM_K_BELOW = 0.5
 
 
 def load_library() -> ctypes.CDLL:
-    """The W4A16 library (cutlass_lib.load), its C signatures declared."""
-    lib = cutlass_lib.load(NAME)
+    """The W4A16 library (cutlass_lib.load), its C signatures declared (once)."""
+    return cutlass_lib.load(NAME, _declare)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
     cutlass_lib.check_version(NAME, lib.fc_w4a16_sm90_configs(), CONFIGS)
     lib.fc_w4a16_sm90_gemm.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int] * 4]
     lib.fc_w4a16_sm90_gemm.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
@@ -64,7 +67,6 @@ def load_library() -> ctypes.CDLL:
     lib.fc_w4a16_sm90_shuffled_offset.restype = ctypes.c_int64
     lib.fc_w4a16_sm90_error.restype = ctypes.c_char_p
     lib.fc_w4a16_sm90_config_name.restype = ctypes.c_char_p
-    return lib
 
 
 def config_for(m: int, n: int, sm_count: int = 132) -> int:

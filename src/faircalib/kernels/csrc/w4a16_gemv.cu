@@ -39,9 +39,9 @@
 // benchmarks/results/gemv-ncu: at 430 instructions a step the schedulers issued half the cycles
 // and HBM ran at 36%). So: the next step's operands are loaded into the other of two register
 // buffers, the loop unrolled by two so that no buffer is ever copied (a copy waits for the load
-// it moves); each pair is one LOP3 (both constants given to PTX's lop3); the loads take the
-// step as an immediate offset from pointers that move once a pair of steps: 247 instructions a
-// step (cuobjdump), 128 registers a thread, so an SM holds 16 warps (cuda_gemv.warps_for).
+// it moves); each pair is one LOP3 (both constants given to PTX's lop3); the loads walk running
+// pointers, with the group counted rather than divided out: 288 instructions a step
+// (cuobjdump), 127 registers a thread, so an SM holds 16 warps (cuda_gemv.warps_for).
 
 #include <cstdint>
 

@@ -26,6 +26,7 @@ WARP_CHOICES = (4, 8, 16)  # warps a block (warps_for), each on its own part of 
 # a thread's registers (128: two steps' operands, csrc/w4a16_gemv.cu) leave an SM this many warps
 RESIDENT_WARPS = 16
 SPLIT_WARPS = 8  # warps a block where K is split (splits_for): as measured in cuda-gemv-tiles
+MANY_WAVES_WARPS = 8  # warps a block where no count fits a layer in one wave (warps_for)
 TILE_ROWS = 16  # weight rows an mma covers
 MAX_ZERO = 127  # 128 + zero must be a bf16 integer
 MAX_M = 8
@@ -62,7 +63,12 @@ def tiles_for(n: int, sm_count: int) -> int:
     large 8B shapes at M = 1 and 8, 4096 x 4096's 128 blocks included (1.90x of bf16 against
     1.82x at M = 1); Dream's 512-wide K / V ran 1.32x on one tile and 1.18x on two
     (benchmarks/results/cuda-gemv-tiles)."""
-    return 2 if -(-n // (2 * TILE_ROWS)) >= sm_count // 2 else 1
+    return 2 if _blocks(n, 2) >= sm_count // 2 else 1
+
+
+def _blocks(n: int, tiles: int) -> int:
+    """Blocks of a layer of n outputs along its rows (one split of K)."""
+    return -(-n // (tiles * TILE_ROWS))
 
 
 def splits_for(n: int, k: int, sm_count: int, tiles: int) -> int:
@@ -72,7 +78,7 @@ def splits_for(n: int, k: int, sm_count: int, tiles: int) -> int:
     cover a narrow layer's K without one: Dream's 512-wide K / V (32 one-tile blocks) ran 1.79x
     of bf16 at M = 1 unsplit on 16 warps, 1.35x in 3 splits on 8
     (benchmarks/results/cuda-gemv-feed: cuda_gemv_t1f0_w16 against cuda_gemv)."""
-    blocks = -(-n // (tiles * TILE_ROWS))
+    blocks = _blocks(n, tiles)
     if blocks >= sm_count // 8:
         return 1
     return max(1, min(-(-sm_count // blocks), k // STEP // SPLIT_WARPS))
@@ -88,11 +94,11 @@ def warps_for(n: int, sm_count: int, tiles: int, splits: int) -> int:
     on 16). A layer whose K is split runs SPLIT_WARPS."""
     if splits > 1:
         return SPLIT_WARPS
-    blocks = -(-n // (tiles * TILE_ROWS))
+    blocks = _blocks(n, tiles)
     for warps in sorted(WARP_CHOICES, reverse=True):
         if blocks <= sm_count * (RESIDENT_WARPS // warps):
             return warps
-    return 8
+    return MANY_WAVES_WARPS
 
 
 @dataclass

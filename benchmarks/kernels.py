@@ -50,6 +50,11 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
                 warps a block; cuda_gemv_t1_w16 one tile, K not split, 16 warps
   cutlass_int8  (GPU) int8_w8a8's work on CUTLASS's INT8 GEMM (kernels.cutlass_w8a8: scales in
                 the epilogue); cutlass_int8_prequant the GEMM alone, _c0.._c6 one tile each
+  cutlass_w4a8  (GPU) QuantLinear int4 g128 W4AFP8 on backend cutlass_w4a8: per-token e4m3
+                activations, the codes unpacked to e4m3 per call, CUTLASS's block-scaled FP8
+                GEMM (group scales on the accumulator; kernels.cutlass_w4a8), tile by M and N;
+                cutlass_w4a8_c{0..3} one tile each; cutlass_w4a8_alone the GEMM alone (rows
+                and the e4m3 weight made outside the timed call)
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
                 imports (optional: `pip install gemlite`; H100 configs loaded on an H200)
   gemlite_w4a8_fp8   (GPU) gemlite's W4 g128 x dynamic per-token e4m3 activations
@@ -410,6 +415,43 @@ def _make_cutlass_int8(prequant: bool, config: int | None = None) -> Callable[[L
     return make
 
 
+def _make_cutlass_w4a8(config: int | None, alone: bool = False) -> Callable[[Layer], Fn]:
+    """W4A8 with e4m3 activations on CUTLASS's block-scaled FP8 GEMM (kernels.cutlass_w4a8):
+    per call the fused per-token quantization, the codes unpacked to e4m3 and the GEMM; with
+    `alone` the GEMM only (rows and unpacked weight made once per input, outside the timed
+    call: what the unpack and quantization cost is the difference). `config` one tile, None
+    the M rule."""
+
+    def make(layer: Layer) -> Fn:
+        from faircalib.kernels import cutlass_w4a8
+        from faircalib.kernels.triton_w4 import pack_tiles
+        from faircalib.kernels.triton_w8a8 import quantize_rows, w4a8_layout, w4a8_unpack
+
+        packed = pack_tiles(layer.codes4)
+        _, zero_t = w4a8_layout(layer.qp4.scale, layer.qp4.zero)
+        w_scale = cutlass_w4a8.group_scales(layer.qp4.scale, layer.codes4.shape[1])
+        made: dict[int, tuple] = {}  # alone: id(x) -> (x, rows, scales, e4m3 weight)
+
+        @torch.no_grad()
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if not alone:
+                x8, x_scale = quantize_rows(x, "fp8")
+                return cutlass_w4a8.w4a8_fp8_gemm(x8, x_scale, packed, zero_t, w_scale, config)
+            hit = made.get(id(x))
+            if hit is None or hit[0] is not x:
+                hit = made[id(x)] = (
+                    x,
+                    *quantize_rows(x, "fp8"),
+                    w4a8_unpack(packed, zero_t, "fp8"),
+                )
+            _, x8, x_scale, w8 = hit
+            return cutlass_w4a8.fp8_group_scaled_mm(x8, x_scale.float(), w8, w_scale, config)
+
+        return run
+
+    return make
+
+
 GEMLITE = [  # name, kind, reference, weight bytes per element, tensor-core type
     ("gemlite_w4", "w4", _ref_w4, 0.5, "bf16"),
     ("gemlite_w4a8_fp8", "w4a8_fp8", _ref_w4a8_fp8, 0.5, "8bit"),
@@ -503,6 +545,22 @@ def candidates(device: torch.device) -> list[Candidate]:
             out.append(
                 Candidate(f"cutlass_int8_prequant_c{config}", make, _ref_int8, 1.0, math="8bit")
             )
+        make = lambda l: _quant_linear(  # noqa: E731 - a W4AFP8 layer, as w4a8_fp8
+            l.codes4, l.qp4, "cutlass_w4a8", act_bits=8, act_format="fp8"
+        )
+        out.append(Candidate("cutlass_w4a8", make, _ref_w4a8_fp8, 0.5, math="8bit"))
+        out.append(
+            Candidate(
+                "cutlass_w4a8_alone",
+                _make_cutlass_w4a8(None, True),
+                _ref_w4a8_fp8,
+                0.5,
+                math="8bit",
+            )
+        )
+        for config in range(4):
+            make = _make_cutlass_w4a8(config)
+            out.append(Candidate(f"cutlass_w4a8_c{config}", make, _ref_w4a8_fp8, 0.5, math="8bit"))
         tiles = (("32", 2), ("64", 1), ("128", 0), ("256", 3), ("128_plain", 4))
         tiles += (("sk64", 7), ("sk128", 5), ("sk256", 6))  # stream-K
         tiles += (("pp64", 8), ("pp128", 9), ("pp256", 10))  # 64-row ping-pong tiles
@@ -869,12 +927,13 @@ W8_FP8 = ("fp8_w8a8", "fp8_triton")  # fp8_w8a8 runs FP8_W8A8_GEMM's choice (_sc
 TARGETS = [
     ("FP8 W8A8", ("fp8_w8a8", "fp8_triton", "fp8_scaled_mm"), 1024, math.inf, 1.6),
     ("INT8 W8A8", ("int8_w8a8", "int8_triton", "int8_intmm", "cutlass_int8"), 1024, math.inf, 1.6),
-    ("W4A8", ("w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq"), 1024, math.inf, 1.5),
+    ("W4A8", ("w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq", "cutlass_w4a8"), 1024, math.inf, 1.5),
     ("W4A16 M >= 256", ("auto_w4", *W4_BACKENDS), 256, math.inf, 0.9),
     ("W4A16 M = 1", ("auto_w4", *W4_BACKENDS), 1, 1, 2.5),
     # not the targets themselves: the same GEMMs on rows quantized by the op that writes them
     ("FP8 W8A8, GEMM alone", ("fp8_prequant",), 1024, math.inf, 1.6),
     ("INT8 W8A8, GEMM alone", ("int8_prequant", "cutlass_int8_prequant"), 1024, math.inf, 1.6),
+    ("W4A8, GEMM alone", ("cutlass_w4a8_alone",), 1024, math.inf, 1.5),
 ]
 
 

@@ -23,7 +23,7 @@
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
 # torchrun (quantize + eval under torchrun on 2 GPUs against one process),
 # cudatests (tests/test_cuda.py on the GPU), cudatests-k (PYTEST_K: a -k selection of them),
-# cutlass-w4 / cutlass-w4-sk / cutlass-w4-pp / cutlass-w8a8 / cutlass-w8a8-sk (the CUTLASS
+# cutlass-w4 / cutlass-w4-sk / cutlass-w4-pp / cutlass-w8a8 / cutlass-w8a8-sk / cutlass-w4a8 (the CUTLASS
 # configurations), cuda-gemv / cuda-gemv-tiles / cuda-gemv-warps / cuda-gemv-l2 / cuda-gemv-v9 (the W4A16 GEMV; its tiles, splits, warps, L2 prefetch), gemv-ncu (Nsight Compute on it), e2e-cutlass / e2e-auto (one step), llada-gptq / llada-fair / dream-gptq / dream-fair and
 # llada-fair-fast / dream-fair-fast (8B-shaped,
 # benchmarks/llada_8b.py; one per lease is fine, rows accumulate in benchmarks/results/llada-8b-shape). Optional wheels (gemlite)
@@ -126,6 +126,11 @@ $([ "$1" = generation-8b-stack-ab-dream ] && echo --family dream) --out $RES/$1"
 python3 scripts/gemv_profile.py --shape \$shape --out $RES/gemv-ncu; done; tail -5 $RES/gemv-ncu/ncu-14336x4096.txt" ;;
   cutlass-w8a8-sk) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w8a8-sk --ms 32,128,256,512,1024,2048,4096 \
 --backends int8_w8a8,cutlass_int8,cutlass_int8_prequant,cutlass_int8_prequant_c5,cutlass_int8_prequant_c6 \
+--time-budget ${KERNELS_BUDGET:-240}" ;;
+  # W4A8 (e4m3 activations) on CUTLASS's block-scaled FP8 GEMM beside the Triton W4A8 ones:
+  # the backend (its tile rule), each tile, and the GEMM alone; every shape at M >= 256
+  cutlass-w4a8) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w4a8 --ms 256,1024,2048,4096 \
+--backends w4a8_fp8_dq,fp8_w8a8,cutlass_w4a8,cutlass_w4a8_alone,cutlass_w4a8_c0,cutlass_w4a8_c1,cutlass_w4a8_c2,cutlass_w4a8_c3 \
 --time-budget ${KERNELS_BUDGET:-240}" ;;
   # the CUTLASS libraries built on the device itself (when the carried ones do not load there),
   # copied into .cutlass, where the jobs after it look (FAIRCALIB_CUTLASS_DIR)

@@ -758,6 +758,77 @@ def test_cutlass_int8_gemm_matches_the_exact_integer_product_and_replays_in_a_gr
 
 
 @needs_cuda
+@pytest.mark.parametrize("config", range(4))
+def test_cutlass_w4a8_gemm_matches_the_float64_group_sums_and_replays_in_a_graph(config):
+    """Every tile configuration of the block-scaled FP8 library against float64 sums of the
+    e4m3 products, each 128-k group times its own weight scale and the row's activation
+    scale. Scales drawn over three decades per row and per (output, group), so a scale read
+    from the wrong row, output or group is far outside the tolerance; ragged M included."""
+    from faircalib.kernels import cutlass_w4a8
+    from faircalib.models.cuda_graph import capture
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the library is built for sm_90a")
+    gen = torch.Generator(device="cuda").manual_seed(200 + config)
+    n, k, e4m3 = 512, 1024, torch.float8_e4m3fn
+    groups = k // cutlass_w4a8.GROUP
+    w8 = torch.randint(-15, 16, (n, k), generator=gen, device="cuda").to(e4m3)  # codes - zero
+    w_s = 10 ** (3 * torch.rand(n, groups, generator=gen, device="cuda") - 5)
+
+    def want(a8: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
+        parts = torch.einsum(
+            "mgk,ngk->mng", a8.double().view(-1, groups, 128), w8.double().view(n, groups, 128)
+        )
+        return (parts * w_s.double()).sum(-1) * a_s.double()[:, None]
+
+    for m in (1, 7, 100, 256, 1000):
+        a8 = (torch.randn(m, k, generator=gen, device="cuda") * 100).to(e4m3)
+        a_s = 10 ** (3 * torch.rand(m, generator=gen, device="cuda") - 3)
+        y = cutlass_w4a8.fp8_group_scaled_mm(a8, a_s, w8, w_s, config)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        ref = want(a8, a_s)
+        scale = ref.abs().amax(1, keepdim=True)  # per row: the rows' scales span 3 decades
+        assert ((y.double() - ref).abs() <= 1e-2 * scale).all(), (config, m)
+    a8 = (torch.randn(64, k, generator=gen, device="cuda") * 100).to(e4m3)
+    a_s = torch.rand(64, generator=gen, device="cuda") + 0.01
+    graph, out = capture(lambda: cutlass_w4a8.fp8_group_scaled_mm(a8, a_s, w8, w_s, config))
+    a8.copy_((torch.randn(64, k, generator=gen, device="cuda") * 100).to(e4m3))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, cutlass_w4a8.fp8_group_scaled_mm(a8, a_s, w8, w_s, config))
+
+
+@needs_cuda
+@pytest.mark.parametrize("group", [128, None])
+def test_cutlass_w4a8_backend_computes_the_numbers_of_the_triton_w4a8_fp8(group):
+    """A W4AFP8 layer (act_format "fp8") on `cutlass_w4a8` against the same layer on
+    `w4a8_fp8_dq` (the same operands, float32 sums in another order) and against float64 on
+    the dequantized weight with the e4m3 activations both quantize to; bias included."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the library is built for sm_90a")
+    from faircalib.kernels.backends import fp8_quantize
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    w = torch.randn(768, 1024, generator=gen, device="cuda") / 32
+    qp = compute_qparams(w, QuantConfig(bits=4, group_size=group, symmetric=False))
+    codes, bias = quantize(w, qp), torch.randn(768, generator=gen, device="cuda")
+    layers = {
+        name: QuantLinear.from_codes(
+            codes, qp, bias=bias, act_bits=8, act_format="fp8", backend=name
+        )
+        for name in ("cutlass_w4a8", "w4a8_fp8_dq")
+    }
+    x = torch.randn(3, 300, 1024, generator=gen, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        y, y_triton = (layers[name](x) for name in ("cutlass_w4a8", "w4a8_fp8_dq"))
+    x8, xs = fp8_quantize(x.reshape(-1, 1024))
+    ref = (x8.double() * xs.double()) @ dequantize(codes, qp).double().T + bias.double()
+    assert y.shape == (3, 300, 768) and y.dtype == torch.bfloat16
+    assert rel_err(y.reshape(-1, 768), ref) < 1e-2
+    assert rel_err(y, y_triton.double()) < 5e-3
+
+
+@needs_cuda
 @pytest.mark.parametrize(
     ("n", "k", "group"),
     [(4096, 1024, 128), (512, 3584, 128), (1000, 256, None), (300, 1280, 256)],

@@ -20,6 +20,7 @@ repacks them once into its kernel's layout and caches the result on the layer.
 | w4a8_fp8  | cuda     | the same with e4m3 activations (codes - zero are exact in e4m3) | e4m3 act. (~3%) |
 | w4a8_dq   | cuda     | w4a8's math for large M: codes unpacked to int8 per call, then an int8 GEMM | exact |
 | w4a8_fp8_dq | cuda   | the same with e4m3 activations and an e4m3 GEMM       | e4m3 act. (~3%)        |
+| cutlass_w4a8 | cuda  | w4a8_fp8_dq's numbers on CUTLASS's block-scaled FP8 GEMM (Hopper) | e4m3 act. (~3%) |
 
 int4 kernels take codes of at most 4 bits; `int8` needs symmetric per-channel 8-bit weights
 and act_bits=8; `fp8` takes any layer (it dequantizes, then rounds rows to e4m3);
@@ -1003,6 +1004,41 @@ def _cutlass_int8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> t
     return y if layer.bias is None else y + _bias(layer).to(y.dtype)
 
 
+def _cutlass_w4a8_supports(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
+    from faircalib.kernels import cutlass_w4a8
+
+    why = _w4a8_supports(layer, device_type, dtype, m)
+    why = why or _triton_8bit_common(device_type, dtype, fp8=True)  # the unpack is Triton
+    why = why or _cutlass_common(device_type, dtype, "cutlass_w4a8")
+    if why is not None:
+        return why
+    group = layer.group_size or layer.in_features
+    if group % cutlass_w4a8.GROUP or layer.out_features % 8:
+        return (
+            f"cutlass_w4a8 needs groups of a multiple of {cutlass_w4a8.GROUP} inputs and "
+            f"out_features % 8 == 0, got group {group}, {layer.out_features} outputs"
+        )
+    return _cutlass_library(cutlass_w4a8.load_library)
+
+
+def _cutlass_w4a8_prepare(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> tuple:
+    from faircalib.kernels.cutlass_w4a8 import group_scales
+
+    packed, _, zero_t = _w4a8_prepare(layer, device, dtype)
+    return packed, zero_t, group_scales(layer.scale.to(device), layer.in_features)
+
+
+def _cutlass_w4a8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    from faircalib.kernels.cutlass_w4a8 import w4a8_fp8_gemm
+    from faircalib.kernels.triton_w8a8 import quantize_rows
+
+    q, x_scale = quantize_once("fp8", x, lambda x: quantize_rows(x, "fp8"))
+    y = w4a8_fp8_gemm(q, x_scale, *prepared).to(x.dtype)
+    return y if layer.bias is None else y + _bias(layer).to(y.dtype)
+
+
 # --- registry and the auto rule --------------------------------------------------------------
 BACKENDS: dict[str, Backend] = {
     "dequant": Backend(
@@ -1094,6 +1130,16 @@ BACKENDS: dict[str, Backend] = {
         quantizes_activations=True,
         adds_bias=True,
         codes_from_layout=_int8_w8a8_codes,
+    ),
+    # W4A8 with e4m3 activations for large M: `w4a8_fp8_dq`'s numbers on CUTLASS's
+    # block-scaled FP8 GEMM (kernels/cutlass_w4a8.py); by name only, like w4a8_fp8
+    "cutlass_w4a8": Backend(
+        "cutlass_w4a8",
+        _cutlass_w4a8_supports,
+        _cutlass_w4a8_prepare,
+        _cutlass_w4a8_run,
+        adds_bias=True,
+        codes_from_layout=_triton_codes,
     ),
 }
 BACKEND_NAMES = ("auto", *BACKENDS)

@@ -51,7 +51,7 @@ from faircalib.quant.primitives import QParams, quantize_activations_per_token
 SUPPORTED_BITS = range(2, 9)
 ACT_FORMATS = ("int", "fp8")
 # backends that quantize an "fp8" layer's activations onto its own e4m3 grid themselves
-FP8_ACT_BACKENDS = ("w4a8_fp8", "w4a8_fp8_dq")
+FP8_ACT_BACKENDS = ("w4a8_fp8", "w4a8_fp8_dq", "cutlass_w4a8")
 # float buffers that keep float32 whatever dtype the model is cast to (see `_apply`)
 FLOAT32_BUFFERS = ("scale", "input_scale")
 
@@ -260,7 +260,8 @@ class QuantLinear(nn.Module):
         if BACKENDS[self.backend].quantizes_activations:
             raise ConfigError(
                 f"QuantLinear backend {self.backend!r} quantizes activations to INT8; this layer's "
-                "are FP8 e4m3 (act_format='fp8'): use auto, dequant, w4a8_fp8 or w4a8_fp8_dq"
+                "are FP8 e4m3 (act_format='fp8'): use auto, dequant, w4a8_fp8, w4a8_fp8_dq or "
+                "cutlass_w4a8"
             )
         reason = supports(self, self.backend, device_type, dtype, m)
         if reason is not None:

@@ -1,0 +1,169 @@
+// FP8 x FP8 GEMM with per-token activation scales and group-wise weight scales on Hopper, for
+// W4A8 at large M: the INT4 codes minus their zero points (integers in [-15, 15], exact in
+// e4m3) are unpacked to an e4m3 [n, k] temporary per call, then this GEMM applies each
+// (output, 128-k group) scale to the float accumulator of that group's wgmmas.
+//
+// Why CUTLASS's block-scaled FP8 mainloop: a group scale must be applied between one group's
+// MMAs and the next, so a single consumer waits for its MMAs every group. Our Triton loop does
+// exactly that and runs at 17-27% of the 8-bit peak (benchmarks/results/kernels-w4a8-rescale).
+// CUTLASS's ping-pong schedule gives each of two consumer warp groups its own output tile, so
+// one's scaling overlaps the other's MMAs (the DeepGEMM design).
+//
+// Built and loaded like w8a8_sm90.cu (faircalib.kernels.cutlass_w4a8). Layouts:
+//   a        [m, k] e4m3, row-major (the per-token quantized activations)
+//   a_scale  [m] float32: its scale-factor layout has stride 0 along k, one scale a row for
+//            every group
+//   w        [n, k] e4m3, row-major (K-major: what wgmma wants of B)
+//   w_scale  [n, k / 128] float32, row-major (one scale per output and 128-k group)
+//   out      [m, n] bf16, row-major
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "common.cuh"
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/detail/blockwise_scale_layout.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/operations.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/gemm/kernel/tile_scheduler.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+using namespace cute;
+
+namespace {
+
+using E4m3 = cutlass::float_e4m3_t;
+using Out = cutlass::bfloat16_t;
+using LayoutA = cutlass::layout::RowMajor;
+using LayoutW = cutlass::layout::ColumnMajor;  // B [k, n] column-major is w [n, k] row-major
+using LayoutOut = cutlass::layout::RowMajor;
+constexpr int kGroup = 128;  // k per weight scale (and per activation scale, all equal)
+
+// Scale factors: one per row of A (MN-major) and one per column of B per group (K-major, so
+// w_scale [n, k / 128] row-major is its layout as stored).
+using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, 1, kGroup, cute::GMMA::Major::MN,
+                                                              cute::GMMA::Major::K>;
+using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
+using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
+
+// Scheduler: void (persistent, one output tile per CTA) or cutlass::gemm::StreamKScheduler.
+template <int TileM, int TileN, class Schedule, class EpiSchedule, class Scheduler = void>
+struct Gemm {
+  using TileShape = Shape<Int<TileM>, Int<TileN>, Int<kGroup>>;
+  using Cluster = Shape<_1, _1, _1>;
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, Cluster,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutOut, 8, Out,
+      LayoutOut, 8, EpiSchedule,
+      cutlass::epilogue::fusion::LinearCombination<Out, float, void, float>>::CollectiveOp;
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, E4m3, cute::tuple<LayoutA, LayoutSFA>,
+      16, E4m3, cute::tuple<LayoutW, LayoutSFB>, 16, float, TileShape, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<
+          static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      Schedule>::CollectiveOp;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop,
+                                                      Epilogue, Scheduler>;
+  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static typename Device::Arguments arguments(const void* a, const void* a_scale, const void* w,
+                                              const void* w_scale, void* out, int m, int n,
+                                              int k) {
+    auto stride_a = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, make_shape(m, k, 1));
+    auto stride_w = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, make_shape(n, k, 1));
+    auto stride_out = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, make_shape(m, n, 1));
+    // the same per-token scale for every group: stride 0 along the groups of k
+    auto sfa_full = ScaleConfig::tile_atom_to_shape_SFA(make_shape(m, n, k, 1));
+    LayoutSFA layout_sfa = make_layout(
+        shape(sfa_full), make_stride(make_stride(_0{}, _1{}), make_stride(_0{}, int32_t(0)), m));
+    auto layout_sfb = ScaleConfig::tile_atom_to_shape_SFB(make_shape(m, n, k, 1));
+    typename Device::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {m, n, k, 1},
+        {static_cast<const E4m3*>(a), stride_a, static_cast<const E4m3*>(w), stride_w,
+         static_cast<const float*>(a_scale), layout_sfa, static_cast<const float*>(w_scale),
+         layout_sfb},
+        {{}, nullptr, stride_out, static_cast<Out*>(out), stride_out},
+        fc::hardware()};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    return args;
+  }
+
+  static size_t workspace(int m, int n, int k) {
+    return Device::get_workspace_size(arguments(nullptr, nullptr, nullptr, nullptr, nullptr, m, n, k));
+  }
+
+  static int run(const void* a, const void* a_scale, const void* w, const void* w_scale,
+                 void* out, int m, int n, int k, void* workspace, size_t workspace_bytes,
+                 cudaStream_t stream) {
+    return fc::launch<Device>(arguments(a, a_scale, w, w_scale, out, m, n, k), workspace,
+                              workspace_bytes, stream,
+                              "CUTLASS cannot run this shape (K % 128 == 0 and N % 8 == 0)");
+  }
+};
+
+using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise;
+using CoopEpi = cutlass::epilogue::TmaWarpSpecializedCooperative;
+using Pingpong = cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8Blockwise;
+using PingpongEpi = cutlass::epilogue::TmaWarpSpecialized;
+using StreamK = cutlass::gemm::StreamKScheduler;
+
+// By index: the tile (M x N, K 128) and the schedule.
+using Config0 = Gemm<128, 128, Coop, CoopEpi>;
+using Config1 = Gemm<64, 128, Pingpong, PingpongEpi>;
+using Config2 = Gemm<128, 128, Pingpong, PingpongEpi>;
+using Config3 = Gemm<128, 128, Coop, CoopEpi, StreamK>;
+constexpr int kConfigs = 4;
+const char* kConfigNames[kConfigs] = {"128x128 cooperative", "64x128 pingpong",
+                                      "128x128 pingpong", "128x128 cooperative, stream-K"};
+
+template <class F>
+int dispatch(int config, F&& f) {
+  switch (config) {
+    case 0: return f(Config0{});
+    case 1: return f(Config1{});
+    case 2: return f(Config2{});
+    case 3: return f(Config3{});
+    default: return -1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int fc_w4a8_sm90_configs() { return kConfigs; }
+
+const char* fc_w4a8_sm90_config_name(int config) {
+  return config >= 0 && config < kConfigs ? kConfigNames[config] : "";
+}
+
+const char* fc_w4a8_sm90_error() { return fc::g_error; }
+
+size_t fc_w4a8_sm90_workspace(int config, int m, int n, int k) {
+  size_t bytes = size_t(-1);
+  dispatch(config, [&](auto g) {
+    bytes = decltype(g)::workspace(m, n, k);
+    return 0;
+  });
+  return bytes;
+}
+
+// 0 on success; otherwise fc_w4a8_sm90_error() says why
+int fc_w4a8_sm90_gemm(int config, const void* a, const void* a_scale, const void* w,
+                      const void* w_scale, void* out, int m, int n, int k, void* workspace,
+                      size_t workspace_bytes, void* stream) {
+  return fc::finish(dispatch(config, [&](auto g) {
+    return decltype(g)::run(a, a_scale, w, w_scale, out, m, n, k, workspace, workspace_bytes,
+                            static_cast<cudaStream_t>(stream));
+  }));
+}
+
+}  // extern "C"

@@ -53,8 +53,8 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
   cutlass_w4a8  (GPU) QuantLinear int4 g128 W4AFP8 on backend cutlass_w4a8: per-token e4m3
                 activations, the codes unpacked to e4m3 per call, CUTLASS's block-scaled FP8
                 GEMM (group scales on the accumulator; kernels.cutlass_w4a8), tile by M and N;
-                cutlass_w4a8_c{0..3} one tile each; cutlass_w4a8_alone the GEMM alone (rows
-                and the e4m3 weight made outside the timed call)
+                cutlass_w4a8_c{0..3} one tile each; cutlass_w4a8_alone[_c{0..3}] the GEMM
+                alone (rows and the e4m3 weight made outside the timed call)
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
                 imports (optional: `pip install gemlite`; H100 configs loaded on an H200)
   gemlite_w4a8_fp8   (GPU) gemlite's W4 g128 x dynamic per-token e4m3 activations
@@ -559,8 +559,10 @@ def candidates(device: torch.device) -> list[Candidate]:
             )
         )
         for config in range(4):
-            make = _make_cutlass_w4a8(config)
-            out.append(Candidate(f"cutlass_w4a8_c{config}", make, _ref_w4a8_fp8, 0.5, math="8bit"))
+            for alone in (False, True):
+                name = f"cutlass_w4a8{'_alone' if alone else ''}_c{config}"
+                make = _make_cutlass_w4a8(config, alone)
+                out.append(Candidate(name, make, _ref_w4a8_fp8, 0.5, math="8bit"))
         tiles = (("32", 2), ("64", 1), ("128", 0), ("256", 3), ("128_plain", 4))
         tiles += (("sk64", 7), ("sk128", 5), ("sk256", 6))  # stream-K
         tiles += (("pp64", 8), ("pp128", 9), ("pp256", 10))  # 64-row ping-pong tiles

@@ -14,7 +14,7 @@ import torch
 
 from faircalib.config import QuantConfig
 from faircalib.errors import ConfigError
-from faircalib.kernels import QuantLinear, cutlass_lib, cutlass_w4, cutlass_w8a8
+from faircalib.kernels import QuantLinear, cutlass_lib, cutlass_w4, cutlass_w4a8, cutlass_w8a8
 from faircalib.kernels.backends import pack_codes
 from faircalib.quant.primitives import compute_qparams, dequantize, quantize
 
@@ -166,7 +166,7 @@ def test_without_nvcc_the_build_says_so(monkeypatch):
         cutlass_lib.cuda_home()
 
 
-@pytest.mark.parametrize("name", [cutlass_w4.NAME, cutlass_w8a8.NAME])
+@pytest.mark.parametrize("name", [cutlass_w4.NAME, cutlass_w8a8.NAME, cutlass_w4a8.NAME])
 def test_the_build_targets_hopper_wgmma_with_the_wheels_headers(name, tmp_path, monkeypatch):
     (tmp_path / "include").mkdir()
     (tmp_path / "include" / "curand_kernel.h").touch()  # a toolkit with cuRAND
@@ -356,3 +356,75 @@ def test_a_library_is_declared_once_and_a_refused_one_every_call(monkeypatch):
     for _ in range(2):
         with pytest.raises(cutlass_lib.CutlassUnavailable, match="another version"):
             cutlass_lib.load("stale", refuse)
+
+
+@pytest.mark.parametrize("group", [128, 256, None])
+def test_w4a8_operands_stand_for_the_dequantized_weight_exactly(group):
+    """The CUTLASS W4A8 GEMM's operands - code - zero (what `w4a8_unpack` writes, exact in
+    e4m3) and `group_scales`, one scale per 128-k tile - make the layer's weight: each tile's
+    scale times its codes is scale * (code - zero) of the tile's group, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    n, k = 24, 512
+    if group == 256:  # QuantConfig has no g256: codes and grids drawn
+        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+        scale = torch.rand(n, k // group, generator=gen) + 0.01
+        zero = torch.randint(0, 16, (n, k // group), generator=gen).to(torch.uint8)
+        want = (codes.float() - zero.float().repeat_interleave(group, 1)) * scale.repeat_interleave(
+            group, 1
+        )
+    else:
+        w = torch.randn(n, k, generator=gen)
+        qp = compute_qparams(w, QuantConfig(bits=4, group_size=group, symmetric=False))
+        codes, scale, zero = quantize(w, qp), qp.scale, qp.zero
+        want = dequantize(codes, qp)  # float32: scale * (code - zero)
+    per_tile = cutlass_w4a8.group_scales(scale, k)
+    assert per_tile.shape == (n, k // 128) and per_tile.dtype == torch.float32
+    minus_zero = codes.double() - zero.double().repeat_interleave(k // zero.shape[1], 1)
+    e4m3 = minus_zero.to(torch.float8_e4m3fn)
+    assert torch.equal(e4m3.double(), minus_zero)  # |code - zero| <= 15: exact in e4m3
+    got = e4m3.float().view(n, -1, 128) * per_tile[..., None]  # the same float32 product
+    assert torch.equal(got.view(n, k), want)
+
+
+def test_w4a8_group_scales_refuse_groups_the_k_tile_cannot_hold():
+    with pytest.raises(ValueError, match="groups of a multiple of 128 inputs, got 256 inputs"):
+        cutlass_w4a8.group_scales(torch.ones(8, 4), 256)  # groups of 64
+
+
+def test_the_w4a8_gemm_refuses_what_it_would_misread():
+    e4m3 = torch.float8_e4m3fn
+    a8, w8 = torch.zeros(4, 256, dtype=e4m3), torch.zeros(24, 256, dtype=e4m3)
+    ok = (a8, torch.ones(4), w8, torch.ones(24, 2))
+    for bad, what in (
+        ((a8.to(torch.int8), *ok[1:]), "e4m3 operands"),
+        ((a8, torch.ones(4, dtype=torch.float64), *ok[2:]), "float32 scales"),
+        ((a8, ok[1], w8, torch.ones(2, 24)), r"w_scale \[24, 2\]"),
+        ((a8[:, :192], ok[1], w8[:, :192], ok[3]), "K % 128 == 0"),
+        (ok, "CUDA tensors"),  # everything right but the device
+    ):
+        with pytest.raises(ValueError, match=what):
+            cutlass_w4a8.check_operands(*bad)
+
+
+def test_the_w4a8_tile_rule_keeps_the_gpu_filled():
+    """Stream-K's 128 x 128 tiles where the output tiles leave SMs idle, the persistent
+    128 x 128 cooperative tile where they fill them."""
+    assert cutlass_w4a8.config_for(4096, 4096) == cutlass_w4a8.COOP_128x128  # 1024 tiles
+    assert cutlass_w4a8.config_for(256, 512) == cutlass_w4a8.STREAMK_128x128  # 8 tiles
+
+
+def test_quantlinear_names_why_cutlass_w4a8_cannot_run_here(monkeypatch):
+    codes, qp = _layer()
+    layer = QuantLinear.from_codes(codes, qp, act_bits=8, act_format="fp8", backend="cutlass_w4a8")
+    with pytest.raises(ConfigError, match="'cutlass_w4a8' cannot run this layer: the triton"):
+        layer(torch.randn(2, 256))  # on the CPU: the unpack is a Triton kernel
+    # as on a Hopper GPU with Triton: groups of 64 (which `w4a8` takes) are named
+    from faircalib.kernels import backends
+
+    monkeypatch.setattr(backends, "_triton_8bit_common", lambda *a, **k: None)
+    monkeypatch.setattr(backends, "_cutlass_common", lambda *a, **k: None)
+    w = torch.randn(16, 256)
+    qp64 = compute_qparams(w, QuantConfig(bits=4, group_size=64, symmetric=False))
+    small = QuantLinear.from_codes(quantize(w, qp64), qp64, act_bits=8, act_format="fp8")
+    why = backends.supports(small, "cutlass_w4a8", "cuda", torch.bfloat16, 256)
+    assert why is not None and "groups of a multiple of 128 inputs" in why and "group 64" in why

@@ -22,8 +22,9 @@ from faircalib.kernels import cutlass_lib
 
 NAME = "w4a8_sm90"  # csrc/w4a8_sm90.cu
 CONFIGS = 4  # the library's tile configurations, by index (fc_w4a8_sm90_config_name)
-# by index: 128x128 cooperative, 64x128 and 128x128 pingpong, 128x128 cooperative stream-K
-COOP_128x128, PINGPONG_64x128, PINGPONG_128x128, STREAMK_128x128 = 0, 1, 2, 3
+# by index: 128x128 cooperative, 64x128 pingpong, 128x128 cooperative in clusters of 2 along M
+# (the weight tile multicast), 128x128 cooperative stream-K
+COOP_128x128, PINGPONG_64x128, COOP_CLUSTER_128x128, STREAMK_128x128 = 0, 1, 2, 3
 GROUP = 128  # k per scale: the kernel's K tile
 FILL = 0.75  # the share of the SMs a 128-row tile's output tiles must keep busy
 
@@ -44,10 +45,10 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 
 def config_for(m: int, n: int, sm_count: int = 132) -> int:
-    """The tile for M token rows and N outputs: 128 x 128 ping-pong where its output tiles
-    keep FILL of the SMs busy, else 64 x 128 ping-pong (twice the tiles)."""
+    """The tile for M token rows and N outputs: 128 x 128 cooperative where its output tiles
+    keep FILL of the SMs busy, else the same tile with stream-K."""
     tiles = -(-m // 128) * -(-n // 128)
-    return PINGPONG_128x128 if tiles >= FILL * sm_count else PINGPONG_64x128
+    return COOP_128x128 if tiles >= FILL * sm_count else STREAMK_128x128
 
 
 def group_scales(scale: torch.Tensor, in_features: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ CONFIGS = 4  # the library's tile configurations, by index (fc_w4a8_sm90_config_
 # (the weight tile multicast), 128x128 cooperative stream-K
 COOP_128x128, PINGPONG_64x128, COOP_CLUSTER_128x128, STREAMK_128x128 = 0, 1, 2, 3
 GROUP = 128  # k per scale: the kernel's K tile
-FILL = 0.75  # the share of the SMs a 128-row tile's output tiles must keep busy
+FILL = 0.75  # the share of the SMs a 128 x 128 tile's output tiles must keep busy
 
 
 def load_library() -> ctypes.CDLL:
@@ -44,11 +44,18 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.fc_w4a8_sm90_config_name.restype = ctypes.c_char_p
 
 
-def config_for(m: int, n: int, sm_count: int = 132) -> int:
-    """The tile for M token rows and N outputs: 128 x 128 cooperative where its output tiles
-    keep FILL of the SMs busy, else the same tile with stream-K."""
+def config_for(m: int, n: int, k: int, sm_count: int = 132) -> int:
+    """The tile for M token rows, N outputs and K inputs, fitted to the H200 sweep of every
+    configuration (benchmarks/results/cutlass-w4a8: the seven large 8B shapes and 3584 x 512,
+    M = 256-4096): 64 x 128 ping-pong on narrow layers (N <= 1024) and where 128 x 128 tiles
+    leave SMs idle; stream-K on deep layers (K > N), whose few output columns it spreads over
+    K; else 128 x 128 cooperative. A larger tile must keep FILL of the SMs busy."""
+    if n <= 1024:
+        return PINGPONG_64x128
+    if k > n:
+        return STREAMK_128x128
     tiles = -(-m // 128) * -(-n // 128)
-    return COOP_128x128 if tiles >= FILL * sm_count else STREAMK_128x128
+    return COOP_128x128 if tiles >= FILL * sm_count else PINGPONG_64x128
 
 
 def group_scales(scale: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -101,7 +108,7 @@ def fp8_group_scaled_mm(
     lib = load_library()
     (m, k), n = a8.shape, w8.shape[0]
     if config is None:
-        config = config_for(m, n, cutlass_lib.sm_count(a8.device))
+        config = config_for(m, n, k, cutlass_lib.sm_count(a8.device))
     if not 0 <= config < lib.fc_w4a8_sm90_configs():
         raise ValueError(f"no CUTLASS W4A8 configuration {config}")
     out = torch.empty(m, n, device=a8.device, dtype=torch.bfloat16)

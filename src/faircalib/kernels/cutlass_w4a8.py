@@ -1,8 +1,8 @@
 """W4A8 (FP8 activations) for large M on Hopper through CUTLASS (csrc/w4a8_sm90.cu): the INT4
 codes minus their zero points unpacked to an e4m3 [out, in] temporary per call
 (`triton_w8a8.w4a8_unpack`: |code - zero| <= 15 is exact in e4m3), then CUTLASS's block-scaled
-FP8 GEMM, which applies each (output, 128-k group) weight scale and the per-token activation
-scale to the float accumulator of that group's MMAs.
+FP8 GEMM, which applies each (output, 128-k group) weight scale to the float accumulator of that
+group's MMAs and the per-token activation scale once, in its epilogue.
 
 Why: group-wise W4A8 must scale between one group's MMAs and the next. Our Triton kernels wait
 for every group's MMA before scaling it and reach 17-27% of the 8-bit peak (0.54-0.75x of bf16,

@@ -1,18 +1,19 @@
-// FP8 x FP8 GEMM with per-token activation scales and group-wise weight scales on Hopper, for
+// FP8 x FP8 GEMM with group-wise weight scales and per-token activation scales on Hopper, for
 // W4A8 at large M: the INT4 codes minus their zero points (integers in [-15, 15], exact in
 // e4m3) are unpacked to an e4m3 [n, k] temporary per call, then this GEMM applies each
-// (output, 128-k group) scale to the float accumulator of that group's wgmmas.
+// (output, 128-k group) scale to the float accumulator of that group's wgmmas, and the
+// per-token scale once, in the epilogue.
 //
 // Why CUTLASS's block-scaled FP8 mainloop: a group scale must be applied between one group's
-// MMAs and the next, so a single consumer waits for its MMAs every group. Our Triton loop does
-// exactly that and runs at 17-27% of the 8-bit peak (benchmarks/results/kernels-w4a8-rescale).
-// CUTLASS's ping-pong schedule gives each of two consumer warp groups its own output tile, so
-// one's scaling overlaps the other's MMAs (the DeepGEMM design).
+// MMAs and the next. Our Triton loop waits for each group's MMA before scaling it and runs at
+// 17-27% of the 8-bit peak (benchmarks/results/kernels-w4a8-rescale). CUTLASS's mainloop waits
+// too (its cooperative schedule), but it keeps the operands in a TMA pipeline fed by a producer
+// warp, and its ping-pong schedule gives each of two consumer warp groups its own output tile,
+// so one's scaling can overlap the other's MMAs. Measured: benchmarks/results/cutlass-w4a8.
 //
 // Built and loaded like w8a8_sm90.cu (faircalib.kernels.cutlass_w4a8). Layouts:
 //   a        [m, k] e4m3, row-major (the per-token quantized activations)
-//   a_scale  [m] float32: its scale-factor layout has stride 0 along k, one scale a row for
-//            every group
+//   a_scale  [m] float32 (applied in the epilogue)
 //   w        [n, k] e4m3, row-major (K-major: what wgmma wants of B)
 //   w_scale  [n, k / 128] float32, row-major (one scale per output and 128-k group)
 //   out      [m, n] bf16, row-major
@@ -45,12 +46,45 @@ using LayoutW = cutlass::layout::ColumnMajor;  // B [k, n] column-major is w [n,
 using LayoutOut = cutlass::layout::RowMajor;
 constexpr int kGroup = 128;  // k per weight scale (and per activation scale, all equal)
 
-// Scale factors: one per row of A (MN-major) and one per column of B per group (K-major, so
-// w_scale [n, k / 128] row-major is its layout as stored).
-using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<1, 1, kGroup, cute::GMMA::Major::MN,
+// The mainloop's scale factors: one per output and group for B (K-major, so w_scale
+// [n, k / 128] row-major is its layout as stored) and, for A, one per tile of rows: 1.0, read
+// from kOnes. The per-token scale is applied once, in the epilogue. Why: with a scale per row
+// of A too, each group's promotion multiplies every accumulator element by two scales; with
+// one per tile, CUTLASS folds that one into B's scales and the promotion is one FMA an element.
+constexpr int kMaxGroups = 1024;  // K up to 131072
+struct Ones {
+  float v[kMaxGroups];
+  constexpr Ones() : v() {
+    for (int i = 0; i < kMaxGroups; ++i) v[i] = 1.0f;
+  }
+};
+__device__ Ones g_ones;  // constant-initialized: one copy a device, no initialization call
+
+// g_ones' address on the current device, looked up once a device (nullptr if it cannot be)
+const float* ones() {
+  constexpr int kMaxDevices = 64;
+  static const float* found[kMaxDevices] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device < kMaxDevices && found[device] != nullptr) return found[device];
+  void* ptr = nullptr;
+  if (cudaGetSymbolAddress(&ptr, g_ones) != cudaSuccess) return nullptr;
+  if (device < kMaxDevices) found[device] = static_cast<const float*>(ptr);
+  return static_cast<const float*>(ptr);
+}
+
+template <int TileM>
+using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<TileM, 1, kGroup, cute::GMMA::Major::K,
                                                               cute::GMMA::Major::K>;
-using LayoutSFA = decltype(ScaleConfig::deduce_layoutSFA());
-using LayoutSFB = decltype(ScaleConfig::deduce_layoutSFB());
+
+template <class TileShape>
+using TokenScaleEpilogue = cutlass::epilogue::fusion::Sm90EVT<
+    cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, Out, float,
+                                           cutlass::FloatRoundStyle::round_to_nearest>,
+    // a_scale, one per row m
+    cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float,
+                                                Stride<Int<1>, Int<0>, Int<0>>>,
+    cutlass::epilogue::fusion::Sm90AccFetch>;
 
 // Scheduler: void (persistent, one output tile per CTA) or cutlass::gemm::StreamKScheduler.
 template <int TileM, int TileN, int ClusterM, class Schedule, class EpiSchedule,
@@ -58,11 +92,13 @@ template <int TileM, int TileN, int ClusterM, class Schedule, class EpiSchedule,
 struct Gemm {
   using TileShape = Shape<Int<TileM>, Int<TileN>, Int<kGroup>>;
   using Cluster = Shape<Int<ClusterM>, _1, _1>;
+  using Scales = ScaleConfig<TileM>;
+  using LayoutSFA = decltype(Scales::deduce_layoutSFA());
+  using LayoutSFB = decltype(Scales::deduce_layoutSFB());
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutOut, 8, Out,
-      LayoutOut, 8, EpiSchedule,
-      cutlass::epilogue::fusion::LinearCombination<Out, float, void, float>>::CollectiveOp;
+      LayoutOut, 8, EpiSchedule, TokenScaleEpilogue<TileShape>>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, E4m3, cute::tuple<LayoutA, LayoutSFA>,
       16, E4m3, cute::tuple<LayoutW, LayoutSFB>, 16, float, TileShape, Cluster,
@@ -79,21 +115,20 @@ struct Gemm {
     auto stride_a = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, make_shape(m, k, 1));
     auto stride_w = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, make_shape(n, k, 1));
     auto stride_out = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, make_shape(m, n, 1));
-    // the same per-token scale for every group: stride 0 along the groups of k
-    auto sfa_full = ScaleConfig::tile_atom_to_shape_SFA(make_shape(m, n, k, 1));
+    // A's factors: kOnes' first k / 128 entries for every tile of rows (stride 0 along M)
+    auto sfa_full = Scales::tile_atom_to_shape_SFA(make_shape(m, n, k, 1));
     LayoutSFA layout_sfa = make_layout(
-        shape(sfa_full), make_stride(make_stride(_0{}, _1{}), make_stride(_0{}, int32_t(0)), m));
-    auto layout_sfb = ScaleConfig::tile_atom_to_shape_SFB(make_shape(m, n, k, 1));
+        shape(sfa_full), make_stride(make_stride(_0{}, int32_t(0)), make_stride(_0{}, _1{}), 0));
+    auto layout_sfb = Scales::tile_atom_to_shape_SFB(make_shape(m, n, k, 1));
     typename Device::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {m, n, k, 1},
-        {static_cast<const E4m3*>(a), stride_a, static_cast<const E4m3*>(w), stride_w,
-         static_cast<const float*>(a_scale), layout_sfa, static_cast<const float*>(w_scale),
-         layout_sfb},
+        {static_cast<const E4m3*>(a), stride_a, static_cast<const E4m3*>(w), stride_w, ones(),
+         layout_sfa, static_cast<const float*>(w_scale), layout_sfb},
         {{}, nullptr, stride_out, static_cast<Out*>(out), stride_out},
         fc::hardware()};
-    args.epilogue.thread.alpha = 1.0f;
-    args.epilogue.thread.beta = 0.0f;
+    // the visitor tree's arguments: {a_scale, acc, multiply}
+    args.epilogue.thread = {{static_cast<const float*>(a_scale)}, {}, {}};
     return args;
   }
 
@@ -104,6 +139,8 @@ struct Gemm {
   static int run(const void* a, const void* a_scale, const void* w, const void* w_scale,
                  void* out, int m, int n, int k, void* workspace, size_t workspace_bytes,
                  cudaStream_t stream) {
+    if (k / kGroup > kMaxGroups) return fc::fail("K is larger than 131072");
+    if (ones() == nullptr) return fc::fail("cannot find the library's scale factors on this device");
     return fc::launch<Device>(arguments(a, a_scale, w, w_scale, out, m, n, k), workspace,
                               workspace_bytes, stream,
                               "CUTLASS cannot run this shape (K % 128 == 0 and N % 8 == 0)");

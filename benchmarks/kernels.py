@@ -54,7 +54,8 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
                 activations, the codes unpacked to e4m3 per call, CUTLASS's block-scaled FP8
                 GEMM (group scales on the accumulator; kernels.cutlass_w4a8), tile by M and N;
                 cutlass_w4a8_c{0..3} one tile each; cutlass_w4a8_alone[_c{0..3}] the GEMM
-                alone (rows and the e4m3 weight made outside the timed call)
+                alone (rows and the e4m3 weight made outside the timed call); auto_w4afp8 the
+                same W4AFP8 layer on backend "auto"
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
                 imports (optional: `pip install gemlite`; H100 configs loaded on an H200)
   gemlite_w4a8_fp8   (GPU) gemlite's W4 g128 x dynamic per-token e4m3 activations
@@ -418,9 +419,9 @@ def _make_cutlass_int8(prequant: bool, config: int | None = None) -> Callable[[L
 def _make_cutlass_w4a8(config: int | None, alone: bool = False) -> Callable[[Layer], Fn]:
     """W4A8 with e4m3 activations on CUTLASS's block-scaled FP8 GEMM (kernels.cutlass_w4a8):
     per call the fused per-token quantization, the codes unpacked to e4m3 and the GEMM; with
-    `alone` the GEMM only (rows and unpacked weight made once per input, outside the timed
-    call: what the unpack and quantization cost is the difference). `config` one tile, None
-    the M rule."""
+    `alone` the GEMM only (the e4m3 weight unpacked once, the rows once per input, outside the
+    timed call: what the unpack and quantization cost is the difference). `config` one tile,
+    None the M rule."""
 
     def make(layer: Layer) -> Fn:
         from faircalib.kernels import cutlass_w4a8
@@ -430,7 +431,8 @@ def _make_cutlass_w4a8(config: int | None, alone: bool = False) -> Callable[[Lay
         packed = pack_tiles(layer.codes4)
         _, zero_t = w4a8_layout(layer.qp4.scale, layer.qp4.zero)
         w_scale = cutlass_w4a8.group_scales(layer.qp4.scale, layer.codes4.shape[1])
-        made: dict[int, tuple] = {}  # alone: id(x) -> (x, rows, scales, e4m3 weight)
+        w8 = w4a8_unpack(packed, zero_t, "fp8") if alone else None
+        made: dict[int, tuple] = {}  # alone: id(x) -> (x, rows, scales)
 
         @torch.no_grad()
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -439,12 +441,8 @@ def _make_cutlass_w4a8(config: int | None, alone: bool = False) -> Callable[[Lay
                 return cutlass_w4a8.w4a8_fp8_gemm(x8, x_scale, packed, zero_t, w_scale, config)
             hit = made.get(id(x))
             if hit is None or hit[0] is not x:
-                hit = made[id(x)] = (
-                    x,
-                    *quantize_rows(x, "fp8"),
-                    w4a8_unpack(packed, zero_t, "fp8"),
-                )
-            _, x8, x_scale, w8 = hit
+                hit = made[id(x)] = (x, *quantize_rows(x, "fp8"))
+            _, x8, x_scale = hit
             return cutlass_w4a8.fp8_group_scaled_mm(x8, x_scale.float(), w8, w_scale, config)
 
         return run
@@ -549,20 +547,19 @@ def candidates(device: torch.device) -> list[Candidate]:
             l.codes4, l.qp4, "cutlass_w4a8", act_bits=8, act_format="fp8"
         )
         out.append(Candidate("cutlass_w4a8", make, _ref_w4a8_fp8, 0.5, math="8bit"))
-        out.append(
-            Candidate(
-                "cutlass_w4a8_alone",
-                _make_cutlass_w4a8(None, True),
-                _ref_w4a8_fp8,
-                0.5,
-                math="8bit",
-            )
+        make = lambda l: _quant_linear(  # noqa: E731 - what `auto` runs for a W4AFP8 layer
+            l.codes4, l.qp4, "auto", act_bits=8, act_format="fp8"
         )
+        out.append(Candidate("auto_w4afp8", make, _ref_w4a8_fp8, 0.5, math="8bit"))
+        # the GEMM alone reads the 1-byte e4m3 weight
+        make = _make_cutlass_w4a8(None, True)
+        out.append(Candidate("cutlass_w4a8_alone", make, _ref_w4a8_fp8, 1.0, math="8bit"))
         for config in range(4):
             for alone in (False, True):
                 name = f"cutlass_w4a8{'_alone' if alone else ''}_c{config}"
                 make = _make_cutlass_w4a8(config, alone)
-                out.append(Candidate(name, make, _ref_w4a8_fp8, 0.5, math="8bit"))
+                wb = 1.0 if alone else 0.5
+                out.append(Candidate(name, make, _ref_w4a8_fp8, wb, math="8bit"))
         tiles = (("32", 2), ("64", 1), ("128", 0), ("256", 3), ("128_plain", 4))
         tiles += (("sk64", 7), ("sk128", 5), ("sk256", 6))  # stream-K
         tiles += (("pp64", 8), ("pp128", 9), ("pp256", 10))  # 64-row ping-pong tiles

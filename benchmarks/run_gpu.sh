@@ -128,9 +128,10 @@ python3 scripts/gemv_profile.py --shape \$shape --out $RES/gemv-ncu; done; tail 
 --backends int8_w8a8,cutlass_int8,cutlass_int8_prequant,cutlass_int8_prequant_c5,cutlass_int8_prequant_c6 \
 --time-budget ${KERNELS_BUDGET:-240}" ;;
   # W4A8 (e4m3 activations) on CUTLASS's block-scaled FP8 GEMM beside the Triton W4A8 ones:
-  # the backend (its tile rule), each tile, and the GEMM alone; every shape at M >= 256
+  # the backend (its tile rule), each tile, the GEMM alone, and what auto runs for a W4AFP8
+  # layer; every shape at M >= 256
   cutlass-w4a8) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w4a8 --ms 256,1024,2048,4096 \
---backends w4a8_fp8_dq,fp8_w8a8,cutlass_w4a8,cutlass_w4a8_alone,cutlass_w4a8_c0,cutlass_w4a8_c1,cutlass_w4a8_c2,cutlass_w4a8_c3,\
+--backends w4a8_fp8_dq,fp8_w8a8,auto_w4afp8,cutlass_w4a8,cutlass_w4a8_alone,cutlass_w4a8_c0,cutlass_w4a8_c1,cutlass_w4a8_c2,cutlass_w4a8_c3,\
 cutlass_w4a8_alone_c0,cutlass_w4a8_alone_c1,cutlass_w4a8_alone_c2,cutlass_w4a8_alone_c3 \
 --time-budget ${KERNELS_BUDGET:-240}" ;;
   # the CUTLASS libraries built on the device itself (when the carried ones do not load there),

@@ -804,11 +804,16 @@ def test_cutlass_w4a8_gemm_matches_the_float64_group_sums_and_replays_in_a_graph
 
 
 @needs_cuda
-@pytest.mark.parametrize("group", [128, None])
-def test_cutlass_w4a8_backend_computes_the_numbers_of_the_triton_w4a8_fp8(group):
+@pytest.mark.parametrize(("group", "act_format"), [(128, "fp8"), (None, "fp8"), (128, "int")])
+def test_cutlass_w4a8_backend_computes_the_numbers_of_the_triton_w4a8_fp8(
+    group, act_format, monkeypatch
+):
     """A W4AFP8 layer (act_format "fp8") on `cutlass_w4a8` against the same layer on
     `w4a8_fp8_dq` (the same operands, float32 sums in another order) and against float64 on
-    the dequantized weight with the e4m3 activations both quantize to; bias included."""
+    the dequantized weight with the e4m3 activations both quantize to, bias included; the
+    layer does not fake-quantize x first (the backend quantizes it once). An INT8-activation
+    layer on either backend is fake-quantized to its int8 grid first, then re-rounded to e4m3:
+    the two still agree."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the library is built for sm_90a")
     from faircalib.kernels.backends import fp8_quantize
@@ -819,18 +824,44 @@ def test_cutlass_w4a8_backend_computes_the_numbers_of_the_triton_w4a8_fp8(group)
     codes, bias = quantize(w, qp), torch.randn(768, generator=gen, device="cuda")
     layers = {
         name: QuantLinear.from_codes(
-            codes, qp, bias=bias, act_bits=8, act_format="fp8", backend=name
+            codes, qp, bias=bias, act_bits=8, act_format=act_format, backend=name
         )
         for name in ("cutlass_w4a8", "w4a8_fp8_dq")
     }
+    if act_format == "fp8":  # the backends quantize x themselves, once
+
+        def refuse(self, x):
+            raise AssertionError("x fake-quantized before an FP8-activation backend")
+
+        monkeypatch.setattr(QuantLinear, "quantize_input", refuse)
     x = torch.randn(3, 300, 1024, generator=gen, device="cuda").to(torch.bfloat16)
     with torch.no_grad():
         y, y_triton = (layers[name](x) for name in ("cutlass_w4a8", "w4a8_fp8_dq"))
-    x8, xs = fp8_quantize(x.reshape(-1, 1024))
-    ref = (x8.double() * xs.double()) @ dequantize(codes, qp).double().T + bias.double()
     assert y.shape == (3, 300, 768) and y.dtype == torch.bfloat16
-    assert rel_err(y.reshape(-1, 768), ref) < 1e-2
     assert rel_err(y, y_triton.double()) < 5e-3
+    if act_format == "fp8":
+        x8, xs = fp8_quantize(x.reshape(-1, 1024))
+        ref = (x8.double() * xs.double()) @ dequantize(codes, qp).double().T + bias.double()
+        assert rel_err(y.reshape(-1, 768), ref) < 1e-2
+
+
+@needs_cuda
+def test_cutlass_w4a8_takes_empty_and_strided_inputs():
+    """M = 0 returns an empty result without unpacking; a strided activation view gives what
+    its contiguous copy gives."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the library is built for sm_90a")
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    w = torch.randn(256, 512, generator=gen, device="cuda") / 32
+    qp = compute_qparams(w, QuantConfig(bits=4, group_size=128, symmetric=False))
+    layer = QuantLinear.from_codes(
+        quantize(w, qp), qp, act_bits=8, act_format="fp8", backend="cutlass_w4a8"
+    )
+    with torch.no_grad():
+        assert layer(torch.zeros(0, 512, device="cuda", dtype=torch.bfloat16)).shape == (0, 256)
+        wide = torch.randn(64, 1024, generator=gen, device="cuda").to(torch.bfloat16)
+        strided = wide[:, ::2]  # [64, 512], row stride 1024, column stride 2
+        assert torch.equal(layer(strided), layer(strided.contiguous()))
 
 
 @needs_cuda

@@ -359,10 +359,10 @@ def test_a_library_is_declared_once_and_a_refused_one_every_call(monkeypatch):
 
 
 @pytest.mark.parametrize("group", [128, 256, None])
-def test_w4a8_operands_stand_for_the_dequantized_weight_exactly(group):
-    """The CUTLASS W4A8 GEMM's operands - code - zero (what `w4a8_unpack` writes, exact in
-    e4m3) and `group_scales`, one scale per 128-k tile - make the layer's weight: each tile's
-    scale times its codes is scale * (code - zero) of the tile's group, bit for bit."""
+def test_w4a8_group_scales_and_e4m3_codes_make_the_dequantized_weight_exactly(group):
+    """`group_scales` (one scale per 128-k tile) times code - zero in e4m3 (what `w4a8_unpack`
+    writes: tests/test_kernels_w4a8_dq.py checks it against the codes) is the layer's weight
+    scale * (code - zero), bit for bit, for groups of 128, 256 and one per channel."""
     gen = torch.Generator().manual_seed(3)
     n, k = 24, 512
     if group == 256:  # QuantConfig has no g256: codes and grids drawn
@@ -400,7 +400,7 @@ def test_the_w4a8_gemm_refuses_what_it_would_misread():
         ((a8, torch.ones(4, dtype=torch.float64), *ok[2:]), "float32 scales"),
         ((a8, ok[1], w8, torch.ones(2, 24)), r"w_scale \[24, 2\]"),
         ((a8[:, :192], ok[1], w8[:, :192], ok[3]), "K % 128 == 0"),
-        (ok, "CUDA tensors"),  # everything right but the device
+        (ok, "CUDA tensors on one device"),  # everything right but the device
     ):
         with pytest.raises(ValueError, match=what):
             cutlass_w4a8.check_operands(*bad)
@@ -422,10 +422,11 @@ def test_the_w4a8_tile_rule_picks_near_the_fastest_configuration_measured():
 
 
 def test_quantlinear_names_why_cutlass_w4a8_cannot_run_here(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     codes, qp = _layer()
     layer = QuantLinear.from_codes(codes, qp, act_bits=8, act_format="fp8", backend="cutlass_w4a8")
-    with pytest.raises(ConfigError, match="'cutlass_w4a8' cannot run this layer: the triton"):
-        layer(torch.randn(2, 256))  # on the CPU: the unpack is a Triton kernel
+    with pytest.raises(ConfigError, match="cutlass_w4a8 runs on a CUDA GPU"):
+        layer(torch.randn(2, 256))
     # as on a Hopper GPU with Triton: groups of 64 (which `w4a8` takes) are named
     from faircalib.kernels import backends
 
@@ -436,3 +437,8 @@ def test_quantlinear_names_why_cutlass_w4a8_cannot_run_here(monkeypatch):
     small = QuantLinear.from_codes(quantize(w, qp64), qp64, act_bits=8, act_format="fp8")
     why = backends.supports(small, "cutlass_w4a8", "cuda", torch.bfloat16, 256)
     assert why is not None and "groups of a multiple of 128 inputs" in why and "group 64" in why
+    wide = torch.randn(8, cutlass_w4a8.MAX_K + 128)  # more groups than the library's table
+    qpw = compute_qparams(wide, QuantConfig(bits=4, group_size=128, symmetric=False))
+    deep = QuantLinear.from_codes(quantize(wide, qpw), qpw, act_bits=8, act_format="fp8")
+    why = backends.supports(deep, "cutlass_w4a8", "cuda", torch.bfloat16, 256)
+    assert why is not None and "in_features <= 131072" in why and "131200 inputs" in why

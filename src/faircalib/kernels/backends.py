@@ -54,8 +54,12 @@ float32 summation order), unpacking the codes to an 8-bit [out, in] temporary pe
 `triton_dq` for W4A16) so the GEMM's K loop does no unpacking; `auto` does not pick them yet.
 The W8A8/W4A8 Triton backends also run on the CPU under TRITON_INTERPRET=1 (the tests).
 
-`auto` never changes numerics beyond the activation dtype's rounding, so `fp8`, `fp8_w8a8` and
-`w4a8_fp8` (which re-round onto e4m3) are only used when asked for by name; layers that already
+`cutlass_w4a8` (Hopper, bf16, the libraries built by `faircalib build-kernels`) takes what
+`w4a8_fp8` takes with groups of a multiple of 128 inputs (or per-channel), out % 8 == 0 and
+in <= 131072, and computes `w4a8_fp8_dq`'s numbers.
+`auto` never changes numerics beyond the activation dtype's rounding, so `fp8`, `fp8_w8a8`,
+`w4a8_fp8` and `cutlass_w4a8` (which re-round onto e4m3) are only used when asked for by name
+on layers of other activation grids; layers that already
 quantize activations to the int8 grid (act_bits=8) may get `int8_w8a8` (8-bit weights) or
 `w4a8` (<= 4-bit weights), as `W8A8_AUTO` / `W4A8_AUTO_MIN_M` say: the same numbers, integer
 accumulation.
@@ -130,7 +134,12 @@ W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
 # INT8: 0.57x against 0.75-0.78x for `int8_w8a8` at M = 256-512 there (cutlass-w8a8-sk).
 # The GEMV takes it (1.79x at M = 1 against torch's int4 kernel's 1.55x, cuda-gemv-feed); no
 # narrower layer was measured.
-AUTO_MIN_OUT_FEATURES = {"cutlass_w4": 1024, "cutlass_int8": 1024, "cuda_gemv": 512}
+AUTO_MIN_OUT_FEATURES = {
+    "cutlass_w4": 1024,
+    "cutlass_int8": 1024,
+    "cuda_gemv": 512,
+    "cutlass_w4a8": 1024,
+}
 
 # `int8` on CUDA: `torch._int_mm` needs M > 16 (cuBLASLt int8 constraint).
 # `auto` for layers that quantize activations to the int8 grid (act_bits=8), on CUDA: per M,
@@ -153,6 +162,12 @@ W8A8_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
     "cuda": [(256, ("int8_w8a8", "int8")), (math.inf, ("cutlass_int8", "int8_w8a8", "int8"))],
 }
 W4A8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
+# W4AFP8 layers (act_format "fp8": their activations are e4m3 by definition) take CUTLASS's
+# block-scaled FP8 GEMM (`cutlass_w4a8`, Hopper, once built) from this M on, where it loads
+# and the layer has AUTO_MIN_OUT_FEATURES outputs; below, and elsewhere, the W4A16 rule on the
+# fake-quantized activations (CUTLASS's W4A16 GEMM refuses layers with act_bits set).
+# H200, benchmarks/results/cutlass-w4a8 (measured side by side with what auto ran before).
+W4AFP8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
 # `fp8_w8a8`'s GEMM by M: (M bound, kernel) rows, "scaled_mm" (torch._scaled_mm) or "triton"
 # (triton_w8a8.w8a8_matmul). H200: _scaled_mm is faster by geometric mean at every M of the
 # grid but 64 (where Triton leads by a few percent); one row keeps the rule simple.
@@ -1009,16 +1024,18 @@ def _cutlass_w4a8_supports(
 ) -> str | None:
     from faircalib.kernels import cutlass_w4a8
 
-    why = _w4a8_supports(layer, device_type, dtype, m)
+    why = _cutlass_common(device_type, dtype, "cutlass_w4a8")  # first: the GPU it needs
+    why = why or _w4a8_supports(layer, device_type, dtype, m)
     why = why or _triton_8bit_common(device_type, dtype, fp8=True)  # the unpack is Triton
-    why = why or _cutlass_common(device_type, dtype, "cutlass_w4a8")
     if why is not None:
         return why
     group = layer.group_size or layer.in_features
-    if group % cutlass_w4a8.GROUP or layer.out_features % 8:
+    k, n = layer.in_features, layer.out_features
+    if group % cutlass_w4a8.GROUP or n % 8 or k > cutlass_w4a8.MAX_K:
         return (
-            f"cutlass_w4a8 needs groups of a multiple of {cutlass_w4a8.GROUP} inputs and "
-            f"out_features % 8 == 0, got group {group}, {layer.out_features} outputs"
+            f"cutlass_w4a8 needs groups of a multiple of {cutlass_w4a8.GROUP} inputs, "
+            f"in_features <= {cutlass_w4a8.MAX_K} and out_features % 8 == 0, got group {group}, "
+            f"{k} inputs, {n} outputs"
         )
     return _cutlass_library(cutlass_w4a8.load_library)
 
@@ -1171,6 +1188,17 @@ def auto_backend(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: in
                 (n for n in names if _auto_takes(layer, n, device_type, dtype, m)), "dequant"
             )
     return "dequant"
+
+
+def w4afp8_auto_backend(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
+    """`cutlass_w4a8` where `auto` runs it for a W4AFP8 layer (`W4AFP8_AUTO_MIN_M`), else None."""
+    if m >= W4AFP8_AUTO_MIN_M.get(device_type, math.inf) and _auto_takes(
+        layer, "cutlass_w4a8", device_type, dtype, m
+    ):
+        return "cutlass_w4a8"
+    return None
 
 
 def _auto_takes(

@@ -44,6 +44,7 @@ from faircalib.kernels.backends import (
     packed_width,
     supports,
     unpack_codes,
+    w4afp8_auto_backend,
 )
 from faircalib.quant.activations import quantize_fp8_rows
 from faircalib.quant.primitives import QParams, quantize_activations_per_token
@@ -246,12 +247,16 @@ class QuantLinear(nn.Module):
     def _fp8_act_backend(self, device_type: str, dtype: torch.dtype, m: int) -> str:
         """`choose_backend` for e4m3 activations: the INT8-activation kernels would compute
         another grid, so they are refused by name; `auto` takes `w4a8_fp8` where `w4a8` would
-        be taken for an INT8 layer (`W4A8_AUTO_MIN_M`), else the weight-only rule on the
-        activations this layer fake-quantizes first (`W4_AUTO`, as `auto_backend` ends)."""
+        be taken for an INT8 layer (`W4A8_AUTO_MIN_M`), then `cutlass_w4a8` from
+        `W4AFP8_AUTO_MIN_M`, else the weight-only rule on the activations this layer
+        fake-quantizes first (`W4_AUTO`, as `auto_backend` ends)."""
         if self.backend == "auto":
             min_m = W4A8_AUTO_MIN_M.get(device_type, math.inf)
             if m >= min_m and supports(self, "w4a8_fp8", device_type, dtype, m) is None:
                 return "w4a8_fp8"
+            cutlass = w4afp8_auto_backend(self, device_type, dtype, m)
+            if cutlass is not None:
+                return cutlass
             rows = W4_AUTO.get(device_type, [])
             names = next((n for bound, n in rows if m < bound), ())
             return next(
@@ -260,8 +265,8 @@ class QuantLinear(nn.Module):
         if BACKENDS[self.backend].quantizes_activations:
             raise ConfigError(
                 f"QuantLinear backend {self.backend!r} quantizes activations to INT8; this layer's "
-                "are FP8 e4m3 (act_format='fp8'): use auto, dequant, w4a8_fp8, w4a8_fp8_dq or "
-                "cutlass_w4a8"
+                "are FP8 e4m3 (act_format='fp8'): use auto, dequant or one of "
+                + ", ".join(FP8_ACT_BACKENDS)
             )
         reason = supports(self, self.backend, device_type, dtype, m)
         if reason is not None:

@@ -7,9 +7,11 @@
 // Why CUTLASS's block-scaled FP8 mainloop: a group scale must be applied between one group's
 // MMAs and the next. Our Triton loop waits for each group's MMA before scaling it and runs at
 // 17-27% of the 8-bit peak (benchmarks/results/kernels-w4a8-rescale). CUTLASS's mainloop waits
-// too (its cooperative schedule), but it keeps the operands in a TMA pipeline fed by a producer
-// warp, and its ping-pong schedule gives each of two consumer warp groups its own output tile,
-// so one's scaling can overlap the other's MMAs. Measured: benchmarks/results/cutlass-w4a8.
+// too, but a producer warp keeps the operands streaming in through TMA meanwhile: its GEMM runs
+// at 45-52% of the 8-bit peak on the H200, where per-channel FP8 reaches 53-73%, and its
+// ping-pong schedule (each consumer warp group its own tile, scaling while the other
+// multiplies) did not help: 128 x 128 tiles do not fit, 64 x 128 ones ran slower
+// (benchmarks/results/cutlass-w4a8).
 //
 // Built and loaded like w8a8_sm90.cu (faircalib.kernels.cutlass_w4a8). Layouts:
 //   a        [m, k] e4m3, row-major (the per-token quantized activations)
@@ -19,6 +21,7 @@
 //   out      [m, n] bf16, row-major
 
 #include <cstdint>
+#include <cstdio>
 
 #include <cuda_runtime.h>
 
@@ -44,11 +47,11 @@ using Out = cutlass::bfloat16_t;
 using LayoutA = cutlass::layout::RowMajor;
 using LayoutW = cutlass::layout::ColumnMajor;  // B [k, n] column-major is w [n, k] row-major
 using LayoutOut = cutlass::layout::RowMajor;
-constexpr int kGroup = 128;  // k per weight scale (and per activation scale, all equal)
+constexpr int kGroup = 128;  // k per weight scale: the K tile
 
 // The mainloop's scale factors: one per output and group for B (K-major, so w_scale
 // [n, k / 128] row-major is its layout as stored) and, for A, one per tile of rows: 1.0, read
-// from kOnes. The per-token scale is applied once, in the epilogue. Why: with a scale per row
+// from g_ones. The per-token scale is applied once, in the epilogue. Why: with a scale per row
 // of A too, each group's promotion multiplies every accumulator element by two scales; with
 // one per tile, CUTLASS folds that one into B's scales and the promotion is one FMA an element.
 constexpr int kMaxGroups = 1024;  // K up to 131072
@@ -60,7 +63,10 @@ struct Ones {
 };
 __device__ Ones g_ones;  // constant-initialized: one copy a device, no initialization call
 
-// g_ones' address on the current device, looked up once a device (nullptr if it cannot be)
+// g_ones' address on the current device, looked up once a device; nullptr (and the reason in
+// fc::g_error, the CUDA error cleared) if CUDA cannot give it. Calls of one device come from
+// one Python thread at a time (the GIL is held around the ctypes call), so the cache needs no
+// lock.
 const float* ones() {
   constexpr int kMaxDevices = 64;
   static const float* found[kMaxDevices] = {};
@@ -68,7 +74,15 @@ const float* ones() {
   cudaGetDevice(&device);
   if (device < kMaxDevices && found[device] != nullptr) return found[device];
   void* ptr = nullptr;
-  if (cudaGetSymbolAddress(&ptr, g_ones) != cudaSuccess) return nullptr;
+  cudaError_t status = cudaGetSymbolAddress(&ptr, g_ones);
+  if (status != cudaSuccess) {
+    cudaGetLastError();  // cleared: the message below says it
+    char what[256];
+    std::snprintf(what, sizeof(what), "cannot find the library's scale factors on device %d: %s",
+                  device, cudaGetErrorString(status));
+    fc::fail(what);
+    return nullptr;
+  }
   if (device < kMaxDevices) found[device] = static_cast<const float*>(ptr);
   return static_cast<const float*>(ptr);
 }
@@ -115,7 +129,7 @@ struct Gemm {
     auto stride_a = cutlass::make_cute_packed_stride(typename Kernel::StrideA{}, make_shape(m, k, 1));
     auto stride_w = cutlass::make_cute_packed_stride(typename Kernel::StrideB{}, make_shape(n, k, 1));
     auto stride_out = cutlass::make_cute_packed_stride(typename Kernel::StrideD{}, make_shape(m, n, 1));
-    // A's factors: kOnes' first k / 128 entries for every tile of rows (stride 0 along M)
+    // A's factors: g_ones' first k / 128 entries for every tile of rows (stride 0 along M)
     auto sfa_full = Scales::tile_atom_to_shape_SFA(make_shape(m, n, k, 1));
     LayoutSFA layout_sfa = make_layout(
         shape(sfa_full), make_stride(make_stride(_0{}, int32_t(0)), make_stride(_0{}, _1{}), 0));
@@ -139,8 +153,8 @@ struct Gemm {
   static int run(const void* a, const void* a_scale, const void* w, const void* w_scale,
                  void* out, int m, int n, int k, void* workspace, size_t workspace_bytes,
                  cudaStream_t stream) {
-    if (k / kGroup > kMaxGroups) return fc::fail("K is larger than 131072");
-    if (ones() == nullptr) return fc::fail("cannot find the library's scale factors on this device");
+    if (k / kGroup > kMaxGroups) return fc::fail("K is larger than 131072 (kMaxGroups groups)");
+    if (ones() == nullptr) return 1;  // ones() recorded why
     return fc::launch<Device>(arguments(a, a_scale, w, w_scale, out, m, n, k), workspace,
                               workspace_bytes, stream,
                               "CUTLASS cannot run this shape (K % 128 == 0 and N % 8 == 0)");
@@ -156,7 +170,8 @@ using StreamK = cutlass::gemm::StreamKScheduler;
 // By index: the tile (M x N, K 128), the cluster along M (2: each weight tile is loaded once
 // for two CTAs, TMA multicast), the schedule. Larger tiles do not fit: a consumer warp group
 // holds its float accumulator and the current group's partial sum (128 x 128 ping-pong, one
-// tile a warp group, spilled and ran 0.24-0.29x of bf16 on the H200, cutlass-w4a8/).
+// tile a warp group: 256 registers a thread; it ran 0.23-0.29x of bf16 on the H200,
+// cutlass-w4a8/).
 using Config0 = Gemm<128, 128, 1, Coop, CoopEpi>;
 using Config1 = Gemm<64, 128, 1, Pingpong, PingpongEpi>;
 using Config2 = Gemm<128, 128, 2, Coop, CoopEpi>;

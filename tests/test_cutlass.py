@@ -442,3 +442,24 @@ def test_quantlinear_names_why_cutlass_w4a8_cannot_run_here(monkeypatch):
     deep = QuantLinear.from_codes(quantize(wide, qpw), qpw, act_bits=8, act_format="fp8")
     why = backends.supports(deep, "cutlass_w4a8", "cuda", torch.bfloat16, 256)
     assert why is not None and "in_features <= 131072" in why and "131200 inputs" in why
+
+
+def test_auto_takes_cutlass_w4a8_for_w4afp8_layers_from_m_256(monkeypatch):
+    """As on a Hopper GPU with the libraries built: a W4AFP8 layer's `auto` runs `cutlass_w4a8`
+    from M = 256 (where the H200 sweep measured it faster than the W4A16 path on the
+    fake-quantized activations, narrow layers included), and the W4A16 rule below; an INT8
+    layer never gets it."""
+    from faircalib.kernels import backends
+
+    monkeypatch.setattr(backends, "_cuda_capability", lambda: (9, 0))
+    monkeypatch.setattr(backends, "_triton_8bit_common", lambda *a, **k: None)
+    monkeypatch.setattr(backends, "_cutlass_library", lambda load: None)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for out_f in (512, 4096):  # Dream's K / V width and a wide layer
+        codes, qp = _layer(out_f=out_f)
+        fp8 = QuantLinear.from_codes(codes, qp, act_bits=8, act_format="fp8")
+        pick = lambda m, layer=fp8: layer.choose_backend("cuda", torch.bfloat16, m)  # noqa: E731
+        assert pick(256) == pick(4096) == "cutlass_w4a8"
+        assert pick(255) != "cutlass_w4a8"
+        int8 = QuantLinear.from_codes(codes, qp, act_bits=8)
+        assert int8.choose_backend("cuda", torch.bfloat16, 4096) != "cutlass_w4a8"

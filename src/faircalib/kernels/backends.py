@@ -134,12 +134,7 @@ W4_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
 # INT8: 0.57x against 0.75-0.78x for `int8_w8a8` at M = 256-512 there (cutlass-w8a8-sk).
 # The GEMV takes it (1.79x at M = 1 against torch's int4 kernel's 1.55x, cuda-gemv-feed); no
 # narrower layer was measured.
-AUTO_MIN_OUT_FEATURES = {
-    "cutlass_w4": 1024,
-    "cutlass_int8": 1024,
-    "cuda_gemv": 512,
-    "cutlass_w4a8": 1024,
-}
+AUTO_MIN_OUT_FEATURES = {"cutlass_w4": 1024, "cutlass_int8": 1024, "cuda_gemv": 512}
 
 # `int8` on CUDA: `torch._int_mm` needs M > 16 (cuBLASLt int8 constraint).
 # `auto` for layers that quantize activations to the int8 grid (act_bits=8), on CUDA: per M,
@@ -163,11 +158,14 @@ W8A8_AUTO: dict[str, list[tuple[float, tuple[str, ...]]]] = {
 }
 W4A8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
 # W4AFP8 layers (act_format "fp8": their activations are e4m3 by definition) take CUTLASS's
-# block-scaled FP8 GEMM (`cutlass_w4a8`, Hopper, once built) from this M on, where it loads
-# and the layer has AUTO_MIN_OUT_FEATURES outputs; below, and elsewhere, the W4A16 rule on the
-# fake-quantized activations (CUTLASS's W4A16 GEMM refuses layers with act_bits set).
-# H200, benchmarks/results/cutlass-w4a8 (measured side by side with what auto ran before).
-W4AFP8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
+# block-scaled FP8 GEMM (`cutlass_w4a8`, Hopper, once built) from this M on, where it can run
+# them; below, and elsewhere, the W4A16 rule on the fake-quantized activations (which cannot
+# use CUTLASS's W4A16 GEMM: it refuses layers with act_bits set). H200,
+# benchmarks/results/cutlass-w4a8 (commit 1704000), beside what auto ran before: 0.54-0.60x of
+# bf16 at M = 256 against 0.26-0.36x, 0.82-1.04x at 1024 against 0.29-0.61x, 1.03-1.24x at
+# 4096 against 0.33-0.72x on the seven large shapes; on Dream's 3584 x 512 0.36-0.46x against
+# 0.07-0.16x. Smaller M were not measured.
+W4AFP8_AUTO_MIN_M: dict[str, float] = {"cuda": 256}
 # `fp8_w8a8`'s GEMM by M: (M bound, kernel) rows, "scaled_mm" (torch._scaled_mm) or "triton"
 # (triton_w8a8.w8a8_matmul). H200: _scaled_mm is faster by geometric mean at every M of the
 # grid but 64 (where Triton leads by a few percent); one row keeps the rule simple.

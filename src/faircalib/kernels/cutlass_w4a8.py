@@ -7,8 +7,9 @@ group's MMAs and the per-token activation scale once, in its epilogue.
 Why: group-wise W4A8 must scale between one group's MMAs and the next. Our Triton kernels wait
 for every group's MMA before scaling it and reach 17-27% of the 8-bit peak (0.54-0.75x of bf16,
 benchmarks/results/kernels-w4a8-rescale). CUTLASS's mainloop waits too, but its producer warp
-streams the operands in through TMA meanwhile: 45-52% of the 8-bit peak for the GEMM, 1.4-2.1x
-the Triton W4A8's speed with the unpack included (H200, benchmarks/results/cutlass-w4a8).
+streams the operands in through TMA meanwhile: 43-51% of the 8-bit peak for the GEMM, 1.5-1.8x
+the Triton W4A8's speed at M >= 1024 with the unpack included (H200,
+benchmarks/results/cutlass-w4a8).
 
 The numbers are `w4a8_fp8_dq`'s (the same operands and scales, float32 sums in another order).
 """

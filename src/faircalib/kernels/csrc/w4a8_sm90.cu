@@ -8,7 +8,7 @@
 // MMAs and the next. Our Triton loop waits for each group's MMA before scaling it and runs at
 // 17-27% of the 8-bit peak (benchmarks/results/kernels-w4a8-rescale). CUTLASS's mainloop waits
 // too, but a producer warp keeps the operands streaming in through TMA meanwhile: its GEMM runs
-// at 45-52% of the 8-bit peak on the H200, where per-channel FP8 reaches 53-73%, and its
+// at 43-52% of the 8-bit peak on the H200, where per-channel FP8 reaches 53-73%, and its
 // ping-pong schedule (each consumer warp group its own tile, scaling while the other
 // multiplies) did not help: 128 x 128 tiles do not fit, 64 x 128 ones ran slower
 // (benchmarks/results/cutlass-w4a8).

@@ -3,6 +3,7 @@ in tests/test_cuda.py on the H200)."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import sys
@@ -463,3 +464,20 @@ def test_auto_takes_cutlass_w4a8_for_w4afp8_layers_from_m_256(monkeypatch):
         assert pick(255) != "cutlass_w4a8"
         int8 = QuantLinear.from_codes(codes, qp, act_bits=8)
         assert int8.choose_backend("cuda", torch.bfloat16, 4096) != "cutlass_w4a8"
+
+
+@pytest.mark.parametrize("module", [cutlass_w8a8, cutlass_w4a8])
+def test_the_scaled_gemm_libraries_share_one_declaration(module, monkeypatch):
+    """`declare_scaled_gemm` gives both 8-bit libraries their C signatures (12 GEMM
+    arguments, the workspace size as size_t, strings for errors and names) and refuses a
+    library of another configuration count."""
+    monkeypatch.setattr(cutlass_lib, "_LOADED", {})
+    monkeypatch.setattr(cutlass_lib, "_FAILED", {})
+    fns = {s: types.SimpleNamespace() for s in ("gemm", "workspace", "error", "config_name")}
+    lib = types.SimpleNamespace(**{f"fc_{module.NAME}_{k}": v for k, v in fns.items()})
+    setattr(lib, f"fc_{module.NAME}_configs", lambda: module.CONFIGS)
+    cutlass_lib.declare_scaled_gemm(lib, module.NAME, module.CONFIGS)
+    assert len(fns["gemm"].argtypes) == 12 and fns["gemm"].argtypes[10] is ctypes.c_size_t
+    assert fns["workspace"].restype is ctypes.c_size_t and fns["error"].restype is ctypes.c_char_p
+    with pytest.raises(cutlass_lib.CutlassUnavailable, match="another version"):
+        cutlass_lib.declare_scaled_gemm(lib, module.NAME, module.CONFIGS + 1)

@@ -178,6 +178,21 @@ def check_version(name: str, found: int, expected: int) -> None:
         raise CutlassUnavailable(why)
 
 
+def declare_scaled_gemm(lib: ctypes.CDLL, name: str, configs: int) -> None:
+    """Check the version of, and declare, a library of the scaled 8-bit GEMMs' C API
+    (csrc/w8a8_sm90.cu, csrc/w4a8_sm90.cu): fc_<name>_gemm(config, a, a_scale, w, w_scale,
+    out, m, n, k, workspace, workspace_bytes, stream), fc_<name>_workspace(config, m, n, k),
+    fc_<name>_configs(), fc_<name>_config_name(config) and fc_<name>_error()."""
+    fn = lambda suffix: getattr(lib, f"fc_{name}_{suffix}")  # noqa: E731
+    check_version(name, fn("configs")(), configs)
+    fn("gemm").argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int] * 3]
+    fn("gemm").argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fn("workspace").argtypes = [ctypes.c_int] * 4
+    fn("workspace").restype = ctypes.c_size_t
+    fn("error").restype = ctypes.c_char_p
+    fn("config_name").restype = ctypes.c_char_p
+
+
 _LOADED: dict[str, ctypes.CDLL] = {}
 _FAILED: dict[str, str] = {}  # name -> why: a failed build is not retried on every call
 

@@ -29,17 +29,7 @@ FILL = 0.75  # the share of the SMs a larger tile's output tiles must keep busy
 
 def load_library() -> ctypes.CDLL:
     """The W8A8 library (cutlass_lib.load), its C signatures declared (once)."""
-    return cutlass_lib.load(NAME, _declare)
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    cutlass_lib.check_version(NAME, lib.fc_w8a8_sm90_configs(), CONFIGS)
-    lib.fc_w8a8_sm90_gemm.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int] * 3]
-    lib.fc_w8a8_sm90_gemm.argtypes += [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    lib.fc_w8a8_sm90_workspace.argtypes = [ctypes.c_int] * 4
-    lib.fc_w8a8_sm90_workspace.restype = ctypes.c_size_t
-    lib.fc_w8a8_sm90_error.restype = ctypes.c_char_p
-    lib.fc_w8a8_sm90_config_name.restype = ctypes.c_char_p
+    return cutlass_lib.load(NAME, lambda lib: cutlass_lib.declare_scaled_gemm(lib, NAME, CONFIGS))
 
 
 def config_for(m: int, n: int, sm_count: int = 132) -> int:

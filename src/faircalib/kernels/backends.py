@@ -1147,7 +1147,8 @@ BACKENDS: dict[str, Backend] = {
         codes_from_layout=_int8_w8a8_codes,
     ),
     # W4A8 with e4m3 activations for large M: `w4a8_fp8_dq`'s numbers on CUTLASS's
-    # block-scaled FP8 GEMM (kernels/cutlass_w4a8.py); by name only, like w4a8_fp8
+    # block-scaled FP8 GEMM (kernels/cutlass_w4a8.py); `auto` runs it for W4AFP8 layers
+    # (W4AFP8_AUTO_MIN_M), other layers by name
     "cutlass_w4a8": Backend(
         "cutlass_w4a8",
         _cutlass_w4a8_supports,

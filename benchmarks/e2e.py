@@ -129,6 +129,10 @@ VARIANTS = {
     "int8_w8a8_quant_apart": (8, None, True, 8, "int8_w8a8", "int"),
     "w4a8_int8": (4, 128, False, 8, "w4a8_dq", "int"),
     "w4a8_fp8": (4, 128, False, 8, "w4a8_fp8_dq", "fp8"),
+    # W4AFP8 as `auto` runs it: zero points (cutlass_w4a8 from M = 256), and symmetric with
+    # power-of-two scales (scheme w4a8fp8-e8m0: cutlass_w4a8_lut); the 7th field a scale dtype
+    "w4a8_fp8_auto": (4, 128, False, 8, "auto", "fp8"),
+    "w4a8_fp8_e8m0": (4, 128, True, 8, "auto", "fp8", "e8m0"),
     # CUTLASS on Hopper (kernels.cutlass_lib): the mixed-input W4A16 GEMM, the INT8 GEMM with
     # its scales in the epilogue, by name (`auto` takes them where they are built)
     "int4_g128_cutlass": (4, 128, False, None, "cutlass_w4", "int"),
@@ -147,6 +151,8 @@ CUDA_ONLY = {
     "int8_w8a8_stacked",
     "w4a8_int8",
     "w4a8_fp8",
+    "w4a8_fp8_auto",
+    "w4a8_fp8_e8m0",
     "int4_g128_cutlass",
     "int8_w8a8_cutlass",
     "int4_g128_triton_dq",
@@ -166,8 +172,10 @@ def quantize_blocks(blocks: nn.ModuleList, spec: tuple | str) -> None:
                 values, scale = fp8_quantize(getattr(block, name).weight.detach().float())
                 setattr(block, name, FP8ActLinear(values, scale, None))
         return
-    bits, group, sym, act_bits, backend, act_format = spec
-    cfg = QuantConfig(bits=bits, group_size=group, symmetric=sym)
+    bits, group, sym, act_bits, backend, act_format, *scale_dtype = spec
+    cfg = QuantConfig(
+        bits=bits, group_size=group, symmetric=sym, scale_dtype=next(iter(scale_dtype), None)
+    )
     for block in blocks:
         for name in LINEARS:
             w = getattr(block, name).weight.detach().float()

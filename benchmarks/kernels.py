@@ -159,6 +159,8 @@ class Layer:
     qp4: object
     codes8: torch.Tensor
     qp8: object
+    codes4e: torch.Tensor  # symmetric INT4 g128 with power-of-two scales (w4a8fp8-e8m0)
+    qp4e: object
 
     @classmethod
     def random(cls, in_f: int, out_f: int, device: torch.device, seed: int) -> Layer:
@@ -166,7 +168,9 @@ class Layer:
         w = torch.randn(out_f, in_f, generator=gen, device=device) / math.sqrt(in_f)
         qp4 = compute_qparams(w, QuantConfig(bits=4, group_size=128, symmetric=False))
         qp8 = compute_qparams(w, QuantConfig(bits=8, group_size=None, symmetric=True))
-        return cls(w, quantize(w, qp4), qp4, quantize(w, qp8), qp8)
+        e8m0 = QuantConfig(bits=4, group_size=128, symmetric=True, scale_dtype="e8m0")
+        qp4e = compute_qparams(w, e8m0)
+        return cls(w, quantize(w, qp4), qp4, quantize(w, qp8), qp8, quantize(w, qp4e), qp4e)
 
 
 @dataclass
@@ -450,6 +454,41 @@ def _make_cutlass_w4a8(config: int | None, alone: bool = False) -> Callable[[Lay
     return make
 
 
+def _ref_w4a8_e8m0(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """A w4a8fp8-e8m0 layer (power-of-two group scales) on e4m3 rows."""
+    q, s = fp8_quantize(x)
+    return (q.double() * s.double()) @ dequantize(layer.codes4e, layer.qp4e).double().T
+
+
+def _make_cutlass_w4a8_lut(config: int, alone: bool = False) -> Callable[[Layer], Fn]:
+    """The lookup-table W4A8 kernel (kernels.cutlass_w4a8_lut) at one tile on a w4a8fp8-e8m0
+    layer: per call the fused per-token quantization and the GEMM; with `alone` the GEMM only
+    (the rows made once per input, outside the timed call)."""
+
+    def make(layer: Layer) -> Fn:
+        from faircalib.kernels import cutlass_w4a8_lut
+        from faircalib.kernels.triton_w8a8 import quantize_rows
+
+        values = (layer.codes4e.to(torch.int16) - 8).to(torch.int8)
+        out_scale, rel = cutlass_w4a8_lut.split_scales(layer.qp4e.scale)
+        weight = cutlass_w4a8_lut.LutWeight.prepare(values, out_scale, rel)
+        made: dict[int, tuple] = {}
+
+        @torch.no_grad()
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if not alone:
+                x8, x_scale = quantize_rows(x, "fp8")
+                return cutlass_w4a8_lut.gemm(x8, x_scale, weight, config)
+            hit = made.get(id(x))
+            if hit is None or hit[0] is not x:
+                hit = made[id(x)] = (x, *quantize_rows(x, "fp8"))
+            return cutlass_w4a8_lut.gemm(hit[1], hit[2], weight, config)
+
+        return run
+
+    return make
+
+
 GEMLITE = [  # name, kind, reference, weight bytes per element, tensor-core type
     ("gemlite_w4", "w4", _ref_w4, 0.5, "bf16"),
     ("gemlite_w4a8_fp8", "w4a8_fp8", _ref_w4a8_fp8, 0.5, "8bit"),
@@ -560,6 +599,19 @@ def candidates(device: torch.device) -> list[Candidate]:
                 make = _make_cutlass_w4a8(config, alone)
                 wb = 1.0 if alone else 0.5
                 out.append(Candidate(name, make, _ref_w4a8_fp8, wb, math="8bit"))
+        # w4a8fp8-e8m0 layers: the lookup-table backend, what `auto` runs for them, and the
+        # kernel's tiles one by one (kernels.cutlass_w4a8_lut)
+        for name in ("cutlass_w4a8_lut", "auto"):
+            make = lambda l, b=name: _quant_linear(  # noqa: E731
+                l.codes4e, l.qp4e, b, act_bits=8, act_format="fp8"
+            )
+            label = "auto_w4afp8_e8m0" if name == "auto" else name
+            out.append(Candidate(label, make, _ref_w4a8_e8m0, 0.5, math="8bit"))
+        for config in range(6):
+            for alone in (False, True):
+                name = f"cutlass_w4a8_lut{'_alone' if alone else ''}_c{config}"
+                make = _make_cutlass_w4a8_lut(config, alone)
+                out.append(Candidate(name, make, _ref_w4a8_e8m0, 0.5, math="8bit"))
         tiles = (("32", 2), ("64", 1), ("128", 0), ("256", 3), ("128_plain", 4))
         tiles += (("sk64", 7), ("sk128", 5), ("sk256", 6))  # stream-K
         tiles += (("pp64", 8), ("pp128", 9), ("pp256", 10))  # 64-row ping-pong tiles

@@ -23,7 +23,7 @@
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
 # torchrun (quantize + eval under torchrun on 2 GPUs against one process),
 # cudatests (tests/test_cuda.py on the GPU), cudatests-k (PYTEST_K: a -k selection of them),
-# cutlass-w4 / cutlass-w4-sk / cutlass-w4-pp / cutlass-w8a8 / cutlass-w8a8-sk / cutlass-w4a8 (the CUTLASS
+# cutlass-w4 / cutlass-w4-sk / cutlass-w4-pp / cutlass-w8a8 / cutlass-w8a8-sk / cutlass-w4a8 / cutlass-w4a8-lut (the CUTLASS
 # configurations), cuda-gemv / cuda-gemv-tiles / cuda-gemv-warps / cuda-gemv-l2 / cuda-gemv-v9 (the W4A16 GEMV; its tiles, splits, warps, L2 prefetch), gemv-ncu (Nsight Compute on it), e2e-cutlass / e2e-auto (one step), llada-gptq / llada-fair / dream-gptq / dream-fair and
 # llada-fair-fast / dream-fair-fast (8B-shaped,
 # benchmarks/llada_8b.py; one per lease is fine, rows accumulate in benchmarks/results/llada-8b-shape). Optional wheels (gemlite)
@@ -134,6 +134,19 @@ python3 scripts/gemv_profile.py --shape \$shape --out $RES/gemv-ncu; done; tail 
 --backends w4a8_fp8_dq,fp8_w8a8,auto_w4afp8,cutlass_w4a8,cutlass_w4a8_alone,cutlass_w4a8_c0,cutlass_w4a8_c1,cutlass_w4a8_c2,cutlass_w4a8_c3,\
 cutlass_w4a8_alone_c0,cutlass_w4a8_alone_c1,cutlass_w4a8_alone_c2,cutlass_w4a8_alone_c3 \
 --time-budget ${KERNELS_BUDGET:-240}" ;;
+  # W4A8 with the INT4 weight converted in registers through per-group e4m3 tables
+  # (kernels.cutlass_w4a8_lut) beside the block-scaled FP8 GEMM and per-channel FP8
+  cutlass-w4a8-lut) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w4a8-lut --ms 256,1024,2048,4096 \
+--backends fp8_w8a8,cutlass_w4a8,cutlass_w4a8_lut_c0,cutlass_w4a8_lut_c1,cutlass_w4a8_lut_c2,cutlass_w4a8_lut_c3,\
+cutlass_w4a8_lut_c4,cutlass_w4a8_lut_c5,cutlass_w4a8_lut_alone_c1,cutlass_w4a8_lut,auto_w4afp8,auto_w4afp8_e8m0 \
+--time-budget ${KERNELS_BUDGET:-240}" ;;
+  # one LLaDA-8B-shaped step: W4AFP8 as auto runs it, with zero points and with e8m0 scales
+  e2e-w4a8) echo "python3 benchmarks/e2e.py --out $RES/e2e-w4a8 --variants \
+bf16,fp8_w8a8,int4_g128,w4a8_fp8_auto,w4a8_fp8_e8m0" ;;
+  # the W4AFP8 grids on mdlm-small: zero-point-free float scales against power-of-two ones
+  bench-e8m0) echo "python3 -m faircalib.cli bench mdlm-small --device cuda \
+    --methods rtn,gptq,flatquant,fair --schemes w4a8fp8,w4a8fp8-e8m0 --nsamples 128 \
+    --mc-samples 2 --flip-prompts 32 --flip-gen-length 64 --flip-steps 64 --out $RES/bench-e8m0" ;;
   # the CUTLASS libraries built on the device itself (when the carried ones do not load there),
   # copied into .cutlass, where the jobs after it look (FAIRCALIB_CUTLASS_DIR)
   cutlass-build) echo "python3 -m faircalib.cli build-kernels --out $RES/cutlass-build; mkdir -p .cutlass; \

@@ -846,6 +846,106 @@ def test_cutlass_w4a8_backend_computes_the_numbers_of_the_triton_w4a8_fp8(
 
 
 @needs_cuda
+def test_cutlass_w4a8_lut_shuffle_formula_is_the_librarys_layout():
+    """cutlass_w4a8_lut.shuffle_offsets (the atom tiled in torch) against the library's own
+    layout evaluated on the host, at every element of a 64 x 256 weight."""
+    from faircalib.kernels import cutlass_w4a8_lut
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the library is built for sm_90a")
+    lib = cutlass_w4a8_lut.load_library()
+    n, k = 64, 256
+    mine = cutlass_w4a8_lut.shuffle_offsets(n, k)
+    theirs = torch.tensor(
+        [[lib.fc_w4a8_lut_sm90_shuffled_offset(n, k, i, j) for j in range(k)] for i in range(n)]
+    )
+    assert torch.equal(mine, theirs)
+
+
+@needs_cuda
+@pytest.mark.parametrize("config", range(6))
+def test_cutlass_w4a8_lut_gemm_matches_float64_and_replays_in_a_graph(config):
+    """Every tile of the lookup-table W4A8 library against the float64 product of the e4m3
+    rows and the weight values * output scale * group scale (every value in [-8, 7], group
+    scales over seven octaves, output and row scales over three decades, so a table or scale
+    read for the wrong group, output or row fails); ragged M."""
+    from faircalib.kernels import cutlass_w4a8_lut
+    from faircalib.models.cuda_graph import capture
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the library is built for sm_90a")
+    gen = torch.Generator(device="cuda").manual_seed(300 + config)
+    n, k, group, e4m3 = 512, 1024, 256, torch.float8_e4m3fn
+    codes = torch.randint(-8, 8, (n, k), generator=gen, device="cuda", dtype=torch.int8)
+    rel = torch.exp2(-torch.randint(0, 7, (n, k // group), generator=gen, device="cuda").float())
+    out_scale = 10 ** (3 * torch.rand(n, generator=gen, device="cuda") - 4)
+    weight = cutlass_w4a8_lut.LutWeight.prepare(codes, out_scale, rel)
+    w = cutlass_w4a8_lut.dequantize_values(codes, out_scale, rel).double()
+
+    def rows(m: int) -> torch.Tensor:
+        return (torch.randn(m, k, generator=gen, device="cuda") * 50).clamp(-448, 448).to(e4m3)
+
+    for m in (1, 7, 100, 256, 1000):
+        x8 = rows(m)
+        x_s = 10 ** (3 * torch.rand(m, generator=gen, device="cuda") - 3)
+        y = cutlass_w4a8_lut.gemm(x8, x_s, weight, config)
+        ref = (x8.double() * x_s.double()[:, None]) @ w.T
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        scale = ref.abs().amax(1, keepdim=True)
+        assert ((y.double() - ref).abs() <= 1e-2 * scale).all(), (config, m)
+    x8, x_s = rows(64), torch.rand(64, generator=gen, device="cuda") + 0.01
+    graph, out = capture(lambda: cutlass_w4a8_lut.gemm(x8, x_s, weight, config))
+    x8.copy_(rows(64))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, cutlass_w4a8_lut.gemm(x8, x_s, weight, config))
+
+
+@needs_cuda
+def test_cutlass_w4a8_lut_backend_computes_the_numbers_of_the_triton_w4a8_fp8(monkeypatch):
+    """A w4a8fp8-e8m0 layer (symmetric, power-of-two scales, bias) on `cutlass_w4a8_lut`
+    against the same layer on `w4a8_fp8_dq` and against float64 on the dequantized weight
+    with the e4m3 rows both quantize to; x is quantized once (fake quantization refused);
+    `auto` takes the backend from M = 256; the plain codes are freed and read back from the
+    kernel's layout unchanged."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the library is built for sm_90a")
+    from faircalib.kernels.backends import fp8_quantize
+
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    w = torch.randn(768, 1024, generator=gen, device="cuda") / 32
+    cfg = QuantConfig(bits=4, group_size=128, symmetric=True, scale_dtype="e8m0")
+    qp = compute_qparams(w, cfg)
+    codes, bias = quantize(w, qp), torch.randn(768, generator=gen, device="cuda")
+    layers = {
+        name: QuantLinear.from_codes(
+            codes, qp, bias=bias, act_bits=8, act_format="fp8", backend=name
+        )
+        for name in ("cutlass_w4a8_lut", "w4a8_fp8_dq", "auto")
+    }
+
+    def refuse(self, x):
+        raise AssertionError("x fake-quantized before an FP8-activation backend")
+
+    monkeypatch.setattr(QuantLinear, "quantize_input", refuse)
+    x = torch.randn(3, 300, 1024, generator=gen, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        y, y_triton = (layers[name](x) for name in ("cutlass_w4a8_lut", "w4a8_fp8_dq"))
+    assert y.shape == (3, 300, 768) and y.dtype == torch.bfloat16
+    assert rel_err(y, y_triton.double()) < 5e-3
+    x8, xs = fp8_quantize(x.reshape(-1, 1024))
+    ref = (x8.double() * xs.double()) @ dequantize(codes, qp).double().T + bias.double()
+    assert rel_err(y.reshape(-1, 768), ref) < 1e-2
+    assert torch.equal(layers["cutlass_w4a8_lut"].codes(), codes)  # read from the layout
+    auto = layers["auto"]
+    assert auto.choose_backend("cuda", torch.bfloat16, 256) == "cutlass_w4a8_lut"
+    assert auto.choose_backend("cuda", torch.bfloat16, 255) != "cutlass_w4a8_lut"
+    asym = compute_qparams(w, QuantConfig(bits=4, group_size=128, symmetric=False))
+    other = QuantLinear.from_codes(quantize(w, asym), asym, act_bits=8, act_format="fp8")
+    assert other.choose_backend("cuda", torch.bfloat16, 256) == "cutlass_w4a8"
+
+
+@needs_cuda
 def test_cutlass_w4a8_takes_empty_and_strided_inputs():
     """M = 0 returns an empty result without unpacking; a strided activation view gives what
     its contiguous copy gives."""

@@ -15,7 +15,14 @@ import torch
 
 from faircalib.config import QuantConfig
 from faircalib.errors import ConfigError
-from faircalib.kernels import QuantLinear, cutlass_lib, cutlass_w4, cutlass_w4a8, cutlass_w8a8
+from faircalib.kernels import (
+    QuantLinear,
+    cutlass_lib,
+    cutlass_w4,
+    cutlass_w4a8,
+    cutlass_w4a8_lut,
+    cutlass_w8a8,
+)
 from faircalib.kernels.backends import pack_codes
 from faircalib.quant.primitives import compute_qparams, dequantize, quantize
 
@@ -481,3 +488,120 @@ def test_the_scaled_gemm_libraries_share_one_declaration(module, monkeypatch):
     assert fns["workspace"].restype is ctypes.c_size_t and fns["error"].restype is ctypes.c_char_p
     with pytest.raises(cutlass_lib.CutlassUnavailable, match="another version"):
         cutlass_lib.declare_scaled_gemm(lib, module.NAME, module.CONFIGS + 1)
+
+
+# --- the lookup-table W4A8 kernel (csrc/w4a8_lut_sm90.cu) ----------------------------------------
+E8M0 = QuantConfig(bits=4, group_size=128, symmetric=True, scale_dtype="e8m0")
+
+
+def _e8m0_layer(out_f: int = 32, in_f: int = 512, seed: int = 0, bits: int = 4):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen) * torch.logspace(-3, 0, out_f)[:, None]
+    qp = compute_qparams(
+        w, QuantConfig(bits=bits, group_size=128, symmetric=True, scale_dtype="e8m0")
+    )
+    return w, quantize(w, qp), qp
+
+
+def test_e8m0_scales_are_the_nearest_power_of_two_of_the_min_max_scale():
+    """Each group's scale is 2^floor or 2^ceil of its min-max scale (max|w| / 7.5), whichever
+    is nearer (ties up), whatever the weights' magnitude; codes are clamped where it rounded
+    down."""
+    w, codes, qp = _e8m0_layer()
+    minmax = w.reshape(32, 4, 128).abs().amax(-1) / 7.5
+    low = torch.exp2(torch.floor(torch.log2(minmax)))
+    want = torch.where(minmax - low < 2 * low - minmax, low, 2 * low)
+    assert torch.equal(qp.scale, want)
+    assert codes.min() >= 0 and codes.max() <= 15 and bool((qp.zero == 8).all())
+
+
+def test_the_lookup_tables_turn_the_codes_into_the_dequantized_weight():
+    """The kernel's conversion, emulated as CUTLASS's lookup_table_convert does it (the low
+    three bits index the group's table of -8 r ... -1 r, the top bit picks it or its
+    negation, index 0 with the bit clear is zero), times the output scale, is exactly
+    `dequantize` of the codes: for 4-bit codes and 3-bit ones (zero point 4)."""
+    for bits in (4, 3):
+        w, codes, qp = _e8m0_layer(bits=bits, seed=bits)
+        assert cutlass_w4a8_lut.grid_why(codes, qp.scale, qp.zero, bits) is None
+        values = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+        out_scale, rel = cutlass_w4a8_lut.split_scales(qp.scale)
+        nibbles = cutlass_w4a8_lut.encode(values).long()
+        table = cutlass_w4a8_lut.tables(rel).float()  # [G, n, 8]
+        n, k = codes.shape
+        group = (torch.arange(k) // 128)[None, :].expand(n, -1)
+        neg = table[group, torch.arange(n)[:, None].expand(-1, k), nibbles & 7]
+        level = torch.where(nibbles >= 8, neg, torch.where(nibbles & 7 > 0, -neg, 0.0))
+        assert torch.equal(level * out_scale[:, None], dequantize(codes, qp))
+
+
+def test_the_nibble_encoding_is_cutlass_unified_int4():
+    """CUTLASS's unified_encode_int4b table: positive v stored as 8 - v (1 -> 0b0111, ...,
+    7 -> 0b0001), negatives and zero as two's complement; decode inverts it."""
+    values = torch.arange(-8, 8, dtype=torch.int8)
+    want = [8, 9, 10, 11, 12, 13, 14, 15, 0, 7, 6, 5, 4, 3, 2, 1]
+    assert cutlass_w4a8_lut.encode(values).tolist() == want
+    assert torch.equal(cutlass_w4a8_lut.decode(cutlass_w4a8_lut.encode(values)), values)
+
+
+def test_the_lookup_table_grid_check_names_what_is_off_the_grid():
+    w, codes, qp = _e8m0_layer()
+    why = cutlass_w4a8_lut.grid_why
+    assert why(codes, qp.scale * 1.25, qp.zero, 4) == (
+        "needs power-of-two weight scales (scheme w4a8fp8-e8m0)"
+    )
+    assert "symmetric" in why(codes, qp.scale, qp.zero - 1, 4)
+    assert "at most 4 bits" in why(codes, qp.scale, qp.zero, 8)
+    far = qp.scale.clone()
+    far[0, 1] = far[0].max() * 2.0**-15  # 15 octaves below the row's largest: not exact
+    assert "2^14" in why(codes, far, qp.zero, 4)
+    empty = codes.clone()
+    empty[0, 128:256] = 8  # ... unless every value of that group is zero
+    assert why(empty, far, qp.zero, 4) is None
+
+
+def test_the_lookup_table_tile_rule_picks_near_the_fastest_configuration_measured():
+    """On the recorded H200 sweep (six tiles with their own quantization, eight shapes,
+    M = 256 to 4096) the rule's tile ran within 10% of the fastest in 29 cells of 32 and
+    within 12% in every one."""
+    ms = _recorded_ms("cutlass-w4a8-lut")
+    ratios = []
+    for shape, m in {(s, m) for s, m, _ in ms}:
+        k, n = map(int, shape.split("x"))
+        times = {c: ms.get((shape, m, f"cutlass_w4a8_lut_c{c}")) for c in range(6)}
+        if None not in times.values():
+            ratios.append(times[cutlass_w4a8_lut.config_for(m, n, k)] / min(times.values()))
+    assert len(ratios) == 32
+    assert sum(r <= 1.10 for r in ratios) >= 29 and max(ratios) <= 1.12
+
+
+def test_auto_prefers_the_lookup_table_kernel_for_e8m0_w4afp8_layers(monkeypatch):
+    """As on a Hopper GPU with the libraries built: a W4AFP8 layer with power-of-two scales
+    runs `cutlass_w4a8_lut` from M = 256; the same weights with float scales (or with zero
+    points) `cutlass_w4a8`; on the CPU the backend says it needs the GPU."""
+    from faircalib.kernels import backends
+
+    w, codes, qp = _e8m0_layer(out_f=64)
+    layer = QuantLinear.from_codes(
+        codes, qp, act_bits=8, act_format="fp8", backend="cutlass_w4a8_lut"
+    )
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="cutlass_w4a8_lut runs on a CUDA GPU"):
+        layer(torch.randn(2, 512))
+    monkeypatch.setattr(backends, "_cuda_capability", lambda: (9, 0))
+    monkeypatch.setattr(backends, "_triton_8bit_common", lambda *a, **k: None)
+    monkeypatch.setattr(backends, "_cutlass_library", lambda load: None)
+    auto = QuantLinear.from_codes(codes, qp, act_bits=8, act_format="fp8")
+    assert auto.choose_backend("cuda", torch.bfloat16, 256) == "cutlass_w4a8_lut"
+    assert auto.choose_backend("cuda", torch.bfloat16, 255) not in (
+        "cutlass_w4a8_lut",
+        "cutlass_w4a8",
+    )
+    for cfg in (
+        QuantConfig(bits=4, group_size=128, symmetric=True),
+        QuantConfig(bits=4, group_size=128, symmetric=False, scale_dtype="e8m0"),
+    ):
+        qp2 = compute_qparams(w, cfg)
+        off = QuantLinear.from_codes(quantize(w, qp2), qp2, act_bits=8, act_format="fp8")
+        assert off.choose_backend("cuda", torch.bfloat16, 256) == "cutlass_w4a8"
+        why = backends.supports(off, "cutlass_w4a8_lut", "cuda", torch.bfloat16, 256)
+        assert why is not None and why.startswith("cutlass_w4a8_lut needs")

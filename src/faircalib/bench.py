@@ -44,6 +44,7 @@ ACT_SCHEMES: dict[str, dict] = {
     "w8a8fp8": {"bits": 8, "group_size": None},
     "w4a8": {"bits": 4, "group_size": 128},
     "w4a8fp8": {"bits": 4, "group_size": 128},
+    "w4a8fp8-e8m0": {"bits": 4, "group_size": 128},
     "w4a4": {"bits": 4, "group_size": None},
 }
 SCHEMES.update(ACT_SCHEMES)

@@ -15,7 +15,9 @@ from faircalib.errors import ConfigError
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, None)  # None: one scale per output channel
-SCALE_DTYPES = (None, "bfloat16", "float16", "float32")
+# "e8m0": powers of two (OCP MX's shared-exponent type), the grid the lookup-table W4A8 kernel
+# computes exactly (kernels/cutlass_w4a8_lut.py)
+SCALE_DTYPES = (None, "bfloat16", "float16", "float32", "e8m0")
 # AWQ's clipping search leaves query/key rows alone (as llm-awq does): layer-name pattern ->
 # (parts, of), the leading parts/of of the layer's output rows being query/key rows
 AWQ_NO_CLIP_ROWS: dict[str, tuple[int, int]] = {

@@ -74,10 +74,16 @@ class ActScheme:
     w_fmt: str  # "int" or "fp8" (fp8: e4m3, one scale per output channel)
     act: ActQuantConfig
     w_symmetric: bool = False  # INT weights without zero points
+    w_scale_dtype: str | None = None  # "e8m0": power-of-two weight scales
 
     def weight_config(self, base: str) -> QuantConfig:
         cls = GPTQConfig if base == "gptq" else RTNConfig
-        return cls(bits=self.w_bits or 8, group_size=self.w_group, symmetric=self.w_symmetric)
+        return cls(
+            bits=self.w_bits or 8,
+            group_size=self.w_group,
+            symmetric=self.w_symmetric,
+            scale_dtype=self.w_scale_dtype,
+        )
 
 
 SCHEMES: dict[str, ActScheme] = {
@@ -89,6 +95,12 @@ SCHEMES: dict[str, ActScheme] = {
     # W4A8 kernels take them (no zero points): the packed export writes the very same model
     "w4a8": ActScheme(4, 128, "int", ActQuantConfig("int", 8), w_symmetric=True),
     "w4a8fp8": ActScheme(4, 128, "int", ActQuantConfig("fp8"), w_symmetric=True),
+    # the same with power-of-two group scales: the grid the lookup-table W4A8 kernel computes
+    # exactly (kernels/cutlass_w4a8_lut.py: each group's levels are e4m3 numbers), so the K
+    # loop is a plain FP8 GEMM; the packed export is w4a8fp8's (the scales are exact in bf16)
+    "w4a8fp8-e8m0": ActScheme(
+        4, 128, "int", ActQuantConfig("fp8"), w_symmetric=True, w_scale_dtype="e8m0"
+    ),
     "w4a4": ActScheme(4, None, "int", ActQuantConfig("int", 4)),
     "w16a4": ActScheme(None, None, "int", ActQuantConfig("int", 4)),  # A4 alone
 }
@@ -173,9 +185,9 @@ class ActCalibConfig:
     def weight_overrides(self, base: str) -> dict:
         """Weight-quantizer knobs that differ from the defaults (empty: the defaults): the
         scale dtype, and GPTQ's damping and act_order."""
-        out: dict = (
-            {} if self.weight_scale_dtype is None else {"scale_dtype": self.weight_scale_dtype}
-        )
+        # a scheme's own scale type stays: its e8m0 scales are exact in any checkpoint dtype
+        keep = self.weight_scale_dtype is None or SCHEMES[self.scheme].w_scale_dtype is not None
+        out: dict = {} if keep else {"scale_dtype": self.weight_scale_dtype}
         if base != "gptq":
             return out
         if self.damp is not None:

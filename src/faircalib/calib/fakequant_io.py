@@ -312,7 +312,7 @@ def _w8a8_kind(name: str, module: Any) -> str:
 
 
 # schemes and methods whose results `w8a8_results` can store (calib.activations names)
-PACKED_ACT_SCHEMES = ("w8a8", "w8a8fp8", "w4a8", "w4a8fp8", "w4a4")
+PACKED_ACT_SCHEMES = ("w8a8", "w8a8fp8", "w4a8", "w4a8fp8", "w4a8fp8-e8m0", "w4a4")
 PACKED_ACT_METHODS = ("rtn", "gptq")
 
 

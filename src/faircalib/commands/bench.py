@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--schemes",
         default="w4g128",
         help="comma list of w4g128,w4pc,w3g128,w3pc,w2g64,w8pc (weight-only) or "
-        "w8a8,w8a8fp8,w4a8,w4a8fp8,w4a4 (weights and activations; docs/activation-quant.md)",
+        "w8a8,w8a8fp8,w4a8,w4a8fp8,w4a8fp8-e8m0,w4a4 (weights and activations; "
+        "docs/activation-quant.md)",
     )
     p.add_argument(
         "--calib-seeds",

@@ -20,7 +20,7 @@ from faircalib.commands import argtypes, common
 METHODS = ["rtn", "gptq", "awq", "smoothquant", "recon", "fair"]
 # activation quantization (`--scheme`; faircalib.calib.activations.SCHEMES / METHODS, spelled
 # out so building the parser imports no torch; tests/test_act_cli.py checks the two agree)
-ACT_SCHEMES = ("w8a8", "w8a8fp8", "w4a8", "w4a8fp8", "w4a4")
+ACT_SCHEMES = ("w8a8", "w8a8fp8", "w4a8", "w4a8fp8", "w4a8fp8-e8m0", "w4a4")
 ACT_METHODS = (
     "rtn",
     "gptq",
@@ -37,6 +37,8 @@ ACT_SCHEME_HELP = {
     "w8a8fp8": "FP8 e4m3 per-channel weights, FP8 per-token activations",
     "w4a8": "INT4 g128 weights, INT8 per-token activations",
     "w4a8fp8": "INT4 g128 weights, FP8 per-token activations",
+    "w4a8fp8-e8m0": "INT4 g128 weights with power-of-two scales, FP8 per-token activations "
+    "(the grid of the fastest W4A8 GPU kernel)",
     "w4a4": "INT4 per-channel weights, INT4 per-token activations",
 }
 ACT_GPTQ = ("gptq", "quarot", "flatquant-gptq", "fair-gptq")
@@ -1430,6 +1432,9 @@ ACT_FORMAT_NOTES = {
     "scales; INT8 activations quantized per token at run time, preset W4A8)",
     "w4a8fp8": "packed (compressed-tensors pack-quantized: symmetric INT4 g128 weights, bf16 "
     "scales; FP8 activations quantized per token at run time, preset W4AFP8)",
+    "w4a8fp8-e8m0": "packed (compressed-tensors pack-quantized: symmetric INT4 g128 weights, "
+    "power-of-two scales stored as bf16; FP8 activations quantized per token at run time, "
+    "preset W4AFP8)",
     "w4a4": "packed (compressed-tensors pack-quantized: INT4 per-channel weights, bf16 scales; "
     "INT4 activations quantized per token at run time; no stock reader runs it)",
 }

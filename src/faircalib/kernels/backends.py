@@ -21,6 +21,7 @@ repacks them once into its kernel's layout and caches the result on the layer.
 | w4a8_dq   | cuda     | w4a8's math for large M: codes unpacked to int8 per call, then an int8 GEMM | exact |
 | w4a8_fp8_dq | cuda   | the same with e4m3 activations and an e4m3 GEMM       | e4m3 act. (~3%)        |
 | cutlass_w4a8 | cuda  | w4a8_fp8_dq's numbers on CUTLASS's block-scaled FP8 GEMM (Hopper) | e4m3 act. (~3%) |
+| cutlass_w4a8_lut | cuda | the same, INT4 -> e4m3 in registers by per-group tables (e8m0 scales) | e4m3 act. (~3%) |
 
 int4 kernels take codes of at most 4 bits; `int8` needs symmetric per-channel 8-bit weights
 and act_bits=8; `fp8` takes any layer (it dequantizes, then rounds rows to e4m3);
@@ -56,7 +57,10 @@ The W8A8/W4A8 Triton backends also run on the CPU under TRITON_INTERPRET=1 (the 
 
 `cutlass_w4a8` (Hopper, bf16, the libraries built by `faircalib build-kernels`) takes what
 `w4a8_fp8` takes with groups of a multiple of 128 inputs (or per-channel), out % 8 == 0 and
-in <= 131072, and computes `w4a8_fp8_dq`'s numbers.
+in <= 131072, and computes `w4a8_fp8_dq`'s numbers. `cutlass_w4a8_lut` takes the layers of
+those that are on its grid (`cutlass_w4a8_lut.grid_why`: symmetric, power-of-two scales, as
+`--scheme w4a8fp8-e8m0` makes them) with out % 16 == 0, and computes the same numbers without
+the e4m3 temporary; `auto` prefers it where it can run a W4AFP8 layer.
 `auto` never changes numerics beyond the activation dtype's rounding, so `fp8`, `fp8_w8a8`,
 `w4a8_fp8` and `cutlass_w4a8` (which re-round onto e4m3) are only used when asked for by name
 on layers of other activation grids; layers that already
@@ -166,6 +170,12 @@ W4A8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
 # 4096 against 0.33-0.72x on the seven large shapes; on Dream's 3584 x 512 0.36-0.46x against
 # 0.07-0.16x. Smaller M were not measured.
 W4AFP8_AUTO_MIN_M: dict[str, float] = {"cuda": 256}
+# ...and of those, the layers on the lookup-table kernel's grid (power-of-two scales: scheme
+# w4a8fp8-e8m0) take `cutlass_w4a8_lut` instead, from the same M. H200,
+# benchmarks/results/cutlass-w4a8-lut (the tile config_for picks, activation quantization
+# included): 1.40-1.73x of bf16 at M = 1024 and 1.54-1.77x at 4096 on the seven large shapes,
+# against 0.80-1.01x and 1.01-1.20x for cutlass_w4a8 in the same run; 0.41-0.63x against
+# 0.37-0.47x on 3584 x 512.
 # `fp8_w8a8`'s GEMM by M: (M bound, kernel) rows, "scaled_mm" (torch._scaled_mm) or "triton"
 # (triton_w8a8.w8a8_matmul). H200: _scaled_mm is faster by geometric mean at every M of the
 # grid but 64 (where Triton leads by a few percent); one row keeps the rule simple.
@@ -1054,6 +1064,68 @@ def _cutlass_w4a8_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> t
     return y if layer.bias is None else y + _bias(layer).to(y.dtype)
 
 
+def _lut_why(layer: QuantLinear) -> str | None:
+    """cutlass_w4a8_lut.grid_why for the layer, computed once per version of its weight."""
+    from faircalib.kernels import cutlass_w4a8_lut
+
+    key = tuple((t.data_ptr(), t._version) for t in (layer.qweight, layer.scale, layer.zero))
+    cached = layer.__dict__.get("_lut_grid")
+    if cached is None or cached[0] != key:
+        why = cutlass_w4a8_lut.grid_why(layer.codes(), layer.scale, layer.zero, layer.bits)
+        cached = layer.__dict__["_lut_grid"] = (key, why)
+    return cached[1]
+
+
+def _cutlass_w4a8_lut_supports(
+    layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
+) -> str | None:
+    from faircalib.kernels import cutlass_w4a8_lut
+
+    why = _cutlass_common(device_type, dtype, "cutlass_w4a8_lut")  # first: the GPU it needs
+    why = why or _w4a8_supports(layer, device_type, dtype, m)
+    why = why or _triton_8bit_common(device_type, dtype, fp8=True)  # the row quantizer
+    if why is not None:
+        return why
+    group = layer.group_size or layer.in_features
+    n = layer.out_features
+    if group % cutlass_w4a8_lut.TILE_K or n % cutlass_w4a8_lut.ATOM_ROWS:
+        return (
+            f"cutlass_w4a8_lut needs groups of a multiple of {cutlass_w4a8_lut.TILE_K} inputs "
+            f"and out_features % {cutlass_w4a8_lut.ATOM_ROWS} == 0, got group {group}, {n} outputs"
+        )
+    why = _lut_why(layer)
+    if why is not None:
+        return f"cutlass_w4a8_lut {why}"
+    return _cutlass_library(cutlass_w4a8_lut.load_library)
+
+
+def _cutlass_w4a8_lut_prepare(
+    layer: QuantLinear, device: torch.device, dtype: torch.dtype
+) -> tuple:
+    from faircalib.kernels import cutlass_w4a8_lut
+
+    zero = 2 ** (layer.bits - 1)
+    values = (layer.codes().to(device).to(torch.int16) - zero).to(torch.int8)
+    out_scale, rel = cutlass_w4a8_lut.split_scales(layer.scale.to(device))
+    return cutlass_w4a8_lut.LutWeight.prepare(values, out_scale, rel), zero
+
+
+def _cutlass_w4a8_lut_codes(prepared: tuple) -> torch.Tensor:
+    weight, zero = prepared
+    return (weight.values().to(torch.int16) + zero).to(torch.uint8)
+
+
+def _cutlass_w4a8_lut_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
+    from faircalib.kernels import cutlass_w4a8_lut
+    from faircalib.kernels.triton_w8a8 import quantize_rows
+
+    weight = prepared[0]
+    q, x_scale = quantize_once("fp8", x, lambda x: quantize_rows(x, "fp8"))
+    config = cutlass_w4a8_lut.config_for(x.shape[0], weight.out_features, weight.in_features)
+    y = cutlass_w4a8_lut.gemm(q, x_scale.reshape(-1), weight, config).to(x.dtype)
+    return y if layer.bias is None else y + _bias(layer).to(y.dtype)
+
+
 # --- registry and the auto rule --------------------------------------------------------------
 BACKENDS: dict[str, Backend] = {
     "dequant": Backend(
@@ -1157,6 +1229,17 @@ BACKENDS: dict[str, Backend] = {
         adds_bias=True,
         codes_from_layout=_triton_codes,
     ),
+    # the same numbers for layers with power-of-two scales (scheme w4a8fp8-e8m0), the INT4
+    # codes turned into e4m3 in registers through per-group tables
+    # (kernels/cutlass_w4a8_lut.py); `auto` prefers it for such W4AFP8 layers
+    "cutlass_w4a8_lut": Backend(
+        "cutlass_w4a8_lut",
+        _cutlass_w4a8_lut_supports,
+        _cutlass_w4a8_lut_prepare,
+        _cutlass_w4a8_lut_run,
+        adds_bias=True,
+        codes_from_layout=_cutlass_w4a8_lut_codes,
+    ),
 }
 BACKEND_NAMES = ("auto", *BACKENDS)
 
@@ -1192,12 +1275,18 @@ def auto_backend(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: in
 def w4afp8_auto_backend(
     layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
 ) -> str | None:
-    """`cutlass_w4a8` where `auto` runs it for a W4AFP8 layer (`W4AFP8_AUTO_MIN_M`), else None."""
-    if m >= W4AFP8_AUTO_MIN_M.get(device_type, math.inf) and _auto_takes(
-        layer, "cutlass_w4a8", device_type, dtype, m
-    ):
-        return "cutlass_w4a8"
-    return None
+    """`cutlass_w4a8_lut` or else `cutlass_w4a8` where `auto` runs them for a W4AFP8 layer
+    (`W4AFP8_AUTO_MIN_M`), else None."""
+    if m < W4AFP8_AUTO_MIN_M.get(device_type, math.inf):
+        return None
+    return next(
+        (
+            n
+            for n in ("cutlass_w4a8_lut", "cutlass_w4a8")
+            if _auto_takes(layer, n, device_type, dtype, m)
+        ),
+        None,
+    )
 
 
 def _auto_takes(

@@ -52,7 +52,7 @@ from faircalib.quant.primitives import QParams, quantize_activations_per_token
 SUPPORTED_BITS = range(2, 9)
 ACT_FORMATS = ("int", "fp8")
 # backends that quantize an "fp8" layer's activations onto its own e4m3 grid themselves
-FP8_ACT_BACKENDS = ("w4a8_fp8", "w4a8_fp8_dq", "cutlass_w4a8")
+FP8_ACT_BACKENDS = ("w4a8_fp8", "w4a8_fp8_dq", "cutlass_w4a8", "cutlass_w4a8_lut")
 # float buffers that keep float32 whatever dtype the model is cast to (see `_apply`)
 FLOAT32_BUFFERS = ("scale", "input_scale")
 

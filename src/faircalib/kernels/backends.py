@@ -71,6 +71,7 @@ accumulation.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -1107,19 +1108,23 @@ def _cutlass_w4a8_lut_prepare(
     zero = 2 ** (layer.bits - 1)
     values = (layer.codes().to(device).to(torch.int16) - zero).to(torch.int8)
     out_scale, rel = cutlass_w4a8_lut.split_scales(layer.scale.to(device))
-    return cutlass_w4a8_lut.LutWeight.prepare(values, out_scale, rel), zero
+    weight = cutlass_w4a8_lut.LutWeight.prepare(values, out_scale, rel)
+    # a flat tuple of the LutWeight's fields: its tensors are what the layer keeps resident
+    return (*(getattr(weight, f.name) for f in dataclasses.fields(weight)), zero)
 
 
 def _cutlass_w4a8_lut_codes(prepared: tuple) -> torch.Tensor:
-    weight, zero = prepared
-    return (weight.values().to(torch.int16) + zero).to(torch.uint8)
+    from faircalib.kernels.cutlass_w4a8_lut import LutWeight
+
+    values = LutWeight(*prepared[:-1]).values()
+    return (values.to(torch.int16) + prepared[-1]).to(torch.uint8)
 
 
 def _cutlass_w4a8_lut_run(layer: QuantLinear, prepared: tuple, x: torch.Tensor) -> torch.Tensor:
     from faircalib.kernels import cutlass_w4a8_lut
     from faircalib.kernels.triton_w8a8 import quantize_rows
 
-    weight = prepared[0]
+    weight = cutlass_w4a8_lut.LutWeight(*prepared[:-1])
     q, x_scale = quantize_once("fp8", x, lambda x: quantize_rows(x, "fp8"))
     config = cutlass_w4a8_lut.config_for(x.shape[0], weight.out_features, weight.in_features)
     y = cutlass_w4a8_lut.gemm(q, x_scale.reshape(-1), weight, config).to(x.dtype)

@@ -14,7 +14,7 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build-kernels",
-        help="compile the CUTLASS and CUDA kernels for Hopper GPUs (nvcc; about six minutes)",
+        help="compile the CUTLASS and CUDA kernels for Hopper GPUs (nvcc; several minutes a library)",
         description=__doc__,
     )
     p.add_argument("names", nargs="*", help="libraries to build (default: every one)")
@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     print(
-        f"building {', '.join(names)} (nvcc, one process each; the CUTLASS ones about six "
-        "minutes on two cores)",
+        f"building {', '.join(names)} (nvcc, one process each; the CUTLASS ones 3.5-9 "
+        "minutes each on two cores)",
         flush=True,
     )
 

@@ -173,10 +173,10 @@ W4A8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
 W4AFP8_AUTO_MIN_M: dict[str, float] = {"cuda": 256}
 # ...and of those, the layers on the lookup-table kernel's grid (power-of-two scales: scheme
 # w4a8fp8-e8m0) take `cutlass_w4a8_lut` instead, from the same M. H200,
-# benchmarks/results/cutlass-w4a8-lut (the tile config_for picks, activation quantization
-# included): 1.40-1.73x of bf16 at M = 1024 and 1.54-1.77x at 4096 on the seven large shapes,
-# against 0.80-1.01x and 1.01-1.20x for cutlass_w4a8 in the same run; 0.41-0.63x against
-# 0.37-0.47x on 3584 x 512.
+# benchmarks/results/cutlass-w4a8-lut (commit e1b80f1; the tile config_for picks, activation
+# quantization included): 0.92-1.32x of bf16 at M = 256, 1.35-1.74x at 1024 and 1.47-1.87x at
+# 4096 on the seven large shapes, against 0.54-0.59x, 0.79-1.02x and 0.56-1.19x for
+# cutlass_w4a8 in the same run; 0.41-0.62x against 0.36-0.48x on 3584 x 512.
 # `fp8_w8a8`'s GEMM by M: (M bound, kernel) rows, "scaled_mm" (torch._scaled_mm) or "triton"
 # (triton_w8a8.w8a8_matmul). H200: _scaled_mm is faster by geometric mean at every M of the
 # grid but 64 (where Triton leads by a few percent); one row keeps the rule simple.

@@ -3,7 +3,7 @@
 Each `csrc/<name>.cu` is one shared library with a plain C ABI over raw device pointers, loaded
 with ctypes: it does not link against torch, so one build serves any torch version. It is
 compiled once per machine by `faircalib build-kernels` (nvcc against the headers of the
-`nvidia-cutlass` wheel; about six minutes a library on two cores) and cached under
+`nvidia-cutlass` wheel; 3.5-9 minutes a library on two cores) and cached under
 `~/.cache/faircalib/cutlass` (or `$FAIRCALIB_CACHE/cutlass`), keyed by the source and its
 headers, the flags and nvcc's version. `$FAIRCALIB_CUTLASS_DIR` names a directory of libraries
 built elsewhere (`<name>.so`), for a machine without nvcc.
@@ -229,7 +229,7 @@ def _open(name: str) -> ctypes.CDLL:
         if path is None:
             raise CutlassUnavailable(
                 f"the CUTLASS library {name} is not built here: run `faircalib build-kernels` "
-                f"once (about six minutes; needs nvcc and `pip install faircalib[cutlass]`) "
+                f"once (several minutes; needs nvcc and `pip install faircalib[cutlass]`) "
                 f"or set {PREBUILT_ENV} to a directory of prebuilt libraries"
             )
     try:

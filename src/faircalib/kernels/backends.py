@@ -171,12 +171,17 @@ W4A8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
 # 4096 against 0.33-0.72x on the seven large shapes; on Dream's 3584 x 512 0.36-0.46x against
 # 0.07-0.16x. Smaller M were not measured.
 W4AFP8_AUTO_MIN_M: dict[str, float] = {"cuda": 256}
-# ...and of those, the layers on the lookup-table kernel's grid (power-of-two scales: scheme
-# w4a8fp8-e8m0) take `cutlass_w4a8_lut` instead, from the same M. H200,
+# W4AFP8 layers on the lookup-table kernel's grid (power-of-two scales: scheme w4a8fp8-e8m0)
+# take `cutlass_w4a8_lut` from this M instead. H200, benchmarks/results/cutlass-w4a8-lut-small
+# (3239e92): at M = 1-128 the tile config_for picks ran 0.69-1.45x of bf16 on the seven large
+# shapes where the path auto took before (the W4A16 rule on fake-quantized activations) ran
+# 0.24-0.87x, faster in every cell but two at M = 1, within 3% there (12288 x 4096 and
+# 14336 x 4096: 0.69x / 0.72x against 0.71x / 0.73x); 3584 x 512 0.42-0.45x. From M = 256,
 # benchmarks/results/cutlass-w4a8-lut (commit e1b80f1; the tile config_for picks, activation
 # quantization included): 0.92-1.32x of bf16 at M = 256, 1.35-1.74x at 1024 and 1.47-1.87x at
 # 4096 on the seven large shapes, against 0.54-0.59x, 0.79-1.02x and 0.56-1.19x for
 # cutlass_w4a8 in the same run; 0.41-0.62x against 0.36-0.48x on 3584 x 512.
+W4AFP8_LUT_AUTO_MIN_M: dict[str, float] = {"cuda": 1}
 # `fp8_w8a8`'s GEMM by M: (M bound, kernel) rows, "scaled_mm" (torch._scaled_mm) or "triton"
 # (triton_w8a8.w8a8_matmul). H200: _scaled_mm is faster by geometric mean at every M of the
 # grid but 64 (where Triton leads by a few percent); one row keeps the rule simple.
@@ -1280,18 +1285,18 @@ def auto_backend(layer: QuantLinear, device_type: str, dtype: torch.dtype, m: in
 def w4afp8_auto_backend(
     layer: QuantLinear, device_type: str, dtype: torch.dtype, m: int
 ) -> str | None:
-    """`cutlass_w4a8_lut` or else `cutlass_w4a8` where `auto` runs them for a W4AFP8 layer
-    (`W4AFP8_AUTO_MIN_M`), else None."""
-    if m < W4AFP8_AUTO_MIN_M.get(device_type, math.inf):
-        return None
-    return next(
-        (
-            n
-            for n in ("cutlass_w4a8_lut", "cutlass_w4a8")
-            if _auto_takes(layer, n, device_type, dtype, m)
-        ),
-        None,
-    )
+    """What `auto` runs for a W4AFP8 layer from its own rules: `cutlass_w4a8_lut` from
+    `W4AFP8_LUT_AUTO_MIN_M` where the layer is on its grid, else `cutlass_w4a8` from
+    `W4AFP8_AUTO_MIN_M`; None below (the W4A16 rule then)."""
+    if m >= W4AFP8_LUT_AUTO_MIN_M.get(device_type, math.inf) and _auto_takes(
+        layer, "cutlass_w4a8_lut", device_type, dtype, m
+    ):
+        return "cutlass_w4a8_lut"
+    if m >= W4AFP8_AUTO_MIN_M.get(device_type, math.inf) and _auto_takes(
+        layer, "cutlass_w4a8", device_type, dtype, m
+    ):
+        return "cutlass_w4a8"
+    return None
 
 
 def _auto_takes(

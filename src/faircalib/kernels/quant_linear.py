@@ -247,8 +247,9 @@ class QuantLinear(nn.Module):
     def _fp8_act_backend(self, device_type: str, dtype: torch.dtype, m: int) -> str:
         """`choose_backend` for e4m3 activations: the INT8-activation kernels would compute
         another grid, so they are refused by name; `auto` takes `w4a8_fp8` where `w4a8` would
-        be taken for an INT8 layer (`W4A8_AUTO_MIN_M`), then `cutlass_w4a8` from
-        `W4AFP8_AUTO_MIN_M`, else the weight-only rule on the activations this layer
+        be taken for an INT8 layer (`W4A8_AUTO_MIN_M`), then `backends.w4afp8_auto_backend`
+        (`cutlass_w4a8_lut` for power-of-two-scale layers, `cutlass_w4a8` from
+        `W4AFP8_AUTO_MIN_M`), else the weight-only rule on the activations this layer
         fake-quantizes first (`W4_AUTO`, as `auto_backend` ends)."""
         if self.backend == "auto":
             min_m = W4A8_AUTO_MIN_M.get(device_type, math.inf)

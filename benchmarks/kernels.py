@@ -607,7 +607,7 @@ def candidates(device: torch.device) -> list[Candidate]:
             )
             label = "auto_w4afp8_e8m0" if name == "auto" else name
             out.append(Candidate(label, make, _ref_w4a8_e8m0, 0.5, math="8bit"))
-        for config in range(6):
+        for config in range(9):
             for alone in (False, True):
                 name = f"cutlass_w4a8_lut{'_alone' if alone else ''}_c{config}"
                 make = _make_cutlass_w4a8_lut(config, alone)

@@ -144,7 +144,8 @@ cutlass_w4a8_lut_c4,cutlass_w4a8_lut_c5,cutlass_w4a8_lut_alone_c1,cutlass_w4a8_l
   # there for W4AFP8 layers and for W4A16 ones
   cutlass-w4a8-lut-small) echo "python3 benchmarks/kernels.py --out $RES/cutlass-w4a8-lut-small --ms 1,8,16,32,64,128,256 \
 --backends auto_w4,auto_w4afp8,auto_w4afp8_e8m0,cutlass_w4a8_lut_c0,cutlass_w4a8_lut_c1,cutlass_w4a8_lut_c2,\
-cutlass_w4a8_lut_c3,cutlass_w4a8_lut_c4,cutlass_w4a8_lut_c5 --time-budget ${KERNELS_BUDGET:-240}" ;;
+cutlass_w4a8_lut_c3,cutlass_w4a8_lut_c4,cutlass_w4a8_lut_c5,cutlass_w4a8_lut_c6,cutlass_w4a8_lut_c7,cutlass_w4a8_lut_c8 \
+--time-budget ${KERNELS_BUDGET:-240}" ;;
   # one LLaDA-8B-shaped step: W4AFP8 as auto runs it, with zero points and with e8m0 scales
   e2e-w4a8) echo "python3 benchmarks/e2e.py --out $RES/e2e-w4a8 --variants \
 bf16,fp8_w8a8,int4_g128,w4a8_fp8_auto,w4a8_fp8_e8m0" ;;

@@ -863,7 +863,7 @@ def test_cutlass_w4a8_lut_shuffle_formula_is_the_librarys_layout():
 
 
 @needs_cuda
-@pytest.mark.parametrize("config", range(6))
+@pytest.mark.parametrize("config", range(9))
 def test_cutlass_w4a8_lut_gemm_matches_float64_and_replays_in_a_graph(config):
     """Every tile of the lookup-table W4A8 library against the float64 product of the e4m3
     rows and the weight values * output scale * group scale (every value in [-8, 7], group

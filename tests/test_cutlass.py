@@ -522,7 +522,7 @@ def test_the_lookup_tables_turn_the_codes_into_the_dequantized_weight():
     `dequantize` of the codes: for 4-bit codes and 3-bit ones (zero point 4)."""
     for bits in (4, 3):
         w, codes, qp = _e8m0_layer(bits=bits, seed=bits)
-        assert cutlass_w4a8_lut.grid_why(codes, qp.scale, qp.zero, bits) is None
+        assert cutlass_w4a8_lut.grid_why(lambda c=codes: c, qp.scale, qp.zero, bits) is None
         values = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
         out_scale, rel = cutlass_w4a8_lut.split_scales(qp.scale)
         nibbles = cutlass_w4a8_lut.encode(values).long()
@@ -545,18 +545,83 @@ def test_the_nibble_encoding_is_cutlass_unified_int4():
 
 def test_the_lookup_table_grid_check_names_what_is_off_the_grid():
     w, codes, qp = _e8m0_layer()
-    why = cutlass_w4a8_lut.grid_why
-    assert why(codes, qp.scale * 1.25, qp.zero, 4) == (
+
+    def why(c, scale, zero, bits=4):
+        return cutlass_w4a8_lut.grid_why(lambda: c, scale, zero, bits)
+
+    assert why(codes, qp.scale * 1.25, qp.zero) == (
         "needs power-of-two weight scales (scheme w4a8fp8-e8m0)"
     )
-    assert "symmetric" in why(codes, qp.scale, qp.zero - 1, 4)
+    assert "symmetric" in why(codes, qp.scale, qp.zero - 1)
     assert "at most 4 bits" in why(codes, qp.scale, qp.zero, 8)
+    edge = qp.scale.clone()
+    edge[0, 1] = edge[0].max() * 2.0**-14  # 14 octaves down: level 1 is e4m3's 2^-9, exact
+    assert why(codes, edge, qp.zero) is None
     far = qp.scale.clone()
-    far[0, 1] = far[0].max() * 2.0**-15  # 15 octaves below the row's largest: not exact
-    assert "2^14" in why(codes, far, qp.zero, 4)
+    far[0, 1] = far[0].max() * 2.0**-15  # 15 octaves down: not exact
+    assert "2^14" in why(codes, far, qp.zero)
     empty = codes.clone()
     empty[0, 128:256] = 8  # ... unless every value of that group is zero
-    assert why(empty, far, qp.zero, 4) is None
+    assert why(empty, far, qp.zero) is None
+
+    def never():
+        raise AssertionError("codes unpacked where the scales alone decide")
+
+    assert cutlass_w4a8_lut.grid_why(never, qp.scale, qp.zero, 4) is None
+
+
+def test_the_lookup_table_layout_holds_the_codes_losslessly(monkeypatch):
+    """LutWeight.prepare's shuffle and values() invert each other for 4- and 3-bit codes
+    (the atom here is any permutation: the library's own one is checked on the GPU), and the
+    backend's codes_from_layout gives the layer's codes back."""
+    from faircalib.kernels import backends
+
+    atom = torch.randperm(16 * 32, generator=torch.Generator().manual_seed(3)).reshape(16, 32)
+    monkeypatch.setattr(cutlass_w4a8_lut, "_atom_offsets", lambda: atom)
+    for bits in (4, 3):
+        _, codes, qp = _e8m0_layer(out_f=48, bits=bits, seed=bits)
+        values = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+        out_scale, rel = cutlass_w4a8_lut.split_scales(qp.scale)
+        weight = cutlass_w4a8_lut.LutWeight.prepare(values, out_scale, rel)
+        assert weight.int4.shape == (48, 256) and not torch.equal(
+            weight.int4, backends.pack_codes(cutlass_w4a8_lut.encode(values), 4)
+        )  # shuffled
+        assert torch.equal(weight.values(), values)
+        layer = QuantLinear.from_codes(codes, qp, act_bits=8, act_format="fp8")
+        prepared = backends._cutlass_w4a8_lut_prepare(layer, torch.device("cpu"), torch.bfloat16)
+        assert torch.equal(backends._cutlass_w4a8_lut_codes(prepared), codes)
+
+
+def test_the_grid_check_is_cached_until_the_layer_loads_new_weights(monkeypatch):
+    """`_lut_why` runs grid_why once while the layer's plans live (no tensor versions: the
+    samplers run under inference_mode) and again after load_state_dict."""
+    from faircalib.kernels import backends
+
+    _, codes, qp = _e8m0_layer()
+    layer = QuantLinear.from_codes(codes, qp, act_bits=8, act_format="fp8")
+    calls = []
+    real = cutlass_w4a8_lut.grid_why
+    monkeypatch.setattr(cutlass_w4a8_lut, "grid_why", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        assert backends._lut_why(layer) is None and backends._lut_why(layer) is None
+    assert len(calls) == 1
+    state = layer.state_dict()
+    state["scale"] = state["scale"] * 1.25
+    layer.load_state_dict(state)
+    assert "power-of-two" in backends._lut_why(layer) and len(calls) == 2
+
+
+def test_the_e8m0_scheme_keeps_its_scales_through_the_packed_export_config():
+    """Packed export asks for bf16 weight scales (packed_act_config); a w4a8fp8-e8m0 run keeps
+    its power-of-two scales (exact in bf16), other schemes take bf16."""
+    from faircalib.calib.activations import SCHEMES, ActCalibConfig
+    from faircalib.calib.fakequant_io import packed_act_config
+
+    for scheme, want in (("w4a8fp8-e8m0", "e8m0"), ("w4a8fp8", "bfloat16")):
+        cfg = packed_act_config(ActCalibConfig(scheme=scheme, method="gptq"))
+        wcfg = SCHEMES[scheme].weight_config("gptq")
+        merged = {**{"scale_dtype": wcfg.scale_dtype}, **cfg.weight_overrides("gptq")}
+        assert merged["scale_dtype"] == want
 
 
 def test_the_lookup_table_tile_rule_picks_near_the_fastest_configuration_measured():
@@ -572,8 +637,9 @@ def test_the_lookup_table_tile_rule_picks_near_the_fastest_configuration_measure
     ratios = []
     for shape, m in {(s, m) for s, m, _ in ms}:
         k, n = map(int, shape.split("x"))
-        times = {c: ms.get((shape, m, f"cutlass_w4a8_lut_c{c}")) for c in range(6)}
-        if None not in times.values():
+        times = {c: ms.get((shape, m, f"cutlass_w4a8_lut_c{c}")) for c in range(9)}
+        times = {c: t for c, t in times.items() if t is not None}  # M > 256: tiles 0-5 ran
+        if len(times) >= 6:
             ratios.append(times[cutlass_w4a8_lut.config_for(m, n, k)] / min(times.values()))
     assert len(ratios) == 80
     assert sum(r <= 1.10 for r in ratios) >= 77 and max(ratios) <= 1.15

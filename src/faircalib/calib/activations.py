@@ -185,7 +185,8 @@ class ActCalibConfig:
     def weight_overrides(self, base: str) -> dict:
         """Weight-quantizer knobs that differ from the defaults (empty: the defaults): the
         scale dtype, and GPTQ's damping and act_order."""
-        # a scheme's own scale type stays: its e8m0 scales are exact in any checkpoint dtype
+        # a scheme's own scale type stays: its powers of two are exact in the checkpoint's bf16
+        # (the packed export's `weight_scale_dtype`); the writer refuses any it cannot store
         keep = self.weight_scale_dtype is None or SCHEMES[self.scheme].w_scale_dtype is not None
         out: dict = {} if keep else {"scale_dtype": self.weight_scale_dtype}
         if base != "gptq":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from faircalib.kernels import cutlass_lib
 
 NAME = "w4a8_lut_sm90"  # csrc/w4a8_lut_sm90.cu
-CONFIGS = 6
+CONFIGS = 9
 TILE_K = 128  # the K tile: a group must be a multiple of it
 # the shuffle atom (compute_memory_reordering_atom<e4m3>): 16 rows x 32 columns, laid out
 # rows first like the W4A16 kernel's
@@ -30,8 +31,9 @@ ATOM_ROWS, ATOM_COLS = 16, 32
 MIN_REL = 2.0**-9  # the smallest r whose levels k r (k <= 8) are all e4m3 numbers (subnormal)
 MAX_REL = 2.0**5  # the largest kept: 8 r = 256 <= 448, e4m3's largest number
 # by index: (weight rows x token rows) 128x128 and 128x256 cooperative, 64x128 and 64x256
-# ping-pong, 128x128 and 128x256 stream-K
+# ping-pong, 128x128 and 128x256 stream-K, 128x64 and 128x32 cooperative, 128x64 stream-K
 COOP_128x128, COOP_128x256, PINGPONG_64x128, PINGPONG_64x256, STREAMK_128x128 = 0, 1, 2, 3, 4
+STREAMK_128x256, COOP_128x64, COOP_128x32, STREAMK_128x64 = 5, 6, 7, 8
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -107,10 +109,13 @@ def split_scales(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out_scale.contiguous(), rel.contiguous()
 
 
-def grid_why(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> str | None:
+def grid_why(
+    codes: Callable[[], torch.Tensor], scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> str | None:
     """Why a layer's weight scale * (codes - zero) is not on the grid this kernel computes
     exactly (None: it is): symmetric codes of at most 4 bits, power-of-two scales, and every
-    group that holds a nonzero value within 14 octaves of its row's largest scale."""
+    group that holds a nonzero value within 14 octaves of its row's largest scale. `codes`
+    ([out, in] codes on demand) is called only when some group's scale is that far down."""
     if bits > 4:
         return f"needs codes of at most 4 bits, the layer has {bits}"
     if not bool((zero == 2 ** (bits - 1)).all()):
@@ -120,11 +125,13 @@ def grid_why(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits:
         scale.to(torch.float8_e8m0fnu).float(), scale
     ):
         return "needs power-of-two weight scales (scheme w4a8fp8-e8m0)"
-    _, rel = split_scales(scale)
-    ratio = scale / scale.amax(1, keepdim=True)
-    n, k = codes.shape
-    used = (codes.reshape(n, scale.shape[1], -1) != zero.reshape(n, -1, 1)).any(-1)
-    if bool((used & (ratio * MAX_REL < MIN_REL)).any()):
+    far = scale / scale.amax(1, keepdim=True) * MAX_REL < MIN_REL  # [n, G]
+    if not bool(far.any()):
+        return None
+    values = codes()
+    n = values.shape[0]
+    used = (values.reshape(n, scale.shape[1], -1) != zero.reshape(n, -1, 1)).any(-1)
+    if bool((used & far).any()):
         return "a group's scale is more than 2^14 below its row's largest (e4m3's range)"
     return None
 
@@ -205,6 +212,8 @@ def gemm(
 ) -> torch.Tensor:
     """x8 [m, k] e4m3, x_scale [m] float32 -> [m, n] bf16 = (x8 * x_scale) @ W^T."""
     check_operands(x8, x_scale, weight)
+    if not 0 <= config < CONFIGS:
+        raise ValueError(f"no CUTLASS W4A8 lookup-table configuration {config} (0-{CONFIGS - 1})")
     lib = load_library()
     m, k = x8.shape
     n = weight.out_features

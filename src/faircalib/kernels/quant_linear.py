@@ -96,6 +96,9 @@ class QuantLinear(nn.Module):
         self.last_backend: str | None = None
         self._prepared: dict[tuple[str, torch.device, torch.dtype], tuple] = {}
         self._plans: dict[tuple[torch.device, torch.dtype, int], tuple] = {}
+        # facts about the weight that backends derive once (e.g. which grid it is on); cleared
+        # with the plans, when the layer moves or loads new weights
+        self._derived: dict[str, object] = {}
         # (backend, prepared key) whose layout holds the codes after the plain copy was freed
         self._codes_layout: tuple[str, tuple] | None = None
 
@@ -364,6 +367,7 @@ class QuantLinear(nn.Module):
             self._codes_layout = None
         self._prepared.clear()
         self._plans.clear()
+        self._derived.clear()
 
     def extra_repr(self) -> str:
         group = "channel" if self.group_size is None else f"g{self.group_size}"

@@ -51,7 +51,14 @@ from faircalib.quant.activations import (
     quantize_int_per_token,
     ste_round,
 )
-from faircalib.quant.primitives import QuantResult, compute_qparams, dequantize, grouped, quantize
+from faircalib.quant.primitives import (
+    QuantResult,
+    compute_qparams,
+    dequantize,
+    grouped,
+    quantize,
+    round_to_dtype,
+)
 from faircalib.quant.rotation import hadamard_matrix, is_power_of_two
 from faircalib.quant.smoothquant import smoothing_scales
 
@@ -163,9 +170,11 @@ def _init_matrix(n: int, init: str) -> torch.Tensor:
 def fake_quantize_weight_ste(
     w: torch.Tensor, wcfg: QuantConfig, clip: torch.Tensor | float
 ) -> torch.Tensor:
-    """Min-max fake quantization in primitives' convention (`compute_qparams`, no scale
-    rounding) with clip ratios clip [out, n_groups], differentiable through the rounding (STE)
-    and the range."""
+    """Min-max fake quantization in primitives' convention (`compute_qparams`) with clip ratios
+    clip [out, n_groups], differentiable through the rounding (STE) and the range. Scales are
+    not rounded to the config's scale dtype (bf16's rounding is below the training's noise)
+    except e8m0's powers of two, a step of up to 1.5x that the clip ratios must learn with
+    (rounded straight through, as `compute_qparams` rounds the final weight's)."""
     g = grouped(w, wcfg.group_size)  # [out, G, width]
     maxq = 2**wcfg.bits - 1
     w_max = (g.amax(dim=2) * clip).clamp(min=0)  # [out, G]
@@ -176,6 +185,10 @@ def fake_quantize_weight_ste(
     else:
         scale = ((w_max - w_min) / maxq).clamp(min=1e-8)[..., None]
         zero = torch.round(-w_min[..., None] / scale).detach()
+    if wcfg.scale_dtype == "e8m0":
+        scale = scale + (round_to_dtype(scale.detach(), "e8m0") - scale).detach()
+        if not wcfg.symmetric:
+            zero = torch.round(-w_min[..., None] / scale).clamp(0, maxq).detach()
     q = torch.clamp(ste_round(g / scale) + zero, 0, maxq)
     return ((q - zero) * scale).reshape(w.shape)
 

@@ -137,11 +137,9 @@ def round_to_dtype(
 
 
 def _round_pow2(scale: torch.Tensor) -> torch.Tensor:
-    """Positive scales -> the nearest power of two (ties up), float32. e8m0 spans 2^-127 to
-    2^127; a scale outside cannot be stored."""
-    if not (torch.isfinite(scale) & (scale >= 2.0**-127) & (scale <= 2.0**127)).all():
-        raise ConfigError("some scales are outside e8m0's range (2^-127 to 2^127)")
-    return scale.float().to(torch.float8_e8m0fnu).float()
+    """Positive scales -> the nearest power of two (ties up), float32, within e8m0's range
+    2^-127 to 2^127 (a smaller scale belongs to a group of weights below 1e-37: zeros)."""
+    return scale.float().clamp(2.0**-127, 2.0**127).to(torch.float8_e8m0fnu).float()
 
 
 def scales_representable(qp: QParams, dtype: torch.dtype) -> bool:
@@ -163,7 +161,8 @@ def scale_zero_from_range(
     scale_dtype: torch.dtype | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max scale and zero point for ranges of any shape (elementwise). With `scale_dtype`
-    the scale is rounded up to that dtype (so the grid still spans the range: no clipping) and
+    the scale is rounded up to that dtype (so the grid still spans the range: no clipping),
+    except e8m0's, rounded to the nearest power of two (clipping where it rounds down), and
     the zero point is chosen for the rounded scale (see the module docstring)."""
     maxq = 2**bits - 1
     # Widen to include 0 so that exact zeros (pruned or dead weights) stay exact.
@@ -188,7 +187,8 @@ def compute_qparams(
 ) -> QParams:
     """Min-max qparams per group; `clip_ratio` ([out, n_groups] or scalar, in (0, 1]) shrinks
     each group's range towards zero, trading clipping error on outliers for finer steps.
-    Scales are rounded up to the config's optional `scale_dtype` (None: not rounded)."""
+    Scales are rounded to the config's optional `scale_dtype` as `scale_zero_from_range` says
+    (None: not rounded)."""
     g = grouped(w.float(), cfg.group_size)  # [out, G, width]
     w_min = g.amin(dim=2) * clip_ratio  # [out, G]
     w_max = g.amax(dim=2) * clip_ratio

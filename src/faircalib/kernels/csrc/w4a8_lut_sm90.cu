@@ -143,10 +143,16 @@ using Config2 = Gemm<64, 128, Pingpong, PingpongEpi>;
 using Config3 = Gemm<64, 256, Pingpong, PingpongEpi>;
 using Config4 = Gemm<128, 128, Coop, CoopEpi, StreamK>;
 using Config5 = Gemm<128, 256, Coop, CoopEpi, StreamK>;
-constexpr int kConfigs = 6;
-const char* kConfigNames[kConfigs] = {"128x128 cooperative", "128x256 cooperative",
-                                      "64x128 ping-pong",    "64x256 ping-pong",
-                                      "128x128 stream-K",    "128x256 stream-K"};
+// Few token rows (cached block decoding: M = 32 x batch): narrower token tiles, so a
+// memory-bound call spreads its weight over more CTAs and wastes fewer MMA rows.
+using Config6 = Gemm<128, 64, Coop, CoopEpi>;
+using Config7 = Gemm<128, 32, Coop, CoopEpi>;
+using Config8 = Gemm<128, 64, Coop, CoopEpi, StreamK>;
+constexpr int kConfigs = 9;
+const char* kConfigNames[kConfigs] = {
+    "128x128 cooperative", "128x256 cooperative", "64x128 ping-pong",
+    "64x256 ping-pong",    "128x128 stream-K",    "128x256 stream-K",
+    "128x64 cooperative",  "128x32 cooperative",  "128x64 stream-K"};
 
 template <class F>
 int dispatch(int config, F&& f) {
@@ -157,6 +163,9 @@ int dispatch(int config, F&& f) {
     case 3: return f(Config3{});
     case 4: return f(Config4{});
     case 5: return f(Config5{});
+    case 6: return f(Config6{});
+    case 7: return f(Config7{});
+    case 8: return f(Config8{});
     default: return -1;
   }
 }

@@ -625,9 +625,9 @@ def test_the_e8m0_scheme_keeps_its_scales_through_the_packed_export_config():
 
 
 def test_the_lookup_table_tile_rule_picks_near_the_fastest_configuration_measured():
-    """On the recorded H200 sweeps (six tiles with their own quantization, eight shapes,
-    M = 1-256 in one run and 1024-4096 in another) the rule's tile ran within 10% of the
-    fastest in at least 77 cells of 80 and within 15% in every one."""
+    """On the recorded H200 sweeps (every tile with its own quantization, eight shapes,
+    M = 1-256 in one run with nine tiles, 1024-4096 in another with six) the rule's tile ran
+    within 10% of the fastest in at least 79 cells of 80 and within 12% in every one."""
     ms = {
         key: t
         for key, t in _recorded_ms("cutlass-w4a8-lut").items()
@@ -642,7 +642,7 @@ def test_the_lookup_table_tile_rule_picks_near_the_fastest_configuration_measure
         if len(times) >= 6:
             ratios.append(times[cutlass_w4a8_lut.config_for(m, n, k)] / min(times.values()))
     assert len(ratios) == 80
-    assert sum(r <= 1.10 for r in ratios) >= 77 and max(ratios) <= 1.15
+    assert sum(r <= 1.10 for r in ratios) >= 79 and max(ratios) <= 1.12
 
 
 def test_auto_prefers_the_lookup_table_kernel_for_e8m0_w4afp8_layers(monkeypatch):

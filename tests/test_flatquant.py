@@ -7,11 +7,12 @@ from faircalib.quant.activations import ActQuantConfig, output_error, quantize_i
 from faircalib.quant.flatquant import (
     FlatQuantConfig,
     LearnedTransform,
+    fake_quantize_weight_ste,
     kron_apply,
     kron_factors,
     learn_transform,
 )
-from faircalib.quant.primitives import compute_qparams, fake_quantize
+from faircalib.quant.primitives import compute_qparams, dequantize, fake_quantize, quantize
 
 torch.set_num_threads(1)
 
@@ -59,3 +60,18 @@ def test_learned_transform_beats_identity_at_w4a4():
     assert abs(learned - res.info["final_loss"]) < 1e-3 * max(learned, 1e-6) + 1e-6
     assert abs(identity - res.info["initial_loss"]) < 0.02 * identity
     assert learned < 0.5 * identity, (learned, identity)
+
+
+def test_training_quantizes_weights_on_the_e8m0_grid_the_result_uses():
+    """With power-of-two scales (scale_dtype e8m0) the training loss's fake quantization at
+    clip 1 is exactly the final weight's (`compute_qparams`, nearest power of two), symmetric
+    and not, and differs from the float-scale grid's."""
+    w = torch.randn(32, 512, generator=torch.Generator().manual_seed(0))
+    w = w * torch.logspace(-3, 0, 32)[:, None]
+    for symmetric in (True, False):
+        cfg = QuantConfig(bits=4, group_size=128, symmetric=symmetric, scale_dtype="e8m0")
+        qp = compute_qparams(w, cfg)
+        want = dequantize(quantize(w, qp), qp)
+        assert torch.equal(fake_quantize_weight_ste(w, cfg, 1.0), want)
+        plain = QuantConfig(bits=4, group_size=128, symmetric=symmetric)
+        assert not torch.equal(fake_quantize_weight_ste(w, plain, 1.0), want)

@@ -176,14 +176,14 @@ W4A8_AUTO_MIN_M: dict[str, float] = {"cuda": math.inf}
 W4AFP8_AUTO_MIN_M: dict[str, float] = {"cuda": 256}
 # W4AFP8 layers on the lookup-table kernel's grid (power-of-two scales: scheme w4a8fp8-e8m0)
 # take `cutlass_w4a8_lut` from this M instead. H200, benchmarks/results/cutlass-w4a8-lut-small
-# (3239e92): at M = 1-128 the tile config_for picks ran 0.69-1.45x of bf16 on the seven large
-# shapes where the path auto took before (the W4A16 rule on fake-quantized activations) ran
-# 0.24-0.87x, faster in every cell but two at M = 1, within 3% there (12288 x 4096 and
-# 14336 x 4096: 0.69x / 0.72x against 0.71x / 0.73x); 3584 x 512 0.42-0.45x. From M = 256,
-# benchmarks/results/cutlass-w4a8-lut (commit e1b80f1; the tile config_for picks, activation
-# quantization included): 0.92-1.32x of bf16 at M = 256, 1.35-1.74x at 1024 and 1.47-1.87x at
-# 4096 on the seven large shapes, against 0.54-0.59x, 0.79-1.02x and 0.56-1.19x for
-# cutlass_w4a8 in the same run; 0.41-0.62x against 0.36-0.48x on 3584 x 512.
+# (2649619, with the 128 x 32 / 128 x 64 token tiles config_for picks there): 0.69-1.65x of
+# bf16 at M = 1-128 and 1.00-1.57x at 256 on the seven large shapes; the path auto took before
+# (the W4A16 rule on fake-quantized activations) ran 0.24-0.87x below M = 256 (its first run,
+# 3239e92, first-run-3239e92.json.gz); 3584 x 512 0.43-0.45x. From M = 256,
+# benchmarks/results/cutlass-w4a8-lut (commit e1b80f1; activation quantization included):
+# 1.35-1.74x of bf16 at M = 1024 and 1.47-1.87x at 4096 on the seven large shapes, against
+# 0.79-1.02x and 0.56-1.19x for cutlass_w4a8 in the same run; 0.41-0.62x against 0.36-0.48x on
+# 3584 x 512.
 W4AFP8_LUT_AUTO_MIN_M: dict[str, float] = {"cuda": 1}
 # `fp8_w8a8`'s GEMM by M: (M bound, kernel) rows, "scaled_mm" (torch._scaled_mm) or "triton"
 # (triton_w8a8.w8a8_matmul). H200: _scaled_mm is faster by geometric mean at every M of the

@@ -85,17 +85,21 @@ def config_for(m: int, n: int, k: int) -> int:
     """The tile for M token rows, N outputs and K inputs, fitted to the H200 sweeps of every
     configuration (benchmarks/results/cutlass-w4a8-lut and cutlass-w4a8-lut-small: the seven
     large 8B shapes and 3584 x 512, M = 1-4096): 128 x 256 cooperative from M = 1024; below,
-    128 x 128 stream-K on deep layers (K > N), whose few output tiles it spreads over K,
-    128 x 128 cooperative (M < 256) or 128 x 256 (from 256) on wide ones (N > K), 64 x 128
-    ping-pong on square ones; narrow layers (N <= 1024) 64 x 128 ping-pong, 64 x 256 from
-    M = 4096."""
+    on deep layers (K > N), whose few output tiles stream-K spreads over K, 128 x 64 stream-K
+    up to M = 64 and 128 x 128 above; on wide ones (N > K) the token tile that M fills
+    (128 x 32, 128 x 64, 128 x 128 cooperative; 128 x 256 from M = 256); 64 x 128 ping-pong on
+    square ones; narrow layers (N <= 1024) 64 x 128 ping-pong, 64 x 256 from M = 4096."""
     if n <= 1024:
         return PINGPONG_64x256 if m >= 4096 else PINGPONG_64x128
     if m >= 1024:
         return COOP_128x256
     if k > n:
-        return STREAMK_128x128
+        return STREAMK_128x64 if m <= 64 else STREAMK_128x128
     if n > k:
+        if m <= 32:
+            return COOP_128x32
+        if m <= 64:
+            return COOP_128x64
         return COOP_128x128 if m < 256 else COOP_128x256
     return PINGPONG_64x128
 

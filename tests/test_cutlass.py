@@ -571,13 +571,17 @@ def test_the_lookup_table_grid_check_names_what_is_off_the_grid():
 
 
 def test_the_lookup_table_layout_holds_the_codes_losslessly(monkeypatch):
-    """LutWeight.prepare's shuffle and values() invert each other for 4- and 3-bit codes
-    (the atom here is any permutation: the library's own one is checked on the GPU), and the
-    backend's codes_from_layout gives the layer's codes back."""
+    """LutWeight.prepare's shuffle and values() invert each other for 4- and 3-bit codes, made
+    in blocks of rows (the atom here is any permutation: the library's own one is checked on
+    the GPU), and the backend's codes_from_layout gives the layer's codes back."""
     from faircalib.kernels import backends
 
     atom = torch.randperm(16 * 32, generator=torch.Generator().manual_seed(3)).reshape(16, 32)
     monkeypatch.setattr(cutlass_w4a8_lut, "_atom_offsets", lambda: atom)
+    monkeypatch.setattr(cutlass_w4a8_lut, "SHUFFLE_ROWS", 32)  # 48 rows: two blocks, one short
+    i, j = torch.meshgrid(torch.arange(48), torch.arange(512), indexing="ij")
+    by_element = atom[i % 16, j % 32] + 512 * (i // 16 + (j // 32) * 3)  # the tiling, written out
+    assert torch.equal(cutlass_w4a8_lut.shuffle_offsets(48, 512), by_element)
     for bits in (4, 3):
         _, codes, qp = _e8m0_layer(out_f=48, bits=bits, seed=bits)
         values = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)

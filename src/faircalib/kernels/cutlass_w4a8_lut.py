@@ -156,14 +156,26 @@ def _atom_offsets() -> torch.Tensor:
     return torch.tensor(offsets, dtype=torch.int64)
 
 
-def shuffle_offsets(n: int, k: int, device: torch.device | None = None) -> torch.Tensor:
-    """[n, k] int64: where element (i, j) goes in the kernel's layout (the library's atom,
-    tiled rows first)."""
+def shuffle_offsets(
+    n: int, k: int, device: torch.device | None = None, rows: range | None = None
+) -> torch.Tensor:
+    """[len(rows), k] int64: where element (i, j) of an [n, k] weight goes in the kernel's
+    layout (the library's atom, tiled rows first), for the rows `rows` (default all)."""
     atom = _atom_offsets().to(device)
-    i = torch.arange(n, device=device)[:, None]
+    rows = range(n) if rows is None else rows
+    i = torch.arange(rows.start, rows.stop, device=device)[:, None]
     j = torch.arange(k, device=device)[None, :]
     inner = atom[i % ATOM_ROWS, j % ATOM_COLS]
     return inner + ATOM_ROWS * ATOM_COLS * (i // ATOM_ROWS + (j // ATOM_COLS) * (n // ATOM_ROWS))
+
+
+# rows whose int64 offsets are made at once: 1024 x K x 8 bytes (29 MB at K = 3584), where all
+# of an 18944 x 3584 layer's would take 543 MB of the GPU for a moment
+SHUFFLE_ROWS = 1024
+
+
+def _row_blocks(n: int) -> list[range]:
+    return [range(r, min(r + SHUFFLE_ROWS, n)) for r in range(0, n, SHUFFLE_ROWS)]
 
 
 @dataclass
@@ -181,9 +193,10 @@ class LutWeight:
     def prepare(cls, codes: torch.Tensor, out_scale: torch.Tensor, rel: torch.Tensor) -> LutWeight:
         n, k = codes.shape
         group = k // rel.shape[1]
-        nibbles = encode(codes).reshape(-1)
         flat = torch.empty(n * k, dtype=torch.uint8, device=codes.device)
-        flat[shuffle_offsets(n, k, codes.device).reshape(-1)] = nibbles
+        for rows in _row_blocks(n):
+            offsets = shuffle_offsets(n, k, codes.device, rows).reshape(-1)
+            flat[offsets] = encode(codes[rows.start : rows.stop]).reshape(-1)
         packed = (flat[0::2] | (flat[1::2] << 4)).reshape(n, k // 2)
         return cls(packed, tables(rel), out_scale.float().contiguous(), n, k, group)
 
@@ -191,7 +204,11 @@ class LutWeight:
         """The signed values [n, k] the shuffled nibbles hold (the layout is lossless)."""
         n, k = self.out_features, self.in_features
         flat = torch.stack((self.int4 & 0xF, self.int4 >> 4), dim=-1).reshape(-1)
-        return decode(flat[shuffle_offsets(n, k, self.int4.device).reshape(-1)]).reshape(n, k)
+        out = torch.empty(n, k, dtype=torch.int8, device=self.int4.device)
+        for rows in _row_blocks(n):
+            offsets = shuffle_offsets(n, k, self.int4.device, rows)
+            out[rows.start : rows.stop] = decode(flat[offsets])
+        return out
 
 
 def check_operands(x8: torch.Tensor, x_scale: torch.Tensor, weight: LutWeight) -> None:

@@ -24,6 +24,16 @@ def test_cuda_graph_denoiser_refuses_a_model_off_the_gpu():
         CUDAGraphDenoiser(model)
 
 
+def _refuse_fake_quantization(monkeypatch) -> None:
+    """Make QuantLinear's activation fake quantization fail: an FP8-activation backend must
+    quantize x itself, once."""
+
+    def refuse(self, x):
+        raise AssertionError("x fake-quantized before an FP8-activation backend")
+
+    monkeypatch.setattr(QuantLinear, "quantize_input", refuse)
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).norm() / ref.norm())
 
@@ -829,11 +839,7 @@ def test_cutlass_w4a8_backend_computes_the_numbers_of_the_triton_w4a8_fp8(
         for name in ("cutlass_w4a8", "w4a8_fp8_dq")
     }
     if act_format == "fp8":  # the backends quantize x themselves, once
-
-        def refuse(self, x):
-            raise AssertionError("x fake-quantized before an FP8-activation backend")
-
-        monkeypatch.setattr(QuantLinear, "quantize_input", refuse)
+        _refuse_fake_quantization(monkeypatch)
     x = torch.randn(3, 300, 1024, generator=gen, device="cuda").to(torch.bfloat16)
     with torch.no_grad():
         y, y_triton = (layers[name](x) for name in ("cutlass_w4a8", "w4a8_fp8_dq"))
@@ -923,11 +929,7 @@ def test_cutlass_w4a8_lut_backend_computes_the_numbers_of_the_triton_w4a8_fp8(mo
         )
         for name in ("cutlass_w4a8_lut", "w4a8_fp8_dq", "auto")
     }
-
-    def refuse(self, x):
-        raise AssertionError("x fake-quantized before an FP8-activation backend")
-
-    monkeypatch.setattr(QuantLinear, "quantize_input", refuse)
+    _refuse_fake_quantization(monkeypatch)
     x = torch.randn(3, 300, 1024, generator=gen, device="cuda").to(torch.bfloat16)
     with torch.no_grad():
         y, y_triton = (layers[name](x) for name in ("cutlass_w4a8_lut", "w4a8_fp8_dq"))

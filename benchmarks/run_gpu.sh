@@ -23,6 +23,7 @@
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
 # torchrun (quantize + eval under torchrun on 2 GPUs against one process),
 # cudatests (tests/test_cuda.py on the GPU), cudatests-k (PYTEST_K: a -k selection of them),
+# row-quant (the per-token row quantizers alone), w8a8-rows (the 8-bit layers with and without it),
 # cutlass-w4 / cutlass-w4-sk / cutlass-w4-pp / cutlass-w8a8 / cutlass-w8a8-sk / cutlass-w4a8 / cutlass-w4a8-lut (the CUTLASS
 # configurations), cuda-gemv / cuda-gemv-tiles / cuda-gemv-warps / cuda-gemv-l2 / cuda-gemv-v9 (the W4A16 GEMV; its tiles, splits, warps, L2 prefetch), gemv-ncu (Nsight Compute on it), e2e-cutlass / e2e-auto (one step), llada-gptq / llada-fair / dream-gptq / dream-fair and
 # llada-fair-fast / dream-fair-fast (8B-shaped,
@@ -149,6 +150,13 @@ cutlass_w4a8_lut_c3,cutlass_w4a8_lut_c4,cutlass_w4a8_lut_c5,cutlass_w4a8_lut_c6,
   # one LLaDA-8B-shaped step: W4AFP8 as auto runs it, with zero points and with e8m0 scales
   e2e-w4a8) echo "python3 benchmarks/e2e.py --out $RES/e2e-w4a8 --variants \
 bf16,fp8_w8a8,int4_g128,w4a8_fp8_auto,w4a8_fp8_e8m0" ;;
+  # the per-token row quantizers alone: rows held in registers against rows in passes
+  row-quant) echo "python3 benchmarks/row_quant.py --out $RES/row-quant" ;;
+  # the 8-bit-activation layers with their own per-token quantization, beside their GEMMs alone,
+  # on every shape at M >= 1024 (the W8A8 / W4A8 targets)
+  w8a8-rows) echo "python3 benchmarks/kernels.py --out $RES/w8a8-rows --ms 1024,2048,4096 \
+--backends fp8_w8a8,fp8_prequant,int8_w8a8,cutlass_int8,cutlass_int8_prequant,cutlass_w4a8_lut,\
+cutlass_w4a8_lut_alone_c1 --time-budget ${KERNELS_BUDGET:-400}" ;;
   # the W4AFP8 grids on mdlm-small: zero-point-free float scales against power-of-two ones
   bench-e8m0) echo "python3 -m faircalib.cli bench mdlm-small --device cuda \
     --methods rtn,gptq,flatquant,fair --schemes w4a8fp8,w4a8fp8-e8m0 --nsamples 128 \

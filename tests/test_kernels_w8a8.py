@@ -3,6 +3,7 @@ CPU interpreter against float64 references of the same quantized math."""
 
 import math
 import textwrap
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ CHECK = textwrap.dedent(
     from faircalib.config import QuantConfig
     from faircalib.kernels import QuantLinear
     from faircalib.kernels.backends import fp8_quantize, quantize_rows_int8
+    from faircalib.kernels import triton_w8a8
     from faircalib.kernels.triton_w4 import pack_tiles
     from faircalib.kernels.triton_w8a8 import (
         quantize_rows, w4a8_layout, w4a8_matmul, w8a8_matmul, w8a8_matmul_tma)
@@ -39,18 +41,22 @@ CHECK = textwrap.dedent(
     gen = torch.Generator().manual_seed(0)
     # per-token quantization: bit-identical to the torch grids, zero rows, ragged K, M = 1, and
     # a row whose abs-max (3e-9) lies below the shared floor (ACT_ABSMAX_FLOOR = 1e-8)
-    for m, k in ((1, 64), (6, 200), (3, 1000)):
-        x = torch.randn(m, k, generator=gen) * torch.logspace(-3, 2, m)[:, None]
-        x[m // 2] = 0.0
-        if m > 2:
-            x[-1] *= 3e-9 / x[-1].abs().max()
-        for kind, ref_fn in (("int8", quantize_rows_int8), ("fp8", fp8_quantize)):
-            q, s = quantize_rows(x.half() if kind == "int8" else x, kind)
-            rq, rs = ref_fn(x.half() if kind == "int8" else x)
-            assert torch.equal(s, rs), kind
-            assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), kind
-        q, s = quantize_rows(x, "int8")
-        assert torch.equal(q.float() * s, quantize_activations_per_token(x, 8))
+    # rows held in registers (the launch rule's limit), then rows over 128 wide in passes
+    for whole_max in (triton_w8a8.WHOLE_ROW_MAX_K, 128):
+        triton_w8a8.WHOLE_ROW_MAX_K = whole_max
+        for m, k in ((1, 64), (6, 200), (3, 1000)):
+            x = torch.randn(m, k, generator=gen) * torch.logspace(-3, 2, m)[:, None]
+            x[m // 2] = 0.0
+            if m > 2:
+                x[-1] *= 3e-9 / x[-1].abs().max()
+            for kind, ref_fn in (("int8", quantize_rows_int8), ("fp8", fp8_quantize)):
+                q, s = quantize_rows(x.half() if kind == "int8" else x, kind)
+                rq, rs = ref_fn(x.half() if kind == "int8" else x)
+                assert torch.equal(s, rs), (kind, k, whole_max)
+                assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), (kind, k, whole_max)
+            q, s = quantize_rows(x, "int8")
+            assert torch.equal(q.float() * s, quantize_activations_per_token(x, 8))
+    triton_w8a8.WHOLE_ROW_MAX_K = 32768
     q, s = quantize_rows(torch.zeros(0, 64), "fp8")
     assert q.shape == (0, 64) and s.shape == (0, 1)
 
@@ -288,17 +294,30 @@ def test_kernels_compile_for_hopper():
         pytest.skip("triton has no CUDA backend here")
     target = GPUTarget("cuda", 90, 32)
 
-    def compile_(fn, sig: dict, consts: dict) -> None:
+    def compile_(fn, sig: dict, consts: dict, **options) -> None:
         sig = {**sig, **dict.fromkeys(consts, "constexpr")}
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+        triton.compile(src, target=target, options=options)
 
     for kind, dt in (("int8", "*i8"), ("fp8", "*fp8e4nv")):
         is_int8 = kind == "int8"
         rows = {"x_ptr": "*bf16", "q_ptr": dt, "s_ptr": "*fp32", "K": "i32"}
         rows |= {"stride_xm": "i32", "stride_qm": "i32"}
-        compile_(
-            k._quant_rows_kernel, rows, {"IS_INT8": is_int8, "BLOCK_K": 2048, "USE_RINT": True}
-        )
+        norm = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": dt}
+        norm |= {"s_ptr": "*fp32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
+        norm |= {"stride_qm": "i32", "eps": "fp32"}
+        swiglu = {"g_ptr": "*bf16", "u_ptr": "*bf16", "y_ptr": "*bf16", "q_ptr": dt}
+        swiglu |= {"s_ptr": "*fp32", "K": "i32", "stride_gm": "i32", "stride_um": "i32"}
+        swiglu |= {"stride_ym": "i32", "stride_qm": "i32"}
+        # the row quantizers with rows in registers (the widest the launch rule holds) and in
+        # passes, each with the launch rule's warps
+        for width in (k.WHOLE_ROW_MAX_K, 4 * k.WHOLE_ROW_MAX_K):
+            with patch.object(k, "INTERPRETED", False):
+                args = k._launch_args(width)
+            warps = args.pop("num_warps")
+            for fn, sig in ((k._quant_rows_kernel, rows), (k._norm_quant_kernel, norm),
+                            (k._swiglu_quant_kernel, swiglu)):  # fmt: skip
+                compile_(fn, sig, {"IS_INT8": is_int8, **args}, num_warps=warps)
         gemm = {"a_ptr": dt, "w_ptr": dt, "as_ptr": "*fp32", "ws_ptr": "*fp32", "b_ptr": "*bf16"}
         gemm |= {"y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32"}
         gemm |= {"stride_wn": "i32", "stride_ym": "i32", "M_BUCKET": "i32"}

@@ -5,8 +5,9 @@ activations a8 [M, K] with one float32 scale per token (row) and weights with on
 output channel (W8A8) or per (K-group, output channel) (W4A8):
 
 - `quantize_rows(x, kind)`: one kernel, one program per token row: the row's abs-max, then
-  the 8-bit row and its scale (x is read twice, the second time from L1/L2; nothing but the
-  8-bit row and one float per row reaches memory). INT8 uses the project's activation grid
+  the 8-bit row and its scale (rows up to `WHOLE_ROW_MAX_K` wide are held in registers and read
+  once; wider ones twice, the second time from L1/L2; nothing but the 8-bit row and one float
+  per row reaches memory). INT8 uses the project's activation grid
   (`quant.primitives.quantize_activations_per_token(x, 8)`: scale = max(|x|, floor) / 127,
   round half to even, +-127), so an INT8 kernel reproduces the fake-quantized layer exactly;
   FP8 maps each row's abs-max to 448 (`backends.fp8_quantize`). Both floor the abs-max at the
@@ -115,18 +116,26 @@ def _quant_rows_kernel(
     IS_INT8: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_RINT: tl.constexpr,
+    WHOLE_ROW: tl.constexpr,
 ):
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     q_row = q_ptr + row.to(tl.int64) * stride_qm
     rk = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
-    tl.store(s_ptr + row, scale)
-    _quantize_row(x_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
+    if WHOLE_ROW:  # the row held in registers: read from memory once
+        ok = rk < K
+        x = tl.load(x_row + rk, mask=ok, other=0.0).to(tl.float32)
+        scale = _row_scale(tl.max(tl.abs(x), axis=0), IS_INT8)
+        tl.store(s_ptr + row, scale)
+        tl.store(q_row + rk, _on_grid(x, scale, IS_INT8, USE_RINT).to(q_row.dtype.element_ty), ok)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
+        tl.store(s_ptr + row, scale)
+        _quantize_row(x_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
 
 
 @triton.jit
@@ -158,53 +167,75 @@ def quantize_rows(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tenso
 
 
 # --- the ops that write an activation, fused with its row quantization --------------------------
-# Each program owns one row. Pass 1 reduces what the op needs; pass 2 computes the op's output y
-# (stored: any other reader still gets it) and its abs-max; pass 3 reads y back (after a
-# barrier; the row was just written, so from L1/L2) and quantizes it with `_on_grid`. So q, s
-# are exactly `quantize_rows(y, kind)` of the y returned (`_quantize_row`, its last pass too).
+# Each program owns one row. Rows up to WHOLE_ROW_MAX_K wide are held in registers: the op's
+# inputs are read once, its output y stored (any other reader still gets it) and quantized from
+# the registers. Wider rows take passes: pass 1 reduces what the op needs; pass 2 computes y
+# (stored) and its abs-max; pass 3 reads y back (after a barrier; the row was just written, so
+# from L1/L2) and quantizes it with `_on_grid`. Either way q, s are exactly
+# `quantize_rows(y, kind)` of the y returned: the same y values meet the same `_on_grid`.
 # Computing y a third time instead read the op's inputs again: slower at the MLP's width
 # (benchmarks/results/e2e/fused-quant-probes.txt; removed after that measurement).
 @triton.jit
-def _normed(x_row, w_ptr, cols, ok, rstd):
-    """weight * (x * rstd).to(x's dtype), in y's dtype: RMSNorm's order (normalise in float32,
+def _normed(x, w, rstd):
+    """weight * (x * rstd).to(x's dtype), in float32: RMSNorm's order (normalise in float32,
     cast back, then scale), as faircalib's LLaMA-like blocks and both upstreams compute it."""
-    x = tl.load(x_row + cols, mask=ok, other=0.0)
     n = (x.to(tl.float32) * rstd).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0)
     return w.to(tl.float32) * n.to(tl.float32)
+
+
+@triton.jit
+def _store_quantized(y, y_row, q_row, s_ptr, row, cols, ok, IS_INT8: tl.constexpr,
+                     USE_RINT: tl.constexpr):  # fmt: skip
+    """A whole row's output y (float32, in registers): stored in y's dtype, then that stored
+    value quantized (the bits `quantize_rows` gives for it)."""
+    y = y.to(y_row.dtype.element_ty)
+    tl.store(y_row + cols, y, mask=ok)
+    yf = y.to(tl.float32)
+    scale = _row_scale(tl.max(tl.abs(yf), axis=0), IS_INT8)
+    tl.store(s_ptr + row, scale)
+    tl.store(q_row + cols, _on_grid(yf, scale, IS_INT8, USE_RINT).to(q_row.dtype.element_ty), ok)
 
 
 @triton.jit
 def _norm_quant_kernel(
     x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_xm, stride_ym, stride_qm, eps,
     IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr,
+    WHOLE_ROW: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     x_row, y_row, q_row = x_ptr + row * stride_xm, y_ptr + row * stride_ym, q_ptr + row * stride_qm
     rk = tl.arange(0, BLOCK_K)
-    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
-        squares += x * x
-    rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ok = k0 + rk < K
-        y = _normed(x_row, w_ptr, k0 + rk, ok, rstd).to(y_ptr.dtype.element_ty)
-        tl.store(y_row + k0 + rk, y, mask=ok)
-        amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
-    scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
-    tl.store(s_ptr + row, scale)
-    tl.debug_barrier()  # y's stores visible to every thread of the program
-    _quantize_row(y_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
+    if WHOLE_ROW:
+        ok = rk < K
+        x = tl.load(x_row + rk, mask=ok, other=0.0)
+        xf = x.to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)
+        y = _normed(x, tl.load(w_ptr + rk, mask=ok, other=0.0), rstd)
+        _store_quantized(y, y_row, q_row, s_ptr, row, rk, ok, IS_INT8, USE_RINT)
+    else:
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_row + k0 + rk, mask=k0 + rk < K, other=0.0).to(tl.float32)
+            squares += x * x
+        rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ok = k0 + rk < K
+            x = tl.load(x_row + k0 + rk, mask=ok, other=0.0)
+            w = tl.load(w_ptr + k0 + rk, mask=ok, other=0.0)
+            y = _normed(x, w, rstd).to(y_ptr.dtype.element_ty)
+            tl.store(y_row + k0 + rk, y, mask=ok)
+            amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
+        scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
+        tl.store(s_ptr + row, scale)
+        tl.debug_barrier()  # y's stores visible to every thread of the program
+        _quantize_row(y_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
 
 
 @triton.jit
-def _silu_times(g_row, u_row, cols, ok, USE_LIBDEVICE: tl.constexpr):
+def _silu_times(g, u, USE_LIBDEVICE: tl.constexpr):
     """silu(gate) * up as eager torch computes it: silu in float32 (g / (1 + exp(-g)), IEEE
     division), rounded to gate's dtype, times up, in float32 (the caller casts)."""
-    g = tl.load(g_row + cols, mask=ok, other=0.0)
-    u = tl.load(u_row + cols, mask=ok, other=0.0)
     gf = g.to(tl.float32)
     if USE_LIBDEVICE:  # noqa: SIM108 - a constexpr branch; expf as torch's (not ex2.approx)
         e = libdevice.exp(-gf)
@@ -218,21 +249,30 @@ def _silu_times(g_row, u_row, cols, ok, USE_LIBDEVICE: tl.constexpr):
 def _swiglu_quant_kernel(
     g_ptr, u_ptr, y_ptr, q_ptr, s_ptr, K, stride_gm, stride_um, stride_ym, stride_qm,
     IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr,
+    WHOLE_ROW: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     g_row, u_row = g_ptr + row * stride_gm, u_ptr + row * stride_um
     y_row, q_row = y_ptr + row * stride_ym, q_ptr + row * stride_qm
     rk = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ok = k0 + rk < K
-        y = _silu_times(g_row, u_row, k0 + rk, ok, USE_RINT).to(y_ptr.dtype.element_ty)
-        tl.store(y_row + k0 + rk, y, mask=ok)
-        amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
-    scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
-    tl.store(s_ptr + row, scale)
-    tl.debug_barrier()  # y's stores visible to every thread of the program
-    _quantize_row(y_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
+    if WHOLE_ROW:
+        ok = rk < K
+        g = tl.load(g_row + rk, mask=ok, other=0.0)
+        y = _silu_times(g, tl.load(u_row + rk, mask=ok, other=0.0), USE_RINT)
+        _store_quantized(y, y_row, q_row, s_ptr, row, rk, ok, IS_INT8, USE_RINT)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ok = k0 + rk < K
+            g = tl.load(g_row + k0 + rk, mask=ok, other=0.0)
+            u = tl.load(u_row + k0 + rk, mask=ok, other=0.0)
+            y = _silu_times(g, u, USE_RINT).to(y_ptr.dtype.element_ty)
+            tl.store(y_row + k0 + rk, y, mask=ok)
+            amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
+        scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
+        tl.store(s_ptr + row, scale)
+        tl.debug_barrier()  # y's stores visible to every thread of the program
+        _quantize_row(y_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -249,10 +289,28 @@ def _fused_outputs(shape: torch.Size, dtype: torch.dtype, kind: str, device: tor
     return y, q, s, m, k
 
 
+# Rows up to this many columns are held in registers by the row quantizers (one read of their
+# inputs); wider ones take passes over BLOCK_K-column chunks. Elements a thread holds for a
+# whole row (fp32): few enough not to spill, enough loads in flight per thread to cover DRAM
+# latency (benchmarks/row_quant.py measured the choice).
+WHOLE_ROW_MAX_K = 32768
+WHOLE_ROW_PER_THREAD = 16
+
+
 def _launch_args(k: int) -> dict:
-    block_k = min(128 if INTERPRETED else 2048, triton.next_power_of_2(max(k, 16)))
+    whole = triton.next_power_of_2(max(k, 16))
+    if whole <= WHOLE_ROW_MAX_K:
+        warps = min(32, max(4, whole // (32 * WHOLE_ROW_PER_THREAD)))
+        return {
+            "BLOCK_K": whole,
+            "WHOLE_ROW": True,
+            "USE_RINT": not INTERPRETED,
+            "num_warps": warps,
+        }
+    block_k = min(128 if INTERPRETED else 2048, whole)
     return {
         "BLOCK_K": block_k,
+        "WHOLE_ROW": False,
         "USE_RINT": not INTERPRETED,
         "num_warps": 4 if block_k <= 512 else 8,
     }

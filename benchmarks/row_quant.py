@@ -72,7 +72,7 @@ def call(op: str, kind: str) -> Callable:
     from faircalib.kernels import triton_w8a8 as T
 
     if op == "rows":
-        return lambda x: T.quantize_rows(x, kind)
+        return lambda x: T.quantize_rows(x[0], kind)
     if op == "norm":
         return lambda xw: T.rms_norm_quantize_rows(xw[0], xw[1], 1e-5, kind)
     return lambda gu: T.swiglu_quantize_rows(gu[0], gu[1], kind)

@@ -1,21 +1,24 @@
-"""The per-token row quantizers alone (GPU): rows held in registers against rows taken in passes.
+"""The per-token row quantizers alone (GPU): their launch rule against the alternatives.
 
-    python benchmarks/row_quant.py --out benchmarks/results/row-quant     # H200: about a minute
+    python benchmarks/row_quant.py --out benchmarks/results/row-quant     # H200: a few minutes
 
 Every W8A8 / W4A8 layer quantizes its input rows per token before the GEMM: `quantize_rows`
 when the rows come from elsewhere, `rms_norm_quantize_rows` / `swiglu_quantize_rows` when a
 block's RMSNorm or SwiGLU writes them (kernels.fused_quant). These are memory-bound; this times
 them alone on the real dLLM widths (LLaDA-8B and Dream-7B hidden and MLP sizes), M = 1024 and
-4096 token rows, e4m3 and int8 rows:
+4096 token rows, e4m3 and int8 rows, under launch settings (triton_w8a8's module constants):
 
-  passes      each row in BLOCK_K = 2048 chunks: the abs-max pass, then the row read again (from
-              L1/L2) and quantized (the fused ops: a third pass)
-  whole_eN    the whole row held in registers, N float32 elements a thread
-              (triton_w8a8.WHOLE_ROW_PER_THREAD), read from memory once
+  passes_bB_wW  each row in B-column chunks, W warps a program: the abs-max pass, then the row
+                read again (from L1/L2) and quantized (the fused ops: a third pass);
+                passes_b2048_w8 is the rule before rows were held in registers (`before`)
+  whole_wW      the whole row held in registers, W warps a program, read from memory once
+                (rows up to 8192 wide)
+  rule          what the launch rule in the code picks
 
 CUDA-graph device time; the inputs rotate through copies over 4x the L2 cache, so each call
 reads from DRAM. GB/s counts the bytes each call must move (its inputs read once, its outputs
-written once), against the H200's 4.8 TB/s. Every variant's bits are compared with `passes`.
+written once), against the H200's 4.8 TB/s. Every variant's bits are compared with `before`'s
+(the whole-row RMSNorm sums its squares in another order: its rstd may differ in the last bit).
 Writes row_quant.json, row_quant.md and row_quant.png into --out.
 """
 
@@ -49,7 +52,13 @@ WIDTHS = [
     ("swiglu", 18944, "Dream-7B MLP"),
 ]
 MS = [1024, 4096]
-PER_THREAD = [8, 16, 32]
+KINDS = ["fp8", "int8"]
+PASS_BLOCKS = [2048, 4096, 8192]
+WARPS = [4, 8, 16]
+BEFORE = "passes_b2048_w8"
+# whole rows wider than this ran 2-4x slower than `before` in the first run (16-32 warps a
+# program, one program an SM; results/row-quant/README.md): not tried again
+WHOLE_MAX_TRIED = 8192
 
 
 def bytes_moved(op: str, m: int, k: int) -> int:
@@ -78,11 +87,26 @@ def call(op: str, kind: str) -> Callable:
     return lambda gu: T.swiglu_quantize_rows(gu[0], gu[1], kind)
 
 
-def variant_settings(name: str) -> tuple[int, int]:
-    """(WHOLE_ROW_MAX_K, WHOLE_ROW_PER_THREAD) of a variant."""
-    if name == "passes":
-        return 0, 16
-    return 1 << 20, int(name.removeprefix("whole_e"))
+def variant_settings(name: str) -> dict:
+    """The launch-rule settings (triton_w8a8's module constants) a variant runs with."""
+    if name == "rule":
+        return {}
+    if name.startswith("whole_w"):
+        return {"WHOLE_ROW_MAX_K": 1 << 20, "WHOLE_ROW_WARPS": int(name.removeprefix("whole_w"))}
+    block, warps = name.removeprefix("passes_b").split("_w")
+    return {"WHOLE_ROW_MAX_K": 0, "PASS_BLOCK_K": int(block), "PASS_WARPS": int(warps)}
+
+
+def variants_for(k: int, kind: str) -> list[str]:
+    """`before` first (the bits' reference), the rule, then the alternatives (e4m3 rows only:
+    int8 rows move the same bytes)."""
+    if kind != "fp8":
+        return [BEFORE, "rule"]
+    passes = [
+        f"passes_b{b}_w{w}" for b in PASS_BLOCKS for w in WARPS if f"passes_b{b}_w{w}" != BEFORE
+    ]
+    whole = [f"whole_w{w}" for w in WARPS] if k <= WHOLE_MAX_TRIED else []
+    return [BEFORE, "rule", *passes, *whole]
 
 
 def measure(op, kind, m, k, variant, device, l2, min_seconds) -> tuple[dict, tuple]:  # noqa: ANN001
@@ -92,12 +116,16 @@ def measure(op, kind, m, k, variant, device, l2, min_seconds) -> tuple[dict, tup
     copies = max(2, -(-ROTATION_L2_MULTIPLE * l2 // per_copy))
     xs = [inputs(op, m, k, device, seed=i) for i in range(copies)]
     fn = call(op, kind)
-    T.WHOLE_ROW_MAX_K, T.WHOLE_ROW_PER_THREAD = variant_settings(variant)
+    settings = variant_settings(variant)
+    saved = {name: getattr(T, name) for name in settings}
+    for name, value in settings.items():
+        setattr(T, name, value)
     try:  # the launch rule is read when the graph is captured
         times, mode = kbench.time_round_ms([fn] * copies, xs, device, min_seconds, graph=True)
         out = fn(xs[0])
     finally:
-        T.WHOLE_ROW_MAX_K, T.WHOLE_ROW_PER_THREAD = 32768, 16
+        for name, value in saved.items():
+            setattr(T, name, value)
     torch.cuda.synchronize(device)
     ms = statistics.median(times)
     row = {"op": op, "kind": kind, "K": k, "M": m, "variant": variant, "us": ms * 1e3}
@@ -115,45 +143,60 @@ def same_bits(a: tuple, b: tuple) -> bool:
 
 def run(device: torch.device, min_seconds: float) -> list[dict]:
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    variants = ["passes", *[f"whole_e{n}" for n in PER_THREAD]]
     rows = []
     for op, k, _ in WIDTHS:
-        for kind in ("fp8", "int8"):
+        for kind in KINDS:
             for m in MS:
                 base = None
-                for variant in variants:
+                for variant in variants_for(k, kind):
                     row, out = measure(op, kind, m, k, variant, device, l2, min_seconds)
                     base = out if base is None else base
-                    row["same_bits_as_passes"] = same_bits(out, base)
+                    row["same_bits_as_before"] = same_bits(out, base)
                     rows.append(row)
                     print(f"{op} {kind} K={k} M={m} {variant}: {row['us']:.1f} us "
                           f"{row['gbs']:.0f} GB/s", flush=True)  # fmt: skip
     return rows
 
 
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (op, kind, K, M): `before`, the rule and the fastest variant."""
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        cells.setdefault((r["op"], r["kind"], r["K"], r["M"]), {})[r["variant"]] = r
+    out = []
+    for (op, kind, k, m), by in cells.items():
+        best = min(by.values(), key=lambda r: r["us"])
+        out.append({
+            "op": op, "kind": kind, "K": k, "M": m,
+            "before_us": by[BEFORE]["us"], "rule_us": by["rule"]["us"],
+            "rule_gbs": by["rule"]["gbs"], "rule_pct_peak_gbs": by["rule"]["pct_peak_gbs"],
+            "best": best["variant"], "best_us": best["us"],
+            "rule_vs_before": by[BEFORE]["us"] / by["rule"]["us"],
+            "bits_equal": all(r["same_bits_as_before"] for r in by.values()),
+        })  # fmt: skip
+    return out
+
+
 def markdown(result: dict) -> str:
     rec = result["record"]
-    variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
     lines = [
-        "# Per-token row quantizers alone: rows in registers vs in passes",
+        "# Per-token row quantizers alone: the launch rule against the alternatives",
         "",
         f"`{rec['command']}` on {rec.get('device')} ({rec.get('date')}, commit "
         f"{rec.get('git_commit')}). CUDA-graph device time, inputs rotated through "
-        f"{ROTATION_L2_MULTIPLE}x the L2. Microseconds per call, (GB/s, % of {PEAK_GBS:.0f}).",
+        f"{ROTATION_L2_MULTIPLE}x the L2. Microseconds per call; the rule's GB/s and % of "
+        f"{PEAK_GBS:.0f} GB/s; every variant's time is in row_quant.json.",
         "",
-        "| op | kind | K | M | " + " | ".join(variants) + " | bits equal |",
-        "|---|---|---:|---:|" + "---:|" * len(variants) + "---|",
+        "| op | kind | K | M | before | rule | rule GB/s (% peak) | rule vs before | fastest | "
+        "its time | bits equal |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
-    cells: dict[tuple, dict] = {}
-    for r in result["rows"]:
-        cells.setdefault((r["op"], r["kind"], r["K"], r["M"]), {})[r["variant"]] = r
-    for (op, kind, k, m), by in cells.items():
-        shown = [
-            f"{by[v]['us']:.1f} ({by[v]['gbs']:.0f}, {by[v]['pct_peak_gbs']:.0f}%)"
-            for v in variants
-        ]
-        equal = all(r["same_bits_as_passes"] for r in by.values())
-        lines.append(f"| {op} | {kind} | {k} | {m} | " + " | ".join(shown) + f" | {equal} |")
+    for c in result["summary"]:
+        lines.append(
+            f"| {c['op']} | {c['kind']} | {c['K']} | {c['M']} | {c['before_us']:.1f} | "
+            f"{c['rule_us']:.1f} | {c['rule_gbs']:.0f} ({c['rule_pct_peak_gbs']:.0f}%) | "
+            f"{c['rule_vs_before']:.2f}x | {c['best']} | {c['best_us']:.1f} | {c['bits_equal']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -163,19 +206,16 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fp8 = [r for r in result["rows"] if r["kind"] == "fp8"]
-    variants = list(dict.fromkeys(r["variant"] for r in fp8))
-    cases = list(dict.fromkeys((r["op"], r["K"], r["M"]) for r in fp8))
-    gbs = {(r["op"], r["K"], r["M"], r["variant"]): r["gbs"] for r in fp8}
+    cells = [c for c in result["summary"] if c["kind"] == "fp8"]
+    labels = [f"{c['op']}\nK={c['K']}\nM={c['M']}" for c in cells]
     fig, ax = plt.subplots(figsize=(12, 4))
-    width = 0.8 / len(variants)
-    for i, v in enumerate(variants):
-        xs = [j + i * width for j in range(len(cases))]
-        ax.bar(xs, [gbs[(*c, v)] for c in cases], width, label=v)
-    ax.axhline(PEAK_GBS, color="k", lw=0.8, ls="--", label="H200 peak")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels([f"{o}\nK={k}\nM={m}" for o, k, m in cases], fontsize=7)
-    ax.set_ylabel("GB/s (e4m3 rows)")
+    for i, (key, name) in enumerate((("before_us", "before"), ("rule_us", "rule"),
+                                     ("best_us", "fastest variant"))):  # fmt: skip
+        ax.bar([j + i * 0.27 for j in range(len(cells))], [c[key] for c in cells], 0.27, label=name)
+    ax.set_xticks([j + 0.27 for j in range(len(cells))])
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("microseconds a call (e4m3 rows)")
+    ax.set_yscale("log")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -193,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = run(device, args.min_seconds)
     argv = argv if argv is not None else sys.argv[1:]
     result = {"record": run_record(["python", "benchmarks/row_quant.py", *argv], device)}
-    result |= {"peak_gbs": PEAK_GBS, "widths": WIDTHS, "rows": rows}
+    result |= {"peak_gbs": PEAK_GBS, "widths": WIDTHS, "summary": summary(rows), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out / "row_quant.json", kbench.rounded(result))

@@ -27,7 +27,8 @@ def same(a, b):
 
 gen = torch.Generator().manual_seed(0)
 # rows held in registers (the launch rule's limit), then rows over 64 wide taken in passes
-for whole_max in (triton_w8a8.WHOLE_ROW_MAX_K, 64):
+whole_rule = triton_w8a8.WHOLE_ROW_MAX_K
+for whole_max in (whole_rule, 64):
   triton_w8a8.WHOLE_ROW_MAX_K = whole_max
   for dtype in (torch.float16, torch.float32):
     for kind in ("fp8", "int8"):
@@ -50,7 +51,7 @@ for whole_max in (triton_w8a8.WHOLE_ROW_MAX_K, 64):
             q2, s2 = quantize_rows(y, kind)
             print("swiglu_err_" + tag, float((y.double() - ref).abs().max() / ref.abs().max()))
             print("swiglu_bits_" + tag, float(not (same(q, q2) and torch.equal(s, s2))))
-triton_w8a8.WHOLE_ROW_MAX_K = 32768
+triton_w8a8.WHOLE_ROW_MAX_K = whole_rule
 y, q, s = rms_norm_quantize_rows(torch.zeros(0, 64), torch.ones(64), 1e-5, "fp8")
 print("empty_rows", float(y.shape != (0, 64) or q.shape != (0, 64)))
 # a float32 weight on float16 rows: y in float32, as torch promotes weight * x.to(float16)

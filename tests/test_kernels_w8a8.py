@@ -42,7 +42,8 @@ CHECK = textwrap.dedent(
     # per-token quantization: bit-identical to the torch grids, zero rows, ragged K, M = 1, and
     # a row whose abs-max (3e-9) lies below the shared floor (ACT_ABSMAX_FLOOR = 1e-8)
     # rows held in registers (the launch rule's limit), then rows over 128 wide in passes
-    for whole_max in (triton_w8a8.WHOLE_ROW_MAX_K, 128):
+    whole_rule = triton_w8a8.WHOLE_ROW_MAX_K
+    for whole_max in (whole_rule, 128):
         triton_w8a8.WHOLE_ROW_MAX_K = whole_max
         for m, k in ((1, 64), (6, 200), (3, 1000)):
             x = torch.randn(m, k, generator=gen) * torch.logspace(-3, 2, m)[:, None]
@@ -56,7 +57,7 @@ CHECK = textwrap.dedent(
                 assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), (kind, k, whole_max)
             q, s = quantize_rows(x, "int8")
             assert torch.equal(q.float() * s, quantize_activations_per_token(x, 8))
-    triton_w8a8.WHOLE_ROW_MAX_K = 32768
+    triton_w8a8.WHOLE_ROW_MAX_K = whole_rule
     q, s = quantize_rows(torch.zeros(0, 64), "fp8")
     assert q.shape == (0, 64) and s.shape == (0, 1)
 

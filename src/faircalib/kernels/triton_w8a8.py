@@ -289,30 +289,28 @@ def _fused_outputs(shape: torch.Size, dtype: torch.dtype, kind: str, device: tor
     return y, q, s, m, k
 
 
-# Rows up to this many columns are held in registers by the row quantizers (one read of their
-# inputs); wider ones take passes over BLOCK_K-column chunks. Elements a thread holds for a
-# whole row (fp32): few enough not to spill, enough loads in flight per thread to cover DRAM
-# latency (benchmarks/row_quant.py measured the choice).
-WHOLE_ROW_MAX_K = 32768
-WHOLE_ROW_PER_THREAD = 16
+# The row quantizers' launch rule. Rows up to WHOLE_ROW_MAX_K wide are held in registers (the
+# op's inputs read once); wider ones are taken in PASS_BLOCK_K-column passes (the second read
+# hits L2). `benchmarks/row_quant.py` measured the choices on an H200: holding wider rows needs
+# so many registers a thread (or 32-warp programs, one an SM) that the loads stop overlapping
+# the arithmetic, 2-4x slower at 12288-18944 columns.
+WHOLE_ROW_MAX_K = 4096
+WHOLE_ROW_WARPS = 8
+PASS_BLOCK_K = 2048
+PASS_WARPS = 8
 
 
 def _launch_args(k: int) -> dict:
     whole = triton.next_power_of_2(max(k, 16))
     if whole <= WHOLE_ROW_MAX_K:
-        warps = min(32, max(4, whole // (32 * WHOLE_ROW_PER_THREAD)))
-        return {
-            "BLOCK_K": whole,
-            "WHOLE_ROW": True,
-            "USE_RINT": not INTERPRETED,
-            "num_warps": warps,
-        }
-    block_k = min(128 if INTERPRETED else 2048, whole)
+        block_k, warps = whole, WHOLE_ROW_WARPS
+    else:
+        block_k, warps = min(128 if INTERPRETED else PASS_BLOCK_K, whole), PASS_WARPS
     return {
         "BLOCK_K": block_k,
-        "WHOLE_ROW": False,
+        "WHOLE_ROW": whole <= WHOLE_ROW_MAX_K,
         "USE_RINT": not INTERPRETED,
-        "num_warps": 4 if block_k <= 512 else 8,
+        "num_warps": 4 if block_k <= 512 else warps,
     }
 
 

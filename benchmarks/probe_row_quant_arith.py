@@ -2,18 +2,21 @@
 
     python benchmarks/probe_row_quant_arith.py      # prints one line per width and M; ~20 s
 
-Four kernels of `triton_w8a8._quant_rows_kernel`'s two-pass shape (2048-column chunks, 8 warps,
+Five kernels of `triton_w8a8._quant_rows_kernel`'s two-pass shape (2048-column chunks, 8 warps,
 one program a row), graph-timed with the inputs rotated through 4x the L2 as
 benchmarks/row_quant.py does:
 
-  quant       `quantize_rows(x, "fp8")` itself (IEEE division x / scale per element)
-  recip       the same with x * (1 / scale): one multiply instead of the division
+  div_rn      `quantize_rows(x, "fp8")` as it was: an IEEE division x / scale per element
+  quant       `quantize_rows(x, "fp8")` itself: x * RN(1 / scale) and two FMA corrections, the
+              same IEEE quotient (triton_w8a8._divide); rows up to 4096 wide held in registers
+  recip       x * (1 / scale) alone: one multiply, not the IEEE quotient (the floor)
   copy        the two passes without arithmetic: the abs-max pass, then x cast to e4m3 unscaled
   one_pass    x cast to e4m3 in a single pass (no abs-max): the bytes a call must move, once
 
 Results: benchmarks/results/row-quant/README.md.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -43,6 +46,8 @@ def _probe_kernel(x_ptr, q_ptr, s_ptr, K, MODE: tl.constexpr, BLOCK_K: tl.conste
     for k0 in range(0, K, BLOCK_K):
         ok = k0 + rk < K
         x = tl.load(x_row + k0 + rk, mask=ok, other=0.0).to(tl.float32)
+        if MODE == 0:
+            x = tl.minimum(tl.maximum(tl.math.div_rn(x, tl.zeros_like(x) + scale), -448.0), 448.0)
         if MODE == 1:
             x = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
         tl.store(q_row + k0 + rk, x.to(q_row.dtype.element_ty), mask=ok)
@@ -59,12 +64,14 @@ def probe(mode: int):  # noqa: ANN201
     return run
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
     device = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    fns = {"quant": lambda x: T.quantize_rows(x, "fp8"), "recip": probe(1), "copy": probe(2)}
+    fns = {"div_rn": probe(0), "quant": lambda x: T.quantize_rows(x, "fp8"), "recip": probe(1)}
+    fns["copy"] = probe(2)
     fns["one_pass"] = probe(3)
-    for k in (4096, 14336, 18944):
+    for k in (3584, 4096, 12288, 14336, 18944):
         for m in (1024, 4096):
             copies = max(2, -(-4 * l2 // (3 * m * k)))
             xs = [torch.randn(m, k, device=device).bfloat16() for _ in range(copies)]

@@ -627,3 +627,61 @@ def test_autotuned_w8a8_tiles_never_step_past_k():
     tiles do run where they divide K (512)."""
     out = named_floats(run_interpreted(EVEN_K_CHECK))
     assert out["deep_tiles"] >= 2
+
+
+DIVIDE = textwrap.dedent(
+    """
+    import torch
+    import triton
+    import triton.language as tl
+    from faircalib.kernels import triton_w8a8 as T
+
+    @triton.jit
+    def divide_rows(x_ptr, s_ptr, o_ptr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = row * BLOCK + tl.arange(0, BLOCK)
+        tl.store(o_ptr + cols, T._divide(tl.load(x_ptr + cols), tl.load(s_ptr + row)))
+
+    gen = torch.Generator().manual_seed(3)
+    rows, width = 768, 512
+    # scales as the row quantizers make them (abs-max / 448 or / 127, the abs-max floored at
+    # 1e-8) over 60 decades of abs-max, and random significands
+    amax = torch.logspace(-30, 30, rows, dtype=torch.float64).float()
+    amax = torch.maximum(amax * (1 + torch.rand(rows, generator=gen)), torch.tensor(1e-8))
+    scale = amax / torch.where(torch.arange(rows) % 2 == 0, 448.0, 127.0)
+    x = (torch.rand(rows, width, generator=gen) * 2 - 1) * amax[:, None]
+    # quotients at and next to the grids' ties (n + 1/2 steps, e4m3's odd significands):
+    # x = t * scale, then one float32 step either way
+    t = torch.randint(-255, 256, (rows, 96), generator=gen).float() / 2
+    near = t * scale[:, None]
+    x[:, :96] = near
+    x[:, 96:192] = torch.nextafter(near, torch.full_like(near, float("inf")))
+    x[:, 192:288] = torch.nextafter(near, torch.full_like(near, -float("inf")))
+    x[:, 288] = amax  # the abs-max itself: 448 or 127
+    x[:, 289] = 0.0
+    x[:, 290:300] = torch.randn(rows, 10, generator=gen) * 1e-40  # subnormal inputs
+    out = torch.empty_like(x)
+    divide_rows[(rows,)](x, scale.contiguous(), out, BLOCK=width)
+    want = x / scale[:, None]
+    bad = out.view(torch.int32) != want.view(torch.int32)
+    subnormal = x.abs() < torch.finfo(torch.float32).tiny
+    print("mismatches_normal_x", int((bad & ~subnormal).sum()))
+    print("subnormal_x", int(subnormal.sum()))
+    # a subnormal x's remainder underflows: its quotient may be an ulp off, but lies far below
+    # the 8-bit grids' smallest step, so both round to the same (signed) zero
+    print("largest_off_quotient", float(want[bad].abs().max()) if bad.any() else 0.0)
+    print("sign_flips", int((torch.signbit(out) != torch.signbit(want)).sum()))
+    print("elements", x.numel())
+    """
+)
+
+
+def test_row_division_is_torchs_ieee_quotient_bit_for_bit():
+    """`_divide` (one reciprocal a row, two FMA corrections) against torch's float32 division,
+    bit for bit for every normal x: 393 216 quotients over 60 decades of row scales, at and beside
+    the 8-bit grids' ties, and zeros (Triton's interpreter computes each FMA with one rounding).
+    Subnormal x may be an ulp off, far below any 8-bit step."""
+    got = named_floats(run_interpreted(DIVIDE))
+    assert got["elements"] == 768 * 512 and got["subnormal_x"] >= 768 * 10
+    assert got["mismatches_normal_x"] == 0
+    assert got["largest_off_quotient"] < 2.0**-80 and got["sign_flips"] == 0

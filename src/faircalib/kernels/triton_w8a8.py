@@ -11,8 +11,8 @@ output channel (W8A8) or per (K-group, output channel) (W4A8):
   (`quant.primitives.quantize_activations_per_token(x, 8)`: scale = max(|x|, floor) / 127,
   round half to even, +-127), so an INT8 kernel reproduces the fake-quantized layer exactly;
   FP8 maps each row's abs-max to 448 (`backends.fp8_quantize`). Both floor the abs-max at the
-  project's one `quant.primitives.ACT_ABSMAX_FLOOR`. Divisions are IEEE (div_rn), as torch's
-  are.
+  project's one `quant.primitives.ACT_ABSMAX_FLOOR`. Quotients are IEEE-rounded, as torch's
+  are (one division a row, then FMA corrections: `_divide`).
 - `w8a8_matmul`: a8 [M, K] x w8 [N, K] (K contiguous: the K-major B operand Hopper's 8-bit
   wgmma wants), fp8 x fp8 -> fp32 or int8 x int8 -> int32 accumulators (exact: |sum| <
   K * 127^2 < 2^31 for K < 133 000), scales and bias applied once in the epilogue.
@@ -92,10 +92,26 @@ def _row_scale(a, IS_INT8: tl.constexpr):
 
 
 @triton.jit
+def _divide(x, scale):
+    """x / scale correctly rounded, as torch's IEEE division gives it, without a division per
+    element: q = x * RN(1 / scale), then twice q += RN(1 / scale) * (x - q * scale), the
+    remainder exact in an FMA. The first correction brings q within an ulp of x / scale; from
+    there Markstein's theorem makes the second one the correctly rounded quotient (no overflow
+    here: |x / scale| <= 448; only a subnormal x has a remainder that underflows, and its
+    quotient, below 2^-80 since scale >= 1e-8 / 448, rounds to the same zero either way). The GPU's div.rn is a longer
+    sequence per element with a range check: the division cost a quarter of the quantizer's
+    time at the MLP's width (benchmarks/results/row-quant/README.md)."""
+    inv = tl.math.div_rn(tl.full((), 1.0, tl.float32), scale)
+    q = x * inv
+    q = tl.math.fma(tl.math.fma(-q, scale, x), inv, q)
+    return tl.math.fma(tl.math.fma(-q, scale, x), inv, q)
+
+
+@triton.jit
 def _on_grid(x, scale, IS_INT8: tl.constexpr, USE_RINT: tl.constexpr):
     """x / scale (IEEE) rounded onto the 8-bit grid, in float32 (every row quantizer's last step:
     one helper, so the fused ones below give the same bits as `quantize_rows`)."""
-    v = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+    v = _divide(x, scale)
     if IS_INT8:
         v = tl.minimum(tl.maximum(round_half_even(v, USE_RINT), -127.0), 127.0)
     else:
@@ -290,12 +306,14 @@ def _fused_outputs(shape: torch.Size, dtype: torch.dtype, kind: str, device: tor
 
 
 # The row quantizers' launch rule. Rows up to WHOLE_ROW_MAX_K wide are held in registers (the
-# op's inputs read once); wider ones are taken in PASS_BLOCK_K-column passes (the second read
-# hits L2). `benchmarks/row_quant.py` measured the choices on an H200: holding wider rows needs
-# so many registers a thread (or 32-warp programs, one an SM) that the loads stop overlapping
-# the arithmetic, 2-4x slower at 12288-18944 columns.
+# op's inputs read once, 4 warps a row); wider ones are taken in PASS_BLOCK_K-column passes
+# (the second read hits L2). `benchmarks/row_quant.py` measured the choices on an H200: whole
+# rows ran 0.96-1.29x of the passes at 3584-4096 columns, but holding 12288-18944 needs so many
+# registers a thread (or 32-warp programs, one an SM) that the loads stop overlapping the
+# arithmetic, 2-4x slower; 4096- or 8192-column passes or 4 or 16 warps won nowhere by more than
+# the run's noise.
 WHOLE_ROW_MAX_K = 4096
-WHOLE_ROW_WARPS = 8
+WHOLE_ROW_WARPS = 4
 PASS_BLOCK_K = 2048
 PASS_WARPS = 8
 

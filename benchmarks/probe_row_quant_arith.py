@@ -1,6 +1,6 @@
 """Probe (GPU): is the per-token row quantizer held by DRAM or by its arithmetic?
 
-    python benchmarks/probe_row_quant_arith.py      # prints one line per width and M; ~20 s
+    python benchmarks/probe_row_quant_arith.py [--out DIR]   # one line per width and M; ~30 s
 
 Five kernels of `triton_w8a8._quant_rows_kernel`'s two-pass shape (2048-column chunks, 8 warps,
 one program a row), graph-timed with the inputs rotated through 4x the L2 as
@@ -65,7 +65,10 @@ def probe(mode: int):  # noqa: ANN201
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", help="also write the lines to this folder's probe.txt")
+    args = p.parse_args(argv)
+    lines = []
     device = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     fns = {"div_rn": probe(0), "quant": lambda x: T.quantize_rows(x, "fp8"), "recip": probe(1)}
@@ -80,7 +83,11 @@ def main(argv: list[str] | None = None) -> None:
                 times, _ = kbench.time_round_ms([fn] * copies, xs, device, 0.2, graph=True)
                 us = sorted(times)[len(times) // 2] * 1e3
                 line.append(f"{name} {us:.1f} us ({3 * m * k / us / 1e3:.0f} GB/s)")
-            print(f"K={k} M={m}: " + ", ".join(line), flush=True)
+            lines.append(f"K={k} M={m}: " + ", ".join(line))
+            print(lines[-1], flush=True)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "probe.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

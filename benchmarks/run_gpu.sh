@@ -153,8 +153,7 @@ bf16,fp8_w8a8,int4_g128,w4a8_fp8_auto,w4a8_fp8_e8m0" ;;
   # the per-token row quantizers alone: rows held in registers against rows in passes
   row-quant) echo "python3 benchmarks/row_quant.py --out $RES/row-quant" ;;
   # what holds the row quantizer: its division, its second pass, or DRAM
-  row-quant-probe) echo "mkdir -p $RES/row-quant-probe; python3 benchmarks/probe_row_quant_arith.py \
-> $RES/row-quant-probe/probe.txt 2>&1; cat $RES/row-quant-probe/probe.txt" ;;
+  row-quant-probe) echo "python3 benchmarks/probe_row_quant_arith.py --out $RES/row-quant-probe" ;;
   # the 8-bit-activation layers with their own per-token quantization, beside their GEMMs alone,
   # on every shape at M >= 1024 (the W8A8 / W4A8 targets)
   w8a8-rows) echo "python3 benchmarks/kernels.py --out $RES/w8a8-rows --ms 1024,2048,4096 \

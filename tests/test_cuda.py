@@ -547,6 +547,35 @@ def test_fused_norm_and_swiglu_quantization_in_bf16(kind, m, k):
 
 
 @needs_cuda
+@pytest.mark.parametrize("k", [3584, 4096, 18944])  # whole rows in registers, and in passes
+def test_row_quantizer_gives_the_torch_grids_bits_on_the_gpu(k):
+    """`quantize_rows` on the GPU (one reciprocal a row and FMA corrections, not a division per
+    element) against the torch grids it must reproduce (`backends.fp8_quantize`,
+    `quantize_rows_int8`: x / scale by torch's division), bit for bit: bf16 rows over 40
+    decades of magnitude, zero rows, rows under the abs-max floor, and values at the grids'
+    ties (x = (n + 1/2) * scale)."""
+    pytest.importorskip("triton")
+    from faircalib.kernels.backends import fp8_quantize, quantize_rows_int8
+    from faircalib.kernels.triton_w8a8 import quantize_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    m = 1024
+    mags = torch.logspace(-20, 20, m, device="cuda", dtype=torch.float64).float()
+    x = (torch.randn(m, k, device="cuda", generator=gen) * mags[:, None]).bfloat16()
+    x[7] = 0.0
+    x[9] = (x[9].float() * (3e-9 / x[9].float().abs().max())).bfloat16()
+    for kind, ref_fn, top in (("fp8", fp8_quantize, 448.0), ("int8", quantize_rows_int8, 127.0)):
+        rows = x.clone()
+        scale = rows.float().abs().amax(-1, keepdim=True) / top
+        ties = torch.randint(-254, 255, (m, 64), device="cuda", generator=gen).float() / 2
+        rows[:, 1:65] = (ties * scale).bfloat16()  # under the row's abs-max: the scale holds
+        q, s = quantize_rows(rows, kind)
+        rq, rs = ref_fn(rows)
+        assert torch.equal(s, rs), kind
+        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), kind
+
+
+@needs_cuda
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
 def test_split_k_w8a8_gemm_matches_the_reference_and_replays_in_a_graph(kind):
     """An 8B MLP down projection (14336 -> 4096) at M = 64 has 32 output tiles: K splits (4 ways

@@ -550,13 +550,19 @@ def test_fused_norm_and_swiglu_quantization_in_bf16(kind, m, k):
 @pytest.mark.parametrize("k", [3584, 4096, 18944])  # whole rows in registers, and in passes
 def test_row_quantizer_gives_the_torch_grids_bits_on_the_gpu(k):
     """`quantize_rows` on the GPU (one reciprocal a row and FMA corrections, not a division per
-    element) against the torch grids it must reproduce (`backends.fp8_quantize`,
-    `quantize_rows_int8`: x / scale by torch's division), bit for bit: bf16 rows over 40
-    decades of magnitude, zero rows, rows under the abs-max floor, and values at the grids'
-    ties (x = (n + 1/2) * scale)."""
+    element) against the grids of `backends.fp8_quantize` / `quantize_rows_int8` with every
+    quotient correctly rounded (computed in float64, then rounded once to float32: exact for a
+    float32 quotient), bit for bit: bf16 rows over 40 decades of magnitude, a zero row, a row
+    under the abs-max floor, and values near the grids' ties (x = (n + 1/2) * scale). (torch's
+    own CUDA division by a scalar multiplies by its reciprocal: not the IEEE quotient the CPU
+    reference and the kernels give.)"""
     pytest.importorskip("triton")
-    from faircalib.kernels.backends import fp8_quantize, quantize_rows_int8
     from faircalib.kernels.triton_w8a8 import quantize_rows
+    from faircalib.quant.primitives import ACT_ABSMAX_FLOOR
+
+    def divide(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+        b = b.double() if isinstance(b, torch.Tensor) else b
+        return (a.double() / b).float()
 
     gen = torch.Generator(device="cuda").manual_seed(4)
     m = 1024
@@ -564,15 +570,17 @@ def test_row_quantizer_gives_the_torch_grids_bits_on_the_gpu(k):
     x = (torch.randn(m, k, device="cuda", generator=gen) * mags[:, None]).bfloat16()
     x[7] = 0.0
     x[9] = (x[9].float() * (3e-9 / x[9].float().abs().max())).bfloat16()
-    for kind, ref_fn, top in (("fp8", fp8_quantize, 448.0), ("int8", quantize_rows_int8, 127.0)):
+    for kind, top in (("fp8", 448.0), ("int8", 127.0)):
         rows = x.clone()
-        scale = rows.float().abs().amax(-1, keepdim=True) / top
+        amax = rows.float().abs().amax(-1, keepdim=True)
         ties = torch.randint(-254, 255, (m, 64), device="cuda", generator=gen).float() / 2
-        rows[:, 1:65] = (ties * scale).bfloat16()  # under the row's abs-max: the scale holds
+        rows[:, 1:65] = (ties * divide(amax, top)).bfloat16()  # under the abs-max: scale holds
+        scale = divide(rows.float().abs().amax(-1, keepdim=True).clamp(min=ACT_ABSMAX_FLOOR), top)
+        v = divide(rows.float(), scale).clamp(-top, top)
+        want = v.to(torch.float8_e4m3fn) if kind == "fp8" else torch.round(v).to(torch.int8)
         q, s = quantize_rows(rows, kind)
-        rq, rs = ref_fn(rows)
-        assert torch.equal(s, rs), kind
-        assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)), kind
+        assert torch.equal(s, scale), kind
+        assert torch.equal(q.view(torch.uint8), want.view(torch.uint8)), kind
 
 
 @needs_cuda

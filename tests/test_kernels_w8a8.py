@@ -48,6 +48,7 @@ CHECK = textwrap.dedent(
         for m, k in ((1, 64), (6, 200), (3, 1000)):
             x = torch.randn(m, k, generator=gen) * torch.logspace(-3, 2, m)[:, None]
             x[m // 2] = 0.0
+            x[m // 2, ::2] = -0.0  # e4m3 keeps a zero's sign
             if m > 2:
                 x[-1] *= 3e-9 / x[-1].abs().max()
             for kind, ref_fn in (("int8", quantize_rows_int8), ("fp8", fp8_quantize)):
@@ -659,6 +660,7 @@ DIVIDE = textwrap.dedent(
     x[:, 192:288] = torch.nextafter(near, torch.full_like(near, -float("inf")))
     x[:, 288] = amax  # the abs-max itself: 448 or 127
     x[:, 289] = 0.0
+    x[:, 300] = -0.0  # the quotient keeps the sign: e4m3 has a -0 (0x80)
     x[:, 290:300] = torch.randn(rows, 10, generator=gen) * 1e-40  # subnormal inputs
     out = torch.empty_like(x)
     divide_rows[(rows,)](x, scale.contiguous(), out, BLOCK=width)
@@ -671,6 +673,7 @@ DIVIDE = textwrap.dedent(
     # the 8-bit grids' smallest step, so both round to the same (signed) zero
     print("largest_off_quotient", float(want[bad].abs().max()) if bad.any() else 0.0)
     print("sign_flips", int((torch.signbit(out) != torch.signbit(want)).sum()))
+    print("negative_zeros", int(torch.signbit(out[:, 300]).sum()))
     print("elements", x.numel())
     """
 )
@@ -679,9 +682,10 @@ DIVIDE = textwrap.dedent(
 def test_row_division_is_torchs_ieee_quotient_bit_for_bit():
     """`_divide` (one reciprocal a row, two FMA corrections) against torch's float32 division,
     bit for bit for every normal x: 393 216 quotients over 60 decades of row scales, at and beside
-    the 8-bit grids' ties, and zeros (Triton's interpreter computes each FMA with one rounding).
+    the 8-bit grids' ties, and signed zeros (Triton's interpreter rounds each FMA once).
     Subnormal x may be an ulp off, far below any 8-bit step."""
     got = named_floats(run_interpreted(DIVIDE))
     assert got["elements"] == 768 * 512 and got["subnormal_x"] >= 768 * 10
     assert got["mismatches_normal_x"] == 0
     assert got["largest_off_quotient"] < 2.0**-80 and got["sign_flips"] == 0
+    assert got["negative_zeros"] == 768

@@ -78,7 +78,7 @@ def _round_e4m3(v):
     two (127.9 -> 64), so it is handed values it need not round. ulp = 2^(max(e, -6) - 3)."""
     e = ((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
     ulp = ((tl.maximum(e, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    return round_half_even(v / ulp, False) * ulp  # power-of-two division: exact
+    return _sign_of(v, round_half_even(v / ulp, False) * ulp)  # power-of-two division: exact
 
 
 @triton.jit
@@ -104,7 +104,17 @@ def _divide(x, scale):
     inv = tl.math.div_rn(tl.full((), 1.0, tl.float32), scale)
     q = x * inv
     q = tl.math.fma(tl.math.fma(-q, scale, x), inv, q)
-    return tl.math.fma(tl.math.fma(-q, scale, x), inv, q)
+    q = tl.math.fma(tl.math.fma(-q, scale, x), inv, q)
+    # x = -0 comes out +0 (-0 + +0 rounds to +0); the quotient's sign is x's (scale > 0), and
+    # e4m3 keeps it (0x80), as torch's division does
+    return _sign_of(x, q)
+
+
+@triton.jit
+def _sign_of(x, v):
+    """v (float32, of x's sign or zero) with x's sign bit: a zero keeps x's sign."""
+    sign = x.to(tl.uint32, bitcast=True) & 0x80000000
+    return (v.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

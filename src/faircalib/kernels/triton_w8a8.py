@@ -96,11 +96,11 @@ def _divide(x, scale):
     """x / scale correctly rounded, as torch's IEEE division gives it, without a division per
     element: q = x * RN(1 / scale), then twice q += RN(1 / scale) * (x - q * scale), the
     remainder exact in an FMA. The first correction brings q within an ulp of x / scale; from
-    there Markstein's theorem makes the second one the correctly rounded quotient (no overflow
-    here: |x / scale| <= 448; only a subnormal x has a remainder that underflows, and its
-    quotient, below 2^-80 since scale >= 1e-8 / 448, rounds to the same zero either way). The GPU's div.rn is a longer
-    sequence per element with a range check: the division cost a quarter of the quantizer's
-    time at the MLP's width (benchmarks/results/row-quant/README.md)."""
+    there Markstein's theorem makes the second one the correctly rounded quotient. No overflow
+    here (|x / scale| <= 448); only a subnormal x has a remainder that underflows, and its
+    quotient, below 2^-80 since scale >= 1e-8 / 448, rounds to the same zero either way. With
+    whole rows in registers this ran 1.13-1.41x faster than a div.rn per element; in passes
+    about as fast (0.94-1.08x; benchmarks/results/row-quant/README.md)."""
     inv = tl.math.div_rn(tl.full((), 1.0, tl.float32), scale)
     q = x * inv
     q = tl.math.fma(tl.math.fma(-q, scale, x), inv, q)
@@ -318,10 +318,10 @@ def _fused_outputs(shape: torch.Size, dtype: torch.dtype, kind: str, device: tor
 # The row quantizers' launch rule. Rows up to WHOLE_ROW_MAX_K wide are held in registers (the
 # op's inputs read once, 4 warps a row); wider ones are taken in PASS_BLOCK_K-column passes
 # (the second read hits L2). `benchmarks/row_quant.py` measured the choices on an H200: whole
-# rows ran 0.96-1.29x of the passes at 3584-4096 columns, but holding 12288-18944 needs so many
-# registers a thread (or 32-warp programs, one an SM) that the loads stop overlapping the
-# arithmetic, 2-4x slower; 4096- or 8192-column passes or 4 or 16 warps won nowhere by more than
-# the run's noise.
+# rows ran 1.10-1.31x faster than the passes at 3584-4096 columns, 4 warps the fastest; holding
+# 12288-18944 needs so many registers a thread (or 32-warp programs, one an SM) that the loads
+# stop overlapping the arithmetic, 2-4x slower. No other pass width or warp count won in every
+# run (4096-column passes: 1.09-1.19x at 18944 columns, 0.87x at 14336 in one run).
 WHOLE_ROW_MAX_K = 4096
 WHOLE_ROW_WARPS = 4
 PASS_BLOCK_K = 2048

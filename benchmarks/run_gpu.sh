@@ -23,7 +23,8 @@
 # reference, ablation, offload, offload3 (3 blocks), distributed (1, 2, 4 GPUs: a machine of several),
 # torchrun (quantize + eval under torchrun on 2 GPUs against one process),
 # cudatests (tests/test_cuda.py on the GPU), cudatests-k (PYTEST_K: a -k selection of them),
-# row-quant (the per-token row quantizers alone), w8a8-rows (the 8-bit layers with and without it),
+# row-quant (the per-token row quantizers alone), row-quant-probe (what holds them: the division, the
+# second pass or DRAM), w8a8-rows (the 8-bit layers with and without their row quantization),
 # cutlass-w4 / cutlass-w4-sk / cutlass-w4-pp / cutlass-w8a8 / cutlass-w8a8-sk / cutlass-w4a8 / cutlass-w4a8-lut (the CUTLASS
 # configurations), cuda-gemv / cuda-gemv-tiles / cuda-gemv-warps / cuda-gemv-l2 / cuda-gemv-v9 (the W4A16 GEMV; its tiles, splits, warps, L2 prefetch), gemv-ncu (Nsight Compute on it), e2e-cutlass / e2e-auto (one step), llada-gptq / llada-fair / dream-gptq / dream-fair and
 # llada-fair-fast / dream-fair-fast (8B-shaped,

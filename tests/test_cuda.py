@@ -548,14 +548,15 @@ def test_fused_norm_and_swiglu_quantization_in_bf16(kind, m, k):
 
 @needs_cuda
 @pytest.mark.parametrize("k", [3584, 4096, 18944])  # whole rows in registers, and in passes
-def test_row_quantizer_gives_the_torch_grids_bits_on_the_gpu(k):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_quantizer_gives_the_torch_grids_bits_on_the_gpu(k, dtype):
     """`quantize_rows` on the GPU (one reciprocal a row and FMA corrections, not a division per
     element) against the grids of `backends.fp8_quantize` / `quantize_rows_int8` with every
     quotient correctly rounded (computed in float64, then rounded once to float32: exact for a
-    float32 quotient), bit for bit: bf16 rows over 40 decades of magnitude, a zero row, a row
-    under the abs-max floor, and values near the grids' ties (x = (n + 1/2) * scale). (torch's
-    own CUDA division by a scalar multiplies by its reciprocal: not the IEEE quotient the CPU
-    reference and the kernels give.)"""
+    float32 quotient), bit for bit: rows over 40 decades of magnitude, a zero row with signed
+    zeros, a row under the abs-max floor, a row with an inf, and (float32 rows) values next to
+    the grids' ties, x = (n + 1/2) * scale. (torch's own CUDA division by a scalar multiplies
+    by its reciprocal: not the IEEE quotient the CPU reference and the kernels give.)"""
     pytest.importorskip("triton")
     from faircalib.kernels.triton_w8a8 import quantize_rows
     from faircalib.quant.primitives import ACT_ABSMAX_FLOOR
@@ -567,20 +568,24 @@ def test_row_quantizer_gives_the_torch_grids_bits_on_the_gpu(k):
     gen = torch.Generator(device="cuda").manual_seed(4)
     m = 1024
     mags = torch.logspace(-20, 20, m, device="cuda", dtype=torch.float64).float()
-    x = (torch.randn(m, k, device="cuda", generator=gen) * mags[:, None]).bfloat16()
+    x = (torch.randn(m, k, device="cuda", generator=gen) * mags[:, None]).to(dtype)
     x[7] = 0.0
-    x[9] = (x[9].float() * (3e-9 / x[9].float().abs().max())).bfloat16()
+    x[7, ::2] = -0.0
+    x[9] = (x[9].float() * (3e-9 / x[9].float().abs().max())).to(dtype)
+    x[11, 3] = float("inf")
+    finite = x.isfinite()
     for kind, top in (("fp8", 448.0), ("int8", 127.0)):
         rows = x.clone()
         amax = rows.float().abs().amax(-1, keepdim=True)
         ties = torch.randint(-254, 255, (m, 64), device="cuda", generator=gen).float() / 2
-        rows[:, 1:65] = (ties * divide(amax, top)).bfloat16()  # under the abs-max: scale holds
+        near = (ties * divide(amax, top)).to(dtype)  # under the abs-max: the scale holds
+        rows[:, 16:80] = torch.where(amax.isinf(), rows[:, 16:80], near)
         scale = divide(rows.float().abs().amax(-1, keepdim=True).clamp(min=ACT_ABSMAX_FLOOR), top)
         v = divide(rows.float(), scale).clamp(-top, top)
         want = v.to(torch.float8_e4m3fn) if kind == "fp8" else torch.round(v).to(torch.int8)
         q, s = quantize_rows(rows, kind)
         assert torch.equal(s, scale), kind
-        assert torch.equal(q.view(torch.uint8), want.view(torch.uint8)), kind
+        assert torch.equal(q.view(torch.uint8)[finite], want.view(torch.uint8)[finite]), kind
 
 
 @needs_cuda

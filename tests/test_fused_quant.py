@@ -29,28 +29,28 @@ gen = torch.Generator().manual_seed(0)
 # rows held in registers (the launch rule's limit), then rows over 64 wide taken in passes
 whole_rule = triton_w8a8.WHOLE_ROW_MAX_K
 for whole_max in (whole_rule, 64):
-  triton_w8a8.WHOLE_ROW_MAX_K = whole_max
-  for dtype in (torch.float16, torch.float32):
-    for kind in ("fp8", "int8"):
-        for k in (16, 300):  # one tile; three tiles, the last partial (in passes)
-            x = torch.randn(4, 3, k, generator=gen).mul(3).to(dtype)
-            w = (torch.rand(k, generator=gen) + 0.5).to(dtype)
-            y, q, s = rms_norm_quantize_rows(x, w, 1e-5, kind)
-            x64 = x.double()
-            ref = w.double() * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5))
-            q2, s2 = quantize_rows(y.reshape(-1, k), kind)
-            tag = f"{str(dtype)[6:]}_{kind}_{k}_{whole_max}"
-            print("norm_err_" + tag, float(((y.double() - ref) / ref.abs().clamp(min=1e-3)).abs().max()))
-            print("norm_dtype_" + tag, float(y.dtype != dtype or y.shape != x.shape))
-            print("norm_bits_" + tag, float(not (same(q, q2) and torch.equal(s, s2))))
-            # gate and up as column slices of one wider tensor: rows with a stride
-            gu = torch.randn(5, 2 * k + 8, generator=gen).mul(4).to(dtype)
-            g, u = gu[:, :k], gu[:, k + 8:]
-            y, q, s = swiglu_quantize_rows(g, u, kind)
-            ref = torch.nn.functional.silu(g.double()) * u.double()
-            q2, s2 = quantize_rows(y, kind)
-            print("swiglu_err_" + tag, float((y.double() - ref).abs().max() / ref.abs().max()))
-            print("swiglu_bits_" + tag, float(not (same(q, q2) and torch.equal(s, s2))))
+    triton_w8a8.WHOLE_ROW_MAX_K = whole_max
+    for dtype in (torch.float16, torch.float32):
+        for kind in ("fp8", "int8"):
+            for k in (16, 300):  # one tile; three tiles, the last partial (in passes)
+                x = torch.randn(4, 3, k, generator=gen).mul(3).to(dtype)
+                w = (torch.rand(k, generator=gen) + 0.5).to(dtype)
+                y, q, s = rms_norm_quantize_rows(x, w, 1e-5, kind)
+                x64 = x.double()
+                ref = w.double() * (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5))
+                q2, s2 = quantize_rows(y.reshape(-1, k), kind)
+                tag = f"{str(dtype)[6:]}_{kind}_{k}_{whole_max}"
+                print("norm_err_" + tag, float(((y.double() - ref) / ref.abs().clamp(min=1e-3)).abs().max()))
+                print("norm_dtype_" + tag, float(y.dtype != dtype or y.shape != x.shape))
+                print("norm_bits_" + tag, float(not (same(q, q2) and torch.equal(s, s2))))
+                # gate and up as column slices of one wider tensor: rows with a stride
+                gu = torch.randn(5, 2 * k + 8, generator=gen).mul(4).to(dtype)
+                g, u = gu[:, :k], gu[:, k + 8:]
+                y, q, s = swiglu_quantize_rows(g, u, kind)
+                ref = torch.nn.functional.silu(g.double()) * u.double()
+                q2, s2 = quantize_rows(y, kind)
+                print("swiglu_err_" + tag, float((y.double() - ref).abs().max() / ref.abs().max()))
+                print("swiglu_bits_" + tag, float(not (same(q, q2) and torch.equal(s, s2))))
 triton_w8a8.WHOLE_ROW_MAX_K = whole_rule
 y, q, s = rms_norm_quantize_rows(torch.zeros(0, 64), torch.ones(64), 1e-5, "fp8")
 print("empty_rows", float(y.shape != (0, 64) or q.shape != (0, 64)))

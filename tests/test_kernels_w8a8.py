@@ -59,6 +59,15 @@ CHECK = textwrap.dedent(
             q, s = quantize_rows(x, "int8")
             assert torch.equal(q.float() * s, quantize_activations_per_token(x, 8))
     triton_w8a8.WHOLE_ROW_MAX_K = whole_rule
+    # a row whose abs-max overflowed (scale inf): its finite values give 0, as x / inf does
+    x = torch.randn(3, 200, generator=gen)
+    x[1, 7] = float("inf")
+    for kind, ref_fn in (("int8", quantize_rows_int8), ("fp8", fp8_quantize)):
+        q, s = quantize_rows(x, kind)
+        rq, rs = ref_fn(x)
+        finite = x.isfinite()
+        assert torch.equal(s, rs) and torch.isinf(s[1]).all(), kind
+        assert torch.equal(q.view(torch.uint8)[finite], rq.view(torch.uint8)[finite]), kind
     q, s = quantize_rows(torch.zeros(0, 64), "fp8")
     assert q.shape == (0, 64) and s.shape == (0, 1)
 
@@ -660,20 +669,25 @@ DIVIDE = textwrap.dedent(
     x[:, 192:288] = torch.nextafter(near, torch.full_like(near, -float("inf")))
     x[:, 288] = amax  # the abs-max itself: 448 or 127
     x[:, 289] = 0.0
-    x[:, 300] = -0.0  # the quotient keeps the sign: e4m3 has a -0 (0x80)
     x[:, 290:300] = torch.randn(rows, 10, generator=gen) * 1e-40  # subnormal inputs
+    x[:, 300] = -0.0  # the quotient keeps the sign: e4m3 has a -0 (0x80)
+    # tiny normal inputs, 1e-38 to 1e-28: where the remainder x - q * scale can underflow
+    x[:, 301:341] = torch.logspace(-38, -28, 40) * torch.randn(rows, 40, generator=gen).sign()
+    scale[-1] = float("inf")  # a row whose abs-max overflowed: x / inf
+    x[-1, 341] = float("inf")
     out = torch.empty_like(x)
     divide_rows[(rows,)](x, scale.contiguous(), out, BLOCK=width)
     want = x / scale[:, None]
-    bad = out.view(torch.int32) != want.view(torch.int32)
-    subnormal = x.abs() < torch.finfo(torch.float32).tiny
-    print("mismatches_normal_x", int((bad & ~subnormal).sum()))
-    print("subnormal_x", int(subnormal.sum()))
-    # a subnormal x's remainder underflows: its quotient may be an ulp off, but lies far below
-    # the 8-bit grids' smallest step, so both round to the same (signed) zero
-    print("largest_off_quotient", float(want[bad].abs().max()) if bad.any() else 0.0)
-    print("sign_flips", int((torch.signbit(out) != torch.signbit(want)).sum()))
+    same = (out.view(torch.int32) == want.view(torch.int32)) | (out.isnan() & want.isnan())
+    tiny = x.abs() < 2.0**-100
+    print("mismatches_above_2^-100", int((~same & ~tiny).sum()))
+    print("below_2^-100", int(tiny.sum()))
+    # there the remainder underflows: the quotient may be an ulp off, but lies far below the
+    # 8-bit grids' smallest step, so both round to the same (signed) zero
+    print("largest_off_quotient", float(want[~same].abs().max()) if (~same).any() else 0.0)
+    print("sign_flips", int((torch.signbit(out) != torch.signbit(want))[~want.isnan()].sum()))
     print("negative_zeros", int(torch.signbit(out[:, 300]).sum()))
+    print("inf_row_nan", int(out[-1].isnan().sum()))
     print("elements", x.numel())
     """
 )
@@ -681,11 +695,13 @@ DIVIDE = textwrap.dedent(
 
 def test_row_division_is_torchs_ieee_quotient_bit_for_bit():
     """`_divide` (one reciprocal a row, two FMA corrections) against torch's float32 division,
-    bit for bit for every normal x: 393 216 quotients over 60 decades of row scales, at and beside
-    the 8-bit grids' ties, and signed zeros (Triton's interpreter rounds each FMA once).
-    Subnormal x may be an ulp off, far below any 8-bit step."""
+    bit for bit for every |x| >= 2^-100: 393 216 quotients over 60 decades of row scales, at and
+    beside the 8-bit grids' ties, signed zeros, and a row scaled by inf (Triton's interpreter
+    rounds each FMA once). Below 2^-100 (tiny normals, subnormals) a quotient may be an ulp
+    off, far below any 8-bit step."""
     got = named_floats(run_interpreted(DIVIDE))
-    assert got["elements"] == 768 * 512 and got["subnormal_x"] >= 768 * 10
-    assert got["mismatches_normal_x"] == 0
-    assert got["largest_off_quotient"] < 2.0**-80 and got["sign_flips"] == 0
+    assert got["elements"] == 768 * 512 and got["below_2^-100"] >= 768 * 10
+    assert got["mismatches_above_2^-100"] == 0
+    assert got["largest_off_quotient"] < 2.0**-60 and got["sign_flips"] == 0
     assert got["negative_zeros"] == 768
+    assert got["inf_row_nan"] == 1  # inf / inf; the row's finite x / inf are its zeros

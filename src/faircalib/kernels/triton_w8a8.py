@@ -96,12 +96,16 @@ def _divide(x, scale):
     """x / scale correctly rounded, as torch's IEEE division gives it, without a division per
     element: q = x * RN(1 / scale), then twice q += RN(1 / scale) * (x - q * scale), the
     remainder exact in an FMA. The first correction brings q within an ulp of x / scale; from
-    there Markstein's theorem makes the second one the correctly rounded quotient. No overflow
-    here (|x / scale| <= 448); only a subnormal x has a remainder that underflows, and its
-    quotient, below 2^-80 since scale >= 1e-8 / 448, rounds to the same zero either way. With
-    whole rows in registers this ran 1.13-1.41x faster than a div.rn per element; in passes
-    about as fast (0.94-1.08x; benchmarks/results/row-quant/README.md)."""
+    there Markstein's theorem makes the second one the correctly rounded quotient.
+    - No overflow: |x / scale| <= 448.
+    - The remainder underflows only for |x| below about 2^-100; such a quotient (below 2^-60, as
+      scale >= 1e-8 / 448) may be an ulp off, and rounds to the same zero on both 8-bit grids.
+    - A row with an infinite abs-max has scale = inf and inv = 0: its corrections use a zero
+      scale, so a finite x gives 0 and an infinite one NaN, as x / inf does.
+    Measured (benchmarks/results/row-quant/README.md): with whole rows held in registers the
+    quantizer ran 1.13-1.41x faster than with a div.rn per element; in passes about as fast."""
     inv = tl.math.div_rn(tl.full((), 1.0, tl.float32), scale)
+    scale = tl.where(inv == 0.0, 0.0, scale)  # a row scale, not an element: no per-element cost
     q = x * inv
     q = tl.math.fma(tl.math.fma(-q, scale, x), inv, q)
     q = tl.math.fma(tl.math.fma(-q, scale, x), inv, q)
@@ -151,9 +155,7 @@ def _quant_rows_kernel(
     if WHOLE_ROW:  # the row held in registers: read from memory once
         ok = rk < K
         x = tl.load(x_row + rk, mask=ok, other=0.0).to(tl.float32)
-        scale = _row_scale(tl.max(tl.abs(x), axis=0), IS_INT8)
-        tl.store(s_ptr + row, scale)
-        tl.store(q_row + rk, _on_grid(x, scale, IS_INT8, USE_RINT).to(q_row.dtype.element_ty), ok)
+        _quantize_held_row(x, q_row, s_ptr, row, rk, ok, IS_INT8, USE_RINT)
     else:
         amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -162,6 +164,16 @@ def _quant_rows_kernel(
         scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
         tl.store(s_ptr + row, scale)
         _quantize_row(x_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
+
+
+@triton.jit
+def _quantize_held_row(x, q_row, s_ptr, row, cols, ok, IS_INT8: tl.constexpr,
+                       USE_RINT: tl.constexpr):  # fmt: skip
+    """A whole row x (float32, in registers; masked lanes 0) quantized: its scale and 8-bit row
+    stored."""
+    scale = _row_scale(tl.max(tl.abs(x), axis=0), IS_INT8)
+    tl.store(s_ptr + row, scale)
+    tl.store(q_row + cols, _on_grid(x, scale, IS_INT8, USE_RINT).to(q_row.dtype.element_ty), ok)
 
 
 @triton.jit
@@ -216,10 +228,7 @@ def _store_quantized(y, y_row, q_row, s_ptr, row, cols, ok, IS_INT8: tl.constexp
     value quantized (the bits `quantize_rows` gives for it)."""
     y = y.to(y_row.dtype.element_ty)
     tl.store(y_row + cols, y, mask=ok)
-    yf = y.to(tl.float32)
-    scale = _row_scale(tl.max(tl.abs(yf), axis=0), IS_INT8)
-    tl.store(s_ptr + row, scale)
-    tl.store(q_row + cols, _on_grid(yf, scale, IS_INT8, USE_RINT).to(q_row.dtype.element_ty), ok)
+    _quantize_held_row(y.to(tl.float32), q_row, s_ptr, row, cols, ok, IS_INT8, USE_RINT)
 
 
 @triton.jit
@@ -320,8 +329,8 @@ def _fused_outputs(shape: torch.Size, dtype: torch.dtype, kind: str, device: tor
 # (the second read hits L2). `benchmarks/row_quant.py` measured the choices on an H200: whole
 # rows ran 1.10-1.31x faster than the passes at 3584-4096 columns, 4 warps the fastest; holding
 # 12288-18944 needs so many registers a thread (or 32-warp programs, one an SM) that the loads
-# stop overlapping the arithmetic, 2-4x slower. No other pass width or warp count won in every
-# run (4096-column passes: 1.09-1.19x at 18944 columns, 0.87x at 14336 in one run).
+# stop overlapping the arithmetic, up to 3.9x slower. No other pass width or warp count won in
+# every cell (4096-column passes: 1.09-1.19x on rows of 18944 columns, 0.92-0.96x on SwiGLU's).
 WHOLE_ROW_MAX_K = 4096
 WHOLE_ROW_WARPS = 4
 PASS_BLOCK_K = 2048
@@ -329,16 +338,17 @@ PASS_WARPS = 8
 
 
 def _launch_args(k: int) -> dict:
-    whole = triton.next_power_of_2(max(k, 16))
-    if whole <= WHOLE_ROW_MAX_K:
-        block_k, warps = whole, WHOLE_ROW_WARPS
+    if k <= WHOLE_ROW_MAX_K:
+        block_k, warps = triton.next_power_of_2(max(k, 16)), WHOLE_ROW_WARPS
+    elif INTERPRETED:  # small blocks: the CPU tests take several passes at small widths
+        block_k, warps = 128, 4
     else:
-        block_k, warps = min(128 if INTERPRETED else PASS_BLOCK_K, whole), PASS_WARPS
+        block_k, warps = PASS_BLOCK_K, PASS_WARPS
     return {
         "BLOCK_K": block_k,
-        "WHOLE_ROW": whole <= WHOLE_ROW_MAX_K,
+        "WHOLE_ROW": k <= WHOLE_ROW_MAX_K,
         "USE_RINT": not INTERPRETED,
-        "num_warps": 4 if block_k <= 512 else warps,
+        "num_warps": warps,
     }
 
 

@@ -232,6 +232,17 @@ def _store_quantized(y, y_row, q_row, s_ptr, row, cols, ok, IS_INT8: tl.constexp
 
 
 @triton.jit
+def _quantize_written_row(y_row, q_row, s_ptr, row, amax, K, IS_INT8: tl.constexpr,
+                          BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr):  # fmt: skip
+    """The fused ops' last pass over a row they wrote in passes: its scale from the running
+    abs-max, then the row read back and quantized."""
+    scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
+    tl.store(s_ptr + row, scale)
+    tl.debug_barrier()  # y's stores visible to every thread of the program
+    _quantize_row(y_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
+
+
+@triton.jit
 def _norm_quant_kernel(
     x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, K, stride_xm, stride_ym, stride_qm, eps,
     IS_INT8: tl.constexpr, BLOCK_K: tl.constexpr, USE_RINT: tl.constexpr,
@@ -261,10 +272,7 @@ def _norm_quant_kernel(
             y = _normed(x, w, rstd).to(y_ptr.dtype.element_ty)
             tl.store(y_row + k0 + rk, y, mask=ok)
             amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
-        scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
-        tl.store(s_ptr + row, scale)
-        tl.debug_barrier()  # y's stores visible to every thread of the program
-        _quantize_row(y_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
+        _quantize_written_row(y_row, q_row, s_ptr, row, amax, K, IS_INT8, BLOCK_K, USE_RINT)
 
 
 @triton.jit
@@ -304,10 +312,7 @@ def _swiglu_quant_kernel(
             y = _silu_times(g, u, USE_RINT).to(y_ptr.dtype.element_ty)
             tl.store(y_row + k0 + rk, y, mask=ok)
             amax = tl.maximum(amax, tl.abs(y.to(tl.float32)))
-        scale = _row_scale(tl.max(amax, axis=0), IS_INT8)
-        tl.store(s_ptr + row, scale)
-        tl.debug_barrier()  # y's stores visible to every thread of the program
-        _quantize_row(y_row, q_row, K, scale, IS_INT8, BLOCK_K, USE_RINT)
+        _quantize_written_row(y_row, q_row, s_ptr, row, amax, K, IS_INT8, BLOCK_K, USE_RINT)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:

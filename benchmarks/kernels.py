@@ -460,10 +460,11 @@ def _ref_w4a8_e8m0(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     return (q.double() * s.double()) @ dequantize(layer.codes4e, layer.qp4e).double().T
 
 
-def _make_cutlass_w4a8_lut(config: int, alone: bool = False) -> Callable[[Layer], Fn]:
-    """The lookup-table W4A8 kernel (kernels.cutlass_w4a8_lut) at one tile on a w4a8fp8-e8m0
-    layer: per call the fused per-token quantization and the GEMM; with `alone` the GEMM only
-    (the rows made once per input, outside the timed call)."""
+def _make_cutlass_w4a8_lut(config: int | None, alone: bool = False) -> Callable[[Layer], Fn]:
+    """The lookup-table W4A8 kernel (kernels.cutlass_w4a8_lut) at one tile (None: the tile
+    config_for picks, as the backend does) on a w4a8fp8-e8m0 layer: per call the fused
+    per-token quantization and the GEMM; with `alone` the GEMM only (the rows made once per
+    input, outside the timed call)."""
 
     def make(layer: Layer) -> Fn:
         from faircalib.kernels import cutlass_w4a8_lut
@@ -474,15 +475,20 @@ def _make_cutlass_w4a8_lut(config: int, alone: bool = False) -> Callable[[Layer]
         weight = cutlass_w4a8_lut.LutWeight.prepare(values, out_scale, rel)
         made: dict[int, tuple] = {}
 
+        def tile(m: int) -> int:
+            if config is not None:
+                return config
+            return cutlass_w4a8_lut.config_for(m, weight.out_features, weight.in_features)
+
         @torch.no_grad()
         def run(x: torch.Tensor) -> torch.Tensor:
             if not alone:
                 x8, x_scale = quantize_rows(x, "fp8")
-                return cutlass_w4a8_lut.gemm(x8, x_scale, weight, config)
+                return cutlass_w4a8_lut.gemm(x8, x_scale, weight, tile(x.shape[0]))
             hit = made.get(id(x))
             if hit is None or hit[0] is not x:
                 hit = made[id(x)] = (x, *quantize_rows(x, "fp8"))
-            return cutlass_w4a8_lut.gemm(hit[1], hit[2], weight, config)
+            return cutlass_w4a8_lut.gemm(hit[1], hit[2], weight, tile(x.shape[0]))
 
         return run
 
@@ -607,6 +613,9 @@ def candidates(device: torch.device) -> list[Candidate]:
             )
             label = "auto_w4afp8_e8m0" if name == "auto" else name
             out.append(Candidate(label, make, _ref_w4a8_e8m0, 0.5, math="8bit"))
+        # the GEMM alone at the tile the backend's rule picks
+        make = _make_cutlass_w4a8_lut(None, True)
+        out.append(Candidate("cutlass_w4a8_lut_alone", make, _ref_w4a8_e8m0, 0.5, math="8bit"))
         for config in range(9):
             for alone in (False, True):
                 name = f"cutlass_w4a8_lut{'_alone' if alone else ''}_c{config}"
@@ -970,6 +979,8 @@ def int8_w8a8_kernel(m: int) -> str:
 
 
 W4A8_INT8 = ("w4a8", "w4a8_dq")
+W4A8_LAYERS = ("w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq", "cutlass_w4a8", "cutlass_w4a8_lut")
+W4A8_LAYERS += ("auto_w4afp8", "auto_w4afp8_e8m0")  # what `auto` runs for W4AFP8 layers
 W8_FP8 = ("fp8_w8a8", "fp8_triton")  # fp8_w8a8 runs FP8_W8A8_GEMM's choice (_scaled_mm now)
 
 
@@ -978,33 +989,47 @@ W8_FP8 = ("fp8_w8a8", "fp8_triton")  # fp8_w8a8 runs FP8_W8A8_GEMM's choice (_sc
 TARGETS = [
     ("FP8 W8A8", ("fp8_w8a8", "fp8_triton", "fp8_scaled_mm"), 1024, math.inf, 1.6),
     ("INT8 W8A8", ("int8_w8a8", "int8_triton", "int8_intmm", "cutlass_int8"), 1024, math.inf, 1.6),
-    ("W4A8", ("w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq", "cutlass_w4a8"), 1024, math.inf, 1.5),
+    # the lookup-table kernel's layers are W4AFP8 on power-of-two group scales (w4a8fp8-e8m0)
+    ("W4A8", W4A8_LAYERS, 1024, math.inf, 1.5),
     ("W4A16 M >= 256", ("auto_w4", *W4_BACKENDS), 256, math.inf, 0.9),
     ("W4A16 M = 1", ("auto_w4", *W4_BACKENDS), 1, 1, 2.5),
     # not the targets themselves: the same GEMMs on rows quantized by the op that writes them
     ("FP8 W8A8, GEMM alone", ("fp8_prequant",), 1024, math.inf, 1.6),
     ("INT8 W8A8, GEMM alone", ("int8_prequant", "cutlass_int8_prequant"), 1024, math.inf, 1.6),
-    ("W4A8, GEMM alone", ("cutlass_w4a8_alone",), 1024, math.inf, 1.5),
+    ("W4A8, GEMM alone", ("cutlass_w4a8_alone", "cutlass_w4a8_lut_alone"), 1024, math.inf, 1.5),
 ]
+# the layers that quantize their own activations, and the target whose cells time their GEMM
+# alone in the same run: the difference is the per-token pass (triton_w8a8.quantize_rows)
+ALONE_OF = {name: f"{name}, GEMM alone" for name in ("FP8 W8A8", "INT8 W8A8", "W4A8")}
+KEEP = ("shape", "M", "backend", "speedup_vs_bf16", "tflops", "gbs", "roofline_pct", "bound")
+
+
+def fastest_cells(rows: list[dict], backends, m_lo: float, m_hi: float) -> dict[tuple, dict]:
+    """(shape, M) -> the fastest correct row of `backends` with m_lo <= M <= m_hi."""
+    best: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        if r["backend"] in backends and m_lo <= r["M"] <= m_hi and r.get("correct"):
+            key = (r["shape"], r["M"])
+            if "speedup_vs_bf16" in r and (
+                key not in best or r["speedup_vs_bf16"] > best[key]["speedup_vs_bf16"]
+            ):
+                best[key] = r
+    return best
 
 
 def targets(rows: list[dict]) -> list[dict]:
     """Each target's worst cell over the shapes and Ms it covers (per cell its fastest correct
     backend: an upper bound on what `auto`'s per-M rule gets), with that cell's roofline
     numbers. Met when every (shape, M) of the sweep in the target's range has a correct cell and
-    the worst reaches the speed; `missing` counts the cells without one."""
+    the worst reaches the speed; `missing` counts the cells without one. Each cell below the
+    target comes with what holds it (`shortfall`)."""
     grid = {(r["shape"], r["M"]) for r in rows}
+    bf16 = {(r["shape"], r["M"]): r for r in rows if r["backend"] == BASELINE and "ms" in r}
+    spec = {name: (backends, lo, hi) for name, backends, lo, hi, _ in TARGETS}
     out = []
-    keep = ("shape", "M", "backend", "speedup_vs_bf16", "tflops", "gbs", "roofline_pct", "bound")
     for name, backends, m_lo, m_hi, least in TARGETS:
-        best: dict[tuple[str, int], dict] = {}
-        for r in rows:
-            if r["backend"] in backends and m_lo <= r["M"] <= m_hi and r.get("correct"):
-                key = (r["shape"], r["M"])
-                if "speedup_vs_bf16" in r and (
-                    key not in best or r["speedup_vs_bf16"] > best[key]["speedup_vs_bf16"]
-                ):
-                    best[key] = r
+        best = fastest_cells(rows, backends, m_lo, m_hi)
+        alone = fastest_cells(rows, *spec[ALONE_OF[name]]) if name in ALONE_OF else {}
         expected = {(s, m) for s, m in grid if m_lo <= m <= m_hi}
         missing = sorted(expected - set(best))
         cells = sorted(best.values(), key=lambda r: r["speedup_vs_bf16"])
@@ -1018,12 +1043,55 @@ def targets(rows: list[dict]) -> list[dict]:
                 "cells": len(cells),
                 "missing": len(missing),
                 "met": bool(cells) and not missing and worst["speedup_vs_bf16"] >= least,
-                "worst": {k: worst.get(k) for k in keep} if worst else None,
+                "worst": {k: worst.get(k) for k in KEEP} if worst else None,
                 "shortfalls": [
-                    {k: r.get(k) for k in keep} for r in cells if r["speedup_vs_bf16"] < least
+                    shortfall(r, least, bf16.get(key), alone.get(key))
+                    for r in cells
+                    if r["speedup_vs_bf16"] < least
+                    for key in [(r["shape"], r["M"])]
                 ],
             }
         )
+    return out
+
+
+def shortfall(r: dict, least: float, bf16: dict | None, alone: dict | None) -> dict:
+    """One cell below its target and what holds it: the time the target asks for (bf16's time /
+    the least speed) and the TFLOP/s and GB/s that time takes, beside what the cell reached (as
+    shares of the device's peaks, where known). For a layer that quantizes its own activations,
+    `alone` is the fastest GEMM on rows made beforehand at the same cell of the same run: the
+    rest of the layer's time is the per-token pass, whose bytes (bf16 rows in, 8-bit rows and
+    float32 scales out) at the HBM peak bound the layer from below with that GEMM."""
+    out = {k: r.get(k) for k in KEEP}
+    if bf16 is None or "ms" not in r:
+        return out
+    us, bf16_us = r["ms"] * 1e3, bf16["ms"] * 1e3
+    need_us = bf16_us / least
+    out |= {"us": us, "bf16_us": bf16_us, "need_us": need_us}
+    for kind in ("tflops", "gbs"):  # what the target's time asks of the same work
+        if r.get(kind) is not None:
+            out[f"need_{kind}"] = r[kind] * us / need_us
+        if r.get(f"pct_peak_{kind}") is not None:
+            out[f"pct_peak_{kind}"] = r[f"pct_peak_{kind}"]
+            out[f"need_pct_peak_{kind}"] = r[f"pct_peak_{kind}"] * us / need_us
+    if alone is None or "ms" not in alone:
+        return out
+    alone_us = alone["ms"] * 1e3
+    pass_bytes = r["M"] * r["in"] * 3 + 4 * r["M"]
+    out |= {
+        "alone_backend": alone["backend"],
+        "alone_us": alone_us,
+        "alone_pct_peak_tflops": alone.get("pct_peak_tflops"),
+        "pass_us": us - alone_us,
+        "pass_bytes": pass_bytes,
+    }
+    peak = PEAKS.get(DEVICE_PEAKS)
+    if peak is not None:
+        at_peak = pass_bytes / (peak["gbs"] * 1e3)  # bytes / (GB/s) in microseconds
+        out |= {
+            "pass_us_at_peak": at_peak,
+            "speed_with_pass_at_peak": bf16_us / (alone_us + at_peak),
+        }
     return out
 
 
@@ -1154,7 +1222,71 @@ def targets_markdown(checks: list[dict], not_run: list[str]) -> list[str]:
         )
     if not_run:
         lines += ["", f"Shapes not run (time budget): {', '.join(not_run)}."]
-    return lines + [""]
+    return lines + [""] + shortfalls_markdown(checks)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+def shortfalls_markdown(checks: list[dict]) -> list[str]:
+    """Every cell below its target with what holds it (`shortfall`): for the layers that
+    quantize their own activations, their GEMM alone and the per-token pass; for the others,
+    the compute and bandwidth the target's time would take against what the cell reached."""
+    own = [(t, s) for t in checks if t["target"] in ALONE_OF for s in t["shortfalls"]]
+    rest = [(t, s) for t in checks if t["target"] not in ALONE_OF for s in t["shortfalls"]]
+    lines = []
+    if own:
+        lines += [
+            "## Shortfalls of the layers that quantize their own activations",
+            "",
+            "Per cell below its target: the layer's time (us), its GEMM alone on rows made "
+            "beforehand (the fastest such backend, same cell, same run) and that GEMM's share of "
+            "the 8-bit tensor-core peak, the rest (the per-token pass: bf16 rows in, 8-bit rows "
+            "and float32 scales out), that pass's time at the HBM peak, and the layer's speed "
+            "if the pass ran at that peak beside the same GEMM. Where that speed is still below "
+            "the target, no faster separate pass can meet it.",
+            "",
+            "| target | cell | backend | speed | need | layer | GEMM alone | its % of peak "
+            "| pass | pass at peak | speed with it |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for t, s in own:
+            if "alone_us" not in s:
+                continue
+            lines.append(
+                f"| {t['target']} | {s['shape']} M={s['M']} | {s['backend']} | "
+                f"{s['speedup_vs_bf16']:.2f}x | {t['least_speedup']}x | {s['us']:.1f} | "
+                f"{s['alone_us']:.1f} ({s['alone_backend']}) | {_pct(s['alone_pct_peak_tflops'])} "
+                f"| {s['pass_us']:.1f} | {s.get('pass_us_at_peak', float('nan')):.1f} | "
+                f"{s.get('speed_with_pass_at_peak', float('nan')):.2f}x |"
+            )
+        lines.append("")
+    if rest:
+        lines += [
+            "## Other shortfalls: what the target's time would take",
+            "",
+            "Per cell below its target: its time and the time the target asks for (us); the "
+            "TFLOP/s and GB/s the cell reached and those that time would take, each also as a "
+            "share of the device's peak (bf16 or 8-bit tensor cores as the kernel runs; HBM).",
+            "",
+            "| target | cell | backend | speed | us | need us | TFLOP/s (% peak) | needs "
+            "| GB/s (% peak) | needs |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for t, s in rest:
+            if "need_us" not in s:
+                continue
+            lines.append(
+                f"| {t['target']} | {s['shape']} M={s['M']} | {s['backend']} | "
+                f"{s['speedup_vs_bf16']:.2f}x | {s['us']:.1f} | {s['need_us']:.1f} | "
+                f"{s['tflops']:.0f} ({_pct(s.get('pct_peak_tflops'))}) | "
+                f"{s['need_tflops']:.0f} ({_pct(s.get('need_pct_peak_tflops'))}) | "
+                f"{s['gbs']:.0f} ({_pct(s.get('pct_peak_gbs'))}) | "
+                f"{s['need_gbs']:.0f} ({_pct(s.get('need_pct_peak_gbs'))}) |"
+            )
+        lines.append("")
+    return lines
 
 
 # the plot's lines (kernels.md has every backend): the baseline, W4A16 auto and its parts,

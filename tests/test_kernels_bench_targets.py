@@ -147,3 +147,43 @@ def test_the_sweep_says_where_gemlite_leads_int8_w8a8(kernels):
     assert kernels.int8_w8a8_kernel(1) == kernels.int8_w8a8_kernel(16) == "gemlite"
     assert kernels.int8_w8a8_kernel(4096) == "triton"
     assert got == {1: "gemlite", 16: "triton", 4096: "triton"}
+
+
+def test_shortfalls_say_what_holds_each_cell(kernels, monkeypatch):
+    """A cell below its target carries the time the target asks for and, for a layer that
+    quantizes its own activations, its GEMM alone (same cell) and the per-token pass: the
+    numbers recomputed here from the shapes and the H200's datasheet peaks."""
+    monkeypatch.setattr(kernels, "DEVICE_PEAKS", "h200")
+    m, k, n = 1024, 4096, 4096
+
+    def timed(backend, us, weight_bytes):
+        nbytes = k * n * weight_bytes + 2 * m * (k + n)
+        return kernels._row(
+            k, n, m, backend, ms=us / 1e3, correct=True, speedup_vs_bf16=50.0 / us,
+            tflops=2 * m * k * n / us / 1e6, gbs=nbytes / us / 1e3,
+            pct_peak_gbs=100 * nbytes / us / 1e3 / 4800.0,
+        )  # fmt: skip
+
+    rows = [timed("bf16", 50.0, 2), timed("fp8_w8a8", 40.0, 1), timed("fp8_prequant", 30.0, 1)]
+    check = next(t for t in kernels.targets(rows) if t["target"] == "FP8 W8A8")
+    (cell,) = check["shortfalls"]
+    assert cell["backend"] == "fp8_w8a8" and cell["need_us"] == pytest.approx(50.0 / 1.6)
+    assert cell["alone_backend"] == "fp8_prequant" and cell["pass_us"] == pytest.approx(10.0)
+    pass_us = (m * k * 2 + m * k + 4 * m) / 4.8e12 * 1e6  # bf16 in, e4m3 + float32 scales out
+    assert cell["pass_us_at_peak"] == pytest.approx(pass_us)
+    assert cell["speed_with_pass_at_peak"] == pytest.approx(50.0 / (30.0 + pass_us))
+    # 31.25 us would move the same bytes 40/31.25 times as fast
+    nbytes = k * n + 2 * m * (k + n)
+    assert cell["need_gbs"] == pytest.approx(nbytes / 31.25e-6 / 1e9)
+    assert cell["need_pct_peak_gbs"] == pytest.approx(100 * nbytes / 31.25e-6 / 4.8e12)
+    # the GEMM alone met its own target (50 / 30 = 1.67x): no shortfall there
+    alone = next(t for t in kernels.targets(rows) if t["target"] == "FP8 W8A8, GEMM alone")
+    assert alone["met"] and alone["shortfalls"] == []
+    md = "\n".join(kernels.shortfalls_markdown(kernels.targets(rows)))
+    assert (
+        f"| FP8 W8A8 | {k}x{n} M={m} | fp8_w8a8 | 1.25x | 1.6x | 40.0 | 30.0 (fp8_prequant)" in md
+    )
+    assert f"| {pass_us:.1f} | {50.0 / (30.0 + pass_us):.2f}x |" in md
+    # without a GEMM-alone cell the layer's shortfall still says what its time would take
+    (bare,) = next(t for t in kernels.targets(rows[:2]) if t["target"] == "FP8 W8A8")["shortfalls"]
+    assert "alone_us" not in bare and bare["need_us"] == pytest.approx(31.25)

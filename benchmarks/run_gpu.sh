@@ -13,8 +13,9 @@
 # here once (about six minutes each, side by side) with
 #   faircalib build-kernels --out .cutlass   # .cutlass/<name>.so, git-ignored
 # and carried: give the call carry=[".whl", ".cutlass"] (without the 6 MB nvidia-cutlass wheel
-# in .whl, and `strip --strip-unneeded .cutlass/*.so`: 5.1 -> 3.9 MB; the tree, .whl and
-# .cutlass must stay under 64 MiB; jobs that do not import faircalib.formats can leave the
+# in .whl; the tree, .whl and .cutlass must stay under 64 MiB, so with the tree at 60 MB carry
+# the five stripped libraries as one archive: `cd .cutlass && strip --strip-unneeded *.so &&
+# tar -cJf libs.tar.xz *.so && rm *.so`, 6.6 -> 0.65 MB; `start` unpacks it outside the tree; jobs that do not import faircalib.formats can leave the
 # pydantic wheels behind).
 # Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), w4a4-shift
 # (the learned transforms with and without the input shift, FlatQuantConfig.shift), kernels, e2e,
@@ -230,9 +231,20 @@ start)
   script=$RES/jobs-$$.sh
   echo "cd $PWD" > "$script"
   if [ -n "${GPU:-}" ]; then echo "export CUDA_VISIBLE_DEVICES=$GPU" >> "$script"; fi
-  # the CUTLASS libraries (kernels/cutlass_lib.py): carried in .cutlass, or put there by the
-  # cutlass-build job; never built inside a timed job
-  echo "export FAIRCALIB_CUTLASS_DIR=$PWD/.cutlass" >> "$script"
+  # the CUTLASS libraries (kernels/cutlass_lib.py): carried in .cutlass (as <name>.so, or
+  # compressed as libs.tar.xz: 6.6 MB of libraries in 0.65 MB, where the tree leaves no room),
+  # or put there by the cutlass-build job; never built inside a timed job. Copied out of the
+  # carried tree first: every later device call replaces .cutlass with what it carries, and a
+  # job started after that (the second of `start kernels kernels-dream`, 2026-12-02) found
+  # only the archive there and ran without the libraries.
+  libs=/root/cutlass-libs
+  mkdir -p "$libs"
+  if [ -f .cutlass/libs.tar.xz ]; then
+    python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
+      .cutlass/libs.tar.xz "$libs"
+  fi
+  cp .cutlass/*.so "$libs"/ 2> /dev/null || true
+  echo "export FAIRCALIB_CUTLASS_DIR=$libs" >> "$script"
   for job in "$@"; do
     rm -f "$RES/$job.done"
     # braced: a job of several commands (cudatests) logs all of them, from its start

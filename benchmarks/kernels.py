@@ -56,6 +56,10 @@ For M in {1, ..., 4096} and the layer shapes (in x out) of a generic 8B model (4
                 cutlass_w4a8_c{0..3} one tile each; cutlass_w4a8_alone[_c{0..3}] the GEMM
                 alone (rows and the e4m3 weight made outside the timed call); auto_w4afp8 the
                 same W4AFP8 layer on backend "auto"
+  cutlass_w4a8_lut  (GPU) a w4a8fp8-e8m0 layer (power-of-two group scales) on the lookup-table
+                kernel (kernels.cutlass_w4a8_lut), per-token quantization included;
+                cutlass_w4a8_lut_alone its GEMM alone at the tile its rule picks, _c0.._c8
+                (and _alone_c0..) one tile each; auto_w4afp8_e8m0 the same layer on "auto"
   gemlite_w4    (GPU) gemlite's Triton W4A16 layer over the int4 g128 codes, if `gemlite`
                 imports (optional: `pip install gemlite`; H100 configs loaded on an H200)
   gemlite_w4a8_fp8   (GPU) gemlite's W4 g128 x dynamic per-token e4m3 activations
@@ -81,7 +85,8 @@ share of the peaks and of the roofline bound), the W8A8/W4A8 rows backends.W8A8_
 W4A8_AUTO_MIN_M and FP8_W8A8_GEMM should hold (`suggested_w8a8`), the W4A16 rows that
 `faircalib.kernels.W4_AUTO` should hold (the fastest correct W4A16 backend per M, by
 geometric mean over the shapes) and the M from which bf16 beats the bare int4 kernel at
-every larger M (where torch's int4 kernel stops paying).
+every larger M (where torch's int4 kernel stops paying). kernels.md ends with issue 16's targets
+and every cell below one with what holds it (`shortfall`).
 """
 
 from __future__ import annotations

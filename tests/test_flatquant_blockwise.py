@@ -68,8 +68,22 @@ def test_block_stage_never_raises_the_held_out_block_loss(tiny, lr):
     assert log[0]["initial_val"] == pytest.approx(before, rel=1e-4)
     assert log[0]["best_val"] == pytest.approx(after, rel=1e-4)
     assert after <= before
+    for b in log:  # a block whose transforms diverged keeps what it had before they did
+        assert "diverged_step" not in b or b["best_step"] < b["diverged_step"]
     if lr < 1:  # the sane rate does improve some block on held-out rows
         assert any(b["best_step"] > 0 and b["best_val"] < b["initial_val"] for b in log), log
+
+
+def test_a_diverging_block_stage_stops_and_keeps_the_per_layer_modules(tiny):
+    """A rate that drives the transforms to NaN / inf (1e30) ends the stage at its first
+    evaluation, logged, with the per-layer modules in place: the model computes exactly what
+    the per-layer result computes (before the fix, freezing a NaN clip ratio raised)."""
+    model, x_t, t = tiny
+    per_layer, _ = _quantized(model, x_t, t, block_steps=0)
+    tuned, log = _quantized(model, x_t, t, block_steps=30, block_lr=1e30, block_eval_every=10)
+    assert [(b["diverged_step"], b["best_step"]) for b in log] == [(10, 0)] * len(model.blocks)
+    with torch.no_grad():
+        assert torch.equal(tuned(x_t, t), per_layer(x_t, t))
 
 
 def test_zero_block_steps_is_the_per_layer_result(tiny):

@@ -680,7 +680,8 @@ def tune_block_transforms(
     modules the block holds. inputs/targets: [batch, L, D] chunks per calibration batch,
     weights [N, L]. A seeded `cfg.block_holdout` of the texts never trains; the frozen modules
     with the lowest held-out loss (the per-layer ones included, at step 0) stay in the block,
-    so the block is never worse than per-layer on the held-out rows. Returns the log."""
+    so the block is never worse than per-layer on the held-out rows. An evaluation that finds
+    a NaN or inf parameter ends the training (`diverged_step` in the log). Returns the log."""
     device = torch.device(cfg.device)
     src, goal = SequenceRows(inputs, contexts), SequenceRows(targets, contexts)
     train, val = split_rows(len(src), cfg.block_holdout, seed, text_ids)
@@ -721,6 +722,12 @@ def tune_block_transforms(
                 log.setdefault("train_first", float(loss.detach()))
                 log["train_last"] = float(loss.detach())
                 if step % cfg.block_eval_every == 0 or step == cfg.block_steps:
+                    if not _all_finite(trainables):
+                        # a rate that wrecks the transforms: once a parameter is NaN or inf,
+                        # Adam keeps it so and no later step recovers; freezing it would fail
+                        # (a NaN clip ratio), and the best modules so far stay in the block
+                        log["diverged_step"] = step
+                        break
                     modules = [
                         _freeze_layer(lay, tr, cfg)
                         for lay, tr in zip(layers, trainables, strict=True)
@@ -733,6 +740,10 @@ def tune_block_transforms(
     if log["best_step"]:
         _update_rows(layers, best_modules, log["best_step"])
     return log
+
+
+def _all_finite(modules: list[nn.Module]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
 
 
 def _keep_best(log: dict, step: int, val: float, modules: list, best: list) -> list:

@@ -984,8 +984,10 @@ def int8_w8a8_kernel(m: int) -> str:
 
 
 W4A8_INT8 = ("w4a8", "w4a8_dq")
-W4A8_LAYERS = ("w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq", "cutlass_w4a8", "cutlass_w4a8_lut")
-W4A8_LAYERS += ("auto_w4afp8", "auto_w4afp8_e8m0")  # what `auto` runs for W4AFP8 layers
+W4A8_LAYERS = (  # every W4A8 layer backend, and what `auto` runs for W4AFP8 layers
+    *("w4a8", "w4a8_fp8", "w4a8_dq", "w4a8_fp8_dq", "cutlass_w4a8", "cutlass_w4a8_lut"),
+    *("auto_w4afp8", "auto_w4afp8_e8m0"),
+)
 W8_FP8 = ("fp8_w8a8", "fp8_triton")  # fp8_w8a8 runs FP8_W8A8_GEMM's choice (_scaled_mm now)
 
 
@@ -1009,12 +1011,16 @@ ALONE_OF = {name: f"{name}, GEMM alone" for name in ("FP8 W8A8", "INT8 W8A8", "W
 KEEP = ("shape", "M", "backend", "speedup_vs_bf16", "tflops", "gbs", "roofline_pct", "bound")
 
 
+def _cell(row: dict) -> tuple[str, int]:
+    return row["shape"], row["M"]
+
+
 def fastest_cells(rows: list[dict], backends, m_lo: float, m_hi: float) -> dict[tuple, dict]:
     """(shape, M) -> the fastest correct row of `backends` with m_lo <= M <= m_hi."""
     best: dict[tuple[str, int], dict] = {}
     for r in rows:
         if r["backend"] in backends and m_lo <= r["M"] <= m_hi and r.get("correct"):
-            key = (r["shape"], r["M"])
+            key = _cell(r)
             if "speedup_vs_bf16" in r and (
                 key not in best or r["speedup_vs_bf16"] > best[key]["speedup_vs_bf16"]
             ):
@@ -1028,8 +1034,8 @@ def targets(rows: list[dict]) -> list[dict]:
     numbers. Met when every (shape, M) of the sweep in the target's range has a correct cell and
     the worst reaches the speed; `missing` counts the cells without one. Each cell below the
     target comes with what holds it (`shortfall`)."""
-    grid = {(r["shape"], r["M"]) for r in rows}
-    bf16 = {(r["shape"], r["M"]): r for r in rows if r["backend"] == BASELINE and "ms" in r}
+    grid = {_cell(r) for r in rows}
+    bf16 = {_cell(r): r for r in rows if r["backend"] == BASELINE and "ms" in r}
     spec = {name: (backends, lo, hi) for name, backends, lo, hi, _ in TARGETS}
     out = []
     for name, backends, m_lo, m_hi, least in TARGETS:
@@ -1050,10 +1056,9 @@ def targets(rows: list[dict]) -> list[dict]:
                 "met": bool(cells) and not missing and worst["speedup_vs_bf16"] >= least,
                 "worst": {k: worst.get(k) for k in KEEP} if worst else None,
                 "shortfalls": [
-                    shortfall(r, least, bf16.get(key), alone.get(key))
+                    shortfall(r, least, bf16.get(_cell(r)), alone.get(_cell(r)))
                     for r in cells
                     if r["speedup_vs_bf16"] < least
-                    for key in [(r["shape"], r["M"])]
                 ],
             }
         )

@@ -15,8 +15,8 @@
 # and carried: give the call carry=[".whl", ".cutlass"] (without the 6 MB nvidia-cutlass wheel
 # in .whl; the tree, .whl and .cutlass must stay under 64 MiB, so with the tree at 60 MB carry
 # the five stripped libraries as one archive: `cd .cutlass && strip --strip-unneeded *.so &&
-# tar -cJf libs.tar.xz *.so && rm *.so`, 6.6 -> 0.65 MB; `start` unpacks it outside the tree; jobs that do not import faircalib.formats can leave the
-# pydantic wheels behind).
+# tar -cJf libs.tar.xz *.so && rm *.so`, 6.6 -> 0.65 MB; `start` unpacks it outside the tree;
+# jobs that do not import faircalib.formats can leave the pydantic wheels behind).
 # Jobs: w4a4 (benchmarks/w4a4.py with the A4 ablation, per-layer vs block-wise transforms), w4a4-shift
 # (the learned transforms with and without the input shift, FlatQuantConfig.shift), kernels, e2e,
 # profile-step, generation-8b and generation-8b-graph (issue 16), throughput, bench, bench-act (activation schemes: W8A8, FP8, W4A8 (INT8/FP8), W4A4 x 6 methods,
